@@ -220,6 +220,11 @@ impl ServerDecoder {
         &self.pf
     }
 
+    /// Whether the decoder stands at a message boundary (not inside an update).
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Message)
+    }
+
     /// The framebuffer size in force.
     pub fn framebuffer_size(&self) -> (u16, u16) {
         (self.fb_width, self.fb_height)
