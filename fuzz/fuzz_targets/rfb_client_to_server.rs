@@ -1,0 +1,43 @@
+//! Client-to-server framing: any bytes, any segmentation, with or without the
+//! extended pointer confirmed. Never a panic; spans tile what was consumed; a message
+//! decoded from a prefix re-encodes to exactly its span.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vizor_rfb::client::{ClientDecoder, ClientMessage};
+use vizor_rfb::Limits;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&flags, stream)) = data.split_first() else { return };
+    let chunk = usize::from(flags & 0x7f).max(1);
+    let mut d = ClientDecoder::new(Limits { max_message_len: 1 << 16 });
+    if flags & 0x80 != 0 {
+        d.enable_extended_pointer();
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    let mut consumed = 0usize;
+    for piece in stream.chunks(chunk) {
+        pending.extend_from_slice(piece);
+        loop {
+            match d.decode(&pending) {
+                Ok(Some((m, n))) => {
+                    assert!(n > 0 && n <= pending.len());
+                    // Encoding is canonical except for padding and flag bytes that
+                    // carry any non-zero value; compare lengths, and bytes where the
+                    // message has no such field.
+                    let mut again = Vec::new();
+                    m.write(&mut again);
+                    assert_eq!(again.len(), n, "{m:?}");
+                    if matches!(m, ClientMessage::KeyEvent { .. } | ClientMessage::QemuExtendedKeyEvent { .. }) {
+                        assert_eq!(again[4..], pending[4..n]);
+                    }
+                    consumed += n;
+                    pending.drain(..n);
+                }
+                Ok(None) => break,
+                Err(_) => return,
+            }
+        }
+    }
+    assert_eq!(consumed + pending.len(), stream.len());
+});

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The test command of the README, run by .ci/run: sets up a fresh Debian 12 machine
+# (packages, libvirtd, a QEMU test domain) and runs every check and test.
+#
+#   scripts/test.sh            everything
+#   VIZOR_FUZZ_SECONDS=N       also fuzz each target for N seconds (default 0: only build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+step "test host: packages, libvirtd, test domain"
+scripts/test-host.sh install
+scripts/test-host.sh start
+# A fresh random VNC password per run: nothing in the suite may depend on its value,
+# and the live tests check that it never appears in what they record.
+VIZOR_TEST_VNC_PASSWORD=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' | head -c 8)
+domain=vizor-test-rfb
+port=$(scripts/test-host.sh domain "$domain" --vnc-passwd "$VIZOR_TEST_VNC_PASSWORD" --no-spice --mode-switch-disk | tail -n 1)
+port=${port#vnc_port=}
+export VIZOR_TEST_VNC_ADDR=127.0.0.1:$port VIZOR_TEST_VNC_DOMAIN=$domain VIZOR_TEST_VNC_PASSWORD
+export VIZOR_REQUIRE_LIVE=1
+
+step "format, lints, docs"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+
+step "unit, fixture and live tests"
+cargo test --workspace --locked
+
+step "fuzz targets"
+scripts/fuzz.sh "${VIZOR_FUZZ_SECONDS:-0}"
+
+scripts/test-host.sh stop >/dev/null 2>&1 || true
+echo "scripts/test.sh: all checks passed"
