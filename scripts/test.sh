@@ -27,10 +27,15 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
 step "unit, fixture and live tests"
-cargo test --workspace --locked
+log=$(mktemp /tmp/vizor-test.XXXXXX)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
+# One closing line for the whole suite: cargo prints one per test binary.
+read -r passed failed < <(awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }' "$log")
 
 step "fuzz targets"
 scripts/fuzz.sh "${VIZOR_FUZZ_SECONDS:-0}"
 
 scripts/test-host.sh stop >/dev/null 2>&1 || true
 echo "scripts/test.sh: all checks passed"
+echo "tests: $passed passed, $failed failed"

@@ -215,9 +215,44 @@ pub fn frame(cap: &Capture) -> Result<Framed, String> {
     Ok(f)
 }
 
-/// Checks what every scenario must show: real updates in the expected encodings and
-/// every kind of client message the recorder sends.
+/// Client messages every recorder scenario sends.
+pub const RECORDER_MESSAGES: &[&str] = &[
+    "SetEncodings",
+    "FramebufferUpdateRequest",
+    "KeyEvent",
+    "QemuExtendedKeyEvent",
+    "PointerEvent",
+    "ClientCutText",
+];
+
+/// Client messages noVNC sends in the recorded noVNC session (keys go as QEMU extended
+/// key events once QEMU acknowledged them).
+pub const NOVNC_MESSAGES: &[&str] = &[
+    "SetPixelFormat",
+    "SetEncodings",
+    "FramebufferUpdateRequest",
+    "QemuExtendedKeyEvent",
+    "PointerEvent",
+    "ClientCutText",
+];
+
+/// Checks what a capture must show: real updates in the expected encodings and the
+/// expected kinds of client message.
 pub fn check(f: &Framed, expect: &[Encoding]) -> Result<(), String> {
+    let mut messages = RECORDER_MESSAGES.to_vec();
+    // The recorder sends SetDesktopSize once ExtendedDesktopSize was offered.
+    if f.rects.contains_key(&Encoding::EXTENDED_DESKTOP_SIZE.0) {
+        messages.push("SetDesktopSize");
+    }
+    check_with(f, expect, &messages)
+}
+
+/// [`check`] with an explicit list of required client messages.
+pub fn check_with(
+    f: &Framed,
+    expect: &[Encoding],
+    messages: &[&'static str],
+) -> Result<(), String> {
     if f.updates == 0 {
         return Err("no FramebufferUpdate in the capture".into());
     }
@@ -229,18 +264,7 @@ pub fn check(f: &Framed, expect: &[Encoding]) -> Result<(), String> {
             ));
         }
     }
-    let mut required = vec![
-        "SetEncodings",
-        "FramebufferUpdateRequest",
-        "KeyEvent",
-        "QemuExtendedKeyEvent",
-        "PointerEvent",
-        "ClientCutText",
-    ];
-    if f.rects.contains_key(&Encoding::EXTENDED_DESKTOP_SIZE.0) {
-        required.push("SetDesktopSize");
-    }
-    for m in required {
+    for &m in messages {
         if !f.client_messages.contains_key(m) {
             return Err(format!("no {m} in the capture"));
         }
