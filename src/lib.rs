@@ -2,9 +2,13 @@
 //! of libvirt-managed QEMU virtual machines.
 //!
 //! The protocol codecs live in their own sans-IO crates under `protocols/`; this crate
-//! will hold the proxy that drives them (front, tokens, libvirt lookup, sessions,
-//! audit, metrics).
+//! drives them. Modules follow a session's data path: `config` and `cli` at start,
+//! then `token` (the browser's credential).
 
 #![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod token;
 
 pub use vizor_rfb as rfb;

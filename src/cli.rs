@@ -1,0 +1,83 @@
+//! The `vizor` command line. `serve` arrives with the proxy; `keygen` and `token` work
+//! today.
+
+use crate::config::{check_ttl, Config};
+use crate::token::{Claims, ConsoleKind, TokenKey};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// vizor: a protocol-aware, terminating WebSocket proxy for VNC and SPICE consoles.
+#[derive(Debug, Parser)]
+#[command(name = "vizor", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a fresh random token key to FILE (mode 0600; never overwrites).
+    Keygen {
+        /// Where to write the key.
+        file: PathBuf,
+    },
+    /// Print a console token for a domain (the last line of standard output).
+    Token {
+        /// The vizor configuration file (its `[tokens] key_file` seals the token).
+        #[arg(long)]
+        config: PathBuf,
+        /// libvirt domain name or UUID.
+        #[arg(long)]
+        domain: String,
+        /// Console kind.
+        #[arg(long, default_value = "vnc")]
+        kind: ConsoleKind,
+        /// Token lifetime, such as 60s or 5m (default: `[tokens] ttl`).
+        #[arg(long)]
+        ttl: Option<humantime::Duration>,
+        /// Who the token is for, as recorded in the audit log (default: $USER).
+        #[arg(long)]
+        user: Option<String>,
+    },
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Keygen { file } => {
+            TokenKey::write_new(&file)?;
+            eprintln!("vizor: wrote a new token key to {}", file.display());
+            Ok(())
+        }
+        Command::Token {
+            config,
+            domain,
+            kind,
+            ttl,
+            user,
+        } => {
+            let config = Config::load(&config)?;
+            let ttl: Duration = ttl.map(Into::into).unwrap_or(config.tokens.ttl);
+            check_ttl(ttl)?;
+            let key = TokenKey::load(&config.tokens.key_file)?;
+            let user = user
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "cli".to_owned());
+            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+            let claims = Claims::new(&domain, kind, &user, now + ttl.as_secs())?;
+            let token = key
+                .seal(&claims)
+                .map_err(|e| format!("cannot seal a token for domain {domain:?}: {e}"))?;
+            eprintln!(
+                "vizor: token {} for {kind} console of {domain:?}, user {user:?}, valid {}",
+                claims.token_id(),
+                humantime::format_duration(ttl)
+            );
+            println!("{token}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The TOML configuration, parsed once at start into typed structs; nothing below
+//! reads raw configuration. Relative paths are taken relative to the config file.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The longest token lifetime allowed: tokens are meant to be used within seconds.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Why the configuration could not be loaded. Every message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for vizor (the message names the key and line).
+    #[error("config {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong, and where.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`
+    pub server: ServerConfig,
+    /// `[libvirt]`
+    pub libvirt: LibvirtConfig,
+    /// `[tokens]`
+    pub tokens: TokensConfig,
+    /// `[audit]`
+    pub audit: AuditConfig,
+}
+
+/// `[server]`: where vizor listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// `listen`: address of the HTTP/WebSocket front.
+    pub listen: SocketAddr,
+    /// `metrics_listen`: a separate address for `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// `web_root`: static files served under `/`.
+    pub web_root: Option<PathBuf>,
+}
+
+/// `[libvirt]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    /// `uri`: any libvirt URI.
+    pub uri: String,
+}
+
+/// `[tokens]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensConfig {
+    /// `key_file`: written by `vizor keygen`.
+    pub key_file: PathBuf,
+    /// `ttl`: lifetime of issued tokens, such as "60s" (default 60 s, at most 24 h).
+    #[serde(default = "default_ttl", deserialize_with = "duration")]
+    pub ttl: Duration,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// `path`: the JSON Lines file audit records are appended to.
+    pub path: PathBuf,
+    /// `keystrokes`: how much of each key event is recorded.
+    #[serde(default)]
+    pub keystrokes: Keystrokes,
+}
+
+/// `[audit] keystrokes`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keystrokes {
+    /// Every key with its name.
+    #[default]
+    Full,
+    /// Timing and key class, not the character.
+    Redacted,
+    /// No key events.
+    Off,
+}
+
+fn default_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    let ttl = humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration {text:?}: {e} (examples: \"60s\", \"5m\")"
+        ))
+    })?;
+    check_ttl(ttl).map_err(serde::de::Error::custom)?;
+    Ok(ttl)
+}
+
+/// Checks a token lifetime: at least a second, at most [`MAX_TOKEN_TTL`].
+pub fn check_ttl(ttl: Duration) -> Result<(), String> {
+    if ttl < Duration::from_secs(1) || ttl > MAX_TOKEN_TTL {
+        return Err(format!(
+            "token ttl {} is out of range (1s to 24h)",
+            humantime::format_duration(ttl)
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        let mut config = Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: shown,
+            message,
+        })?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(config)
+    }
+
+    /// Parses configuration text.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.tokens.key_file);
+        resolve(&mut self.audit.path);
+        if let Some(w) = &mut self.server.web_root {
+            resolve(w);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:6080"
+metrics_listen = "127.0.0.1:9180"
+web_root = "/usr/share/novnc"
+
+[libvirt]
+uri = "qemu:///system"
+
+[tokens]
+key_file = "token.key"
+ttl = "60s"
+
+[audit]
+path = "/var/log/vizor/audit.jsonl"
+keystrokes = "full"
+"#;
+
+    #[test]
+    fn the_design_documents_minimal_config_parses() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:6080".parse().unwrap());
+        assert_eq!(c.tokens.ttl, Duration::from_secs(60));
+        assert_eq!(c.audit.keystrokes, Keystrokes::Full);
+        assert_eq!(c.libvirt.uri, "qemu:///system");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (MINIMAL.replace("ttl = \"60s\"", "ttl = \"soon\""), "ttl"),
+            (
+                MINIMAL.replace("ttl = \"60s\"", "ttl = \"3d\""),
+                "out of range",
+            ),
+            (
+                MINIMAL.replace("keystrokes = \"full\"", "keystrokes = \"some\""),
+                "keystrokes",
+            ),
+            (
+                MINIMAL.replace("listen = \"127.0.0.1:6080\"", "listen = \"nowhere\""),
+                "listen",
+            ),
+            (MINIMAL.replace("uri = ", "url = "), "url"),
+            (
+                MINIMAL.replace("[libvirt]\nuri = \"qemu:///system\"", ""),
+                "libvirt",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = Config::parse(&text).unwrap_err();
+            assert!(err.contains(key), "expected {key:?} in: {err}");
+        }
+    }
+
+    #[test]
+    fn load_names_the_file_and_resolves_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vizor.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.tokens.key_file, dir.path().join("token.key"));
+        assert_eq!(c.audit.path, PathBuf::from("/var/log/vizor/audit.jsonl"));
+        std::fs::write(&path, "[server]\nlisten = 1\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("vizor.toml") && err.contains("listen"),
+            "{err}"
+        );
+        let err = Config::load(&dir.path().join("absent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("absent.toml"), "{err}");
+    }
+}

@@ -1,0 +1,483 @@
+//! Sealed, short-lived, single-use console tokens.
+//!
+//! A token is what the browser holds instead of the VNC or SPICE password. Its claims
+//! (domain, console kind, user, expiry, a random nonce) are encrypted with AES-256 in
+//! CTR mode and authenticated with HMAC-SHA256 over the version byte, the IV and the
+//! ciphertext (encrypt-then-MAC), then written in URL-safe base64. The browser can
+//! neither read nor forge one; any vizor replica holding the same key file can open
+//! it, with no shared state. Single use is enforced per replica by [`ReplayCache`],
+//! which remembers each nonce until its token expires.
+//!
+//! Wire layout (before base64): `version (1) | IV (16) | ciphertext | tag (32)`.
+//! Plaintext, version 1: `kind (1) | expires_at (U64, Unix seconds) | nonce (16) |
+//! domain length (U16) | domain | user length (U16) | user`.
+
+use aes::cipher::{KeyIvInit, StreamCipher};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+use std::path::Path;
+use zeroize::Zeroizing;
+
+type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
+type HmacSha256 = Hmac<Sha256>;
+
+const VERSION: u8 = 1;
+const IV_LEN: usize = 16;
+const TAG_LEN: usize = 32;
+const NONCE_LEN: usize = 16;
+/// Longest domain name or UUID a token may carry.
+pub const MAX_DOMAIN_LEN: usize = 1024;
+/// Longest user id a token may carry.
+pub const MAX_USER_LEN: usize = 256;
+/// Longest token text accepted; anything longer is refused before decoding.
+pub const MAX_TOKEN_LEN: usize = 4096;
+const KEY_FILE_HEADER: &str = "vizor-token-key-v1";
+
+/// Why a token was refused. Precise for logs and metrics; the client is told less.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not base64, too short, too long, or claims that do not parse.
+    #[error("malformed token")]
+    Malformed,
+    /// A version byte this build does not know.
+    #[error("unknown token version {0}")]
+    UnknownVersion(u8),
+    /// The authentication tag does not match: forged, altered, or sealed with another key.
+    #[error("token authentication failed (forged, altered or another key)")]
+    BadSignature,
+    /// The token's lifetime is over.
+    #[error("token expired at {expires_at} (Unix time)")]
+    Expired {
+        /// When it expired, in Unix seconds.
+        expires_at: u64,
+    },
+    /// The token was already used.
+    #[error("token already used")]
+    Replayed,
+    /// The replay cache is full of unexpired tokens.
+    #[error("too many unexpired tokens in use")]
+    ReplayCacheFull,
+}
+
+impl TokenError {
+    /// A short, stable label for metrics and audit records.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TokenError::Malformed => "malformed",
+            TokenError::UnknownVersion(_) => "unknown_version",
+            TokenError::BadSignature => "bad_signature",
+            TokenError::Expired { .. } => "expired",
+            TokenError::Replayed => "replayed",
+            TokenError::ReplayCacheFull => "replay_cache_full",
+        }
+    }
+}
+
+/// Why a key file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// Reading or writing the file failed.
+    #[error("token key file {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not a vizor token key.
+    #[error("token key file {path}: {why}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// Group or others may read the file.
+    #[error("token key file {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}")]
+    TooOpen {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The operating system's random source failed.
+    #[error("no randomness for a new key: {0}")]
+    Random(getrandom::Error),
+}
+
+/// Which console a token opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleKind {
+    /// VNC (RFB).
+    Vnc,
+    /// SPICE.
+    Spice,
+}
+
+impl ConsoleKind {
+    /// The lowercase name used in URLs, config and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsoleKind::Vnc => "vnc",
+            ConsoleKind::Spice => "spice",
+        }
+    }
+}
+
+impl fmt::Display for ConsoleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ConsoleKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "vnc" => Ok(ConsoleKind::Vnc),
+            "spice" => Ok(ConsoleKind::Spice),
+            other => Err(format!(
+                "unknown console kind {other:?} (expected vnc or spice)"
+            )),
+        }
+    }
+}
+
+/// What a token asserts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    /// libvirt domain name or UUID.
+    pub domain: String,
+    /// Console kind.
+    pub kind: ConsoleKind,
+    /// Who the token was issued to.
+    pub user: String,
+    /// End of validity, Unix seconds.
+    pub expires_at: u64,
+    /// Random, unique per token.
+    pub nonce: [u8; NONCE_LEN],
+}
+
+impl Claims {
+    /// New claims with a fresh random nonce.
+    pub fn new(
+        domain: &str,
+        kind: ConsoleKind,
+        user: &str,
+        expires_at: u64,
+    ) -> Result<Claims, KeyError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::getrandom(&mut nonce).map_err(KeyError::Random)?;
+        Ok(Claims {
+            domain: domain.to_owned(),
+            kind,
+            user: user.to_owned(),
+            expires_at,
+            nonce,
+        })
+    }
+
+    /// An identifier for logs and audit records: part of the nonce, which says nothing
+    /// about the key and cannot be turned back into the token.
+    pub fn token_id(&self) -> String {
+        self.nonce[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn encode(&self) -> Result<Vec<u8>, TokenError> {
+        if self.domain.is_empty()
+            || self.domain.len() > MAX_DOMAIN_LEN
+            || self.user.len() > MAX_USER_LEN
+        {
+            return Err(TokenError::Malformed);
+        }
+        let mut v = Vec::with_capacity(29 + self.domain.len() + self.user.len());
+        v.push(match self.kind {
+            ConsoleKind::Vnc => 0,
+            ConsoleKind::Spice => 1,
+        });
+        v.extend_from_slice(&self.expires_at.to_be_bytes());
+        v.extend_from_slice(&self.nonce);
+        for s in [&self.domain, &self.user] {
+            v.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            v.extend_from_slice(s.as_bytes());
+        }
+        Ok(v)
+    }
+
+    fn decode(b: &[u8]) -> Result<Claims, TokenError> {
+        let kind = match b.first() {
+            Some(0) => ConsoleKind::Vnc,
+            Some(1) => ConsoleKind::Spice,
+            _ => return Err(TokenError::Malformed),
+        };
+        let expires_at = u64::from_be_bytes(
+            b.get(1..9)
+                .ok_or(TokenError::Malformed)?
+                .try_into()
+                .map_err(|_| TokenError::Malformed)?,
+        );
+        let nonce: [u8; NONCE_LEN] = b
+            .get(9..25)
+            .ok_or(TokenError::Malformed)?
+            .try_into()
+            .map_err(|_| TokenError::Malformed)?;
+        let mut rest = b.get(25..).ok_or(TokenError::Malformed)?;
+        let mut string = |max: usize| -> Result<String, TokenError> {
+            let len_bytes: [u8; 2] = rest
+                .get(..2)
+                .ok_or(TokenError::Malformed)?
+                .try_into()
+                .map_err(|_| TokenError::Malformed)?;
+            let len = usize::from(u16::from_be_bytes(len_bytes));
+            if len > max {
+                return Err(TokenError::Malformed);
+            }
+            let s = rest.get(2..2 + len).ok_or(TokenError::Malformed)?;
+            rest = &rest[2 + len..];
+            String::from_utf8(s.to_vec()).map_err(|_| TokenError::Malformed)
+        };
+        let domain = string(MAX_DOMAIN_LEN)?;
+        let user = string(MAX_USER_LEN)?;
+        if !rest.is_empty() || domain.is_empty() {
+            return Err(TokenError::Malformed);
+        }
+        Ok(Claims {
+            domain,
+            kind,
+            user,
+            expires_at,
+            nonce,
+        })
+    }
+}
+
+/// The secret that seals and opens tokens: an AES-256 key and an HMAC-SHA256 key.
+pub struct TokenKey {
+    enc: Zeroizing<[u8; 32]>,
+    mac: Zeroizing<[u8; 32]>,
+}
+
+impl fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenKey(<redacted>)")
+    }
+}
+
+impl TokenKey {
+    /// A fresh random key.
+    pub fn generate() -> Result<TokenKey, KeyError> {
+        let mut raw = Zeroizing::new([0u8; 64]);
+        getrandom::getrandom(&mut *raw).map_err(KeyError::Random)?;
+        Ok(Self::from_bytes(&raw))
+    }
+
+    fn from_bytes(raw: &[u8; 64]) -> TokenKey {
+        let mut enc = Zeroizing::new([0u8; 32]);
+        let mut mac = Zeroizing::new([0u8; 32]);
+        enc.copy_from_slice(&raw[..32]);
+        mac.copy_from_slice(&raw[32..]);
+        TokenKey { enc, mac }
+    }
+
+    fn file_contents(&self) -> Zeroizing<String> {
+        let mut raw = Zeroizing::new([0u8; 64]);
+        raw[..32].copy_from_slice(&*self.enc);
+        raw[32..].copy_from_slice(&*self.mac);
+        Zeroizing::new(format!(
+            "{KEY_FILE_HEADER}\n{}\n",
+            URL_SAFE_NO_PAD.encode(*raw)
+        ))
+    }
+
+    fn parse(path: &str, text: &str) -> Result<TokenKey, KeyError> {
+        let invalid = |why| KeyError::Invalid {
+            path: path.to_owned(),
+            why,
+        };
+        let mut lines = text.lines();
+        if lines.next() != Some(KEY_FILE_HEADER) {
+            return Err(invalid(
+                "not a vizor token key (first line must be vizor-token-key-v1)",
+            ));
+        }
+        let body = lines.next().ok_or_else(|| invalid("key line missing"))?;
+        if lines.any(|l| !l.trim().is_empty()) {
+            return Err(invalid("unexpected lines after the key"));
+        }
+        let raw = Zeroizing::new(
+            URL_SAFE_NO_PAD
+                .decode(body.trim())
+                .map_err(|_| invalid("key is not base64url"))?,
+        );
+        let raw: &[u8; 64] = raw
+            .as_slice()
+            .try_into()
+            .map_err(|_| invalid("key must be 64 bytes"))?;
+        Ok(Self::from_bytes(raw))
+    }
+
+    /// Writes a fresh key to `path`, readable by the owner only. Refuses to overwrite.
+    pub fn write_new(path: &Path) -> Result<(), KeyError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let shown = path.display().to_string();
+        let key = Self::generate()?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| KeyError::Io {
+                path: shown.clone(),
+                source,
+            })?;
+        file.write_all(key.file_contents().as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|source| KeyError::Io {
+                path: shown,
+                source,
+            })
+    }
+
+    /// Reads the key at `path`; refuses a file that group or others can read.
+    pub fn load(path: &Path) -> Result<TokenKey, KeyError> {
+        use std::os::unix::fs::MetadataExt;
+        let shown = path.display().to_string();
+        let io = |source| KeyError::Io {
+            path: shown.clone(),
+            source,
+        };
+        let mode = std::fs::metadata(path).map_err(io)?.mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::TooOpen { path: shown, mode });
+        }
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+        Self::parse(&shown, &text)
+    }
+
+    fn tag(&self, version_iv_ct: &[u8]) -> HmacSha256 {
+        // HMAC takes keys of any length; 32 bytes cannot fail.
+        let mut mac =
+            <HmacSha256 as Mac>::new_from_slice(&*self.mac).unwrap_or_else(|_| unreachable!());
+        mac.update(version_iv_ct);
+        mac
+    }
+
+    /// Seals `claims` into a token.
+    pub fn seal(&self, claims: &Claims) -> Result<String, TokenError> {
+        let mut iv = [0u8; IV_LEN];
+        getrandom::getrandom(&mut iv).map_err(|_| TokenError::Malformed)?;
+        self.seal_with_iv(claims, iv)
+    }
+
+    fn seal_with_iv(&self, claims: &Claims, iv: [u8; IV_LEN]) -> Result<String, TokenError> {
+        let mut body = Zeroizing::new(claims.encode()?);
+        Aes256Ctr::new((&*self.enc).into(), (&iv).into()).apply_keystream(&mut body);
+        let mut out = Vec::with_capacity(1 + IV_LEN + body.len() + TAG_LEN);
+        out.push(VERSION);
+        out.extend_from_slice(&iv);
+        out.extend_from_slice(&body);
+        let tag = self.tag(&out).finalize().into_bytes();
+        out.extend_from_slice(&tag);
+        Ok(URL_SAFE_NO_PAD.encode(out))
+    }
+
+    /// Opens a token: checks its tag in constant time, decrypts it, and refuses it if
+    /// it expired at or before `now` (Unix seconds). Replay is the caller's
+    /// [`ReplayCache`].
+    pub fn open(&self, token: &str, now: u64) -> Result<Claims, TokenError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::Malformed);
+        }
+        let raw = URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| TokenError::Malformed)?;
+        if raw.len() < 1 + IV_LEN + 25 + 4 + TAG_LEN {
+            return Err(TokenError::Malformed);
+        }
+        if raw[0] != VERSION {
+            return Err(TokenError::UnknownVersion(raw[0]));
+        }
+        let (signed, tag) = raw.split_at(raw.len() - TAG_LEN);
+        // verify_slice compares in constant time.
+        self.tag(signed)
+            .verify_slice(tag)
+            .map_err(|_| TokenError::BadSignature)?;
+        let iv: [u8; IV_LEN] = signed[1..1 + IV_LEN]
+            .try_into()
+            .map_err(|_| TokenError::Malformed)?;
+        let mut body = Zeroizing::new(signed[1 + IV_LEN..].to_vec());
+        Aes256Ctr::new((&*self.enc).into(), (&iv).into()).apply_keystream(&mut body);
+        let claims = Claims::decode(&body)?;
+        if claims.expires_at <= now {
+            return Err(TokenError::Expired {
+                expires_at: claims.expires_at,
+            });
+        }
+        Ok(claims)
+    }
+}
+
+/// Remembers the nonces of tokens used on this replica until they expire, so each
+/// token admits one session.
+#[derive(Debug)]
+pub struct ReplayCache {
+    seen: HashMap<[u8; NONCE_LEN], u64>,
+    by_expiry: BinaryHeap<Reverse<(u64, [u8; NONCE_LEN])>>,
+    max_entries: usize,
+}
+
+impl ReplayCache {
+    /// A cache holding at most `max_entries` unexpired nonces.
+    pub fn new(max_entries: usize) -> Self {
+        ReplayCache {
+            seen: HashMap::new(),
+            by_expiry: BinaryHeap::new(),
+            max_entries,
+        }
+    }
+
+    /// Records the token's use; refuses it if it was used before.
+    pub fn admit(&mut self, claims: &Claims, now: u64) -> Result<(), TokenError> {
+        self.evict(now);
+        if self.seen.contains_key(&claims.nonce) {
+            return Err(TokenError::Replayed);
+        }
+        if self.seen.len() >= self.max_entries {
+            return Err(TokenError::ReplayCacheFull);
+        }
+        self.seen.insert(claims.nonce, claims.expires_at);
+        self.by_expiry
+            .push(Reverse((claims.expires_at, claims.nonce)));
+        Ok(())
+    }
+
+    /// Unexpired nonces held.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Whether no nonce is held.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    fn evict(&mut self, now: u64) {
+        while let Some(Reverse((exp, nonce))) = self.by_expiry.peek().copied() {
+            if exp > now {
+                break;
+            }
+            self.by_expiry.pop();
+            self.seen.remove(&nonce);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,147 @@
+//! The `vizor keygen` and `vizor token` commands, run as a user would run them.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic is a failure
+
+use std::path::Path;
+use std::process::{Command, Output};
+use vizor::token::{ConsoleKind, TokenKey};
+
+fn vizor(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vizor"))
+        .args(args)
+        .env("USER", "tester")
+        .output()
+        .expect("run vizor")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn write_config(dir: &Path, ttl: &str) -> String {
+    let path = dir.join("vizor.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:6080\"\n[libvirt]\nuri = \"qemu:///system\"\n\
+             [tokens]\nkey_file = \"token.key\"\nttl = \"{ttl}\"\n[audit]\npath = \"audit.jsonl\"\n"
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn keygen_writes_a_private_key_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("token.key");
+    let out = vizor(&["keygen", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = vizor(&["keygen", key.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        text(&again.stderr).contains("token.key"),
+        "{}",
+        text(&again.stderr)
+    );
+}
+
+#[test]
+fn token_prints_a_sealed_token_that_a_replica_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "90s");
+    assert!(
+        vizor(&["keygen", dir.path().join("token.key").to_str().unwrap()])
+            .status
+            .success()
+    );
+    let before = now();
+    let out = vizor(&[
+        "token", "--config", &config, "--domain", "demo1", "--kind", "spice", "--user", "alice",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let token = stdout.lines().last().expect("a token line");
+    let key = TokenKey::load(&dir.path().join("token.key")).unwrap();
+    let claims = key.open(token, before).unwrap();
+    assert_eq!(claims.domain, "demo1");
+    assert_eq!(claims.kind, ConsoleKind::Spice);
+    assert_eq!(claims.user, "alice");
+    assert!((before + 90..=now() + 90).contains(&claims.expires_at));
+    // The log line names the token by its id, never the token itself.
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(&claims.token_id()), "{stderr}");
+    assert!(!stderr.contains(token));
+
+    // Defaults: kind vnc, user from $USER, ttl from the config.
+    let out = vizor(&[
+        "token", "--config", &config, "--domain", "demo1", "--ttl", "5m",
+    ]);
+    let token = text(&out.stdout);
+    let claims = key.open(token.trim(), before).unwrap();
+    assert_eq!(
+        (claims.kind, claims.user.as_str()),
+        (ConsoleKind::Vnc, "tester")
+    );
+    assert!(claims.expires_at >= before + 300);
+}
+
+#[test]
+fn token_refusals_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "60s");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["token", "--config", &config, "--domain", "d"],
+            "token.key",
+        ),
+        (
+            &[
+                "token",
+                "--config",
+                "/nonexistent/vizor.toml",
+                "--domain",
+                "d",
+            ],
+            "/nonexistent/vizor.toml",
+        ),
+        (
+            &[
+                "token", "--config", &config, "--domain", "d", "--kind", "rdp",
+            ],
+            "unknown console kind",
+        ),
+        (
+            &[
+                "token", "--config", &config, "--domain", "d", "--ttl", "2days",
+            ],
+            "out of range",
+        ),
+    ];
+    assert!(
+        vizor(&["keygen", dir.path().join("other.key").to_str().unwrap()])
+            .status
+            .success()
+    );
+    for (args, want) in cases {
+        let out = vizor(args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: no token on failure");
+        assert!(
+            text(&out.stderr).contains(want),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
