@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod libvirt;
 pub mod token;
 
 pub use vizor_rfb as rfb;

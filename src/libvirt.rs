@@ -1,0 +1,464 @@
+//! Finding a domain's console in libvirt: the graphics device of the requested kind,
+//! where it listens now, and the password libvirt stores for it.
+//!
+//! The password is read from the live XML with `VIR_DOMAIN_XML_SECURE` (which needs a
+//! read-write connection) and goes nowhere but to QEMU. libvirt calls block, so they run
+//! on tokio's blocking pool, never on the executor threads; one connection per URI is
+//! kept and reopened when it dies (libvirtd restarted, network lost).
+
+use crate::token::ConsoleKind;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use virt::connect::Connect;
+use virt::error::ErrorNumber;
+use xmltree::Element;
+use zeroize::Zeroizing;
+
+/// Where a console listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A TCP port on a host.
+    Tcp {
+        /// Host name or address to connect to.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// A UNIX socket on this host.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Target::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Target::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A running domain's console.
+#[derive(Clone)]
+pub struct Console {
+    /// The domain's name.
+    pub domain: String,
+    /// The domain's UUID.
+    pub uuid: String,
+    /// VNC or SPICE.
+    pub kind: ConsoleKind,
+    /// Where it listens.
+    pub target: Target,
+    /// The password libvirt stores, if any. Never logged.
+    pub password: Option<Zeroizing<String>>,
+}
+
+impl fmt::Debug for Console {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Console")
+            .field("domain", &self.domain)
+            .field("uuid", &self.uuid)
+            .field("kind", &self.kind)
+            .field("target", &self.target)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Why a console could not be found. Each says what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// No domain of that name or UUID.
+    #[error("no domain named {0:?} in libvirt")]
+    NoSuchDomain(String),
+    /// The domain exists but is not running.
+    #[error("domain {0:?} is not running")]
+    NotRunning(String),
+    /// The domain has no graphics device of that kind.
+    #[error("domain {domain:?} has no {kind} graphics")]
+    NoGraphics {
+        /// The domain.
+        domain: String,
+        /// The kind asked for.
+        kind: ConsoleKind,
+    },
+    /// The graphics device does not listen anywhere vizor can reach.
+    #[error("domain {domain:?}: {kind} graphics do not listen on a port or socket")]
+    NoListener {
+        /// The domain.
+        domain: String,
+        /// The kind asked for.
+        kind: ConsoleKind,
+    },
+    /// The password libvirt stores is past its `passwdValidTo`.
+    #[error("domain {domain:?}: the {kind} password expired at {valid_to} UTC")]
+    PasswordExpired {
+        /// The domain.
+        domain: String,
+        /// The kind asked for.
+        kind: ConsoleKind,
+        /// `passwdValidTo` as libvirt gives it.
+        valid_to: String,
+    },
+    /// libvirt could not be reached or refused the query.
+    #[error("libvirt at {uri} is unreachable: {message}")]
+    Unreachable {
+        /// The URI.
+        uri: String,
+        /// libvirt's message.
+        message: String,
+    },
+    /// The domain XML is not what libvirt documents.
+    #[error("domain {domain:?}: unexpected domain XML: {why}")]
+    BadXml {
+        /// The domain.
+        domain: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+impl LookupError {
+    /// A short, stable label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            LookupError::NoSuchDomain(_) => "no_such_domain",
+            LookupError::NotRunning(_) => "not_running",
+            LookupError::NoGraphics { .. } => "no_graphics",
+            LookupError::NoListener { .. } => "no_listener",
+            LookupError::PasswordExpired { .. } => "password_expired",
+            LookupError::Unreachable { .. } => "unreachable",
+            LookupError::BadXml { .. } => "bad_xml",
+        }
+    }
+}
+
+/// The host part of a libvirt URI, or `None` for a local one (`qemu:///system`).
+pub fn uri_host(uri: &str) -> Option<String> {
+    let rest = uri.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    (!host.is_empty()).then(|| host.to_owned())
+}
+
+/// Parses libvirt's `passwdValidTo` (`YYYY-MM-DDTHH:MM:SS`, UTC) into Unix seconds.
+fn parse_valid_to(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+fn is_wildcard(addr: &str) -> bool {
+    matches!(addr, "" | "0.0.0.0" | "::" | "[::]" | "::0")
+}
+
+/// Reads the console of `kind` from a domain's live XML.
+///
+/// `uri_host` is the libvirt host (see [`uri_host`]): a console listening on a wildcard
+/// address is reached there, or on loopback for a local URI. `now` decides whether
+/// `passwdValidTo` has passed.
+pub fn console_from_xml(
+    xml: &str,
+    kind: ConsoleKind,
+    uri_host: Option<&str>,
+    now: SystemTime,
+) -> Result<Console, LookupError> {
+    let root = Element::parse(xml.as_bytes()).map_err(|e| LookupError::BadXml {
+        domain: String::new(),
+        why: e.to_string(),
+    })?;
+    let text = |name: &str| {
+        root.get_child(name)
+            .and_then(|e| e.get_text())
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let domain = text("name");
+    let uuid = text("uuid");
+    let bad = |why: String| LookupError::BadXml {
+        domain: domain.clone(),
+        why,
+    };
+    let graphics = root
+        .get_child("devices")
+        .into_iter()
+        .flat_map(|d| d.children.iter())
+        .filter_map(|n| n.as_element())
+        .find(|e| {
+            e.name == "graphics"
+                && e.attributes.get("type").map(String::as_str) == Some(kind.as_str())
+        })
+        .ok_or_else(|| LookupError::NoGraphics {
+            domain: domain.clone(),
+            kind,
+        })?;
+    let listens: Vec<&Element> = graphics
+        .children
+        .iter()
+        .filter_map(|n| n.as_element())
+        .filter(|e| e.name == "listen")
+        .collect();
+    let socket = graphics.attributes.get("socket").cloned().or_else(|| {
+        listens
+            .iter()
+            .find(|l| l.attributes.get("type").map(String::as_str) == Some("socket"))
+            .and_then(|l| l.attributes.get("socket").cloned())
+    });
+    let target = if let Some(path) = socket {
+        Target::Unix(PathBuf::from(path))
+    } else {
+        let port: i64 = match graphics.attributes.get("port") {
+            Some(p) => p
+                .parse()
+                .map_err(|_| bad(format!("graphics port {p:?} is not a number")))?,
+            None => -1,
+        };
+        let Ok(port) = u16::try_from(port) else {
+            return Err(LookupError::NoListener {
+                domain: domain.clone(),
+                kind,
+            });
+        };
+        if port == 0 {
+            return Err(LookupError::NoListener {
+                domain: domain.clone(),
+                kind,
+            });
+        }
+        let address = graphics.attributes.get("listen").cloned().or_else(|| {
+            listens
+                .iter()
+                .find(|l| {
+                    matches!(
+                        l.attributes.get("type").map(String::as_str),
+                        Some("address" | "network")
+                    )
+                })
+                .and_then(|l| l.attributes.get("address").cloned())
+        });
+        let host = match address.as_deref() {
+            Some(a) if !is_wildcard(a) => a.to_owned(),
+            wildcard => match uri_host {
+                Some(h) => h.to_owned(),
+                None if matches!(wildcard, Some(a) if a.contains(':')) => "::1".to_owned(),
+                None => "127.0.0.1".to_owned(),
+            },
+        };
+        Target::Tcp { host, port }
+    };
+    if let Some(valid_to) = graphics.attributes.get("passwdValidTo") {
+        let until = parse_valid_to(valid_to).ok_or_else(|| {
+            bad(format!(
+                "passwdValidTo {valid_to:?} is not YYYY-MM-DDTHH:MM:SS"
+            ))
+        })?;
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        if now >= until {
+            return Err(LookupError::PasswordExpired {
+                domain,
+                kind,
+                valid_to: valid_to.clone(),
+            });
+        }
+    }
+    let password = graphics
+        .attributes
+        .get("passwd")
+        .map(|p| Zeroizing::new(p.clone()));
+    Ok(Console {
+        domain,
+        uuid,
+        kind,
+        target,
+        password,
+    })
+}
+
+fn looks_like_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| {
+            if [8, 13, 18, 23].contains(&i) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        })
+}
+
+/// A libvirt connection for one URI, opened on first use and reopened when it dies.
+pub struct Libvirt {
+    uri: String,
+    conn: Mutex<Option<Connect>>,
+}
+
+impl fmt::Debug for Libvirt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Libvirt").field("uri", &self.uri).finish()
+    }
+}
+
+enum Failure {
+    Lookup(LookupError),
+    Connection(String),
+}
+
+impl Libvirt {
+    /// A client for `uri`; nothing is opened yet.
+    pub fn new(uri: &str) -> Arc<Libvirt> {
+        // libvirt prints every error to stderr unless told otherwise; vizor reports
+        // them itself.
+        virt::error::clear_error_callback();
+        Arc::new(Libvirt {
+            uri: uri.to_owned(),
+            conn: Mutex::new(None),
+        })
+    }
+
+    /// The URI.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Looks up `domain` (name or UUID) and its console of `kind`, off the executor.
+    pub async fn lookup(
+        self: &Arc<Self>,
+        domain: &str,
+        kind: ConsoleKind,
+    ) -> Result<Console, LookupError> {
+        let me = self.clone();
+        let domain = domain.to_owned();
+        tokio::task::spawn_blocking(move || me.lookup_blocking(&domain, kind, SystemTime::now()))
+            .await
+            .unwrap_or_else(|e| {
+                Err(LookupError::Unreachable {
+                    uri: self.uri.clone(),
+                    message: format!("lookup task failed: {e}"),
+                })
+            })
+    }
+
+    /// The blocking lookup; call it from a blocking context only.
+    pub fn lookup_blocking(
+        &self,
+        domain: &str,
+        kind: ConsoleKind,
+        now: SystemTime,
+    ) -> Result<Console, LookupError> {
+        let unreachable = |message: String| LookupError::Unreachable {
+            uri: self.uri.clone(),
+            message,
+        };
+        // One retry: the first failure may be a connection that died since last use.
+        for attempt in 0..2 {
+            let conn = {
+                let mut slot = self
+                    .conn
+                    .lock()
+                    .map_err(|_| unreachable("connection lock poisoned".into()))?;
+                if slot.is_none() {
+                    let c =
+                        Connect::open(Some(&self.uri)).map_err(|e| unreachable(e.to_string()))?;
+                    *slot = Some(c);
+                }
+                slot.clone()
+                    .ok_or_else(|| unreachable("no connection".into()))?
+            };
+            match self.query(&conn, domain, kind, now) {
+                Ok(console) => return Ok(console),
+                Err(Failure::Lookup(e)) => return Err(e),
+                Err(Failure::Connection(message)) => {
+                    if let Ok(mut slot) = self.conn.lock() {
+                        *slot = None;
+                    }
+                    drop(conn);
+                    if attempt == 1 {
+                        return Err(unreachable(message));
+                    }
+                }
+            }
+        }
+        Err(unreachable("lookup failed".into()))
+    }
+
+    fn query(
+        &self,
+        conn: &Connect,
+        domain: &str,
+        kind: ConsoleKind,
+        now: SystemTime,
+    ) -> Result<Console, Failure> {
+        let classify = |e: virt::error::Error| -> Failure {
+            match e.code().unwrap_or(ErrorNumber::InternalError) {
+                ErrorNumber::NoDomain => {
+                    Failure::Lookup(LookupError::NoSuchDomain(domain.to_owned()))
+                }
+                ErrorNumber::OperationInvalid => {
+                    Failure::Lookup(LookupError::NotRunning(domain.to_owned()))
+                }
+                ErrorNumber::OperationDenied => Failure::Lookup(LookupError::Unreachable {
+                    uri: self.uri.clone(),
+                    message: format!(
+                        "{e} (reading graphics passwords needs a read-write connection)"
+                    ),
+                }),
+                _ if conn.is_alive().unwrap_or(false) => {
+                    Failure::Lookup(LookupError::Unreachable {
+                        uri: self.uri.clone(),
+                        message: e.to_string(),
+                    })
+                }
+                _ => Failure::Connection(e.to_string()),
+            }
+        };
+        let dom = if looks_like_uuid(domain) {
+            conn.lookup_domain_by_uuid_string(domain)
+                .or_else(|_| conn.lookup_domain_by_name(domain))
+        } else {
+            conn.lookup_domain_by_name(domain)
+        }
+        .map_err(classify)?;
+        if !dom.is_active().map_err(classify)? {
+            return Err(Failure::Lookup(LookupError::NotRunning(domain.to_owned())));
+        }
+        let xml = Zeroizing::new(
+            dom.xml_desc(virt::sys::VIR_DOMAIN_XML_SECURE)
+                .map_err(classify)?,
+        );
+        console_from_xml(&xml, kind, uri_host(&self.uri).as_deref(), now).map_err(Failure::Lookup)
+    }
+}
+
+#[cfg(test)]
+mod tests;
