@@ -281,20 +281,38 @@ pub(crate) fn parse_cut_text<'a>(
     Ok(Some(CutText::Latin1(need!(r.bytes(raw as usize)))))
 }
 
-fn write_cut_text(id: u8, text: &CutText<'_>, out: &mut Vec<u8>) {
-    out.extend_from_slice(&[id, 0, 0, 0]);
+/// The wire cannot carry `len`: refuse rather than truncate.
+fn too_long(what: &'static str, len: usize, max: u64) -> Error {
+    Error::LengthTooLarge {
+        what,
+        len: len as u64,
+        max,
+    }
+}
+
+fn write_cut_text(id: u8, text: &CutText<'_>, out: &mut Vec<u8>) -> Result<(), Error> {
     match text {
         CutText::Latin1(t) => {
-            out.extend_from_slice(&(t.len() as u32).to_be_bytes());
+            let len = u32::try_from(t.len())
+                .map_err(|_| too_long("cut text", t.len(), u32::MAX.into()))?;
+            out.extend_from_slice(&[id, 0, 0, 0]);
+            out.extend_from_slice(&len.to_be_bytes());
             out.extend_from_slice(t);
         }
         CutText::Extended { flags, data } => {
-            let len = -((data.len() + 4) as i32);
-            out.extend_from_slice(&len.to_be_bytes());
+            let max = i32::MAX as u64 - 4;
+            let len = data
+                .len()
+                .checked_add(4)
+                .and_then(|n| i32::try_from(n).ok())
+                .ok_or_else(|| too_long("extended cut text", data.len(), max))?;
+            out.extend_from_slice(&[id, 0, 0, 0]);
+            out.extend_from_slice(&(-len).to_be_bytes());
             out.extend_from_slice(&flags.to_be_bytes());
             out.extend_from_slice(data);
         }
     }
+    Ok(())
 }
 
 /// Decoder of the client-to-server stream.
@@ -372,6 +390,15 @@ impl ClientDecoder {
                 let mask = need!(r.u8());
                 let x = need!(r.u16());
                 let y = need!(r.u16());
+                if mask & 0x80 != 0 && self.extended_mouse_offered && !self.extended_pointer {
+                    // A server may take the marker bit as soon as it sees the offer,
+                    // before its confirmation reaches the proxy: 6 or 7 bytes would be
+                    // a guess, so the message is refused.
+                    return Err(Error::Malformed {
+                        what: "PointerEvent",
+                        why: "extended button marker before the server confirmed extended mouse buttons",
+                    });
+                }
                 let buttons = if self.extended_pointer && mask & 0x80 != 0 {
                     let more = need!(r.u8());
                     u16::from(mask & 0x7f) | (u16::from(more) << 7)
@@ -453,8 +480,9 @@ impl ClientDecoder {
 }
 
 impl ClientMessage<'_> {
-    /// Appends the wire form.
-    pub fn write(&self, out: &mut Vec<u8>) {
+    /// Appends the wire form; refuses a value the wire cannot carry (a fence payload
+    /// over 64 bytes, more than 255 screens, buttons beyond 15, cut text over 2 GiB).
+    pub fn write(&self, out: &mut Vec<u8>) -> Result<(), Error> {
         match self {
             ClientMessage::SetPixelFormat(pf) => {
                 out.extend_from_slice(&[msg::SET_PIXEL_FORMAT, 0, 0, 0]);
@@ -478,6 +506,12 @@ impl ClientMessage<'_> {
                 out.extend_from_slice(&keysym.to_be_bytes());
             }
             ClientMessage::PointerEvent { buttons, x, y } => {
+                if *buttons >= 1 << 15 {
+                    return Err(Error::Malformed {
+                        what: "PointerEvent",
+                        why: "only 15 buttons exist",
+                    });
+                }
                 let extended = *buttons > 0xff;
                 let first = if extended {
                     (*buttons as u8 & 0x7f) | 0x80
@@ -491,7 +525,7 @@ impl ClientMessage<'_> {
                     out.push((*buttons >> 7) as u8);
                 }
             }
-            ClientMessage::ClientCutText(text) => write_cut_text(msg::CLIENT_CUT_TEXT, text, out),
+            ClientMessage::ClientCutText(text) => write_cut_text(msg::CLIENT_CUT_TEXT, text, out)?,
             ClientMessage::EnableContinuousUpdates {
                 enable,
                 x,
@@ -505,6 +539,9 @@ impl ClientMessage<'_> {
                 }
             }
             ClientMessage::ClientFence { flags, payload } => {
+                if payload.len() > 64 {
+                    return Err(too_long("ClientFence payload", payload.len(), 64));
+                }
                 out.extend_from_slice(&[msg::CLIENT_FENCE, 0, 0, 0]);
                 out.extend_from_slice(&flags.to_be_bytes());
                 out.push(payload.len() as u8);
@@ -518,6 +555,9 @@ impl ClientMessage<'_> {
                 height,
                 screens,
             } => {
+                if screens.len() > 255 {
+                    return Err(too_long("SetDesktopSize screens", screens.len(), 255));
+                }
                 out.extend_from_slice(&[msg::SET_DESKTOP_SIZE, 0]);
                 out.extend_from_slice(&width.to_be_bytes());
                 out.extend_from_slice(&height.to_be_bytes());
@@ -551,6 +591,7 @@ impl ClientMessage<'_> {
                 }
             }
         }
+        Ok(())
     }
 }
 

@@ -116,7 +116,18 @@ impl PixelFormat {
                 "depth must be between 1 and bits-per-pixel",
             ));
         }
+        if !self.true_colour && self.bits_per_pixel != 8 {
+            // QEMU serves colour-mapped clients at 8 bits per pixel whatever they ask;
+            // a proxy framing 16 or 32 would disagree with the server.
+            return Err(Error::InvalidPixelFormat(
+                "colour-map formats must be 8 bits per pixel",
+            ));
+        }
         if self.true_colour {
+            if self.red_max == 0 || self.green_max == 0 || self.blue_max == 0 {
+                // QEMU reads a zero maximum as 255, which changes Tight's pixel size.
+                return Err(Error::InvalidPixelFormat("a colour maximum is zero"));
+            }
             let bits = u32::from(self.bits_per_pixel);
             for (max, shift) in [
                 (self.red_max, self.red_shift),
@@ -234,6 +245,14 @@ mod tests {
             },
             PixelFormat {
                 depth: 32,
+                ..PixelFormat::RGB888
+            },
+            PixelFormat {
+                blue_max: 0,
+                ..PixelFormat::RGB888
+            },
+            PixelFormat {
+                true_colour: false,
                 ..PixelFormat::RGB888
             },
         ];

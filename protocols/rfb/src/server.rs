@@ -202,16 +202,19 @@ impl ServerDecoder {
     pub fn set_pixel_format(&mut self, pf: PixelFormat) {
         if matches!(self.state, State::Message) {
             self.pf = pf;
+            self.pending_pf = None;
         } else {
             self.pending_pf = Some(pf);
         }
     }
 
     /// The client sent SetEncodings. The offered set only grows: the server may still
-    /// be answering under an earlier SetEncodings when this one is forwarded.
+    /// be answering under an earlier SetEncodings when this one is forwarded. Only
+    /// framable encodings are kept (there are about 150), so the set stays small
+    /// whatever a client sends.
     pub fn set_encodings(&mut self, encodings: impl IntoIterator<Item = Encoding>) {
         let mut all = self.offered.clone().into_vec();
-        all.extend(encodings);
+        all.extend(encodings.into_iter().filter(|e| e.is_framable()));
         self.offered = EncodingSet::new(all);
     }
 
@@ -464,7 +467,22 @@ impl ServerDecoder {
             EncodingKind::Unsupported | EncodingKind::Declaration => {
                 return Err(Error::UnframableEncoding(encoding))
             }
-            EncodingKind::Pixels => self.check_bounds(x, y, width, height)?,
+            EncodingKind::Pixels => {
+                self.check_bounds(x, y, width, height)?;
+                // Clients disagree on what follows a zero-area rectangle: noVNC reads
+                // nothing for Zlib where the spec has a length. A proxy whose framing
+                // differs from the browser's can be walked past, so only the encodings
+                // every reader frames alike may be empty (QEMU never sends any).
+                if (width == 0 || height == 0)
+                    && encoding != Encoding::RAW
+                    && encoding != Encoding::COPY_RECT
+                {
+                    return Err(Error::Malformed {
+                        what: "rectangle",
+                        why: "zero-area rectangle in an encoding clients frame differently",
+                    });
+                }
+            }
             EncodingKind::PseudoRect => {}
         }
         if !self.offered.contains(encoding) {
@@ -515,12 +533,8 @@ impl ServerDecoder {
                 RectInfo::Pixels
             }
             Encoding::TIGHT | Encoding::TIGHT_PNG => {
-                if width > 2048 {
-                    return Err(Error::Malformed {
-                        what: "Tight rectangle",
-                        why: "wider than 2048 pixels",
-                    });
-                }
+                // The spec caps Tight rectangles at 2048 pixels wide, but QEMU sends
+                // wider solid fills and JPEG rectangles; framing does not depend on it.
                 body.1 = Framer::Tight {
                     width,
                     height,

@@ -99,7 +99,7 @@ fn every_message_round_trips() {
     let msgs = all_messages();
     let mut stream = Vec::new();
     for m in &msgs {
-        m.write(&mut stream);
+        m.write(&mut stream).unwrap();
     }
     let decoded = decode_all(ClientDecoder::new(Limits::default()), &stream).unwrap();
     let want: Vec<String> = msgs.iter().map(|m| format!("{m:?}")).collect();
@@ -111,7 +111,7 @@ fn wire_sizes_match_the_spec() {
     let sizes = [20, 16, 10, 8, 6, 12, 19, 10, 14, 4, 24, 12, 10, 4, 4];
     for (m, size) in all_messages().iter().zip(sizes) {
         let mut v = Vec::new();
-        m.write(&mut v);
+        m.write(&mut v).unwrap();
         assert_eq!(v.len(), size, "{m:?}");
     }
 }
@@ -123,7 +123,8 @@ fn negative_cut_text_length_needs_the_extended_clipboard() {
         flags: clipboard::NOTIFY | clipboard::TEXT,
         data: &[],
     })
-    .write(&mut ext);
+    .write(&mut ext)
+    .unwrap();
     assert!(matches!(
         ClientDecoder::new(Limits::default()).decode(&ext),
         Err(Error::LengthTooLarge { .. })
@@ -164,6 +165,16 @@ fn extended_pointer_needs_both_offer_and_confirmation() {
     let mut set = Vec::new();
     write_set_encodings([Encoding::EXTENDED_MOUSE_BUTTONS], &mut set);
     d.decode(&set).unwrap();
+    // Offered but not yet confirmed: the server may already read 7 bytes, the proxy
+    // cannot know, so the marker bit is refused.
+    assert!(matches!(
+        d.decode(&ext),
+        Err(Error::Malformed {
+            what: "PointerEvent",
+            ..
+        })
+    ));
+    assert_eq!(d.decode(&[5, 0x01, 0, 1, 0, 2]).unwrap().unwrap().1, 6);
     d.enable_extended_pointer();
     let (m, n) = d.decode(&ext).unwrap().unwrap();
     assert_eq!(n, 7);
@@ -176,7 +187,7 @@ fn extended_pointer_needs_both_offer_and_confirmation() {
         }
     );
     let mut round = Vec::new();
-    m.write(&mut round);
+    m.write(&mut round).unwrap();
     assert_eq!(round, ext);
 }
 
@@ -224,6 +235,32 @@ fn refusals() {
             ..
         })
     ));
+}
+
+#[test]
+fn encoders_refuse_what_the_wire_cannot_carry() {
+    let mut out = Vec::new();
+    let big = [0u8; 65];
+    let cases = [
+        ClientMessage::ClientFence {
+            flags: 0,
+            payload: &big,
+        },
+        ClientMessage::PointerEvent {
+            buttons: 1 << 15,
+            x: 0,
+            y: 0,
+        },
+        ClientMessage::SetDesktopSize {
+            width: 1,
+            height: 1,
+            screens: Screens(&[0; 16 * 256]),
+        },
+    ];
+    for m in cases {
+        assert!(m.write(&mut out).is_err(), "{m:?}");
+    }
+    assert!(out.is_empty(), "nothing written on refusal");
 }
 
 #[test]

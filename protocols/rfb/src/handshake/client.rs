@@ -506,7 +506,13 @@ impl StartTls {
                     limits: self.limits,
                 })
             }
-            _ => Authenticate::None(ExpectSecurityResult::after_none(self.version, self.limits)),
+            // The TLS/X.509 None sub-types always end with SecurityResult, in 3.7 too
+            // (the VeNCrypt spec and QEMU agree); only plain None skips it before 3.8.
+            _ => Authenticate::None(ExpectSecurityResult {
+                message_expected: true,
+                has_reason: self.version.result_has_reason(),
+                limits: self.limits,
+            }),
         }
     }
 }

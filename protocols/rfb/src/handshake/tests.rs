@@ -400,3 +400,30 @@ fn vencrypt_rejections() {
         Some(Error::UnsupportedVencryptSubtype(256))
     );
 }
+
+#[test]
+fn vencrypt_tls_none_ends_with_security_result_even_in_3_7() {
+    let limits = Limits::default();
+    let mut out = Vec::new();
+    let c = client::ExpectServerVersion::new(limits);
+    let Progress::Done { next, .. } = c.receive(b"RFB 003.007\n", &mut out).unwrap() else {
+        panic!()
+    };
+    let choose = feed(next, &[1, 19], |s, b| s.receive(b)).unwrap();
+    let v = choose.choose_vencrypt(&mut out).unwrap();
+    let ack = feed(v, &[0, 2], |s, b| s.receive(b, &mut out)).unwrap();
+    let subtypes = feed(ack, &[0], |s, b| s.receive(b)).unwrap();
+    let mut list = vec![1u8];
+    list.extend_from_slice(&257u32.to_be_bytes());
+    let choose = feed(subtypes, &list, |s, b| s.receive(b)).unwrap();
+    let VencryptChosen::Tls(ack) = choose.choose(VencryptSubtype::TLS_NONE, &mut out).unwrap()
+    else {
+        panic!()
+    };
+    let tls = feed(ack, &[1], |s, b| s.receive(b)).unwrap();
+    let Authenticate::None(result) = tls.tls_established() else {
+        panic!()
+    };
+    // Four bytes of SecurityResult, not the start of ServerInit.
+    feed(result, &0u32.to_be_bytes(), |s, b| s.receive(b)).unwrap();
+}

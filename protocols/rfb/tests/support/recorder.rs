@@ -212,7 +212,7 @@ fn send(sock: &mut TcpStream, log: &Log, bytes: &[u8]) -> Result<(), String> {
 
 fn msg(m: ClientMessage<'_>) -> Vec<u8> {
     let mut v = Vec::new();
-    m.write(&mut v);
+    m.write(&mut v).expect("recorder messages fit the wire");
     v
 }
 
