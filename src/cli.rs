@@ -1,5 +1,4 @@
-//! The `vizor` command line. `serve` arrives with the proxy; `keygen` and `token` work
-//! today.
+//! The `vizor` command line: `serve`, `keygen`, `token`.
 
 use crate::config::{check_ttl, Config};
 use crate::token::{Claims, ConsoleKind, TokenKey};
@@ -19,6 +18,12 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the proxy.
+    Serve {
+        /// The vizor configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Write a fresh random token key to FILE (mode 0600; never overwrites).
     Keygen {
         /// Where to write the key.
@@ -44,9 +49,34 @@ pub enum Command {
     },
 }
 
+fn init_logging(log: &crate::config::LogConfig) -> Result<(), Box<dyn std::error::Error>> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) => EnvFilter::try_new(f)?,
+        Err(_) => EnvFilter::try_new(&log.level)
+            .map_err(|e| format!("[log] level {:?}: {e}", log.level))?,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        crate::config::LogFormat::Json => builder.json().init(),
+        crate::config::LogFormat::Human => builder.init(),
+    }
+    Ok(())
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
+        Command::Serve { config } => {
+            let config = Config::load(&config)?;
+            init_logging(&config.log)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(crate::serve::serve(config))
+        }
         Command::Keygen { file } => {
             TokenKey::write_new(&file)?;
             eprintln!("vizor: wrote a new token key to {}", file.display());

@@ -42,6 +42,57 @@ pub struct Config {
     pub tokens: TokensConfig,
     /// `[audit]`
     pub audit: AuditConfig,
+    /// `[api]` (optional)
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// `[log]` (optional)
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[api]`: the management API.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `admin_key_file`: a file holding the bearer key of `/api/v1/...` (written like a
+    /// token key: mode 0600). Without it the API answers 404.
+    pub admin_key_file: Option<PathBuf>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `format`: "human" (default) or "json".
+    #[serde(default)]
+    pub format: LogFormat,
+    /// `level`: a tracing filter such as "info" or "vizor=debug" (default "info").
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Human,
+            level: default_level(),
+        }
+    }
+}
+
+fn default_level() -> String {
+    "info".to_owned()
+}
+
+/// `[log] format`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Human,
+    /// One JSON object per event.
+    Json,
 }
 
 /// `[server]`: where vizor listens.
@@ -54,6 +105,36 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// `web_root`: static files served under `/`.
     pub web_root: Option<PathBuf>,
+    /// `shutdown_grace`: on SIGTERM, how long live sessions may go on (default "10s").
+    #[serde(default = "default_grace", deserialize_with = "any_duration")]
+    pub shutdown_grace: Duration,
+    /// `handshake_timeout`: the whole RFB handshake on both legs (default "15s").
+    #[serde(default = "default_handshake", deserialize_with = "any_duration")]
+    pub handshake_timeout: Duration,
+    /// `connect_timeout`: connecting to QEMU (default "5s").
+    #[serde(default = "default_connect", deserialize_with = "any_duration")]
+    pub connect_timeout: Duration,
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_handshake() -> Duration {
+    Duration::from_secs(15)
+}
+
+fn default_connect() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn any_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration {text:?}: {e} (examples: \"10s\", \"500ms\")"
+        ))
+    })
 }
 
 /// `[libvirt]`
@@ -153,6 +234,9 @@ impl Config {
             }
         };
         resolve(&mut self.tokens.key_file);
+        if let Some(k) = &mut self.api.admin_key_file {
+            resolve(k);
+        }
         resolve(&mut self.audit.path);
         if let Some(w) = &mut self.server.web_root {
             resolve(w);

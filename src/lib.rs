@@ -7,9 +7,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod front;
 pub mod libvirt;
+pub mod serve;
+pub mod session;
 pub mod token;
 
 pub use vizor_rfb as rfb;

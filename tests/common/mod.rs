@@ -50,3 +50,227 @@ pub fn test_host(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use vizor::token::{Claims, ConsoleKind, TokenKey};
+
+/// A `vizor serve` process with its own config, key and audit log.
+pub struct Vizor {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its directory (config, key, audit log).
+    pub dir: tempfile::TempDir,
+    /// Everything it logged.
+    pub log: Arc<Mutex<String>>,
+    key: TokenKey,
+}
+
+impl Vizor {
+    /// Starts vizor against qemu:///system with `extra` appended to `[server]`.
+    pub fn start(server_extra: &str) -> Vizor {
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join("token.key");
+        TokenKey::write_new(&key_path).unwrap();
+        let config = dir.path().join("vizor.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\
+                 [libvirt]\nuri = \"qemu:///system\"\n\
+                 [tokens]\nkey_file = \"token.key\"\nttl = \"60s\"\n\
+                 [audit]\npath = \"audit.jsonl\"\nkeystrokes = \"full\"\n\
+                 [log]\nlevel = \"debug\"\n"
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vizor"))
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start vizor serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("vizor did not start: {line:?}\n{}", log.lock().unwrap()))
+            .parse()
+            .unwrap();
+        let key = TokenKey::load(&key_path).unwrap();
+        Vizor {
+            child,
+            addr,
+            dir,
+            log,
+            key,
+        }
+    }
+
+    /// A token for `domain`, valid for `ttl_secs` (negative: already expired).
+    pub fn token(&self, domain: &str, kind: ConsoleKind, ttl_secs: i64) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let claims = Claims::new(domain, kind, "tester", (now + ttl_secs).max(0) as u64).unwrap();
+        self.key.seal(&claims).unwrap()
+    }
+
+    /// The audit records so far.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+
+    /// The config directory.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+}
+
+impl Drop for Vizor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A browser's view: a WebSocket to vizor carrying RFB.
+pub struct Browser {
+    ws: fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+    /// Every byte received from vizor.
+    pub received: Vec<u8>,
+    /// Received but not yet consumed.
+    pub pending: Vec<u8>,
+}
+
+/// How the WebSocket ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closed {
+    /// Close code.
+    pub code: u16,
+    /// Close reason.
+    pub reason: String,
+}
+
+struct SpawnExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpawnExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}
+
+impl Browser {
+    /// Opens `path` (such as `/websockify?token=...`) on vizor.
+    pub async fn connect(addr: SocketAddr, path: &str) -> Browser {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = hyper::Request::builder()
+            .method("GET")
+            .uri(format!("http://{addr}{path}"))
+            .header("Host", addr.to_string())
+            .header(hyper::header::UPGRADE, "websocket")
+            .header(hyper::header::CONNECTION, "upgrade")
+            .header(
+                "Sec-WebSocket-Key",
+                fastwebsockets::handshake::generate_key(),
+            )
+            .header("Sec-WebSocket-Version", "13")
+            .header("Sec-WebSocket-Protocol", "binary")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let (ws, resp) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream)
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.headers()
+                .get("Sec-WebSocket-Protocol")
+                .map(|v| v.to_str().unwrap()),
+            Some("binary"),
+            "the binary subprotocol is answered"
+        );
+        Browser {
+            ws,
+            received: Vec::new(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Reads one message into `pending`; `Err` with the close frame when vizor closed.
+    pub async fn read(&mut self) -> Result<(), Closed> {
+        loop {
+            let frame = self.ws.read_frame().await.map_err(|e| Closed {
+                code: 0,
+                reason: format!("WebSocket error: {e}"),
+            })?;
+            match frame.opcode {
+                fastwebsockets::OpCode::Binary => {
+                    self.received.extend_from_slice(&frame.payload);
+                    self.pending.extend_from_slice(&frame.payload);
+                    return Ok(());
+                }
+                fastwebsockets::OpCode::Close => {
+                    let p = &frame.payload[..];
+                    let code = if p.len() >= 2 {
+                        u16::from_be_bytes([p[0], p[1]])
+                    } else {
+                        1005
+                    };
+                    let reason = String::from_utf8_lossy(p.get(2..).unwrap_or(&[])).into_owned();
+                    return Err(Closed { code, reason });
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends binary bytes.
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.ws
+            .write_frame(fastwebsockets::Frame::binary(
+                fastwebsockets::Payload::Owned(bytes.to_vec()),
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// Waits for vizor to close the connection; returns the close frame.
+    pub async fn closed(&mut self) -> Closed {
+        loop {
+            if let Err(c) = self.read().await {
+                return c;
+            }
+        }
+    }
+}

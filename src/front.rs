@@ -1,0 +1,475 @@
+//! The HTTP and WebSocket front: `GET /websockify?token=` (the console),
+//! `GET /api/v1/domains/{name-or-uuid}/console` (tokens for a management plane),
+//! `GET /healthz`, and static files from `web_root`.
+//!
+//! A token is checked before anything else happens: a refused one never costs a
+//! libvirt lookup or a connection to QEMU. Refusals reach the browser as a WebSocket
+//! close frame with a short reason; the log and the audit record say precisely why.
+
+use crate::audit::{Audit, Event};
+use crate::config::Config;
+use crate::libvirt::{Libvirt, LookupError};
+use crate::session::{self, End};
+use crate::token::{Claims, ConsoleKind, ReplayCache, TokenError, TokenKey};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{header, Method, Request, Response, StatusCode};
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use subtle::ConstantTimeEq;
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn, Instrument};
+use zeroize::Zeroizing;
+
+/// Everything the front shares between connections.
+pub struct App {
+    /// The configuration.
+    pub config: Config,
+    /// Seals and opens tokens.
+    pub key: TokenKey,
+    /// Tokens already used on this replica.
+    pub replay: Mutex<ReplayCache>,
+    /// The libvirt connection.
+    pub libvirt: Arc<Libvirt>,
+    /// The audit sink.
+    pub audit: Arc<Audit>,
+    /// The management API's bearer key, if the API is enabled.
+    pub admin_key: Option<Zeroizing<String>>,
+    /// Codec bounds.
+    pub limits: vizor_rfb::Limits,
+    /// Set to true to close every live session (after the shutdown grace).
+    pub close_sessions: watch::Receiver<bool>,
+    /// Live sessions.
+    pub sessions: SessionCount,
+    next_session: AtomicU64,
+}
+
+/// Counts live sessions so shutdown can wait for them.
+#[derive(Clone, Default)]
+pub struct SessionCount(Arc<(AtomicUsize, Notify)>);
+
+struct SessionGuard(SessionCount);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if (self.0).0 .0.fetch_sub(1, Ordering::SeqCst) == 1 {
+            (self.0).0 .1.notify_waiters();
+        }
+    }
+}
+
+impl SessionCount {
+    fn enter(&self) -> SessionGuard {
+        self.0 .0.fetch_add(1, Ordering::SeqCst);
+        SessionGuard(self.clone())
+    }
+
+    /// Live sessions now.
+    pub fn live(&self) -> usize {
+        self.0 .0.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no session is live.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.0 .1.notified();
+            if self.live() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl App {
+    /// Builds the shared state.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Config,
+        key: TokenKey,
+        libvirt: Arc<Libvirt>,
+        audit: Arc<Audit>,
+        admin_key: Option<Zeroizing<String>>,
+        close_sessions: watch::Receiver<bool>,
+    ) -> App {
+        App {
+            config,
+            key,
+            replay: Mutex::new(ReplayCache::new(1_000_000)),
+            libvirt,
+            audit,
+            admin_key,
+            limits: vizor_rfb::Limits::default(),
+            close_sessions,
+            sessions: SessionCount::default(),
+            next_session: AtomicU64::new(1),
+        }
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, body: &str) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then(|| v.to_owned())
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Routes one request.
+pub async fn handle(
+    app: Arc<App>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Resp, std::convert::Infallible> {
+    let path = req.uri().path().to_owned();
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n"));
+    }
+    if path == "/healthz" {
+        return Ok(text(StatusCode::OK, "ok\n"));
+    }
+    if path == "/websockify" {
+        if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+            return Ok(text(
+                StatusCode::BAD_REQUEST,
+                "this endpoint needs a WebSocket upgrade\n",
+            ));
+        }
+        return Ok(websocket(app, peer, &mut req));
+    }
+    if let Some(rest) = path.strip_prefix("/api/v1/domains/") {
+        if let Some(domain) = rest.strip_suffix("/console") {
+            return Ok(api_console(&app, domain, &req).await);
+        }
+    }
+    match &app.config.server.web_root {
+        Some(root) => Ok(static_file(root, &path).await),
+        None => Ok(text(StatusCode::NOT_FOUND, "not found\n")),
+    }
+}
+
+fn websocket(app: Arc<App>, peer: SocketAddr, req: &mut Request<Incoming>) -> Resp {
+    let token = query_param(req, "token");
+    let wants_binary = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "binary");
+    let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut *req) {
+        Ok(x) => x,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("bad WebSocket upgrade: {e}\n"),
+            )
+        }
+    };
+    let mut resp = resp.map(|_| Full::new(Bytes::new()));
+    if wants_binary {
+        resp.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            header::HeaderValue::from_static("binary"),
+        );
+    }
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(ws) => console(app, peer, token, ws).await,
+            Err(e) => warn!(client = %peer, error = %e, "WebSocket upgrade failed"),
+        }
+    });
+    resp
+}
+
+/// What the browser is told when its token is refused: enough to act on, no more.
+fn token_message(e: &TokenError) -> &'static str {
+    match e {
+        TokenError::Expired { .. } => "token expired",
+        TokenError::Replayed => "token already used",
+        TokenError::ReplayCacheFull => "too many sessions starting; try again",
+        _ => "invalid token",
+    }
+}
+
+fn lookup_message(e: &LookupError) -> &'static str {
+    match e {
+        LookupError::NoSuchDomain(_) => "no such VM",
+        LookupError::NotRunning(_) => "the VM is not running",
+        LookupError::NoGraphics { .. } | LookupError::NoListener { .. } => {
+            "the VM has no console of this kind"
+        }
+        LookupError::PasswordExpired { .. } => "the VM console password has expired",
+        LookupError::Unreachable { .. } | LookupError::BadXml { .. } => {
+            "the VM console cannot be reached"
+        }
+    }
+}
+
+async fn console(
+    app: Arc<App>,
+    peer: SocketAddr,
+    token: Option<String>,
+    ws: fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+) {
+    let (brx, btx) = session::browser::split(ws, app.limits.max_message_len + 64);
+    let client = peer.to_string();
+    let refuse = |reason: &'static str, token_id: Option<&str>, told: &str, detail: &str| {
+        warn!(client = %peer, reason, detail, "console refused");
+        if let Err(e) = app.audit.record(&Event::TokenRefused {
+            client: &client,
+            reason,
+            token_id,
+        }) {
+            warn!(error = %e, "audit log: refusal not written");
+        }
+        let told = told.to_owned();
+        let btx = btx.clone();
+        async move { btx.close(1008, &told).await }
+    };
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return refuse(
+            "missing_token",
+            None,
+            "missing token",
+            "no token in the URL",
+        )
+        .await;
+    };
+    let now = unix_now();
+    let claims: Claims = match app.key.open(&token, now) {
+        Ok(c) => c,
+        Err(e) => return refuse(e.reason(), None, token_message(&e), &e.to_string()).await,
+    };
+    let token_id = claims.token_id();
+    let admitted = app
+        .replay
+        .lock()
+        .map_err(|_| TokenError::ReplayCacheFull)
+        .and_then(|mut r| r.admit(&claims, now));
+    if let Err(e) = admitted {
+        return refuse(
+            e.reason(),
+            Some(&token_id),
+            token_message(&e),
+            &e.to_string(),
+        )
+        .await;
+    }
+    if claims.kind != ConsoleKind::Vnc {
+        return refuse(
+            "wrong_kind",
+            Some(&token_id),
+            "this token is for a SPICE console",
+            "SPICE token on the VNC endpoint",
+        )
+        .await;
+    }
+    let id = app.next_session.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("session", id, domain = %claims.domain, kind = %claims.kind, client = %peer, token = %token_id);
+    let _guard = app.sessions.enter();
+    async {
+        let console = match app.libvirt.lookup(&claims.domain, claims.kind).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(reason = e.reason(), error = %e, "console lookup failed");
+                let end = End::upstream(e.to_string(), e.reason());
+                btx.close(1011, lookup_message(&e)).await;
+                return end;
+            }
+        };
+        info!(upstream = %console.target, user = %claims.user, "session starting");
+        let ctx = session::rfb::Ctx {
+            id,
+            claims,
+            client: peer,
+            console,
+            audit: app.audit.clone(),
+            limits: app.limits,
+            handshake_timeout: app.config.server.handshake_timeout,
+            connect_timeout: app.config.server.connect_timeout,
+        };
+        let end = session::rfb::run(ctx, brx, btx, app.close_sessions.clone()).await;
+        info!(reason = %end.reason, label = end.label, "session ended");
+        end
+    }
+    .instrument(span)
+    .await;
+}
+
+fn bearer_matches(req: &Request<Incoming>, key: &str) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    // Constant time in the key's content; lengths differing is not a secret.
+    given.len() == key.len() && bool::from(given.as_bytes().ct_eq(key.as_bytes()))
+}
+
+async fn api_console(app: &App, domain: &str, req: &Request<Incoming>) -> Resp {
+    let Some(key) = &app.admin_key else {
+        return json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "the management API is disabled (no [api] admin_key_file)"}),
+        );
+    };
+    if !bearer_matches(req, key) {
+        return json(
+            StatusCode::UNAUTHORIZED,
+            &serde_json::json!({"error": "a valid Authorization: Bearer <admin key> header is required"}),
+        );
+    }
+    let kind = match query_param(req, "kind")
+        .as_deref()
+        .unwrap_or("vnc")
+        .parse::<ConsoleKind>()
+    {
+        Ok(k) => k,
+        Err(e) => return json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": e})),
+    };
+    if domain.is_empty() || domain.contains('/') {
+        return json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": "a domain name or UUID is required"}),
+        );
+    }
+    if let Err(e) = app.libvirt.lookup(domain, kind).await {
+        let status = match e {
+            LookupError::NoSuchDomain(_) => StatusCode::NOT_FOUND,
+            LookupError::Unreachable { .. } | LookupError::BadXml { .. } => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::CONFLICT,
+        };
+        return json(
+            status,
+            &serde_json::json!({"error": e.to_string(), "reason": e.reason()}),
+        );
+    }
+    let ttl = app.config.tokens.ttl;
+    let expires = SystemTime::now() + ttl;
+    let user = "api".to_owned();
+    let sealed = Claims::new(domain, kind, &user, unix_now() + ttl.as_secs())
+        .map_err(|e| e.to_string())
+        .and_then(|c| {
+            app.key
+                .seal(&c)
+                .map(|t| (t, c.token_id()))
+                .map_err(|e| e.to_string())
+        });
+    match sealed {
+        Ok((token, token_id)) => {
+            info!(domain, %kind, token = %token_id, "token issued by the API");
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "kind": kind.as_str(),
+                    "token": token,
+                    "ws_path": format!("/websockify?token={token}"),
+                    "expires_at": humantime::format_rfc3339_seconds(expires).to_string(),
+                }),
+            )
+        }
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({"error": e}),
+        ),
+    }
+}
+
+fn content_type(path: &Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        "html" | "htm" => "text/html; charset=utf-8",
+        "js" | "mjs" => "text/javascript; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "json" => "application/json",
+        "png" => "image/png",
+        "svg" => "image/svg+xml",
+        "ico" => "image/x-icon",
+        "woff" => "font/woff",
+        "woff2" => "font/woff2",
+        "ttf" => "font/ttf",
+        "ogg" | "oga" => "audio/ogg",
+        "mp3" => "audio/mpeg",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Serves a file under `root`, refusing anything that would leave it.
+async fn static_file(root: &Path, url_path: &str) -> Resp {
+    let mut rel = PathBuf::new();
+    for part in url_path.split('/').filter(|p| !p.is_empty()) {
+        let c = Path::new(part).components().next();
+        // Paths are not percent-decoded, so "%2e%2e" names a file and cannot climb.
+        if part.contains('\\') || part.contains('\0') || !matches!(c, Some(Component::Normal(_))) {
+            return text(StatusCode::BAD_REQUEST, "bad path\n");
+        }
+        rel.push(part);
+    }
+    let mut path = root.join(&rel);
+    if url_path.ends_with('/') || rel.as_os_str().is_empty() {
+        path.push("index.html");
+    }
+    let (Ok(real), Ok(real_root)) = (
+        tokio::fs::canonicalize(&path).await,
+        tokio::fs::canonicalize(root).await,
+    ) else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    if !real.starts_with(&real_root) {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    match tokio::fs::read(&real).await {
+        Ok(body) => {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(content_type(&real)),
+            );
+            r
+        }
+        Err(_) => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// How long a shutdown waits for sessions to write their end records after they are
+/// told to close.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(3);

@@ -1,0 +1,121 @@
+//! `vizor serve`: loads everything the proxy needs, listens, and shuts down gracefully
+//! on SIGTERM or SIGINT (stop accepting, let sessions run for `shutdown_grace`, then
+//! close them with a reason).
+
+use crate::audit::Audit;
+use crate::config::Config;
+use crate::front::{self, App, CLOSE_WAIT};
+use crate::libvirt::Libvirt;
+use crate::token::TokenKey;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tracing::{info, warn};
+use zeroize::Zeroizing;
+
+fn load_admin_key(path: &std::path::Path) -> Result<Zeroizing<String>, String> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    let mode = std::fs::metadata(path)
+        .map_err(|e| format!("admin key file {shown}: {e}"))?
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "admin key file {shown} is readable by group or others (mode {mode:o}); run: chmod 600 {shown}"
+        ));
+    }
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| format!("admin key file {shown}: {e}"))?,
+    );
+    let key = Zeroizing::new(text.trim().to_owned());
+    if key.len() < 16 || key.contains(char::is_whitespace) {
+        return Err(format!(
+            "admin key file {shown}: the key must be one word of at least 16 characters \
+             (for example: head -c 32 /dev/urandom | base64 > {shown})"
+        ));
+    }
+    Ok(key)
+}
+
+/// Runs the proxy until SIGTERM or SIGINT.
+pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let key = TokenKey::load(&config.tokens.key_file)?;
+    let audit = Audit::open(&config.audit.path, config.audit.keystrokes)
+        .map_err(|e| format!("audit log {}: {e}", config.audit.path.display()))?;
+    let admin_key = config
+        .api
+        .admin_key_file
+        .as_deref()
+        .map(load_admin_key)
+        .transpose()?;
+    let libvirt = Libvirt::new(&config.libvirt.uri);
+    let listen = config.server.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let local = listener.local_addr()?;
+    let grace = config.server.shutdown_grace;
+    let (close_tx, close_rx) = watch::channel(false);
+    let app = Arc::new(App::new(
+        config,
+        key,
+        libvirt,
+        Arc::new(audit),
+        admin_key,
+        close_rx,
+    ));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    info!(%local, "listening");
+    // A line for scripts and tests that asked for port 0.
+    println!("listening on {local}");
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| front::handle(app.clone(), peer, req));
+            let conn = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(client = %peer, error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let live = app.sessions.live();
+    info!(live, grace = %humantime::format_duration(grace), "shutting down: no new connections");
+    if tokio::time::timeout(grace, app.sessions.idle())
+        .await
+        .is_err()
+    {
+        info!(
+            live = app.sessions.live(),
+            "shutdown grace over: closing sessions"
+        );
+        let _ = close_tx.send(true);
+        if tokio::time::timeout(CLOSE_WAIT, app.sessions.idle())
+            .await
+            .is_err()
+        {
+            warn!(live = app.sessions.live(), "sessions still open at exit");
+        }
+    }
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! The browser's WebSocket as a byte stream: binary messages in, binary messages out,
+//! pings answered, and one writer task so both relay directions can send.
+
+use super::End;
+use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketRead};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::ReadHalf;
+use tokio::sync::mpsc;
+
+type Io = TokioIo<Upgraded>;
+
+/// Sends frames to the browser through the writer task.
+#[derive(Clone)]
+pub struct BrowserTx {
+    tx: mpsc::Sender<Frame<'static>>,
+}
+
+impl BrowserTx {
+    /// Sends binary data; `false` once the browser is gone.
+    pub async fn binary(&self, data: Vec<u8>) -> bool {
+        self.tx
+            .send(Frame::binary(Payload::Owned(data)))
+            .await
+            .is_ok()
+    }
+
+    /// Sends binary data without copying it; `false` once the browser is gone.
+    pub async fn bytes(&self, data: bytes::BytesMut) -> bool {
+        self.tx
+            .send(Frame::binary(Payload::Bytes(data)))
+            .await
+            .is_ok()
+    }
+
+    /// Sends a close frame with `code` and a reason (cut to the 123 bytes a close frame
+    /// can carry, at a character boundary).
+    pub async fn close(&self, code: u16, reason: &str) {
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let _ = self
+            .tx
+            .send(Frame::close(code, &reason.as_bytes()[..end]))
+            .await;
+    }
+}
+
+/// Reads the browser's binary messages.
+pub struct BrowserRx {
+    rx: FragmentCollectorRead<ReadHalf<Io>>,
+    tx: mpsc::Sender<Frame<'static>>,
+}
+
+impl BrowserRx {
+    /// Appends the next binary message to `buf`.
+    pub async fn read_into(&mut self, buf: &mut Vec<u8>) -> Result<usize, End> {
+        loop {
+            let tx = self.tx.clone();
+            let frame = self
+                .rx
+                .read_frame(&mut move |f: Frame<'static>| {
+                    let tx = tx.clone();
+                    async move { tx.send(f).await.map_err(|_| "browser writer closed") }
+                })
+                .await
+                .map_err(|e| match e {
+                    fastwebsockets::WebSocketError::ConnectionClosed
+                    | fastwebsockets::WebSocketError::UnexpectedEOF => End::browser_closed(),
+                    other => End::refused(format!("WebSocket error: {other}"), "websocket_error"),
+                })?;
+            match frame.opcode {
+                OpCode::Binary => {
+                    buf.extend_from_slice(&frame.payload);
+                    return Ok(frame.payload.len());
+                }
+                OpCode::Close => return Err(End::browser_closed()),
+                OpCode::Text => {
+                    return Err(End::refused(
+                        "text WebSocket messages are not RFB; use binary",
+                        "websocket_text",
+                    ))
+                }
+                // Pings are answered by the reader's obligated sends.
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// Splits the upgraded socket and starts the writer task.
+pub fn split(ws: WebSocket<Io>, max_message: usize) -> (BrowserRx, BrowserTx) {
+    let (rd, mut wr) = ws.split(tokio::io::split);
+    // Close and pong frames are sent by this side, through the writer task.
+    wr.set_writev(true);
+    let mut rd: WebSocketRead<ReadHalf<Io>> = rd;
+    rd.set_max_message_size(max_message);
+    let (tx, mut queue) = mpsc::channel::<Frame<'static>>(32);
+    tokio::spawn(async move {
+        while let Some(frame) = queue.recv().await {
+            let closing = frame.opcode == OpCode::Close;
+            if wr.write_frame(frame).await.is_err() || closing {
+                break;
+            }
+        }
+    });
+    (
+        BrowserRx {
+            rx: FragmentCollectorRead::new(rd),
+            tx: tx.clone(),
+        },
+        BrowserTx { tx },
+    )
+}

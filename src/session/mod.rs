@@ -1,0 +1,82 @@
+//! Console sessions: one browser WebSocket relayed to one QEMU console.
+//!
+//! [`browser`] adapts the WebSocket to a byte stream with a single writer task;
+//! [`rfb`] terminates RFB on both legs and relays framed messages.
+
+pub mod browser;
+pub mod rfb;
+
+use std::fmt;
+
+/// How a session ended: the reason in the audit record and the close frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct End {
+    /// WebSocket close code sent to the browser.
+    pub code: u16,
+    /// What happened, for the browser, the log and the audit record.
+    pub reason: String,
+    /// A stable label for metrics.
+    pub label: &'static str,
+}
+
+impl End {
+    /// The browser closed the session.
+    pub fn browser_closed() -> End {
+        End {
+            code: 1000,
+            reason: "browser closed the connection".into(),
+            label: "browser_closed",
+        }
+    }
+
+    /// The VM's console closed the session.
+    pub fn vm_closed() -> End {
+        End {
+            code: 1000,
+            reason: "the VM closed the console connection".into(),
+            label: "vm_closed",
+        }
+    }
+
+    /// vizor is shutting down.
+    pub fn shutdown() -> End {
+        End {
+            code: 1001,
+            reason: "vizor is shutting down".into(),
+            label: "shutdown",
+        }
+    }
+
+    /// The peer broke the protocol (from a codec error).
+    pub fn protocol(leg: &str, e: &vizor_rfb::Error) -> End {
+        End {
+            code: 1008,
+            reason: format!("{leg} protocol error: {e}"),
+            label: "protocol_error",
+        }
+    }
+
+    /// A policy refusal.
+    pub fn refused(reason: impl Into<String>, label: &'static str) -> End {
+        End {
+            code: 1008,
+            reason: reason.into(),
+            label,
+        }
+    }
+
+    /// Something failed toward the VM.
+    pub fn upstream(reason: impl Into<String>, label: &'static str) -> End {
+        End {
+            code: 1011,
+            reason: reason.into(),
+            label,
+        }
+    }
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}

@@ -1,0 +1,503 @@
+//! The RFB session: vizor is the RFB server toward the browser and the RFB client
+//! toward QEMU, then relays framed messages both ways.
+//!
+//! The browser is offered security type None only: its token already authenticated it.
+//! vizor authenticates to QEMU with the password libvirt stores. Security types are
+//! offered to the browser only once QEMU has accepted vizor, so a failure toward the VM
+//! reaches the browser as an RFB refusal with a reason, whatever its protocol version.
+
+use super::browser::{BrowserRx, BrowserTx};
+use super::End;
+use crate::audit::{Audit, Event};
+use crate::libvirt::{Console, Target};
+use crate::token::Claims;
+use bytes::BytesMut;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use vizor_rfb::client::{write_set_encodings, ClientDecoder, ClientMessage};
+use vizor_rfb::handshake::client::{self, SendClientInit};
+use vizor_rfb::handshake::server::{self, SecurityChosen};
+use vizor_rfb::handshake::{Progress, SecurityType, ServerInit, Version};
+use vizor_rfb::server::{RectInfo, ServerDecoder, ServerEvent};
+use vizor_rfb::{Encoding, Limits};
+
+/// What a session needs from the proxy.
+pub struct Ctx {
+    /// Session id (unique in this process).
+    pub id: u64,
+    /// The token's claims.
+    pub claims: Claims,
+    /// The browser's address.
+    pub client: SocketAddr,
+    /// The console libvirt reported.
+    pub console: Console,
+    /// The audit sink.
+    pub audit: Arc<Audit>,
+    /// Codec bounds.
+    pub limits: Limits,
+    /// Bound on the handshake, both legs together.
+    pub handshake_timeout: Duration,
+    /// Bound on connecting to QEMU.
+    pub connect_timeout: Duration,
+}
+
+/// Bytes relayed each way.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Browser to VM.
+    pub browser_to_vm: AtomicU64,
+    /// VM to browser.
+    pub vm_to_browser: AtomicU64,
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A source of bytes for the handshake helpers.
+trait Source {
+    fn fill(&mut self, buf: &mut Vec<u8>) -> impl Future<Output = Result<(), End>> + Send;
+}
+
+impl Source for BrowserRx {
+    async fn fill(&mut self, buf: &mut Vec<u8>) -> Result<(), End> {
+        self.read_into(buf).await.map(|_| ())
+    }
+}
+
+struct Upstream<R>(R);
+
+impl<R: AsyncRead + Unpin + Send> Source for Upstream<R> {
+    async fn fill(&mut self, buf: &mut Vec<u8>) -> Result<(), End> {
+        let mut tmp = [0u8; 4096];
+        match self.0.read(&mut tmp).await {
+            Ok(0) => Err(End::upstream(
+                "the VM console closed the connection during the handshake",
+                "upstream_closed",
+            )),
+            Ok(n) => {
+                buf.extend_from_slice(&tmp[..n]);
+                Ok(())
+            }
+            Err(e) => Err(End::upstream(
+                format!("reading from the VM console: {e}"),
+                "upstream_io",
+            )),
+        }
+    }
+}
+
+/// Feeds a handshake state until it completes; returns the next state and the bytes
+/// the completed message spanned.
+async fn drive<S, N>(
+    src: &mut impl Source,
+    buf: &mut Vec<u8>,
+    mut state: S,
+    leg: &str,
+    mut step: impl FnMut(S, &[u8]) -> Result<Progress<S, N>, vizor_rfb::Error>,
+) -> Result<(N, Vec<u8>), End> {
+    loop {
+        match step(state, buf) {
+            Ok(Progress::Done { next, consumed }) => {
+                return Ok((next, buf.drain(..consumed).collect()))
+            }
+            Ok(Progress::NeedMore(s)) => state = s,
+            Err(e) => return Err(End::protocol(leg, &e)),
+        }
+        src.fill(buf).await?;
+    }
+}
+
+async fn connect(target: &Target, timeout: Duration) -> Result<Box<dyn Stream>, End> {
+    let fail = |e: String| {
+        End::upstream(
+            format!("cannot connect to the VM console at {target}: {e}"),
+            "upstream_connect",
+        )
+    };
+    let connecting = async {
+        match target {
+            Target::Tcp { host, port } => {
+                let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                s.set_nodelay(true)?;
+                Ok::<Box<dyn Stream>, std::io::Error>(Box::new(s))
+            }
+            Target::Unix(path) => {
+                let s: Box<dyn Stream> = Box::new(tokio::net::UnixStream::connect(path).await?);
+                Ok(s)
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(fail(e.to_string())),
+        Err(_) => Err(fail(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        ))),
+    }
+}
+
+/// Connects and authenticates to QEMU, stopping before ClientInit (which waits for the
+/// browser's shared flag).
+async fn authenticate_upstream(
+    ctx: &Ctx,
+) -> Result<(Box<dyn Stream>, Vec<u8>, SendClientInit), End> {
+    let mut up = connect(&ctx.console.target, ctx.connect_timeout).await?;
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let (rd, mut wr) = tokio::io::split(&mut up);
+    let mut src = Upstream(rd);
+    let (sec, _) = drive(
+        &mut src,
+        &mut buf,
+        client::ExpectServerVersion::new(ctx.limits),
+        "VM",
+        |s, b| s.receive(b, &mut out),
+    )
+    .await?;
+    write_up(&mut wr, &mut out).await?;
+    let (choose, _) = drive(&mut src, &mut buf, sec, "VM", |s, b| s.receive(b)).await?;
+    let offered = choose.offered().to_vec();
+    let password = ctx.console.password.as_ref();
+    let result = if offered.contains(&SecurityType::VNC_AUTH) && password.is_some() {
+        let ch = choose
+            .choose_vnc_auth(&mut out)
+            .map_err(|e| End::protocol("VM", &e))?;
+        write_up(&mut wr, &mut out).await?;
+        let (respond, _) = drive(&mut src, &mut buf, ch, "VM", |s, b| s.receive(b)).await?;
+        let pw = password.map(|p| p.as_bytes()).unwrap_or_default();
+        let r = respond.respond(pw, &mut out);
+        write_up(&mut wr, &mut out).await?;
+        r
+    } else if offered.contains(&SecurityType::NONE) {
+        let r = choose
+            .choose_none(&mut out)
+            .map_err(|e| End::protocol("VM", &e))?;
+        write_up(&mut wr, &mut out).await?;
+        r
+    } else if offered.contains(&SecurityType::VNC_AUTH) {
+        return Err(End::upstream(
+            "the VM console asks for a password, but libvirt stores none for it",
+            "upstream_auth",
+        ));
+    } else {
+        let names: Vec<String> = offered.iter().map(|t| t.0.to_string()).collect();
+        return Err(End::upstream(
+            format!(
+                "the VM console offers only security types vizor does not support yet: {}",
+                names.join(", ")
+            ),
+            "upstream_auth",
+        ));
+    };
+    let (init, _) = drive(&mut src, &mut buf, result, "VM", |s, b| s.receive(b))
+        .await
+        .map_err(|e| match e.label {
+            "protocol_error" if e.reason.contains("authentication failed") => End::upstream(
+                format!(
+                    "authentication to the VM failed ({})",
+                    e.reason.trim_start_matches("VM protocol error: ")
+                ),
+                "upstream_auth",
+            ),
+            _ => e,
+        })?;
+    Ok((up, buf, init))
+}
+
+async fn write_up(wr: &mut (impl AsyncWrite + Unpin), out: &mut Vec<u8>) -> Result<(), End> {
+    let r = wr.write_all(out).await;
+    out.clear();
+    r.map_err(|e| End::upstream(format!("writing to the VM console: {e}"), "upstream_io"))
+}
+
+/// Both handshakes; returns the upstream stream and any bytes QEMU sent after
+/// ServerInit, and the ServerInit.
+async fn handshake(
+    ctx: &Ctx,
+    brx: &mut BrowserRx,
+    btx: &BrowserTx,
+) -> Result<(Box<dyn Stream>, Vec<u8>, ServerInit), End> {
+    let mut out = Vec::new();
+    let browser_hs = server::start(Version::V3_8, ctx.limits, &mut out);
+    if !btx.binary(std::mem::take(&mut out)).await {
+        return Err(End::browser_closed());
+    }
+    // QEMU first: its outcome decides what the browser is offered.
+    let upstream = authenticate_upstream(ctx).await;
+    let mut bbuf = Vec::new();
+    let (offer, _) = drive(brx, &mut bbuf, browser_hs, "browser", |s, b| s.receive(b)).await?;
+    let (mut up, mut ubuf, init) = match upstream {
+        Ok(u) => u,
+        Err(end) => {
+            let told = if end.label == "upstream_auth" {
+                "authentication to the VM failed"
+            } else {
+                "the VM console cannot be reached"
+            };
+            offer.refuse(told, &mut out);
+            btx.binary(out).await;
+            return Err(end);
+        }
+    };
+    let choice = offer
+        .offer(&[SecurityType::NONE], &mut out)
+        .map_err(|e| End::protocol("browser", &e))?;
+    btx.binary(std::mem::take(&mut out)).await;
+    let (chosen, _) = drive(brx, &mut bbuf, choice, "browser", |s, b| s.receive(b)).await?;
+    let SecurityChosen::None(result) = chosen else {
+        return Err(End::refused(
+            "the browser chose a security type vizor did not offer",
+            "protocol_error",
+        ));
+    };
+    let expect_ci = result.accept(&mut out);
+    btx.binary(std::mem::take(&mut out)).await;
+    let (ci, _) = drive(brx, &mut bbuf, expect_ci, "browser", |s, b| s.receive(b)).await?;
+    if !bbuf.is_empty() {
+        return Err(End::refused(
+            "the browser sent messages before ServerInit",
+            "protocol_error",
+        ));
+    }
+    let expect_si = init.send(ci.shared, &mut out);
+    let (rd, mut wr) = tokio::io::split(&mut up);
+    write_up(&mut wr, &mut out).await?;
+    let mut src = Upstream(rd);
+    let (si, si_bytes) = drive(&mut src, &mut ubuf, expect_si, "VM", |s, b| s.receive(b)).await?;
+    if !btx.binary(si_bytes).await {
+        return Err(End::browser_closed());
+    }
+    Ok((up, ubuf, si))
+}
+
+/// Runs the session to its end, closes the browser with the reason, and writes the
+/// session's audit records.
+pub async fn run(
+    ctx: Ctx,
+    mut brx: BrowserRx,
+    btx: BrowserTx,
+    mut shutdown: watch::Receiver<bool>,
+) -> End {
+    let started = Instant::now();
+    let counters = Counters::default();
+    let hs = tokio::time::timeout(ctx.handshake_timeout, handshake(&ctx, &mut brx, &btx));
+    let hs = tokio::select! {
+        r = hs => r.unwrap_or_else(|_| Err(End::refused(
+            format!("handshake did not complete within {}", humantime::format_duration(ctx.handshake_timeout)),
+            "handshake_timeout",
+        ))),
+        _ = shutdown.wait_for(|s| *s) => Err(End::shutdown()),
+    };
+    let end = match hs {
+        Err(end) => end,
+        Ok((up, early, si)) => {
+            let upstream = ctx.console.target.to_string();
+            let client = ctx.client.to_string();
+            let started_ok = ctx.audit.record(&Event::SessionStart {
+                session: ctx.id,
+                token_id: &ctx.claims.token_id(),
+                user: &ctx.claims.user,
+                domain: &ctx.console.domain,
+                uuid: &ctx.console.uuid,
+                kind: ctx.claims.kind,
+                client: &client,
+                upstream: &upstream,
+            });
+            match started_ok {
+                Err(e) => End::upstream(format!("audit log cannot be written: {e}"), "audit_error"),
+                Ok(()) => {
+                    info!(desktop = %si.name_lossy(), width = si.width, height = si.height, "session relaying");
+                    let end = tokio::select! {
+                        end = relay(&ctx, up, early, &si, &mut brx, &btx, &counters) => end,
+                        _ = shutdown.wait_for(|s| *s) => End::shutdown(),
+                    };
+                    let record = ctx.audit.record(&Event::SessionEnd {
+                        session: ctx.id,
+                        duration_ms: started.elapsed().as_millis() as u64,
+                        bytes_browser_to_vm: counters.browser_to_vm.load(Ordering::Relaxed),
+                        bytes_vm_to_browser: counters.vm_to_browser.load(Ordering::Relaxed),
+                        reason: &end.reason,
+                    });
+                    if let Err(e) = record {
+                        warn!(error = %e, "audit log: session end not written");
+                    }
+                    end
+                }
+            }
+        }
+    };
+    btx.close(end.code, &end.reason).await;
+    end
+}
+
+async fn relay(
+    ctx: &Ctx,
+    up: Box<dyn Stream>,
+    early: Vec<u8>,
+    si: &ServerInit,
+    brx: &mut BrowserRx,
+    btx: &BrowserTx,
+    counters: &Counters,
+) -> End {
+    let (mut up_rd, mut up_wr) = tokio::io::split(up);
+    let server = Mutex::new(ServerDecoder::new(si, ctx.limits));
+    let extended_pointer = AtomicBool::new(false);
+    let browser_to_vm = async {
+        let mut dec = ClientDecoder::new(ctx.limits);
+        let mut buf = Vec::with_capacity(4096);
+        let mut out = Vec::with_capacity(4096);
+        let mut requested = false;
+        let mut offered_ext_desktop = false;
+        loop {
+            brx.read_into(&mut buf).await?;
+            if extended_pointer.load(Ordering::Relaxed) {
+                dec.enable_extended_pointer();
+            }
+            let mut pos = 0;
+            while let Some((msg, n)) = dec
+                .decode(&buf[pos..])
+                .map_err(|e| End::protocol("browser", &e))?
+            {
+                let raw = &buf[pos..pos + n];
+                match msg {
+                    ClientMessage::SetPixelFormat(pf) => {
+                        // After the first request an update in the old format may be on
+                        // its way (QEMU also sends cursors unasked): the proxy could no
+                        // longer tell where the server's messages begin.
+                        if requested {
+                            return Err(End::refused(
+                                "changing the pixel format after the first update request is not supported",
+                                "pixel_format_change",
+                            ));
+                        }
+                        lock(&server)?.set_pixel_format(pf);
+                        out.extend_from_slice(raw);
+                    }
+                    ClientMessage::SetEncodings(list) => {
+                        let kept: Vec<Encoding> = list.iter().filter(|e| e.is_framable()).collect();
+                        if kept.len() != list.len() {
+                            debug!(
+                                dropped = list.len() - kept.len(),
+                                "SetEncodings: encodings vizor cannot frame removed"
+                            );
+                        }
+                        offered_ext_desktop = kept.contains(&Encoding::EXTENDED_DESKTOP_SIZE);
+                        // The decoder learns the list before QEMU can answer it.
+                        lock(&server)?.set_encodings(kept.iter().copied());
+                        write_set_encodings(kept, &mut out);
+                    }
+                    ClientMessage::FramebufferUpdateRequest { .. } => {
+                        requested = true;
+                        out.extend_from_slice(raw);
+                    }
+                    ClientMessage::KeyEvent { down, keysym } => {
+                        ctx.audit
+                            .key(ctx.id, down, keysym, None)
+                            .map_err(audit_failed)?;
+                        out.extend_from_slice(raw);
+                    }
+                    ClientMessage::QemuExtendedKeyEvent {
+                        down,
+                        keysym,
+                        keycode,
+                    } => {
+                        ctx.audit
+                            .key(ctx.id, down, keysym, Some(keycode))
+                            .map_err(audit_failed)?;
+                        out.extend_from_slice(raw);
+                    }
+                    ClientMessage::ClientCutText(text) => {
+                        ctx.audit
+                            .clipboard(ctx.id, "browser_to_vm", text.payload())
+                            .map_err(audit_failed)?;
+                        out.extend_from_slice(raw);
+                    }
+                    // QEMU answers SetDesktopSize with an ExtendedDesktopSize rectangle
+                    // even to a client that never offered it, which the decoder would
+                    // rightly refuse: such a request is dropped instead.
+                    ClientMessage::SetDesktopSize { .. } if !offered_ext_desktop => {
+                        debug!("SetDesktopSize without ExtendedDesktopSize dropped");
+                    }
+                    _ => out.extend_from_slice(raw),
+                }
+                pos += n;
+            }
+            buf.drain(..pos);
+            if !out.is_empty() {
+                let len = out.len() as u64;
+                write_up(&mut up_wr, &mut out).await?;
+                counters.browser_to_vm.fetch_add(len, Ordering::Relaxed);
+            }
+        }
+    };
+    let vm_to_browser = async {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        // Bytes QEMU sent along with ServerInit are decoded before the first read.
+        buf.extend_from_slice(&early);
+        loop {
+            let mut consumed = 0;
+            {
+                let mut dec = lock(&server)?;
+                while let Some((ev, n)) = dec
+                    .decode(&buf[consumed..])
+                    .map_err(|e| End::protocol("VM", &e))?
+                {
+                    match ev {
+                        ServerEvent::Rect(r) if r.info == RectInfo::ExtendedMouseButtons => {
+                            extended_pointer.store(true, Ordering::Relaxed);
+                        }
+                        ServerEvent::ServerCutText(text) => {
+                            ctx.audit
+                                .clipboard(ctx.id, "vm_to_browser", text.payload())
+                                .map_err(audit_failed)?;
+                        }
+                        _ => {}
+                    }
+                    consumed += n;
+                }
+            }
+            if consumed > 0 {
+                // Everything decoded goes to the browser as read, without a copy; only
+                // an incomplete header stays behind.
+                if !btx.bytes(buf.split_to(consumed)).await {
+                    return Err(End::browser_closed());
+                }
+                counters
+                    .vm_to_browser
+                    .fetch_add(consumed as u64, Ordering::Relaxed);
+            }
+            buf.reserve(64 * 1024);
+            match up_rd.read_buf(&mut buf).await {
+                Ok(0) => return Err(End::vm_closed()),
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(End::upstream(
+                        format!("reading from the VM console: {e}"),
+                        "upstream_io",
+                    ))
+                }
+            }
+        }
+    };
+    let result: Result<(), End> = tokio::select! {
+        r = browser_to_vm => r,
+        r = vm_to_browser => r,
+    };
+    result.err().unwrap_or_else(End::vm_closed)
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, End> {
+    m.lock()
+        .map_err(|_| End::upstream("internal error: decoder lock poisoned", "internal"))
+}
+
+fn audit_failed(e: std::io::Error) -> End {
+    End::upstream(format!("audit log cannot be written: {e}"), "audit_error")
+}

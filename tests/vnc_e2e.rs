@@ -1,0 +1,427 @@
+//! `vizor serve` end to end: a browser-like RFB-over-WebSocket client, vizor, a real
+//! libvirtd and real QEMU (the test host of `scripts/test.sh`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic is a failure
+
+mod common;
+
+use common::{Browser, Closed, Vizor};
+use vizor::token::ConsoleKind;
+use vizor_rfb::client::{write_set_encodings, ClientMessage};
+use vizor_rfb::handshake::{client, Progress, SecurityType, ServerInit};
+use vizor_rfb::server::{ServerDecoder, ServerEvent};
+use vizor_rfb::{Encoding, Limits};
+
+/// Runs the client handshake over the WebSocket as noVNC would.
+async fn rfb_handshake(b: &mut Browser) -> Result<ServerInit, String> {
+    let limits = Limits::default();
+    let mut out = Vec::new();
+    macro_rules! step {
+        ($state:expr, $recv:expr) => {{
+            let mut st = $state;
+            loop {
+                match $recv(st, &b.pending[..]).map_err(|e| e.to_string())? {
+                    Progress::Done { next, consumed } => {
+                        b.pending.drain(..consumed);
+                        break next;
+                    }
+                    Progress::NeedMore(s) => {
+                        st = s;
+                        b.read()
+                            .await
+                            .map_err(|c| format!("closed {}: {}", c.code, c.reason))?;
+                    }
+                }
+            }
+        }};
+    }
+    let sec = step!(
+        client::ExpectServerVersion::new(limits),
+        |s: client::ExpectServerVersion, buf| s.receive(buf, &mut out)
+    );
+    b.send(&std::mem::take(&mut out)).await;
+    let choose = step!(sec, |s: client::ExpectSecurity, buf| s.receive(buf));
+    assert_eq!(
+        choose.offered(),
+        &[SecurityType::NONE],
+        "the browser is offered None only"
+    );
+    let result = choose.choose_none(&mut out).unwrap();
+    b.send(&std::mem::take(&mut out)).await;
+    let init = step!(result, |s: client::ExpectSecurityResult, buf| s
+        .receive(buf));
+    let expect = init.send(true, &mut out);
+    b.send(&std::mem::take(&mut out)).await;
+    Ok(step!(expect, |s: client::ExpectServerInit, buf| s.receive(buf)))
+}
+
+fn msg(m: ClientMessage<'_>) -> Vec<u8> {
+    let mut v = Vec::new();
+    m.write(&mut v).unwrap();
+    v
+}
+
+/// Requests a full update in Raw and reads it to its end; returns the pixel bytes.
+async fn full_update(b: &mut Browser, si: &ServerInit) -> u64 {
+    let mut set = Vec::new();
+    // Raw plus encodings vizor must strip (JPEG 21, H.264 50): QEMU never sees them.
+    write_set_encodings(
+        [
+            Encoding::RAW,
+            Encoding(21),
+            Encoding(50),
+            Encoding::EXTENDED_DESKTOP_SIZE,
+            Encoding::QEMU_EXTENDED_KEY_EVENT,
+        ],
+        &mut set,
+    );
+    b.send(&set).await;
+    b.send(&msg(ClientMessage::FramebufferUpdateRequest {
+        incremental: false,
+        x: 0,
+        y: 0,
+        width: si.width,
+        height: si.height,
+    }))
+    .await;
+    let mut dec = ServerDecoder::new(si, Limits::default());
+    dec.set_encodings([
+        Encoding::RAW,
+        Encoding::EXTENDED_DESKTOP_SIZE,
+        Encoding::QEMU_EXTENDED_KEY_EVENT,
+    ]);
+    let mut raw_bytes = 0u64;
+    loop {
+        while let Some((ev, n)) = dec.decode(&b.pending).unwrap() {
+            if let ServerEvent::Rect(r) = &ev {
+                if r.encoding == Encoding::RAW {
+                    raw_bytes += u64::from(r.width) * u64::from(r.height) * 4;
+                }
+            }
+            let done = ev == ServerEvent::UpdateEnd && raw_bytes > 0;
+            b.pending.drain(..n);
+            if done {
+                return raw_bytes;
+            }
+        }
+        b.read().await.unwrap();
+    }
+}
+
+async fn open_session(v: &Vizor, domain: &str) -> (Browser, ServerInit) {
+    let token = v.token(domain, ConsoleKind::Vnc, 60);
+    let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    let si = rfb_handshake(&mut b).await.unwrap();
+    (b, si)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_sees_the_console_and_its_keys_are_audited() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    let v = Vizor::start("");
+    let (mut b, si) = open_session(&v, &live.name).await;
+    assert!(
+        si.name_lossy().contains(&live.name),
+        "desktop {:?}",
+        si.name_lossy()
+    );
+    let pixels = full_update(&mut b, &si).await;
+    assert_eq!(
+        pixels,
+        u64::from(si.width) * u64::from(si.height) * 4,
+        "a complete frame"
+    );
+    for (down, keysym) in [(true, 0xff1b), (false, 0xff1b), (true, 0x61), (false, 0x61)] {
+        b.send(&msg(ClientMessage::KeyEvent { down, keysym })).await;
+    }
+    b.send(&msg(ClientMessage::QemuExtendedKeyEvent {
+        down: true,
+        keysym: 0xffbf,
+        keycode: 0x3c,
+    }))
+    .await;
+    b.send(&msg(ClientMessage::ClientCutText(
+        vizor_rfb::client::CutText::Latin1(b"clip"),
+    )))
+    .await;
+    // A round trip proves everything before it was relayed (and so audited).
+    b.send(&msg(ClientMessage::FramebufferUpdateRequest {
+        incremental: false,
+        x: 0,
+        y: 0,
+        width: 1,
+        height: 1,
+    }))
+    .await;
+    b.read().await.unwrap();
+    let received = std::mem::take(&mut b.received);
+    drop(b);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let audit = v.audit();
+    let events: Vec<&str> = audit.iter().map(|r| r["event"].as_str().unwrap()).collect();
+    assert_eq!(events.first(), Some(&"session_start"), "{events:?}");
+    assert_eq!(events.last(), Some(&"session_end"), "{events:?}");
+    let start = &audit[0];
+    assert_eq!(start["domain"], live.name.as_str());
+    assert_eq!(start["user"], "tester");
+    assert_eq!(start["upstream"], live.vnc_addr.as_str());
+    let keys: Vec<(bool, String)> = audit
+        .iter()
+        .filter(|r| r["event"] == "key")
+        .map(|r| {
+            (
+                r["down"].as_bool().unwrap(),
+                r["key"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            (true, "Escape"),
+            (false, "Escape"),
+            (true, "a"),
+            (false, "a"),
+            (true, "F2")
+        ]
+        .map(|(d, k)| (d, k.to_owned()))
+    );
+    let clip = audit.iter().find(|r| r["event"] == "clipboard").unwrap();
+    assert_eq!(clip["length"], 4);
+    let end = audit.last().unwrap();
+    assert!(end["bytes_vm_to_browser"].as_u64().unwrap() > pixels);
+    assert_eq!(end["reason"], "browser closed the connection");
+
+    // The password never reaches the browser nor the log; the browser's handshake had
+    // no challenge at all: version, [1 type: None], SecurityResult OK, ServerInit.
+    let pw = live.vnc_password.as_bytes();
+    assert!(!received.windows(pw.len()).any(|w| w == pw));
+    let mut expected = b"RFB 003.008\n".to_vec();
+    expected.extend_from_slice(&[1, 1, 0, 0, 0, 0]);
+    si.write(&mut expected);
+    assert_eq!(
+        &received[..expected.len()],
+        &expected[..],
+        "no challenge ever reached the browser"
+    );
+    assert!(!v.log.lock().unwrap().contains(&live.vnc_password));
+    assert!(!std::fs::read_to_string(v.path().join("audit.jsonl"))
+        .unwrap()
+        .contains(&live.vnc_password));
+}
+
+async fn refused(v: &Vizor, path: &str) -> Closed {
+    let mut b = Browser::connect(v.addr, path).await;
+    b.closed().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_and_unusable_domains_are_refused_with_a_reason() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    common::test_host(&["domain", "vizor-test-off", "--no-spice", "--shutoff"]);
+    let v = Vizor::start("");
+    let good = v.token(&live.name, ConsoleKind::Vnc, 60);
+    let mut flipped = good.clone().into_bytes();
+    let i = flipped.len() / 2;
+    flipped[i] = if flipped[i] == b'A' { b'B' } else { b'A' };
+    let flipped = String::from_utf8(flipped).unwrap();
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("/websockify".into(), 1008, "missing token"),
+        ("/websockify?token=".into(), 1008, "missing token"),
+        (
+            format!(
+                "/websockify?token={}",
+                v.token(&live.name, ConsoleKind::Vnc, -5)
+            ),
+            1008,
+            "token expired",
+        ),
+        (
+            format!("/websockify?token={flipped}"),
+            1008,
+            "invalid token",
+        ),
+        (
+            "/websockify?token=not-a-token".into(),
+            1008,
+            "invalid token",
+        ),
+        (
+            format!(
+                "/websockify?token={}",
+                v.token(&live.name, ConsoleKind::Spice, 60)
+            ),
+            1008,
+            "this token is for a SPICE console",
+        ),
+        (
+            format!(
+                "/websockify?token={}",
+                v.token("vizor-test-nonexistent", ConsoleKind::Vnc, 60)
+            ),
+            1011,
+            "no such VM",
+        ),
+        (
+            format!(
+                "/websockify?token={}",
+                v.token("vizor-test-off", ConsoleKind::Vnc, 60)
+            ),
+            1011,
+            "the VM is not running",
+        ),
+    ];
+    for (path, code, reason) in &cases {
+        let c = refused(&v, path).await;
+        assert_eq!((c.code, c.reason.as_str()), (*code, *reason), "{path:.40}");
+    }
+    // A token admits one session: the second use is refused.
+    let (b, _) = open_session_with(&v, &good).await;
+    drop(b);
+    let c = refused(&v, &format!("/websockify?token={good}")).await;
+    assert_eq!((c.code, c.reason.as_str()), (1008, "token already used"));
+
+    let audit = v.audit();
+    let refusals: Vec<&str> = audit
+        .iter()
+        .filter(|r| r["event"] == "token_refused")
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        refusals,
+        [
+            "missing_token",
+            "missing_token",
+            "expired",
+            "bad_signature",
+            "malformed",
+            "wrong_kind",
+            "replayed"
+        ]
+    );
+    // Only the one good token started a session; refused tokens never reached QEMU.
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|r| r["event"] == "session_start")
+            .count(),
+        1
+    );
+    // Logs name tokens by id only.
+    assert!(!v.log.lock().unwrap().contains(&good));
+}
+
+async fn open_session_with(v: &Vizor, token: &str) -> (Browser, ServerInit) {
+    let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    let si = rfb_handshake(&mut b).await.unwrap();
+    (b, si)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_in_libvirt_reaches_the_browser_as_an_rfb_failure() {
+    let Some(_live) = common::live_domain() else {
+        return;
+    };
+    // QEMU's password changed behind libvirt's back: libvirt still stores the old one.
+    common::test_host(&[
+        "domain",
+        "vizor-test-pw",
+        "--vnc-passwd",
+        "right1",
+        "--no-spice",
+    ]);
+    let set = std::process::Command::new("virsh")
+        .args([
+            "-c",
+            "qemu:///system",
+            "qemu-monitor-command",
+            "vizor-test-pw",
+            "--hmp",
+            "change vnc password other99",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let v = Vizor::start("");
+    let token = v.token("vizor-test-pw", ConsoleKind::Vnc, 60);
+    let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    let err = rfb_handshake(&mut b).await.unwrap_err();
+    assert_eq!(
+        err,
+        "server refused the connection: authentication to the VM failed"
+    );
+    assert!(v
+        .log
+        .lock()
+        .unwrap()
+        .contains("authentication to the VM failed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_consoles_and_concurrent_sessions() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    common::test_host(&[
+        "domain",
+        "vizor-test-sock",
+        "--vnc-socket",
+        "/run/vizor-test-sock.vnc",
+        "--vnc-passwd",
+        "sockpw1",
+        "--no-spice",
+    ]);
+    let v = Vizor::start("");
+    let (mut a, si_a) = open_session(&v, &live.name).await;
+    let (mut s, si_s) = open_session(&v, "vizor-test-sock").await;
+    assert!(si_s.name_lossy().contains("vizor-test-sock"));
+    let (pa, ps) = tokio::join!(full_update(&mut a, &si_a), full_update(&mut s, &si_s));
+    assert_eq!(pa, u64::from(si_a.width) * u64::from(si_a.height) * 4);
+    assert_eq!(ps, u64::from(si_s.width) * u64::from(si_s.height) * 4);
+    let starts: Vec<String> = v
+        .audit()
+        .iter()
+        .filter(|r| r["event"] == "session_start")
+        .map(|r| r["upstream"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        starts.contains(&"unix:/run/vizor-test-sock.vnc".to_owned()),
+        "{starts:?}"
+    );
+    assert!(starts.contains(&live.vnc_addr), "{starts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_live_sessions_cleanly_with_their_records() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    let mut v = Vizor::start("shutdown_grace = \"1s\"");
+    let (mut b, si) = open_session(&v, &live.name).await;
+    full_update(&mut b, &si).await;
+    let pid_exit = tokio::task::spawn_blocking(move || {
+        let status = v.terminate();
+        (status, v)
+    });
+    let c = b.closed().await;
+    assert_eq!(
+        (c.code, c.reason.as_str()),
+        (1001, "vizor is shutting down")
+    );
+    let (status, v) = pid_exit.await.unwrap();
+    assert!(status.success(), "vizor exit: {status}");
+    let audit = v.audit();
+    let end = audit
+        .iter()
+        .find(|r| r["event"] == "session_end")
+        .expect("session_end written");
+    assert_eq!(end["reason"], "vizor is shutting down");
+}
