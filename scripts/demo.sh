@@ -1,32 +1,76 @@
 #!/usr/bin/env bash
-# The demo command of the README: on a fresh Debian 12 machine, installs libvirt and
-# QEMU, starts libvirtd, defines and starts the demo domain `vizor-demo` (VNC with a
-# password, boot menu), then records one live console session per encoding with vizor's
-# RFB codec and prints what it framed. Safe to run twice.
+# The demo command of the README: on a fresh Debian 12 machine (as root) it installs
+# libvirt, QEMU and noVNC, starts libvirtd and the demo VM `vizor-demo` (VNC with a
+# password libvirt keeps, SeaBIOS boot menu), writes a token key and config, starts
+# vizor on 127.0.0.1:6080 serving noVNC, and prints a console URL. Safe to run again:
+# the VM and vizor are restarted.
 #
-# `vizor serve` (the WebSocket proxy for browsers) is the next milestone; until it lands
-# this demo shows the codec that the proxy runs on both legs, against a real VM.
+#   VIZOR_DEMO_LISTEN=0.0.0.0:6080 scripts/demo.sh    to listen elsewhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
+listen=${VIZOR_DEMO_LISTEN:-127.0.0.1:6080}
+dir=/var/lib/vizor-demo
 
 scripts/test-host.sh install
-scripts/test-host.sh start
-pw_file=/var/lib/vizor-demo/vnc-password
-mkdir -p /var/lib/vizor-demo
-if [ ! -s "$pw_file" ]; then
-    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' | head -c 8 >"$pw_file")
+if ! dpkg -s novnc >/dev/null 2>&1; then
+    echo "demo: installing noVNC (Debian package novnc)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q novnc >&2
 fi
-pw=$(cat "$pw_file")
-port=$(scripts/test-host.sh domain vizor-demo --vnc-passwd "$pw" --no-spice --mode-switch-disk | tail -n 1)
-port=${port#vnc_port=}
-out=$(mktemp -d /tmp/vizor-demo-captures.XXXXXX)
-echo "demo: recording live sessions from vizor-demo (VNC on 127.0.0.1:$port) into $out" >&2
-VIZOR_VNC_PASSWORD=$pw VIZOR_VNC_DOMAIN=vizor-demo \
-    cargo run --quiet --release -p vizor-rfb --example rfb-record -- "127.0.0.1:$port" "$out"
+scripts/test-host.sh start
+
+mkdir -p "$dir"
+chmod 700 "$dir"
+if [ ! -s "$dir/vnc-password" ]; then
+    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' | head -c 8 >"$dir/vnc-password")
+fi
+scripts/test-host.sh domain vizor-demo --vnc-passwd "$(cat "$dir/vnc-password")" --no-spice >/dev/null
+
+echo "demo: building vizor (release)" >&2
+cargo build --release --quiet --locked
+vizor=$PWD/target/release/vizor
+[ -s "$dir/token.key" ] || "$vizor" keygen "$dir/token.key"
+cat >"$dir/vizor.toml" <<TOML
+[server]
+listen = "$listen"
+web_root = "/usr/share/novnc"
+
+[libvirt]
+uri = "qemu:///system"
+
+[tokens]
+key_file = "token.key"
+ttl = "10m"
+
+[audit]
+path = "audit.jsonl"
+keystrokes = "full"
+TOML
+
+if [ -s "$dir/vizor.pid" ] && kill -0 "$(cat "$dir/vizor.pid")" 2>/dev/null; then
+    echo "demo: stopping the previous demo vizor" >&2
+    kill "$(cat "$dir/vizor.pid")"
+    for _ in $(seq 50); do kill -0 "$(cat "$dir/vizor.pid")" 2>/dev/null || break; sleep 0.2; done
+fi
+nohup "$vizor" serve --config "$dir/vizor.toml" >"$dir/vizor.out" 2>"$dir/vizor.log" &
+echo $! >"$dir/vizor.pid"
+for _ in $(seq 50); do grep -q '^listening on' "$dir/vizor.out" 2>/dev/null && break; sleep 0.2; done
+grep -q '^listening on' "$dir/vizor.out" || { cat "$dir/vizor.log" >&2; echo "demo: vizor did not start" >&2; exit 1; }
+addr=$(sed -n 's/^listening on //p' "$dir/vizor.out")
+
+token=$("$vizor" token --config "$dir/vizor.toml" --domain vizor-demo --user demo 2>/dev/null | tail -n 1)
 cat <<MSG
 
-Each line above is one real QEMU console session framed end to end by vizor's codec:
-every byte in both directions accounted for, per encoding. The captures are in $out.
-The demo VM stays running: virsh -c qemu:///system list. Its VNC password is in $pw_file
-(root only). Remove it with: scripts/test-host.sh stop
+vizor is serving the console of the VM vizor-demo on http://$addr/
+
+Open this URL in a browser (the token in it is good for one session, for 10 minutes):
+
+  http://$addr/vnc.html?autoconnect=true&resize=scale&path=websockify%3Ftoken%3D$token
+
+No password is asked: vizor authenticates to QEMU with the one libvirt keeps.
+The screen shows SeaBIOS; press Esc within 30 s of a restart
+(virsh -c qemu:///system reset vizor-demo) to open its boot menu.
+
+A new token:    $vizor token --config $dir/vizor.toml --domain vizor-demo
+Audit log:      $dir/audit.jsonl      vizor's log: $dir/vizor.log
+Stop:           kill \$(cat $dir/vizor.pid); scripts/test-host.sh stop
 MSG

@@ -73,9 +73,16 @@ pub struct Vizor {
 impl Vizor {
     /// Starts vizor against qemu:///system with `extra` appended to `[server]`.
     pub fn start(server_extra: &str) -> Vizor {
+        Self::start_with(server_extra, "", |_| {})
+    }
+
+    /// Starts vizor with `server_extra` in `[server]`, `tail` appended to the config,
+    /// after `prepare` ran on its (still empty but for the key) directory.
+    pub fn start_with(server_extra: &str, tail: &str, prepare: impl FnOnce(&std::path::Path)) -> Vizor {
         let dir = tempfile::tempdir().unwrap();
         let key_path = dir.path().join("token.key");
         TokenKey::write_new(&key_path).unwrap();
+        prepare(dir.path());
         let config = dir.path().join("vizor.toml");
         std::fs::write(
             &config,
@@ -84,7 +91,7 @@ impl Vizor {
                  [libvirt]\nuri = \"qemu:///system\"\n\
                  [tokens]\nkey_file = \"token.key\"\nttl = \"60s\"\n\
                  [audit]\npath = \"audit.jsonl\"\nkeystrokes = \"full\"\n\
-                 [log]\nlevel = \"debug\"\n"
+                 [log]\nlevel = \"debug\"\n{tail}\n"
             ),
         )
         .unwrap();
@@ -273,4 +280,22 @@ impl Browser {
             }
         }
     }
+}
+
+/// A plain HTTP/1.1 GET; returns status, headers and body.
+pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await.unwrap();
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).unwrap_or("0").parse().unwrap();
+    (status, head.to_owned(), body.to_owned())
 }
