@@ -428,7 +428,9 @@ async fn sigterm_ends_live_sessions_cleanly_with_their_records() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_api_healthz_and_static_files() {
-    let Some(live) = common::live_domain() else { return };
+    let Some(live) = common::live_domain() else {
+        return;
+    };
     let admin = "k3y-0123456789abcdef-admin";
     let v = Vizor::start_with(
         "web_root = \"www\"",
@@ -436,7 +438,11 @@ async fn the_token_api_healthz_and_static_files() {
         |dir| {
             use std::os::unix::fs::PermissionsExt;
             std::fs::write(dir.join("admin.key"), format!("{admin}\n")).unwrap();
-            std::fs::set_permissions(dir.join("admin.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::fs::set_permissions(
+                dir.join("admin.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
             std::fs::create_dir(dir.join("www")).unwrap();
             std::fs::write(dir.join("www/index.html"), "<title>console</title>").unwrap();
             std::fs::write(dir.join("www/app.js"), "export {}").unwrap();
@@ -444,15 +450,26 @@ async fn the_token_api_healthz_and_static_files() {
         },
     );
     let addr = v.addr;
-    let get = move |path: &'static str, hdr: &'static [(&'static str, &'static str)]| common::http_get(addr, path, hdr);
+    let get = move |path: &'static str, hdr: &'static [(&'static str, &'static str)]| {
+        common::http_get(addr, path, hdr)
+    };
     assert_eq!(get("/healthz", &[]).await.0, 200);
     let (status, head, body) = get("/", &[]).await;
     assert_eq!((status, body.as_str()), (200, "<title>console</title>"));
-    assert!(head.to_ascii_lowercase().contains("content-type: text/html"));
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("content-type: text/html"));
     let (status, head, _) = get("/app.js", &[]).await;
     assert_eq!(status, 200);
-    assert!(head.to_ascii_lowercase().contains("content-type: text/javascript"));
-    for bad in ["/../secret.txt", "/www/../../secret.txt", "/%2e%2e/secret.txt", "/missing.js"] {
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("content-type: text/javascript"));
+    for bad in [
+        "/../secret.txt",
+        "/www/../../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/missing.js",
+    ] {
         let (status, _, body) = get(bad, &[]).await;
         assert!(matches!(status, 400 | 404), "{bad}: {status}");
         assert!(!body.contains("outside the web root"), "{bad}");
@@ -460,12 +477,26 @@ async fn the_token_api_healthz_and_static_files() {
 
     let api = format!("/api/v1/domains/{}/console", live.name);
     assert_eq!(common::http_get(v.addr, &api, &[]).await.0, 401);
-    assert_eq!(common::http_get(v.addr, &api, &[("Authorization", "Bearer wrong-key-0123456789")]).await.0, 401);
+    assert_eq!(
+        common::http_get(
+            v.addr,
+            &api,
+            &[("Authorization", "Bearer wrong-key-0123456789")]
+        )
+        .await
+        .0,
+        401
+    );
     let bearer = format!("Bearer {admin}");
     let auth = [("Authorization", bearer.as_str())];
     let (status, _, body) = common::http_get(v.addr, &format!("{api}?kind=rdp"), &auth).await;
     assert_eq!(status, 400, "{body}");
-    let (status, _, body) = common::http_get(v.addr, "/api/v1/domains/vizor-test-nonexistent/console", &auth).await;
+    let (status, _, body) = common::http_get(
+        v.addr,
+        "/api/v1/domains/vizor-test-nonexistent/console",
+        &auth,
+    )
+    .await;
     assert_eq!(status, 404, "{body}");
     let (status, _, body) = common::http_get(v.addr, &api, &auth).await;
     assert_eq!(status, 200, "{body}");
@@ -477,6 +508,9 @@ async fn the_token_api_healthz_and_static_files() {
     let mut b = Browser::connect(v.addr, j["ws_path"].as_str().unwrap()).await;
     let si = rfb_handshake(&mut b).await.unwrap();
     assert!(si.name_lossy().contains(&live.name));
-    assert!(!v.log.lock().unwrap().contains(token), "the log names tokens by id only");
+    assert!(
+        !v.log.lock().unwrap().contains(token),
+        "the log names tokens by id only"
+    );
     assert!(!v.log.lock().unwrap().contains(admin));
 }

@@ -78,7 +78,11 @@ impl Vizor {
 
     /// Starts vizor with `server_extra` in `[server]`, `tail` appended to the config,
     /// after `prepare` ran on its (still empty but for the key) directory.
-    pub fn start_with(server_extra: &str, tail: &str, prepare: impl FnOnce(&std::path::Path)) -> Vizor {
+    pub fn start_with(
+        server_extra: &str,
+        tail: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> Vizor {
         let dir = tempfile::tempdir().unwrap();
         let key_path = dir.path().join("token.key");
         TokenKey::write_new(&key_path).unwrap();
@@ -283,7 +287,11 @@ impl Browser {
 }
 
 /// A plain HTTP/1.1 GET; returns status, headers and body.
-pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+pub async fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
