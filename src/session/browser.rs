@@ -5,8 +5,11 @@ use super::End;
 use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketRead};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::ReadHalf;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 type Io = TokioIo<Upgraded>;
 
@@ -14,6 +17,9 @@ type Io = TokioIo<Upgraded>;
 #[derive(Clone)]
 pub struct BrowserTx {
     tx: mpsc::Sender<Frame<'static>>,
+    /// The writer task, awaited on close so the close frame is on the wire before the
+    /// session counts as ended (a shutting-down process must not drop it).
+    writer: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl BrowserTx {
@@ -34,7 +40,8 @@ impl BrowserTx {
     }
 
     /// Sends a close frame with `code` and a reason (cut to the 123 bytes a close frame
-    /// can carry, at a character boundary).
+    /// can carry, at a character boundary), and waits (up to a second) until it is
+    /// written: a process shutting down must not drop it.
     pub async fn close(&self, code: u16, reason: &str) {
         let mut end = reason.len().min(123);
         while !reason.is_char_boundary(end) {
@@ -44,6 +51,9 @@ impl BrowserTx {
             .tx
             .send(Frame::close(code, &reason.as_bytes()[..end]))
             .await;
+        if let Some(writer) = self.writer.lock().await.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+        }
     }
 }
 
@@ -97,10 +107,14 @@ pub fn split(ws: WebSocket<Io>, max_message: usize) -> (BrowserRx, BrowserTx) {
     let mut rd: WebSocketRead<ReadHalf<Io>> = rd;
     rd.set_max_message_size(max_message);
     let (tx, mut queue) = mpsc::channel::<Frame<'static>>(32);
-    tokio::spawn(async move {
+    let writer = tokio::spawn(async move {
         while let Some(frame) = queue.recv().await {
             let closing = frame.opcode == OpCode::Close;
-            if wr.write_frame(frame).await.is_err() || closing {
+            if wr.write_frame(frame).await.is_err() {
+                break;
+            }
+            if closing {
+                let _ = wr.flush().await;
                 break;
             }
         }
@@ -110,6 +124,9 @@ pub fn split(ws: WebSocket<Io>, max_message: usize) -> (BrowserRx, BrowserTx) {
             rx: FragmentCollectorRead::new(rd),
             tx: tx.clone(),
         },
-        BrowserTx { tx },
+        BrowserTx {
+            tx,
+            writer: Arc::new(tokio::sync::Mutex::new(Some(writer))),
+        },
     )
 }
