@@ -157,9 +157,7 @@ async fn a_browser_sees_the_console_and_its_keys_are_audited() {
     b.read().await.unwrap();
     let received = std::mem::take(&mut b.received);
     drop(b);
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-
-    let audit = v.audit();
+    let audit = v.wait_for_audit("session_end");
     let events: Vec<&str> = audit.iter().map(|r| r["event"].as_str().unwrap()).collect();
     assert_eq!(events.first(), Some(&"session_start"), "{events:?}");
     assert_eq!(events.last(), Some(&"session_end"), "{events:?}");

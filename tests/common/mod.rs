@@ -160,6 +160,30 @@ impl Vizor {
         self.child.wait().unwrap()
     }
 
+    /// Waits (up to 10 s) until vizor's log contains `needle`; vizor logs a session's
+    /// end after the browser has seen it.
+    pub fn wait_for_log(&self, needle: &str) -> bool {
+        for _ in 0..100 {
+            if self.log.lock().unwrap().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// Waits (up to 10 s) until the audit log holds an `event` record.
+    pub fn wait_for_audit(&self, event: &str) -> Vec<serde_json::Value> {
+        for _ in 0..100 {
+            let audit = self.audit();
+            if audit.iter().any(|r| r["event"] == event) {
+                return audit;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("no {event} record in the audit log: {:?}", self.audit());
+    }
+
     /// The config directory.
     pub fn path(&self) -> PathBuf {
         self.dir.path().to_owned()
