@@ -356,11 +356,7 @@ async fn a_wrong_password_in_libvirt_reaches_the_browser_as_an_rfb_failure() {
         err,
         "server refused the connection: authentication to the VM failed"
     );
-    assert!(v
-        .log
-        .lock()
-        .unwrap()
-        .contains("authentication to the VM failed"));
+    assert!(v.wait_for_log("authentication to the VM failed"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
