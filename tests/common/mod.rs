@@ -300,6 +300,30 @@ impl Browser {
             .unwrap();
     }
 
+    /// Sends a WebSocket ping and waits for its pong; other frames are kept.
+    pub async fn ping(&mut self, payload: &[u8]) -> Vec<u8> {
+        self.ws
+            .write_frame(fastwebsockets::Frame::new(
+                true,
+                fastwebsockets::OpCode::Ping,
+                None,
+                fastwebsockets::Payload::Owned(payload.to_vec()),
+            ))
+            .await
+            .unwrap();
+        loop {
+            let frame = self.ws.read_frame().await.unwrap();
+            match frame.opcode {
+                fastwebsockets::OpCode::Pong => return frame.payload.to_vec(),
+                fastwebsockets::OpCode::Binary => {
+                    self.received.extend_from_slice(&frame.payload);
+                    self.pending.extend_from_slice(&frame.payload);
+                }
+                other => panic!("unexpected {other:?} while waiting for a pong"),
+            }
+        }
+    }
+
     /// Waits for vizor to close the connection; returns the close frame.
     pub async fn closed(&mut self) -> Closed {
         loop {
