@@ -1,0 +1,68 @@
+//! The SPICE codec against arbitrary bytes: link messages, channel framing with either
+//! header and any segmentation, typed decoding of whole messages, the agent stream and
+//! scancodes. Never a panic; spans tile what was consumed.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vizor_spice::agent::AgentStream;
+use vizor_spice::channel::{Decoder, Frame, HeaderKind};
+use vizor_spice::link::{LinkMess, LinkReply};
+use vizor_spice::{msg, scancode, Limits};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&sel, input)) = data.split_first() else { return };
+    let limits = Limits {
+        max_link_len: 4096,
+        max_message_len: 512,
+        max_agent_message_len: 1 << 16,
+    };
+    match sel % 4 {
+        0 => {
+            if let Ok(Some((_, n))) = LinkMess::parse(input, &limits) {
+                assert!(n <= input.len());
+            }
+        }
+        1 => {
+            if let Ok(Some((_, n))) = LinkReply::parse(input, &limits) {
+                assert!(n <= input.len());
+            }
+        }
+        _ => {
+            let kind = if sel & 4 != 0 { HeaderKind::Mini } else { HeaderKind::Full };
+            let channel = (sel >> 3) % 12;
+            let chunk = usize::from(sel >> 4).max(1);
+            let mut d = Decoder::new(kind, limits);
+            let mut agent = AgentStream::new(limits);
+            let mut pending = Vec::new();
+            let mut consumed = 0usize;
+            for piece in input.chunks(chunk) {
+                pending.extend_from_slice(piece);
+                loop {
+                    match d.decode(&pending) {
+                        Ok(Some((f, n))) => {
+                            assert!(n <= pending.len());
+                            if let Frame::Whole { header, body } = f {
+                                if let Ok(msg::ClientMessage::KeyDown(c) | msg::ClientMessage::KeyUp(c)) =
+                                    msg::parse_client(channel, header.msg_type, body)
+                                {
+                                    let _ = scancode::decode_code(c);
+                                }
+                                if let Ok(msg::ServerMessage::AgentData(b)) =
+                                    msg::parse_server(channel, header.msg_type, body)
+                                {
+                                    let _ = agent.feed(b, &mut Vec::new());
+                                }
+                                let _ = scancode::decode(body);
+                            }
+                            consumed += n;
+                            pending.drain(..n);
+                        }
+                        Ok(None) => break,
+                        Err(_) => return,
+                    }
+                }
+            }
+            assert_eq!(consumed + pending.len(), input.len());
+        }
+    }
+});
