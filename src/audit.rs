@@ -37,6 +37,9 @@ pub enum Event<'a> {
         client: &'a str,
         /// Where the console listens.
         upstream: &'a str,
+        /// The SPICE channel (`spice:main:0`...); absent for VNC.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<&'a str>,
     },
     /// A key was pressed or released.
     Key {
@@ -174,6 +177,56 @@ impl Audit {
             key: full.then(|| keysym_name(keysym).into_owned()),
             class: class_name(keysym),
             scancode: if full { scancode } else { None },
+        })
+    }
+
+    /// Records a SPICE key event, named from its scancode, as `[audit] keystrokes`
+    /// allows.
+    pub fn scancode_key(
+        &self,
+        session: u64,
+        down: bool,
+        name: Option<&str>,
+        code: u16,
+    ) -> std::io::Result<()> {
+        let full = match self.keystrokes {
+            Keystrokes::Off => return Ok(()),
+            Keystrokes::Full => true,
+            Keystrokes::Redacted => false,
+        };
+        let class = match name {
+            Some(n) if n.chars().count() == 1 || n == "space" => "printable",
+            Some(n) if n.starts_with('F') && n[1..].parse::<u8>().is_ok() => "function",
+            Some(n)
+                if [
+                    "Shift",
+                    "Control",
+                    "Alt",
+                    "Super",
+                    "Caps_Lock",
+                    "Num_Lock",
+                    "Scroll_Lock",
+                ]
+                .iter()
+                .any(|m| n.starts_with(m)) =>
+            {
+                "modifier"
+            }
+            Some(_) => "control",
+            None => "unknown",
+        };
+        self.record(&Event::Key {
+            session,
+            down,
+            keysym: None,
+            key: if full {
+                name.map(str::to_owned)
+                    .or_else(|| Some(format!("scancode {code:#06x}")))
+            } else {
+                None
+            },
+            class,
+            scancode: if full { Some(u32::from(code)) } else { None },
         })
     }
 

@@ -45,6 +45,10 @@ pub struct App {
     pub close_sessions: watch::Receiver<bool>,
     /// Live sessions.
     pub sessions: SessionCount,
+    /// vizor's RSA key for SPICE links with browsers.
+    pub spice_key: Arc<session::spice::LinkKey>,
+    /// Linked SPICE sessions (which channels a token admits).
+    pub spice_sessions: Arc<session::spice::Sessions>,
     next_session: AtomicU64,
 }
 
@@ -95,6 +99,7 @@ impl App {
         audit: Arc<Audit>,
         admin_key: Option<Zeroizing<String>>,
         close_sessions: watch::Receiver<bool>,
+        spice_key: session::spice::LinkKey,
     ) -> App {
         App {
             config,
@@ -106,6 +111,8 @@ impl App {
             limits: vizor_rfb::Limits::default(),
             close_sessions,
             sessions: SessionCount::default(),
+            spice_key: Arc::new(spice_key),
+            spice_sessions: Arc::default(),
             next_session: AtomicU64::new(1),
         }
     }
@@ -278,6 +285,9 @@ async fn console(
         Err(e) => return refuse(e.reason(), None, token_message(&e), &e.to_string()).await,
     };
     let token_id = claims.token_id();
+    if claims.kind == ConsoleKind::Spice {
+        return spice_console(app, peer, claims, brx, btx).await;
+    }
     let admitted = app
         .replay
         .lock()
@@ -289,15 +299,6 @@ async fn console(
             Some(&token_id),
             token_message(&e),
             &e.to_string(),
-        )
-        .await;
-    }
-    if claims.kind != ConsoleKind::Vnc {
-        return refuse(
-            "wrong_kind",
-            Some(&token_id),
-            "this token is for a SPICE console",
-            "SPICE token on the VNC endpoint",
         )
         .await;
     }
@@ -328,6 +329,66 @@ async fn console(
         let end = session::rfb::run(ctx, brx, btx, app.close_sessions.clone()).await;
         info!(reason = %end.reason, label = end.label, "session ended");
         end
+    }
+    .instrument(span)
+    .await;
+}
+
+/// A SPICE channel: admission needs the browser's link message (which channel, which
+/// session), so the single-use check happens inside the SPICE session.
+async fn spice_console(
+    app: Arc<App>,
+    peer: SocketAddr,
+    claims: Claims,
+    brx: session::browser::BrowserRx,
+    btx: session::browser::BrowserTx,
+) {
+    let id = app.next_session.fetch_add(1, Ordering::Relaxed);
+    let token_id = claims.token_id();
+    let span = tracing::info_span!("session", id, domain = %claims.domain, kind = %claims.kind, client = %peer, token = %token_id);
+    let _guard = app.sessions.enter();
+    let client = peer.to_string();
+    let replay_app = app.clone();
+    let replay = move |c: &Claims| -> Result<(), String> {
+        let now = unix_now();
+        let r = replay_app
+            .replay
+            .lock()
+            .map_err(|_| TokenError::ReplayCacheFull)
+            .and_then(|mut r| r.admit(c, now));
+        r.map_err(|e| {
+            let _ = replay_app.audit.record(&Event::TokenRefused {
+                client: &client,
+                reason: e.reason(),
+                token_id: Some(&c.token_id()),
+            });
+            token_message(&e).to_owned()
+        })
+    };
+    // The domain first: a SPICE token for a VNC-only domain is refused at once, whatever
+    // the client speaks. The token is authentic already, so only its holder gets here.
+    let console = match app.libvirt.lookup(&claims.domain, claims.kind).await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(client = %peer, reason = e.reason(), error = %e, "console lookup failed");
+            btx.close(1011, lookup_message(&e)).await;
+            return;
+        }
+    };
+    let ctx = session::spice::Ctx {
+        id,
+        claims,
+        client: peer,
+        audit: app.audit.clone(),
+        key: app.spice_key.clone(),
+        sessions: app.spice_sessions.clone(),
+        handshake_timeout: app.config.server.handshake_timeout,
+        connect_timeout: app.config.server.connect_timeout,
+    };
+    async {
+        let end =
+            session::spice::run(ctx, console, brx, btx, replay, app.close_sessions.clone()).await;
+        info!(reason = %end.reason, label = end.label, "session ended");
     }
     .instrument(span)
     .await;

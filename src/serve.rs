@@ -60,6 +60,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let local = listener.local_addr()?;
     let grace = config.server.shutdown_grace;
     let (close_tx, close_rx) = watch::channel(false);
+    let spice_key = crate::session::spice::LinkKey::generate()?;
     let app = Arc::new(App::new(
         config,
         key,
@@ -67,6 +68,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         Arc::new(audit),
         admin_key,
         close_rx,
+        spice_key,
     ));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

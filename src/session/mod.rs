@@ -1,10 +1,12 @@
 //! Console sessions: one browser WebSocket relayed to one QEMU console.
 //!
 //! [`browser`] adapts the WebSocket to a byte stream with a single writer task;
-//! [`rfb`] terminates RFB on both legs and relays framed messages.
+//! [`rfb`] terminates RFB on both legs and relays framed messages; [`spice`] does the
+//! same for each SPICE channel.
 
 pub mod browser;
 pub mod rfb;
+pub mod spice;
 
 use std::fmt;
 

@@ -309,6 +309,7 @@ pub async fn run(
                 kind: ctx.claims.kind,
                 client: &client,
                 upstream: &upstream,
+                channel: None,
             });
             match started_ok {
                 Err(e) => End::upstream(format!("audit log cannot be written: {e}"), "audit_error"),

@@ -1,0 +1,650 @@
+//! The SPICE relay: one browser WebSocket per SPICE channel, each linked by vizor to
+//! the same channel of QEMU's spice-server.
+//!
+//! The browser links to vizor, which answers with its own RSA key and QEMU's
+//! capabilities and ignores the browser's ticket: the token is the credential. vizor
+//! links to QEMU with the browser's capabilities (minus SASL) and a ticket made from
+//! the password libvirt stores, encrypted with QEMU's key (RSA-OAEP with SHA-1). After
+//! the link, messages are framed both ways; inputs are audited before they are
+//! forwarded, agent clipboard traffic is audited both ways, and the main channel's
+//! MAIN_INIT gives the session id that admits the session's other channels.
+
+use super::browser::{BrowserRx, BrowserTx};
+use super::End;
+use crate::audit::{Audit, Event};
+use crate::libvirt::{Console, Target};
+use crate::token::Claims;
+use bytes::BytesMut;
+use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
+use rsa::{Oaep, RsaPrivateKey, RsaPublicKey};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use vizor_spice::agent::{self, AgentEvent, AgentStream};
+use vizor_spice::channel::{Decoder, Frame, HeaderKind};
+use vizor_spice::link::{self, cap, channel_type, link_error, Caps, LinkMess, LinkReply};
+use vizor_spice::{msg, scancode, Limits};
+use zeroize::Zeroizing;
+
+/// vizor's own RSA key, offered to browsers in place of QEMU's.
+pub struct LinkKey {
+    der: Vec<u8>,
+}
+
+impl LinkKey {
+    /// A fresh 1024-bit key (the size SPICE's link reply carries).
+    pub fn generate() -> Result<LinkKey, String> {
+        let key = RsaPrivateKey::new(&mut rand::thread_rng(), 1024)
+            .map_err(|e| format!("RSA key: {e}"))?;
+        let der = RsaPublicKey::from(&key)
+            .to_public_key_der()
+            .map_err(|e| format!("RSA key: {e}"))?
+            .as_bytes()
+            .to_vec();
+        // The browser's ticket is never decrypted, so the private half is not kept.
+        Ok(LinkKey { der })
+    }
+}
+
+/// SPICE sessions whose main channel is linked: a token admits the session's other
+/// channels, and only those.
+#[derive(Default)]
+pub struct Sessions {
+    by_nonce: Mutex<HashMap<[u8; 16], Option<u32>>>,
+}
+
+/// How a channel was admitted.
+enum Admission {
+    Main,
+    Secondary,
+}
+
+impl Sessions {
+    fn register(&self, nonce: [u8; 16]) {
+        if let Ok(mut m) = self.by_nonce.lock() {
+            m.insert(nonce, None);
+        }
+    }
+
+    fn set_session_id(&self, nonce: [u8; 16], id: u32) {
+        if let Ok(mut m) = self.by_nonce.lock() {
+            m.insert(nonce, Some(id));
+        }
+    }
+
+    fn forget(&self, nonce: &[u8; 16]) {
+        if let Ok(mut m) = self.by_nonce.lock() {
+            m.remove(nonce);
+        }
+    }
+
+    fn admits(&self, nonce: &[u8; 16], connection_id: u32) -> bool {
+        self.by_nonce
+            .lock()
+            .map(|m| m.get(nonce) == Some(&Some(connection_id)))
+            .unwrap_or(false)
+    }
+}
+
+/// What a channel needs from the proxy.
+pub struct Ctx {
+    /// Channel session id (unique in this process).
+    pub id: u64,
+    /// The token's claims.
+    pub claims: Claims,
+    /// The browser's address.
+    pub client: SocketAddr,
+    /// The audit sink.
+    pub audit: Arc<Audit>,
+    /// vizor's link key.
+    pub key: Arc<LinkKey>,
+    /// Linked sessions.
+    pub sessions: Arc<Sessions>,
+    /// Bound on the link, both legs.
+    pub handshake_timeout: Duration,
+    /// Bound on connecting to QEMU.
+    pub connect_timeout: Duration,
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+fn link_refusal(code: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    LinkReply {
+        error: code,
+        pub_key: Vec::new(),
+        common_caps: Caps::default(),
+        channel_caps: Caps::default(),
+    }
+    .write(&mut out);
+    out
+}
+
+async fn read_until<T>(
+    src: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+    what: &str,
+    mut parse: impl FnMut(&[u8]) -> Result<Option<(T, usize)>, vizor_spice::Error>,
+) -> Result<T, End> {
+    loop {
+        match parse(buf) {
+            Ok(Some((v, n))) => {
+                buf.drain(..n);
+                return Ok(v);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(End::upstream(format!("VM {what}: {e}"), "protocol_error")),
+        }
+        let mut tmp = [0u8; 4096];
+        match src.read(&mut tmp).await {
+            Ok(0) => {
+                return Err(End::upstream(
+                    format!("the VM console closed the connection during the {what}"),
+                    "upstream_closed",
+                ))
+            }
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            Err(e) => {
+                return Err(End::upstream(
+                    format!("reading the VM {what}: {e}"),
+                    "upstream_io",
+                ))
+            }
+        }
+    }
+}
+
+async fn browser_until<T>(
+    brx: &mut BrowserRx,
+    buf: &mut Vec<u8>,
+    mut parse: impl FnMut(&[u8]) -> Result<Option<(T, usize)>, vizor_spice::Error>,
+) -> Result<T, End> {
+    loop {
+        match parse(buf) {
+            Ok(Some((v, n))) => {
+                buf.drain(..n);
+                return Ok(v);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(End::refused(
+                    format!("browser SPICE link: {e}"),
+                    "protocol_error",
+                ))
+            }
+        }
+        brx.read_into(buf).await?;
+    }
+}
+
+async fn connect(target: &Target, timeout: Duration) -> Result<Box<dyn Stream>, End> {
+    let fail = |e: String| {
+        End::upstream(
+            format!("cannot connect to the VM console at {target}: {e}"),
+            "upstream_connect",
+        )
+    };
+    let connecting = async {
+        match target {
+            Target::Tcp { host, port } => {
+                let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                s.set_nodelay(true)?;
+                let s: Box<dyn Stream> = Box::new(s);
+                Ok::<_, std::io::Error>(s)
+            }
+            Target::Unix(path) => {
+                let s: Box<dyn Stream> = Box::new(tokio::net::UnixStream::connect(path).await?);
+                Ok(s)
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(fail(e.to_string())),
+        Err(_) => Err(fail("no answer in time".into())),
+    }
+}
+
+/// The ticket for QEMU: the password and a NUL, RSA-OAEP(SHA-1) with QEMU's key.
+fn ticket(pub_key_der: &[u8], password: &[u8]) -> Result<Vec<u8>, End> {
+    let key = RsaPublicKey::from_public_key_der(pub_key_der).map_err(|e| {
+        End::upstream(
+            format!("the VM's link key is not an RSA key: {e}"),
+            "protocol_error",
+        )
+    })?;
+    if password.len() > link::MAX_PASSWORD_LEN {
+        return Err(End::upstream(
+            "the SPICE password libvirt stores is longer than SPICE allows",
+            "upstream_auth",
+        ));
+    }
+    let mut plain = Zeroizing::new(password.to_vec());
+    plain.push(0);
+    key.encrypt(&mut rand::thread_rng(), Oaep::new::<sha1::Sha1>(), &plain)
+        .map_err(|e| End::upstream(format!("encrypting the ticket: {e}"), "internal"))
+}
+
+/// Runs one channel to its end; closes the browser with the reason.
+pub async fn run(
+    ctx: Ctx,
+    console: Console,
+    mut brx: BrowserRx,
+    btx: BrowserTx,
+    replay: impl FnOnce(&Claims) -> Result<(), String>,
+    mut shutdown: watch::Receiver<bool>,
+) -> End {
+    let started = Instant::now();
+    let mut bbuf = Vec::new();
+    let limits = Limits::default();
+    // The browser's link message first: it says which channel, of which session.
+    let mess = tokio::time::timeout(
+        ctx.handshake_timeout,
+        browser_until(&mut brx, &mut bbuf, |b| LinkMess::parse(b, &limits)),
+    )
+    .await;
+    let mess = match mess {
+        Ok(Ok(m)) => m,
+        Ok(Err(end)) => return close(&btx, end).await,
+        Err(_) => {
+            return close(
+                &btx,
+                End::refused("no SPICE link message in time", "handshake_timeout"),
+            )
+            .await
+        }
+    };
+    let chan = channel_type::name(mess.channel_type);
+    let admission = if mess.channel_type == channel_type::MAIN && mess.connection_id == 0 {
+        if let Err(reason) = replay(&ctx.claims) {
+            btx.binary(link_refusal(link_error::PERMISSION_DENIED))
+                .await;
+            return close(&btx, End::refused(reason, "replayed")).await;
+        }
+        ctx.sessions.register(ctx.claims.nonce);
+        Admission::Main
+    } else if ctx.sessions.admits(&ctx.claims.nonce, mess.connection_id) {
+        Admission::Secondary
+    } else {
+        btx.binary(link_refusal(link_error::BAD_CONNECTION_ID))
+            .await;
+        return close(
+            &btx,
+            End::refused(
+                "token already used (not for this SPICE session)",
+                "replayed",
+            ),
+        )
+        .await;
+    };
+    let end = relay_channel(
+        &ctx,
+        &console,
+        &mess,
+        bbuf,
+        &mut brx,
+        &btx,
+        &mut shutdown,
+        chan,
+        started,
+    )
+    .await;
+    if matches!(admission, Admission::Main) {
+        ctx.sessions.forget(&ctx.claims.nonce);
+    }
+    close(&btx, end).await
+}
+
+async fn close(btx: &BrowserTx, end: End) -> End {
+    btx.close(end.code, &end.reason).await;
+    end
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay_channel(
+    ctx: &Ctx,
+    console: &Console,
+    mess: &LinkMess,
+    mut bbuf: Vec<u8>,
+    brx: &mut BrowserRx,
+    btx: &BrowserTx,
+    shutdown: &mut watch::Receiver<bool>,
+    chan: &'static str,
+    started: Instant,
+) -> End {
+    let linked = tokio::time::timeout(
+        ctx.handshake_timeout,
+        link_both(ctx, console, mess, &mut bbuf, brx, btx),
+    )
+    .await;
+    let (up, ubuf, kind) = match linked {
+        Ok(Ok(x)) => x,
+        Ok(Err(end)) => return end,
+        Err(_) => return End::refused("SPICE link did not complete in time", "handshake_timeout"),
+    };
+    let upstream = console.target.to_string();
+    let client = ctx.client.to_string();
+    let channel_label = format!("spice:{chan}:{}", mess.channel_id);
+    if let Err(e) = ctx.audit.record(&Event::SessionStart {
+        session: ctx.id,
+        token_id: &ctx.claims.token_id(),
+        user: &ctx.claims.user,
+        domain: &console.domain,
+        uuid: &console.uuid,
+        kind: ctx.claims.kind,
+        client: &client,
+        upstream: &upstream,
+        channel: Some(&channel_label),
+    }) {
+        return End::upstream(format!("audit log cannot be written: {e}"), "audit_error");
+    }
+    info!(channel = chan, header = ?kind, "SPICE channel relaying");
+    let counters = (AtomicU64::new(0), AtomicU64::new(0));
+    let end = tokio::select! {
+        end = relay(ctx, mess.channel_type, kind, up, ubuf, bbuf, brx, btx, &counters) => end,
+        _ = shutdown.wait_for(|s| *s) => End::shutdown(),
+    };
+    if let Err(e) = ctx.audit.record(&Event::SessionEnd {
+        session: ctx.id,
+        duration_ms: started.elapsed().as_millis() as u64,
+        bytes_browser_to_vm: counters.0.load(Ordering::Relaxed),
+        bytes_vm_to_browser: counters.1.load(Ordering::Relaxed),
+        reason: &end.reason,
+    }) {
+        warn!(error = %e, "audit log: session end not written");
+    }
+    end
+}
+
+/// Links vizor to QEMU and the browser to vizor; returns the upstream stream, bytes
+/// QEMU sent after the link result, and the header both legs use.
+async fn link_both(
+    ctx: &Ctx,
+    console: &Console,
+    mess: &LinkMess,
+    bbuf: &mut Vec<u8>,
+    brx: &mut BrowserRx,
+    btx: &BrowserTx,
+) -> Result<(Box<dyn Stream>, Vec<u8>, HeaderKind), End> {
+    let limits = Limits::default();
+    let mut up = connect(&console.target, ctx.connect_timeout).await?;
+    let mut ubuf = Vec::new();
+    let mut forwarded = mess.clone();
+    // vizor cannot take part in SASL; it authenticates with the ticket.
+    forwarded.common_caps.clear(cap::AUTH_SASL);
+    forwarded.common_caps.set(cap::AUTH_SPICE);
+    let mut out = Vec::new();
+    forwarded.write(&mut out);
+    up.write_all(&out)
+        .await
+        .map_err(|e| End::upstream(format!("writing to the VM console: {e}"), "upstream_io"))?;
+    let reply = read_until(&mut up, &mut ubuf, "link reply", |b| {
+        LinkReply::parse(b, &limits)
+    })
+    .await?;
+    if reply.error != link_error::OK {
+        btx.binary(link_refusal(reply.error)).await;
+        return Err(End::upstream(
+            format!(
+                "the VM refused the SPICE link: {}",
+                link_error::describe(reply.error)
+            ),
+            "upstream_link",
+        ));
+    }
+    let mut offered = reply.common_caps.clone();
+    offered.clear(cap::AUTH_SASL);
+    out.clear();
+    LinkReply {
+        error: link_error::OK,
+        pub_key: ctx.key.der.clone(),
+        common_caps: offered.clone(),
+        channel_caps: reply.channel_caps.clone(),
+    }
+    .write(&mut out);
+    if !btx.binary(std::mem::take(&mut out)).await {
+        return Err(End::browser_closed());
+    }
+    // The browser's ticket is read and dropped: its token already authenticated it.
+    let browser_selects = mess.common_caps.has(cap::PROTOCOL_AUTH_SELECTION)
+        && offered.has(cap::PROTOCOL_AUTH_SELECTION);
+    if browser_selects {
+        let mech = browser_until(brx, bbuf, |b| Ok(link::parse_u32(b))).await?;
+        if mech != cap::AUTH_SPICE {
+            btx.binary(link_error::PERMISSION_DENIED.to_le_bytes().to_vec())
+                .await;
+            return Err(End::refused(
+                "the browser asked for an authentication vizor does not offer",
+                "protocol_error",
+            ));
+        }
+    }
+    browser_until(brx, bbuf, |b| Ok(link::parse_ticket(b))).await?;
+    let password = console
+        .password
+        .as_ref()
+        .map(|p| p.as_bytes())
+        .unwrap_or_default();
+    let encrypted = ticket(&reply.pub_key, password)?;
+    out.clear();
+    if forwarded.common_caps.has(cap::PROTOCOL_AUTH_SELECTION)
+        && reply.common_caps.has(cap::PROTOCOL_AUTH_SELECTION)
+    {
+        out.extend_from_slice(&cap::AUTH_SPICE.to_le_bytes());
+    }
+    out.extend_from_slice(&encrypted);
+    up.write_all(&out)
+        .await
+        .map_err(|e| End::upstream(format!("writing to the VM console: {e}"), "upstream_io"))?;
+    let result = read_until(&mut up, &mut ubuf, "link result", |b| {
+        Ok(link::parse_u32(b))
+    })
+    .await?;
+    if !btx.binary(result.to_le_bytes().to_vec()).await {
+        return Err(End::browser_closed());
+    }
+    if result != link_error::OK {
+        let (reason, label) = if result == link_error::PERMISSION_DENIED {
+            (
+                "authentication to the VM failed".to_owned(),
+                "upstream_auth",
+            )
+        } else {
+            (
+                format!(
+                    "the VM refused the SPICE link: {}",
+                    link_error::describe(result)
+                ),
+                "upstream_link",
+            )
+        };
+        return Err(End::upstream(reason, label));
+    }
+    let kind = if mess.common_caps.has(cap::MINI_HEADER) && reply.common_caps.has(cap::MINI_HEADER)
+    {
+        HeaderKind::Mini
+    } else {
+        HeaderKind::Full
+    };
+    Ok((up, ubuf, kind))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    ctx: &Ctx,
+    channel: u8,
+    kind: HeaderKind,
+    up: Box<dyn Stream>,
+    early_up: Vec<u8>,
+    early_browser: Vec<u8>,
+    brx: &mut BrowserRx,
+    btx: &BrowserTx,
+    counters: &(AtomicU64, AtomicU64),
+) -> End {
+    let limits = Limits::default();
+    let (mut up_rd, mut up_wr) = tokio::io::split(up);
+    let browser_to_vm = async {
+        let mut dec = Decoder::new(kind, limits);
+        let mut agent_in = AgentStream::new(limits);
+        let mut clipboard = Clipboard::default();
+        let mut buf = early_browser;
+        loop {
+            let mut pos = 0;
+            while let Some((frame, n)) = dec
+                .decode(&buf[pos..])
+                .map_err(|e| End::refused(format!("browser SPICE: {e}"), "protocol_error"))?
+            {
+                if let Frame::Whole { header, body } = frame {
+                    match msg::parse_client(channel, header.msg_type, body).map_err(|e| {
+                        End::refused(format!("browser SPICE: {e}"), "protocol_error")
+                    })? {
+                        msg::ClientMessage::KeyDown(code) | msg::ClientMessage::KeyUp(code) => {
+                            for k in scancode::decode_code(code) {
+                                ctx.audit
+                                    .scancode_key(ctx.id, k.down, k.name, k.code)
+                                    .map_err(audit_failed)?;
+                            }
+                        }
+                        msg::ClientMessage::KeyScancode(bytes) => {
+                            for k in scancode::decode(bytes) {
+                                ctx.audit
+                                    .scancode_key(ctx.id, k.down, k.name, k.code)
+                                    .map_err(audit_failed)?;
+                            }
+                        }
+                        msg::ClientMessage::AgentData(chunk) => {
+                            clipboard.feed(&mut agent_in, chunk, ctx, "browser_to_vm")?;
+                        }
+                        _ => {}
+                    }
+                }
+                pos += n;
+            }
+            if pos > 0 {
+                up_wr.write_all(&buf[..pos]).await.map_err(|e| {
+                    End::upstream(format!("writing to the VM console: {e}"), "upstream_io")
+                })?;
+                counters.0.fetch_add(pos as u64, Ordering::Relaxed);
+                buf.drain(..pos);
+            }
+            brx.read_into(&mut buf).await?;
+        }
+    };
+    let vm_to_browser = async {
+        let mut dec = Decoder::new(kind, limits);
+        let mut agent_out = AgentStream::new(limits);
+        let mut clipboard = Clipboard::default();
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        buf.extend_from_slice(&early_up);
+        loop {
+            let mut consumed = 0;
+            while let Some((frame, n)) = dec
+                .decode(&buf[consumed..])
+                .map_err(|e| End::upstream(format!("VM SPICE: {e}"), "protocol_error"))?
+            {
+                if let Frame::Whole { header, body } = frame {
+                    match msg::parse_server(channel, header.msg_type, body)
+                        .map_err(|e| End::upstream(format!("VM SPICE: {e}"), "protocol_error"))?
+                    {
+                        msg::ServerMessage::MainInit { session_id, .. } => {
+                            ctx.sessions.set_session_id(ctx.claims.nonce, session_id);
+                            debug!(session_id, "SPICE session linked");
+                        }
+                        msg::ServerMessage::AgentData(chunk) => {
+                            clipboard.feed(&mut agent_out, chunk, ctx, "vm_to_browser")?;
+                        }
+                        _ => {}
+                    }
+                }
+                consumed += n;
+            }
+            if consumed > 0 {
+                if !btx.bytes(buf.split_to(consumed)).await {
+                    return Err(End::browser_closed());
+                }
+                counters.1.fetch_add(consumed as u64, Ordering::Relaxed);
+            }
+            buf.reserve(64 * 1024);
+            match up_rd.read_buf(&mut buf).await {
+                Ok(0) => return Err(End::vm_closed()),
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(End::upstream(
+                        format!("reading from the VM console: {e}"),
+                        "upstream_io",
+                    ))
+                }
+            }
+        }
+    };
+    let r: Result<(), End> = tokio::select! {
+        r = browser_to_vm => r,
+        r = vm_to_browser => r,
+    };
+    r.err().unwrap_or_else(End::vm_closed)
+}
+
+/// Digests clipboard contents as they cross in agent messages.
+#[derive(Default)]
+struct Clipboard {
+    hasher: Option<(sha2::Sha256, usize)>,
+}
+
+impl Clipboard {
+    fn feed(
+        &mut self,
+        stream: &mut AgentStream,
+        chunk: &[u8],
+        ctx: &Ctx,
+        direction: &'static str,
+    ) -> Result<(), End> {
+        use sha2::Digest;
+        let mut events = Vec::new();
+        stream
+            .feed(chunk, &mut events)
+            .map_err(|e| End::refused(format!("SPICE agent data: {e}"), "protocol_error"))?;
+        for ev in events {
+            match ev {
+                AgentEvent::Begin { msg_type, .. } if msg_type == agent::kind::CLIPBOARD => {
+                    self.hasher = Some((sha2::Sha256::new(), 0));
+                }
+                AgentEvent::Data {
+                    msg_type,
+                    bytes,
+                    last,
+                } if msg_type == agent::kind::CLIPBOARD => {
+                    if let Some((h, len)) = &mut self.hasher {
+                        h.update(bytes);
+                        *len += bytes.len();
+                    }
+                    if last {
+                        if let Some((h, len)) = self.hasher.take() {
+                            let digest: String =
+                                h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+                            ctx.audit
+                                .record(&Event::Clipboard {
+                                    session: ctx.id,
+                                    direction,
+                                    length: len,
+                                    sha256: digest,
+                                })
+                                .map_err(audit_failed)?;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn audit_failed(e: std::io::Error) -> End {
+    End::upstream(format!("audit log cannot be written: {e}"), "audit_error")
+}

@@ -1,0 +1,318 @@
+//! SPICE through vizor end to end: a browser-like SPICE-over-WebSocket client (one
+//! WebSocket per channel, as spice-html5 does), vizor, a real libvirtd and QEMU.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic is a failure
+
+mod common;
+
+use common::{Browser, Vizor};
+use vizor::token::ConsoleKind;
+use vizor_spice::channel::{write_message, Decoder, Frame, HeaderKind};
+use vizor_spice::link::{self, cap, channel_type, link_error, Caps, LinkMess, LinkReply};
+use vizor_spice::{msg, Limits};
+
+const DOMAIN: &str = "vizor-test-sp";
+const SPICE_PW: &str = "spw-4711";
+
+fn domain() {
+    common::test_host(&[
+        "domain",
+        DOMAIN,
+        "--vnc-passwd",
+        "vncpw1",
+        "--spice-passwd",
+        SPICE_PW,
+    ]);
+}
+
+/// Links one channel as spice-html5 does; `Err` carries the link error.
+async fn link(
+    b: &mut Browser,
+    channel: u8,
+    connection_id: u32,
+    mini: bool,
+) -> Result<LinkReply, u32> {
+    let mut common = Caps::default();
+    common.set(cap::PROTOCOL_AUTH_SELECTION);
+    common.set(cap::AUTH_SPICE);
+    if mini {
+        common.set(cap::MINI_HEADER);
+    }
+    let mut out = Vec::new();
+    LinkMess {
+        connection_id,
+        channel_type: channel,
+        channel_id: 0,
+        common_caps: common,
+        channel_caps: Caps::default(),
+    }
+    .write(&mut out);
+    b.send(&out).await;
+    let reply = loop {
+        if let Some((r, n)) = LinkReply::parse(&b.pending, &Limits::default()).unwrap() {
+            b.pending.drain(..n);
+            break r;
+        }
+        b.read().await.map_err(|_| u32::MAX)?;
+    };
+    if reply.error != link_error::OK {
+        return Err(reply.error);
+    }
+    // A random ticket: vizor ignores it, the token is the credential.
+    let mut ticket = cap::AUTH_SPICE.to_le_bytes().to_vec();
+    ticket.extend((0..link::TICKET_LEN).map(|i| (i * 37 % 251) as u8));
+    b.send(&ticket).await;
+    let result = loop {
+        if let Some((r, n)) = link::parse_u32(&b.pending) {
+            b.pending.drain(..n);
+            break r;
+        }
+        b.read().await.map_err(|_| u32::MAX)?;
+    };
+    if result != link_error::OK {
+        return Err(result);
+    }
+    Ok(reply)
+}
+
+/// Reads whole messages until one of `msg_type` arrives; returns its body.
+async fn until(b: &mut Browser, dec: &mut Decoder, msg_type: u16) -> Vec<u8> {
+    loop {
+        while let Some((f, n)) = dec.decode(&b.pending).unwrap() {
+            let found = match &f {
+                Frame::Whole { header, body } if header.msg_type == msg_type => Some(body.to_vec()),
+                _ => None,
+            };
+            b.pending.drain(..n);
+            if let Some(body) = found {
+                return body;
+            }
+        }
+        b.read().await.unwrap();
+    }
+}
+
+async fn open(v: &Vizor, token: &str) -> Browser {
+    Browser::connect(v.addr, &format!("/websockify?token={token}")).await
+}
+
+async fn session(v: &Vizor, token: &str, mini: bool) -> (Browser, u32, HeaderKind) {
+    let mut main = open(v, token).await;
+    let reply = link(&mut main, channel_type::MAIN, 0, mini)
+        .await
+        .expect("main channel links");
+    assert_eq!(reply.pub_key.len(), link::PUBKEY_LEN);
+    let kind = if mini {
+        HeaderKind::Mini
+    } else {
+        HeaderKind::Full
+    };
+    let mut dec = Decoder::new(kind, Limits::default());
+    let init = until(&mut main, &mut dec, msg::main::MSG_INIT).await;
+    let msg::ServerMessage::MainInit { session_id, .. } =
+        msg::parse_server(channel_type::MAIN, msg::main::MSG_INIT, &init).unwrap()
+    else {
+        panic!("not a main init")
+    };
+    (main, session_id, kind)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_of_one_session_link_through_vizor_and_keys_are_audited() {
+    let Some(_live) = common::live_domain() else {
+        return;
+    };
+    domain();
+    let v = Vizor::start("");
+    let token = v.token(DOMAIN, ConsoleKind::Spice, 60);
+    for mini in [true, false] {
+        let token = if mini {
+            token.clone()
+        } else {
+            v.token(DOMAIN, ConsoleKind::Spice, 60)
+        };
+        let (main, session_id, kind) = session(&v, &token, mini).await;
+        // The session's other channels, with the same token and QEMU's session id.
+        let mut display = open(&v, &token).await;
+        link(&mut display, channel_type::DISPLAY, session_id, mini)
+            .await
+            .expect("display links");
+        let mut inputs = open(&v, &token).await;
+        link(&mut inputs, channel_type::INPUTS, session_id, mini)
+            .await
+            .expect("inputs links");
+        let mut dec = Decoder::new(kind, Limits::default());
+        until(&mut inputs, &mut dec, 101).await; // SPICE_MSG_INPUTS_INIT
+        let mut out = Vec::new();
+        for (t, code) in [
+            (msg::inputs::MSGC_KEY_DOWN, 0x01u32),
+            (msg::inputs::MSGC_KEY_UP, 0x81),
+            (msg::inputs::MSGC_KEY_DOWN, 0xE0 | 0x4D << 8),
+            (msg::inputs::MSGC_KEY_UP, 0xE0 | 0xCD << 8),
+        ] {
+            write_message(kind, 1, t, &code.to_le_bytes(), &mut out).unwrap();
+        }
+        inputs.send(&out).await;
+        let audit = wait_keys(&v, if mini { 4 } else { 8 });
+        let keys: Vec<(bool, String)> = audit
+            .iter()
+            .filter(|r| r["event"] == "key")
+            .map(|r| {
+                (
+                    r["down"].as_bool().unwrap(),
+                    r["key"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            &keys[keys.len() - 4..],
+            [
+                (true, "Escape"),
+                (false, "Escape"),
+                (true, "Right"),
+                (false, "Right")
+            ]
+            .map(|(d, k)| (d, k.to_owned()))
+        );
+        let channels: Vec<String> = audit
+            .iter()
+            .filter(|r| r["event"] == "session_start")
+            .map(|r| r["channel"].as_str().unwrap().to_owned())
+            .collect();
+        for c in ["spice:main:0", "spice:display:0", "spice:inputs:0"] {
+            assert!(channels.iter().any(|x| x == c), "{c} in {channels:?}");
+        }
+        let received: Vec<u8> = [
+            &main.received[..],
+            &display.received[..],
+            &inputs.received[..],
+        ]
+        .concat();
+        assert!(!received
+            .windows(SPICE_PW.len())
+            .any(|w| w == SPICE_PW.as_bytes()));
+        drop((main, display, inputs));
+    }
+    assert!(!v.log.lock().unwrap().contains(SPICE_PW));
+    assert!(!std::fs::read_to_string(v.path().join("audit.jsonl"))
+        .unwrap()
+        .contains(SPICE_PW));
+}
+
+fn wait_keys(v: &Vizor, n: usize) -> Vec<serde_json::Value> {
+    for _ in 0..100 {
+        let audit = v.audit();
+        if audit.iter().filter(|r| r["event"] == "key").count() >= n {
+            return audit;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("{n} key records expected: {:?}", v.audit());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_admits_only_its_own_session() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    domain();
+    let v = Vizor::start("");
+    let token = v.token(DOMAIN, ConsoleKind::Spice, 60);
+    let (_main, session_id, _) = session(&v, &token, true).await;
+    // A second session with the same token is a replay.
+    let mut again = open(&v, &token).await;
+    assert_eq!(
+        link(&mut again, channel_type::MAIN, 0, true).await.err(),
+        Some(link_error::PERMISSION_DENIED)
+    );
+    let c = again.closed().await;
+    assert_eq!((c.code, c.reason.as_str()), (1008, "token already used"));
+    // A channel of another session id is refused.
+    let mut other = open(&v, &token).await;
+    assert_eq!(
+        link(
+            &mut other,
+            channel_type::INPUTS,
+            session_id.wrapping_add(1),
+            true
+        )
+        .await
+        .err(),
+        Some(link_error::BAD_CONNECTION_ID)
+    );
+    // Another token cannot join this session.
+    let mut foreign = open(&v, &v.token(DOMAIN, ConsoleKind::Spice, 60)).await;
+    assert_eq!(
+        link(&mut foreign, channel_type::INPUTS, session_id, true)
+            .await
+            .err(),
+        Some(link_error::BAD_CONNECTION_ID)
+    );
+    // Expired, and for a VNC-only domain.
+    let c = Browser::connect(
+        v.addr,
+        &format!(
+            "/websockify?token={}",
+            v.token(DOMAIN, ConsoleKind::Spice, -1)
+        ),
+    )
+    .await
+    .closed()
+    .await;
+    assert_eq!((c.code, c.reason.as_str()), (1008, "token expired"));
+    let c = Browser::connect(
+        v.addr,
+        &format!(
+            "/websockify?token={}",
+            v.token(&live.name, ConsoleKind::Spice, 60)
+        ),
+    )
+    .await
+    .closed()
+    .await;
+    assert_eq!(
+        (c.code, c.reason.as_str()),
+        (1011, "the VM has no console of this kind")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_spice_password_in_libvirt_fails_the_link_clearly() {
+    let Some(_live) = common::live_domain() else {
+        return;
+    };
+    common::test_host(&[
+        "domain",
+        "vizor-test-sppw",
+        "--vnc-passwd",
+        "vncpw1",
+        "--spice-passwd",
+        "right-one",
+    ]);
+    let set = std::process::Command::new("virsh")
+        .args([
+            "-c",
+            "qemu:///system",
+            "qemu-monitor-command",
+            "vizor-test-sppw",
+            "--hmp",
+            "set_password spice other99",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let v = Vizor::start("");
+    let mut b = open(&v, &v.token("vizor-test-sppw", ConsoleKind::Spice, 60)).await;
+    assert_eq!(
+        link(&mut b, channel_type::MAIN, 0, true).await.err(),
+        Some(link_error::PERMISSION_DENIED)
+    );
+    let c = b.closed().await;
+    assert_eq!(
+        (c.code, c.reason.as_str()),
+        (1011, "authentication to the VM failed")
+    );
+}
