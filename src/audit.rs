@@ -82,6 +82,9 @@ pub enum Event<'a> {
         bytes_vm_to_browser: u64,
         /// Why it ended.
         reason: &'a str,
+        /// Median server-ping to client-pong round trip (SPICE main channel).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        round_trip_ms: Option<f64>,
     },
     /// A token was refused.
     TokenRefused {

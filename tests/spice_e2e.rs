@@ -10,18 +10,20 @@ use vizor_spice::channel::{write_message, Decoder, Frame, HeaderKind};
 use vizor_spice::link::{self, cap, channel_type, link_error, Caps, LinkMess, LinkReply};
 use vizor_spice::{msg, Limits};
 
-const DOMAIN: &str = "vizor-test-sp";
 const SPICE_PW: &str = "spw-4711";
 
-fn domain() {
+/// Starts a SPICE test domain for one test. Each test has its own: spice-server serves
+/// one client at a time, and a new session's main channel disconnects the last one.
+fn domain(name: &'static str) -> &'static str {
     common::test_host(&[
         "domain",
-        DOMAIN,
+        name,
         "--vnc-passwd",
         "vncpw1",
         "--spice-passwd",
         SPICE_PW,
     ]);
+    name
 }
 
 /// Links one channel as spice-html5 does; `Err` carries the link error.
@@ -121,14 +123,14 @@ async fn channels_of_one_session_link_through_vizor_and_keys_are_audited() {
     let Some(_live) = common::live_domain() else {
         return;
     };
-    domain();
+    let dom = domain("vizor-test-sp1");
     let v = Vizor::start("");
-    let token = v.token(DOMAIN, ConsoleKind::Spice, 60);
+    let token = v.token(dom, ConsoleKind::Spice, 60);
     for mini in [true, false] {
         let token = if mini {
             token.clone()
         } else {
-            v.token(DOMAIN, ConsoleKind::Spice, 60)
+            v.token(dom, ConsoleKind::Spice, 60)
         };
         let (main, session_id, kind) = session(&v, &token, mini).await;
         // The session's other channels, with the same token and QEMU's session id.
@@ -214,9 +216,9 @@ async fn a_token_admits_only_its_own_session() {
     let Some(live) = common::live_domain() else {
         return;
     };
-    domain();
+    let dom = domain("vizor-test-sp2");
     let v = Vizor::start("");
-    let token = v.token(DOMAIN, ConsoleKind::Spice, 60);
+    let token = v.token(dom, ConsoleKind::Spice, 60);
     let (_main, session_id, _) = session(&v, &token, true).await;
     // A second session with the same token is a replay.
     let mut again = open(&v, &token).await;
@@ -240,7 +242,7 @@ async fn a_token_admits_only_its_own_session() {
         Some(link_error::BAD_CONNECTION_ID)
     );
     // Another token cannot join this session.
-    let mut foreign = open(&v, &v.token(DOMAIN, ConsoleKind::Spice, 60)).await;
+    let mut foreign = open(&v, &v.token(dom, ConsoleKind::Spice, 60)).await;
     assert_eq!(
         link(&mut foreign, channel_type::INPUTS, session_id, true)
             .await
@@ -250,10 +252,7 @@ async fn a_token_admits_only_its_own_session() {
     // Expired, and for a VNC-only domain.
     let c = Browser::connect(
         v.addr,
-        &format!(
-            "/websockify?token={}",
-            v.token(DOMAIN, ConsoleKind::Spice, -1)
-        ),
+        &format!("/websockify?token={}", v.token(dom, ConsoleKind::Spice, -1)),
     )
     .await
     .closed()
@@ -315,4 +314,73 @@ async fn a_wrong_spice_password_in_libvirt_fails_the_link_clearly() {
         (c.code, c.reason.as_str()),
         (1011, "authentication to the VM failed")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn main_channel_round_trip_and_clipboard_are_recorded() {
+    let Some(_live) = common::live_domain() else {
+        return;
+    };
+    let dom = domain("vizor-test-sp3");
+    let v = Vizor::start("");
+    let token = v.token(dom, ConsoleKind::Spice, 60);
+    let (mut main, _, kind) = session(&v, &token, true).await;
+    // Answer spice-server's pings (it measures the link right after it) for a while.
+    let mut dec = Decoder::new(kind, Limits::default());
+    let mut answered = 0;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    while tokio::time::Instant::now() < deadline {
+        let mut out = Vec::new();
+        while let Some((f, n)) = dec.decode(&main.pending).unwrap() {
+            if let Frame::Whole { header, body } = &f {
+                if let Ok(msg::ServerMessage::Ping { id, timestamp }) =
+                    msg::parse_server(channel_type::MAIN, header.msg_type, body)
+                {
+                    let mut pong = id.to_le_bytes().to_vec();
+                    pong.extend_from_slice(&timestamp.to_le_bytes());
+                    write_message(kind, 1, msg::common::MSGC_PONG, &pong, &mut out).unwrap();
+                    answered += 1;
+                }
+            }
+            main.pending.drain(..n);
+        }
+        if !out.is_empty() {
+            main.send(&out).await;
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(300), main.read()).await;
+    }
+    assert!(answered > 0, "spice-server pings the main channel");
+    // A clipboard sent through the agent stream, split over two AGENT_DATA messages.
+    let mut clip = 1u32.to_le_bytes().to_vec(); // VD_AGENT_CLIPBOARD_UTF8_TEXT
+    clip.extend_from_slice(b"copied in the browser");
+    let mut stream = Vec::new();
+    vizor_spice::agent::write_message(vizor_spice::agent::kind::CLIPBOARD, &clip, &mut stream);
+    let mut out = Vec::new();
+    write_message(
+        kind,
+        1,
+        msg::main::MSGC_AGENT_START,
+        &10u32.to_le_bytes(),
+        &mut out,
+    )
+    .unwrap();
+    let (a, b) = stream.split_at(9);
+    write_message(kind, 1, msg::main::MSGC_AGENT_DATA, a, &mut out).unwrap();
+    write_message(kind, 1, msg::main::MSGC_AGENT_DATA, b, &mut out).unwrap();
+    main.send(&out).await;
+    let audit = v.wait_for_audit("clipboard");
+    let clip_rec = audit.iter().find(|r| r["event"] == "clipboard").unwrap();
+    assert_eq!(clip_rec["direction"], "browser_to_vm");
+    assert_eq!(clip_rec["length"], clip.len());
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(&clip)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(clip_rec["sha256"], digest.as_str());
+    drop(main);
+    let audit = v.wait_for_audit("session_end");
+    let end = audit.iter().find(|r| r["event"] == "session_end").unwrap();
+    let rtt = end["round_trip_ms"].as_f64().expect("round trip recorded");
+    assert!(rtt > 0.0 && rtt < 5000.0, "{rtt}");
 }

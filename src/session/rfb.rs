@@ -325,6 +325,7 @@ pub async fn run(
                         bytes_browser_to_vm: counters.browser_to_vm.load(Ordering::Relaxed),
                         bytes_vm_to_browser: counters.vm_to_browser.load(Ordering::Relaxed),
                         reason: &end.reason,
+                        round_trip_ms: None,
                     });
                     if let Err(e) = record {
                         warn!(error = %e, "audit log: session end not written");

@@ -346,8 +346,9 @@ async fn relay_channel(
     }
     info!(channel = chan, header = ?kind, "SPICE channel relaying");
     let counters = (AtomicU64::new(0), AtomicU64::new(0));
+    let rtt = RoundTrips::default();
     let end = tokio::select! {
-        end = relay(ctx, mess.channel_type, kind, up, ubuf, bbuf, brx, btx, &counters) => end,
+        end = relay(ctx, mess.channel_type, kind, up, ubuf, bbuf, brx, btx, &counters, &rtt) => end,
         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
     };
     if let Err(e) = ctx.audit.record(&Event::SessionEnd {
@@ -356,6 +357,7 @@ async fn relay_channel(
         bytes_browser_to_vm: counters.0.load(Ordering::Relaxed),
         bytes_vm_to_browser: counters.1.load(Ordering::Relaxed),
         reason: &end.reason,
+        round_trip_ms: rtt.median_ms(),
     }) {
         warn!(error = %e, "audit log: session end not written");
     }
@@ -486,6 +488,7 @@ async fn relay(
     brx: &mut BrowserRx,
     btx: &BrowserTx,
     counters: &(AtomicU64, AtomicU64),
+    rtt: &RoundTrips,
 ) -> End {
     let limits = Limits::default();
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
@@ -520,6 +523,9 @@ async fn relay(
                         }
                         msg::ClientMessage::AgentData(chunk) => {
                             clipboard.feed(&mut agent_in, chunk, ctx, "browser_to_vm")?;
+                        }
+                        msg::ClientMessage::Pong { id, .. } if channel == channel_type::MAIN => {
+                            rtt.pong(id)
                         }
                         _ => {}
                     }
@@ -559,6 +565,9 @@ async fn relay(
                         msg::ServerMessage::AgentData(chunk) => {
                             clipboard.feed(&mut agent_out, chunk, ctx, "vm_to_browser")?;
                         }
+                        msg::ServerMessage::Ping { id, .. } if channel == channel_type::MAIN => {
+                            rtt.ping(id)
+                        }
                         _ => {}
                     }
                 }
@@ -588,6 +597,50 @@ async fn relay(
         r = vm_to_browser => r,
     };
     r.err().unwrap_or_else(End::vm_closed)
+}
+
+/// Server-ping to client-pong round trips on the main channel: the session's network
+/// round trip as the browser experiences it. Bounded: a client that never answers
+/// cannot grow it.
+#[derive(Default)]
+pub struct RoundTrips {
+    inner: Mutex<(HashMap<u32, Instant>, Vec<Duration>)>,
+}
+
+impl RoundTrips {
+    const MAX_OUTSTANDING: usize = 64;
+    const MAX_SAMPLES: usize = 256;
+
+    fn ping(&self, id: u32) {
+        if let Ok(mut g) = self.inner.lock() {
+            if g.0.len() < Self::MAX_OUTSTANDING {
+                g.0.insert(id, Instant::now());
+            }
+        }
+    }
+
+    fn pong(&self, id: u32) {
+        if let Ok(mut g) = self.inner.lock() {
+            if let Some(sent) = g.0.remove(&id) {
+                if g.1.len() == Self::MAX_SAMPLES {
+                    g.1.remove(0);
+                }
+                g.1.push(sent.elapsed());
+                debug!(
+                    rtt_ms = sent.elapsed().as_secs_f64() * 1000.0,
+                    "SPICE ping answered"
+                );
+            }
+        }
+    }
+
+    /// The median round trip, in milliseconds, if any ping was answered.
+    pub fn median_ms(&self) -> Option<f64> {
+        let g = self.inner.lock().ok()?;
+        let mut v = g.1.clone();
+        v.sort();
+        v.get(v.len() / 2).map(|d| d.as_secs_f64() * 1000.0)
+    }
 }
 
 /// Digests clipboard contents as they cross in agent messages.

@@ -36,8 +36,12 @@ pub fn live_domain() -> Option<LiveDomain> {
     }
 }
 
-/// Runs `scripts/test-host.sh` with `args`, failing the test if it fails.
+/// Runs `scripts/test-host.sh` with `args`, failing the test if it fails. Calls are
+/// serialised: libvirt can kill a QEMU whose start races another domain's start for
+/// the same autoport range.
 pub fn test_host(args: &[&str]) -> String {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-host.sh");
     let out = std::process::Command::new(script)
         .args(args)
