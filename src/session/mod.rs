@@ -8,7 +8,10 @@ pub mod browser;
 pub mod rfb;
 pub mod spice;
 
+use crate::libvirt::Target;
 use std::fmt;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// How a session ended: the reason in the audit record and the close frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,4 +84,44 @@ impl fmt::Display for End {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.reason)
     }
+}
+
+/// An upstream connection: TCP or UNIX socket.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Connects to a console, within `timeout`.
+pub(crate) async fn connect(target: &Target, timeout: Duration) -> Result<Box<dyn Stream>, End> {
+    let fail = |e: String| {
+        End::upstream(
+            format!("cannot connect to the VM console at {target}: {e}"),
+            "upstream_connect",
+        )
+    };
+    let connecting = async {
+        match target {
+            Target::Tcp { host, port } => {
+                let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                s.set_nodelay(true)?;
+                Ok::<Box<dyn Stream>, std::io::Error>(Box::new(s))
+            }
+            Target::Unix(path) => {
+                let s: Box<dyn Stream> = Box::new(tokio::net::UnixStream::connect(path).await?);
+                Ok(s)
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(fail(e.to_string())),
+        Err(_) => Err(fail(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        ))),
+    }
+}
+
+/// A session cannot go on without its audit records.
+pub(crate) fn audit_failed(e: std::io::Error) -> End {
+    End::upstream(format!("audit log cannot be written: {e}"), "audit_error")
 }

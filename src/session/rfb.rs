@@ -7,9 +7,9 @@
 //! reaches the browser as an RFB refusal with a reason, whatever its protocol version.
 
 use super::browser::{BrowserRx, BrowserTx};
-use super::End;
+use super::{audit_failed, connect, End, Stream};
 use crate::audit::{Audit, Event};
-use crate::libvirt::{Console, Target};
+use crate::libvirt::Console;
 use crate::token::Claims;
 use bytes::BytesMut;
 use std::future::Future;
@@ -55,9 +55,6 @@ pub struct Counters {
     /// VM to browser.
     pub vm_to_browser: AtomicU64,
 }
-
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// A source of bytes for the handshake helpers.
 trait Source {
@@ -110,36 +107,6 @@ async fn drive<S, N>(
             Err(e) => return Err(End::protocol(leg, &e)),
         }
         src.fill(buf).await?;
-    }
-}
-
-async fn connect(target: &Target, timeout: Duration) -> Result<Box<dyn Stream>, End> {
-    let fail = |e: String| {
-        End::upstream(
-            format!("cannot connect to the VM console at {target}: {e}"),
-            "upstream_connect",
-        )
-    };
-    let connecting = async {
-        match target {
-            Target::Tcp { host, port } => {
-                let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
-                s.set_nodelay(true)?;
-                Ok::<Box<dyn Stream>, std::io::Error>(Box::new(s))
-            }
-            Target::Unix(path) => {
-                let s: Box<dyn Stream> = Box::new(tokio::net::UnixStream::connect(path).await?);
-                Ok(s)
-            }
-        }
-    };
-    match tokio::time::timeout(timeout, connecting).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(fail(e.to_string())),
-        Err(_) => Err(fail(format!(
-            "no answer within {}",
-            humantime::format_duration(timeout)
-        ))),
     }
 }
 
@@ -498,8 +465,4 @@ async fn relay(
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, End> {
     m.lock()
         .map_err(|_| End::upstream("internal error: decoder lock poisoned", "internal"))
-}
-
-fn audit_failed(e: std::io::Error) -> End {
-    End::upstream(format!("audit log cannot be written: {e}"), "audit_error")
 }

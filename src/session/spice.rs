@@ -10,9 +10,9 @@
 //! MAIN_INIT gives the session id that admits the session's other channels.
 
 use super::browser::{BrowserRx, BrowserTx};
-use super::End;
+use super::{audit_failed, connect, End, Stream};
 use crate::audit::{Audit, Event};
-use crate::libvirt::{Console, Target};
+use crate::libvirt::Console;
 use crate::token::Claims;
 use bytes::BytesMut;
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use vizor_spice::agent::{self, AgentEvent, AgentStream};
@@ -111,9 +111,6 @@ pub struct Ctx {
     pub connect_timeout: Duration,
 }
 
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
-
 fn link_refusal(code: u32) -> Vec<u8> {
     let mut out = Vec::new();
     LinkReply {
@@ -180,34 +177,6 @@ async fn browser_until<T>(
             }
         }
         brx.read_into(buf).await?;
-    }
-}
-
-async fn connect(target: &Target, timeout: Duration) -> Result<Box<dyn Stream>, End> {
-    let fail = |e: String| {
-        End::upstream(
-            format!("cannot connect to the VM console at {target}: {e}"),
-            "upstream_connect",
-        )
-    };
-    let connecting = async {
-        match target {
-            Target::Tcp { host, port } => {
-                let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
-                s.set_nodelay(true)?;
-                let s: Box<dyn Stream> = Box::new(s);
-                Ok::<_, std::io::Error>(s)
-            }
-            Target::Unix(path) => {
-                let s: Box<dyn Stream> = Box::new(tokio::net::UnixStream::connect(path).await?);
-                Ok(s)
-            }
-        }
-    };
-    match tokio::time::timeout(timeout, connecting).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(fail(e.to_string())),
-        Err(_) => Err(fail("no answer in time".into())),
     }
 }
 
@@ -696,8 +665,4 @@ impl Clipboard {
         }
         Ok(())
     }
-}
-
-fn audit_failed(e: std::io::Error) -> End {
-    End::upstream(format!("audit log cannot be written: {e}"), "audit_error")
 }

@@ -48,6 +48,34 @@ impl PixelFormat {
         blue_shift: 0,
     };
 
+    /// 16 bits per pixel, 5-6-5 little endian.
+    pub const RGB565: PixelFormat = PixelFormat {
+        bits_per_pixel: 16,
+        depth: 16,
+        big_endian: false,
+        true_colour: true,
+        red_max: 31,
+        green_max: 63,
+        blue_max: 31,
+        red_shift: 11,
+        green_shift: 5,
+        blue_shift: 0,
+    };
+
+    /// 8 bits per pixel, 3-3-2 (blue in the top bits).
+    pub const BGR233: PixelFormat = PixelFormat {
+        bits_per_pixel: 8,
+        depth: 8,
+        big_endian: false,
+        true_colour: true,
+        red_max: 7,
+        green_max: 7,
+        blue_max: 3,
+        red_shift: 0,
+        green_shift: 3,
+        blue_shift: 6,
+    };
+
     /// Parses and validates the 16 wire bytes.
     pub fn parse(b: &[u8; Self::LEN]) -> Result<Self, Error> {
         let pf = PixelFormat {
@@ -182,32 +210,10 @@ mod tests {
 
     #[test]
     fn sixteen_and_eight_bit_formats() {
-        let rgb565 = PixelFormat {
-            bits_per_pixel: 16,
-            depth: 16,
-            big_endian: false,
-            true_colour: true,
-            red_max: 31,
-            green_max: 63,
-            blue_max: 31,
-            red_shift: 11,
-            green_shift: 5,
-            blue_shift: 0,
-        };
+        let rgb565 = PixelFormat::RGB565;
         assert_eq!(PixelFormat::parse(&bytes(&rgb565)), Ok(rgb565));
         assert_eq!(rgb565.tight_pixel_len(), 2);
-        let bgr233 = PixelFormat {
-            bits_per_pixel: 8,
-            depth: 8,
-            big_endian: false,
-            true_colour: true,
-            red_max: 7,
-            green_max: 7,
-            blue_max: 3,
-            red_shift: 0,
-            green_shift: 3,
-            blue_shift: 6,
-        };
+        let bgr233 = PixelFormat::BGR233;
         assert_eq!(PixelFormat::parse(&bytes(&bgr233)), Ok(bgr233));
         assert_eq!(bgr233.tight_pixel_len(), 1);
         let indexed = PixelFormat {

@@ -249,18 +249,7 @@ fn tight_pixel_size_follows_the_pixel_format() {
     // At 16 bits per pixel TPIXEL is 2 bytes: fill is 1 + 2, and 2x3 raw is 12 bytes,
     // which crosses the compression threshold.
     let mut d = decoder(&[Encoding::TIGHT]);
-    let rgb565 = PixelFormat {
-        bits_per_pixel: 16,
-        depth: 16,
-        big_endian: false,
-        true_colour: true,
-        red_max: 31,
-        green_max: 63,
-        blue_max: 31,
-        red_shift: 11,
-        green_shift: 5,
-        blue_shift: 0,
-    };
+    let rgb565 = PixelFormat::RGB565;
     d.set_pixel_format(rgb565);
     let mut copy = vec![0x00, 12];
     copy.extend_from_slice(&[0; 12]);
@@ -486,18 +475,7 @@ fn last_rect_ends_an_open_ended_update() {
 #[test]
 fn vmware_display_mode_change_switches_pixel_format_mid_update() {
     let wmvi = Encoding::VMWARE_DISPLAY_MODE_CHANGE;
-    let pf8 = PixelFormat {
-        bits_per_pixel: 8,
-        depth: 8,
-        big_endian: false,
-        true_colour: true,
-        red_max: 7,
-        green_max: 7,
-        blue_max: 3,
-        red_shift: 0,
-        green_shift: 3,
-        blue_shift: 6,
-    };
+    let pf8 = PixelFormat::BGR233;
     let mut body = Vec::new();
     pf8.write(&mut body);
     let s = update(&[
@@ -513,18 +491,7 @@ fn set_pixel_format_waits_for_the_update_in_flight() {
     let mut d = decoder(&[]);
     let s = update(&[rect(0, 0, 2, 1, Encoding::RAW, &[0; 8])]);
     let (_, n) = d.decode(&s).unwrap().unwrap();
-    let pf16 = PixelFormat {
-        bits_per_pixel: 16,
-        depth: 16,
-        big_endian: false,
-        true_colour: true,
-        red_max: 31,
-        green_max: 63,
-        blue_max: 31,
-        red_shift: 11,
-        green_shift: 5,
-        blue_shift: 0,
-    };
+    let pf16 = PixelFormat::RGB565;
     d.set_pixel_format(pf16);
     let mut rest = s[n..].to_vec();
     rest.extend_from_slice(&update(&[rect(0, 0, 2, 1, Encoding::RAW, &[0; 4])]));
@@ -687,29 +654,8 @@ fn zero_area_rects_only_where_every_client_frames_them_alike() {
 
 #[test]
 fn a_newer_pixel_format_replaces_a_pending_one() {
-    let pf16 = PixelFormat {
-        bits_per_pixel: 16,
-        depth: 16,
-        big_endian: false,
-        true_colour: true,
-        red_max: 31,
-        green_max: 63,
-        blue_max: 31,
-        red_shift: 11,
-        green_shift: 5,
-        blue_shift: 0,
-    };
-    let pf8 = PixelFormat {
-        bits_per_pixel: 8,
-        depth: 8,
-        red_max: 7,
-        green_max: 7,
-        blue_max: 3,
-        red_shift: 0,
-        green_shift: 3,
-        blue_shift: 6,
-        ..pf16
-    };
+    let pf16 = PixelFormat::RGB565;
+    let pf8 = PixelFormat::BGR233;
     let mut d = decoder(&[]);
     let first = update(&[rect(0, 0, 1, 1, Encoding::RAW, &[0; 4])]);
     let (_, n) = d.decode(&first).unwrap().unwrap();

@@ -35,31 +35,9 @@ pub struct Scenario {
 /// Resets the guest of the VNC server being recorded.
 pub type ResetHook<'a> = &'a dyn Fn() -> Result<(), String>;
 
-pub const RGB565: PixelFormat = PixelFormat {
-    bits_per_pixel: 16,
-    depth: 16,
-    big_endian: false,
-    true_colour: true,
-    red_max: 31,
-    green_max: 63,
-    blue_max: 31,
-    red_shift: 11,
-    green_shift: 5,
-    blue_shift: 0,
-};
+pub const RGB565: PixelFormat = PixelFormat::RGB565;
 
-pub const BGR233: PixelFormat = PixelFormat {
-    bits_per_pixel: 8,
-    depth: 8,
-    big_endian: false,
-    true_colour: true,
-    red_max: 7,
-    green_max: 7,
-    blue_max: 3,
-    red_shift: 0,
-    green_shift: 3,
-    blue_shift: 6,
-};
+pub const BGR233: PixelFormat = PixelFormat::BGR233;
 
 /// The pseudo-encodings QEMU implements, offered in every scenario.
 fn qemu_pseudo() -> Vec<Encoding> {
