@@ -98,6 +98,19 @@ pub enum Event<'a> {
     },
 }
 
+impl Event<'_> {
+    /// The `event` field's value.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::SessionStart { .. } => "session_start",
+            Event::Key { .. } => "key",
+            Event::Clipboard { .. } => "clipboard",
+            Event::SessionEnd { .. } => "session_end",
+            Event::TokenRefused { .. } => "token_refused",
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Line<'a> {
     ts: String,
@@ -117,10 +130,18 @@ pub fn class_name(keysym: u32) -> &'static str {
 }
 
 /// The append-only audit file.
-#[derive(Debug)]
 pub struct Audit {
     file: Mutex<File>,
     keystrokes: Keystrokes,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit")
+            .field("keystrokes", &self.keystrokes)
+            .finish()
+    }
 }
 
 impl Audit {
@@ -135,7 +156,14 @@ impl Audit {
         Ok(Audit {
             file: Mutex::new(file),
             keystrokes,
+            metrics: None,
         })
+    }
+
+    /// Counts written records and write failures in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Audit {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// How key events are recorded.
@@ -146,6 +174,20 @@ impl Audit {
     /// Appends one record, in a single write so concurrent sessions never interleave
     /// within a line.
     pub fn record(&self, event: &Event<'_>) -> std::io::Result<()> {
+        let result = self.write(event);
+        if let Some(m) = &self.metrics {
+            match &result {
+                Ok(()) => m
+                    .audit_events_total
+                    .with_label_values(&[event.name()])
+                    .inc(),
+                Err(_) => m.audit_write_errors_total.inc(),
+            }
+        }
+        result
+    }
+
+    fn write(&self, event: &Event<'_>) -> std::io::Result<()> {
         let line = Line {
             ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             event,

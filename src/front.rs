@@ -8,7 +8,8 @@
 
 use crate::audit::{Audit, Event};
 use crate::config::Config;
-use crate::libvirt::{Libvirt, LookupError};
+use crate::libvirt::{Console, Libvirt, LookupError};
+use crate::metrics::Metrics;
 use crate::session::{self, End};
 use crate::token::{Claims, ConsoleKind, ReplayCache, TokenError, TokenKey};
 use bytes::Bytes;
@@ -49,6 +50,8 @@ pub struct App {
     pub spice_key: Arc<session::spice::LinkKey>,
     /// Linked SPICE sessions (which channels a token admits).
     pub spice_sessions: Arc<session::spice::Sessions>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
     next_session: AtomicU64,
 }
 
@@ -100,6 +103,7 @@ impl App {
         admin_key: Option<Zeroizing<String>>,
         close_sessions: watch::Receiver<bool>,
         spice_key: session::spice::LinkKey,
+        metrics: Arc<Metrics>,
     ) -> App {
         App {
             config,
@@ -113,6 +117,7 @@ impl App {
             sessions: SessionCount::default(),
             spice_key: Arc::new(spice_key),
             spice_sessions: Arc::default(),
+            metrics,
             next_session: AtomicU64::new(1),
         }
     }
@@ -171,6 +176,9 @@ pub async fn handle(
     if path == "/healthz" {
         return Ok(text(StatusCode::OK, "ok\n"));
     }
+    if path == "/metrics" && app.config.server.metrics_listen.is_none() {
+        return Ok(metrics_response(&app.metrics));
+    }
     if path == "/websockify" {
         if !fastwebsockets::upgrade::is_upgrade_request(&req) {
             return Ok(text(
@@ -188,6 +196,69 @@ pub async fn handle(
     match &app.config.server.web_root {
         Some(root) => Ok(static_file(root, &path).await),
         None => Ok(text(StatusCode::NOT_FOUND, "not found\n")),
+    }
+}
+
+/// The Prometheus text exposition.
+pub fn metrics_response(metrics: &Metrics) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(metrics.render())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+/// Looks up a console, timing the call and counting failures.
+async fn lookup(app: &App, domain: &str, kind: ConsoleKind) -> Result<Console, LookupError> {
+    let started = std::time::Instant::now();
+    let r = app.libvirt.lookup(domain, kind).await;
+    app.metrics
+        .libvirt_lookup_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(e) = &r {
+        app.metrics
+            .libvirt_errors_total
+            .with_label_values(&[e.reason()])
+            .inc();
+    }
+    r
+}
+
+/// Counts how a session (a SPICE channel) ended.
+fn record_end(app: &App, kind: ConsoleKind, end: &End) {
+    let m = &app.metrics;
+    m.sessions_total
+        .with_label_values(&[kind.as_str(), end.label])
+        .inc();
+    if let Some((direction, cause)) = end.protocol {
+        m.protocol_errors_total
+            .with_label_values(&[kind.as_str(), direction, cause])
+            .inc();
+    }
+    if end.label == "upstream_auth" {
+        m.auth_refusals_total
+            .with_label_values(&["upstream", end.label])
+            .inc();
+    }
+}
+
+/// Counts a session as live while it is held.
+struct Active<'a>(&'a Metrics, ConsoleKind);
+
+impl<'a> Active<'a> {
+    fn new(m: &'a Metrics, kind: ConsoleKind) -> Self {
+        m.sessions_active.with_label_values(&[kind.as_str()]).inc();
+        Active(m, kind)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0
+            .sessions_active
+            .with_label_values(&[self.1.as_str()])
+            .dec();
     }
 }
 
@@ -259,6 +330,10 @@ async fn console(
     let client = peer.to_string();
     let refuse = |reason: &'static str, token_id: Option<&str>, told: &str, detail: &str| {
         warn!(client = %peer, reason, detail, "console refused");
+        app.metrics
+            .auth_refusals_total
+            .with_label_values(&["token", reason])
+            .inc();
         if let Err(e) = app.audit.record(&Event::TokenRefused {
             client: &client,
             reason,
@@ -305,8 +380,9 @@ async fn console(
     let id = app.next_session.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("session", id, domain = %claims.domain, kind = %claims.kind, client = %peer, token = %token_id);
     let _guard = app.sessions.enter();
-    async {
-        let console = match app.libvirt.lookup(&claims.domain, claims.kind).await {
+    let kind = claims.kind;
+    let end = async {
+        let console = match lookup(&app, &claims.domain, claims.kind).await {
             Ok(c) => c,
             Err(e) => {
                 warn!(reason = e.reason(), error = %e, "console lookup failed");
@@ -315,6 +391,7 @@ async fn console(
                 return end;
             }
         };
+        let _active = Active::new(&app.metrics, kind);
         info!(upstream = %console.target, user = %claims.user, "session starting");
         let ctx = session::rfb::Ctx {
             id,
@@ -325,6 +402,7 @@ async fn console(
             limits: app.limits,
             handshake_timeout: app.config.server.handshake_timeout,
             connect_timeout: app.config.server.connect_timeout,
+            metrics: app.metrics.clone(),
         };
         let end = session::rfb::run(ctx, brx, btx, app.close_sessions.clone()).await;
         info!(reason = %end.reason, label = end.label, "session ended");
@@ -332,6 +410,7 @@ async fn console(
     }
     .instrument(span)
     .await;
+    record_end(&app, kind, &end);
 }
 
 /// A SPICE channel: admission needs the browser's link message (which channel, which
@@ -357,6 +436,11 @@ async fn spice_console(
             .map_err(|_| TokenError::ReplayCacheFull)
             .and_then(|mut r| r.admit(c, now));
         r.map_err(|e| {
+            replay_app
+                .metrics
+                .auth_refusals_total
+                .with_label_values(&["token", e.reason()])
+                .inc();
             let _ = replay_app.audit.record(&Event::TokenRefused {
                 client: &client,
                 reason: e.reason(),
@@ -367,11 +451,16 @@ async fn spice_console(
     };
     // The domain first: a SPICE token for a VNC-only domain is refused at once, whatever
     // the client speaks. The token is authentic already, so only its holder gets here.
-    let console = match app.libvirt.lookup(&claims.domain, claims.kind).await {
+    let console = match lookup(&app, &claims.domain, claims.kind).await {
         Ok(c) => c,
         Err(e) => {
             warn!(client = %peer, reason = e.reason(), error = %e, "console lookup failed");
             btx.close(1011, lookup_message(&e)).await;
+            record_end(
+                &app,
+                ConsoleKind::Spice,
+                &End::upstream(e.to_string(), e.reason()),
+            );
             return;
         }
     };
@@ -384,14 +473,18 @@ async fn spice_console(
         sessions: app.spice_sessions.clone(),
         handshake_timeout: app.config.server.handshake_timeout,
         connect_timeout: app.config.server.connect_timeout,
+        metrics: app.metrics.clone(),
     };
-    async {
+    let end = async {
+        let _active = Active::new(&app.metrics, ConsoleKind::Spice);
         let end =
             session::spice::run(ctx, console, brx, btx, replay, app.close_sessions.clone()).await;
         info!(reason = %end.reason, label = end.label, "session ended");
+        end
     }
     .instrument(span)
     .await;
+    record_end(&app, ConsoleKind::Spice, &end);
 }
 
 fn bearer_matches(req: &Request<Incoming>, key: &str) -> bool {
@@ -434,7 +527,7 @@ async fn api_console(app: &App, domain: &str, req: &Request<Incoming>) -> Resp {
             &serde_json::json!({"error": "a domain name or UUID is required"}),
         );
     }
-    if let Err(e) = app.libvirt.lookup(domain, kind).await {
+    if let Err(e) = lookup(app, domain, kind).await {
         let status = match e {
             LookupError::NoSuchDomain(_) => StatusCode::NOT_FOUND,
             LookupError::Unreachable { .. } | LookupError::BadXml { .. } => StatusCode::BAD_GATEWAY,

@@ -41,11 +41,47 @@ fn load_admin_key(path: &std::path::Path) -> Result<Zeroizing<String>, String> {
     Ok(key)
 }
 
+/// Serves `/metrics` (and `/healthz`) alone, on `metrics_listen`.
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<crate::metrics::Metrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let resp = match req.uri().path() {
+                        "/metrics" => front::metrics_response(&metrics),
+                        "/healthz" => hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"ok\n"),
+                        )),
+                        _ => {
+                            let mut r = hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(b"not found\n"),
+                            ));
+                            *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+                            r
+                        }
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 /// Runs the proxy until SIGTERM or SIGINT.
 pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let key = TokenKey::load(&config.tokens.key_file)?;
+    let metrics = Arc::new(crate::metrics::Metrics::new()?);
     let audit = Audit::open(&config.audit.path, config.audit.keystrokes)
-        .map_err(|e| format!("audit log {}: {e}", config.audit.path.display()))?;
+        .map_err(|e| format!("audit log {}: {e}", config.audit.path.display()))?
+        .with_metrics(metrics.clone());
     let admin_key = config
         .api
         .admin_key_file
@@ -69,7 +105,15 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         admin_key,
         close_rx,
         spice_key,
+        metrics.clone(),
     ));
+    if let Some(addr) = app.config.server.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (metrics_listen): {e}"))?;
+        info!(local = %listener.local_addr()?, "metrics listening");
+        tokio::spawn(serve_metrics(listener, metrics.clone()));
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     info!(%local, "listening");

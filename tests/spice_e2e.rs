@@ -383,4 +383,13 @@ async fn main_channel_round_trip_and_clipboard_are_recorded() {
     let end = audit.iter().find(|r| r["event"] == "session_end").unwrap();
     let rtt = end["round_trip_ms"].as_f64().expect("round trip recorded");
     assert!(rtt > 0.0 && rtt < 5000.0, "{rtt}");
+    let (_, _, text) = common::http_get(v.addr, "/metrics", &[]).await;
+    let value =
+        |series: &str| common::metric(&text, series).unwrap_or_else(|| panic!("{series} missing"));
+    assert!(value("vizor_frame_latency_seconds_count{kind=\"spice\"}") >= answered as f64 - 1.0);
+    assert!(
+        value("vizor_session_bytes_total{direction=\"vm_to_browser\",kind=\"spice\"}") > 256_000.0
+    );
+    assert!(value("vizor_audit_events_total{event=\"clipboard\"}") >= 1.0);
+    assert!(value("vizor_handshake_seconds_count{kind=\"spice\"}") >= 1.0);
 }

@@ -507,3 +507,98 @@ async fn the_token_api_healthz_and_static_files() {
     );
     assert!(!v.log.lock().unwrap().contains(admin));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_sessions_bytes_latency_and_refusals() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    let v = Vizor::start("");
+    let (mut b, si) = open_session(&v, &live.name).await;
+    full_update(&mut b, &si).await;
+    // Input, then an update: input-to-display latency.
+    b.send(&msg(ClientMessage::KeyEvent {
+        down: true,
+        keysym: 0x61,
+    }))
+    .await;
+    b.send(&msg(ClientMessage::KeyEvent {
+        down: false,
+        keysym: 0x61,
+    }))
+    .await;
+    b.send(&msg(ClientMessage::FramebufferUpdateRequest {
+        incremental: false,
+        x: 0,
+        y: 0,
+        width: 8,
+        height: 8,
+    }))
+    .await;
+    b.read().await.unwrap();
+    drop(b);
+    v.wait_for_audit("session_end");
+    refused(
+        &v,
+        &format!(
+            "/websockify?token={}",
+            v.token(&live.name, ConsoleKind::Vnc, -5)
+        ),
+    )
+    .await;
+    let (status, head, text) = common::http_get(v.addr, "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("content-type: text/plain; version=0.0.4"));
+    let at_least = |series: &str, min: f64| {
+        let value = common::metric(&text, series).unwrap_or_else(|| panic!("{series} missing"));
+        assert!(value >= min, "{series} = {value}, expected at least {min}");
+    };
+    at_least(
+        "vizor_sessions_total{kind=\"vnc\",outcome=\"browser_closed\"}",
+        1.0,
+    );
+    at_least("vizor_sessions_active{kind=\"vnc\"}", 0.0);
+    at_least(
+        "vizor_session_bytes_total{direction=\"vm_to_browser\",kind=\"vnc\"}",
+        1000.0,
+    );
+    at_least(
+        "vizor_session_bytes_total{direction=\"browser_to_vm\",kind=\"vnc\"}",
+        20.0,
+    );
+    at_least("vizor_frame_latency_seconds_count{kind=\"vnc\"}", 2.0);
+    at_least("vizor_input_to_display_seconds_count{kind=\"vnc\"}", 1.0);
+    at_least("vizor_handshake_seconds_count{kind=\"vnc\"}", 1.0);
+    at_least("vizor_upstream_connect_seconds_count{kind=\"vnc\"}", 1.0);
+    at_least("vizor_libvirt_lookup_seconds_count", 1.0);
+    at_least("vizor_audit_events_total{event=\"key\"}", 2.0);
+    at_least("vizor_audit_events_total{event=\"session_start\"}", 1.0);
+    at_least(
+        "vizor_auth_refusals_total{reason=\"expired\",stage=\"token\"}",
+        1.0,
+    );
+    assert_eq!(
+        common::metric(&text, "vizor_audit_write_errors_total"),
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_to_metrics_listen_when_set() {
+    let Some(_live) = common::live_domain() else {
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let v = Vizor::start(&format!("metrics_listen = \"127.0.0.1:{port}\""));
+    assert_eq!(common::http_get(v.addr, "/metrics", &[]).await.0, 404);
+    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (status, _, text) = common::http_get(metrics_addr, "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("# HELP vizor_sessions_active "));
+}

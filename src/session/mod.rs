@@ -22,6 +22,8 @@ pub struct End {
     pub reason: String,
     /// A stable label for metrics.
     pub label: &'static str,
+    /// For protocol errors: the direction that broke it and a stable cause.
+    pub protocol: Option<(&'static str, &'static str)>,
 }
 
 impl End {
@@ -31,6 +33,7 @@ impl End {
             code: 1000,
             reason: "browser closed the connection".into(),
             label: "browser_closed",
+            protocol: None,
         }
     }
 
@@ -40,6 +43,7 @@ impl End {
             code: 1000,
             reason: "the VM closed the console connection".into(),
             label: "vm_closed",
+            protocol: None,
         }
     }
 
@@ -49,15 +53,28 @@ impl End {
             code: 1001,
             reason: "vizor is shutting down".into(),
             label: "shutdown",
+            protocol: None,
         }
     }
 
-    /// The peer broke the protocol (from a codec error).
+    /// The peer broke the protocol (from an RFB codec error); `leg` is "browser" or
+    /// "VM".
     pub fn protocol(leg: &str, e: &vizor_rfb::Error) -> End {
         End {
             code: 1008,
             reason: format!("{leg} protocol error: {e}"),
             label: "protocol_error",
+            protocol: Some((direction_of(leg), e.label())),
+        }
+    }
+
+    /// The peer broke the SPICE protocol.
+    pub fn spice_protocol(leg: &str, e: &vizor_spice::Error) -> End {
+        End {
+            code: 1008,
+            reason: format!("{leg} SPICE protocol error: {e}"),
+            label: "protocol_error",
+            protocol: Some((direction_of(leg), "spice")),
         }
     }
 
@@ -67,6 +84,7 @@ impl End {
             code: 1008,
             reason: reason.into(),
             label,
+            protocol: None,
         }
     }
 
@@ -76,7 +94,16 @@ impl End {
             code: 1011,
             reason: reason.into(),
             label,
+            protocol: None,
         }
+    }
+}
+
+fn direction_of(leg: &str) -> &'static str {
+    if leg == "browser" {
+        "browser_to_vm"
+    } else {
+        "vm_to_browser"
     }
 }
 

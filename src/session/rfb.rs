@@ -45,6 +45,8 @@ pub struct Ctx {
     pub handshake_timeout: Duration,
     /// Bound on connecting to QEMU.
     pub connect_timeout: Duration,
+    /// Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Bytes relayed each way.
@@ -115,7 +117,12 @@ async fn drive<S, N>(
 async fn authenticate_upstream(
     ctx: &Ctx,
 ) -> Result<(Box<dyn Stream>, Vec<u8>, SendClientInit), End> {
+    let connecting = Instant::now();
     let mut up = connect(&ctx.console.target, ctx.connect_timeout).await?;
+    ctx.metrics
+        .upstream_connect_seconds
+        .with_label_values(&["vnc"])
+        .observe(connecting.elapsed().as_secs_f64());
     let mut buf = Vec::new();
     let mut out = Vec::new();
     let (rd, mut wr) = tokio::io::split(&mut up);
@@ -278,6 +285,10 @@ pub async fn run(
                 upstream: &upstream,
                 channel: None,
             });
+            ctx.metrics
+                .handshake_seconds
+                .with_label_values(&["vnc"])
+                .observe(started.elapsed().as_secs_f64());
             match started_ok {
                 Err(e) => End::upstream(format!("audit log cannot be written: {e}"), "audit_error"),
                 Ok(()) => {
@@ -318,6 +329,23 @@ async fn relay(
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
     let server = Mutex::new(ServerDecoder::new(si, ctx.limits));
     let extended_pointer = AtomicBool::new(false);
+    let timing = Mutex::new(Timing::default());
+    let bytes_in = ctx
+        .metrics
+        .session_bytes_total
+        .with_label_values(&["vnc", "browser_to_vm"]);
+    let bytes_out = ctx
+        .metrics
+        .session_bytes_total
+        .with_label_values(&["vnc", "vm_to_browser"]);
+    let frame_latency = ctx
+        .metrics
+        .frame_latency_seconds
+        .with_label_values(&["vnc"]);
+    let input_latency = ctx
+        .metrics
+        .input_to_display_seconds
+        .with_label_values(&["vnc"]);
     let browser_to_vm = async {
         let mut dec = ClientDecoder::new(ctx.limits);
         let mut buf = Vec::with_capacity(4096);
@@ -364,9 +392,15 @@ async fn relay(
                     }
                     ClientMessage::FramebufferUpdateRequest { .. } => {
                         requested = true;
+                        lock(&timing)?.request();
+                        out.extend_from_slice(raw);
+                    }
+                    ClientMessage::PointerEvent { .. } => {
+                        lock(&timing)?.input();
                         out.extend_from_slice(raw);
                     }
                     ClientMessage::KeyEvent { down, keysym } => {
+                        lock(&timing)?.input();
                         ctx.audit
                             .key(ctx.id, down, keysym, None)
                             .map_err(audit_failed)?;
@@ -377,6 +411,7 @@ async fn relay(
                         keysym,
                         keycode,
                     } => {
+                        lock(&timing)?.input();
                         ctx.audit
                             .key(ctx.id, down, keysym, Some(keycode))
                             .map_err(audit_failed)?;
@@ -403,6 +438,7 @@ async fn relay(
                 let len = out.len() as u64;
                 write_up(&mut up_wr, &mut out).await?;
                 counters.browser_to_vm.fetch_add(len, Ordering::Relaxed);
+                bytes_in.inc_by(len);
             }
         }
     };
@@ -421,6 +457,15 @@ async fn relay(
                     match ev {
                         ServerEvent::Rect(r) if r.info == RectInfo::ExtendedMouseButtons => {
                             extended_pointer.store(true, Ordering::Relaxed);
+                        }
+                        ServerEvent::UpdateEnd => {
+                            let (frame, input) = lock(&timing)?.update_relayed();
+                            if let Some(d) = frame {
+                                frame_latency.observe(d.as_secs_f64());
+                            }
+                            if let Some(d) = input {
+                                input_latency.observe(d.as_secs_f64());
+                            }
                         }
                         ServerEvent::ServerCutText(text) => {
                             ctx.audit
@@ -441,6 +486,7 @@ async fn relay(
                 counters
                     .vm_to_browser
                     .fetch_add(consumed as u64, Ordering::Relaxed);
+                bytes_out.inc_by(consumed as u64);
             }
             buf.reserve(64 * 1024);
             match up_rd.read_buf(&mut buf).await {
@@ -460,6 +506,35 @@ async fn relay(
         r = vm_to_browser => r,
     };
     result.err().unwrap_or_else(End::vm_closed)
+}
+
+/// When update requests and input went to QEMU, for the latency histograms.
+#[derive(Default)]
+struct Timing {
+    /// The oldest update request not yet answered (one update answers every request
+    /// received before it).
+    requested: Option<Instant>,
+    /// The first key or pointer event since the last update.
+    input: Option<Instant>,
+}
+
+impl Timing {
+    fn request(&mut self) {
+        self.requested.get_or_insert_with(Instant::now);
+    }
+
+    fn input(&mut self) {
+        self.input.get_or_insert_with(Instant::now);
+    }
+
+    /// An update was relayed: how long since the request it answers, and since the
+    /// input it may show.
+    fn update_relayed(&mut self) -> (Option<Duration>, Option<Duration>) {
+        (
+            self.requested.take().map(|t| t.elapsed()),
+            self.input.take().map(|t| t.elapsed()),
+        )
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, End> {

@@ -109,6 +109,8 @@ pub struct Ctx {
     pub handshake_timeout: Duration,
     /// Bound on connecting to QEMU.
     pub connect_timeout: Duration,
+    /// Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn link_refusal(code: u32) -> Vec<u8> {
@@ -136,7 +138,7 @@ async fn read_until<T>(
                 return Ok(v);
             }
             Ok(None) => {}
-            Err(e) => return Err(End::upstream(format!("VM {what}: {e}"), "protocol_error")),
+            Err(e) => return Err(End::spice_protocol("VM", &e)),
         }
         let mut tmp = [0u8; 4096];
         match src.read(&mut tmp).await {
@@ -169,12 +171,7 @@ async fn browser_until<T>(
                 return Ok(v);
             }
             Ok(None) => {}
-            Err(e) => {
-                return Err(End::refused(
-                    format!("browser SPICE link: {e}"),
-                    "protocol_error",
-                ))
-            }
+            Err(e) => return Err(End::spice_protocol("browser", &e)),
         }
         brx.read_into(buf).await?;
     }
@@ -315,7 +312,18 @@ async fn relay_channel(
     }
     info!(channel = chan, header = ?kind, "SPICE channel relaying");
     let counters = (AtomicU64::new(0), AtomicU64::new(0));
-    let rtt = RoundTrips::default();
+    ctx.metrics
+        .handshake_seconds
+        .with_label_values(&["spice"])
+        .observe(started.elapsed().as_secs_f64());
+    let rtt = RoundTrips {
+        histogram: Some(
+            ctx.metrics
+                .frame_latency_seconds
+                .with_label_values(&["spice"]),
+        ),
+        ..RoundTrips::default()
+    };
     let end = tokio::select! {
         end = relay(ctx, mess.channel_type, kind, up, ubuf, bbuf, brx, btx, &counters, &rtt) => end,
         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
@@ -344,7 +352,12 @@ async fn link_both(
     btx: &BrowserTx,
 ) -> Result<(Box<dyn Stream>, Vec<u8>, HeaderKind), End> {
     let limits = Limits::default();
+    let connecting = Instant::now();
     let mut up = connect(&console.target, ctx.connect_timeout).await?;
+    ctx.metrics
+        .upstream_connect_seconds
+        .with_label_values(&["spice"])
+        .observe(connecting.elapsed().as_secs_f64());
     let mut ubuf = Vec::new();
     let mut forwarded = mess.clone();
     // vizor cannot take part in SASL; it authenticates with the ticket.
@@ -470,12 +483,12 @@ async fn relay(
             let mut pos = 0;
             while let Some((frame, n)) = dec
                 .decode(&buf[pos..])
-                .map_err(|e| End::refused(format!("browser SPICE: {e}"), "protocol_error"))?
+                .map_err(|e| End::spice_protocol("browser", &e))?
             {
                 if let Frame::Whole { header, body } = frame {
-                    match msg::parse_client(channel, header.msg_type, body).map_err(|e| {
-                        End::refused(format!("browser SPICE: {e}"), "protocol_error")
-                    })? {
+                    match msg::parse_client(channel, header.msg_type, body)
+                        .map_err(|e| End::spice_protocol("browser", &e))?
+                    {
                         msg::ClientMessage::KeyDown(code) | msg::ClientMessage::KeyUp(code) => {
                             for k in scancode::decode_code(code) {
                                 ctx.audit
@@ -506,6 +519,10 @@ async fn relay(
                     End::upstream(format!("writing to the VM console: {e}"), "upstream_io")
                 })?;
                 counters.0.fetch_add(pos as u64, Ordering::Relaxed);
+                ctx.metrics
+                    .session_bytes_total
+                    .with_label_values(&["spice", "browser_to_vm"])
+                    .inc_by(pos as u64);
                 buf.drain(..pos);
             }
             brx.read_into(&mut buf).await?;
@@ -521,11 +538,11 @@ async fn relay(
             let mut consumed = 0;
             while let Some((frame, n)) = dec
                 .decode(&buf[consumed..])
-                .map_err(|e| End::upstream(format!("VM SPICE: {e}"), "protocol_error"))?
+                .map_err(|e| End::spice_protocol("VM", &e))?
             {
                 if let Frame::Whole { header, body } = frame {
                     match msg::parse_server(channel, header.msg_type, body)
-                        .map_err(|e| End::upstream(format!("VM SPICE: {e}"), "protocol_error"))?
+                        .map_err(|e| End::spice_protocol("VM", &e))?
                     {
                         msg::ServerMessage::MainInit { session_id, .. } => {
                             ctx.sessions.set_session_id(ctx.claims.nonce, session_id);
@@ -547,6 +564,10 @@ async fn relay(
                     return Err(End::browser_closed());
                 }
                 counters.1.fetch_add(consumed as u64, Ordering::Relaxed);
+                ctx.metrics
+                    .session_bytes_total
+                    .with_label_values(&["spice", "vm_to_browser"])
+                    .inc_by(consumed as u64);
             }
             buf.reserve(64 * 1024);
             match up_rd.read_buf(&mut buf).await {
@@ -574,6 +595,7 @@ async fn relay(
 #[derive(Default)]
 pub struct RoundTrips {
     inner: Mutex<(HashMap<u32, Instant>, Vec<Duration>)>,
+    histogram: Option<prometheus::Histogram>,
 }
 
 impl RoundTrips {
@@ -595,6 +617,9 @@ impl RoundTrips {
                     g.1.remove(0);
                 }
                 g.1.push(sent.elapsed());
+                if let Some(h) = &self.histogram {
+                    h.observe(sent.elapsed().as_secs_f64());
+                }
                 debug!(
                     rtt_ms = sent.elapsed().as_secs_f64() * 1000.0,
                     "SPICE ping answered"
@@ -628,9 +653,16 @@ impl Clipboard {
     ) -> Result<(), End> {
         use sha2::Digest;
         let mut events = Vec::new();
-        stream
-            .feed(chunk, &mut events)
-            .map_err(|e| End::refused(format!("SPICE agent data: {e}"), "protocol_error"))?;
+        stream.feed(chunk, &mut events).map_err(|e| {
+            End::spice_protocol(
+                if direction == "browser_to_vm" {
+                    "browser"
+                } else {
+                    "VM"
+                },
+                &e,
+            )
+        })?;
         for ev in events {
             match ev {
                 AgentEvent::Begin { msg_type, .. } if msg_type == agent::kind::CLIPBOARD => {

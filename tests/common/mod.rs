@@ -359,3 +359,11 @@ pub async fn http_get(
     let status = head.split(' ').nth(1).unwrap_or("0").parse().unwrap();
     (status, head.to_owned(), body.to_owned())
 }
+
+/// The value of one series (`name{labels}` exactly as exported) in a Prometheus text
+/// exposition.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l[series.len()..].trim().parse().ok())
+}

@@ -112,6 +112,33 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// A short, stable name of the variant, for metrics labels.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::MalformedVersion(_) => "malformed_version",
+            Error::UnsupportedVersion { .. } => "unsupported_version",
+            Error::ConnectionRefused { .. } => "connection_refused",
+            Error::SecurityTypeNotOffered(_) => "security_type_not_offered",
+            Error::AuthenticationFailed { .. } => "authentication_failed",
+            Error::InvalidSecurityResult(_) => "invalid_security_result",
+            Error::UnsupportedVencryptVersion { .. } => "unsupported_vencrypt_version",
+            Error::VencryptRejected(_) => "vencrypt_rejected",
+            Error::UnsupportedVencryptSubtype(_) => "unsupported_vencrypt_subtype",
+            Error::UnknownMessageType(_) => "unknown_message_type",
+            Error::UnknownQemuSubmessage(_) => "unknown_qemu_submessage",
+            Error::UnknownQemuAudioOperation(_) => "unknown_qemu_audio_operation",
+            Error::NotNegotiated(_) => "not_negotiated",
+            Error::EncodingNotOffered(_) => "encoding_not_offered",
+            Error::UnframableEncoding(_) => "unframable_encoding",
+            Error::LengthTooLarge { .. } => "length_too_large",
+            Error::RectOutOfBounds { .. } => "rect_out_of_bounds",
+            Error::InvalidPixelFormat(_) => "invalid_pixel_format",
+            Error::Malformed { .. } => "malformed",
+        }
+    }
+}
+
 /// Bounds on what a peer can make the codec buffer. Pixel payloads are streamed and
 /// never buffered; these bound the messages that are returned whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

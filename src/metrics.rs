@@ -1,0 +1,211 @@
+//! Prometheus metrics. The names are part of vizor's interface (dashboards and alerts
+//! depend on them); each is registered once here and updated where its event happens.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Latency buckets, 100 µs to 10 s: loopback frames take well under a millisecond, a
+/// congested WAN link seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Every metric vizor exports.
+pub struct Metrics {
+    registry: Registry,
+    /// `vizor_sessions_active{kind}`
+    pub sessions_active: IntGaugeVec,
+    /// `vizor_sessions_total{kind,outcome}`
+    pub sessions_total: IntCounterVec,
+    /// `vizor_session_bytes_total{kind,direction}`
+    pub session_bytes_total: IntCounterVec,
+    /// `vizor_frame_latency_seconds{kind}`
+    pub frame_latency_seconds: HistogramVec,
+    /// `vizor_input_to_display_seconds{kind}`
+    pub input_to_display_seconds: HistogramVec,
+    /// `vizor_handshake_seconds{kind}`
+    pub handshake_seconds: HistogramVec,
+    /// `vizor_upstream_connect_seconds{kind}`
+    pub upstream_connect_seconds: HistogramVec,
+    /// `vizor_libvirt_lookup_seconds`
+    pub libvirt_lookup_seconds: Histogram,
+    /// `vizor_libvirt_errors_total{reason}`
+    pub libvirt_errors_total: IntCounterVec,
+    /// `vizor_auth_refusals_total{stage,reason}`
+    pub auth_refusals_total: IntCounterVec,
+    /// `vizor_audit_events_total{event}`
+    pub audit_events_total: IntCounterVec,
+    /// `vizor_audit_write_errors_total`
+    pub audit_write_errors_total: IntCounter,
+    /// `vizor_protocol_errors_total{kind,direction,reason}`
+    pub protocol_errors_total: IntCounterVec,
+}
+
+fn histogram(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let m = Metrics {
+            sessions_active: IntGaugeVec::new(
+                Opts::new("vizor_sessions_active", "Console sessions (SPICE: channels) being relayed now."),
+                &["kind"],
+            )?,
+            sessions_total: IntCounterVec::new(
+                Opts::new("vizor_sessions_total", "Console sessions (SPICE: channels) ended, by how they ended."),
+                &["kind", "outcome"],
+            )?,
+            session_bytes_total: IntCounterVec::new(
+                Opts::new("vizor_session_bytes_total", "Bytes relayed, by direction (browser_to_vm, vm_to_browser)."),
+                &["kind", "direction"],
+            )?,
+            frame_latency_seconds: histogram(
+                "vizor_frame_latency_seconds",
+                "RFB: update request forwarded to the last byte of the update that answers it relayed. \
+                 SPICE: server ping to client pong on the main channel.",
+                &["kind"],
+            )?,
+            input_to_display_seconds: histogram(
+                "vizor_input_to_display_seconds",
+                "RFB: key or pointer event forwarded to the next framebuffer update relayed.",
+                &["kind"],
+            )?,
+            handshake_seconds: histogram(
+                "vizor_handshake_seconds",
+                "From the WebSocket upgrade to the first relayed message: both legs' handshakes.",
+                &["kind"],
+            )?,
+            upstream_connect_seconds: histogram(
+                "vizor_upstream_connect_seconds",
+                "Connecting to the VM's console (TCP or UNIX socket).",
+                &["kind"],
+            )?,
+            libvirt_lookup_seconds: Histogram::with_opts(
+                HistogramOpts::new("vizor_libvirt_lookup_seconds", "Looking up a domain's console in libvirt.")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+            )?,
+            libvirt_errors_total: IntCounterVec::new(
+                Opts::new("vizor_libvirt_errors_total", "Failed console lookups, by reason."),
+                &["reason"],
+            )?,
+            auth_refusals_total: IntCounterVec::new(
+                Opts::new(
+                    "vizor_auth_refusals_total",
+                    "Refused authentications: stage token (the browser's token) or upstream (vizor to the VM).",
+                ),
+                &["stage", "reason"],
+            )?,
+            audit_events_total: IntCounterVec::new(
+                Opts::new("vizor_audit_events_total", "Audit records written, by event."),
+                &["event"],
+            )?,
+            audit_write_errors_total: IntCounter::new(
+                "vizor_audit_write_errors_total",
+                "Audit records that could not be written.",
+            )?,
+            protocol_errors_total: IntCounterVec::new(
+                Opts::new(
+                    "vizor_protocol_errors_total",
+                    "Sessions ended because a peer broke the protocol, by direction and reason.",
+                ),
+                &["kind", "direction", "reason"],
+            )?,
+            registry,
+        };
+        let r = &m.registry;
+        r.register(Box::new(m.sessions_active.clone()))?;
+        r.register(Box::new(m.sessions_total.clone()))?;
+        r.register(Box::new(m.session_bytes_total.clone()))?;
+        r.register(Box::new(m.frame_latency_seconds.clone()))?;
+        r.register(Box::new(m.input_to_display_seconds.clone()))?;
+        r.register(Box::new(m.handshake_seconds.clone()))?;
+        r.register(Box::new(m.upstream_connect_seconds.clone()))?;
+        r.register(Box::new(m.libvirt_lookup_seconds.clone()))?;
+        r.register(Box::new(m.libvirt_errors_total.clone()))?;
+        r.register(Box::new(m.auth_refusals_total.clone()))?;
+        r.register(Box::new(m.audit_events_total.clone()))?;
+        r.register(Box::new(m.audit_write_errors_total.clone()))?;
+        r.register(Box::new(m.protocol_errors_total.clone()))?;
+        // Series that exist from the start, so rates over them work before traffic.
+        for kind in ["vnc", "spice"] {
+            m.sessions_active.with_label_values(&[kind]);
+            for dir in ["browser_to_vm", "vm_to_browser"] {
+                m.session_bytes_total.with_label_values(&[kind, dir]);
+            }
+        }
+        Ok(m)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_exported_with_help() {
+        let m = Metrics::new().unwrap();
+        m.sessions_total
+            .with_label_values(&["vnc", "browser_closed"])
+            .inc();
+        m.frame_latency_seconds
+            .with_label_values(&["vnc"])
+            .observe(0.002);
+        m.input_to_display_seconds
+            .with_label_values(&["vnc"])
+            .observe(0.01);
+        m.handshake_seconds
+            .with_label_values(&["vnc"])
+            .observe(0.05);
+        m.upstream_connect_seconds
+            .with_label_values(&["vnc"])
+            .observe(0.0005);
+        m.libvirt_lookup_seconds.observe(0.003);
+        m.libvirt_errors_total
+            .with_label_values(&["not_running"])
+            .inc();
+        m.auth_refusals_total
+            .with_label_values(&["token", "expired"])
+            .inc();
+        m.audit_events_total.with_label_values(&["key"]).inc();
+        m.audit_write_errors_total.inc();
+        m.protocol_errors_total
+            .with_label_values(&["vnc", "vm_to_browser", "x"])
+            .inc();
+        let text = m.render();
+        for name in [
+            "vizor_sessions_active",
+            "vizor_sessions_total",
+            "vizor_session_bytes_total",
+            "vizor_frame_latency_seconds",
+            "vizor_input_to_display_seconds",
+            "vizor_handshake_seconds",
+            "vizor_upstream_connect_seconds",
+            "vizor_libvirt_lookup_seconds",
+            "vizor_libvirt_errors_total",
+            "vizor_auth_refusals_total",
+            "vizor_audit_events_total",
+            "vizor_audit_write_errors_total",
+            "vizor_protocol_errors_total",
+        ] {
+            assert!(text.contains(&format!("# HELP {name} ")), "{name} help");
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} type");
+        }
+        assert!(text.contains("vizor_frame_latency_seconds_bucket{kind=\"vnc\",le=\"0.0025\"} 1"));
+    }
+}
