@@ -115,6 +115,14 @@ async fn session(v: &Vizor, token: &str, mini: bool) -> (Browser, u32, HeaderKin
     else {
         panic!("not a main init")
     };
+    // As spice-html5 does: ask for the channel list, and link the other channels only
+    // once spice-server has sent it.
+    const MSGC_MAIN_ATTACH_CHANNELS: u16 = 104;
+    const MSG_MAIN_CHANNELS_LIST: u16 = 104;
+    let mut out = Vec::new();
+    write_message(kind, 1, MSGC_MAIN_ATTACH_CHANNELS, &[], &mut out).unwrap();
+    main.send(&out).await;
+    until(&mut main, &mut dec, MSG_MAIN_CHANNELS_LIST).await;
     (main, session_id, kind)
 }
 
@@ -139,9 +147,12 @@ async fn channels_of_one_session_link_through_vizor_and_keys_are_audited() {
             .await
             .expect("display links");
         let mut inputs = open(&v, &token).await;
-        link(&mut inputs, channel_type::INPUTS, session_id, mini)
-            .await
-            .expect("inputs links");
+        if let Err(e) = link(&mut inputs, channel_type::INPUTS, session_id, mini).await {
+            panic!(
+                "inputs link failed ({e}); vizor log:\n{}",
+                v.log.lock().unwrap()
+            );
+        }
         let mut dec = Decoder::new(kind, Limits::default());
         until(&mut inputs, &mut dec, 101).await; // SPICE_MSG_INPUTS_INIT
         let mut out = Vec::new();
