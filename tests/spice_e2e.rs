@@ -76,6 +76,74 @@ async fn link(
     Ok(reply)
 }
 
+/// Follows the display channel until its first draw, acknowledging as a client must.
+async fn display_ready(b: &mut Browser, kind: HeaderKind) {
+    const MSG_DISPLAY_MARK: u16 = 102;
+    const MSGC_DISPLAY_INIT: u16 = 101;
+    // spice-html5's SpiceMsgcDisplayInit: pixmap cache 1 of 10 MiB, no GLZ dictionary.
+    let mut init = vec![1u8];
+    init.extend_from_slice(&(10u64 << 20).to_le_bytes());
+    init.extend_from_slice(&[0, 0, 0, 0, 0]);
+    let mut out = Vec::new();
+    write_message(kind, 1, MSGC_DISPLAY_INIT, &init, &mut out).unwrap();
+    b.send(&out).await;
+    let mut dec = Decoder::new(kind, Limits::default());
+    let (mut window, mut seen) = (0u32, 0u32);
+    loop {
+        let mut out = Vec::new();
+        let mut marked = false;
+        while let Some((f, n)) = dec.decode(&b.pending).unwrap() {
+            let header = match &f {
+                Frame::Whole { header, .. } | Frame::Begin { header } => Some(*header),
+                Frame::Data(_) => None,
+            };
+            if let Some(header) = header {
+                seen += 1;
+                if header.msg_type == msg::common::MSG_SET_ACK {
+                    if let Ok(msg::ServerMessage::SetAck {
+                        generation,
+                        window: w,
+                    }) =
+                        msg::parse_server(channel_type::DISPLAY, header.msg_type, body_or_empty(&f))
+                    {
+                        write_message(
+                            kind,
+                            1,
+                            msg::common::MSGC_ACK_SYNC,
+                            &generation.to_le_bytes(),
+                            &mut out,
+                        )
+                        .unwrap();
+                        window = w;
+                        seen = 0;
+                    }
+                } else if window > 0 && seen >= window {
+                    write_message(kind, 1, msg::common::MSGC_ACK, &[], &mut out).unwrap();
+                    seen = 0;
+                }
+                if header.msg_type == MSG_DISPLAY_MARK {
+                    marked = true;
+                }
+            }
+            b.pending.drain(..n);
+        }
+        if !out.is_empty() {
+            b.send(&out).await;
+        }
+        if marked {
+            return;
+        }
+        b.read().await.unwrap();
+    }
+}
+
+fn body_or_empty<'a>(f: &Frame<'a>) -> &'a [u8] {
+    match f {
+        Frame::Whole { body, .. } => body,
+        _ => &[],
+    }
+}
+
 /// Reads whole messages until one of `msg_type` arrives; returns its body.
 async fn until(b: &mut Browser, dec: &mut Decoder, msg_type: u16) -> Vec<u8> {
     loop {
@@ -150,6 +218,9 @@ async fn channels_of_one_session_link_through_vizor_and_keys_are_audited() {
         link(&mut display, channel_type::DISPLAY, session_id, mini)
             .await
             .expect("display links");
+        // As spice-html5 does: answer SET_ACK with ACK_SYNC and acknowledge the display
+        // channel's messages, reading until it has drawn something.
+        display_ready(&mut display, kind).await;
         let mut inputs = open(&v, &token).await;
         if let Err(e) = link(&mut inputs, channel_type::INPUTS, session_id, mini).await {
             panic!(
