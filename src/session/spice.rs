@@ -19,14 +19,14 @@ use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
 use rsa::{Oaep, RsaPrivateKey, RsaPublicKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use vizor_spice::agent::{self, AgentEvent, AgentStream};
-use vizor_spice::channel::{Decoder, Frame, HeaderKind};
+use vizor_spice::channel::{write_message, Decoder, Frame, HeaderKind};
 use vizor_spice::link::{self, cap, channel_type, link_error, Caps, LinkMess, LinkReply};
 use vizor_spice::{msg, scancode, Limits};
 use zeroize::Zeroizing;
@@ -474,6 +474,11 @@ async fn relay(
 ) -> End {
     let limits = Limits::default();
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
+    // spice-server 0.15 can crash (taking QEMU down) when a display channel closes
+    // before the client sent DISPLAY_INIT; vizor completes it for a browser that left
+    // too early. Full headers need the next client serial.
+    let display_init_seen = AtomicBool::new(channel != channel_type::DISPLAY);
+    let last_serial = AtomicU64::new(0);
     let browser_to_vm = async {
         let mut dec = Decoder::new(kind, limits);
         let mut agent_in = AgentStream::new(limits);
@@ -485,6 +490,16 @@ async fn relay(
                 .decode(&buf[pos..])
                 .map_err(|e| End::spice_protocol("browser", &e))?
             {
+                if let Frame::Whole { header, .. } | Frame::Begin { header } = &frame {
+                    if let Some(serial) = header.serial {
+                        last_serial.store(serial, Ordering::Relaxed);
+                    }
+                    if channel == channel_type::DISPLAY
+                        && header.msg_type == msg::display::MSGC_INIT
+                    {
+                        display_init_seen.store(true, Ordering::Relaxed);
+                    }
+                }
                 if let Frame::Whole { header, body } = frame {
                     match msg::parse_client(channel, header.msg_type, body)
                         .map_err(|e| End::spice_protocol("browser", &e))?
@@ -586,7 +601,22 @@ async fn relay(
         r = browser_to_vm => r,
         r = vm_to_browser => r,
     };
-    r.err().unwrap_or_else(End::vm_closed)
+    let end = r.err().unwrap_or_else(End::vm_closed);
+    let vm_gone = matches!(end.label, "vm_closed" | "upstream_io");
+    if !display_init_seen.load(Ordering::Relaxed) && !vm_gone {
+        let mut out = Vec::new();
+        let serial = last_serial.load(Ordering::Relaxed) + 1;
+        let init = msg::display::default_init();
+        if write_message(kind, serial, msg::display::MSGC_INIT, &init, &mut out).is_ok()
+            && up_wr.write_all(&out).await.is_ok()
+        {
+            // Let the display worker take it (it answers) before the socket closes.
+            let mut tmp = [0u8; 4096];
+            let _ = tokio::time::timeout(Duration::from_millis(500), up_rd.read(&mut tmp)).await;
+            debug!("DISPLAY_INIT completed for a display channel the browser left early");
+        }
+    }
+    end
 }
 
 /// Server-ping to client-pong round trips on the main channel: the session's network

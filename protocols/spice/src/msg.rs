@@ -31,6 +31,24 @@ pub mod main {
     pub const MSGC_AGENT_DATA: u16 = 107;
 }
 
+/// Display channel message types.
+pub mod display {
+    /// SPICE_MSGC_DISPLAY_INIT: the client's cache parameters; spice-server's display
+    /// worker waits for it.
+    pub const MSGC_INIT: u16 = 101;
+    /// SPICE_MSG_DISPLAY_MARK: the display is ready.
+    pub const MSG_MARK: u16 = 102;
+
+    /// The DISPLAY_INIT body spice-html5 sends: pixmap cache 1 of 10 MiB, no GLZ
+    /// dictionary.
+    pub fn default_init() -> [u8; 14] {
+        let mut b = [0u8; 14];
+        b[0] = 1;
+        b[1..9].copy_from_slice(&(10u64 << 20).to_le_bytes());
+        b
+    }
+}
+
 /// Inputs channel message types (client to server).
 pub mod inputs {
     /// SPICE_MSGC_INPUTS_KEY_DOWN.
