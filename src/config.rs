@@ -114,6 +114,14 @@ pub struct ServerConfig {
     /// `connect_timeout`: connecting to QEMU (default "5s").
     #[serde(default = "default_connect", deserialize_with = "any_duration")]
     pub connect_timeout: Duration,
+    /// `ping_interval`: how often vizor pings each browser to measure its round trip
+    /// (default "10s").
+    #[serde(default = "default_ping", deserialize_with = "any_duration")]
+    pub ping_interval: Duration,
+}
+
+fn default_ping() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_grace() -> Duration {

@@ -243,6 +243,15 @@ fn record_end(app: &App, kind: ConsoleKind, end: &End) {
     }
 }
 
+/// Stops a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Counts a session as live while it is held.
 struct Active<'a>(&'a Metrics, ConsoleKind);
 
@@ -360,8 +369,18 @@ async fn console(
         Err(e) => return refuse(e.reason(), None, token_message(&e), &e.to_string()).await,
     };
     let token_id = claims.token_id();
+    // The token is good: measure this browser's round trip while it is connected.
+    let pings = brx.pings();
+    pings.measure_into(
+        app.metrics
+            .client_rtt_seconds
+            .with_label_values(&[claims.kind.as_str()]),
+    );
+    let pinger = AbortOnDrop(btx.start_pinging(pings, app.config.server.ping_interval));
     if claims.kind == ConsoleKind::Spice {
-        return spice_console(app, peer, claims, brx, btx).await;
+        spice_console(app, peer, claims, brx, btx).await;
+        drop(pinger);
+        return;
     }
     let admitted = app
         .replay

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub frame_latency_seconds: HistogramVec,
     /// `vizor_input_to_display_seconds{kind}`
     pub input_to_display_seconds: HistogramVec,
+    /// `vizor_client_rtt_seconds{kind}`
+    pub client_rtt_seconds: HistogramVec,
     /// `vizor_handshake_seconds{kind}`
     pub handshake_seconds: HistogramVec,
     /// `vizor_upstream_connect_seconds{kind}`
@@ -79,6 +81,11 @@ impl Metrics {
                 "RFB: key or pointer event forwarded to the next framebuffer update relayed.",
                 &["kind"],
             )?,
+            client_rtt_seconds: histogram(
+                "vizor_client_rtt_seconds",
+                "WebSocket ping from vizor to the browser's pong: the browser's network round trip.",
+                &["kind"],
+            )?,
             handshake_seconds: histogram(
                 "vizor_handshake_seconds",
                 "From the WebSocket upgrade to the first relayed message: both legs' handshakes.",
@@ -127,6 +134,7 @@ impl Metrics {
         r.register(Box::new(m.session_bytes_total.clone()))?;
         r.register(Box::new(m.frame_latency_seconds.clone()))?;
         r.register(Box::new(m.input_to_display_seconds.clone()))?;
+        r.register(Box::new(m.client_rtt_seconds.clone()))?;
         r.register(Box::new(m.handshake_seconds.clone()))?;
         r.register(Box::new(m.upstream_connect_seconds.clone()))?;
         r.register(Box::new(m.libvirt_lookup_seconds.clone()))?;
@@ -194,6 +202,7 @@ mod tests {
             "vizor_session_bytes_total",
             "vizor_frame_latency_seconds",
             "vizor_input_to_display_seconds",
+            "vizor_client_rtt_seconds",
             "vizor_handshake_seconds",
             "vizor_upstream_connect_seconds",
             "vizor_libvirt_lookup_seconds",

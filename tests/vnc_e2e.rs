@@ -513,9 +513,14 @@ async fn metrics_count_sessions_bytes_latency_and_refusals() {
     let Some(live) = common::live_domain() else {
         return;
     };
-    let v = Vizor::start("");
+    let v = Vizor::start("ping_interval = \"100ms\"");
     let (mut b, si) = open_session(&v, &live.name).await;
     full_update(&mut b, &si).await;
+    // vizor pings the browser; the client answers while it reads.
+    let until = tokio::time::Instant::now() + std::time::Duration::from_millis(600);
+    while tokio::time::Instant::now() < until {
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), b.read()).await;
+    }
     // Input, then an update: input-to-display latency.
     b.send(&msg(ClientMessage::KeyEvent {
         down: true,
@@ -571,6 +576,7 @@ async fn metrics_count_sessions_bytes_latency_and_refusals() {
     at_least("vizor_frame_latency_seconds_count{kind=\"vnc\"}", 2.0);
     at_least("vizor_input_to_display_seconds_count{kind=\"vnc\"}", 1.0);
     at_least("vizor_handshake_seconds_count{kind=\"vnc\"}", 1.0);
+    at_least("vizor_client_rtt_seconds_count{kind=\"vnc\"}", 2.0);
     at_least("vizor_upstream_connect_seconds_count{kind=\"vnc\"}", 1.0);
     at_least("vizor_libvirt_lookup_seconds_count", 1.0);
     at_least("vizor_audit_events_total{event=\"key\"}", 2.0);

@@ -31,6 +31,29 @@ impl BrowserTx {
             .is_ok()
     }
 
+    /// Pings the browser every `interval` until the session ends (dropping `BrowserTx`
+    /// clones does not stop it: abort the returned task).
+    pub fn start_pinging(&self, pings: Pings, interval: Duration) -> JoinHandle<()> {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(id) = pings.next() else { continue };
+                let ping = Frame::new(
+                    true,
+                    OpCode::Ping,
+                    None,
+                    Payload::Owned(id.to_be_bytes().to_vec()),
+                );
+                if tx.send(ping).await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
     /// Sends binary data without copying it; `false` once the browser is gone.
     pub async fn bytes(&self, data: bytes::BytesMut) -> bool {
         self.tx
@@ -61,9 +84,61 @@ impl BrowserTx {
 pub struct BrowserRx {
     rx: FragmentCollectorRead<ReadHalf<Io>>,
     tx: mpsc::Sender<Frame<'static>>,
+    pings: Pings,
+}
+
+/// Pings vizor sent to the browser and not yet answered, and where their round trips
+/// go (set once the session's kind is known).
+#[derive(Clone, Default)]
+pub struct Pings {
+    inner: Arc<std::sync::Mutex<PingState>>,
+}
+
+#[derive(Default)]
+struct PingState {
+    counter: u64,
+    sent: std::collections::HashMap<u64, std::time::Instant>,
+    rtt: Option<prometheus::Histogram>,
+}
+
+impl Pings {
+    /// Round trips from now on go to `rtt`.
+    pub fn measure_into(&self, rtt: prometheus::Histogram) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.rtt = Some(rtt);
+        }
+    }
+
+    fn next(&self) -> Option<u64> {
+        let mut g = self.inner.lock().ok()?;
+        // A browser that never answers must not grow this.
+        if g.sent.len() >= 16 {
+            return None;
+        }
+        g.counter += 1;
+        let id = g.counter;
+        g.sent.insert(id, std::time::Instant::now());
+        Some(id)
+    }
+
+    fn pong(&self, payload: &[u8]) {
+        let Ok(id) = <[u8; 8]>::try_from(payload).map(u64::from_be_bytes) else {
+            return;
+        };
+        if let Ok(mut g) = self.inner.lock() {
+            if let (Some(sent), Some(h)) = (g.sent.remove(&id), &g.rtt) {
+                h.observe(sent.elapsed().as_secs_f64());
+            }
+        }
+    }
 }
 
 impl BrowserRx {
+    /// The pings this reader answers, for [`BrowserTx::start_pinging`].
+    pub fn pings(&self) -> Pings {
+        self.pings.clone()
+    }
+
     /// Appends the next binary message to `buf`.
     pub async fn read_into(&mut self, buf: &mut Vec<u8>) -> Result<usize, End> {
         loop {
@@ -86,6 +161,7 @@ impl BrowserRx {
                     return Ok(frame.payload.len());
                 }
                 OpCode::Close => return Err(End::browser_closed()),
+                OpCode::Pong => self.pings.pong(&frame.payload),
                 OpCode::Text => {
                     return Err(End::refused(
                         "text WebSocket messages are not RFB; use binary",
@@ -123,6 +199,7 @@ pub fn split(ws: WebSocket<Io>, max_message: usize) -> (BrowserRx, BrowserTx) {
         BrowserRx {
             rx: FragmentCollectorRead::new(rd),
             tx: tx.clone(),
+            pings: Pings::default(),
         },
         BrowserTx {
             tx,
