@@ -180,6 +180,9 @@ mod tests {
         m.handshake_seconds
             .with_label_values(&["vnc"])
             .observe(0.05);
+        m.client_rtt_seconds
+            .with_label_values(&["vnc"])
+            .observe(0.001);
         m.upstream_connect_seconds
             .with_label_values(&["vnc"])
             .observe(0.0005);
