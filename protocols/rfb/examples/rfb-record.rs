@@ -27,18 +27,9 @@ fn main() -> ExitCode {
     };
     let password = std::env::var("VIZOR_VNC_PASSWORD").ok();
     let domain = std::env::var("VIZOR_VNC_DOMAIN").ok();
-    let reset = |d: &str| -> Result<(), String> {
-        let status = std::process::Command::new("virsh")
-            .args(["-c", "qemu:///system", "reset", d])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .map_err(|e| format!("virsh: {e}"))?;
-        status
-            .success()
-            .then_some(())
-            .ok_or(format!("virsh reset {d} failed"))
-    };
-    let hook = domain.as_deref().map(|d| move || reset(d));
+    let hook = domain
+        .as_deref()
+        .map(|d| move || support::recorder::virsh_reset(d));
     let mut failed = false;
     // VIZOR_SCENARIOS=a,b records only those scenarios.
     let only = std::env::var("VIZOR_SCENARIOS").ok();

@@ -39,20 +39,8 @@ fn live() -> Option<Live> {
     }
 }
 
-fn reset(domain: &str) -> Result<(), String> {
-    let status = std::process::Command::new("virsh")
-        .args(["-c", "qemu:///system", "reset", domain])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .map_err(|e| format!("virsh: {e}"))?;
-    status
-        .success()
-        .then_some(())
-        .ok_or(format!("virsh reset {domain} failed"))
-}
-
 fn record_and_frame(live: &Live, sc: &recorder::Scenario) -> Result<String, String> {
-    let hook = || reset(&live.domain);
+    let hook = || recorder::virsh_reset(&live.domain);
     let cap = recorder::record(&live.addr, Some(live.password.as_bytes()), sc, Some(&hook))?;
     let framed = replay::frame(&cap)?;
     replay::check(&framed, &sc.expect)?;

@@ -35,6 +35,19 @@ pub struct Scenario {
 /// Resets the guest of the VNC server being recorded.
 pub type ResetHook<'a> = &'a dyn Fn() -> Result<(), String>;
 
+/// Resets a libvirt domain's guest (`virsh reset`): the usual [`ResetHook`].
+pub fn virsh_reset(domain: &str) -> Result<(), String> {
+    let status = std::process::Command::new("virsh")
+        .args(["-c", "qemu:///system", "reset", domain])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("virsh: {e}"))?;
+    status
+        .success()
+        .then_some(())
+        .ok_or(format!("virsh reset {domain} failed"))
+}
+
 pub const RGB565: PixelFormat = PixelFormat::RGB565;
 
 pub const BGR233: PixelFormat = PixelFormat::BGR233;
