@@ -165,18 +165,8 @@ async fn a_browser_sees_the_console_and_its_keys_are_audited() {
     assert_eq!(start["domain"], live.name.as_str());
     assert_eq!(start["user"], "tester");
     assert_eq!(start["upstream"], live.vnc_addr.as_str());
-    let keys: Vec<(bool, String)> = audit
-        .iter()
-        .filter(|r| r["event"] == "key")
-        .map(|r| {
-            (
-                r["down"].as_bool().unwrap(),
-                r["key"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
     assert_eq!(
-        keys,
+        common::audited_keys(&audit),
         [
             (true, "Escape"),
             (false, "Escape"),
@@ -194,8 +184,7 @@ async fn a_browser_sees_the_console_and_its_keys_are_audited() {
 
     // The password never reaches the browser nor the log; the browser's handshake had
     // no challenge at all: version, [1 type: None], SecurityResult OK, ServerInit.
-    let pw = live.vnc_password.as_bytes();
-    assert!(!received.windows(pw.len()).any(|w| w == pw));
+    assert!(!common::holds(&received, live.vnc_password.as_bytes()));
     let mut expected = b"RFB 003.008\n".to_vec();
     expected.extend_from_slice(&[1, 1, 0, 0, 0, 0]);
     si.write(&mut expected);
@@ -204,10 +193,7 @@ async fn a_browser_sees_the_console_and_its_keys_are_audited() {
         &expected[..],
         "no challenge ever reached the browser"
     );
-    assert!(!v.log.lock().unwrap().contains(&live.vnc_password));
-    assert!(!std::fs::read_to_string(v.path().join("audit.jsonl"))
-        .unwrap()
-        .contains(&live.vnc_password));
+    v.assert_never_logged(&live.vnc_password);
 }
 
 async fn refused(v: &Vizor, path: &str) -> Closed {

@@ -11,7 +11,7 @@ pub mod spice;
 use crate::libvirt::Target;
 use std::fmt;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// How a session ended: the reason in the audit record and the close frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,4 +151,30 @@ pub(crate) async fn connect(target: &Target, timeout: Duration) -> Result<Box<dy
 /// A session cannot go on without its audit records.
 pub(crate) fn audit_failed(e: std::io::Error) -> End {
     End::upstream(format!("audit log cannot be written: {e}"), "audit_error")
+}
+
+/// Writes `bytes` to the VM's console.
+pub(crate) async fn write_upstream(
+    wr: &mut (impl AsyncWrite + Unpin),
+    bytes: &[u8],
+) -> Result<(), End> {
+    wr.write_all(bytes)
+        .await
+        .map_err(|e| End::upstream(format!("writing to the VM console: {e}"), "upstream_io"))
+}
+
+/// Reads what the VM's console sent next onto `buf`; its close ends the session.
+pub(crate) async fn read_upstream(
+    rd: &mut (impl AsyncRead + Unpin),
+    buf: &mut bytes::BytesMut,
+) -> Result<(), End> {
+    buf.reserve(64 * 1024);
+    match rd.read_buf(buf).await {
+        Ok(0) => Err(End::vm_closed()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(End::upstream(
+            format!("reading from the VM console: {e}"),
+            "upstream_io",
+        )),
+    }
 }

@@ -7,7 +7,7 @@
 //! reaches the browser as an RFB refusal with a reason, whatever its protocol version.
 
 use super::browser::{BrowserRx, BrowserTx};
-use super::{audit_failed, connect, End, Stream};
+use super::{audit_failed, connect, read_upstream, write_upstream, End, Stream};
 use crate::audit::{Audit, Event};
 use crate::libvirt::Console;
 use crate::token::Claims;
@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use vizor_rfb::client::{write_set_encodings, ClientDecoder, ClientMessage};
@@ -185,10 +185,11 @@ async fn authenticate_upstream(
     Ok((up, buf, init))
 }
 
+/// Writes and clears `out`.
 async fn write_up(wr: &mut (impl AsyncWrite + Unpin), out: &mut Vec<u8>) -> Result<(), End> {
-    let r = wr.write_all(out).await;
+    let r = write_upstream(wr, out).await;
     out.clear();
-    r.map_err(|e| End::upstream(format!("writing to the VM console: {e}"), "upstream_io"))
+    r
 }
 
 /// Both handshakes; returns the upstream stream and any bytes QEMU sent after
@@ -488,17 +489,7 @@ async fn relay(
                     .fetch_add(consumed as u64, Ordering::Relaxed);
                 bytes_out.inc_by(consumed as u64);
             }
-            buf.reserve(64 * 1024);
-            match up_rd.read_buf(&mut buf).await {
-                Ok(0) => return Err(End::vm_closed()),
-                Ok(_) => {}
-                Err(e) => {
-                    return Err(End::upstream(
-                        format!("reading from the VM console: {e}"),
-                        "upstream_io",
-                    ))
-                }
-            }
+            read_upstream(&mut up_rd, &mut buf).await?;
         }
     };
     let result: Result<(), End> = tokio::select! {

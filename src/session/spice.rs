@@ -10,7 +10,7 @@
 //! MAIN_INIT gives the session id that admits the session's other channels.
 
 use super::browser::{BrowserRx, BrowserTx};
-use super::{audit_failed, connect, End, Stream};
+use super::{audit_failed, connect, read_upstream, write_upstream, End, Stream};
 use crate::audit::{Audit, Event};
 use crate::libvirt::Console;
 use crate::token::Claims;
@@ -365,9 +365,7 @@ async fn link_both(
     forwarded.common_caps.set(cap::AUTH_SPICE);
     let mut out = Vec::new();
     forwarded.write(&mut out);
-    up.write_all(&out)
-        .await
-        .map_err(|e| End::upstream(format!("writing to the VM console: {e}"), "upstream_io"))?;
+    write_upstream(&mut up, &out).await?;
     let reply = read_until(&mut up, &mut ubuf, "link reply", |b| {
         LinkReply::parse(b, &limits)
     })
@@ -423,9 +421,7 @@ async fn link_both(
         out.extend_from_slice(&cap::AUTH_SPICE.to_le_bytes());
     }
     out.extend_from_slice(&encrypted);
-    up.write_all(&out)
-        .await
-        .map_err(|e| End::upstream(format!("writing to the VM console: {e}"), "upstream_io"))?;
+    write_upstream(&mut up, &out).await?;
     let result = read_until(&mut up, &mut ubuf, "link result", |b| {
         Ok(link::parse_u32(b))
     })
@@ -474,6 +470,14 @@ async fn relay(
 ) -> End {
     let limits = Limits::default();
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
+    let bytes_in = ctx
+        .metrics
+        .session_bytes_total
+        .with_label_values(&["spice", "browser_to_vm"]);
+    let bytes_out = ctx
+        .metrics
+        .session_bytes_total
+        .with_label_values(&["spice", "vm_to_browser"]);
     // spice-server 0.15 can crash (taking QEMU down) when a display channel closes
     // before the client sent DISPLAY_INIT; vizor completes it for a browser that left
     // too early. Full headers need the next client serial.
@@ -530,14 +534,9 @@ async fn relay(
                 pos += n;
             }
             if pos > 0 {
-                up_wr.write_all(&buf[..pos]).await.map_err(|e| {
-                    End::upstream(format!("writing to the VM console: {e}"), "upstream_io")
-                })?;
+                write_upstream(&mut up_wr, &buf[..pos]).await?;
                 counters.0.fetch_add(pos as u64, Ordering::Relaxed);
-                ctx.metrics
-                    .session_bytes_total
-                    .with_label_values(&["spice", "browser_to_vm"])
-                    .inc_by(pos as u64);
+                bytes_in.inc_by(pos as u64);
                 buf.drain(..pos);
             }
             brx.read_into(&mut buf).await?;
@@ -579,22 +578,9 @@ async fn relay(
                     return Err(End::browser_closed());
                 }
                 counters.1.fetch_add(consumed as u64, Ordering::Relaxed);
-                ctx.metrics
-                    .session_bytes_total
-                    .with_label_values(&["spice", "vm_to_browser"])
-                    .inc_by(consumed as u64);
+                bytes_out.inc_by(consumed as u64);
             }
-            buf.reserve(64 * 1024);
-            match up_rd.read_buf(&mut buf).await {
-                Ok(0) => return Err(End::vm_closed()),
-                Ok(_) => {}
-                Err(e) => {
-                    return Err(End::upstream(
-                        format!("reading from the VM console: {e}"),
-                        "upstream_io",
-                    ))
-                }
-            }
+            read_upstream(&mut up_rd, &mut buf).await?;
         }
     };
     let r: Result<(), End> = tokio::select! {

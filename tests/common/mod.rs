@@ -36,6 +36,22 @@ pub fn live_domain() -> Option<LiveDomain> {
     }
 }
 
+/// `args` with the value after each `--*-passwd` flag hidden, for messages.
+pub fn redacted(args: &[&str]) -> Vec<String> {
+    let mut hide = false;
+    args.iter()
+        .map(|a| {
+            let shown = if hide {
+                "<redacted>".to_owned()
+            } else {
+                (*a).to_owned()
+            };
+            hide = a.ends_with("-passwd");
+            shown
+        })
+        .collect()
+}
+
 /// Runs `scripts/test-host.sh` with `args`, failing the test if it fails. Calls are
 /// serialised: libvirt can kill a QEMU whose start races another domain's start for
 /// the same autoport range.
@@ -49,7 +65,8 @@ pub fn test_host(args: &[&str]) -> String {
         .expect("run test-host.sh");
     assert!(
         out.status.success(),
-        "test-host.sh {args:?}: {}",
+        "test-host.sh {:?}: {}",
+        redacted(args),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -186,6 +203,16 @@ impl Vizor {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         panic!("no {event} record in the audit log: {:?}", self.audit());
+    }
+
+    /// Asserts that `secret` appears neither in vizor's log nor in its audit log.
+    pub fn assert_never_logged(&self, secret: &str) {
+        assert!(
+            !self.log.lock().unwrap().contains(secret),
+            "secret in the log"
+        );
+        let audit = std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap();
+        assert!(!audit.contains(secret), "secret in the audit log");
     }
 
     /// The config directory.
@@ -362,6 +389,25 @@ pub async fn http_get(
 
 /// The value of one series (`name{labels}` exactly as exported) in a Prometheus text
 /// exposition.
+/// The audited key events, in order, as (down, key name).
+pub fn audited_keys(audit: &[serde_json::Value]) -> Vec<(bool, String)> {
+    audit
+        .iter()
+        .filter(|r| r["event"] == "key")
+        .map(|r| {
+            (
+                r["down"].as_bool().unwrap(),
+                r["key"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Whether `haystack` holds `needle` anywhere.
+pub fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
