@@ -60,8 +60,10 @@ fn msg(m: ClientMessage<'_>) -> Vec<u8> {
     v
 }
 
-/// Requests a full update in Raw and reads it to its end; returns the pixel bytes.
-async fn full_update(b: &mut Browser, si: &ServerInit) -> u64 {
+/// Requests a full update in Raw and reads it to its end; returns the pixel bytes and
+/// the bytes of a complete frame at the framebuffer size the update ended with (a guest
+/// still booting may switch modes after ServerInit).
+async fn full_update(b: &mut Browser, si: &ServerInit) -> (u64, u64) {
     let mut set = Vec::new();
     // Raw plus encodings vizor must strip (JPEG 21, H.264 50): QEMU never sees them.
     write_set_encodings(
@@ -100,7 +102,8 @@ async fn full_update(b: &mut Browser, si: &ServerInit) -> u64 {
             let done = ev == ServerEvent::UpdateEnd && raw_bytes > 0;
             b.pending.drain(..n);
             if done {
-                return raw_bytes;
+                let (w, h) = dec.framebuffer_size();
+                return (raw_bytes, u64::from(w) * u64::from(h) * 4);
             }
         }
         b.read().await.unwrap();
@@ -126,12 +129,8 @@ async fn a_browser_sees_the_console_and_its_keys_are_audited() {
         "desktop {:?}",
         si.name_lossy()
     );
-    let pixels = full_update(&mut b, &si).await;
-    assert_eq!(
-        pixels,
-        u64::from(si.width) * u64::from(si.height) * 4,
-        "a complete frame"
-    );
+    let (pixels, frame) = full_update(&mut b, &si).await;
+    assert_eq!(pixels, frame, "a complete frame");
     for (down, keysym) in [(true, 0xff1b), (false, 0xff1b), (true, 0x61), (false, 0x61)] {
         b.send(&msg(ClientMessage::KeyEvent { down, keysym })).await;
     }
@@ -363,8 +362,8 @@ async fn unix_socket_consoles_and_concurrent_sessions() {
     let (mut s, si_s) = open_session(&v, "vizor-test-sock").await;
     assert!(si_s.name_lossy().contains("vizor-test-sock"));
     let (pa, ps) = tokio::join!(full_update(&mut a, &si_a), full_update(&mut s, &si_s));
-    assert_eq!(pa, u64::from(si_a.width) * u64::from(si_a.height) * 4);
-    assert_eq!(ps, u64::from(si_s.width) * u64::from(si_s.height) * 4);
+    assert_eq!(pa.0, pa.1, "a complete frame");
+    assert_eq!(ps.0, ps.1, "a complete frame");
     let starts: Vec<String> = v
         .audit()
         .iter()
