@@ -48,6 +48,51 @@ pub struct Config {
     /// `[log]` (optional)
     #[serde(default)]
     pub log: LogConfig,
+    /// `[metrics]` (optional)
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The most sessions `[metrics] per_session_max` may allow: series per session
+/// are for a handful of sessions under study, not for a fleet.
+pub const MAX_PER_SESSION_SERIES: usize = 10_000;
+
+/// `[metrics]`: opt-in per-session series.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `per_session`: export series labelled by session id (default false).
+    #[serde(default)]
+    pub per_session: bool,
+    /// `per_session_max`: how many live sessions (the oldest) get them (default 100).
+    #[serde(
+        default = "default_per_session_max",
+        deserialize_with = "per_session_max"
+    )]
+    pub per_session_max: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            per_session: false,
+            per_session_max: default_per_session_max(),
+        }
+    }
+}
+
+fn default_per_session_max() -> usize {
+    100
+}
+
+fn per_session_max<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = i64::deserialize(d)?;
+    if !(1..=MAX_PER_SESSION_SERIES as i64).contains(&n) {
+        return Err(serde::de::Error::custom(format!(
+            "per_session_max {n} is out of range (1 to {MAX_PER_SESSION_SERIES})"
+        )));
+    }
+    Ok(n as usize)
 }
 
 /// `[api]`: the management API.
@@ -281,6 +326,13 @@ keystrokes = "full"
         assert_eq!(c.tokens.ttl, Duration::from_secs(60));
         assert_eq!(c.audit.keystrokes, Keystrokes::Full);
         assert_eq!(c.libvirt.uri, "qemu:///system");
+        assert!(!c.metrics.per_session);
+        let c = Config::parse(&format!(
+            "{MINIMAL}\n[metrics]\nper_session = true\nper_session_max = 20\n"
+        ))
+        .unwrap();
+        assert!(c.metrics.per_session);
+        assert_eq!(c.metrics.per_session_max, 20);
     }
 
     #[test]
@@ -300,6 +352,14 @@ keystrokes = "full"
                 "listen",
             ),
             (MINIMAL.replace("uri = ", "url = "), "url"),
+            (
+                format!("{MINIMAL}\n[metrics]\nper_session_max = 0\n"),
+                "per_session_max 0 is out of range",
+            ),
+            (
+                format!("{MINIMAL}\n[metrics]\nper_sessions = true\n"),
+                "per_sessions",
+            ),
             (
                 MINIMAL.replace("[libvirt]\nuri = \"qemu:///system\"", ""),
                 "libvirt",

@@ -9,6 +9,7 @@
 use crate::audit::{Audit, Event};
 use crate::config::Config;
 use crate::libvirt::{Console, Libvirt, LookupError};
+use crate::live::{Direction, Latency, LiveSessions};
 use crate::metrics::Metrics;
 use crate::session::{self, End};
 use crate::token::{Claims, ConsoleKind, ReplayCache, TokenError, TokenKey};
@@ -52,6 +53,8 @@ pub struct App {
     pub spice_sessions: Arc<session::spice::Sessions>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Live sessions, for `GET /api/v1/sessions` and per-session series.
+    pub live: Arc<LiveSessions>,
     next_session: AtomicU64,
 }
 
@@ -118,6 +121,7 @@ impl App {
             spice_key: Arc::new(spice_key),
             spice_sessions: Arc::default(),
             metrics,
+            live: Arc::default(),
             next_session: AtomicU64::new(1),
         }
     }
@@ -187,6 +191,9 @@ pub async fn handle(
             ));
         }
         return Ok(websocket(app, peer, &mut req));
+    }
+    if path == "/api/v1/sessions" {
+        return Ok(api_sessions(&app, &req));
     }
     if let Some(rest) = path.strip_prefix("/api/v1/domains/") {
         if let Some(domain) = rest.strip_suffix("/console") {
@@ -422,6 +429,7 @@ async fn console(
             handshake_timeout: app.config.server.handshake_timeout,
             connect_timeout: app.config.server.connect_timeout,
             metrics: app.metrics.clone(),
+            live: app.live.clone(),
         };
         let end = session::rfb::run(ctx, brx, btx, app.close_sessions.clone()).await;
         info!(reason = %end.reason, label = end.label, "session ended");
@@ -441,9 +449,10 @@ async fn spice_console(
     brx: session::browser::BrowserRx,
     btx: session::browser::BrowserTx,
 ) {
+    // A secondary channel takes its main channel's session id, known after its link.
     let id = app.next_session.fetch_add(1, Ordering::Relaxed);
     let token_id = claims.token_id();
-    let span = tracing::info_span!("session", id, domain = %claims.domain, kind = %claims.kind, client = %peer, token = %token_id);
+    let span = tracing::info_span!("session", domain = %claims.domain, kind = %claims.kind, client = %peer, token = %token_id);
     let _guard = app.sessions.enter();
     let client = peer.to_string();
     let replay_app = app.clone();
@@ -493,6 +502,7 @@ async fn spice_console(
         handshake_timeout: app.config.server.handshake_timeout,
         connect_timeout: app.config.server.connect_timeout,
         metrics: app.metrics.clone(),
+        live: app.live.clone(),
     };
     let end = async {
         let _active = Active::new(&app.metrics, ConsoleKind::Spice);
@@ -519,18 +529,71 @@ fn bearer_matches(req: &Request<Incoming>, key: &str) -> bool {
     given.len() == key.len() && bool::from(given.as_bytes().ct_eq(key.as_bytes()))
 }
 
-async fn api_console(app: &App, domain: &str, req: &Request<Incoming>) -> Resp {
+/// Checks the admin bearer key: the refusal to send if it is not there.
+fn admin_refusal(app: &App, req: &Request<Incoming>) -> Option<Resp> {
     let Some(key) = &app.admin_key else {
-        return json(
+        return Some(json(
             StatusCode::NOT_FOUND,
             &serde_json::json!({"error": "the management API is disabled (no [api] admin_key_file)"}),
-        );
+        ));
     };
     if !bearer_matches(req, key) {
-        return json(
+        return Some(json(
             StatusCode::UNAUTHORIZED,
             &serde_json::json!({"error": "a valid Authorization: Bearer <admin key> header is required"}),
-        );
+        ));
+    }
+    None
+}
+
+/// `GET /api/v1/sessions`: the live sessions, oldest first.
+fn api_sessions(app: &App, req: &Request<Incoming>) -> Resp {
+    if let Some(refused) = admin_refusal(app, req) {
+        return refused;
+    }
+    let ms = |q: Option<crate::live::Quantiles>| match q {
+        Some(q) => serde_json::json!({
+            "p50": q.p50 * 1000.0,
+            "p99": q.p99 * 1000.0,
+            "samples": q.samples,
+        }),
+        None => serde_json::Value::Null,
+    };
+    let sessions: Vec<serde_json::Value> = app
+        .live
+        .list()
+        .iter()
+        .map(|l| {
+            let s = l.snapshot();
+            let each = |v: [f64; 2]| {
+                serde_json::json!({
+                    Direction::BrowserToVm.as_str(): v[Direction::BrowserToVm as usize],
+                    Direction::VmToBrowser.as_str(): v[Direction::VmToBrowser as usize],
+                })
+            };
+            serde_json::json!({
+                "id": l.id,
+                "user": l.user,
+                "domain": l.domain,
+                "kind": l.kind.as_str(),
+                "client": l.client.to_string(),
+                "token_id": l.token_id,
+                "started_at": humantime::format_rfc3339_seconds(l.started).to_string(),
+                "channels": s.channels,
+                "bytes": each(s.bytes.map(|b| b as f64)),
+                "bytes_per_second": each(s.rate),
+                "frame_latency_ms": ms(s.latency[Latency::Frame as usize]),
+                "input_to_display_ms": ms(s.latency[Latency::InputToDisplay as usize]),
+                "client_rtt_ms": ms(s.latency[Latency::ClientRtt as usize]),
+            })
+        })
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({"sessions": sessions}))
+}
+
+async fn api_console(app: &App, domain: &str, req: &Request<Incoming>) -> Resp {
+    if let Some(refused) = admin_refusal(app, req) {
+        return refused;
     }
     let kind = match query_param(req, "kind")
         .as_deref()

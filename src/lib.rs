@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod front;
 pub mod libvirt;
+pub mod live;
 pub mod metrics;
 pub mod serve;
 pub mod session;

@@ -153,6 +153,11 @@ impl Metrics {
         Ok(m)
     }
 
+    /// Adds a collector, such as the per-session series.
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) -> prometheus::Result<()> {
+        self.registry.register(c)
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         TextEncoder::new()

@@ -107,6 +107,12 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         spice_key,
         metrics.clone(),
     ));
+    if app.config.metrics.per_session {
+        metrics.register(Box::new(crate::live::PerSession::new(
+            app.live.clone(),
+            app.config.metrics.per_session_max,
+        )?))?;
+    }
     if let Some(addr) = app.config.server.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

@@ -204,7 +204,7 @@ async fn channels_of_one_session_link_through_vizor_and_keys_are_audited() {
         return;
     };
     let dom = domain("vizor-test-sp1");
-    let v = Vizor::start("");
+    let v = Vizor::start_admin("", "");
     let token = v.token(dom, ConsoleKind::Spice, 60);
     for mini in [true, false] {
         let token = if mini {
@@ -260,6 +260,31 @@ async fn channels_of_one_session_link_through_vizor_and_keys_are_audited() {
         for c in ["spice:main:0", "spice:display:0", "spice:inputs:0"] {
             assert!(channels.iter().any(|x| x == c), "{c} in {channels:?}");
         }
+        // One console, one session: every channel is audited under the main channel's
+        // id, and the API lists it once, with its channels.
+        let starts: Vec<&serde_json::Value> = audit
+            .iter()
+            .filter(|r| r["event"] == "session_start")
+            .collect();
+        let this = &starts[starts.len() - 3..];
+        let id = &this[0]["session"];
+        assert_eq!(this[0]["channel"], "spice:main:0");
+        assert!(this.iter().all(|r| &r["session"] == id), "{this:?}");
+        let key = audit.iter().rfind(|r| r["event"] == "key").unwrap();
+        assert_eq!(&key["session"], id);
+        let sessions = v.sessions().await;
+        assert_eq!(sessions.len(), 1, "{sessions:?}");
+        assert_eq!(&sessions[0]["id"], id);
+        assert_eq!(sessions[0]["kind"], "spice");
+        let mut listed: Vec<&str> = sessions[0]["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        listed.sort();
+        assert_eq!(listed, ["display:0", "inputs:0", "main:0"]);
+        assert!(sessions[0]["bytes"]["vm_to_browser"].as_f64().unwrap() > 0.0);
         let received: Vec<u8> = [
             &main.received[..],
             &display.received[..],

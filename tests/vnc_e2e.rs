@@ -593,3 +593,112 @@ async fn metrics_move_to_metrics_listen_when_set() {
     assert_eq!(status, 200);
     assert!(text.contains("# HELP vizor_sessions_active "));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_sessions_are_listed_and_their_series_go_when_they_end() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    let v = Vizor::start_admin(
+        "ping_interval = \"100ms\"",
+        "[metrics]\nper_session = true\nper_session_max = 5",
+    );
+    // The list is the admin's only.
+    let (status, _, _) = common::http_get(v.addr, "/api/v1/sessions", &[]).await;
+    assert_eq!(status, 401);
+    assert!(v.sessions().await.is_empty());
+    let (mut b, si) = open_session(&v, &live.name).await;
+    let (bytes, _) = full_update(&mut b, &si).await;
+    b.send(&msg(ClientMessage::PointerEvent {
+        buttons: 0,
+        x: 3,
+        y: 3,
+    }))
+    .await;
+    b.send(&msg(ClientMessage::FramebufferUpdateRequest {
+        incremental: false,
+        x: 0,
+        y: 0,
+        width: 8,
+        height: 8,
+    }))
+    .await;
+    b.read().await.unwrap();
+    // Long enough for a few browser round trips (the client answers while it reads).
+    let until = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+    while tokio::time::Instant::now() < until {
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), b.read()).await;
+    }
+    let sessions = v.sessions().await;
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let s = &sessions[0];
+    let start = v
+        .audit()
+        .into_iter()
+        .find(|r| r["event"] == "session_start")
+        .unwrap();
+    assert_eq!(s["id"], start["session"], "the audit log's session id");
+    assert_eq!(s["domain"], live.name.as_str());
+    assert_eq!(s["kind"], "vnc");
+    assert_eq!(s["user"], "tester");
+    assert_eq!(s["client"], start["client"]);
+    assert_eq!(s["token_id"], start["token_id"]);
+    assert!(s["started_at"].as_str().unwrap().ends_with('Z'));
+    let vm_bytes = s["bytes"]["vm_to_browser"].as_f64().unwrap();
+    assert!(vm_bytes >= bytes as f64, "{s}");
+    assert!(s["bytes"]["browser_to_vm"].as_f64().unwrap() > 0.0, "{s}");
+    assert!(s["bytes_per_second"]["vm_to_browser"].as_f64().unwrap() > 0.0);
+    for latency in ["frame_latency_ms", "input_to_display_ms", "client_rtt_ms"] {
+        let l = &s[latency];
+        assert!(l["samples"].as_u64().unwrap() >= 1, "{latency}: {s}");
+        let (p50, p99) = (l["p50"].as_f64().unwrap(), l["p99"].as_f64().unwrap());
+        assert!(p50 > 0.0 && p50 <= p99 && p99 < 10_000.0, "{latency}: {l}");
+    }
+    // The per-session series, labelled by the same id.
+    let id = s["id"].as_u64().unwrap();
+    let text = v.metrics().await;
+    let series = |name: &str, labels: &str| common::metric(&text, &format!("{name}{{{labels}}}"));
+    assert_eq!(
+        series(
+            "vizor_per_session_info",
+            &format!(
+                "domain=\"{}\",kind=\"vnc\",session=\"{id}\",user=\"tester\"",
+                live.name
+            )
+        ),
+        Some(1.0)
+    );
+    let exported = series(
+        "vizor_per_session_bytes_total",
+        &format!("direction=\"vm_to_browser\",session=\"{id}\""),
+    )
+    .expect("per-session bytes");
+    assert!(exported >= vm_bytes, "{exported} < {vm_bytes}");
+    for name in [
+        "vizor_per_session_frame_latency_seconds",
+        "vizor_per_session_client_rtt_seconds",
+    ] {
+        let p99 = series(name, &format!("quantile=\"0.99\",session=\"{id}\""));
+        assert!(p99.is_some_and(|x| x > 0.0), "{name}: {text}");
+    }
+    assert_eq!(
+        common::metric(&text, "vizor_per_session_omitted"),
+        Some(0.0)
+    );
+    // Ended: gone from the list and from the metrics.
+    drop(b);
+    v.wait_for_audit("session_end");
+    for _ in 0..50 {
+        if v.sessions().await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(v.sessions().await.is_empty());
+    let text = v.metrics().await;
+    assert!(
+        !text.contains("session=\""),
+        "per-session series left:\n{text}"
+    );
+    assert!(text.contains("vizor_per_session_omitted 0"));
+}

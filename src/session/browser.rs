@@ -99,6 +99,7 @@ struct PingState {
     counter: u64,
     sent: std::collections::HashMap<u64, std::time::Instant>,
     rtt: Option<prometheus::Histogram>,
+    live: Option<Arc<crate::live::Live>>,
 }
 
 impl Pings {
@@ -106,6 +107,13 @@ impl Pings {
     pub fn measure_into(&self, rtt: prometheus::Histogram) {
         if let Ok(mut g) = self.inner.lock() {
             g.rtt = Some(rtt);
+        }
+    }
+
+    /// Round trips from now on are also the session's.
+    pub fn measure_live(&self, live: Arc<crate::live::Live>) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.live = Some(live);
         }
     }
 
@@ -126,8 +134,14 @@ impl Pings {
             return;
         };
         if let Ok(mut g) = self.inner.lock() {
-            if let (Some(sent), Some(h)) = (g.sent.remove(&id), &g.rtt) {
-                h.observe(sent.elapsed().as_secs_f64());
+            if let Some(sent) = g.sent.remove(&id) {
+                let rtt = sent.elapsed();
+                if let Some(h) = &g.rtt {
+                    h.observe(rtt.as_secs_f64());
+                }
+                if let Some(live) = &g.live {
+                    live.observe(crate::live::Latency::ClientRtt, rtt);
+                }
             }
         }
     }

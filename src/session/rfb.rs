@@ -10,6 +10,7 @@ use super::browser::{BrowserRx, BrowserTx};
 use super::{audit_failed, connect, read_upstream, write_upstream, End, Stream};
 use crate::audit::{Audit, Event};
 use crate::libvirt::Console;
+use crate::live::{Direction, Identity, Latency, Live, LiveSessions};
 use crate::token::Claims;
 use bytes::BytesMut;
 use std::future::Future;
@@ -47,6 +48,8 @@ pub struct Ctx {
     pub connect_timeout: Duration,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Live sessions, for the API and per-session series.
+    pub live: Arc<LiveSessions>,
 }
 
 /// Bytes relayed each way.
@@ -294,8 +297,20 @@ pub async fn run(
                 Err(e) => End::upstream(format!("audit log cannot be written: {e}"), "audit_error"),
                 Ok(()) => {
                     info!(desktop = %si.name_lossy(), width = si.width, height = si.height, "session relaying");
+                    let hold = ctx.live.hold(
+                        Identity {
+                            id: ctx.id,
+                            kind: ctx.claims.kind,
+                            user: &ctx.claims.user,
+                            domain: &ctx.console.domain,
+                            token_id: &ctx.claims.token_id(),
+                            client: ctx.client,
+                        },
+                        None,
+                    );
+                    brx.pings().measure_live(hold.live().clone());
                     let end = tokio::select! {
-                        end = relay(&ctx, up, early, &si, &mut brx, &btx, &counters) => end,
+                        end = relay(&ctx, up, early, &si, &mut brx, &btx, &counters, hold.live()) => end,
                         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
                     };
                     let record = ctx.audit.record(&Event::SessionEnd {
@@ -318,6 +333,7 @@ pub async fn run(
     end
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     ctx: &Ctx,
     up: Box<dyn Stream>,
@@ -326,6 +342,7 @@ async fn relay(
     brx: &mut BrowserRx,
     btx: &BrowserTx,
     counters: &Counters,
+    live: &Live,
 ) -> End {
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
     let server = Mutex::new(ServerDecoder::new(si, ctx.limits));
@@ -440,6 +457,7 @@ async fn relay(
                 write_up(&mut up_wr, &mut out).await?;
                 counters.browser_to_vm.fetch_add(len, Ordering::Relaxed);
                 bytes_in.inc_by(len);
+                live.bytes(Direction::BrowserToVm, len);
             }
         }
     };
@@ -463,9 +481,11 @@ async fn relay(
                             let (frame, input) = lock(&timing)?.update_relayed();
                             if let Some(d) = frame {
                                 frame_latency.observe(d.as_secs_f64());
+                                live.observe(Latency::Frame, d);
                             }
                             if let Some(d) = input {
                                 input_latency.observe(d.as_secs_f64());
+                                live.observe(Latency::InputToDisplay, d);
                             }
                         }
                         ServerEvent::ServerCutText(text) => {
@@ -488,6 +508,7 @@ async fn relay(
                     .vm_to_browser
                     .fetch_add(consumed as u64, Ordering::Relaxed);
                 bytes_out.inc_by(consumed as u64);
+                live.bytes(Direction::VmToBrowser, consumed as u64);
             }
             read_upstream(&mut up_rd, &mut buf).await?;
         }

@@ -13,6 +13,7 @@ use super::browser::{BrowserRx, BrowserTx};
 use super::{audit_failed, connect, read_upstream, write_upstream, End, Stream};
 use crate::audit::{Audit, Event};
 use crate::libvirt::Console;
+use crate::live::{Direction, Identity, Latency, Live, LiveSessions};
 use crate::token::Claims;
 use bytes::BytesMut;
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
@@ -24,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 use vizor_spice::agent::{self, AgentEvent, AgentStream};
 use vizor_spice::channel::{write_message, Decoder, Frame, HeaderKind};
 use vizor_spice::link::{self, cap, channel_type, link_error, Caps, LinkMess, LinkReply};
@@ -52,10 +53,19 @@ impl LinkKey {
 }
 
 /// SPICE sessions whose main channel is linked: a token admits the session's other
-/// channels, and only those.
+/// channels, and only those. Each maps to QEMU's session id once MAIN_INIT gave it, and
+/// to vizor's session id (the main channel's), which every channel is audited under.
 #[derive(Default)]
 pub struct Sessions {
-    by_nonce: Mutex<HashMap<[u8; 16], Option<u32>>>,
+    by_nonce: Mutex<HashMap<[u8; 16], Linked>>,
+}
+
+/// A SPICE session whose main channel is linked.
+struct Linked {
+    /// QEMU's session id, from MAIN_INIT.
+    qemu: Option<u32>,
+    /// vizor's session id.
+    session: u64,
 }
 
 /// How a channel was admitted.
@@ -65,15 +75,23 @@ enum Admission {
 }
 
 impl Sessions {
-    fn register(&self, nonce: [u8; 16]) {
+    fn register(&self, nonce: [u8; 16], session: u64) {
         if let Ok(mut m) = self.by_nonce.lock() {
-            m.insert(nonce, None);
+            m.insert(
+                nonce,
+                Linked {
+                    qemu: None,
+                    session,
+                },
+            );
         }
     }
 
     fn set_session_id(&self, nonce: [u8; 16], id: u32) {
         if let Ok(mut m) = self.by_nonce.lock() {
-            m.insert(nonce, Some(id));
+            if let Some(entry) = m.get_mut(&nonce) {
+                entry.qemu = Some(id);
+            }
         }
     }
 
@@ -83,17 +101,19 @@ impl Sessions {
         }
     }
 
-    fn admits(&self, nonce: &[u8; 16], connection_id: u32) -> bool {
-        self.by_nonce
-            .lock()
-            .map(|m| m.get(nonce) == Some(&Some(connection_id)))
-            .unwrap_or(false)
+    /// vizor's session id, if the token's session has QEMU's `connection_id`.
+    fn admits(&self, nonce: &[u8; 16], connection_id: u32) -> Option<u64> {
+        let m = self.by_nonce.lock().ok()?;
+        m.get(nonce)
+            .filter(|l| l.qemu == Some(connection_id))
+            .map(|l| l.session)
     }
 }
 
 /// What a channel needs from the proxy.
 pub struct Ctx {
-    /// Channel session id (unique in this process).
+    /// A fresh id (unique in this process): the session's id when this is its main
+    /// channel; a secondary channel takes its main channel's.
     pub id: u64,
     /// The token's claims.
     pub claims: Claims,
@@ -111,6 +131,8 @@ pub struct Ctx {
     pub connect_timeout: Duration,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Live sessions, for the API and per-session series.
+    pub live: Arc<LiveSessions>,
 }
 
 fn link_refusal(code: u32) -> Vec<u8> {
@@ -199,7 +221,7 @@ fn ticket(pub_key_der: &[u8], password: &[u8]) -> Result<Vec<u8>, End> {
 
 /// Runs one channel to its end; closes the browser with the reason.
 pub async fn run(
-    ctx: Ctx,
+    mut ctx: Ctx,
     console: Console,
     mut brx: BrowserRx,
     btx: BrowserTx,
@@ -233,9 +255,10 @@ pub async fn run(
                 .await;
             return close(&btx, End::refused(reason, "replayed")).await;
         }
-        ctx.sessions.register(ctx.claims.nonce);
+        ctx.sessions.register(ctx.claims.nonce, ctx.id);
         Admission::Main
-    } else if ctx.sessions.admits(&ctx.claims.nonce, mess.connection_id) {
+    } else if let Some(session) = ctx.sessions.admits(&ctx.claims.nonce, mess.connection_id) {
+        ctx.id = session;
         Admission::Secondary
     } else {
         btx.binary(link_refusal(link_error::BAD_CONNECTION_ID))
@@ -249,6 +272,7 @@ pub async fn run(
         )
         .await;
     };
+    let span = tracing::info_span!("channel", session = ctx.id, channel = chan);
     let end = relay_channel(
         &ctx,
         &console,
@@ -260,6 +284,7 @@ pub async fn run(
         chan,
         started,
     )
+    .instrument(span)
     .await;
     if matches!(admission, Admission::Main) {
         ctx.sessions.forget(&ctx.claims.nonce);
@@ -310,7 +335,19 @@ async fn relay_channel(
     }) {
         return End::upstream(format!("audit log cannot be written: {e}"), "audit_error");
     }
-    info!(channel = chan, header = ?kind, "SPICE channel relaying");
+    info!(header = ?kind, "SPICE channel relaying");
+    let hold = ctx.live.hold(
+        Identity {
+            id: ctx.id,
+            kind: ctx.claims.kind,
+            user: &ctx.claims.user,
+            domain: &console.domain,
+            token_id: &ctx.claims.token_id(),
+            client: ctx.client,
+        },
+        Some(format!("{chan}:{}", mess.channel_id)),
+    );
+    brx.pings().measure_live(hold.live().clone());
     let counters = (AtomicU64::new(0), AtomicU64::new(0));
     ctx.metrics
         .handshake_seconds
@@ -322,10 +359,11 @@ async fn relay_channel(
                 .frame_latency_seconds
                 .with_label_values(&["spice"]),
         ),
+        live: Some(hold.live().clone()),
         ..RoundTrips::default()
     };
     let end = tokio::select! {
-        end = relay(ctx, mess.channel_type, kind, up, ubuf, bbuf, brx, btx, &counters, &rtt) => end,
+        end = relay(ctx, mess.channel_type, kind, up, ubuf, bbuf, brx, btx, &counters, &rtt, hold.live()) => end,
         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
     };
     if let Err(e) = ctx.audit.record(&Event::SessionEnd {
@@ -467,6 +505,7 @@ async fn relay(
     btx: &BrowserTx,
     counters: &(AtomicU64, AtomicU64),
     rtt: &RoundTrips,
+    live: &Live,
 ) -> End {
     let limits = Limits::default();
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
@@ -537,6 +576,7 @@ async fn relay(
                 write_upstream(&mut up_wr, &buf[..pos]).await?;
                 counters.0.fetch_add(pos as u64, Ordering::Relaxed);
                 bytes_in.inc_by(pos as u64);
+                live.bytes(Direction::BrowserToVm, pos as u64);
                 buf.drain(..pos);
             }
             brx.read_into(&mut buf).await?;
@@ -579,6 +619,7 @@ async fn relay(
                 }
                 counters.1.fetch_add(consumed as u64, Ordering::Relaxed);
                 bytes_out.inc_by(consumed as u64);
+                live.bytes(Direction::VmToBrowser, consumed as u64);
             }
             read_upstream(&mut up_rd, &mut buf).await?;
         }
@@ -612,6 +653,7 @@ async fn relay(
 pub struct RoundTrips {
     inner: Mutex<(HashMap<u32, Instant>, Vec<Duration>)>,
     histogram: Option<prometheus::Histogram>,
+    live: Option<Arc<Live>>,
 }
 
 impl RoundTrips {
@@ -635,6 +677,9 @@ impl RoundTrips {
                 g.1.push(sent.elapsed());
                 if let Some(h) = &self.histogram {
                     h.observe(sent.elapsed().as_secs_f64());
+                }
+                if let Some(live) = &self.live {
+                    live.observe(Latency::Frame, sent.elapsed());
                 }
                 debug!(
                     rtt_ms = sent.elapsed().as_secs_f64() * 1000.0,

@@ -79,6 +79,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use vizor::token::{Claims, ConsoleKind, TokenKey};
 
+/// The management API key of a vizor started with [`Vizor::start_admin`].
+pub const ADMIN_KEY: &str = "k3y-0123456789abcdef-admin";
+
 /// A `vizor serve` process with its own config, key and audit log.
 pub struct Vizor {
     child: Child,
@@ -153,6 +156,37 @@ impl Vizor {
             log,
             key,
         }
+    }
+
+    /// Starts vizor with the management API enabled (key [`ADMIN_KEY`]).
+    pub fn start_admin(server_extra: &str, tail: &str) -> Vizor {
+        Self::start_with(
+            server_extra,
+            &format!("[api]\nadmin_key_file = \"admin.key\"\n{tail}"),
+            |dir| {
+                use std::os::unix::fs::PermissionsExt;
+                let path = dir.join("admin.key");
+                std::fs::write(&path, format!("{ADMIN_KEY}\n")).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            },
+        )
+    }
+
+    /// `GET /api/v1/sessions` with the admin key: the live sessions.
+    pub async fn sessions(&self) -> Vec<serde_json::Value> {
+        let bearer = format!("Bearer {ADMIN_KEY}");
+        let (status, _, body) =
+            http_get(self.addr, "/api/v1/sessions", &[("Authorization", &bearer)]).await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["sessions"].as_array().unwrap().clone()
+    }
+
+    /// `GET /metrics` on the main listener.
+    pub async fn metrics(&self) -> String {
+        let (status, _, body) = http_get(self.addr, "/metrics", &[]).await;
+        assert_eq!(status, 200);
+        body
     }
 
     /// A token for `domain`, valid for `ttl_secs` (negative: already expired).
@@ -387,8 +421,6 @@ pub async fn http_get(
     (status, head.to_owned(), body.to_owned())
 }
 
-/// The value of one series (`name{labels}` exactly as exported) in a Prometheus text
-/// exposition.
 /// The audited key events, in order, as (down, key name).
 pub fn audited_keys(audit: &[serde_json::Value]) -> Vec<(bool, String)> {
     audit
@@ -408,6 +440,8 @@ pub fn holds(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// The value of one series (`name{labels}` exactly as exported) in a Prometheus text
+/// exposition.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
