@@ -1,6 +1,9 @@
 //! Shared by the integration tests: the live test host that `scripts/test.sh` starts.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod rfb;
+pub mod spice;
+
 /// The QEMU test domain `scripts/test.sh` starts, from the environment.
 pub struct LiveDomain {
     /// Host and port of its VNC server.

@@ -1,0 +1,114 @@
+//! An RFB-over-WebSocket client as noVNC behaves, for the tests.
+
+use super::{Browser, Vizor};
+use vizor::token::ConsoleKind;
+use vizor_rfb::client::{write_set_encodings, ClientMessage};
+use vizor_rfb::handshake::{client, Progress, SecurityType, ServerInit};
+use vizor_rfb::server::{ServerDecoder, ServerEvent};
+use vizor_rfb::{Encoding, Limits};
+
+/// Runs the client handshake over the WebSocket as noVNC would.
+pub async fn rfb_handshake(b: &mut Browser) -> Result<ServerInit, String> {
+    let limits = Limits::default();
+    let mut out = Vec::new();
+    macro_rules! step {
+        ($state:expr, $recv:expr) => {{
+            let mut st = $state;
+            loop {
+                match $recv(st, &b.pending[..]).map_err(|e| e.to_string())? {
+                    Progress::Done { next, consumed } => {
+                        b.pending.drain(..consumed);
+                        break next;
+                    }
+                    Progress::NeedMore(s) => {
+                        st = s;
+                        b.read()
+                            .await
+                            .map_err(|c| format!("closed {}: {}", c.code, c.reason))?;
+                    }
+                }
+            }
+        }};
+    }
+    let sec = step!(
+        client::ExpectServerVersion::new(limits),
+        |s: client::ExpectServerVersion, buf| s.receive(buf, &mut out)
+    );
+    b.send(&std::mem::take(&mut out)).await;
+    let choose = step!(sec, |s: client::ExpectSecurity, buf| s.receive(buf));
+    assert_eq!(
+        choose.offered(),
+        &[SecurityType::NONE],
+        "the browser is offered None only"
+    );
+    let result = choose.choose_none(&mut out).unwrap();
+    b.send(&std::mem::take(&mut out)).await;
+    let init = step!(result, |s: client::ExpectSecurityResult, buf| s
+        .receive(buf));
+    let expect = init.send(true, &mut out);
+    b.send(&std::mem::take(&mut out)).await;
+    Ok(step!(expect, |s: client::ExpectServerInit, buf| s.receive(buf)))
+}
+
+pub fn msg(m: ClientMessage<'_>) -> Vec<u8> {
+    let mut v = Vec::new();
+    m.write(&mut v).unwrap();
+    v
+}
+
+/// Requests a full update in Raw and reads it to its end; returns the pixel bytes and
+/// the bytes of a complete frame at the framebuffer size the update ended with (a guest
+/// still booting may switch modes after ServerInit).
+pub async fn full_update(b: &mut Browser, si: &ServerInit) -> (u64, u64) {
+    let mut set = Vec::new();
+    // Raw plus encodings vizor must strip (JPEG 21, H.264 50): QEMU never sees them.
+    write_set_encodings(
+        [
+            Encoding::RAW,
+            Encoding(21),
+            Encoding(50),
+            Encoding::EXTENDED_DESKTOP_SIZE,
+            Encoding::QEMU_EXTENDED_KEY_EVENT,
+        ],
+        &mut set,
+    );
+    b.send(&set).await;
+    b.send(&msg(ClientMessage::FramebufferUpdateRequest {
+        incremental: false,
+        x: 0,
+        y: 0,
+        width: si.width,
+        height: si.height,
+    }))
+    .await;
+    let mut dec = ServerDecoder::new(si, Limits::default());
+    dec.set_encodings([
+        Encoding::RAW,
+        Encoding::EXTENDED_DESKTOP_SIZE,
+        Encoding::QEMU_EXTENDED_KEY_EVENT,
+    ]);
+    let mut raw_bytes = 0u64;
+    loop {
+        while let Some((ev, n)) = dec.decode(&b.pending).unwrap() {
+            if let ServerEvent::Rect(r) = &ev {
+                if r.encoding == Encoding::RAW {
+                    raw_bytes += u64::from(r.width) * u64::from(r.height) * 4;
+                }
+            }
+            let done = ev == ServerEvent::UpdateEnd && raw_bytes > 0;
+            b.pending.drain(..n);
+            if done {
+                let (w, h) = dec.framebuffer_size();
+                return (raw_bytes, u64::from(w) * u64::from(h) * 4);
+            }
+        }
+        b.read().await.unwrap();
+    }
+}
+
+pub async fn open_session(v: &Vizor, domain: &str) -> (Browser, ServerInit) {
+    let token = v.token(domain, ConsoleKind::Vnc, 60);
+    let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    let si = rfb_handshake(&mut b).await.unwrap();
+    (b, si)
+}
