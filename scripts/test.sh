@@ -21,6 +21,23 @@ port=${port#vnc_port=}
 export VIZOR_TEST_VNC_ADDR=127.0.0.1:$port VIZOR_TEST_VNC_DOMAIN=$domain VIZOR_TEST_VNC_PASSWORD
 export VIZOR_REQUIRE_LIVE=1
 
+step "test tools: prometheus"
+# Debian's Prometheus, for tests/prometheus_live.rs (it runs its own instance on a
+# free port). Its service is not started: a policy-rc.d refuses it during the install.
+if [ ! -x /usr/bin/prometheus ]; then
+    made_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    install_prometheus() {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >&2
+    }
+    install_prometheus || { apt-get update >&2 && install_prometheus; }
+    if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
+
 step "format, lints, docs"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

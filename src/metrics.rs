@@ -144,8 +144,18 @@ impl Metrics {
         r.register(Box::new(m.audit_write_errors_total.clone()))?;
         r.register(Box::new(m.protocol_errors_total.clone()))?;
         // Series that exist from the start, so rates over them work before traffic.
+        // Input-to-display is measured for RFB only.
+        m.input_to_display_seconds.with_label_values(&["vnc"]);
         for kind in ["vnc", "spice"] {
             m.sessions_active.with_label_values(&[kind]);
+            for h in [
+                &m.frame_latency_seconds,
+                &m.client_rtt_seconds,
+                &m.handshake_seconds,
+                &m.upstream_connect_seconds,
+            ] {
+                h.with_label_values(&[kind]);
+            }
             for dir in ["browser_to_vm", "vm_to_browser"] {
                 m.session_bytes_total.with_label_values(&[kind, dir]);
             }

@@ -7,7 +7,7 @@ mod common;
 use common::spice::{display_ready, domain, link, open, session, until, SPICE_PW};
 use common::{Browser, Vizor};
 use vizor::token::ConsoleKind;
-use vizor_spice::channel::{write_message, Decoder, Frame};
+use vizor_spice::channel::{write_message, Decoder};
 use vizor_spice::link::{channel_type, link_error};
 use vizor_spice::{msg, Limits};
 
@@ -250,29 +250,8 @@ async fn main_channel_round_trip_and_clipboard_are_recorded() {
     let token = v.token(dom, ConsoleKind::Spice, 60);
     let (mut main, _, kind) = session(&v, &token, true).await;
     // Answer spice-server's pings (it measures the link right after it) for a while.
-    let mut dec = Decoder::new(kind, Limits::default());
-    let mut answered = 0;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
-    while tokio::time::Instant::now() < deadline {
-        let mut out = Vec::new();
-        while let Some((f, n)) = dec.decode(&main.pending).unwrap() {
-            if let Frame::Whole { header, body } = &f {
-                if let Ok(msg::ServerMessage::Ping { id, timestamp }) =
-                    msg::parse_server(channel_type::MAIN, header.msg_type, body)
-                {
-                    let mut pong = id.to_le_bytes().to_vec();
-                    pong.extend_from_slice(&timestamp.to_le_bytes());
-                    write_message(kind, 1, msg::common::MSGC_PONG, &pong, &mut out).unwrap();
-                    answered += 1;
-                }
-            }
-            main.pending.drain(..n);
-        }
-        if !out.is_empty() {
-            main.send(&out).await;
-        }
-        let _ = tokio::time::timeout(std::time::Duration::from_millis(300), main.read()).await;
-    }
+    let answered =
+        common::spice::answer_pings(&mut main, kind, std::time::Duration::from_secs(3)).await;
     assert!(answered > 0, "spice-server pings the main channel");
     // A clipboard sent through the agent stream, split over two AGENT_DATA messages.
     let mut clip = 1u32.to_le_bytes().to_vec(); // VD_AGENT_CLIPBOARD_UTF8_TEXT

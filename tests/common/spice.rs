@@ -2,6 +2,7 @@
 //! for the tests.
 
 use super::{Browser, Vizor};
+use std::time::Duration;
 use vizor_spice::channel::{write_message, Decoder, Frame, HeaderKind};
 use vizor_spice::link::{self, cap, channel_type, link_error, Caps, LinkMess, LinkReply};
 use vizor_spice::{msg, Limits};
@@ -192,4 +193,32 @@ pub async fn session(v: &Vizor, token: &str, mini: bool) -> (Browser, u32, Heade
     main.send(&out).await;
     until(&mut main, &mut dec, MSG_MAIN_CHANNELS_LIST).await;
     (main, session_id, kind)
+}
+
+/// Answers spice-server's pings on the main channel for `how_long`; returns how many.
+pub async fn answer_pings(main: &mut Browser, kind: HeaderKind, how_long: Duration) -> usize {
+    let mut dec = Decoder::new(kind, Limits::default());
+    let mut answered = 0;
+    let deadline = tokio::time::Instant::now() + how_long;
+    while tokio::time::Instant::now() < deadline {
+        let mut out = Vec::new();
+        while let Some((f, n)) = dec.decode(&main.pending).unwrap() {
+            if let Frame::Whole { header, body } = &f {
+                if let Ok(msg::ServerMessage::Ping { id, timestamp }) =
+                    msg::parse_server(channel_type::MAIN, header.msg_type, body)
+                {
+                    let mut pong = id.to_le_bytes().to_vec();
+                    pong.extend_from_slice(&timestamp.to_le_bytes());
+                    write_message(kind, 1, msg::common::MSGC_PONG, &pong, &mut out).unwrap();
+                    answered += 1;
+                }
+            }
+            main.pending.drain(..n);
+        }
+        if !out.is_empty() {
+            main.send(&out).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(300), main.read()).await;
+    }
+    answered
 }
