@@ -1,5 +1,6 @@
-//! The `vizor` command line: `serve`, `keygen`, `token`.
+//! The `vizor` command line: `serve`, `keygen`, `token`, `audit`.
 
+use crate::audit::ChainKey;
 use crate::config::{check_ttl, Config};
 use crate::token::{Claims, ConsoleKind, TokenKey};
 use clap::{Parser, Subcommand};
@@ -47,6 +48,81 @@ pub enum Command {
         #[arg(long)]
         user: Option<String>,
     },
+    /// Review audit logs.
+    Audit {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+/// `vizor audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the HMAC chain of audit log files, given oldest first (rotated files, then
+    /// the current one); report the first broken record. Exit status 1 if broken.
+    Verify {
+        #[command(flatten)]
+        key: ChainKeyArg,
+        /// The files, oldest first.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Where the audit chain key comes from.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct ChainKeyArg {
+    /// The audit key file (`[audit] key_file`).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// A vizor configuration: its `[audit] key_file`, else its `[tokens] key_file`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl ChainKeyArg {
+    fn load(&self) -> Result<ChainKey, Box<dyn std::error::Error>> {
+        match (&self.key, &self.config) {
+            (Some(k), _) => Ok(ChainKey::load(k)?),
+            (None, Some(c)) => {
+                let config = Config::load(c)?;
+                Ok(match &config.audit.key_file {
+                    Some(k) => ChainKey::load(k)?,
+                    None => ChainKey::from_token_key(&TokenKey::load(&config.tokens.key_file)?),
+                })
+            }
+            (None, None) => Err("--key or --config is required".into()),
+        }
+    }
+}
+
+fn audit(command: AuditCommand) -> Result<(), Box<dyn std::error::Error>> {
+    match command {
+        AuditCommand::Verify { key, files } => {
+            let report = crate::audit::chain::verify(&key.load()?, &files)
+                .map_err(|e| format!("reading the audit log: {e}"))?;
+            for note in &report.notes {
+                println!("note: {note}");
+            }
+            if let Some((file, line, why)) = &report.broken {
+                return Err(format!(
+                    "BROKEN at {file}:{line}: {why} ({} records before it verified)",
+                    report.records
+                )
+                .into());
+            }
+            match &report.last {
+                Some((seq, chain)) => println!(
+                    "ok: {} records verified; the last is seq {seq} with chain {chain}",
+                    report.records
+                ),
+                None => println!("ok: no records"),
+            }
+            Ok(())
+        }
+    }
 }
 
 fn init_logging(log: &crate::config::LogConfig) -> Result<(), Box<dyn std::error::Error>> {
@@ -109,5 +185,6 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("{token}");
             Ok(())
         }
+        Command::Audit { command } => audit(command),
     }
 }

@@ -218,6 +218,102 @@ pub struct AuditConfig {
     /// `keystrokes`: how much of each key event is recorded.
     #[serde(default)]
     pub keystrokes: Keystrokes,
+    /// `key_file`: the key of the records' HMAC chain (a `vizor keygen` file). Without
+    /// it the chain key is derived from `[tokens] key_file`; set it so auditors can
+    /// verify the log without holding the key that mints tokens.
+    pub key_file: Option<PathBuf>,
+    /// `fsync`: "always" (default), "session", or "interval:<duration>".
+    #[serde(default, deserialize_with = "fsync")]
+    pub fsync: Fsync,
+    /// `rotate_size`: start a new file (the chain carried over) once the log is this
+    /// big, such as "100MiB" (default: never).
+    #[serde(default, deserialize_with = "size")]
+    pub rotate_size: Option<u64>,
+    /// `on_error`: "close" (default) or "continue".
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+/// `[audit] fsync`: when records are forced to disk. Every record is written (in the
+/// kernel's hands, safe from a crash of vizor) before the event it records is relayed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Fsync {
+    /// After every write (records written together share one sync).
+    #[default]
+    Always,
+    /// At session starts and ends.
+    Session,
+    /// At most this long after a write.
+    Interval(Duration),
+}
+
+fn fsync<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Fsync, D::Error> {
+    let text = String::deserialize(d)?;
+    match text.as_str() {
+        "always" => Ok(Fsync::Always),
+        "session" => Ok(Fsync::Session),
+        other => other
+            .strip_prefix("interval:")
+            .and_then(|t| humantime::parse_duration(t).ok())
+            .filter(|d| !d.is_zero() && *d <= Duration::from_secs(3600))
+            .map(Fsync::Interval)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid fsync {text:?}: use \"always\", \"session\" or \"interval:<duration>\" (up to 1h, such as \"interval:1s\")"
+                ))
+            }),
+    }
+}
+
+fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    let n = match Size::deserialize(d)? {
+        Size::Bytes(n) => n,
+        Size::Text(t) => {
+            let (num, unit) = t.trim().split_at(
+                t.trim()
+                    .find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(t.trim().len()),
+            );
+            let mult: u64 = match unit.trim() {
+                "" | "B" => 1,
+                "KiB" => 1 << 10,
+                "MiB" => 1 << 20,
+                "GiB" => 1 << 30,
+                _ => {
+                    return Err(serde::de::Error::custom(format!(
+                        "invalid size {t:?}: a number of bytes, or with KiB, MiB or GiB"
+                    )))
+                }
+            };
+            num.parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(mult))
+                .ok_or_else(|| serde::de::Error::custom(format!("invalid size {t:?}")))?
+        }
+    };
+    if n < 4096 {
+        return Err(serde::de::Error::custom(format!(
+            "rotate_size {n} is too small (at least 4KiB)"
+        )));
+    }
+    Ok(Some(n))
+}
+
+/// `[audit] on_error`: what a failed audit write does to sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Close the session with a reason; refuse new ones while writes fail.
+    #[default]
+    Close,
+    /// Go on; `vizor_audit_write_errors_total` counts what was lost.
+    Continue,
 }
 
 /// `[audit] keystrokes`
@@ -291,6 +387,9 @@ impl Config {
             resolve(k);
         }
         resolve(&mut self.audit.path);
+        if let Some(k) = &mut self.audit.key_file {
+            resolve(k);
+        }
         if let Some(w) = &mut self.server.web_root {
             resolve(w);
         }
@@ -327,6 +426,17 @@ keystrokes = "full"
         assert_eq!(c.audit.keystrokes, Keystrokes::Full);
         assert_eq!(c.libvirt.uri, "qemu:///system");
         assert!(!c.metrics.per_session);
+        assert_eq!(c.audit.fsync, Fsync::Always);
+        assert_eq!(c.audit.on_error, OnError::Close);
+        assert_eq!(c.audit.rotate_size, None);
+        let c = Config::parse(&MINIMAL.replace(
+            "keystrokes = \"full\"",
+            "fsync = \"interval:250ms\"\nrotate_size = \"64MiB\"\non_error = \"continue\"",
+        ))
+        .unwrap();
+        assert_eq!(c.audit.fsync, Fsync::Interval(Duration::from_millis(250)));
+        assert_eq!(c.audit.rotate_size, Some(64 << 20));
+        assert_eq!(c.audit.on_error, OnError::Continue);
         let c = Config::parse(&format!(
             "{MINIMAL}\n[metrics]\nper_session = true\nper_session_max = 20\n"
         ))
@@ -352,6 +462,26 @@ keystrokes = "full"
                 "listen",
             ),
             (MINIMAL.replace("uri = ", "url = "), "url"),
+            (
+                MINIMAL.replace("keystrokes = \"full\"", "fsync = \"sometimes\""),
+                "invalid fsync",
+            ),
+            (
+                MINIMAL.replace("keystrokes = \"full\"", "fsync = \"interval:0s\""),
+                "invalid fsync",
+            ),
+            (
+                MINIMAL.replace("keystrokes = \"full\"", "rotate_size = \"10 parsecs\""),
+                "invalid size",
+            ),
+            (
+                MINIMAL.replace("keystrokes = \"full\"", "rotate_size = 100"),
+                "too small",
+            ),
+            (
+                MINIMAL.replace("keystrokes = \"full\"", "on_error = \"ignore\""),
+                "on_error",
+            ),
             (
                 format!("{MINIMAL}\n[metrics]\nper_session_max = 0\n"),
                 "per_session_max 0 is out of range",

@@ -350,13 +350,11 @@ async fn console(
             .auth_refusals_total
             .with_label_values(&["token", reason])
             .inc();
-        if let Err(e) = app.audit.record(&Event::TokenRefused {
+        app.audit.record_nowait(&Event::TokenRefused {
             client: &client,
             reason,
             token_id,
-        }) {
-            warn!(error = %e, "audit log: refusal not written");
-        }
+        });
         let told = told.to_owned();
         let btx = btx.clone();
         async move { btx.close(1008, &told).await }
@@ -469,7 +467,7 @@ async fn spice_console(
                 .auth_refusals_total
                 .with_label_values(&["token", e.reason()])
                 .inc();
-            let _ = replay_app.audit.record(&Event::TokenRefused {
+            replay_app.audit.record_nowait(&Event::TokenRefused {
                 client: &client,
                 reason: e.reason(),
                 token_id: Some(&c.token_id()),

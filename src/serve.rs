@@ -2,7 +2,7 @@
 //! on SIGTERM or SIGINT (stop accepting, let sessions run for `shutdown_grace`, then
 //! close them with a reason).
 
-use crate::audit::Audit;
+use crate::audit::{Audit, ChainKey};
 use crate::config::Config;
 use crate::front::{self, App, CLOSE_WAIT};
 use crate::libvirt::Libvirt;
@@ -79,9 +79,12 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<crate::me
 pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let key = TokenKey::load(&config.tokens.key_file)?;
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
-    let audit = Audit::open(&config.audit.path, config.audit.keystrokes)
-        .map_err(|e| format!("audit log {}: {e}", config.audit.path.display()))?
-        .with_metrics(metrics.clone());
+    let chain_key = match &config.audit.key_file {
+        Some(path) => ChainKey::load(path)?,
+        None => ChainKey::from_token_key(&key),
+    };
+    let audit = Audit::open(&config.audit, chain_key, Some(metrics.clone()))
+        .map_err(|e| format!("audit log {}: {e}", config.audit.path.display()))?;
     let admin_key = config
         .api
         .admin_key_file
@@ -168,6 +171,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             warn!(live = app.sessions.live(), "sessions still open at exit");
         }
     }
+    // Every queued record written and synced, and the log's closing record.
+    app.audit.close();
     info!("stopped");
     Ok(())
 }

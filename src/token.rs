@@ -361,6 +361,21 @@ impl TokenKey {
         Self::parse(&shown, &text)
     }
 
+    /// A 32-byte key for another purpose, derived from this one and `label`
+    /// (HMAC-SHA256 keyed with the whole key), so one key file can serve several uses
+    /// without any two sharing a key.
+    pub fn derive(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
+        let mut raw = Zeroizing::new([0u8; 64]);
+        raw[..32].copy_from_slice(&*self.enc);
+        raw[32..].copy_from_slice(&*self.mac);
+        // HMAC takes keys of any length; 64 bytes cannot fail.
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&*raw).unwrap_or_else(|_| unreachable!());
+        mac.update(label);
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(&mac.finalize().into_bytes());
+        out
+    }
+
     fn tag(&self, version_iv_ct: &[u8]) -> HmacSha256 {
         // HMAC takes keys of any length; 32 bytes cannot fail.
         let mut mac =

@@ -161,7 +161,8 @@ async fn bad_tokens_and_unusable_domains_are_refused_with_a_reason() {
     let c = refused(&v, &format!("/websockify?token={good}")).await;
     assert_eq!((c.code, c.reason.as_str()), (1008, "token already used"));
 
-    let audit = v.audit();
+    // Refusals are queued without waiting for the disk.
+    let audit = v.wait_for_records("token_refused", 6);
     let refusals: Vec<&str> = audit
         .iter()
         .filter(|r| r["event"] == "token_refused")
@@ -295,6 +296,15 @@ async fn sigterm_ends_live_sessions_cleanly_with_their_records() {
         .find(|r| r["event"] == "session_end")
         .expect("session_end written");
     assert_eq!(end["reason"], "vizor is shutting down");
+    // Everything was written, the log closed, and its chain verifies.
+    let all = v.audit_all();
+    assert_eq!(all.last().unwrap()["event"], "audit_close");
+    let (ok, said) = v.verify(&[v.audit_path()]);
+    assert!(ok, "{said}");
+    assert!(
+        said.contains(&format!("ok: {} records verified", all.len())),
+        "{said}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

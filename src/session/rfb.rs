@@ -8,7 +8,7 @@
 
 use super::browser::{BrowserRx, BrowserTx};
 use super::{audit_failed, connect, read_upstream, write_upstream, End, Stream};
-use crate::audit::{Audit, Event};
+use crate::audit::{Audit, Clipboard, Event};
 use crate::libvirt::Console;
 use crate::live::{Direction, Identity, Latency, Live, LiveSessions};
 use crate::token::Claims;
@@ -278,17 +278,20 @@ pub async fn run(
         Ok((up, early, si)) => {
             let upstream = ctx.console.target.to_string();
             let client = ctx.client.to_string();
-            let started_ok = ctx.audit.record(&Event::SessionStart {
-                session: ctx.id,
-                token_id: &ctx.claims.token_id(),
-                user: &ctx.claims.user,
-                domain: &ctx.console.domain,
-                uuid: &ctx.console.uuid,
-                kind: ctx.claims.kind,
-                client: &client,
-                upstream: &upstream,
-                channel: None,
-            });
+            let started_ok = ctx
+                .audit
+                .record(&Event::SessionStart {
+                    session: ctx.id,
+                    token_id: &ctx.claims.token_id(),
+                    user: &ctx.claims.user,
+                    domain: &ctx.console.domain,
+                    uuid: &ctx.console.uuid,
+                    kind: ctx.claims.kind,
+                    client: &client,
+                    upstream: &upstream,
+                    channel: None,
+                })
+                .await;
             ctx.metrics
                 .handshake_seconds
                 .with_label_values(&["vnc"])
@@ -313,14 +316,17 @@ pub async fn run(
                         end = relay(&ctx, up, early, &si, &mut brx, &btx, &counters, hold.live()) => end,
                         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
                     };
-                    let record = ctx.audit.record(&Event::SessionEnd {
-                        session: ctx.id,
-                        duration_ms: started.elapsed().as_millis() as u64,
-                        bytes_browser_to_vm: counters.browser_to_vm.load(Ordering::Relaxed),
-                        bytes_vm_to_browser: counters.vm_to_browser.load(Ordering::Relaxed),
-                        reason: &end.reason,
-                        round_trip_ms: None,
-                    });
+                    let record = ctx
+                        .audit
+                        .record(&Event::SessionEnd {
+                            session: ctx.id,
+                            duration_ms: started.elapsed().as_millis() as u64,
+                            bytes_browser_to_vm: counters.browser_to_vm.load(Ordering::Relaxed),
+                            bytes_vm_to_browser: counters.vm_to_browser.load(Ordering::Relaxed),
+                            reason: &end.reason,
+                            round_trip_ms: None,
+                        })
+                        .await;
                     if let Err(e) = record {
                         warn!(error = %e, "audit log: session end not written");
                     }
@@ -421,6 +427,7 @@ async fn relay(
                         lock(&timing)?.input();
                         ctx.audit
                             .key(ctx.id, down, keysym, None)
+                            .await
                             .map_err(audit_failed)?;
                         out.extend_from_slice(raw);
                     }
@@ -432,12 +439,14 @@ async fn relay(
                         lock(&timing)?.input();
                         ctx.audit
                             .key(ctx.id, down, keysym, Some(keycode))
+                            .await
                             .map_err(audit_failed)?;
                         out.extend_from_slice(raw);
                     }
                     ClientMessage::ClientCutText(text) => {
                         ctx.audit
                             .clipboard(ctx.id, "browser_to_vm", text.payload())
+                            .await
                             .map_err(audit_failed)?;
                         out.extend_from_slice(raw);
                     }
@@ -467,6 +476,7 @@ async fn relay(
         buf.extend_from_slice(&early);
         loop {
             let mut consumed = 0;
+            let mut clips = Vec::new();
             {
                 let mut dec = lock(&server)?;
                 while let Some((ev, n)) = dec
@@ -488,15 +498,20 @@ async fn relay(
                                 live.observe(Latency::InputToDisplay, d);
                             }
                         }
+                        // Recorded below, once the decoder is unlocked.
                         ServerEvent::ServerCutText(text) => {
-                            ctx.audit
-                                .clipboard(ctx.id, "vm_to_browser", text.payload())
-                                .map_err(audit_failed)?;
+                            clips.push(Clipboard::of(text.payload()))
                         }
                         _ => {}
                     }
                     consumed += n;
                 }
+            }
+            for clip in clips {
+                ctx.audit
+                    .record(&clip.event(ctx.id, "vm_to_browser"))
+                    .await
+                    .map_err(audit_failed)?;
             }
             if consumed > 0 {
                 // Everything decoded goes to the browser as read, without a copy; only

@@ -322,17 +322,21 @@ async fn relay_channel(
     let upstream = console.target.to_string();
     let client = ctx.client.to_string();
     let channel_label = format!("spice:{chan}:{}", mess.channel_id);
-    if let Err(e) = ctx.audit.record(&Event::SessionStart {
-        session: ctx.id,
-        token_id: &ctx.claims.token_id(),
-        user: &ctx.claims.user,
-        domain: &console.domain,
-        uuid: &console.uuid,
-        kind: ctx.claims.kind,
-        client: &client,
-        upstream: &upstream,
-        channel: Some(&channel_label),
-    }) {
+    if let Err(e) = ctx
+        .audit
+        .record(&Event::SessionStart {
+            session: ctx.id,
+            token_id: &ctx.claims.token_id(),
+            user: &ctx.claims.user,
+            domain: &console.domain,
+            uuid: &console.uuid,
+            kind: ctx.claims.kind,
+            client: &client,
+            upstream: &upstream,
+            channel: Some(&channel_label),
+        })
+        .await
+    {
         return End::upstream(format!("audit log cannot be written: {e}"), "audit_error");
     }
     info!(header = ?kind, "SPICE channel relaying");
@@ -366,14 +370,18 @@ async fn relay_channel(
         end = relay(ctx, mess.channel_type, kind, up, ubuf, bbuf, brx, btx, &counters, &rtt, hold.live()) => end,
         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
     };
-    if let Err(e) = ctx.audit.record(&Event::SessionEnd {
-        session: ctx.id,
-        duration_ms: started.elapsed().as_millis() as u64,
-        bytes_browser_to_vm: counters.0.load(Ordering::Relaxed),
-        bytes_vm_to_browser: counters.1.load(Ordering::Relaxed),
-        reason: &end.reason,
-        round_trip_ms: rtt.median_ms(),
-    }) {
+    if let Err(e) = ctx
+        .audit
+        .record(&Event::SessionEnd {
+            session: ctx.id,
+            duration_ms: started.elapsed().as_millis() as u64,
+            bytes_browser_to_vm: counters.0.load(Ordering::Relaxed),
+            bytes_vm_to_browser: counters.1.load(Ordering::Relaxed),
+            reason: &end.reason,
+            round_trip_ms: rtt.median_ms(),
+        })
+        .await
+    {
         warn!(error = %e, "audit log: session end not written");
     }
     end
@@ -551,6 +559,7 @@ async fn relay(
                             for k in scancode::decode_code(code) {
                                 ctx.audit
                                     .scancode_key(ctx.id, k.down, k.name, k.code)
+                                    .await
                                     .map_err(audit_failed)?;
                             }
                         }
@@ -558,11 +567,14 @@ async fn relay(
                             for k in scancode::decode(bytes) {
                                 ctx.audit
                                     .scancode_key(ctx.id, k.down, k.name, k.code)
+                                    .await
                                     .map_err(audit_failed)?;
                             }
                         }
                         msg::ClientMessage::AgentData(chunk) => {
-                            clipboard.feed(&mut agent_in, chunk, ctx, "browser_to_vm")?;
+                            clipboard
+                                .feed(&mut agent_in, chunk, ctx, "browser_to_vm")
+                                .await?;
                         }
                         msg::ClientMessage::Pong { id, .. } if channel == channel_type::MAIN => {
                             rtt.pong(id)
@@ -603,7 +615,9 @@ async fn relay(
                             debug!(session_id, "SPICE session linked");
                         }
                         msg::ServerMessage::AgentData(chunk) => {
-                            clipboard.feed(&mut agent_out, chunk, ctx, "vm_to_browser")?;
+                            clipboard
+                                .feed(&mut agent_out, chunk, ctx, "vm_to_browser")
+                                .await?;
                         }
                         msg::ServerMessage::Ping { id, .. } if channel == channel_type::MAIN => {
                             rtt.ping(id)
@@ -705,7 +719,7 @@ struct Clipboard {
 }
 
 impl Clipboard {
-    fn feed(
+    async fn feed(
         &mut self,
         stream: &mut AgentStream,
         chunk: &[u8],
@@ -749,6 +763,7 @@ impl Clipboard {
                                     length: len,
                                     sha256: digest,
                                 })
+                                .await
                                 .map_err(audit_failed)?;
                         }
                     }

@@ -202,13 +202,63 @@ impl Vizor {
         self.key.seal(&claims).unwrap()
     }
 
-    /// The audit records so far.
+    /// The audit records so far, without the log's own records (`chain_start`,
+    /// `audit_open`, `audit_close`).
     pub fn audit(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+        self.audit_all()
+            .into_iter()
+            .filter(|r| {
+                !matches!(
+                    r["event"].as_str(),
+                    Some("chain_start" | "audit_open" | "audit_close")
+                )
+            })
+            .collect()
+    }
+
+    /// Every record of the audit log so far.
+    pub fn audit_all(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.audit_path())
             .unwrap_or_default()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+
+    /// Runs `vizor audit verify --config ... FILES`: success, and what it printed.
+    pub fn verify(&self, files: &[PathBuf]) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_vizor"))
+            .args(["audit", "verify", "--config"])
+            .arg(self.dir.path().join("vizor.toml"))
+            .args(files)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// The audit log's path.
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
+    }
+
+    /// Waits (up to 10 s) until the audit log holds `n` records of `event`; returns
+    /// the records.
+    pub fn wait_for_records(&self, event: &str, n: usize) -> Vec<serde_json::Value> {
+        for _ in 0..100 {
+            let audit = self.audit();
+            if audit.iter().filter(|r| r["event"] == event).count() >= n {
+                return audit;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("{n} {event} records expected: {:?}", self.audit());
     }
 
     /// Sends SIGTERM and waits for the exit.

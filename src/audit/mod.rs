@@ -1,0 +1,643 @@
+//! The audit trail: JSON Lines appended to `[audit] path`, one object per event, each
+//! sealed into an HMAC chain ([`chain`]) by one writer thread. A key event is written
+//! before the relay forwards it to the VM.
+//!
+//! Records carry no secret: tokens appear by id only, clipboard contents by length and
+//! SHA-256, and key events as `[audit] keystrokes` allows.
+
+pub mod chain;
+mod writer;
+
+pub use chain::ChainKey;
+
+use crate::config::{AuditConfig, Keystrokes, OnError};
+use crate::token::ConsoleKind;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use vizor_rfb::keysym::{keysym_class, keysym_name, KeyClass};
+
+/// One audit record.
+#[derive(Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event<'a> {
+    /// A console session began.
+    SessionStart {
+        /// Session id.
+        session: u64,
+        /// Token id (never the token).
+        token_id: &'a str,
+        /// User the token was issued to.
+        user: &'a str,
+        /// Domain name.
+        domain: &'a str,
+        /// Domain UUID.
+        uuid: &'a str,
+        /// Console kind.
+        kind: ConsoleKind,
+        /// The browser's address.
+        client: &'a str,
+        /// Where the console listens.
+        upstream: &'a str,
+        /// The SPICE channel (`spice:main:0`...); absent for VNC.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<&'a str>,
+    },
+    /// A key was pressed or released.
+    Key {
+        /// Session id.
+        session: u64,
+        /// Pressed (true) or released.
+        down: bool,
+        /// The X11 keysym (absent when keystrokes are redacted).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        keysym: Option<u32>,
+        /// Its name (absent when keystrokes are redacted).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+        /// printable, control, function, modifier or unknown.
+        class: &'static str,
+        /// The XT scancode of a QEMU extended key event.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        scancode: Option<u32>,
+    },
+    /// Clipboard contents crossed the proxy.
+    Clipboard {
+        /// Session id.
+        session: u64,
+        /// browser_to_vm or vm_to_browser.
+        direction: &'static str,
+        /// Bytes of clipboard payload.
+        length: usize,
+        /// SHA-256 of the payload, hex.
+        sha256: String,
+    },
+    /// A console session ended.
+    SessionEnd {
+        /// Session id.
+        session: u64,
+        /// How long it lasted, in milliseconds.
+        duration_ms: u64,
+        /// Bytes from the browser to the VM.
+        bytes_browser_to_vm: u64,
+        /// Bytes from the VM to the browser.
+        bytes_vm_to_browser: u64,
+        /// Why it ended.
+        reason: &'a str,
+        /// Median server-ping to client-pong round trip (SPICE main channel).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        round_trip_ms: Option<f64>,
+    },
+    /// A token was refused.
+    TokenRefused {
+        /// The browser's address.
+        client: &'a str,
+        /// Why (a stable label).
+        reason: &'static str,
+        /// The token's id, when it opened.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token_id: Option<&'a str>,
+    },
+}
+
+impl Event<'_> {
+    /// The `event` field's value.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::SessionStart { .. } => "session_start",
+            Event::Key { .. } => "key",
+            Event::Clipboard { .. } => "clipboard",
+            Event::SessionEnd { .. } => "session_end",
+            Event::TokenRefused { .. } => "token_refused",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    ts: String,
+    #[serde(flatten)]
+    event: &'a Event<'a>,
+}
+
+/// Clipboard contents, as recorded: length and SHA-256.
+#[derive(Debug, Clone)]
+pub struct Clipboard {
+    /// Bytes of payload.
+    pub length: usize,
+    /// SHA-256, hex.
+    pub sha256: String,
+}
+
+impl Clipboard {
+    /// The record of `payload`.
+    pub fn of(payload: &[u8]) -> Clipboard {
+        Clipboard {
+            length: payload.len(),
+            sha256: chain::hex(&Sha256::digest(payload)),
+        }
+    }
+
+    /// Its event in `session`, going `direction`.
+    pub fn event(&self, session: u64, direction: &'static str) -> Event<'static> {
+        Event::Clipboard {
+            session,
+            direction,
+            length: self.length,
+            sha256: self.sha256.clone(),
+        }
+    }
+}
+
+/// The class of a keysym as recorded in the audit log.
+pub fn class_name(keysym: u32) -> &'static str {
+    match keysym_class(keysym) {
+        KeyClass::Printable => "printable",
+        KeyClass::Control => "control",
+        KeyClass::Function => "function",
+        KeyClass::Modifier => "modifier",
+        KeyClass::Unknown => "unknown",
+    }
+}
+
+/// The audit log: records queued to the writer thread, sealed into the chain, written
+/// and synced as configured.
+pub struct Audit {
+    tx: std::sync::mpsc::SyncSender<writer::Msg>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    keystrokes: Keystrokes,
+    on_error: OnError,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit")
+            .field("keystrokes", &self.keystrokes)
+            .finish()
+    }
+}
+
+/// Records queued and not yet written, at most: a disk that stops answering makes
+/// sessions fail (closed) rather than grow memory.
+const QUEUE: usize = 65_536;
+
+impl Audit {
+    /// Opens (creating, mode 0600) the log at `config.path`, continuing its chain when
+    /// its last record verifies with `key`, and starts the writer thread.
+    pub fn open(
+        config: &AuditConfig,
+        key: ChainKey,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> std::io::Result<Audit> {
+        let (w, note) =
+            writer::Writer::open(&config.path, key, config.fsync, config.rotate_size, metrics)?;
+        if let Some(note) = note {
+            tracing::warn!("{note}");
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("vizor-audit".into())
+            .spawn(move || w.run(rx))?;
+        Ok(Audit {
+            tx,
+            thread: Mutex::new(Some(thread)),
+            keystrokes: config.keystrokes,
+            on_error: config.on_error,
+        })
+    }
+
+    /// How key events are recorded.
+    pub fn keystrokes(&self) -> Keystrokes {
+        self.keystrokes
+    }
+
+    fn job(
+        event: &Event<'_>,
+        ack: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    ) -> std::io::Result<writer::Job> {
+        let line = Line {
+            ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            event,
+        };
+        let text = serde_json::to_vec(&line).map_err(std::io::Error::other)?;
+        Ok(writer::Job {
+            members: text[1..].to_vec(),
+            event: event.name(),
+            session_boundary: matches!(
+                event,
+                Event::SessionStart { .. } | Event::SessionEnd { .. }
+            ),
+            ack,
+        })
+    }
+
+    /// Appends one record and waits until it is written (and synced, as `fsync` says).
+    /// With `on_error = "continue"` a failure is logged and counted, not returned.
+    pub async fn record(&self, event: &Event<'_>) -> std::io::Result<()> {
+        let result = async {
+            let (ack, done) = tokio::sync::oneshot::channel();
+            let job = Self::job(event, Some(ack))?;
+            self.tx
+                .try_send(writer::Msg::Job(job))
+                .map_err(|e| match e {
+                    std::sync::mpsc::TrySendError::Full(_) => {
+                        std::io::Error::other("audit queue full: the log is not being written")
+                    }
+                    std::sync::mpsc::TrySendError::Disconnected(_) => {
+                        std::io::Error::other("audit log closed")
+                    }
+                })?;
+            done.await
+                .map_err(|_| std::io::Error::other("audit writer stopped"))?
+                .map_err(std::io::Error::other)
+        }
+        .await;
+        match (result, self.on_error) {
+            (Err(e), OnError::Continue) => {
+                tracing::warn!(error = %e, event = event.name(), "audit record lost (on_error = continue)");
+                Ok(())
+            }
+            (r, _) => r,
+        }
+    }
+
+    /// Queues one record without waiting (for refusals, where nothing waits on it);
+    /// a failure is logged and counted.
+    pub fn record_nowait(&self, event: &Event<'_>) {
+        match Self::job(event, None) {
+            Ok(job) => {
+                if self.tx.try_send(writer::Msg::Job(job)).is_err() {
+                    tracing::warn!(
+                        event = event.name(),
+                        "audit queue full or closed: record lost"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "audit record not serialised"),
+        }
+    }
+
+    /// Writes what is queued, a closing record, syncs, and stops the writer.
+    pub fn close(&self) {
+        let _ = self.tx.send(writer::Msg::Close);
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+
+    /// Records a key event as `[audit] keystrokes` allows; `Ok` without writing when
+    /// key events are off.
+    pub async fn key(
+        &self,
+        session: u64,
+        down: bool,
+        keysym: u32,
+        scancode: Option<u32>,
+    ) -> std::io::Result<()> {
+        let full = match self.keystrokes {
+            Keystrokes::Off => return Ok(()),
+            Keystrokes::Full => true,
+            Keystrokes::Redacted => false,
+        };
+        self.record(&Event::Key {
+            session,
+            down,
+            keysym: full.then_some(keysym),
+            key: full.then(|| keysym_name(keysym).into_owned()),
+            class: class_name(keysym),
+            scancode: if full { scancode } else { None },
+        })
+        .await
+    }
+
+    /// Records a SPICE key event, named from its scancode, as `[audit] keystrokes`
+    /// allows.
+    pub async fn scancode_key(
+        &self,
+        session: u64,
+        down: bool,
+        name: Option<&str>,
+        code: u16,
+    ) -> std::io::Result<()> {
+        let full = match self.keystrokes {
+            Keystrokes::Off => return Ok(()),
+            Keystrokes::Full => true,
+            Keystrokes::Redacted => false,
+        };
+        let class = match name {
+            Some(n) if n.chars().count() == 1 || n == "space" => "printable",
+            Some(n) if n.starts_with('F') && n[1..].parse::<u8>().is_ok() => "function",
+            Some(n)
+                if [
+                    "Shift",
+                    "Control",
+                    "Alt",
+                    "Super",
+                    "Caps_Lock",
+                    "Num_Lock",
+                    "Scroll_Lock",
+                ]
+                .iter()
+                .any(|m| n.starts_with(m)) =>
+            {
+                "modifier"
+            }
+            Some(_) => "control",
+            None => "unknown",
+        };
+        self.record(&Event::Key {
+            session,
+            down,
+            keysym: None,
+            key: if full {
+                name.map(str::to_owned)
+                    .or_else(|| Some(format!("scancode {code:#06x}")))
+            } else {
+                None
+            },
+            class,
+            scancode: if full { Some(u32::from(code)) } else { None },
+        })
+        .await
+    }
+
+    /// Records clipboard contents by length and digest.
+    pub async fn clipboard(
+        &self,
+        session: u64,
+        direction: &'static str,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
+        self.record(&Clipboard::of(payload).event(session, direction))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Fsync;
+    use std::path::{Path, PathBuf};
+
+    fn lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn another_key() -> ChainKey {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        crate::token::TokenKey::write_new(&path).unwrap();
+        ChainKey::load(&path).unwrap()
+    }
+
+    struct Log {
+        dir: tempfile::TempDir,
+        key_file: PathBuf,
+    }
+
+    impl Log {
+        fn new() -> Log {
+            let dir = tempfile::tempdir().unwrap();
+            let key_file = dir.path().join("audit.key");
+            crate::token::TokenKey::write_new(&key_file).unwrap();
+            Log { dir, key_file }
+        }
+
+        fn path(&self) -> PathBuf {
+            self.dir.path().join("audit.jsonl")
+        }
+
+        fn config(&self, keystrokes: Keystrokes, rotate_size: Option<u64>) -> AuditConfig {
+            AuditConfig {
+                path: self.path(),
+                keystrokes,
+                key_file: Some(self.key_file.clone()),
+                fsync: Fsync::Always,
+                rotate_size,
+                on_error: OnError::Close,
+            }
+        }
+
+        fn open(&self, keystrokes: Keystrokes, rotate_size: Option<u64>) -> Audit {
+            let key = ChainKey::load(&self.key_file).unwrap();
+            Audit::open(&self.config(keystrokes, rotate_size), key, None).unwrap()
+        }
+
+        fn verify(&self, files: &[PathBuf]) -> chain::Report {
+            chain::verify(&ChainKey::load(&self.key_file).unwrap(), files).unwrap()
+        }
+
+        /// Rotated files, oldest first, then the current one.
+        fn files(&self) -> Vec<PathBuf> {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with("audit.jsonl.")
+                })
+                .collect();
+            v.sort();
+            v.push(self.path());
+            v
+        }
+    }
+
+    #[tokio::test]
+    async fn records_are_sealed_json_lines() {
+        let log = Log::new();
+        let a = log.open(Keystrokes::Full, None);
+        a.key(7, true, 0xff1b, None).await.unwrap();
+        a.key(7, false, 0x61, Some(0x1e)).await.unwrap();
+        a.clipboard(7, "browser_to_vm", b"hello").await.unwrap();
+        a.close();
+        let l = lines(&log.path());
+        assert_eq!(l[0]["event"], "chain_start");
+        assert_eq!(l[0]["reason"], "new");
+        assert_eq!(l[1]["event"], "key");
+        assert_eq!(l[1]["key"], "Escape");
+        assert_eq!(l[1]["class"], "control");
+        assert_eq!(l[2]["key"], "a");
+        assert_eq!(l[2]["scancode"], 0x1e);
+        assert_eq!(l[3]["length"], 5);
+        assert_eq!(
+            l[3]["sha256"],
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        assert_eq!(l[4]["event"], "audit_close");
+        for (i, r) in l.iter().enumerate() {
+            assert_eq!(r["v"], 1);
+            assert_eq!(r["seq"], i as u64);
+            assert!(r["ts"].as_str().unwrap().ends_with('Z'));
+            assert_eq!(r["chain"].as_str().unwrap().len(), 64);
+        }
+        let report = log.verify(&[log.path()]);
+        assert!(report.broken.is_none(), "{report:?}");
+        assert_eq!(report.records, 5);
+        assert_eq!(report.last.as_ref().unwrap().0, 4);
+        // Another key does not verify it.
+        let other = chain::verify(&another_key(), &[log.path()]).unwrap();
+        assert_eq!(other.broken.unwrap().1, 1);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(log.path()).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[tokio::test]
+    async fn redacted_and_off() {
+        let log = Log::new();
+        let a = log.open(Keystrokes::Redacted, None);
+        a.key(1, true, 0x41, Some(0x1e)).await.unwrap();
+        a.close();
+        let l = lines(&log.path());
+        assert_eq!(l[1]["class"], "printable");
+        assert!(
+            l[1].get("key").is_none()
+                && l[1].get("keysym").is_none()
+                && l[1].get("scancode").is_none()
+        );
+        let log = Log::new();
+        let a = log.open(Keystrokes::Off, None);
+        a.key(1, true, 0x41, None).await.unwrap();
+        a.close();
+        assert!(lines(&log.path()).iter().all(|r| r["event"] != "key"));
+    }
+
+    /// Writes `n` key records through a fresh `Audit` and closes it.
+    async fn write_keys(log: &Log, n: usize, rotate: Option<u64>) {
+        let a = log.open(Keystrokes::Full, rotate);
+        for i in 0..n {
+            a.key(1, i % 2 == 0, 0x61 + (i % 26) as u32, None)
+                .await
+                .unwrap();
+        }
+        a.close();
+    }
+
+    #[tokio::test]
+    async fn a_restart_continues_the_chain_and_verify_finds_every_tampering() {
+        let log = Log::new();
+        write_keys(&log, 3, None).await;
+        write_keys(&log, 3, None).await;
+        let l = lines(&log.path());
+        assert_eq!(l[5]["event"], "audit_open");
+        assert_eq!(l[5]["reason"], "restart");
+        assert_eq!(l[5]["seq"], 5);
+        let report = log.verify(&[log.path()]);
+        assert!(report.broken.is_none(), "{report:?}");
+        assert_eq!(report.records, 10);
+
+        let original = std::fs::read_to_string(log.path()).unwrap();
+        let rows: Vec<&str> = original.lines().collect();
+        let tampered = |rows: Vec<String>| {
+            std::fs::write(log.path(), rows.join("\n") + "\n").unwrap();
+            let r = log.verify(&[log.path()]);
+            std::fs::write(log.path(), &original).unwrap();
+            r.broken.expect("tampering found")
+        };
+        let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // One byte edited: a key's name.
+        let mut edited = own(&rows);
+        edited[2] = edited[2].replace("\"key\":\"b\"", "\"key\":\"c\"");
+        assert_ne!(edited[2], rows[2]);
+        assert_eq!(tampered(edited).1, 3);
+        // A record deleted.
+        let mut deleted = own(&rows);
+        deleted.remove(3);
+        let (_, line, why) = tampered(deleted);
+        assert_eq!(line, 4);
+        assert!(why.contains("seq"), "{why}");
+        // Two records swapped.
+        let mut swapped = own(&rows);
+        swapped.swap(2, 3);
+        assert_eq!(tampered(swapped).1, 3);
+        // The first record deleted.
+        let mut headless = own(&rows);
+        headless.remove(0);
+        assert_eq!(tampered(headless).1, 1);
+        assert!(log.verify(&[log.path()]).broken.is_none());
+    }
+
+    #[tokio::test]
+    async fn rotation_carries_the_chain_across_files() {
+        let log = Log::new();
+        write_keys(&log, 100, Some(4096)).await;
+        let files = log.files();
+        assert!(files.len() >= 3, "{files:?}");
+        let report = log.verify(&files);
+        assert!(report.broken.is_none(), "{report:?}");
+        assert_eq!(report.records, lines_in(&files));
+        let second = lines(&files[1]);
+        assert_eq!(second[0]["event"], "chain_start");
+        assert_eq!(second[0]["reason"], "rotated");
+        assert_eq!(
+            second[0]["prev_file"],
+            files[0].file_name().unwrap().to_str().unwrap()
+        );
+        // The current file alone verifies, noting where it continues from.
+        let alone = log.verify(&files[files.len() - 1..]);
+        assert!(alone.broken.is_none(), "{alone:?}");
+        assert!(alone.notes[0].contains("continues"), "{:?}", alone.notes);
+        // A missing middle file is found.
+        let gap = [files[0].clone(), files[2].clone()];
+        let r = log.verify(&gap);
+        assert!(r.broken.unwrap().2.contains("does not continue"));
+    }
+
+    fn lines_in(files: &[PathBuf]) -> u64 {
+        files.iter().map(|f| lines(f).len() as u64).sum()
+    }
+
+    #[tokio::test]
+    async fn an_incomplete_last_record_is_sealed_over_on_restart() {
+        let log = Log::new();
+        write_keys(&log, 2, None).await;
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(log.path())
+            .unwrap();
+        f.write_all(b"{\"v\":1,\"seq\":4,\"ts\":\"2026").unwrap();
+        drop(f);
+        let pending = log.verify(&[log.path()]);
+        assert!(pending.broken.is_none());
+        assert!(pending.notes[0].contains("incomplete last record"));
+        write_keys(&log, 1, None).await;
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        let open: serde_json::Value = serde_json::from_str(text.lines().nth(5).unwrap()).unwrap();
+        assert_eq!(open["event"], "audit_open");
+        assert_eq!(open["torn_tail"], true);
+        let report = log.verify(&[log.path()]);
+        assert!(report.broken.is_none(), "{report:?}");
+        assert!(report.notes[0].contains("incomplete record from a crash"));
+    }
+
+    #[tokio::test]
+    async fn a_log_this_key_cannot_continue_is_moved_aside() {
+        let log = Log::new();
+        std::fs::write(
+            log.path(),
+            "{\"ts\":\"2026-01-01T00:00:00Z\",\"event\":\"key\"}\n",
+        )
+        .unwrap();
+        write_keys(&log, 1, None).await;
+        let files = log.files();
+        assert_eq!(files.len(), 2, "{files:?}");
+        let l = lines(&log.path());
+        assert_eq!(l[0]["event"], "chain_start");
+        assert_eq!(
+            l[0]["previous_file_not_continued"],
+            files[0].file_name().unwrap().to_str().unwrap()
+        );
+        assert!(log.verify(&[log.path()]).broken.is_none());
+    }
+}

@@ -1,0 +1,355 @@
+//! The audit writer: one thread owns the file and the chain. Sessions queue records
+//! and wait for their acknowledgement; the thread seals every queued record, writes
+//! them with one `write(2)`, syncs as `[audit] fsync` says, then acknowledges them
+//! (group commit). A failed write is rolled back (the file truncated to where it was)
+//! so the chain on disk never has a gap.
+
+use super::chain::{self, ChainKey, GENESIS};
+use crate::config::Fsync;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use tracing::warn;
+
+/// A record to write: its members after `{"v":1,"seq":N,` (starting with `"ts"`),
+/// whether it asks for a sync under `fsync = "session"`, and who waits for it.
+pub(super) struct Job {
+    pub members: Vec<u8>,
+    pub event: &'static str,
+    pub session_boundary: bool,
+    pub ack: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+}
+
+pub(super) enum Msg {
+    Job(Job),
+    Close,
+}
+
+/// The file, the chain, the policy.
+pub(super) struct Writer {
+    key: ChainKey,
+    path: PathBuf,
+    file: File,
+    size: u64,
+    seq: u64,
+    chain: [u8; 32],
+    fsync: Fsync,
+    rotate_size: Option<u64>,
+    dirty: bool,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .mode(0o600)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(file)
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Members of a record vizor writes about the log itself.
+fn members(event: &str, extra: serde_json::Value) -> Vec<u8> {
+    let mut v = serde_json::json!({"ts": now(), "event": event});
+    if let (Some(m), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+        m.extend(e);
+    }
+    let text = v.to_string();
+    text.as_bytes()[1..].to_vec()
+}
+
+/// The last sealed lines of a file (up to two), and whether it ends mid-record.
+fn tail(file: &mut File, len: u64) -> std::io::Result<(Vec<Vec<u8>>, bool)> {
+    const WINDOW: u64 = 1 << 20;
+    let start = len.saturating_sub(WINDOW);
+    file.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    file.take(WINDOW).read_to_end(&mut buf)?;
+    let torn = !buf.ends_with(b"\n");
+    let mut lines: Vec<&[u8]> = buf.split(|b| *b == b'\n').collect();
+    if torn || lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop(); // the incomplete record, or the empty piece after the last newline
+    }
+    if start > 0 && !lines.is_empty() {
+        lines.remove(0); // may begin mid-line
+    }
+    let sealed: Vec<Vec<u8>> = lines
+        .iter()
+        .rev()
+        .filter(|l| chain::split(l).is_some())
+        .take(2)
+        .map(|l| l.to_vec())
+        .collect();
+    Ok((sealed, torn))
+}
+
+fn field(line: &[u8], name: &str) -> Option<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    v.get(name).cloned()
+}
+
+impl Writer {
+    /// Opens the log: continues the chain of an existing file whose last record this
+    /// key verifies, or starts a new chain (moving an unverifiable file aside).
+    /// Returns the writer and, when a file was moved aside, a note saying so.
+    pub fn open(
+        path: &Path,
+        key: ChainKey,
+        fsync: Fsync,
+        rotate_size: Option<u64>,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> std::io::Result<(Writer, Option<String>)> {
+        let file = open_append(path)?;
+        let len = file.metadata()?.len();
+        let mut w = Writer {
+            key,
+            path: path.to_owned(),
+            file,
+            size: len,
+            seq: 0,
+            chain: GENESIS,
+            fsync,
+            rotate_size,
+            dirty: false,
+            metrics,
+        };
+        if len == 0 {
+            w.start_chain(members("chain_start", serde_json::json!({"reason": "new"})))?;
+            return Ok((w, None));
+        }
+        let (sealed, torn) = tail(&mut w.file, len)?;
+        match w.continuable(&sealed) {
+            Some((seq, chain)) => {
+                w.seq = seq + 1;
+                w.chain = chain;
+                let mut out = Vec::new();
+                if torn {
+                    out.push(b'\n');
+                }
+                let m = members(
+                    "audit_open",
+                    serde_json::json!({"reason": "restart", "torn_tail": torn}),
+                );
+                w.seal_into(&m, &mut out);
+                w.write_synced(&out)?;
+                Ok((w, None))
+            }
+            None => {
+                let aside = w.rotated_name();
+                std::fs::rename(path, &aside)?;
+                w.file = open_append(path)?;
+                w.size = 0;
+                let name = file_name(&aside);
+                w.start_chain(members(
+                    "chain_start",
+                    serde_json::json!({"reason": "new", "previous_file_not_continued": name}),
+                ))?;
+                Ok((
+                    w,
+                    Some(format!(
+                        "the audit log's last record is not sealed with this key; it was moved to {} and a new chain started",
+                        aside.display()
+                    )),
+                ))
+            }
+        }
+    }
+
+    /// The (seq, chain) to continue from, if the last record verifies.
+    fn continuable(&self, sealed: &[Vec<u8>]) -> Option<(u64, [u8; 32])> {
+        let last = sealed.first()?;
+        let seq = field(last, "seq")?.as_u64()?;
+        let prev = match sealed.get(1) {
+            Some(before) => chain::split(before)?.1,
+            None => match field(last, "prev_chain") {
+                Some(serde_json::Value::String(h)) => chain::unhex(&h)?,
+                _ => GENESIS,
+            },
+        };
+        let chain = self.key.check(&prev, last).ok()?;
+        Some((seq, chain))
+    }
+
+    fn start_chain(&mut self, m: Vec<u8>) -> std::io::Result<()> {
+        self.seq = 0;
+        self.chain = GENESIS;
+        let mut out = Vec::new();
+        self.seal_into(&m, &mut out);
+        self.write_synced(&out)
+    }
+
+    fn seal_into(&mut self, members: &[u8], out: &mut Vec<u8>) {
+        let mut body = format!("{{\"v\":1,\"seq\":{},", self.seq).into_bytes();
+        body.extend_from_slice(members);
+        self.chain = self.key.seal(&self.chain, &body, out);
+        self.seq += 1;
+    }
+
+    fn write_synced(&mut self, out: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(out)?;
+        self.size += out.len() as u64;
+        self.file.sync_data()
+    }
+
+    /// `PATH.<UTC time>-<seq of the next record>`: names sort in the order written.
+    fn rotated_name(&self) -> PathBuf {
+        let stamp = humantime::format_rfc3339_millis(SystemTime::now())
+            .to_string()
+            .replace(['-', ':'], "");
+        let base = format!("{}.{stamp}-{:012}", self.path.display(), self.seq);
+        let mut candidate = PathBuf::from(&base);
+        let mut n = 1;
+        while candidate.exists() {
+            candidate = PathBuf::from(format!("{base}.{n}"));
+            n += 1;
+        }
+        candidate
+    }
+
+    /// Moves the full file aside and continues the chain in a new one.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        let aside = self.rotated_name();
+        std::fs::rename(&self.path, &aside)?;
+        self.file = open_append(&self.path)?;
+        self.size = 0;
+        let m = members(
+            "chain_start",
+            serde_json::json!({
+                "reason": "rotated",
+                "prev_file": file_name(&aside),
+                "prev_chain": chain::hex(&self.chain),
+            }),
+        );
+        let mut out = Vec::new();
+        self.seal_into(&m, &mut out);
+        self.write_synced(&out)
+    }
+
+    fn count(&self, event: &str, ok: bool) {
+        if let Some(m) = &self.metrics {
+            if ok {
+                m.audit_events_total.with_label_values(&[event]).inc();
+            } else {
+                m.audit_write_errors_total.inc();
+            }
+        }
+    }
+
+    /// Seals and writes a batch; acknowledges each job.
+    fn write_batch(&mut self, jobs: Vec<Job>) {
+        let mut result = Ok(());
+        if self.rotate_size.is_some_and(|max| self.size >= max) {
+            result = self.rotate();
+        }
+        let (seq0, chain0, size0) = (self.seq, self.chain, self.size);
+        let mut out = Vec::new();
+        let mut boundary = false;
+        if result.is_ok() {
+            for job in &jobs {
+                self.seal_into(&job.members, &mut out);
+                boundary |= job.session_boundary;
+            }
+            result = self.file.write_all(&out);
+            if result.is_ok() {
+                self.size += out.len() as u64;
+                result = match self.fsync {
+                    Fsync::Always => self.file.sync_data(),
+                    Fsync::Session if boundary => self.file.sync_data(),
+                    _ => {
+                        self.dirty = true;
+                        Ok(())
+                    }
+                };
+            }
+        }
+        if let Err(e) = &result {
+            // Nothing of this batch is acknowledged: take it back off the disk.
+            let _ = self.file.set_len(size0);
+            (self.seq, self.chain, self.size) = (seq0, chain0, size0);
+            warn!(error = %e, records = jobs.len(), "audit log write failed");
+        }
+        for job in jobs {
+            self.count(job.event, result.is_ok());
+            if let Some(ack) = job.ack {
+                let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+            }
+        }
+    }
+
+    /// Runs until [`Msg::Close`] or every sender is gone; the last record says the log
+    /// was closed, and everything is synced.
+    pub fn run(mut self, rx: Receiver<Msg>) {
+        let mut last_sync = Instant::now();
+        loop {
+            let first = match self.fsync {
+                Fsync::Interval(every) if self.dirty => {
+                    let wait = every.saturating_sub(last_sync.elapsed());
+                    match rx.recv_timeout(wait) {
+                        Ok(m) => m,
+                        Err(RecvTimeoutError::Timeout) => {
+                            if self.file.sync_data().is_ok() {
+                                self.dirty = false;
+                            }
+                            last_sync = Instant::now();
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => Msg::Close,
+                    }
+                }
+                _ => rx.recv().unwrap_or(Msg::Close),
+            };
+            let mut jobs = Vec::new();
+            let mut closing = false;
+            match first {
+                Msg::Job(j) => jobs.push(j),
+                Msg::Close => closing = true,
+            }
+            while !closing && jobs.len() < 1024 {
+                match rx.try_recv() {
+                    Ok(Msg::Job(j)) => jobs.push(j),
+                    Ok(Msg::Close) => closing = true,
+                    Err(_) => break,
+                }
+            }
+            if !jobs.is_empty() {
+                self.write_batch(jobs);
+            }
+            if let Fsync::Interval(every) = self.fsync {
+                if self.dirty && last_sync.elapsed() >= every {
+                    if self.file.sync_data().is_ok() {
+                        self.dirty = false;
+                    }
+                    last_sync = Instant::now();
+                }
+            }
+            if closing {
+                let m = members("audit_close", serde_json::json!({}));
+                let mut out = Vec::new();
+                self.seal_into(&m, &mut out);
+                if let Err(e) = self.write_synced(&out) {
+                    warn!(error = %e, "audit log: closing record not written");
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
