@@ -222,7 +222,7 @@ pub struct AuditConfig {
     /// it the chain key is derived from `[tokens] key_file`; set it so auditors can
     /// verify the log without holding the key that mints tokens.
     pub key_file: Option<PathBuf>,
-    /// `fsync`: "always" (default), "session", or "interval:<duration>".
+    /// `fsync`: "always" (default), "session", or `"interval:<duration>"`.
     #[serde(default, deserialize_with = "fsync")]
     pub fsync: Fsync,
     /// `rotate_size`: start a new file (the chain carried over) once the log is this
