@@ -68,6 +68,61 @@ pub enum AuditCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// List the sessions in audit log files: id, user, domain, kind, start,
+    /// duration, keys pressed, how it ended.
+    Sessions {
+        #[command(flatten)]
+        key: OptionalChainKey,
+        /// The files, oldest first.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print what was typed in one session: shift applied, BackSpace deleting,
+    /// Return a new line, other keys and control combinations as `<Ctrl+Alt+Delete>`.
+    Text {
+        #[command(flatten)]
+        key: OptionalChainKey,
+        /// The session id (see `vizor audit sessions`).
+        #[arg(long)]
+        session: u64,
+        /// The files, oldest first.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// A chain key to verify the files with first (recommended).
+#[derive(Debug, clap::Args)]
+#[group(required = false, multiple = false)]
+pub struct OptionalChainKey {
+    /// Verify with this audit key file first; refuse a broken log.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Verify with this configuration's audit key first; refuse a broken log.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl OptionalChainKey {
+    /// Verifies `files` when a key was given; says so on standard error.
+    fn check(&self, files: &[PathBuf]) -> Result<(), Box<dyn std::error::Error>> {
+        if self.key.is_none() && self.config.is_none() {
+            eprintln!("vizor: not verified (give --key or --config to check the chain first)");
+            return Ok(());
+        }
+        let key = ChainKeyArg {
+            key: self.key.clone(),
+            config: self.config.clone(),
+        }
+        .load()?;
+        let report = crate::audit::chain::verify(&key, files)
+            .map_err(|e| format!("reading the audit log: {e}"))?;
+        if let Some((file, line, why)) = report.broken {
+            return Err(format!("BROKEN at {file}:{line}: {why}; not reading a broken log").into());
+        }
+        eprintln!("vizor: chain verified ({} records)", report.records);
+        Ok(())
+    }
 }
 
 /// Where the audit chain key comes from.
@@ -120,6 +175,48 @@ fn audit(command: AuditCommand) -> Result<(), Box<dyn std::error::Error>> {
                 ),
                 None => println!("ok: no records"),
             }
+            Ok(())
+        }
+        AuditCommand::Sessions { key, files } => {
+            key.check(&files)?;
+            let records = crate::audit::review::read(&files)?;
+            println!(
+                "{:>8}  {:<16} {:<24} {:<5} {:<24} {:>10} {:>6}  end",
+                "session", "user", "domain", "kind", "start", "duration", "keys"
+            );
+            for s in crate::audit::review::sessions(&records) {
+                let duration = s
+                    .duration_ms
+                    .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:>8}  {:<16} {:<24} {:<5} {:<24} {:>10} {:>6}  {}",
+                    s.id,
+                    s.user,
+                    s.domain,
+                    s.kind,
+                    s.start,
+                    duration,
+                    s.keys,
+                    s.end.as_deref().unwrap_or("(no end record)")
+                );
+            }
+            Ok(())
+        }
+        AuditCommand::Text {
+            key,
+            session,
+            files,
+        } => {
+            key.check(&files)?;
+            let records = crate::audit::review::read(&files)?;
+            if !crate::audit::review::sessions(&records)
+                .iter()
+                .any(|s| s.id == session)
+            {
+                return Err(format!("no session {session} in these files").into());
+            }
+            print!("{}", crate::audit::review::text(&records, session));
             Ok(())
         }
     }

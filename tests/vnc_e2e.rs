@@ -605,3 +605,134 @@ async fn live_sessions_are_listed_and_their_series_go_when_they_end() {
     );
     assert!(text.contains("vizor_per_session_omitted 0"));
 }
+
+/// Presses and releases `keysym`, with Shift held around it when `shifted`, as noVNC
+/// does for a character typed with Shift.
+fn typed(keysym: u32, shifted: bool) -> Vec<u8> {
+    const SHIFT_L: u32 = 0xffe1;
+    let mut out = Vec::new();
+    let mut key = |down, keysym| out.extend(msg(ClientMessage::KeyEvent { down, keysym }));
+    if shifted {
+        key(true, SHIFT_L);
+    }
+    key(true, keysym);
+    key(false, keysym);
+    if shifted {
+        key(false, SHIFT_L);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_typed_comes_back_from_the_audit_log_and_tampering_is_found() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    let v = Vizor::start("");
+    let (mut b, si) = open_session(&v, &live.name).await;
+    full_update(&mut b, &si).await;
+    const BACKSPACE: u32 = 0xff08;
+    const RETURN: u32 = 0xff0d;
+    const CONTROL_L: u32 = 0xffe3;
+    // "Hello, Wolrd", three BackSpaces, "rld!", Return, Ctrl+c.
+    let mut keys = Vec::new();
+    for c in "Hello, Wolrd".chars() {
+        keys.extend(typed(c as u32, c.is_ascii_uppercase()));
+    }
+    for _ in 0..3 {
+        keys.extend(typed(BACKSPACE, false));
+    }
+    for c in "rld!".chars() {
+        keys.extend(typed(c as u32, c == '!'));
+    }
+    keys.extend(typed(RETURN, false));
+    keys.extend(msg(ClientMessage::KeyEvent {
+        down: true,
+        keysym: CONTROL_L,
+    }));
+    keys.extend(typed('c' as u32, false));
+    keys.extend(msg(ClientMessage::KeyEvent {
+        down: false,
+        keysym: CONTROL_L,
+    }));
+    b.send(&keys).await;
+    drop(b);
+    let audit = v.wait_for_audit("session_end");
+    let session = audit[0]["session"].as_u64().unwrap().to_string();
+    let vizor = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vizor"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let config = v.dir.path().join("vizor.toml");
+    let (config, log) = (config.to_str().unwrap(), v.audit_path());
+    let log = log.to_str().unwrap();
+    let (ok, text, err) = vizor(&[
+        "audit",
+        "text",
+        "--config",
+        config,
+        "--session",
+        &session,
+        log,
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("chain verified"), "{err}");
+    assert_eq!(text, "Hello, World!\n<Ctrl+c>");
+    let (ok, list, err) = vizor(&["audit", "sessions", log]);
+    assert!(ok, "{err}");
+    let row = list.lines().nth(1).unwrap();
+    for field in [
+        session.as_str(),
+        "tester",
+        live.name.as_str(),
+        "vnc",
+        "browser closed",
+    ] {
+        assert!(row.contains(field), "{field} in {row}");
+    }
+    // 12 characters and 2 Shifts, 3 BackSpaces, 4 characters and a Shift, Return, Ctrl, c.
+    let presses = 12 + 2 + 3 + 4 + 1 + 1 + 2;
+    assert!(
+        row.contains(&format!(" {presses}  ")),
+        "{presses} keys in {row}"
+    );
+
+    // The chain verifies; an edited key record breaks it at that record.
+    let (ok, said) = v.verify(&[v.audit_path()]);
+    assert!(ok, "{said}");
+    let original = std::fs::read_to_string(log).unwrap();
+    let line = original
+        .lines()
+        .position(|l| l.contains("\"key\":\"W\""))
+        .unwrap();
+    let copy = v.dir.path().join("edited.jsonl");
+    std::fs::write(
+        &copy,
+        original.replacen("\"key\":\"W\"", "\"key\":\"V\"", 1),
+    )
+    .unwrap();
+    let (ok, said) = v.verify(std::slice::from_ref(&copy));
+    assert!(!ok);
+    assert!(
+        said.contains(&format!("BROKEN at {}:{}", copy.display(), line + 1)),
+        "{said}"
+    );
+    // And a reader refuses to read it as true.
+    let (ok, _, err) = vizor(&[
+        "audit",
+        "text",
+        "--config",
+        config,
+        "--session",
+        &session,
+        copy.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("BROKEN"), "{err}");
+}

@@ -6,6 +6,7 @@
 //! SHA-256, and key events as `[audit] keystrokes` allows.
 
 pub mod chain;
+pub mod review;
 mod writer;
 
 pub use chain::ChainKey;

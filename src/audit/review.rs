@@ -1,0 +1,350 @@
+//! Reading audit logs back: the sessions they hold, and what was typed in one.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use vizor_rfb::keysym::keysym_char;
+
+/// Reads the records of `files` (oldest first); lines that are not JSON are skipped
+/// (`vizor audit verify` reports them).
+pub fn read(files: &[impl AsRef<std::path::Path>]) -> std::io::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read(f.as_ref())?;
+        for line in text.split(|b| *b == b'\n') {
+            if let Ok(v) = serde_json::from_slice::<Value>(line) {
+                out.push(v);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One session as the log tells it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Session {
+    /// The session id.
+    pub id: u64,
+    /// The token's user.
+    pub user: String,
+    /// The domain.
+    pub domain: String,
+    /// vnc or spice.
+    pub kind: String,
+    /// The browser's address.
+    pub client: String,
+    /// When it started (the first start record's time).
+    pub start: String,
+    /// How long it lasted, in milliseconds (the longest channel), if it ended.
+    pub duration_ms: Option<u64>,
+    /// Key presses recorded.
+    pub keys: u64,
+    /// Why it ended (its last end record), if it did.
+    pub end: Option<String>,
+    /// SPICE channels.
+    pub channels: Vec<String>,
+}
+
+/// The sessions in `records`, in the order they started.
+pub fn sessions(records: &[Value]) -> Vec<Session> {
+    let mut by_id: BTreeMap<u64, Session> = BTreeMap::new();
+    let mut order = Vec::new();
+    for r in records {
+        let Some(id) = r["session"].as_u64() else {
+            continue;
+        };
+        let s = |k: &str| r[k].as_str().unwrap_or("").to_owned();
+        match r["event"].as_str() {
+            Some("session_start") => {
+                let entry = by_id.entry(id).or_insert_with(|| {
+                    order.push(id);
+                    Session {
+                        id,
+                        user: s("user"),
+                        domain: s("domain"),
+                        kind: s("kind"),
+                        client: s("client"),
+                        start: s("ts"),
+                        duration_ms: None,
+                        keys: 0,
+                        end: None,
+                        channels: Vec::new(),
+                    }
+                });
+                if let Some(c) = r["channel"].as_str() {
+                    entry.channels.push(c.to_owned());
+                }
+            }
+            Some("key") if r["down"] == true => {
+                if let Some(e) = by_id.get_mut(&id) {
+                    e.keys += 1;
+                }
+            }
+            Some("session_end") => {
+                if let Some(e) = by_id.get_mut(&id) {
+                    let d = r["duration_ms"].as_u64();
+                    e.duration_ms = e.duration_ms.max(d);
+                    e.end = Some(s("reason"));
+                }
+            }
+            _ => {}
+        }
+    }
+    order
+        .into_iter()
+        .filter_map(|id| by_id.remove(&id))
+        .collect()
+}
+
+/// A piece of reconstructed text.
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    Char(char),
+    Marker(String),
+}
+
+/// The character a US keyboard types for a key name (as SPICE records name
+/// scancodes), unshifted and shifted.
+fn us_layout(name: &str) -> Option<(char, char)> {
+    let mut chars = name.chars();
+    if let (Some(c), None) = (chars.next(), chars.next()) {
+        if c.is_ascii_lowercase() {
+            return Some((c, c.to_ascii_uppercase()));
+        }
+        if c.is_ascii_digit() {
+            let shifted = b")!@#$%^&*("[(c as u8 - b'0') as usize] as char;
+            return Some((c, shifted));
+        }
+    }
+    Some(match name {
+        "space" => (' ', ' '),
+        "minus" => ('-', '_'),
+        "equal" => ('=', '+'),
+        "bracketleft" => ('[', '{'),
+        "bracketright" => (']', '}'),
+        "semicolon" => (';', ':'),
+        "apostrophe" => ('\'', '"'),
+        "grave" => ('`', '~'),
+        "backslash" => ('\\', '|'),
+        "comma" => (',', '<'),
+        "period" => ('.', '>'),
+        "slash" => ('/', '?'),
+        "less" => ('<', '>'),
+        _ => return None,
+    })
+}
+
+#[derive(Default)]
+struct Mods {
+    shift: u8,
+    ctrl: u8,
+    alt: u8,
+    logo: u8,
+    caps: bool,
+}
+
+impl Mods {
+    /// Tracks a modifier; false if `name` is none.
+    fn track(&mut self, name: &str, down: bool) -> bool {
+        let counter = match name {
+            "Shift_L" | "Shift_R" => &mut self.shift,
+            "Control_L" | "Control_R" => &mut self.ctrl,
+            "Alt_L" | "Alt_R" | "Meta_L" | "Meta_R" => &mut self.alt,
+            "Super_L" | "Super_R" | "Hyper_L" | "Hyper_R" => &mut self.logo,
+            "Caps_Lock" => {
+                if down {
+                    self.caps = !self.caps;
+                }
+                return true;
+            }
+            "ISO_Level3_Shift" | "Mode_switch" | "Num_Lock" | "Scroll_Lock" | "Shift_Lock" => {
+                return true
+            }
+            _ => return false,
+        };
+        *counter = if down {
+            counter.saturating_add(1).min(2)
+        } else {
+            counter.saturating_sub(1)
+        };
+        true
+    }
+}
+
+/// What was typed in session `id`: characters as typed (shift applied, BackSpace
+/// deleting, Return a new line, Tab a tab), and other keys and control combinations
+/// as markers such as `<Escape>` or `<Ctrl+Alt+Delete>`. Redacted key records give
+/// `*` for a printable key and `<control>`/`<function>` markers.
+pub fn text(records: &[Value], id: u64) -> String {
+    let mut mods = Mods::default();
+    let mut out: Vec<Piece> = Vec::new();
+    for r in records {
+        if r["event"] != "key" || r["session"].as_u64() != Some(id) {
+            continue;
+        }
+        let down = r["down"] == true;
+        let Some(name) = r["key"].as_str() else {
+            // Redacted: the class only.
+            if down {
+                match r["class"].as_str() {
+                    Some("printable") => out.push(Piece::Char('*')),
+                    Some("modifier") | None => {}
+                    Some(class) => out.push(Piece::Marker(format!("<{class}>"))),
+                }
+            }
+            continue;
+        };
+        if mods.track(name, down) || !down {
+            continue;
+        }
+        // VNC keysyms carry the shift already; SPICE scancodes do not.
+        let typed = match r["keysym"].as_u64() {
+            Some(k) => keysym_char(k as u32),
+            None => us_layout(name).map(|(plain, shifted)| {
+                let letter = plain.is_ascii_lowercase();
+                if (mods.shift > 0) != (letter && mods.caps) {
+                    shifted
+                } else {
+                    plain
+                }
+            }),
+        };
+        if mods.ctrl > 0 || mods.alt > 0 || mods.logo > 0 {
+            let mut m = String::from("<");
+            for (held, label) in [
+                (mods.ctrl, "Ctrl+"),
+                (mods.alt, "Alt+"),
+                (mods.logo, "Super+"),
+            ] {
+                if held > 0 {
+                    m.push_str(label);
+                }
+            }
+            if mods.shift > 0 && typed.is_none() {
+                m.push_str("Shift+");
+            }
+            match typed {
+                Some(c) if c != ' ' => m.push(c),
+                _ => m.push_str(name),
+            }
+            m.push('>');
+            out.push(Piece::Marker(m));
+            continue;
+        }
+        match (typed, name) {
+            (Some(c), _) => out.push(Piece::Char(c)),
+            (None, "BackSpace") => match out.last() {
+                Some(Piece::Char(_)) => {
+                    out.pop();
+                }
+                _ => out.push(Piece::Marker("<BackSpace>".into())),
+            },
+            (None, "Return" | "KP_Enter") => out.push(Piece::Char('\n')),
+            (None, "Tab") => out.push(Piece::Char('\t')),
+            (None, other) => out.push(Piece::Marker(format!("<{other}>"))),
+        }
+    }
+    out.into_iter()
+        .map(|p| match p {
+            Piece::Char(c) => c.to_string(),
+            Piece::Marker(m) => m,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn vnc(down: bool, keysym: u32) -> Value {
+        json!({"event": "key", "session": 1, "down": down, "keysym": keysym,
+               "key": vizor_rfb::keysym::keysym_name(keysym)})
+    }
+
+    fn spice(down: bool, name: &str) -> Value {
+        json!({"event": "key", "session": 2, "down": down, "key": name, "scancode": 1})
+    }
+
+    fn press_vnc(keys: &[u32]) -> Vec<Value> {
+        keys.iter()
+            .flat_map(|k| [vnc(true, *k), vnc(false, *k)])
+            .collect()
+    }
+
+    #[test]
+    fn vnc_keys_become_the_typed_text() {
+        const SHIFT: u32 = 0xffe1;
+        const CTRL: u32 = 0xffe3;
+        const ALT: u32 = 0xffe9;
+        const BS: u32 = 0xff08;
+        const RET: u32 = 0xff0d;
+        const DEL: u32 = 0xffff;
+        let mut r = vec![vnc(true, SHIFT)];
+        r.extend(press_vnc(&[b'H' as u32]));
+        r.push(vnc(false, SHIFT));
+        r.extend(press_vnc(&[b'i' as u32, b'x' as u32, BS, b'!' as u32, RET]));
+        r.extend([vnc(true, CTRL), vnc(true, ALT)]);
+        r.extend(press_vnc(&[DEL]));
+        r.extend([vnc(false, ALT)]);
+        r.extend(press_vnc(&[b'c' as u32]));
+        r.extend([vnc(false, CTRL)]);
+        r.extend(press_vnc(&[0xff1b, BS]));
+        // Another session's keys do not mix in.
+        r.push(json!({"event": "key", "session": 9, "down": true, "keysym": 0x71, "key": "q"}));
+        assert_eq!(
+            text(&r, 1),
+            "Hi!\n<Ctrl+Alt+Delete><Ctrl+c><Escape><BackSpace>"
+        );
+    }
+
+    #[test]
+    fn spice_scancodes_apply_shift_and_caps_lock() {
+        let mut r = Vec::new();
+        let mut press = |name: &str| {
+            r.push(spice(true, name));
+            r.push(spice(false, name));
+        };
+        press("h");
+        press("1");
+        press("Caps_Lock");
+        press("a");
+        press("Caps_Lock");
+        let mut r2 = r.clone();
+        r2.push(spice(true, "Shift_L"));
+        r2.extend([spice(true, "1"), spice(false, "1"), spice(true, "slash")]);
+        r2.push(spice(false, "Shift_L"));
+        r2.extend([spice(true, "space"), spice(true, "Return")]);
+        assert_eq!(text(&r2, 2), "h1A!? \n");
+    }
+
+    #[test]
+    fn redacted_keys_keep_their_class() {
+        let r = vec![
+            json!({"event": "key", "session": 3, "down": true, "class": "printable"}),
+            json!({"event": "key", "session": 3, "down": false, "class": "printable"}),
+            json!({"event": "key", "session": 3, "down": true, "class": "modifier"}),
+            json!({"event": "key", "session": 3, "down": true, "class": "function"}),
+        ];
+        assert_eq!(text(&r, 3), "*<function>");
+    }
+
+    #[test]
+    fn sessions_group_spice_channels() {
+        let r = vec![
+            json!({"event": "session_start", "session": 4, "ts": "t0", "user": "u", "domain": "d", "kind": "spice", "client": "c", "channel": "spice:main:0"}),
+            json!({"event": "session_start", "session": 4, "ts": "t1", "user": "u", "domain": "d", "kind": "spice", "client": "c", "channel": "spice:inputs:0"}),
+            json!({"event": "key", "session": 4, "down": true, "key": "a"}),
+            json!({"event": "key", "session": 4, "down": false, "key": "a"}),
+            json!({"event": "session_end", "session": 4, "duration_ms": 900, "reason": "x"}),
+            json!({"event": "session_end", "session": 4, "duration_ms": 1000, "reason": "browser closed the connection"}),
+            json!({"event": "session_start", "session": 5, "ts": "t2", "user": "v", "domain": "e", "kind": "vnc", "client": "c"}),
+        ];
+        let s = sessions(&r);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].channels, ["spice:main:0", "spice:inputs:0"]);
+        assert_eq!(s[0].keys, 1);
+        assert_eq!(s[0].duration_ms, Some(1000));
+        assert_eq!(s[0].end.as_deref(), Some("browser closed the connection"));
+        assert_eq!(s[1].end, None);
+    }
+}
