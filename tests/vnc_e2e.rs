@@ -736,3 +736,142 @@ async fn what_was_typed_comes_back_from_the_audit_log_and_tampering_is_found() {
     ]);
     assert!(!ok && err.contains("BROKEN"), "{err}");
 }
+
+/// A 64 KiB tmpfs holding the audit log, so the test can fill the log's disk: a write
+/// error a real disk produces, made on demand. Unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// Mounts it at `dir/disk` and points `dir/audit.jsonl` into it.
+    fn prepare(dir: &std::path::Path) {
+        let disk = dir.join("disk");
+        std::fs::create_dir(&disk).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"])
+            .arg(&disk)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs (the test runs as root)");
+        std::os::unix::fs::symlink(disk.join("audit.jsonl"), dir.join("audit.jsonl")).unwrap();
+    }
+
+    fn of(v: &Vizor) -> SmallDisk {
+        SmallDisk(v.dir.path().join("disk"))
+    }
+
+    /// Fills the disk to its last byte.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let block = [0u8; 512];
+        while f.write_all(&block).is_ok() {}
+        while f.write_all(&block[..1]).is_ok() {}
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+async fn write_errors(v: &Vizor) -> f64 {
+    common::metric(&v.metrics().await, "vizor_audit_write_errors_total").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_audit_disk_closes_sessions_and_refuses_new_ones_until_it_has_room() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    let v = Vizor::start_with("", "", SmallDisk::prepare);
+    let disk = SmallDisk::of(&v);
+    let (mut live_session, si) = open_session(&v, &live.name).await;
+    full_update(&mut live_session, &si).await;
+    disk.fill();
+    // The log's last page may still have room for a few records: type until a key
+    // cannot be recorded. Such a key is not relayed: the session closes.
+    let mut keys = 0;
+    let closed = loop {
+        live_session.send(&typed('a' as u32, false)).await;
+        keys += 1;
+        assert!(keys < 200, "the audit log never filled");
+        match tokio::time::timeout(std::time::Duration::from_millis(50), live_session.read()).await
+        {
+            Ok(Err(closed)) => break closed,
+            _ => continue,
+        }
+    };
+    assert_eq!(closed.code, 1011, "{}", closed.reason);
+    assert!(
+        closed.reason.starts_with("audit log cannot be written"),
+        "{}",
+        closed.reason
+    );
+    // A new session is refused with the same reason.
+    let token = v.token(&live.name, ConsoleKind::Vnc, 60);
+    let mut refused = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    let hs = rfb_handshake(&mut refused).await;
+    let closed = match hs {
+        Ok(_) => refused.closed().await,
+        Err(e) => {
+            assert!(e.contains("audit log cannot be written"), "{e}");
+            Closed {
+                code: 1011,
+                reason: e,
+            }
+        }
+    };
+    assert!(
+        closed.reason.contains("audit log cannot be written"),
+        "{}",
+        closed.reason
+    );
+    assert!(write_errors(&v).await >= 2.0);
+    assert!(v.wait_for_log("audit log write failed"));
+    // Room again: sessions work, and the chain has no gap.
+    disk.free();
+    let (mut b, si) = open_session(&v, &live.name).await;
+    full_update(&mut b, &si).await;
+    b.send(&typed('z' as u32, false)).await;
+    drop(b);
+    let audit = v.wait_for_audit("session_end");
+    let keys_audited = common::audited_keys(&audit);
+    assert!(keys_audited.contains(&(true, "z".to_owned())));
+    // The key event that could not be recorded (and what followed it) is missing.
+    let a_events = keys_audited.iter().filter(|k| k.1 == "a").count();
+    assert!(a_events < 2 * keys, "{a_events} of {}", 2 * keys);
+    let (ok, said) = v.verify(&[v.audit_path()]);
+    assert!(ok, "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_on_error_continue_sessions_go_on_and_the_loss_is_counted() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    let v = Vizor::start_full("", "on_error = \"continue\"", "", SmallDisk::prepare);
+    let disk = SmallDisk::of(&v);
+    let (mut b, si) = open_session(&v, &live.name).await;
+    full_update(&mut b, &si).await;
+    disk.fill();
+    let mut keys = 0;
+    while write_errors(&v).await == 0.0 {
+        b.send(&typed('a' as u32, false)).await;
+        keys += 1;
+        assert!(keys < 200, "the audit log never filled");
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(50), b.read()).await;
+    }
+    // Still relaying: a full update comes back.
+    full_update(&mut b, &si).await;
+    assert!(v.wait_for_log("audit record lost (on_error = continue)"));
+    drop(disk);
+}

@@ -110,6 +110,16 @@ impl Vizor {
         tail: &str,
         prepare: impl FnOnce(&std::path::Path),
     ) -> Vizor {
+        Self::start_full(server_extra, "", tail, prepare)
+    }
+
+    /// As [`Vizor::start_with`], with `audit_extra` in `[audit]` too.
+    pub fn start_full(
+        server_extra: &str,
+        audit_extra: &str,
+        tail: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> Vizor {
         let dir = tempfile::tempdir().unwrap();
         let key_path = dir.path().join("token.key");
         TokenKey::write_new(&key_path).unwrap();
@@ -121,7 +131,7 @@ impl Vizor {
                 "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\
                  [libvirt]\nuri = \"qemu:///system\"\n\
                  [tokens]\nkey_file = \"token.key\"\nttl = \"60s\"\n\
-                 [audit]\npath = \"audit.jsonl\"\nkeystrokes = \"full\"\n\
+                 [audit]\npath = \"audit.jsonl\"\nkeystrokes = \"full\"\n{audit_extra}\n\
                  [log]\nlevel = \"debug\"\n{tail}\n"
             ),
         )
