@@ -875,3 +875,128 @@ async fn with_on_error_continue_sessions_go_on_and_the_loss_is_counted() {
     assert!(v.wait_for_log("audit record lost (on_error = continue)"));
     drop(disk);
 }
+
+/// A TCP relay between vizor and QEMU that keeps everything vizor sent: the witness of
+/// which key events reached the VM (QEMU keeps no record of keys it received).
+async fn witness(qemu: String) -> (std::net::SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let seen = sent.clone();
+    tokio::spawn(async move {
+        let (from_vizor, _) = listener.accept().await.unwrap();
+        let to_qemu = tokio::net::TcpStream::connect(qemu).await.unwrap();
+        let (mut vr, mut vw) = from_vizor.into_split();
+        let (mut qr, mut qw) = to_qemu.into_split();
+        let up = async move {
+            let mut buf = [0u8; 16384];
+            loop {
+                match vr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if qw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        };
+        let down = async move {
+            let _ = tokio::io::copy(&mut qr, &mut vw).await;
+        };
+        tokio::join!(up, down);
+    });
+    (addr, sent)
+}
+
+use std::sync::{Arc, Mutex};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_session_loses_no_key_event_that_reached_the_vm() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    let (addr, sent) = witness(live.vnc_addr.clone()).await;
+    // libvirt's test driver names the witness as the domain's console, with the real
+    // password: vizor looks it up as it would any domain.
+    let node = format!(
+        "<node><domain type='test'><name>vizor-witness</name><memory>65536</memory>\
+         <os><type>hvm</type></os><devices><graphics type='vnc' port='{}' \
+         listen='127.0.0.1' passwd='{}'/></devices></domain></node>",
+        addr.port(),
+        live.vnc_password
+            .replace('&', "&amp;")
+            .replace('\'', "&apos;")
+            .replace('<', "&lt;")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let node_path = dir.path().join("node.xml");
+    std::fs::write(&node_path, node).unwrap();
+    let mut v = Vizor::start_uri(
+        &format!("test://{}", node_path.display()),
+        "",
+        "fsync = \"interval:10s\"", // durability against SIGKILL needs no fsync
+        "",
+        |_| {},
+    );
+    let (mut b, si) = open_session(&v, "vizor-witness").await;
+    full_update(&mut b, &si).await;
+    // Keys flow in small bursts; vizor is killed while they do.
+    let typing = tokio::spawn(async move {
+        for i in 0u32.. {
+            let mut burst = Vec::new();
+            for j in 0..8 {
+                burst.extend(typed(0x61 + (i * 8 + j) % 26, false));
+            }
+            b.send(&burst).await;
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    v.kill();
+    typing.abort();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    // What reached QEMU: after the 30 bytes of vizor's RFB client handshake (version,
+    // security type, VNC authentication response, ClientInit), client messages.
+    let sent = sent.lock().unwrap().clone();
+    assert!(sent.len() > 30, "vizor never talked to QEMU");
+    let mut dec = vizor_rfb::client::ClientDecoder::new(vizor_rfb::Limits::default());
+    let mut reached = Vec::new();
+    let mut pos = 30;
+    while let Some((m, n)) = dec.decode(&sent[pos..]).unwrap() {
+        if let ClientMessage::KeyEvent { down, keysym } = m {
+            reached.push((down, vizor_rfb::keysym::keysym_name(keysym).into_owned()));
+        }
+        pos += n;
+    }
+    assert!(
+        reached.len() > 16,
+        "only {} key events reached QEMU",
+        reached.len()
+    );
+    // The audit log may end in an incomplete record; every complete one is read.
+    let audited: Vec<(bool, String)> = std::fs::read_to_string(v.audit_path())
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["event"] == "key")
+        .map(|r| (r["down"] == true, r["key"].as_str().unwrap().to_owned()))
+        .collect();
+    assert!(
+        audited.len() >= reached.len() && audited[..reached.len()] == reached[..],
+        "{} key events reached QEMU, {} audited; first difference at {:?}",
+        reached.len(),
+        audited.len(),
+        reached.iter().zip(&audited).position(|(a, b)| a != b)
+    );
+    let (ok, said) = v.verify(&[v.audit_path()]);
+    assert!(ok, "{said}");
+    eprintln!(
+        "{} key events reached QEMU, {} were audited",
+        reached.len(),
+        audited.len()
+    );
+}

@@ -120,6 +120,17 @@ impl Vizor {
         tail: &str,
         prepare: impl FnOnce(&std::path::Path),
     ) -> Vizor {
+        Self::start_uri("qemu:///system", server_extra, audit_extra, tail, prepare)
+    }
+
+    /// As [`Vizor::start_full`], against the libvirt at `uri`.
+    pub fn start_uri(
+        uri: &str,
+        server_extra: &str,
+        audit_extra: &str,
+        tail: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> Vizor {
         let dir = tempfile::tempdir().unwrap();
         let key_path = dir.path().join("token.key");
         TokenKey::write_new(&key_path).unwrap();
@@ -129,7 +140,7 @@ impl Vizor {
             &config,
             format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\
-                 [libvirt]\nuri = \"qemu:///system\"\n\
+                 [libvirt]\nuri = \"{uri}\"\n\
                  [tokens]\nkey_file = \"token.key\"\nttl = \"60s\"\n\
                  [audit]\npath = \"audit.jsonl\"\nkeystrokes = \"full\"\n{audit_extra}\n\
                  [log]\nlevel = \"debug\"\n{tail}\n"
@@ -269,6 +280,12 @@ impl Vizor {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         panic!("{n} {event} records expected: {:?}", self.audit());
+    }
+
+    /// Kills vizor with SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     /// Sends SIGTERM and waits for the exit.
