@@ -232,8 +232,24 @@ async fn lookup(app: &App, domain: &str, kind: ConsoleKind) -> Result<Console, L
     r
 }
 
-/// Counts how a session (a SPICE channel) ended.
-fn record_end(app: &App, kind: ConsoleKind, end: &End) {
+/// Counts how a session (a SPICE channel) ended, and audits a protocol error or a
+/// failure toward the VM.
+fn record_end(app: &App, kind: ConsoleKind, session: u64, domain: &str, end: &End) {
+    if let Some((direction, reason)) = end.protocol {
+        app.audit.record_nowait(&Event::ProtocolError {
+            session,
+            direction,
+            reason,
+            detail: &end.reason,
+        });
+    } else if end.code == 1011 && end.label != "audit_error" {
+        app.audit.record_nowait(&Event::UpstreamFailure {
+            session,
+            domain,
+            reason: end.label,
+            detail: &end.reason,
+        });
+    }
     let m = &app.metrics;
     m.sessions_total
         .with_label_values(&[kind.as_str(), end.label])
@@ -405,6 +421,7 @@ async fn console(
     let span = tracing::info_span!("session", id, domain = %claims.domain, kind = %claims.kind, client = %peer, token = %token_id);
     let _guard = app.sessions.enter();
     let kind = claims.kind;
+    let domain = claims.domain.clone();
     let end = async {
         let console = match lookup(&app, &claims.domain, claims.kind).await {
             Ok(c) => c,
@@ -435,7 +452,7 @@ async fn console(
     }
     .instrument(span)
     .await;
-    record_end(&app, kind, &end);
+    record_end(&app, kind, id, &domain, &end);
 }
 
 /// A SPICE channel: admission needs the browser's link message (which channel, which
@@ -485,11 +502,14 @@ async fn spice_console(
             record_end(
                 &app,
                 ConsoleKind::Spice,
+                id,
+                &claims.domain,
                 &End::upstream(e.to_string(), e.reason()),
             );
             return;
         }
     };
+    let domain = console.domain.clone();
     let ctx = session::spice::Ctx {
         id,
         claims,
@@ -502,16 +522,16 @@ async fn spice_console(
         metrics: app.metrics.clone(),
         live: app.live.clone(),
     };
-    let end = async {
+    let (end, session) = async {
         let _active = Active::new(&app.metrics, ConsoleKind::Spice);
-        let end =
+        let (end, session) =
             session::spice::run(ctx, console, brx, btx, replay, app.close_sessions.clone()).await;
         info!(reason = %end.reason, label = end.label, "session ended");
-        end
+        (end, session)
     }
     .instrument(span)
     .await;
-    record_end(&app, ConsoleKind::Spice, &end);
+    record_end(&app, ConsoleKind::Spice, session, &domain, &end);
 }
 
 fn bearer_matches(req: &Request<Incoming>, key: &str) -> bool {

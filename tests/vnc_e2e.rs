@@ -235,6 +235,17 @@ async fn a_wrong_password_in_libvirt_reaches_the_browser_as_an_rfb_failure() {
         "server refused the connection: authentication to the VM failed"
     );
     assert!(v.wait_for_log("authentication to the VM failed"));
+    let audit = v.wait_for_audit("upstream_failure");
+    let failure = audit
+        .iter()
+        .find(|r| r["event"] == "upstream_failure")
+        .unwrap();
+    assert_eq!(failure["reason"], "upstream_auth");
+    assert_eq!(failure["domain"], "vizor-test-pw");
+    assert!(failure["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("authentication to the VM failed"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -655,10 +666,38 @@ async fn what_was_typed_comes_back_from_the_audit_log_and_tampering_is_found() {
         down: false,
         keysym: CONTROL_L,
     }));
+    // A click: its press is recorded with the position, not its release or motion.
+    for buttons in [0, 1, 1, 0] {
+        keys.extend(msg(ClientMessage::PointerEvent {
+            buttons,
+            x: 17,
+            y: 23,
+        }));
+    }
     b.send(&keys).await;
     drop(b);
     let audit = v.wait_for_audit("session_end");
     let session = audit[0]["session"].as_u64().unwrap().to_string();
+    let clicks: Vec<_> = audit.iter().filter(|r| r["event"] == "button").collect();
+    assert_eq!(clicks.len(), 1, "{clicks:?}");
+    assert_eq!(
+        (&clicks[0]["button"], &clicks[0]["x"], &clicks[0]["y"]),
+        (&"left".into(), &17.into(), &23.into())
+    );
+    // A protocol error is recorded with its direction and cause.
+    let (mut bad, _) = open_session(&v, &live.name).await;
+    bad.send(&[0xEE, 0, 0, 0]).await;
+    bad.closed().await;
+    let audit = v.wait_for_audit("protocol_error");
+    let error = audit
+        .iter()
+        .find(|r| r["event"] == "protocol_error")
+        .unwrap();
+    assert_eq!(error["direction"], "browser_to_vm");
+    assert!(error["detail"]
+        .as_str()
+        .unwrap()
+        .contains("browser protocol error"));
     let vizor = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_vizor"))
             .args(args)

@@ -90,6 +90,43 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         round_trip_ms: Option<f64>,
     },
+    /// A pointer button was pressed (motion and releases are not recorded).
+    Button {
+        /// Session id.
+        session: u64,
+        /// left, middle, right, wheel_up, wheel_down, wheel_left, wheel_right, back,
+        /// forward, or "button N".
+        button: &'static str,
+        /// Pointer position (RFB; SPICE sends positions separately).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        x: Option<u16>,
+        /// Pointer position.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        y: Option<u16>,
+    },
+    /// A peer broke the protocol; the session ended.
+    ProtocolError {
+        /// Session id.
+        session: u64,
+        /// browser_to_vm or vm_to_browser.
+        direction: &'a str,
+        /// A stable cause.
+        reason: &'a str,
+        /// What was wrong.
+        detail: &'a str,
+    },
+    /// Something failed toward the VM: its lookup, connection, authentication, or the
+    /// connection itself; the session ended or never started.
+    UpstreamFailure {
+        /// Session id.
+        session: u64,
+        /// The domain.
+        domain: &'a str,
+        /// A stable cause (`upstream_auth`, `not_running`, `upstream_connect`...).
+        reason: &'a str,
+        /// What happened.
+        detail: &'a str,
+    },
     /// A token was refused.
     TokenRefused {
         /// The browser's address.
@@ -111,6 +148,9 @@ impl Event<'_> {
             Event::Clipboard { .. } => "clipboard",
             Event::SessionEnd { .. } => "session_end",
             Event::TokenRefused { .. } => "token_refused",
+            Event::Button { .. } => "button",
+            Event::ProtocolError { .. } => "protocol_error",
+            Event::UpstreamFailure { .. } => "upstream_failure",
         }
     }
 }
@@ -148,6 +188,43 @@ impl Clipboard {
             length: self.length,
             sha256: self.sha256.clone(),
         }
+    }
+}
+
+/// The name of RFB pointer button bit `bit` (0 = button 1).
+pub fn rfb_button(bit: u32) -> &'static str {
+    const NAMES: [&str; 16] = [
+        "left",
+        "middle",
+        "right",
+        "wheel_up",
+        "wheel_down",
+        "wheel_left",
+        "wheel_right",
+        "back",
+        "forward",
+        "button 10",
+        "button 11",
+        "button 12",
+        "button 13",
+        "button 14",
+        "button 15",
+        "button 16",
+    ];
+    NAMES.get(bit as usize).copied().unwrap_or("button ?")
+}
+
+/// The name of SPICE mouse button `button` (SPICE_MOUSE_BUTTON_*).
+pub fn spice_button(button: u8) -> &'static str {
+    match button {
+        1 => "left",
+        2 => "middle",
+        3 => "right",
+        4 => "wheel_up",
+        5 => "wheel_down",
+        6 => "back",
+        7 => "forward",
+        _ => "button ?",
     }
 }
 

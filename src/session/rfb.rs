@@ -376,6 +376,7 @@ async fn relay(
         let mut out = Vec::with_capacity(4096);
         let mut requested = false;
         let mut offered_ext_desktop = false;
+        let mut buttons_down = 0u16;
         loop {
             brx.read_into(&mut buf).await?;
             if extended_pointer.load(Ordering::Relaxed) {
@@ -419,8 +420,21 @@ async fn relay(
                         lock(&timing)?.request();
                         out.extend_from_slice(raw);
                     }
-                    ClientMessage::PointerEvent { .. } => {
+                    ClientMessage::PointerEvent { buttons, x, y } => {
                         lock(&timing)?.input();
+                        let pressed = buttons & !buttons_down;
+                        buttons_down = buttons;
+                        for bit in (0..16).filter(|b| pressed & (1 << b) != 0) {
+                            ctx.audit
+                                .record(&Event::Button {
+                                    session: ctx.id,
+                                    button: crate::audit::rfb_button(bit),
+                                    x: Some(x),
+                                    y: Some(y),
+                                })
+                                .await
+                                .map_err(audit_failed)?;
+                        }
                         out.extend_from_slice(raw);
                     }
                     ClientMessage::KeyEvent { down, keysym } => {

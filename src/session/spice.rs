@@ -219,7 +219,8 @@ fn ticket(pub_key_der: &[u8], password: &[u8]) -> Result<Vec<u8>, End> {
         .map_err(|e| End::upstream(format!("encrypting the ticket: {e}"), "internal"))
 }
 
-/// Runs one channel to its end; closes the browser with the reason.
+/// Runs one channel to its end; closes the browser with the reason. Returns how it
+/// ended and the session id it ran under (a secondary channel's is its main's).
 pub async fn run(
     mut ctx: Ctx,
     console: Console,
@@ -227,7 +228,7 @@ pub async fn run(
     btx: BrowserTx,
     replay: impl FnOnce(&Claims) -> Result<(), String>,
     mut shutdown: watch::Receiver<bool>,
-) -> End {
+) -> (End, u64) {
     let started = Instant::now();
     let mut bbuf = Vec::new();
     let limits = Limits::default();
@@ -239,13 +240,10 @@ pub async fn run(
     .await;
     let mess = match mess {
         Ok(Ok(m)) => m,
-        Ok(Err(end)) => return close(&btx, end).await,
+        Ok(Err(end)) => return (close(&btx, end).await, ctx.id),
         Err(_) => {
-            return close(
-                &btx,
-                End::refused("no SPICE link message in time", "handshake_timeout"),
-            )
-            .await
+            let end = End::refused("no SPICE link message in time", "handshake_timeout");
+            return (close(&btx, end).await, ctx.id);
         }
     };
     let chan = channel_type::name(mess.channel_type);
@@ -253,7 +251,7 @@ pub async fn run(
         if let Err(reason) = replay(&ctx.claims) {
             btx.binary(link_refusal(link_error::PERMISSION_DENIED))
                 .await;
-            return close(&btx, End::refused(reason, "replayed")).await;
+            return (close(&btx, End::refused(reason, "replayed")).await, ctx.id);
         }
         ctx.sessions.register(ctx.claims.nonce, ctx.id);
         Admission::Main
@@ -263,14 +261,11 @@ pub async fn run(
     } else {
         btx.binary(link_refusal(link_error::BAD_CONNECTION_ID))
             .await;
-        return close(
-            &btx,
-            End::refused(
-                "token already used (not for this SPICE session)",
-                "replayed",
-            ),
-        )
-        .await;
+        let end = End::refused(
+            "token already used (not for this SPICE session)",
+            "replayed",
+        );
+        return (close(&btx, end).await, ctx.id);
     };
     let span = tracing::info_span!("channel", session = ctx.id, channel = chan);
     let end = relay_channel(
@@ -289,7 +284,7 @@ pub async fn run(
     if matches!(admission, Admission::Main) {
         ctx.sessions.forget(&ctx.claims.nonce);
     }
-    close(&btx, end).await
+    (close(&btx, end).await, ctx.id)
 }
 
 async fn close(btx: &BrowserTx, end: End) -> End {
@@ -575,6 +570,17 @@ async fn relay(
                             clipboard
                                 .feed(&mut agent_in, chunk, ctx, "browser_to_vm")
                                 .await?;
+                        }
+                        msg::ClientMessage::MousePress { button, .. } => {
+                            ctx.audit
+                                .record(&Event::Button {
+                                    session: ctx.id,
+                                    button: crate::audit::spice_button(button),
+                                    x: None,
+                                    y: None,
+                                })
+                                .await
+                                .map_err(audit_failed)?;
                         }
                         msg::ClientMessage::Pong { id, .. } if channel == channel_type::MAIN => {
                             rtt.pong(id)
