@@ -29,6 +29,7 @@ echo "demo: building vizor (release)" >&2
 cargo build --release --quiet --locked
 vizor=$PWD/target/release/vizor
 [ -s "$dir/token.key" ] || "$vizor" keygen "$dir/token.key"
+[ -s "$dir/audit.key" ] || "$vizor" keygen "$dir/audit.key"
 cat >"$dir/vizor.toml" <<TOML
 [server]
 listen = "$listen"
@@ -43,6 +44,7 @@ ttl = "10m"
 
 [audit]
 path = "audit.jsonl"
+key_file = "audit.key"
 keystrokes = "full"
 TOML
 
@@ -72,5 +74,8 @@ The screen shows SeaBIOS; press Esc within 30 s of a restart
 
 A new token:    $vizor token --config $dir/vizor.toml --domain vizor-demo
 Audit log:      $dir/audit.jsonl      vizor's log: $dir/vizor.log
+Review it:      $vizor audit verify --key $dir/audit.key $dir/audit.jsonl
+                $vizor audit sessions $dir/audit.jsonl
+                $vizor audit text --key $dir/audit.key --session 1 $dir/audit.jsonl
 Stop:           kill \$(cat $dir/vizor.pid); scripts/test-host.sh stop
 MSG
