@@ -82,9 +82,10 @@ pub enum AuditCommand {
     Text {
         #[command(flatten)]
         key: OptionalChainKey,
-        /// The session id (see `vizor audit sessions`).
+        /// The session: its id as `vizor audit sessions` shows it (`ID`, or `ID@RUN`
+        /// when ids of several runs of vizor collide).
         #[arg(long)]
-        session: u64,
+        session: String,
         /// The files, oldest first.
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -104,24 +105,28 @@ pub struct OptionalChainKey {
 }
 
 impl OptionalChainKey {
-    /// Verifies `files` when a key was given; says so on standard error.
-    fn check(&self, files: &[PathBuf]) -> Result<(), Box<dyn std::error::Error>> {
+    /// The records of `files`: with a key only those the chain authenticates (and
+    /// none of a broken log), without one every record, said to be unverified.
+    fn records(
+        &self,
+        files: &[PathBuf],
+    ) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
         if self.key.is_none() && self.config.is_none() {
             eprintln!("vizor: not verified (give --key or --config to check the chain first)");
-            return Ok(());
+            return Ok(crate::audit::review::read(files)?);
         }
         let key = ChainKeyArg {
             key: self.key.clone(),
             config: self.config.clone(),
         }
         .load()?;
-        let report = crate::audit::chain::verify(&key, files)
+        let (report, records) = crate::audit::chain::verified_records(&key, files)
             .map_err(|e| format!("reading the audit log: {e}"))?;
         if let Some((file, line, why)) = report.broken {
             return Err(format!("BROKEN at {file}:{line}: {why}; not reading a broken log").into());
         }
         eprintln!("vizor: chain verified ({} records)", report.records);
-        Ok(())
+        Ok(records)
     }
 }
 
@@ -178,20 +183,20 @@ fn audit(command: AuditCommand) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         AuditCommand::Sessions { key, files } => {
-            key.check(&files)?;
-            let records = crate::audit::review::read(&files)?;
+            let records = key.records(&files)?;
             println!(
                 "{:>8}  {:<16} {:<24} {:<5} {:<24} {:>10} {:>6}  end",
                 "session", "user", "domain", "kind", "start", "duration", "keys"
             );
-            for s in crate::audit::review::sessions(&records) {
+            let all = crate::audit::review::sessions(&records);
+            for s in &all {
                 let duration = s
                     .duration_ms
                     .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
                     .unwrap_or_else(|| "-".into());
                 println!(
                     "{:>8}  {:<16} {:<24} {:<5} {:<24} {:>10} {:>6}  {}",
-                    s.id,
+                    s.label(&all),
                     s.user,
                     s.domain,
                     s.kind,
@@ -208,15 +213,10 @@ fn audit(command: AuditCommand) -> Result<(), Box<dyn std::error::Error>> {
             session,
             files,
         } => {
-            key.check(&files)?;
-            let records = crate::audit::review::read(&files)?;
-            if !crate::audit::review::sessions(&records)
-                .iter()
-                .any(|s| s.id == session)
-            {
-                return Err(format!("no session {session} in these files").into());
-            }
-            print!("{}", crate::audit::review::text(&records, session));
+            let records = key.records(&files)?;
+            let all = crate::audit::review::sessions(&records);
+            let found = crate::audit::review::find(&all, &session)?;
+            print!("{}", crate::audit::review::text(&records, found));
             Ok(())
         }
     }

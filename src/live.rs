@@ -268,9 +268,7 @@ impl Hold {
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        let Ok(mut map) = self.registry.map.lock() else {
-            return;
-        };
+        let mut map = self.registry.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(mut s) = self.live.stats() {
             if let Some(c) = &self.channel {
                 if let Some(i) = s.channels.iter().position(|x| x == c) {

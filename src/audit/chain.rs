@@ -84,9 +84,17 @@ pub fn unhex(text: &str) -> Option<[u8; 32]> {
     if text.len() != 64 {
         return None;
     }
+    // Lowercase only, as written: "0F" or "+f" for "0f" would change the record's
+    // bytes without changing what they parse to.
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let bytes = text.as_bytes();
     let mut out = [0u8; 32];
     for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+        *o = digit(bytes[2 * i])? << 4 | digit(bytes[2 * i + 1])?;
     }
     Some(out)
 }
@@ -120,6 +128,25 @@ pub struct Report {
 
 /// Verifies `files`, oldest first (rotated files, then the current one).
 pub fn verify(key: &ChainKey, files: &[impl AsRef<Path>]) -> std::io::Result<Report> {
+    verify_into(key, files, None)
+}
+
+/// Verifies `files` and returns the records it authenticated, for a reader that must
+/// see nothing else (an unsealed line, an incomplete last record).
+pub fn verified_records(
+    key: &ChainKey,
+    files: &[impl AsRef<Path>],
+) -> std::io::Result<(Report, Vec<serde_json::Value>)> {
+    let mut records = Vec::new();
+    let report = verify_into(key, files, Some(&mut records))?;
+    Ok((report, records))
+}
+
+fn verify_into(
+    key: &ChainKey,
+    files: &[impl AsRef<Path>],
+    mut collect: Option<&mut Vec<serde_json::Value>>,
+) -> std::io::Result<Report> {
     let mut report = Report::default();
     // (seq, chain) of the last good record.
     let mut state: Option<(u64, [u8; 32])> = None;
@@ -228,7 +255,12 @@ pub fn verify(key: &ChainKey, files: &[impl AsRef<Path>]) -> std::io::Result<Rep
                 ));
             }
             match key.check(&prev, line) {
-                Ok(chain) => state = Some((seq, chain)),
+                Ok(chain) => {
+                    state = Some((seq, chain));
+                    if let Some(c) = collect.as_deref_mut() {
+                        c.push(value);
+                    }
+                }
                 Err(why) => {
                     return Ok(broken(
                         report,
@@ -286,6 +318,19 @@ mod tests {
         assert!(other.check(&c1, second).is_err());
         let v: serde_json::Value = serde_json::from_slice(second).unwrap();
         assert_eq!(v["chain"], hex(&c2));
+    }
+
+    #[test]
+    fn chain_values_are_lowercase_hex_only() {
+        let good = "0f".repeat(32);
+        assert!(unhex(&good).is_some());
+        for bad in [
+            "0F".repeat(32),
+            format!("+f{}", "0f".repeat(31)),
+            "0f".repeat(31),
+        ] {
+            assert!(unhex(&bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

@@ -246,6 +246,7 @@ pub struct Audit {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     keystrokes: Keystrokes,
     on_error: OnError,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for Audit {
@@ -268,8 +269,13 @@ impl Audit {
         key: ChainKey,
         metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> std::io::Result<Audit> {
-        let (w, note) =
-            writer::Writer::open(&config.path, key, config.fsync, config.rotate_size, metrics)?;
+        let (w, note) = writer::Writer::open(
+            &config.path,
+            key,
+            config.fsync,
+            config.rotate_size,
+            metrics.clone(),
+        )?;
         if let Some(note) = note {
             tracing::warn!("{note}");
         }
@@ -282,12 +288,30 @@ impl Audit {
             thread: Mutex::new(Some(thread)),
             keystrokes: config.keystrokes,
             on_error: config.on_error,
+            metrics,
         })
     }
 
     /// How key events are recorded.
     pub fn keystrokes(&self) -> Keystrokes {
         self.keystrokes
+    }
+
+    /// Queues a job; a record that cannot even be queued is counted as lost.
+    fn enqueue(&self, job: writer::Job) -> std::io::Result<()> {
+        self.tx.try_send(writer::Msg::Job(job)).map_err(|e| {
+            if let Some(m) = &self.metrics {
+                m.audit_write_errors_total.inc();
+            }
+            match e {
+                std::sync::mpsc::TrySendError::Full(_) => {
+                    std::io::Error::other("audit queue full: the log is not being written")
+                }
+                std::sync::mpsc::TrySendError::Disconnected(_) => {
+                    std::io::Error::other("audit log closed")
+                }
+            }
+        })
     }
 
     fn job(
@@ -315,17 +339,7 @@ impl Audit {
     pub async fn record(&self, event: &Event<'_>) -> std::io::Result<()> {
         let result = async {
             let (ack, done) = tokio::sync::oneshot::channel();
-            let job = Self::job(event, Some(ack))?;
-            self.tx
-                .try_send(writer::Msg::Job(job))
-                .map_err(|e| match e {
-                    std::sync::mpsc::TrySendError::Full(_) => {
-                        std::io::Error::other("audit queue full: the log is not being written")
-                    }
-                    std::sync::mpsc::TrySendError::Disconnected(_) => {
-                        std::io::Error::other("audit log closed")
-                    }
-                })?;
+            self.enqueue(Self::job(event, Some(ack))?)?;
             done.await
                 .map_err(|_| std::io::Error::other("audit writer stopped"))?
                 .map_err(std::io::Error::other)
@@ -345,11 +359,8 @@ impl Audit {
     pub fn record_nowait(&self, event: &Event<'_>) {
         match Self::job(event, None) {
             Ok(job) => {
-                if self.tx.try_send(writer::Msg::Job(job)).is_err() {
-                    tracing::warn!(
-                        event = event.name(),
-                        "audit queue full or closed: record lost"
-                    );
+                if let Err(e) = self.enqueue(job) {
+                    tracing::warn!(error = %e, event = event.name(), "audit record lost");
                 }
             }
             Err(e) => tracing::warn!(error = %e, "audit record not serialised"),
@@ -700,6 +711,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_complete_but_unsealed_last_line_is_sealed_over_too() {
+        let log = Log::new();
+        write_keys(&log, 1, None).await;
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(log.path())
+            .unwrap();
+        // What a failed restart could leave: the newline of its record, not the rest.
+        f.write_all(b"{\"v\":1,\"seq\":3,\"ts\"\n").unwrap();
+        drop(f);
+        write_keys(&log, 1, None).await;
+        let report = log.verify(&[log.path()]);
+        assert!(report.broken.is_none(), "{report:?}");
+        // Readers given the key see only sealed records.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(log.path())
+            .unwrap();
+        f.write_all(b"{\"event\":\"key\",\"session\":1,\"down\":true,\"key\":\"x\"}")
+            .unwrap();
+        drop(f);
+        let key = ChainKey::load(&log.key_file).unwrap();
+        let (report, records) = chain::verified_records(&key, &[log.path()]).unwrap();
+        assert!(report.broken.is_none());
+        assert_eq!(records.len() as u64, report.records);
+        assert!(records.iter().all(|r| r.get("chain").is_some()));
+        assert!(!records.iter().any(|r| r["key"] == "x"));
+    }
+
+    #[tokio::test]
     async fn a_log_this_key_cannot_continue_is_moved_aside() {
         let log = Log::new();
         std::fs::write(
@@ -710,6 +752,10 @@ mod tests {
         write_keys(&log, 1, None).await;
         let files = log.files();
         assert_eq!(files.len(), 2, "{files:?}");
+        assert!(
+            files[0].to_string_lossy().contains(".unverified-"),
+            "{files:?}"
+        );
         let l = lines(&log.path());
         assert_eq!(l[0]["event"], "chain_start");
         assert_eq!(

@@ -19,9 +19,29 @@ pub fn read(files: &[impl AsRef<std::path::Path>]) -> std::io::Result<Vec<Value>
     Ok(out)
 }
 
+/// Which run of vizor wrote each record: the `seq` of the run's `audit_open` or new
+/// `chain_start` (0 before the first one in the files). Session ids restart with each
+/// run, so a session is known by its run and id.
+fn runs(records: &[Value]) -> Vec<u64> {
+    let mut run = 0;
+    records
+        .iter()
+        .map(|r| {
+            let opens =
+                r["event"] == "audit_open" || (r["event"] == "chain_start" && r["reason"] == "new");
+            if opens {
+                run = r["seq"].as_u64().unwrap_or(run);
+            }
+            run
+        })
+        .collect()
+}
+
 /// One session as the log tells it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Session {
+    /// The run of vizor it belongs to (see [`Session::label`]).
+    pub run: u64,
     /// The session id.
     pub id: u64,
     /// The token's user.
@@ -44,20 +64,65 @@ pub struct Session {
     pub channels: Vec<String>,
 }
 
+impl Session {
+    /// `ID`, or `ID@RUN` when `all` has another session with the same id.
+    pub fn label(&self, all: &[Session]) -> String {
+        if all.iter().filter(|s| s.id == self.id).count() > 1 {
+            format!("{}@{}", self.id, self.run)
+        } else {
+            self.id.to_string()
+        }
+    }
+}
+
+/// Finds the session `wanted` (`ID` or `ID@RUN`) names.
+pub fn find<'a>(all: &'a [Session], wanted: &str) -> Result<&'a Session, String> {
+    let (id, run) = match wanted.split_once('@') {
+        Some((i, r)) => (i, Some(r)),
+        None => (wanted, None),
+    };
+    let id: u64 = id
+        .parse()
+        .map_err(|_| format!("bad session {wanted:?}: ID or ID@RUN"))?;
+    let run: Option<u64> = run
+        .map(|r| {
+            r.parse()
+                .map_err(|_| format!("bad session {wanted:?}: ID or ID@RUN"))
+        })
+        .transpose()?;
+    let matching: Vec<&Session> = all
+        .iter()
+        .filter(|s| s.id == id && run.is_none_or(|r| s.run == r))
+        .collect();
+    match matching.as_slice() {
+        [one] => Ok(one),
+        [] => Err(format!("no session {wanted} in these files")),
+        many => Err(format!(
+            "session {id} is in several runs of vizor; choose one of: {}",
+            many.iter()
+                .map(|s| format!("{}@{}", s.id, s.run))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
 /// The sessions in `records`, in the order they started.
 pub fn sessions(records: &[Value]) -> Vec<Session> {
-    let mut by_id: BTreeMap<u64, Session> = BTreeMap::new();
+    let mut by_id: BTreeMap<(u64, u64), Session> = BTreeMap::new();
     let mut order = Vec::new();
-    for r in records {
+    for (r, run) in records.iter().zip(runs(records)) {
         let Some(id) = r["session"].as_u64() else {
             continue;
         };
+        let key = (run, id);
         let s = |k: &str| r[k].as_str().unwrap_or("").to_owned();
         match r["event"].as_str() {
             Some("session_start") => {
-                let entry = by_id.entry(id).or_insert_with(|| {
-                    order.push(id);
+                let entry = by_id.entry(key).or_insert_with(|| {
+                    order.push(key);
                     Session {
+                        run,
                         id,
                         user: s("user"),
                         domain: s("domain"),
@@ -75,12 +140,12 @@ pub fn sessions(records: &[Value]) -> Vec<Session> {
                 }
             }
             Some("key") if r["down"] == true => {
-                if let Some(e) = by_id.get_mut(&id) {
+                if let Some(e) = by_id.get_mut(&key) {
                     e.keys += 1;
                 }
             }
             Some("session_end") => {
-                if let Some(e) = by_id.get_mut(&id) {
+                if let Some(e) = by_id.get_mut(&key) {
                     let d = r["duration_ms"].as_u64();
                     e.duration_ms = e.duration_ms.max(d);
                     e.end = Some(s("reason"));
@@ -91,7 +156,7 @@ pub fn sessions(records: &[Value]) -> Vec<Session> {
     }
     order
         .into_iter()
-        .filter_map(|id| by_id.remove(&id))
+        .filter_map(|key| by_id.remove(&key))
         .collect()
 }
 
@@ -174,11 +239,11 @@ impl Mods {
 /// deleting, Return a new line, Tab a tab), and other keys and control combinations
 /// as markers such as `<Escape>` or `<Ctrl+Alt+Delete>`. Redacted key records give
 /// `*` for a printable key and `<control>`/`<function>` markers.
-pub fn text(records: &[Value], id: u64) -> String {
+pub fn text(records: &[Value], session: &Session) -> String {
     let mut mods = Mods::default();
     let mut out: Vec<Piece> = Vec::new();
-    for r in records {
-        if r["event"] != "key" || r["session"].as_u64() != Some(id) {
+    for (r, run) in records.iter().zip(runs(records)) {
+        if r["event"] != "key" || r["session"].as_u64() != Some(session.id) || run != session.run {
             continue;
         }
         let down = r["down"] == true;
@@ -256,6 +321,47 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn of(id: u64) -> Session {
+        Session {
+            run: 0,
+            id,
+            user: String::new(),
+            domain: String::new(),
+            kind: String::new(),
+            client: String::new(),
+            start: String::new(),
+            duration_ms: None,
+            keys: 0,
+            end: None,
+            channels: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn session_ids_are_told_apart_by_run() {
+        let start = |seq: u64| json!({"event": "session_start", "session": 1, "seq": seq, "ts": "t", "user": "u", "domain": "d", "kind": "vnc", "client": "c"});
+        let key = |name: &str| json!({"event": "key", "session": 1, "down": true, "key": name});
+        let r = vec![
+            json!({"event": "chain_start", "reason": "new", "seq": 0}),
+            start(1),
+            key("a"),
+            json!({"event": "audit_close", "seq": 3}),
+            json!({"event": "audit_open", "reason": "restart", "seq": 4}),
+            start(5),
+            key("b"),
+        ];
+        let all = sessions(&r);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].label(&all), "1@0");
+        assert_eq!(all[1].label(&all), "1@4");
+        let err = find(&all, "1").unwrap_err();
+        assert!(err.contains("1@0, 1@4"), "{err}");
+        assert_eq!(text(&r, find(&all, "1@4").unwrap()), "b");
+        assert_eq!(text(&r, find(&all, "1@0").unwrap()), "a");
+        assert!(find(&all, "2").is_err());
+        assert!(find(&all, "x@1").is_err());
+    }
+
     fn vnc(down: bool, keysym: u32) -> Value {
         json!({"event": "key", "session": 1, "down": down, "keysym": keysym,
                "key": vizor_rfb::keysym::keysym_name(keysym)})
@@ -292,7 +398,7 @@ mod tests {
         // Another session's keys do not mix in.
         r.push(json!({"event": "key", "session": 9, "down": true, "keysym": 0x71, "key": "q"}));
         assert_eq!(
-            text(&r, 1),
+            text(&r, &of(1)),
             "Hi!\n<Ctrl+Alt+Delete><Ctrl+c><Escape><BackSpace>"
         );
     }
@@ -314,7 +420,7 @@ mod tests {
         r2.extend([spice(true, "1"), spice(false, "1"), spice(true, "slash")]);
         r2.push(spice(false, "Shift_L"));
         r2.extend([spice(true, "space"), spice(true, "Return")]);
-        assert_eq!(text(&r2, 2), "h1A!? \n");
+        assert_eq!(text(&r2, &of(2)), "h1A!? \n");
     }
 
     #[test]
@@ -325,7 +431,7 @@ mod tests {
             json!({"event": "key", "session": 3, "down": true, "class": "modifier"}),
             json!({"event": "key", "session": 3, "down": true, "class": "function"}),
         ];
-        assert_eq!(text(&r, 3), "*<function>");
+        assert_eq!(text(&r, &of(3)), "*<function>");
     }
 
     #[test]

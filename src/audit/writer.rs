@@ -39,6 +39,9 @@ pub(super) struct Writer {
     fsync: Fsync,
     rotate_size: Option<u64>,
     dirty: bool,
+    /// The `chain_start` a rotation owes the new file: written with the next batch,
+    /// so it is rolled back with it if that write fails.
+    pending_start: Option<Vec<u8>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
@@ -70,20 +73,36 @@ fn members(event: &str, extra: serde_json::Value) -> Vec<u8> {
     text.as_bytes()[1..].to_vec()
 }
 
-/// The last sealed lines of a file (up to two), and whether it ends mid-record.
-fn tail(file: &mut File, len: u64) -> std::io::Result<(Vec<Vec<u8>>, bool)> {
+/// What the end of a file holds.
+struct Tail {
+    /// The last sealed lines (up to two), newest first.
+    sealed: Vec<Vec<u8>>,
+    /// Whether the file ends mid-line (a newline must come first).
+    mid_line: bool,
+    /// Whether something unsealed follows the last sealed line.
+    torn: bool,
+}
+
+/// The end of a file.
+fn tail(file: &mut File, len: u64) -> std::io::Result<Tail> {
     const WINDOW: u64 = 1 << 20;
     let start = len.saturating_sub(WINDOW);
     file.seek(SeekFrom::Start(start))?;
     let mut buf = Vec::new();
     file.take(WINDOW).read_to_end(&mut buf)?;
-    let torn = !buf.ends_with(b"\n");
+    let mid_line = !buf.ends_with(b"\n");
+    let mut torn = mid_line;
     let mut lines: Vec<&[u8]> = buf.split(|b| *b == b'\n').collect();
     if torn || lines.last().is_some_and(|l| l.is_empty()) {
         lines.pop(); // the incomplete record, or the empty piece after the last newline
     }
     if start > 0 && !lines.is_empty() {
         lines.remove(0); // may begin mid-line
+    }
+    // A complete line that is not sealed after the last sealed one is the remains of an
+    // earlier crash (or of a failed restart): sealed over like an incomplete record.
+    if lines.last().is_some_and(|l| chain::split(l).is_none()) {
+        torn = true;
     }
     let sealed: Vec<Vec<u8>> = lines
         .iter()
@@ -92,7 +111,11 @@ fn tail(file: &mut File, len: u64) -> std::io::Result<(Vec<Vec<u8>>, bool)> {
         .take(2)
         .map(|l| l.to_vec())
         .collect();
-    Ok((sealed, torn))
+    Ok(Tail {
+        sealed,
+        mid_line,
+        torn,
+    })
 }
 
 fn field(line: &[u8], name: &str) -> Option<serde_json::Value> {
@@ -123,19 +146,24 @@ impl Writer {
             fsync,
             rotate_size,
             dirty: false,
+            pending_start: None,
             metrics,
         };
         if len == 0 {
             w.start_chain(members("chain_start", serde_json::json!({"reason": "new"})))?;
             return Ok((w, None));
         }
-        let (sealed, torn) = tail(&mut w.file, len)?;
+        let Tail {
+            sealed,
+            mid_line,
+            torn,
+        } = tail(&mut w.file, len)?;
         match w.continuable(&sealed) {
             Some((seq, chain)) => {
                 w.seq = seq + 1;
                 w.chain = chain;
                 let mut out = Vec::new();
-                if torn {
+                if mid_line {
                     out.push(b'\n');
                 }
                 let m = members(
@@ -143,13 +171,17 @@ impl Writer {
                     serde_json::json!({"reason": "restart", "torn_tail": torn}),
                 );
                 w.seal_into(&m, &mut out);
-                w.write_synced(&out)?;
+                if let Err(e) = w.write_synced(&out) {
+                    let _ = w.file.set_len(len);
+                    return Err(e);
+                }
                 Ok((w, None))
             }
             None => {
-                let aside = w.rotated_name();
+                let aside = w.aside_name();
                 std::fs::rename(path, &aside)?;
                 w.file = open_append(path)?;
+                sync_dir(path);
                 w.size = 0;
                 let name = file_name(&aside);
                 w.start_chain(members(
@@ -205,10 +237,17 @@ impl Writer {
 
     /// `PATH.<UTC time>-<seq of the next record>`: names sort in the order written.
     fn rotated_name(&self) -> PathBuf {
-        let stamp = humantime::format_rfc3339_millis(SystemTime::now())
-            .to_string()
-            .replace(['-', ':'], "");
-        let base = format!("{}.{stamp}-{:012}", self.path.display(), self.seq);
+        self.free_name(&format!("{}-{:012}", stamp(), self.seq))
+    }
+
+    /// `PATH.unverified-<UTC time>`: a file this key could not continue, kept apart
+    /// from the rotated files of the chain.
+    fn aside_name(&self) -> PathBuf {
+        self.free_name(&format!("unverified-{}", stamp()))
+    }
+
+    fn free_name(&self, suffix: &str) -> PathBuf {
+        let base = format!("{}.{suffix}", self.path.display());
         let mut candidate = PathBuf::from(&base);
         let mut n = 1;
         while candidate.exists() {
@@ -219,23 +258,30 @@ impl Writer {
     }
 
     /// Moves the full file aside and continues the chain in a new one.
+    /// The new file's `chain_start` is left in `pending_start` for the next batch.
     fn rotate(&mut self) -> std::io::Result<()> {
         self.file.sync_data()?;
         let aside = self.rotated_name();
         std::fs::rename(&self.path, &aside)?;
-        self.file = open_append(&self.path)?;
+        match open_append(&self.path) {
+            Ok(f) => self.file = f,
+            Err(e) => {
+                // Keep writing to the full file rather than to nothing.
+                std::fs::rename(&aside, &self.path)?;
+                return Err(e);
+            }
+        }
+        sync_dir(&self.path);
         self.size = 0;
-        let m = members(
+        self.pending_start = Some(members(
             "chain_start",
             serde_json::json!({
                 "reason": "rotated",
                 "prev_file": file_name(&aside),
                 "prev_chain": chain::hex(&self.chain),
             }),
-        );
-        let mut out = Vec::new();
-        self.seal_into(&m, &mut out);
-        self.write_synced(&out)
+        ));
+        Ok(())
     }
 
     fn count(&self, event: &str, ok: bool) {
@@ -251,13 +297,17 @@ impl Writer {
     /// Seals and writes a batch; acknowledges each job.
     fn write_batch(&mut self, jobs: Vec<Job>) {
         let mut result = Ok(());
-        if self.rotate_size.is_some_and(|max| self.size >= max) {
+        if self.pending_start.is_none() && self.rotate_size.is_some_and(|max| self.size >= max) {
             result = self.rotate();
         }
         let (seq0, chain0, size0) = (self.seq, self.chain, self.size);
         let mut out = Vec::new();
         let mut boundary = false;
         if result.is_ok() {
+            if let Some(start) = self.pending_start.clone() {
+                self.seal_into(&start, &mut out);
+                boundary = true;
+            }
             for job in &jobs {
                 self.seal_into(&job.members, &mut out);
                 boundary |= job.session_boundary;
@@ -275,11 +325,17 @@ impl Writer {
                 };
             }
         }
-        if let Err(e) = &result {
-            // Nothing of this batch is acknowledged: take it back off the disk.
-            let _ = self.file.set_len(size0);
-            (self.seq, self.chain, self.size) = (seq0, chain0, size0);
-            warn!(error = %e, records = jobs.len(), "audit log write failed");
+        match &result {
+            Ok(()) => self.pending_start = None,
+            Err(e) => {
+                // Nothing of this batch is acknowledged: take it back off the disk.
+                if let Err(t) = self.file.set_len(size0) {
+                    warn!(error = %t, "audit log: a failed write could not be taken back");
+                }
+                (self.seq, self.chain) = (seq0, chain0);
+                self.size = self.file.metadata().map(|m| m.len()).unwrap_or(size0);
+                warn!(error = %e, records = jobs.len(), "audit log write failed");
+            }
         }
         for job in jobs {
             self.count(job.event, result.is_ok());
@@ -344,6 +400,21 @@ impl Writer {
                 }
                 return;
             }
+        }
+    }
+}
+
+fn stamp() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now())
+        .to_string()
+        .replace(['-', ':'], "")
+}
+
+/// Makes a rename in `path`'s directory durable.
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
         }
     }
 }
