@@ -232,6 +232,20 @@ pub struct AuditConfig {
     /// `on_error`: "close" (default) or "continue".
     #[serde(default)]
     pub on_error: OnError,
+    /// `clipboard`: "digest" (default: length and SHA-256) or "content" (the text too).
+    #[serde(default)]
+    pub clipboard: ClipboardAudit,
+}
+
+/// `[audit] clipboard`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClipboardAudit {
+    /// Length and SHA-256 only.
+    #[default]
+    Digest,
+    /// Text contents too.
+    Content,
 }
 
 /// `[audit] fsync`: when records are forced to disk. Every record is written (in the

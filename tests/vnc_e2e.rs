@@ -70,6 +70,8 @@ async fn a_browser_sees_the_console_and_its_keys_are_audited() {
     );
     let clip = audit.iter().find(|r| r["event"] == "clipboard").unwrap();
     assert_eq!(clip["length"], 4);
+    assert_eq!(clip["format"], "text");
+    assert!(clip.get("content").is_none(), "digest only by default");
     let end = audit.last().unwrap();
     assert!(end["bytes_vm_to_browser"].as_u64().unwrap() > pixels);
     assert_eq!(end["reason"], "browser closed the connection");
@@ -639,9 +641,14 @@ async fn what_was_typed_comes_back_from_the_audit_log_and_tampering_is_found() {
     let Some(live) = common::live_domain() else {
         return;
     };
-    let v = Vizor::start("");
+    let v = Vizor::start_full("", "clipboard = \"content\"", "", |_| {});
     let (mut b, si) = open_session(&v, &live.name).await;
     full_update(&mut b, &si).await;
+    // With clipboard = "content", the text itself is recorded (Latin-1 decoded).
+    b.send(&msg(ClientMessage::ClientCutText(
+        vizor_rfb::client::CutText::Latin1(b"caf\xe9"),
+    )))
+    .await;
     const BACKSPACE: u32 = 0xff08;
     const RETURN: u32 = 0xff0d;
     const CONTROL_L: u32 = 0xffe3;
@@ -678,6 +685,9 @@ async fn what_was_typed_comes_back_from_the_audit_log_and_tampering_is_found() {
     drop(b);
     let audit = v.wait_for_audit("session_end");
     let session = audit[0]["session"].as_u64().unwrap().to_string();
+    let clip = audit.iter().find(|r| r["event"] == "clipboard").unwrap();
+    assert_eq!(clip["content"], "caf\u{e9}");
+    assert_eq!(clip["length"], 4);
     let clicks: Vec<_> = audit.iter().filter(|r| r["event"] == "button").collect();
     assert_eq!(clicks.len(), 1, "{clicks:?}");
     assert_eq!(

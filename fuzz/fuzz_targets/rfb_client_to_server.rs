@@ -31,6 +31,12 @@ fuzz_target!(|data: &[u8]| {
                     if matches!(m, ClientMessage::KeyEvent { .. } | ClientMessage::QemuExtendedKeyEvent { .. }) {
                         assert_eq!(again[4..], pending[4..n]);
                     }
+                    // Clipboard contents are bounded and never panic.
+                    if let ClientMessage::ClientCutText(t) = &m {
+                        if let Ok(clips) = t.contents(1 << 16) {
+                            assert!(clips.iter().map(|c| c.data.len()).sum::<usize>() <= 1 << 16);
+                        }
+                    }
                     consumed += n;
                     pending.drain(..n);
                 }

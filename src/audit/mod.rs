@@ -11,7 +11,7 @@ mod writer;
 
 pub use chain::ChainKey;
 
-use crate::config::{AuditConfig, Keystrokes, OnError};
+use crate::config::{AuditConfig, ClipboardAudit, Keystrokes, OnError};
 use crate::token::ConsoleKind;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -69,10 +69,16 @@ pub enum Event<'a> {
         session: u64,
         /// browser_to_vm or vm_to_browser.
         direction: &'static str,
-        /// Bytes of clipboard payload.
+        /// text, rtf, html, dib, files (RFB extended clipboard formats), or for SPICE
+        /// the agent message.
+        format: &'static str,
+        /// Bytes of clipboard contents.
         length: usize,
-        /// SHA-256 of the payload, hex.
+        /// SHA-256 of the contents, hex.
         sha256: String,
+        /// The contents, with `[audit] clipboard = "content"`, for text formats.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        content: Option<String>,
     },
     /// A console session ended.
     SessionEnd {
@@ -162,21 +168,44 @@ struct Line<'a> {
     event: &'a Event<'a>,
 }
 
-/// Clipboard contents, as recorded: length and SHA-256.
+/// Clipboard contents, as recorded: format, length, SHA-256 and, when configured, the
+/// text.
 #[derive(Debug, Clone)]
 pub struct Clipboard {
-    /// Bytes of payload.
+    /// The format's name.
+    pub format: &'static str,
+    /// Bytes of contents.
     pub length: usize,
     /// SHA-256, hex.
     pub sha256: String,
+    /// The text, when recorded.
+    pub content: Option<String>,
+}
+
+/// How a clipboard's bytes are text, if they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipText {
+    /// ISO 8859-1 (RFB's original cut text).
+    Latin1,
+    /// UTF-8.
+    Utf8,
+    /// Not text.
+    Binary,
 }
 
 impl Clipboard {
-    /// The record of `payload`.
-    pub fn of(payload: &[u8]) -> Clipboard {
+    /// The record of `data` in `format`: its content only if `keep` and it is text.
+    pub fn of(format: &'static str, data: &[u8], text: ClipText, keep: bool) -> Clipboard {
+        let content = match (keep, text) {
+            (false, _) | (_, ClipText::Binary) => None,
+            (true, ClipText::Latin1) => Some(data.iter().map(|b| char::from(*b)).collect()),
+            (true, ClipText::Utf8) => Some(String::from_utf8_lossy(data).into_owned()),
+        };
         Clipboard {
-            length: payload.len(),
-            sha256: chain::hex(&Sha256::digest(payload)),
+            format,
+            length: data.len(),
+            sha256: chain::hex(&Sha256::digest(data)),
+            content,
         }
     }
 
@@ -185,11 +214,38 @@ impl Clipboard {
         Event::Clipboard {
             session,
             direction,
+            format: self.format,
             length: self.length,
             sha256: self.sha256.clone(),
+            content: self.content.clone(),
         }
     }
+
+    /// The records of an RFB cut text message: one per format it transfers (none for
+    /// extended clipboard control messages).
+    pub fn of_cut_text(
+        text: &vizor_rfb::client::CutText<'_>,
+        keep: bool,
+    ) -> Result<Vec<Clipboard>, vizor_rfb::Error> {
+        use vizor_rfb::client::{clipboard, CutText};
+        let latin1 = matches!(text, CutText::Latin1(_));
+        Ok(text
+            .contents(MAX_CLIPBOARD)?
+            .iter()
+            .map(|clip| {
+                let kind = match clip.format {
+                    _ if latin1 => ClipText::Latin1,
+                    clipboard::TEXT | clipboard::RTF | clipboard::HTML => ClipText::Utf8,
+                    _ => ClipText::Binary,
+                };
+                Clipboard::of(clip.format_name(), &clip.data, kind, keep)
+            })
+            .collect())
+    }
 }
+
+/// The most clipboard contents one message may inflate to.
+pub const MAX_CLIPBOARD: usize = 16 << 20;
 
 /// The name of RFB pointer button bit `bit` (0 = button 1).
 pub fn rfb_button(bit: u32) -> &'static str {
@@ -245,6 +301,7 @@ pub struct Audit {
     tx: std::sync::mpsc::SyncSender<writer::Msg>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     keystrokes: Keystrokes,
+    clipboard: ClipboardAudit,
     on_error: OnError,
     metrics: Option<Arc<crate::metrics::Metrics>>,
 }
@@ -287,6 +344,7 @@ impl Audit {
             tx,
             thread: Mutex::new(Some(thread)),
             keystrokes: config.keystrokes,
+            clipboard: config.clipboard,
             on_error: config.on_error,
             metrics,
         })
@@ -451,15 +509,9 @@ impl Audit {
         .await
     }
 
-    /// Records clipboard contents by length and digest.
-    pub async fn clipboard(
-        &self,
-        session: u64,
-        direction: &'static str,
-        payload: &[u8],
-    ) -> std::io::Result<()> {
-        self.record(&Clipboard::of(payload).event(session, direction))
-            .await
+    /// Whether clipboard text is recorded (`[audit] clipboard = "content"`).
+    pub fn clipboard_content(&self) -> bool {
+        self.clipboard == ClipboardAudit::Content
     }
 }
 
@@ -509,6 +561,7 @@ mod tests {
                 fsync: Fsync::Always,
                 rotate_size,
                 on_error: OnError::Close,
+                clipboard: ClipboardAudit::Digest,
             }
         }
 
@@ -545,7 +598,16 @@ mod tests {
         let a = log.open(Keystrokes::Full, None);
         a.key(7, true, 0xff1b, None).await.unwrap();
         a.key(7, false, 0x61, Some(0x1e)).await.unwrap();
-        a.clipboard(7, "browser_to_vm", b"hello").await.unwrap();
+        a.record(
+            &Clipboard::of("text", b"hello", ClipText::Latin1, false).event(7, "browser_to_vm"),
+        )
+        .await
+        .unwrap();
+        a.record(
+            &Clipboard::of("text", b"caf\xe9", ClipText::Latin1, true).event(7, "vm_to_browser"),
+        )
+        .await
+        .unwrap();
         a.close();
         let l = lines(&log.path());
         assert_eq!(l[0]["event"], "chain_start");
@@ -560,7 +622,10 @@ mod tests {
             l[3]["sha256"],
             "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
         );
-        assert_eq!(l[4]["event"], "audit_close");
+        assert_eq!(l[3]["format"], "text");
+        assert!(l[3].get("content").is_none(), "digest only by default");
+        assert_eq!(l[4]["content"], "caf\u{e9}");
+        assert_eq!(l[5]["event"], "audit_close");
         for (i, r) in l.iter().enumerate() {
             assert_eq!(r["v"], 1);
             assert_eq!(r["seq"], i as u64);
@@ -569,8 +634,8 @@ mod tests {
         }
         let report = log.verify(&[log.path()]);
         assert!(report.broken.is_none(), "{report:?}");
-        assert_eq!(report.records, 5);
-        assert_eq!(report.last.as_ref().unwrap().0, 4);
+        assert_eq!(report.records, 6);
+        assert_eq!(report.last.as_ref().unwrap().0, 5);
         // Another key does not verify it.
         let other = chain::verify(&another_key(), &[log.path()]).unwrap();
         assert_eq!(other.broken.unwrap().1, 1);

@@ -458,10 +458,14 @@ async fn relay(
                         out.extend_from_slice(raw);
                     }
                     ClientMessage::ClientCutText(text) => {
-                        ctx.audit
-                            .clipboard(ctx.id, "browser_to_vm", text.payload())
-                            .await
-                            .map_err(audit_failed)?;
+                        let clips = Clipboard::of_cut_text(&text, ctx.audit.clipboard_content())
+                            .map_err(|e| End::protocol("browser", &e))?;
+                        for clip in clips {
+                            ctx.audit
+                                .record(&clip.event(ctx.id, "browser_to_vm"))
+                                .await
+                                .map_err(audit_failed)?;
+                        }
                         out.extend_from_slice(raw);
                     }
                     // QEMU answers SetDesktopSize with an ExtendedDesktopSize rectangle
@@ -513,9 +517,10 @@ async fn relay(
                             }
                         }
                         // Recorded below, once the decoder is unlocked.
-                        ServerEvent::ServerCutText(text) => {
-                            clips.push(Clipboard::of(text.payload()))
-                        }
+                        ServerEvent::ServerCutText(text) => clips.extend(
+                            Clipboard::of_cut_text(&text, ctx.audit.clipboard_content())
+                                .map_err(|e| End::protocol("VM", &e))?,
+                        ),
                         _ => {}
                     }
                     consumed += n;

@@ -766,8 +766,12 @@ impl Clipboard {
                                 .record(&Event::Clipboard {
                                     session: ctx.id,
                                     direction,
+                                    // The whole VDAgentClipboard message: its
+                                    // selection and type header, then the data.
+                                    format: "spice_agent",
                                     length: len,
                                     sha256: digest,
+                                    content: None,
                                 })
                                 .await
                                 .map_err(audit_failed)?;

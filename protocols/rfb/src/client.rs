@@ -231,6 +231,14 @@ pub enum CutText<'a> {
 pub mod clipboard {
     /// UTF-8 text format.
     pub const TEXT: u32 = 1;
+    /// Rich text format.
+    pub const RTF: u32 = 1 << 1;
+    /// HTML format.
+    pub const HTML: u32 = 1 << 2;
+    /// Device-independent bitmap.
+    pub const DIB: u32 = 1 << 3;
+    /// Files.
+    pub const FILES: u32 = 1 << 4;
     /// The message lists capabilities.
     pub const CAPS: u32 = 1 << 24;
     /// Asks the peer to provide data.
@@ -244,12 +252,128 @@ pub mod clipboard {
 }
 
 impl CutText<'_> {
-    /// The bytes after the length field (for `Extended`, after the flags too), as an
-    /// audit records their size and digest.
+    /// The bytes after the length field (for `Extended`, after the flags too).
     pub fn payload(&self) -> &[u8] {
         match self {
             CutText::Latin1(t) => t,
             CutText::Extended { data, .. } => data,
+        }
+    }
+
+    /// The clipboard contents this message transfers: the text of the original form,
+    /// or each format of an extended `provide` (its zlib stream inflated, at most
+    /// `limit` bytes in all). Extended `caps`, `request`, `peek` and `notify` messages
+    /// transfer no contents: `Ok(vec![])`.
+    pub fn contents(&self, limit: usize) -> Result<Vec<Clip>, Error> {
+        let (flags, data) = match self {
+            CutText::Latin1(t) => {
+                return Ok(vec![Clip {
+                    format: clipboard::TEXT,
+                    data: t.to_vec(),
+                }])
+            }
+            CutText::Extended { flags, data } => (*flags, *data),
+        };
+        if flags & clipboard::PROVIDE == 0 {
+            return Ok(Vec::new());
+        }
+        let malformed = |why| Error::Malformed {
+            what: "extended clipboard provide",
+            why,
+        };
+        let inflated = inflate(data, limit)?;
+        // One `u32 size` and data per format flag set, lowest bit first.
+        let mut rest = &inflated[..];
+        let mut out = Vec::new();
+        for bit in 0..16 {
+            let format = 1u32 << bit;
+            if flags & format == 0 {
+                continue;
+            }
+            let Some((size, tail)) = rest.split_first_chunk::<4>() else {
+                return Err(malformed("a format's size is missing"));
+            };
+            let size = u32::from_be_bytes(*size) as usize;
+            if size > tail.len() {
+                return Err(malformed("a format's size exceeds the data"));
+            }
+            let (mut body, tail) = tail.split_at(size);
+            if format == clipboard::TEXT {
+                // UTF-8, NUL-terminated.
+                body = body.strip_suffix(&[0]).unwrap_or(body);
+            }
+            out.push(Clip {
+                format,
+                data: body.to_vec(),
+            });
+            rest = tail;
+        }
+        Ok(out)
+    }
+}
+
+/// Inflates one zlib stream, finished or only flushed (noVNC flushes each provide
+/// and never finishes its stream), into at most `limit` bytes.
+fn inflate(data: &[u8], limit: usize) -> Result<Vec<u8>, Error> {
+    use flate2::{Decompress, FlushDecompress, Status};
+    let too_large = |len: usize| Error::LengthTooLarge {
+        what: "extended clipboard contents",
+        len: len as u64,
+        max: limit as u64,
+    };
+    let mut d = Decompress::new(true);
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        if out.len() == out.capacity() {
+            out.reserve((limit + 1 - out.len()).clamp(1, 64 * 1024));
+        }
+        let (consumed, produced) = (d.total_in() as usize, out.len());
+        let input = data.get(consumed..).unwrap_or_default();
+        let status = d
+            .decompress_vec(input, &mut out, FlushDecompress::Sync)
+            .map_err(|_| Error::Malformed {
+                what: "extended clipboard provide",
+                why: "not a zlib stream",
+            })?;
+        if out.len() > limit {
+            return Err(too_large(out.len()));
+        }
+        if status == Status::StreamEnd {
+            return Ok(out);
+        }
+        if d.total_in() as usize == consumed && out.len() == produced {
+            // No progress: all input used (a flushed stream ends here), or stuck.
+            return if consumed == data.len() {
+                Ok(out)
+            } else {
+                Err(Error::Malformed {
+                    what: "extended clipboard provide",
+                    why: "the zlib stream does not decode",
+                })
+            };
+        }
+    }
+}
+
+/// One format of clipboard contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Clip {
+    /// The format ([`clipboard::TEXT`], [`clipboard::RTF`]...).
+    pub format: u32,
+    /// Its data (text without its terminating NUL).
+    pub data: Vec<u8>,
+}
+
+impl Clip {
+    /// The format's name: text, rtf, html, dib or files.
+    pub fn format_name(&self) -> &'static str {
+        match self.format {
+            clipboard::TEXT => "text",
+            clipboard::RTF => "rtf",
+            clipboard::HTML => "html",
+            clipboard::DIB => "dib",
+            clipboard::FILES => "files",
+            _ => "other",
         }
     }
 }
