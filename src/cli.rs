@@ -48,6 +48,21 @@ pub enum Command {
         #[arg(long)]
         user: Option<String>,
     },
+    /// Serve a session recording (`[audit] record_dir`) to noVNC for review: open
+    /// http://ADDR/vnc.html?autoconnect=true with `--web-root` set to noVNC.
+    Replay {
+        /// The recording.
+        file: PathBuf,
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:6081")]
+        listen: std::net::SocketAddr,
+        /// Playback speed: 1 real time, 4 four times faster, 0 without waiting.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Static files served under / (noVNC, such as /usr/share/novnc).
+        #[arg(long)]
+        web_root: Option<PathBuf>,
+    },
     /// Review audit logs.
     Audit {
         /// What to do with them.
@@ -283,5 +298,28 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Audit { command } => audit(command),
+        Command::Replay {
+            file,
+            listen,
+            speed,
+            web_root,
+        } => {
+            if !(speed >= 0.0 && speed.is_finite()) {
+                return Err(format!("--speed {speed}: a number of 0 or more").into());
+            }
+            let recording = crate::record::read(&file)?;
+            init_logging(&crate::config::LogConfig::default())?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(crate::replay::serve(
+                    crate::replay::Replay {
+                        recording,
+                        speed,
+                        web_root,
+                    },
+                    listen,
+                ))
+        }
     }
 }

@@ -235,6 +235,8 @@ pub struct AuditConfig {
     /// `clipboard`: "digest" (default: length and SHA-256) or "content" (the text too).
     #[serde(default)]
     pub clipboard: ClipboardAudit,
+    /// `record_dir`: record each VNC session's screen here (for `vizor replay`).
+    pub record_dir: Option<PathBuf>,
 }
 
 /// `[audit] clipboard`
@@ -403,6 +405,9 @@ impl Config {
         resolve(&mut self.audit.path);
         if let Some(k) = &mut self.audit.key_file {
             resolve(k);
+        }
+        if let Some(d) = &mut self.audit.record_dir {
+            resolve(d);
         }
         if let Some(w) = &mut self.server.web_root {
             resolve(w);

@@ -445,6 +445,7 @@ async fn console(
             connect_timeout: app.config.server.connect_timeout,
             metrics: app.metrics.clone(),
             live: app.live.clone(),
+            record_dir: app.config.audit.record_dir.clone(),
         };
         let end = session::rfb::run(ctx, brx, btx, app.close_sessions.clone()).await;
         info!(reason = %end.reason, label = end.label, "session ended");
@@ -688,7 +689,7 @@ fn content_type(path: &Path) -> &'static str {
 }
 
 /// Serves a file under `root`, refusing anything that would leave it.
-async fn static_file(root: &Path, url_path: &str) -> Resp {
+pub(crate) async fn static_file(root: &Path, url_path: &str) -> Resp {
     let mut rel = PathBuf::new();
     for part in url_path.split('/').filter(|p| !p.is_empty()) {
         let c = Path::new(part).components().next();

@@ -14,6 +14,8 @@ pub mod front;
 pub mod libvirt;
 pub mod live;
 pub mod metrics;
+pub mod record;
+pub mod replay;
 pub mod serve;
 pub mod session;
 pub mod token;

@@ -85,6 +85,13 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     };
     let audit = Audit::open(&config.audit, chain_key, Some(metrics.clone()))
         .map_err(|e| format!("audit log {}: {e}", config.audit.path.display()))?;
+    if let Some(dir) = &config.audit.record_dir {
+        let meta = std::fs::metadata(dir)
+            .map_err(|e| format!("[audit] record_dir {}: {e}", dir.display()))?;
+        if !meta.is_dir() {
+            return Err(format!("[audit] record_dir {} is not a directory", dir.display()).into());
+        }
+    }
     let admin_key = config
         .api
         .admin_key_file

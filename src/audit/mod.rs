@@ -95,6 +95,9 @@ pub enum Event<'a> {
         /// Median server-ping to client-pong round trip (SPICE main channel).
         #[serde(skip_serializing_if = "Option::is_none")]
         round_trip_ms: Option<f64>,
+        /// The session's recording (`[audit] record_dir`): file, length, SHA-256.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recording: Option<crate::record::Finished>,
     },
     /// A pointer button was pressed (motion and releases are not recorded).
     Button {
@@ -562,6 +565,7 @@ mod tests {
                 rotate_size,
                 on_error: OnError::Close,
                 clipboard: ClipboardAudit::Digest,
+                record_dir: None,
             }
         }
 

@@ -11,6 +11,7 @@ use super::{audit_failed, connect, read_upstream, write_upstream, End, Stream};
 use crate::audit::{Audit, Clipboard, Event};
 use crate::libvirt::Console;
 use crate::live::{Direction, Identity, Latency, Live, LiveSessions};
+use crate::record::Recorder;
 use crate::token::Claims;
 use bytes::BytesMut;
 use std::future::Future;
@@ -50,6 +51,22 @@ pub struct Ctx {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Live sessions, for the API and per-session series.
     pub live: Arc<LiveSessions>,
+    /// Where sessions are recorded (`[audit] record_dir`), if they are.
+    pub record_dir: Option<std::path::PathBuf>,
+}
+
+/// Starts a session's recording with the ServerInit the browser received.
+fn start_recording(ctx: &Ctx, dir: &std::path::Path, si: &[u8]) -> std::io::Result<Recorder> {
+    let header = serde_json::json!({
+        "session": ctx.id,
+        "kind": ctx.claims.kind.as_str(),
+        "domain": ctx.console.domain,
+        "user": ctx.claims.user,
+        "started": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+    });
+    let mut r = Recorder::create(dir, &header, ctx.id)?;
+    r.frame(si)?;
+    Ok(r)
 }
 
 /// Bytes relayed each way.
@@ -62,7 +79,7 @@ pub struct Counters {
 }
 
 /// A source of bytes for the handshake helpers.
-trait Source {
+pub(crate) trait Source {
     fn fill(&mut self, buf: &mut Vec<u8>) -> impl Future<Output = Result<(), End>> + Send;
 }
 
@@ -96,7 +113,7 @@ impl<R: AsyncRead + Unpin + Send> Source for Upstream<R> {
 
 /// Feeds a handshake state until it completes; returns the next state and the bytes
 /// the completed message spanned.
-async fn drive<S, N>(
+pub(crate) async fn drive<S, N>(
     src: &mut impl Source,
     buf: &mut Vec<u8>,
     mut state: S,
@@ -201,7 +218,7 @@ async fn handshake(
     ctx: &Ctx,
     brx: &mut BrowserRx,
     btx: &BrowserTx,
-) -> Result<(Box<dyn Stream>, Vec<u8>, ServerInit), End> {
+) -> Result<(Box<dyn Stream>, Vec<u8>, ServerInit, Vec<u8>), End> {
     let mut out = Vec::new();
     let browser_hs = server::start(Version::V3_8, ctx.limits, &mut out);
     if !btx.binary(std::mem::take(&mut out)).await {
@@ -249,10 +266,10 @@ async fn handshake(
     write_up(&mut wr, &mut out).await?;
     let mut src = Upstream(rd);
     let (si, si_bytes) = drive(&mut src, &mut ubuf, expect_si, "VM", |s, b| s.receive(b)).await?;
-    if !btx.binary(si_bytes).await {
+    if !btx.binary(si_bytes.clone()).await {
         return Err(End::browser_closed());
     }
-    Ok((up, ubuf, si))
+    Ok((up, ubuf, si, si_bytes))
 }
 
 /// Runs the session to its end, closes the browser with the reason, and writes the
@@ -275,7 +292,7 @@ pub async fn run(
     };
     let end = match hs {
         Err(end) => end,
-        Ok((up, early, si)) => {
+        Ok((up, early, si, si_bytes)) => {
             let upstream = ctx.console.target.to_string();
             let client = ctx.client.to_string();
             let started_ok = ctx
@@ -296,9 +313,14 @@ pub async fn run(
                 .handshake_seconds
                 .with_label_values(&["vnc"])
                 .observe(started.elapsed().as_secs_f64());
-            match started_ok {
+            let recorder = match (&started_ok, &ctx.record_dir) {
+                (Ok(()), Some(dir)) => start_recording(&ctx, dir, &si_bytes).map(Some),
+                _ => Ok(None),
+            };
+            match started_ok.and(recorder) {
                 Err(e) => End::upstream(format!("audit log cannot be written: {e}"), "audit_error"),
-                Ok(()) => {
+                Ok(recorder) => {
+                    let recorder = Mutex::new(recorder);
                     info!(desktop = %si.name_lossy(), width = si.width, height = si.height, "session relaying");
                     let hold = ctx.live.hold(
                         Identity {
@@ -313,9 +335,21 @@ pub async fn run(
                     );
                     brx.pings().measure_live(hold.live().clone());
                     let end = tokio::select! {
-                        end = relay(&ctx, up, early, &si, &mut brx, &btx, &counters, hold.live()) => end,
+                        end = relay(&ctx, up, early, &si, &mut brx, &btx, &counters, hold.live(), &recorder) => end,
                         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
                     };
+                    let recording =
+                        recorder
+                            .into_inner()
+                            .ok()
+                            .flatten()
+                            .and_then(|r| match r.finish() {
+                                Ok(f) => Some(f),
+                                Err(e) => {
+                                    warn!(error = %e, "recording not finished");
+                                    None
+                                }
+                            });
                     let record = ctx
                         .audit
                         .record(&Event::SessionEnd {
@@ -325,6 +359,7 @@ pub async fn run(
                             bytes_vm_to_browser: counters.vm_to_browser.load(Ordering::Relaxed),
                             reason: &end.reason,
                             round_trip_ms: None,
+                            recording,
                         })
                         .await;
                     if let Err(e) = record {
@@ -349,6 +384,7 @@ async fn relay(
     btx: &BrowserTx,
     counters: &Counters,
     live: &Live,
+    recorder: &Mutex<Option<Recorder>>,
 ) -> End {
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
     let server = Mutex::new(ServerDecoder::new(si, ctx.limits));
@@ -534,8 +570,17 @@ async fn relay(
             }
             if consumed > 0 {
                 // Everything decoded goes to the browser as read, without a copy; only
-                // an incomplete header stays behind.
-                if !btx.bytes(buf.split_to(consumed)).await {
+                // an incomplete header stays behind. A recording gets it first.
+                let chunk = buf.split_to(consumed);
+                if let Some(r) = lock(recorder)?.as_mut() {
+                    r.frame(&chunk).map_err(|e| {
+                        End::upstream(
+                            format!("audit log cannot be written: recording: {e}"),
+                            "audit_error",
+                        )
+                    })?;
+                }
+                if !btx.bytes(chunk).await {
                     return Err(End::browser_closed());
                 }
                 counters

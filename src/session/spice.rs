@@ -374,6 +374,7 @@ async fn relay_channel(
             bytes_vm_to_browser: counters.1.load(Ordering::Relaxed),
             reason: &end.reason,
             round_trip_ms: rtt.median_ms(),
+            recording: None,
         })
         .await
     {
