@@ -46,7 +46,9 @@ ttl = "10m"
 path = "audit.jsonl"
 key_file = "audit.key"
 keystrokes = "full"
+record_dir = "recordings"
 TOML
+mkdir -p "$dir/recordings"
 
 if [ -s "$dir/vizor.pid" ] && kill -0 "$(cat "$dir/vizor.pid")" 2>/dev/null; then
     echo "demo: stopping the previous demo vizor" >&2
@@ -77,5 +79,7 @@ Audit log:      $dir/audit.jsonl      vizor's log: $dir/vizor.log
 Review it:      $vizor audit verify --key $dir/audit.key $dir/audit.jsonl
                 $vizor audit sessions $dir/audit.jsonl
                 $vizor audit text --key $dir/audit.key --session 1 $dir/audit.jsonl
+Replay:         $vizor replay --web-root /usr/share/novnc \$(ls -t $dir/recordings/*.vzr | head -n 1)
+                then open http://127.0.0.1:6081/vnc.html?autoconnect=true
 Stop:           kill \$(cat $dir/vizor.pid); scripts/test-host.sh stop
 MSG

@@ -1128,3 +1128,84 @@ async fn a_recorded_session_replays_byte_for_byte() {
         replayed.iter().zip(live_after).position(|(a, b)| a != b)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_extended_clipboard_as_novnc_uses_it_is_relayed_and_audited() {
+    use std::io::Write;
+    use vizor_rfb::client::{clipboard, write_set_encodings, CutText};
+    use vizor_rfb::server::{ServerDecoder, ServerEvent};
+    use vizor_rfb::{Encoding, Limits};
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    let v = Vizor::start_full("", "clipboard = \"content\"", "", |_| {});
+    let (mut b, si) = open_session(&v, &live.name).await;
+    // As noVNC: offer the extended clipboard; QEMU answers with its caps, whose action
+    // bits (provide among them) say what it supports: no contents, no record.
+    let encodings = [Encoding::RAW, Encoding::EXTENDED_CLIPBOARD];
+    let mut out = Vec::new();
+    write_set_encodings(encodings, &mut out);
+    out.extend(msg(ClientMessage::FramebufferUpdateRequest {
+        incremental: false,
+        x: 0,
+        y: 0,
+        width: 8,
+        height: 8,
+    }));
+    b.send(&out).await;
+    let mut dec = ServerDecoder::new(&si, Limits::default());
+    dec.set_encodings(encodings);
+    let mut caps = None;
+    let mut updated = false;
+    while caps.is_none() || !updated {
+        while let Some((ev, n)) = dec.decode(&b.pending).unwrap() {
+            match ev {
+                ServerEvent::ServerCutText(CutText::Extended { flags, .. }) => caps = Some(flags),
+                ServerEvent::UpdateEnd => updated = true,
+                _ => {}
+            }
+            b.pending.drain(..n);
+        }
+        if caps.is_none() || !updated {
+            b.read().await.unwrap();
+        }
+    }
+    assert!(caps.unwrap() & clipboard::CAPS != 0);
+    // noVNC's caps, then a provide deflated with a flush and never finished.
+    let mut caps_data = Vec::new();
+    caps_data.extend(0x0010_0000u32.to_be_bytes());
+    let mut out = msg(ClientMessage::ClientCutText(CutText::Extended {
+        flags: clipboard::CAPS | clipboard::TEXT | clipboard::PROVIDE | clipboard::NOTIFY,
+        data: &caps_data,
+    }));
+    let text = "hello from noVNC";
+    let mut plain = ((text.len() + 1) as u32).to_be_bytes().to_vec();
+    plain.extend_from_slice(text.as_bytes());
+    plain.push(0);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(&plain).unwrap();
+    z.flush().unwrap();
+    out.extend(msg(ClientMessage::ClientCutText(CutText::Extended {
+        flags: clipboard::PROVIDE | clipboard::TEXT,
+        data: z.get_ref(),
+    })));
+    out.extend(msg(ClientMessage::FramebufferUpdateRequest {
+        incremental: false,
+        x: 0,
+        y: 0,
+        width: 8,
+        height: 8,
+    }));
+    b.send(&out).await;
+    b.read().await.unwrap();
+    drop(b);
+    let audit = v.wait_for_audit("session_end");
+    let clips: Vec<_> = audit.iter().filter(|r| r["event"] == "clipboard").collect();
+    assert_eq!(clips.len(), 1, "{clips:?}");
+    assert_eq!(clips[0]["direction"], "browser_to_vm");
+    assert_eq!(clips[0]["format"], "text");
+    assert_eq!(clips[0]["content"], text);
+    assert_eq!(clips[0]["length"], text.len());
+    let end = audit.iter().find(|r| r["event"] == "session_end").unwrap();
+    assert_eq!(end["reason"], "browser closed the connection");
+}

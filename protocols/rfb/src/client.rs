@@ -274,7 +274,9 @@ impl CutText<'_> {
             }
             CutText::Extended { flags, data } => (*flags, *data),
         };
-        if flags & clipboard::PROVIDE == 0 {
+        // In a `caps` message the action bits list what the sender supports: it
+        // provides nothing itself.
+        if flags & clipboard::CAPS != 0 || flags & clipboard::PROVIDE == 0 {
             return Ok(Vec::new());
         }
         let malformed = |why| Error::Malformed {

@@ -53,6 +53,13 @@ fn a_provide_yields_each_format_inflated() {
 fn control_messages_carry_no_contents() {
     for flags in [
         clipboard::CAPS | clipboard::TEXT,
+        // QEMU's caps: the formats, and every action it supports, provide included.
+        clipboard::CAPS
+            | clipboard::TEXT
+            | clipboard::REQUEST
+            | clipboard::PEEK
+            | clipboard::NOTIFY
+            | clipboard::PROVIDE,
         clipboard::REQUEST | clipboard::TEXT,
         clipboard::PEEK,
         clipboard::NOTIFY | clipboard::TEXT,
