@@ -78,7 +78,7 @@ A new token:    $vizor token --config $dir/vizor.toml --domain vizor-demo
 Audit log:      $dir/audit.jsonl      vizor's log: $dir/vizor.log
 Review it:      $vizor audit verify --key $dir/audit.key $dir/audit.jsonl
                 $vizor audit sessions $dir/audit.jsonl
-                $vizor audit text --key $dir/audit.key --session 1 $dir/audit.jsonl
+                $vizor audit text --key $dir/audit.key --session ID $dir/audit.jsonl
 Replay:         $vizor replay --web-root /usr/share/novnc \$(ls -t $dir/recordings/*.vzr | head -n 1)
                 then open http://127.0.0.1:6081/vnc.html?autoconnect=true
 Stop:           kill \$(cat $dir/vizor.pid); scripts/test-host.sh stop
