@@ -9,7 +9,10 @@ pub mod rfb;
 pub mod spice;
 
 use crate::libvirt::Target;
+use crate::live::{Direction, Live};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -148,6 +151,47 @@ pub(crate) async fn connect(target: &Target, timeout: Duration) -> Result<Box<dy
     }
 }
 
+/// Counts a relay's bytes each way, once per piece relayed: for its end record, in
+/// Prometheus, and in its live session.
+pub(crate) struct Meter {
+    relayed: [AtomicU64; 2],
+    total: [prometheus::IntCounter; 2],
+    live: Arc<Live>,
+}
+
+impl Meter {
+    /// A meter for a relay of `kind` (vnc, spice) in the session `live`.
+    pub(crate) fn new(metrics: &crate::metrics::Metrics, kind: &str, live: Arc<Live>) -> Meter {
+        let total = [Direction::BrowserToVm, Direction::VmToBrowser].map(|d| {
+            metrics
+                .session_bytes_total
+                .with_label_values(&[kind, d.as_str()])
+        });
+        Meter {
+            relayed: Default::default(),
+            total,
+            live,
+        }
+    }
+
+    /// `n` bytes went `dir`.
+    pub(crate) fn add(&self, dir: Direction, n: u64) {
+        self.relayed[dir as usize].fetch_add(n, Ordering::Relaxed);
+        self.total[dir as usize].inc_by(n);
+        self.live.bytes(dir, n);
+    }
+
+    /// Bytes this relay moved `dir`.
+    pub(crate) fn relayed(&self, dir: Direction) -> u64 {
+        self.relayed[dir as usize].load(Ordering::Relaxed)
+    }
+
+    /// The live session.
+    pub(crate) fn live(&self) -> &Live {
+        &self.live
+    }
+}
+
 /// A session cannot go on without its audit records.
 pub(crate) fn audit_failed(e: std::io::Error) -> End {
     End::upstream(format!("audit log cannot be written: {e}"), "audit_error")
@@ -161,6 +205,29 @@ pub(crate) async fn write_upstream(
     wr.write_all(bytes)
         .await
         .map_err(|e| End::upstream(format!("writing to the VM console: {e}"), "upstream_io"))
+}
+
+/// Reads what the VM's console sent during the handshake (`what`) onto `buf`.
+pub(crate) async fn read_handshake(
+    rd: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+    what: &str,
+) -> Result<(), End> {
+    let mut tmp = [0u8; 4096];
+    match rd.read(&mut tmp).await {
+        Ok(0) => Err(End::upstream(
+            format!("the VM console closed the connection during the {what}"),
+            "upstream_closed",
+        )),
+        Ok(n) => {
+            buf.extend_from_slice(&tmp[..n]);
+            Ok(())
+        }
+        Err(e) => Err(End::upstream(
+            format!("reading from the VM console during the {what}: {e}"),
+            "upstream_io",
+        )),
+    }
 }
 
 /// Reads what the VM's console sent next onto `buf`; its close ends the session.

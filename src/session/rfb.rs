@@ -7,19 +7,21 @@
 //! reaches the browser as an RFB refusal with a reason, whatever its protocol version.
 
 use super::browser::{BrowserRx, BrowserTx};
-use super::{audit_failed, connect, read_upstream, write_upstream, End, Stream};
+use super::{
+    audit_failed, connect, read_handshake, read_upstream, write_upstream, End, Meter, Stream,
+};
 use crate::audit::{Audit, Clipboard, Event};
 use crate::libvirt::Console;
-use crate::live::{Direction, Identity, Latency, Live, LiveSessions};
+use crate::live::{Direction, Identity, Latency, LiveSessions};
 use crate::record::Recorder;
 use crate::token::Claims;
 use bytes::BytesMut;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use vizor_rfb::client::{write_set_encodings, ClientDecoder, ClientMessage};
@@ -69,15 +71,6 @@ fn start_recording(ctx: &Ctx, dir: &std::path::Path, si: &[u8]) -> std::io::Resu
     Ok(r)
 }
 
-/// Bytes relayed each way.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Browser to VM.
-    pub browser_to_vm: AtomicU64,
-    /// VM to browser.
-    pub vm_to_browser: AtomicU64,
-}
-
 /// A source of bytes for the handshake helpers.
 pub(crate) trait Source {
     fn fill(&mut self, buf: &mut Vec<u8>) -> impl Future<Output = Result<(), End>> + Send;
@@ -93,21 +86,7 @@ struct Upstream<R>(R);
 
 impl<R: AsyncRead + Unpin + Send> Source for Upstream<R> {
     async fn fill(&mut self, buf: &mut Vec<u8>) -> Result<(), End> {
-        let mut tmp = [0u8; 4096];
-        match self.0.read(&mut tmp).await {
-            Ok(0) => Err(End::upstream(
-                "the VM console closed the connection during the handshake",
-                "upstream_closed",
-            )),
-            Ok(n) => {
-                buf.extend_from_slice(&tmp[..n]);
-                Ok(())
-            }
-            Err(e) => Err(End::upstream(
-                format!("reading from the VM console: {e}"),
-                "upstream_io",
-            )),
-        }
+        read_handshake(&mut self.0, buf, "handshake").await
     }
 }
 
@@ -281,7 +260,6 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> End {
     let started = Instant::now();
-    let counters = Counters::default();
     let hs = tokio::time::timeout(ctx.handshake_timeout, handshake(&ctx, &mut brx, &btx));
     let hs = tokio::select! {
         r = hs => r.unwrap_or_else(|_| Err(End::refused(
@@ -334,8 +312,9 @@ pub async fn run(
                         None,
                     );
                     brx.pings().measure_live(hold.live().clone());
+                    let meter = Meter::new(&ctx.metrics, "vnc", hold.live().clone());
                     let end = tokio::select! {
-                        end = relay(&ctx, up, early, &si, &mut brx, &btx, &counters, hold.live(), &recorder) => end,
+                        end = relay(&ctx, up, early, &si, &mut brx, &btx, &meter, &recorder) => end,
                         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
                     };
                     let recording =
@@ -355,8 +334,8 @@ pub async fn run(
                         .record(&Event::SessionEnd {
                             session: ctx.id,
                             duration_ms: started.elapsed().as_millis() as u64,
-                            bytes_browser_to_vm: counters.browser_to_vm.load(Ordering::Relaxed),
-                            bytes_vm_to_browser: counters.vm_to_browser.load(Ordering::Relaxed),
+                            bytes_browser_to_vm: meter.relayed(Direction::BrowserToVm),
+                            bytes_vm_to_browser: meter.relayed(Direction::VmToBrowser),
                             reason: &end.reason,
                             round_trip_ms: None,
                             recording,
@@ -382,22 +361,14 @@ async fn relay(
     si: &ServerInit,
     brx: &mut BrowserRx,
     btx: &BrowserTx,
-    counters: &Counters,
-    live: &Live,
+    meter: &Meter,
     recorder: &Mutex<Option<Recorder>>,
 ) -> End {
+    let live = meter.live();
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
     let server = Mutex::new(ServerDecoder::new(si, ctx.limits));
     let extended_pointer = AtomicBool::new(false);
     let timing = Mutex::new(Timing::default());
-    let bytes_in = ctx
-        .metrics
-        .session_bytes_total
-        .with_label_values(&["vnc", "browser_to_vm"]);
-    let bytes_out = ctx
-        .metrics
-        .session_bytes_total
-        .with_label_values(&["vnc", "vm_to_browser"]);
     let frame_latency = ctx
         .metrics
         .frame_latency_seconds
@@ -518,9 +489,7 @@ async fn relay(
             if !out.is_empty() {
                 let len = out.len() as u64;
                 write_up(&mut up_wr, &mut out).await?;
-                counters.browser_to_vm.fetch_add(len, Ordering::Relaxed);
-                bytes_in.inc_by(len);
-                live.bytes(Direction::BrowserToVm, len);
+                meter.add(Direction::BrowserToVm, len);
             }
         }
     };
@@ -583,11 +552,7 @@ async fn relay(
                 if !btx.bytes(chunk).await {
                     return Err(End::browser_closed());
                 }
-                counters
-                    .vm_to_browser
-                    .fetch_add(consumed as u64, Ordering::Relaxed);
-                bytes_out.inc_by(consumed as u64);
-                live.bytes(Direction::VmToBrowser, consumed as u64);
+                meter.add(Direction::VmToBrowser, consumed as u64);
             }
             read_upstream(&mut up_rd, &mut buf).await?;
         }

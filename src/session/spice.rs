@@ -10,7 +10,9 @@
 //! MAIN_INIT gives the session id that admits the session's other channels.
 
 use super::browser::{BrowserRx, BrowserTx};
-use super::{audit_failed, connect, read_upstream, write_upstream, End, Stream};
+use super::{
+    audit_failed, connect, read_handshake, read_upstream, write_upstream, End, Meter, Stream,
+};
 use crate::audit::{Audit, Event};
 use crate::libvirt::Console;
 use crate::live::{Direction, Identity, Latency, Live, LiveSessions};
@@ -162,22 +164,7 @@ async fn read_until<T>(
             Ok(None) => {}
             Err(e) => return Err(End::spice_protocol("VM", &e)),
         }
-        let mut tmp = [0u8; 4096];
-        match src.read(&mut tmp).await {
-            Ok(0) => {
-                return Err(End::upstream(
-                    format!("the VM console closed the connection during the {what}"),
-                    "upstream_closed",
-                ))
-            }
-            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-            Err(e) => {
-                return Err(End::upstream(
-                    format!("reading the VM {what}: {e}"),
-                    "upstream_io",
-                ))
-            }
-        }
+        read_handshake(src, buf, what).await?;
     }
 }
 
@@ -347,7 +334,7 @@ async fn relay_channel(
         Some(format!("{chan}:{}", mess.channel_id)),
     );
     brx.pings().measure_live(hold.live().clone());
-    let counters = (AtomicU64::new(0), AtomicU64::new(0));
+    let meter = Meter::new(&ctx.metrics, "spice", hold.live().clone());
     ctx.metrics
         .handshake_seconds
         .with_label_values(&["spice"])
@@ -362,7 +349,7 @@ async fn relay_channel(
         ..RoundTrips::default()
     };
     let end = tokio::select! {
-        end = relay(ctx, mess.channel_type, kind, up, ubuf, bbuf, brx, btx, &counters, &rtt, hold.live()) => end,
+        end = relay(ctx, mess.channel_type, kind, up, ubuf, bbuf, brx, btx, &meter, &rtt) => end,
         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
     };
     if let Err(e) = ctx
@@ -370,8 +357,8 @@ async fn relay_channel(
         .record(&Event::SessionEnd {
             session: ctx.id,
             duration_ms: started.elapsed().as_millis() as u64,
-            bytes_browser_to_vm: counters.0.load(Ordering::Relaxed),
-            bytes_vm_to_browser: counters.1.load(Ordering::Relaxed),
+            bytes_browser_to_vm: meter.relayed(Direction::BrowserToVm),
+            bytes_vm_to_browser: meter.relayed(Direction::VmToBrowser),
             reason: &end.reason,
             round_trip_ms: rtt.median_ms(),
             recording: None,
@@ -507,20 +494,11 @@ async fn relay(
     early_browser: Vec<u8>,
     brx: &mut BrowserRx,
     btx: &BrowserTx,
-    counters: &(AtomicU64, AtomicU64),
+    meter: &Meter,
     rtt: &RoundTrips,
-    live: &Live,
 ) -> End {
     let limits = Limits::default();
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
-    let bytes_in = ctx
-        .metrics
-        .session_bytes_total
-        .with_label_values(&["spice", "browser_to_vm"]);
-    let bytes_out = ctx
-        .metrics
-        .session_bytes_total
-        .with_label_values(&["spice", "vm_to_browser"]);
     // spice-server 0.15 can crash (taking QEMU down) when a display channel closes
     // before the client sent DISPLAY_INIT; vizor completes it for a browser that left
     // too early. Full headers need the next client serial.
@@ -593,9 +571,7 @@ async fn relay(
             }
             if pos > 0 {
                 write_upstream(&mut up_wr, &buf[..pos]).await?;
-                counters.0.fetch_add(pos as u64, Ordering::Relaxed);
-                bytes_in.inc_by(pos as u64);
-                live.bytes(Direction::BrowserToVm, pos as u64);
+                meter.add(Direction::BrowserToVm, pos as u64);
                 buf.drain(..pos);
             }
             brx.read_into(&mut buf).await?;
@@ -638,9 +614,7 @@ async fn relay(
                 if !btx.bytes(buf.split_to(consumed)).await {
                     return Err(End::browser_closed());
                 }
-                counters.1.fetch_add(consumed as u64, Ordering::Relaxed);
-                bytes_out.inc_by(consumed as u64);
-                live.bytes(Direction::VmToBrowser, consumed as u64);
+                meter.add(Direction::VmToBrowser, consumed as u64);
             }
             read_upstream(&mut up_rd, &mut buf).await?;
         }
