@@ -4,6 +4,10 @@
 //! against a real Prometheus in `tests/prometheus_live.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic is a failure
 
+mod common;
+
+use common::metric_names;
+
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -12,10 +16,8 @@ use vizor::live::{Direction, Identity, Latency, LiveSessions, PerSession};
 use vizor::metrics::Metrics;
 use vizor::token::ConsoleKind;
 
-const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/grafana/vizor.json");
-
 fn dashboard() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(DASHBOARD).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(common::DASHBOARD).unwrap()).unwrap()
 }
 
 fn panels(d: &Value) -> Vec<&Value> {
@@ -110,21 +112,6 @@ fn it_has_the_panels_operators_need() {
     assert!(refusals.iter().all(|e| e.contains("reason")));
 }
 
-/// The metric names in `expr`.
-fn names(expr: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut rest = expr;
-    while let Some(i) = rest.find("vizor_") {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        out.push(&tail[..end]);
-        rest = &tail[end..];
-    }
-    out
-}
-
 #[test]
 fn every_metric_it_names_is_exported() {
     let metrics = Metrics::new().unwrap();
@@ -183,12 +170,12 @@ fn every_metric_it_names_is_exported() {
     let mut named = BTreeSet::new();
     for p in panels(&d) {
         for e in exprs(p) {
-            named.extend(names(e));
+            named.extend(metric_names(e));
         }
     }
     for v in d["templating"]["list"].as_array().unwrap() {
         if let Some(q) = v["definition"].as_str() {
-            named.extend(names(q));
+            named.extend(metric_names(q));
         }
     }
     assert!(named.len() >= 15, "{named:?}");

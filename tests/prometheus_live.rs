@@ -5,9 +5,9 @@
 
 mod common;
 
-use common::rfb::{full_update, msg, open_session};
+use common::rfb::{full_update, msg, open_session, update_request};
 use common::spice::{answer_pings, domain, session};
-use common::{Browser, Vizor};
+use common::{metric_names, Browser, Vizor};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -16,7 +16,6 @@ use vizor::token::ConsoleKind;
 use vizor_rfb::client::ClientMessage;
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
-const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/grafana/vizor.json");
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -142,25 +141,11 @@ fn values(result: &[Value]) -> Vec<f64> {
         .collect()
 }
 
-/// The metric names an expression reads (`vizor_...`).
-fn names(expr: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut rest = expr;
-    while let Some(i) = rest.find("vizor_") {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        out.push(tail[..end].to_owned());
-        rest = &tail[end..];
-    }
-    out
-}
-
 /// Every panel query of the dashboard, with Grafana's variables given values that
 /// cover this test: all instances, and a one-minute rate window.
 fn dashboard_queries() -> Vec<(String, String)> {
-    let d: Value = serde_json::from_str(&std::fs::read_to_string(DASHBOARD).unwrap()).unwrap();
+    let d: Value =
+        serde_json::from_str(&std::fs::read_to_string(common::DASHBOARD).unwrap()).unwrap();
     let mut out = Vec::new();
     for p in d["panels"].as_array().unwrap() {
         for t in p["targets"].as_array().into_iter().flatten() {
@@ -223,14 +208,7 @@ async fn metrics_and_every_dashboard_query_work_in_a_real_prometheus() {
                 }))
                 .await;
             }
-            b.send(&msg(ClientMessage::FramebufferUpdateRequest {
-                incremental: false,
-                x: 0,
-                y: 0,
-                width: 16,
-                height: 16,
-            }))
-            .await;
+            b.send(&update_request(16, 16)).await;
             let _ = tokio::time::timeout(Duration::from_millis(250), b.read()).await;
         }
     };
@@ -272,7 +250,7 @@ async fn metrics_and_every_dashboard_query_work_in_a_real_prometheus() {
             .await
             .unwrap_or_else(|e| panic!("panel {panel:?}: {expr}: {e}"));
         if result.is_empty() {
-            for name in names(&expr) {
+            for name in metric_names(&expr) {
                 let exists = prom.query(&format!("count({name})")).await.unwrap();
                 assert!(
                     !exists.is_empty(),

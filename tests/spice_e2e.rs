@@ -243,22 +243,7 @@ async fn a_wrong_spice_password_in_libvirt_fails_the_link_clearly() {
         "--spice-passwd",
         "right-one",
     ]);
-    let set = std::process::Command::new("virsh")
-        .args([
-            "-c",
-            "qemu:///system",
-            "qemu-monitor-command",
-            "vizor-test-sppw",
-            "--hmp",
-            "set_password spice other99",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        set.status.success(),
-        "{}",
-        String::from_utf8_lossy(&set.stderr)
-    );
+    common::hmp("vizor-test-sppw", "set_password spice other99");
     let v = Vizor::start("");
     let mut b = open(&v, &v.token("vizor-test-sppw", ConsoleKind::Spice, 60)).await;
     assert_eq!(

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::rfb::{full_update, msg, open_session, rfb_handshake};
+use common::rfb::{full_update, msg, open_session, rfb_handshake, update_request};
 use common::{Browser, Closed, Vizor};
 use vizor::token::ConsoleKind;
 use vizor_rfb::client::ClientMessage;
@@ -38,14 +38,7 @@ async fn a_browser_sees_the_console_and_its_keys_are_audited() {
     )))
     .await;
     // A round trip proves everything before it was relayed (and so audited).
-    b.send(&msg(ClientMessage::FramebufferUpdateRequest {
-        incremental: false,
-        x: 0,
-        y: 0,
-        width: 1,
-        height: 1,
-    }))
-    .await;
+    b.send(&update_request(1, 1)).await;
     b.read().await.unwrap();
     let received = std::mem::take(&mut b.received);
     drop(b);
@@ -212,22 +205,7 @@ async fn a_wrong_password_in_libvirt_reaches_the_browser_as_an_rfb_failure() {
         "right1",
         "--no-spice",
     ]);
-    let set = std::process::Command::new("virsh")
-        .args([
-            "-c",
-            "qemu:///system",
-            "qemu-monitor-command",
-            "vizor-test-pw",
-            "--hmp",
-            "change vnc password other99",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        set.status.success(),
-        "{}",
-        String::from_utf8_lossy(&set.stderr)
-    );
+    common::hmp("vizor-test-pw", "change vnc password other99");
     let v = Vizor::start("");
     let token = v.token("vizor-test-pw", ConsoleKind::Vnc, 60);
     let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
@@ -433,14 +411,7 @@ async fn metrics_count_sessions_bytes_latency_and_refusals() {
         keysym: 0x61,
     }))
     .await;
-    b.send(&msg(ClientMessage::FramebufferUpdateRequest {
-        incremental: false,
-        x: 0,
-        y: 0,
-        width: 8,
-        height: 8,
-    }))
-    .await;
+    b.send(&update_request(8, 8)).await;
     b.read().await.unwrap();
     drop(b);
     v.wait_for_audit("session_end");
@@ -531,14 +502,7 @@ async fn live_sessions_are_listed_and_their_series_go_when_they_end() {
         y: 3,
     }))
     .await;
-    b.send(&msg(ClientMessage::FramebufferUpdateRequest {
-        incremental: false,
-        x: 0,
-        y: 0,
-        width: 8,
-        height: 8,
-    }))
-    .await;
+    b.send(&update_request(8, 8)).await;
     b.read().await.unwrap();
     // Long enough for a few browser round trips (the client answers while it reads).
     let until = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
@@ -1145,13 +1109,7 @@ async fn the_extended_clipboard_as_novnc_uses_it_is_relayed_and_audited() {
     let encodings = [Encoding::RAW, Encoding::EXTENDED_CLIPBOARD];
     let mut out = Vec::new();
     write_set_encodings(encodings, &mut out);
-    out.extend(msg(ClientMessage::FramebufferUpdateRequest {
-        incremental: false,
-        x: 0,
-        y: 0,
-        width: 8,
-        height: 8,
-    }));
+    out.extend(update_request(8, 8));
     b.send(&out).await;
     let mut dec = ServerDecoder::new(&si, Limits::default());
     dec.set_encodings(encodings);
@@ -1189,13 +1147,7 @@ async fn the_extended_clipboard_as_novnc_uses_it_is_relayed_and_audited() {
         flags: clipboard::PROVIDE | clipboard::TEXT,
         data: z.get_ref(),
     })));
-    out.extend(msg(ClientMessage::FramebufferUpdateRequest {
-        incremental: false,
-        x: 0,
-        y: 0,
-        width: 8,
-        height: 8,
-    }));
+    out.extend(update_request(8, 8));
     b.send(&out).await;
     b.read().await.unwrap();
     drop(b);

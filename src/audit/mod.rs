@@ -578,6 +578,16 @@ mod tests {
             chain::verify(&ChainKey::load(&self.key_file).unwrap(), files).unwrap()
         }
 
+        /// Appends `bytes` to the log behind vizor's back.
+        fn append(&self, bytes: &[u8]) {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(self.path())
+                .and_then(|mut f| f.write_all(bytes))
+                .unwrap();
+        }
+
         /// Rotated files, oldest first, then the current one.
         fn files(&self) -> Vec<PathBuf> {
             let mut v: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
@@ -759,13 +769,7 @@ mod tests {
     async fn an_incomplete_last_record_is_sealed_over_on_restart() {
         let log = Log::new();
         write_keys(&log, 2, None).await;
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(log.path())
-            .unwrap();
-        f.write_all(b"{\"v\":1,\"seq\":4,\"ts\":\"2026").unwrap();
-        drop(f);
+        log.append(b"{\"v\":1,\"seq\":4,\"ts\":\"2026");
         let pending = log.verify(&[log.path()]);
         assert!(pending.broken.is_none());
         assert!(pending.notes[0].contains("incomplete last record"));
@@ -783,25 +787,13 @@ mod tests {
     async fn a_complete_but_unsealed_last_line_is_sealed_over_too() {
         let log = Log::new();
         write_keys(&log, 1, None).await;
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(log.path())
-            .unwrap();
         // What a failed restart could leave: the newline of its record, not the rest.
-        f.write_all(b"{\"v\":1,\"seq\":3,\"ts\"\n").unwrap();
-        drop(f);
+        log.append(b"{\"v\":1,\"seq\":3,\"ts\"\n");
         write_keys(&log, 1, None).await;
         let report = log.verify(&[log.path()]);
         assert!(report.broken.is_none(), "{report:?}");
         // Readers given the key see only sealed records.
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(log.path())
-            .unwrap();
-        f.write_all(b"{\"event\":\"key\",\"session\":1,\"down\":true,\"key\":\"x\"}")
-            .unwrap();
-        drop(f);
+        log.append(b"{\"event\":\"key\",\"session\":1,\"down\":true,\"key\":\"x\"}");
         let key = ChainKey::load(&log.key_file).unwrap();
         let (report, records) = chain::verified_records(&key, &[log.path()]).unwrap();
         assert!(report.broken.is_none());

@@ -75,6 +75,45 @@ pub fn test_host(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The Grafana dashboard.
+pub const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/grafana/vizor.json");
+
+/// The metric names a PromQL expression reads (`vizor_...`).
+pub fn metric_names(expr: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("vizor_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(&tail[..end]);
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// Runs a QEMU monitor (HMP) command on `domain` through libvirt, failing the test if
+/// it fails. The command is not shown: it may carry a password.
+pub fn hmp(domain: &str, command: &str) {
+    let out = std::process::Command::new("virsh")
+        .args([
+            "-c",
+            "qemu:///system",
+            "qemu-monitor-command",
+            domain,
+            "--hmp",
+            command,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -50,6 +50,18 @@ pub async fn rfb_handshake(b: &mut Browser) -> Result<ServerInit, String> {
     Ok(step!(expect, |s: client::ExpectServerInit, buf| s.receive(buf)))
 }
 
+/// A FramebufferUpdateRequest (not incremental) for the `width` x `height` rectangle
+/// at the origin.
+pub fn update_request(width: u16, height: u16) -> Vec<u8> {
+    msg(ClientMessage::FramebufferUpdateRequest {
+        incremental: false,
+        x: 0,
+        y: 0,
+        width,
+        height,
+    })
+}
+
 pub fn msg(m: ClientMessage<'_>) -> Vec<u8> {
     let mut v = Vec::new();
     m.write(&mut v).unwrap();
@@ -73,14 +85,7 @@ pub async fn full_update(b: &mut Browser, si: &ServerInit) -> (u64, u64) {
         &mut set,
     );
     b.send(&set).await;
-    b.send(&msg(ClientMessage::FramebufferUpdateRequest {
-        incremental: false,
-        x: 0,
-        y: 0,
-        width: si.width,
-        height: si.height,
-    }))
-    .await;
+    b.send(&update_request(si.width, si.height)).await;
     let mut dec = ServerDecoder::new(si, Limits::default());
     dec.set_encodings([
         Encoding::RAW,
