@@ -51,6 +51,9 @@ pub struct Config {
     /// `[metrics]` (optional)
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// `[console]`: the browser clients the console page loads.
+    #[serde(default)]
+    pub console: ConsoleConfig,
 }
 
 /// The most sessions `[metrics] per_session_max` may allow: series per session
@@ -93,6 +96,18 @@ fn per_session_max<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::E
         )));
     }
     Ok(n as usize)
+}
+
+/// `[console]`: where the console page (`GET /console?token=`) loads its clients from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// `novnc`: the root of noVNC's npm package `@novnc/novnc` (it holds `core/rfb.js`),
+    /// served under `/novnc/` for VNC tokens.
+    pub novnc: Option<PathBuf>,
+    /// `spice_html5`: the spice-html5 directory (it holds `main.js`; Debian's is
+    /// `/usr/share/spice-html5`), served under `/spice-html5/` for SPICE tokens.
+    pub spice_html5: Option<PathBuf>,
 }
 
 /// `[api]`: the management API.
@@ -411,6 +426,12 @@ impl Config {
         }
         if let Some(w) = &mut self.server.web_root {
             resolve(w);
+        }
+        if let Some(d) = &mut self.console.novnc {
+            resolve(d);
+        }
+        if let Some(d) = &mut self.console.spice_html5 {
+            resolve(d);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The HTTP and WebSocket front: `GET /websockify?token=` (the console),
 //! `GET /api/v1/domains/{name-or-uuid}/console` (tokens for a management plane),
-//! `GET /healthz`, and static files from `web_root`.
+//! `GET /console?token=` (the console page, see [`crate::console`]), `GET /healthz`, and
+//! static files from `web_root`.
 //!
 //! A token is checked before anything else happens: a refused one never costs a
 //! libvirt lookup or a connection to QEMU. Refusals reach the browser as a WebSocket
@@ -8,6 +9,7 @@
 
 use crate::audit::{Audit, Event};
 use crate::config::Config;
+use crate::console;
 use crate::libvirt::{Console, Libvirt, LookupError};
 use crate::live::{Direction, Latency, LiveSessions};
 use crate::metrics::Metrics;
@@ -192,6 +194,15 @@ pub async fn handle(
         }
         return Ok(websocket(app, peer, &mut req));
     }
+    if path == "/console" {
+        return Ok(console_page(&app, peer, &req));
+    }
+    if let Some(r) = console::asset(&path) {
+        return Ok(r);
+    }
+    if let Some((dir, rest)) = console::client_dir(&app.config.console, &path) {
+        return Ok(static_file(dir, rest).await);
+    }
     if path == "/api/v1/sessions" {
         return Ok(api_sessions(&app, &req));
     }
@@ -326,6 +337,61 @@ fn websocket(app: Arc<App>, peer: SocketAddr, req: &mut Request<Incoming>) -> Re
         }
     });
     resp
+}
+
+/// `GET /console?token=`: the console page for a good token, or a page saying in words
+/// why there is none. The token is checked but not spent: the page's WebSocket spends it.
+fn console_page(app: &App, peer: SocketAddr, req: &Request<Incoming>) -> Resp {
+    let Some(token) = query_param(req, "token").filter(|t| !t.is_empty()) else {
+        return console::error_page(
+            StatusCode::BAD_REQUEST,
+            "This console link has no token",
+            "Open the console with the whole link you were given.",
+        );
+    };
+    let now = unix_now();
+    let claims = match app.key.open(&token, now) {
+        Ok(c) => c,
+        Err(e) => return console_refused(app, peer, &e, None),
+    };
+    let used = app
+        .replay
+        .lock()
+        .map(|r| r.is_used(&claims, now))
+        .unwrap_or(true);
+    if used {
+        return console_refused(app, peer, &TokenError::Replayed, Some(&claims.token_id()));
+    }
+    console::client_page(&app.config.console, claims.kind, &claims.domain)
+}
+
+fn console_refused(app: &App, peer: SocketAddr, e: &TokenError, token_id: Option<&str>) -> Resp {
+    warn!(client = %peer, reason = e.reason(), detail = %e, "console page refused");
+    app.metrics
+        .auth_refusals_total
+        .with_label_values(&["token", e.reason()])
+        .inc();
+    app.audit.record_nowait(&Event::TokenRefused {
+        client: &peer.to_string(),
+        reason: e.reason(),
+        token_id,
+    });
+    let (heading, detail) = match e {
+        TokenError::Expired { .. } => (
+            "This console link has expired",
+            "Console links are good for a short time only. Ask for a new one.",
+        ),
+        TokenError::Replayed => (
+            "This console link was already used",
+            "Each console link opens one session. Ask for a new one.",
+        ),
+        TokenError::ReplayCacheFull => ("Too many consoles are starting", "Try again in a moment."),
+        _ => (
+            "This console link is not valid",
+            "It may be incomplete or damaged. Ask for a new one.",
+        ),
+    };
+    console::error_page(StatusCode::FORBIDDEN, heading, detail)
 }
 
 /// What the browser is told when its token is refused: enough to act on, no more.

@@ -10,6 +10,7 @@
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod front;
 pub mod libvirt;
 pub mod live;

@@ -77,6 +77,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<crate::me
 
 /// Runs the proxy until SIGTERM or SIGINT.
 pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    crate::console::check(&config.console)?;
     let key = TokenKey::load(&config.tokens.key_file)?;
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
     let chain_key = match &config.audit.key_file {

@@ -473,6 +473,13 @@ impl ReplayCache {
         Ok(())
     }
 
+    /// Whether the token was used already (without using it).
+    pub fn is_used(&self, claims: &Claims, now: u64) -> bool {
+        self.seen
+            .get(&claims.nonce)
+            .is_some_and(|&expires| expires > now)
+    }
+
     /// Unexpired nonces held.
     pub fn len(&self) -> usize {
         self.seen.len()

@@ -1,0 +1,171 @@
+// vizor's console page: connects noVNC or spice-html5 to vizor's WebSocket with the
+// token from this page's address, and says what is happening in words. vizor answers
+// the VM's password itself, so no password is ever asked for here.
+
+const kind = document.body.dataset.kind;
+const stateEl = document.getElementById("state");
+const screenEl = document.getElementById("screen");
+const cadButton = document.getElementById("cad");
+const fullscreenButton = document.getElementById("fullscreen");
+
+function say(state, words) {
+    stateEl.dataset.state = state;
+    stateEl.textContent = words;
+}
+
+// The token opens one session; once it is read, it leaves the address bar and the
+// history, so neither a reload nor a shared screenshot shows it.
+const token = new URLSearchParams(location.search).get("token");
+if (token !== null) {
+    history.replaceState(null, "", location.pathname);
+}
+const wsUrl =
+    (location.protocol === "https:" ? "wss://" : "ws://") +
+    location.host +
+    "/websockify" +
+    (token !== null ? "?token=" + encodeURIComponent(token) : "");
+
+fullscreenButton.addEventListener("click", () => {
+    if (document.fullscreenElement) {
+        document.exitFullscreen();
+    } else {
+        document.documentElement.requestFullscreen().catch((e) => {
+            fullscreenButton.title = "Fullscreen is not allowed here: " + e.message;
+        });
+    }
+});
+
+// Words for the end of a session: vizor's close reason when it gave one.
+function ended(reason, clean) {
+    if (reason) {
+        say("error", "Disconnected: " + reason);
+    } else if (clean) {
+        say("disconnected", "Disconnected");
+    } else {
+        say("error", "Connection lost");
+    }
+    cadButton.disabled = true;
+}
+
+async function vnc() {
+    const { default: RFB } = await import("/novnc/core/rfb.js");
+    // The page opens the WebSocket itself so that it hears vizor's close reason.
+    const ws = new WebSocket(wsUrl, ["binary"]);
+    let reason = "";
+    ws.addEventListener("close", (e) => {
+        reason = e.reason;
+    });
+    const rfb = new RFB(screenEl, ws);
+    rfb.scaleViewport = true;
+    rfb.resizeSession = false;
+    rfb.addEventListener("connect", () => {
+        say("connected", "Connected");
+        cadButton.disabled = false;
+        rfb.focus();
+    });
+    rfb.addEventListener("disconnect", (e) => ended(reason, e.detail.clean));
+    rfb.addEventListener("securityfailure", (e) => {
+        reason = "refused" + (e.detail.reason ? ": " + e.detail.reason : "");
+    });
+    rfb.addEventListener("credentialsrequired", () => {
+        reason = "the VM asked this page for a password, which vizor answers itself";
+        rfb.disconnect();
+    });
+    rfb.addEventListener("desktopname", (e) => {
+        document.getElementById("title").title = e.detail.name;
+    });
+    cadButton.addEventListener("click", () => {
+        rfb.sendCtrlAltDel();
+        rfb.focus();
+    });
+    window.vizorConsole = { rfb };
+}
+
+async function spice() {
+    const Spice = await import("/spice-html5/main.js");
+    const area = document.createElement("div");
+    area.id = "spice-screen";
+    area.tabIndex = 0;
+    const messages = document.createElement("div");
+    messages.id = "spice-messages";
+    messages.hidden = true;
+    screenEl.append(area, messages);
+    let reason = "";
+    let sc;
+    const fail = (e) => {
+        if (sc) {
+            sc.stop();
+        }
+        ended(reason || (e && e.message) || "", false);
+    };
+    sc = new Spice.SpiceMainConn({
+        uri: wsUrl,
+        screen_id: area.id,
+        message_id: messages.id,
+        password: "",
+        onerror: fail,
+        onsuccess: () => {
+            say("connected", "Connected");
+            cadButton.disabled = false;
+            area.focus();
+        },
+    });
+    sc.ws.addEventListener("close", (e) => {
+        reason = e.reason;
+    });
+    // Ctrl+Alt+Del as PC scancodes (set 1; 0xE0-prefixed Delete, low byte first). Not
+    // spice-html5's sendCtrlAltDel: it sends the keypad Del and then its release
+    // without the break bit, so QEMU sees the key pressed twice and never released.
+    const Messages = await import("/spice-html5/spicemsg.js");
+    const { Constants } = await import("/spice-html5/enums.js");
+    const DOWN = Constants.SPICE_MSGC_INPUTS_KEY_DOWN;
+    const UP = Constants.SPICE_MSGC_INPUTS_KEY_UP;
+    const ctrlAltDel = [
+        [DOWN, 0x1d],
+        [DOWN, 0x38],
+        [DOWN, 0x53e0],
+        [UP, 0xd3e0],
+        [UP, 0xb8],
+        [UP, 0x9d],
+    ];
+    cadButton.addEventListener("click", () => {
+        if (!sc.inputs || sc.inputs.state !== "ready") {
+            return;
+        }
+        for (const [type, code] of ctrlAltDel) {
+            const key = new Messages.SpiceMsgcKeyDown();
+            key.code = code;
+            const msg = new Messages.SpiceMiniData();
+            msg.build_msg(type, key);
+            sc.inputs.send_msg(msg);
+        }
+        area.focus();
+    });
+    // spice-html5 draws at the VM's size; the page scales it down to fit. Pointer
+    // positions stay right: the browser maps them back through the transform.
+    const fit = () => {
+        const canvas = area.querySelector("canvas");
+        if (!canvas) {
+            return;
+        }
+        const scale = Math.min(
+            1,
+            screenEl.clientWidth / canvas.width,
+            screenEl.clientHeight / canvas.height,
+        );
+        area.style.transform = "scale(" + scale + ")";
+    };
+    new ResizeObserver(fit).observe(screenEl);
+    new MutationObserver(fit).observe(area, {
+        subtree: true,
+        childList: true,
+        attributes: true,
+        attributeFilter: ["width", "height"],
+    });
+    window.vizorConsole = { sc };
+}
+
+const clients = { vnc, spice };
+clients[kind]().catch((e) => {
+    say("error", "The console client could not start: " + e.message);
+});
