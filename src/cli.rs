@@ -49,7 +49,8 @@ pub enum Command {
         user: Option<String>,
     },
     /// Serve a session recording (`[audit] record_dir`) to noVNC for review: open
-    /// http://ADDR/vnc.html?autoconnect=true with `--web-root` set to noVNC.
+    /// http://ADDR/ with `--novnc` (vizor's console page), or
+    /// http://ADDR/vnc.html?autoconnect=true with `--web-root` set to noVNC's app.
     Replay {
         /// The recording.
         file: PathBuf,
@@ -59,9 +60,13 @@ pub enum Command {
         /// Playback speed: 1 real time, 4 four times faster, 0 without waiting.
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
-        /// Static files served under / (noVNC, such as /usr/share/novnc).
+        /// Static files served under / (noVNC's app, such as /usr/share/novnc).
         #[arg(long)]
         web_root: Option<PathBuf>,
+        /// noVNC's npm package `@novnc/novnc` (as `[console] novnc`): serves vizor's
+        /// console page at /.
+        #[arg(long)]
+        novnc: Option<PathBuf>,
     },
     /// Review audit logs.
     Audit {
@@ -303,10 +308,20 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             listen,
             speed,
             web_root,
+            novnc,
         } => {
             if !(speed >= 0.0 && speed.is_finite()) {
                 return Err(format!("--speed {speed}: a number of 0 or more").into());
             }
+            crate::console::check(&crate::config::ConsoleConfig {
+                novnc: novnc.clone(),
+                spice_html5: None,
+            })
+            .map_err(|e| e.replace("[console] novnc =", "--novnc"))?;
+            let title = format!(
+                "Replay of {}",
+                file.file_name().unwrap_or_default().to_string_lossy()
+            );
             let recording = crate::record::read(&file)?;
             init_logging(&crate::config::LogConfig::default())?;
             tokio::runtime::Builder::new_multi_thread()
@@ -317,6 +332,8 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                         recording,
                         speed,
                         web_root,
+                        novnc,
+                        title,
                     },
                     listen,
                 ))

@@ -1,14 +1,18 @@
 //! `vizor replay FILE`: serves a session recording to noVNC over the same WebSocket
-//! endpoint a live console uses (`/websockify`), for review in a browser. Each
+//! endpoint a live console uses (`/websockify`), for review in a browser: on vizor's
+//! console page at `/` with `--novnc`, or with any noVNC app under `--web-root`. Each
 //! connection gets the recording from its start: the RFB handshake (security type
 //! None), the recorded ServerInit, then every recorded piece at its time (divided by
 //! `speed`; 0 plays at once). What the browser sends is read and ignored: a replay
 //! cannot reach any VM.
 
+use crate::config::ConsoleConfig;
+use crate::console;
 use crate::record::Recording;
 use crate::session::browser::{self, BrowserRx, BrowserTx};
 use crate::session::rfb::drive;
 use crate::session::End;
+use crate::token::ConsoleKind;
 use bytes::{Bytes, BytesMut};
 use http_body_util::Full;
 use hyper::server::conn::http1;
@@ -30,6 +34,10 @@ pub struct Replay {
     pub speed: f64,
     /// Static files (noVNC) served under `/`.
     pub web_root: Option<PathBuf>,
+    /// noVNC's npm package, for vizor's console page at `/` (see [`crate::console`]).
+    pub novnc: Option<PathBuf>,
+    /// The console page's title.
+    pub title: String,
 }
 
 /// Serves `replay` on `listen` until interrupted.
@@ -54,6 +62,23 @@ pub async fn serve(replay: Replay, listen: SocketAddr) -> Result<(), Box<dyn std
                     let path = req.uri().path().to_owned();
                     if path == "/websockify" && fastwebsockets::upgrade::is_upgrade_request(&req) {
                         return Ok::<_, std::convert::Infallible>(upgrade(replay, peer, &mut req));
+                    }
+                    let console = ConsoleConfig {
+                        novnc: replay.novnc.clone(),
+                        spice_html5: None,
+                    };
+                    if console.novnc.is_some() && (path == "/" || path == "/console") {
+                        return Ok(console::client_page(
+                            &console,
+                            ConsoleKind::Vnc,
+                            &replay.title,
+                        ));
+                    }
+                    if let Some(r) = console::asset(&path) {
+                        return Ok(r);
+                    }
+                    if let Some((dir, rest)) = console::client_dir(&console, &path) {
+                        return Ok(crate::front::static_file(dir, rest).await);
                     }
                     Ok(match &replay.web_root {
                         Some(root) => crate::front::static_file(root, &path).await,

@@ -145,3 +145,30 @@ fn token_refusals_say_what_is_wrong() {
         );
     }
 }
+
+#[test]
+fn serve_and_replay_refuse_a_console_client_directory_without_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "60s");
+    let mut contents = std::fs::read_to_string(&config).unwrap();
+    contents.push_str("[console]\nnovnc = \"web\"\n");
+    std::fs::write(&config, contents).unwrap();
+    std::fs::create_dir(dir.path().join("web")).unwrap();
+    let out = vizor(&["serve", "--config", &config]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    // The relative path is shown resolved against the config's directory.
+    let web = dir.path().join("web");
+    assert!(
+        err.contains(&format!(
+            "[console] novnc = {}: no core/rfb.js there",
+            web.display()
+        )),
+        "{err}"
+    );
+    let out = vizor(&["replay", "--novnc", web.to_str().unwrap(), "no-such.vzr"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("--novnc"), "{err}");
+    assert!(err.contains("no core/rfb.js there"), "{err}");
+}
