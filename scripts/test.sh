@@ -38,6 +38,10 @@ if [ ! -x /usr/bin/prometheus ]; then
     if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
+step "test tools: Chromium, playwright-core, noVNC, spice-html5"
+# For tests/browser.rs: the console page in Debian's headless Chromium.
+scripts/web-deps.sh --browser
+
 step "format, lints, docs"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

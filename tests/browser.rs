@@ -1,0 +1,317 @@
+//! Real browsers end to end: vizor's console page in Debian's headless Chromium, driven
+//! by playwright-core (`tests/browser/console.mjs`), with noVNC 1.7 from npm and
+//! Debian's spice-html5, against freshly started libvirt domains.
+//!
+//! `scripts/test.sh` installs Chromium, spice-html5 and `web/node_modules`; without them
+//! the tests are skipped, unless `VIZOR_REQUIRE_LIVE` makes their absence a failure.
+//! Screenshots land in `target/tmp/browser/`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{audited_keys, test_host, Vizor};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use vizor::token::ConsoleKind;
+
+const SPICE_HTML5: &str = "/usr/share/spice-html5";
+
+/// What a browser test needs, found on this machine.
+struct Tools {
+    chromium: PathBuf,
+    playwright: PathBuf,
+    novnc: PathBuf,
+}
+
+fn tools() -> Option<Tools> {
+    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/node_modules");
+    let t = Tools {
+        chromium: std::env::var_os("VIZOR_CHROMIUM")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/usr/bin/chromium".into()),
+        playwright: web.join("playwright-core/index.mjs"),
+        novnc: web.join("@novnc/novnc"),
+    };
+    let node = Command::new("node").arg("--version").output();
+    let missing: Vec<String> = [
+        (node.is_err(), "node".to_owned()),
+        (!t.chromium.exists(), t.chromium.display().to_string()),
+        (!t.playwright.exists(), t.playwright.display().to_string()),
+        (
+            !t.novnc.join("core/rfb.js").exists(),
+            t.novnc.display().to_string(),
+        ),
+        (
+            !Path::new(SPICE_HTML5).join("main.js").exists(),
+            SPICE_HTML5.to_owned(),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(gone, what)| gone.then_some(what))
+    .collect();
+    common::live_domain()?;
+    if missing.is_empty() {
+        return Some(t);
+    }
+    assert!(
+        std::env::var("VIZOR_REQUIRE_LIVE").is_err(),
+        "VIZOR_REQUIRE_LIVE is set but the browser tools are missing: {missing:?} \
+         (scripts/test.sh installs them)"
+    );
+    eprintln!("SKIPPED: no browser tools ({missing:?}); run scripts/test.sh");
+    None
+}
+
+/// Where screenshots and captured frames go.
+fn out_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A fresh random password: nothing here may depend on its value.
+fn password() -> String {
+    let mut b = [0u8; 4];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Runs one scenario of `console.mjs`; returns its findings.
+fn drive(t: &Tools, mode: &str, url: &str, extra: &str) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/console.mjs");
+    let out = Command::new("node")
+        .args([script, mode, url])
+        .arg(out_dir())
+        .arg(extra)
+        .env("VIZOR_PLAYWRIGHT", &t.playwright)
+        .env("VIZOR_CHROMIUM", &t.chromium)
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "console.mjs {mode} failed ({}): {stderr}\n(screenshot: {}/failed-{mode}.png)",
+        out.status,
+        out_dir().display()
+    );
+    let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("console.mjs {mode}: {e}: {stdout}{stderr}"));
+    assert_eq!(result["problems"], serde_json::json!([]), "{result}");
+    result
+}
+
+/// vizor with the console page's clients configured.
+fn console_vizor(t: &Tools, audit_extra: &str) -> Vizor {
+    Vizor::start_full(
+        "",
+        audit_extra,
+        &format!(
+            "[console]\nnovnc = \"{}\"\nspice_html5 = \"{SPICE_HTML5}\"\n",
+            t.novnc.display()
+        ),
+        |dir| std::fs::create_dir(dir.join("recordings")).unwrap(),
+    )
+}
+
+fn console_url(v: &Vizor, domain: &str, kind: ConsoleKind, ttl: i64) -> String {
+    format!(
+        "http://{}/console?token={}",
+        v.addr,
+        v.token(domain, kind, ttl)
+    )
+}
+
+#[test]
+fn novnc_shows_seabios_opens_the_boot_menu_and_its_replay_ends_on_the_same_frame() {
+    let Some(t) = tools() else { return };
+    let domain = "vizor-test-bvnc";
+    let pw = password();
+    // (Re)started now: SeaBIOS offers its boot menu for 30 s.
+    test_host(&["domain", domain, "--vnc-passwd", &pw, "--no-spice"]);
+    let v = console_vizor(&t, "record_dir = \"recordings\"");
+    let r = drive(
+        &t,
+        "vnc-boot-menu",
+        &console_url(&v, domain, ConsoleKind::Vnc, 60),
+        "",
+    );
+    eprintln!("noVNC: {r}");
+    assert_eq!(r["status"], 200);
+    // Not blank: the banner and the prompt are drawn.
+    assert!(r["banner_lit"].as_u64().unwrap() > 1000, "{r}");
+    assert!(r["prompt_lit"].as_u64().unwrap() > 100, "{r}");
+    // Escape opened the menu below the prompt, long before SeaBIOS's 30 s timeout.
+    assert!(
+        r["below_after"].as_u64().unwrap() > r["below_before"].as_u64().unwrap() + 500,
+        "{r}"
+    );
+    assert!(r["menu_ms"].as_u64().unwrap() < 5000, "{r}");
+    assert_eq!(r["ended"]["words"], "Disconnected", "{r}");
+
+    // The audit holds that Escape, by name, in the session the page opened.
+    let audit = v.wait_for_records("session_end", 1);
+    let keys = audited_keys(&audit);
+    assert!(keys.contains(&(true, "Escape".to_owned())), "{keys:?}");
+    let start = audit
+        .iter()
+        .find(|r| r["event"] == "session_start")
+        .unwrap();
+    assert_eq!(start["domain"], domain);
+    assert_eq!(start["kind"], "vnc");
+    v.assert_never_logged(&pw);
+
+    // The recording replays in the same page, and its last frame is the live one's.
+    let end = audit.iter().find(|r| r["event"] == "session_end").unwrap();
+    let file = v.path().join("recordings").join(
+        end["recording"]["file"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no recording: {end}")),
+    );
+    let mut replay = Command::new(env!("CARGO_BIN_EXE_vizor"))
+        .args([
+            "replay",
+            "--listen",
+            "127.0.0.1:0",
+            "--speed",
+            "0",
+            "--novnc",
+        ])
+        .arg(&t.novnc)
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(replay.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let rr = drive(
+        &t,
+        "replay",
+        &format!("http://{addr}/"),
+        r["final_frame"].as_str().unwrap(),
+    );
+    let _ = replay.kill();
+    let _ = replay.wait();
+    eprintln!("replay: {rr}");
+    assert_eq!(rr["state"]["words"], "Connected", "{rr}");
+    assert_eq!(
+        (&rr["width"], &rr["height"]),
+        (&r["final_width"], &r["final_height"])
+    );
+    assert_eq!(rr["differing"], 0, "{rr}");
+}
+
+#[test]
+fn spice_html5_draws_the_screen_and_typed_keys_are_audited() {
+    let Some(t) = tools() else { return };
+    let domain = "vizor-test-bspice";
+    let (vnc_pw, spice_pw) = (password(), password());
+    test_host(&[
+        "domain",
+        domain,
+        "--vnc-passwd",
+        &vnc_pw,
+        "--spice-passwd",
+        &spice_pw,
+    ]);
+    let v = console_vizor(&t, "");
+    let r = drive(
+        &t,
+        "spice",
+        &console_url(&v, domain, ConsoleKind::Spice, 60),
+        "hi",
+    );
+    eprintln!("spice-html5: {r}");
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["connected"]["words"], "Connected", "{r}");
+    assert!(r["banner_lit"].as_u64().unwrap() > 1000, "{r}");
+    assert_eq!(r["fullscreen"], true, "{r}");
+    let audit = v.wait_for_records("session_end", 1);
+    let id = audit
+        .iter()
+        .find(|r| r["event"] == "session_start" && r["kind"] == "spice")
+        .unwrap()["session"]
+        .to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_vizor"))
+        .args(["audit", "text", "--config"])
+        .arg(v.path().join("vizor.toml"))
+        .args(["--session", &id])
+        .arg(v.audit_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What was typed, then the page's Ctrl+Alt+Del button.
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi<Ctrl+Alt+Delete>");
+    v.assert_never_logged(&spice_pw);
+    v.assert_never_logged(&vnc_pw);
+}
+
+#[test]
+fn the_console_page_says_in_words_why_a_link_does_not_open() {
+    let Some(t) = tools() else { return };
+    let v = console_vizor(&t, "");
+    // A domain that need not exist: tokens are refused before any lookup.
+    let domain = "vizor-test-nonesuch";
+    let expired = console_url(&v, domain, ConsoleKind::Vnc, -5);
+    let r = drive(&t, "refused", &expired, "refused-expired");
+    assert_eq!(r["status"], 403);
+    assert_eq!(r["heading"], "This console link has expired", "{r}");
+
+    // Spent by a WebSocket first, the way the page spends it.
+    let token = v.token(domain, ConsoleKind::Vnc, 60);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut b = common::Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+        b.closed().await
+    });
+    let used = format!("http://{}/console?token={token}", v.addr);
+    let r = drive(&t, "refused", &used, "refused-used");
+    assert_eq!(r["status"], 403);
+    assert_eq!(r["heading"], "This console link was already used", "{r}");
+
+    let r = drive(
+        &t,
+        "refused",
+        &format!("http://{}/console?token=not-a-token", v.addr),
+        "refused-invalid",
+    );
+    assert_eq!(r["heading"], "This console link is not valid", "{r}");
+    let r = drive(
+        &t,
+        "refused",
+        &format!("http://{}/console", v.addr),
+        "refused-missing",
+    );
+    assert_eq!(r["status"], 400);
+    assert_eq!(r["heading"], "This console link has no token", "{r}");
+
+    // Every refusal is audited, the spent token with its id but never the token.
+    let audit = v.wait_for_records("token_refused", 3);
+    let reasons: Vec<&str> = audit
+        .iter()
+        .filter(|r| r["event"] == "token_refused")
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    assert!(reasons.contains(&"expired"), "{reasons:?}");
+    assert!(reasons.contains(&"replayed"), "{reasons:?}");
+    assert!(reasons.contains(&"malformed"), "{reasons:?}");
+    assert!(!std::fs::read_to_string(v.audit_path())
+        .unwrap()
+        .contains(&token));
+}

@@ -1,0 +1,238 @@
+// Drives vizor's console page in headless Chromium (Debian's, through playwright-core)
+// for tests/browser.rs. One scenario per run; its findings are one JSON line on stdout,
+// its screenshots go to OUTDIR.
+//
+//   node console.mjs vnc-boot-menu URL OUTDIR   noVNC: SeaBIOS, Escape, the boot menu;
+//                                               then disconnect and save the final frame
+//   node console.mjs replay URL OUTDIR LIVE     the replay's last frame against LIVE
+//   node console.mjs spice URL OUTDIR TEXT      spice-html5: a drawn screen, TEXT typed,
+//                                               Ctrl+Alt+Del and fullscreen clicked
+//   node console.mjs refused URL OUTDIR NAME    a page that refuses: its words
+// playwright-core comes from web/node_modules (VIZOR_PLAYWRIGHT names its entry point).
+const { chromium } = await import(process.env.VIZOR_PLAYWRIGHT || "playwright-core");
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+
+const [mode, url, outDir, extra] = process.argv.slice(2);
+const chromiumPath = process.env.VIZOR_CHROMIUM || "/usr/bin/chromium";
+
+function fail(message) {
+    throw new Error(`${mode}: ${message}`);
+}
+
+// Waits until `probe` returns something truthy, or fails with `what` after `ms`.
+async function until(what, ms, probe) {
+    const deadline = Date.now() + ms;
+    for (;;) {
+        const v = await probe();
+        if (v) {
+            return v;
+        }
+        if (Date.now() > deadline) {
+            fail(`timed out after ${ms} ms waiting for ${what}`);
+        }
+        await new Promise((r) => setTimeout(r, 100));
+    }
+}
+
+// The canvas's pixels, as the page sees them: {width, height, rgba (Buffer)}.
+async function pixels(page, selector) {
+    const got = await page.evaluate((sel) => {
+        const c = document.querySelector(sel);
+        if (!c || !c.width || !c.height) {
+            return null;
+        }
+        const data = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+        let bin = "";
+        for (let i = 0; i < data.length; i += 0x8000) {
+            bin += String.fromCharCode.apply(null, data.subarray(i, i + 0x8000));
+        }
+        return { width: c.width, height: c.height, b64: btoa(bin) };
+    }, selector);
+    if (!got) {
+        return null;
+    }
+    return { width: got.width, height: got.height, rgba: Buffer.from(got.b64, "base64") };
+}
+
+// Pixels brighter than the background in rows [y0, y1).
+function lit(p, y0, y1) {
+    let n = 0;
+    for (let y = Math.max(0, y0); y < Math.min(p.height, y1); y++) {
+        for (let x = 0; x < p.width; x++) {
+            const i = (y * p.width + x) * 4;
+            if (p.rgba[i] + p.rgba[i + 1] + p.rgba[i + 2] > 96) {
+                n++;
+            }
+        }
+    }
+    return n;
+}
+
+async function state(page) {
+    return page.evaluate(() => {
+        const s = document.getElementById("state");
+        return s ? { state: s.dataset.state, words: s.textContent } : null;
+    });
+}
+
+const browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ],
+});
+const context = await browser.newContext({ viewport: { width: 1024, height: 640 } });
+const page = await context.newPage();
+const problems = [];
+page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+page.on("dialog", (d) => {
+    problems.push(`dialog: ${d.type()} ${d.message()}`);
+    d.dismiss();
+});
+const shot = async (name) => {
+    const path = join(outDir, `${name}.png`);
+    await page.screenshot({ path });
+    return path;
+};
+
+try {
+    let result;
+    const response = await page.goto(url);
+    const status = response.status();
+    if (mode === "refused") {
+        const heading = await page.locator("#refusal h1").textContent();
+        const reason = await page.locator("#reason").textContent();
+        result = { status, heading, reason, screenshot: await shot(extra) };
+    } else if (mode === "vnc-boot-menu") {
+        await until("noVNC to connect", 20000, async () => (await state(page))?.state === "connected");
+        // SeaBIOS prints its banner, then "Press ESC for boot menu." on the fourth
+        // text row (16 pixels each), and below it nothing until the menu or a timeout.
+        const before = await until("the SeaBIOS banner", 20000, async () => {
+            const p = await pixels(page, "#screen canvas");
+            return p && lit(p, 0, 64) > 1000 ? p : null;
+        });
+        const prompt = lit(before, 48, 64);
+        const belowBefore = lit(before, 80, before.height);
+        const seabios = await shot("novnc-seabios");
+        const escapeAt = Date.now();
+        await page.keyboard.press("Escape");
+        const after = await until("the boot menu", 5000, async () => {
+            const p = await pixels(page, "#screen canvas");
+            return p && lit(p, 80, p.height) > belowBefore + 500 ? p : null;
+        });
+        const menuMs = Date.now() - escapeAt;
+        await page.waitForTimeout(500);
+        const menu = await shot("novnc-boot-menu");
+        // The session ends from the browser; its last frame is what a replay must show.
+        const canvasHandle = await page.evaluateHandle(() => document.querySelector("#screen canvas"));
+        await page.evaluate(() => window.vizorConsole.rfb.disconnect());
+        await until("the disconnect", 10000, async () => (await state(page))?.state !== "connected");
+        await page.waitForTimeout(500);
+        const last = await page.evaluate((c) => {
+            const data = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+            let bin = "";
+            for (let i = 0; i < data.length; i += 0x8000) {
+                bin += String.fromCharCode.apply(null, data.subarray(i, i + 0x8000));
+            }
+            return { width: c.width, height: c.height, b64: btoa(bin) };
+        }, canvasHandle);
+        const finalFrame = join(outDir, "novnc-final-frame.rgba");
+        writeFileSync(finalFrame, Buffer.from(last.b64, "base64"));
+        result = {
+            status,
+            width: before.width,
+            height: before.height,
+            banner_lit: lit(before, 0, 64),
+            prompt_lit: prompt,
+            below_before: belowBefore,
+            below_after: lit(after, 80, after.height),
+            menu_ms: menuMs,
+            final_frame: finalFrame,
+            final_width: last.width,
+            final_height: last.height,
+            ended: await state(page),
+            screenshots: [seabios, menu],
+        };
+    } else if (mode === "replay") {
+        // The replay keeps its last frame on screen (and the page connected) until the
+        // viewer leaves; at speed 0 every recorded piece arrives at once. The frame must
+        // become the live session's last frame and stay it.
+        const live = readFileSync(extra);
+        const differing = (p) => {
+            if (!p || p.rgba.length !== live.length) {
+                return -1;
+            }
+            let n = 0;
+            for (let i = 0; i < live.length; i++) {
+                n += live[i] !== p.rgba[i];
+            }
+            return n;
+        };
+        await until("noVNC to connect", 20000, async () => (await state(page))?.state === "connected");
+        let last = null;
+        try {
+            await until("the live session's last frame", 20000, async () => {
+                last = await pixels(page, "#screen canvas");
+                return differing(last) === 0;
+            });
+        } catch (e) {
+            await shot("replay-final-frame");
+            fail(`${e.message}: ${differing(last)} of ${live.length} values differ`);
+        }
+        await page.waitForTimeout(1500);
+        const p = await pixels(page, "#screen canvas");
+        result = {
+            status,
+            width: p.width,
+            height: p.height,
+            values: p.rgba.length,
+            differing: differing(p),
+            state: await state(page),
+            screenshot: await shot("replay-final-frame"),
+        };
+    } else if (mode === "spice") {
+        await until("spice-html5 to connect", 20000, async () => (await state(page))?.state === "connected");
+        const drawn = await until("a drawn screen", 20000, async () => {
+            const p = await pixels(page, "#spice-screen canvas");
+            return p && lit(p, 0, 64) > 1000 ? p : null;
+        });
+        const before = await shot("spice-seabios");
+        await page.locator("#spice-screen").click({ position: { x: 5, y: 5 } });
+        await page.keyboard.type(extra, { delay: 40 });
+        // The page's own buttons: Ctrl+Alt+Del to the VM, and fullscreen.
+        await page.locator("#cad").click();
+        await page.locator("#fullscreen").click();
+        const fullscreen = await until("fullscreen", 5000, () =>
+            page.evaluate(() => document.fullscreenElement !== null),
+        );
+        await page.waitForTimeout(500);
+        result = {
+            fullscreen,
+            status,
+            width: drawn.width,
+            height: drawn.height,
+            banner_lit: lit(drawn, 0, 64),
+            connected: await state(page),
+            screenshots: [before],
+        };
+    } else {
+        fail(`unknown mode ${mode}`);
+    }
+    result.problems = problems;
+    console.log(JSON.stringify(result));
+} catch (e) {
+    await shot(`failed-${mode}`).catch(() => {});
+    console.error(e.stack || String(e));
+    console.error(`page problems: ${JSON.stringify(problems)}`);
+    process.exitCode = 1;
+} finally {
+    await browser.close();
+}
