@@ -263,7 +263,7 @@ async fn main_channel_round_trip_and_clipboard_are_recorded() {
         return;
     };
     let dom = domain("vizor-test-sp3");
-    let v = Vizor::start("");
+    let v = Vizor::start_full("", "clipboard = \"content\"", "", |_| {});
     let token = v.token(dom, ConsoleKind::Spice, 60);
     let (mut main, _, kind) = session(&v, &token, true).await;
     // Answer spice-server's pings (it measures the link right after it) for a while.
@@ -290,10 +290,15 @@ async fn main_channel_round_trip_and_clipboard_are_recorded() {
     main.send(&out).await;
     let audit = v.wait_for_audit("clipboard");
     let clip_rec = audit.iter().find(|r| r["event"] == "clipboard").unwrap();
+    // The contents alone, after the VDAgentClipboard type word (no selection word: the
+    // VM's agent announced no capabilities).
+    let contents = &clip[4..];
     assert_eq!(clip_rec["direction"], "browser_to_vm");
-    assert_eq!(clip_rec["length"], clip.len());
+    assert_eq!(clip_rec["format"], "text");
+    assert_eq!(clip_rec["length"], contents.len());
+    assert_eq!(clip_rec["content"], "copied in the browser");
     use sha2::Digest;
-    let digest: String = sha2::Sha256::digest(&clip)
+    let digest: String = sha2::Sha256::digest(contents)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vizor_spice::agent::AgentStream;
+use vizor_spice::agent::{self, AgentEvent, AgentStream, CapsReader, ClipboardReader};
 use vizor_spice::channel::{Decoder, Frame, HeaderKind};
 use vizor_spice::link::{LinkMess, LinkReply};
 use vizor_spice::{msg, scancode, Limits};
@@ -33,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
             let chunk = usize::from(sel >> 4).max(1);
             let mut d = Decoder::new(kind, limits);
             let mut agent = AgentStream::new(limits);
+            let mut readers: Option<(ClipboardReader, CapsReader)> = None;
             let mut pending = Vec::new();
             let mut consumed = 0usize;
             for piece in input.chunks(chunk) {
@@ -50,7 +51,23 @@ fuzz_target!(|data: &[u8]| {
                                 if let Ok(msg::ServerMessage::AgentData(b)) =
                                     msg::parse_server(channel, header.msg_type, body)
                                 {
-                                    let _ = agent.feed(b, &mut Vec::new());
+                                    let mut events = Vec::new();
+                                    let _ = agent.feed(b, &mut events);
+                                    for e in events {
+                                        if let AgentEvent::Data { msg_type, bytes, last } = e {
+                                            let (sel, caps) = readers.get_or_insert_with(|| {
+                                                (ClipboardReader::new(msg_type & 1 == 0), CapsReader::default())
+                                            });
+                                            let contents = sel.feed(bytes);
+                                            assert!(contents.len() <= bytes.len());
+                                            caps.feed(bytes);
+                                            let _ = caps.has(agent::cap::CLIPBOARD_SELECTION);
+                                            if last {
+                                                let _ = sel.clip_type().map(agent::clipboard_format);
+                                                readers = None;
+                                            }
+                                        }
+                                    }
                                 }
                                 let _ = scancode::decode(body);
                             }

@@ -69,8 +69,8 @@ pub enum Event<'a> {
         session: u64,
         /// browser_to_vm or vm_to_browser.
         direction: &'static str,
-        /// text, rtf, html, dib, files (RFB extended clipboard formats), or for SPICE
-        /// the agent message.
+        /// RFB: text, rtf, html, dib, files (plain cut text is text); SPICE: text, png, bmp, tiff, jpeg, files, none, unknown
+        /// (the `VD_AGENT_CLIPBOARD_*` type).
         format: &'static str,
         /// Bytes of clipboard contents.
         length: usize,

@@ -22,7 +22,7 @@ use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
 use rsa::{Oaep, RsaPrivateKey, RsaPublicKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -504,6 +504,7 @@ async fn relay(
     // too early. Full headers need the next client serial.
     let display_init_seen = AtomicBool::new(channel != channel_type::DISPLAY);
     let last_serial = AtomicU64::new(0);
+    let agent_caps = AgentCaps::default();
     let browser_to_vm = async {
         let mut dec = Decoder::new(kind, limits);
         let mut agent_in = AgentStream::new(limits);
@@ -547,7 +548,7 @@ async fn relay(
                         }
                         msg::ClientMessage::AgentData(chunk) => {
                             clipboard
-                                .feed(&mut agent_in, chunk, ctx, "browser_to_vm")
+                                .feed(&mut agent_in, chunk, ctx, "browser_to_vm", &agent_caps)
                                 .await?;
                         }
                         msg::ClientMessage::MousePress { button, .. } => {
@@ -599,7 +600,7 @@ async fn relay(
                         }
                         msg::ServerMessage::AgentData(chunk) => {
                             clipboard
-                                .feed(&mut agent_out, chunk, ctx, "vm_to_browser")
+                                .feed(&mut agent_out, chunk, ctx, "vm_to_browser", &agent_caps)
                                 .await?;
                         }
                         msg::ServerMessage::Ping { id, .. } if channel == channel_type::MAIN => {
@@ -693,10 +694,49 @@ impl RoundTrips {
     }
 }
 
-/// Digests clipboard contents as they cross in agent messages.
+/// Which agent peers announced `VD_AGENT_CAP_CLIPBOARD_SELECTION`: a clipboard message
+/// carries the selection word when its receiver did.
+#[derive(Default)]
+struct AgentCaps(AtomicU8);
+
+impl AgentCaps {
+    const BROWSER: u8 = 1;
+    const VM: u8 = 2;
+
+    fn announced(&self, by: u8, selection: bool) {
+        if selection {
+            self.0.fetch_or(by, Ordering::Relaxed);
+        } else {
+            self.0.fetch_and(!by, Ordering::Relaxed);
+        }
+    }
+
+    fn receiver_has_selection(&self, direction: &str) -> bool {
+        let receiver = if direction == "browser_to_vm" {
+            Self::VM
+        } else {
+            Self::BROWSER
+        };
+        self.0.load(Ordering::Relaxed) & receiver != 0
+    }
+}
+
+/// One clipboard transfer in flight.
+struct Transfer {
+    reader: agent::ClipboardReader,
+    hasher: sha2::Sha256,
+    length: usize,
+    /// The contents, kept for `[audit] clipboard = "content"` (bounded by the agent
+    /// message limit).
+    kept: Option<Vec<u8>>,
+}
+
+/// Audits clipboard contents as they cross in agent messages: format, length and
+/// SHA-256 of the contents alone, and the text when the audit keeps it.
 #[derive(Default)]
 struct Clipboard {
-    hasher: Option<(sha2::Sha256, usize)>,
+    transfer: Option<Transfer>,
+    caps: Option<agent::CapsReader>,
 }
 
 impl Clipboard {
@@ -706,52 +746,93 @@ impl Clipboard {
         chunk: &[u8],
         ctx: &Ctx,
         direction: &'static str,
+        caps: &AgentCaps,
     ) -> Result<(), End> {
         use sha2::Digest;
+        let side = if direction == "browser_to_vm" {
+            "browser"
+        } else {
+            "VM"
+        };
         let mut events = Vec::new();
-        stream.feed(chunk, &mut events).map_err(|e| {
-            End::spice_protocol(
-                if direction == "browser_to_vm" {
-                    "browser"
-                } else {
-                    "VM"
-                },
-                &e,
-            )
-        })?;
+        stream
+            .feed(chunk, &mut events)
+            .map_err(|e| End::spice_protocol(side, &e))?;
         for ev in events {
             match ev {
                 AgentEvent::Begin { msg_type, .. } if msg_type == agent::kind::CLIPBOARD => {
-                    self.hasher = Some((sha2::Sha256::new(), 0));
+                    self.transfer = Some(Transfer {
+                        reader: agent::ClipboardReader::new(caps.receiver_has_selection(direction)),
+                        hasher: sha2::Sha256::new(),
+                        length: 0,
+                        kept: ctx.audit.clipboard_content().then(Vec::new),
+                    });
+                }
+                AgentEvent::Begin { msg_type, .. }
+                    if msg_type == agent::kind::ANNOUNCE_CAPABILITIES =>
+                {
+                    self.caps = Some(agent::CapsReader::default());
+                }
+                AgentEvent::Data {
+                    msg_type,
+                    bytes,
+                    last,
+                } if msg_type == agent::kind::ANNOUNCE_CAPABILITIES => {
+                    if let Some(c) = &mut self.caps {
+                        c.feed(bytes);
+                    }
+                    if last {
+                        if let Some(c) = self.caps.take() {
+                            let by = if direction == "browser_to_vm" {
+                                AgentCaps::BROWSER
+                            } else {
+                                AgentCaps::VM
+                            };
+                            caps.announced(by, c.has(agent::cap::CLIPBOARD_SELECTION));
+                        }
+                    }
                 }
                 AgentEvent::Data {
                     msg_type,
                     bytes,
                     last,
                 } if msg_type == agent::kind::CLIPBOARD => {
-                    if let Some((h, len)) = &mut self.hasher {
-                        h.update(bytes);
-                        *len += bytes.len();
+                    let Some(t) = &mut self.transfer else {
+                        continue;
+                    };
+                    let contents = t.reader.feed(bytes);
+                    t.hasher.update(contents);
+                    t.length += contents.len();
+                    if let Some(k) = &mut t.kept {
+                        k.extend_from_slice(contents);
                     }
-                    if last {
-                        if let Some((h, len)) = self.hasher.take() {
-                            let digest: String =
-                                h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-                            ctx.audit
-                                .record(&Event::Clipboard {
-                                    session: ctx.id,
-                                    direction,
-                                    // The whole VDAgentClipboard message: its
-                                    // selection and type header, then the data.
-                                    format: "spice_agent",
-                                    length: len,
-                                    sha256: digest,
-                                    content: None,
-                                })
-                                .await
-                                .map_err(audit_failed)?;
+                    if !last {
+                        continue;
+                    }
+                    let Some(t) = self.transfer.take() else {
+                        continue;
+                    };
+                    let clip_type = t
+                        .reader
+                        .clip_type()
+                        .map_err(|e| End::spice_protocol(side, &e))?;
+                    let content = match t.kept {
+                        Some(k) if clip_type == agent::CLIPBOARD_UTF8_TEXT => {
+                            Some(String::from_utf8_lossy(&k).into_owned())
                         }
-                    }
+                        _ => None,
+                    };
+                    ctx.audit
+                        .record(&Event::Clipboard {
+                            session: ctx.id,
+                            direction,
+                            format: agent::clipboard_format(clip_type),
+                            length: t.length,
+                            sha256: crate::audit::chain::hex(&t.hasher.finalize()),
+                            content,
+                        })
+                        .await
+                        .map_err(audit_failed)?;
                 }
                 _ => {}
             }

@@ -21,6 +21,94 @@ pub mod kind {
     pub const CLIPBOARD_REQUEST: u32 = 8;
     /// The sender gives up the clipboard.
     pub const CLIPBOARD_RELEASE: u32 = 9;
+    /// The sender's capabilities.
+    pub const ANNOUNCE_CAPABILITIES: u32 = 6;
+}
+
+/// `VD_AGENT_CAP_*` bit numbers.
+pub mod cap {
+    /// Clipboard messages start with a selection byte and 3 reserved bytes. A sender
+    /// writes them when its receiver announced this capability.
+    pub const CLIPBOARD_SELECTION: u32 = 6;
+}
+
+/// The short name of a `VD_AGENT_CLIPBOARD_*` type, as an audit record names it.
+pub fn clipboard_format(clip_type: u32) -> &'static str {
+    match clip_type {
+        0 => "none",
+        1 => "text",
+        2 => "png",
+        3 => "bmp",
+        4 => "tiff",
+        5 => "jpeg",
+        6 => "files",
+        _ => "unknown",
+    }
+}
+
+/// `VD_AGENT_CLIPBOARD_UTF8_TEXT`.
+pub const CLIPBOARD_UTF8_TEXT: u32 = 1;
+
+/// Reads a `VDAgentClipboard` (an optional selection word, the type, then the
+/// contents) from the data of one CLIPBOARD message as it streams in.
+#[derive(Debug, Clone)]
+pub struct ClipboardReader {
+    header: [u8; 8],
+    header_len: usize,
+    got: usize,
+}
+
+impl ClipboardReader {
+    /// A reader for one message; `selection` when it carries the selection word.
+    pub fn new(selection: bool) -> Self {
+        ClipboardReader {
+            header: [0; 8],
+            header_len: if selection { 8 } else { 4 },
+            got: 0,
+        }
+    }
+
+    /// Takes the next data bytes; returns those that are clipboard contents.
+    pub fn feed<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
+        let take = (self.header_len - self.got).min(bytes.len());
+        self.header[self.got..self.got + take].copy_from_slice(&bytes[..take]);
+        self.got += take;
+        &bytes[take..]
+    }
+
+    /// The clipboard type, once the header has been read; at the message's end a
+    /// header cut short is an error.
+    pub fn clip_type(&self) -> Result<u32, Error> {
+        if self.got < self.header_len {
+            return Err(Error::Malformed {
+                what: "VDAgentClipboard",
+                why: "shorter than its header",
+            });
+        }
+        Ok(le_u32(&self.header, self.header_len - 4).unwrap_or(0))
+    }
+}
+
+/// Reads the first capability word of a `VDAgentAnnounceCapabilities` (`request`,
+/// then the capability words) as it streams in.
+#[derive(Debug, Clone, Default)]
+pub struct CapsReader {
+    head: [u8; 8],
+    got: usize,
+}
+
+impl CapsReader {
+    /// Takes the next data bytes.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        let take = (8 - self.got).min(bytes.len());
+        self.head[self.got..self.got + take].copy_from_slice(&bytes[..take]);
+        self.got += take;
+    }
+
+    /// Whether capability `bit` (below 32) was announced.
+    pub fn has(&self, bit: u32) -> bool {
+        self.got == 8 && bit < 32 && le_u32(&self.head, 4).unwrap_or(0) & (1 << bit) != 0
+    }
 }
 
 /// What the stream yielded.
@@ -172,6 +260,46 @@ mod tests {
             );
             assert_eq!(clip_bytes, clip);
         }
+    }
+
+    #[test]
+    fn clipboard_headers_with_and_without_the_selection_word() {
+        let mut data = vec![1, 0, 0, 0]; // selection PRIMARY, reserved
+        data.extend_from_slice(&CLIPBOARD_UTF8_TEXT.to_le_bytes());
+        data.extend_from_slice(b"hello");
+        for chunk in [1, 3, 8, 64] {
+            let mut r = ClipboardReader::new(true);
+            let mut contents = Vec::new();
+            for c in data.chunks(chunk) {
+                contents.extend_from_slice(r.feed(c));
+            }
+            assert_eq!(contents, b"hello", "chunk {chunk}");
+            assert_eq!(r.clip_type().unwrap(), CLIPBOARD_UTF8_TEXT);
+        }
+        let mut r = ClipboardReader::new(false);
+        assert_eq!(r.feed(&data[4..]), b"hello");
+        assert_eq!(clipboard_format(r.clip_type().unwrap()), "text");
+        let mut short = ClipboardReader::new(true);
+        assert!(short.feed(&data[..6]).is_empty());
+        assert!(short.clip_type().is_err());
+        assert_eq!(clipboard_format(99), "unknown");
+    }
+
+    #[test]
+    fn capabilities_are_read_from_the_first_word() {
+        let mut data = 1u32.to_le_bytes().to_vec();
+        data.extend_from_slice(&(1u32 << cap::CLIPBOARD_SELECTION | 1 << 3).to_le_bytes());
+        data.extend_from_slice(&u32::MAX.to_le_bytes());
+        let mut c = CapsReader::default();
+        for b in data.chunks(3) {
+            c.feed(b);
+        }
+        assert!(c.has(cap::CLIPBOARD_SELECTION));
+        assert!(!c.has(4));
+        assert!(!c.has(40));
+        let mut short = CapsReader::default();
+        short.feed(&data[..7]);
+        assert!(!short.has(cap::CLIPBOARD_SELECTION));
     }
 
     #[test]
