@@ -178,6 +178,32 @@ pub struct ServerConfig {
     /// (default "10s").
     #[serde(default = "default_ping", deserialize_with = "any_duration")]
     pub ping_interval: Duration,
+    /// `allowed_origins`: pages of other origins (`scheme://host[:port]`) that may open
+    /// consoles. A browser's WebSocket upgrade from any other origin than vizor's own
+    /// (its `Host`) is refused: cross-site WebSocket hijacking.
+    #[serde(default, deserialize_with = "origins")]
+    pub allowed_origins: Vec<String>,
+}
+
+fn origins<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    list.into_iter()
+        .map(|o| {
+            let lower = o.to_ascii_lowercase();
+            let rest = lower
+                .strip_prefix("https://")
+                .or_else(|| lower.strip_prefix("http://"));
+            match rest {
+                Some(host) if !host.is_empty() && !host.contains(['/', '?', '#', '@', ' ']) => {
+                    Ok(lower.clone())
+                }
+                _ => Err(serde::de::Error::custom(format!(
+                    "allowed_origins: {o:?} is not an origin like \"https://console.example.com\" \
+                     (scheme and host, optional port, no path)"
+                ))),
+            }
+        })
+        .collect()
 }
 
 fn default_ping() -> Duration {

@@ -192,6 +192,21 @@ pub async fn handle(
                 "this endpoint needs a WebSocket upgrade\n",
             ));
         }
+        if let Err(origin) = origin_allowed(&app.config.server.allowed_origins, &req) {
+            warn!(client = %peer, origin = %origin, "WebSocket upgrade refused: origin not allowed");
+            app.metrics
+                .auth_refusals_total
+                .with_label_values(&["origin", "origin_not_allowed"])
+                .inc();
+            app.audit.record_nowait(&Event::OriginRefused {
+                client: &peer.to_string(),
+                origin: &origin,
+            });
+            return Ok(text(
+                StatusCode::FORBIDDEN,
+                "this page's origin may not open consoles here\n",
+            ));
+        }
         return Ok(websocket(app, peer, &mut req));
     }
     if path == "/console" {
@@ -302,6 +317,42 @@ impl Drop for Active<'_> {
             .sessions_active
             .with_label_values(&[self.1.as_str()])
             .dec();
+    }
+}
+
+/// Browsers name the page that opens a WebSocket in `Origin`. A console may be opened
+/// from vizor's own origin (`Origin`'s host and port are the request's `Host`) or from
+/// one `allowed_origins` lists; a request without `Origin` does not come from a web
+/// page and is let through to the token check. `Err` holds the refused origin (at most
+/// 200 characters, for the log).
+fn origin_allowed(allowed: &[String], req: &Request<Incoming>) -> Result<(), String> {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let shown = || {
+        String::from_utf8_lossy(origin.as_bytes())
+            .chars()
+            .take(200)
+            .collect::<String>()
+    };
+    let Ok(origin) = origin.to_str() else {
+        return Err(shown());
+    };
+    let origin = origin.to_ascii_lowercase();
+    if allowed.contains(&origin) {
+        return Ok(());
+    }
+    let authority = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    match (authority, host) {
+        (Some(a), Some(h)) if !a.is_empty() && a == h => Ok(()),
+        _ => Err(shown()),
     }
 }
 

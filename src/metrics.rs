@@ -107,7 +107,7 @@ impl Metrics {
             auth_refusals_total: IntCounterVec::new(
                 Opts::new(
                     "vizor_auth_refusals_total",
-                    "Refused authentications: stage token (the browser's token) or upstream (vizor to the VM).",
+                    "Refused authentications: stage token (the browser's token), origin (a foreign page's WebSocket) or upstream (vizor to the VM).",
                 ),
                 &["stage", "reason"],
             )?,

@@ -146,6 +146,13 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         token_id: Option<&'a str>,
     },
+    /// A WebSocket upgrade from a page of a foreign origin was refused.
+    OriginRefused {
+        /// The browser's address.
+        client: &'a str,
+        /// The page's origin (at most 200 characters).
+        origin: &'a str,
+    },
 }
 
 impl Event<'_> {
@@ -157,6 +164,7 @@ impl Event<'_> {
             Event::Clipboard { .. } => "clipboard",
             Event::SessionEnd { .. } => "session_end",
             Event::TokenRefused { .. } => "token_refused",
+            Event::OriginRefused { .. } => "origin_refused",
             Event::Button { .. } => "button",
             Event::ProtocolError { .. } => "protocol_error",
             Event::UpstreamFailure { .. } => "upstream_failure",
