@@ -183,6 +183,11 @@ pub struct ServerConfig {
     /// (its `Host`) is refused: cross-site WebSocket hijacking.
     #[serde(default, deserialize_with = "origins")]
     pub allowed_origins: Vec<String>,
+    /// `tls_cert`: a PEM certificate chain; with `tls_key`, `listen` speaks only TLS
+    /// (`https://`, `wss://`). Both are read again on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// `tls_key`: the PEM private key of `tls_cert` (not readable by others).
+    pub tls_key: Option<PathBuf>,
 }
 
 fn origins<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -452,6 +457,12 @@ impl Config {
         }
         if let Some(w) = &mut self.server.web_root {
             resolve(w);
+        }
+        if let Some(p) = &mut self.server.tls_cert {
+            resolve(p);
+        }
+        if let Some(p) = &mut self.server.tls_key {
+            resolve(p);
         }
         if let Some(d) = &mut self.console.novnc {
             resolve(d);

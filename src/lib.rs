@@ -19,6 +19,7 @@ pub mod record;
 pub mod replay;
 pub mod serve;
 pub mod session;
+pub mod tls;
 pub mod token;
 
 pub use vizor_rfb as rfb;

@@ -6,6 +6,7 @@ use crate::audit::{Audit, ChainKey};
 use crate::config::Config;
 use crate::front::{self, App, CLOSE_WAIT};
 use crate::libvirt::Libvirt;
+use crate::tls::Tls;
 use crate::token::TokenKey;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -13,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
 fn load_admin_key(path: &std::path::Path) -> Result<Zeroizing<String>, String> {
@@ -39,6 +40,20 @@ fn load_admin_key(path: &std::path::Path) -> Result<Zeroizing<String>, String> {
         ));
     }
     Ok(key)
+}
+
+/// Serves HTTP/1.1 (and WebSocket upgrades) on one connection, plain or TLS.
+async fn serve_http<I>(app: Arc<App>, peer: std::net::SocketAddr, io: I)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| front::handle(app.clone(), peer, req));
+    let conn = http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        debug!(client = %peer, error = %e, "HTTP connection ended with an error");
+    }
 }
 
 /// Serves `/metrics` (and `/healthz`) alone, on `metrics_listen`.
@@ -78,6 +93,11 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<crate::me
 /// Runs the proxy until SIGTERM or SIGINT.
 pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     crate::console::check(&config.console)?;
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(Tls::load(cert, key)?)),
+        (None, None) => None,
+        _ => return Err("[server] tls_cert and tls_key go together: set both or neither".into()),
+    };
     let key = TokenKey::load(&config.tokens.key_file)?;
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
     let chain_key = match &config.audit.key_file {
@@ -133,7 +153,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    info!(%local, "listening");
+    let mut hup = signal(SignalKind::hangup())?;
+    info!(%local, tls = tls.is_some(), "listening");
     // A line for scripts and tests that asked for port 0.
     println!("listening on {local}");
 
@@ -148,15 +169,30 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = hup.recv() => {
+                match &tls {
+                    Some(t) => match t.reload() {
+                        Ok(()) => info!("TLS certificate reloaded"),
+                        Err(e) => warn!(error = %e, "TLS reload failed; keeping the certificate in use"),
+                    },
+                    None => info!("SIGHUP: nothing to reload (no TLS)"),
+                }
+                continue;
+            }
         };
         let app = app.clone();
+        let Some(tls) = &tls else {
+            tokio::spawn(serve_http(app, peer, stream));
+            continue;
+        };
+        let acceptor = tls.acceptor();
         tokio::spawn(async move {
-            let service = service_fn(move |req| front::handle(app.clone(), peer, req));
-            let conn = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(client = %peer, error = %e, "HTTP connection ended with an error");
+            // A client that never finishes its TLS handshake holds nothing for long.
+            let timeout = app.config.server.handshake_timeout;
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => serve_http(app, peer, stream).await,
+                Ok(Err(e)) => debug!(client = %peer, error = %e, "TLS handshake failed"),
+                Err(_) => debug!(client = %peer, "TLS handshake timed out"),
             }
         });
     }

@@ -315,3 +315,33 @@ fn the_console_page_says_in_words_why_a_link_does_not_open() {
         .unwrap()
         .contains(&token));
 }
+
+#[test]
+fn the_console_page_connects_over_https_and_wss() {
+    let Some(t) = tools() else { return };
+    let live = common::live_domain().unwrap();
+    let (cert, key, _) = common::tls::certificate();
+    let v = Vizor::start_full(
+        "tls_cert = \"tls.crt\"\ntls_key = \"tls.key\"",
+        "",
+        &format!("[console]\nnovnc = \"{}\"\n", t.novnc.display()),
+        move |dir| common::tls::write(dir, &cert, &key),
+    );
+    let url = format!(
+        "https://{}/console?token={}",
+        v.addr,
+        v.token(&live.name, ConsoleKind::Vnc, 60)
+    );
+    let r = drive(&t, "connect", &url, "https-console");
+    eprintln!("https: {r}");
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["connected"]["words"], "Connected", "{r}");
+    assert_eq!(r["protocol"], "https:", "{r}");
+    assert!(r["width"].as_u64().unwrap() > 0, "{r}");
+    let audit = v.wait_for_audit("session_start");
+    let start = audit
+        .iter()
+        .find(|r| r["event"] == "session_start")
+        .unwrap();
+    assert_eq!(start["domain"], live.name.as_str());
+}

@@ -8,6 +8,7 @@
 //   node console.mjs spice URL OUTDIR TEXT      spice-html5: a drawn screen, TEXT typed,
 //                                               Ctrl+Alt+Del and fullscreen clicked
 //   node console.mjs refused URL OUTDIR NAME    a page that refuses: its words
+//   node console.mjs connect URL OUTDIR NAME    any console page: connected, a framebuffer
 // playwright-core comes from web/node_modules (VIZOR_PLAYWRIGHT names its entry point).
 const { chromium } = await import(process.env.VIZOR_PLAYWRIGHT || "playwright-core");
 import { readFileSync, writeFileSync } from "node:fs";
@@ -89,7 +90,11 @@ const browser = await chromium.launch({
         "--disable-sync",
     ],
 });
-const context = await browser.newContext({ viewport: { width: 1024, height: 640 } });
+// Tests over https use a fresh self-signed certificate.
+const context = await browser.newContext({
+    viewport: { width: 1024, height: 640 },
+    ignoreHTTPSErrors: true,
+});
 const page = await context.newPage();
 const problems = [];
 page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
@@ -111,6 +116,17 @@ try {
         const heading = await page.locator("#refusal h1").textContent();
         const reason = await page.locator("#reason").textContent();
         result = { status, heading, reason, screenshot: await shot(extra) };
+    } else if (mode === "connect") {
+        await until("the console to connect", 20000, async () => (await state(page))?.state === "connected");
+        const p = await until("a framebuffer", 20000, () => pixels(page, "#screen canvas"));
+        result = {
+            status,
+            width: p.width,
+            height: p.height,
+            connected: await state(page),
+            protocol: await page.evaluate(() => location.protocol),
+            screenshot: await shot(extra),
+        };
     } else if (mode === "vnc-boot-menu") {
         await until("noVNC to connect", 20000, async () => (await state(page))?.state === "connected");
         // SeaBIOS prints its banner, then "Press ESC for boot menu." on the fourth

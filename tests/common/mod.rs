@@ -327,6 +327,17 @@ impl Vizor {
         self.child.wait().unwrap();
     }
 
+    /// Sends `signal` (such as `HUP`).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let sig = format!("-{signal}");
+        assert!(Command::new("kill")
+            .args([sig.as_str(), &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
@@ -415,6 +426,14 @@ impl Browser {
     /// Opens `path` (such as `/websockify?token=...`) on vizor.
     pub async fn connect(addr: SocketAddr, path: &str) -> Browser {
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        Self::connect_over(stream, addr, path).await
+    }
+
+    /// Opens `path` over `stream` (such as a TLS stream) to vizor at `addr`.
+    pub async fn connect_over<S>(stream: S, addr: SocketAddr, path: &str) -> Browser
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let req = hyper::Request::builder()
             .method("GET")
             .uri(format!("http://{addr}{path}"))
@@ -565,4 +584,51 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l[series.len()..].trim().parse().ok())
+}
+
+/// TLS for tests: a self-signed certificate for 127.0.0.1 and a client trusting it.
+pub mod tls {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    /// A fresh certificate: (certificate PEM, key PEM, certificate DER).
+    pub fn certificate() -> (String, String, Vec<u8>) {
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        (
+            ck.cert.pem(),
+            ck.key_pair.serialize_pem(),
+            ck.cert.der().to_vec(),
+        )
+    }
+
+    /// Writes `cert` and `key` as `tls.crt` and `tls.key` (0600) in `dir`.
+    pub fn write(dir: &Path, cert: &str, key: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(dir.join("tls.crt"), cert).unwrap();
+        let key_path = dir.join("tls.key");
+        std::fs::write(&key_path, key).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    /// Opens TLS to `addr`, trusting only `trusted` (DER).
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        trusted: &[u8],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(trusted.to_vec()))
+            .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        connector.connect(name, tcp).await
+    }
 }

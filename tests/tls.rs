@@ -1,0 +1,119 @@
+//! TLS toward browsers: `wss://` consoles to real QEMU with a certificate from the
+//! config, reloaded on SIGHUP while a console session on the old one goes on.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::rfb::{full_update, rfb_handshake, update_request};
+use common::{tls, Browser, Vizor};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vizor::token::ConsoleKind;
+
+fn tls_vizor(cert: &str, key: &str) -> Vizor {
+    let (cert, key) = (cert.to_owned(), key.to_owned());
+    Vizor::start_full(
+        "tls_cert = \"tls.crt\"\ntls_key = \"tls.key\"",
+        "",
+        "",
+        move |dir| tls::write(dir, &cert, &key),
+    )
+}
+
+async fn healthz(v: &Vizor, trusted: &[u8]) -> std::io::Result<String> {
+    let mut s = tls::connect(v.addr, trusted).await?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wss_console_survives_a_certificate_reload() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    let (cert_a, key_a, der_a) = tls::certificate();
+    let (cert_b, key_b, der_b) = tls::certificate();
+    let v = tls_vizor(&cert_a, &key_a);
+    assert!(healthz(&v, &der_a).await.unwrap().ends_with("ok\n"));
+    // Plain HTTP gets no answer from a TLS listener.
+    let mut plain = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got).await;
+    assert!(!String::from_utf8_lossy(&got).contains("ok"), "{got:?}");
+
+    // A console over wss to the real VM.
+    let token = v.token(&live.name, ConsoleKind::Vnc, 60);
+    let stream = tls::connect(v.addr, &der_a).await.unwrap();
+    let mut b = Browser::connect_over(stream, v.addr, &format!("/websockify?token={token}")).await;
+    let si = rfb_handshake(&mut b).await.unwrap();
+    let (rects, _) = full_update(&mut b, &si).await;
+    assert!(rects > 0);
+
+    // New certificate files and SIGHUP: new connections get B, A is no longer served.
+    tls::write(&v.path(), &cert_b, &key_b);
+    v.signal("HUP");
+    assert!(v.wait_for_log("TLS certificate reloaded"));
+    assert!(healthz(&v, &der_b).await.unwrap().ends_with("ok\n"));
+    assert!(healthz(&v, &der_a).await.is_err());
+
+    // The session opened on A goes on.
+    b.send(&update_request(si.width, si.height)).await;
+    let before = b.received.len();
+    while b.received.len() == before {
+        b.read().await.expect("the session outlives the reload");
+    }
+
+    // A reload that cannot read the key keeps B.
+    std::fs::write(v.path().join("tls.key"), "not a key").unwrap();
+    v.signal("HUP");
+    assert!(v.wait_for_log("TLS reload failed; keeping the certificate in use"));
+    assert!(healthz(&v, &der_b).await.unwrap().ends_with("ok\n"));
+    drop(b);
+    v.assert_never_logged(&key_b);
+}
+
+#[test]
+fn tls_settings_are_checked_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = tls::certificate();
+    tls::write(dir.path(), &cert, &key);
+    vizor::token::TokenKey::write_new(&dir.path().join("token.key")).unwrap();
+    let run = |server: &str| {
+        let config = dir.path().join("vizor.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[libvirt]\nuri = \"test:///default\"\n\
+                 [tokens]\nkey_file = \"token.key\"\n[audit]\npath = \"audit.jsonl\"\n"
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vizor"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run("tls_cert = \"tls.crt\"");
+    assert!(e.contains("tls_cert and tls_key go together"), "{e}");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.path().join("tls.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let e = run("tls_cert = \"tls.crt\"\ntls_key = \"tls.key\"");
+    assert!(e.contains("readable by others"), "{e}");
+    std::fs::write(dir.path().join("tls.crt"), "no certificate here\n").unwrap();
+    let e = run("tls_cert = \"tls.crt\"\ntls_key = \"tls.key\"");
+    assert!(e.contains("no PEM certificate"), "{e}");
+    assert!(!e.contains("PRIVATE KEY"), "{e}");
+}
