@@ -102,6 +102,46 @@ pub fn client_page(config: &ConsoleConfig, kind: ConsoleKind, domain: &str) -> R
     }
     let title = escape(domain);
     let body = format!(
+        r#"<header id="bar">
+<span id="title">{title}</span>
+<span id="state" role="status" aria-live="polite" data-state="connecting">Connecting…</span>
+<span class="spacer"></span>
+<button id="cad" type="button" disabled title="Send Ctrl+Alt+Del to the VM">Ctrl+Alt+Del</button>
+<button id="fullscreen" type="button" title="Fill the screen">Fullscreen</button>
+</header>
+<main id="screen"></main>
+<noscript><p class="error">The console needs JavaScript.</p></noscript>"#
+    );
+    page(
+        StatusCode::OK,
+        &title,
+        &format!(r#"data-kind="{kind}" data-client="{client}""#),
+        true,
+        &body,
+    )
+}
+
+/// A page that explains, in words, why there is no console.
+pub fn error_page(status: StatusCode, heading: &str, detail: &str) -> Resp {
+    let body = format!(
+        r#"<main id="refusal">
+<h1>{}</h1>
+<p id="reason">{}</p>
+</main>"#,
+        escape(heading),
+        escape(detail)
+    );
+    page(status, "No console", r#"data-kind="error""#, false, &body)
+}
+
+/// A whole page: `title` and `body` are HTML already.
+fn page(status: StatusCode, title: &str, body_attrs: &str, script: bool, body: &str) -> Resp {
+    let script = if script {
+        format!(r#"<script type="module" src="{ASSET_PREFIX}console.js"></script>"#)
+    } else {
+        String::new()
+    };
+    let html = format!(
         r#"<!doctype html>
 <html lang="en">
 <head>
@@ -111,53 +151,15 @@ pub fn client_page(config: &ConsoleConfig, kind: ConsoleKind, domain: &str) -> R
 <title>{title} · vizor</title>
 <link rel="icon" href="data:,">
 <link rel="stylesheet" href="{ASSET_PREFIX}console.css">
-<script type="module" src="{ASSET_PREFIX}console.js"></script>
+{script}
 </head>
-<body data-kind="{kind}" data-client="{client}">
-<header id="bar">
-<span id="title">{title}</span>
-<span id="state" role="status" aria-live="polite" data-state="connecting">Connecting…</span>
-<span class="spacer"></span>
-<button id="cad" type="button" disabled title="Send Ctrl+Alt+Del to the VM">Ctrl+Alt+Del</button>
-<button id="fullscreen" type="button" title="Fill the screen">Fullscreen</button>
-</header>
-<main id="screen"></main>
-<noscript><p class="error">The console needs JavaScript.</p></noscript>
+<body {body_attrs}>
+{body}
 </body>
 </html>
 "#
     );
-    respond(
-        StatusCode::OK,
-        "text/html; charset=utf-8",
-        Bytes::from(body),
-    )
-}
-
-/// A page that explains, in words, why there is no console.
-pub fn error_page(status: StatusCode, heading: &str, detail: &str) -> Resp {
-    let (heading, detail) = (escape(heading), escape(detail));
-    let body = format!(
-        r#"<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<title>No console · vizor</title>
-<link rel="icon" href="data:,">
-<link rel="stylesheet" href="{ASSET_PREFIX}console.css">
-</head>
-<body data-kind="error">
-<main id="refusal">
-<h1>{heading}</h1>
-<p id="reason">{detail}</p>
-</main>
-</body>
-</html>
-"#
-    );
-    respond(status, "text/html; charset=utf-8", Bytes::from(body))
+    respond(status, "text/html; charset=utf-8", Bytes::from(html))
 }
 
 /// The headers every console response carries: the token is in the page's address, so

@@ -117,19 +117,7 @@ async fn channels_of_one_session_link_through_vizor_and_keys_are_audited() {
         }
         inputs.send(&out).await;
         wait_keys(&v, before + 4 + 16);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vizor"))
-            .args(["audit", "text", "--config"])
-            .arg(v.dir.path().join("vizor.toml"))
-            .args(["--session", &id.to_string()])
-            .arg(v.audit_path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "<Escape><Right>Hi!\n");
+        assert_eq!(v.audit_text(&id.to_string()), "<Escape><Right>Hi!\n");
         let received: Vec<u8> = [
             &main.received[..],
             &display.received[..],

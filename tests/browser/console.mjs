@@ -36,10 +36,11 @@ async function until(what, ms, probe) {
     }
 }
 
-// The canvas's pixels, as the page sees them: {width, height, rgba (Buffer)}.
-async function pixels(page, selector) {
-    const got = await page.evaluate((sel) => {
-        const c = document.querySelector(sel);
+// The pixels of a canvas (a selector, or a handle to a canvas kept from earlier), as
+// the page sees them: {width, height, rgba (Buffer)}, or null without a canvas.
+async function pixels(page, canvas) {
+    const read = (c) => {
+        c = typeof c === "string" ? document.querySelector(c) : c;
         if (!c || !c.width || !c.height) {
             return null;
         }
@@ -49,7 +50,8 @@ async function pixels(page, selector) {
             bin += String.fromCharCode.apply(null, data.subarray(i, i + 0x8000));
         }
         return { width: c.width, height: c.height, b64: btoa(bin) };
-    }, selector);
+    };
+    const got = await page.evaluate(read, canvas);
     if (!got) {
         return null;
     }
@@ -152,16 +154,9 @@ try {
         await page.evaluate(() => window.vizorConsole.rfb.disconnect());
         await until("the disconnect", 10000, async () => (await state(page))?.state !== "connected");
         await page.waitForTimeout(500);
-        const last = await page.evaluate((c) => {
-            const data = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
-            let bin = "";
-            for (let i = 0; i < data.length; i += 0x8000) {
-                bin += String.fromCharCode.apply(null, data.subarray(i, i + 0x8000));
-            }
-            return { width: c.width, height: c.height, b64: btoa(bin) };
-        }, canvasHandle);
+        const last = await pixels(page, canvasHandle);
         const finalFrame = join(outDir, "novnc-final-frame.rgba");
-        writeFileSync(finalFrame, Buffer.from(last.b64, "base64"));
+        writeFileSync(finalFrame, last.rgba);
         result = {
             status,
             width: before.width,

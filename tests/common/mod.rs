@@ -327,6 +327,24 @@ impl Vizor {
         self.child.wait().unwrap();
     }
 
+    /// `vizor audit text --session ID` over this vizor's audit log, keyed by its
+    /// config: what was typed in that session.
+    pub fn audit_text(&self, session: &str) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_vizor"))
+            .args(["audit", "text", "--config"])
+            .arg(self.dir.path().join("vizor.toml"))
+            .args(["--session", session])
+            .arg(self.audit_path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Sends `signal` (such as `HUP`).
     pub fn signal(&self, signal: &str) {
         let pid = self.child.id().to_string();
