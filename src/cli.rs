@@ -313,11 +313,12 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             if !(speed >= 0.0 && speed.is_finite()) {
                 return Err(format!("--speed {speed}: a number of 0 or more").into());
             }
-            crate::console::check(&crate::config::ConsoleConfig {
-                novnc: novnc.clone(),
+            let console = crate::config::ConsoleConfig {
+                novnc,
                 spice_html5: None,
-            })
-            .map_err(|e| e.replace("[console] novnc =", "--novnc"))?;
+            };
+            crate::console::check(&console)
+                .map_err(|e| e.replace("[console] novnc =", "--novnc"))?;
             let title = format!(
                 "Replay of {}",
                 file.file_name().unwrap_or_default().to_string_lossy()
@@ -332,7 +333,7 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                         recording,
                         speed,
                         web_root,
-                        novnc,
+                        console,
                         title,
                     },
                     listen,

@@ -418,15 +418,7 @@ fn console_page(app: &App, peer: SocketAddr, req: &Request<Incoming>) -> Resp {
 
 fn console_refused(app: &App, peer: SocketAddr, e: &TokenError, token_id: Option<&str>) -> Resp {
     warn!(client = %peer, reason = e.reason(), detail = %e, "console page refused");
-    app.metrics
-        .auth_refusals_total
-        .with_label_values(&["token", e.reason()])
-        .inc();
-    app.audit.record_nowait(&Event::TokenRefused {
-        client: &peer.to_string(),
-        reason: e.reason(),
-        token_id,
-    });
+    token_refused(app, &peer.to_string(), e.reason(), token_id);
     let (heading, detail) = match e {
         TokenError::Expired { .. } => (
             "This console link has expired",
@@ -443,6 +435,19 @@ fn console_refused(app: &App, peer: SocketAddr, e: &TokenError, token_id: Option
         ),
     };
     console::error_page(StatusCode::FORBIDDEN, heading, detail)
+}
+
+/// Counts and audits a refused token, wherever it was presented.
+fn token_refused(app: &App, client: &str, reason: &'static str, token_id: Option<&str>) {
+    app.metrics
+        .auth_refusals_total
+        .with_label_values(&["token", reason])
+        .inc();
+    app.audit.record_nowait(&Event::TokenRefused {
+        client,
+        reason,
+        token_id,
+    });
 }
 
 /// What the browser is told when its token is refused: enough to act on, no more.
@@ -479,15 +484,7 @@ async fn console(
     let client = peer.to_string();
     let refuse = |reason: &'static str, token_id: Option<&str>, told: &str, detail: &str| {
         warn!(client = %peer, reason, detail, "console refused");
-        app.metrics
-            .auth_refusals_total
-            .with_label_values(&["token", reason])
-            .inc();
-        app.audit.record_nowait(&Event::TokenRefused {
-            client: &client,
-            reason,
-            token_id,
-        });
+        token_refused(&app, &client, reason, token_id);
         let told = told.to_owned();
         let btx = btx.clone();
         async move { btx.close(1008, &told).await }
@@ -597,16 +594,7 @@ async fn spice_console(
             .map_err(|_| TokenError::ReplayCacheFull)
             .and_then(|mut r| r.admit(c, now));
         r.map_err(|e| {
-            replay_app
-                .metrics
-                .auth_refusals_total
-                .with_label_values(&["token", e.reason()])
-                .inc();
-            replay_app.audit.record_nowait(&Event::TokenRefused {
-                client: &client,
-                reason: e.reason(),
-                token_id: Some(&c.token_id()),
-            });
+            token_refused(&replay_app, &client, e.reason(), Some(&c.token_id()));
             token_message(&e).to_owned()
         })
     };

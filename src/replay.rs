@@ -34,8 +34,9 @@ pub struct Replay {
     pub speed: f64,
     /// Static files (noVNC) served under `/`.
     pub web_root: Option<PathBuf>,
-    /// noVNC's npm package, for vizor's console page at `/` (see [`crate::console`]).
-    pub novnc: Option<PathBuf>,
+    /// The console page's clients: noVNC's npm package for the page at `/` (see
+    /// [`crate::console`]).
+    pub console: ConsoleConfig,
     /// The console page's title.
     pub title: String,
 }
@@ -63,13 +64,10 @@ pub async fn serve(replay: Replay, listen: SocketAddr) -> Result<(), Box<dyn std
                     if path == "/websockify" && fastwebsockets::upgrade::is_upgrade_request(&req) {
                         return Ok::<_, std::convert::Infallible>(upgrade(replay, peer, &mut req));
                     }
-                    let console = ConsoleConfig {
-                        novnc: replay.novnc.clone(),
-                        spice_html5: None,
-                    };
+                    let console = &replay.console;
                     if console.novnc.is_some() && (path == "/" || path == "/console") {
                         return Ok(console::client_page(
-                            &console,
+                            console,
                             ConsoleKind::Vnc,
                             &replay.title,
                         ));
@@ -77,7 +75,7 @@ pub async fn serve(replay: Replay, listen: SocketAddr) -> Result<(), Box<dyn std
                     if let Some(r) = console::asset(&path) {
                         return Ok(r);
                     }
-                    if let Some((dir, rest)) = console::client_dir(&console, &path) {
+                    if let Some((dir, rest)) = console::client_dir(console, &path) {
                         return Ok(crate::front::static_file(dir, rest).await);
                     }
                     Ok(match &replay.web_root {

@@ -156,15 +156,27 @@ async fn read_until<T>(
     mut parse: impl FnMut(&[u8]) -> Result<Option<(T, usize)>, vizor_spice::Error>,
 ) -> Result<T, End> {
     loop {
-        match parse(buf) {
-            Ok(Some((v, n))) => {
-                buf.drain(..n);
-                return Ok(v);
-            }
-            Ok(None) => {}
-            Err(e) => return Err(End::spice_protocol("VM", &e)),
+        if let Some(v) = take_parsed(buf, "VM", &mut parse)? {
+            return Ok(v);
         }
         read_handshake(src, buf, what).await?;
+    }
+}
+
+/// What `parse` made of the front of `buf`, which is then dropped from `buf`; `None`
+/// when more bytes are needed.
+fn take_parsed<T>(
+    buf: &mut Vec<u8>,
+    side: &str,
+    parse: &mut impl FnMut(&[u8]) -> Result<Option<(T, usize)>, vizor_spice::Error>,
+) -> Result<Option<T>, End> {
+    match parse(buf) {
+        Ok(Some((v, n))) => {
+            buf.drain(..n);
+            Ok(Some(v))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => Err(End::spice_protocol(side, &e)),
     }
 }
 
@@ -174,13 +186,8 @@ async fn browser_until<T>(
     mut parse: impl FnMut(&[u8]) -> Result<Option<(T, usize)>, vizor_spice::Error>,
 ) -> Result<T, End> {
     loop {
-        match parse(buf) {
-            Ok(Some((v, n))) => {
-                buf.drain(..n);
-                return Ok(v);
-            }
-            Ok(None) => {}
-            Err(e) => return Err(End::spice_protocol("browser", &e)),
+        if let Some(v) = take_parsed(buf, "browser", &mut parse)? {
+            return Ok(v);
         }
         brx.read_into(buf).await?;
     }
