@@ -54,6 +54,118 @@ pub struct Config {
     /// `[console]`: the browser clients the console page loads.
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// `[limits]`: how much any one client, user or VM may take.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: bounds that keep one client, user or VM from starving the others. Each
+/// has a default; 0 turns a count or a duration off where the key says so.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// `max_sessions`: console sessions at once, in all (default 1000). A SPICE
+    /// session counts once, whatever its channels.
+    pub max_sessions: usize,
+    /// `max_sessions_per_domain`: sessions on one VM at once (default 16).
+    pub max_sessions_per_domain: usize,
+    /// `max_sessions_per_user`: sessions of one user (the token's `user`) at once
+    /// (default 1000, as many as `max_sessions`: set it when tokens name their users;
+    /// the management API's tokens name the user it is given, else "api").
+    pub max_sessions_per_user: usize,
+    /// `idle_timeout`: a session with no key, pointer or clipboard input from its
+    /// browser for this long is closed (default "30m"; "0s": never).
+    #[serde(deserialize_with = "optional_duration")]
+    pub idle_timeout: Option<Duration>,
+    /// `send_timeout`: a browser that takes no data for this long, while vizor has
+    /// some for it, is disconnected (default "30s").
+    #[serde(deserialize_with = "any_duration")]
+    pub send_timeout: Duration,
+    /// `browser_message_max`: the largest message (WebSocket message, RFB or SPICE
+    /// message held whole) a browser may send (default "1MiB").
+    #[serde(deserialize_with = "message_size")]
+    pub browser_message_max: usize,
+    /// `vm_message_max`: the largest message held whole from the VM (framebuffer
+    /// updates and display data are streamed, not held; default "1MiB").
+    #[serde(deserialize_with = "message_size")]
+    pub vm_message_max: usize,
+    /// `failed_tokens_per_client`: failed token attempts a client address (IPv6: its
+    /// /64) may make per `failed_tokens_window` before it is refused unheard (default
+    /// 20; 0: no limit).
+    pub failed_tokens_per_client: u32,
+    /// `failed_tokens_window`: see `failed_tokens_per_client` (default "1m").
+    #[serde(deserialize_with = "any_duration")]
+    pub failed_tokens_window: Duration,
+    /// `max_connections`: HTTP connections at once that are not (yet) console
+    /// sessions (default 4096).
+    pub max_connections: usize,
+    /// `max_connections_per_client`: such connections from one client address
+    /// (default 64).
+    pub max_connections_per_client: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_sessions: 1000,
+            max_sessions_per_domain: 16,
+            max_sessions_per_user: 1000,
+            idle_timeout: Some(Duration::from_secs(30 * 60)),
+            send_timeout: Duration::from_secs(30),
+            browser_message_max: 1 << 20,
+            vm_message_max: 1 << 20,
+            failed_tokens_per_client: 20,
+            failed_tokens_window: Duration::from_secs(60),
+            max_connections: 4096,
+            max_connections_per_client: 64,
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn check(&self) -> Result<(), String> {
+        let counts = [
+            ("max_sessions", self.max_sessions),
+            ("max_sessions_per_domain", self.max_sessions_per_domain),
+            ("max_sessions_per_user", self.max_sessions_per_user),
+            ("max_connections", self.max_connections),
+            (
+                "max_connections_per_client",
+                self.max_connections_per_client,
+            ),
+        ];
+        for (key, n) in counts {
+            if n == 0 {
+                return Err(format!("[limits] {key} must be at least 1"));
+            }
+        }
+        if self.send_timeout.is_zero() || self.failed_tokens_window.is_zero() {
+            return Err(
+                "[limits] send_timeout and failed_tokens_window must be longer than 0s".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let d = any_duration(d)?;
+    Ok((!d.is_zero()).then_some(d))
+}
+
+/// The smallest and largest message bounds: a cursor image (QEMU's are up to 64x64
+/// pixels with their mask) must fit, and nothing is held beyond 64 MiB.
+const MESSAGE_MAX_RANGE: (u64, u64) = (64 << 10, 64 << 20);
+
+fn message_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = parse_size(d)?;
+    let (lo, hi) = MESSAGE_MAX_RANGE;
+    if !(lo..=hi).contains(&n) {
+        return Err(serde::de::Error::custom(format!(
+            "message size {n} is out of range (64KiB to 64MiB)"
+        )));
+    }
+    Ok(n as usize)
 }
 
 /// The most sessions `[metrics] per_session_max` may allow: series per session
@@ -328,6 +440,17 @@ fn fsync<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Fsync, D::Error> {
 }
 
 fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let n = parse_size(d)?;
+    if n < 4096 {
+        return Err(serde::de::Error::custom(format!(
+            "rotate_size {n} is too small (at least 4KiB)"
+        )));
+    }
+    Ok(Some(n))
+}
+
+/// A size: a number of bytes, or a string with B, KiB, MiB or GiB.
+fn parse_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Size {
@@ -359,12 +482,7 @@ fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error>
                 .ok_or_else(|| serde::de::Error::custom(format!("invalid size {t:?}")))?
         }
     };
-    if n < 4096 {
-        return Err(serde::de::Error::custom(format!(
-            "rotate_size {n} is too small (at least 4KiB)"
-        )));
-    }
-    Ok(Some(n))
+    Ok(n)
 }
 
 /// `[audit] on_error`: what a failed audit write does to sessions.
@@ -435,7 +553,10 @@ impl Config {
 
     /// Parses configuration text.
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+        let config: Config =
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        config.limits.check()?;
+        Ok(config)
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -520,6 +641,36 @@ keystrokes = "full"
         .unwrap();
         assert!(c.metrics.per_session);
         assert_eq!(c.metrics.per_session_max, 20);
+    }
+
+    #[test]
+    fn limits_have_defaults_and_parse() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.limits.max_sessions, 1000);
+        assert_eq!(c.limits.idle_timeout, Some(Duration::from_secs(1800)));
+        assert_eq!(c.limits.browser_message_max, 1 << 20);
+        let c = Config::parse(&format!(
+            "{MINIMAL}\n[limits]\nmax_sessions_per_user = 2\nidle_timeout = \"0s\"\n\
+             browser_message_max = \"64KiB\"\nvm_message_max = 65536\n\
+             failed_tokens_per_client = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.max_sessions_per_user, 2);
+        assert_eq!(c.limits.idle_timeout, None);
+        assert_eq!(c.limits.browser_message_max, 64 << 10);
+        assert_eq!(c.limits.vm_message_max, 65536);
+        assert_eq!(c.limits.failed_tokens_per_client, 0);
+        for (tail, expected) in [
+            ("max_sessions = 0", "max_sessions must be at least 1"),
+            ("browser_message_max = \"4KiB\"", "out of range"),
+            ("vm_message_max = \"1GiB\"", "out of range"),
+            ("send_timeout = \"0s\"", "longer than 0s"),
+            ("idle_timeout = \"forever\"", "invalid duration"),
+            ("max_session = 3", "max_session"),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}\n[limits]\n{tail}\n")).unwrap_err();
+            assert!(err.contains(expected), "{tail}: {err}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::audit::{Audit, Event};
 use crate::config::Config;
 use crate::console;
 use crate::libvirt::{Console, Libvirt, LookupError};
+use crate::limits::{self, Connections, FailedTokens, Slot, Slots};
 use crate::live::{Direction, Latency, LiveSessions};
 use crate::metrics::Metrics;
 use crate::session::{self, End};
@@ -26,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use subtle::ConstantTimeEq;
 use tokio::sync::{watch, Notify};
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 use zeroize::Zeroizing;
 
 /// Everything the front shares between connections.
@@ -43,8 +44,16 @@ pub struct App {
     pub audit: Arc<Audit>,
     /// The management API's bearer key, if the API is enabled.
     pub admin_key: Option<Zeroizing<String>>,
-    /// Codec bounds.
-    pub limits: vizor_rfb::Limits,
+    /// Codec bounds for what browsers send.
+    pub browser_limits: vizor_rfb::Limits,
+    /// Codec bounds for what VMs send.
+    pub vm_limits: vizor_rfb::Limits,
+    /// Session slots (`[limits] max_sessions*`).
+    pub slots: Arc<Slots>,
+    /// HTTP connections not (yet) sessions (`[limits] max_connections*`).
+    pub connections: Arc<Connections>,
+    /// Failed token attempts per client.
+    pub failed_tokens: FailedTokens,
     /// Set to true to close every live session (after the shutdown grace).
     pub close_sessions: watch::Receiver<bool>,
     /// Live sessions.
@@ -110,6 +119,24 @@ impl App {
         spice_key: session::spice::LinkKey,
         metrics: Arc<Metrics>,
     ) -> App {
+        let l = &config.limits;
+        let browser_limits = vizor_rfb::Limits {
+            max_message_len: l.browser_message_max,
+        };
+        let vm_limits = vizor_rfb::Limits {
+            max_message_len: l.vm_message_max,
+        };
+        let slots = Slots::new(
+            l.max_sessions,
+            l.max_sessions_per_domain,
+            l.max_sessions_per_user,
+        );
+        let connections = Connections::new(l.max_connections, l.max_connections_per_client);
+        let failed_tokens = FailedTokens::new(
+            l.failed_tokens_per_client,
+            l.failed_tokens_window,
+            FAILED_TOKEN_CLIENTS,
+        );
         App {
             config,
             key,
@@ -117,7 +144,11 @@ impl App {
             libvirt,
             audit,
             admin_key,
-            limits: vizor_rfb::Limits::default(),
+            browser_limits,
+            vm_limits,
+            slots,
+            connections,
+            failed_tokens,
             close_sessions,
             sessions: SessionCount::default(),
             spice_key: Arc::new(spice_key),
@@ -128,6 +159,9 @@ impl App {
         }
     }
 }
+
+/// How many clients with recent failed token attempts are remembered at once.
+const FAILED_TOKEN_CLIENTS: usize = 100_000;
 
 type Resp = Response<Full<Bytes>>;
 
@@ -155,11 +189,11 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Resp {
     r
 }
 
+/// The first value of query parameter `name`, percent-decoded.
 fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
-    req.uri().query()?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == name).then(|| v.to_owned())
-    })
+    form_urlencoded::parse(req.uri().query()?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 fn unix_now() -> u64 {
@@ -207,9 +241,15 @@ pub async fn handle(
                 "this page's origin may not open consoles here\n",
             ));
         }
+        if let Some(refused) = throttled(&app, peer) {
+            return Ok(refused);
+        }
         return Ok(websocket(app, peer, &mut req));
     }
     if path == "/console" {
+        if let Some(refused) = throttled(&app, peer) {
+            return Ok(refused);
+        }
         return Ok(console_page(&app, peer, &req));
     }
     if let Some(r) = console::asset(&path) {
@@ -418,7 +458,7 @@ fn console_page(app: &App, peer: SocketAddr, req: &Request<Incoming>) -> Resp {
 
 fn console_refused(app: &App, peer: SocketAddr, e: &TokenError, token_id: Option<&str>) -> Resp {
     warn!(client = %peer, reason = e.reason(), detail = %e, "console page refused");
-    token_refused(app, &peer.to_string(), e.reason(), token_id);
+    token_refused(app, peer, e.reason(), token_id);
     let (heading, detail) = match e {
         TokenError::Expired { .. } => (
             "This console link has expired",
@@ -437,17 +477,87 @@ fn console_refused(app: &App, peer: SocketAddr, e: &TokenError, token_id: Option
     console::error_page(StatusCode::FORBIDDEN, heading, detail)
 }
 
-/// Counts and audits a refused token, wherever it was presented.
-fn token_refused(app: &App, client: &str, reason: &'static str, token_id: Option<&str>) {
+/// Counts and audits a refused token, wherever it was presented, and counts it
+/// against the client's allowance of failures.
+fn token_refused(app: &App, peer: SocketAddr, reason: &'static str, token_id: Option<&str>) {
     app.metrics
         .auth_refusals_total
         .with_label_values(&["token", reason])
         .inc();
     app.audit.record_nowait(&Event::TokenRefused {
-        client,
+        client: &peer.to_string(),
         reason,
         token_id,
     });
+    let now = std::time::Instant::now();
+    if app.failed_tokens.failed(peer.ip(), now) {
+        let retry = app
+            .failed_tokens
+            .check(peer.ip(), now)
+            .err()
+            .unwrap_or_default();
+        let client = crate::limits::ClientKey::of(peer.ip()).to_string();
+        warn!(client = %client, retry_after = %humantime::format_duration(retry),
+            "too many failed token attempts: the client is refused unheard for a while");
+        app.audit.record_nowait(&Event::ClientThrottled {
+            client: &client,
+            failures: app.config.limits.failed_tokens_per_client,
+            retry_after_s: retry.as_secs(),
+        });
+    }
+}
+
+/// SPICE codec bounds with `[limits]`' largest whole message. Clipboard transfers are
+/// followed across chunks, not held, and keep the codec's own bound.
+fn spice_limits(max_message_len: usize) -> vizor_spice::Limits {
+    vizor_spice::Limits {
+        max_message_len,
+        ..vizor_spice::Limits::default()
+    }
+}
+
+/// Logs and audits a session refused by a `[limits]` bound: the end to close it with.
+fn session_refused(
+    app: &App,
+    id: u64,
+    peer: SocketAddr,
+    claims: &Claims,
+    domain: &str,
+    full: limits::Full,
+) -> End {
+    warn!(client = %peer, user = %claims.user, domain, reason = full.label(), "session refused: limit reached");
+    app.audit.record_nowait(&Event::SessionRefused {
+        session: id,
+        client: &peer.to_string(),
+        user: &claims.user,
+        domain,
+        token_id: &claims.token_id(),
+        reason: full.label(),
+    });
+    End::refused(full.message(), full.label())
+}
+
+/// A `429 Too Many Requests` for a client that failed too many tokens lately; its
+/// token is not even read.
+fn throttled(app: &App, peer: SocketAddr) -> Option<Resp> {
+    let wait = app
+        .failed_tokens
+        .check(peer.ip(), std::time::Instant::now())
+        .err()?;
+    app.metrics
+        .auth_refusals_total
+        .with_label_values(&["token", "throttled"])
+        .inc();
+    debug!(client = %peer, "refused unheard: too many failed token attempts");
+    let mut r = text(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many failed console links from this address; try again later\n",
+    );
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        header::HeaderValue::from(wait.as_secs().max(1)),
+    );
+    Some(r)
 }
 
 /// What the browser is told when its token is refused: enough to act on, no more.
@@ -480,11 +590,14 @@ async fn console(
     token: Option<String>,
     ws: fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
 ) {
-    let (brx, btx) = session::browser::split(ws, app.limits.max_message_len + 64);
-    let client = peer.to_string();
+    let (brx, btx) = session::browser::split(
+        ws,
+        app.browser_limits.max_message_len + 64,
+        app.config.limits.send_timeout,
+    );
     let refuse = |reason: &'static str, token_id: Option<&str>, told: &str, detail: &str| {
         warn!(client = %peer, reason, detail, "console refused");
-        token_refused(&app, &client, reason, token_id);
+        token_refused(&app, peer, reason, token_id);
         let told = told.to_owned();
         let btx = btx.clone();
         async move { btx.close(1008, &told).await }
@@ -546,6 +659,14 @@ async fn console(
                 return end;
             }
         };
+        let _slot = match app.slots.acquire(&console.domain, &claims.user) {
+            Ok(slot) => slot,
+            Err(full) => {
+                let end = session_refused(&app, id, peer, &claims, &console.domain, full);
+                btx.close(end.code, &end.reason).await;
+                return end;
+            }
+        };
         let _active = Active::new(&app.metrics, kind);
         info!(upstream = %console.target, user = %claims.user, "session starting");
         let ctx = session::rfb::Ctx {
@@ -554,7 +675,9 @@ async fn console(
             client: peer,
             console,
             audit: app.audit.clone(),
-            limits: app.limits,
+            browser_limits: app.browser_limits,
+            vm_limits: app.vm_limits,
+            idle_timeout: app.config.limits.idle_timeout,
             handshake_timeout: app.config.server.handshake_timeout,
             connect_timeout: app.config.server.connect_timeout,
             metrics: app.metrics.clone(),
@@ -584,19 +707,24 @@ async fn spice_console(
     let token_id = claims.token_id();
     let span = tracing::info_span!("session", domain = %claims.domain, kind = %claims.kind, client = %peer, token = %token_id);
     let _guard = app.sessions.enter();
-    let client = peer.to_string();
-    let replay_app = app.clone();
-    let replay = move |c: &Claims| -> Result<(), String> {
+    let admit_app = app.clone();
+    // A main channel (a new session) spends the token and takes a session slot; the
+    // session's other channels ride on both.
+    let admit = move |c: &Claims, domain: &str| -> Result<Slot, End> {
         let now = unix_now();
-        let r = replay_app
+        let r = admit_app
             .replay
             .lock()
             .map_err(|_| TokenError::ReplayCacheFull)
             .and_then(|mut r| r.admit(c, now));
-        r.map_err(|e| {
-            token_refused(&replay_app, &client, e.reason(), Some(&c.token_id()));
-            token_message(&e).to_owned()
-        })
+        if let Err(e) = r {
+            token_refused(&admit_app, peer, e.reason(), Some(&c.token_id()));
+            return Err(End::refused(token_message(&e), "replayed"));
+        }
+        admit_app
+            .slots
+            .acquire(domain, &c.user)
+            .map_err(|full| session_refused(&admit_app, id, peer, c, domain, full))
     };
     // The domain first: a SPICE token for a VNC-only domain is refused at once, whatever
     // the client speaks. The token is authentic already, so only its holder gets here.
@@ -627,11 +755,14 @@ async fn spice_console(
         connect_timeout: app.config.server.connect_timeout,
         metrics: app.metrics.clone(),
         live: app.live.clone(),
+        browser_limits: spice_limits(app.browser_limits.max_message_len),
+        vm_limits: spice_limits(app.vm_limits.max_message_len),
+        idle_timeout: app.config.limits.idle_timeout,
     };
     let (end, session) = async {
         let _active = Active::new(&app.metrics, ConsoleKind::Spice);
         let (end, session) =
-            session::spice::run(ctx, console, brx, btx, replay, app.close_sessions.clone()).await;
+            session::spice::run(ctx, console, brx, btx, admit, app.close_sessions.clone()).await;
         info!(reason = %end.reason, label = end.label, "session ended");
         (end, session)
     }
@@ -746,7 +877,24 @@ async fn api_console(app: &App, domain: &str, req: &Request<Incoming>) -> Resp {
     }
     let ttl = app.config.tokens.ttl;
     let expires = SystemTime::now() + ttl;
-    let user = "api".to_owned();
+    // The management plane says whose session it is: audited, and counted by
+    // `[limits] max_sessions_per_user`.
+    let user = match query_param(req, "user") {
+        None => "api".to_owned(),
+        Some(u)
+            if !u.is_empty()
+                && u.len() <= crate::token::MAX_USER_LEN
+                && !u.chars().any(char::is_control) =>
+        {
+            u
+        }
+        Some(_) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": "user must be 1 to 256 bytes, no control characters"}),
+            )
+        }
+    };
     let sealed = Claims::new(domain, kind, &user, unix_now() + ttl.as_secs())
         .map_err(|e| e.to_string())
         .and_then(|c| {

@@ -13,6 +13,7 @@ pub mod config;
 pub mod console;
 pub mod front;
 pub mod libvirt;
+pub mod limits;
 pub mod live;
 pub mod metrics;
 pub mod record;

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub audit_write_errors_total: IntCounter,
     /// `vizor_protocol_errors_total{kind,direction,reason}`
     pub protocol_errors_total: IntCounterVec,
+    /// `vizor_connections_refused_total{reason}`
+    pub connections_refused_total: IntCounterVec,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
@@ -126,6 +128,14 @@ impl Metrics {
                 ),
                 &["kind", "direction", "reason"],
             )?,
+            connections_refused_total: IntCounterVec::new(
+                Opts::new(
+                    "vizor_connections_refused_total",
+                    "Connections closed at accept by [limits] max_connections (reason max_connections) \
+                     or max_connections_per_client (reason max_connections_per_client).",
+                ),
+                &["reason"],
+            )?,
             registry,
         };
         let r = &m.registry;
@@ -143,6 +153,7 @@ impl Metrics {
         r.register(Box::new(m.audit_events_total.clone()))?;
         r.register(Box::new(m.audit_write_errors_total.clone()))?;
         r.register(Box::new(m.protocol_errors_total.clone()))?;
+        r.register(Box::new(m.connections_refused_total.clone()))?;
         // Series that exist from the start, so rates over them work before traffic.
         // Input-to-display is measured for RFB only.
         m.input_to_display_seconds.with_label_values(&["vnc"]);
@@ -213,6 +224,9 @@ mod tests {
         m.protocol_errors_total
             .with_label_values(&["vnc", "vm_to_browser", "x"])
             .inc();
+        m.connections_refused_total
+            .with_label_values(&["max_connections"])
+            .inc();
         let text = m.render();
         for name in [
             "vizor_sessions_active",
@@ -229,6 +243,7 @@ mod tests {
             "vizor_audit_events_total",
             "vizor_audit_write_errors_total",
             "vizor_protocol_errors_total",
+            "vizor_connections_refused_total",
         ] {
             assert!(text.contains(&format!("# HELP {name} ")), "{name} help");
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} type");

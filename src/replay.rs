@@ -23,6 +23,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
+
+/// A viewer that takes nothing for this long is dropped.
+const REPLAY_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 use vizor_rfb::handshake::server::{self, SecurityChosen};
 use vizor_rfb::handshake::{SecurityType, Version};
 
@@ -122,7 +125,7 @@ fn upgrade(
     }
     tokio::spawn(async move {
         let Ok(ws) = fut.await else { return };
-        let (brx, btx) = browser::split(ws, 1 << 20);
+        let (brx, btx) = browser::split(ws, 1 << 20, REPLAY_SEND_TIMEOUT);
         match play(&replay, brx, &btx).await {
             Ok(()) => info!(client = %peer, "replay ended"),
             Err(end) => warn!(client = %peer, reason = %end.reason, "replay stopped"),
@@ -166,9 +169,7 @@ async fn play(replay: &Replay, mut brx: BrowserRx, btx: &BrowserTx) -> Result<()
             let due = start + Duration::from_secs_f64(at.as_secs_f64() / replay.speed);
             tokio::time::sleep_until(due).await;
         }
-        if !btx.bytes(BytesMut::from(&bytes[..])).await {
-            return Err(End::browser_closed());
-        }
+        btx.bytes(BytesMut::from(&bytes[..])).await?;
     }
     // The last frame stays on screen until the viewer leaves.
     let _ = reader.await;

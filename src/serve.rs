@@ -42,13 +42,22 @@ fn load_admin_key(path: &std::path::Path) -> Result<Zeroizing<String>, String> {
     Ok(key)
 }
 
-/// Serves HTTP/1.1 (and WebSocket upgrades) on one connection, plain or TLS.
+/// The largest request head (request line and headers) vizor reads.
+const MAX_HEADER_SIZE: usize = 32 * 1024;
+
+/// Serves HTTP/1.1 (and WebSocket upgrades) on one connection, plain or TLS. A client
+/// must send each request's head within `handshake_timeout`, idle between requests
+/// too: a slow or silent client holds its connection that long at most.
 async fn serve_http<I>(app: Arc<App>, peer: std::net::SocketAddr, io: I)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let timeout = app.config.server.handshake_timeout;
     let service = service_fn(move |req| front::handle(app.clone(), peer, req));
     let conn = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(timeout)
+        .max_header_size(MAX_HEADER_SIZE)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     if let Err(e) = conn.await {
@@ -180,9 +189,25 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                 continue;
             }
         };
+        // Counted until the connection ends or becomes a console session.
+        let counted = match app.connections.enter(peer.ip()) {
+            Ok(c) => c,
+            Err(full) => {
+                app.metrics
+                    .connections_refused_total
+                    .with_label_values(&[full.label()])
+                    .inc();
+                debug!(client = %peer, limit = full.label(), "connection refused: limit reached");
+                drop(stream);
+                continue;
+            }
+        };
         let app = app.clone();
         let Some(tls) = &tls else {
-            tokio::spawn(serve_http(app, peer, stream));
+            tokio::spawn(async move {
+                serve_http(app, peer, stream).await;
+                drop(counted);
+            });
             continue;
         };
         let acceptor = tls.acceptor();
@@ -194,6 +219,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                 Ok(Err(e)) => debug!(client = %peer, error = %e, "TLS handshake failed"),
                 Err(_) => debug!(client = %peer, "TLS handshake timed out"),
             }
+            drop(counted);
         });
     }
     drop(listener);

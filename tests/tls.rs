@@ -117,3 +117,43 @@ fn tls_settings_are_checked_at_start() {
     assert!(e.contains("no PEM certificate"), "{e}");
     assert!(!e.contains("PRIVATE KEY"), "{e}");
 }
+
+/// How long until vizor closes a connection that sent `sent` and then nothing.
+async fn closed_after(v: &Vizor, sent: &[u8]) -> std::time::Duration {
+    let mut s = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    s.write_all(sent).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let read_until_closed = async {
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read_until_closed)
+        .await
+        .expect("vizor closed the connection");
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_its_tls_handshake_is_cut_off() {
+    let (cert, key, der) = tls::certificate();
+    let v = Vizor::start_full(
+        "tls_cert = \"tls.crt\"\ntls_key = \"tls.key\"\nhandshake_timeout = \"1s\"",
+        "",
+        "",
+        move |dir| tls::write(dir, &cert, &key),
+    );
+    // Silent from the start, or stalled halfway through a ClientHello record.
+    for sent in [&b""[..], &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]] {
+        let waited = closed_after(&v, sent).await;
+        assert!(
+            waited >= std::time::Duration::from_millis(900),
+            "{sent:?}: {waited:?}"
+        );
+    }
+    // Others are served meanwhile and after.
+    assert!(healthz(&v, &der).await.unwrap().ends_with("ok\n"));
+}

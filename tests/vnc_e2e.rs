@@ -385,6 +385,25 @@ async fn the_token_api_healthz_and_static_files() {
         "the log names tokens by id only"
     );
     assert!(!v.log.lock().unwrap().contains(admin));
+    // The management plane names the user (percent-encoded): the session is theirs.
+    let (status, _, body) =
+        common::http_get(v.addr, &format!("{api}?user=ann%20o%27neil"), &auth).await;
+    assert_eq!(status, 200, "{body}");
+    let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut b2 = Browser::connect(v.addr, j["ws_path"].as_str().unwrap()).await;
+    rfb_handshake(&mut b2).await.unwrap();
+    let users: Vec<_> = v
+        .wait_for_records("session_start", 2)
+        .into_iter()
+        .filter(|r| r["event"] == "session_start")
+        .map(|r| r["user"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(users, ["api", "ann o'neil"]);
+    for bad in ["", "%00x", &"u".repeat(257)] {
+        let (status, _, body) = common::http_get(v.addr, &format!("{api}?user={bad}"), &auth).await;
+        assert_eq!(status, 400, "{bad:?}: {body}");
+    }
+    drop((b, b2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

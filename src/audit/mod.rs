@@ -153,6 +153,31 @@ pub enum Event<'a> {
         /// The page's origin (at most 200 characters).
         origin: &'a str,
     },
+    /// A session with a good token was refused by a `[limits]` bound.
+    SessionRefused {
+        /// The session id it would have had.
+        session: u64,
+        /// The browser's address.
+        client: &'a str,
+        /// The token's user.
+        user: &'a str,
+        /// The domain.
+        domain: &'a str,
+        /// The token's id.
+        token_id: &'a str,
+        /// Which limit (a stable label).
+        reason: &'static str,
+    },
+    /// A client made too many failed token attempts: it is refused unheard for a
+    /// while (`[limits] failed_tokens_per_client`).
+    ClientThrottled {
+        /// The client's address (IPv6: its /64).
+        client: &'a str,
+        /// The failures that filled its allowance.
+        failures: u32,
+        /// How long until it is heard again, in seconds.
+        retry_after_s: u64,
+    },
 }
 
 impl Event<'_> {
@@ -165,6 +190,8 @@ impl Event<'_> {
             Event::SessionEnd { .. } => "session_end",
             Event::TokenRefused { .. } => "token_refused",
             Event::OriginRefused { .. } => "origin_refused",
+            Event::SessionRefused { .. } => "session_refused",
+            Event::ClientThrottled { .. } => "client_throttled",
             Event::Button { .. } => "button",
             Event::ProtocolError { .. } => "protocol_error",
             Event::UpstreamFailure { .. } => "upstream_failure",

@@ -17,6 +17,8 @@ type Io = TokioIo<Upgraded>;
 #[derive(Clone)]
 pub struct BrowserTx {
     tx: mpsc::Sender<Frame<'static>>,
+    /// How long a frame may wait for room in the queue (`[limits] send_timeout`).
+    send_timeout: Duration,
     /// The writer task, awaited on close so the close frame is on the wire before the
     /// session counts as ended (a shutting-down process must not drop it).
     writer: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
@@ -54,12 +56,16 @@ impl BrowserTx {
         })
     }
 
-    /// Sends binary data without copying it; `false` once the browser is gone.
-    pub async fn bytes(&self, data: bytes::BytesMut) -> bool {
-        self.tx
-            .send(Frame::binary(Payload::Bytes(data)))
-            .await
-            .is_ok()
+    /// Sends binary data without copying it. Fails once the browser is gone, or when
+    /// it has taken nothing for the send timeout: a browser that stops reading holds
+    /// at most the queue's frames, and not for long.
+    pub async fn bytes(&self, data: bytes::BytesMut) -> Result<(), End> {
+        let send = self.tx.send(Frame::binary(Payload::Bytes(data)));
+        match tokio::time::timeout(self.send_timeout, send).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::browser_closed()),
+            Err(_) => Err(End::browser_stalled(self.send_timeout)),
+        }
     }
 
     /// Sends a close frame with `code` and a reason (cut to the 123 bytes a close frame
@@ -70,12 +76,15 @@ impl BrowserTx {
         while !reason.is_char_boundary(end) {
             end -= 1;
         }
-        let _ = self
-            .tx
-            .send(Frame::close(code, &reason.as_bytes()[..end]))
-            .await;
-        if let Some(writer) = self.writer.lock().await.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+        // A browser that stopped reading has a full queue: the close frame waits a
+        // second at most, then the writer is stopped (which drops the connection).
+        let wait = Duration::from_secs(1);
+        let close = self.tx.send(Frame::close(code, &reason.as_bytes()[..end]));
+        let _ = tokio::time::timeout(wait, close).await;
+        if let Some(mut writer) = self.writer.lock().await.take() {
+            if tokio::time::timeout(wait, &mut writer).await.is_err() {
+                writer.abort();
+            }
         }
     }
 }
@@ -189,8 +198,13 @@ impl BrowserRx {
     }
 }
 
-/// Splits the upgraded socket and starts the writer task.
-pub fn split(ws: WebSocket<Io>, max_message: usize) -> (BrowserRx, BrowserTx) {
+/// Splits the upgraded socket and starts the writer task. Messages from the browser
+/// may be `max_message` bytes long; a frame for it waits `send_timeout` at most.
+pub fn split(
+    ws: WebSocket<Io>,
+    max_message: usize,
+    send_timeout: Duration,
+) -> (BrowserRx, BrowserTx) {
     let (rd, mut wr) = ws.split(tokio::io::split);
     // Close and pong frames are sent by this side, through the writer task.
     wr.set_writev(true);
@@ -217,6 +231,7 @@ pub fn split(ws: WebSocket<Io>, max_message: usize) -> (BrowserRx, BrowserTx) {
         },
         BrowserTx {
             tx,
+            send_timeout,
             writer: Arc::new(tokio::sync::Mutex::new(Some(writer))),
         },
     )

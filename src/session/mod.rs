@@ -81,6 +81,32 @@ impl End {
         }
     }
 
+    /// The session had no input for `idle` (`[limits] idle_timeout`).
+    pub fn idle(idle: Duration) -> End {
+        End {
+            code: 1000,
+            reason: format!(
+                "closed after {} without input",
+                humantime::format_duration(Duration::from_secs(idle.as_secs()))
+            ),
+            label: "idle_timeout",
+            protocol: None,
+        }
+    }
+
+    /// The browser took no data for `timeout` (`[limits] send_timeout`).
+    pub fn browser_stalled(timeout: Duration) -> End {
+        End {
+            code: 1008,
+            reason: format!(
+                "the browser took no data for {}",
+                humantime::format_duration(timeout)
+            ),
+            label: "browser_stalled",
+            protocol: None,
+        }
+    }
+
     /// A policy refusal.
     pub fn refused(reason: impl Into<String>, label: &'static str) -> End {
         End {

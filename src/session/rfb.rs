@@ -12,6 +12,7 @@ use super::{
 };
 use crate::audit::{Audit, Clipboard, Event};
 use crate::libvirt::Console;
+use crate::limits::Idle;
 use crate::live::{Direction, Identity, Latency, LiveSessions};
 use crate::record::Recorder;
 use crate::token::Claims;
@@ -43,8 +44,12 @@ pub struct Ctx {
     pub console: Console,
     /// The audit sink.
     pub audit: Arc<Audit>,
-    /// Codec bounds.
-    pub limits: Limits,
+    /// Codec bounds for what the browser sends.
+    pub browser_limits: Limits,
+    /// Codec bounds for what QEMU sends.
+    pub vm_limits: Limits,
+    /// A session without input for this long is closed.
+    pub idle_timeout: Option<Duration>,
     /// Bound on the handshake, both legs together.
     pub handshake_timeout: Duration,
     /// Bound on connecting to QEMU.
@@ -129,7 +134,7 @@ async fn authenticate_upstream(
     let (sec, _) = drive(
         &mut src,
         &mut buf,
-        client::ExpectServerVersion::new(ctx.limits),
+        client::ExpectServerVersion::new(ctx.vm_limits),
         "VM",
         |s, b| s.receive(b, &mut out),
     )
@@ -199,7 +204,7 @@ async fn handshake(
     btx: &BrowserTx,
 ) -> Result<(Box<dyn Stream>, Vec<u8>, ServerInit, Vec<u8>), End> {
     let mut out = Vec::new();
-    let browser_hs = server::start(Version::V3_8, ctx.limits, &mut out);
+    let browser_hs = server::start(Version::V3_8, ctx.browser_limits, &mut out);
     if !btx.binary(std::mem::take(&mut out)).await {
         return Err(End::browser_closed());
     }
@@ -365,8 +370,9 @@ async fn relay(
     recorder: &Mutex<Option<Recorder>>,
 ) -> End {
     let live = meter.live();
+    let idle = Idle::default();
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
-    let server = Mutex::new(ServerDecoder::new(si, ctx.limits));
+    let server = Mutex::new(ServerDecoder::new(si, ctx.vm_limits));
     let extended_pointer = AtomicBool::new(false);
     let timing = Mutex::new(Timing::default());
     let frame_latency = ctx
@@ -378,7 +384,7 @@ async fn relay(
         .input_to_display_seconds
         .with_label_values(&["vnc"]);
     let browser_to_vm = async {
-        let mut dec = ClientDecoder::new(ctx.limits);
+        let mut dec = ClientDecoder::new(ctx.browser_limits);
         let mut buf = Vec::with_capacity(4096);
         let mut out = Vec::with_capacity(4096);
         let mut requested = false;
@@ -428,6 +434,7 @@ async fn relay(
                         out.extend_from_slice(raw);
                     }
                     ClientMessage::PointerEvent { buttons, x, y } => {
+                        idle.touch();
                         lock(&timing)?.input();
                         let pressed = buttons & !buttons_down;
                         buttons_down = buttons;
@@ -445,6 +452,7 @@ async fn relay(
                         out.extend_from_slice(raw);
                     }
                     ClientMessage::KeyEvent { down, keysym } => {
+                        idle.touch();
                         lock(&timing)?.input();
                         ctx.audit
                             .key(ctx.id, down, keysym, None)
@@ -457,6 +465,7 @@ async fn relay(
                         keysym,
                         keycode,
                     } => {
+                        idle.touch();
                         lock(&timing)?.input();
                         ctx.audit
                             .key(ctx.id, down, keysym, Some(keycode))
@@ -465,6 +474,7 @@ async fn relay(
                         out.extend_from_slice(raw);
                     }
                     ClientMessage::ClientCutText(text) => {
+                        idle.touch();
                         let clips = Clipboard::of_cut_text(&text, ctx.audit.clipboard_content())
                             .map_err(|e| End::protocol("browser", &e))?;
                         for clip in clips {
@@ -549,9 +559,7 @@ async fn relay(
                         )
                     })?;
                 }
-                if !btx.bytes(chunk).await {
-                    return Err(End::browser_closed());
-                }
+                btx.bytes(chunk).await?;
                 meter.add(Direction::VmToBrowser, consumed as u64);
             }
             read_upstream(&mut up_rd, &mut buf).await?;
@@ -560,6 +568,7 @@ async fn relay(
     let result: Result<(), End> = tokio::select! {
         r = browser_to_vm => r,
         r = vm_to_browser => r,
+        _ = idle.expired(ctx.idle_timeout) => Err(End::idle(idle.idle_for())),
     };
     result.err().unwrap_or_else(End::vm_closed)
 }

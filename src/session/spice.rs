@@ -15,6 +15,7 @@ use super::{
 };
 use crate::audit::{Audit, Event};
 use crate::libvirt::Console;
+use crate::limits::{Idle, Slot};
 use crate::live::{Direction, Identity, Latency, Live, LiveSessions};
 use crate::token::Claims;
 use bytes::BytesMut;
@@ -68,22 +69,26 @@ struct Linked {
     qemu: Option<u32>,
     /// vizor's session id.
     session: u64,
+    /// The session's last input, on any channel.
+    idle: Arc<Idle>,
 }
 
 /// How a channel was admitted.
 enum Admission {
-    Main,
+    /// A new session, holding its slot until the main channel ends.
+    Main(#[allow(dead_code)] Slot),
     Secondary,
 }
 
 impl Sessions {
-    fn register(&self, nonce: [u8; 16], session: u64) {
+    fn register(&self, nonce: [u8; 16], session: u64, idle: Arc<Idle>) {
         if let Ok(mut m) = self.by_nonce.lock() {
             m.insert(
                 nonce,
                 Linked {
                     qemu: None,
                     session,
+                    idle,
                 },
             );
         }
@@ -103,12 +108,13 @@ impl Sessions {
         }
     }
 
-    /// vizor's session id, if the token's session has QEMU's `connection_id`.
-    fn admits(&self, nonce: &[u8; 16], connection_id: u32) -> Option<u64> {
+    /// vizor's session id and the session's input clock, if the token's session has
+    /// QEMU's `connection_id`.
+    fn admits(&self, nonce: &[u8; 16], connection_id: u32) -> Option<(u64, Arc<Idle>)> {
         let m = self.by_nonce.lock().ok()?;
         m.get(nonce)
             .filter(|l| l.qemu == Some(connection_id))
-            .map(|l| l.session)
+            .map(|l| (l.session, l.idle.clone()))
     }
 }
 
@@ -135,6 +141,12 @@ pub struct Ctx {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Live sessions, for the API and per-session series.
     pub live: Arc<LiveSessions>,
+    /// Codec bounds for what the browser sends.
+    pub browser_limits: Limits,
+    /// Codec bounds for what QEMU sends.
+    pub vm_limits: Limits,
+    /// A session without input for this long is closed.
+    pub idle_timeout: Option<Duration>,
 }
 
 fn link_refusal(code: u32) -> Vec<u8> {
@@ -220,12 +232,12 @@ pub async fn run(
     console: Console,
     mut brx: BrowserRx,
     btx: BrowserTx,
-    replay: impl FnOnce(&Claims) -> Result<(), String>,
+    admit: impl FnOnce(&Claims, &str) -> Result<Slot, End>,
     mut shutdown: watch::Receiver<bool>,
 ) -> (End, u64) {
     let started = Instant::now();
     let mut bbuf = Vec::new();
-    let limits = Limits::default();
+    let limits = ctx.browser_limits;
     // The browser's link message first: it says which channel, of which session.
     let mess = tokio::time::timeout(
         ctx.handshake_timeout,
@@ -241,17 +253,23 @@ pub async fn run(
         }
     };
     let chan = channel_type::name(mess.channel_type);
-    let admission = if mess.channel_type == channel_type::MAIN && mess.connection_id == 0 {
-        if let Err(reason) = replay(&ctx.claims) {
-            btx.binary(link_refusal(link_error::PERMISSION_DENIED))
-                .await;
-            return (close(&btx, End::refused(reason, "replayed")).await, ctx.id);
-        }
-        ctx.sessions.register(ctx.claims.nonce, ctx.id);
-        Admission::Main
-    } else if let Some(session) = ctx.sessions.admits(&ctx.claims.nonce, mess.connection_id) {
+    let (admission, idle) = if mess.channel_type == channel_type::MAIN && mess.connection_id == 0 {
+        let slot = match admit(&ctx.claims, &console.domain) {
+            Ok(slot) => slot,
+            Err(end) => {
+                btx.binary(link_refusal(link_error::PERMISSION_DENIED))
+                    .await;
+                return (close(&btx, end).await, ctx.id);
+            }
+        };
+        let idle = Arc::new(Idle::default());
+        ctx.sessions
+            .register(ctx.claims.nonce, ctx.id, idle.clone());
+        (Admission::Main(slot), idle)
+    } else if let Some((session, idle)) = ctx.sessions.admits(&ctx.claims.nonce, mess.connection_id)
+    {
         ctx.id = session;
-        Admission::Secondary
+        (Admission::Secondary, idle)
     } else {
         btx.binary(link_refusal(link_error::BAD_CONNECTION_ID))
             .await;
@@ -272,11 +290,13 @@ pub async fn run(
         &mut shutdown,
         chan,
         started,
+        &idle,
     )
     .instrument(span)
     .await;
-    if matches!(admission, Admission::Main) {
+    if let Admission::Main(slot) = admission {
         ctx.sessions.forget(&ctx.claims.nonce);
+        drop(slot);
     }
     (close(&btx, end).await, ctx.id)
 }
@@ -297,6 +317,7 @@ async fn relay_channel(
     shutdown: &mut watch::Receiver<bool>,
     chan: &'static str,
     started: Instant,
+    idle: &Idle,
 ) -> End {
     let linked = tokio::time::timeout(
         ctx.handshake_timeout,
@@ -356,8 +377,9 @@ async fn relay_channel(
         ..RoundTrips::default()
     };
     let end = tokio::select! {
-        end = relay(ctx, mess.channel_type, kind, up, ubuf, bbuf, brx, btx, &meter, &rtt) => end,
+        end = relay(ctx, mess.channel_type, kind, up, ubuf, bbuf, brx, btx, &meter, &rtt, idle) => end,
         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
+        _ = idle.expired(ctx.idle_timeout) => End::idle(idle.idle_for()),
     };
     if let Err(e) = ctx
         .audit
@@ -387,7 +409,7 @@ async fn link_both(
     brx: &mut BrowserRx,
     btx: &BrowserTx,
 ) -> Result<(Box<dyn Stream>, Vec<u8>, HeaderKind), End> {
-    let limits = Limits::default();
+    let limits = ctx.vm_limits;
     let connecting = Instant::now();
     let mut up = connect(&console.target, ctx.connect_timeout).await?;
     ctx.metrics
@@ -503,8 +525,8 @@ async fn relay(
     btx: &BrowserTx,
     meter: &Meter,
     rtt: &RoundTrips,
+    idle: &Idle,
 ) -> End {
-    let limits = Limits::default();
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
     // spice-server 0.15 can crash (taking QEMU down) when a display channel closes
     // before the client sent DISPLAY_INIT; vizor completes it for a browser that left
@@ -513,8 +535,8 @@ async fn relay(
     let last_serial = AtomicU64::new(0);
     let agent_caps = AgentCaps::default();
     let browser_to_vm = async {
-        let mut dec = Decoder::new(kind, limits);
-        let mut agent_in = AgentStream::new(limits);
+        let mut dec = Decoder::new(kind, ctx.browser_limits);
+        let mut agent_in = AgentStream::new(ctx.browser_limits);
         let mut clipboard = Clipboard::default();
         let mut buf = early_browser;
         loop {
@@ -534,9 +556,12 @@ async fn relay(
                     }
                 }
                 if let Frame::Whole { header, body } = frame {
-                    match msg::parse_client(channel, header.msg_type, body)
-                        .map_err(|e| End::spice_protocol("browser", &e))?
-                    {
+                    let message = msg::parse_client(channel, header.msg_type, body)
+                        .map_err(|e| End::spice_protocol("browser", &e))?;
+                    if message.is_input() {
+                        idle.touch();
+                    }
+                    match message {
                         msg::ClientMessage::KeyDown(code) | msg::ClientMessage::KeyUp(code) => {
                             for k in scancode::decode_code(code) {
                                 ctx.audit
@@ -586,8 +611,8 @@ async fn relay(
         }
     };
     let vm_to_browser = async {
-        let mut dec = Decoder::new(kind, limits);
-        let mut agent_out = AgentStream::new(limits);
+        let mut dec = Decoder::new(kind, ctx.vm_limits);
+        let mut agent_out = AgentStream::new(ctx.vm_limits);
         let mut clipboard = Clipboard::default();
         let mut buf = BytesMut::with_capacity(64 * 1024);
         buf.extend_from_slice(&early_up);
@@ -619,9 +644,7 @@ async fn relay(
                 consumed += n;
             }
             if consumed > 0 {
-                if !btx.bytes(buf.split_to(consumed)).await {
-                    return Err(End::browser_closed());
-                }
+                btx.bytes(buf.split_to(consumed)).await?;
                 meter.add(Direction::VmToBrowser, consumed as u64);
             }
             read_upstream(&mut up_rd, &mut buf).await?;

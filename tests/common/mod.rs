@@ -254,12 +254,34 @@ impl Vizor {
 
     /// A token for `domain`, valid for `ttl_secs` (negative: already expired).
     pub fn token(&self, domain: &str, kind: ConsoleKind, ttl_secs: i64) -> String {
+        self.token_as(domain, kind, "tester", ttl_secs)
+    }
+
+    /// A token of `user` for `domain`, valid for `ttl_secs`.
+    pub fn token_as(&self, domain: &str, kind: ConsoleKind, user: &str, ttl_secs: i64) -> String {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        let claims = Claims::new(domain, kind, "tester", (now + ttl_secs).max(0) as u64).unwrap();
+        let claims = Claims::new(domain, kind, user, (now + ttl_secs).max(0) as u64).unwrap();
         self.key.seal(&claims).unwrap()
+    }
+
+    /// The file descriptors the vizor process holds open now.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count()
+    }
+
+    /// The vizor process's resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
     }
 
     /// The audit records so far, without the log's own records (`chain_start`,
@@ -440,11 +462,24 @@ where
     }
 }
 
+/// A TCP connection to `addr` from the loopback address `src` (any of 127.0.0.0/8:
+/// to vizor, a client of its own).
+pub async fn tcp_from(src: std::net::IpAddr, addr: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(src, 0)).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
 impl Browser {
     /// Opens `path` (such as `/websockify?token=...`) on vizor.
     pub async fn connect(addr: SocketAddr, path: &str) -> Browser {
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         Self::connect_over(stream, addr, path).await
+    }
+
+    /// Opens `path` on vizor from the loopback address `src`.
+    pub async fn connect_from(src: std::net::IpAddr, addr: SocketAddr, path: &str) -> Browser {
+        Self::connect_over(tcp_from(src, addr).await, addr, path).await
     }
 
     /// Opens `path` over `stream` (such as a TLS stream) to vizor at `addr`.
@@ -561,9 +596,25 @@ pub async fn http_get(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String, String) {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    http_get_over(s, addr, path, headers).await
+}
+
+/// As [`http_get`], over `s`.
+pub async fn http_get_over(
+    mut s: tokio::net::TcpStream,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("connection"))
+    {
+        req.push_str("Connection: close\r\n");
+    }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }

@@ -171,6 +171,25 @@ pub enum ClientMessage<'a> {
     Other,
 }
 
+impl ClientMessage<'_> {
+    /// Whether the message is the user's input (keys, pointer, clipboard), not the
+    /// client's own bookkeeping (acknowledgements, pongs).
+    pub fn is_input(&self) -> bool {
+        matches!(
+            self,
+            ClientMessage::AgentData(_)
+                | ClientMessage::KeyDown(_)
+                | ClientMessage::KeyUp(_)
+                | ClientMessage::KeyModifiers(_)
+                | ClientMessage::KeyScancode(_)
+                | ClientMessage::MousePress { .. }
+                | ClientMessage::MouseRelease { .. }
+                | ClientMessage::MouseMotion { .. }
+                | ClientMessage::MousePosition { .. }
+        )
+    }
+}
+
 fn at_least<'a>(body: &'a [u8], len: usize, what: &'static str) -> Result<&'a [u8], Error> {
     if body.len() < len {
         return Err(Error::Malformed {
