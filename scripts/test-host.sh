@@ -9,9 +9,17 @@
 #
 # Usage:
 #   test-host.sh install      apt-get install the packages (only those missing)
-#   test-host.sh start        users, qemu.conf, dirs; start virtlogd + libvirtd if not running
+#   test-host.sh start        users, test CA, qemu.conf, dirs; start virtlogd + libvirtd
+#                            if not running. The test CA (/var/lib/vizor-test/pki: ca-cert.pem, server-*
+#                            for 127.0.0.1, client-* for vizor) serves SPICE's TLS port
+#                            (spice_tls = 1: every SPICE domain gets a tlsPort beside its
+#                            plain port) and --vnc-tls domains.
 #   test-host.sh domain NAME [--vnc-passwd P] [--spice-passwd P] [--vnc-socket PATH]
 #                            [--no-spice] [--shutoff] [--mode-switch-disk]
+#                            [--vnc-tls | --vnc-tls-verify]
+#                            --vnc-tls makes QEMU's VNC server VeNCrypt X.509 only (the
+#                            test CA's server certificate, as libvirt's vnc_tls = 1 does);
+#                            --vnc-tls-verify also demands a client certificate of that CA
 #                            --mode-switch-disk boots a 512-byte sector that switches the
 #                            VGA to 320x200 graphics (mode 13h): a guest reset then makes
 #                            QEMU resize the VNC desktop, for tests of resize framing
@@ -28,7 +36,7 @@
 set -euo pipefail
 
 URI="qemu:///system"
-PACKAGES=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config)
+PACKAGES=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config openssl)
 QEMU_CONF=/etc/libvirt/qemu.conf
 LIBVIRTD=/usr/sbin/libvirtd
 VIRTLOGD=/usr/sbin/virtlogd
@@ -41,13 +49,17 @@ VIRTLOGD_STDERR=$LOG_DIR/virtlogd.stderr
 START_TIMEOUT=60
 EMULATOR=/usr/bin/qemu-system-x86_64
 
+PKI_DIR=/var/lib/vizor-test/pki
+
 QEMU_CONF_CONTENT='user = "root"
 group = "root"
 dynamic_ownership = 0
 remember_owner = 0
 security_driver = "none"
 cgroup_controllers = [ ]
-namespaces = [ ]'
+namespaces = [ ]
+spice_tls = 1
+spice_tls_x509_cert_dir = "'$PKI_DIR'"'
 
 say() { printf 'test-host: %s\n' "$*" >&2; }
 die() { printf 'test-host: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -115,6 +127,41 @@ ensure_qemu_conf() { # returns 0 when the file was (re)written
     return 0
 }
 
+# A test CA with a server certificate for 127.0.0.1 (QEMU's VNC and SPICE TLS) and a
+# client certificate (vizor, for QEMU's verify-peer), made once. Keys are 0600.
+ensure_pki() {
+    if [ -s "$PKI_DIR/ca-cert.pem" ] && [ -s "$PKI_DIR/server-cert.pem" ] && [ -s "$PKI_DIR/client-cert.pem" ]; then
+        return 0
+    fi
+    command -v openssl >/dev/null || die "openssl not found: run '$0 install' first"
+    say "making the test CA and certificates in $PKI_DIR"
+    mkdir -p "$PKI_DIR"
+    (
+        set -e
+        cd "$PKI_DIR"
+        umask 077
+        openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=vizor test CA" \
+            -keyout ca-key.pem -out ca-cert.pem \
+            -addext "basicConstraints=critical,CA:TRUE" \
+            -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+        issue() { # name subject extensions
+            openssl req -newkey rsa:2048 -nodes -subj "$2" -keyout "$1-key.pem" -out "$1.csr" 2>/dev/null
+            printf '%s\n' "$3" >"$1.ext"
+            openssl x509 -req -in "$1.csr" -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+                -days 3650 -extfile "$1.ext" -out "$1-cert.pem" 2>/dev/null
+            rm -f "$1.csr" "$1.ext"
+        }
+        issue server "/CN=127.0.0.1" "subjectAltName=IP:127.0.0.1,DNS:localhost
+basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth"
+        issue client "/CN=vizor" "basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth"
+        chmod 644 ca-cert.pem server-cert.pem client-cert.pem
+    ) || die "making the test CA failed"
+}
+
 LOG_OFFSET=0   # size of $LIBVIRTD_LOG before this start: show only what this run wrote
 
 show_libvirtd_log() {
@@ -138,6 +185,7 @@ cmd_start() {
     command -v taskset >/dev/null || die "taskset not found (package util-linux)"
 
     ensure_users
+    ensure_pki
     local conf_changed=0
     ensure_qemu_conf && conf_changed=1
     mkdir -p /run/libvirt /run/lock /var/lib/libvirt/qemu "$LOG_DIR/qemu" /var/cache/libvirt/qemu
@@ -263,7 +311,7 @@ cmd_domain() {
     local name=${1:-}
     [ $# -gt 0 ] && shift
     check_name "$name"
-    local vnc_pw="" spice_pw="" vnc_sock="" spice=1 shutoff=0 modeswitch=0
+    local vnc_pw="" spice_pw="" vnc_sock="" spice=1 shutoff=0 modeswitch=0 vnc_tls=
     while [ $# -gt 0 ]; do
         case $1 in
             --vnc-passwd)   [ $# -ge 2 ] || die "--vnc-passwd needs a value"; vnc_pw=$2; shift 2 ;;
@@ -272,6 +320,8 @@ cmd_domain() {
             --no-spice)     spice=0; shift ;;
             --shutoff)      shutoff=1; shift ;;
             --mode-switch-disk) modeswitch=1; shift ;;
+            --vnc-tls)      vnc_tls=no; shift ;;
+            --vnc-tls-verify) vnc_tls=yes; shift ;;
             *) die "unknown option for domain: $1" ;;
         esac
     done
@@ -308,12 +358,25 @@ cmd_domain() {
         disk_xml="    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='$img'/><target dev='hda' bus='ide'/></disk>"
     fi
 
+    # VeNCrypt X.509 for this domain alone (libvirt's vnc_tls is for all of them): the
+    # credentials object, and -set to give it to the VNC display libvirt configures.
+    local tls_xml=""
+    if [ -n "$vnc_tls" ]; then
+        ensure_pki
+        tls_xml="  <qemu:commandline>
+    <qemu:arg value='-object'/>
+    <qemu:arg value='tls-creds-x509,id=vizor-vnc-tls,dir=$PKI_DIR,endpoint=server,verify-peer=$vnc_tls'/>
+    <qemu:arg value='-set'/>
+    <qemu:arg value='vnc.default.tls-creds=vizor-vnc-tls'/>
+  </qemu:commandline>"
+    fi
+
     local xmlfile
     xmlfile=$(umask 077 && mktemp /tmp/vizor-domain.XXXXXX.xml)
     # shellcheck disable=SC2064
     trap "rm -f '$xmlfile'" EXIT
     cat >"$xmlfile" <<EOF
-<domain type='$type'>
+<domain type='$type' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>$name</name>
   <memory unit='MiB'>64</memory>
   <vcpu>1</vcpu>
@@ -325,9 +388,10 @@ $disk_xml
 $spice_xml
     <video><model type='vga'/></video>
   </devices>
+$tls_xml
 </domain>
 EOF
-    say "defining domain $name (type $type$([ -n "$vnc_sock" ] && echo ", VNC socket $vnc_sock")$([ "$spice" = 1 ] || echo ", no SPICE"))"
+    say "defining domain $name (type $type$([ -n "$vnc_sock" ] && echo ", VNC socket $vnc_sock")$([ "$spice" = 1 ] || echo ", no SPICE")$([ -n "$vnc_tls" ] && echo ", VNC over VeNCrypt X.509"))"
     virsh_q define "$xmlfile" >&2 || die "virsh define $name failed"
     rm -f "$xmlfile"
 

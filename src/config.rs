@@ -57,6 +57,35 @@ pub struct Config {
     /// `[limits]`: how much any one client, user or VM may take.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// `[upstream_tls]`: TLS toward QEMU (VNC VeNCrypt X.509, SPICE's TLS port).
+    pub upstream_tls: Option<UpstreamTlsConfig>,
+}
+
+/// `[upstream_tls]`: how vizor verifies QEMU's certificate, and proves itself to a
+/// QEMU that verifies its clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// `ca`: PEM certificates of the CA that signed QEMU's certificates (libvirt's
+    /// `ca-cert.pem`).
+    pub ca: PathBuf,
+    /// `client_cert`: vizor's PEM certificate chain, for a QEMU that verifies clients
+    /// (libvirt's `vnc_tls_x509_verify`, the default). With `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// `client_key`: the PEM private key of `client_cert` (not readable by others).
+    pub client_key: Option<PathBuf>,
+    /// `server_name`: the name QEMU's certificates must carry (default: the address
+    /// vizor connects to, from the domain XML; required for consoles on UNIX sockets).
+    pub server_name: Option<String>,
+    /// `require`: refuse consoles that do not offer TLS (default true: a VM that
+    /// offers only plain VNC authentication could be an impostor collecting the
+    /// password's challenge-response).
+    #[serde(default = "yes")]
+    pub require: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `[limits]`: bounds that keep one client, user or VM from starving the others. Each
@@ -590,6 +619,15 @@ impl Config {
         }
         if let Some(d) = &mut self.console.spice_html5 {
             resolve(d);
+        }
+        if let Some(t) = &mut self.upstream_tls {
+            resolve(&mut t.ca);
+            for p in [&mut t.client_cert, &mut t.client_key]
+                .into_iter()
+                .flatten()
+            {
+                resolve(p);
+            }
         }
     }
 }

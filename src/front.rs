@@ -54,6 +54,8 @@ pub struct App {
     pub connections: Arc<Connections>,
     /// Failed token attempts per client.
     pub failed_tokens: FailedTokens,
+    /// TLS toward QEMU, when `[upstream_tls]` is configured.
+    pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
     /// Set to true to close every live session (after the shutdown grace).
     pub close_sessions: watch::Receiver<bool>,
     /// Live sessions.
@@ -149,6 +151,7 @@ impl App {
             slots,
             connections,
             failed_tokens,
+            upstream_tls: None,
             close_sessions,
             sessions: SessionCount::default(),
             spice_key: Arc::new(spice_key),
@@ -678,6 +681,7 @@ async fn console(
             browser_limits: app.browser_limits,
             vm_limits: app.vm_limits,
             idle_timeout: app.config.limits.idle_timeout,
+            upstream_tls: app.upstream_tls.clone(),
             handshake_timeout: app.config.server.handshake_timeout,
             connect_timeout: app.config.server.connect_timeout,
             metrics: app.metrics.clone(),
@@ -758,6 +762,7 @@ async fn spice_console(
         browser_limits: spice_limits(app.browser_limits.max_message_len),
         vm_limits: spice_limits(app.vm_limits.max_message_len),
         idle_timeout: app.config.limits.idle_timeout,
+        upstream_tls: app.upstream_tls.clone(),
     };
     let (end, session) = async {
         let _active = Active::new(&app.metrics, ConsoleKind::Spice);

@@ -51,6 +51,8 @@ pub struct Console {
     pub kind: ConsoleKind,
     /// Where it listens.
     pub target: Target,
+    /// Where it listens for TLS: SPICE's `tlsPort` (VNC negotiates TLS in-band).
+    pub tls_target: Option<Target>,
     /// The password libvirt stores, if any. Never logged.
     pub password: Option<Zeroizing<String>>,
 }
@@ -62,6 +64,7 @@ impl fmt::Debug for Console {
             .field("uuid", &self.uuid)
             .field("kind", &self.kind)
             .field("target", &self.target)
+            .field("tls_target", &self.tls_target)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .finish()
     }
@@ -233,47 +236,57 @@ pub fn console_from_xml(
             .find(|l| l.attributes.get("type").map(String::as_str) == Some("socket"))
             .and_then(|l| l.attributes.get("socket").cloned())
     });
-    let target = if let Some(path) = socket {
-        Target::Unix(PathBuf::from(path))
-    } else {
-        let port: i64 = match graphics.attributes.get("port") {
-            Some(p) => p
-                .parse()
-                .map_err(|_| bad(format!("graphics port {p:?} is not a number")))?,
-            None => -1,
+    // A port attribute: `None` when absent or not assigned (-1, 0: shut off, or
+    // autoport not resolved).
+    let port_attr = |name: &str| -> Result<Option<u16>, LookupError> {
+        let Some(p) = graphics.attributes.get(name) else {
+            return Ok(None);
         };
-        let Ok(port) = u16::try_from(port) else {
+        let n: i64 = p
+            .parse()
+            .map_err(|_| bad(format!("graphics {name} {p:?} is not a number")))?;
+        Ok(u16::try_from(n).ok().filter(|&n| n > 0))
+    };
+    let port = port_attr("port")?;
+    // VNC has no TLS port: it negotiates TLS in-band (VeNCrypt).
+    let tls_port = match kind {
+        ConsoleKind::Spice => port_attr("tlsPort")?,
+        ConsoleKind::Vnc => None,
+    };
+    let address = graphics.attributes.get("listen").cloned().or_else(|| {
+        listens
+            .iter()
+            .find(|l| {
+                matches!(
+                    l.attributes.get("type").map(String::as_str),
+                    Some("address" | "network")
+                )
+            })
+            .and_then(|l| l.attributes.get("address").cloned())
+    });
+    let host = match address.as_deref() {
+        Some(a) if !is_wildcard(a) => a.to_owned(),
+        wildcard => match uri_host {
+            Some(h) => h.to_owned(),
+            None if matches!(wildcard, Some(a) if a.contains(':')) => "::1".to_owned(),
+            None => "127.0.0.1".to_owned(),
+        },
+    };
+    let tls_target = tls_port.map(|port| Target::Tcp {
+        host: host.clone(),
+        port,
+    });
+    let target = match (socket, port, &tls_target) {
+        (Some(path), _, _) => Target::Unix(PathBuf::from(path)),
+        (None, Some(port), _) => Target::Tcp { host, port },
+        // A SPICE console that listens on its TLS port only (defaultMode='secure').
+        (None, None, Some(tls)) => tls.clone(),
+        (None, None, None) => {
             return Err(LookupError::NoListener {
                 domain: domain.clone(),
                 kind,
-            });
-        };
-        if port == 0 {
-            return Err(LookupError::NoListener {
-                domain: domain.clone(),
-                kind,
-            });
+            })
         }
-        let address = graphics.attributes.get("listen").cloned().or_else(|| {
-            listens
-                .iter()
-                .find(|l| {
-                    matches!(
-                        l.attributes.get("type").map(String::as_str),
-                        Some("address" | "network")
-                    )
-                })
-                .and_then(|l| l.attributes.get("address").cloned())
-        });
-        let host = match address.as_deref() {
-            Some(a) if !is_wildcard(a) => a.to_owned(),
-            wildcard => match uri_host {
-                Some(h) => h.to_owned(),
-                None if matches!(wildcard, Some(a) if a.contains(':')) => "::1".to_owned(),
-                None => "127.0.0.1".to_owned(),
-            },
-        };
-        Target::Tcp { host, port }
     };
     if let Some(valid_to) = graphics.attributes.get("passwdValidTo") {
         let until = parse_valid_to(valid_to).ok_or_else(|| {
@@ -302,6 +315,7 @@ pub fn console_from_xml(
         uuid,
         kind,
         target,
+        tls_target,
         password,
     })
 }

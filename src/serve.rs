@@ -107,6 +107,12 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         (None, None) => None,
         _ => return Err("[server] tls_cert and tls_key go together: set both or neither".into()),
     };
+    let upstream_tls = config
+        .upstream_tls
+        .as_ref()
+        .map(crate::tls::UpstreamTls::load)
+        .transpose()?
+        .map(Arc::new);
     let key = TokenKey::load(&config.tokens.key_file)?;
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
     let chain_key = match &config.audit.key_file {
@@ -137,7 +143,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let grace = config.server.shutdown_grace;
     let (close_tx, close_rx) = watch::channel(false);
     let spice_key = crate::session::spice::LinkKey::generate()?;
-    let app = Arc::new(App::new(
+    let mut app = App::new(
         config,
         key,
         libvirt,
@@ -146,7 +152,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         close_rx,
         spice_key,
         metrics.clone(),
-    ));
+    );
+    app.upstream_tls = upstream_tls;
+    let app = Arc::new(app);
     if app.config.metrics.per_session {
         metrics.register(Box::new(crate::live::PerSession::new(
             app.live.clone(),

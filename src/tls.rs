@@ -1,14 +1,23 @@
-//! TLS toward browsers (`https://` and `wss://`) with rustls: the certificate chain and
-//! key come from `[server] tls_cert` and `tls_key` (PEM), and are read again on SIGHUP.
-//! A reload changes what new connections get; connections already open, and the console
-//! sessions on them, keep the TLS state they were set up with. A reload that fails
-//! keeps the certificate in use.
+//! TLS with rustls, both ways.
+//!
+//! Toward browsers (`https://` and `wss://`): the certificate chain and key come from
+//! `[server] tls_cert` and `tls_key` (PEM), and are read again on SIGHUP. A reload
+//! changes what new connections get; connections already open, and the console sessions
+//! on them, keep the TLS state they were set up with. A reload that fails keeps the
+//! certificate in use.
+//!
+//! Toward QEMU (`[upstream_tls]`): QEMU's certificate is verified against the configured
+//! CA and the name of the host vizor connects to; vizor presents its own certificate
+//! when configured (QEMU's `verify-peer`, libvirt's `vnc_tls_x509_verify`).
 
+use crate::config::UpstreamTlsConfig;
+use crate::libvirt::Target;
+use crate::session::{End, Stream};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// The TLS configuration of the front, reloadable.
 pub struct Tls {
@@ -43,50 +52,143 @@ impl Tls {
     }
 }
 
-fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+/// The PEM certificates in `path` (at least one); errors name the `key`.
+fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| format!("tls_cert {}: {e}", cert.display()))?;
+        .map_err(|e| format!("{key} {}: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!(
-            "tls_cert {}: no PEM certificate in it",
-            cert.display()
+            "{key} {}: no PEM certificate in it",
+            path.display()
         ));
     }
-    check_private(key)?;
+    Ok(certs)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    let certs = certificates("tls_cert", cert)?;
+    check_private("tls_key", key)?;
     let key_der =
         PrivateKeyDer::from_pem_file(key).map_err(|e| format!("tls_key {}: {e}", key.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("TLS: {e}"))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key_der)
-    .map_err(|e| {
-        format!(
-            "tls_cert {} and tls_key {}: {e}",
-            cert.display(),
-            key.display()
-        )
-    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| {
+            format!(
+                "tls_cert {} and tls_key {}: {e}",
+                cert.display(),
+                key.display()
+            )
+        })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// A private key others can read is refused, like vizor's own key files.
-fn check_private(key: &Path) -> Result<(), String> {
+fn check_private(name: &str, key: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let mode = std::fs::metadata(key)
-        .map_err(|e| format!("tls_key {}: {e}", key.display()))?
+        .map_err(|e| format!("{name} {}: {e}", key.display()))?
         .mode()
         & 0o777;
     if mode & 0o007 != 0 {
         return Err(format!(
-            "tls_key {} is readable by others (mode {mode:o}); run: chmod o-rwx {}",
+            "{name} {} is readable by others (mode {mode:o}); run: chmod o-rwx {}",
             key.display(),
             key.display()
         ));
     }
     Ok(())
+}
+
+/// TLS toward QEMU, from `[upstream_tls]`.
+pub struct UpstreamTls {
+    connector: TlsConnector,
+    server_name: Option<ServerName<'static>>,
+    /// Consoles that offer no TLS are refused.
+    pub require: bool,
+}
+
+impl UpstreamTls {
+    /// Reads the CA and, when configured, vizor's client certificate and key.
+    pub fn load(config: &UpstreamTlsConfig) -> Result<UpstreamTls, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in certificates("[upstream_tls] ca", &config.ca)? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("[upstream_tls] ca {}: {e}", config.ca.display()))?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots);
+        let tls =
+            match (&config.client_cert, &config.client_key) {
+                (None, None) => builder.with_no_client_auth(),
+                (Some(cert), Some(key)) => {
+                    let chain = certificates("[upstream_tls] client_cert", cert)?;
+                    check_private("[upstream_tls] client_key", key)?;
+                    let key_der = PrivateKeyDer::from_pem_file(key)
+                        .map_err(|e| format!("[upstream_tls] client_key {}: {e}", key.display()))?;
+                    builder
+                        .with_client_auth_cert(chain, key_der)
+                        .map_err(|e| format!("[upstream_tls] client_cert and client_key: {e}"))?
+                }
+                _ => return Err(
+                    "[upstream_tls] client_cert and client_key go together: set both or neither"
+                        .into(),
+                ),
+            };
+        let server_name = config
+            .server_name
+            .as_deref()
+            .map(|n| {
+                ServerName::try_from(n.to_owned())
+                    .map_err(|e| format!("[upstream_tls] server_name {n:?}: {e}"))
+            })
+            .transpose()?;
+        Ok(UpstreamTls {
+            connector: TlsConnector::from(Arc::new(tls)),
+            server_name,
+            require: config.require,
+        })
+    }
+
+    /// Runs the TLS handshake over `stream` to the console at `target`, verifying
+    /// QEMU's certificate.
+    pub(crate) async fn connect(
+        &self,
+        stream: Box<dyn Stream>,
+        target: &Target,
+    ) -> Result<Box<dyn Stream>, End> {
+        let name = match (&self.server_name, target) {
+            (Some(n), _) => n.clone(),
+            (None, Target::Tcp { host, .. }) => ServerName::try_from(host.clone()).map_err(|e| {
+                End::upstream(
+                    format!("TLS to the VM console: {host:?} is no name to verify ({e}); set [upstream_tls] server_name"),
+                    "upstream_tls",
+                )
+            })?,
+            (None, Target::Unix(_)) => {
+                return Err(End::upstream(
+                    "TLS to a VM console on a UNIX socket needs [upstream_tls] server_name",
+                    "upstream_tls",
+                ))
+            }
+        };
+        match self.connector.connect(name, stream).await {
+            Ok(s) => Ok(Box::new(s)),
+            Err(e) => Err(End::upstream(
+                format!("TLS to the VM console at {target} failed: {e}"),
+                "upstream_tls",
+            )),
+        }
+    }
 }

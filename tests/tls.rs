@@ -112,6 +112,23 @@ fn tls_settings_are_checked_at_start() {
     .unwrap();
     let e = run("tls_cert = \"tls.crt\"\ntls_key = \"tls.key\"");
     assert!(e.contains("readable by others"), "{e}");
+    // [upstream_tls]: the same care for vizor's client key, and clear errors.
+    let e = run("[upstream_tls]\nca = \"absent.pem\"");
+    assert!(
+        e.contains("[upstream_tls] ca") && e.contains("absent.pem"),
+        "{e}"
+    );
+    let e = run("[upstream_tls]\nca = \"tls.crt\"\nclient_cert = \"tls.crt\"");
+    assert!(e.contains("client_cert and client_key go together"), "{e}");
+    let e = run(
+        "[upstream_tls]\nca = \"tls.crt\"\nclient_cert = \"tls.crt\"\nclient_key = \"tls.key\"",
+    );
+    assert!(
+        e.contains("[upstream_tls] client_key") && e.contains("readable by others"),
+        "{e}"
+    );
+    let e = run("[upstream_tls]\nca = \"tls.crt\"\nserver_name = \"not a name!\"");
+    assert!(e.contains("server_name"), "{e}");
     std::fs::write(dir.path().join("tls.crt"), "no certificate here\n").unwrap();
     let e = run("tls_cert = \"tls.crt\"\ntls_key = \"tls.key\"");
     assert!(e.contains("no PEM certificate"), "{e}");

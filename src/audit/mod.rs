@@ -41,6 +41,9 @@ pub enum Event<'a> {
         client: &'a str,
         /// Where the console listens.
         upstream: &'a str,
+        /// Whether vizor's connection to it is inside TLS with QEMU's certificate
+        /// verified (`[upstream_tls]`).
+        upstream_tls: bool,
         /// The SPICE channel (`spice:main:0`...); absent for VNC.
         #[serde(skip_serializing_if = "Option::is_none")]
         channel: Option<&'a str>,

@@ -49,6 +49,38 @@ fn reads_the_live_port_listen_and_password() {
 }
 
 #[test]
+fn spice_tls_ports() {
+    let tcp = |port| Target::Tcp {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    // Both ports (defaultMode='any'): plain target, and the TLS one beside it.
+    let both = domain_xml(
+        "<graphics type='spice' port='5901' tlsPort='5902' autoport='yes' listen='127.0.0.1'/>",
+    );
+    let c = console_from_xml(&both, ConsoleKind::Spice, None, at(0)).unwrap();
+    assert_eq!((c.target, c.tls_target), (tcp(5901), Some(tcp(5902))));
+    // TLS only (defaultMode='secure').
+    let secure = domain_xml("<graphics type='spice' tlsPort='5903' listen='127.0.0.1'/>");
+    let c = console_from_xml(&secure, ConsoleKind::Spice, None, at(0)).unwrap();
+    assert_eq!((c.target, c.tls_target), (tcp(5903), Some(tcp(5903))));
+    // A VNC console has no TLS port; a shut-off SPICE one has neither.
+    let vnc = domain_xml("<graphics type='vnc' port='5900' tlsPort='5999'/>");
+    let c = console_from_xml(&vnc, ConsoleKind::Vnc, None, at(0)).unwrap();
+    assert_eq!(c.tls_target, None);
+    let off = domain_xml("<graphics type='spice' port='-1' tlsPort='-1'/>");
+    assert!(matches!(
+        console_from_xml(&off, ConsoleKind::Spice, None, at(0)),
+        Err(LookupError::NoListener { .. })
+    ));
+    let bad = domain_xml("<graphics type='spice' port='5901' tlsPort='x'/>");
+    assert!(matches!(
+        console_from_xml(&bad, ConsoleKind::Spice, None, at(0)),
+        Err(LookupError::BadXml { .. })
+    ));
+}
+
+#[test]
 fn listen_elements_sockets_and_wildcards() {
     let net = domain_xml("<graphics type='vnc' port='5907'><listen type='network' network='default' address='192.0.2.7'/></graphics>");
     assert_eq!(

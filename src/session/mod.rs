@@ -146,6 +146,14 @@ impl fmt::Display for End {
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// The connection to a VM's console once it is set up.
+pub(crate) struct VmLink {
+    /// The stream, inside TLS when `tls`.
+    pub stream: Box<dyn Stream>,
+    /// Whether TLS protects it.
+    pub tls: bool,
+}
+
 /// Connects to a console, within `timeout`.
 pub(crate) async fn connect(target: &Target, timeout: Duration) -> Result<Box<dyn Stream>, End> {
     let fail = |e: String| {
@@ -249,10 +257,22 @@ pub(crate) async fn read_handshake(
             buf.extend_from_slice(&tmp[..n]);
             Ok(())
         }
-        Err(e) => Err(End::upstream(
-            format!("reading from the VM console during the {what}: {e}"),
+        Err(e) => Err(read_failed(e, &format!(" during the {what}"))),
+    }
+}
+
+/// A failed read from the VM's console; a TLS failure says so (with TLS 1.3, QEMU
+/// refusing vizor's certificate shows as an alert on the first read).
+fn read_failed(e: std::io::Error, during: &str) -> End {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(tls) => End::upstream(
+            format!("TLS to the VM console failed{during}: {tls}"),
+            "upstream_tls",
+        ),
+        None => End::upstream(
+            format!("reading from the VM console{during}: {e}"),
             "upstream_io",
-        )),
+        ),
     }
 }
 
@@ -265,9 +285,6 @@ pub(crate) async fn read_upstream(
     match rd.read_buf(buf).await {
         Ok(0) => Err(End::vm_closed()),
         Ok(_) => Ok(()),
-        Err(e) => Err(End::upstream(
-            format!("reading from the VM console: {e}"),
-            "upstream_io",
-        )),
+        Err(e) => Err(read_failed(e, "")),
     }
 }

@@ -9,6 +9,7 @@
 use super::browser::{BrowserRx, BrowserTx};
 use super::{
     audit_failed, connect, read_handshake, read_upstream, write_upstream, End, Meter, Stream,
+    VmLink,
 };
 use crate::audit::{Audit, Clipboard, Event};
 use crate::libvirt::Console;
@@ -26,9 +27,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use vizor_rfb::client::{write_set_encodings, ClientDecoder, ClientMessage};
-use vizor_rfb::handshake::client::{self, SendClientInit};
+use vizor_rfb::handshake::client::{self, Authenticate, SendClientInit, VencryptChosen};
 use vizor_rfb::handshake::server::{self, SecurityChosen};
-use vizor_rfb::handshake::{Progress, SecurityType, ServerInit, Version};
+use vizor_rfb::handshake::{Progress, SecurityType, ServerInit, VencryptSubtype, Version};
 use vizor_rfb::server::{RectInfo, ServerDecoder, ServerEvent};
 use vizor_rfb::{Encoding, Limits};
 
@@ -50,6 +51,8 @@ pub struct Ctx {
     pub vm_limits: Limits,
     /// A session without input for this long is closed.
     pub idle_timeout: Option<Duration>,
+    /// TLS toward QEMU (`[upstream_tls]`).
+    pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
     /// Bound on the handshake, both legs together.
     pub handshake_timeout: Duration,
     /// Bound on connecting to QEMU.
@@ -117,10 +120,9 @@ pub(crate) async fn drive<S, N>(
 }
 
 /// Connects and authenticates to QEMU, stopping before ClientInit (which waits for the
-/// browser's shared flag).
-async fn authenticate_upstream(
-    ctx: &Ctx,
-) -> Result<(Box<dyn Stream>, Vec<u8>, SendClientInit), End> {
+/// browser's shared flag). With `[upstream_tls]`, a console offering VeNCrypt is
+/// wrapped in TLS with QEMU's X.509 certificate verified, before any password is used.
+async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClientInit), End> {
     let connecting = Instant::now();
     let mut up = connect(&ctx.console.target, ctx.connect_timeout).await?;
     ctx.metrics
@@ -129,6 +131,8 @@ async fn authenticate_upstream(
         .observe(connecting.elapsed().as_secs_f64());
     let mut buf = Vec::new();
     let mut out = Vec::new();
+    let password = ctx.console.password.as_ref();
+    let tls = ctx.upstream_tls.as_deref();
     let (rd, mut wr) = tokio::io::split(&mut up);
     let mut src = Upstream(rd);
     let (sec, _) = drive(
@@ -142,40 +146,127 @@ async fn authenticate_upstream(
     write_up(&mut wr, &mut out).await?;
     let (choose, _) = drive(&mut src, &mut buf, sec, "VM", |s, b| s.receive(b)).await?;
     let offered = choose.offered().to_vec();
-    let password = ctx.console.password.as_ref();
-    let result = if offered.contains(&SecurityType::VNC_AUTH) && password.is_some() {
-        let ch = choose
-            .choose_vnc_auth(&mut out)
-            .map_err(|e| End::protocol("VM", &e))?;
-        write_up(&mut wr, &mut out).await?;
-        let (respond, _) = drive(&mut src, &mut buf, ch, "VM", |s, b| s.receive(b)).await?;
-        let pw = password.map(|p| p.as_bytes()).unwrap_or_default();
-        let r = respond.respond(pw, &mut out);
-        write_up(&mut wr, &mut out).await?;
-        r
-    } else if offered.contains(&SecurityType::NONE) {
-        let r = choose
-            .choose_none(&mut out)
-            .map_err(|e| End::protocol("VM", &e))?;
-        write_up(&mut wr, &mut out).await?;
-        r
-    } else if offered.contains(&SecurityType::VNC_AUTH) {
-        return Err(End::upstream(
-            "the VM console asks for a password, but libvirt stores none for it",
-            "upstream_auth",
-        ));
-    } else {
+    let names = || {
         let names: Vec<String> = offered.iter().map(|t| t.0.to_string()).collect();
-        return Err(End::upstream(
-            format!(
-                "the VM console offers only security types vizor does not support yet: {}",
-                names.join(", ")
+        names.join(", ")
+    };
+    let vencrypt = offered.contains(&SecurityType::VENCRYPT);
+    let step = match tls {
+        Some(tls) if vencrypt => {
+            let v = choose
+                .choose_vencrypt(&mut out)
+                .map_err(|e| End::protocol("VM", &e))?;
+            write_up(&mut wr, &mut out).await?;
+            let (ack, _) =
+                drive(&mut src, &mut buf, v, "VM", |s, b| s.receive(b, &mut out)).await?;
+            write_up(&mut wr, &mut out).await?;
+            let (subtypes, _) = drive(&mut src, &mut buf, ack, "VM", |s, b| s.receive(b)).await?;
+            let (list, _) = drive(&mut src, &mut buf, subtypes, "VM", |s, b| s.receive(b)).await?;
+            let sub = x509_subtype(list.offered(), password.is_some())?;
+            let chosen = list
+                .choose(sub, &mut out)
+                .map_err(|e| End::protocol("VM", &e))?;
+            let VencryptChosen::Tls(ack) = chosen else {
+                return Err(End::upstream(
+                    "VeNCrypt sub-type without TLS",
+                    "upstream_tls",
+                ));
+            };
+            write_up(&mut wr, &mut out).await?;
+            let (start, _) = drive(&mut src, &mut buf, ack, "VM", |s, b| s.receive(b)).await?;
+            if !buf.is_empty() {
+                return Err(End::upstream(
+                    "the VM console sent data before the TLS handshake",
+                    "upstream_tls",
+                ));
+            }
+            drop(src);
+            drop(wr);
+            up = tls.connect(up, &ctx.console.target).await?;
+            debug!(
+                subtype = sub.0,
+                "TLS to the VM console established (VeNCrypt X.509)"
+            );
+            start.tls_established()
+        }
+        Some(tls) if tls.require => {
+            return Err(End::upstream(
+                format!(
+                "the VM console offers no TLS (security types {}), and [upstream_tls] requires it",
+                names()
             ),
-            "upstream_auth",
-        ));
+                "upstream_tls",
+            ))
+        }
+        _ if offered.contains(&SecurityType::VNC_AUTH) && password.is_some() => {
+            let ch = choose
+                .choose_vnc_auth(&mut out)
+                .map_err(|e| End::protocol("VM", &e))?;
+            write_up(&mut wr, &mut out).await?;
+            Authenticate::VncAuth(ch)
+        }
+        _ if offered.contains(&SecurityType::NONE) => {
+            let r = choose
+                .choose_none(&mut out)
+                .map_err(|e| End::protocol("VM", &e))?;
+            write_up(&mut wr, &mut out).await?;
+            Authenticate::None(r)
+        }
+        _ if offered.contains(&SecurityType::VNC_AUTH) => {
+            return Err(End::upstream(
+                "the VM console asks for a password, but libvirt stores none for it",
+                "upstream_auth",
+            ));
+        }
+        None if vencrypt => {
+            return Err(End::upstream(
+                "the VM console requires TLS (VeNCrypt); configure [upstream_tls] with the CA of its certificate",
+                "upstream_tls",
+            ));
+        }
+        _ => {
+            return Err(End::upstream(
+                format!(
+                    "the VM console offers only security types vizor does not support: {}",
+                    names()
+                ),
+                "upstream_auth",
+            ));
+        }
+    };
+    let step_tls = tls.is_some() && vencrypt;
+    // Authentication proper: on the plain stream, or inside TLS.
+    let (rd, mut wr) = tokio::io::split(&mut up);
+    let mut src = Upstream(rd);
+    // QEMU refusing vizor's certificate (or its lack of one) shows after the handshake,
+    // as a closed connection on the first read.
+    let in_tls = |e: End| {
+        match e.label {
+        "upstream_io" | "upstream_closed" if step_tls => End::upstream(
+            format!(
+                "{} (after the TLS handshake: does QEMU demand a client certificate vizor did not give? see [upstream_tls] client_cert)",
+                e.reason
+            ),
+            "upstream_tls",
+        ),
+        _ => e,
+    }
+    };
+    let result = match step {
+        Authenticate::None(r) => r,
+        Authenticate::VncAuth(ch) => {
+            let (respond, _) = drive(&mut src, &mut buf, ch, "VM", |s, b| s.receive(b))
+                .await
+                .map_err(in_tls)?;
+            let pw = password.map(|p| p.as_bytes()).unwrap_or_default();
+            let r = respond.respond(pw, &mut out);
+            write_up(&mut wr, &mut out).await?;
+            r
+        }
     };
     let (init, _) = drive(&mut src, &mut buf, result, "VM", |s, b| s.receive(b))
         .await
+        .map_err(in_tls)
         .map_err(|e| match e.label {
             "protocol_error" if e.reason.contains("authentication failed") => End::upstream(
                 format!(
@@ -186,7 +277,37 @@ async fn authenticate_upstream(
             ),
             _ => e,
         })?;
-    Ok((up, buf, init))
+    let link = VmLink {
+        stream: up,
+        tls: step_tls,
+    };
+    Ok((link, buf, init))
+}
+
+/// The VeNCrypt sub-type to use: X.509 with VNC authentication when there is a password
+/// to give, X.509 alone otherwise. Anonymous TLS is refused: it verifies nobody.
+fn x509_subtype(offered: &[VencryptSubtype], has_password: bool) -> Result<VencryptSubtype, End> {
+    let pick = |t: VencryptSubtype| offered.contains(&t).then_some(t);
+    let choice = if has_password {
+        pick(VencryptSubtype::X509_VNC).or_else(|| pick(VencryptSubtype::X509_NONE))
+    } else {
+        pick(VencryptSubtype::X509_NONE)
+    };
+    choice.ok_or_else(|| {
+        let names: Vec<String> = offered.iter().map(|t| t.0.to_string()).collect();
+        let why = if offered.contains(&VencryptSubtype::X509_VNC) {
+            "asks for a password, but libvirt stores none for it"
+        } else {
+            "offers no X.509 sub-type (anonymous TLS verifies nobody)"
+        };
+        End::upstream(
+            format!(
+                "the VM console {why}: VeNCrypt sub-types {}",
+                names.join(", ")
+            ),
+            "upstream_tls",
+        )
+    })
 }
 
 /// Writes and clears `out`.
@@ -202,7 +323,7 @@ async fn handshake(
     ctx: &Ctx,
     brx: &mut BrowserRx,
     btx: &BrowserTx,
-) -> Result<(Box<dyn Stream>, Vec<u8>, ServerInit, Vec<u8>), End> {
+) -> Result<(VmLink, Vec<u8>, ServerInit, Vec<u8>), End> {
     let mut out = Vec::new();
     let browser_hs = server::start(Version::V3_8, ctx.browser_limits, &mut out);
     if !btx.binary(std::mem::take(&mut out)).await {
@@ -246,7 +367,7 @@ async fn handshake(
         ));
     }
     let expect_si = init.send(ci.shared, &mut out);
-    let (rd, mut wr) = tokio::io::split(&mut up);
+    let (rd, mut wr) = tokio::io::split(&mut up.stream);
     write_up(&mut wr, &mut out).await?;
     let mut src = Upstream(rd);
     let (si, si_bytes) = drive(&mut src, &mut ubuf, expect_si, "VM", |s, b| s.receive(b)).await?;
@@ -289,6 +410,7 @@ pub async fn run(
                     kind: ctx.claims.kind,
                     client: &client,
                     upstream: &upstream,
+                    upstream_tls: up.tls,
                     channel: None,
                 })
                 .await;
@@ -319,7 +441,7 @@ pub async fn run(
                     brx.pings().measure_live(hold.live().clone());
                     let meter = Meter::new(&ctx.metrics, "vnc", hold.live().clone());
                     let end = tokio::select! {
-                        end = relay(&ctx, up, early, &si, &mut brx, &btx, &meter, &recorder) => end,
+                        end = relay(&ctx, up.stream, early, &si, &mut brx, &btx, &meter, &recorder) => end,
                         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
                     };
                     let recording =

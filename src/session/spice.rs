@@ -12,9 +12,10 @@
 use super::browser::{BrowserRx, BrowserTx};
 use super::{
     audit_failed, connect, read_handshake, read_upstream, write_upstream, End, Meter, Stream,
+    VmLink,
 };
 use crate::audit::{Audit, Event};
-use crate::libvirt::Console;
+use crate::libvirt::{Console, Target};
 use crate::limits::{Idle, Slot};
 use crate::live::{Direction, Identity, Latency, Live, LiveSessions};
 use crate::token::Claims;
@@ -147,6 +148,8 @@ pub struct Ctx {
     pub vm_limits: Limits,
     /// A session without input for this long is closed.
     pub idle_timeout: Option<Duration>,
+    /// TLS toward QEMU (`[upstream_tls]`).
+    pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
 }
 
 fn link_refusal(code: u32) -> Vec<u8> {
@@ -324,12 +327,12 @@ async fn relay_channel(
         link_both(ctx, console, mess, &mut bbuf, brx, btx),
     )
     .await;
-    let (up, ubuf, kind) = match linked {
+    let (up, target, ubuf, kind) = match linked {
         Ok(Ok(x)) => x,
         Ok(Err(end)) => return end,
         Err(_) => return End::refused("SPICE link did not complete in time", "handshake_timeout"),
     };
-    let upstream = console.target.to_string();
+    let upstream = target.to_string();
     let client = ctx.client.to_string();
     let channel_label = format!("spice:{chan}:{}", mess.channel_id);
     if let Err(e) = ctx
@@ -343,6 +346,7 @@ async fn relay_channel(
             kind: ctx.claims.kind,
             client: &client,
             upstream: &upstream,
+            upstream_tls: up.tls,
             channel: Some(&channel_label),
         })
         .await
@@ -377,7 +381,7 @@ async fn relay_channel(
         ..RoundTrips::default()
     };
     let end = tokio::select! {
-        end = relay(ctx, mess.channel_type, kind, up, ubuf, bbuf, brx, btx, &meter, &rtt, idle) => end,
+        end = relay(ctx, mess.channel_type, kind, up.stream, ubuf, bbuf, brx, btx, &meter, &rtt, idle) => end,
         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
         _ = idle.expired(ctx.idle_timeout) => End::idle(idle.idle_for()),
     };
@@ -408,10 +412,33 @@ async fn link_both(
     bbuf: &mut Vec<u8>,
     brx: &mut BrowserRx,
     btx: &BrowserTx,
-) -> Result<(Box<dyn Stream>, Vec<u8>, HeaderKind), End> {
+) -> Result<(VmLink, Target, Vec<u8>, HeaderKind), End> {
     let limits = ctx.vm_limits;
     let connecting = Instant::now();
-    let mut up = connect(&console.target, ctx.connect_timeout).await?;
+    let (mut up, target, tls) = match (ctx.upstream_tls.as_deref(), &console.tls_target) {
+        // SPICE's TLS port speaks TLS from the first byte.
+        (Some(tls), Some(target)) => {
+            let plain = connect(target, ctx.connect_timeout).await?;
+            (tls.connect(plain, target).await?, target.clone(), true)
+        }
+        (Some(tls), None) if tls.require => {
+            return Err(End::upstream(
+                "the VM's SPICE console has no TLS port, and [upstream_tls] requires TLS",
+                "upstream_tls",
+            ))
+        }
+        (None, Some(tls_target)) if *tls_target == console.target => {
+            return Err(End::upstream(
+                "the VM's SPICE console listens on its TLS port only; configure [upstream_tls] with the CA of its certificate",
+                "upstream_tls",
+            ))
+        }
+        _ => (
+            connect(&console.target, ctx.connect_timeout).await?,
+            console.target.clone(),
+            false,
+        ),
+    };
     ctx.metrics
         .upstream_connect_seconds
         .with_label_values(&["spice"])
@@ -510,7 +537,7 @@ async fn link_both(
     } else {
         HeaderKind::Full
     };
-    Ok((up, ubuf, kind))
+    Ok((VmLink { stream: up, tls }, target, ubuf, kind))
 }
 
 #[allow(clippy::too_many_arguments)]
