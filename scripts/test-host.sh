@@ -27,6 +27,7 @@
 #                            vnc_port=N (vnc_socket=PATH with --vnc-socket, vnc_port=-1 with
 #                            --shutoff)
 #   test-host.sh vnc-port NAME   print the live VNC TCP port of a running domain
+#   test-host.sh restart-libvirtd   stop libvirtd (domains keep running) and start it again
 #   test-host.sh stop         remove vizor-test-*/vizor-demo* domains, stop libvirtd + virtlogd
 #   test-host.sh status       libvirt version and domain list
 #
@@ -461,6 +462,14 @@ wait_daemon_gone() { # name pidfile   (each daemon takes ~2 s to exit on SIGTERM
     rm -f "$pidfile"
 }
 
+# libvirtd alone: running QEMU processes survive it and are taken up again on start.
+cmd_restart_libvirtd() {
+    need_root
+    signal_daemon libvirtd "$LIBVIRTD_PID"
+    wait_daemon_gone libvirtd "$LIBVIRTD_PID"
+    cmd_start
+}
+
 cmd_stop() {
     need_root
     if libvirt_up; then
@@ -496,6 +505,7 @@ case ${1:-} in
     domain)   shift; cmd_domain "$@" ;;
     vnc-port) shift; cmd_vnc_port "$@" ;;
     stop)     shift; cmd_stop "$@" ;;
+    restart-libvirtd) shift; cmd_restart_libvirtd "$@" ;;
     status)   shift; cmd_status "$@" ;;
     -h|--help|help) usage ;;
     *) usage ;;

@@ -1,0 +1,151 @@
+//! Faults of the real parts under a live session: QEMU killed, the domain shut off,
+//! libvirtd restarted. Each time the browser gets a clean close with a reason, the
+//! audit log the session's end, the metrics the outcome, and a new session works as
+//! soon as the VM is back, with no restart of vizor. The tests run one at a time: a
+//! libvirtd restart would fail the others' lookups.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic is a failure
+
+mod common;
+
+use common::rfb::{full_update, open_session, rfb_handshake};
+use common::{Browser, Vizor};
+use std::time::Duration;
+use vizor::token::ConsoleKind;
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn virsh(args: &[&str]) {
+    let out = std::process::Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "virsh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn qemu_pid(domain: &str) -> i32 {
+    std::fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Waits (up to 5 s) for `series` to read `value`.
+async fn wait_metric(v: &Vizor, series: &str, value: f64) {
+    let mut last = None;
+    for _ in 0..50 {
+        last = common::metric(&v.metrics().await, series);
+        if last == Some(value) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{series} is {last:?}, not {value}");
+}
+
+/// A live session on `domain`; then `fault`; then what the browser, the audit log and
+/// the metrics say.
+async fn session_through(v: &Vizor, domain: &str, fault: impl FnOnce()) {
+    let (mut b, si) = open_session(v, domain).await;
+    full_update(&mut b, &si).await;
+    fault();
+    let closed = tokio::time::timeout(Duration::from_secs(10), b.closed())
+        .await
+        .expect("the browser is told");
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (1000, "the VM closed the console connection")
+    );
+    let end = v
+        .wait_for_records("session_end", 1)
+        .into_iter()
+        .find(|r| r["event"] == "session_end")
+        .unwrap();
+    assert_eq!(end["reason"], "the VM closed the console connection");
+    assert!(end["bytes_vm_to_browser"].as_u64().unwrap() > 0);
+    wait_metric(
+        v,
+        "vizor_sessions_total{kind=\"vnc\",outcome=\"vm_closed\"}",
+        1.0,
+    )
+    .await;
+}
+
+/// Until the VM is back, a new session is refused as not running; after, it works.
+async fn refused_then_back(v: &Vizor, domain: &str) {
+    let token = v.token(domain, ConsoleKind::Vnc, 60);
+    let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    let closed = b.closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (1011, "the VM is not running")
+    );
+    virsh(&["start", domain]);
+    let (mut b, si) = open_session(v, domain).await;
+    let (pixels, frame) = full_update(&mut b, &si).await;
+    assert_eq!(pixels, frame);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_killed_mid_session() {
+    if common::live_domain().is_none() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let d = "vizor-test-fkill";
+    common::test_host(&["domain", d, "--vnc-passwd", "kill1", "--no-spice"]);
+    let v = Vizor::start("");
+    session_through(&v, d, || {
+        let pid = qemu_pid(d);
+        let ok = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    })
+    .await;
+    // libvirt notices the dead QEMU and marks the domain shut off.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    refused_then_back(&v, d).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_shut_off_mid_session() {
+    if common::live_domain().is_none() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let d = "vizor-test-foff";
+    common::test_host(&["domain", d, "--vnc-passwd", "off1", "--no-spice"]);
+    let v = Vizor::start("");
+    session_through(&v, d, || virsh(&["destroy", d])).await;
+    refused_then_back(&v, d).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirtd_restarted_mid_session() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let v = Vizor::start("");
+    // A lookup first, so vizor holds a libvirt connection that the restart breaks.
+    let (mut b, si) = open_session(&v, &live.name).await;
+    full_update(&mut b, &si).await;
+    common::test_host(&["restart-libvirtd"]);
+    // The live session does not need libvirt: it goes on.
+    full_update(&mut b, &si).await;
+    // A new one reconnects to libvirt by itself.
+    let token = v.token(&live.name, ConsoleKind::Vnc, 60);
+    let mut b2 = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    let si2 = rfb_handshake(&mut b2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", v.log.lock().unwrap()));
+    full_update(&mut b2, &si2).await;
+    assert!(v.audit().iter().all(|r| r["event"] != "upstream_failure"));
+}
