@@ -8,9 +8,13 @@ use vizor_rfb::client::{ClientDecoder, ClientMessage};
 use vizor_rfb::Limits;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&flags, stream)) = data.split_first() else { return };
+    let Some((&flags, stream)) = data.split_first() else {
+        return;
+    };
     let chunk = usize::from(flags & 0x7f).max(1);
-    let mut d = ClientDecoder::new(Limits { max_message_len: 1 << 16 });
+    let mut d = ClientDecoder::new(Limits {
+        max_message_len: 1 << 16,
+    });
     if flags & 0x80 != 0 {
         d.enable_extended_pointer();
     }
@@ -28,7 +32,10 @@ fuzz_target!(|data: &[u8]| {
                     let mut again = Vec::new();
                     m.write(&mut again).expect("a decoded message re-encodes");
                     assert_eq!(again.len(), n, "{m:?}");
-                    if matches!(m, ClientMessage::KeyEvent { .. } | ClientMessage::QemuExtendedKeyEvent { .. }) {
+                    if matches!(
+                        m,
+                        ClientMessage::KeyEvent { .. } | ClientMessage::QemuExtendedKeyEvent { .. }
+                    ) {
                         assert_eq!(again[4..], pending[4..n]);
                     }
                     // Clipboard contents are bounded and never panic.

@@ -24,28 +24,39 @@ macro_rules! step {
 }
 
 fn as_client(input: &[u8]) {
-    let limits = Limits { max_message_len: 4096 };
+    let limits = Limits {
+        max_message_len: 4096,
+    };
     let pos = &mut 0usize;
     let mut out = Vec::new();
-    let s = step!(input, pos, |b| client::ExpectServerVersion::new(limits).receive(b, &mut out));
+    let s = step!(input, pos, |b| client::ExpectServerVersion::new(limits)
+        .receive(b, &mut out));
     let choose = step!(input, pos, |b| s.receive(b));
     let offered = choose.offered().to_vec();
     let auth = if offered.contains(&SecurityType::VENCRYPT) {
-        let Ok(v) = choose.choose_vencrypt(&mut out) else { return };
+        let Ok(v) = choose.choose_vencrypt(&mut out) else {
+            return;
+        };
         let ack = step!(input, pos, |b| v.receive(b, &mut out));
         let subs = step!(input, pos, |b| ack.receive(b));
         let list = step!(input, pos, |b| subs.receive(b));
-        let Some(&first) = list.offered().first() else { return };
+        let Some(&first) = list.offered().first() else {
+            return;
+        };
         match list.choose(first, &mut out) {
             Ok(VencryptChosen::Tls(ack)) => step!(input, pos, |b| ack.receive(b)).tls_established(),
             Ok(VencryptChosen::Authenticate(a)) => a,
             Err(_) => return,
         }
     } else if offered.contains(&SecurityType::VNC_AUTH) {
-        let Ok(c) = choose.choose_vnc_auth(&mut out) else { return };
+        let Ok(c) = choose.choose_vnc_auth(&mut out) else {
+            return;
+        };
         Authenticate::VncAuth(c)
     } else {
-        let Ok(r) = choose.choose_none(&mut out) else { return };
+        let Ok(r) = choose.choose_none(&mut out) else {
+            return;
+        };
         Authenticate::None(r)
     };
     let result = match auth {
@@ -58,13 +69,21 @@ fn as_client(input: &[u8]) {
 }
 
 fn as_server(input: &[u8], version: Version, vnc_auth: bool) {
-    let limits = Limits { max_message_len: 4096 };
+    let limits = Limits {
+        max_message_len: 4096,
+    };
     let pos = &mut 0usize;
     let mut out = Vec::new();
     let s = server::start(version, limits, &mut out);
     let offer = step!(input, pos, |b| s.receive(b));
-    let types = if vnc_auth { [SecurityType::VNC_AUTH] } else { [SecurityType::NONE] };
-    let Ok(choice) = offer.offer(&types, &mut out) else { return };
+    let types = if vnc_auth {
+        [SecurityType::VNC_AUTH]
+    } else {
+        [SecurityType::NONE]
+    };
+    let Ok(choice) = offer.offer(&types, &mut out) else {
+        return;
+    };
     let result = match step!(input, pos, |b| choice.receive(b)) {
         SecurityChosen::None(r) => r,
         SecurityChosen::VncAuth(send) => {
@@ -79,7 +98,9 @@ fn as_server(input: &[u8], version: Version, vnc_auth: bool) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&sel, input)) = data.split_first() else { return };
+    let Some((&sel, input)) = data.split_first() else {
+        return;
+    };
     match sel % 4 {
         0 => as_client(input),
         1 => as_server(input, Version::V3_8, sel & 0x10 != 0),

@@ -11,7 +11,9 @@ use vizor_rfb::{encoding, Encoding, Limits, PixelFormat};
 fuzz_target!(|data: &[u8]| {
     // Header: 16 bytes of pixel format, 4 of framebuffer size, 8 of encoding choices,
     // 1 of chunk size.
-    let Some((head, stream)) = data.split_at_checked(29) else { return };
+    let Some((head, stream)) = data.split_at_checked(29) else {
+        return;
+    };
     let mut pf_bytes = [0u8; 16];
     pf_bytes.copy_from_slice(&head[..16]);
     let pixel_format = PixelFormat::parse(&pf_bytes).unwrap_or(PixelFormat::RGB888);
@@ -30,7 +32,12 @@ fuzz_target!(|data: &[u8]| {
         .map(|(_, e)| *e)
         .collect();
     let chunk = usize::from(head[28]).max(1);
-    let mut d = ServerDecoder::new(&init, Limits { max_message_len: 1 << 16 });
+    let mut d = ServerDecoder::new(
+        &init,
+        Limits {
+            max_message_len: 1 << 16,
+        },
+    );
     d.set_encodings(offered);
 
     let mut pending: Vec<u8> = Vec::new();

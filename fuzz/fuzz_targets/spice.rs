@@ -10,7 +10,9 @@ use vizor_spice::link::{LinkMess, LinkReply};
 use vizor_spice::{msg, scancode, Limits};
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&sel, input)) = data.split_first() else { return };
+    let Some((&sel, input)) = data.split_first() else {
+        return;
+    };
     let limits = Limits {
         max_link_len: 4096,
         max_message_len: 512,
@@ -28,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            let kind = if sel & 4 != 0 { HeaderKind::Mini } else { HeaderKind::Full };
+            let kind = if sel & 4 != 0 {
+                HeaderKind::Mini
+            } else {
+                HeaderKind::Full
+            };
             let channel = (sel >> 3) % 12;
             let chunk = usize::from(sel >> 4).max(1);
             let mut d = Decoder::new(kind, limits);
@@ -43,8 +49,9 @@ fuzz_target!(|data: &[u8]| {
                         Ok(Some((f, n))) => {
                             assert!(n <= pending.len());
                             if let Frame::Whole { header, body } = f {
-                                if let Ok(msg::ClientMessage::KeyDown(c) | msg::ClientMessage::KeyUp(c)) =
-                                    msg::parse_client(channel, header.msg_type, body)
+                                if let Ok(
+                                    msg::ClientMessage::KeyDown(c) | msg::ClientMessage::KeyUp(c),
+                                ) = msg::parse_client(channel, header.msg_type, body)
                                 {
                                     let _ = scancode::decode_code(c);
                                 }
@@ -54,16 +61,25 @@ fuzz_target!(|data: &[u8]| {
                                     let mut events = Vec::new();
                                     let _ = agent.feed(b, &mut events);
                                     for e in events {
-                                        if let AgentEvent::Data { msg_type, bytes, last } = e {
+                                        if let AgentEvent::Data {
+                                            msg_type,
+                                            bytes,
+                                            last,
+                                        } = e
+                                        {
                                             let (sel, caps) = readers.get_or_insert_with(|| {
-                                                (ClipboardReader::new(msg_type & 1 == 0), CapsReader::default())
+                                                (
+                                                    ClipboardReader::new(msg_type & 1 == 0),
+                                                    CapsReader::default(),
+                                                )
                                             });
                                             let contents = sel.feed(bytes);
                                             assert!(contents.len() <= bytes.len());
                                             caps.feed(bytes);
                                             let _ = caps.has(agent::cap::CLIPBOARD_SELECTION);
                                             if last {
-                                                let _ = sel.clip_type().map(agent::clipboard_format);
+                                                let _ =
+                                                    sel.clip_type().map(agent::clipboard_format);
                                                 readers = None;
                                             }
                                         }
