@@ -35,19 +35,6 @@ fn qemu_pid(domain: &str) -> i32 {
         .unwrap()
 }
 
-/// Waits (up to 5 s) for `series` to read `value`.
-async fn wait_metric(v: &Vizor, series: &str, value: f64) {
-    let mut last = None;
-    for _ in 0..50 {
-        last = common::metric(&v.metrics().await, series);
-        if last == Some(value) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{series} is {last:?}, not {value}");
-}
-
 /// A live session on `domain`; then `fault`; then what the browser, the audit log and
 /// the metrics say.
 async fn session_through(v: &Vizor, domain: &str, fault: impl FnOnce()) {
@@ -68,8 +55,7 @@ async fn session_through(v: &Vizor, domain: &str, fault: impl FnOnce()) {
         .unwrap();
     assert_eq!(end["reason"], "the VM closed the console connection");
     assert!(end["bytes_vm_to_browser"].as_u64().unwrap() > 0);
-    wait_metric(
-        v,
+    v.wait_for_metric(
         "vizor_sessions_total{kind=\"vnc\",outcome=\"vm_closed\"}",
         1.0,
     )

@@ -38,20 +38,6 @@ fn records(v: &Vizor, event: &str, n: usize) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Waits (up to 5 s) for `series` to read `value`: a session is counted once its
-/// browser has its close frame, after the audit record.
-async fn wait_metric(v: &Vizor, series: &str, value: f64) {
-    let mut last = None;
-    for _ in 0..50 {
-        last = common::metric(&v.metrics().await, series);
-        if last == Some(value) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{series} is {last:?}, not {value}");
-}
-
 fn refusals(v: &Vizor) -> Vec<String> {
     v.audit()
         .iter()
@@ -98,8 +84,7 @@ async fn sessions_are_limited_per_user_per_domain_and_in_all() {
         (&refused["user"], &refused["domain"]),
         (&"alice".into(), &d.into())
     );
-    wait_metric(
-        &v,
+    v.wait_for_metric(
         "vizor_sessions_total{kind=\"vnc\",outcome=\"limit_user_sessions\"}",
         1.0,
     )
@@ -216,8 +201,7 @@ async fn sessions_without_input_are_closed_and_input_keeps_them_open() {
     full_update(&mut busy, &si).await;
     let ends = records(&v, "session_end", 1);
     assert_eq!(ends[0]["reason"], "closed after 2s without input");
-    wait_metric(
-        &v,
+    v.wait_for_metric(
         "vizor_sessions_total{kind=\"vnc\",outcome=\"idle_timeout\"}",
         1.0,
     )
@@ -355,8 +339,7 @@ async fn a_browser_that_stops_reading_is_dropped_and_others_go_on() {
     full_update(&mut b, &si2).await;
     let ends = records(&v, "session_end", 1);
     assert_eq!(ends[0]["reason"], "the browser took no data for 2s");
-    wait_metric(
-        &v,
+    v.wait_for_metric(
         "vizor_sessions_total{kind=\"vnc\",outcome=\"browser_stalled\"}",
         1.0,
     )

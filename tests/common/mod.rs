@@ -252,6 +252,20 @@ impl Vizor {
         body
     }
 
+    /// Waits (up to 5 s) for `series` to read `value`: a session is counted once its
+    /// browser has its close frame, after its audit record.
+    pub async fn wait_for_metric(&self, series: &str, value: f64) {
+        let mut last = None;
+        for _ in 0..50 {
+            last = metric(&self.metrics().await, series);
+            if last == Some(value) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("{series} is {last:?}, not {value}");
+    }
+
     /// A token for `domain`, valid for `ttl_secs` (negative: already expired).
     pub fn token(&self, domain: &str, kind: ConsoleKind, ttl_secs: i64) -> String {
         self.token_as(domain, kind, "tester", ttl_secs)
