@@ -14,19 +14,6 @@ use vizor::token::ConsoleKind;
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn virsh(args: &[&str]) {
-    let out = std::process::Command::new("virsh")
-        .args(["-c", "qemu:///system"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "virsh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn qemu_pid(domain: &str) -> i32 {
     std::fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid"))
         .unwrap()
@@ -48,11 +35,7 @@ async fn session_through(v: &Vizor, domain: &str, fault: impl FnOnce()) {
         (closed.code, closed.reason.as_str()),
         (1000, "the VM closed the console connection")
     );
-    let end = v
-        .wait_for_records("session_end", 1)
-        .into_iter()
-        .find(|r| r["event"] == "session_end")
-        .unwrap();
+    let end = v.records("session_end", 1).remove(0);
     assert_eq!(end["reason"], "the VM closed the console connection");
     assert!(end["bytes_vm_to_browser"].as_u64().unwrap() > 0);
     v.wait_for_metric(
@@ -71,7 +54,7 @@ async fn refused_then_back(v: &Vizor, domain: &str) {
         (closed.code, closed.reason.as_str()),
         (1011, "the VM is not running")
     );
-    virsh(&["start", domain]);
+    common::virsh(&["start", domain]);
     let (mut b, si) = open_session(v, domain).await;
     let (pixels, frame) = full_update(&mut b, &si).await;
     assert_eq!(pixels, frame);
@@ -109,7 +92,10 @@ async fn domain_shut_off_mid_session() {
     let d = "vizor-test-foff";
     common::test_host(&["domain", d, "--vnc-passwd", "off1", "--no-spice"]);
     let v = Vizor::start("");
-    session_through(&v, d, || virsh(&["destroy", d])).await;
+    session_through(&v, d, || {
+        common::virsh(&["destroy", d]);
+    })
+    .await;
     refused_then_back(&v, d).await;
 }
 

@@ -30,14 +30,6 @@ async fn refused_as(v: &Vizor, domain: &str, user: &str, reason: &str) {
     assert_eq!(err, format!("closed 1008: {reason}"));
 }
 
-/// The records of `event`, once there are `n`.
-fn records(v: &Vizor, event: &str, n: usize) -> Vec<serde_json::Value> {
-    v.wait_for_records(event, n)
-        .into_iter()
-        .filter(|r| r["event"] == event)
-        .collect()
-}
-
 fn refusals(v: &Vizor) -> Vec<String> {
     v.audit()
         .iter()
@@ -71,7 +63,7 @@ async fn sessions_are_limited_per_user_per_domain_and_in_all() {
     full_update(&mut b, &si).await;
     // Her slot is free again once her session has ended.
     drop(a);
-    records(&v, "session_end", 1);
+    v.records("session_end", 1);
     let mut again = open_as(&v, d, "alice").await;
     rfb_handshake(&mut again).await.unwrap();
     assert_eq!(refusals(&v), ["limit_user_sessions"]);
@@ -159,7 +151,7 @@ async fn a_spice_session_takes_one_slot_whatever_its_channels() {
         b.closed().await.reason,
         "you have as many console sessions open as allowed"
     );
-    records(&v, "session_refused", 1);
+    v.records("session_refused", 1);
     assert_eq!(refusals(&v), ["limit_user_sessions"]);
 }
 
@@ -199,7 +191,7 @@ async fn sessions_without_input_are_closed_and_input_keeps_them_open() {
     // Four seconds on, the busy session is still there.
     assert!(started.elapsed() >= Duration::from_secs(4));
     full_update(&mut busy, &si).await;
-    let ends = records(&v, "session_end", 1);
+    let ends = v.records("session_end", 1);
     assert_eq!(ends[0]["reason"], "closed after 2s without input");
     v.wait_for_metric(
         "vizor_sessions_total{kind=\"vnc\",outcome=\"idle_timeout\"}",
@@ -247,7 +239,8 @@ async fn browser_messages_beyond_the_limit_are_refused() {
     b.send(&vec![0u8; 70 << 10]).await;
     let closed = b.closed().await;
     assert_ne!(closed.code, 1000, "{closed:?}");
-    let errors: Vec<_> = records(&v, "protocol_error", 2)
+    let errors: Vec<_> = v
+        .records("protocol_error", 2)
         .into_iter()
         .map(|r| r["direction"].as_str().unwrap().to_owned())
         .collect();
@@ -337,7 +330,7 @@ async fn a_browser_that_stops_reading_is_dropped_and_others_go_on() {
     // Meanwhile another browser is served.
     let (mut b, si2) = open_session(&v, &live.name).await;
     full_update(&mut b, &si2).await;
-    let ends = records(&v, "session_end", 1);
+    let ends = v.records("session_end", 1);
     assert_eq!(ends[0]["reason"], "the browser took no data for 2s");
     v.wait_for_metric(
         "vizor_sessions_total{kind=\"vnc\",outcome=\"browser_stalled\"}",
@@ -382,7 +375,7 @@ async fn slow_and_flooding_clients_do_not_starve_sessions_or_grow_vizor() {
     // Warm up, then measure what vizor holds at rest.
     let (b, _) = open_session(&v, &live.name).await;
     drop(b);
-    records(&v, "session_end", 1);
+    v.records("session_end", 1);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (fds_before, rss_before) = (v.open_fds(), v.rss_kib());
 
@@ -459,7 +452,7 @@ async fn slow_and_flooding_clients_do_not_starve_sessions_or_grow_vizor() {
     // The session is still served, and vizor holds what it held before.
     full_update(&mut b, &si).await;
     drop(b);
-    records(&v, "session_end", 2);
+    v.records("session_end", 2);
     let deadline = Instant::now() + Duration::from_secs(5);
     while v.open_fds() > fds_before && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -25,20 +25,13 @@ async fn refused(v: &Vizor, domain: &str) -> String {
     let mut b = common::Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
     let err = rfb_handshake(&mut b).await.unwrap_err();
     assert!(err.contains("the VM console cannot be reached"), "{err}");
-    let failure = v
-        .wait_for_records("upstream_failure", 1)
-        .into_iter()
-        .find(|r| r["event"] == "upstream_failure")
-        .unwrap();
+    let failure = v.records("upstream_failure", 1).remove(0);
     assert_eq!(failure["reason"], "upstream_tls", "{failure}");
     failure["detail"].as_str().unwrap().to_owned()
 }
 
 fn session_start(v: &Vizor) -> serde_json::Value {
-    v.wait_for_records("session_start", 1)
-        .into_iter()
-        .find(|r| r["event"] == "session_start")
-        .unwrap()
+    v.records("session_start", 1).remove(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,11 +157,7 @@ async fn spice_channels_go_to_the_tls_port() {
     use common::spice::{link, session};
     use vizor_spice::link::channel_type;
     let d = common::spice::domain("vizor-test-stls");
-    let xml = std::process::Command::new("virsh")
-        .args(["-c", "qemu:///system", "dumpxml", d])
-        .output()
-        .unwrap();
-    let xml = String::from_utf8(xml.stdout).unwrap();
+    let xml = common::virsh(&["dumpxml", d]);
     let tls_port = xml
         .split("tlsPort='")
         .nth(1)
@@ -182,11 +171,7 @@ async fn spice_channels_go_to_the_tls_port() {
     link(&mut inputs, channel_type::INPUTS, session_id, true)
         .await
         .unwrap();
-    let starts: Vec<_> = v
-        .wait_for_records("session_start", 2)
-        .into_iter()
-        .filter(|r| r["event"] == "session_start")
-        .collect();
+    let starts = v.records("session_start", 2);
     assert_eq!(starts.len(), 2, "{starts:?}");
     for s in &starts {
         assert_eq!(s["upstream"], format!("127.0.0.1:{tls_port}"), "{s}");

@@ -60,8 +60,13 @@ impl BrowserTx {
     /// it has taken nothing for the send timeout: a browser that stops reading holds
     /// at most the queue's frames, and not for long.
     pub async fn bytes(&self, data: bytes::BytesMut) -> Result<(), End> {
-        let send = self.tx.send(Frame::binary(Payload::Bytes(data)));
-        match tokio::time::timeout(self.send_timeout, send).await {
+        // Room in the queue is the common case: no clock read, no timer.
+        let frame = match self.tx.try_send(Frame::binary(Payload::Bytes(data))) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::browser_closed()),
+            Err(mpsc::error::TrySendError::Full(frame)) => frame,
+        };
+        match tokio::time::timeout(self.send_timeout, self.tx.send(frame)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::browser_closed()),
             Err(_) => Err(End::browser_stalled(self.send_timeout)),

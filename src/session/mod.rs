@@ -224,6 +224,27 @@ impl Meter {
     pub(crate) fn live(&self) -> &Live {
         &self.live
     }
+
+    /// The `session_end` record of the session (a SPICE channel) this meter counted,
+    /// which started at `started`.
+    pub(crate) fn session_end<'a>(
+        &self,
+        session: u64,
+        started: std::time::Instant,
+        end: &'a End,
+        round_trip_ms: Option<f64>,
+        recording: Option<crate::record::Finished>,
+    ) -> crate::audit::Event<'a> {
+        crate::audit::Event::SessionEnd {
+            session,
+            duration_ms: started.elapsed().as_millis() as u64,
+            bytes_browser_to_vm: self.relayed(Direction::BrowserToVm),
+            bytes_vm_to_browser: self.relayed(Direction::VmToBrowser),
+            reason: &end.reason,
+            round_trip_ms,
+            recording,
+        }
+    }
 }
 
 /// A session cannot go on without its audit records.

@@ -458,15 +458,7 @@ pub async fn run(
                             });
                     let record = ctx
                         .audit
-                        .record(&Event::SessionEnd {
-                            session: ctx.id,
-                            duration_ms: started.elapsed().as_millis() as u64,
-                            bytes_browser_to_vm: meter.relayed(Direction::BrowserToVm),
-                            bytes_vm_to_browser: meter.relayed(Direction::VmToBrowser),
-                            reason: &end.reason,
-                            round_trip_ms: None,
-                            recording,
-                        })
+                        .record(&meter.session_end(ctx.id, started, &end, None, recording))
                         .await;
                     if let Err(e) = record {
                         warn!(error = %e, "audit log: session end not written");

@@ -387,15 +387,7 @@ async fn relay_channel(
     };
     if let Err(e) = ctx
         .audit
-        .record(&Event::SessionEnd {
-            session: ctx.id,
-            duration_ms: started.elapsed().as_millis() as u64,
-            bytes_browser_to_vm: meter.relayed(Direction::BrowserToVm),
-            bytes_vm_to_browser: meter.relayed(Direction::VmToBrowser),
-            reason: &end.reason,
-            round_trip_ms: rtt.median_ms(),
-            recording: None,
-        })
+        .record(&meter.session_end(ctx.id, started, &end, rtt.median_ms(), None))
         .await
     {
         warn!(error = %e, "audit log: session end not written");

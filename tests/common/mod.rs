@@ -93,25 +93,27 @@ pub fn metric_names(expr: &str) -> Vec<&str> {
     out
 }
 
-/// Runs a QEMU monitor (HMP) command on `domain` through libvirt, failing the test if
-/// it fails. The command is not shown: it may carry a password.
-pub fn hmp(domain: &str, command: &str) {
+/// Runs `virsh` on qemu:///system, failing the test if it fails; returns its standard
+/// output. The arguments are not shown: they may carry a password.
+pub fn virsh(args: &[&str]) -> String {
     let out = std::process::Command::new("virsh")
-        .args([
-            "-c",
-            "qemu:///system",
-            "qemu-monitor-command",
-            domain,
-            "--hmp",
-            command,
-        ])
+        .args(["-c", "qemu:///system"])
+        .args(args)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "virsh {}: {}",
+        args.first().unwrap_or(&""),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a QEMU monitor (HMP) command on `domain` through libvirt, failing the test if
+/// it fails.
+pub fn hmp(domain: &str, command: &str) {
+    virsh(&["qemu-monitor-command", domain, "--hmp", command]);
 }
 
 use std::io::{BufRead, BufReader};
@@ -355,6 +357,14 @@ impl Vizor {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         panic!("{n} {event} records expected: {:?}", self.audit());
+    }
+
+    /// The records of `event` alone, once there are `n` of them.
+    pub fn records(&self, event: &str, n: usize) -> Vec<serde_json::Value> {
+        self.wait_for_records(event, n)
+            .into_iter()
+            .filter(|r| r["event"] == event)
+            .collect()
     }
 
     /// Kills vizor with SIGKILL: no chance to clean up.
