@@ -28,6 +28,9 @@
 #                            --shutoff)
 #   test-host.sh vnc-port NAME   print the live VNC TCP port of a running domain
 #   test-host.sh restart-libvirtd   stop libvirtd (domains keep running) and start it again
+#   test-host.sh stall-port PORT    drop every loopback TCP packet to or from PORT (nftables
+#                            table inet vizor_test): the network to a console stalls
+#   test-host.sh unstall-port       drop nothing any more (removes that table)
 #   test-host.sh stop         remove vizor-test-*/vizor-demo* domains, stop libvirtd + virtlogd
 #   test-host.sh status       libvirt version and domain list
 #
@@ -37,7 +40,7 @@
 set -euo pipefail
 
 URI="qemu:///system"
-PACKAGES=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config openssl)
+PACKAGES=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config openssl nftables)
 QEMU_CONF=/etc/libvirt/qemu.conf
 LIBVIRTD=/usr/sbin/libvirtd
 VIRTLOGD=/usr/sbin/virtlogd
@@ -470,8 +473,38 @@ cmd_restart_libvirtd() {
     cmd_start
 }
 
+# A stalled network without a second host: nftables drops the packets of one port on
+# loopback both ways, so neither end hears the other and nothing is reset or refused.
+NFT_TABLE="inet vizor_test"
+
+cmd_stall_port() {
+    need_root
+    local port=${1:?stall-port needs a TCP port}
+    [[ $port =~ ^[0-9]+$ ]] || die "stall-port: not a port: $port"
+    command -v nft >/dev/null || die "nft is missing: run test-host.sh install"
+    nft -f - <<NFT || die "nft refused the stall rules"
+table $NFT_TABLE {
+    chain output {
+        type filter hook output priority 0; policy accept;
+        tcp dport $port drop
+        tcp sport $port drop
+    }
+}
+NFT
+    say "packets to and from TCP port $port are dropped"
+}
+
+cmd_unstall_port() {
+    need_root
+    if nft list table $NFT_TABLE >/dev/null 2>&1; then
+        nft delete table $NFT_TABLE
+    fi
+    say "no packets are dropped"
+}
+
 cmd_stop() {
     need_root
+    cmd_unstall_port
     if libvirt_up; then
         local d
         while read -r d; do
@@ -506,6 +539,8 @@ case ${1:-} in
     vnc-port) shift; cmd_vnc_port "$@" ;;
     stop)     shift; cmd_stop "$@" ;;
     restart-libvirtd) shift; cmd_restart_libvirtd "$@" ;;
+    stall-port)   shift; cmd_stall_port "$@" ;;
+    unstall-port) shift; cmd_unstall_port "$@" ;;
     status)   shift; cmd_status "$@" ;;
     -h|--help|help) usage ;;
     *) usage ;;

@@ -110,6 +110,11 @@ pub struct LimitsConfig {
     /// some for it, is disconnected (default "30s").
     #[serde(deserialize_with = "any_duration")]
     pub send_timeout: Duration,
+    /// `vm_stall_timeout`: a TCP connection to a VM's console that leaves vizor's
+    /// data or keepalive probes unacknowledged this long (the network to the host
+    /// stalled) ends its session (default "30s"; at least "2s").
+    #[serde(deserialize_with = "any_duration")]
+    pub vm_stall_timeout: Duration,
     /// `browser_message_max`: the largest message (WebSocket message, RFB or SPICE
     /// message held whole) a browser may send (default "1MiB").
     #[serde(deserialize_with = "message_size")]
@@ -141,6 +146,7 @@ impl Default for LimitsConfig {
             max_sessions_per_user: 1000,
             idle_timeout: Some(Duration::from_secs(30 * 60)),
             send_timeout: Duration::from_secs(30),
+            vm_stall_timeout: Duration::from_secs(30),
             browser_message_max: 1 << 20,
             vm_message_max: 1 << 20,
             failed_tokens_per_client: 20,
@@ -172,6 +178,12 @@ impl LimitsConfig {
             return Err(
                 "[limits] send_timeout and failed_tokens_window must be longer than 0s".into(),
             );
+        }
+        if self.vm_stall_timeout < Duration::from_secs(2) {
+            return Err(format!(
+                "[limits] vm_stall_timeout = {}: it must be at least 2s (TCP keepalive counts whole seconds)",
+                humantime::format_duration(self.vm_stall_timeout)
+            ));
         }
         Ok(())
     }
@@ -703,6 +715,7 @@ keystrokes = "full"
             ("browser_message_max = \"4KiB\"", "out of range"),
             ("vm_message_max = \"1GiB\"", "out of range"),
             ("send_timeout = \"0s\"", "longer than 0s"),
+            ("vm_stall_timeout = \"1s\"", "at least 2s"),
             ("idle_timeout = \"forever\"", "invalid duration"),
             ("max_session = 3", "max_session"),
         ] {

@@ -161,6 +161,14 @@ impl App {
             next_session: AtomicU64::new(1),
         }
     }
+
+    /// How sessions connect to consoles.
+    fn dial(&self) -> session::Dial {
+        session::Dial {
+            timeout: self.config.server.connect_timeout,
+            stall: self.config.limits.vm_stall_timeout,
+        }
+    }
 }
 
 /// How many clients with recent failed token attempts are remembered at once.
@@ -683,7 +691,7 @@ async fn console(
             idle_timeout: app.config.limits.idle_timeout,
             upstream_tls: app.upstream_tls.clone(),
             handshake_timeout: app.config.server.handshake_timeout,
-            connect_timeout: app.config.server.connect_timeout,
+            dial: app.dial(),
             metrics: app.metrics.clone(),
             live: app.live.clone(),
             record_dir: app.config.audit.record_dir.clone(),
@@ -756,7 +764,7 @@ async fn spice_console(
         key: app.spice_key.clone(),
         sessions: app.spice_sessions.clone(),
         handshake_timeout: app.config.server.handshake_timeout,
-        connect_timeout: app.config.server.connect_timeout,
+        dial: app.dial(),
         metrics: app.metrics.clone(),
         live: app.live.clone(),
         browser_limits: spice_limits(app.browser_limits.max_message_len),

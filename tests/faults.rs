@@ -1,5 +1,5 @@
 //! Faults of the real parts under a live session: QEMU killed, the domain shut off,
-//! libvirtd restarted. Each time the browser gets a clean close with a reason, the
+//! libvirtd restarted, the network to QEMU stalled. Each time the browser gets a clean close with a reason, the
 //! audit log the session's end, the metrics the outcome, and a new session works as
 //! soon as the VM is back, with no restart of vizor. The tests run one at a time: a
 //! libvirtd restart would fail the others' lookups.
@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::rfb::{full_update, open_session, rfb_handshake};
+use common::rfb::{full_update, msg, open_session, rfb_handshake};
 use common::{Browser, Vizor};
 use std::time::Duration;
 use vizor::token::ConsoleKind;
@@ -120,4 +120,85 @@ async fn libvirtd_restarted_mid_session() {
         .unwrap_or_else(|e| panic!("{e}\n{}", v.log.lock().unwrap()));
     full_update(&mut b2, &si2).await;
     assert!(v.audit().iter().all(|r| r["event"] != "upstream_failure"));
+}
+
+/// Lets packets through again when the test ends, passed or not.
+struct Unstall;
+
+impl Drop for Unstall {
+    fn drop(&mut self) {
+        common::test_host(&["unstall-port"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_network_to_qemu_stalls_mid_session() {
+    if common::live_domain().is_none() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let d = "vizor-test-fstall";
+    let out = common::test_host(&["domain", d, "--vnc-passwd", "stall1", "--no-spice"]);
+    let port = out.trim().rsplit('=').next().unwrap().to_owned();
+    let v = Vizor::start_with("", "[limits]\nvm_stall_timeout = \"3s\"\n", |_| {});
+    // One browser keeps sending (the data to QEMU goes unacknowledged), the other is
+    // quiet (only keepalive probes go unanswered): both must be told.
+    let (mut busy, si) = open_session(&v, d).await;
+    full_update(&mut busy, &si).await;
+    let (mut quiet, si_quiet) = open_session(&v, d).await;
+    full_update(&mut quiet, &si_quiet).await;
+    let _unstall = Unstall;
+    common::test_host(&["stall-port", &port]);
+    let stalled = std::time::Instant::now();
+    let pointer = msg(vizor_rfb::client::ClientMessage::PointerEvent {
+        buttons: 0,
+        x: 5,
+        y: 5,
+    });
+    let busy_closed = async {
+        loop {
+            busy.send(&pointer).await;
+            if let Ok(Err(c)) = tokio::time::timeout(Duration::from_millis(200), busy.read()).await
+            {
+                return c;
+            }
+        }
+    };
+    let within = Duration::from_secs(15);
+    let (busy_closed, quiet_closed) =
+        tokio::time::timeout(within, async { tokio::join!(busy_closed, quiet.closed()) })
+            .await
+            .unwrap_or_else(|_| panic!("no close within {within:?}\n{}", v.log.lock().unwrap()));
+    let took = stalled.elapsed();
+    for c in [&busy_closed, &quiet_closed] {
+        assert_eq!(
+            (c.code, c.reason.as_str()),
+            (1011, "the network to the VM console stalled")
+        );
+    }
+    assert!(
+        took >= Duration::from_secs(2),
+        "told after {took:?}: too soon to be the stall timeout"
+    );
+    let ends = v.records("session_end", 2);
+    assert!(
+        ends.iter()
+            .all(|e| e["reason"] == "the network to the VM console stalled"),
+        "{ends:?}"
+    );
+    let failures = v.records("upstream_failure", 2);
+    assert!(
+        failures.iter().all(|f| f["reason"] == "upstream_stalled"),
+        "{failures:?}"
+    );
+    v.wait_for_metric(
+        "vizor_sessions_total{kind=\"vnc\",outcome=\"upstream_stalled\"}",
+        2.0,
+    )
+    .await;
+    // Once the network carries packets again, a new session works.
+    drop(_unstall);
+    let (mut b, si) = open_session(&v, d).await;
+    let (pixels, frame) = full_update(&mut b, &si).await;
+    assert_eq!(pixels, frame);
 }

@@ -154,8 +154,45 @@ pub(crate) struct VmLink {
     pub tls: bool,
 }
 
-/// Connects to a console, within `timeout`.
-pub(crate) async fn connect(target: &Target, timeout: Duration) -> Result<Box<dyn Stream>, End> {
+/// How vizor connects to a VM's console.
+#[derive(Debug, Clone, Copy)]
+pub struct Dial {
+    /// Bound on connecting.
+    pub timeout: Duration,
+    /// How long the console's end of a TCP connection may leave data or keepalive
+    /// probes unacknowledged before the session ends as stalled (`[limits]
+    /// vm_stall_timeout`).
+    pub stall: Duration,
+}
+
+/// Watches a TCP connection to a console for a network that stopped carrying it:
+/// keepalive probes while it is quiet, and `TCP_USER_TIMEOUT` so that unacknowledged
+/// data or probes end it after `stall` (either way its reads and writes then fail with
+/// `ETIMEDOUT`). Without this a session to a VM whose host fell off the network would
+/// hang until the kernel gives up, some fifteen minutes later, or forever when quiet.
+fn watch_for_stalls(s: &tokio::net::TcpStream, stall: Duration) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(s);
+    let second = Duration::from_secs(1);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time((stall / 2).max(second))
+        .with_interval((stall / 6).max(second));
+    sock.set_tcp_keepalive(&keepalive)?;
+    sock.set_tcp_user_timeout(Some(stall))
+}
+
+/// Whether an I/O error is the kernel giving up on an unacknowledged connection.
+fn stalled(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::TimedOut
+}
+
+/// The end of a session whose network to the VM stopped carrying its data.
+fn stall_end() -> End {
+    End::upstream("the network to the VM console stalled", "upstream_stalled")
+}
+
+/// Connects to a console, within `dial.timeout`.
+pub(crate) async fn connect(target: &Target, dial: Dial) -> Result<Box<dyn Stream>, End> {
+    let timeout = dial.timeout;
     let fail = |e: String| {
         End::upstream(
             format!("cannot connect to the VM console at {target}: {e}"),
@@ -167,6 +204,7 @@ pub(crate) async fn connect(target: &Target, timeout: Duration) -> Result<Box<dy
             Target::Tcp { host, port } => {
                 let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
                 s.set_nodelay(true)?;
+                watch_for_stalls(&s, dial.stall)?;
                 Ok::<Box<dyn Stream>, std::io::Error>(Box::new(s))
             }
             Target::Unix(path) => {
@@ -257,9 +295,13 @@ pub(crate) async fn write_upstream(
     wr: &mut (impl AsyncWrite + Unpin),
     bytes: &[u8],
 ) -> Result<(), End> {
-    wr.write_all(bytes)
-        .await
-        .map_err(|e| End::upstream(format!("writing to the VM console: {e}"), "upstream_io"))
+    wr.write_all(bytes).await.map_err(|e| {
+        if stalled(&e) {
+            stall_end()
+        } else {
+            End::upstream(format!("writing to the VM console: {e}"), "upstream_io")
+        }
+    })
 }
 
 /// Reads what the VM's console sent during the handshake (`what`) onto `buf`.
@@ -290,6 +332,7 @@ fn read_failed(e: std::io::Error, during: &str) -> End {
             format!("TLS to the VM console failed{during}: {tls}"),
             "upstream_tls",
         ),
+        None if stalled(&e) => stall_end(),
         None => End::upstream(
             format!("reading from the VM console{during}: {e}"),
             "upstream_io",

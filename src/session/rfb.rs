@@ -56,7 +56,7 @@ pub struct Ctx {
     /// Bound on the handshake, both legs together.
     pub handshake_timeout: Duration,
     /// Bound on connecting to QEMU.
-    pub connect_timeout: Duration,
+    pub dial: super::Dial,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Live sessions, for the API and per-session series.
@@ -124,7 +124,7 @@ pub(crate) async fn drive<S, N>(
 /// wrapped in TLS with QEMU's X.509 certificate verified, before any password is used.
 async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClientInit), End> {
     let connecting = Instant::now();
-    let mut up = connect(&ctx.console.target, ctx.connect_timeout).await?;
+    let mut up = connect(&ctx.console.target, ctx.dial).await?;
     ctx.metrics
         .upstream_connect_seconds
         .with_label_values(&["vnc"])

@@ -136,8 +136,8 @@ pub struct Ctx {
     pub sessions: Arc<Sessions>,
     /// Bound on the link, both legs.
     pub handshake_timeout: Duration,
-    /// Bound on connecting to QEMU.
-    pub connect_timeout: Duration,
+    /// How to connect to QEMU.
+    pub dial: super::Dial,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Live sessions, for the API and per-session series.
@@ -410,7 +410,7 @@ async fn link_both(
     let (mut up, target, tls) = match (ctx.upstream_tls.as_deref(), &console.tls_target) {
         // SPICE's TLS port speaks TLS from the first byte.
         (Some(tls), Some(target)) => {
-            let plain = connect(target, ctx.connect_timeout).await?;
+            let plain = connect(target, ctx.dial).await?;
             (tls.connect(plain, target).await?, target.clone(), true)
         }
         (Some(tls), None) if tls.require => {
@@ -426,7 +426,7 @@ async fn link_both(
             ))
         }
         _ => (
-            connect(&console.target, ctx.connect_timeout).await?,
+            connect(&console.target, ctx.dial).await?,
             console.target.clone(),
             false,
         ),
@@ -674,7 +674,7 @@ async fn relay(
         r = vm_to_browser => r,
     };
     let end = r.err().unwrap_or_else(End::vm_closed);
-    let vm_gone = matches!(end.label, "vm_closed" | "upstream_io");
+    let vm_gone = matches!(end.label, "vm_closed" | "upstream_io" | "upstream_stalled");
     if !display_init_seen.load(Ordering::Relaxed) && !vm_gone {
         let mut out = Vec::new();
         let serial = last_serial.load(Ordering::Relaxed) + 1;
