@@ -47,6 +47,10 @@ pub enum Command {
         /// Who the token is for, as recorded in the audit log (default: $USER).
         #[arg(long)]
         user: Option<String>,
+        /// Bind the token to the browser's address: a connection from any other
+        /// address is refused, and the token is not spent by it.
+        #[arg(long, value_name = "IP")]
+        client: Option<std::net::IpAddr>,
     },
     /// Serve a session recording (`[audit] record_dir`) to noVNC for review: open
     /// http://ADDR/ with `--novnc` (vizor's console page), or
@@ -281,6 +285,7 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             kind,
             ttl,
             user,
+            client,
         } => {
             let config = Config::load(&config)?;
             let ttl: Duration = ttl.map(Into::into).unwrap_or(config.tokens.ttl);
@@ -290,13 +295,19 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 .or_else(|| std::env::var("USER").ok())
                 .unwrap_or_else(|| "cli".to_owned());
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-            let claims = Claims::new(&domain, kind, &user, now + ttl.as_secs())?;
+            let mut claims = Claims::new(&domain, kind, &user, now + ttl.as_secs())?;
+            if let Some(ip) = client {
+                claims = claims.bound_to(ip);
+            }
             let token = key
                 .seal(&claims)
                 .map_err(|e| format!("cannot seal a token for domain {domain:?}: {e}"))?;
             eprintln!(
-                "vizor: token {} for {kind} console of {domain:?}, user {user:?}, valid {}",
+                "vizor: token {} for {kind} console of {domain:?}, user {user:?}{}, valid {}",
                 claims.token_id(),
+                client
+                    .map(|ip| format!(", client {ip} only"))
+                    .unwrap_or_default(),
                 humantime::format_duration(ttl)
             );
             println!("{token}");

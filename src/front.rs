@@ -456,6 +456,9 @@ fn console_page(app: &App, peer: SocketAddr, req: &Request<Incoming>) -> Resp {
         Ok(c) => c,
         Err(e) => return console_refused(app, peer, &e, None),
     };
+    if let Err(e) = claims.admits(peer.ip()) {
+        return console_refused(app, peer, &e, Some(&claims.token_id()));
+    }
     let used = app
         .replay
         .lock()
@@ -480,6 +483,10 @@ fn console_refused(app: &App, peer: SocketAddr, e: &TokenError, token_id: Option
             "Each console link opens one session. Ask for a new one.",
         ),
         TokenError::ReplayCacheFull => ("Too many consoles are starting", "Try again in a moment."),
+        TokenError::WrongClient { .. } => (
+            "This console link is for another computer",
+            "It was issued for another network address. Ask for a new one.",
+        ),
         _ => (
             "This console link is not valid",
             "It may be incomplete or damaged. Ask for a new one.",
@@ -577,6 +584,7 @@ fn token_message(e: &TokenError) -> &'static str {
         TokenError::Expired { .. } => "token expired",
         TokenError::Replayed => "token already used",
         TokenError::ReplayCacheFull => "too many sessions starting; try again",
+        TokenError::WrongClient { .. } => "token issued for another address",
         _ => "invalid token",
     }
 }
@@ -628,6 +636,17 @@ async fn console(
         Err(e) => return refuse(e.reason(), None, token_message(&e), &e.to_string()).await,
     };
     let token_id = claims.token_id();
+    // A token bound to another address is refused before it is spent: whoever
+    // copied it cannot use it, nor use it up for its holder.
+    if let Err(e) = claims.admits(peer.ip()) {
+        return refuse(
+            e.reason(),
+            Some(&token_id),
+            token_message(&e),
+            &e.to_string(),
+        )
+        .await;
+    }
     // The token is good: measure this browser's round trip while it is connected.
     let pings = brx.pings();
     pings.measure_into(
@@ -908,7 +927,22 @@ async fn api_console(app: &App, domain: &str, req: &Request<Incoming>) -> Resp {
             )
         }
     };
+    // `?client=`: the token admits the browser at this address alone.
+    let client = match query_param(req, "client").map(|c| c.parse::<std::net::IpAddr>()) {
+        None => None,
+        Some(Ok(ip)) => Some(ip),
+        Some(Err(_)) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": "client must be an IPv4 or IPv6 address"}),
+            )
+        }
+    };
     let sealed = Claims::new(domain, kind, &user, unix_now() + ttl.as_secs())
+        .map(|c| match client {
+            Some(ip) => c.bound_to(ip),
+            None => c,
+        })
         .map_err(|e| e.to_string())
         .and_then(|c| {
             app.key
@@ -918,7 +952,7 @@ async fn api_console(app: &App, domain: &str, req: &Request<Incoming>) -> Resp {
         });
     match sealed {
         Ok((token, token_id)) => {
-            info!(domain, %kind, token = %token_id, "token issued by the API");
+            info!(domain, %kind, token = %token_id, client = ?client, "token issued by the API");
             json(
                 StatusCode::OK,
                 &serde_json::json!({

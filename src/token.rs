@@ -10,7 +10,10 @@
 //!
 //! Wire layout (before base64): `version (1) | IV (16) | ciphertext | tag (32)`.
 //! Plaintext, version 1: `kind (1) | expires_at (U64, Unix seconds) | nonce (16) |
-//! domain length (U16) | domain | user length (U16) | user`.
+//! domain length (U16) | domain | user length (U16) | user [| client address (4 or
+//! 16)]`. The client address is there only in a token bound to one client: a build
+//! that does not know the field refuses such a token as malformed, never admitting it
+//! from anywhere.
 
 use aes::cipher::{KeyIvInit, StreamCipher};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -20,6 +23,7 @@ use sha2::Sha256;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
+use std::net::IpAddr;
 use std::path::Path;
 use zeroize::Zeroizing;
 
@@ -62,6 +66,14 @@ pub enum TokenError {
     /// The replay cache is full of unexpired tokens.
     #[error("too many unexpired tokens in use")]
     ReplayCacheFull,
+    /// The token is bound to another client address.
+    #[error("token bound to client {bound}, presented by {presented}")]
+    WrongClient {
+        /// The address the token admits.
+        bound: IpAddr,
+        /// The address it came from.
+        presented: IpAddr,
+    },
 }
 
 impl TokenError {
@@ -74,6 +86,7 @@ impl TokenError {
             TokenError::Expired { .. } => "expired",
             TokenError::Replayed => "replayed",
             TokenError::ReplayCacheFull => "replay_cache_full",
+            TokenError::WrongClient { .. } => "wrong_client",
         }
     }
 }
@@ -162,6 +175,8 @@ pub struct Claims {
     pub expires_at: u64,
     /// Random, unique per token.
     pub nonce: [u8; NONCE_LEN],
+    /// The one client address the token admits, when it is bound to one.
+    pub client: Option<IpAddr>,
 }
 
 impl Claims {
@@ -180,7 +195,28 @@ impl Claims {
             user: user.to_owned(),
             expires_at,
             nonce,
+            client: None,
         })
+    }
+
+    /// The same claims, admitting `client` alone.
+    pub fn bound_to(self, client: IpAddr) -> Claims {
+        Claims {
+            client: Some(client.to_canonical()),
+            ..self
+        }
+    }
+
+    /// Whether a connection from `peer` may use the token: any peer, unless the token
+    /// is bound to one address (an IPv4 client over an IPv6 socket is still itself).
+    pub fn admits(&self, peer: IpAddr) -> Result<(), TokenError> {
+        match self.client {
+            Some(bound) if bound != peer.to_canonical() => Err(TokenError::WrongClient {
+                bound,
+                presented: peer.to_canonical(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// An identifier for logs and audit records: part of the nonce, which says nothing
@@ -196,7 +232,7 @@ impl Claims {
         {
             return Err(TokenError::Malformed);
         }
-        let mut v = Vec::with_capacity(29 + self.domain.len() + self.user.len());
+        let mut v = Vec::with_capacity(29 + 16 + self.domain.len() + self.user.len());
         v.push(match self.kind {
             ConsoleKind::Vnc => 0,
             ConsoleKind::Spice => 1,
@@ -206,6 +242,11 @@ impl Claims {
         for s in [&self.domain, &self.user] {
             v.extend_from_slice(&(s.len() as u16).to_be_bytes());
             v.extend_from_slice(s.as_bytes());
+        }
+        match self.client {
+            None => {}
+            Some(IpAddr::V4(a)) => v.extend_from_slice(&a.octets()),
+            Some(IpAddr::V6(a)) => v.extend_from_slice(&a.octets()),
         }
         Ok(v)
     }
@@ -244,15 +285,22 @@ impl Claims {
         };
         let domain = string(MAX_DOMAIN_LEN)?;
         let user = string(MAX_USER_LEN)?;
-        if !rest.is_empty() || domain.is_empty() {
+        if domain.is_empty() {
             return Err(TokenError::Malformed);
         }
+        let client = match rest.len() {
+            0 => None,
+            4 => <[u8; 4]>::try_from(rest).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(rest).ok().map(IpAddr::from),
+            _ => return Err(TokenError::Malformed),
+        };
         Ok(Claims {
             domain,
             kind,
             user,
             expires_at,
             nonce,
+            client,
         })
     }
 }

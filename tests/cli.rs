@@ -95,13 +95,29 @@ fn token_prints_a_sealed_token_that_a_replica_opens() {
         (ConsoleKind::Vnc, "tester")
     );
     assert!(claims.expires_at >= before + 300);
+    assert_eq!(claims.client, None, "bound to no client unless asked");
+
+    // --client binds the token to one address, and says so.
+    let out = vizor(&[
+        "token",
+        "--config",
+        &config,
+        "--domain",
+        "demo1",
+        "--client",
+        "2001:db8::5",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let claims = key.open(text(&out.stdout).trim(), before).unwrap();
+    assert_eq!(claims.client, Some("2001:db8::5".parse().unwrap()));
+    assert!(text(&out.stderr).contains("client 2001:db8::5 only"));
 }
 
 #[test]
 fn token_refusals_say_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "60s");
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (
             &["token", "--config", &config, "--domain", "d"],
             "token.key",
@@ -127,6 +143,18 @@ fn token_refusals_say_what_is_wrong() {
                 "token", "--config", &config, "--domain", "d", "--ttl", "2days",
             ],
             "out of range",
+        ),
+        (
+            &[
+                "token",
+                "--config",
+                &config,
+                "--domain",
+                "d",
+                "--client",
+                "host.example",
+            ],
+            "invalid IP address syntax",
         ),
     ];
     assert!(

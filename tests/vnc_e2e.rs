@@ -1174,3 +1174,79 @@ async fn the_extended_clipboard_as_novnc_uses_it_is_relayed_and_audited() {
     let end = audit.iter().find(|r| r["event"] == "session_end").unwrap();
     assert_eq!(end["reason"], "browser closed the connection");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_bound_to_a_client_admits_that_client_alone() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    // Other clients are told apart by their loopback source address.
+    let (holder, thief): (std::net::IpAddr, std::net::IpAddr) =
+        ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
+    let v = Vizor::start_admin("", "");
+    let bearer = format!("Bearer {}", common::ADMIN_KEY);
+    let auth = [("Authorization", bearer.as_str())];
+    let api = format!("/api/v1/domains/{}/console", live.name);
+    let (status, _, body) =
+        common::http_get(v.addr, &format!("{api}?client=host.example"), &auth).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            400,
+            "{\"error\":\"client must be an IPv4 or IPv6 address\"}"
+        )
+    );
+    let (status, _, body) =
+        common::http_get(v.addr, &format!("{api}?client={holder}"), &auth).await;
+    assert_eq!(status, 200, "{body}");
+    let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ws_path = j["ws_path"].as_str().unwrap();
+    let token = j["token"].as_str().unwrap();
+
+    // Whoever copied the link gets nowhere: not the console page, not the console.
+    let (status, _, page) = common::http_get_over(
+        common::tcp_from(thief, v.addr).await,
+        v.addr,
+        &format!("/console?token={token}"),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(
+        page.contains("This console link is for another computer"),
+        "{page}"
+    );
+    let mut b = Browser::connect_from(thief, v.addr, ws_path).await;
+    assert_eq!(
+        rfb_handshake(&mut b).await.unwrap_err(),
+        "closed 1008: token issued for another address"
+    );
+    // ...nor spends the token: its holder still opens the console with it.
+    let mut b = Browser::connect_from(holder, v.addr, ws_path).await;
+    let si = rfb_handshake(&mut b).await.unwrap();
+    let (pixels, frame) = full_update(&mut b, &si).await;
+    assert_eq!(pixels, frame);
+
+    // Precise in the audit log and metrics, where the operator looks.
+    let refused = v.records("token_refused", 2);
+    assert!(
+        refused.iter().all(|r| r["reason"] == "wrong_client"
+            && r["client"].as_str().unwrap().starts_with("127.0.0.3:")),
+        "{refused:?}"
+    );
+    v.wait_for_metric(
+        "vizor_auth_refusals_total{reason=\"wrong_client\",stage=\"token\"}",
+        2.0,
+    )
+    .await;
+    assert!(v
+        .log
+        .lock()
+        .unwrap()
+        .contains("token bound to client 127.0.0.2, presented by 127.0.0.3"));
+    let start = v.records("session_start", 1).remove(0);
+    assert_eq!(
+        start["client"].as_str().unwrap().split(':').next(),
+        Some("127.0.0.2")
+    );
+}

@@ -7,6 +7,7 @@ fn claims(expires_at: u64) -> Claims {
         user: "alice".into(),
         expires_at,
         nonce: [7; 16],
+        client: None,
     }
 }
 
@@ -165,4 +166,37 @@ fn key_files() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("missing"), "{err}");
+}
+
+#[test]
+fn a_bound_token_admits_its_client_alone() {
+    let key = TokenKey::generate().unwrap();
+    let v4: IpAddr = "192.0.2.7".parse().unwrap();
+    let v6: IpAddr = "2001:db8::7".parse().unwrap();
+    for bound in [v4, v6] {
+        let opened = key
+            .open(&key.seal(&claims(100).bound_to(bound)).unwrap(), 0)
+            .unwrap();
+        assert_eq!(opened.client, Some(bound));
+        assert_eq!(opened.admits(bound), Ok(()));
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        assert_eq!(
+            opened.admits(other),
+            Err(TokenError::WrongClient {
+                bound,
+                presented: other
+            })
+        );
+    }
+    // An IPv4 client reaching an IPv6 socket is the same client, bound either way.
+    let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+    assert_eq!(claims(1).bound_to(v4).admits(mapped), Ok(()));
+    assert_eq!(claims(1).bound_to(mapped).client, Some(v4));
+    // An unbound token admits anyone, and reads as before binding existed.
+    let unbound = key.open(&key.seal(&claims(100)).unwrap(), 0).unwrap();
+    assert_eq!((unbound.client, unbound.admits(v6)), (None, Ok(())));
+    // A trailing field of any other length is not a client address.
+    let mut body = claims(100).encode().unwrap();
+    body.extend_from_slice(&[1, 2, 3]);
+    assert_eq!(Claims::decode(&body), Err(TokenError::Malformed));
 }
