@@ -10,12 +10,26 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*" >&2; }
 
+# Everything the run logs, and every secret it uses, for the secret check at the end.
+export VIZOR_TEST_RUN_DIR=$PWD/target/test-run
+rm -rf "$VIZOR_TEST_RUN_DIR"
+mkdir -p "$VIZOR_TEST_RUN_DIR"
+secret() { printf '%s\t%s\n' "$1" "$2" >> "$VIZOR_TEST_RUN_DIR/secrets.tsv"; }
+
 step "test host: packages, libvirtd, test domain"
 scripts/test-host.sh install
 scripts/test-host.sh start
 # A fresh random VNC password per run: nothing in the suite may depend on its value,
 # and the live tests check that it never appears in what they record.
 VIZOR_TEST_VNC_PASSWORD=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' | head -c 8)
+secret "live domain VNC password" "$VIZOR_TEST_VNC_PASSWORD"
+# The test CA's private keys (QEMU's and vizor's client key toward QEMU).
+for key in /var/lib/vizor-test/pki/*-key.pem; do
+    # Body lines of 16 characters or more: a short last line could turn up by chance.
+    grep -v -- '-----' "$key" | awk 'length($0) >= 16' | while read -r line; do
+        secret "test CA key $(basename "$key")" "$line"
+    done
+done
 domain=vizor-test-rfb
 port=$(scripts/test-host.sh domain "$domain" --vnc-passwd "$VIZOR_TEST_VNC_PASSWORD" --no-spice --mode-switch-disk | tail -n 1)
 port=${port#vnc_port=}
@@ -49,11 +63,16 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
 step "unit, fixture and live tests"
-log=$(mktemp /tmp/vizor-test.XXXXXX)
-trap 'rm -f "$log"' EXIT
+log=$VIZOR_TEST_RUN_DIR/cargo-test.log
 cargo test --workspace --locked 2>&1 | tee "$log"
 # One closing line for the whole suite: cargo prints one per test binary.
 read -r passed failed < <(awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }' "$log")
+
+step "secrets: none in any log of the run"
+# Every vizor log and audit log of the run, and the test output itself, against every
+# password, token, key and private key the tests used; first shown to find a planted one.
+scripts/check-secrets.sh --self-test
+scripts/check-secrets.sh "$VIZOR_TEST_RUN_DIR"
 
 step "fuzz targets"
 # A short fixed budget per target on top of the checked-in seeds (fuzz/seeds).

@@ -4,6 +4,61 @@
 pub mod rfb;
 pub mod spice;
 
+/// A full test run (`scripts/test.sh`) names a directory in `VIZOR_TEST_RUN_DIR`:
+/// every secret the tests use is registered there, every vizor's log and audit log is
+/// kept there, and at the end `scripts/check-secrets.sh` greps the logs for the
+/// secrets. Without the variable (a single `cargo test`) nothing is kept.
+pub mod run {
+    use std::io::Write;
+    use std::path::PathBuf;
+
+    fn dir() -> Option<PathBuf> {
+        std::env::var_os("VIZOR_TEST_RUN_DIR").map(PathBuf::from)
+    }
+
+    /// Registers `value` (a password, token, key) under `label`.
+    pub fn secret(label: &str, value: &str) {
+        let Some(dir) = dir() else { return };
+        let value = value.trim();
+        if value.is_empty() || value.contains(['\n', '\t']) {
+            return;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("secrets.tsv"))
+            .expect("VIZOR_TEST_RUN_DIR/secrets.tsv");
+        // One write per line: appends from parallel tests do not interleave.
+        f.write_all(format!("{label}\t{value}\n").as_bytes())
+            .unwrap();
+    }
+
+    /// Registers the body lines of a PEM private key or of a key file (a short last
+    /// line of base64 could turn up anywhere by chance).
+    pub fn secret_lines(label: &str, text: &str) {
+        let body = |l: &&str| !l.starts_with('-') && !l.starts_with('#') && l.len() >= 16;
+        for line in text.lines().filter(body) {
+            secret(label, line);
+        }
+    }
+
+    /// A file of the run's logs, named after `name`, or `None` outside a full run.
+    pub fn log_file(name: &str) -> Option<std::fs::File> {
+        let dir = dir()?.join("logs");
+        std::fs::create_dir_all(&dir).ok()?;
+        std::fs::File::create(dir.join(name)).ok()
+    }
+
+    /// Keeps a copy of `file` among the run's logs as `name`.
+    pub fn keep(file: &std::path::Path, name: &str) {
+        if let Some(mut out) = log_file(name) {
+            if let Ok(bytes) = std::fs::read(file) {
+                let _ = out.write_all(&bytes);
+            }
+        }
+    }
+}
+
 /// The QEMU test domain `scripts/test.sh` starts, from the environment.
 pub struct LiveDomain {
     /// Host and port of its VNC server.
@@ -24,8 +79,11 @@ pub fn live_domain() -> Option<LiveDomain> {
         get("VIZOR_TEST_VNC_DOMAIN"),
     ) {
         (Some(vnc_addr), Some(vnc_password), Some(name)) => Some(LiveDomain {
+            vnc_password: {
+                run::secret("live domain VNC password", &vnc_password);
+                vnc_password
+            },
             vnc_addr,
-            vnc_password,
             name,
         }),
         _ => {
@@ -61,6 +119,11 @@ pub fn redacted(args: &[&str]) -> Vec<String> {
 pub fn test_host(args: &[&str]) -> String {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    for pair in args.windows(2) {
+        if pair[0].ends_with("-passwd") {
+            run::secret(&format!("test-host {}", pair[0]), pair[1]);
+        }
+    }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-host.sh");
     let out = std::process::Command::new(script)
         .args(args)
@@ -175,6 +238,10 @@ impl Vizor {
         let dir = tempfile::tempdir().unwrap();
         let key_path = dir.path().join("token.key");
         TokenKey::write_new(&key_path).unwrap();
+        // The key file: a header line, then the key.
+        let key_file = std::fs::read_to_string(&key_path).unwrap();
+        run::secret("token key", key_file.lines().nth(1).unwrap());
+        run::secret("admin key", ADMIN_KEY);
         prepare(dir.path());
         let config = dir.path().join("vizor.toml");
         std::fs::write(
@@ -197,8 +264,13 @@ impl Vizor {
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
+        let mut kept = run::log_file(&format!("vizor-{}.log", child.id()));
         std::thread::spawn(move || {
+            use std::io::Write;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(f) = kept.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
                 let mut l = sink.lock().unwrap();
                 l.push_str(&line);
                 l.push('\n');
@@ -280,7 +352,9 @@ impl Vizor {
             .unwrap()
             .as_secs() as i64;
         let claims = Claims::new(domain, kind, user, (now + ttl_secs).max(0) as u64).unwrap();
-        self.key.seal(&claims).unwrap()
+        let token = self.key.seal(&claims).unwrap();
+        run::secret("token", &token);
+        token
     }
 
     /// The file descriptors the vizor process holds open now.
@@ -453,6 +527,15 @@ impl Drop for Vizor {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Its audit logs (rotated ones too) join the run's logs.
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("audit") {
+                    run::keep(&e.path(), &format!("vizor-{}-{name}", self.child.id()));
+                }
+            }
+        }
     }
 }
 
@@ -511,6 +594,10 @@ impl Browser {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        // Whatever token a test opens a console with, minted here or by vizor's API.
+        if let Some((_, token)) = path.split_once("token=") {
+            run::secret("token", token.split('&').next().unwrap_or(token));
+        }
         let req = hyper::Request::builder()
             .method("GET")
             .uri(format!("http://{addr}{path}"))
@@ -687,6 +774,7 @@ pub mod tls {
     /// A fresh certificate: (certificate PEM, key PEM, certificate DER).
     pub fn certificate() -> (String, String, Vec<u8>) {
         let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        super::run::secret_lines("TLS private key", &ck.key_pair.serialize_pem());
         (
             ck.cert.pem(),
             ck.key_pair.serialize_pem(),
