@@ -195,10 +195,11 @@ pub fn console_from_xml(
     uri_host: Option<&str>,
     now: SystemTime,
 ) -> Result<Console, LookupError> {
-    let root = Element::parse(xml.as_bytes()).map_err(|e| LookupError::BadXml {
+    let mut root = Element::parse(xml.as_bytes()).map_err(|e| LookupError::BadXml {
         domain: String::new(),
         why: e.to_string(),
     })?;
+    let mut passwords = take_passwords(&mut root);
     let text = |name: &str| {
         root.get_child(name)
             .and_then(|e| e.get_text())
@@ -306,10 +307,11 @@ pub fn console_from_xml(
             });
         }
     }
-    let password = graphics
-        .attributes
-        .get("passwd")
-        .map(|p| Zeroizing::new(p.clone()));
+    // The graphics element found above is the first of its kind, and so is this.
+    let password = passwords
+        .iter_mut()
+        .find(|(k, _)| k == kind.as_str())
+        .and_then(|(_, p)| p.take());
     Ok(Console {
         domain,
         uuid,
@@ -318,6 +320,25 @@ pub fn console_from_xml(
         tls_target,
         password,
     })
+}
+
+/// Moves the password out of every `<graphics>` element of `root`, in document order
+/// with its type: no copy of a password stays in the parsed tree, which is dropped as
+/// ordinary memory, while these are zeroized when dropped.
+fn take_passwords(root: &mut Element) -> Vec<(String, Option<Zeroizing<String>>)> {
+    let Some(devices) = root.get_mut_child("devices") else {
+        return Vec::new();
+    };
+    devices
+        .children
+        .iter_mut()
+        .filter_map(|n| n.as_mut_element())
+        .filter(|e| e.name == "graphics")
+        .map(|e| {
+            let kind = e.attributes.get("type").cloned().unwrap_or_default();
+            (kind, e.attributes.remove("passwd").map(Zeroizing::new))
+        })
+        .collect()
 }
 
 fn looks_like_uuid(s: &str) -> bool {
