@@ -638,14 +638,16 @@ async fn console(
     let token_id = claims.token_id();
     // A token bound to another address is refused before it is spent: whoever
     // copied it cannot use it, nor use it up for its holder.
-    if let Err(e) = claims.admits(peer.ip()) {
-        return refuse(
+    let refuse_token = |e: TokenError| {
+        refuse(
             e.reason(),
             Some(&token_id),
             token_message(&e),
             &e.to_string(),
         )
-        .await;
+    };
+    if let Err(e) = claims.admits(peer.ip()) {
+        return refuse_token(e).await;
     }
     // The token is good: measure this browser's round trip while it is connected.
     let pings = brx.pings();
@@ -666,13 +668,7 @@ async fn console(
         .map_err(|_| TokenError::ReplayCacheFull)
         .and_then(|mut r| r.admit(&claims, now));
     if let Err(e) = admitted {
-        return refuse(
-            e.reason(),
-            Some(&token_id),
-            token_message(&e),
-            &e.to_string(),
-        )
-        .await;
+        return refuse_token(e).await;
     }
     let id = app.next_session.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("session", id, domain = %claims.domain, kind = %claims.kind, client = %peer, token = %token_id);
