@@ -1,0 +1,902 @@
+//! Load: 1,000 concurrent VNC sessions through one vizor, every byte of both directions
+//! checked end to end: nothing lost, nothing mixed between sessions. Loopback only,
+//! bounded in count ([`SESSIONS`]) and time ([`BOUND`]).
+//!
+//! The VMs are a test double, not QEMU: a thousand QEMU consoles do not fit on a CI
+//! machine, so [`vm_session`] is a small synthetic RFB 3.8 server that demands VNC
+//! authentication with its domain's password and then plays a script. libvirt is
+//! real: its built-in test driver (`test:///.../node.xml`, in-process, no daemon) holds
+//! [`DOMAINS`] running domains whose VNC graphics point at the doubles with their
+//! passwords, and vizor looks every session up there as it does in production.
+//!
+//! Each console connection gets a fresh random nonce, which the VM puts in its
+//! ServerInit desktop name. From the nonce both ends derive the whole session
+//! ([`Script`]): what the browser sends (pixel format, encodings, clipboard, keys,
+//! pointer, update requests, cut into WebSocket messages at random points) and what the
+//! VM answers (bells, clipboard, updates of random Raw and CopyRect rectangles, written
+//! in pieces). Each end compares every byte it receives with the script and keeps
+//! SHA-256 digests of both directions; the test then matches both ends' digests session
+//! by session, and vizor's own account (sessions API, audit records, metrics) against
+//! the scripts.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic is a failure
+
+mod common;
+
+use common::{Browser, Closed, Vizor};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use vizor::token::ConsoleKind;
+use vizor_rfb::client::{write_set_encodings, ClientMessage, CutText};
+use vizor_rfb::handshake::server::{self as rfb_server, SecurityChosen};
+use vizor_rfb::handshake::{Challenge, Progress, SecurityType, ServerInit, Version};
+use vizor_rfb::server::{write_rect_header, write_update_header};
+use vizor_rfb::{Encoding, Limits, PixelFormat};
+
+/// Sessions open at once.
+const SESSIONS: usize = 1000;
+/// Domains in libvirt, each with its own double, port and password: 10 sessions each,
+/// within the default `max_sessions_per_domain` (16).
+const DOMAINS: usize = 100;
+/// Token users: 50 sessions each.
+const USERS: usize = 20;
+/// Browser source addresses (127.77.0.0/16): 20 connections each, within the default
+/// `max_connections_per_client` (64).
+const SOURCES: usize = 50;
+/// Update request / update exchanges per session.
+const ROUNDS: usize = 8;
+/// The doubles' framebuffer: small, so that a thousand sessions are cheap.
+const WIDTH: u16 = 64;
+const HEIGHT: u16 = 48;
+/// The whole test, vizor's start to its last check.
+const BOUND: Duration = Duration::from_secs(240);
+/// Open files this process and vizor each need: a socket per browser and per console
+/// connection, and some to spare.
+const OPEN_FILES: u64 = 4096;
+
+/// What vizor tells a browser whose VM closed the console.
+const VM_CLOSED: &str = "the VM closed the console connection";
+
+/// SplitMix64: the scripts' deterministic randomness.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n`.
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// Appends `n` random bytes.
+    fn fill(&mut self, out: &mut Vec<u8>, n: usize) {
+        let end = out.len() + n;
+        while out.len() < end {
+            out.extend_from_slice(&self.next().to_le_bytes());
+        }
+        out.truncate(end);
+    }
+}
+
+/// Everything one session exchanges after ServerInit, derived from its domain and nonce.
+struct Script {
+    /// What the browser sends.
+    browser: Vec<u8>,
+    /// Where each round's part of `browser` ends (after its update request).
+    browser_rounds: Vec<usize>,
+    /// What the VM sends.
+    vm: Vec<u8>,
+    /// Where each round's part of `vm` ends (after its update).
+    vm_rounds: Vec<usize>,
+    /// The key events, in order: (down, keysym).
+    keys: Vec<(bool, u32)>,
+    /// The browser's clipboard text.
+    browser_clip: Vec<u8>,
+    /// The VM's clipboard text.
+    vm_clip: Vec<u8>,
+}
+
+fn message(m: ClientMessage<'_>, out: &mut Vec<u8>) {
+    m.write(out).unwrap();
+}
+
+impl Script {
+    fn new(domain: &str, nonce: u64) -> Script {
+        let mut rng = Rng(nonce);
+        let mut browser = Vec::new();
+        let mut vm = Vec::new();
+        let (mut browser_rounds, mut vm_rounds, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+        // Half the sessions switch to 16 bits per pixel before their first request: vizor
+        // must frame their updates with the browser's format, not the VM's.
+        let bytes_per_pixel = if rng.next() & 1 == 0 {
+            4
+        } else {
+            message(
+                ClientMessage::SetPixelFormat(PixelFormat::RGB565),
+                &mut browser,
+            );
+            2
+        };
+        write_set_encodings([Encoding::RAW, Encoding::COPY_RECT], &mut browser);
+        let browser_clip =
+            format!("from the browser of {domain} session {nonce:016x}").into_bytes();
+        message(
+            ClientMessage::ClientCutText(CutText::Latin1(&browser_clip)),
+            &mut browser,
+        );
+        let vm_clip = format!("from the VM {domain} session {nonce:016x}").into_bytes();
+        for round in 0..ROUNDS {
+            for _ in 0..1 + rng.below(2) {
+                let keysym = match rng.below(4) {
+                    0 => 0x30 + rng.below(10) as u32,
+                    1 | 2 => 0x61 + rng.below(26) as u32,
+                    _ => [0xff0d, 0xff08, 0xffe1, 0x20][rng.below(4) as usize],
+                };
+                for down in [true, false] {
+                    message(ClientMessage::KeyEvent { down, keysym }, &mut browser);
+                    keys.push((down, keysym));
+                }
+                message(
+                    ClientMessage::PointerEvent {
+                        buttons: 0,
+                        x: rng.below(u64::from(WIDTH)) as u16,
+                        y: rng.below(u64::from(HEIGHT)) as u16,
+                    },
+                    &mut browser,
+                );
+            }
+            message(
+                ClientMessage::FramebufferUpdateRequest {
+                    incremental: round > 0,
+                    x: 0,
+                    y: 0,
+                    width: WIDTH,
+                    height: HEIGHT,
+                },
+                &mut browser,
+            );
+            browser_rounds.push(browser.len());
+            // The answer: perhaps a bell, the clipboard in the first round, one update.
+            if rng.below(3) == 0 {
+                vm.push(2);
+            }
+            if round == 0 {
+                vm.extend_from_slice(&[3, 0, 0, 0]);
+                vm.extend_from_slice(&(vm_clip.len() as u32).to_be_bytes());
+                vm.extend_from_slice(&vm_clip);
+            }
+            let rects = 1 + rng.below(3) as u16;
+            write_update_header(rects, &mut vm);
+            for _ in 0..rects {
+                let w = 1 + rng.below(u64::from(WIDTH)) as u16;
+                let h = 1 + rng.below(u64::from(HEIGHT)) as u16;
+                let x = rng.below(u64::from(WIDTH - w + 1)) as u16;
+                let y = rng.below(u64::from(HEIGHT - h + 1)) as u16;
+                if rng.below(5) == 0 {
+                    write_rect_header(x, y, w, h, Encoding::COPY_RECT, &mut vm);
+                    let sx = rng.below(u64::from(WIDTH - w + 1)) as u16;
+                    let sy = rng.below(u64::from(HEIGHT - h + 1)) as u16;
+                    vm.extend_from_slice(&sx.to_be_bytes());
+                    vm.extend_from_slice(&sy.to_be_bytes());
+                } else {
+                    write_rect_header(x, y, w, h, Encoding::RAW, &mut vm);
+                    rng.fill(&mut vm, usize::from(w) * usize::from(h) * bytes_per_pixel);
+                }
+            }
+            vm_rounds.push(vm.len());
+        }
+        Script {
+            browser,
+            browser_rounds,
+            vm,
+            vm_rounds,
+            keys,
+            browser_clip,
+            vm_clip,
+        }
+    }
+}
+
+/// `data` cut at up to two random points: how it goes over the wire.
+fn pieces<'a>(data: &'a [u8], rng: &mut Rng) -> Vec<&'a [u8]> {
+    let mut cuts = vec![0, data.len()];
+    for _ in 0..rng.below(3) {
+        cuts.push(rng.below(data.len() as u64 + 1) as usize);
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts.windows(2).map(|w| &data[w[0]..w[1]]).collect()
+}
+
+/// Checks `got`, which arrived at offset `at` of a stream, against `want`, the whole
+/// expected stream.
+fn check(what: &str, want: &[u8], at: usize, got: &[u8]) -> Result<(), String> {
+    let Some(expected) = want.get(at..at + got.len()) else {
+        return Err(format!(
+            "{what}: {} bytes arrived at offset {at} of a {}-byte stream",
+            got.len(),
+            want.len()
+        ));
+    };
+    match expected.iter().zip(got).position(|(a, b)| a != b) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "{what}: byte {} is {:#04x}, the script says {:#04x}",
+            at + i,
+            got[i],
+            expected[i]
+        )),
+    }
+}
+
+fn domain_name(d: usize) -> String {
+    format!("load-{d:03}")
+}
+
+/// A fresh password: eight characters (VNC authentication uses eight), one of them
+/// one that XML must escape. Registered for the run's secret check.
+fn password() -> String {
+    use rand::distributions::{Alphanumeric, DistString};
+    let p = format!(
+        "&{}",
+        Alphanumeric.sample_string(&mut rand::thread_rng(), 7)
+    );
+    common::run::secret("load test VNC password", &p);
+    p
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('\'', "&apos;")
+}
+
+/// What a VM double saw of one console connection.
+struct VmReport {
+    domain: String,
+    nonce: u64,
+    received: usize,
+    received_sha: [u8; 32],
+    sent: usize,
+    sent_sha: [u8; 32],
+}
+
+/// The doubles' shared state.
+#[derive(Default)]
+struct Vms {
+    /// Every nonce handed out.
+    nonces: Mutex<HashSet<u64>>,
+    /// Connections accepted.
+    accepted: AtomicUsize,
+    /// Sessions played to their end.
+    reports: Mutex<Vec<VmReport>>,
+    /// Sessions that went wrong, and why.
+    failures: Mutex<Vec<String>>,
+}
+
+impl Vms {
+    fn fresh_nonce(&self) -> u64 {
+        let mut nonces = self.nonces.lock().unwrap();
+        loop {
+            let n: u64 = rand::random();
+            if nonces.insert(n) {
+                return n;
+            }
+        }
+    }
+}
+
+/// Feeds a server handshake state until it completes.
+async fn step<S, N>(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    mut state: S,
+    mut receive: impl FnMut(S, &[u8]) -> Result<Progress<S, N>, vizor_rfb::Error>,
+) -> Result<N, String> {
+    loop {
+        match receive(state, buf).map_err(|e| e.to_string())? {
+            Progress::Done { next, consumed } => {
+                buf.drain(..consumed);
+                return Ok(next);
+            }
+            Progress::NeedMore(st) => state = st,
+        }
+        if s.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("vizor closed the connection during the handshake".into());
+        }
+    }
+}
+
+async fn send(s: &mut TcpStream, out: &mut Vec<u8>) -> Result<(), String> {
+    s.write_all(out).await.map_err(|e| e.to_string())?;
+    out.clear();
+    Ok(())
+}
+
+/// One console connection to the double of `domain`: VNC authentication with
+/// `password`, ServerInit naming a fresh nonce, then the nonce's script, every byte
+/// from vizor checked; the VM closes the console after its last update.
+async fn vm_session(
+    mut s: TcpStream,
+    domain: &str,
+    password: &str,
+    vms: &Vms,
+) -> Result<VmReport, String> {
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (mut buf, mut out) = (Vec::new(), Vec::new());
+    let start = rfb_server::start(Version::V3_8, Limits::default(), &mut out);
+    send(&mut s, &mut out).await?;
+    let offer = step(&mut s, &mut buf, start, |st, b| st.receive(b)).await?;
+    let choice = offer
+        .offer(&[SecurityType::VNC_AUTH], &mut out)
+        .map_err(|e| e.to_string())?;
+    send(&mut s, &mut out).await?;
+    let SecurityChosen::VncAuth(challenge) =
+        step(&mut s, &mut buf, choice, |st, b| st.receive(b)).await?
+    else {
+        return Err("vizor chose no authentication".into());
+    };
+    let expect = challenge.send(Challenge(rand::random()), &mut out);
+    send(&mut s, &mut out).await?;
+    let response = step(&mut s, &mut buf, expect, |st, b| st.receive(b)).await?;
+    if !response.verify(password.as_bytes()) {
+        response.into_result().refuse("wrong password", &mut out);
+        send(&mut s, &mut out).await?;
+        return Err("vizor gave the wrong password".into());
+    }
+    let init = response.into_result().accept(&mut out);
+    send(&mut s, &mut out).await?;
+    step(&mut s, &mut buf, init, |st, b| st.receive(b)).await?;
+    let nonce = vms.fresh_nonce();
+    ServerInit {
+        width: WIDTH,
+        height: HEIGHT,
+        pixel_format: PixelFormat::RGB888,
+        name: format!("vizor-load {domain} {nonce:016x}").into_bytes(),
+    }
+    .write(&mut out);
+    send(&mut s, &mut out).await?;
+
+    let script = Script::new(domain, nonce);
+    let what = format!("{domain} session {nonce:016x}, browser to VM");
+    let mut cut = Rng(nonce.rotate_left(17));
+    let (mut received, mut received_sha, mut sent_sha) = (0, Sha256::new(), Sha256::new());
+    let mut vm_at = 0;
+    for round in 0..ROUNDS {
+        while received < script.browser_rounds[round] {
+            if buf.is_empty() && s.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                return Err(format!(
+                    "{what}: vizor closed after {received} of {} bytes",
+                    script.browser.len()
+                ));
+            }
+            check(&what, &script.browser, received, &buf)?;
+            received_sha.update(&buf);
+            received += buf.len();
+            buf.clear();
+        }
+        if received != script.browser_rounds[round] {
+            return Err(format!(
+                "{what}: bytes past the update request of round {round}"
+            ));
+        }
+        let answer = &script.vm[vm_at..script.vm_rounds[round]];
+        vm_at = script.vm_rounds[round];
+        for piece in pieces(answer, &mut cut) {
+            s.write_all(piece).await.map_err(|e| e.to_string())?;
+            tokio::task::yield_now().await;
+        }
+        sent_sha.update(answer);
+    }
+    // The VM closes the console; vizor must then close the session, sending nothing more.
+    s.shutdown().await.map_err(|e| e.to_string())?;
+    let n = s.read_buf(&mut buf).await.map_err(|e| e.to_string())?;
+    if n != 0 {
+        return Err(format!("{what}: {n} bytes after the last round"));
+    }
+    Ok(VmReport {
+        domain: domain.to_owned(),
+        nonce,
+        received,
+        received_sha: received_sha.finalize().into(),
+        sent: vm_at,
+        sent_sha: sent_sha.finalize().into(),
+    })
+}
+
+/// Accepts console connections for one domain's double.
+async fn vm_listen(listener: TcpListener, domain: String, password: String, vms: Arc<Vms>) {
+    let (domain, password) = (Arc::<str>::from(domain), Arc::<str>::from(password));
+    loop {
+        let s = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                vms.failures
+                    .lock()
+                    .unwrap()
+                    .push(format!("{domain}: accept: {e}"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        vms.accepted.fetch_add(1, Ordering::Relaxed);
+        let (domain, password, vms) = (domain.clone(), password.clone(), vms.clone());
+        tokio::spawn(async move {
+            match vm_session(s, &domain, &password, &vms).await {
+                Ok(report) => vms.reports.lock().unwrap().push(report),
+                Err(e) => vms.failures.lock().unwrap().push(format!("{domain}: {e}")),
+            }
+        });
+    }
+}
+
+/// What a browser saw of its session.
+struct BrowserReport {
+    domain: String,
+    user: String,
+    local: SocketAddr,
+    nonce: u64,
+    sent: usize,
+    sent_sha: [u8; 32],
+    received: usize,
+    received_sha: [u8; 32],
+}
+
+/// Browser `i` is in its session, with its address and nonce.
+type Ready = (usize, SocketAddr, u64);
+
+/// The loopback address browser `i` connects from.
+fn source(i: usize) -> IpAddr {
+    let s = i % SOURCES;
+    IpAddr::V4(Ipv4Addr::new(127, 77, (s / 250) as u8, (s % 250 + 1) as u8))
+}
+
+/// Browser `i`: opens its console (all of them at once), says it is ready, waits for
+/// `go`, then plays its script, checking every byte from vizor.
+async fn browser(
+    i: usize,
+    v: Arc<Vizor>,
+    ready: mpsc::UnboundedSender<Ready>,
+    mut go: watch::Receiver<bool>,
+) -> Result<BrowserReport, String> {
+    let domain = domain_name(i % DOMAINS);
+    let user = format!("user{:02}", i % USERS);
+    let token = v.token_as(&domain, ConsoleKind::Vnc, &user, 60);
+    let tcp = common::tcp_from(source(i), v.addr).await;
+    let local = tcp.local_addr().map_err(|e| e.to_string())?;
+    let mut b = Browser::connect_over(tcp, v.addr, &format!("/websockify?token={token}")).await;
+    let si = common::rfb::rfb_handshake(&mut b)
+        .await
+        .map_err(|e| format!("browser {i} ({domain}): handshake: {e}"))?;
+    let name = si.name_lossy();
+    let nonce = name
+        .strip_prefix(&format!("vizor-load {domain} "))
+        .and_then(|n| u64::from_str_radix(n, 16).ok())
+        .ok_or_else(|| format!("browser {i} of {domain} got the desktop {name:?}"))?;
+    if (si.width, si.height, si.pixel_format) != (WIDTH, HEIGHT, PixelFormat::RGB888)
+        || !b.pending.is_empty()
+    {
+        return Err(format!("browser {i}: unexpected ServerInit {si:?}"));
+    }
+    ready.send((i, local, nonce)).map_err(|e| e.to_string())?;
+    go.wait_for(|go| *go).await.map_err(|e| e.to_string())?;
+
+    let script = Script::new(&domain, nonce);
+    let what = format!("{domain} session {nonce:016x}, VM to browser");
+    let mut cut = Rng(!nonce);
+    let (mut received, mut received_sha, mut sent_sha) = (0, Sha256::new(), Sha256::new());
+    b.received.clear();
+    let mut browser_at = 0;
+    for round in 0..ROUNDS {
+        let part = &script.browser[browser_at..script.browser_rounds[round]];
+        browser_at = script.browser_rounds[round];
+        for piece in pieces(part, &mut cut) {
+            b.send(piece).await;
+        }
+        sent_sha.update(part);
+        while received < script.vm_rounds[round] {
+            b.read().await.map_err(|c| {
+                format!(
+                    "{what}: closed ({} {}) after {received} of {} bytes",
+                    c.code,
+                    c.reason,
+                    script.vm.len()
+                )
+            })?;
+            let data = std::mem::take(&mut b.pending);
+            b.received.clear();
+            check(&what, &script.vm, received, &data)?;
+            received_sha.update(&data);
+            received += data.len();
+        }
+        if received != script.vm_rounds[round] {
+            return Err(format!("{what}: bytes past the update of round {round}"));
+        }
+    }
+    match b.read().await {
+        Err(c)
+            if c == Closed {
+                code: 1000,
+                reason: VM_CLOSED.into(),
+            } => {}
+        Err(c) => return Err(format!("{what}: closed with {c:?}")),
+        Ok(()) => return Err(format!("{what}: bytes after the last round")),
+    }
+    Ok(BrowserReport {
+        domain,
+        user,
+        local,
+        nonce,
+        sent: browser_at,
+        sent_sha: sent_sha.finalize().into(),
+        received,
+        received_sha: received_sha.finalize().into(),
+    })
+}
+
+/// The soft and hard limits on open files of this process.
+fn open_files_limit() -> (u64, u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let n = |s: &str| s.parse().unwrap_or(u64::MAX); // "unlimited"
+    let mut f = line["Max open files".len()..].split_whitespace();
+    (n(f.next().unwrap()), n(f.next().unwrap()))
+}
+
+/// Raises this process's soft limit on open files to [`OPEN_FILES`] if it is lower
+/// (vizor, started after, inherits it), or fails the test saying why it cannot run.
+fn raise_open_files() {
+    let (soft, hard) = open_files_limit();
+    if soft >= OPEN_FILES {
+        return;
+    }
+    assert!(
+        hard >= OPEN_FILES,
+        "the load test needs {OPEN_FILES} open files, and the hard limit is {hard} (ulimit -Hn)"
+    );
+    // prlimit(1): the crate forbids unsafe code, and setrlimit(2) has no safe wrapper here.
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", std::process::id()))
+        .arg(format!("--nofile={OPEN_FILES}:{hard}"))
+        .status()
+        .expect("run prlimit (util-linux) to raise the open files limit");
+    assert!(status.success(), "prlimit failed: {status}");
+    let (soft, _) = open_files_limit();
+    assert!(soft >= OPEN_FILES, "open files limit still {soft}");
+}
+
+/// A metric that must have a value.
+fn metric(text: &str, series: &str) -> f64 {
+    common::metric(text, series).unwrap_or_else(|| panic!("no {series} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_sessions_lose_and_mix_nothing() {
+    tokio::time::timeout(BOUND, load())
+        .await
+        .unwrap_or_else(|_| panic!("the load test took longer than {BOUND:?}"));
+}
+
+async fn load() {
+    raise_open_files();
+    let began = Instant::now();
+    let vms = Arc::new(Vms::default());
+    let node_dir = tempfile::tempdir().unwrap();
+    let mut node = String::from("<node>\n");
+    let mut listeners = Vec::new();
+    for d in 0..DOMAINS {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let password = password();
+        node.push_str(&format!(
+            "<domain type='test'><name>{}</name><uuid>6c6f6164-0000-4000-8000-{d:012x}</uuid>\
+             <memory>65536</memory><os><type>hvm</type></os><devices>\
+             <graphics type='vnc' port='{port}' listen='127.0.0.1' passwd='{}'/>\
+             </devices></domain>\n",
+            domain_name(d),
+            xml_escape(&password),
+        ));
+        listeners.push(tokio::spawn(vm_listen(
+            listener,
+            domain_name(d),
+            password,
+            vms.clone(),
+        )));
+    }
+    node.push_str("</node>\n");
+    let node_path = node_dir.path().join("node.xml");
+    std::fs::write(&node_path, node).unwrap();
+    let v = Arc::new(Vizor::start_uri(
+        &format!("test://{}", node_path.display()),
+        "",
+        "",
+        &format!(
+            "[api]\nadmin_key_file = \"admin.key\"\n\
+             [limits]\nmax_sessions = {SESSIONS}\n"
+        ),
+        |dir| {
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.join("admin.key");
+            std::fs::write(&path, format!("{}\n", common::ADMIN_KEY)).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        },
+    ));
+    let fds_idle = v.open_fds();
+
+    // Ramp up: every browser opens its console and waits.
+    let started = Instant::now();
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let (go_tx, go_rx) = watch::channel(false);
+    let mut browsers = tokio::task::JoinSet::new();
+    for i in 0..SESSIONS {
+        browsers.spawn(browser(i, v.clone(), ready_tx.clone(), go_rx.clone()));
+    }
+    drop(ready_tx);
+    let mut ready: Vec<Ready> = Vec::new();
+    while ready.len() < SESSIONS {
+        tokio::select! {
+            Some(r) = ready_rx.recv() => ready.push(r),
+            Some(done) = browsers.join_next() => panic!(
+                "a browser ended before all {SESSIONS} were in their sessions \
+                 ({} were): {:?}\nVM doubles: {:?}",
+                ready.len(),
+                done.map(|r| r.err()),
+                vms.failures.lock().unwrap(),
+            ),
+        }
+    }
+    let ramped = started.elapsed();
+
+    // All of them at once: vizor relays them all, and refuses one more. A session is
+    // listed once its session_start record is written, just after the browser got
+    // ServerInit: the last few may take a moment.
+    let mut sessions = Vec::new();
+    for _ in 0..50 {
+        sessions = v.sessions().await;
+        if sessions.len() >= SESSIONS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sessions.len(), SESSIONS, "sessions in /api/v1/sessions");
+    let listed: HashMap<String, (String, String)> = sessions
+        .iter()
+        .map(|s| {
+            (
+                s["client"].as_str().unwrap().to_owned(),
+                (
+                    s["domain"].as_str().unwrap().to_owned(),
+                    s["user"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
+        .collect();
+    for (i, local, _) in &ready {
+        assert_eq!(
+            listed.get(&local.to_string()),
+            Some(&(domain_name(i % DOMAINS), format!("user{:02}", i % USERS))),
+            "browser {i} at {local} in /api/v1/sessions"
+        );
+    }
+    let peak = v.metrics().await;
+    assert_eq!(
+        metric(&peak, "vizor_sessions_active{kind=\"vnc\"}"),
+        SESSIONS as f64
+    );
+    let fds_peak = v.open_fds();
+    let rss_peak = v.rss_kib();
+    {
+        let token = v.token_as(&domain_name(0), ConsoleKind::Vnc, "one-too-many", 60);
+        let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+        assert_eq!(
+            common::rfb::rfb_handshake(&mut b).await.unwrap_err(),
+            "closed 1008: vizor has as many sessions as it allows; try again later"
+        );
+    }
+
+    // Go: every session plays its script at once.
+    let relaying = Instant::now();
+    go_tx.send(true).unwrap();
+    let mut reports = Vec::new();
+    let mut errors = Vec::new();
+    while let Some(done) = browsers.join_next().await {
+        match done {
+            Ok(Ok(r)) => reports.push(r),
+            Ok(Err(e)) => errors.push(e),
+            Err(e) => errors.push(format!("browser task: {e}")),
+        }
+    }
+    let relayed = relaying.elapsed();
+    assert!(
+        errors.is_empty(),
+        "{} of {SESSIONS} browsers failed, the first: {:?}\nVM doubles: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)],
+        vms.failures.lock().unwrap(),
+    );
+    // The doubles finish once vizor has closed their consoles.
+    for _ in 0..100 {
+        if vms.reports.lock().unwrap().len() + vms.failures.lock().unwrap().len() >= SESSIONS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for l in &listeners {
+        l.abort();
+    }
+    let failures = vms.failures.lock().unwrap().clone();
+    assert!(failures.is_empty(), "VM doubles: {failures:?}");
+    assert_eq!(
+        vms.accepted.load(Ordering::Relaxed),
+        SESSIONS,
+        "console connections: one per session, none for the refused one"
+    );
+
+    // Both ends of every session agree on every byte, and no nonce is in two sessions.
+    let vm_reports: HashMap<u64, VmReport> = std::mem::take(&mut *vms.reports.lock().unwrap())
+        .into_iter()
+        .map(|r| (r.nonce, r))
+        .collect();
+    assert_eq!(vm_reports.len(), SESSIONS, "sessions the VM doubles played");
+    let mut seen = HashSet::new();
+    for b in &reports {
+        assert!(
+            seen.insert(b.nonce),
+            "nonce {:016x} in two browsers",
+            b.nonce
+        );
+        let vm = &vm_reports[&b.nonce];
+        assert_eq!(vm.domain, b.domain, "session {:016x}", b.nonce);
+        assert_eq!(
+            (b.sent, b.sent_sha),
+            (vm.received, vm.received_sha),
+            "session {:016x}: browser to VM",
+            b.nonce
+        );
+        assert_eq!(
+            (vm.sent, vm.sent_sha),
+            (b.received, b.received_sha),
+            "session {:016x}: VM to browser",
+            b.nonce
+        );
+    }
+    let by_client: HashMap<String, &BrowserReport> =
+        reports.iter().map(|b| (b.local.to_string(), b)).collect();
+
+    // vizor's own account: the audit log, record by record.
+    let audit = tokio::task::block_in_place(|| v.wait_for_records("session_end", SESSIONS));
+    let mut script_of: HashMap<u64, (&BrowserReport, Script)> = HashMap::new();
+    let mut keys: HashMap<u64, Vec<(bool, u32)>> = HashMap::new();
+    let mut clips: HashMap<u64, Vec<(String, String)>> = HashMap::new();
+    let mut ends: HashMap<u64, &serde_json::Value> = HashMap::new();
+    let hex = |b: &[u8]| -> String { b.iter().map(|x| format!("{x:02x}")).collect() };
+    for r in &audit {
+        let session = r["session"].as_u64();
+        match r["event"].as_str().unwrap() {
+            "session_start" => {
+                let b = by_client[r["client"].as_str().unwrap()];
+                assert_eq!(
+                    (r["domain"].as_str(), r["user"].as_str()),
+                    (Some(b.domain.as_str()), Some(b.user.as_str())),
+                    "{r}"
+                );
+                let script = Script::new(&b.domain, b.nonce);
+                assert!(script_of.insert(session.unwrap(), (b, script)).is_none());
+            }
+            "key" => keys.entry(session.unwrap()).or_default().push((
+                r["down"].as_bool().unwrap(),
+                r["keysym"].as_u64().unwrap() as u32,
+            )),
+            "clipboard" => clips.entry(session.unwrap()).or_default().push((
+                r["direction"].as_str().unwrap().to_owned(),
+                r["sha256"].as_str().unwrap().to_owned(),
+            )),
+            "session_end" => assert!(ends.insert(session.unwrap(), r).is_none()),
+            "session_refused" => assert_eq!(r["reason"], "limit_sessions", "{r}"),
+            other => panic!("unexpected {other} record: {r}"),
+        }
+    }
+    assert_eq!(script_of.len(), SESSIONS, "session_start records");
+    for (session, (b, script)) in &script_of {
+        let end = ends[session];
+        assert_eq!(end["reason"], VM_CLOSED, "{end}");
+        assert_eq!(
+            (
+                end["bytes_browser_to_vm"].as_u64(),
+                end["bytes_vm_to_browser"].as_u64()
+            ),
+            (Some(b.sent as u64), Some(b.received as u64)),
+            "{end}"
+        );
+        assert_eq!(
+            keys.get(session),
+            Some(&script.keys),
+            "keys of session {session}"
+        );
+        assert_eq!(
+            clips.get(session),
+            Some(&vec![
+                (
+                    "browser_to_vm".to_owned(),
+                    hex(Sha256::digest(&script.browser_clip).as_slice())
+                ),
+                (
+                    "vm_to_browser".to_owned(),
+                    hex(Sha256::digest(&script.vm_clip).as_slice())
+                ),
+            ]),
+            "clipboard of session {session}"
+        );
+    }
+    let (chained, why) = v.verify(&[v.audit_path()]);
+    assert!(chained, "vizor audit verify: {why}");
+
+    // ... and the metrics.
+    v.wait_for_metric(
+        "vizor_sessions_total{kind=\"vnc\",outcome=\"vm_closed\"}",
+        SESSIONS as f64,
+    )
+    .await;
+    let m = v.metrics().await;
+    let total = |f: fn(&BrowserReport) -> usize| reports.iter().map(f).sum::<usize>() as f64;
+    for (series, want) in [
+        ("vizor_sessions_active{kind=\"vnc\"}", 0.0),
+        (
+            "vizor_sessions_total{kind=\"vnc\",outcome=\"limit_sessions\"}",
+            1.0,
+        ),
+        (
+            "vizor_session_bytes_total{direction=\"browser_to_vm\",kind=\"vnc\"}",
+            total(|b| b.sent),
+        ),
+        (
+            "vizor_session_bytes_total{direction=\"vm_to_browser\",kind=\"vnc\"}",
+            total(|b| b.received),
+        ),
+        // One update answers each round's request, after each round's input.
+        (
+            "vizor_frame_latency_seconds_count{kind=\"vnc\"}",
+            (SESSIONS * ROUNDS) as f64,
+        ),
+        (
+            "vizor_input_to_display_seconds_count{kind=\"vnc\"}",
+            (SESSIONS * ROUNDS) as f64,
+        ),
+        (
+            "vizor_audit_events_total{event=\"key\"}",
+            script_of.values().map(|(_, s)| s.keys.len()).sum::<usize>() as f64,
+        ),
+    ] {
+        assert_eq!(metric(&m, series), want, "{series}");
+    }
+    // Every session's sockets are closed again.
+    let fds_after = v.open_fds();
+    assert!(
+        fds_after <= fds_idle + 8,
+        "vizor holds {fds_after} files after the load, {fds_idle} before"
+    );
+    eprintln!(
+        "load: {SESSIONS} sessions on {DOMAINS} domains, {} bytes browser to VM and {} VM to \
+         browser, all checked; ramp-up {ramped:?}, relaying {relayed:?}, whole test {:?}; \
+         vizor at the peak: {fds_peak} files, {} MiB resident",
+        total(|b| b.sent),
+        total(|b| b.received),
+        began.elapsed(),
+        rss_peak / 1024,
+    );
+}
