@@ -253,8 +253,10 @@ fn init_logging(log: &crate::config::LogConfig) -> Result<(), Box<dyn std::error
         Err(_) => EnvFilter::try_new(&log.level)
             .map_err(|e| format!("[log] level {:?}: {e}", log.level))?,
     };
+    // Colours for a terminal only: a journal or a log file gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match log.format {
         crate::config::LogFormat::Json => builder.json().init(),

@@ -1239,11 +1239,15 @@ async fn a_token_bound_to_a_client_admits_that_client_alone() {
         2.0,
     )
     .await;
-    assert!(v
-        .log
-        .lock()
-        .unwrap()
-        .contains("token bound to client 127.0.0.2, presented by 127.0.0.3"));
+    let log = v.log.lock().unwrap().clone();
+    assert!(
+        log.contains("token bound to client 127.0.0.2, presented by 127.0.0.3"),
+        "{log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "no terminal colours in a log to a pipe"
+    );
     let start = v.records("session_start", 1).remove(0);
     assert_eq!(
         start["client"].as_str().unwrap().split(':').next(),

@@ -318,7 +318,7 @@ async fn write_up(wr: &mut (impl AsyncWrite + Unpin), out: &mut Vec<u8>) -> Resu
 }
 
 /// Both handshakes; returns the upstream stream and any bytes QEMU sent after
-/// ServerInit, and the ServerInit.
+/// ServerInit, and the ServerInit (not yet sent to the browser).
 async fn handshake(
     ctx: &Ctx,
     brx: &mut BrowserRx,
@@ -371,9 +371,6 @@ async fn handshake(
     write_up(&mut wr, &mut out).await?;
     let mut src = Upstream(rd);
     let (si, si_bytes) = drive(&mut src, &mut ubuf, expect_si, "VM", |s, b| s.receive(b)).await?;
-    if !btx.binary(si_bytes.clone()).await {
-        return Err(End::browser_closed());
-    }
     Ok((up, ubuf, si, si_bytes))
 }
 
@@ -440,9 +437,15 @@ pub async fn run(
                     );
                     brx.pings().measure_live(hold.live().clone());
                     let meter = Meter::new(&ctx.metrics, "vnc", hold.live().clone());
-                    let end = tokio::select! {
-                        end = relay(&ctx, up.stream, early, &si, &mut brx, &btx, &meter, &recorder) => end,
-                        _ = shutdown.wait_for(|s| *s) => End::shutdown(),
+                    // The browser sees the console only once the session is on record
+                    // and listed: ServerInit goes last.
+                    let end = if btx.binary(si_bytes).await {
+                        tokio::select! {
+                            end = relay(&ctx, up.stream, early, &si, &mut brx, &btx, &meter, &recorder) => end,
+                            _ = shutdown.wait_for(|s| *s) => End::shutdown(),
+                        }
+                    } else {
+                        End::browser_closed()
                     };
                     let recording =
                         recorder
