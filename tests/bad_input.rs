@@ -374,25 +374,12 @@ async fn wait_metric(v: &Vizor, series: &str, want: f64) {
     panic!("{series} is {last}, not {want}");
 }
 
-/// The audit records so far. The writer thread may be in the middle of a line: a last
-/// line that does not parse yet is left for the next read.
-fn audit(v: &Vizor) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(v.audit_path()).unwrap_or_default();
-    let mut lines: Vec<&str> = text.split_inclusive('\n').collect();
-    if lines.last().is_some_and(|l| !l.ends_with('\n')) {
-        lines.pop();
-    }
-    lines
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
 /// Waits (up to 10 s) until the audit log holds `n` records of `event`; returns them.
 async fn records(v: &Vizor, event: &str, n: usize) -> Vec<serde_json::Value> {
     let mut found = Vec::new();
     for _ in 0..1000 {
-        found = audit(v)
+        found = v
+            .audit_all()
             .into_iter()
             .filter(|r| r["event"] == event)
             .collect();
@@ -405,7 +392,7 @@ async fn records(v: &Vizor, event: &str, n: usize) -> Vec<serde_json::Value> {
 }
 
 fn protocol_errors(v: &Vizor) -> Vec<serde_json::Value> {
-    audit(v)
+    v.audit_all()
         .into_iter()
         .filter(|r| r["event"] == "protocol_error")
         .collect()
@@ -661,12 +648,12 @@ async fn wait_record(
     pick: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     for _ in 0..500 {
-        if let Some(r) = audit(v).into_iter().find(&pick) {
+        if let Some(r) = v.audit_all().into_iter().find(&pick) {
             return r;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("no {what} record: {:?}", audit(v));
+    panic!("no {what} record: {:?}", v.audit_all());
 }
 
 /// The live test domain, or `None` to skip.

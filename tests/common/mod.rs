@@ -388,12 +388,14 @@ impl Vizor {
             .collect()
     }
 
-    /// Every record of the audit log so far.
+    /// Every complete record of the audit log so far: a last line the writer is still
+    /// appending (no newline yet) is left for the next read; any other line must parse.
     pub fn audit_all(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.audit_path())
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(self.audit_path()).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect()
     }
 
