@@ -1269,12 +1269,11 @@ async fn websocket_frame_refusals() {
     checker.finish();
 }
 
-/// Known bug: fastwebsockets bounds each frame by `browser_message_max` but its
-/// fragment collector appends continuation frames without any bound, so a browser
-/// holding a valid token can make vizor buffer an endless message (memory exhaustion).
-/// Expected: refused once the message passes `browser_message_max`.
+/// fastwebsockets bounds each frame by `browser_message_max`, but its fragment
+/// collector appended continuation frames without any bound: a browser holding a valid
+/// token could make vizor buffer an endless message. vizor puts fragments together
+/// itself, bounded as a whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "vizor bug: fragmented WebSocket messages are not bounded by browser_message_max"]
 async fn a_fragmented_message_beyond_browser_message_max_is_refused() {
     let Some(domain) = live() else { return };
     let v = Vizor::start_with("", LIMITS_64K, |_| {});
@@ -1292,14 +1291,16 @@ async fn a_fragmented_message_beyond_browser_message_max_is_refused() {
     let closed = refused.unwrap_or_else(|_| {
         panic!("64 MiB of fragments taken without a refusal; vizor grew by {grew} KiB")
     });
-    assert_eq!(closed.code, 1008, "{closed:?}");
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (1008, "WebSocket error: Frame too large")
+    );
     assert!(grew < 8 << 10, "vizor grew by {grew} KiB");
 }
 
-/// Known deviation: RFC 6455 section 5.1 says a server MUST close the connection on an
-/// unmasked frame from a client; vizor (fastwebsockets) relays it.
+/// RFC 6455 section 5.1: a server MUST close the connection on an unmasked frame from
+/// a client (fastwebsockets alone takes it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "vizor deviation: unmasked client frames are accepted (RFC 6455 5.1)"]
 async fn an_unmasked_client_frame_is_refused() {
     let Some(domain) = live() else { return };
     let v = Vizor::start("");
@@ -1307,7 +1308,13 @@ async fn an_unmasked_client_frame_is_refused() {
     reach(&mut r, Stage::Relay).await;
     r.frame_with(0x82, &request(0, 0, 1, 1), false).await;
     match tokio::time::timeout(Duration::from_secs(3), r.next()).await {
-        Ok(Some((8, p))) => assert_eq!(closed_of(&p).code, 1002, "{:?}", closed_of(&p)),
+        Ok(Some((8, p))) => {
+            let c = closed_of(&p);
+            assert_eq!(
+                (c.code, c.reason.as_str()),
+                (1008, "WebSocket error: unmasked frame from the browser")
+            );
+        }
         Ok(Some((2, _))) => panic!("the unmasked update request was relayed: QEMU answered it"),
         other => panic!("{other:?}"),
     }

@@ -2,7 +2,7 @@
 //! pings answered, and one writer task so both relay directions can send.
 
 use super::End;
-use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketRead};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketRead};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
@@ -96,9 +96,26 @@ impl BrowserTx {
 
 /// Reads the browser's binary messages.
 pub struct BrowserRx {
-    rx: FragmentCollectorRead<ReadHalf<Io>>,
+    rx: WebSocketRead<ReadHalf<Io>>,
     tx: mpsc::Sender<Frame<'static>>,
     pings: Pings,
+    /// The largest message, whole or in fragments.
+    max_message: usize,
+    /// A fragmented binary message so far.
+    fragments: Option<Vec<u8>>,
+}
+
+/// A WebSocket protocol violation by the browser.
+fn ws_error(what: impl std::fmt::Display) -> End {
+    End::refused(format!("WebSocket error: {what}"), "websocket_error")
+}
+
+/// Whether a frame came masked, as RFC 6455 (5.1) demands of every client frame (the
+/// reader unmasks the payload but keeps the key, which the formatted head shows).
+fn masked(frame: &mut Frame<'_>) -> bool {
+    let mut head = [0u8; 16];
+    frame.fmt_head(&mut head);
+    head[1] & 0x80 != 0
 }
 
 /// Pings vizor sent to the browser and not yet answered, and where their round trips
@@ -167,11 +184,13 @@ impl BrowserRx {
         self.pings.clone()
     }
 
-    /// Appends the next binary message to `buf`.
+    /// Appends the next binary message to `buf`. A fragmented message is put together
+    /// here, bounded as a whole by `max_message` like an unfragmented one (each frame
+    /// alone is bounded by the reader).
     pub async fn read_into(&mut self, buf: &mut Vec<u8>) -> Result<usize, End> {
         loop {
             let tx = self.tx.clone();
-            let frame = self
+            let mut frame = self
                 .rx
                 .read_frame(&mut move |f: Frame<'static>| {
                     let tx = tx.clone();
@@ -181,23 +200,44 @@ impl BrowserRx {
                 .map_err(|e| match e {
                     fastwebsockets::WebSocketError::ConnectionClosed
                     | fastwebsockets::WebSocketError::UnexpectedEOF => End::browser_closed(),
-                    other => End::refused(format!("WebSocket error: {other}"), "websocket_error"),
+                    other => ws_error(other),
                 })?;
+            if !masked(&mut frame) {
+                return Err(ws_error("unmasked frame from the browser"));
+            }
             match frame.opcode {
-                OpCode::Binary => {
-                    buf.extend_from_slice(&frame.payload);
-                    return Ok(frame.payload.len());
-                }
                 OpCode::Close => return Err(End::browser_closed()),
                 OpCode::Pong => self.pings.pong(&frame.payload),
+                // Pings are answered by the reader's obligated sends.
+                OpCode::Ping => {}
+                OpCode::Text | OpCode::Binary if self.fragments.is_some() => {
+                    return Err(ws_error("Invalid fragment"))
+                }
                 OpCode::Text => {
                     return Err(End::refused(
                         "text WebSocket messages are not RFB; use binary",
                         "websocket_text",
                     ))
                 }
-                // Pings are answered by the reader's obligated sends.
-                _ => continue,
+                OpCode::Binary if !frame.fin => self.fragments = Some(frame.payload.to_vec()),
+                OpCode::Binary => {
+                    buf.extend_from_slice(&frame.payload);
+                    return Ok(frame.payload.len());
+                }
+                OpCode::Continuation => {
+                    let Some(so_far) = self.fragments.as_mut() else {
+                        return Err(ws_error("Invalid continuation frame"));
+                    };
+                    if so_far.len() + frame.payload.len() > self.max_message {
+                        return Err(ws_error("Frame too large"));
+                    }
+                    so_far.extend_from_slice(&frame.payload);
+                    if frame.fin {
+                        let whole = self.fragments.take().unwrap_or_default();
+                        buf.extend_from_slice(&whole);
+                        return Ok(whole.len());
+                    }
+                }
             }
         }
     }
@@ -230,9 +270,11 @@ pub fn split(
     });
     (
         BrowserRx {
-            rx: FragmentCollectorRead::new(rd),
+            rx: rd,
             tx: tx.clone(),
             pings: Pings::default(),
+            max_message,
+            fragments: None,
         },
         BrowserTx {
             tx,
