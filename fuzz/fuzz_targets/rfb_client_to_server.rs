@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         max_message_len: 1 << 16,
     });
     if flags & 0x80 != 0 {
-        d.enable_extended_pointer();
+        d.confirm(vizor_rfb::client::Confirmations::ALL);
     }
     let mut pending: Vec<u8> = Vec::new();
     let mut consumed = 0usize;

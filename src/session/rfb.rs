@@ -20,17 +20,17 @@ use crate::token::Claims;
 use bytes::BytesMut;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
-use vizor_rfb::client::{write_set_encodings, ClientDecoder, ClientMessage};
+use vizor_rfb::client::{write_set_encodings, ClientDecoder, ClientMessage, Confirmations};
 use vizor_rfb::handshake::client::{self, Authenticate, SendClientInit, VencryptChosen};
 use vizor_rfb::handshake::server::{self, SecurityChosen};
 use vizor_rfb::handshake::{Progress, SecurityType, ServerInit, VencryptSubtype, Version};
-use vizor_rfb::server::{RectInfo, ServerDecoder, ServerEvent};
+use vizor_rfb::server::{ServerDecoder, ServerEvent};
 use vizor_rfb::{Encoding, Limits};
 
 /// What a session needs from the proxy.
@@ -490,7 +490,8 @@ async fn relay(
     let idle = Idle::default();
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
     let server = Mutex::new(ServerDecoder::new(si, ctx.vm_limits));
-    let extended_pointer = AtomicBool::new(false);
+    // What QEMU confirmed (extended mouse buttons, fence...), for the browser's decoder.
+    let confirmed = AtomicU8::new(0);
     let timing = Mutex::new(Timing::default());
     let frame_latency = ctx
         .metrics
@@ -509,9 +510,7 @@ async fn relay(
         let mut buttons_down = 0u16;
         loop {
             brx.read_into(&mut buf).await?;
-            if extended_pointer.load(Ordering::Relaxed) {
-                dec.enable_extended_pointer();
-            }
+            dec.confirm(Confirmations::from_bits(confirmed.load(Ordering::Relaxed)));
             let mut pos = 0;
             while let Some((msg, n)) = dec
                 .decode(&buf[pos..])
@@ -633,10 +632,8 @@ async fn relay(
                     .decode(&buf[consumed..])
                     .map_err(|e| End::protocol("VM", &e))?
                 {
+                    confirmed.fetch_or(Confirmations::of(&ev).bits(), Ordering::Relaxed);
                     match ev {
-                        ServerEvent::Rect(r) if r.info == RectInfo::ExtendedMouseButtons => {
-                            extended_pointer.store(true, Ordering::Relaxed);
-                        }
                         ServerEvent::UpdateEnd => {
                             let (frame, input) = lock(&timing)?.update_relayed();
                             if let Some(d) = frame {

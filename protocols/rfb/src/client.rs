@@ -441,6 +441,62 @@ fn write_cut_text(id: u8, text: &CutText<'_>, out: &mut Vec<u8>) -> Result<(), E
     Ok(())
 }
 
+/// Server messages that confirm an extension, after which (and only after which) the
+/// client may send that extension's messages. The two directions are decoded apart, so
+/// a relay takes what each server event confirms ([`Confirmations::of`]) across to its
+/// [`ClientDecoder::confirm`]; the bits ([`Confirmations::bits`]) fit an atomic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Confirmations(u8);
+
+impl Confirmations {
+    /// An ExtendedMouseButtons rectangle: PointerEvent may carry a second button byte.
+    pub const EXTENDED_MOUSE_BUTTONS: Confirmations = Confirmations(1);
+    /// A ServerFence: the client may send ClientFence.
+    pub const FENCE: Confirmations = Confirmations(2);
+    /// EndOfContinuousUpdates: the client may send EnableContinuousUpdates.
+    pub const CONTINUOUS_UPDATES: Confirmations = Confirmations(4);
+    /// An xvp init message: the client may send xvp requests.
+    pub const XVP: Confirmations = Confirmations(8);
+    /// All of them.
+    pub const ALL: Confirmations = Confirmations(15);
+
+    /// What `event` from the server confirms: nothing for most events.
+    pub fn of(event: &crate::server::ServerEvent<'_>) -> Confirmations {
+        use crate::server::{RectInfo, ServerEvent};
+        match event {
+            ServerEvent::Rect(r) if r.info == RectInfo::ExtendedMouseButtons => {
+                Self::EXTENDED_MOUSE_BUTTONS
+            }
+            ServerEvent::ServerFence { .. } => Self::FENCE,
+            ServerEvent::EndOfContinuousUpdates => Self::CONTINUOUS_UPDATES,
+            ServerEvent::Xvp { code: 1, .. } => Self::XVP,
+            _ => Confirmations(0),
+        }
+    }
+
+    /// The set as bits.
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// The set of `bits` (unknown bits are dropped).
+    pub const fn from_bits(bits: u8) -> Confirmations {
+        Confirmations(bits & Self::ALL.0)
+    }
+
+    /// Whether every confirmation of `other` is in this set.
+    pub const fn contains(self, other: Confirmations) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for Confirmations {
+    type Output = Confirmations;
+    fn bitor(self, other: Confirmations) -> Confirmations {
+        Confirmations(self.0 | other.0)
+    }
+}
+
 /// Decoder of the client-to-server stream.
 #[derive(Debug, Clone)]
 pub struct ClientDecoder {
@@ -452,6 +508,8 @@ pub struct ClientDecoder {
     extended_mouse_offered: bool,
     /// ...and the server confirmed them: PointerEvent may carry a second button byte.
     extended_pointer: bool,
+    /// What the server confirmed so far.
+    confirmed: Confirmations,
 }
 
 impl ClientDecoder {
@@ -462,6 +520,7 @@ impl ClientDecoder {
             extended_clipboard: false,
             extended_mouse_offered: false,
             extended_pointer: false,
+            confirmed: Confirmations::default(),
         }
     }
 
@@ -469,7 +528,24 @@ impl ClientDecoder {
     /// ExtendedMouseButtons rectangle): from then on a PointerEvent whose first button
     /// byte has bit 7 set carries a second button byte.
     pub fn enable_extended_pointer(&mut self) {
-        self.extended_pointer = self.extended_mouse_offered;
+        self.confirm(Confirmations::EXTENDED_MOUSE_BUTTONS);
+    }
+
+    /// Called with what the server confirmed: the client messages of those extensions
+    /// are valid from then on (before, they are refused as never negotiated).
+    pub fn confirm(&mut self, c: Confirmations) {
+        self.confirmed = self.confirmed | c;
+        if c.contains(Confirmations::EXTENDED_MOUSE_BUTTONS) {
+            self.extended_pointer = self.extended_mouse_offered;
+        }
+    }
+
+    fn require(&self, c: Confirmations, what: &'static str) -> Result<(), Error> {
+        if self.confirmed.contains(c) {
+            Ok(())
+        } else {
+            Err(Error::NotNegotiated(what))
+        }
     }
 
     /// Decodes the next whole message at the start of `buf`, returning it with its
@@ -539,14 +615,18 @@ impl ClientDecoder {
                 &self.limits,
                 "ClientCutText",
             )?)),
-            msg::ENABLE_CONTINUOUS_UPDATES => ClientMessage::EnableContinuousUpdates {
-                enable: need!(r.u8()) != 0,
-                x: need!(r.u16()),
-                y: need!(r.u16()),
-                width: need!(r.u16()),
-                height: need!(r.u16()),
-            },
+            msg::ENABLE_CONTINUOUS_UPDATES => {
+                self.require(Confirmations::CONTINUOUS_UPDATES, "EnableContinuousUpdates")?;
+                ClientMessage::EnableContinuousUpdates {
+                    enable: need!(r.u8()) != 0,
+                    x: need!(r.u16()),
+                    y: need!(r.u16()),
+                    width: need!(r.u16()),
+                    height: need!(r.u16()),
+                }
+            }
             msg::CLIENT_FENCE => {
+                self.require(Confirmations::FENCE, "ClientFence")?;
                 need!(r.skip(3));
                 let flags = need!(r.u32());
                 let len = need!(r.u8());
@@ -563,6 +643,7 @@ impl ClientDecoder {
                 }
             }
             msg::XVP => {
+                self.require(Confirmations::XVP, "xvp")?;
                 need!(r.skip(1));
                 ClientMessage::Xvp {
                     version: need!(r.u8()),

@@ -21,8 +21,10 @@
 //! The two directions are decoded independently; a relay passes these facts across:
 //! - a client SetPixelFormat or SetEncodings it forwards goes to
 //!   [`server::ServerDecoder::set_pixel_format`] / [`server::ServerDecoder::set_encodings`];
-//! - a server ExtendedMouseButtons rectangle goes to
-//!   [`client::ClientDecoder::enable_extended_pointer`].
+//! - what a server event confirms ([`client::Confirmations::of`]: ExtendedMouseButtons,
+//!   ServerFence, EndOfContinuousUpdates, xvp init) goes to
+//!   [`client::ClientDecoder::confirm`]; the client messages of those extensions are
+//!   refused until then.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -101,9 +101,53 @@ fn every_message_round_trips() {
     for m in &msgs {
         m.write(&mut stream).unwrap();
     }
-    let decoded = decode_all(ClientDecoder::new(Limits::default()), &stream).unwrap();
+    // Fence, continuous updates and xvp as a server that confirmed them allows.
+    let mut d = ClientDecoder::new(Limits::default());
+    d.confirm(Confirmations::ALL);
+    let decoded = decode_all(d, &stream).unwrap();
     let want: Vec<String> = msgs.iter().map(|m| format!("{m:?}")).collect();
     assert_eq!(decoded, want);
+}
+
+#[test]
+fn extension_messages_wait_for_the_servers_confirmation() {
+    use crate::server::ServerEvent;
+    let fence = [248, 0, 0, 0, 0, 0, 0, 0, 0];
+    let continuous = [150, 1, 0, 0, 0, 0, 0, 1, 0, 1];
+    let xvp = [250, 0, 1, 4];
+    let mut d = ClientDecoder::new(Limits::default());
+    assert_eq!(d.decode(&fence), Err(Error::NotNegotiated("ClientFence")));
+    assert_eq!(
+        d.decode(&continuous),
+        Err(Error::NotNegotiated("EnableContinuousUpdates"))
+    );
+    assert_eq!(d.decode(&xvp), Err(Error::NotNegotiated("xvp")));
+    // An xvp failure confirms nothing; its init does.
+    let fail = ServerEvent::Xvp {
+        version: 1,
+        code: 0,
+    };
+    assert_eq!(Confirmations::of(&fail), Confirmations::default());
+    let events = [
+        ServerEvent::ServerFence {
+            flags: 0,
+            payload: &[],
+        },
+        ServerEvent::EndOfContinuousUpdates,
+        ServerEvent::Xvp {
+            version: 1,
+            code: 1,
+        },
+    ];
+    for (ev, msg) in events.iter().zip([&fence[..], &continuous, &xvp]) {
+        d.confirm(Confirmations::of(ev));
+        assert_eq!(d.decode(msg).unwrap().unwrap().1, msg.len(), "{ev:?}");
+    }
+    assert_eq!(
+        Confirmations::from_bits(0xff),
+        Confirmations::ALL,
+        "unknown bits are dropped"
+    );
 }
 
 #[test]
@@ -201,6 +245,7 @@ fn refusals() {
         d.decode(&[255, 1, 0, 3]),
         Err(Error::UnknownQemuAudioOperation(3))
     );
+    d.confirm(Confirmations::FENCE);
     assert!(matches!(
         d.decode(&[248, 0, 0, 0, 0, 0, 0, 0, 65]),
         Err(Error::LengthTooLarge { max: 64, .. })
