@@ -1349,12 +1349,11 @@ async fn unnegotiated_client_messages_are_refused() {
     }
 }
 
-/// Known issue: vizor passes the browser's ClientInit shared flag on to QEMU, whose
-/// default share policy (allow-exclusive) then disconnects every other client of the
-/// VM: one token holder ends every other console session of that VM, other users'
-/// included. Expected: other sessions survive (vizor asks QEMU for a shared session).
+/// vizor passed the browser's ClientInit shared flag on to QEMU, whose default share
+/// policy (allow-exclusive) then disconnects every other client of the VM: one token
+/// holder ended every other console session of that VM. vizor now always asks QEMU
+/// for a shared session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "vizor issue: an exclusive ClientInit disconnects the VM's other sessions"]
 async fn an_exclusive_client_init_does_not_disconnect_other_sessions() {
     if live().is_none() {
         return;

@@ -366,7 +366,13 @@ async fn handshake(
             "protocol_error",
         ));
     }
-    let expect_si = init.send(ci.shared, &mut out);
+    // Always shared toward QEMU: with its default share policy an exclusive ClientInit
+    // disconnects every other client of the VM, so one token holder could end the
+    // console sessions of every other user of that VM.
+    if !ci.shared {
+        debug!("the browser asked for exclusive access; the console is shared all the same");
+    }
+    let expect_si = init.send(true, &mut out);
     let (rd, mut wr) = tokio::io::split(&mut up.stream);
     write_up(&mut wr, &mut out).await?;
     let mut src = Upstream(rd);
