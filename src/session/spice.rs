@@ -564,7 +564,19 @@ async fn relay(
                 .decode(&buf[pos..])
                 .map_err(|e| End::spice_protocol("browser", &e))?
             {
-                if let Frame::Whole { header, .. } | Frame::Begin { header } = &frame {
+                // Whatever the browser sends is parsed (and audited) whole: a message
+                // beyond the bound is refused, not streamed on unread.
+                if let Frame::Begin { header } = &frame {
+                    return Err(End::spice_protocol(
+                        "browser",
+                        &vizor_spice::Error::LengthTooLarge {
+                            what: "SPICE message",
+                            len: u64::from(header.size),
+                            max: ctx.browser_limits.max_message_len as u64,
+                        },
+                    ));
+                }
+                if let Frame::Whole { header, .. } = &frame {
                     if let Some(serial) = header.serial {
                         last_serial.store(serial, Ordering::Relaxed);
                     }
