@@ -791,10 +791,7 @@ async fn rfb_handshake_refusals() {
             "ClientInit with messages behind it, before ServerInit",
             Stage::ClientInit,
             vec![Step::Bin(cat(&[&[1], &request(0, 0, 1, 1)]))],
-            Expect::refused(
-                "the browser sent messages before ServerInit",
-                "protocol_error",
-            ),
+            Expect::browser("early_message", "messages sent before ServerInit"),
         ),
     ];
     // Cut-short handshakes that then go silent end at the handshake timeout: they run
@@ -1719,12 +1716,9 @@ async fn spice_refusals() {
         checker.check(name, expect, before, &closed).await;
     }
     // The browser selects SASL, which vizor's link reply did not offer: refused with a
-    // link error (permission denied). Counted as a protocol error, but vizor writes no
-    // protocol_error record for it (End::refused(.., "protocol_error")).
-    let expect = Expect::refused(
-        "the browser asked for an authentication vizor does not offer",
-        "protocol_error",
-    );
+    // link error (permission denied) and audited as a protocol error.
+    let expect =
+        Expect::spice("malformed SPICE link: an authentication mechanism vizor did not offer");
     let before = checker.before(&expect).await;
     let token = v.token(dom, ConsoleKind::Spice, 60);
     let mut r = Raw::open(v.addr, &format!("/websockify?token={token}")).await;

@@ -71,6 +71,17 @@ impl End {
         }
     }
 
+    /// The browser broke the protocol in a way its codec does not see (a step of the
+    /// proxy's own): audited as a protocol error with `cause`, as codec errors are.
+    pub fn browser_violation(what: &str, cause: &'static str) -> End {
+        End {
+            code: 1008,
+            reason: format!("browser protocol error: {what}"),
+            label: "protocol_error",
+            protocol: Some(("browser_to_vm", cause)),
+        }
+    }
+
     /// The peer broke the SPICE protocol.
     pub fn spice_protocol(leg: &str, e: &vizor_spice::Error) -> End {
         End {

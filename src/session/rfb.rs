@@ -352,18 +352,18 @@ async fn handshake(
     btx.binary(std::mem::take(&mut out)).await;
     let (chosen, _) = drive(brx, &mut bbuf, choice, "browser", |s, b| s.receive(b)).await?;
     let SecurityChosen::None(result) = chosen else {
-        return Err(End::refused(
-            "the browser chose a security type vizor did not offer",
-            "protocol_error",
+        return Err(End::browser_violation(
+            "a security type vizor did not offer",
+            "security_type_not_offered",
         ));
     };
     let expect_ci = result.accept(&mut out);
     btx.binary(std::mem::take(&mut out)).await;
     let (ci, _) = drive(brx, &mut bbuf, expect_ci, "browser", |s, b| s.receive(b)).await?;
     if !bbuf.is_empty() {
-        return Err(End::refused(
-            "the browser sent messages before ServerInit",
-            "protocol_error",
+        return Err(End::browser_violation(
+            "messages sent before ServerInit",
+            "early_message",
         ));
     }
     // Always shared toward QEMU: with its default share policy an exclusive ClientInit

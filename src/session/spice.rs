@@ -478,9 +478,12 @@ async fn link_both(
         if mech != cap::AUTH_SPICE {
             btx.binary(link_error::PERMISSION_DENIED.to_le_bytes().to_vec())
                 .await;
-            return Err(End::refused(
-                "the browser asked for an authentication vizor does not offer",
-                "protocol_error",
+            return Err(End::spice_protocol(
+                "browser",
+                &vizor_spice::Error::Malformed {
+                    what: "SPICE link",
+                    why: "an authentication mechanism vizor did not offer",
+                },
             ));
         }
     }
