@@ -1771,58 +1771,55 @@ async fn spice_refusals() {
         (1008, "no SPICE link message in time")
     );
 
-    // An unknown channel type as a session's first channel: refused with a link error
-    // (bad connection id). The reason names a replay though the token was never used.
-    let expect = Expect::refused(
-        "token already used (not for this SPICE session)",
-        "replayed",
-    );
-    let before = checker.before(&expect).await;
-    let token = v.token(dom, ConsoleKind::Spice, 60);
-    let mut r = Raw::open(v.addr, &format!("/websockify?token={token}")).await;
-    r.send(&link_bytes(2, 2, 18, &link_body(0, 99, 0, 18)))
-        .await;
-    r.more().await;
-    let (reply, _) = LinkReply::parse(&r.pending, &vizor_spice::Limits::default())
-        .unwrap()
-        .unwrap();
-    assert_eq!(reply.error, link_error::BAD_CONNECTION_ID);
-    r.pending.clear();
-    let closed = r.closed().await;
-    checker
-        .check("an unknown channel type first", &expect, before, &closed)
-        .await;
-
-    // Within a live session: vizor passes an unknown channel type on to spice-server,
-    // which hangs up without a link reply; the browser's channel is closed with why.
+    // A channel type spice-server does not have, first or within a live session, and a
+    // display channel naming no session: each refused with a link error, audited.
     let token = v.token(dom, ConsoleKind::Spice, 60);
     let (mut main, session_id, kind) = common::spice::session(&v, &token, true).await;
-    let mut r = Raw::open(v.addr, &format!("/websockify?token={token}")).await;
-    let mut link = Vec::new();
-    let mut common_caps = Caps::default();
-    common_caps.set(vizor_spice::link::cap::MINI_HEADER);
-    LinkMess {
-        connection_id: session_id,
-        channel_type: 99,
-        channel_id: 0,
-        common_caps,
-        channel_caps: Caps::default(),
-    }
-    .write(&mut link);
-    r.send(&link).await;
-    let closed = r.closed().await;
-    assert_eq!(
-        (closed.code, closed.reason.as_str()),
+    for (name, channel, connection, error, why) in [
         (
-            1011,
-            "the VM console closed the connection during the link reply"
-        )
-    );
-    let failure = wait_record(&v, "upstream_failure", |r| {
-        r["event"] == "upstream_failure" && r["reason"] == "upstream_closed"
-    })
-    .await;
-    assert_eq!(failure["domain"], dom);
+            "an unknown channel type first",
+            99,
+            0,
+            link_error::CHANNEL_NOT_AVAILABLE,
+            "a channel type spice-server does not have",
+        ),
+        (
+            "an unknown channel type within a session",
+            99,
+            session_id,
+            link_error::CHANNEL_NOT_AVAILABLE,
+            "a channel type spice-server does not have",
+        ),
+        (
+            "a display channel naming no session",
+            channel_type::DISPLAY,
+            0,
+            link_error::BAD_CONNECTION_ID,
+            "a channel other than main that names no session",
+        ),
+    ] {
+        let expect = Expect::spice(&format!("malformed SPICE link: {why}"));
+        let before = checker.before(&expect).await;
+        let mut r = Raw::open(v.addr, &format!("/websockify?token={token}")).await;
+        let mut link = Vec::new();
+        LinkMess {
+            connection_id: connection,
+            channel_type: channel,
+            channel_id: 0,
+            common_caps: Caps::default(),
+            channel_caps: Caps::default(),
+        }
+        .write(&mut link);
+        r.send(&link).await;
+        r.more().await;
+        let (reply, _) = LinkReply::parse(&r.pending, &vizor_spice::Limits::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.error, error, "{name}");
+        r.pending.clear();
+        let closed = r.closed().await;
+        checker.check(name, &expect, before, &closed).await;
+    }
 
     // After the link: a KEY_DOWN whose body is shorter than its scancode.
     let mut inputs = common::spice::open(&v, &token).await;

@@ -256,6 +256,18 @@ pub async fn run(
         }
     };
     let chan = channel_type::name(mess.channel_type);
+    if matches!(chan, "unknown" | "tunnel") {
+        btx.binary(link_refusal(link_error::CHANNEL_NOT_AVAILABLE))
+            .await;
+        let end = End::spice_protocol(
+            "browser",
+            &vizor_spice::Error::Malformed {
+                what: "SPICE link",
+                why: "a channel type spice-server does not have",
+            },
+        );
+        return (close(&btx, end).await, ctx.id);
+    }
     let (admission, idle) = if mess.channel_type == channel_type::MAIN && mess.connection_id == 0 {
         let slot = match admit(&ctx.claims, &console.domain) {
             Ok(slot) => slot,
@@ -276,10 +288,20 @@ pub async fn run(
     } else {
         btx.binary(link_refusal(link_error::BAD_CONNECTION_ID))
             .await;
-        let end = End::refused(
-            "token already used (not for this SPICE session)",
-            "replayed",
-        );
+        let end = if mess.connection_id == 0 {
+            End::spice_protocol(
+                "browser",
+                &vizor_spice::Error::Malformed {
+                    what: "SPICE link",
+                    why: "a channel other than main that names no session",
+                },
+            )
+        } else {
+            End::refused(
+                "token already used (not for this SPICE session)",
+                "replayed",
+            )
+        };
         return (close(&btx, end).await, ctx.id);
     };
     let span = tracing::info_span!("channel", session = ctx.id, channel = chan);
