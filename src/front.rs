@@ -416,6 +416,22 @@ fn websocket(app: Arc<App>, peer: SocketAddr, req: &mut Request<Incoming>) -> Re
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|p| p.trim() == "binary");
+    // RFC 6455 4.4: a version the server does not speak gets 426 naming the one it does.
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        let mut r = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "bad WebSocket upgrade: Sec-WebSocket-Version must be 13\n",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            header::HeaderValue::from_static("13"),
+        );
+        return r;
+    }
     let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut *req) {
         Ok(x) => x,
         Err(e) => {

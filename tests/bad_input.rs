@@ -1474,8 +1474,7 @@ async fn http_refusals() {
             400,
             "bad WebSocket upgrade: Sec-WebSocket-Key header is missing\n".into(),
         ),
-        // RFC 6455 4.2.2 suggests 426 with a Sec-WebSocket-Version header; vizor
-        // answers 400 without it.
+        // RFC 6455 4.4: 426 with the version vizor speaks (checked below).
         (
             "an upgrade with Sec-WebSocket-Version 8",
             request_bytes(
@@ -1483,14 +1482,14 @@ async fn http_refusals() {
                 b"/websockify?token=x",
                 &upgrade_with(&cat(&[key_line, b"Sec-WebSocket-Version: 8\r\n"])),
             ),
-            400,
-            "bad WebSocket upgrade: Sec-Websocket-Version must be 13\n".into(),
+            426,
+            "bad WebSocket upgrade: Sec-WebSocket-Version must be 13\n".into(),
         ),
         (
             "an upgrade without Sec-WebSocket-Version",
             request_bytes("GET", b"/websockify?token=x", &upgrade_with(key_line)),
-            400,
-            "bad WebSocket upgrade: Sec-Websocket-Version must be 13\n".into(),
+            426,
+            "bad WebSocket upgrade: Sec-WebSocket-Version must be 13\n".into(),
         ),
         (
             "an upgrade by POST",
@@ -1575,6 +1574,13 @@ async fn http_refusals() {
         let (got, head, got_body) = http_raw(v.addr, req).await;
         assert_eq!(got, *status, "{name}: {head}");
         assert!(body.matches(&got_body), "{name}: {got_body:?}");
+        if got == 426 {
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("sec-websocket-version: 13\r\n"),
+                "{name}: {head}"
+            );
+        }
     }
     let origin = wait_record(&v, "origin_refused", |r| r["event"] == "origin_refused").await;
     assert_eq!(origin["origin"], "http://\u{fffd}\u{fffd}");
