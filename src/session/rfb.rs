@@ -638,7 +638,10 @@ async fn relay(
                     .decode(&buf[consumed..])
                     .map_err(|e| End::protocol("VM", &e))?
                 {
-                    confirmed.fetch_or(Confirmations::of(&ev).bits(), Ordering::Relaxed);
+                    let confirms = Confirmations::of(&ev);
+                    if confirms != Confirmations::default() {
+                        confirmed.fetch_or(confirms.bits(), Ordering::Relaxed);
+                    }
                     match ev {
                         ServerEvent::UpdateEnd => {
                             let (frame, input) = lock(&timing)?.update_relayed();

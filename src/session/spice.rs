@@ -256,7 +256,7 @@ pub async fn run(
         }
     };
     let chan = channel_type::name(mess.channel_type);
-    if matches!(chan, "unknown" | "tunnel") {
+    if !channel_type::exists(mess.channel_type) {
         btx.binary(link_refusal(link_error::CHANNEL_NOT_AVAILABLE))
             .await;
         let end = End::spice_protocol(

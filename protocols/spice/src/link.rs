@@ -62,6 +62,11 @@ pub mod channel_type {
     /// WebDAV.
     pub const WEBDAV: u8 = 11;
 
+    /// Whether spice-server has channels of type `t` (the tunnel, 7, is long gone).
+    pub fn exists(t: u8) -> bool {
+        matches!(t, MAIN..=RECORD | SMARTCARD..=WEBDAV)
+    }
+
     /// A name for logs.
     pub fn name(t: u8) -> &'static str {
         match t {
@@ -356,6 +361,14 @@ pub fn parse_ticket(buf: &[u8]) -> Option<([u8; TICKET_LEN], usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn channel_types_that_exist_are_the_named_ones_but_the_tunnel() {
+        for t in 0..=u8::MAX {
+            let named = !matches!(channel_type::name(t), "unknown" | "tunnel");
+            assert_eq!(channel_type::exists(t), named, "{t}");
+        }
+    }
 
     fn caps(bits: &[u32]) -> Caps {
         let mut c = Caps::default();
