@@ -78,8 +78,21 @@ async fn qemu_killed_mid_session() {
         assert!(ok.success());
     })
     .await;
-    // libvirt notices the dead QEMU and marks the domain shut off.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // libvirt notices the dead QEMU and marks the domain shut off (until then its live
+    // XML names no console, which a lookup reports as such): wait for that.
+    let mut state = String::new();
+    for _ in 0..100 {
+        state = common::virsh(&["domstate", d]);
+        if state.trim() == "shut off" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        state.trim(),
+        "shut off",
+        "libvirt did not notice the dead QEMU"
+    );
     refused_then_back(&v, d).await;
 }
 
