@@ -138,8 +138,10 @@ fn novnc_shows_seabios_opens_the_boot_menu_and_its_replay_ends_on_the_same_frame
         &t,
         "vnc-boot-menu",
         &console_url(&v, domain, ConsoleKind::Vnc, 60),
-        "",
+        domain,
     );
+    // The page paused the VM to take a settled last frame.
+    common::virsh(&["resume", domain]);
     eprintln!("noVNC: {r}");
     assert_eq!(r["status"], 200);
     // Not blank: the banner and the prompt are drawn.

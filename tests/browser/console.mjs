@@ -2,8 +2,10 @@
 // for tests/browser.rs. One scenario per run; its findings are one JSON line on stdout,
 // its screenshots go to OUTDIR.
 //
-//   node console.mjs vnc-boot-menu URL OUTDIR   noVNC: SeaBIOS, Escape, the boot menu;
-//                                               then disconnect and save the final frame
+//   node console.mjs vnc-boot-menu URL OUTDIR DOMAIN
+//                                               noVNC: SeaBIOS, Escape, the boot menu;
+//                                               then pause DOMAIN, disconnect and save
+//                                               the final frame
 //   node console.mjs replay URL OUTDIR LIVE     the replay's last frame against LIVE
 //   node console.mjs spice URL OUTDIR TEXT      spice-html5: a drawn screen, TEXT typed,
 //                                               Ctrl+Alt+Del and fullscreen clicked
@@ -13,6 +15,7 @@
 const { chromium } = await import(process.env.VIZOR_PLAYWRIGHT || "playwright-core");
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { execFileSync } from "node:child_process";
 
 const [mode, url, outDir, extra] = process.argv.slice(2);
 const chromiumPath = process.env.VIZOR_CHROMIUM || "/usr/bin/chromium";
@@ -149,6 +152,18 @@ try {
         const menuMs = Date.now() - escapeAt;
         await page.waitForTimeout(500);
         const menu = await shot("novnc-boot-menu");
+        // SeaBIOS's text cursor blinks on the VM's clock, and an update in flight when
+        // the page disconnects is recorded but never drawn. Pausing the VM stops the
+        // blinking, so the frame settles before the session ends.
+        execFileSync("virsh", ["-c", "qemu:///system", "suspend", extra], { stdio: "ignore" });
+        let settled = await pixels(page, "#screen canvas");
+        await until("the paused VM's frame to settle", 10000, async () => {
+            await page.waitForTimeout(1000);
+            const now = await pixels(page, "#screen canvas");
+            const same = now.rgba.equals(settled.rgba);
+            settled = now;
+            return same;
+        });
         // The session ends from the browser; its last frame is what a replay must show.
         const canvasHandle = await page.evaluateHandle(() => document.querySelector("#screen canvas"));
         await page.evaluate(() => window.vizorConsole.rfb.disconnect());
