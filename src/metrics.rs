@@ -22,6 +22,8 @@ pub struct Metrics {
     pub sessions_total: IntCounterVec,
     /// `vizor_session_bytes_total{kind,direction}`
     pub session_bytes_total: IntCounterVec,
+    /// `vizor_spliced_bytes_total{kind}`
+    pub spliced_bytes_total: IntCounterVec,
     /// `vizor_frame_latency_seconds{kind}`
     pub frame_latency_seconds: HistogramVec,
     /// `vizor_input_to_display_seconds{kind}`
@@ -71,6 +73,14 @@ impl Metrics {
             session_bytes_total: IntCounterVec::new(
                 Opts::new("vizor_session_bytes_total", "Bytes relayed, by direction (browser_to_vm, vm_to_browser)."),
                 &["kind", "direction"],
+            )?,
+            spliced_bytes_total: IntCounterVec::new(
+                Opts::new(
+                    "vizor_spliced_bytes_total",
+                    "Bytes of vm_to_browser moved socket to socket by splice(2), never read into vizor \
+                     (a part of vizor_session_bytes_total).",
+                ),
+                &["kind"],
             )?,
             frame_latency_seconds: histogram(
                 "vizor_frame_latency_seconds",
@@ -142,6 +152,7 @@ impl Metrics {
         r.register(Box::new(m.sessions_active.clone()))?;
         r.register(Box::new(m.sessions_total.clone()))?;
         r.register(Box::new(m.session_bytes_total.clone()))?;
+        r.register(Box::new(m.spliced_bytes_total.clone()))?;
         r.register(Box::new(m.frame_latency_seconds.clone()))?;
         r.register(Box::new(m.input_to_display_seconds.clone()))?;
         r.register(Box::new(m.client_rtt_seconds.clone()))?;
@@ -157,6 +168,8 @@ impl Metrics {
         // Series that exist from the start, so rates over them work before traffic.
         // Input-to-display is measured for RFB only.
         m.input_to_display_seconds.with_label_values(&["vnc"]);
+        // Splicing is done for RFB only.
+        m.spliced_bytes_total.with_label_values(&["vnc"]);
         for kind in ["vnc", "spice"] {
             m.sessions_active.with_label_values(&[kind]);
             for h in [

@@ -315,7 +315,8 @@ async fn a_browser_that_stops_reading_is_dropped_and_others_go_on() {
     let mut stalled =
         Browser::connect_over(stream, v.addr, &format!("/websockify?token={token}")).await;
     let si = rfb_handshake(&mut stalled).await.unwrap();
-    // Ask for whole frames, and never read them.
+    // Ask for whole frames, and never read them. A whole frame is over a megabyte,
+    // most of it spliced: the writer is stuck in a splice when the timeout comes.
     for _ in 0..40 {
         stalled.send(&update_request(si.width, si.height)).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -325,6 +326,7 @@ async fn a_browser_that_stops_reading_is_dropped_and_others_go_on() {
     full_update(&mut b, &si2).await;
     let ends = v.records("session_end", 1);
     assert_eq!(ends[0]["reason"], "the browser took no data for 2s");
+
     v.wait_for_metric(
         "vizor_sessions_total{kind=\"vnc\",outcome=\"browser_stalled\"}",
         1.0,

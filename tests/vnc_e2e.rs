@@ -902,51 +902,73 @@ async fn with_on_error_continue_sessions_go_on_and_the_loss_is_counted() {
     drop(disk);
 }
 
-/// A TCP relay between vizor and QEMU that keeps everything vizor sent: the witness of
-/// which key events reached the VM (QEMU keeps no record of keys it received).
-async fn witness(qemu: String) -> (std::net::SocketAddr, Arc<Mutex<Vec<u8>>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let sent = Arc::new(Mutex::new(Vec::new()));
-    let seen = sent.clone();
-    tokio::spawn(async move {
-        let (from_vizor, _) = listener.accept().await.unwrap();
-        let to_qemu = tokio::net::TcpStream::connect(qemu).await.unwrap();
-        let (mut vr, mut vw) = from_vizor.into_split();
-        let (mut qr, mut qw) = to_qemu.into_split();
-        let up = async move {
-            let mut buf = [0u8; 16384];
-            loop {
-                match vr.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        seen.lock().unwrap().extend_from_slice(&buf[..n]);
-                        if qw.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
+/// What went through a [`witness`], each way.
+#[derive(Clone, Default)]
+struct Witnessed {
+    /// vizor to QEMU.
+    sent: Arc<Mutex<Vec<u8>>>,
+    /// QEMU to vizor.
+    received: Arc<Mutex<Vec<u8>>>,
+}
+
+/// A TCP relay between vizor and QEMU that keeps everything each side sent: the witness
+/// of which key events reached the VM (QEMU keeps no record of keys it received), and
+/// of the bytes QEMU sent.
+async fn witness(qemu: String) -> (std::net::SocketAddr, Witnessed) {
+    cutting_witness(qemu, usize::MAX).await
+}
+
+/// A [`witness`] that hangs up on vizor once QEMU sent `cut` bytes, as if the VM's
+/// console closed there: a test double for a console that stops mid-message, which
+/// QEMU does not do at will.
+async fn cutting_witness(qemu: String, cut: usize) -> (std::net::SocketAddr, Witnessed) {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn pass(
+        mut from: impl AsyncRead + Unpin,
+        mut to: impl AsyncWrite + Unpin,
+        keep: Arc<Mutex<Vec<u8>>>,
+        mut cut: usize,
+    ) {
+        let mut buf = vec![0u8; 65536];
+        while cut > 0 {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let n = n.min(cut);
+                    cut -= n;
+                    keep.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
                     }
                 }
             }
-        };
-        let down = async move {
-            let _ = tokio::io::copy(&mut qr, &mut vw).await;
-        };
-        tokio::join!(up, down);
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Witnessed::default();
+    let keep = seen.clone();
+    tokio::spawn(async move {
+        let (from_vizor, _) = listener.accept().await.unwrap();
+        let to_qemu = tokio::net::TcpStream::connect(qemu).await.unwrap();
+        let (vr, vw) = from_vizor.into_split();
+        let (qr, qw) = to_qemu.into_split();
+        // Either way ending ends both: the cut closes the connection to vizor.
+        tokio::select! {
+            _ = pass(vr, qw, keep.sent, usize::MAX) => {}
+            _ = pass(qr, vw, keep.received, cut) => {}
+        }
     });
-    (addr, sent)
+    (addr, seen)
 }
 
-use std::sync::{Arc, Mutex};
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_session_loses_no_key_event_that_reached_the_vm() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
-    let (addr, sent) = witness(live.vnc_addr.clone()).await;
-    // libvirt's test driver names the witness as the domain's console, with the real
-    // password: vizor looks it up as it would any domain.
+/// vizor with libvirt's test driver naming `addr` (a witness) as the console of the
+/// domain `vizor-witness`, with the live domain's password.
+fn witnessed_vizor(
+    addr: std::net::SocketAddr,
+    live: &common::LiveDomain,
+    audit_extra: &str,
+) -> (Vizor, tempfile::TempDir) {
     let node = format!(
         "<node><domain type='test'><name>vizor-witness</name><memory>65536</memory>\
          <os><type>hvm</type></os><devices><graphics type='vnc' port='{}' \
@@ -960,13 +982,28 @@ async fn sigkill_mid_session_loses_no_key_event_that_reached_the_vm() {
     let dir = tempfile::tempdir().unwrap();
     let node_path = dir.path().join("node.xml");
     std::fs::write(&node_path, node).unwrap();
-    let mut v = Vizor::start_uri(
+    let v = Vizor::start_uri(
         &format!("test://{}", node_path.display()),
         "",
-        "fsync = \"interval:10s\"", // durability against SIGKILL needs no fsync
+        audit_extra,
         "",
         |_| {},
     );
+    (v, dir)
+}
+
+use std::sync::{Arc, Mutex};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_session_loses_no_key_event_that_reached_the_vm() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    let (addr, seen) = witness(live.vnc_addr.clone()).await;
+    // libvirt's test driver names the witness as the domain's console, with the real
+    // password: vizor looks it up as it would any domain. Durability against SIGKILL
+    // needs no fsync.
+    let (mut v, _dir) = witnessed_vizor(addr, &live, "fsync = \"interval:10s\"");
     let (mut b, si) = open_session(&v, "vizor-witness").await;
     full_update(&mut b, &si).await;
     // Keys flow in small bursts; vizor is killed while they do.
@@ -987,7 +1024,7 @@ async fn sigkill_mid_session_loses_no_key_event_that_reached_the_vm() {
 
     // What reached QEMU: after the 30 bytes of vizor's RFB client handshake (version,
     // security type, VNC authentication response, ClientInit), client messages.
-    let sent = sent.lock().unwrap().clone();
+    let sent = seen.sent.lock().unwrap().clone();
     assert!(sent.len() > 30, "vizor never talked to QEMU");
     let mut dec = vizor_rfb::client::ClientDecoder::new(vizor_rfb::Limits::default());
     let mut reached = Vec::new();
@@ -1253,4 +1290,88 @@ async fn a_token_bound_to_a_client_admits_that_client_alone() {
         start["client"].as_str().unwrap().split(':').next(),
         Some("127.0.0.2")
     );
+}
+
+/// Rectangles of 64 KiB or more go from QEMU's socket to the browser's by splice(2),
+/// never read into vizor. The browser must still receive, from ServerInit on, exactly
+/// the bytes QEMU sent (a witness between vizor and QEMU keeps them), and the metric
+/// says most of the pixels went that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_rectangles_are_spliced_and_arrive_exactly_as_qemu_sent_them() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    let (addr, seen) = witness(live.vnc_addr.clone()).await;
+    let (v, _dir) = witnessed_vizor(addr, &live, "");
+    let (mut b, si) = open_session(&v, "vizor-witness").await;
+    let mut pixels = 0;
+    for _ in 0..4 {
+        pixels += full_update(&mut b, &si).await.0;
+    }
+    let spliced = common::metric(
+        &v.metrics().await,
+        "vizor_spliced_bytes_total{kind=\"vnc\"}",
+    )
+    .unwrap();
+    assert!(
+        spliced >= pixels as f64 / 2.0,
+        "{spliced} of {pixels} pixel bytes spliced"
+    );
+    let mut init = Vec::new();
+    si.write(&mut init);
+    let after_init = |s: &[u8]| {
+        s.windows(init.len())
+            .position(|w| w == init)
+            .map(|i| i + init.len())
+            .expect("ServerInit in the stream")
+    };
+    let received = b.received.clone();
+    let to_browser = &received[after_init(&received)..];
+    let from_qemu = seen.received.lock().unwrap().clone();
+    let from_qemu = &from_qemu[after_init(&from_qemu)..];
+    assert!(to_browser.len() as u64 > pixels);
+    assert!(from_qemu.len() >= to_browser.len());
+    assert!(
+        to_browser == &from_qemu[..to_browser.len()],
+        "the browser's bytes differ from QEMU's at {:?} (of {})",
+        to_browser.iter().zip(from_qemu).position(|(a, b)| a != b),
+        to_browser.len()
+    );
+    eprintln!(
+        "{} bytes relayed as QEMU sent them, {spliced} spliced",
+        to_browser.len()
+    );
+}
+
+/// A console that closes in the middle of a spliced rectangle breaks the WebSocket
+/// frame carrying it: nothing can follow on that connection, not even a close frame,
+/// so vizor drops it. The session is on record as the VM closing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_closing_mid_rectangle_drops_the_browser_and_is_on_record() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    // A full Raw frame of the test VM is over a megabyte: 300,000 bytes in, its
+    // rectangle is being spliced.
+    let (addr, seen) = cutting_witness(live.vnc_addr.clone(), 300_000).await;
+    let (v, _dir) = witnessed_vizor(addr, &live, "");
+    let (mut b, si) = open_session(&v, "vizor-witness").await;
+    b.send(&update_request(si.width, si.height)).await;
+    let closed = b.closed().await;
+    assert_eq!(closed.code, 0, "no close frame: {closed:?}");
+    assert!(closed.reason.starts_with("WebSocket error"), "{closed:?}");
+    assert_eq!(seen.received.lock().unwrap().len(), 300_000);
+    let end = v.wait_for_records("session_end", 1);
+    let end = end.iter().find(|r| r["event"] == "session_end").unwrap();
+    assert_eq!(end["reason"], "the VM closed the console connection");
+    let m = v.metrics().await;
+    assert!(
+        common::metric(&m, "vizor_spliced_bytes_total{kind=\"vnc\"}") == Some(0.0),
+        "a splice cut short is not counted"
+    );
+    v.wait_for_metric(
+        "vizor_sessions_total{kind=\"vnc\",outcome=\"vm_closed\"}",
+        1.0,
+    )
+    .await;
 }

@@ -1,24 +1,155 @@
 //! The browser's WebSocket as a byte stream: binary messages in, binary messages out,
 //! pings answered, and one writer task so both relay directions can send.
+//!
+//! Over plain TCP the writer can also splice a payload from the VM's socket straight
+//! into the browser's (`BrowserTx::splice`).
 
+use super::splice::{self, Pipe, SpliceError};
 use super::End;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketRead};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket, WebSocketRead};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::ReadHalf;
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 type Io = TokioIo<Upgraded>;
 
+/// The browser's side of the connection, read by the WebSocket reader.
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+
+/// What the writer task sends.
+enum Out {
+    /// A frame as it is.
+    Frame(Frame<'static>),
+    /// A binary frame whose payload comes from the VM's socket.
+    Splice(Splice),
+}
+
+/// A payload of `len` bytes to splice from `from`; the reader half goes back with the
+/// outcome.
+struct Splice {
+    from: OwnedReadHalf,
+    len: u64,
+    done: oneshot::Sender<(OwnedReadHalf, Result<(), SpliceError>)>,
+}
+
+/// The browser's side of the connection, written by the writer task: plain TCP (which
+/// splice(2) can write to), or anything else hyper upgraded (TLS).
+enum Writer {
+    Tcp(OwnedWriteHalf),
+    Other(WriteHalf<Io>),
+}
+
+impl Writer {
+    async fn frame(&mut self, frame: &mut Frame<'_>) -> std::io::Result<()> {
+        match self {
+            Writer::Tcp(w) => write_frame(w, frame).await,
+            Writer::Other(w) => write_frame(w, frame).await,
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Writer::Tcp(w) => w.flush().await,
+            Writer::Other(w) => w.flush().await,
+        }
+    }
+}
+
+/// Writes a frame: its head and payload in one vectored write where the stream takes
+/// them, the payload not copied.
+async fn write_frame(
+    w: &mut (impl AsyncWrite + Unpin),
+    frame: &mut Frame<'_>,
+) -> std::io::Result<()> {
+    let mut head = [0u8; 14];
+    let n = frame.fmt_head(&mut head);
+    let mut head = &head[..n];
+    let mut payload: &[u8] = &frame.payload;
+    while !head.is_empty() {
+        let wrote = w
+            .write_vectored(&[IoSlice::new(head), IoSlice::new(payload)])
+            .await?;
+        if wrote == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        if wrote < head.len() {
+            head = &head[wrote..];
+        } else {
+            payload = &payload[wrote - head.len()..];
+            head = &[];
+        }
+    }
+    w.write_all(payload).await
+}
+
+/// Writes what the queue holds, in order, until a close frame or a failure. A spliced
+/// frame that fails leaves the stream broken mid-frame: nothing follows it.
+async fn write_queue(mut w: Writer, mut queue: mpsc::Receiver<Out>, stall: Duration) {
+    let mut pipe: Option<Pipe> = None;
+    while let Some(out) = queue.recv().await {
+        match out {
+            Out::Frame(mut frame) => {
+                let closing = frame.opcode == OpCode::Close;
+                if w.frame(&mut frame).await.is_err() {
+                    break;
+                }
+                if closing {
+                    let _ = w.flush().await;
+                    break;
+                }
+            }
+            Out::Splice(s) => {
+                let result = match &w {
+                    Writer::Tcp(to) => {
+                        if pipe.is_none() {
+                            match Pipe::new() {
+                                Ok(p) => pipe = Some(p),
+                                // Nothing is written yet: the caller can go on without.
+                                Err(e) => {
+                                    let _ = s.done.send((s.from, Err(SpliceError::NoPipe(e))));
+                                    continue;
+                                }
+                            }
+                        }
+                        match &pipe {
+                            Some(p) => {
+                                splice::frame(s.from.as_ref(), to.as_ref(), s.len, p, stall).await
+                            }
+                            None => continue,
+                        }
+                    }
+                    Writer::Other(_) => Err(SpliceError::NoPipe(std::io::Error::other(
+                        "the browser's connection is not plain TCP",
+                    ))),
+                };
+                let broken = matches!(
+                    result,
+                    Err(SpliceError::Vm(_) | SpliceError::Browser(_) | SpliceError::BrowserStalled)
+                );
+                let _ = s.done.send((s.from, result));
+                if broken {
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Sends frames to the browser through the writer task.
 #[derive(Clone)]
 pub struct BrowserTx {
-    tx: mpsc::Sender<Frame<'static>>,
+    tx: mpsc::Sender<Out>,
     /// How long a frame may wait for room in the queue (`[limits] send_timeout`).
     send_timeout: Duration,
+    /// Whether the browser's connection is plain TCP, which payloads can be spliced to.
+    tcp: bool,
     /// The writer task, awaited on close so the close frame is on the wire before the
     /// session counts as ended (a shutting-down process must not drop it).
     writer: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
@@ -28,7 +159,7 @@ impl BrowserTx {
     /// Sends binary data; `false` once the browser is gone.
     pub async fn binary(&self, data: Vec<u8>) -> bool {
         self.tx
-            .send(Frame::binary(Payload::Owned(data)))
+            .send(Out::Frame(Frame::binary(Payload::Owned(data))))
             .await
             .is_ok()
     }
@@ -49,7 +180,7 @@ impl BrowserTx {
                     None,
                     Payload::Owned(id.to_be_bytes().to_vec()),
                 );
-                if tx.send(ping).await.is_err() {
+                if tx.send(Out::Frame(ping)).await.is_err() {
                     return;
                 }
             }
@@ -60,16 +191,55 @@ impl BrowserTx {
     /// it has taken nothing for the send timeout: a browser that stops reading holds
     /// at most the queue's frames, and not for long.
     pub async fn bytes(&self, data: bytes::BytesMut) -> Result<(), End> {
+        self.send(Out::Frame(Frame::binary(Payload::Bytes(data))))
+            .await
+    }
+
+    /// Queues `out`, waiting for room no longer than the send timeout.
+    async fn send(&self, out: Out) -> Result<(), End> {
         // Room in the queue is the common case: no clock read, no timer.
-        let frame = match self.tx.try_send(Frame::binary(Payload::Bytes(data))) {
+        let out = match self.tx.try_send(out) {
             Ok(()) => return Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::browser_closed()),
-            Err(mpsc::error::TrySendError::Full(frame)) => frame,
+            Err(mpsc::error::TrySendError::Full(out)) => out,
         };
-        match tokio::time::timeout(self.send_timeout, self.tx.send(frame)).await {
+        match tokio::time::timeout(self.send_timeout, self.tx.send(out)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::browser_closed()),
             Err(_) => Err(End::browser_stalled(self.send_timeout)),
+        }
+    }
+
+    /// Whether [`BrowserTx::splice`] can be used: the browser's connection is plain TCP.
+    pub(crate) fn can_splice(&self) -> bool {
+        self.tcp
+    }
+
+    /// Sends the next `len` bytes of the VM's socket `from` as one binary frame, after
+    /// everything queued before, without reading them into vizor. Returns `from` and
+    /// whether they were sent: `false` when no pipe could be had, and nothing was.
+    /// Any other failure ends the session (the frame is broken off).
+    pub(crate) async fn splice(
+        &self,
+        from: OwnedReadHalf,
+        len: u64,
+    ) -> Result<(OwnedReadHalf, bool), End> {
+        let (done, outcome) = oneshot::channel();
+        self.send(Out::Splice(Splice { from, len, done })).await?;
+        let (from, outcome) = outcome.await.map_err(|_| End::browser_closed())?;
+        match outcome {
+            Ok(()) => Ok((from, true)),
+            Err(SpliceError::NoPipe(e)) => {
+                tracing::debug!(error = %e, "no pipe to splice through");
+                Ok((from, false))
+            }
+            Err(SpliceError::Vm(None)) => Err(End::vm_closed()),
+            Err(SpliceError::Vm(Some(e))) => Err(super::read_failed(e, "")),
+            Err(SpliceError::Browser(e)) => {
+                tracing::debug!(error = %e, "writing a spliced frame to the browser failed");
+                Err(End::browser_closed())
+            }
+            Err(SpliceError::BrowserStalled) => Err(End::browser_stalled(self.send_timeout)),
         }
     }
 
@@ -84,7 +254,9 @@ impl BrowserTx {
         // A browser that stopped reading has a full queue: the close frame waits a
         // second at most, then the writer is stopped (which drops the connection).
         let wait = Duration::from_secs(1);
-        let close = self.tx.send(Frame::close(code, &reason.as_bytes()[..end]));
+        let close = self
+            .tx
+            .send(Out::Frame(Frame::close(code, &reason.as_bytes()[..end])));
         let _ = tokio::time::timeout(wait, close).await;
         if let Some(mut writer) = self.writer.lock().await.take() {
             if tokio::time::timeout(wait, &mut writer).await.is_err() {
@@ -96,8 +268,8 @@ impl BrowserTx {
 
 /// Reads the browser's binary messages.
 pub struct BrowserRx {
-    rx: WebSocketRead<ReadHalf<Io>>,
-    tx: mpsc::Sender<Frame<'static>>,
+    rx: WebSocketRead<Reader>,
+    tx: mpsc::Sender<Out>,
     pings: Pings,
     /// The largest message, whole or in fragments.
     max_message: usize,
@@ -194,7 +366,11 @@ impl BrowserRx {
                 .rx
                 .read_frame(&mut move |f: Frame<'static>| {
                     let tx = tx.clone();
-                    async move { tx.send(f).await.map_err(|_| "browser writer closed") }
+                    async move {
+                        tx.send(Out::Frame(f))
+                            .await
+                            .map_err(|_| "browser writer closed")
+                    }
                 })
                 .await
                 .map_err(|e| match e {
@@ -250,24 +426,27 @@ pub fn split(
     max_message: usize,
     send_timeout: Duration,
 ) -> (BrowserRx, BrowserTx) {
-    let (rd, mut wr) = ws.split(tokio::io::split);
-    // Close and pong frames are sent by this side, through the writer task.
-    wr.set_writev(true);
-    let mut rd: WebSocketRead<ReadHalf<Io>> = rd;
-    rd.set_max_message_size(max_message);
-    let (tx, mut queue) = mpsc::channel::<Frame<'static>>(32);
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = queue.recv().await {
-            let closing = frame.opcode == OpCode::Close;
-            if wr.write_frame(frame).await.is_err() {
-                break;
-            }
-            if closing {
-                let _ = wr.flush().await;
-                break;
-            }
+    // Nothing was read through the WebSocket yet: the upgraded connection is whole.
+    let upgraded = ws.into_inner().into_inner();
+    let (reader, writer): (Reader, Writer) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let (rd, wr) = parts.io.into_inner().into_split();
+            // Whatever hyper read past the upgrade request comes first.
+            let rd = std::io::Cursor::new(parts.read_buf).chain(rd);
+            (Box::new(rd), Writer::Tcp(wr))
         }
-    });
+        Err(upgraded) => {
+            let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
+            (Box::new(rd), Writer::Other(wr))
+        }
+    };
+    let tcp = matches!(writer, Writer::Tcp(_));
+    // Close and pong frames are sent by this side, through the writer task.
+    let (mut rd, _) =
+        fastwebsockets::after_handshake_split(reader, tokio::io::sink(), Role::Server);
+    rd.set_max_message_size(max_message);
+    let (tx, queue) = mpsc::channel::<Out>(32);
+    let writer = tokio::spawn(write_queue(writer, queue, send_timeout));
     (
         BrowserRx {
             rx: rd,
@@ -279,6 +458,7 @@ pub fn split(
         BrowserTx {
             tx,
             send_timeout,
+            tcp,
             writer: Arc::new(tokio::sync::Mutex::new(Some(writer))),
         },
     )

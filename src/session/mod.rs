@@ -7,14 +7,18 @@
 pub mod browser;
 pub mod rfb;
 pub mod spice;
+mod splice;
 
 use crate::libvirt::Target;
 use crate::live::{Direction, Live};
 use std::fmt;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// How a session ended: the reason in the audit record and the close frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,10 +161,88 @@ impl fmt::Display for End {
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// A connection to a VM's console. Plain TCP stays a [`TcpStream`] so a relay can
+/// splice payloads from its socket ([`splice`]); anything else (a UNIX socket, TLS) is
+/// boxed.
+pub(crate) enum Conn {
+    /// Plain TCP.
+    Tcp(TcpStream),
+    /// A UNIX socket, or TLS over either.
+    Other(Box<dyn Stream>),
+}
+
+impl Conn {
+    /// The connection as a boxed stream.
+    pub(crate) fn boxed(self) -> Box<dyn Stream> {
+        match self {
+            Conn::Tcp(s) => Box::new(s),
+            Conn::Other(s) => s,
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Other(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Other(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Other(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Tcp(s) => s.is_write_vectored(),
+            Conn::Other(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Conn::Other(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Other(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// The connection to a VM's console once it is set up.
 pub(crate) struct VmLink {
     /// The stream, inside TLS when `tls`.
-    pub stream: Box<dyn Stream>,
+    pub stream: Conn,
     /// Whether TLS protects it.
     pub tls: bool,
 }
@@ -202,7 +284,7 @@ fn stall_end() -> End {
 }
 
 /// Connects to a console, within `dial.timeout`.
-pub(crate) async fn connect(target: &Target, dial: Dial) -> Result<Box<dyn Stream>, End> {
+pub(crate) async fn connect(target: &Target, dial: Dial) -> Result<Conn, End> {
     let timeout = dial.timeout;
     let fail = |e: String| {
         End::upstream(
@@ -216,12 +298,11 @@ pub(crate) async fn connect(target: &Target, dial: Dial) -> Result<Box<dyn Strea
                 let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
                 s.set_nodelay(true)?;
                 watch_for_stalls(&s, dial.stall)?;
-                Ok::<Box<dyn Stream>, std::io::Error>(Box::new(s))
+                Ok::<Conn, std::io::Error>(Conn::Tcp(s))
             }
-            Target::Unix(path) => {
-                let s: Box<dyn Stream> = Box::new(tokio::net::UnixStream::connect(path).await?);
-                Ok(s)
-            }
+            Target::Unix(path) => Ok(Conn::Other(Box::new(
+                tokio::net::UnixStream::connect(path).await?,
+            ))),
         }
     };
     match tokio::time::timeout(timeout, connecting).await {
@@ -239,6 +320,7 @@ pub(crate) async fn connect(target: &Target, dial: Dial) -> Result<Box<dyn Strea
 pub(crate) struct Meter {
     relayed: [AtomicU64; 2],
     total: [prometheus::IntCounter; 2],
+    spliced: prometheus::IntCounter,
     live: Arc<Live>,
 }
 
@@ -253,8 +335,15 @@ impl Meter {
         Meter {
             relayed: Default::default(),
             total,
+            spliced: metrics.spliced_bytes_total.with_label_values(&[kind]),
             live,
         }
+    }
+
+    /// `n` bytes went to the browser by splice(2).
+    pub(crate) fn add_spliced(&self, n: u64) {
+        self.add(Direction::VmToBrowser, n);
+        self.spliced.inc_by(n);
     }
 
     /// `n` bytes went `dir`.

@@ -8,8 +8,7 @@
 
 use super::browser::{BrowserRx, BrowserTx};
 use super::{
-    audit_failed, connect, read_handshake, read_upstream, write_upstream, End, Meter, Stream,
-    VmLink,
+    audit_failed, connect, read_handshake, read_upstream, write_upstream, Conn, End, Meter, VmLink,
 };
 use crate::audit::{Audit, Clipboard, Event};
 use crate::libvirt::Console;
@@ -24,6 +23,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use vizor_rfb::client::{write_set_encodings, ClientDecoder, ClientMessage, Confirmations};
@@ -182,7 +182,7 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
             }
             drop(src);
             drop(wr);
-            up = tls.connect(up, &ctx.console.target).await?;
+            up = Conn::Other(tls.connect(up.boxed(), &ctx.console.target).await?);
             debug!(
                 subtype = sub.0,
                 "TLS to the VM console established (VeNCrypt X.509)"
@@ -484,7 +484,7 @@ pub async fn run(
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     ctx: &Ctx,
-    up: Box<dyn Stream>,
+    up: Conn,
     early: Vec<u8>,
     si: &ServerInit,
     brx: &mut BrowserRx,
@@ -494,7 +494,19 @@ async fn relay(
 ) -> End {
     let live = meter.live();
     let idle = Idle::default();
-    let (mut up_rd, mut up_wr) = tokio::io::split(up);
+    // Long payloads from the VM are spliced to the browser when both connections are
+    // plain TCP and the session is not recorded (a recording needs the bytes).
+    let recorded = recorder.lock().map_or(true, |r| r.is_some());
+    let (mut up_rd, mut up_wr): (VmReader, Box<dyn AsyncWrite + Unpin + Send>) = match up {
+        Conn::Tcp(tcp) if btx.can_splice() && !recorded => {
+            let (rd, wr) = tcp.into_split();
+            (VmReader::Tcp(Some(rd)), Box::new(wr))
+        }
+        other => {
+            let (rd, wr) = tokio::io::split(other.boxed());
+            (VmReader::Other(Box::new(rd)), Box::new(wr))
+        }
+    };
     let server = Mutex::new(ServerDecoder::new(si, ctx.vm_limits));
     // What QEMU confirmed (extended mouse buttons, fence...), for the browser's decoder.
     let confirmed = AtomicU8::new(0);
@@ -685,7 +697,29 @@ async fn relay(
                 btx.bytes(chunk).await?;
                 meter.add(Direction::VmToBrowser, consumed as u64);
             }
-            read_upstream(&mut up_rd, &mut buf).await?;
+            // The rest of a long rectangle goes from socket to socket; the decoder,
+            // told its length, then stands after it.
+            if buf.is_empty() {
+                let pending = lock(&server)?.pending_payload();
+                if pending >= SPLICE_MIN {
+                    if let VmReader::Tcp(slot) = &mut up_rd {
+                        if let Some(from) = slot.take() {
+                            let (from, sent) = btx.splice(from, pending).await?;
+                            if sent {
+                                *slot = Some(from);
+                                lock(&server)?
+                                    .consume_payload(pending)
+                                    .map_err(|e| End::protocol("VM", &e))?;
+                                meter.add_spliced(pending);
+                                continue;
+                            }
+                            // No pipe: this session reads everything from now on.
+                            up_rd = VmReader::Other(Box::new(from));
+                        }
+                    }
+                }
+            }
+            up_rd.read(&mut buf).await?;
         }
     };
     let result: Result<(), End> = tokio::select! {
@@ -694,6 +728,31 @@ async fn relay(
         _ = idle.expired(ctx.idle_timeout) => Err(End::idle(idle.idle_for())),
     };
     result.err().unwrap_or_else(End::vm_closed)
+}
+
+/// The shortest payload worth splicing: below it a read and a write cost less than
+/// the pipe's system calls and the hand-over to the browser's writer.
+const SPLICE_MIN: u64 = 64 * 1024;
+
+/// The VM's side of a relay: a TCP reader, which the browser's writer can borrow to
+/// splice from, or any other stream (TLS, a UNIX socket, or a TCP one read whole).
+enum VmReader {
+    /// `None` only while lent.
+    Tcp(Option<OwnedReadHalf>),
+    Other(Box<dyn AsyncRead + Unpin + Send>),
+}
+
+impl VmReader {
+    async fn read(&mut self, buf: &mut BytesMut) -> Result<(), End> {
+        match self {
+            VmReader::Tcp(Some(rd)) => read_upstream(rd, buf).await,
+            VmReader::Other(rd) => read_upstream(rd, buf).await,
+            VmReader::Tcp(None) => Err(End::upstream(
+                "internal error: the VM's reader was not given back",
+                "internal",
+            )),
+        }
+    }
 }
 
 /// When update requests and input went to QEMU, for the latency histograms.

@@ -11,7 +11,7 @@
 
 use super::browser::{BrowserRx, BrowserTx};
 use super::{
-    audit_failed, connect, read_handshake, read_upstream, write_upstream, End, Meter, Stream,
+    audit_failed, connect, read_handshake, read_upstream, write_upstream, Conn, End, Meter, Stream,
     VmLink,
 };
 use crate::audit::{Audit, Event};
@@ -403,7 +403,7 @@ async fn relay_channel(
         ..RoundTrips::default()
     };
     let end = tokio::select! {
-        end = relay(ctx, mess.channel_type, kind, up.stream, ubuf, bbuf, brx, btx, &meter, &rtt, idle) => end,
+        end = relay(ctx, mess.channel_type, kind, up.stream.boxed(), ubuf, bbuf, brx, btx, &meter, &rtt, idle) => end,
         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
         _ = idle.expired(ctx.idle_timeout) => End::idle(idle.idle_for()),
     };
@@ -433,7 +433,8 @@ async fn link_both(
         // SPICE's TLS port speaks TLS from the first byte.
         (Some(tls), Some(target)) => {
             let plain = connect(target, ctx.dial).await?;
-            (tls.connect(plain, target).await?, target.clone(), true)
+            let tls = tls.connect(plain.boxed(), target).await?;
+            (Conn::Other(tls), target.clone(), true)
         }
         (Some(tls), None) if tls.require => {
             return Err(End::upstream(
