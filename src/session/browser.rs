@@ -92,7 +92,6 @@ async fn write_frame(
 /// Writes what the queue holds, in order, until a close frame or a failure. A spliced
 /// frame that fails leaves the stream broken mid-frame: nothing follows it.
 async fn write_queue(mut w: Writer, mut queue: mpsc::Receiver<Out>, stall: Duration) {
-    let mut pipe: Option<Pipe> = None;
     while let Some(out) = queue.recv().await {
         match out {
             Out::Frame(mut frame) => {
@@ -107,24 +106,16 @@ async fn write_queue(mut w: Writer, mut queue: mpsc::Receiver<Out>, stall: Durat
             }
             Out::Splice(s) => {
                 let result = match &w {
-                    Writer::Tcp(to) => {
-                        if pipe.is_none() {
-                            match Pipe::new() {
-                                Ok(p) => pipe = Some(p),
-                                // Nothing is written yet: the caller can go on without.
-                                Err(e) => {
-                                    let _ = s.done.send((s.from, Err(SpliceError::NoPipe(e))));
-                                    continue;
-                                }
-                            }
+                    // A pipe per frame: a session holds its two descriptors only while
+                    // it splices, not for its whole life (open files bound how many
+                    // sessions vizor can hold).
+                    Writer::Tcp(to) => match Pipe::new() {
+                        Ok(pipe) => {
+                            splice::frame(s.from.as_ref(), to.as_ref(), s.len, &pipe, stall).await
                         }
-                        match &pipe {
-                            Some(p) => {
-                                splice::frame(s.from.as_ref(), to.as_ref(), s.len, p, stall).await
-                            }
-                            None => continue,
-                        }
-                    }
+                        // Nothing is written yet: the caller can go on without.
+                        Err(e) => Err(SpliceError::NoPipe(e)),
+                    },
                     Writer::Other(_) => Err(SpliceError::NoPipe(std::io::Error::other(
                         "the browser's connection is not plain TCP",
                     ))),
@@ -431,9 +422,16 @@ pub fn split(
     let (reader, writer): (Reader, Writer) = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (rd, wr) = parts.io.into_inner().into_split();
-            // Whatever hyper read past the upgrade request comes first.
-            let rd = std::io::Cursor::new(parts.read_buf).chain(rd);
-            (Box::new(rd), Writer::Tcp(wr))
+            // Whatever hyper read past the upgrade request comes first. It is copied:
+            // the bytes hyper hands over share its whole read buffer, which a session
+            // would otherwise hold for its life.
+            let reader: Reader = if parts.read_buf.is_empty() {
+                Box::new(rd)
+            } else {
+                let ahead = std::io::Cursor::new(parts.read_buf.to_vec());
+                Box::new(ahead.chain(rd))
+            };
+            (reader, Writer::Tcp(wr))
         }
         Err(upgraded) => {
             let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));

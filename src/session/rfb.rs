@@ -705,16 +705,15 @@ async fn relay(
                     if let VmReader::Tcp(slot) = &mut up_rd {
                         if let Some(from) = slot.take() {
                             let (from, sent) = btx.splice(from, pending).await?;
+                            *slot = Some(from);
                             if sent {
-                                *slot = Some(from);
                                 lock(&server)?
                                     .consume_payload(pending)
                                     .map_err(|e| End::protocol("VM", &e))?;
                                 meter.add_spliced(pending);
                                 continue;
                             }
-                            // No pipe: this session reads everything from now on.
-                            up_rd = VmReader::Other(Box::new(from));
+                            // No pipe (out of open files): this much is read instead.
                         }
                     }
                 }

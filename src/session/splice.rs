@@ -18,7 +18,7 @@ use tokio::time::Instant;
 /// `pipe-user-pages-soft`): the loop below works with whatever it holds.
 const PIPE_SIZE: usize = 1 << 20;
 
-/// The pipe a session's payloads pass through; created on its first splice.
+/// The pipe a spliced frame passes through.
 pub(crate) struct Pipe {
     rd: OwnedFd,
     wr: OwnedFd,
