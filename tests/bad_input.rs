@@ -2216,26 +2216,13 @@ async fn vm_leg_refusals() {
     ];
     let mut scenarios = vec![("a well-behaved fake", Fake::Update(good_update.clone()))];
     scenarios.extend(cases.iter().map(|(n, f, _)| (*n, f.clone())));
-    let mut node = String::from("<node>");
+    let mut domains = Vec::new();
     for (i, (_, fake)) in scenarios.iter().enumerate() {
         let port = fake_vm(fake.clone()).await;
-        node.push_str(&format!(
-            "<domain type='test'><name>vizor-fake-{i}</name><memory>65536</memory>\
-             <os><type>hvm</type></os><devices><graphics type='vnc' port='{port}' \
-             listen='127.0.0.1' passwd='{FAKE_PW}'/></devices></domain>"
-        ));
+        domains.push((format!("vizor-fake-{i}"), port, FAKE_PW.to_owned()));
     }
-    node.push_str("</node>");
-    let dir = tempfile::tempdir().unwrap();
-    let node_path = dir.path().join("node.xml");
-    std::fs::write(&node_path, node).unwrap();
-    let v = Vizor::start_uri(
-        &format!("test://{}", node_path.display()),
-        "",
-        "",
-        "",
-        |_| {},
-    );
+    let (_node, uri) = common::test_node(&domains);
+    let v = Vizor::start_uri(&uri, "", "", "", |_| {});
 
     // The double works: a whole session through it shows its screen, byte for byte.
     let mut r = vnc_raw(&v, "vizor-fake-0").await;

@@ -257,12 +257,6 @@ fn password() -> String {
     p
 }
 
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('\'', "&apos;")
-}
-
 /// What a VM double saw of one console connection.
 struct VmReport {
     domain: String,
@@ -596,21 +590,13 @@ async fn load() {
     raise_open_files();
     let began = Instant::now();
     let vms = Arc::new(Vms::default());
-    let node_dir = tempfile::tempdir().unwrap();
-    let mut node = String::from("<node>\n");
+    let mut domains = Vec::new();
     let mut listeners = Vec::new();
     for d in 0..DOMAINS {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let password = password();
-        node.push_str(&format!(
-            "<domain type='test'><name>{}</name><uuid>6c6f6164-0000-4000-8000-{d:012x}</uuid>\
-             <memory>65536</memory><os><type>hvm</type></os><devices>\
-             <graphics type='vnc' port='{port}' listen='127.0.0.1' passwd='{}'/>\
-             </devices></domain>\n",
-            domain_name(d),
-            xml_escape(&password),
-        ));
+        domains.push((domain_name(d), port, password.clone()));
         listeners.push(tokio::spawn(vm_listen(
             listener,
             domain_name(d),
@@ -618,11 +604,9 @@ async fn load() {
             vms.clone(),
         )));
     }
-    node.push_str("</node>\n");
-    let node_path = node_dir.path().join("node.xml");
-    std::fs::write(&node_path, node).unwrap();
+    let (_node_dir, uri) = common::test_node(&domains);
     let v = Arc::new(Vizor::start_uri(
-        &format!("test://{}", node_path.display()),
+        &uri,
         "",
         "",
         &format!(

@@ -969,26 +969,12 @@ fn witnessed_vizor(
     live: &common::LiveDomain,
     audit_extra: &str,
 ) -> (Vizor, tempfile::TempDir) {
-    let node = format!(
-        "<node><domain type='test'><name>vizor-witness</name><memory>65536</memory>\
-         <os><type>hvm</type></os><devices><graphics type='vnc' port='{}' \
-         listen='127.0.0.1' passwd='{}'/></devices></domain></node>",
+    let (dir, uri) = common::test_node(&[(
+        "vizor-witness".to_owned(),
         addr.port(),
-        live.vnc_password
-            .replace('&', "&amp;")
-            .replace('\'', "&apos;")
-            .replace('<', "&lt;")
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let node_path = dir.path().join("node.xml");
-    std::fs::write(&node_path, node).unwrap();
-    let v = Vizor::start_uri(
-        &format!("test://{}", node_path.display()),
-        "",
-        audit_extra,
-        "",
-        |_| {},
-    );
+        live.vnc_password.clone(),
+    )]);
+    let v = Vizor::start_uri(&uri, "", audit_extra, "", |_| {});
     (v, dir)
 }
 

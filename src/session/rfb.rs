@@ -133,7 +133,7 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
     let mut out = Vec::new();
     let password = ctx.console.password.as_ref();
     let tls = ctx.upstream_tls.as_deref();
-    let (rd, mut wr) = tokio::io::split(&mut up);
+    let (rd, mut wr) = tokio::io::split(up.as_stream());
     let mut src = Upstream(rd);
     let (sec, _) = drive(
         &mut src,
@@ -236,7 +236,7 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
     };
     let step_tls = tls.is_some() && vencrypt;
     // Authentication proper: on the plain stream, or inside TLS.
-    let (rd, mut wr) = tokio::io::split(&mut up);
+    let (rd, mut wr) = tokio::io::split(up.as_stream());
     let mut src = Upstream(rd);
     // QEMU refusing vizor's certificate (or its lack of one) shows after the handshake,
     // as a closed connection on the first read.
@@ -373,7 +373,7 @@ async fn handshake(
         debug!("the browser asked for exclusive access; the console is shared all the same");
     }
     let expect_si = init.send(true, &mut out);
-    let (rd, mut wr) = tokio::io::split(&mut up.stream);
+    let (rd, mut wr) = tokio::io::split(up.stream.as_stream());
     write_up(&mut wr, &mut out).await?;
     let mut src = Upstream(rd);
     let (si, si_bytes) = drive(&mut src, &mut ubuf, expect_si, "VM", |s, b| s.receive(b)).await?;
@@ -644,7 +644,9 @@ async fn relay(
         loop {
             let mut consumed = 0;
             let mut clips = Vec::new();
-            {
+            // Payload of the current rectangle still to come, read while the decoder
+            // is locked anyway.
+            let pending = {
                 let mut dec = lock(&server)?;
                 while let Some((ev, n)) = dec
                     .decode(&buf[consumed..])
@@ -675,7 +677,8 @@ async fn relay(
                     }
                     consumed += n;
                 }
-            }
+                dec.pending_payload()
+            };
             for clip in clips {
                 ctx.audit
                     .record(&clip.event(ctx.id, "vm_to_browser"))
@@ -699,23 +702,20 @@ async fn relay(
             }
             // The rest of a long rectangle goes from socket to socket; the decoder,
             // told its length, then stands after it.
-            if buf.is_empty() {
-                let pending = lock(&server)?.pending_payload();
-                if pending >= SPLICE_MIN {
-                    if let VmReader::Tcp(slot) = &mut up_rd {
-                        if let Some(from) = slot.take() {
-                            let (from, sent) = btx.splice(from, pending).await?;
-                            *slot = Some(from);
-                            if sent {
-                                lock(&server)?
-                                    .consume_payload(pending)
-                                    .map_err(|e| End::protocol("VM", &e))?;
-                                meter.add_spliced(pending);
-                                continue;
-                            }
-                            // No pipe (out of open files): this much is read instead.
-                        }
+            if let (true, VmReader::Tcp(slot)) =
+                (buf.is_empty() && pending >= SPLICE_MIN, &mut up_rd)
+            {
+                if let Some(from) = slot.take() {
+                    let (from, sent) = btx.splice(from, pending).await?;
+                    *slot = Some(from);
+                    if sent {
+                        lock(&server)?
+                            .consume_payload(pending)
+                            .map_err(|e| End::protocol("VM", &e))?;
+                        meter.add_spliced(pending);
+                        continue;
                     }
+                    // No pipe (out of open files): this much is read instead.
                 }
             }
             up_rd.read(&mut buf).await?;

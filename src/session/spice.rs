@@ -433,8 +433,7 @@ async fn link_both(
         // SPICE's TLS port speaks TLS from the first byte.
         (Some(tls), Some(target)) => {
             let plain = connect(target, ctx.dial).await?;
-            let tls = tls.connect(plain.boxed(), target).await?;
-            (Conn::Other(tls), target.clone(), true)
+            (tls.connect(plain.boxed(), target).await?, target.clone(), true)
         }
         (Some(tls), None) if tls.require => {
             return Err(End::upstream(
@@ -449,7 +448,7 @@ async fn link_both(
             ))
         }
         _ => (
-            connect(&console.target, ctx.dial).await?,
+            connect(&console.target, ctx.dial).await?.boxed(),
             console.target.clone(),
             false,
         ),
@@ -555,7 +554,11 @@ async fn link_both(
     } else {
         HeaderKind::Full
     };
-    Ok((VmLink { stream: up, tls }, target, ubuf, kind))
+    let link = VmLink {
+        stream: Conn::Other(up),
+        tls,
+    };
+    Ok((link, target, ubuf, kind))
 }
 
 #[allow(clippy::too_many_arguments)]

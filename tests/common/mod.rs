@@ -756,6 +756,34 @@ pub fn audited_keys(audit: &[serde_json::Value]) -> Vec<(bool, String)> {
 }
 
 /// Whether `haystack` holds `needle` anywhere.
+/// A node file for libvirt's test driver naming VNC consoles on 127.0.0.1, each as
+/// (domain, port, the password libvirt stores): vizor looks them up as it would any
+/// domain. Returns the directory holding the file (it lives as long as the caller keeps
+/// it) and the `test://` URI.
+pub fn test_node(domains: &[(String, u16, String)]) -> (tempfile::TempDir, String) {
+    let escape = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('\'', "&apos;")
+    };
+    let mut node = String::from("<node>\n");
+    for (name, port, password) in domains {
+        node.push_str(&format!(
+            "<domain type='test'><name>{}</name><memory>65536</memory>\
+             <os><type>hvm</type></os><devices><graphics type='vnc' port='{port}' \
+             listen='127.0.0.1' passwd='{}'/></devices></domain>\n",
+            escape(name),
+            escape(password)
+        ));
+    }
+    node.push_str("</node>\n");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.xml");
+    std::fs::write(&path, node).unwrap();
+    let uri = format!("test://{}", path.display());
+    (dir, uri)
+}
+
 pub fn holds(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
