@@ -271,7 +271,11 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Serve { config } => {
             let config = Config::load(&config)?;
             init_logging(&config.log)?;
-            tokio::runtime::Builder::new_multi_thread()
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = config.server.worker_threads {
+                runtime.worker_threads(n);
+            }
+            runtime
                 .enable_all()
                 .build()?
                 .block_on(crate::serve::serve(config))

@@ -341,6 +341,22 @@ pub struct ServerConfig {
     pub tls_cert: Option<PathBuf>,
     /// `tls_key`: the PEM private key of `tls_cert` (not readable by others).
     pub tls_key: Option<PathBuf>,
+    /// `worker_threads`: threads running sessions, 1 to 1024 (default: one per CPU).
+    /// Fewer threads wake each other less: one uses about an eighth less CPU per small
+    /// update but adds to the latency tail (BENCHMARKS.md, "Tried and not kept").
+    #[serde(default, deserialize_with = "worker_threads")]
+    pub worker_threads: Option<usize>,
+}
+
+fn worker_threads<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let n = i64::deserialize(d)?;
+    if (1..=1024).contains(&n) {
+        Ok(Some(n as usize))
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "worker_threads = {n}: use 1 to 1024, or leave it out for one per CPU"
+        )))
+    }
 }
 
 fn origins<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -691,6 +707,13 @@ keystrokes = "full"
         .unwrap();
         assert!(c.metrics.per_session);
         assert_eq!(c.metrics.per_session_max, 20);
+        assert_eq!(c.server.worker_threads, None);
+        let c = Config::parse(&MINIMAL.replace(
+            "web_root = \"/usr/share/novnc\"",
+            "web_root = \"/usr/share/novnc\"\nworker_threads = 1",
+        ))
+        .unwrap();
+        assert_eq!(c.server.worker_threads, Some(1));
     }
 
     #[test]
@@ -772,6 +795,18 @@ keystrokes = "full"
             (
                 MINIMAL.replace("[libvirt]\nuri = \"qemu:///system\"", ""),
                 "libvirt",
+            ),
+            (
+                MINIMAL.replace("[libvirt]", "worker_threads = 0\n[libvirt]"),
+                "worker_threads = 0: use 1 to 1024",
+            ),
+            (
+                MINIMAL.replace("[libvirt]", "worker_threads = 5000\n[libvirt]"),
+                "worker_threads = 5000: use 1 to 1024",
+            ),
+            (
+                MINIMAL.replace("[libvirt]", "worker_threads = \"many\"\n[libvirt]"),
+                "worker_threads",
             ),
         ];
         for (text, key) in cases {
