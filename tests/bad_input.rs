@@ -863,8 +863,6 @@ async fn rfb_handshake_refusals() {
     checker.finish();
 }
 
-/// vizor still serves a whole session (and so did not crash), and holds no session
-/// of the refused ones.
 /// The session on `r` still relays (an update comes back for a request); once it is
 /// gone, vizor still serves a good session.
 async fn relays_then_serves(mut r: Raw, v: &Vizor, domain: &str) {
@@ -874,6 +872,8 @@ async fn relays_then_serves(mut r: Raw, v: &Vizor, domain: &str) {
     still_serving(v, domain).await;
 }
 
+/// vizor still serves a whole session (and so did not crash), and holds no session
+/// of the refused ones.
 async fn still_serving(v: &Vizor, domain: &str) {
     let (mut b, si) = open_session(v, domain).await;
     let (pixels, frame) = full_update(&mut b, &si).await;

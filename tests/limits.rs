@@ -326,7 +326,6 @@ async fn a_browser_that_stops_reading_is_dropped_and_others_go_on() {
     full_update(&mut b, &si2).await;
     let ends = v.records("session_end", 1);
     assert_eq!(ends[0]["reason"], "the browser took no data for 2s");
-
     v.wait_for_metric(
         "vizor_sessions_total{kind=\"vnc\",outcome=\"browser_stalled\"}",
         1.0,

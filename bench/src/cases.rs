@@ -4,6 +4,7 @@
 //! against what the synthetic server sent.
 
 use crate::client::{Received, Session};
+use crate::machine::proc_number;
 use crate::pool::{Growth, Pool};
 use crate::proxy::{Programs, Proxy, Way};
 use crate::report::{quantile, Case, Cell, Goal, Row};
@@ -177,6 +178,19 @@ impl Series {
         }
         row.finish()
     }
+
+    /// Each path's values less direct's, paired by round (the rounds ran side by side).
+    fn minus_direct(&self) -> Series {
+        let mut out = Series::default();
+        if let Some(direct) = self.0.get(&Way::Direct) {
+            for (&w, v) in &self.0 {
+                for (x, d) in v.iter().zip(direct) {
+                    out.push(w, x - d);
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Records the check of one measurement: what the client counted against what it
@@ -236,32 +250,22 @@ pub async fn bulk(b: &Bench) -> Case {
                 continue;
             }
             let r = tokio::time::timeout(Duration::from_secs(180), async {
-                let mut s = Session::open(&p.route(round), b.src(round))
-                    .await
-                    .map_err(|e| e.0)?;
-                s.set_encodings_raw().await.map_err(|e| e.0)?;
+                let mut s = Session::open(&p.route(round), b.src(round)).await?;
+                s.set_encodings_raw().await?;
                 // One update first: every buffer on the way grown to size.
-                s.request(false, 0, 0, WIDTH, HEIGHT)
-                    .await
-                    .map_err(|e| e.0)?;
-                s.wait_updates(1).await.map_err(|e| e.0)?;
+                s.request(false, 0, 0, WIDTH, HEIGHT).await?;
+                s.wait_updates(1).await?;
                 let (start, before) = (s.stream.received, b.upstream.counters.sent());
                 let t0 = Instant::now();
                 let mut asked = 0;
                 while asked < n.min(2) {
-                    s.request(true, 0, 0, WIDTH, HEIGHT)
-                        .await
-                        .map_err(|e| e.0)?;
+                    s.request(true, 0, 0, WIDTH, HEIGHT).await?;
                     asked += 1;
                 }
                 for done in 1..=n {
-                    s.wait_updates(start.updates + done)
-                        .await
-                        .map_err(|e| e.0)?;
+                    s.wait_updates(start.updates + done).await?;
                     if asked < n {
-                        s.request(true, 0, 0, WIDTH, HEIGHT)
-                            .await
-                            .map_err(|e| e.0)?;
+                        s.request(true, 0, 0, WIDTH, HEIGHT).await?;
                         asked += 1;
                     }
                 }
@@ -324,23 +328,21 @@ pub async fn small(b: &Bench) -> Case {
                 continue;
             }
             let r = tokio::time::timeout(Duration::from_secs(300), async {
-                let mut s = Session::open(&p.route(round), b.src(round))
-                    .await
-                    .map_err(|e| e.0)?;
-                s.set_encodings_raw().await.map_err(|e| e.0)?;
+                let mut s = Session::open(&p.route(round), b.src(round)).await?;
+                s.set_encodings_raw().await?;
                 let mut n = 0;
                 for _ in 0..500 {
-                    s.request(true, 0, 0, TILE, TILE).await.map_err(|e| e.0)?;
+                    s.request(true, 0, 0, TILE, TILE).await?;
                     n += 1;
-                    s.wait_updates(n).await.map_err(|e| e.0)?;
+                    s.wait_updates(n).await?;
                 }
                 let (start, before) = (s.stream.received, b.upstream.counters.sent());
                 let mut us = Vec::with_capacity(k);
                 for _ in 0..k {
                     let t = Instant::now();
-                    s.request(true, 0, 0, TILE, TILE).await.map_err(|e| e.0)?;
+                    s.request(true, 0, 0, TILE, TILE).await?;
                     n += 1;
-                    s.wait_updates(n).await.map_err(|e| e.0)?;
+                    s.wait_updates(n).await?;
                     us.push(t.elapsed().as_secs_f64() * 1e6);
                 }
                 let got = minus(s.stream.received, start);
@@ -378,24 +380,12 @@ pub async fn small(b: &Bench) -> Case {
         .push(p50.row(Row::new("round trip p50", "us", false), &b.ways, &failed));
     case.rows
         .push(p99.row(Row::new("round trip p99", "us", false), &b.ways, &failed));
-    let added = |s: &Series| -> Series {
-        let mut out = Series::default();
-        if let Some(direct) = s.0.get(&Way::Direct) {
-            for (&w, v) in &s.0 {
-                // Paired by round: the rounds ran side by side.
-                for (x, d) in v.iter().zip(direct) {
-                    out.push(w, x - d);
-                }
-            }
-        }
-        out
-    };
-    case.rows.push(added(&p50).row(
+    case.rows.push(p50.minus_direct().row(
         Row::new("added p50 vs direct", "us", false).target("<= 10 us", Goal::AtMost(10.0)),
         &b.ways,
         &failed,
     ));
-    case.rows.push(added(&p99).row(
+    case.rows.push(p99.minus_direct().row(
         Row::new("added p99 vs direct", "us", false).target("<= 50 us", Goal::AtMost(50.0)),
         &b.ways,
         &failed,
@@ -430,7 +420,7 @@ pub async fn setup(b: &Bench) -> Case {
                     let route = p.route(opened + i);
                     let src = b.src(opened + i);
                     let t = Instant::now();
-                    let s = Session::open(&route, src).await.map_err(|e| e.0)?;
+                    let s = Session::open(&route, src).await?;
                     let dt = t.elapsed();
                     if s.server_init.name != DESKTOP.as_bytes()
                         || (s.server_init.width, s.server_init.height) != (WIDTH, HEIGHT)
@@ -466,23 +456,12 @@ pub async fn setup(b: &Bench) -> Case {
         .push(p50.row(Row::new("setup p50", "ms", false), &b.ways, &failed));
     case.rows
         .push(p99.row(Row::new("setup p99", "ms", false), &b.ways, &failed));
-    let mut added50 = Series::default();
-    let mut added99 = Series::default();
-    for (src, dst) in [(&p50, &mut added50), (&p99, &mut added99)] {
-        if let Some(direct) = src.0.get(&Way::Direct) {
-            for (&w, v) in &src.0 {
-                for (x, d) in v.iter().zip(direct) {
-                    dst.push(w, x - d);
-                }
-            }
-        }
-    }
-    case.rows.push(added50.row(
+    case.rows.push(p50.minus_direct().row(
         Row::new("added p50 vs direct", "ms", false).target("<= 2 ms", Goal::AtMost(2.0)),
         &b.ways,
         &failed,
     ));
-    case.rows.push(added99.row(
+    case.rows.push(p99.minus_direct().row(
         Row::new("added p99 vs direct", "ms", false),
         &b.ways,
         &failed,
@@ -501,11 +480,7 @@ fn growth() -> Growth {
 fn total_memory_kib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
+        .and_then(|t| proc_number(&t, "MemTotal:"))
         .unwrap_or(0)
 }
 
@@ -615,7 +590,7 @@ pub async fn idle(b: &Bench) -> Case {
             }
             let mut row = series
                 .get(&level)
-                .map_or_else(Series::default, |s| Series(s.0.clone()))
+                .unwrap_or(&Series::default())
                 .row(row, &b.ways, &failed);
             for ((l, w), note) in &notes {
                 if *l == level {

@@ -43,6 +43,13 @@ pub enum Route {
 #[derive(Debug)]
 pub struct ClientError(pub String);
 
+/// The harness reports failures as text.
+impl From<ClientError> for String {
+    fn from(e: ClientError) -> String {
+        e.0
+    }
+}
+
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
@@ -61,12 +68,9 @@ enum Link {
         s: TcpStream,
         buf: Box<[u8]>,
     },
-    Ws {
-        ws: Box<WebSocket<TcpStream>>,
-        /// Bytes that arrived with the HTTP response (none in practice: the server
-        /// speaks first only after the upgrade).
-        early: Vec<u8>,
-    },
+    /// The upgrade reads the response head alone (peeking), so nothing of the
+    /// WebSocket stream is left behind in a buffer.
+    Ws(Box<WebSocket<TcpStream>>),
 }
 
 /// How much the TCP client reads at once: large enough that a GB/s stream costs few
@@ -77,7 +81,7 @@ impl Link {
     async fn send(&mut self, bytes: &[u8]) -> Result<()> {
         match self {
             Link::Tcp { s, .. } => s.write_all(bytes).await.map_err(|e| err("send", e)),
-            Link::Ws { ws, .. } => ws
+            Link::Ws(ws) => ws
                 .write_frame(Frame::binary(Payload::Owned(bytes.to_vec())))
                 .await
                 .map_err(|e| err("send", e)),
@@ -94,12 +98,7 @@ impl Link {
                 }
                 Ok(f(&buf[..n]))
             }
-            Link::Ws { ws, early } => {
-                if !early.is_empty() {
-                    let r = f(early);
-                    early.clear();
-                    return Ok(r);
-                }
+            Link::Ws(ws) => {
                 loop {
                     let frame = ws.read_frame().await.map_err(|e| err("receive", e))?;
                     match frame.opcode {
@@ -204,10 +203,7 @@ async fn upgrade(mut s: TcpStream, addr: SocketAddr, path: &str) -> Result<Link>
     }
     let mut ws = WebSocket::after_handshake(s, Role::Client);
     ws.set_max_message_size(64 << 20);
-    Ok(Link::Ws {
-        ws: Box::new(ws),
-        early: Vec::new(),
-    })
+    Ok(Link::Ws(Box::new(ws)))
 }
 
 /// Counts of the server's stream after ServerInit.
@@ -324,7 +320,7 @@ impl UpdateStream {
                                 };
                             }
                             // An empty Raw rectangle, or DesktopSize (-223): no payload.
-                            Encoding::RAW | Encoding(-223) => self.rect_done(left),
+                            Encoding::RAW | Encoding::DESKTOP_SIZE => self.rect_done(left),
                             other => {
                                 return Err(ClientError(format!(
                                     "a rectangle in encoding {other:?}, not asked for"
@@ -508,8 +504,9 @@ impl Session {
         Ok(())
     }
 
-    /// Reads until the proxy closes or sends anything (an idle session's watch: pings
-    /// are answered meanwhile). Returns why it ended.
+    /// Reads until the proxy closes or something fails (an idle session's watch: pings
+    /// are answered, and anything the proxy sends is counted, meanwhile). Returns why
+    /// it ended.
     pub async fn idle(&mut self) -> ClientError {
         loop {
             let stream = &mut self.stream;
@@ -546,7 +543,7 @@ mod tests {
                 9u8,
                 usize::from(w) * usize::from(h) * 4,
             ));
-            write_rect_header(0, 0, 64, 64, Encoding(-223), &mut wire);
+            write_rect_header(0, 0, 64, 64, Encoding::DESKTOP_SIZE, &mut wire);
             wire.push(2); // a bell between updates
         }
         write_update_header(0, &mut wire);

@@ -74,11 +74,7 @@ impl Machine {
             .find_map(|l| l.strip_prefix("model name"))
             .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
             .unwrap_or_else(|| "unknown".into());
-        let memory_mib = read("/proc/meminfo")
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |k| k / 1024);
+        let memory_mib = proc_number(&read("/proc/meminfo"), "MemTotal:").map_or(0, |k| k / 1024);
         let repo_s = repo.to_string_lossy().into_owned();
         let mut rev = run("git", &["-C", &repo_s, "rev-parse", "HEAD"]);
         let dirty = Command::new("git")
@@ -128,5 +124,35 @@ impl Machine {
                 rustc: run("rustc", &["--version"]),
             },
         }
+    }
+}
+
+/// The number after `key` in a /proc text, such as 24105 for "MemTotal:" in
+/// "MemTotal:   24105 kB", or the soft limit for "Max open files" in /proc/PID/limits.
+pub fn proc_number(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proc_number;
+
+    #[test]
+    fn proc_numbers_are_the_first_figure_after_the_key() {
+        let meminfo =
+            "MemTotal:       24683820 kB\nMemFree:         1234 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(proc_number(meminfo, "MemTotal:"), Some(24_683_820));
+        assert_eq!(proc_number(meminfo, "MemAvailable:"), Some(20_000_000));
+        assert_eq!(proc_number(meminfo, "SwapTotal:"), None);
+        let limits =
+            "Max cpu time              unlimited            unlimited            seconds\n\
+                      Max open files            20000                20000                files\n";
+        assert_eq!(proc_number(limits, "Max open files"), Some(20_000));
+        assert_eq!(proc_number(limits, "Max cpu time"), None);
     }
 }

@@ -106,11 +106,7 @@ const OPEN_FILES: u64 = 262_144;
 fn open_files() -> u64 {
     std::fs::read_to_string("/proc/self/limits")
         .ok()
-        .and_then(|l| {
-            l.lines()
-                .find_map(|l| l.strip_prefix("Max open files"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
+        .and_then(|l| machine::proc_number(&l, "Max open files"))
         .unwrap_or(1024)
 }
 

@@ -312,9 +312,9 @@ async fn paced(s: &mut Session, period: Duration, until: Instant) -> Result<Ran,
         if t >= until {
             break;
         }
-        s.request(true, 0, 0, TILE, TILE).await.map_err(|e| e.0)?;
+        s.request(true, 0, 0, TILE, TILE).await?;
         n += 1;
-        s.wait_updates(n).await.map_err(|e| e.0)?;
+        s.wait_updates(n).await?;
         latencies_us.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
     }
     let asked = latencies_us.len() as u64;

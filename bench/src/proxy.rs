@@ -5,6 +5,7 @@
 //! connection), and so that stopping it stops them all.
 
 use crate::client::Route;
+use crate::machine::proc_number;
 use crate::upstream::Console;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -400,12 +401,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 /// Rss and Pss of one process from /proc/PID/smaps_rollup, in KiB.
 pub fn memory_kib(pid: u32) -> Memory {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let field = |name: &str| proc_number(&text, name).unwrap_or(0);
     Memory {
         rss: field("Rss:"),
         pss: field("Pss:"),
@@ -417,11 +413,7 @@ pub fn memory_kib(pid: u32) -> Memory {
 pub fn mem_available_kib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
+        .and_then(|t| proc_number(&t, "MemAvailable:"))
         .unwrap_or(u64::MAX)
 }
 

@@ -105,11 +105,11 @@ pub async fn first_frame(b: &Bench, domain: &str) -> Case {
             let route = p.route(i);
             let r = tokio::time::timeout(Duration::from_secs(30), async {
                 let t = Instant::now();
-                let mut s = Session::open(&route, src).await.map_err(|e| e.0)?;
-                s.set_encodings_raw().await.map_err(|e| e.0)?;
+                let mut s = Session::open(&route, src).await?;
+                s.set_encodings_raw().await?;
                 let (w, h) = (s.server_init.width, s.server_init.height);
-                s.request(false, 0, 0, w, h).await.map_err(|e| e.0)?;
-                s.wait_updates(1).await.map_err(|e| e.0)?;
+                s.request(false, 0, 0, w, h).await?;
+                s.wait_updates(1).await?;
                 Ok::<_, String>((
                     t.elapsed(),
                     format!("{w}x{h}, {} bytes", s.stream.received.bytes),

@@ -702,9 +702,8 @@ async fn relay(
             }
             // The rest of a long rectangle goes from socket to socket; the decoder,
             // told its length, then stands after it.
-            if let (true, VmReader::Tcp(slot)) =
-                (buf.is_empty() && pending >= SPLICE_MIN, &mut up_rd)
-            {
+            let splice_now = buf.is_empty() && pending >= SPLICE_MIN;
+            if let (true, VmReader::Tcp(slot)) = (splice_now, &mut up_rd) {
                 if let Some(from) = slot.take() {
                     let (from, sent) = btx.splice(from, pending).await?;
                     *slot = Some(from);

@@ -764,7 +764,6 @@ pub fn audited_keys(audit: &[serde_json::Value]) -> Vec<(bool, String)> {
         .collect()
 }
 
-/// Whether `haystack` holds `needle` anywhere.
 /// A node file for libvirt's test driver naming VNC consoles on 127.0.0.1, each as
 /// (domain, port, the password libvirt stores): vizor looks them up as it would any
 /// domain. Returns the directory holding the file (it lives as long as the caller keeps
@@ -793,6 +792,7 @@ pub fn test_node(domains: &[(String, u16, String)]) -> (tempfile::TempDir, Strin
     (dir, uri)
 }
 
+/// Whether `haystack` holds `needle` anywhere.
 pub fn holds(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
