@@ -523,7 +523,7 @@ pub async fn idle(b: &Bench) -> Case {
             let deadline = Instant::now()
                 + Duration::from_secs(
                     (b.settings.grow_seconds * level as u64
-                        / levels.iter().max().copied().unwrap_or(1) as u64)
+                        / levels.iter().max().copied().unwrap_or(1).max(1) as u64)
                         .max(30),
                 );
             let route = |i: usize| proxy.route(i);

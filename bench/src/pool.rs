@@ -37,6 +37,8 @@ pub enum Phase {
 /// What one session did in a run.
 #[derive(Debug, Default)]
 pub struct Ran {
+    /// Which run of the pool it belongs to.
+    run: u32,
     /// Request-to-update times, microseconds.
     pub latencies_us: Vec<u32>,
     /// Whether its byte and update counts matched its requests.
@@ -230,6 +232,8 @@ impl Pool {
         let grace = until + Duration::from_secs(15);
         while ran.len() + (self.failed_later() - failed_before) < live {
             match tokio::time::timeout_at(grace.into(), self.ran.recv()).await {
+                // A session that missed an earlier run's grace reports late: not this run.
+                Ok(Some(r)) if r.run != self.runs => {}
                 Ok(Some(r)) => ran.push(r),
                 _ => break,
             }
@@ -288,7 +292,7 @@ async fn follow(
         };
         done = run;
         let ran = paced(s, period, until).await?;
-        let _ = results.send(ran);
+        let _ = results.send(Ran { run, ..ran });
     }
 }
 
@@ -322,6 +326,7 @@ async fn paced(s: &mut Session, period: Duration, until: Instant) -> Result<Ran,
     let counted_right = got.updates - start.updates == asked
         && got.bytes - start.bytes == asked * update_len(TILE, TILE);
     Ok(Ran {
+        run: 0,
         latencies_us,
         counted_right,
     })

@@ -287,11 +287,14 @@ async fn serve(
                             &built
                         }
                     };
-                    s.write_all(update).await?;
+                    // Counted before it is written: a client that has the whole update
+                    // must find it counted (a write that fails ends the session, which
+                    // the harness reports anyway).
                     counters.updates.fetch_add(1, Ordering::Relaxed);
                     counters
                         .bytes
                         .fetch_add(update.len() as u64, Ordering::Relaxed);
+                    s.write_all(update).await?;
                 }
                 _ => {}
             }
