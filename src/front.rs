@@ -619,23 +619,47 @@ fn lookup_message(e: &LookupError) -> &'static str {
     }
 }
 
+/// How long a closed console waits for the browser's close frame before its
+/// connection is dropped.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
 async fn console(
     app: Arc<App>,
     peer: SocketAddr,
     token: Option<String>,
     ws: fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
 ) {
-    let (brx, btx) = session::browser::split(
+    let (mut brx, btx) = session::browser::split(
         ws,
         app.browser_limits.max_message_len + 64,
         app.config.limits.send_timeout,
     );
+    // Whatever ended it, vizor's close frame is out: the browser's answer is awaited
+    // before the connection closes (a session still counts as live meanwhile, so a
+    // shutdown waits for it too).
+    let guard = console_session(app, peer, token, &mut brx, btx).await;
+    brx.linger(CLOSE_LINGER).await;
+    drop(guard);
+}
+
+/// One console connection, from its token to its close frame; holds the session's
+/// place among the live ones, if it became one.
+async fn console_session(
+    app: Arc<App>,
+    peer: SocketAddr,
+    token: Option<String>,
+    brx: &mut session::browser::BrowserRx,
+    btx: session::browser::BrowserTx,
+) -> Option<SessionGuard> {
     let refuse = |reason: &'static str, token_id: Option<&str>, told: &str, detail: &str| {
         warn!(client = %peer, reason, detail, "console refused");
         token_refused(&app, peer, reason, token_id);
         let told = told.to_owned();
         let btx = btx.clone();
-        async move { btx.close(1008, &told).await }
+        async move {
+            btx.close(1008, &told).await;
+            None
+        }
     };
     let Some(token) = token.filter(|t| !t.is_empty()) else {
         return refuse(
@@ -674,9 +698,9 @@ async fn console(
     );
     let pinger = AbortOnDrop(btx.start_pinging(pings, app.config.server.ping_interval));
     if claims.kind == ConsoleKind::Spice {
-        spice_console(app, peer, claims, brx, btx).await;
+        let guard = spice_console(app, peer, claims, brx, btx).await;
         drop(pinger);
-        return;
+        return Some(guard);
     }
     let admitted = app
         .replay
@@ -688,7 +712,7 @@ async fn console(
     }
     let id = app.next_session.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("session", id, domain = %claims.domain, kind = %claims.kind, client = %peer, token = %token_id);
-    let _guard = app.sessions.enter();
+    let guard = app.sessions.enter();
     let kind = claims.kind;
     let domain = claims.domain.clone();
     let end = async {
@@ -734,6 +758,7 @@ async fn console(
     .instrument(span)
     .await;
     record_end(&app, kind, id, &domain, &end);
+    Some(guard)
 }
 
 /// A SPICE channel: admission needs the browser's link message (which channel, which
@@ -742,14 +767,14 @@ async fn spice_console(
     app: Arc<App>,
     peer: SocketAddr,
     claims: Claims,
-    brx: session::browser::BrowserRx,
+    brx: &mut session::browser::BrowserRx,
     btx: session::browser::BrowserTx,
-) {
+) -> SessionGuard {
     // A secondary channel takes its main channel's session id, known after its link.
     let id = app.next_session.fetch_add(1, Ordering::Relaxed);
     let token_id = claims.token_id();
     let span = tracing::info_span!("session", domain = %claims.domain, kind = %claims.kind, client = %peer, token = %token_id);
-    let _guard = app.sessions.enter();
+    let guard = app.sessions.enter();
     let admit_app = app.clone();
     // A main channel (a new session) spends the token and takes a session slot; the
     // session's other channels ride on both.
@@ -783,7 +808,7 @@ async fn spice_console(
                 &claims.domain,
                 &End::upstream(e.to_string(), e.reason()),
             );
-            return;
+            return guard;
         }
     };
     let domain = console.domain.clone();
@@ -813,6 +838,7 @@ async fn spice_console(
     .instrument(span)
     .await;
     record_end(&app, ConsoleKind::Spice, session, &domain, &end);
+    guard
 }
 
 fn bearer_matches(req: &Request<Incoming>, key: &str) -> bool {

@@ -266,6 +266,9 @@ pub struct BrowserRx {
     max_message: usize,
     /// A fragmented binary message so far.
     fragments: Option<Vec<u8>>,
+    /// The browser's side is over: its close frame came, or the connection ended or
+    /// broke. Nothing is left to wait for when vizor closes.
+    peer_done: bool,
 }
 
 /// A WebSocket protocol violation by the browser.
@@ -342,6 +345,37 @@ impl Pings {
 }
 
 impl BrowserRx {
+    /// After vizor's close frame: reads and drops what the browser still sends until
+    /// its own close frame arrives, its connection ends, or `wait` passes; only then
+    /// may the connection close (RFC 6455, 7.1.1: the server closes TCP once both close
+    /// frames crossed). Closing at once would leave the browser's unread messages in
+    /// the socket, and the kernel answers those with a reset: the browser would see a
+    /// broken connection instead of vizor's close frame and reason.
+    pub async fn linger(&mut self, wait: Duration) {
+        if self.peer_done {
+            return;
+        }
+        let rx = &mut self.rx;
+        let drain = async {
+            loop {
+                // vizor's close frame is out: nothing more is sent, not even the
+                // answer to a close frame.
+                let frame = rx
+                    .read_frame(&mut |_: Frame<'static>| async {
+                        Ok::<(), std::convert::Infallible>(())
+                    })
+                    .await;
+                match frame {
+                    Ok(f) if f.opcode == OpCode::Close => return,
+                    Ok(_) => continue,
+                    Err(_) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(wait, drain).await;
+        self.peer_done = true;
+    }
+
     /// The pings this reader answers, for [`BrowserTx::start_pinging`].
     pub fn pings(&self) -> Pings {
         self.pings.clone()
@@ -366,14 +400,22 @@ impl BrowserRx {
                 .await
                 .map_err(|e| match e {
                     fastwebsockets::WebSocketError::ConnectionClosed
-                    | fastwebsockets::WebSocketError::UnexpectedEOF => End::browser_closed(),
+                    | fastwebsockets::WebSocketError::UnexpectedEOF
+                    | fastwebsockets::WebSocketError::IoError(_) => {
+                        self.peer_done = true;
+                        End::browser_closed()
+                    }
                     other => ws_error(other),
                 })?;
             if !masked(&mut frame) {
                 return Err(ws_error("unmasked frame from the browser"));
             }
             match frame.opcode {
-                OpCode::Close => return Err(End::browser_closed()),
+                OpCode::Close => {
+                    // Its close frame was answered by the reader's obligated send.
+                    self.peer_done = true;
+                    return Err(End::browser_closed());
+                }
                 OpCode::Pong => self.pings.pong(&frame.payload),
                 // Pings are answered by the reader's obligated sends.
                 OpCode::Ping => {}
@@ -452,6 +494,7 @@ pub fn split(
             pings: Pings::default(),
             max_message,
             fragments: None,
+            peer_done: false,
         },
         BrowserTx {
             tx,

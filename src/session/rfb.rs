@@ -384,12 +384,12 @@ async fn handshake(
 /// session's audit records.
 pub async fn run(
     ctx: Ctx,
-    mut brx: BrowserRx,
+    brx: &mut BrowserRx,
     btx: BrowserTx,
     mut shutdown: watch::Receiver<bool>,
 ) -> End {
     let started = Instant::now();
-    let hs = tokio::time::timeout(ctx.handshake_timeout, handshake(&ctx, &mut brx, &btx));
+    let hs = tokio::time::timeout(ctx.handshake_timeout, handshake(&ctx, brx, &btx));
     let hs = tokio::select! {
         r = hs => r.unwrap_or_else(|_| Err(End::refused(
             format!("handshake did not complete within {}", humantime::format_duration(ctx.handshake_timeout)),
@@ -447,7 +447,7 @@ pub async fn run(
                     // and listed: ServerInit goes last.
                     let end = if btx.binary(si_bytes).await {
                         tokio::select! {
-                            end = relay(&ctx, up.stream, early, &si, &mut brx, &btx, &meter, &recorder) => end,
+                            end = relay(&ctx, up.stream, early, &si, brx, &btx, &meter, &recorder) => end,
                             _ = shutdown.wait_for(|s| *s) => End::shutdown(),
                         }
                     } else {

@@ -233,7 +233,7 @@ fn ticket(pub_key_der: &[u8], password: &[u8]) -> Result<Vec<u8>, End> {
 pub async fn run(
     mut ctx: Ctx,
     console: Console,
-    mut brx: BrowserRx,
+    brx: &mut BrowserRx,
     btx: BrowserTx,
     admit: impl FnOnce(&Claims, &str) -> Result<Slot, End>,
     mut shutdown: watch::Receiver<bool>,
@@ -244,7 +244,7 @@ pub async fn run(
     // The browser's link message first: it says which channel, of which session.
     let mess = tokio::time::timeout(
         ctx.handshake_timeout,
-        browser_until(&mut brx, &mut bbuf, |b| LinkMess::parse(b, &limits)),
+        browser_until(brx, &mut bbuf, |b| LinkMess::parse(b, &limits)),
     )
     .await;
     let mess = match mess {
@@ -310,7 +310,7 @@ pub async fn run(
         &console,
         &mess,
         bbuf,
-        &mut brx,
+        brx,
         &btx,
         &mut shutdown,
         chan,
