@@ -241,6 +241,14 @@ fn audit(command: AuditCommand) -> Result<(), Box<dyn std::error::Error>> {
             let all = crate::audit::review::sessions(&records);
             let found = crate::audit::review::find(&all, &session)?;
             print!("{}", crate::audit::review::text(&records, found));
+            let mismatched = crate::audit::review::mismatches(&records, found);
+            if mismatched > 0 {
+                eprintln!(
+                    "vizor: {mismatched} key event(s) of this session carried a keysym that the key \
+                     the VM got does not produce on a US layout (\"mismatch\": true); the text \
+                     follows the keys the VM got"
+                );
+            }
             Ok(())
         }
     }

@@ -55,6 +55,9 @@ pub struct Console {
     pub tls_target: Option<Target>,
     /// The password libvirt stores, if any. Never logged.
     pub password: Option<Zeroizing<String>>,
+    /// The keyboard layout libvirt gives QEMU (`-k`, from any graphics' `keymap`): QEMU
+    /// then maps every VNC keysym by it, even in extended key events.
+    pub keymap: Option<String>,
 }
 
 impl fmt::Debug for Console {
@@ -66,6 +69,7 @@ impl fmt::Debug for Console {
             .field("target", &self.target)
             .field("tls_target", &self.tls_target)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("keymap", &self.keymap)
             .finish()
     }
 }
@@ -212,6 +216,18 @@ pub fn console_from_xml(
         domain: domain.clone(),
         why,
     };
+    let all_graphics = || {
+        root.get_child("devices")
+            .into_iter()
+            .flat_map(|d| d.children.iter())
+            .filter_map(|n| n.as_element())
+            .filter(|e| e.name == "graphics")
+    };
+    // libvirt passes one `-k` to QEMU, from the graphics that names a keymap.
+    let keymap = all_graphics()
+        .find_map(|g| g.attributes.get("keymap"))
+        .filter(|k| !k.is_empty())
+        .cloned();
     let graphics = root
         .get_child("devices")
         .into_iter()
@@ -319,6 +335,7 @@ pub fn console_from_xml(
         target,
         tls_target,
         password,
+        keymap,
     })
 }
 

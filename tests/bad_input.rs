@@ -1948,8 +1948,8 @@ fn fake_server_init() -> Vec<u8> {
     out
 }
 
-/// What the browser sends once relaying, and vizor relays unchanged: SetEncodings and
-/// a request for the whole screen.
+/// What the browser sends once relaying: SetEncodings and a request for the whole
+/// screen.
 fn opening() -> Vec<u8> {
     cat(&[
         &set_encodings(&[
@@ -1976,6 +1976,24 @@ fn rect(x: u16, y: u16, w: u16, h: u16, encoding: Encoding) -> Vec<u8> {
         &w.to_be_bytes(),
         &h.to_be_bytes(),
         &encoding.0.to_be_bytes(),
+    ])
+}
+
+/// What vizor sends QEMU for [`opening`]: first its own request for QEMU's LED state
+/// (so QEMU never presses lock keys itself), then the browser's messages with LED state
+/// added to its encodings.
+fn opening_relayed() -> Vec<u8> {
+    cat(&[
+        &set_encodings(&[Encoding::QEMU_LED_STATE]),
+        &set_encodings(&[
+            Encoding::RAW,
+            Encoding::COPY_RECT,
+            Encoding::ZLIB,
+            Encoding::CURSOR,
+            Encoding::DESKTOP_SIZE,
+            Encoding::QEMU_LED_STATE,
+        ]),
+        &request(0, 0, FAKE_W, FAKE_H),
     ])
 }
 
@@ -2032,10 +2050,10 @@ async fn play(mut s: TcpStream, scenario: Fake) -> std::io::Result<()> {
         Fake::Init(bytes) => s.write_all(&bytes).await?,
         Fake::Update(bytes) => {
             s.write_all(&fake_server_init()).await?;
-            let mut relayed = vec![0u8; opening().len()];
+            let mut relayed = vec![0u8; opening_relayed().len()];
             s.read_exact(&mut relayed).await?;
-            // vizor relays the opening unchanged; anything else gets no update.
-            if relayed == opening() {
+            // vizor relays the opening as it should; anything else gets no update.
+            if relayed == opening_relayed() {
                 s.write_all(&bytes).await?;
             }
         }

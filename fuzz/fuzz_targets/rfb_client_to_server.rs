@@ -1,10 +1,12 @@
 //! Client-to-server framing: any bytes, any segmentation, with or without the
 //! extended pointer confirmed. Never a panic; spans tile what was consumed; a message
-//! decoded from a prefix re-encodes to exactly its span.
+//! decoded from a prefix re-encodes to exactly its span; key events go through QEMU's
+//! keyboard model (never more than the keys it holds plus one stroke).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use vizor_rfb::client::{ClientDecoder, ClientMessage};
+use vizor_keys::vnc::{Keyboard, Keymap};
 use vizor_rfb::Limits;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
     if flags & 0x80 != 0 {
         d.confirm(vizor_rfb::client::Confirmations::ALL);
     }
+    let mut keyboard = Keyboard::new(Keymap::EnUs);
     let mut pending: Vec<u8> = Vec::new();
     let mut consumed = 0usize;
     for piece in stream.chunks(chunk) {
@@ -37,6 +40,18 @@ fuzz_target!(|data: &[u8]| {
                         ClientMessage::KeyEvent { .. } | ClientMessage::QemuExtendedKeyEvent { .. }
                     ) {
                         assert_eq!(again[4..], pending[4..n]);
+                    }
+                    let outcome = match m {
+                        ClientMessage::KeyEvent { down, keysym } => Some(keyboard.key_event(down, keysym)),
+                        ClientMessage::QemuExtendedKeyEvent {
+                            down,
+                            keysym,
+                            keycode,
+                        } => Some(keyboard.ext_key_event(down, keysym, keycode)),
+                        _ => None,
+                    };
+                    if let Some(o) = outcome {
+                        assert!(!o.strokes.is_empty() && o.strokes.len() <= 256);
                     }
                     // Clipboard contents are bounded and never panic.
                     if let ClientMessage::ClientCutText(t) = &m {

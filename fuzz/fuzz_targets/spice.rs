@@ -1,13 +1,14 @@
 //! The SPICE codec against arbitrary bytes: link messages, channel framing with either
 //! header and any segmentation, typed decoding of whole messages, the agent stream and
-//! scancodes. Never a panic; spans tile what was consumed.
+//! the keyboard model (scancodes, lock requests, lock state). Never a panic; spans tile what was consumed.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use vizor_spice::agent::{self, AgentEvent, AgentStream, CapsReader, ClipboardReader};
 use vizor_spice::channel::{Decoder, Frame, HeaderKind};
 use vizor_spice::link::{LinkMess, LinkReply};
-use vizor_spice::{msg, scancode, Limits};
+use vizor_keys::{spice::Keyboard, Origin};
+use vizor_spice::{msg, Limits};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, input)) = data.split_first() else {
@@ -42,6 +43,8 @@ fuzz_target!(|data: &[u8]| {
             let mut readers: Option<(ClipboardReader, CapsReader)> = None;
             let mut pending = Vec::new();
             let mut consumed = 0usize;
+            let mut keyboard = Keyboard::new();
+            let mut strokes = Vec::new();
             for piece in input.chunks(chunk) {
                 pending.extend_from_slice(piece);
                 loop {
@@ -49,12 +52,26 @@ fuzz_target!(|data: &[u8]| {
                         Ok(Some((f, n))) => {
                             assert!(n <= pending.len());
                             if let Frame::Whole { header, body } = f {
-                                if let Ok(
-                                    msg::ClientMessage::KeyDown(c) | msg::ClientMessage::KeyUp(c),
-                                ) = msg::parse_client(channel, header.msg_type, body)
-                                {
-                                    let _ = scancode::decode_code(c);
+                                match msg::parse_client(channel, header.msg_type, body) {
+                                    Ok(msg::ClientMessage::KeyDown(c)) => {
+                                        keyboard.key_down(c, &mut strokes)
+                                    }
+                                    Ok(msg::ClientMessage::KeyUp(c)) => keyboard.key_up(c, &mut strokes),
+                                    Ok(msg::ClientMessage::KeyModifiers(m)) => {
+                                        let p = keyboard.lock_request(m);
+                                        assert!(p.bytes().len() <= 6);
+                                        keyboard.scancodes(p.bytes(), Origin::LockRequest, &mut strokes);
+                                    }
+                                    _ => {}
                                 }
+                                if let Ok(msg::ServerMessage::KeyboardLocks(b)) =
+                                    msg::parse_server(channel, header.msg_type, body)
+                                {
+                                    keyboard.server_locks(b);
+                                }
+                                // At most one stroke per byte.
+                                assert!(strokes.len() <= 4 + 6);
+                                strokes.clear();
                                 if let Ok(msg::ServerMessage::AgentData(b)) =
                                     msg::parse_server(channel, header.msg_type, body)
                                 {
@@ -85,7 +102,9 @@ fuzz_target!(|data: &[u8]| {
                                         }
                                     }
                                 }
-                                let _ = scancode::decode(body);
+                                keyboard.scancodes(body, Origin::Browser, &mut strokes);
+                                assert!(strokes.len() <= body.len());
+                                strokes.clear();
                             }
                             consumed += n;
                             pending.drain(..n);

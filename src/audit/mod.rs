@@ -48,23 +48,60 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         channel: Option<&'a str>,
     },
-    /// A key was pressed or released.
+    /// A key was pressed or released: named by the key QEMU acts on.
     Key {
         /// Session id.
         session: u64,
         /// Pressed (true) or released.
         down: bool,
-        /// The X11 keysym (absent when keystrokes are redacted).
+        /// The X11 keysym the browser sent (VNC; absent when keystrokes are redacted).
         #[serde(skip_serializing_if = "Option::is_none")]
         keysym: Option<u32>,
-        /// Its name (absent when keystrokes are redacted).
+        /// The name of the key QEMU acts on (`a`, `Shift_L`, `KP_8`, `Up`), as a US
+        /// layout labels it; absent when keystrokes are redacted or the number names no
+        /// key. With a keymap vizor does not model, the keysym's name.
         #[serde(skip_serializing_if = "Option::is_none")]
         key: Option<String>,
-        /// printable, control, function, modifier or unknown.
+        /// printable, control, function, modifier or unknown: of the key QEMU acts on.
         class: &'static str,
-        /// The XT scancode of a QEMU extended key event.
+        /// QEMU's number for the key it acts on (PC set 1, 0x80 added for 0xE0 keys).
         #[serde(skip_serializing_if = "Option::is_none")]
         scancode: Option<u32>,
+        /// How QEMU read the event: `keycode` (VNC extended key event), `keysym` (VNC,
+        /// through QEMU's keymap) or `scancode` (SPICE).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        via: Option<&'static str>,
+        /// The keysym is not one a US layout produces with the key QEMU acts on: the
+        /// browser's keysym and the key that reached the VM disagree.
+        #[serde(skip_serializing_if = "is_false")]
+        mismatch: bool,
+        /// The keysym's name, when it disagrees with the key (`mismatch`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        keysym_name: Option<String>,
+        /// Why QEMU passed nothing to the guest for it: `no_key`, `not_pressed`
+        /// (a release of a key not down) or `console_switch` (Ctrl+Alt+digit over VNC).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ignored: Option<&'static str>,
+        /// Not the browser's own event: `console_switch` (QEMU released the key itself)
+        /// or `lock_request` (vizor's presses for a SPICE KEY_MODIFIERS request).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        origin: Option<&'static str>,
+        /// The console's keymap, when it is one vizor does not model (QEMU then maps the
+        /// keysym by it; `key` is the keysym's name).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        keymap: Option<&'a str>,
+    },
+    /// The guest's keyboard lock state, as QEMU reported it (at the start and on each
+    /// change).
+    Locks {
+        /// Session id.
+        session: u64,
+        /// Caps Lock.
+        caps: bool,
+        /// Num Lock.
+        num: bool,
+        /// Scroll Lock.
+        scroll: bool,
     },
     /// Clipboard contents crossed the proxy.
     Clipboard {
@@ -189,6 +226,7 @@ impl Event<'_> {
         match self {
             Event::SessionStart { .. } => "session_start",
             Event::Key { .. } => "key",
+            Event::Locks { .. } => "locks",
             Event::Clipboard { .. } => "clipboard",
             Event::SessionEnd { .. } => "session_end",
             Event::TokenRefused { .. } => "token_refused",
@@ -200,6 +238,10 @@ impl Event<'_> {
             Event::UpstreamFailure { .. } => "upstream_failure",
         }
     }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Serialize)]
@@ -283,6 +325,19 @@ impl Clipboard {
             })
             .collect())
     }
+}
+
+/// One key transition as QEMU takes it, with how it read the browser's event.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyEvent {
+    /// What reaches the guest (or why nothing does).
+    pub stroke: vizor_keys::Stroke,
+    /// How QEMU read the event: `keycode`, `keysym` or `scancode`.
+    pub via: &'static str,
+    /// The keysym the browser sent (VNC).
+    pub keysym: Option<u32>,
+    /// The keysym disagrees with the key.
+    pub mismatch: bool,
 }
 
 /// The most clipboard contents one message may inflate to.
@@ -474,14 +529,43 @@ impl Audit {
         }
     }
 
-    /// Records a key event as `[audit] keystrokes` allows; `Ok` without writing when
-    /// key events are off.
-    pub async fn key(
+    /// Records what QEMU does with one key event (`via`: how it read it), as
+    /// `[audit] keystrokes` allows; `Ok` without writing when key events are off.
+    pub async fn stroke(&self, session: u64, key: &KeyEvent) -> std::io::Result<()> {
+        let full = match self.keystrokes {
+            Keystrokes::Off => return Ok(()),
+            Keystrokes::Full => true,
+            Keystrokes::Redacted => false,
+        };
+        let s = &key.stroke;
+        self.record(&Event::Key {
+            session,
+            down: s.down,
+            keysym: key.keysym.filter(|_| full),
+            key: s.key.name().filter(|_| full).map(str::to_owned),
+            class: s.key.class().as_str(),
+            scancode: full.then_some(u32::from(s.key.number())),
+            via: Some(key.via),
+            mismatch: key.mismatch,
+            keysym_name: key
+                .keysym
+                .filter(|_| full && key.mismatch)
+                .map(|k| keysym_name(k).into_owned()),
+            ignored: s.ignored.map(vizor_keys::Ignored::as_str),
+            origin: s.origin.as_str(),
+            keymap: None,
+        })
+        .await
+    }
+
+    /// Records a VNC key event on a console whose keymap vizor does not model: QEMU
+    /// maps the keysym by that keymap, so the keysym names the key.
+    pub async fn keysym_key(
         &self,
         session: u64,
         down: bool,
         keysym: u32,
-        scancode: Option<u32>,
+        keymap: &str,
     ) -> std::io::Result<()> {
         let full = match self.keystrokes {
             Keystrokes::Off => return Ok(()),
@@ -494,58 +578,27 @@ impl Audit {
             keysym: full.then_some(keysym),
             key: full.then(|| keysym_name(keysym).into_owned()),
             class: class_name(keysym),
-            scancode: if full { scancode } else { None },
+            scancode: None,
+            via: Some("keysym"),
+            mismatch: false,
+            keysym_name: None,
+            ignored: None,
+            origin: None,
+            keymap: Some(keymap),
         })
         .await
     }
 
-    /// Records a SPICE key event, named from its scancode, as `[audit] keystrokes`
-    /// allows.
-    pub async fn scancode_key(
-        &self,
-        session: u64,
-        down: bool,
-        name: Option<&str>,
-        code: u16,
-    ) -> std::io::Result<()> {
-        let full = match self.keystrokes {
-            Keystrokes::Off => return Ok(()),
-            Keystrokes::Full => true,
-            Keystrokes::Redacted => false,
-        };
-        let class = match name {
-            Some(n) if n.chars().count() == 1 || n == "space" => "printable",
-            Some(n) if n.starts_with('F') && n[1..].parse::<u8>().is_ok() => "function",
-            Some(n)
-                if [
-                    "Shift",
-                    "Control",
-                    "Alt",
-                    "Super",
-                    "Caps_Lock",
-                    "Num_Lock",
-                    "Scroll_Lock",
-                ]
-                .iter()
-                .any(|m| n.starts_with(m)) =>
-            {
-                "modifier"
-            }
-            Some(_) => "control",
-            None => "unknown",
-        };
-        self.record(&Event::Key {
+    /// Records the guest's lock state (unless key events are off).
+    pub async fn locks(&self, session: u64, locks: vizor_keys::Locks) -> std::io::Result<()> {
+        if self.keystrokes == Keystrokes::Off {
+            return Ok(());
+        }
+        self.record(&Event::Locks {
             session,
-            down,
-            keysym: None,
-            key: if full {
-                name.map(str::to_owned)
-                    .or_else(|| Some(format!("scancode {code:#06x}")))
-            } else {
-                None
-            },
-            class,
-            scancode: if full { Some(u32::from(code)) } else { None },
+            caps: locks.caps,
+            num: locks.num,
+            scroll: locks.scroll,
         })
         .await
     }
@@ -568,6 +621,22 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+
+    /// A VNC extended key event with `keysym` QEMU takes as key number `number`.
+    fn typed(down: bool, keysym: u32, number: u8) -> KeyEvent {
+        let key = vizor_keys::Key::from_number(number);
+        KeyEvent {
+            stroke: vizor_keys::Stroke {
+                key,
+                down,
+                ignored: None,
+                origin: vizor_keys::Origin::Browser,
+            },
+            via: "keycode",
+            keysym: Some(keysym),
+            mismatch: !key.produces(keysym),
+        }
     }
 
     fn another_key() -> ChainKey {
@@ -648,8 +717,8 @@ mod tests {
     async fn records_are_sealed_json_lines() {
         let log = Log::new();
         let a = log.open(Keystrokes::Full, None);
-        a.key(7, true, 0xff1b, None).await.unwrap();
-        a.key(7, false, 0x61, Some(0x1e)).await.unwrap();
+        a.stroke(7, &typed(true, 0xff1b, 0x01)).await.unwrap();
+        a.stroke(7, &typed(false, 0x61, 0x1e)).await.unwrap();
         a.record(
             &Clipboard::of("text", b"hello", ClipText::Latin1, false).event(7, "browser_to_vm"),
         )
@@ -679,7 +748,7 @@ mod tests {
         assert_eq!(l[4]["content"], "caf\u{e9}");
         assert_eq!(l[5]["event"], "audit_close");
         for (i, r) in l.iter().enumerate() {
-            assert_eq!(r["v"], 1);
+            assert_eq!(r["v"], 2);
             assert_eq!(r["seq"], i as u64);
             assert!(r["ts"].as_str().unwrap().ends_with('Z'));
             assert_eq!(r["chain"].as_str().unwrap().len(), 64);
@@ -702,7 +771,7 @@ mod tests {
     async fn redacted_and_off() {
         let log = Log::new();
         let a = log.open(Keystrokes::Redacted, None);
-        a.key(1, true, 0x41, Some(0x1e)).await.unwrap();
+        a.stroke(1, &typed(true, 0x41, 0x1e)).await.unwrap();
         a.close();
         let l = lines(&log.path());
         assert_eq!(l[1]["class"], "printable");
@@ -713,7 +782,7 @@ mod tests {
         );
         let log = Log::new();
         let a = log.open(Keystrokes::Off, None);
-        a.key(1, true, 0x41, None).await.unwrap();
+        a.stroke(1, &typed(true, 0x41, 0x1e)).await.unwrap();
         a.close();
         assert!(lines(&log.path()).iter().all(|r| r["event"] != "key"));
     }
@@ -722,7 +791,7 @@ mod tests {
     async fn write_keys(log: &Log, n: usize, rotate: Option<u64>) {
         let a = log.open(Keystrokes::Full, rotate);
         for i in 0..n {
-            a.key(1, i % 2 == 0, 0x61 + (i % 26) as u32, None)
+            a.stroke(1, &typed(i % 2 == 0, 0x61, 0x1e + (i % 10) as u8))
                 .await
                 .unwrap();
         }
@@ -753,7 +822,7 @@ mod tests {
         let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         // One byte edited: a key's name.
         let mut edited = own(&rows);
-        edited[2] = edited[2].replace("\"key\":\"b\"", "\"key\":\"c\"");
+        edited[2] = edited[2].replace("\"key\":\"s\"", "\"key\":\"d\"");
         assert_ne!(edited[2], rows[2]);
         assert_eq!(tampered(edited).1, 3);
         // A record deleted.

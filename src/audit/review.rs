@@ -2,6 +2,7 @@
 
 use serde_json::Value;
 use std::collections::BTreeMap;
+use vizor_keys::Key;
 use vizor_rfb::keysym::keysym_char;
 
 /// Reads the records of `files` (oldest first); lines that are not JSON are skipped
@@ -139,7 +140,7 @@ pub fn sessions(records: &[Value]) -> Vec<Session> {
                     entry.channels.push(c.to_owned());
                 }
             }
-            Some("key") if r["down"] == true => {
+            Some("key") if r["down"] == true && r.get("ignored").is_none() => {
                 if let Some(e) = by_id.get_mut(&key) {
                     e.keys += 1;
                 }
@@ -205,6 +206,7 @@ struct Mods {
     alt: u8,
     logo: u8,
     caps: bool,
+    num: bool,
 }
 
 impl Mods {
@@ -221,9 +223,13 @@ impl Mods {
                 }
                 return true;
             }
-            "ISO_Level3_Shift" | "Mode_switch" | "Num_Lock" | "Scroll_Lock" | "Shift_Lock" => {
-                return true
+            "Num_Lock" => {
+                if down {
+                    self.num = !self.num;
+                }
+                return true;
             }
+            "ISO_Level3_Shift" | "Mode_switch" | "Scroll_Lock" | "Shift_Lock" => return true,
             _ => return false,
         };
         *counter = if down {
@@ -237,13 +243,29 @@ impl Mods {
 
 /// What was typed in session `id`: characters as typed (shift applied, BackSpace
 /// deleting, Return a new line, Tab a tab), and other keys and control combinations
-/// as markers such as `<Escape>` or `<Ctrl+Alt+Delete>`. Redacted key records give
-/// `*` for a printable key and `<control>`/`<function>` markers.
+/// as markers such as `<Escape>` or `<Ctrl+Alt+Delete>`. Keys are read as the VM took
+/// them: by the key QEMU acted on, typed as a US layout types it, with the guest's lock
+/// state from the log's `locks` records; events QEMU passed to no guest are left out.
+/// Redacted key records give `*` for a printable key and `<control>`/`<function>`
+/// markers. Records without `via` (written before vizor named keys by what QEMU acts
+/// on) are read as they were: VNC keys by keysym.
 pub fn text(records: &[Value], session: &Session) -> String {
-    let mut mods = Mods::default();
+    // Num Lock is on unless the log says otherwise: firmware turns it on at boot.
+    let mut mods = Mods {
+        num: true,
+        ..Mods::default()
+    };
     let mut out: Vec<Piece> = Vec::new();
     for (r, run) in records.iter().zip(runs(records)) {
-        if r["event"] != "key" || r["session"].as_u64() != Some(session.id) || run != session.run {
+        if r["session"].as_u64() != Some(session.id) || run != session.run {
+            continue;
+        }
+        if r["event"] == "locks" {
+            mods.caps = r["caps"] == true;
+            mods.num = r["num"] == true;
+            continue;
+        }
+        if r["event"] != "key" || r.get("ignored").is_some() {
             continue;
         }
         let down = r["down"] == true;
@@ -261,10 +283,15 @@ pub fn text(records: &[Value], session: &Session) -> String {
         if mods.track(name, down) || !down {
             continue;
         }
-        // VNC keysyms carry the shift already; SPICE scancodes do not.
-        let typed = match r["keysym"].as_u64() {
-            Some(k) => keysym_char(k as u32),
-            None => us_layout(name).map(|(plain, shifted)| {
+        let typed = match (r.get("via"), r["scancode"].as_u64(), r["keysym"].as_u64()) {
+            // The key QEMU acted on.
+            (Some(_), Some(n), _) => u8::try_from(n)
+                .ok()
+                .and_then(|n| typed_by(Key::from_number(n), &mods)),
+            // A keymap vizor does not model, or an older record: the keysym.
+            (_, _, Some(k)) => keysym_char(k as u32),
+            // An old SPICE record: the key's name.
+            _ => us_layout(name).map(|(plain, shifted)| {
                 let letter = plain.is_ascii_lowercase();
                 if (mods.shift > 0) != (letter && mods.caps) {
                     shifted
@@ -314,6 +341,37 @@ pub fn text(records: &[Value], session: &Session) -> String {
             Piece::Marker(m) => m,
         })
         .collect()
+}
+
+/// What `key` types on a US layout with `mods` held.
+fn typed_by(key: Key, mods: &Mods) -> Option<char> {
+    let c = key.chars();
+    if let Some(digit) = c.numpad {
+        // Shift inverts Num Lock on a PC keypad.
+        return (mods.num != (mods.shift > 0)).then_some(digit);
+    }
+    let plain = c.plain?;
+    let letter = plain.is_ascii_lowercase();
+    if (mods.shift > 0) != (letter && mods.caps) {
+        c.shifted.or(Some(plain))
+    } else {
+        Some(plain)
+    }
+}
+
+/// Key records of session `id` whose keysym disagrees with the key the VM took
+/// (`mismatch`): the browser claimed one key and the VM got another.
+pub fn mismatches(records: &[Value], session: &Session) -> usize {
+    records
+        .iter()
+        .zip(runs(records))
+        .filter(|(r, run)| {
+            r["event"] == "key"
+                && r["session"].as_u64() == Some(session.id)
+                && *run == session.run
+                && r["mismatch"] == true
+        })
+        .count()
 }
 
 #[cfg(test)]
@@ -421,6 +479,72 @@ mod tests {
         r2.push(spice(false, "Shift_L"));
         r2.extend([spice(true, "space"), spice(true, "Return")]);
         assert_eq!(text(&r2, &of(2)), "h1A!? \n");
+    }
+
+    /// A record as vizor writes it now: the key QEMU acted on, by number.
+    fn acted(down: bool, number: u8, keysym: Option<u32>, extra: Value) -> Value {
+        let key = Key::from_number(number);
+        let mut r = json!({"event": "key", "session": 6, "down": down, "via": "keycode",
+            "scancode": number, "key": key.name(), "class": key.class().as_str()});
+        if let Some(k) = keysym {
+            r["keysym"] = json!(k);
+            if !key.produces(k) {
+                r["mismatch"] = json!(true);
+            }
+        }
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        r
+    }
+
+    fn tap(number: u8, keysym: Option<u32>) -> [Value; 2] {
+        [
+            acted(true, number, keysym, json!({})),
+            acted(false, number, keysym, json!({})),
+        ]
+    }
+
+    #[test]
+    fn text_follows_the_keys_the_vm_took_not_the_keysyms() {
+        // The example: keysym z with keycode b, keysym Shift_L with keycode c.
+        let mut r = Vec::new();
+        r.extend(tap(0x30, Some(u32::from(b'z'))));
+        r.extend(tap(0x2e, Some(0xffe1)));
+        // Shift held by keycode makes the next key a capital.
+        r.push(acted(true, 0x2a, Some(0xffe1), json!({})));
+        r.extend(tap(0x1e, Some(u32::from(b'A'))));
+        r.push(acted(false, 0x2a, Some(0xffe1), json!({})));
+        // A release QEMU dropped and a console switch type nothing.
+        r.push(acted(false, 0x1f, None, json!({"ignored": "not_pressed"})));
+        r.push(acted(
+            true,
+            0x03,
+            None,
+            json!({"ignored": "console_switch"}),
+        ));
+        assert_eq!(text(&r, &of(6)), "bcA");
+        assert_eq!(
+            mismatches(&r, &of(6)),
+            4,
+            "z/b and Shift_L/c, pressed and released"
+        );
+    }
+
+    #[test]
+    fn the_guests_lock_state_decides_case_and_keypad() {
+        let mut r = vec![
+            json!({"event": "locks", "session": 6, "caps": true, "num": false, "scroll": false}),
+        ];
+        r.extend(tap(0x1e, None));
+        r.extend(tap(0x48, None)); // keypad 8 with Num Lock off: Up
+        r.push(
+            json!({"event": "locks", "session": 6, "caps": false, "num": true, "scroll": false}),
+        );
+        r.extend(tap(0x1e, None));
+        r.extend(tap(0x48, None));
+        r.extend(tap(0x37, None)); // keypad *
+        assert_eq!(text(&r, &of(6)), "A<KP_8>a8*");
     }
 
     #[test]

@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tracing::warn;
 
-/// A record to write: its members after `{"v":1,"seq":N,` (starting with `"ts"`),
+/// The records' schema version (`v`): 2 names keys by what QEMU acts on (docs/audit.md).
+pub const SCHEMA: u32 = 2;
+
+/// A record to write: its members after `{"v":2,"seq":N,` (starting with `"ts"`),
 /// whether it asks for a sync under `fsync = "session"`, and who waits for it.
 pub(super) struct Job {
     pub members: Vec<u8>,
@@ -223,7 +226,7 @@ impl Writer {
     }
 
     fn seal_into(&mut self, members: &[u8], out: &mut Vec<u8>) {
-        let mut body = format!("{{\"v\":1,\"seq\":{},", self.seq).into_bytes();
+        let mut body = format!("{{\"v\":{SCHEMA},\"seq\":{},", self.seq).into_bytes();
         body.extend_from_slice(members);
         self.chain = self.key.seal(&self.chain, &body, out);
         self.seq += 1;

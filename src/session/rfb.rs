@@ -10,7 +10,7 @@ use super::browser::{BrowserRx, BrowserTx};
 use super::{
     audit_failed, connect, read_handshake, read_upstream, write_upstream, Conn, End, Meter, VmLink,
 };
-use crate::audit::{Audit, Clipboard, Event};
+use crate::audit::{Audit, Clipboard, Event, KeyEvent};
 use crate::libvirt::Console;
 use crate::limits::Idle;
 use crate::live::{Direction, Identity, Latency, LiveSessions};
@@ -19,18 +19,20 @@ use crate::token::Claims;
 use bytes::BytesMut;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
+use vizor_keys::vnc::{self, Keyboard, Keymap, Pacer};
+use vizor_keys::{Locks, Origin};
 use vizor_rfb::client::{write_set_encodings, ClientDecoder, ClientMessage, Confirmations};
 use vizor_rfb::handshake::client::{self, Authenticate, SendClientInit, VencryptChosen};
 use vizor_rfb::handshake::server::{self, SecurityChosen};
 use vizor_rfb::handshake::{Progress, SecurityType, ServerInit, VencryptSubtype, Version};
-use vizor_rfb::server::{ServerDecoder, ServerEvent};
+use vizor_rfb::server::{RectInfo, ServerDecoder, ServerEvent};
 use vizor_rfb::{Encoding, Limits};
 
 /// What a session needs from the proxy.
@@ -519,7 +521,14 @@ async fn relay(
         .metrics
         .input_to_display_seconds
         .with_label_values(&["vnc"]);
+    // Whether the browser asked for QEMU's LED state itself (else vizor drops it).
+    let browser_leds = AtomicBool::new(false);
     let browser_to_vm = async {
+        // QEMU's keyboard as this connection sees it (every key up at the start: QEMU
+        // releases all keys when a client leaves).
+        let mut keyboard = Keyboard::new(Keymap::from_libvirt(ctx.console.keymap.as_deref()));
+        with_led_state(&server, &mut up_wr).await?;
+        let mut pacer = Pacer::default();
         let mut dec = ClientDecoder::new(ctx.browser_limits);
         let mut buf = Vec::with_capacity(4096);
         let mut out = Vec::with_capacity(4096);
@@ -558,9 +567,18 @@ async fn relay(
                             );
                         }
                         offered_ext_desktop = kept.contains(&Encoding::EXTENDED_DESKTOP_SIZE);
+                        let mut upstream = kept;
+                        browser_leds.store(
+                            upstream.contains(&Encoding::QEMU_LED_STATE),
+                            Ordering::Relaxed,
+                        );
+                        if !upstream.contains(&Encoding::QEMU_LED_STATE) {
+                            // See `with_led_state`: QEMU must never press lock keys itself.
+                            upstream.push(Encoding::QEMU_LED_STATE);
+                        }
                         // The decoder learns the list before QEMU can answer it.
-                        lock(&server)?.set_encodings(kept.iter().copied());
-                        write_set_encodings(kept, &mut out);
+                        lock(&server)?.set_encodings(upstream.iter().copied());
+                        write_set_encodings(upstream, &mut out);
                     }
                     ClientMessage::FramebufferUpdateRequest { .. } => {
                         requested = true;
@@ -588,10 +606,9 @@ async fn relay(
                     ClientMessage::KeyEvent { down, keysym } => {
                         idle.touch();
                         lock(&timing)?.input();
-                        ctx.audit
-                            .key(ctx.id, down, keysym, None)
-                            .await
-                            .map_err(audit_failed)?;
+                        let outcome = keyboard.key_event(down, keysym);
+                        record_keys(ctx, &keyboard, &outcome, down, keysym).await?;
+                        pace(&mut pacer, outcome.queued(), &mut up_wr, &mut out, meter).await?;
                         out.extend_from_slice(raw);
                     }
                     ClientMessage::QemuExtendedKeyEvent {
@@ -601,10 +618,9 @@ async fn relay(
                     } => {
                         idle.touch();
                         lock(&timing)?.input();
-                        ctx.audit
-                            .key(ctx.id, down, keysym, Some(keycode))
-                            .await
-                            .map_err(audit_failed)?;
+                        let outcome = keyboard.ext_key_event(down, keysym, keycode);
+                        record_keys(ctx, &keyboard, &outcome, down, keysym).await?;
+                        pace(&mut pacer, outcome.queued(), &mut up_wr, &mut out, meter).await?;
                         out.extend_from_slice(raw);
                     }
                     ClientMessage::ClientCutText(text) => {
@@ -641,9 +657,16 @@ async fn relay(
         let mut buf = BytesMut::with_capacity(64 * 1024);
         // Bytes QEMU sent along with ServerInit are decoded before the first read.
         buf.extend_from_slice(&early);
+        // Bytes at the front of `buf` already decoded but held back: an update that may
+        // turn out to carry nothing but the LED state the browser did not ask for.
+        let mut held = 0;
+        let mut leds = LedUpdates::default();
         loop {
-            let mut consumed = 0;
+            let mut consumed = held;
             let mut clips = Vec::new();
+            let mut changed = Vec::new();
+            let mut cut = None;
+            let browser_wants_leds = browser_leds.load(Ordering::Relaxed);
             // Payload of the current rectangle still to come, read while the decoder
             // is locked anyway.
             let pending = {
@@ -655,6 +678,14 @@ async fn relay(
                     let confirms = Confirmations::of(&ev);
                     if confirms != Confirmations::default() {
                         confirmed.fetch_or(confirms.bits(), Ordering::Relaxed);
+                    }
+                    match leds.event(&ev, consumed, n, browser_wants_leds) {
+                        LedStep::Changed(v) => changed.push(v),
+                        LedStep::Drop(range) => {
+                            cut = Some(range);
+                            break;
+                        }
+                        LedStep::None => {}
                     }
                     match ev {
                         ServerEvent::UpdateEnd => {
@@ -679,27 +710,35 @@ async fn relay(
                 }
                 dec.pending_payload()
             };
+            for v in changed {
+                ctx.audit
+                    .locks(ctx.id, Locks::from_bits(u16::from(v)))
+                    .await
+                    .map_err(audit_failed)?;
+            }
             for clip in clips {
                 ctx.audit
                     .record(&clip.event(ctx.id, "vm_to_browser"))
                     .await
                     .map_err(audit_failed)?;
             }
-            if consumed > 0 {
-                // Everything decoded goes to the browser as read, without a copy; only
-                // an incomplete header stays behind. A recording gets it first.
-                let chunk = buf.split_to(consumed);
-                if let Some(r) = lock(recorder)?.as_mut() {
-                    r.frame(&chunk).map_err(|e| {
-                        End::upstream(
-                            format!("audit log cannot be written: recording: {e}"),
-                            "audit_error",
-                        )
-                    })?;
+            if let Some((from, to)) = cut {
+                // What came before goes on; the LED update goes nowhere.
+                if from > 0 {
+                    to_browser(buf.split_to(from), recorder, btx, meter).await?;
                 }
-                btx.bytes(chunk).await?;
-                meter.add(Direction::VmToBrowser, consumed as u64);
+                let _ = buf.split_to(to - from);
+                held = 0;
+                continue;
             }
+            // Everything decoded goes to the browser as read, without a copy, but for an
+            // incomplete header and an update that may be LED state alone.
+            let upto = leds.held_from().unwrap_or(consumed);
+            if upto > 0 {
+                to_browser(buf.split_to(upto), recorder, btx, meter).await?;
+                leds.advanced(upto);
+            }
+            held = consumed - upto;
             // The rest of a long rectangle goes from socket to socket; the decoder,
             // told its length, then stands after it.
             let splice_now = buf.is_empty() && pending >= SPLICE_MIN;
@@ -726,6 +765,165 @@ async fn relay(
         _ = idle.expired(ctx.idle_timeout) => Err(End::idle(idle.idle_for())),
     };
     result.err().unwrap_or_else(End::vm_closed)
+}
+
+/// Asks QEMU for its LED state before the browser says anything. Without that
+/// extension QEMU presses Caps Lock and Num Lock itself (`lock-key-sync`) whenever a
+/// keysym's case or keypad meaning disagrees with what it believes the locks are: key
+/// presses no browser sent, from a lock state no one can see. With it QEMU injects
+/// nothing, and reports the guest's LED state, which the audit records. The browser's
+/// own SetEncodings keeps it (see the relay).
+async fn with_led_state(
+    server: &Mutex<ServerDecoder>,
+    up_wr: &mut (impl AsyncWrite + Unpin),
+) -> Result<(), End> {
+    let mut out = Vec::new();
+    write_set_encodings([Encoding::QEMU_LED_STATE], &mut out);
+    lock(server)?.set_encodings([Encoding::QEMU_LED_STATE]);
+    write_up(up_wr, &mut out).await
+}
+
+/// Holds key events back while QEMU's key queue is full by [`Pacer`]'s count: what is
+/// ready goes first, then vizor waits (and reads nothing from the browser meanwhile).
+async fn pace(
+    pacer: &mut Pacer,
+    queued: u32,
+    up_wr: &mut (impl AsyncWrite + Unpin),
+    out: &mut Vec<u8>,
+    meter: &Meter,
+) -> Result<(), End> {
+    let wait = pacer.wait(Instant::now(), queued);
+    if !wait.is_zero() {
+        let len = out.len() as u64;
+        write_up(up_wr, out).await?;
+        meter.add(Direction::BrowserToVm, len);
+        tokio::time::sleep(wait).await;
+    }
+    pacer.sent(Instant::now(), queued);
+    Ok(())
+}
+
+/// Sends decoded bytes from the VM to the browser, the recording first.
+async fn to_browser(
+    chunk: BytesMut,
+    recorder: &Mutex<Option<Recorder>>,
+    btx: &BrowserTx,
+    meter: &Meter,
+) -> Result<(), End> {
+    let len = chunk.len() as u64;
+    if let Some(r) = lock(recorder)?.as_mut() {
+        r.frame(&chunk).map_err(|e| {
+            End::upstream(
+                format!("audit log cannot be written: recording: {e}"),
+                "audit_error",
+            )
+        })?;
+    }
+    btx.bytes(chunk).await?;
+    meter.add(Direction::VmToBrowser, len);
+    Ok(())
+}
+
+/// Records and keeps the browser's keys as QEMU takes them: one record per stroke the
+/// guest's keyboard gets (or is denied), the browser's keysym on its own.
+async fn record_keys(
+    ctx: &Ctx,
+    keyboard: &Keyboard,
+    outcome: &vnc::Outcome,
+    down: bool,
+    keysym: u32,
+) -> Result<(), End> {
+    if outcome.strokes.is_empty() {
+        if let Keymap::Other(name) = keyboard.keymap() {
+            ctx.audit
+                .keysym_key(ctx.id, down, keysym, name)
+                .await
+                .map_err(audit_failed)?;
+        }
+        return Ok(());
+    }
+    for stroke in &outcome.strokes {
+        let own = stroke.origin == Origin::Browser;
+        let event = KeyEvent {
+            stroke: *stroke,
+            via: outcome.via.as_str(),
+            keysym: own.then_some(keysym),
+            mismatch: own && outcome.mismatch,
+        };
+        ctx.audit
+            .stroke(ctx.id, &event)
+            .await
+            .map_err(audit_failed)?;
+    }
+    Ok(())
+}
+
+/// QEMU's keyboard LED state reaches vizor as an update of one LED rectangle. vizor asks
+/// QEMU for it on every connection (`with_led_state`), so such an update goes to the
+/// browser only if the browser asked for it too; its values are audited either way.
+#[derive(Debug, Default)]
+struct LedUpdates {
+    /// Where an update of one rectangle begins, while it may be LED state alone and
+    /// the browser did not ask for it.
+    start: Option<usize>,
+    /// The update's rectangle is LED state.
+    led: bool,
+    /// The last state seen.
+    last: Option<u8>,
+}
+
+/// What an event means for LED updates.
+#[derive(Debug, PartialEq, Eq)]
+enum LedStep {
+    None,
+    /// The guest's lock state is new.
+    Changed(u8),
+    /// The update in this range (of the buffer the events came from) is LED state the
+    /// browser did not ask for: drop it.
+    Drop((usize, usize)),
+}
+
+impl LedUpdates {
+    /// `ev` was decoded from `at`, `n` bytes long.
+    fn event(&mut self, ev: &ServerEvent<'_>, at: usize, n: usize, browser_asked: bool) -> LedStep {
+        match ev {
+            ServerEvent::UpdateBegin { rects: 1 } if !browser_asked => {
+                self.start = Some(at);
+                self.led = false;
+            }
+            ServerEvent::UpdateBegin { .. } => self.start = None,
+            ServerEvent::Rect(r) => {
+                if let RectInfo::LedState(v) = r.info {
+                    self.led = true;
+                    if self.last != Some(v) {
+                        self.last = Some(v);
+                        return LedStep::Changed(v);
+                    }
+                } else {
+                    self.start = None;
+                }
+            }
+            ServerEvent::UpdateEnd => {
+                if let (Some(start), true) = (self.start.take(), std::mem::take(&mut self.led)) {
+                    return LedStep::Drop((start, at + n));
+                }
+            }
+            _ => {}
+        }
+        LedStep::None
+    }
+
+    /// Where bytes must be held back from: the start of an update that may be dropped.
+    fn held_from(&self) -> Option<usize> {
+        self.start
+    }
+
+    /// `n` bytes left the front of the buffer.
+    fn advanced(&mut self, n: usize) {
+        if let Some(s) = &mut self.start {
+            *s = s.saturating_sub(n);
+        }
+    }
 }
 
 /// The shortest payload worth splicing: below it a read and a write cost less than
@@ -785,4 +983,96 @@ impl Timing {
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, End> {
     m.lock()
         .map_err(|_| End::upstream("internal error: decoder lock poisoned", "internal"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vizor_rfb::server::{write_rect_header, write_update_header};
+    use vizor_rfb::PixelFormat;
+
+    /// What the relay forwards of `stream`, fed to the LED filter in pieces of `cut`
+    /// bytes as the relay would: (bytes to the browser, lock states seen).
+    fn relay_leds(stream: &[u8], cut: usize, browser_asked: bool) -> (Vec<u8>, Vec<u8>) {
+        let si = ServerInit {
+            width: 4,
+            height: 4,
+            pixel_format: PixelFormat::RGB888,
+            name: Vec::new(),
+        };
+        let mut dec = ServerDecoder::new(&si, Limits::default());
+        dec.set_encodings([Encoding::RAW, Encoding::QEMU_LED_STATE]);
+        let mut leds = LedUpdates::default();
+        let (mut buf, mut sent, mut seen) = (Vec::new(), Vec::new(), Vec::new());
+        let mut held = 0;
+        for piece in stream.chunks(cut) {
+            buf.extend_from_slice(piece);
+            loop {
+                let mut consumed = held;
+                let mut drop = None;
+                while let Some((ev, n)) = dec.decode(&buf[consumed..]).unwrap() {
+                    match leds.event(&ev, consumed, n, browser_asked) {
+                        LedStep::Changed(v) => seen.push(v),
+                        LedStep::Drop(r) => {
+                            drop = Some(r);
+                            break;
+                        }
+                        LedStep::None => {}
+                    }
+                    consumed += n;
+                }
+                if let Some((from, to)) = drop {
+                    sent.extend(buf.drain(..from));
+                    buf.drain(..to - from);
+                    held = 0;
+                    continue;
+                }
+                let upto = leds.held_from().unwrap_or(consumed);
+                sent.extend(buf.drain(..upto));
+                leds.advanced(upto);
+                held = consumed - upto;
+                break;
+            }
+        }
+        (sent, seen)
+    }
+
+    fn led_update(state: u8) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_update_header(1, &mut v);
+        write_rect_header(0, 0, 1, 1, Encoding::QEMU_LED_STATE, &mut v);
+        v.push(state);
+        v
+    }
+
+    fn pixel_update() -> Vec<u8> {
+        let mut v = Vec::new();
+        write_update_header(1, &mut v);
+        write_rect_header(0, 0, 1, 1, Encoding::RAW, &mut v);
+        v.extend_from_slice(&[1, 2, 3, 4]);
+        v
+    }
+
+    #[test]
+    fn led_state_the_browser_did_not_ask_for_is_audited_and_dropped() {
+        let mut stream = pixel_update();
+        stream.extend(led_update(4));
+        stream.extend(pixel_update());
+        stream.extend(led_update(4));
+        stream.extend(led_update(6));
+        stream.push(2); // Bell
+        let mut expected = pixel_update();
+        expected.extend(pixel_update());
+        expected.push(2);
+        // Whatever the reads' boundaries.
+        for cut in [1, 2, 3, 5, 7, 13, 64, 4096] {
+            let (sent, seen) = relay_leds(&stream, cut, false);
+            assert_eq!(sent, expected, "cut {cut}");
+            assert_eq!(seen, [4, 6], "cut {cut}: changes only");
+            // A browser that asked gets them all.
+            let (sent, seen) = relay_leds(&stream, cut, true);
+            assert_eq!(sent, stream, "cut {cut}");
+            assert_eq!(seen, [4, 6]);
+        }
+    }
 }

@@ -14,7 +14,7 @@ use super::{
     audit_failed, connect, read_handshake, read_upstream, write_upstream, Conn, End, Meter, Stream,
     VmLink,
 };
-use crate::audit::{Audit, Event};
+use crate::audit::{Audit, Event, KeyEvent};
 use crate::libvirt::{Console, Target};
 use crate::limits::{Idle, Slot};
 use crate::live::{Direction, Identity, Latency, Live, LiveSessions};
@@ -24,16 +24,17 @@ use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
 use rsa::{Oaep, RsaPrivateKey, RsaPublicKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
+use vizor_keys::{spice::Keyboard, Locks, Origin, Stroke};
 use vizor_spice::agent::{self, AgentEvent, AgentStream};
 use vizor_spice::channel::{write_message, Decoder, Frame, HeaderKind};
 use vizor_spice::link::{self, cap, channel_type, link_error, Caps, LinkMess, LinkReply};
-use vizor_spice::{msg, scancode, Limits};
+use vizor_spice::{msg, Limits};
 use zeroize::Zeroizing;
 
 /// vizor's own RSA key, offered to browsers in place of QEMU's.
@@ -582,7 +583,11 @@ async fn relay(
     let display_init_seen = AtomicBool::new(channel != channel_type::DISPLAY);
     let last_serial = AtomicU64::new(0);
     let agent_caps = AgentCaps::default();
+    // The inputs channel's keyboard as QEMU and spice-server see it; the VM's side
+    // tells it the guest's lock state.
+    let keyboard = Mutex::new(Keyboard::new());
     let browser_to_vm = async {
+        let mut strokes = Vec::new();
         let mut dec = Decoder::new(kind, ctx.browser_limits);
         let mut agent_in = AgentStream::new(ctx.browser_limits);
         let mut clipboard = Clipboard::default();
@@ -615,6 +620,8 @@ async fn relay(
                         display_init_seen.store(true, Ordering::Relaxed);
                     }
                 }
+                // A message vizor sends in place of the browser's.
+                let mut instead = None;
                 if let Frame::Whole { header, body } = frame {
                     let message = msg::parse_client(channel, header.msg_type, body)
                         .map_err(|e| End::spice_protocol("browser", &e))?;
@@ -622,26 +629,54 @@ async fn relay(
                         idle.touch();
                     }
                     match message {
-                        msg::ClientMessage::KeyDown(code) | msg::ClientMessage::KeyUp(code) => {
-                            for k in scancode::decode_code(code) {
-                                ctx.audit
-                                    .scancode_key(ctx.id, k.down, k.name, k.code)
-                                    .await
-                                    .map_err(audit_failed)?;
-                            }
+                        msg::ClientMessage::KeyDown(code) => {
+                            lock(&keyboard)?.key_down(code, &mut strokes);
+                            record_strokes(ctx, &mut strokes).await?;
+                        }
+                        msg::ClientMessage::KeyUp(code) => {
+                            lock(&keyboard)?.key_up(code, &mut strokes);
+                            record_strokes(ctx, &mut strokes).await?;
                         }
                         msg::ClientMessage::KeyScancode(bytes) => {
-                            for k in scancode::decode(bytes) {
-                                ctx.audit
-                                    .scancode_key(ctx.id, k.down, k.name, k.code)
-                                    .await
-                                    .map_err(audit_failed)?;
+                            lock(&keyboard)?.scancodes(bytes, Origin::Browser, &mut strokes);
+                            record_strokes(ctx, &mut strokes).await?;
+                        }
+                        // spice-server would press the lock keys that differ from its
+                        // view of them, unrecorded: vizor sends those presses itself, as
+                        // scancodes, so the guest gets exactly what is on record.
+                        msg::ClientMessage::KeyModifiers(requested) => {
+                            let presses = {
+                                let mut k = lock(&keyboard)?;
+                                let presses = k.lock_request(requested);
+                                k.scancodes(presses.bytes(), Origin::LockRequest, &mut strokes);
+                                presses
+                            };
+                            record_strokes(ctx, &mut strokes).await?;
+                            let mut out = Vec::new();
+                            // Nothing to press: nothing goes (an empty KEY_SCANCODE would
+                            // do nothing either).
+                            if !presses.bytes().is_empty() {
+                                write_message(
+                                    kind,
+                                    header.serial.unwrap_or(0),
+                                    msg::inputs::MSGC_KEY_SCANCODE,
+                                    presses.bytes(),
+                                    &mut out,
+                                )
+                                .map_err(|e| End::spice_protocol("browser", &e))?;
                             }
+                            instead = Some(out);
                         }
                         msg::ClientMessage::AgentData(chunk) => {
-                            clipboard
-                                .feed(&mut agent_in, chunk, ctx, "browser_to_vm", &agent_caps)
-                                .await?;
+                            audit_clipboard(
+                                ctx,
+                                &mut clipboard,
+                                &mut agent_in,
+                                chunk,
+                                AgentSide::Browser,
+                                &agent_caps,
+                            )
+                            .await?;
                         }
                         msg::ClientMessage::MousePress { button, .. } => {
                             ctx.audit
@@ -660,6 +695,14 @@ async fn relay(
                         _ => {}
                     }
                 }
+                if let Some(out) = instead {
+                    write_upstream(&mut up_wr, &buf[..pos]).await?;
+                    write_upstream(&mut up_wr, &out).await?;
+                    meter.add(Direction::BrowserToVm, (pos + out.len()) as u64);
+                    buf.drain(..pos + n);
+                    pos = 0;
+                    continue;
+                }
                 pos += n;
             }
             if pos > 0 {
@@ -676,6 +719,7 @@ async fn relay(
         let mut clipboard = Clipboard::default();
         let mut buf = BytesMut::with_capacity(64 * 1024);
         buf.extend_from_slice(&early_up);
+        let mut last_locks = None;
         loop {
             let mut consumed = 0;
             while let Some((frame, n)) = dec
@@ -691,12 +735,27 @@ async fn relay(
                             debug!(session_id, "SPICE session linked");
                         }
                         msg::ServerMessage::AgentData(chunk) => {
-                            clipboard
-                                .feed(&mut agent_out, chunk, ctx, "vm_to_browser", &agent_caps)
-                                .await?;
+                            audit_clipboard(
+                                ctx,
+                                &mut clipboard,
+                                &mut agent_out,
+                                chunk,
+                                AgentSide::Vm,
+                                &agent_caps,
+                            )
+                            .await?;
                         }
                         msg::ServerMessage::Ping { id, .. } if channel == channel_type::MAIN => {
                             rtt.ping(id)
+                        }
+                        msg::ServerMessage::KeyboardLocks(bits) => {
+                            lock(&keyboard)?.server_locks(bits);
+                            let locks = Locks::from_bits(bits);
+                            // spice-server repeats the state after input; the audit
+                            // keeps changes.
+                            if last_locks.replace(locks) != Some(locks) {
+                                ctx.audit.locks(ctx.id, locks).await.map_err(audit_failed)?;
+                            }
                         }
                         _ => {}
                     }
@@ -730,6 +789,28 @@ async fn relay(
         }
     }
     end
+}
+
+/// Records the strokes QEMU takes from an inputs message, and empties `strokes`.
+async fn record_strokes(ctx: &Ctx, strokes: &mut Vec<Stroke>) -> Result<(), End> {
+    for stroke in strokes.drain(..) {
+        let event = KeyEvent {
+            stroke,
+            via: "scancode",
+            keysym: None,
+            mismatch: false,
+        };
+        ctx.audit
+            .stroke(ctx.id, &event)
+            .await
+            .map_err(audit_failed)?;
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, End> {
+    m.lock()
+        .map_err(|_| End::upstream("internal error: keyboard lock poisoned", "internal"))
 }
 
 /// Server-ping to client-pong round trips on the main channel: the session's network
@@ -784,30 +865,21 @@ impl RoundTrips {
     }
 }
 
-/// Which agent peers announced `VD_AGENT_CAP_CLIPBOARD_SELECTION`: a clipboard message
-/// carries the selection word when its receiver did.
+/// Whether the browser announced `VD_AGENT_CAP_CLIPBOARD_SELECTION`. The guest agent
+/// (spice-vdagentd) decides by the client's announcement alone, both ways: it reads a
+/// selection word in the client's clipboard messages, and writes one in its own, when
+/// the client announced the capability (its own announcement does not matter). vizor
+/// reads both directions by the same rule, so it reads what the agent reads and writes.
 #[derive(Default)]
-struct AgentCaps(AtomicU8);
+struct AgentCaps(AtomicBool);
 
 impl AgentCaps {
-    const BROWSER: u8 = 1;
-    const VM: u8 = 2;
-
-    fn announced(&self, by: u8, selection: bool) {
-        if selection {
-            self.0.fetch_or(by, Ordering::Relaxed);
-        } else {
-            self.0.fetch_and(!by, Ordering::Relaxed);
-        }
+    fn browser_announced(&self, selection: bool) {
+        self.0.store(selection, Ordering::Relaxed);
     }
 
-    fn receiver_has_selection(&self, direction: &str) -> bool {
-        let receiver = if direction == "browser_to_vm" {
-            Self::VM
-        } else {
-            Self::BROWSER
-        };
-        self.0.load(Ordering::Relaxed) & receiver != 0
+    fn selection_word(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -821,30 +893,52 @@ struct Transfer {
     kept: Option<Vec<u8>>,
 }
 
-/// Audits clipboard contents as they cross in agent messages: format, length and
-/// SHA-256 of the contents alone, and the text when the audit keeps it.
+/// Follows clipboard contents as they cross in agent messages, sans-IO: each finished
+/// transfer gives its record (format, length, SHA-256 of the contents alone, and the
+/// text when the audit keeps it).
 #[derive(Default)]
 struct Clipboard {
     transfer: Option<Transfer>,
     caps: Option<agent::CapsReader>,
 }
 
+/// Which way agent messages go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AgentSide {
+    Browser,
+    Vm,
+}
+
+impl AgentSide {
+    fn direction(self) -> &'static str {
+        match self {
+            AgentSide::Browser => "browser_to_vm",
+            AgentSide::Vm => "vm_to_browser",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            AgentSide::Browser => "browser",
+            AgentSide::Vm => "VM",
+        }
+    }
+}
+
 impl Clipboard {
-    async fn feed(
+    /// Feeds an AGENT_DATA chunk sent by `from`; returns the clipboards it completed.
+    fn feed(
         &mut self,
         stream: &mut AgentStream,
         chunk: &[u8],
-        ctx: &Ctx,
-        direction: &'static str,
+        from: AgentSide,
         caps: &AgentCaps,
-    ) -> Result<(), End> {
+        keep: bool,
+    ) -> Result<Vec<crate::audit::Clipboard>, End> {
         use sha2::Digest;
-        let side = if direction == "browser_to_vm" {
-            "browser"
-        } else {
-            "VM"
-        };
+        let side = from.name();
         let mut events = Vec::new();
+        let mut done = Vec::new();
         stream
             .feed(chunk, &mut events)
             .map_err(|e| End::spice_protocol(side, &e))?;
@@ -852,10 +946,10 @@ impl Clipboard {
             match ev {
                 AgentEvent::Begin { msg_type, .. } if msg_type == agent::kind::CLIPBOARD => {
                     self.transfer = Some(Transfer {
-                        reader: agent::ClipboardReader::new(caps.receiver_has_selection(direction)),
+                        reader: agent::ClipboardReader::new(caps.selection_word()),
                         hasher: sha2::Sha256::new(),
                         length: 0,
-                        kept: ctx.audit.clipboard_content().then(Vec::new),
+                        kept: keep.then(Vec::new),
                     });
                 }
                 AgentEvent::Begin { msg_type, .. }
@@ -873,12 +967,9 @@ impl Clipboard {
                     }
                     if last {
                         if let Some(c) = self.caps.take() {
-                            let by = if direction == "browser_to_vm" {
-                                AgentCaps::BROWSER
-                            } else {
-                                AgentCaps::VM
-                            };
-                            caps.announced(by, c.has(agent::cap::CLIPBOARD_SELECTION));
+                            if from == AgentSide::Browser {
+                                caps.browser_announced(c.has(agent::cap::CLIPBOARD_SELECTION));
+                            }
                         }
                     }
                 }
@@ -912,21 +1003,125 @@ impl Clipboard {
                         }
                         _ => None,
                     };
-                    ctx.audit
-                        .record(&Event::Clipboard {
-                            session: ctx.id,
-                            direction,
-                            format: agent::clipboard_format(clip_type),
-                            length: t.length,
-                            sha256: crate::audit::chain::hex(&t.hasher.finalize()),
-                            content,
-                        })
-                        .await
-                        .map_err(audit_failed)?;
+                    done.push(crate::audit::Clipboard {
+                        format: agent::clipboard_format(clip_type),
+                        length: t.length,
+                        sha256: crate::audit::chain::hex(&t.hasher.finalize()),
+                        content,
+                    });
                 }
                 _ => {}
             }
         }
-        Ok(())
+        Ok(done)
+    }
+}
+
+/// Feeds `chunk` to `clipboard` and records what it completed.
+async fn audit_clipboard(
+    ctx: &Ctx,
+    clipboard: &mut Clipboard,
+    stream: &mut AgentStream,
+    chunk: &[u8],
+    from: AgentSide,
+    caps: &AgentCaps,
+) -> Result<(), End> {
+    let keep = ctx.audit.clipboard_content();
+    for clip in clipboard.feed(stream, chunk, from, caps, keep)? {
+        ctx.audit
+            .record(&clip.event(ctx.id, from.direction()))
+            .await
+            .map_err(audit_failed)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vizor_spice::agent::{cap, kind, write_message};
+
+    fn caps_message(selection: bool) -> Vec<u8> {
+        let mut bits = 1u32 << cap::CLIPBOARD_SELECTION.min(31);
+        if !selection {
+            bits = 1; // VD_AGENT_CAP_MOUSE_STATE alone
+        }
+        // VDAgentAnnounceCapabilities: request (u32), then the capability words.
+        let mut body = 0u32.to_le_bytes().to_vec();
+        body.extend_from_slice(&bits.to_le_bytes());
+        let mut out = Vec::new();
+        write_message(kind::ANNOUNCE_CAPABILITIES, &body, &mut out);
+        out
+    }
+
+    fn clipboard_message(selection: Option<u8>, text: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        if let Some(s) = selection {
+            body.extend_from_slice(&[s, 0, 0, 0]);
+        }
+        body.extend_from_slice(&1u32.to_le_bytes()); // UTF-8 text
+        body.extend_from_slice(text);
+        let mut out = Vec::new();
+        write_message(kind::CLIPBOARD, &body, &mut out);
+        out
+    }
+
+    struct Sides {
+        caps: AgentCaps,
+        browser: (Clipboard, AgentStream),
+        vm: (Clipboard, AgentStream),
+    }
+
+    impl Sides {
+        fn new() -> Sides {
+            let l = vizor_spice::Limits::default();
+            Sides {
+                caps: AgentCaps::default(),
+                browser: (Clipboard::default(), AgentStream::new(l)),
+                vm: (Clipboard::default(), AgentStream::new(l)),
+            }
+        }
+
+        fn from(&mut self, side: AgentSide, bytes: &[u8]) -> Vec<crate::audit::Clipboard> {
+            let (c, s) = match side {
+                AgentSide::Browser => &mut self.browser,
+                AgentSide::Vm => &mut self.vm,
+            };
+            c.feed(s, bytes, side, &self.caps, true).unwrap()
+        }
+    }
+
+    #[test]
+    fn the_selection_word_follows_the_browsers_announcement_both_ways() {
+        use AgentSide::{Browser, Vm};
+        // The case: the guest agent announces the selection capability, the
+        // browser does not. The agent then reads no selection word from the browser,
+        // and writes none: nor does vizor.
+        let mut s = Sides::new();
+        assert!(s.from(Vm, &caps_message(true)).is_empty());
+        assert!(s.from(Browser, &caps_message(false)).is_empty());
+        let clip = s.from(Browser, &clipboard_message(None, b"secret"));
+        assert_eq!((clip[0].format, clip[0].length), ("text", 6));
+        assert_eq!(clip[0].content.as_deref(), Some("secret"));
+        let clip = s.from(Vm, &clipboard_message(None, b"from the guest"));
+        assert_eq!(clip[0].content.as_deref(), Some("from the guest"));
+        // The browser announced it (the agent's own announcement aside): both ways
+        // carry the word.
+        let mut s = Sides::new();
+        s.from(Browser, &caps_message(true));
+        let clip = s.from(Browser, &clipboard_message(Some(0), b"abc"));
+        assert_eq!(
+            (clip[0].length, clip[0].content.as_deref()),
+            (3, Some("abc"))
+        );
+        let clip = s.from(Vm, &clipboard_message(Some(0), b"xyz"));
+        assert_eq!(
+            (clip[0].length, clip[0].content.as_deref()),
+            (3, Some("xyz"))
+        );
+        // A later announcement without it takes it back.
+        s.from(Browser, &caps_message(false));
+        let clip = s.from(Browser, &clipboard_message(None, b"plain"));
+        assert_eq!(clip[0].content.as_deref(), Some("plain"));
     }
 }

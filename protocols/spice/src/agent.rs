@@ -27,8 +27,9 @@ pub mod kind {
 
 /// `VD_AGENT_CAP_*` bit numbers.
 pub mod cap {
-    /// Clipboard messages start with a selection byte and 3 reserved bytes. A sender
-    /// writes them when its receiver announced this capability.
+    /// Clipboard messages start with a selection byte and 3 reserved bytes. The guest
+    /// agent (spice-vdagentd) reads and writes them, both ways, when the client
+    /// announced this capability, whatever it announced itself.
     pub const CLIPBOARD_SELECTION: u32 = 6;
 }
 

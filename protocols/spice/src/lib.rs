@@ -13,7 +13,8 @@
 //!   ack, input keys and mouse buttons, agent data.
 //! - [`agent`]: the guest-agent messages carried in agent data, reassembled across
 //!   chunks (for clipboard audit).
-//! - [`scancode`]: names of PC AT set 1 scancodes for the audit log.
+//!
+//! What QEMU makes of the inputs channel's scancodes is `vizor-keys`' business.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -23,7 +24,6 @@ pub mod channel;
 mod error;
 pub mod link;
 pub mod msg;
-pub mod scancode;
 
 pub use error::{Error, Limits};
 

@@ -49,8 +49,12 @@ pub mod display {
     }
 }
 
-/// Inputs channel message types (client to server).
+/// Inputs channel message types.
 pub mod inputs {
+    /// SPICE_MSG_INPUTS_INIT: the guest's keyboard lock state (u16 flags).
+    pub const MSG_INIT: u16 = 101;
+    /// SPICE_MSG_INPUTS_KEY_MODIFIERS: the guest's lock state changed (u16 flags).
+    pub const MSG_KEY_MODIFIERS: u16 = 102;
     /// SPICE_MSGC_INPUTS_KEY_DOWN.
     pub const MSGC_KEY_DOWN: u16 = 101;
     /// SPICE_MSGC_INPUTS_KEY_UP.
@@ -97,6 +101,9 @@ pub enum ServerMessage<'a> {
     },
     /// A chunk of the guest agent's message stream.
     AgentData(&'a [u8]),
+    /// The guest's keyboard locks (INPUTS_INIT, or KEY_MODIFIERS when they changed):
+    /// scroll 1, num 2, caps 4.
+    KeyboardLocks(u16),
     /// Anything else: framed, not decoded.
     Other,
 }
@@ -125,11 +132,12 @@ pub enum ClientMessage<'a> {
     },
     /// A chunk of the client's agent message stream.
     AgentData(&'a [u8]),
-    /// Key pressed: up to four scancode bytes, little endian (see [`crate::scancode`]).
+    /// Key pressed: up to four scancode bytes, little endian, up to the first zero.
     KeyDown(u32),
     /// Key released: the break scancode bytes, little endian.
     KeyUp(u32),
-    /// Lock-key state.
+    /// A request to set the lock keys (scroll 1, num 2, caps 4): spice-server presses
+    /// the lock keys that differ.
     KeyModifiers(u16),
     /// Raw scancode bytes.
     KeyScancode(&'a [u8]),
@@ -232,6 +240,10 @@ pub fn parse_server(channel: u8, msg_type: u16, body: &[u8]) -> Result<ServerMes
             }
         }
         main::MSG_AGENT_DATA if channel == channel_type::MAIN => ServerMessage::AgentData(body),
+        inputs::MSG_INIT | inputs::MSG_KEY_MODIFIERS if channel == channel_type::INPUTS => {
+            let b = at_least(body, 2, "INPUTS_INIT or KEY_MODIFIERS")?;
+            ServerMessage::KeyboardLocks(le_u16(b, 0).unwrap_or(0))
+        }
         _ => ServerMessage::Other,
     })
 }
@@ -340,6 +352,20 @@ mod tests {
         );
         assert!(parse_server(MAIN, common::MSG_SET_ACK, &[0; 7]).is_err());
         assert!(parse_server(MAIN, main::MSG_INIT, &[0; 31]).is_err());
+        // The inputs channel's lock state, at its start and on each change.
+        assert_eq!(
+            parse_server(INPUTS, inputs::MSG_INIT, &[6, 0]),
+            Ok(ServerMessage::KeyboardLocks(6))
+        );
+        assert_eq!(
+            parse_server(INPUTS, inputs::MSG_KEY_MODIFIERS, &[4, 0, 9]),
+            Ok(ServerMessage::KeyboardLocks(4))
+        );
+        assert!(parse_server(INPUTS, inputs::MSG_KEY_MODIFIERS, &[4]).is_err());
+        assert_eq!(
+            parse_server(MAIN, inputs::MSG_KEY_MODIFIERS, &[4, 0]),
+            Ok(ServerMessage::Other)
+        );
     }
 
     #[test]

@@ -1,0 +1,157 @@
+//! What a test domain's guest really received from its keyboard: QEMU's own trace of
+//! each byte the emulated PS/2 keyboard hands the guest (scan code set 2), read from the
+//! log libvirt keeps for the domain.
+
+use std::time::{Duration, Instant};
+
+/// A place in the domain's log.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    inode: u64,
+    len: u64,
+}
+
+/// The trace of one domain's PS/2 keyboard.
+pub struct Ps2Trace {
+    domain: String,
+    log: std::path::PathBuf,
+}
+
+impl Ps2Trace {
+    /// Turns the trace on for `domain` and waits until the guest's firmware has set its
+    /// keyboard up: SeaBIOS resets the keyboard and disables its scanning for a moment
+    /// at that point, and QEMU drops every key meanwhile. A key typed by libvirt shows
+    /// it: once set up, the keyboard translates to set 1 (`xlate 1` in QEMU's trace).
+    pub fn start(domain: &str) -> Ps2Trace {
+        super::hmp(domain, "trace-event ps2_put_keycode on");
+        super::hmp(domain, "trace-event ps2_keyboard_event on");
+        let t = Ps2Trace {
+            domain: domain.to_owned(),
+            log: format!("/var/log/libvirt/qemu/{domain}.log").into(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mark = t.mark();
+            super::virsh(&["send-key", domain, "KEY_F12"]);
+            std::thread::sleep(Duration::from_millis(300));
+            let set_up = t
+                .text_since(mark)
+                .lines()
+                .any(|l| l.contains("ps2_keyboard_event") && l.contains(" xlate 1"));
+            if set_up && super::holds(&t.since(mark), &[0x07, 0xf0, 0x07]) {
+                // Only the bytes from now on: the log stays small.
+                super::hmp(domain, "trace-event ps2_keyboard_event off");
+                return t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the guest's firmware never set up the keyboard of {domain}"
+            );
+        }
+    }
+
+    /// Where the trace stands now.
+    pub fn mark(&self) -> Mark {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.log) {
+            Ok(m) => Mark {
+                inode: m.ino(),
+                len: m.len(),
+            },
+            Err(_) => Mark { inode: 0, len: 0 },
+        }
+    }
+
+    /// The log's text since `mark`, across a rotation by virtlogd (which renames the
+    /// log to `.0` when it grows past its size limit).
+    fn text_since(&self, mark: Mark) -> String {
+        use std::io::{Read, Seek};
+        use std::os::unix::fs::MetadataExt;
+        let read_from = |path: &std::path::Path, at: u64| -> String {
+            let mut out = Vec::new();
+            if let Ok(mut f) = std::fs::File::open(path) {
+                let _ = f.seek(std::io::SeekFrom::Start(at));
+                let _ = f.read_to_end(&mut out);
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        let now = self.mark();
+        if now.inode == mark.inode {
+            return read_from(&self.log, mark.len);
+        }
+        let rotated = self.log.with_extension("log.0");
+        let mut text = match std::fs::metadata(&rotated) {
+            Ok(m) if m.ino() == mark.inode => read_from(&rotated, mark.len),
+            _ => String::new(),
+        };
+        text.push_str(&read_from(&self.log, 0));
+        text
+    }
+
+    /// The bytes the guest's keyboard received since `mark`.
+    pub fn since(&self, mark: Mark) -> Vec<u8> {
+        self.text_since(mark)
+            .lines()
+            .filter(|l| l.contains("ps2_put_keycode"))
+            .filter_map(|l| l.rsplit(' ').next())
+            .filter_map(|v| u8::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+            .collect()
+    }
+
+    /// The bytes since `mark` once `want` of them arrived (QEMU delays each key event
+    /// by 10 ms) and nothing more came for half a second, or after 20 s.
+    pub fn settle(&self, mark: Mark, want: usize) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = self.since(mark);
+        let mut quiet_since = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = self.since(mark);
+            if now.len() != last.len() {
+                quiet_since = Instant::now();
+                last = now;
+            } else if (last.len() >= want && quiet_since.elapsed() > Duration::from_millis(500))
+                || Instant::now() > deadline
+            {
+                return last;
+            }
+        }
+    }
+
+    /// Turns the trace off.
+    pub fn stop(self) {
+        super::hmp(&self.domain, "trace-event ps2_put_keycode off");
+        super::hmp(&self.domain, "trace-event ps2_keyboard_event off");
+    }
+}
+
+/// The bytes the guest's PS/2 keyboard gets for the key records of `session` in
+/// `audit`, as the audit tells them: each press and release QEMU passed on, by the key
+/// it acted on (the bytes a real QEMU 7.2 was measured to send for that key).
+pub fn expected_ps2(audit: &[serde_json::Value], session: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in audit {
+        if r["event"] != "key"
+            || r["session"].as_u64() != Some(session)
+            || r.get("ignored").is_some()
+        {
+            continue;
+        }
+        let number = r["scancode"]
+            .as_u64()
+            .expect("a key record names its key number");
+        let key = vizor_keys::Key::from_number(u8::try_from(number).unwrap());
+        let (press, release) = key.ps2();
+        out.extend_from_slice(if r["down"] == true { press } else { release });
+    }
+    out
+}
+
+/// Set-2 bytes as text, for failure messages.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
