@@ -35,7 +35,8 @@ pub enum Command {
         /// The vizor configuration file (its `[tokens] key_file` seals the token).
         #[arg(long)]
         config: PathBuf,
-        /// libvirt domain name or UUID.
+        /// libvirt domain name or UUID: the token opens that domain, by its UUID (vizor
+        /// asks libvirt which domain it is, so the config's libvirt must be reachable).
         #[arg(long)]
         domain: String,
         /// Console kind.
@@ -308,8 +309,14 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let user = user
                 .or_else(|| std::env::var("USER").ok())
                 .unwrap_or_else(|| "cli".to_owned());
+            // The token names the domain by UUID: libvirt says which domain `domain` is.
+            let libvirt = crate::libvirt::Libvirt::new(&config.libvirt.uri);
+            let (name, uuid) = libvirt
+                .identify_blocking(&domain)
+                .map_err(|e| format!("cannot issue a token for domain {domain:?}: {e}"))?;
+            let domain = name;
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-            let mut claims = Claims::new(&domain, kind, &user, now + ttl.as_secs())?;
+            let mut claims = Claims::new(&domain, uuid, kind, &user, now + ttl.as_secs())?;
             if let Some(ip) = client {
                 claims = claims.bound_to(ip);
             }
@@ -317,8 +324,9 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 .seal(&claims)
                 .map_err(|e| format!("cannot seal a token for domain {domain:?}: {e}"))?;
             eprintln!(
-                "vizor: token {} for {kind} console of {domain:?}, user {user:?}{}, valid {}",
+                "vizor: token {} for {kind} console of {domain:?} ({}), user {user:?}{}, valid {}",
                 claims.token_id(),
+                claims.uuid_string(),
                 client
                     .map(|ip| format!(", client {ip} only"))
                     .unwrap_or_default(),

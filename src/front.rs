@@ -10,7 +10,7 @@
 use crate::audit::{Audit, Event};
 use crate::config::Config;
 use crate::console;
-use crate::libvirt::{Console, Libvirt, LookupError};
+use crate::libvirt::{Console, DomainRef, Libvirt, LookupError};
 use crate::limits::{self, Connections, FailedTokens, Slot, Slots};
 use crate::live::{Direction, Latency, LiveSessions};
 use crate::metrics::Metrics;
@@ -294,7 +294,7 @@ pub fn metrics_response(metrics: &Metrics) -> Resp {
 }
 
 /// Looks up a console, timing the call and counting failures.
-async fn lookup(app: &App, domain: &str, kind: ConsoleKind) -> Result<Console, LookupError> {
+async fn lookup(app: &App, domain: DomainRef, kind: ConsoleKind) -> Result<Console, LookupError> {
     let started = std::time::Instant::now();
     let r = app.libvirt.lookup(domain, kind).await;
     app.metrics
@@ -605,20 +605,6 @@ fn token_message(e: &TokenError) -> &'static str {
     }
 }
 
-fn lookup_message(e: &LookupError) -> &'static str {
-    match e {
-        LookupError::NoSuchDomain(_) => "no such VM",
-        LookupError::NotRunning(_) => "the VM is not running",
-        LookupError::NoGraphics { .. } | LookupError::NoListener { .. } => {
-            "the VM has no console of this kind"
-        }
-        LookupError::PasswordExpired { .. } => "the VM console password has expired",
-        LookupError::Unreachable { .. } | LookupError::BadXml { .. } => {
-            "the VM console cannot be reached"
-        }
-    }
-}
-
 /// How long a closed console waits for the browser's close frame before its
 /// connection is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -716,12 +702,12 @@ async fn console_session(
     let kind = claims.kind;
     let domain = claims.domain.clone();
     let end = async {
-        let console = match lookup(&app, &claims.domain, claims.kind).await {
+        let console = match lookup(&app, DomainRef::Uuid(claims.uuid), claims.kind).await {
             Ok(c) => c,
             Err(e) => {
                 warn!(reason = e.reason(), error = %e, "console lookup failed");
                 let end = End::upstream(e.to_string(), e.reason());
-                btx.close(1011, lookup_message(&e)).await;
+                btx.close(1011, e.told()).await;
                 return end;
             }
         };
@@ -794,24 +780,6 @@ async fn spice_console(
             .acquire(domain, &c.user)
             .map_err(|full| session_refused(&admit_app, id, peer, c, domain, full))
     };
-    // The domain first: a SPICE token for a VNC-only domain is refused at once, whatever
-    // the client speaks. The token is authentic already, so only its holder gets here.
-    let console = match lookup(&app, &claims.domain, claims.kind).await {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(client = %peer, reason = e.reason(), error = %e, "console lookup failed");
-            btx.close(1011, lookup_message(&e)).await;
-            record_end(
-                &app,
-                ConsoleKind::Spice,
-                id,
-                &claims.domain,
-                &End::upstream(e.to_string(), e.reason()),
-            );
-            return guard;
-        }
-    };
-    let domain = console.domain.clone();
     let ctx = session::spice::Ctx {
         id,
         claims,
@@ -828,12 +796,28 @@ async fn spice_console(
         idle_timeout: app.config.limits.idle_timeout,
         upstream_tls: app.upstream_tls.clone(),
     };
-    let (end, session) = async {
+    // Only a session's first main channel looks the console up: the others link to the
+    // same console, for free.
+    let console = lookup(&app, DomainRef::Uuid(ctx.claims.uuid), ctx.claims.kind);
+    let refused_app = app.clone();
+    let refused = move |why: session::spice::ChannelRefusal| {
+        warn!(client = %peer, reason = why.label(), "SPICE channel refused");
+        token_refused(&refused_app, peer, why.label(), Some(&token_id));
+    };
+    let (end, session, domain) = async {
         let _active = Active::new(&app.metrics, ConsoleKind::Spice);
-        let (end, session) =
-            session::spice::run(ctx, console, brx, btx, admit, app.close_sessions.clone()).await;
+        let (end, session, domain) = session::spice::run(
+            ctx,
+            console,
+            brx,
+            btx,
+            admit,
+            refused,
+            app.close_sessions.clone(),
+        )
+        .await;
         info!(reason = %end.reason, label = end.label, "session ended");
-        (end, session)
+        (end, session, domain)
     }
     .instrument(span)
     .await;
@@ -934,17 +918,16 @@ async fn api_console(app: &App, domain: &str, req: &Request<Incoming>) -> Resp {
             &serde_json::json!({"error": "a domain name or UUID is required"}),
         );
     }
-    if let Err(e) = lookup(app, domain, kind).await {
-        let status = match e {
-            LookupError::NoSuchDomain(_) => StatusCode::NOT_FOUND,
-            LookupError::Unreachable { .. } | LookupError::BadXml { .. } => StatusCode::BAD_GATEWAY,
-            _ => StatusCode::CONFLICT,
-        };
+    let console = match lookup(app, DomainRef::NameOrUuid(domain.to_owned()), kind).await {
+        Ok(console) => console,
+        Err(e) => return api_lookup_failed(e),
+    };
+    let Some(uuid) = crate::token::parse_uuid(&console.uuid) else {
         return json(
-            status,
-            &serde_json::json!({"error": e.to_string(), "reason": e.reason()}),
+            StatusCode::BAD_GATEWAY,
+            &serde_json::json!({"error": format!("libvirt gave domain {:?} the UUID {:?}", console.domain, console.uuid)}),
         );
-    }
+    };
     let ttl = app.config.tokens.ttl;
     let expires = SystemTime::now() + ttl;
     // The management plane says whose session it is: audited, and counted by
@@ -976,7 +959,10 @@ async fn api_console(app: &App, domain: &str, req: &Request<Incoming>) -> Resp {
             )
         }
     };
-    let sealed = Claims::new(domain, kind, &user, unix_now() + ttl.as_secs())
+    // The token opens this domain, by UUID: another domain defined later under the same
+    // name is not it.
+    let domain = console.domain.as_str();
+    let sealed = Claims::new(domain, uuid, kind, &user, unix_now() + ttl.as_secs())
         .map(|c| match client {
             Some(ip) => c.bound_to(ip),
             None => c,
@@ -1006,6 +992,19 @@ async fn api_console(app: &App, domain: &str, req: &Request<Incoming>) -> Resp {
             &serde_json::json!({"error": e}),
         ),
     }
+}
+
+/// The API's answer to a failed lookup.
+fn api_lookup_failed(e: LookupError) -> Resp {
+    let status = match e {
+        LookupError::NoSuchDomain(_) => StatusCode::NOT_FOUND,
+        LookupError::Unreachable { .. } | LookupError::BadXml { .. } => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::CONFLICT,
+    };
+    json(
+        status,
+        &serde_json::json!({"error": e.to_string(), "reason": e.reason()}),
+    )
 }
 
 fn content_type(path: &Path) -> &'static str {

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use virt::connect::Connect;
+use virt::domain::Domain;
 use virt::error::ErrorNumber;
 use xmltree::Element;
 use zeroize::Zeroizing;
@@ -128,6 +129,21 @@ pub enum LookupError {
 }
 
 impl LookupError {
+    /// What the browser is told: enough to act on, no more.
+    pub fn told(&self) -> &'static str {
+        match self {
+            LookupError::NoSuchDomain(_) => "no such VM",
+            LookupError::NotRunning(_) => "the VM is not running",
+            LookupError::NoGraphics { .. } | LookupError::NoListener { .. } => {
+                "the VM has no console of this kind"
+            }
+            LookupError::PasswordExpired { .. } => "the VM console password has expired",
+            LookupError::Unreachable { .. } | LookupError::BadXml { .. } => {
+                "the VM console cannot be reached"
+            }
+        }
+    }
+
     /// A short, stable label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -386,6 +402,24 @@ enum Failure {
     Connection(String),
 }
 
+/// How a lookup names its domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainRef {
+    /// A name, or a UUID (tried as a UUID first): what an administrator types.
+    NameOrUuid(String),
+    /// The domain with this UUID alone: what a token names.
+    Uuid([u8; 16]),
+}
+
+impl fmt::Display for DomainRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DomainRef::NameOrUuid(n) => f.write_str(n),
+            DomainRef::Uuid(u) => f.write_str(&crate::token::uuid_string(u)),
+        }
+    }
+}
+
 impl Libvirt {
     /// A client for `uri`; nothing is opened yet.
     pub fn new(uri: &str) -> Arc<Libvirt> {
@@ -403,14 +437,13 @@ impl Libvirt {
         &self.uri
     }
 
-    /// Looks up `domain` (name or UUID) and its console of `kind`, off the executor.
+    /// Looks up `domain` and its console of `kind`, off the executor.
     pub async fn lookup(
         self: &Arc<Self>,
-        domain: &str,
+        domain: DomainRef,
         kind: ConsoleKind,
     ) -> Result<Console, LookupError> {
         let me = self.clone();
-        let domain = domain.to_owned();
         tokio::task::spawn_blocking(move || me.lookup_blocking(&domain, kind, SystemTime::now()))
             .await
             .unwrap_or_else(|e| {
@@ -424,15 +457,41 @@ impl Libvirt {
     /// The blocking lookup; call it from a blocking context only.
     pub fn lookup_blocking(
         &self,
-        domain: &str,
+        domain: &DomainRef,
         kind: ConsoleKind,
         now: SystemTime,
     ) -> Result<Console, LookupError> {
+        self.with_connection(|conn| self.query(conn, domain, kind, now))
+    }
+
+    /// The name and UUID of `domain` (a name or a UUID), running or not; blocking.
+    pub fn identify_blocking(&self, domain: &str) -> Result<(String, [u8; 16]), LookupError> {
+        let domain = DomainRef::NameOrUuid(domain.to_owned());
+        self.with_connection(|conn| {
+            let dom = self.find(conn, &domain)?;
+            let classify = |e: virt::error::Error| self.classify(conn, &domain, e);
+            let name = dom.name().map_err(classify)?;
+            let uuid = dom.uuid_string().map_err(classify)?;
+            let uuid = crate::token::parse_uuid(&uuid).ok_or_else(|| {
+                Failure::Lookup(LookupError::BadXml {
+                    domain: name.clone(),
+                    why: format!("libvirt gave the UUID {uuid:?}"),
+                })
+            })?;
+            Ok((name, uuid))
+        })
+    }
+
+    /// Runs `f` on the connection, opening it when there is none; one retry on a fresh
+    /// connection, since the first failure may be a connection that died since last use.
+    fn with_connection<T>(
+        &self,
+        f: impl Fn(&Connect) -> Result<T, Failure>,
+    ) -> Result<T, LookupError> {
         let unreachable = |message: String| LookupError::Unreachable {
             uri: self.uri.clone(),
             message,
         };
-        // One retry: the first failure may be a connection that died since last use.
         for attempt in 0..2 {
             let conn = {
                 let mut slot = self
@@ -447,8 +506,8 @@ impl Libvirt {
                 slot.clone()
                     .ok_or_else(|| unreachable("no connection".into()))?
             };
-            match self.query(&conn, domain, kind, now) {
-                Ok(console) => return Ok(console),
+            match f(&conn) {
+                Ok(v) => return Ok(v),
                 Err(Failure::Lookup(e)) => return Err(e),
                 Err(Failure::Connection(message)) => {
                     if let Ok(mut slot) = self.conn.lock() {
@@ -464,51 +523,66 @@ impl Libvirt {
         Err(unreachable("lookup failed".into()))
     }
 
+    fn classify(&self, conn: &Connect, domain: &DomainRef, e: virt::error::Error) -> Failure {
+        match e.code().unwrap_or(ErrorNumber::InternalError) {
+            ErrorNumber::NoDomain => Failure::Lookup(LookupError::NoSuchDomain(domain.to_string())),
+            ErrorNumber::OperationInvalid => {
+                Failure::Lookup(LookupError::NotRunning(domain.to_string()))
+            }
+            ErrorNumber::OperationDenied => Failure::Lookup(LookupError::Unreachable {
+                uri: self.uri.clone(),
+                message: format!("{e} (reading graphics passwords needs a read-write connection)"),
+            }),
+            _ if conn.is_alive().unwrap_or(false) => Failure::Lookup(LookupError::Unreachable {
+                uri: self.uri.clone(),
+                message: e.to_string(),
+            }),
+            _ => Failure::Connection(e.to_string()),
+        }
+    }
+
+    /// The domain `domain` names. A UUID-bound reference finds that domain alone.
+    fn find(&self, conn: &Connect, domain: &DomainRef) -> Result<Domain, Failure> {
+        let classify = |e| self.classify(conn, domain, e);
+        match domain {
+            DomainRef::Uuid(uuid) => conn
+                .lookup_domain_by_uuid_string(&crate::token::uuid_string(uuid))
+                .map_err(classify),
+            DomainRef::NameOrUuid(name) if looks_like_uuid(name) => conn
+                .lookup_domain_by_uuid_string(name)
+                .or_else(|_| conn.lookup_domain_by_name(name))
+                .map_err(classify),
+            DomainRef::NameOrUuid(name) => conn.lookup_domain_by_name(name).map_err(classify),
+        }
+    }
+
     fn query(
         &self,
         conn: &Connect,
-        domain: &str,
+        domain: &DomainRef,
         kind: ConsoleKind,
         now: SystemTime,
     ) -> Result<Console, Failure> {
-        let classify = |e: virt::error::Error| -> Failure {
-            match e.code().unwrap_or(ErrorNumber::InternalError) {
-                ErrorNumber::NoDomain => {
-                    Failure::Lookup(LookupError::NoSuchDomain(domain.to_owned()))
-                }
-                ErrorNumber::OperationInvalid => {
-                    Failure::Lookup(LookupError::NotRunning(domain.to_owned()))
-                }
-                ErrorNumber::OperationDenied => Failure::Lookup(LookupError::Unreachable {
-                    uri: self.uri.clone(),
-                    message: format!(
-                        "{e} (reading graphics passwords needs a read-write connection)"
-                    ),
-                }),
-                _ if conn.is_alive().unwrap_or(false) => {
-                    Failure::Lookup(LookupError::Unreachable {
-                        uri: self.uri.clone(),
-                        message: e.to_string(),
-                    })
-                }
-                _ => Failure::Connection(e.to_string()),
-            }
-        };
-        let dom = if looks_like_uuid(domain) {
-            conn.lookup_domain_by_uuid_string(domain)
-                .or_else(|_| conn.lookup_domain_by_name(domain))
-        } else {
-            conn.lookup_domain_by_name(domain)
-        }
-        .map_err(classify)?;
+        let classify = |e| self.classify(conn, domain, e);
+        let dom = self.find(conn, domain)?;
         if !dom.is_active().map_err(classify)? {
-            return Err(Failure::Lookup(LookupError::NotRunning(domain.to_owned())));
+            return Err(Failure::Lookup(LookupError::NotRunning(domain.to_string())));
         }
         let xml = Zeroizing::new(
             dom.xml_desc(virt::sys::VIR_DOMAIN_XML_SECURE)
                 .map_err(classify)?,
         );
-        console_from_xml(&xml, kind, uri_host(&self.uri).as_deref(), now).map_err(Failure::Lookup)
+        let console = console_from_xml(&xml, kind, uri_host(&self.uri).as_deref(), now)
+            .map_err(Failure::Lookup)?;
+        if let DomainRef::Uuid(uuid) = domain {
+            if crate::token::parse_uuid(&console.uuid) != Some(*uuid) {
+                return Err(Failure::Lookup(LookupError::BadXml {
+                    domain: console.domain.clone(),
+                    why: format!("its UUID {:?} is not the one looked up", console.uuid),
+                }));
+            }
+        }
+        Ok(console)
     }
 }
 

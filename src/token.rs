@@ -9,11 +9,16 @@
 //! which remembers each nonce until its token expires.
 //!
 //! Wire layout (before base64): `version (1) | IV (16) | ciphertext | tag (32)`.
-//! Plaintext, version 1: `kind (1) | expires_at (U64, Unix seconds) | nonce (16) |
-//! domain length (U16) | domain | user length (U16) | user [| client address (4 or
-//! 16)]`. The client address is there only in a token bound to one client: a build
-//! that does not know the field refuses such a token as malformed, never admitting it
-//! from anywhere.
+//! Plaintext, version 2: `kind (1) | expires_at (U64, Unix seconds) | nonce (16) |
+//! domain UUID (16) | domain name length (U16) | domain name | user length (U16) | user
+//! [| client address (4 or 16)]`. The client address is there only in a token bound to
+//! one client: a build that does not know the field refuses such a token as malformed,
+//! never admitting it from anywhere.
+//!
+//! A token opens the console of the domain with its UUID, whatever that domain is now
+//! named: a domain deleted and defined again under the same name is another domain,
+//! and the tokens issued for the old one do not open it. (Version 1 named the domain by
+//! name alone; such tokens are refused.)
 
 use aes::cipher::{KeyIvInit, StreamCipher};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -30,11 +35,11 @@ use zeroize::Zeroizing;
 type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 type HmacSha256 = Hmac<Sha256>;
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const IV_LEN: usize = 16;
 const TAG_LEN: usize = 32;
 const NONCE_LEN: usize = 16;
-/// Longest domain name or UUID a token may carry.
+/// Longest domain name a token may carry.
 pub const MAX_DOMAIN_LEN: usize = 1024;
 /// Longest user id a token may carry.
 pub const MAX_USER_LEN: usize = 256;
@@ -165,8 +170,10 @@ impl std::str::FromStr for ConsoleKind {
 /// What a token asserts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claims {
-    /// libvirt domain name or UUID.
+    /// The libvirt domain's name when the token was issued (for pages and logs).
     pub domain: String,
+    /// The libvirt domain's UUID: the console the token opens.
+    pub uuid: [u8; 16],
     /// Console kind.
     pub kind: ConsoleKind,
     /// Who the token was issued to.
@@ -180,9 +187,10 @@ pub struct Claims {
 }
 
 impl Claims {
-    /// New claims with a fresh random nonce.
+    /// New claims for the domain `uuid` (named `domain`), with a fresh random nonce.
     pub fn new(
         domain: &str,
+        uuid: [u8; 16],
         kind: ConsoleKind,
         user: &str,
         expires_at: u64,
@@ -191,6 +199,7 @@ impl Claims {
         getrandom::getrandom(&mut nonce).map_err(KeyError::Random)?;
         Ok(Claims {
             domain: domain.to_owned(),
+            uuid,
             kind,
             user: user.to_owned(),
             expires_at,
@@ -219,6 +228,11 @@ impl Claims {
         }
     }
 
+    /// The domain's UUID as libvirt writes it.
+    pub fn uuid_string(&self) -> String {
+        uuid_string(&self.uuid)
+    }
+
     /// An identifier for logs and audit records: part of the nonce, which says nothing
     /// about the key and cannot be turned back into the token.
     pub fn token_id(&self) -> String {
@@ -239,6 +253,7 @@ impl Claims {
         });
         v.extend_from_slice(&self.expires_at.to_be_bytes());
         v.extend_from_slice(&self.nonce);
+        v.extend_from_slice(&self.uuid);
         for s in [&self.domain, &self.user] {
             v.extend_from_slice(&(s.len() as u16).to_be_bytes());
             v.extend_from_slice(s.as_bytes());
@@ -268,7 +283,12 @@ impl Claims {
             .ok_or(TokenError::Malformed)?
             .try_into()
             .map_err(|_| TokenError::Malformed)?;
-        let mut rest = b.get(25..).ok_or(TokenError::Malformed)?;
+        let uuid: [u8; 16] = b
+            .get(25..41)
+            .ok_or(TokenError::Malformed)?
+            .try_into()
+            .map_err(|_| TokenError::Malformed)?;
+        let mut rest = b.get(41..).ok_or(TokenError::Malformed)?;
         let mut string = |max: usize| -> Result<String, TokenError> {
             let len_bytes: [u8; 2] = rest
                 .get(..2)
@@ -296,6 +316,7 @@ impl Claims {
         };
         Ok(Claims {
             domain,
+            uuid,
             kind,
             user,
             expires_at,
@@ -303,6 +324,33 @@ impl Claims {
             client,
         })
     }
+}
+
+/// A UUID as libvirt writes it: 32 lowercase hex digits in groups of 8-4-4-4-12.
+pub fn uuid_string(uuid: &[u8; 16]) -> String {
+    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// Parses a UUID as libvirt writes it (hyphens optional, any case).
+pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: Vec<u8> = s.bytes().filter(|b| *b != b'-').collect();
+    if hex.len() != 32 || s.len() > 36 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// The secret that seals and opens tokens: an AES-256 key and an HMAC-SHA256 key.
@@ -461,11 +509,17 @@ impl TokenKey {
         let raw = URL_SAFE_NO_PAD
             .decode(token)
             .map_err(|_| TokenError::Malformed)?;
-        if raw.len() < 1 + IV_LEN + 25 + 4 + TAG_LEN {
-            return Err(TokenError::Malformed);
+        // The version first: a token of another version is named as such, whatever
+        // its length.
+        match raw.first() {
+            Some(&VERSION) => {}
+            Some(&other) if raw.len() >= 1 + IV_LEN + TAG_LEN => {
+                return Err(TokenError::UnknownVersion(other))
+            }
+            _ => return Err(TokenError::Malformed),
         }
-        if raw[0] != VERSION {
-            return Err(TokenError::UnknownVersion(raw[0]));
+        if raw.len() < 1 + IV_LEN + 41 + 4 + TAG_LEN {
+            return Err(TokenError::Malformed);
         }
         let (signed, tag) = raw.split_at(raw.len() - TAG_LEN);
         // verify_slice compares in constant time.

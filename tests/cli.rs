@@ -17,13 +17,30 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// The UUID of the domain `demo1` of [`write_config`]'s libvirt.
+const DEMO1_UUID: &str = "6d5c4b3a-2918-4776-8655-443322110099";
+
+/// A config whose libvirt is the test driver on a node file holding `demo1` (shut
+/// off: a token needs the domain to exist, not to run).
 fn write_config(dir: &Path, ttl: &str) -> String {
+    let node = dir.join("node.xml");
+    std::fs::write(
+        &node,
+        format!(
+            "<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
+             <name>demo1</name><uuid>{DEMO1_UUID}</uuid><memory>65536</memory>\
+             <os><type>hvm</type></os><devices/><test:runstate>5</test:runstate>\
+             </domain></node>"
+        ),
+    )
+    .unwrap();
     let path = dir.join("vizor.toml");
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = \"127.0.0.1:6080\"\n[libvirt]\nuri = \"qemu:///system\"\n\
-             [tokens]\nkey_file = \"token.key\"\nttl = \"{ttl}\"\n[audit]\npath = \"audit.jsonl\"\n"
+            "[server]\nlisten = \"127.0.0.1:6080\"\n[libvirt]\nuri = \"test://{}\"\n\
+             [tokens]\nkey_file = \"token.key\"\nttl = \"{ttl}\"\n[audit]\npath = \"audit.jsonl\"\n",
+            node.display()
         ),
     )
     .unwrap();
@@ -76,6 +93,8 @@ fn token_prints_a_sealed_token_that_a_replica_opens() {
     let key = TokenKey::load(&dir.path().join("token.key")).unwrap();
     let claims = key.open(token, before).unwrap();
     assert_eq!(claims.domain, "demo1");
+    // The token opens that domain by UUID, which libvirt gave.
+    assert_eq!(claims.uuid_string(), DEMO1_UUID);
     assert_eq!(claims.kind, ConsoleKind::Spice);
     assert_eq!(claims.user, "alice");
     assert!((before + 90..=now() + 90).contains(&claims.expires_at));
@@ -199,4 +218,34 @@ fn serve_and_replay_refuse_a_console_client_directory_without_the_client() {
     let err = text(&out.stderr);
     assert!(err.contains("--novnc"), "{err}");
     assert!(err.contains("no core/rfb.js there"), "{err}");
+}
+
+#[test]
+fn a_token_for_a_domain_libvirt_does_not_know_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "60s");
+    assert!(
+        vizor(&["keygen", dir.path().join("token.key").to_str().unwrap()])
+            .status
+            .success()
+    );
+    let out = vizor(&["token", "--config", &config, "--domain", "nope"]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "no token on failure");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(
+            "cannot issue a token for domain \"nope\": no domain named \"nope\" in libvirt"
+        ),
+        "{err}"
+    );
+    // By UUID too, and the token then names the domain by its name.
+    let out = vizor(&["token", "--config", &config, "--domain", DEMO1_UUID]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let key = TokenKey::load(&dir.path().join("token.key")).unwrap();
+    let claims = key.open(text(&out.stdout).trim(), 0).unwrap();
+    assert_eq!(
+        (claims.domain.as_str(), claims.uuid_string()),
+        ("demo1", DEMO1_UUID.to_owned())
+    );
 }

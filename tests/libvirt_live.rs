@@ -4,7 +4,7 @@
 mod common;
 
 use std::time::SystemTime;
-use vizor::libvirt::{Libvirt, Target};
+use vizor::libvirt::{DomainRef, Libvirt, Target};
 use vizor::token::ConsoleKind;
 
 #[test]
@@ -14,7 +14,11 @@ fn finds_the_live_console_and_survives_a_libvirtd_restart() {
     };
     let lv = Libvirt::new("qemu:///system");
     let c = lv
-        .lookup_blocking(&live.name, ConsoleKind::Vnc, SystemTime::now())
+        .lookup_blocking(
+            &DomainRef::NameOrUuid(live.name.clone()),
+            ConsoleKind::Vnc,
+            SystemTime::now(),
+        )
         .unwrap();
     let port: u16 = live.vnc_addr.rsplit(':').next().unwrap().parse().unwrap();
     assert_eq!(
@@ -29,16 +33,24 @@ fn finds_the_live_console_and_survives_a_libvirtd_restart() {
         Some(live.vnc_password.as_str())
     );
     let by_uuid = lv
-        .lookup_blocking(&c.uuid, ConsoleKind::Vnc, SystemTime::now())
+        .lookup_blocking(
+            &DomainRef::NameOrUuid(c.uuid.clone()),
+            ConsoleKind::Vnc,
+            SystemTime::now(),
+        )
         .unwrap();
     assert_eq!(by_uuid.domain, live.name);
     let err = lv
-        .lookup_blocking(&live.name, ConsoleKind::Spice, SystemTime::now())
+        .lookup_blocking(
+            &DomainRef::NameOrUuid(live.name.clone()),
+            ConsoleKind::Spice,
+            SystemTime::now(),
+        )
         .unwrap_err();
     assert_eq!(err.reason(), "no_graphics", "{err}");
     let err = lv
         .lookup_blocking(
-            "vizor-test-no-such-domain",
+            &DomainRef::NameOrUuid("vizor-test-no-such-domain".into()),
             ConsoleKind::Vnc,
             SystemTime::now(),
         )
@@ -49,12 +61,20 @@ fn finds_the_live_console_and_survives_a_libvirtd_restart() {
     // once libvirtd is back, with the same client.
     stop_libvirtd();
     let err = lv
-        .lookup_blocking(&live.name, ConsoleKind::Vnc, SystemTime::now())
+        .lookup_blocking(
+            &DomainRef::NameOrUuid(live.name.clone()),
+            ConsoleKind::Vnc,
+            SystemTime::now(),
+        )
         .unwrap_err();
     assert_eq!(err.reason(), "unreachable", "{err}");
     common::test_host(&["start"]);
     let again = lv
-        .lookup_blocking(&live.name, ConsoleKind::Vnc, SystemTime::now())
+        .lookup_blocking(
+            &DomainRef::NameOrUuid(live.name.clone()),
+            ConsoleKind::Vnc,
+            SystemTime::now(),
+        )
         .unwrap();
     assert_eq!(again.target, c.target);
 }

@@ -96,6 +96,12 @@ struct Script {
     browser: Vec<u8>,
     /// Where each round's part of `browser` ends (after its update request).
     browser_rounds: Vec<usize>,
+    /// What vizor sends the VM for it: first its own request for QEMU's LED state (so
+    /// QEMU never presses lock keys itself), then the browser's messages, with LED state
+    /// added to its encodings.
+    to_vm: Vec<u8>,
+    /// Where each round's part of `to_vm` ends.
+    to_vm_rounds: Vec<usize>,
     /// What the VM sends.
     vm: Vec<u8>,
     /// Where each round's part of `vm` ends (after its update).
@@ -129,7 +135,9 @@ impl Script {
             );
             2
         };
+        let encodings_at = browser.len();
         write_set_encodings([Encoding::RAW, Encoding::COPY_RECT], &mut browser);
+        let encodings_end = browser.len();
         let browser_clip =
             format!("from the browser of {domain} session {nonce:016x}").into_bytes();
         message(
@@ -197,9 +205,21 @@ impl Script {
             }
             vm_rounds.push(vm.len());
         }
+        let mut to_vm = Vec::new();
+        write_set_encodings([Encoding::QEMU_LED_STATE], &mut to_vm);
+        to_vm.extend_from_slice(&browser[..encodings_at]);
+        write_set_encodings(
+            [Encoding::RAW, Encoding::COPY_RECT, Encoding::QEMU_LED_STATE],
+            &mut to_vm,
+        );
+        to_vm.extend_from_slice(&browser[encodings_end..]);
+        let added = to_vm.len() - browser.len();
+        let to_vm_rounds = browser_rounds.iter().map(|r| r + added).collect();
         Script {
             browser,
             browser_rounds,
+            to_vm,
+            to_vm_rounds,
             vm,
             vm_rounds,
             keys,
@@ -369,19 +389,19 @@ async fn vm_session(
     let (mut received, mut received_sha, mut sent_sha) = (0, Sha256::new(), Sha256::new());
     let mut vm_at = 0;
     for round in 0..ROUNDS {
-        while received < script.browser_rounds[round] {
+        while received < script.to_vm_rounds[round] {
             if buf.is_empty() && s.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
                 return Err(format!(
                     "{what}: vizor closed after {received} of {} bytes",
-                    script.browser.len()
+                    script.to_vm.len()
                 ));
             }
-            check(&what, &script.browser, received, &buf)?;
+            check(&what, &script.to_vm, received, &buf)?;
             received_sha.update(&buf);
             received += buf.len();
             buf.clear();
         }
-        if received != script.browser_rounds[round] {
+        if received != script.to_vm_rounds[round] {
             return Err(format!(
                 "{what}: bytes past the update request of round {round}"
             ));
@@ -739,9 +759,19 @@ async fn load() {
         );
         let vm = &vm_reports[&b.nonce];
         assert_eq!(vm.domain, b.domain, "session {:016x}", b.nonce);
+        // The VM got the browser's bytes as vizor passes them on (its LED request
+        // added), every one checked against the script as it came.
+        let script = Script::new(&b.domain, b.nonce);
+        let digest = |d: &[u8]| -> [u8; 32] { Sha256::digest(d).into() };
         assert_eq!(
             (b.sent, b.sent_sha),
+            (script.browser.len(), digest(&script.browser)),
+            "session {:016x}: the browser's bytes",
+            b.nonce
+        );
+        assert_eq!(
             (vm.received, vm.received_sha),
+            (script.to_vm.len(), digest(&script.to_vm)),
             "session {:016x}: browser to VM",
             b.nonce
         );
@@ -797,7 +827,7 @@ async fn load() {
                 end["bytes_browser_to_vm"].as_u64(),
                 end["bytes_vm_to_browser"].as_u64()
             ),
-            (Some(b.sent as u64), Some(b.received as u64)),
+            (Some(script.to_vm.len() as u64), Some(b.received as u64)),
             "{end}"
         );
         assert_eq!(
@@ -839,7 +869,11 @@ async fn load() {
         ),
         (
             "vizor_session_bytes_total{direction=\"browser_to_vm\",kind=\"vnc\"}",
-            total(|b| b.sent),
+            // What vizor wrote to the VMs: each browser's bytes and vizor's 12 more.
+            script_of
+                .values()
+                .map(|(_, s)| s.to_vm.len())
+                .sum::<usize>() as f64,
         ),
         (
             "vizor_session_bytes_total{direction=\"vm_to_browser\",kind=\"vnc\"}",

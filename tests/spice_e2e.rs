@@ -193,6 +193,64 @@ async fn a_token_admits_only_its_own_session() {
             .err(),
         Some(link_error::BAD_CONNECTION_ID)
     );
+    // The token and the session id from another address: refused (the session is its
+    // main channel's browser's alone).
+    let path = format!("/websockify?token={token}");
+    let elsewhere: std::net::IpAddr = "127.0.0.9".parse().unwrap();
+    let mut stolen = Browser::connect_from(elsewhere, v.addr, &path).await;
+    assert_eq!(
+        link(&mut stolen, channel_type::INPUTS, session_id, true)
+            .await
+            .err(),
+        Some(link_error::BAD_CONNECTION_ID)
+    );
+    let c = stolen.closed().await;
+    assert_eq!(
+        (c.code, c.reason.as_str()),
+        (1008, "this SPICE session belongs to another address")
+    );
+    // A main channel naming the session (which spice-server would take for a migration,
+    // dropping the live client) is refused, even from the session's own address.
+    let mut second = open(&v, &token).await;
+    assert_eq!(
+        link(&mut second, channel_type::MAIN, session_id, true)
+            .await
+            .err(),
+        Some(link_error::PERMISSION_DENIED)
+    );
+    // The session still holds: its own address links another channel.
+    let mut inputs = open(&v, &token).await;
+    link(&mut inputs, channel_type::INPUTS, session_id, true)
+        .await
+        .expect("the session's own channel links");
+    // Every refusal is on record and counts against its client, like a bad token.
+    let refusals: Vec<String> = v
+        .audit()
+        .iter()
+        .filter(|r| r["event"] == "token_refused")
+        .map(|r| r["reason"].as_str().unwrap().to_owned())
+        .collect();
+    for reason in [
+        "replayed",
+        "spice_wrong_session",
+        "spice_wrong_client",
+        "spice_second_main",
+    ] {
+        assert!(
+            refusals.iter().any(|r| r == reason),
+            "{reason} in {refusals:?}"
+        );
+    }
+    let (_, _, metrics) = common::http_get(v.addr, "/metrics", &[]).await;
+    assert_eq!(
+        common::metric(
+            &metrics,
+            "vizor_auth_refusals_total{reason=\"spice_wrong_client\",stage=\"token\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    drop(inputs);
     // Expired, and for a VNC-only domain.
     let c = Browser::connect(
         v.addr,
@@ -202,16 +260,26 @@ async fn a_token_admits_only_its_own_session() {
     .closed()
     .await;
     assert_eq!((c.code, c.reason.as_str()), (1008, "token expired"));
-    let c = Browser::connect(
+    // A main channel's link looks the console up (no other channel costs a lookup).
+    let mut vnc_only = Browser::connect(
         v.addr,
         &format!(
             "/websockify?token={}",
             v.token(&live.name, ConsoleKind::Spice, 60)
         ),
     )
-    .await
-    .closed()
     .await;
+    let mut mess = Vec::new();
+    vizor_spice::link::LinkMess {
+        connection_id: 0,
+        channel_type: channel_type::MAIN,
+        channel_id: 0,
+        common_caps: vizor_spice::link::Caps::default(),
+        channel_caps: vizor_spice::link::Caps::default(),
+    }
+    .write(&mut mess);
+    vnc_only.send(&mess).await;
+    let c = vnc_only.closed().await;
     assert_eq!(
         (c.code, c.reason.as_str()),
         (1011, "the VM has no console of this kind")

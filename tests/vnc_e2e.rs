@@ -1381,3 +1381,27 @@ fn without_led_updates(stream: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_opens_the_domain_it_was_issued_for_not_a_namesake() {
+    if common::live_domain().is_none() {
+        return;
+    }
+    let d = "vizor-test-namesake";
+    common::test_host(&["domain", d, "--vnc-passwd", "name1", "--no-spice"]);
+    let v = Vizor::start("");
+    let old = v.token(d, ConsoleKind::Vnc, 60);
+    let before = common::domain_uuid("qemu:///system", d);
+    // The domain is deleted and another defined under its name (test-host.sh undefines
+    // and defines it afresh: a new UUID).
+    common::test_host(&["domain", d, "--vnc-passwd", "name2", "--no-spice"]);
+    assert_ne!(common::domain_uuid("qemu:///system", d), before);
+    let mut b = Browser::connect(v.addr, &format!("/websockify?token={old}")).await;
+    let closed = b.closed().await;
+    assert_eq!((closed.code, closed.reason.as_str()), (1011, "no such VM"));
+    let failure = v.records("upstream_failure", 1).remove(0);
+    assert_eq!(failure["reason"], "no_such_domain");
+    // A token issued for the new domain opens it.
+    let (mut b, si) = open_session(&v, d).await;
+    full_update(&mut b, &si).await;
+}

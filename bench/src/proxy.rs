@@ -80,17 +80,27 @@ pub struct Proxy {
     dir: PathBuf,
 }
 
+/// The UUID of console number `d` in the node file (a token names its domain by it).
+fn console_uuid(d: usize) -> [u8; 16] {
+    let mut u = *b"bench\0@\0\x80\0\0\0\0\0\0\0";
+    u[8..].copy_from_slice(&(0x8000_0000_0000_0000 | d as u64).to_be_bytes());
+    u
+}
+
 /// The libvirt node file for `consoles`: one running test domain each, whose VNC
 /// graphics names its port and password.
 pub fn write_node_file(path: &Path, consoles: &[Console]) -> std::io::Result<()> {
     let mut node = String::from("<node>\n");
     for (d, c) in consoles.iter().enumerate() {
         node.push_str(&format!(
-            "<domain type='test'><name>{}</name><uuid>62656e63-6800-4000-8000-{d:012x}</uuid>\
+            "<domain type='test'><name>{}</name><uuid>{}</uuid>\
              <memory>65536</memory><os><type>hvm</type></os><devices>\
              <graphics type='vnc' port='{}' listen='127.0.0.1' passwd='{}'/>\
              </devices></domain>\n",
-            c.domain, c.port, c.password,
+            c.domain,
+            vizor::token::uuid_string(&console_uuid(d)),
+            c.port,
+            c.password,
         ));
     }
     node.push_str("</node>\n");
@@ -236,15 +246,22 @@ impl Proxy {
     pub fn route(&self, i: usize) -> Route {
         match (self.way, &self.key) {
             (Way::Vizor, Some(key)) => {
-                let console = &self.consoles[i % self.consoles.len()];
+                let d = i % self.consoles.len();
+                let console = &self.consoles[d];
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
-                let token = Claims::new(&console.domain, ConsoleKind::Vnc, "bench", now + 600)
-                    .ok()
-                    .and_then(|c| key.seal(&c).ok())
-                    .unwrap_or_default();
+                let token = Claims::new(
+                    &console.domain,
+                    console_uuid(d),
+                    ConsoleKind::Vnc,
+                    "bench",
+                    now + 600,
+                )
+                .ok()
+                .and_then(|c| key.seal(&c).ok())
+                .unwrap_or_default();
                 Route::Ws {
                     addr: self.addr,
                     path: format!("/websockify?token={token}"),

@@ -217,6 +217,10 @@ const NODE: &str = "<node>
   </domain>
 </node>";
 
+fn by_name(domain: &str) -> DomainRef {
+    DomainRef::NameOrUuid(domain.to_owned())
+}
+
 #[test]
 fn looks_up_through_libvirts_test_driver() {
     let dir = tempfile::tempdir().unwrap();
@@ -225,7 +229,7 @@ fn looks_up_through_libvirts_test_driver() {
     let lv = Libvirt::new(&format!("test://{}", node.display()));
     let now = SystemTime::now();
     let c = lv
-        .lookup_blocking("vnc-pass", ConsoleKind::Vnc, now)
+        .lookup_blocking(&by_name("vnc-pass"), ConsoleKind::Vnc, now)
         .unwrap();
     assert_eq!(
         c.target,
@@ -237,12 +241,36 @@ fn looks_up_through_libvirts_test_driver() {
     assert_eq!(c.password.as_deref().map(String::as_str), Some("s3cr&t"));
     let by_uuid = lv
         .lookup_blocking(
-            "6695eb01-f6a4-8304-79aa-97f2502e193f",
+            &by_name("6695eb01-f6a4-8304-79aa-97f2502e193f"),
             ConsoleKind::Spice,
             now,
         )
         .unwrap();
     assert_eq!(by_uuid.domain, "vnc-pass");
+    // What a token names: that UUID alone.
+    let uuid = crate::token::parse_uuid("6695eb01-f6a4-8304-79aa-97f2502e193f").unwrap();
+    let bound = lv
+        .lookup_blocking(&DomainRef::Uuid(uuid), ConsoleKind::Vnc, now)
+        .unwrap();
+    assert_eq!(bound.domain, "vnc-pass");
+    assert_eq!(
+        lv.identify_blocking("vnc-pass").unwrap(),
+        ("vnc-pass".to_owned(), uuid)
+    );
+    assert_eq!(
+        lv.identify_blocking("stopped").unwrap().0,
+        "stopped",
+        "a domain need not run to be named"
+    );
+    assert_eq!(
+        lv.identify_blocking("nosuch").unwrap_err().reason(),
+        "no_such_domain"
+    );
+    // A UUID-bound lookup never falls back to a name.
+    let err = lv
+        .lookup_blocking(&DomainRef::Uuid([0x42; 16]), ConsoleKind::Vnc, now)
+        .unwrap_err();
+    assert_eq!(err.reason(), "no_such_domain");
     assert_eq!(
         by_uuid.target,
         Target::Tcp {
@@ -260,7 +288,7 @@ fn looks_up_through_libvirts_test_driver() {
         ("stopped", ConsoleKind::Vnc, "not_running"),
         ("headless", ConsoleKind::Vnc, "no_graphics"),
     ] {
-        let err = lv.lookup_blocking(domain, kind, now).unwrap_err();
+        let err = lv.lookup_blocking(&by_name(domain), kind, now).unwrap_err();
         assert_eq!(err.reason(), reason, "{domain}: {err}");
     }
 }
@@ -269,7 +297,7 @@ fn looks_up_through_libvirts_test_driver() {
 fn unreachable_libvirt_is_reported_as_such() {
     let lv = Libvirt::new("qemu+unix:///system?socket=/nonexistent/libvirt-sock");
     let err = lv
-        .lookup_blocking("demo1", ConsoleKind::Vnc, SystemTime::now())
+        .lookup_blocking(&by_name("demo1"), ConsoleKind::Vnc, SystemTime::now())
         .unwrap_err();
     assert_eq!(err.reason(), "unreachable", "{err}");
     assert!(err.to_string().contains("qemu+unix:///system"), "{err}");

@@ -527,7 +527,7 @@ async fn relay(
         // QEMU's keyboard as this connection sees it (every key up at the start: QEMU
         // releases all keys when a client leaves).
         let mut keyboard = Keyboard::new(Keymap::from_libvirt(ctx.console.keymap.as_deref()));
-        with_led_state(&server, &mut up_wr).await?;
+        with_led_state(&server, &mut up_wr, meter).await?;
         let mut pacer = Pacer::default();
         let mut dec = ClientDecoder::new(ctx.browser_limits);
         let mut buf = Vec::with_capacity(4096);
@@ -776,11 +776,16 @@ async fn relay(
 async fn with_led_state(
     server: &Mutex<ServerDecoder>,
     up_wr: &mut (impl AsyncWrite + Unpin),
+    meter: &Meter,
 ) -> Result<(), End> {
     let mut out = Vec::new();
     write_set_encodings([Encoding::QEMU_LED_STATE], &mut out);
     lock(server)?.set_encodings([Encoding::QEMU_LED_STATE]);
-    write_up(up_wr, &mut out).await
+    let len = out.len() as u64;
+    write_up(up_wr, &mut out).await?;
+    // The session's bytes toward the VM are what vizor wrote there for it.
+    meter.add(Direction::BrowserToVm, len);
+    Ok(())
 }
 
 /// Holds key events back while QEMU's key queue is full by [`Pacer`]'s count: what is

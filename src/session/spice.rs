@@ -15,7 +15,7 @@ use super::{
     VmLink,
 };
 use crate::audit::{Audit, Event, KeyEvent};
-use crate::libvirt::{Console, Target};
+use crate::libvirt::{Console, LookupError, Target};
 use crate::limits::{Idle, Slot};
 use crate::live::{Direction, Identity, Latency, Live, LiveSessions};
 use crate::token::Claims;
@@ -23,7 +23,7 @@ use bytes::BytesMut;
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
 use rsa::{Oaep, RsaPrivateKey, RsaPublicKey};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -73,6 +73,11 @@ struct Linked {
     session: u64,
     /// The session's last input, on any channel.
     idle: Arc<Idle>,
+    /// The main channel's browser: the session's other channels come from it.
+    client: IpAddr,
+    /// The console the main channel linked to: the other channels link to the same,
+    /// with no lookup of their own.
+    console: Arc<Console>,
 }
 
 /// How a channel was admitted.
@@ -82,8 +87,53 @@ enum Admission {
     Secondary,
 }
 
+/// Why a channel that is not a session's first main channel was refused. Each counts
+/// as a failed token, like a refused token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelRefusal {
+    /// A main channel that names a session (spice-server takes it for a migration
+    /// target and drops the live client).
+    SecondMain,
+    /// The token's session is not linked (not yet, or no more).
+    NoSession,
+    /// Another session id than QEMU gave the token's session.
+    WrongSession,
+    /// From another address than the session's main channel.
+    WrongClient,
+}
+
+impl ChannelRefusal {
+    /// A stable label for metrics and audit records.
+    pub fn label(self) -> &'static str {
+        match self {
+            ChannelRefusal::SecondMain => "spice_second_main",
+            ChannelRefusal::NoSession => "spice_no_session",
+            ChannelRefusal::WrongSession => "spice_wrong_session",
+            ChannelRefusal::WrongClient => "spice_wrong_client",
+        }
+    }
+
+    /// What the browser is told.
+    fn told(self) -> &'static str {
+        match self {
+            ChannelRefusal::SecondMain => "a second SPICE main channel is not allowed",
+            ChannelRefusal::NoSession | ChannelRefusal::WrongSession => {
+                "token already used (not for this SPICE session)"
+            }
+            ChannelRefusal::WrongClient => "this SPICE session belongs to another address",
+        }
+    }
+}
+
 impl Sessions {
-    fn register(&self, nonce: [u8; 16], session: u64, idle: Arc<Idle>) {
+    fn register(
+        &self,
+        nonce: [u8; 16],
+        session: u64,
+        idle: Arc<Idle>,
+        client: IpAddr,
+        console: Arc<Console>,
+    ) {
         if let Ok(mut m) = self.by_nonce.lock() {
             m.insert(
                 nonce,
@@ -91,6 +141,8 @@ impl Sessions {
                     qemu: None,
                     session,
                     idle,
+                    client: client.to_canonical(),
+                    console,
                 },
             );
         }
@@ -110,13 +162,27 @@ impl Sessions {
         }
     }
 
-    /// vizor's session id and the session's input clock, if the token's session has
-    /// QEMU's `connection_id`.
-    fn admits(&self, nonce: &[u8; 16], connection_id: u32) -> Option<(u64, Arc<Idle>)> {
-        let m = self.by_nonce.lock().ok()?;
-        m.get(nonce)
-            .filter(|l| l.qemu == Some(connection_id))
-            .map(|l| (l.session, l.idle.clone()))
+    /// Admits another channel of the token's session: it names QEMU's session id and
+    /// comes from the main channel's address, while that main channel lives. Gives
+    /// vizor's session id, its input clock and its console.
+    fn admits(
+        &self,
+        nonce: &[u8; 16],
+        connection_id: u32,
+        client: IpAddr,
+    ) -> Result<(u64, Arc<Idle>, Arc<Console>), ChannelRefusal> {
+        let m = self
+            .by_nonce
+            .lock()
+            .map_err(|_| ChannelRefusal::NoSession)?;
+        let l = m.get(nonce).ok_or(ChannelRefusal::NoSession)?;
+        if l.qemu != Some(connection_id) {
+            return Err(ChannelRefusal::WrongSession);
+        }
+        if l.client != client.to_canonical() {
+            return Err(ChannelRefusal::WrongClient);
+        }
+        Ok((l.session, l.idle.clone(), l.console.clone()))
     }
 }
 
@@ -230,18 +296,27 @@ fn ticket(pub_key_der: &[u8], password: &[u8]) -> Result<Vec<u8>, End> {
 }
 
 /// Runs one channel to its end; closes the browser with the reason. Returns how it
-/// ended and the session id it ran under (a secondary channel's is its main's).
+/// ended, the session id it ran under (a secondary channel's is its main's) and the
+/// domain's name.
+///
+/// A session's first main channel looks the console up (`lookup`) and spends the token
+/// (`admit`); every other channel joins that session, from the same address, while it
+/// lives, with its console. Any other channel is refused and reported to `refused`
+/// (which counts it like a failed token).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut ctx: Ctx,
-    console: Console,
+    lookup: impl std::future::Future<Output = Result<Console, LookupError>>,
     brx: &mut BrowserRx,
     btx: BrowserTx,
     admit: impl FnOnce(&Claims, &str) -> Result<Slot, End>,
+    refused: impl FnOnce(ChannelRefusal),
     mut shutdown: watch::Receiver<bool>,
-) -> (End, u64) {
+) -> (End, u64, String) {
     let started = Instant::now();
     let mut bbuf = Vec::new();
     let limits = ctx.browser_limits;
+    let mut domain = ctx.claims.domain.clone();
     // The browser's link message first: it says which channel, of which session.
     let mess = tokio::time::timeout(
         ctx.handshake_timeout,
@@ -250,10 +325,10 @@ pub async fn run(
     .await;
     let mess = match mess {
         Ok(Ok(m)) => m,
-        Ok(Err(end)) => return (close(&btx, end).await, ctx.id),
+        Ok(Err(end)) => return (close(&btx, end).await, ctx.id, domain),
         Err(_) => {
             let end = End::refused("no SPICE link message in time", "handshake_timeout");
-            return (close(&btx, end).await, ctx.id);
+            return (close(&btx, end).await, ctx.id, domain);
         }
     };
     let chan = channel_type::name(mess.channel_type);
@@ -267,43 +342,79 @@ pub async fn run(
                 why: "a channel type spice-server does not have",
             },
         );
-        return (close(&btx, end).await, ctx.id);
+        return (close(&btx, end).await, ctx.id, domain);
     }
-    let (admission, idle) = if mess.channel_type == channel_type::MAIN && mess.connection_id == 0 {
-        let slot = match admit(&ctx.claims, &console.domain) {
-            Ok(slot) => slot,
-            Err(end) => {
-                btx.binary(link_refusal(link_error::PERMISSION_DENIED))
-                    .await;
-                return (close(&btx, end).await, ctx.id);
-            }
-        };
-        let idle = Arc::new(Idle::default());
-        ctx.sessions
-            .register(ctx.claims.nonce, ctx.id, idle.clone());
-        (Admission::Main(slot), idle)
-    } else if let Some((session, idle)) = ctx.sessions.admits(&ctx.claims.nonce, mess.connection_id)
-    {
-        ctx.id = session;
-        (Admission::Secondary, idle)
-    } else {
-        btx.binary(link_refusal(link_error::BAD_CONNECTION_ID))
-            .await;
-        let end = if mess.connection_id == 0 {
-            End::spice_protocol(
+    let refuse = |why: ChannelRefusal, code: u32| {
+        refused(why);
+        let btx = btx.clone();
+        async move {
+            btx.binary(link_refusal(code)).await;
+            close(&btx, End::refused(why.told(), why.label())).await
+        }
+    };
+    let (admission, idle, console) = match (mess.channel_type, mess.connection_id) {
+        (channel_type::MAIN, 0) => {
+            // The domain first: a SPICE token for a domain without SPICE is refused at
+            // once, and a refused lookup leaves the token unspent.
+            let console = match lookup.await {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    warn!(client = %ctx.client, reason = e.reason(), error = %e, "console lookup failed");
+                    btx.close(1011, e.told()).await;
+                    return (End::upstream(e.to_string(), e.reason()), ctx.id, domain);
+                }
+            };
+            domain = console.domain.clone();
+            let slot = match admit(&ctx.claims, &console.domain) {
+                Ok(slot) => slot,
+                Err(end) => {
+                    btx.binary(link_refusal(link_error::PERMISSION_DENIED))
+                        .await;
+                    return (close(&btx, end).await, ctx.id, domain);
+                }
+            };
+            let idle = Arc::new(Idle::default());
+            ctx.sessions.register(
+                ctx.claims.nonce,
+                ctx.id,
+                idle.clone(),
+                ctx.client.ip(),
+                console.clone(),
+            );
+            (Admission::Main(slot), idle, console)
+        }
+        (channel_type::MAIN, _) => {
+            let end = refuse(ChannelRefusal::SecondMain, link_error::PERMISSION_DENIED).await;
+            return (end, ctx.id, domain);
+        }
+        (_, 0) => {
+            btx.binary(link_refusal(link_error::BAD_CONNECTION_ID))
+                .await;
+            let end = End::spice_protocol(
                 "browser",
                 &vizor_spice::Error::Malformed {
                     what: "SPICE link",
                     why: "a channel other than main that names no session",
                 },
-            )
-        } else {
-            End::refused(
-                "token already used (not for this SPICE session)",
-                "replayed",
-            )
-        };
-        return (close(&btx, end).await, ctx.id);
+            );
+            return (close(&btx, end).await, ctx.id, domain);
+        }
+        (_, connection_id) => {
+            match ctx
+                .sessions
+                .admits(&ctx.claims.nonce, connection_id, ctx.client.ip())
+            {
+                Ok((session, idle, console)) => {
+                    ctx.id = session;
+                    domain = console.domain.clone();
+                    (Admission::Secondary, idle, console)
+                }
+                Err(why) => {
+                    let end = refuse(why, link_error::BAD_CONNECTION_ID).await;
+                    return (end, ctx.id, domain);
+                }
+            }
+        }
     };
     let span = tracing::info_span!("channel", session = ctx.id, channel = chan);
     let end = relay_channel(
@@ -324,7 +435,7 @@ pub async fn run(
         ctx.sessions.forget(&ctx.claims.nonce);
         drop(slot);
     }
-    (close(&btx, end).await, ctx.id)
+    (close(&btx, end).await, ctx.id, domain)
 }
 
 async fn close(btx: &BrowserTx, end: End) -> End {

@@ -3,6 +3,7 @@ use super::*;
 fn claims(expires_at: u64) -> Claims {
     Claims {
         domain: "demo1".into(),
+        uuid: [0x5a; 16],
         kind: ConsoleKind::Vnc,
         user: "alice".into(),
         expires_at,
@@ -15,7 +16,8 @@ fn claims(expires_at: u64) -> Claims {
 fn seals_and_opens() {
     let key = TokenKey::generate().unwrap();
     let c = Claims::new(
-        "0d3c5e4a-6b1f-4c2e-9a55-1b2c3d4e5f60",
+        "demo2",
+        parse_uuid("0d3c5e4a-6b1f-4c2e-9a55-1b2c3d4e5f60").unwrap(),
         ConsoleKind::Spice,
         "bob",
         1000,
@@ -199,4 +201,47 @@ fn a_bound_token_admits_its_client_alone() {
     let mut body = claims(100).encode().unwrap();
     body.extend_from_slice(&[1, 2, 3]);
     assert_eq!(Claims::decode(&body), Err(TokenError::Malformed));
+}
+
+#[test]
+fn a_token_names_its_domain_by_uuid() {
+    let key = TokenKey::generate().unwrap();
+    let uuid = parse_uuid("0D3C5E4A-6B1F-4C2E-9A55-1B2C3D4E5F60").unwrap();
+    let c = Claims::new("demo", uuid, ConsoleKind::Vnc, "u", 100).unwrap();
+    let opened = key.open(&key.seal(&c).unwrap(), 0).unwrap();
+    assert_eq!(opened.uuid, uuid);
+    assert_eq!(opened.uuid_string(), "0d3c5e4a-6b1f-4c2e-9a55-1b2c3d4e5f60");
+    assert_eq!(parse_uuid("0d3c5e4a6b1f4c2e9a551b2c3d4e5f60"), Some(uuid));
+    for bad in [
+        "",
+        "0d3c5e4a",
+        "0d3c5e4a-6b1f-4c2e-9a55-1b2c3d4e5f6x",
+        "0d3c5e4a--6b1f-4c2e-9a55-1b2c3d4e5f60-",
+    ] {
+        assert_eq!(parse_uuid(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn a_version_1_token_which_named_its_domain_alone_is_refused() {
+    // A version 1 token, sealed with the same key: the layout it had, no UUID.
+    let key = TokenKey::generate().unwrap();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&100u64.to_be_bytes());
+    body.extend_from_slice(&[7; 16]);
+    for s in ["demo1", "alice"] {
+        body.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        body.extend_from_slice(s.as_bytes());
+    }
+    let iv = [1u8; IV_LEN];
+    Aes256Ctr::new((&*key.enc).into(), (&iv).into()).apply_keystream(&mut body);
+    let mut raw = vec![1u8];
+    raw.extend_from_slice(&iv);
+    raw.extend_from_slice(&body);
+    let tag = key.tag(&raw).finalize().into_bytes();
+    raw.extend_from_slice(&tag);
+    assert_eq!(
+        key.open(&URL_SAFE_NO_PAD.encode(raw), 0),
+        Err(TokenError::UnknownVersion(1))
+    );
 }

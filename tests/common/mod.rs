@@ -200,6 +200,8 @@ pub struct Vizor {
     /// Everything it logged.
     pub log: Arc<Mutex<String>>,
     key: TokenKey,
+    /// Its libvirt.
+    uri: String,
 }
 
 impl Vizor {
@@ -293,6 +295,7 @@ impl Vizor {
             dir,
             log,
             key,
+            uri: uri.to_owned(),
         }
     }
 
@@ -352,7 +355,8 @@ impl Vizor {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        let claims = Claims::new(domain, kind, user, (now + ttl_secs).max(0) as u64).unwrap();
+        let uuid = domain_uuid(&self.uri, domain);
+        let claims = Claims::new(domain, uuid, kind, user, (now + ttl_secs).max(0) as u64).unwrap();
         let token = self.key.seal(&claims).unwrap();
         run::secret("token", &token);
         token
@@ -766,6 +770,32 @@ pub fn audited_keys(audit: &[serde_json::Value]) -> Vec<(bool, String)> {
         .collect()
 }
 
+/// The UUID libvirt at `uri` gives `domain` (a token names its domain by UUID), or
+/// zeros for a domain it does not know (a token for no domain).
+pub fn domain_uuid(uri: &str, domain: &str) -> [u8; 16] {
+    // A node file of [`test_node`]: its UUIDs are known without asking (the load test
+    // mints a thousand tokens).
+    if uri.starts_with("test:///") && uri != "test:///default" {
+        return vizor::token::parse_uuid(&uuid_of(domain)).unwrap_or([0; 16]);
+    }
+    let out = std::process::Command::new("virsh")
+        .args(["-c", uri, "domuuid", domain])
+        .output();
+    out.ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| vizor::token::parse_uuid(String::from_utf8_lossy(&o.stdout).trim()))
+        .unwrap_or([0; 16])
+}
+
+/// A stable UUID for a test domain named `name`.
+pub fn uuid_of(name: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(name.as_bytes());
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&d[..16]);
+    vizor::token::uuid_string(&u)
+}
+
 /// A node file for libvirt's test driver naming VNC consoles on 127.0.0.1, each as
 /// (domain, port, the password libvirt stores): vizor looks them up as it would any
 /// domain. Returns the directory holding the file (it lives as long as the caller keeps
@@ -779,10 +809,11 @@ pub fn test_node(domains: &[(String, u16, String)]) -> (tempfile::TempDir, Strin
     let mut node = String::from("<node>\n");
     for (name, port, password) in domains {
         node.push_str(&format!(
-            "<domain type='test'><name>{}</name><memory>65536</memory>\
+            "<domain type='test'><name>{}</name><uuid>{}</uuid><memory>65536</memory>\
              <os><type>hvm</type></os><devices><graphics type='vnc' port='{port}' \
              listen='127.0.0.1' passwd='{}'/></devices></domain>\n",
             escape(name),
+            uuid_of(name),
             escape(password)
         ));
     }
