@@ -796,9 +796,29 @@ async fn spice_console(
         idle_timeout: app.config.limits.idle_timeout,
         upstream_tls: app.upstream_tls.clone(),
     };
-    // Only a session's first main channel looks the console up: the others link to the
-    // same console, for free.
-    let console = lookup(&app, DomainRef::Uuid(ctx.claims.uuid), ctx.claims.kind);
+    // An unspent token is for a session's first main channel: its console is looked up
+    // at once (a SPICE token for a domain without SPICE is refused before anything is
+    // linked, and a refused lookup leaves the token unspent). A spent one can only join
+    // its session's channels, which link to that session's console: no lookup.
+    let spent = app
+        .replay
+        .lock()
+        .map(|r| r.is_used(&ctx.claims, unix_now()))
+        .unwrap_or(true);
+    let console = if spent {
+        None
+    } else {
+        match lookup(&app, DomainRef::Uuid(ctx.claims.uuid), ctx.claims.kind).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(client = %peer, reason = e.reason(), error = %e, "console lookup failed");
+                btx.close(1011, e.told()).await;
+                let end = End::upstream(e.to_string(), e.reason());
+                record_end(&app, ConsoleKind::Spice, id, &ctx.claims.domain, &end);
+                return guard;
+            }
+        }
+    };
     let refused_app = app.clone();
     let refused = move |why: session::spice::ChannelRefusal| {
         warn!(client = %peer, reason = why.label(), "SPICE channel refused");

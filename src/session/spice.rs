@@ -15,7 +15,7 @@ use super::{
     VmLink,
 };
 use crate::audit::{Audit, Event, KeyEvent};
-use crate::libvirt::{Console, LookupError, Target};
+use crate::libvirt::{Console, Target};
 use crate::limits::{Idle, Slot};
 use crate::live::{Direction, Identity, Latency, Live, LiveSessions};
 use crate::token::Claims;
@@ -91,6 +91,8 @@ enum Admission {
 /// as a failed token, like a refused token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelRefusal {
+    /// A main channel for a new session, with a token spent already.
+    Spent,
     /// A main channel that names a session (spice-server takes it for a migration
     /// target and drops the live client).
     SecondMain,
@@ -106,6 +108,7 @@ impl ChannelRefusal {
     /// A stable label for metrics and audit records.
     pub fn label(self) -> &'static str {
         match self {
+            ChannelRefusal::Spent => "replayed",
             ChannelRefusal::SecondMain => "spice_second_main",
             ChannelRefusal::NoSession => "spice_no_session",
             ChannelRefusal::WrongSession => "spice_wrong_session",
@@ -116,6 +119,7 @@ impl ChannelRefusal {
     /// What the browser is told.
     fn told(self) -> &'static str {
         match self {
+            ChannelRefusal::Spent => "token already used",
             ChannelRefusal::SecondMain => "a second SPICE main channel is not allowed",
             ChannelRefusal::NoSession | ChannelRefusal::WrongSession => {
                 "token already used (not for this SPICE session)"
@@ -299,14 +303,14 @@ fn ticket(pub_key_der: &[u8], password: &[u8]) -> Result<Vec<u8>, End> {
 /// ended, the session id it ran under (a secondary channel's is its main's) and the
 /// domain's name.
 ///
-/// A session's first main channel looks the console up (`lookup`) and spends the token
-/// (`admit`); every other channel joins that session, from the same address, while it
-/// lives, with its console. Any other channel is refused and reported to `refused`
-/// (which counts it like a failed token).
+/// A session's first main channel comes with the console looked up for its unspent
+/// token (`console`) and spends the token (`admit`); every other channel joins that
+/// session, from the same address, while it lives, with its console. Any other channel
+/// is refused and reported to `refused` (which counts it like a failed token).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut ctx: Ctx,
-    lookup: impl std::future::Future<Output = Result<Console, LookupError>>,
+    console: Option<Console>,
     brx: &mut BrowserRx,
     btx: BrowserTx,
     admit: impl FnOnce(&Claims, &str) -> Result<Slot, End>,
@@ -354,15 +358,10 @@ pub async fn run(
     };
     let (admission, idle, console) = match (mess.channel_type, mess.connection_id) {
         (channel_type::MAIN, 0) => {
-            // The domain first: a SPICE token for a domain without SPICE is refused at
-            // once, and a refused lookup leaves the token unspent.
-            let console = match lookup.await {
-                Ok(c) => Arc::new(c),
-                Err(e) => {
-                    warn!(client = %ctx.client, reason = e.reason(), error = %e, "console lookup failed");
-                    btx.close(1011, e.told()).await;
-                    return (End::upstream(e.to_string(), e.reason()), ctx.id, domain);
-                }
+            // No console: the token was spent already, and a replay it is.
+            let Some(console) = console.map(Arc::new) else {
+                let end = refuse(ChannelRefusal::Spent, link_error::PERMISSION_DENIED).await;
+                return (end, ctx.id, domain);
             };
             domain = console.domain.clone();
             let slot = match admit(&ctx.claims, &console.domain) {
