@@ -22,7 +22,7 @@ const KEY_FILE: &str =
     "vizor-token-key-v1\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJygpKissLS4vMDEyMzQ1Njc4OTo7PD0-Pw\n";
 /// The time every token is opened at (Unix seconds); the seeds expire after it.
 const NOW: u64 = 1_700_000_000;
-const HEADER: usize = 16;
+const HEADER: usize = 32;
 
 /// `TokenKey` is only loaded from a file: write the fixed key to a private file once.
 fn key() -> &'static TokenKey {
@@ -96,10 +96,11 @@ fuzz_target!(|data: &[u8]| {
     let index = usize::from(u16::from_be_bytes([head[13], head[14]]));
     // Within ASCII, so an altered token is still text.
     let mask = (head[15] & 0x7f).max(1);
+    let uuid: [u8; 16] = head[16..32].try_into().unwrap();
 
     let domain: Cow<str> = String::from_utf8_lossy(domain);
     let user: Cow<str> = String::from_utf8_lossy(user);
-    let claims = Claims::new(&domain, kind, &user, expires_at).expect("randomness");
+    let claims = Claims::new(&domain, uuid, kind, &user, expires_at).expect("randomness");
     let in_bounds =
         !domain.is_empty() && domain.len() <= MAX_DOMAIN_LEN && user.len() <= MAX_USER_LEN;
     let token = match key.seal(&claims) {
