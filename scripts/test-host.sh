@@ -16,10 +16,12 @@
 #                            plain port) and --vnc-tls domains.
 #   test-host.sh domain NAME [--vnc-passwd P] [--spice-passwd P] [--vnc-socket PATH]
 #                            [--no-spice] [--shutoff] [--mode-switch-disk]
-#                            [--vnc-tls | --vnc-tls-verify]
+#                            [--vnc-tls | --vnc-tls-verify] [--vnc-keymap K]
 #                            --vnc-tls makes QEMU's VNC server VeNCrypt X.509 only (the
 #                            test CA's server certificate, as libvirt's vnc_tls = 1 does);
 #                            --vnc-tls-verify also demands a client certificate of that CA
+#                            --vnc-keymap gives the VNC graphics libvirt's keymap
+#                            attribute (QEMU's -k: keys by keysym, even extended ones)
 #                            --mode-switch-disk boots a 512-byte sector that switches the
 #                            VGA to 320x200 graphics (mode 13h): a guest reset then makes
 #                            QEMU resize the VNC desktop, for tests of resize framing
@@ -315,7 +317,7 @@ cmd_domain() {
     local name=${1:-}
     [ $# -gt 0 ] && shift
     check_name "$name"
-    local vnc_pw="" spice_pw="" vnc_sock="" spice=1 shutoff=0 modeswitch=0 vnc_tls=
+    local vnc_pw="" spice_pw="" vnc_sock="" spice=1 shutoff=0 modeswitch=0 vnc_tls= keymap=
     while [ $# -gt 0 ]; do
         case $1 in
             --vnc-passwd)   [ $# -ge 2 ] || die "--vnc-passwd needs a value"; vnc_pw=$2; shift 2 ;;
@@ -326,6 +328,7 @@ cmd_domain() {
             --mode-switch-disk) modeswitch=1; shift ;;
             --vnc-tls)      vnc_tls=no; shift ;;
             --vnc-tls-verify) vnc_tls=yes; shift ;;
+            --vnc-keymap)   [ $# -ge 2 ] || die "--vnc-keymap needs a value"; keymap=$2; shift 2 ;;
             *) die "unknown option for domain: $1" ;;
         esac
     done
@@ -347,6 +350,7 @@ cmd_domain() {
     else
         vnc_attrs="autoport='yes' listen='127.0.0.1'$pw_attr websocket='-1'"
     fi
+    [ -z "$keymap" ] || vnc_attrs="$vnc_attrs keymap='$(xml_escape "$keymap")'"
     if [ "$spice" = 1 ]; then
         pw_attr=""
         [ -n "$spice_pw" ] && pw_attr=" passwd='$(xml_escape "$spice_pw")'"

@@ -68,6 +68,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Live sessions, for `GET /api/v1/sessions` and per-session series.
     pub live: Arc<LiveSessions>,
+    /// The keyboards of VMs with live sessions, as QEMU keeps them.
+    pub vm_keyboards: session::keyboards::VmKeyboards,
     next_session: AtomicU64,
 }
 
@@ -158,6 +160,7 @@ impl App {
             spice_sessions: Arc::default(),
             metrics,
             live: Arc::default(),
+            vm_keyboards: Default::default(),
             next_session: AtomicU64::new(1),
         }
     }
@@ -721,6 +724,7 @@ async fn console_session(
         };
         let _active = Active::new(&app.metrics, kind);
         info!(upstream = %console.target, user = %claims.user, "session starting");
+        let keyboard = app.vm_keyboards.of(&console);
         let ctx = session::rfb::Ctx {
             id,
             claims,
@@ -736,6 +740,7 @@ async fn console_session(
             metrics: app.metrics.clone(),
             live: app.live.clone(),
             record_dir: app.config.audit.record_dir.clone(),
+            keyboard,
         };
         let end = session::rfb::run(ctx, brx, btx, app.close_sessions.clone()).await;
         info!(reason = %end.reason, label = end.label, "session ended");

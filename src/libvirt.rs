@@ -59,6 +59,8 @@ pub struct Console {
     /// The keyboard layout libvirt gives QEMU (`-k`, from any graphics' `keymap`): QEMU
     /// then maps every VNC keysym by it, even in extended key events.
     pub keymap: Option<String>,
+    /// libvirt's id of the running domain: a new one each time it starts.
+    pub instance: Option<u32>,
 }
 
 impl fmt::Debug for Console {
@@ -71,6 +73,7 @@ impl fmt::Debug for Console {
             .field("tls_target", &self.tls_target)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("keymap", &self.keymap)
+            .field("instance", &self.instance)
             .finish()
     }
 }
@@ -228,6 +231,9 @@ pub fn console_from_xml(
     };
     let domain = text("name");
     let uuid = text("uuid");
+    // A running domain's id: libvirt gives each start of a domain a new one, so it names
+    // this run of QEMU (whose keyboard state vizor models).
+    let instance = root.attributes.get("id").and_then(|i| i.parse().ok());
     let bad = |why: String| LookupError::BadXml {
         domain: domain.clone(),
         why,
@@ -239,9 +245,10 @@ pub fn console_from_xml(
             .filter_map(|n| n.as_element())
             .filter(|e| e.name == "graphics")
     };
-    // libvirt passes one `-k` to QEMU, from the graphics that names a keymap.
+    // libvirt passes `-k` for each graphics that names a keymap; QEMU keeps the last.
     let keymap = all_graphics()
-        .find_map(|g| g.attributes.get("keymap"))
+        .filter_map(|g| g.attributes.get("keymap"))
+        .next_back()
         .filter(|k| !k.is_empty())
         .cloned();
     let graphics = root
@@ -352,6 +359,7 @@ pub fn console_from_xml(
         tls_target,
         password,
         keymap,
+        instance,
     })
 }
 

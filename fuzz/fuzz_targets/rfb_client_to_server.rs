@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vizor_rfb::client::{ClientDecoder, ClientMessage};
 use vizor_keys::vnc::{Keyboard, Keymap};
+use vizor_rfb::client::{ClientDecoder, ClientMessage};
 use vizor_rfb::Limits;
 
 fuzz_target!(|data: &[u8]| {
@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     if flags & 0x80 != 0 {
         d.confirm(vizor_rfb::client::Confirmations::ALL);
     }
-    let mut keyboard = Keyboard::new(Keymap::EnUs);
+    let mut keyboard = Keyboard::new(Keymap::Default);
     let mut pending: Vec<u8> = Vec::new();
     let mut consumed = 0usize;
     for piece in stream.chunks(chunk) {
@@ -42,7 +42,9 @@ fuzz_target!(|data: &[u8]| {
                         assert_eq!(again[4..], pending[4..n]);
                     }
                     let outcome = match m {
-                        ClientMessage::KeyEvent { down, keysym } => Some(keyboard.key_event(down, keysym)),
+                        ClientMessage::KeyEvent { down, keysym } => {
+                            Some(keyboard.key_event(down, keysym))
+                        }
                         ClientMessage::QemuExtendedKeyEvent {
                             down,
                             keysym,

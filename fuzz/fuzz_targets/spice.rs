@@ -4,10 +4,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use vizor_keys::{spice::Keyboard, Origin};
 use vizor_spice::agent::{self, AgentEvent, AgentStream, CapsReader, ClipboardReader};
 use vizor_spice::channel::{Decoder, Frame, HeaderKind};
 use vizor_spice::link::{LinkMess, LinkReply};
-use vizor_keys::{spice::Keyboard, Origin};
 use vizor_spice::{msg, Limits};
 
 fuzz_target!(|data: &[u8]| {
@@ -56,18 +56,27 @@ fuzz_target!(|data: &[u8]| {
                                     Ok(msg::ClientMessage::KeyDown(c)) => {
                                         keyboard.key_down(c, &mut strokes)
                                     }
-                                    Ok(msg::ClientMessage::KeyUp(c)) => keyboard.key_up(c, &mut strokes),
+                                    Ok(msg::ClientMessage::KeyUp(c)) => {
+                                        keyboard.key_up(c, &mut strokes)
+                                    }
                                     Ok(msg::ClientMessage::KeyModifiers(m)) => {
                                         let p = keyboard.lock_request(m);
                                         assert!(p.bytes().len() <= 6);
-                                        keyboard.scancodes(p.bytes(), Origin::LockRequest, &mut strokes);
+                                        keyboard.scancodes(
+                                            p.bytes(),
+                                            Origin::LockRequest,
+                                            &mut strokes,
+                                        );
                                     }
                                     _ => {}
                                 }
-                                if let Ok(msg::ServerMessage::KeyboardLocks(b)) =
-                                    msg::parse_server(channel, header.msg_type, body)
+                                if let Ok(
+                                    msg::ServerMessage::InputsInit(b)
+                                    | msg::ServerMessage::KeyModifiers(b),
+                                ) = msg::parse_server(channel, header.msg_type, body)
                                 {
                                     keyboard.server_locks(b);
+                                    let _ = keyboard.server_releases();
                                 }
                                 // At most one stroke per byte.
                                 assert!(strokes.len() <= 4 + 6);

@@ -68,11 +68,13 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         scancode: Option<u32>,
         /// How QEMU read the event: `keycode` (VNC extended key event), `keysym` (VNC,
-        /// through QEMU's keymap) or `scancode` (SPICE).
+        /// through QEMU's keymap), `scancode` (SPICE); absent for a release QEMU or
+        /// vizor made when a client left.
         #[serde(skip_serializing_if = "Option::is_none")]
         via: Option<&'static str>,
         /// The keysym is not one a US layout produces with the key QEMU acts on: the
-        /// browser's keysym and the key that reached the VM disagree.
+        /// browser's keysym and the key that reached the VM disagree (absent when
+        /// keystrokes are redacted: on a non-US layout it marks which keys differ).
         #[serde(skip_serializing_if = "is_false")]
         mismatch: bool,
         /// The keysym's name, when it disagrees with the key (`mismatch`).
@@ -91,11 +93,14 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         keymap: Option<&'a str>,
     },
-    /// The guest's keyboard lock state, as QEMU reported it (at the start and on each
-    /// change).
+    /// The keyboard lock state reported to vizor (at the start and on each change).
     Locks {
         /// Session id.
         session: u64,
+        /// Who reported it: `qemu` (the guest's LEDs: QEMU's VNC LED state, SPICE's
+        /// INPUTS_INIT) or `spice_server` (SPICE's KEY_MODIFIERS, which may be
+        /// spice-server's own view of the locks rather than the guest's LEDs).
+        source: &'static str,
         /// Caps Lock.
         caps: bool,
         /// Num Lock.
@@ -332,8 +337,9 @@ impl Clipboard {
 pub struct KeyEvent {
     /// What reaches the guest (or why nothing does).
     pub stroke: vizor_keys::Stroke,
-    /// How QEMU read the event: `keycode`, `keysym` or `scancode`.
-    pub via: &'static str,
+    /// How QEMU read the event: `keycode`, `keysym` or `scancode`; `None` for a release
+    /// made when a client left.
+    pub via: Option<&'static str>,
     /// The keysym the browser sent (VNC).
     pub keysym: Option<u32>,
     /// The keysym disagrees with the key.
@@ -545,8 +551,8 @@ impl Audit {
             key: s.key.name().filter(|_| full).map(str::to_owned),
             class: s.key.class().as_str(),
             scancode: full.then_some(u32::from(s.key.number())),
-            via: Some(key.via),
-            mismatch: key.mismatch,
+            via: key.via,
+            mismatch: full && key.mismatch,
             keysym_name: key
                 .keysym
                 .filter(|_| full && key.mismatch)
@@ -589,13 +595,19 @@ impl Audit {
         .await
     }
 
-    /// Records the guest's lock state (unless key events are off).
-    pub async fn locks(&self, session: u64, locks: vizor_keys::Locks) -> std::io::Result<()> {
+    /// Records a lock state `source` reported (unless key events are off).
+    pub async fn locks(
+        &self,
+        session: u64,
+        locks: vizor_keys::Locks,
+        source: &'static str,
+    ) -> std::io::Result<()> {
         if self.keystrokes == Keystrokes::Off {
             return Ok(());
         }
         self.record(&Event::Locks {
             session,
+            source,
             caps: locks.caps,
             num: locks.num,
             scroll: locks.scroll,
@@ -633,7 +645,7 @@ mod tests {
                 ignored: None,
                 origin: vizor_keys::Origin::Browser,
             },
-            via: "keycode",
+            via: Some("keycode"),
             keysym: Some(keysym),
             mismatch: !key.produces(keysym),
         }

@@ -5,6 +5,7 @@
 //! same for each SPICE channel.
 
 pub mod browser;
+pub mod keyboards;
 pub mod rfb;
 pub mod spice;
 mod splice;

@@ -7,6 +7,7 @@
 //! reaches the browser as an RFB refusal with a reason, whatever its protocol version.
 
 use super::browser::{BrowserRx, BrowserTx};
+use super::keyboards::VmKeyboard;
 use super::{
     audit_failed, connect, read_handshake, read_upstream, write_upstream, Conn, End, Meter, VmLink,
 };
@@ -26,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
-use vizor_keys::vnc::{self, Keyboard, Keymap, Pacer};
+use vizor_keys::vnc::{self, Keymap};
 use vizor_keys::{Locks, Origin};
 use vizor_rfb::client::{write_set_encodings, ClientDecoder, ClientMessage, Confirmations};
 use vizor_rfb::handshake::client::{self, Authenticate, SendClientInit, VencryptChosen};
@@ -65,6 +66,8 @@ pub struct Ctx {
     pub live: Arc<LiveSessions>,
     /// Where sessions are recorded (`[audit] record_dir`), if they are.
     pub record_dir: Option<std::path::PathBuf>,
+    /// The VM's keyboard as QEMU keeps it, shared with the VM's other sessions.
+    pub keyboard: Arc<Mutex<VmKeyboard>>,
 }
 
 /// Starts a session's recording with the ServerInit the browser received.
@@ -524,11 +527,7 @@ async fn relay(
     // Whether the browser asked for QEMU's LED state itself (else vizor drops it).
     let browser_leds = AtomicBool::new(false);
     let browser_to_vm = async {
-        // QEMU's keyboard as this connection sees it (every key up at the start: QEMU
-        // releases all keys when a client leaves).
-        let mut keyboard = Keyboard::new(Keymap::from_libvirt(ctx.console.keymap.as_deref()));
         with_led_state(&server, &mut up_wr, meter).await?;
-        let mut pacer = Pacer::default();
         let mut dec = ClientDecoder::new(ctx.browser_limits);
         let mut buf = Vec::with_capacity(4096);
         let mut out = Vec::with_capacity(4096);
@@ -606,9 +605,12 @@ async fn relay(
                     ClientMessage::KeyEvent { down, keysym } => {
                         idle.touch();
                         lock(&timing)?.input();
-                        let outcome = keyboard.key_event(down, keysym);
-                        record_keys(ctx, &keyboard, &outcome, down, keysym).await?;
-                        pace(&mut pacer, outcome.queued(), &mut up_wr, &mut out, meter).await?;
+                        let (outcome, keymap) = {
+                            let mut k = lock(&ctx.keyboard)?;
+                            (k.vnc.key_event(down, keysym), k.vnc.keymap().clone())
+                        };
+                        record_keys(ctx, &keymap, &outcome, down, keysym).await?;
+                        pace(&ctx.keyboard, outcome.queued(), &mut up_wr, &mut out, meter).await?;
                         out.extend_from_slice(raw);
                     }
                     ClientMessage::QemuExtendedKeyEvent {
@@ -618,9 +620,15 @@ async fn relay(
                     } => {
                         idle.touch();
                         lock(&timing)?.input();
-                        let outcome = keyboard.ext_key_event(down, keysym, keycode);
-                        record_keys(ctx, &keyboard, &outcome, down, keysym).await?;
-                        pace(&mut pacer, outcome.queued(), &mut up_wr, &mut out, meter).await?;
+                        let (outcome, keymap) = {
+                            let mut k = lock(&ctx.keyboard)?;
+                            (
+                                k.vnc.ext_key_event(down, keysym, keycode),
+                                k.vnc.keymap().clone(),
+                            )
+                        };
+                        record_keys(ctx, &keymap, &outcome, down, keysym).await?;
+                        pace(&ctx.keyboard, outcome.queued(), &mut up_wr, &mut out, meter).await?;
                         out.extend_from_slice(raw);
                     }
                     ClientMessage::ClientCutText(text) => {
@@ -712,7 +720,7 @@ async fn relay(
             };
             for v in changed {
                 ctx.audit
-                    .locks(ctx.id, Locks::from_bits(u16::from(v)))
+                    .locks(ctx.id, Locks::from_bits(u16::from(v)), "qemu")
                     .await
                     .map_err(audit_failed)?;
             }
@@ -764,7 +772,34 @@ async fn relay(
         r = vm_to_browser => r,
         _ = idle.expired(ctx.idle_timeout) => Err(End::idle(idle.idle_for())),
     };
+    // When this connection closes (below, with the sockets), QEMU releases every key
+    // of the VM's VNC keyboard, whichever session pressed it: on record first.
+    record_disconnect(ctx).await;
     result.err().unwrap_or_else(End::vm_closed)
+}
+
+/// Records the keys QEMU releases when this session's connection closes.
+async fn record_disconnect(ctx: &Ctx) {
+    let lifted = match ctx.keyboard.lock() {
+        Ok(mut k) => {
+            let lifted = k.vnc.disconnect();
+            // Each goes through QEMU's key queue too.
+            k.pacer.sent(Instant::now(), lifted.len() as u32);
+            lifted
+        }
+        Err(_) => return,
+    };
+    for stroke in lifted {
+        let event = KeyEvent {
+            stroke,
+            via: None,
+            keysym: None,
+            mismatch: false,
+        };
+        if let Err(e) = ctx.audit.stroke(ctx.id, &event).await {
+            warn!(error = %e, "audit log: a key QEMU releases at disconnect not written");
+        }
+    }
 }
 
 /// Asks QEMU for its LED state before the browser says anything. Without that
@@ -791,21 +826,33 @@ async fn with_led_state(
 /// Holds key events back while QEMU's key queue is full by [`Pacer`]'s count: what is
 /// ready goes first, then vizor waits (and reads nothing from the browser meanwhile).
 async fn pace(
-    pacer: &mut Pacer,
+    keyboard: &Mutex<VmKeyboard>,
     queued: u32,
     up_wr: &mut (impl AsyncWrite + Unpin),
     out: &mut Vec<u8>,
     meter: &Meter,
 ) -> Result<(), End> {
-    let wait = pacer.wait(Instant::now(), queued);
-    if !wait.is_zero() {
-        let len = out.len() as u64;
-        write_up(up_wr, out).await?;
-        meter.add(Direction::BrowserToVm, len);
+    loop {
+        // The queue is the VM's: the room is taken under the lock that found it.
+        let wait = {
+            let mut k = lock(keyboard)?;
+            let now = Instant::now();
+            let wait = k.pacer.wait(now, queued);
+            if wait.is_zero() {
+                k.pacer.sent(now, queued);
+            }
+            wait
+        };
+        if wait.is_zero() {
+            return Ok(());
+        }
+        if !out.is_empty() {
+            let len = out.len() as u64;
+            write_up(up_wr, out).await?;
+            meter.add(Direction::BrowserToVm, len);
+        }
         tokio::time::sleep(wait).await;
     }
-    pacer.sent(Instant::now(), queued);
-    Ok(())
 }
 
 /// Sends decoded bytes from the VM to the browser, the recording first.
@@ -833,13 +880,13 @@ async fn to_browser(
 /// guest's keyboard gets (or is denied), the browser's keysym on its own.
 async fn record_keys(
     ctx: &Ctx,
-    keyboard: &Keyboard,
+    keymap: &Keymap,
     outcome: &vnc::Outcome,
     down: bool,
     keysym: u32,
 ) -> Result<(), End> {
     if outcome.strokes.is_empty() {
-        if let Keymap::Other(name) = keyboard.keymap() {
+        if let Keymap::Other(name) = keymap {
             ctx.audit
                 .keysym_key(ctx.id, down, keysym, name)
                 .await
@@ -851,7 +898,7 @@ async fn record_keys(
         let own = stroke.origin == Origin::Browser;
         let event = KeyEvent {
             stroke: *stroke,
-            via: outcome.via.as_str(),
+            via: Some(outcome.via.as_str()),
             keysym: own.then_some(keysym),
             mismatch: own && outcome.mismatch,
         };

@@ -78,6 +78,8 @@ struct Linked {
     /// The console the main channel linked to: the other channels link to the same,
     /// with no lookup of their own.
     console: Arc<Console>,
+    /// The session's keyboard as QEMU and spice-server keep it.
+    keyboard: Arc<Mutex<Keyboard>>,
 }
 
 /// How a channel was admitted.
@@ -137,6 +139,7 @@ impl Sessions {
         idle: Arc<Idle>,
         client: IpAddr,
         console: Arc<Console>,
+        keyboard: Arc<Mutex<Keyboard>>,
     ) {
         if let Ok(mut m) = self.by_nonce.lock() {
             m.insert(
@@ -147,6 +150,7 @@ impl Sessions {
                     idle,
                     client: client.to_canonical(),
                     console,
+                    keyboard,
                 },
             );
         }
@@ -174,7 +178,7 @@ impl Sessions {
         nonce: &[u8; 16],
         connection_id: u32,
         client: IpAddr,
-    ) -> Result<(u64, Arc<Idle>, Arc<Console>), ChannelRefusal> {
+    ) -> Result<Joined, ChannelRefusal> {
         let m = self
             .by_nonce
             .lock()
@@ -186,8 +190,21 @@ impl Sessions {
         if l.client != client.to_canonical() {
             return Err(ChannelRefusal::WrongClient);
         }
-        Ok((l.session, l.idle.clone(), l.console.clone()))
+        Ok(Joined {
+            session: l.session,
+            idle: l.idle.clone(),
+            console: l.console.clone(),
+            keyboard: l.keyboard.clone(),
+        })
     }
+}
+
+/// What a channel that joins its session shares with it.
+struct Joined {
+    session: u64,
+    idle: Arc<Idle>,
+    console: Arc<Console>,
+    keyboard: Arc<Mutex<Keyboard>>,
 }
 
 /// What a channel needs from the proxy.
@@ -356,7 +373,7 @@ pub async fn run(
             close(&btx, End::refused(why.told(), why.label())).await
         }
     };
-    let (admission, idle, console) = match (mess.channel_type, mess.connection_id) {
+    let (admission, joined) = match (mess.channel_type, mess.connection_id) {
         (channel_type::MAIN, 0) => {
             // No console: the token was spent already, and a replay it is.
             let Some(console) = console.map(Arc::new) else {
@@ -372,15 +389,21 @@ pub async fn run(
                     return (close(&btx, end).await, ctx.id, domain);
                 }
             };
-            let idle = Arc::new(Idle::default());
+            let joined = Joined {
+                session: ctx.id,
+                idle: Arc::new(Idle::default()),
+                console,
+                keyboard: Arc::new(Mutex::new(Keyboard::new())),
+            };
             ctx.sessions.register(
                 ctx.claims.nonce,
                 ctx.id,
-                idle.clone(),
+                joined.idle.clone(),
                 ctx.client.ip(),
-                console.clone(),
+                joined.console.clone(),
+                joined.keyboard.clone(),
             );
-            (Admission::Main(slot), idle, console)
+            (Admission::Main(slot), joined)
         }
         (channel_type::MAIN, _) => {
             let end = refuse(ChannelRefusal::SecondMain, link_error::PERMISSION_DENIED).await;
@@ -403,10 +426,10 @@ pub async fn run(
                 .sessions
                 .admits(&ctx.claims.nonce, connection_id, ctx.client.ip())
             {
-                Ok((session, idle, console)) => {
-                    ctx.id = session;
-                    domain = console.domain.clone();
-                    (Admission::Secondary, idle, console)
+                Ok(joined) => {
+                    ctx.id = joined.session;
+                    domain = joined.console.domain.clone();
+                    (Admission::Secondary, joined)
                 }
                 Err(why) => {
                     let end = refuse(why, link_error::BAD_CONNECTION_ID).await;
@@ -418,7 +441,7 @@ pub async fn run(
     let span = tracing::info_span!("channel", session = ctx.id, channel = chan);
     let end = relay_channel(
         &ctx,
-        &console,
+        &joined,
         &mess,
         bbuf,
         brx,
@@ -426,7 +449,6 @@ pub async fn run(
         &mut shutdown,
         chan,
         started,
-        &idle,
     )
     .instrument(span)
     .await;
@@ -445,7 +467,7 @@ async fn close(btx: &BrowserTx, end: End) -> End {
 #[allow(clippy::too_many_arguments)]
 async fn relay_channel(
     ctx: &Ctx,
-    console: &Console,
+    joined: &Joined,
     mess: &LinkMess,
     mut bbuf: Vec<u8>,
     brx: &mut BrowserRx,
@@ -453,8 +475,9 @@ async fn relay_channel(
     shutdown: &mut watch::Receiver<bool>,
     chan: &'static str,
     started: Instant,
-    idle: &Idle,
 ) -> End {
+    let console = &*joined.console;
+    let idle = &*joined.idle;
     let linked = tokio::time::timeout(
         ctx.handshake_timeout,
         link_both(ctx, console, mess, &mut bbuf, brx, btx),
@@ -514,7 +537,7 @@ async fn relay_channel(
         ..RoundTrips::default()
     };
     let end = tokio::select! {
-        end = relay(ctx, mess.channel_type, kind, up.stream.boxed(), ubuf, bbuf, brx, btx, &meter, &rtt, idle) => end,
+        end = relay(ctx, mess.channel_type, kind, up.stream.boxed(), ubuf, bbuf, brx, btx, &meter, &rtt, idle, &joined.keyboard) => end,
         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
         _ = idle.expired(ctx.idle_timeout) => End::idle(idle.idle_for()),
     };
@@ -685,6 +708,7 @@ async fn relay(
     meter: &Meter,
     rtt: &RoundTrips,
     idle: &Idle,
+    keyboard: &Mutex<Keyboard>,
 ) -> End {
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
     // spice-server 0.15 can crash (taking QEMU down) when a display channel closes
@@ -693,9 +717,23 @@ async fn relay(
     let display_init_seen = AtomicBool::new(channel != channel_type::DISPLAY);
     let last_serial = AtomicU64::new(0);
     let agent_caps = AgentCaps::default();
-    // The inputs channel's keyboard as QEMU and spice-server see it; the VM's side
-    // tells it the guest's lock state.
-    let keyboard = Mutex::new(Keyboard::new());
+    if channel == channel_type::INPUTS {
+        // An earlier client may have left a prefix half-sent in QEMU's decoder, which
+        // outlives clients: cleared first, so vizor's model is QEMU's.
+        if let Err(end) = send_scancodes(
+            ctx,
+            kind,
+            0,
+            &[vizor_keys::spice::RESET],
+            Origin::Reset,
+            keyboard,
+            &mut up_wr,
+        )
+        .await
+        {
+            return end;
+        }
+    }
     let browser_to_vm = async {
         let mut strokes = Vec::new();
         let mut dec = Decoder::new(kind, ctx.browser_limits);
@@ -740,15 +778,15 @@ async fn relay(
                     }
                     match message {
                         msg::ClientMessage::KeyDown(code) => {
-                            lock(&keyboard)?.key_down(code, &mut strokes);
+                            lock(keyboard)?.key_down(code, &mut strokes);
                             record_strokes(ctx, &mut strokes).await?;
                         }
                         msg::ClientMessage::KeyUp(code) => {
-                            lock(&keyboard)?.key_up(code, &mut strokes);
+                            lock(keyboard)?.key_up(code, &mut strokes);
                             record_strokes(ctx, &mut strokes).await?;
                         }
                         msg::ClientMessage::KeyScancode(bytes) => {
-                            lock(&keyboard)?.scancodes(bytes, Origin::Browser, &mut strokes);
+                            lock(keyboard)?.scancodes(bytes, Origin::Browser, &mut strokes);
                             record_strokes(ctx, &mut strokes).await?;
                         }
                         // spice-server would press the lock keys that differ from its
@@ -756,7 +794,7 @@ async fn relay(
                         // scancodes, so the guest gets exactly what is on record.
                         msg::ClientMessage::KeyModifiers(requested) => {
                             let presses = {
-                                let mut k = lock(&keyboard)?;
+                                let mut k = lock(keyboard)?;
                                 let presses = k.lock_request(requested);
                                 k.scancodes(presses.bytes(), Origin::LockRequest, &mut strokes);
                                 presses
@@ -858,14 +896,15 @@ async fn relay(
                         msg::ServerMessage::Ping { id, .. } if channel == channel_type::MAIN => {
                             rtt.ping(id)
                         }
-                        msg::ServerMessage::KeyboardLocks(bits) => {
-                            lock(&keyboard)?.server_locks(bits);
-                            let locks = Locks::from_bits(bits);
-                            // spice-server repeats the state after input; the audit
-                            // keeps changes.
-                            if last_locks.replace(locks) != Some(locks) {
-                                ctx.audit.locks(ctx.id, locks).await.map_err(audit_failed)?;
-                            }
+                        // INPUTS_INIT carries the guest's LEDs; KEY_MODIFIERS may carry
+                        // spice-server's own view, and repeats it after input: the
+                        // audit keeps changes, and says which.
+                        msg::ServerMessage::InputsInit(bits) => {
+                            locks_reported(ctx, keyboard, &mut last_locks, bits, "qemu").await?;
+                        }
+                        msg::ServerMessage::KeyModifiers(bits) => {
+                            locks_reported(ctx, keyboard, &mut last_locks, bits, "spice_server")
+                                .await?;
                         }
                         _ => {}
                     }
@@ -885,6 +924,18 @@ async fn relay(
     };
     let end = r.err().unwrap_or_else(End::vm_closed);
     let vm_gone = matches!(end.label, "vm_closed" | "upstream_io" | "upstream_stalled");
+    if channel == channel_type::INPUTS || channel == channel_type::MAIN {
+        // When this connection closes (the inputs channel, or the main channel and with
+        // it the client), spice-server releases the keys it holds, through QEMU's
+        // decoder: on record first.
+        let mut strokes = Vec::new();
+        if let Ok(mut k) = keyboard.lock() {
+            k.disconnect(&mut strokes);
+        }
+        if let Err(e) = record_strokes(ctx, &mut strokes).await {
+            warn!(reason = %e.reason, "audit log: keys spice-server releases not written");
+        }
+    }
     if !display_init_seen.load(Ordering::Relaxed) && !vm_gone {
         let mut out = Vec::new();
         let serial = last_serial.load(Ordering::Relaxed) + 1;
@@ -901,12 +952,58 @@ async fn relay(
     end
 }
 
+/// vizor's own KEY_SCANCODE to the VM: the strokes it makes go on record first.
+#[allow(clippy::too_many_arguments)]
+async fn send_scancodes(
+    ctx: &Ctx,
+    kind: HeaderKind,
+    serial: u64,
+    bytes: &[u8],
+    origin: Origin,
+    keyboard: &Mutex<Keyboard>,
+    up_wr: &mut (impl tokio::io::AsyncWrite + Unpin),
+) -> Result<(), End> {
+    let mut strokes = Vec::new();
+    lock(keyboard)?.scancodes(bytes, origin, &mut strokes);
+    record_strokes(ctx, &mut strokes).await?;
+    let mut out = Vec::new();
+    write_message(
+        kind,
+        serial,
+        msg::inputs::MSGC_KEY_SCANCODE,
+        bytes,
+        &mut out,
+    )
+    .map_err(|e| End::spice_protocol("browser", &e))?;
+    write_upstream(up_wr, &out).await
+}
+
+/// A lock state from the VM's side: spice-server's view of the locks, and a record
+/// when it changed.
+async fn locks_reported(
+    ctx: &Ctx,
+    keyboard: &Mutex<Keyboard>,
+    last: &mut Option<Locks>,
+    bits: u16,
+    source: &'static str,
+) -> Result<(), End> {
+    lock(keyboard)?.server_locks(bits);
+    let locks = Locks::from_bits(bits);
+    if last.replace(locks) != Some(locks) {
+        ctx.audit
+            .locks(ctx.id, locks, source)
+            .await
+            .map_err(audit_failed)?;
+    }
+    Ok(())
+}
+
 /// Records the strokes QEMU takes from an inputs message, and empties `strokes`.
 async fn record_strokes(ctx: &Ctx, strokes: &mut Vec<Stroke>) -> Result<(), End> {
     for stroke in strokes.drain(..) {
         let event = KeyEvent {
             stroke,
-            via: "scancode",
+            via: Some("scancode"),
             keysym: None,
             mismatch: false,
         };

@@ -211,6 +211,13 @@ pub enum Origin {
     ConsoleSwitch,
     /// vizor's translation of a SPICE KEY_MODIFIERS request (the lock keys to press).
     LockRequest,
+    /// Released because a client left: QEMU releases every key of the VM's VNC
+    /// keyboard when any VNC client disconnects; vizor releases the keys of a SPICE
+    /// session itself before it leaves (spice-server would, unrecorded).
+    Disconnect,
+    /// vizor's byte that ends a half-sent prefix (0xE0, the Pause sequence) left in
+    /// QEMU's SPICE decoder by an earlier client; it reaches the guest as nothing.
+    Reset,
 }
 
 impl Origin {
@@ -220,6 +227,8 @@ impl Origin {
             Origin::Browser => None,
             Origin::ConsoleSwitch => Some("console_switch"),
             Origin::LockRequest => Some("lock_request"),
+            Origin::Disconnect => Some("disconnect"),
+            Origin::Reset => Some("reset"),
         }
     }
 }

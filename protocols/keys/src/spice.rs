@@ -16,6 +16,11 @@
 //!   (Scroll, then Num, then Caps) each lock that differs from the request and is not
 //!   held. vizor sends those presses itself instead (as KEY_SCANCODE), so that what the
 //!   guest gets is exactly what vizor recorded ([`Keyboard::lock_request`]).
+//! - QEMU's decoder state and spice-server's record of keys down outlive a client:
+//!   when one leaves, spice-server releases the keys it records as down, through that
+//!   decoder ([`Keyboard::disconnect`] says what the guest then gets, for the record).
+//!   vizor sends [`RESET`] when a session's inputs channel links (an earlier client may
+//!   have left a prefix half-sent), so its model starts where QEMU's decoder is.
 
 use crate::{Ignored, Key, Locks, Origin, Stroke};
 
@@ -26,9 +31,9 @@ const SCROLL: u8 = 1;
 const NUM: u8 = 2;
 const CAPS: u8 = 4;
 
-/// The keyboard state of one SPICE inputs channel: QEMU's decoder and spice-server's
-/// lock keys.
-#[derive(Debug, Clone, Default)]
+/// The keyboard state of one SPICE inputs channel: QEMU's decoder, and spice-server's
+/// lock keys and its record of keys down.
+#[derive(Debug, Clone)]
 pub struct Keyboard {
     /// An 0xE0 prefix is pending.
     emul0: bool,
@@ -38,7 +43,32 @@ pub struct Keyboard {
     locks: u8,
     /// Lock keys down (its `modifiers_pressed`).
     held: u8,
+    /// spice-server's record of keys down (`key`, `key_ext`), by set 1 make code;
+    /// it releases them itself when the client leaves.
+    keys: [bool; 128],
+    keys_ext: [bool; 128],
+    /// spice-server's pending prefix (`push_ext_type`: 0xE0 to 0xE2, or 0).
+    push_ext: u8,
 }
+
+impl Default for Keyboard {
+    fn default() -> Keyboard {
+        Keyboard {
+            emul0: false,
+            pause: 0,
+            locks: 0,
+            held: 0,
+            keys: [false; 128],
+            keys_ext: [false; 128],
+            push_ext: 0,
+        }
+    }
+}
+
+/// A byte that ends any half-sent prefix, in QEMU's decoder (0xE0, a partial Pause
+/// sequence) and in spice-server's record, and reaches the guest as nothing: the
+/// release of key 0x55 (or 0xD5 behind a prefix), numbers QEMU maps to no key.
+pub const RESET: u8 = 0xD5;
 
 /// The lock key presses that carry out a KEY_MODIFIERS request: at most three keys,
 /// pressed and released.
@@ -119,8 +149,53 @@ impl Keyboard {
     }
 
     fn byte(&mut self, b: u8, origin: Origin, out: &mut Vec<Stroke>) {
+        self.track(b);
         self.qemu_byte(b, origin, out);
         self.sync_locks(b);
+    }
+
+    /// spice-server's record of keys down (`kbd_push_scan`): plain and 0xE0 keys are
+    /// tracked, 0xE1 and 0xE2 sequences are not.
+    fn track(&mut self, b: u8) {
+        if (0xe0..=0xe2).contains(&b) {
+            self.push_ext = b;
+            return;
+        }
+        let state = match self.push_ext {
+            0 => Some(&mut self.keys),
+            0xe0 => Some(&mut self.keys_ext),
+            _ => None,
+        };
+        if let Some(state) = state {
+            state[usize::from(b & 0x7f)] = b & 0x80 == 0;
+        }
+        self.push_ext = 0;
+    }
+
+    /// The bytes spice-server pushes through QEMU's decoder when the client leaves
+    /// (`inputs_release_keys`): the release of every key it records as down, plain
+    /// keys first, then 0xE0 keys each behind its prefix.
+    pub fn server_releases(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, _) in self.keys.iter().enumerate().filter(|(_, d)| **d) {
+            out.push(i as u8 | 0x80);
+        }
+        for (i, _) in self.keys_ext.iter().enumerate().filter(|(_, d)| **d) {
+            out.extend_from_slice(&[0xe0, i as u8 | 0x80]);
+        }
+        out
+    }
+
+    /// What the guest gets when the client leaves and spice-server releases what it
+    /// holds ([`Keyboard::server_releases`]), through QEMU's decoder as it stands (a
+    /// pending prefix included): appended to `out`, with [`Origin::Disconnect`].
+    /// Afterwards spice-server holds nothing.
+    pub fn disconnect(&mut self, out: &mut Vec<Stroke>) {
+        let bytes = self.server_releases();
+        self.scancodes(&bytes, Origin::Disconnect, out);
+        // It clears its record as it goes, whatever a pending prefix made of a byte.
+        self.keys = [false; 128];
+        self.keys_ext = [false; 128];
     }
 
     /// QEMU's `kbd_push_key`.
@@ -291,6 +366,60 @@ mod tests {
             k.key_down(0x3a, &mut out);
         }
         assert!(k.locks().caps);
+    }
+
+    #[test]
+    fn a_leaving_client_has_spice_server_release_what_it_holds() {
+        let mut k = Keyboard::new();
+        let mut out = Vec::new();
+        // Ctrl down, Right down (0xE0 key), then an unfinished Pause sequence.
+        k.scancodes(
+            &[0x1d, 0xe0, 0x4d, 0xe1, 0x1d, 0x45, 0xe1],
+            Origin::Browser,
+            &mut out,
+        );
+        // spice-server took the 45 after E1 1D for Num Lock pressed (the 1D after E1
+        // ended its prefix), so it releases that too.
+        assert_eq!(k.server_releases(), [0x9d, 0xc5, 0xe0, 0xcd]);
+        out.clear();
+        k.disconnect(&mut out);
+        // Through QEMU's decoder mid-Pause: 9D continues the sequence (swallowed), C5
+        // completes it (a Pause press), then Right is released.
+        let got: Vec<_> = out
+            .iter()
+            .map(|s| (s.key.label(), s.down, s.origin))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("Pause".to_owned(), true, Origin::Disconnect),
+                ("Right".to_owned(), false, Origin::Disconnect),
+            ]
+        );
+        assert!(k.server_releases().is_empty());
+        // An 0xE1 sequence is not on spice-server's record.
+        let mut k = Keyboard::new();
+        k.scancodes(
+            &[0xe1, 0x1d, 0x45, 0xe1, 0x9d, 0xc5],
+            Origin::Browser,
+            &mut out,
+        );
+        assert!(k.server_releases().is_empty());
+        // A pending 0xE0 turns a plain release into an extended one.
+        let mut k = Keyboard::new();
+        k.scancodes(&[0x1d, 0xe0], Origin::Browser, &mut out);
+        out.clear();
+        k.disconnect(&mut out);
+        assert_eq!(out[0].key.name(), Some("Control_R"));
+        // A reset clears a trailing prefix and reaches no key.
+        let mut k = Keyboard::new();
+        k.scancodes(&[0xe0], Origin::Browser, &mut out);
+        out.clear();
+        k.scancodes(&[RESET], Origin::Reset, &mut out);
+        assert_eq!(out[0].ignored, Some(Ignored::NoKey));
+        out.clear();
+        k.scancodes(&[0x48], Origin::Browser, &mut out);
+        assert_eq!(out[0].key.name(), Some("KP_8"));
     }
 
     #[test]

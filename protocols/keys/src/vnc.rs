@@ -4,8 +4,8 @@
 //! The rules, from `ui/vnc.c`, `ui/kbd-state.c` and `ui/keymaps.c`, each seen on a real
 //! QEMU 7.2:
 //! - A QEMU extended key event is acted on by its keycode alone (truncated to 16 bits);
-//!   the keysym is not read. Only with a keymap (`-k`, libvirt's graphics `keymap`)
-//!   does QEMU map the keysym instead.
+//!   the keysym is not read. With any keymap (`-k`, libvirt's graphics `keymap`, even
+//!   `en-us`) QEMU maps the keysym instead and ignores the keycode.
 //! - A plain KeyEvent is mapped by keysym through the keymap (en-us when libvirt sets
 //!   none): A-Z as a-z, the keysym cut to 16 bits; a keysym the keymap does not hold
 //!   presses nothing. A keysym on several keys takes, when pressed, the first whose
@@ -118,21 +118,26 @@ impl Pacer {
     }
 }
 
-/// Which keymap QEMU maps keysyms with.
+/// How QEMU maps key events: whether it was given a keymap (`-k`, from libvirt's
+/// graphics `keymap`), and which.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Keymap {
-    /// en-us: libvirt set no `keymap`, and extended key events are read by keycode.
+    /// No keymap (libvirt's default): extended key events by keycode, plain ones by
+    /// keysym through en-us.
+    Default,
+    /// `-k en-us`: every key event by keysym through en-us, extended ones too.
     EnUs,
-    /// Another (libvirt's graphics `keymap`): QEMU maps every keysym through it, even
-    /// in extended key events, and this model does not hold it.
+    /// Another keymap: QEMU maps every keysym through it, and this model does not hold
+    /// it.
     Other(String),
 }
 
 impl Keymap {
-    /// The keymap libvirt gives QEMU: `None` or `en-us` is QEMU's default.
+    /// The keymap libvirt gives QEMU (`None`: none).
     pub fn from_libvirt(keymap: Option<&str>) -> Keymap {
         match keymap {
-            None | Some("") | Some("en-us") => Keymap::EnUs,
+            None | Some("") => Keymap::Default,
+            Some("en-us") => Keymap::EnUs,
             Some(other) => Keymap::Other(other.to_owned()),
         }
     }
@@ -193,7 +198,8 @@ impl Keyboard {
 
     /// A QEMU extended key event (`down` is its 16-bit flag, non-zero).
     pub fn ext_key_event(&mut self, down: bool, keysym: u32, keycode: u32) -> Outcome {
-        if self.keymap != Keymap::EnUs {
+        if self.keymap != Keymap::Default {
+            // With a keymap QEMU reads the keysym alone (`keyboard_layout` set).
             return self.by_keysym(down, keysym);
         }
         // QEMU takes the keycode as 16 bits; numbers past 255 name no key.
@@ -212,7 +218,7 @@ impl Keyboard {
     }
 
     fn by_keysym(&mut self, down: bool, keysym: u32) -> Outcome {
-        if self.keymap != Keymap::EnUs {
+        if let Keymap::Other(_) = self.keymap {
             return Outcome {
                 via: Via::Keysym,
                 mismatch: false,
@@ -299,6 +305,16 @@ impl Keyboard {
         }]
     }
 
+    /// What QEMU does when a VNC client of the VM disconnects (any client: the state
+    /// is the VM's): it releases every key held.
+    pub fn disconnect(&mut self) -> Vec<Stroke> {
+        let mut strokes = self.lift_all();
+        for s in &mut strokes {
+            s.origin = Origin::Disconnect;
+        }
+        strokes
+    }
+
     /// Releases every key held, as QEMU does before a console switch.
     fn lift_all(&mut self) -> Vec<Stroke> {
         let mut order: Vec<u8> = LIFT_FIRST.to_vec();
@@ -334,7 +350,7 @@ mod tests {
     }
 
     fn kb() -> Keyboard {
-        Keyboard::new(Keymap::EnUs)
+        Keyboard::new(Keymap::Default)
     }
 
     #[test]
@@ -489,12 +505,47 @@ mod tests {
     }
 
     #[test]
+    fn an_explicit_en_us_keymap_reads_extended_events_by_keysym() {
+        // libvirt's keymap='en-us' gives QEMU -k en-us: keysym z with b's keycode is z.
+        let mut k = Keyboard::new(Keymap::from_libvirt(Some("en-us")));
+        let o = k.ext_key_event(true, u32::from(b'z'), 0x30);
+        assert_eq!((o.via, o.mismatch), (Via::Keysym, false));
+        assert_eq!(keys(&o), [(Some("z"), true, None)]);
+        // A keysym the keymap lacks presses nothing, whatever the keycode.
+        let o = k.ext_key_event(true, 0x20ac, 0x1e);
+        assert_eq!(keys(&o), [(None, true, Some(Ignored::NoKey))]);
+    }
+
+    #[test]
+    fn a_disconnect_releases_every_key_held() {
+        let mut k = kb();
+        k.ext_key_event(true, 0, 0x2a);
+        k.ext_key_event(true, 0, 0x1e);
+        let lifted = k.disconnect();
+        assert_eq!(
+            lifted
+                .iter()
+                .map(|s| (s.key.name(), s.down, s.origin))
+                .collect::<Vec<_>>(),
+            [
+                (Some("Shift_L"), false, Origin::Disconnect),
+                (Some("a"), false, Origin::Disconnect)
+            ]
+        );
+        assert!(k.disconnect().is_empty());
+        assert_eq!(
+            k.ext_key_event(false, 0, 0x1e).strokes[0].ignored,
+            Some(Ignored::NotPressed)
+        );
+    }
+
+    #[test]
     fn another_keymap_is_not_modelled() {
         let mut k = Keyboard::new(Keymap::from_libvirt(Some("de")));
         let o = k.ext_key_event(true, u32::from(b'z'), 0x30);
         assert_eq!((o.via, o.strokes.len()), (Via::Keysym, 0));
         assert_eq!(Keymap::from_libvirt(Some("en-us")), Keymap::EnUs);
-        assert_eq!(Keymap::from_libvirt(None), Keymap::EnUs);
+        assert_eq!(Keymap::from_libvirt(None), Keymap::Default);
     }
 
     #[test]

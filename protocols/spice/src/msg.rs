@@ -101,9 +101,12 @@ pub enum ServerMessage<'a> {
     },
     /// A chunk of the guest agent's message stream.
     AgentData(&'a [u8]),
-    /// The guest's keyboard locks (INPUTS_INIT, or KEY_MODIFIERS when they changed):
-    /// scroll 1, num 2, caps 4.
-    KeyboardLocks(u16),
+    /// INPUTS_INIT: the guest's keyboard locks (its LEDs, from QEMU): scroll 1, num 2,
+    /// caps 4.
+    InputsInit(u16),
+    /// KEY_MODIFIERS: the locks as spice-server sees them, sent when QEMU reports a
+    /// change of the guest's LEDs and after input (then its own view).
+    KeyModifiers(u16),
     /// Anything else: framed, not decoded.
     Other,
 }
@@ -240,9 +243,12 @@ pub fn parse_server(channel: u8, msg_type: u16, body: &[u8]) -> Result<ServerMes
             }
         }
         main::MSG_AGENT_DATA if channel == channel_type::MAIN => ServerMessage::AgentData(body),
-        inputs::MSG_INIT | inputs::MSG_KEY_MODIFIERS if channel == channel_type::INPUTS => {
-            let b = at_least(body, 2, "INPUTS_INIT or KEY_MODIFIERS")?;
-            ServerMessage::KeyboardLocks(le_u16(b, 0).unwrap_or(0))
+        inputs::MSG_INIT if channel == channel_type::INPUTS => {
+            ServerMessage::InputsInit(le_u16(at_least(body, 2, "INPUTS_INIT")?, 0).unwrap_or(0))
+        }
+        inputs::MSG_KEY_MODIFIERS if channel == channel_type::INPUTS => {
+            let b = at_least(body, 2, "KEY_MODIFIERS")?;
+            ServerMessage::KeyModifiers(le_u16(b, 0).unwrap_or(0))
         }
         _ => ServerMessage::Other,
     })
@@ -355,11 +361,11 @@ mod tests {
         // The inputs channel's lock state, at its start and on each change.
         assert_eq!(
             parse_server(INPUTS, inputs::MSG_INIT, &[6, 0]),
-            Ok(ServerMessage::KeyboardLocks(6))
+            Ok(ServerMessage::InputsInit(6))
         );
         assert_eq!(
             parse_server(INPUTS, inputs::MSG_KEY_MODIFIERS, &[4, 0, 9]),
-            Ok(ServerMessage::KeyboardLocks(4))
+            Ok(ServerMessage::KeyModifiers(4))
         );
         assert!(parse_server(INPUTS, inputs::MSG_KEY_MODIFIERS, &[4]).is_err());
         assert_eq!(
