@@ -354,7 +354,10 @@ cmd_domain() {
     if [ "$spice" = 1 ]; then
         pw_attr=""
         [ -n "$spice_pw" ] && pw_attr=" passwd='$(xml_escape "$spice_pw")'"
-        spice_xml="    <graphics type='spice' autoport='yes' listen='127.0.0.1'$pw_attr/>"
+        # A USB redirection channel, as virt-manager adds by default: vizor must not
+        # offer or relay it unless configured to.
+        spice_xml="    <graphics type='spice' autoport='yes' listen='127.0.0.1'$pw_attr/>
+    <redirdev bus='usb' type='spicevmc'/>"
     fi
 
     local os_xml="<bootmenu enable='yes' timeout='30000'/>" disk_xml=""

@@ -59,6 +59,62 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// `[upstream_tls]`: TLS toward QEMU (VNC VeNCrypt X.509, SPICE's TLS port).
     pub upstream_tls: Option<UpstreamTlsConfig>,
+    /// `[spice]`: which SPICE channels and agent features reach the VM.
+    #[serde(default)]
+    pub spice: SpiceConfig,
+}
+
+/// `[spice]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpiceConfig {
+    /// `allow_channels`: channel types vizor relays without parsing their contents
+    /// (`usbredir`, `webdav`, `smartcard`, `port`). Default: none; each can reach the
+    /// VM with input vizor cannot audit (a redirected USB keyboard types unrecorded),
+    /// so each is refused at link and left out of the channels list.
+    #[serde(default)]
+    pub allow_channels: Vec<OpaqueChannel>,
+    /// `file_transfer`: "refuse" (default: a file sent to the agent ends the session)
+    /// or "audit" (each transfer's name, size, bytes and SHA-256 are recorded).
+    #[serde(default)]
+    pub file_transfer: FileTransfer,
+}
+
+/// A SPICE channel type whose contents vizor does not parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpaqueChannel {
+    /// USB redirection (9).
+    Usbredir,
+    /// Folder sharing (11).
+    Webdav,
+    /// Smartcard (8).
+    Smartcard,
+    /// spiceport character devices (10).
+    Port,
+}
+
+impl OpaqueChannel {
+    /// The SPICE channel type number.
+    pub fn channel_type(self) -> u8 {
+        match self {
+            OpaqueChannel::Smartcard => 8,
+            OpaqueChannel::Usbredir => 9,
+            OpaqueChannel::Port => 10,
+            OpaqueChannel::Webdav => 11,
+        }
+    }
+}
+
+/// `[spice] file_transfer`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileTransfer {
+    /// A transfer's start ends the session before any of it reaches the VM.
+    #[default]
+    Refuse,
+    /// Transfers pass; each is recorded at its start and at its end.
+    Audit,
 }
 
 /// `[upstream_tls]`: how vizor verifies QEMU's certificate, and proves itself to a

@@ -800,6 +800,7 @@ async fn spice_console(
         vm_limits: spice_limits(app.vm_limits.max_message_len),
         idle_timeout: app.config.limits.idle_timeout,
         upstream_tls: app.upstream_tls.clone(),
+        spice: Arc::new(app.config.spice.clone()),
     };
     // An unspent token is for a session's first main channel: its console is looked up
     // at once (a SPICE token for a domain without SPICE is refused before anything is

@@ -416,3 +416,148 @@ fn wait_ends(v: &Vizor, n: usize) {
     }
     panic!("{n} session ends expected");
 }
+
+/// A FILE_XFER_START for `name` as spice-html5 sends it, in one AGENT_DATA after
+/// AGENT_START.
+fn file_transfer_start(kind: vizor_spice::channel::HeaderKind, id: u32, name: &str) -> Vec<u8> {
+    use vizor_spice::agent;
+    let mut start = id.to_le_bytes().to_vec();
+    start.extend_from_slice(format!("[vdagent-file-xfer]\nname={name}\nsize=5\n").as_bytes());
+    let mut stream = Vec::new();
+    agent::write_message(agent::kind::FILE_XFER_START, &start, &mut stream);
+    let mut out = Vec::new();
+    write_message(
+        kind,
+        1,
+        msg::main::MSGC_AGENT_START,
+        &10u32.to_le_bytes(),
+        &mut out,
+    )
+    .unwrap();
+    write_message(kind, 1, msg::main::MSGC_AGENT_DATA, &stream, &mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_and_file_transfers_vizor_cannot_audit_are_refused_by_default() {
+    let Some(_live) = common::live_domain() else {
+        return;
+    };
+    // The domain has a USB redirection channel, as virt-manager adds by default: a
+    // client could plug in a USB keyboard through it and type unrecorded.
+    let dom = domain("vizor-test-sp5");
+    let v = Vizor::start("");
+    let token = v.token(dom, ConsoleKind::Spice, 60);
+    let (mut main, session_id, kind, offered) =
+        common::spice::session_listing(&v, &token, true).await;
+    assert!(offered.contains(&(channel_type::DISPLAY, 0)), "{offered:?}");
+    assert!(
+        offered.iter().all(|(t, _)| *t < 7),
+        "vizor offers only channels it relays: {offered:?}"
+    );
+    // Every type whose contents vizor does not parse is refused at its link, the
+    // session's own token and id notwithstanding: smartcard, usbredir, port, webdav.
+    for t in [8u8, 9, 10, 11] {
+        let mut b = open(&v, &token).await;
+        assert_eq!(
+            link(&mut b, t, session_id, true).await.err(),
+            Some(link_error::CHANNEL_NOT_AVAILABLE),
+            "channel type {t}"
+        );
+        let c = b.closed().await;
+        assert_eq!(c.code, 1008);
+        assert!(c.reason.contains("allow_channels"), "{}", c.reason);
+    }
+    let refused = v.records("channel_refused", 4);
+    let mut names: Vec<&str> = refused
+        .iter()
+        .map(|r| r["channel"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["port:0", "smartcard:0", "usbredir:0", "webdav:0"]);
+    let id = v
+        .audit()
+        .iter()
+        .find(|r| r["event"] == "session_start")
+        .unwrap()["session"]
+        .clone();
+    assert!(refused.iter().all(|r| r["session"] == id), "{refused:?}");
+    // A file sent to the guest agent ends the session before any of it passes, on
+    // record with its name.
+    main.send(&file_transfer_start(kind, 7, "payload.sh")).await;
+    let c = main.closed().await;
+    assert_eq!(c.code, 1008);
+    assert!(c.reason.contains("file_transfer"), "{}", c.reason);
+    let xfer = &v.records("file_transfer", 1)[0];
+    assert_eq!(
+        (
+            xfer["status"].as_str(),
+            xfer["name"].as_str(),
+            xfer["id"].as_u64(),
+            xfer["direction"].as_str()
+        ),
+        (
+            Some("refused"),
+            Some("payload.sh"),
+            Some(7),
+            Some("browser_to_vm")
+        )
+    );
+    let ends = v.records("session_end", 1);
+    assert!(
+        ends[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("file_transfer"),
+        "{}",
+        ends[0]
+    );
+    drop(main);
+    wait_ends(&v, 1);
+
+    // Allowed by configuration: offered, relayed and on record, and transfers audited.
+    let v = Vizor::start_with(
+        "",
+        "[spice]\nallow_channels = [\"usbredir\"]\nfile_transfer = \"audit\"\n",
+        |_| {},
+    );
+    let token = v.token(dom, ConsoleKind::Spice, 60);
+    let (mut main, session_id, kind, offered) =
+        common::spice::session_listing(&v, &token, true).await;
+    assert!(offered.contains(&(9, 0)), "{offered:?}");
+    let mut usb = open(&v, &token).await;
+    link(&mut usb, 9, session_id, true)
+        .await
+        .expect("an allowed usbredir channel links");
+    let mut port = open(&v, &token).await;
+    assert_eq!(
+        link(&mut port, 10, session_id, true).await.err(),
+        Some(link_error::CHANNEL_NOT_AVAILABLE),
+        "only the channels named are allowed"
+    );
+    main.send(&file_transfer_start(kind, 3, "notes.txt")).await;
+    let started = &v.records("file_transfer", 1)[0];
+    assert_eq!(
+        (
+            started["status"].as_str(),
+            started["name"].as_str(),
+            started["size"].as_u64()
+        ),
+        (Some("started"), Some("notes.txt"), Some(5))
+    );
+    let starts: Vec<String> = v
+        .audit()
+        .iter()
+        .filter(|r| r["event"] == "session_start")
+        .map(|r| r["channel"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(starts.iter().any(|c| c == "spice:usbredir:0"), "{starts:?}");
+    drop((usb, port, main));
+    // The session's end closes the transfer it cut short, with what passed.
+    let done = &v.records("file_transfer", 2)[1];
+    assert_eq!(
+        (done["status"].as_str(), done["bytes"].as_u64()),
+        (Some("incomplete"), Some(0))
+    );
+    assert!(done["sha256"].is_string());
+}

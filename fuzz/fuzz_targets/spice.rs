@@ -5,7 +5,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use vizor_keys::{spice::Keyboard, Origin};
-use vizor_spice::agent::{self, AgentEvent, AgentStream, CapsReader, ClipboardReader};
+use vizor_spice::agent::{
+    self, AgentEvent, AgentStream, CapsReader, ClipboardReader, XferEvent, XferReader,
+};
 use vizor_spice::channel::{Decoder, Frame, HeaderKind};
 use vizor_spice::link::{LinkMess, LinkReply};
 use vizor_spice::{msg, Limits};
@@ -40,6 +42,8 @@ fuzz_target!(|data: &[u8]| {
             let chunk = usize::from(sel >> 4).max(1);
             let mut d = Decoder::new(kind, limits);
             let mut agent = AgentStream::new(limits);
+            let mut xfer = XferReader::default();
+            let mut xfer_ok = true;
             let mut readers: Option<(ClipboardReader, CapsReader)> = None;
             let mut pending = Vec::new();
             let mut consumed = 0usize;
@@ -70,6 +74,12 @@ fuzz_target!(|data: &[u8]| {
                                     }
                                     _ => {}
                                 }
+                                if let Ok(msg::ServerMessage::ChannelsList(l)) =
+                                    msg::parse_server(channel, header.msg_type, body)
+                                {
+                                    let kept = l.filtered(|t| t < 7);
+                                    assert!(kept.len() <= 4 + 2 * l.iter().count());
+                                }
                                 if let Ok(
                                     msg::ServerMessage::InputsInit(b)
                                     | msg::ServerMessage::KeyModifiers(b),
@@ -86,6 +96,29 @@ fuzz_target!(|data: &[u8]| {
                                 {
                                     let mut events = Vec::new();
                                     let _ = agent.feed(b, &mut events);
+                                    for e in &events {
+                                        let _ = agent::FromClient::of(match e {
+                                            AgentEvent::Begin { msg_type, .. }
+                                            | AgentEvent::Data { msg_type, .. } => *msg_type,
+                                        });
+                                        if !xfer_ok {
+                                            break;
+                                        }
+                                        let mut out = Vec::new();
+                                        xfer_ok = xfer.feed(e, &mut out).is_ok();
+                                        for x in out {
+                                            match x {
+                                                XferEvent::Start { name, .. } => assert!(name
+                                                    .is_none_or(
+                                                        |n| n.len() <= agent::MAX_XFER_NAME_LEN + 3
+                                                    )),
+                                                XferEvent::Data { bytes, .. } => {
+                                                    assert!(bytes.len() <= b.len())
+                                                }
+                                                XferEvent::Status { .. } => {}
+                                            }
+                                        }
+                                    }
                                     for e in events {
                                         if let AgentEvent::Data {
                                             msg_type,

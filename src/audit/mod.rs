@@ -84,8 +84,10 @@ pub enum Event<'a> {
         /// (a release of a key not down) or `console_switch` (Ctrl+Alt+digit over VNC).
         #[serde(skip_serializing_if = "Option::is_none")]
         ignored: Option<&'static str>,
-        /// Not the browser's own event: `console_switch` (QEMU released the key itself)
-        /// or `lock_request` (vizor's presses for a SPICE KEY_MODIFIERS request).
+        /// Not the browser's own event: `console_switch` (QEMU released the key
+        /// itself), `lock_request` (vizor's presses for a SPICE KEY_MODIFIERS request),
+        /// `disconnect` (QEMU or spice-server released it as a client left) or `reset`
+        /// (vizor cleared QEMU's scancode decoder as a SPICE inputs channel linked).
         #[serde(skip_serializing_if = "Option::is_none")]
         origin: Option<&'static str>,
         /// The console's keymap, when it is one vizor does not model (QEMU then maps the
@@ -213,6 +215,42 @@ pub enum Event<'a> {
         /// Which limit (a stable label).
         reason: &'static str,
     },
+    /// A SPICE channel vizor does not relay (`[spice] allow_channels`) was refused at
+    /// its link; nothing of it reached the VM.
+    ChannelRefused {
+        /// The session it would have joined.
+        session: u64,
+        /// The browser's address.
+        client: &'a str,
+        /// The channel, as `type:id` (such as `usbredir:0`).
+        channel: &'a str,
+    },
+    /// A file moved through the SPICE guest agent: one record when it starts (before
+    /// any of it reaches the receiver), one when it ends.
+    FileTransfer {
+        /// Session id.
+        session: u64,
+        /// browser_to_vm or vm_to_browser.
+        direction: &'static str,
+        /// The sender's id of the transfer (absent on a refusal that came before the
+        /// whole start message).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u32>,
+        /// The file's name, as the sender's key file gives it (at most 255 bytes).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<&'a str>,
+        /// The file's size, as the sender's key file gives it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
+        /// started, refused, incomplete, or the receiver's (or a cancelling
+        /// sender's) final status: success, cancelled, error, not_enough_space...
+        status: &'a str,
+        /// File bytes that passed.
+        bytes: u64,
+        /// SHA-256 of those bytes, hex (end records).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sha256: Option<&'a str>,
+    },
     /// A client made too many failed token attempts: it is refused unheard for a
     /// while (`[limits] failed_tokens_per_client`).
     ClientThrottled {
@@ -238,6 +276,8 @@ impl Event<'_> {
             Event::OriginRefused { .. } => "origin_refused",
             Event::SessionRefused { .. } => "session_refused",
             Event::ClientThrottled { .. } => "client_throttled",
+            Event::ChannelRefused { .. } => "channel_refused",
+            Event::FileTransfer { .. } => "file_transfer",
             Event::Button { .. } => "button",
             Event::ProtocolError { .. } => "protocol_error",
             Event::UpstreamFailure { .. } => "upstream_failure",

@@ -9,6 +9,7 @@ pub mod keyboards;
 pub mod rfb;
 pub mod spice;
 mod splice;
+pub mod transfers;
 
 use crate::libvirt::Target;
 use crate::live::{Direction, Live};

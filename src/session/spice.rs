@@ -10,11 +10,13 @@
 //! MAIN_INIT gives the session id that admits the session's other channels.
 
 use super::browser::{BrowserRx, BrowserTx};
+use super::transfers::{self, Transfers, Way};
 use super::{
     audit_failed, connect, read_handshake, read_upstream, write_upstream, Conn, End, Meter, Stream,
     VmLink,
 };
 use crate::audit::{Audit, Event, KeyEvent};
+use crate::config::{FileTransfer, SpiceConfig};
 use crate::libvirt::{Console, Target};
 use crate::limits::{Idle, Slot};
 use crate::live::{Direction, Identity, Latency, Live, LiveSessions};
@@ -238,6 +240,16 @@ pub struct Ctx {
     pub idle_timeout: Option<Duration>,
     /// TLS toward QEMU (`[upstream_tls]`).
     pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
+    /// Which channels and agent features reach the VM (`[spice]`).
+    pub spice: Arc<SpiceConfig>,
+}
+
+/// Whether vizor relays channels of type `t`: the ones it parses always, the ones
+/// whose contents it cannot audit (USB redirection, WebDAV, smartcard, port) only
+/// when `[spice] allow_channels` names them.
+pub fn relays(config: &SpiceConfig, t: u8) -> bool {
+    matches!(t, channel_type::MAIN..=channel_type::RECORD)
+        || config.allow_channels.iter().any(|c| c.channel_type() == t)
 }
 
 fn link_refusal(code: u32) -> Vec<u8> {
@@ -438,6 +450,30 @@ pub async fn run(
             }
         }
     };
+    if !relays(&ctx.spice, mess.channel_type) {
+        // After admission, so the refusal is the session's, on record; before any
+        // link toward QEMU, so nothing of the channel reaches the VM.
+        btx.binary(link_refusal(link_error::CHANNEL_NOT_AVAILABLE))
+            .await;
+        let channel = format!("{chan}:{}", mess.channel_id);
+        let client = ctx.client.ip().to_string();
+        if let Err(e) = ctx
+            .audit
+            .record(&Event::ChannelRefused {
+                session: ctx.id,
+                client: &client,
+                channel: &channel,
+            })
+            .await
+        {
+            warn!(error = %e, "audit log: channel refusal not written");
+        }
+        let end = End::refused(
+            format!("SPICE {chan} channels are not relayed by this vizor ([spice] allow_channels)"),
+            "channel_refused",
+        );
+        return (close(&btx, end).await, ctx.id, domain);
+    }
     let span = tracing::info_span!("channel", session = ctx.id, channel = chan);
     let end = relay_channel(
         &ctx,
@@ -716,7 +752,7 @@ async fn relay(
     // too early. Full headers need the next client serial.
     let display_init_seen = AtomicBool::new(channel != channel_type::DISPLAY);
     let last_serial = AtomicU64::new(0);
-    let agent_caps = AgentCaps::default();
+    let agent = AgentShared::new(ctx.spice.file_transfer);
     if channel == channel_type::INPUTS {
         // An earlier client may have left a prefix half-sent in QEMU's decoder, which
         // outlives clients: cleared first, so vizor's model is QEMU's.
@@ -738,7 +774,7 @@ async fn relay(
         let mut strokes = Vec::new();
         let mut dec = Decoder::new(kind, ctx.browser_limits);
         let mut agent_in = AgentStream::new(ctx.browser_limits);
-        let mut clipboard = Clipboard::default();
+        let mut follower = AgentFollower::default();
         let mut buf = early_browser;
         loop {
             let mut pos = 0;
@@ -816,13 +852,13 @@ async fn relay(
                             instead = Some(out);
                         }
                         msg::ClientMessage::AgentData(chunk) => {
-                            audit_clipboard(
+                            follow_agent(
                                 ctx,
-                                &mut clipboard,
+                                &mut follower,
                                 &mut agent_in,
                                 chunk,
                                 AgentSide::Browser,
-                                &agent_caps,
+                                &agent,
                             )
                             .await?;
                         }
@@ -864,7 +900,7 @@ async fn relay(
     let vm_to_browser = async {
         let mut dec = Decoder::new(kind, ctx.vm_limits);
         let mut agent_out = AgentStream::new(ctx.vm_limits);
-        let mut clipboard = Clipboard::default();
+        let mut follower = AgentFollower::default();
         let mut buf = BytesMut::with_capacity(64 * 1024);
         buf.extend_from_slice(&early_up);
         let mut last_locks = None;
@@ -874,22 +910,41 @@ async fn relay(
                 .decode(&buf[consumed..])
                 .map_err(|e| End::spice_protocol("VM", &e))?
             {
+                // A message vizor sends in place of QEMU's.
+                let mut instead = None;
                 if let Frame::Whole { header, body } = frame {
                     match msg::parse_server(channel, header.msg_type, body)
                         .map_err(|e| End::spice_protocol("VM", &e))?
                     {
+                        // The channels vizor refuses are not offered: a browser does
+                        // not try them (spice-html5 links every port channel listed).
+                        msg::ServerMessage::ChannelsList(list)
+                            if list.iter().any(|(t, _)| !relays(&ctx.spice, t)) =>
+                        {
+                            let body = list.filtered(|t| relays(&ctx.spice, t));
+                            let mut out = Vec::new();
+                            write_message(
+                                kind,
+                                header.serial.unwrap_or(0),
+                                msg::main::MSG_CHANNELS_LIST,
+                                &body,
+                                &mut out,
+                            )
+                            .map_err(|e| End::spice_protocol("VM", &e))?;
+                            instead = Some(out);
+                        }
                         msg::ServerMessage::MainInit { session_id, .. } => {
                             ctx.sessions.set_session_id(ctx.claims.nonce, session_id);
                             debug!(session_id, "SPICE session linked");
                         }
                         msg::ServerMessage::AgentData(chunk) => {
-                            audit_clipboard(
+                            follow_agent(
                                 ctx,
-                                &mut clipboard,
+                                &mut follower,
                                 &mut agent_out,
                                 chunk,
                                 AgentSide::Vm,
-                                &agent_caps,
+                                &agent,
                             )
                             .await?;
                         }
@@ -908,6 +963,16 @@ async fn relay(
                         }
                         _ => {}
                     }
+                }
+                if let Some(out) = instead {
+                    if consumed > 0 {
+                        btx.bytes(buf.split_to(consumed)).await?;
+                    }
+                    let _ = buf.split_to(n);
+                    meter.add(Direction::VmToBrowser, (consumed + out.len()) as u64);
+                    btx.bytes(BytesMut::from(&out[..])).await?;
+                    consumed = 0;
+                    continue;
                 }
                 consumed += n;
             }
@@ -934,6 +999,19 @@ async fn relay(
         }
         if let Err(e) = record_strokes(ctx, &mut strokes).await {
             warn!(reason = %e.reason, "audit log: keys spice-server releases not written");
+        }
+    }
+    if channel == channel_type::MAIN {
+        // Transfers the session's end cut short: on record with what passed.
+        let open = agent
+            .transfers
+            .lock()
+            .map(|mut t| t.end_all())
+            .unwrap_or_default();
+        for r in &open {
+            if let Err(e) = record_transfer(ctx, r).await {
+                warn!(reason = %e.reason, "audit log: an incomplete file transfer not written");
+            }
         }
     }
     if !display_init_seen.load(Ordering::Relaxed) && !vm_gone {
@@ -1090,6 +1168,23 @@ impl AgentCaps {
     }
 }
 
+/// What both directions of the main channel's agent stream share.
+struct AgentShared {
+    caps: AgentCaps,
+    transfers: Mutex<Transfers>,
+    file_transfer: FileTransfer,
+}
+
+impl AgentShared {
+    fn new(file_transfer: FileTransfer) -> AgentShared {
+        AgentShared {
+            caps: AgentCaps::default(),
+            transfers: Mutex::new(Transfers::default()),
+            file_transfer,
+        }
+    }
+}
+
 /// One clipboard transfer in flight.
 struct Transfer {
     reader: agent::ClipboardReader,
@@ -1100,13 +1195,37 @@ struct Transfer {
     kept: Option<Vec<u8>>,
 }
 
-/// Follows clipboard contents as they cross in agent messages, sans-IO: each finished
-/// transfer gives its record (format, length, SHA-256 of the contents alone, and the
-/// text when the audit keeps it).
+/// What following an agent stream records.
+#[derive(Debug)]
+enum AgentRecord {
+    Clipboard(crate::audit::Clipboard),
+    FileTransfer(transfers::Record),
+    /// A file transfer refused by `[spice] file_transfer`.
+    Refused {
+        way: Way,
+        start: Option<(u32, Option<String>, Option<u64>)>,
+    },
+}
+
+/// What one chunk of an agent stream gave: records to write, in order, then the
+/// session's end when the chunk is refused (none of it is relayed).
+#[derive(Debug, Default)]
+struct Fed {
+    records: Vec<AgentRecord>,
+    end: Option<End>,
+}
+
+/// Follows one direction of the guest agent's message stream, sans-IO: clipboard
+/// contents as they cross (format, length, SHA-256 of the contents alone, and the
+/// text when the audit keeps it), file transfers (see [`Transfers`]), and, from the
+/// browser, only the message types a browser has reason to send
+/// ([`agent::FromClient`]): a pointer event sent as MOUSE_STATE would reach the guest
+/// through spice-vdagentd, past the inputs channel and its audit.
 #[derive(Default)]
-struct Clipboard {
+struct AgentFollower {
     transfer: Option<Transfer>,
     caps: Option<agent::CapsReader>,
+    xfer: agent::XferReader,
 }
 
 /// Which way agent messages go.
@@ -1130,117 +1249,252 @@ impl AgentSide {
             AgentSide::Vm => "VM",
         }
     }
+
+    fn way(self) -> Way {
+        match self {
+            AgentSide::Browser => Way::ToVm,
+            AgentSide::Vm => Way::ToBrowser,
+        }
+    }
 }
 
-impl Clipboard {
-    /// Feeds an AGENT_DATA chunk sent by `from`; returns the clipboards it completed.
+impl AgentFollower {
+    /// Feeds an AGENT_DATA chunk sent by `from`.
     fn feed(
         &mut self,
         stream: &mut AgentStream,
         chunk: &[u8],
         from: AgentSide,
-        caps: &AgentCaps,
+        shared: &AgentShared,
         keep: bool,
-    ) -> Result<Vec<crate::audit::Clipboard>, End> {
-        use sha2::Digest;
+    ) -> Fed {
+        let mut fed = Fed::default();
+        if let Err(end) = self.follow(stream, chunk, from, shared, keep, &mut fed) {
+            fed.end = Some(end);
+        }
+        fed
+    }
+
+    fn follow(
+        &mut self,
+        stream: &mut AgentStream,
+        chunk: &[u8],
+        from: AgentSide,
+        shared: &AgentShared,
+        keep: bool,
+        fed: &mut Fed,
+    ) -> Result<(), End> {
         let side = from.name();
         let mut events = Vec::new();
-        let mut done = Vec::new();
         stream
             .feed(chunk, &mut events)
             .map_err(|e| End::spice_protocol(side, &e))?;
+        // A file transfer start under `file_transfer = "refuse"`: the chunk is read to
+        // its end (for the file's name, when the start is whole in it), then refused.
+        let mut refusing = false;
+        let mut refused_start = None;
         for ev in events {
-            match ev {
-                AgentEvent::Begin { msg_type, .. } if msg_type == agent::kind::CLIPBOARD => {
-                    self.transfer = Some(Transfer {
-                        reader: agent::ClipboardReader::new(caps.selection_word()),
-                        hasher: sha2::Sha256::new(),
-                        length: 0,
-                        kept: keep.then(Vec::new),
-                    });
-                }
-                AgentEvent::Begin { msg_type, .. }
-                    if msg_type == agent::kind::ANNOUNCE_CAPABILITIES =>
+            if let AgentEvent::Begin { msg_type, .. } = ev {
+                if from == AgentSide::Browser
+                    && agent::FromClient::of(msg_type) == agent::FromClient::Refuse
                 {
-                    self.caps = Some(agent::CapsReader::default());
+                    return Err(End::refused(
+                        format!(
+                            "the browser sent the guest agent a {} message (type {msg_type}), which vizor does not pass",
+                            agent::kind::name(msg_type)
+                        ),
+                        "agent_refused",
+                    ));
                 }
-                AgentEvent::Data {
-                    msg_type,
-                    bytes,
-                    last,
-                } if msg_type == agent::kind::ANNOUNCE_CAPABILITIES => {
-                    if let Some(c) = &mut self.caps {
-                        c.feed(bytes);
+                if msg_type == agent::kind::FILE_XFER_START
+                    && shared.file_transfer == FileTransfer::Refuse
+                {
+                    refusing = true;
+                }
+            }
+            let mut xfers = Vec::new();
+            self.xfer
+                .feed(&ev, &mut xfers)
+                .map_err(|e| End::spice_protocol(side, &e))?;
+            for x in xfers {
+                if refusing {
+                    if let agent::XferEvent::Start { id, name, size } = x {
+                        refused_start = Some((id, name, size));
                     }
-                    if last {
-                        if let Some(c) = self.caps.take() {
-                            if from == AgentSide::Browser {
-                                caps.browser_announced(c.has(agent::cap::CLIPBOARD_SELECTION));
-                            }
+                    continue;
+                }
+                let mut t = lock(&shared.transfers)?;
+                match t.on(from.way(), x) {
+                    Ok(Some(r)) => fed.records.push(AgentRecord::FileTransfer(r)),
+                    Ok(None) => {}
+                    Err(refusal) => {
+                        return Err(End::refused(
+                            format!("{side} agent stream: {refusal}"),
+                            "file_transfer_refused",
+                        ))
+                    }
+                }
+            }
+            self.clipboard(ev, from, &shared.caps, keep, fed)?;
+        }
+        if refusing {
+            fed.records.push(AgentRecord::Refused {
+                way: from.way(),
+                start: refused_start,
+            });
+            return Err(End::refused(
+                "file transfer through the guest agent is not allowed here ([spice] file_transfer)",
+                "file_transfer_refused",
+            ));
+        }
+        Ok(())
+    }
+
+    fn clipboard(
+        &mut self,
+        ev: AgentEvent<'_>,
+        from: AgentSide,
+        caps: &AgentCaps,
+        keep: bool,
+        fed: &mut Fed,
+    ) -> Result<(), End> {
+        use sha2::Digest;
+        match ev {
+            AgentEvent::Begin { msg_type, .. } if msg_type == agent::kind::CLIPBOARD => {
+                self.transfer = Some(Transfer {
+                    reader: agent::ClipboardReader::new(caps.selection_word()),
+                    hasher: sha2::Sha256::new(),
+                    length: 0,
+                    kept: keep.then(Vec::new),
+                });
+            }
+            AgentEvent::Begin { msg_type, .. }
+                if msg_type == agent::kind::ANNOUNCE_CAPABILITIES =>
+            {
+                self.caps = Some(agent::CapsReader::default());
+            }
+            AgentEvent::Data {
+                msg_type,
+                bytes,
+                last,
+            } if msg_type == agent::kind::ANNOUNCE_CAPABILITIES => {
+                if let Some(c) = &mut self.caps {
+                    c.feed(bytes);
+                }
+                if last {
+                    if let Some(c) = self.caps.take() {
+                        if from == AgentSide::Browser {
+                            caps.browser_announced(c.has(agent::cap::CLIPBOARD_SELECTION));
                         }
                     }
                 }
-                AgentEvent::Data {
-                    msg_type,
-                    bytes,
-                    last,
-                } if msg_type == agent::kind::CLIPBOARD => {
-                    let Some(t) = &mut self.transfer else {
-                        continue;
-                    };
-                    let contents = t.reader.feed(bytes);
-                    t.hasher.update(contents);
-                    t.length += contents.len();
-                    if let Some(k) = &mut t.kept {
-                        k.extend_from_slice(contents);
+            }
+            AgentEvent::Data {
+                msg_type,
+                bytes,
+                last,
+            } if msg_type == agent::kind::CLIPBOARD => {
+                let Some(t) = &mut self.transfer else {
+                    return Ok(());
+                };
+                let contents = t.reader.feed(bytes);
+                t.hasher.update(contents);
+                t.length += contents.len();
+                if let Some(k) = &mut t.kept {
+                    k.extend_from_slice(contents);
+                }
+                if !last {
+                    return Ok(());
+                }
+                let Some(t) = self.transfer.take() else {
+                    return Ok(());
+                };
+                let clip_type = t
+                    .reader
+                    .clip_type()
+                    .map_err(|e| End::spice_protocol(from.name(), &e))?;
+                let content = match t.kept {
+                    Some(k) if clip_type == agent::CLIPBOARD_UTF8_TEXT => {
+                        Some(String::from_utf8_lossy(&k).into_owned())
                     }
-                    if !last {
-                        continue;
-                    }
-                    let Some(t) = self.transfer.take() else {
-                        continue;
-                    };
-                    let clip_type = t
-                        .reader
-                        .clip_type()
-                        .map_err(|e| End::spice_protocol(side, &e))?;
-                    let content = match t.kept {
-                        Some(k) if clip_type == agent::CLIPBOARD_UTF8_TEXT => {
-                            Some(String::from_utf8_lossy(&k).into_owned())
-                        }
-                        _ => None,
-                    };
-                    done.push(crate::audit::Clipboard {
+                    _ => None,
+                };
+                fed.records
+                    .push(AgentRecord::Clipboard(crate::audit::Clipboard {
                         format: agent::clipboard_format(clip_type),
                         length: t.length,
                         sha256: crate::audit::chain::hex(&t.hasher.finalize()),
                         content,
-                    });
-                }
-                _ => {}
+                    }));
             }
+            _ => {}
         }
-        Ok(done)
+        Ok(())
     }
 }
 
-/// Feeds `chunk` to `clipboard` and records what it completed.
-async fn audit_clipboard(
+/// Writes what an agent transfer record says.
+async fn record_transfer(ctx: &Ctx, r: &transfers::Record) -> Result<(), End> {
+    ctx.audit
+        .record(&Event::FileTransfer {
+            session: ctx.id,
+            direction: r.way.direction(),
+            id: Some(r.id),
+            name: r.name.as_deref(),
+            size: r.size,
+            status: r.status,
+            bytes: r.bytes,
+            sha256: r.sha256.as_deref(),
+        })
+        .await
+        .map_err(audit_failed)
+}
+
+/// Feeds `chunk` to `follower`, records what it completed, and refuses what it
+/// refused (after recording it).
+async fn follow_agent(
     ctx: &Ctx,
-    clipboard: &mut Clipboard,
+    follower: &mut AgentFollower,
     stream: &mut AgentStream,
     chunk: &[u8],
     from: AgentSide,
-    caps: &AgentCaps,
+    shared: &AgentShared,
 ) -> Result<(), End> {
     let keep = ctx.audit.clipboard_content();
-    for clip in clipboard.feed(stream, chunk, from, caps, keep)? {
-        ctx.audit
-            .record(&clip.event(ctx.id, from.direction()))
-            .await
-            .map_err(audit_failed)?;
+    let fed = follower.feed(stream, chunk, from, shared, keep);
+    for r in &fed.records {
+        match r {
+            AgentRecord::Clipboard(clip) => ctx
+                .audit
+                .record(&clip.event(ctx.id, from.direction()))
+                .await
+                .map_err(audit_failed)?,
+            AgentRecord::FileTransfer(t) => record_transfer(ctx, t).await?,
+            AgentRecord::Refused { way, start } => {
+                let (id, name, size) = match start {
+                    Some((id, name, size)) => (Some(*id), name.as_deref(), *size),
+                    None => (None, None, None),
+                };
+                ctx.audit
+                    .record(&Event::FileTransfer {
+                        session: ctx.id,
+                        direction: way.direction(),
+                        id,
+                        name,
+                        size,
+                        status: "refused",
+                        bytes: 0,
+                        sha256: None,
+                    })
+                    .await
+                    .map_err(audit_failed)?
+            }
+        }
     }
-    Ok(())
+    match fed.end {
+        Some(end) => Err(end),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -1274,28 +1528,165 @@ mod tests {
     }
 
     struct Sides {
-        caps: AgentCaps,
-        browser: (Clipboard, AgentStream),
-        vm: (Clipboard, AgentStream),
+        shared: AgentShared,
+        browser: (AgentFollower, AgentStream),
+        vm: (AgentFollower, AgentStream),
     }
 
     impl Sides {
         fn new() -> Sides {
+            Sides::with(FileTransfer::Audit)
+        }
+
+        fn with(file_transfer: FileTransfer) -> Sides {
             let l = vizor_spice::Limits::default();
             Sides {
-                caps: AgentCaps::default(),
-                browser: (Clipboard::default(), AgentStream::new(l)),
-                vm: (Clipboard::default(), AgentStream::new(l)),
+                shared: AgentShared::new(file_transfer),
+                browser: (AgentFollower::default(), AgentStream::new(l)),
+                vm: (AgentFollower::default(), AgentStream::new(l)),
             }
         }
 
-        fn from(&mut self, side: AgentSide, bytes: &[u8]) -> Vec<crate::audit::Clipboard> {
+        fn feed(&mut self, side: AgentSide, bytes: &[u8]) -> Fed {
             let (c, s) = match side {
                 AgentSide::Browser => &mut self.browser,
                 AgentSide::Vm => &mut self.vm,
             };
-            c.feed(s, bytes, side, &self.caps, true).unwrap()
+            c.feed(s, bytes, side, &self.shared, true)
         }
+
+        fn from(&mut self, side: AgentSide, bytes: &[u8]) -> Vec<crate::audit::Clipboard> {
+            let fed = self.feed(side, bytes);
+            assert!(fed.end.is_none(), "{:?}", fed.end);
+            fed.records
+                .into_iter()
+                .filter_map(|r| match r {
+                    AgentRecord::Clipboard(c) => Some(c),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    fn xfer(t: u32, id: u32, rest: &[u8]) -> Vec<u8> {
+        let mut body = id.to_le_bytes().to_vec();
+        if t == kind::FILE_XFER_DATA {
+            body.extend_from_slice(&(rest.len() as u64).to_le_bytes());
+        }
+        body.extend_from_slice(rest);
+        let mut out = Vec::new();
+        write_message(t, &body, &mut out);
+        out
+    }
+
+    fn start(id: u32) -> Vec<u8> {
+        xfer(
+            kind::FILE_XFER_START,
+            id,
+            b"[vdagent-file-xfer]\nname=notes.txt\nsize=5\n",
+        )
+    }
+
+    #[test]
+    fn the_browser_cannot_point_or_speak_for_the_agent() {
+        // MOUSE_STATE would move and click the guest's pointer through spice-vdagentd,
+        // past the inputs channel: refused, with every other type a browser has no
+        // reason to send.
+        for t in [
+            kind::MOUSE_STATE,
+            kind::REPLY,
+            kind::CLIENT_DISCONNECTED,
+            16,
+            17,
+            999,
+        ] {
+            let mut s = Sides::new();
+            let mut m = Vec::new();
+            write_message(t, &[0; 16], &mut m);
+            let fed = s.feed(AgentSide::Browser, &m);
+            assert!(fed.records.is_empty());
+            let end = fed.end.expect("refused");
+            assert_eq!(end.label, "agent_refused", "type {t}");
+            // The guest's agent may send them (to the browser, not to the guest).
+            let mut s = Sides::new();
+            assert!(s.feed(AgentSide::Vm, &m).end.is_none(), "type {t}");
+        }
+    }
+
+    #[test]
+    fn file_transfers_are_refused_by_default_with_what_was_refused() {
+        let mut s = Sides::with(FileTransfer::Refuse);
+        let fed = s.feed(AgentSide::Browser, &start(3));
+        assert_eq!(fed.end.expect("refused").label, "file_transfer_refused");
+        match &fed.records[..] {
+            [AgentRecord::Refused { way, start }] => {
+                assert_eq!(*way, Way::ToVm);
+                assert_eq!(start, &Some((3, Some("notes.txt".to_owned()), Some(5))));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Refused at the chunk that begins it, whole or not.
+        let mut s = Sides::with(FileTransfer::Refuse);
+        let m = start(3);
+        let fed = s.feed(AgentSide::Browser, &m[..25]);
+        assert!(fed.end.is_some());
+        assert!(matches!(
+            &fed.records[..],
+            [AgentRecord::Refused { start: None, .. }]
+        ));
+        // File bytes for no transfer that started: refused either way.
+        for policy in [FileTransfer::Refuse, FileTransfer::Audit] {
+            let mut s = Sides::with(policy);
+            let fed = s.feed(AgentSide::Browser, &xfer(kind::FILE_XFER_DATA, 1, b"abc"));
+            assert_eq!(fed.end.expect("refused").label, "file_transfer_refused");
+        }
+    }
+
+    #[test]
+    fn an_audited_file_transfer_is_recorded_at_start_and_end() {
+        use AgentSide::{Browser, Vm};
+        let mut s = Sides::new();
+        let fed = s.feed(Browser, &start(3));
+        assert!(fed.end.is_none());
+        let started = match &fed.records[..] {
+            [AgentRecord::FileTransfer(r)] => r.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            (started.status, started.name.as_deref(), started.size),
+            ("started", Some("notes.txt"), Some(5))
+        );
+        // The guest's agent is ready, the bytes pass, the guest says it is done.
+        assert!(s
+            .feed(Vm, &xfer(kind::FILE_XFER_STATUS, 3, &0u32.to_le_bytes()))
+            .records
+            .is_empty());
+        let data = xfer(kind::FILE_XFER_DATA, 3, b"hello");
+        let (a, b) = data.split_at(27);
+        assert!(s.feed(Browser, a).records.is_empty());
+        assert!(s.feed(Browser, b).records.is_empty());
+        let fed = s.feed(Vm, &xfer(kind::FILE_XFER_STATUS, 3, &3u32.to_le_bytes()));
+        let done = match &fed.records[..] {
+            [AgentRecord::FileTransfer(r)] => r.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            (done.status, done.bytes, done.way),
+            ("success", 5, Way::ToVm)
+        );
+        // SHA-256("hello").
+        assert_eq!(
+            done.sha256.as_deref(),
+            Some("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824")
+        );
+        // One more, cut short by the session's end.
+        s.feed(Browser, &start(4));
+        s.feed(Browser, &xfer(kind::FILE_XFER_DATA, 4, b"he"));
+        let open = s.shared.transfers.lock().unwrap().end_all();
+        assert_eq!(
+            (open[0].id, open[0].status, open[0].bytes),
+            (4, "incomplete", 2)
+        );
     }
 
     #[test]

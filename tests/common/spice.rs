@@ -163,6 +163,17 @@ pub async fn open(v: &Vizor, token: &str) -> Browser {
 }
 
 pub async fn session(v: &Vizor, token: &str, mini: bool) -> (Browser, u32, HeaderKind) {
+    let (main, id, kind, _) = session_listing(v, token, mini).await;
+    (main, id, kind)
+}
+
+/// A session's main channel, its session id and header kind, and the channels
+/// (type, id) its CHANNELS_LIST offered.
+pub async fn session_listing(
+    v: &Vizor,
+    token: &str,
+    mini: bool,
+) -> (Browser, u32, HeaderKind, Vec<(u8, u8)>) {
     let mut main = open(v, token).await;
     let reply = match link(&mut main, channel_type::MAIN, 0, mini).await {
         Ok(r) => r,
@@ -191,8 +202,14 @@ pub async fn session(v: &Vizor, token: &str, mini: bool) -> (Browser, u32, Heade
     let mut out = Vec::new();
     write_message(kind, 1, MSGC_MAIN_ATTACH_CHANNELS, &[], &mut out).unwrap();
     main.send(&out).await;
-    until(&mut main, &mut dec, MSG_MAIN_CHANNELS_LIST).await;
-    (main, session_id, kind)
+    let list = until(&mut main, &mut dec, MSG_MAIN_CHANNELS_LIST).await;
+    let msg::ServerMessage::ChannelsList(list) =
+        msg::parse_server(channel_type::MAIN, MSG_MAIN_CHANNELS_LIST, &list).unwrap()
+    else {
+        panic!("not a channels list")
+    };
+    let channels = list.iter().collect();
+    (main, session_id, kind, channels)
 }
 
 /// Answers spice-server's pings on the main channel for `how_long`; returns how many.

@@ -11,18 +11,257 @@ pub const HEADER_LEN: usize = 20;
 /// `VD_AGENT_PROTOCOL`.
 pub const PROTOCOL: u32 = 1;
 
-/// Agent message types a proxy audits.
+/// `VD_AGENT_*` message types (spice-protocol `vd_agent.h`).
 pub mod kind {
+    /// Pointer position and buttons: spice-vdagentd injects them into the guest.
+    pub const MOUSE_STATE: u32 = 1;
+    /// The client's monitor layout.
+    pub const MONITORS_CONFIG: u32 = 2;
+    /// The agent's reply to a request.
+    pub const REPLY: u32 = 3;
     /// Clipboard contents.
     pub const CLIPBOARD: u32 = 4;
+    /// Display settings (wallpaper, font smoothing, animations).
+    pub const DISPLAY_CONFIG: u32 = 5;
+    /// The sender's capabilities.
+    pub const ANNOUNCE_CAPABILITIES: u32 = 6;
     /// The sender owns the clipboard.
     pub const CLIPBOARD_GRAB: u32 = 7;
     /// The sender asks for the clipboard.
     pub const CLIPBOARD_REQUEST: u32 = 8;
     /// The sender gives up the clipboard.
     pub const CLIPBOARD_RELEASE: u32 = 9;
-    /// The sender's capabilities.
-    pub const ANNOUNCE_CAPABILITIES: u32 = 6;
+    /// A file transfer begins: its id and a key file naming the file and its size.
+    pub const FILE_XFER_START: u32 = 10;
+    /// A file transfer's state (can send, cancelled, error, success...).
+    pub const FILE_XFER_STATUS: u32 = 11;
+    /// Bytes of a file being transferred.
+    pub const FILE_XFER_DATA: u32 = 12;
+    /// The client left (sent by spice-server).
+    pub const CLIENT_DISCONNECTED: u32 = 13;
+    /// The largest clipboard the client takes.
+    pub const MAX_CLIPBOARD: u32 = 14;
+    /// The client's audio volume, for the guest to follow.
+    pub const AUDIO_VOLUME_SYNC: u32 = 15;
+    /// The graphics devices' addresses (sent by spice-server).
+    pub const GRAPHICS_DEVICE_INFO: u32 = 16;
+
+    /// A type's name, for logs and audit records.
+    pub fn name(t: u32) -> &'static str {
+        match t {
+            MOUSE_STATE => "mouse_state",
+            MONITORS_CONFIG => "monitors_config",
+            REPLY => "reply",
+            CLIPBOARD => "clipboard",
+            DISPLAY_CONFIG => "display_config",
+            ANNOUNCE_CAPABILITIES => "announce_capabilities",
+            CLIPBOARD_GRAB => "clipboard_grab",
+            CLIPBOARD_REQUEST => "clipboard_request",
+            CLIPBOARD_RELEASE => "clipboard_release",
+            FILE_XFER_START => "file_xfer_start",
+            FILE_XFER_STATUS => "file_xfer_status",
+            FILE_XFER_DATA => "file_xfer_data",
+            CLIENT_DISCONNECTED => "client_disconnected",
+            MAX_CLIPBOARD => "max_clipboard",
+            AUDIO_VOLUME_SYNC => "audio_volume_sync",
+            GRAPHICS_DEVICE_INFO => "graphics_device_info",
+            _ => "unknown",
+        }
+    }
+}
+
+/// What an agent message from the client is to a proxy that audits the guest's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FromClient {
+    /// Settings and clipboard traffic the proxy follows (clipboard is audited).
+    Pass,
+    /// A file transfer message: moves a file into the guest.
+    FileTransfer,
+    /// Nothing a client has reason to send: pointer input that would bypass the
+    /// inputs channel (MOUSE_STATE, which spice-vdagentd injects), messages only the
+    /// agent or spice-server send, and unknown types.
+    Refuse,
+}
+
+impl FromClient {
+    /// How to treat a client's agent message of type `t`. spice-server passes every
+    /// type on to spice-vdagentd (only clipboard and file transfer can be switched
+    /// off there), so the proxy decides.
+    pub fn of(t: u32) -> FromClient {
+        match t {
+            kind::MONITORS_CONFIG
+            | kind::CLIPBOARD
+            | kind::DISPLAY_CONFIG
+            | kind::ANNOUNCE_CAPABILITIES
+            | kind::CLIPBOARD_GRAB
+            | kind::CLIPBOARD_REQUEST
+            | kind::CLIPBOARD_RELEASE
+            | kind::MAX_CLIPBOARD
+            | kind::AUDIO_VOLUME_SYNC => FromClient::Pass,
+            kind::FILE_XFER_START | kind::FILE_XFER_STATUS | kind::FILE_XFER_DATA => {
+                FromClient::FileTransfer
+            }
+            _ => FromClient::Refuse,
+        }
+    }
+}
+
+/// `VD_AGENT_FILE_XFER_STATUS_*` results, by name.
+pub fn xfer_status_name(result: u32) -> &'static str {
+    match result {
+        0 => "can_send_data",
+        1 => "cancelled",
+        2 => "error",
+        3 => "success",
+        4 => "not_enough_space",
+        5 => "session_locked",
+        6 => "vdagent_not_connected",
+        7 => "disabled",
+        _ => "unknown",
+    }
+}
+
+/// The longest FILE_XFER_START a reader takes (its key file names one file).
+pub const MAX_XFER_START_LEN: u32 = 8192;
+/// The longest file name a reader keeps (longer names are cut, and say so).
+pub const MAX_XFER_NAME_LEN: usize = 255;
+
+/// What a file transfer message said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XferEvent<'a> {
+    /// A transfer begins.
+    Start {
+        /// The transfer's id.
+        id: u32,
+        /// The file's name as the key file gives it (GKeyFile escapes kept; cut to
+        /// [`MAX_XFER_NAME_LEN`] bytes, with "..." after a cut).
+        name: Option<String>,
+        /// The file's size as the key file gives it.
+        size: Option<u64>,
+    },
+    /// A transfer's state.
+    Status {
+        /// The transfer's id.
+        id: u32,
+        /// `VD_AGENT_FILE_XFER_STATUS_*`.
+        result: u32,
+    },
+    /// File bytes of a transfer.
+    Data {
+        /// The transfer's id.
+        id: u32,
+        /// The bytes, in order.
+        bytes: &'a [u8],
+    },
+}
+
+/// Reads the file transfer messages of one direction from the agent stream's events
+/// (it ignores every other type). Data is handed on as it streams; the other
+/// messages are small and read whole.
+#[derive(Debug, Clone, Default)]
+pub struct XferReader {
+    msg_type: u32,
+    size: u32,
+    head: Vec<u8>,
+    want: usize,
+    data_id: Option<u32>,
+}
+
+impl XferReader {
+    /// Takes one event of the agent stream.
+    pub fn feed<'a>(
+        &mut self,
+        ev: &AgentEvent<'a>,
+        out: &mut Vec<XferEvent<'a>>,
+    ) -> Result<(), Error> {
+        match *ev {
+            AgentEvent::Begin { msg_type, size, .. } => {
+                self.head.clear();
+                self.data_id = None;
+                self.msg_type = msg_type;
+                self.size = size;
+                self.want = match msg_type {
+                    kind::FILE_XFER_START => {
+                        Limits::check(
+                            "FILE_XFER_START",
+                            u64::from(size),
+                            u64::from(MAX_XFER_START_LEN),
+                        )?;
+                        size as usize
+                    }
+                    kind::FILE_XFER_STATUS => 8,
+                    kind::FILE_XFER_DATA => 12,
+                    _ => 0,
+                };
+                let short = match msg_type {
+                    kind::FILE_XFER_START => size < 4,
+                    kind::FILE_XFER_STATUS => size < 8,
+                    kind::FILE_XFER_DATA => size < 12,
+                    _ => false,
+                };
+                if short {
+                    return Err(Error::Malformed {
+                        what: "file transfer message",
+                        why: "shorter than its fixed fields",
+                    });
+                }
+                Ok(())
+            }
+            AgentEvent::Data {
+                msg_type,
+                mut bytes,
+                last,
+            } => {
+                if !matches!(
+                    msg_type,
+                    kind::FILE_XFER_START | kind::FILE_XFER_STATUS | kind::FILE_XFER_DATA
+                ) {
+                    return Ok(());
+                }
+                if self.head.len() < self.want {
+                    let take = (self.want - self.head.len()).min(bytes.len());
+                    self.head.extend_from_slice(&bytes[..take]);
+                    bytes = &bytes[take..];
+                    if self.head.len() < self.want {
+                        return Ok(());
+                    }
+                    let id = le_u32(&self.head, 0).unwrap_or(0);
+                    match msg_type {
+                        kind::FILE_XFER_START => {
+                            let (name, size) = read_key_file(&self.head[4..]);
+                            out.push(XferEvent::Start { id, name, size });
+                        }
+                        kind::FILE_XFER_STATUS => out.push(XferEvent::Status {
+                            id,
+                            result: le_u32(&self.head, 4).unwrap_or(0),
+                        }),
+                        _ => {
+                            // The size field says how many bytes spice-vdagentd
+                            // writes: it must be what the message holds, or the
+                            // record would not be what reaches the file.
+                            let declared = le_u64(&self.head, 4).unwrap_or(0);
+                            if declared != u64::from(self.size) - 12 {
+                                return Err(Error::Malformed {
+                                    what: "FILE_XFER_DATA",
+                                    why: "its size field is not the size of its data",
+                                });
+                            }
+                            self.data_id = Some(id);
+                        }
+                    }
+                }
+                if let Some(id) = self.data_id {
+                    if !bytes.is_empty() {
+                        out.push(XferEvent::Data { id, bytes });
+                    }
+                }
+                if last {
+                    self.data_id = None;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// `VD_AGENT_CAP_*` bit numbers.
@@ -214,6 +453,40 @@ impl AgentStream {
     }
 }
 
+/// The `name` and `size` of a FILE_XFER_START key file (`[vdagent-file-xfer]`,
+/// `name=...`, `size=...`); values as written, the name cut to
+/// [`MAX_XFER_NAME_LEN`] bytes.
+fn read_key_file(text: &[u8]) -> (Option<String>, Option<u64>) {
+    let text = String::from_utf8_lossy(text);
+    let (mut name, mut size) = (None, None);
+    let mut in_group = false;
+    for line in text.split(['\n', '\0']) {
+        let line = line.trim_end_matches('\r');
+        if line.starts_with('[') {
+            in_group = line == "[vdagent-file-xfer]";
+            continue;
+        }
+        if !in_group {
+            continue;
+        }
+        if let Some(v) = line.strip_prefix("name=") {
+            let mut v = v.to_owned();
+            if v.len() > MAX_XFER_NAME_LEN {
+                let mut cut = MAX_XFER_NAME_LEN;
+                while !v.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                v.truncate(cut);
+                v.push_str("...");
+            }
+            name = Some(v);
+        } else if let Some(v) = line.strip_prefix("size=") {
+            size = v.trim().parse().ok();
+        }
+    }
+    (name, size)
+}
+
 /// Appends a `VDAgentMessage` header and data.
 pub fn write_message(msg_type: u32, data: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&PROTOCOL.to_le_bytes());
@@ -301,6 +574,149 @@ mod tests {
         let mut short = CapsReader::default();
         short.feed(&data[..7]);
         assert!(!short.has(cap::CLIPBOARD_SELECTION));
+    }
+
+    fn xfer_stream() -> Vec<u8> {
+        let mut stream = Vec::new();
+        let mut start = 7u32.to_le_bytes().to_vec();
+        start.extend_from_slice(b"[vdagent-file-xfer]\nname=report.pdf\nsize=10\n\0");
+        write_message(kind::FILE_XFER_START, &start, &mut stream);
+        write_message(kind::CLIPBOARD_RELEASE, &[], &mut stream);
+        for part in [&b"0123"[..], b"456789"] {
+            let mut data = 7u32.to_le_bytes().to_vec();
+            data.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            data.extend_from_slice(part);
+            write_message(kind::FILE_XFER_DATA, &data, &mut stream);
+        }
+        let mut status = 7u32.to_le_bytes().to_vec();
+        status.extend_from_slice(&3u32.to_le_bytes());
+        write_message(kind::FILE_XFER_STATUS, &status, &mut stream);
+        stream
+    }
+
+    fn read_xfer(stream: &[u8], chunk: usize) -> Result<(Vec<XferEvent<'static>>, Vec<u8>), Error> {
+        let mut a = AgentStream::new(Limits::default());
+        let mut x = XferReader::default();
+        let (mut events, mut data) = (Vec::new(), Vec::new());
+        for c in stream.chunks(chunk) {
+            let mut evs = Vec::new();
+            a.feed(c, &mut evs)?;
+            for e in &evs {
+                let mut out = Vec::new();
+                x.feed(e, &mut out)?;
+                for o in out {
+                    match o {
+                        XferEvent::Data { id, bytes } => {
+                            assert_eq!(id, 7);
+                            data.extend_from_slice(bytes);
+                        }
+                        XferEvent::Start { id, name, size } => {
+                            events.push(XferEvent::Start { id, name, size })
+                        }
+                        XferEvent::Status { id, result } => {
+                            events.push(XferEvent::Status { id, result })
+                        }
+                    }
+                }
+            }
+        }
+        Ok((events, data))
+    }
+
+    #[test]
+    fn file_transfers_are_read_across_any_chunking() {
+        let stream = xfer_stream();
+        for chunk in [1, 2, 5, 13, 64, 4096] {
+            let (events, data) = read_xfer(&stream, chunk).unwrap();
+            assert_eq!(
+                events,
+                [
+                    XferEvent::Start {
+                        id: 7,
+                        name: Some("report.pdf".into()),
+                        size: Some(10)
+                    },
+                    XferEvent::Status { id: 7, result: 3 }
+                ],
+                "chunk {chunk}"
+            );
+            assert_eq!(data, b"0123456789", "chunk {chunk}");
+        }
+        assert_eq!(xfer_status_name(3), "success");
+        // A long name is cut, and says so.
+        let (name, size) = read_key_file(
+            format!(
+                "[vdagent-file-xfer]\nname={}\nsize=x\n",
+                "\u{e9}".repeat(200)
+            )
+            .as_bytes(),
+        );
+        let name = name.unwrap();
+        assert!(
+            name.ends_with("...") && name.len() <= MAX_XFER_NAME_LEN + 3,
+            "{name}"
+        );
+        assert_eq!(size, None);
+        // Keys outside the group are not the file's.
+        assert_eq!(read_key_file(b"[other]\nname=x\n"), (None, None));
+    }
+
+    #[test]
+    fn file_transfer_refusals() {
+        // A DATA message whose size field is not its data's size.
+        let mut stream = Vec::new();
+        let mut data = 1u32.to_le_bytes().to_vec();
+        data.extend_from_slice(&100u64.to_le_bytes());
+        data.extend_from_slice(b"abc");
+        write_message(kind::FILE_XFER_DATA, &data, &mut stream);
+        assert!(read_xfer(&stream, 5).is_err());
+        // Messages shorter than their fixed fields.
+        for (t, len) in [
+            (kind::FILE_XFER_START, 3),
+            (kind::FILE_XFER_STATUS, 7),
+            (kind::FILE_XFER_DATA, 11),
+        ] {
+            let mut stream = Vec::new();
+            write_message(t, &vec![0; len], &mut stream);
+            assert!(read_xfer(&stream, 64).is_err(), "type {t}");
+        }
+        // A START beyond the bound.
+        let mut stream = Vec::new();
+        write_message(
+            kind::FILE_XFER_START,
+            &vec![b'a'; MAX_XFER_START_LEN as usize + 1],
+            &mut stream,
+        );
+        assert!(matches!(
+            read_xfer(&stream, 64),
+            Err(Error::LengthTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn what_a_client_may_send_the_agent() {
+        assert_eq!(FromClient::of(kind::MOUSE_STATE), FromClient::Refuse);
+        assert_eq!(FromClient::of(kind::REPLY), FromClient::Refuse);
+        assert_eq!(
+            FromClient::of(kind::CLIENT_DISCONNECTED),
+            FromClient::Refuse
+        );
+        assert_eq!(
+            FromClient::of(kind::GRAPHICS_DEVICE_INFO),
+            FromClient::Refuse
+        );
+        assert_eq!(FromClient::of(17), FromClient::Refuse);
+        assert_eq!(FromClient::of(kind::CLIPBOARD), FromClient::Pass);
+        assert_eq!(FromClient::of(kind::MONITORS_CONFIG), FromClient::Pass);
+        for t in [
+            kind::FILE_XFER_START,
+            kind::FILE_XFER_STATUS,
+            kind::FILE_XFER_DATA,
+        ] {
+            assert_eq!(FromClient::of(t), FromClient::FileTransfer);
+        }
+        assert_eq!(kind::name(kind::MOUSE_STATE), "mouse_state");
+        assert_eq!(kind::name(99), "unknown");
     }
 
     #[test]

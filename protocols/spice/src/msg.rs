@@ -23,6 +23,8 @@ pub mod common {
 pub mod main {
     /// SPICE_MSG_MAIN_INIT.
     pub const MSG_INIT: u16 = 103;
+    /// SPICE_MSG_MAIN_CHANNELS_LIST: the channels the client may link.
+    pub const MSG_CHANNELS_LIST: u16 = 104;
     /// SPICE_MSG_MAIN_AGENT_DATA.
     pub const MSG_AGENT_DATA: u16 = 109;
     /// SPICE_MSGC_MAIN_AGENT_START.
@@ -101,6 +103,8 @@ pub enum ServerMessage<'a> {
     },
     /// A chunk of the guest agent's message stream.
     AgentData(&'a [u8]),
+    /// CHANNELS_LIST: the channels of the session (main channel).
+    ChannelsList(ChannelsList<'a>),
     /// INPUTS_INIT: the guest's keyboard locks (its LEDs, from QEMU): scroll 1, num 2,
     /// caps 4.
     InputsInit(u16),
@@ -109,6 +113,47 @@ pub enum ServerMessage<'a> {
     KeyModifiers(u16),
     /// Anything else: framed, not decoded.
     Other,
+}
+
+/// The body of CHANNELS_LIST: `num_of_channels U32`, then that many `(type U8, id U8)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelsList<'a> {
+    pairs: &'a [u8],
+}
+
+impl<'a> ChannelsList<'a> {
+    /// Reads a body; the count must fit in it (bytes after the list are ignored, as
+    /// spice-html5 and spice-gtk ignore them).
+    pub fn parse(body: &'a [u8]) -> Result<Self, Error> {
+        let n = le_u32(at_least(body, 4, "CHANNELS_LIST")?, 0).unwrap_or(0);
+        let len = usize::try_from(n)
+            .ok()
+            .and_then(|n| n.checked_mul(2))
+            .filter(|len| *len <= body.len() - 4)
+            .ok_or(Error::Malformed {
+                what: "CHANNELS_LIST",
+                why: "more channels than the message holds",
+            })?;
+        Ok(ChannelsList {
+            pairs: &body[4..4 + len],
+        })
+    }
+
+    /// The channels, as (type, id).
+    pub fn iter(&self) -> impl Iterator<Item = (u8, u8)> + 'a {
+        self.pairs.chunks_exact(2).map(|p| (p[0], p[1]))
+    }
+
+    /// The body of a list holding only the channels `keep` keeps.
+    pub fn filtered(&self, keep: impl Fn(u8) -> bool) -> Vec<u8> {
+        let kept: Vec<(u8, u8)> = self.iter().filter(|(t, _)| keep(*t)).collect();
+        let mut out = Vec::with_capacity(4 + 2 * kept.len());
+        out.extend_from_slice(&(kept.len() as u32).to_le_bytes());
+        for (t, id) in kept {
+            out.extend_from_slice(&[t, id]);
+        }
+        out
+    }
 }
 
 /// A client-to-server message vizor acts on.
@@ -243,6 +288,9 @@ pub fn parse_server(channel: u8, msg_type: u16, body: &[u8]) -> Result<ServerMes
             }
         }
         main::MSG_AGENT_DATA if channel == channel_type::MAIN => ServerMessage::AgentData(body),
+        main::MSG_CHANNELS_LIST if channel == channel_type::MAIN => {
+            ServerMessage::ChannelsList(ChannelsList::parse(body)?)
+        }
         inputs::MSG_INIT if channel == channel_type::INPUTS => {
             ServerMessage::InputsInit(le_u16(at_least(body, 2, "INPUTS_INIT")?, 0).unwrap_or(0))
         }
@@ -368,6 +416,21 @@ mod tests {
             Ok(ServerMessage::KeyModifiers(4))
         );
         assert!(parse_server(INPUTS, inputs::MSG_KEY_MODIFIERS, &[4]).is_err());
+        // The channels list: main, display, inputs, usbredir 0 and 1, webdav.
+        let list = [6, 0, 0, 0, 1, 0, 2, 0, 3, 0, 9, 0, 9, 1, 11, 0];
+        let Ok(ServerMessage::ChannelsList(l)) = parse_server(MAIN, main::MSG_CHANNELS_LIST, &list)
+        else {
+            panic!("a channels list");
+        };
+        assert_eq!(l.iter().count(), 6);
+        assert_eq!(
+            l.filtered(|t| t < 9),
+            [3, 0, 0, 0, 1, 0, 2, 0, 3, 0],
+            "the count follows what is kept"
+        );
+        assert!(parse_server(MAIN, main::MSG_CHANNELS_LIST, &list[..15]).is_err());
+        assert!(parse_server(MAIN, main::MSG_CHANNELS_LIST, &[0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(parse_server(MAIN, main::MSG_CHANNELS_LIST, &[0, 0, 0]).is_err());
         assert_eq!(
             parse_server(MAIN, inputs::MSG_KEY_MODIFIERS, &[4, 0]),
             Ok(ServerMessage::Other)
