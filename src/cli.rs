@@ -162,7 +162,7 @@ pub struct ChainKeyArg {
     /// The audit key file (`[audit] key_file`).
     #[arg(long)]
     key: Option<PathBuf>,
-    /// A vizor configuration: its `[audit] key_file`, else its `[tokens] key_file`.
+    /// A vizor configuration: its `[audit] key_file`.
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -173,10 +173,7 @@ impl ChainKeyArg {
             (Some(k), _) => Ok(ChainKey::load(k)?),
             (None, Some(c)) => {
                 let config = Config::load(c)?;
-                Ok(match &config.audit.key_file {
-                    Some(k) => ChainKey::load(k)?,
-                    None => ChainKey::from_token_key(&TokenKey::load(&config.tokens.key_file)?),
-                })
+                Ok(ChainKey::load(&config.audit.key_file)?)
             }
             (None, None) => Err("--key or --config is required".into()),
         }

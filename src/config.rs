@@ -489,10 +489,11 @@ pub struct AuditConfig {
     /// `keystrokes`: how much of each key event is recorded.
     #[serde(default)]
     pub keystrokes: Keystrokes,
-    /// `key_file`: the key of the records' HMAC chain (a `vizor keygen` file). Without
-    /// it the chain key is derived from `[tokens] key_file`; set it so auditors can
-    /// verify the log without holding the key that mints tokens.
-    pub key_file: Option<PathBuf>,
+    /// `key_file`: the key of the records' HMAC chain (a `vizor keygen` file),
+    /// required and apart from `[tokens] key_file`: those who verify the log hold it,
+    /// and must not be able to mint tokens.
+    #[serde(default)]
+    pub key_file: PathBuf,
     /// `fsync`: "always" (default), "session", or `"interval:<duration>"`.
     #[serde(default, deserialize_with = "fsync")]
     pub fsync: Fsync,
@@ -648,6 +649,9 @@ pub fn check_ttl(ttl: Duration) -> Result<(), String> {
     Ok(())
 }
 
+/// Why a configuration without `[audit] key_file` is refused, and what to do.
+pub const AUDIT_KEY_REQUIRED: &str = "[audit] key_file is required: the audit chain's own key, apart from [tokens] key_file, so that whoever verifies the log cannot mint tokens. Create it with `vizor keygen /etc/vizor/audit.key` and set key_file = \"/etc/vizor/audit.key\"";
+
 impl Config {
     /// Reads and checks the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -669,6 +673,9 @@ impl Config {
         let config: Config =
             toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
         config.limits.check()?;
+        if config.audit.key_file.as_os_str().is_empty() {
+            return Err(AUDIT_KEY_REQUIRED.to_owned());
+        }
         Ok(config)
     }
 
@@ -683,9 +690,7 @@ impl Config {
             resolve(k);
         }
         resolve(&mut self.audit.path);
-        if let Some(k) = &mut self.audit.key_file {
-            resolve(k);
-        }
+        resolve(&mut self.audit.key_file);
         if let Some(d) = &mut self.audit.record_dir {
             resolve(d);
         }
@@ -735,6 +740,7 @@ ttl = "60s"
 
 [audit]
 path = "/var/log/vizor/audit.jsonl"
+key_file = "audit.key"
 keystrokes = "full"
 "#;
 
@@ -872,12 +878,20 @@ keystrokes = "full"
     }
 
     #[test]
+    fn the_audit_key_is_required() {
+        let err = Config::parse(&MINIMAL.replace("key_file = \"audit.key\"\n", "")).unwrap_err();
+        assert_eq!(err, AUDIT_KEY_REQUIRED);
+        assert!(err.contains("vizor keygen"));
+    }
+
+    #[test]
     fn load_names_the_file_and_resolves_relative_paths() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vizor.toml");
         std::fs::write(&path, MINIMAL).unwrap();
         let c = Config::load(&path).unwrap();
         assert_eq!(c.tokens.key_file, dir.path().join("token.key"));
+        assert_eq!(c.audit.key_file, dir.path().join("audit.key"));
         assert_eq!(c.audit.path, PathBuf::from("/var/log/vizor/audit.jsonl"));
         std::fs::write(&path, "[server]\nlisten = 1\n").unwrap();
         let err = Config::load(&path).unwrap_err().to_string();

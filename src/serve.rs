@@ -115,10 +115,15 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         .map(Arc::new);
     let key = TokenKey::load(&config.tokens.key_file)?;
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
-    let chain_key = match &config.audit.key_file {
-        Some(path) => ChainKey::load(path)?,
-        None => ChainKey::from_token_key(&key),
-    };
+    let chain_key =
+        ChainKey::load(&config.audit.key_file).map_err(|e| format!("[audit] key_file: {e}"))?;
+    if chain_key == ChainKey::from_token_key(&key) {
+        return Err(format!(
+            "[audit] key_file {} holds the same key as [tokens] key_file: whoever verifies the log could mint tokens. Create a separate one with `vizor keygen`",
+            config.audit.key_file.display()
+        )
+        .into());
+    }
     let audit = Audit::open(&config.audit, chain_key, Some(metrics.clone()))
         .map_err(|e| format!("audit log {}: {e}", config.audit.path.display()))?;
     if let Some(dir) = &config.audit.record_dir {

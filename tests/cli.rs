@@ -39,7 +39,7 @@ fn write_config(dir: &Path, ttl: &str) -> String {
         &path,
         format!(
             "[server]\nlisten = \"127.0.0.1:6080\"\n[libvirt]\nuri = \"test://{}\"\n\
-             [tokens]\nkey_file = \"token.key\"\nttl = \"{ttl}\"\n[audit]\npath = \"audit.jsonl\"\n",
+             [tokens]\nkey_file = \"token.key\"\nttl = \"{ttl}\"\n[audit]\npath = \"audit.jsonl\"\nkey_file = \"audit.key\"\n",
             node.display()
         ),
     )
@@ -248,4 +248,44 @@ fn a_token_for_a_domain_libvirt_does_not_know_is_refused() {
         (claims.domain.as_str(), claims.uuid_string()),
         ("demo1", DEMO1_UUID.to_owned())
     );
+}
+
+#[test]
+fn the_audit_chain_has_its_own_key() {
+    // Whoever verifies the log holds the chain key: it must not be (or be derived
+    // from) the key that mints tokens.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "60s");
+    assert!(
+        vizor(&["keygen", dir.path().join("token.key").to_str().unwrap()])
+            .status
+            .success()
+    );
+    let text_of = |c: &str| std::fs::read_to_string(c).unwrap();
+    let without = text_of(&config).replace("key_file = \"audit.key\"\n", "");
+    std::fs::write(&config, &without).unwrap();
+    let out = vizor(&["serve", "--config", &config]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("[audit] key_file is required") && err.contains("vizor keygen"),
+        "{err}"
+    );
+    std::fs::write(
+        &config,
+        without.replace("[audit]\n", "[audit]\nkey_file = \"token.key\"\n"),
+    )
+    .unwrap();
+    let out = vizor(&["serve", "--config", &config]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("same key as [tokens] key_file") && err.contains("vizor keygen"),
+        "{err}"
+    );
+    // `vizor audit verify --config` reads the audit key, and says when it is missing.
+    std::fs::write(&config, &without).unwrap();
+    let out = vizor(&["audit", "verify", "--config", &config, "audit.jsonl"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("[audit] key_file is required"));
 }

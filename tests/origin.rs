@@ -93,7 +93,7 @@ fn an_allowed_origin_must_be_an_origin() {
         let e = vizor::config::Config::parse(&format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nallowed_origins = [\"{bad}\"]\n\
              [libvirt]\nuri = \"test:///default\"\n[tokens]\nkey_file = \"k\"\n\
-             [audit]\npath = \"a\"\n"
+             [audit]\npath = \"a\"\nkey_file = \"ak\"\n"
         ))
         .unwrap_err();
         assert!(e.contains("allowed_origins") && e.contains(bad), "{e}");

@@ -84,13 +84,14 @@ fn tls_settings_are_checked_at_start() {
     let (cert, key, _) = tls::certificate();
     tls::write(dir.path(), &cert, &key);
     vizor::token::TokenKey::write_new(&dir.path().join("token.key")).unwrap();
+    vizor::token::TokenKey::write_new(&dir.path().join("audit.key")).unwrap();
     let run = |server: &str| {
         let config = dir.path().join("vizor.toml");
         std::fs::write(
             &config,
             format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[libvirt]\nuri = \"test:///default\"\n\
-                 [tokens]\nkey_file = \"token.key\"\n[audit]\npath = \"audit.jsonl\"\n"
+                 [tokens]\nkey_file = \"token.key\"\n[audit]\npath = \"audit.jsonl\"\nkey_file = \"audit.key\"\n"
             ),
         )
         .unwrap();

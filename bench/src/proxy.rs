@@ -166,6 +166,9 @@ impl Proxy {
                 let key_path = dir.join("token.key");
                 let _ = std::fs::remove_file(&key_path);
                 TokenKey::write_new(&key_path).map_err(|e| format!("vizor token key: {e}"))?;
+                let audit_key = dir.join("audit.key");
+                let _ = std::fs::remove_file(&audit_key);
+                TokenKey::write_new(&audit_key).map_err(|e| format!("vizor audit key: {e}"))?;
                 let config = dir.join("vizor.toml");
                 std::fs::write(
                     &config,
@@ -173,7 +176,7 @@ impl Proxy {
                         "[server]\nlisten = \"127.0.0.1:0\"\n\
                          [libvirt]\nuri = \"{libvirt_uri}\"\n\
                          [tokens]\nkey_file = \"token.key\"\nttl = \"10m\"\n\
-                         [audit]\npath = \"audit.jsonl\"\n\
+                         [audit]\npath = \"audit.jsonl\"\nkey_file = \"audit.key\"\n\
                          [log]\nlevel = \"warn\"\n{VIZOR_LIMITS}"
                     ),
                 )

@@ -12,6 +12,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert_eq!(check_ttl(c.tokens.ttl), Ok(()));
+    assert!(!c.audit.key_file.as_os_str().is_empty());
     assert!((1..=MAX_PER_SESSION_SERIES).contains(&c.metrics.per_session_max));
     if let Some(n) = c.audit.rotate_size {
         assert!(n >= 4096);

@@ -30,6 +30,14 @@ impl std::fmt::Debug for ChainKey {
     }
 }
 
+/// Compared in constant time: a secret.
+impl PartialEq for ChainKey {
+    fn eq(&self, other: &ChainKey) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.ct_eq(&*other.0).into()
+    }
+}
+
 impl ChainKey {
     /// The chain key derived from a `vizor keygen` key file.
     pub fn load(path: &Path) -> Result<ChainKey, crate::token::KeyError> {

@@ -719,7 +719,7 @@ mod tests {
             AuditConfig {
                 path: self.path(),
                 keystrokes,
-                key_file: Some(self.key_file.clone()),
+                key_file: self.key_file.clone(),
                 fsync: Fsync::Always,
                 rotate_size,
                 on_error: OnError::Close,

@@ -244,6 +244,10 @@ impl Vizor {
         // The key file: a header line, then the key.
         let key_file = std::fs::read_to_string(&key_path).unwrap();
         run::secret("token key", key_file.lines().nth(1).unwrap());
+        let audit_key = dir.path().join("audit.key");
+        TokenKey::write_new(&audit_key).unwrap();
+        let audit_key = std::fs::read_to_string(&audit_key).unwrap();
+        run::secret("audit key", audit_key.lines().nth(1).unwrap());
         run::secret("admin key", ADMIN_KEY);
         prepare(dir.path());
         let config = dir.path().join("vizor.toml");
@@ -253,7 +257,7 @@ impl Vizor {
                 "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\
                  [libvirt]\nuri = \"{uri}\"\n\
                  [tokens]\nkey_file = \"token.key\"\nttl = \"60s\"\n\
-                 [audit]\npath = \"audit.jsonl\"\nkeystrokes = \"full\"\n{audit_extra}\n\
+                 [audit]\npath = \"audit.jsonl\"\nkey_file = \"audit.key\"\nkeystrokes = \"full\"\n{audit_extra}\n\
                  [log]\nlevel = \"debug\"\n{tail}\n"
             ),
         )
