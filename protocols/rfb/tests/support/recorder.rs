@@ -196,6 +196,20 @@ fn pump<S, N>(
     }
 }
 
+/// Whether the session so far holds every resize rectangle in `resizes`.
+fn resized(log: &Log, resizes: &[Encoding]) -> bool {
+    let mut chunks = log.chunks.lock().unwrap().clone();
+    chunks.sort_by_key(|c| c.micros);
+    let so_far = Capture {
+        meta: String::new(),
+        chunks,
+    };
+    match super::replay::frame_so_far(&so_far) {
+        Ok(f) => resizes.iter().all(|e| f.rects.contains_key(&e.0)),
+        Err(_) => false,
+    }
+}
+
 fn send(sock: &mut TcpStream, log: &Log, bytes: &[u8]) -> Result<(), String> {
     log.push(Dir::C2S, bytes);
     sock.write_all(bytes).map_err(|e| format!("write: {e}"))
@@ -374,10 +388,36 @@ pub fn record(
     }
     if let (true, Some(reset)) = (sc.reset_guest, reset) {
         reset()?;
-        // Keep asking while the guest's display goes through its modes.
-        for _ in 0..30 {
+        // Keep asking while the guest's display goes through its modes: at least 3 s,
+        // and on until the resize the scenario expects has come (a guest booting under
+        // CPU load can take longer to switch mode), then 1 s more to settle; 30 s at
+        // most.
+        let resizes: Vec<Encoding> = sc
+            .expect
+            .iter()
+            .copied()
+            .filter(|e| {
+                [
+                    Encoding::DESKTOP_SIZE,
+                    Encoding::EXTENDED_DESKTOP_SIZE,
+                    Encoding::VMWARE_DISPLAY_MODE_CHANGE,
+                ]
+                .contains(e)
+            })
+            .collect();
+        let mut settle = None;
+        for i in 0..300 {
             send(&mut sock, &log, &full(true))?;
             std::thread::sleep(Duration::from_millis(100));
+            if i < 30 {
+                continue;
+            }
+            match settle {
+                Some(0) => break,
+                Some(n) => settle = Some(n - 1),
+                None if i % 10 == 0 && resized(&log, &resizes) => settle = Some(10),
+                None => {}
+            }
         }
     }
     if let Some(pf) = sc.switch_to {

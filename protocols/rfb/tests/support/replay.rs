@@ -122,6 +122,16 @@ pub fn scenario_name(cap: &Capture) -> Option<&str> {
 
 /// Frames the whole capture. Every byte must be accounted for by a span.
 pub fn frame(cap: &Capture) -> Result<Framed, String> {
+    frame_with(cap, true)
+}
+
+/// Frames a capture still being recorded: what it holds so far, to its last whole
+/// message.
+pub fn frame_so_far(cap: &Capture) -> Result<Framed, String> {
+    frame_with(cap, false)
+}
+
+fn frame_with(cap: &Capture, whole: bool) -> Result<Framed, String> {
     let s2c = cap.stream(Dir::S2C);
     let c2s = cap.stream(Dir::C2S);
     let (hs_s, hs_c, si) = handshake(&s2c, &c2s)?;
@@ -196,6 +206,9 @@ pub fn frame(cap: &Capture) -> Result<Framed, String> {
                 }
             }
         }
+    }
+    if !whole {
+        return Ok(f);
     }
     if s_pos != s2c.len() || s_spans != s2c.len() {
         return Err(format!(
