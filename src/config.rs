@@ -282,6 +282,11 @@ pub struct MetricsConfig {
         deserialize_with = "per_session_max"
     )]
     pub per_session_max: usize,
+    /// `key_file`: a bearer key (one word of 16+ characters, mode 0600) that reads
+    /// `/metrics` on the main listener; the admin key does too. Without either, the
+    /// main listener serves no metrics: they name users and domains and count
+    /// keystrokes as they happen. `metrics_listen` serves them without a key.
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for MetricsConfig {
@@ -289,6 +294,7 @@ impl Default for MetricsConfig {
         MetricsConfig {
             per_session: false,
             per_session_max: default_per_session_max(),
+            key_file: None,
         }
     }
 }
@@ -687,6 +693,9 @@ impl Config {
         };
         resolve(&mut self.tokens.key_file);
         if let Some(k) = &mut self.api.admin_key_file {
+            resolve(k);
+        }
+        if let Some(k) = &mut self.metrics.key_file {
             resolve(k);
         }
         resolve(&mut self.audit.path);

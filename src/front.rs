@@ -44,6 +44,8 @@ pub struct App {
     pub audit: Arc<Audit>,
     /// The management API's bearer key, if the API is enabled.
     pub admin_key: Option<Zeroizing<String>>,
+    /// The `[metrics] key_file` bearer key, which reads `/metrics` here.
+    pub metrics_key: Option<Zeroizing<String>>,
     /// Codec bounds for what browsers send.
     pub browser_limits: vizor_rfb::Limits,
     /// Codec bounds for what VMs send.
@@ -148,6 +150,7 @@ impl App {
             libvirt,
             audit,
             admin_key,
+            metrics_key: None,
             browser_limits,
             vm_limits,
             slots,
@@ -217,8 +220,40 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Routes one request.
+/// Routes one request; every response carries the security headers.
 pub async fn handle(
+    app: Arc<App>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Resp, std::convert::Infallible> {
+    let Ok(mut r) = route(app, peer, req).await;
+    secure(&mut r);
+    Ok(r)
+}
+
+/// The headers every response carries, unless it set its own (the console page has a
+/// stricter Content-Security-Policy): no MIME sniffing, no framing by any page (noVNC's
+/// own vnc.html takes its settings from its URL and must not be steered from a frame),
+/// no referrer (a console URL holds a token), no plugins, no `<base>`.
+pub fn secure(r: &mut Resp) {
+    let h = r.headers_mut();
+    for (name, value) in [
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "frame-ancestors 'none'; base-uri 'none'; object-src 'none'",
+        ),
+    ] {
+        if !h.contains_key(&name) {
+            h.insert(name, header::HeaderValue::from_static(value));
+        }
+    }
+}
+
+/// Routes one request.
+async fn route(
     app: Arc<App>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
@@ -230,8 +265,8 @@ pub async fn handle(
     if path == "/healthz" {
         return Ok(text(StatusCode::OK, "ok\n"));
     }
-    if path == "/metrics" && app.config.server.metrics_listen.is_none() {
-        return Ok(metrics_response(&app.metrics));
+    if path == "/metrics" {
+        return Ok(metrics_here(&app, &req));
     }
     if path == "/websockify" {
         if !fastwebsockets::upgrade::is_upgrade_request(&req) {
@@ -284,6 +319,33 @@ pub async fn handle(
         Some(root) => Ok(static_file(root, &path).await),
         None => Ok(text(StatusCode::NOT_FOUND, "not found\n")),
     }
+}
+
+/// `/metrics` on the main listener: only for the metrics or admin bearer key. The
+/// series name users and domains, and the key counter moves with every keystroke.
+fn metrics_here(app: &App, req: &Request<Incoming>) -> Resp {
+    let keys: Vec<&str> = [&app.metrics_key, &app.admin_key]
+        .into_iter()
+        .flatten()
+        .map(|k| k.as_str())
+        .collect();
+    if keys.is_empty() {
+        return text(
+            StatusCode::NOT_FOUND,
+            "metrics are not served here: read them on [server] metrics_listen, or set [metrics] key_file and send it as Authorization: Bearer\n",
+        );
+    }
+    // Every key is compared, so the time taken does not say which one matched.
+    let matched = keys
+        .iter()
+        .fold(false, |any, k| bearer_matches(req, k) | any);
+    if !matched {
+        return text(
+            StatusCode::UNAUTHORIZED,
+            "a valid Authorization: Bearer <metrics key> header is required\n",
+        );
+    }
+    metrics_response(&app.metrics)
 }
 
 /// The Prometheus text exposition.
@@ -1059,6 +1121,10 @@ pub(crate) async fn static_file(root: &Path, url_path: &str) -> Resp {
         // Paths are not percent-decoded, so "%2e%2e" names a file and cannot climb.
         if part.contains('\\') || part.contains('\0') || !matches!(c, Some(Component::Normal(_))) {
             return text(StatusCode::BAD_REQUEST, "bad path\n");
+        }
+        // No dotfile or dot-directory (.git, .env, .htpasswd) is served.
+        if part.starts_with('.') {
+            return text(StatusCode::NOT_FOUND, "not found\n");
         }
         rel.push(part);
     }

@@ -17,25 +17,25 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
-fn load_admin_key(path: &std::path::Path) -> Result<Zeroizing<String>, String> {
+/// Loads a bearer key file (`what`: "admin key file", "metrics key file").
+fn load_bearer_key(path: &std::path::Path, what: &str) -> Result<Zeroizing<String>, String> {
     use std::os::unix::fs::MetadataExt;
     let shown = path.display();
     let mode = std::fs::metadata(path)
-        .map_err(|e| format!("admin key file {shown}: {e}"))?
+        .map_err(|e| format!("{what} {shown}: {e}"))?
         .mode()
         & 0o777;
     if mode & 0o077 != 0 {
         return Err(format!(
-            "admin key file {shown} is readable by group or others (mode {mode:o}); run: chmod 600 {shown}"
+            "{what} {shown} is readable by group or others (mode {mode:o}); run: chmod 600 {shown}"
         ));
     }
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path).map_err(|e| format!("admin key file {shown}: {e}"))?,
-    );
+    let text =
+        Zeroizing::new(std::fs::read_to_string(path).map_err(|e| format!("{what} {shown}: {e}"))?);
     let key = Zeroizing::new(text.trim().to_owned());
     if key.len() < 16 || key.contains(char::is_whitespace) {
         return Err(format!(
-            "admin key file {shown}: the key must be one word of at least 16 characters \
+            "{what} {shown}: the key must be one word of at least 16 characters \
              (for example: head -c 32 /dev/urandom | base64 > {shown})"
         ));
     }
@@ -76,7 +76,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<crate::me
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
                 async move {
-                    let resp = match req.uri().path() {
+                    let mut resp = match req.uri().path() {
                         "/metrics" => front::metrics_response(&metrics),
                         "/healthz" => hyper::Response::new(http_body_util::Full::new(
                             bytes::Bytes::from_static(b"ok\n"),
@@ -89,6 +89,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<crate::me
                             r
                         }
                     };
+                    front::secure(&mut resp);
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
@@ -137,7 +138,13 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         .api
         .admin_key_file
         .as_deref()
-        .map(load_admin_key)
+        .map(|p| load_bearer_key(p, "admin key file"))
+        .transpose()?;
+    let metrics_key = config
+        .metrics
+        .key_file
+        .as_deref()
+        .map(|p| load_bearer_key(p, "metrics key file"))
         .transpose()?;
     let libvirt = Libvirt::new(&config.libvirt.uri);
     let listen = config.server.listen;
@@ -158,6 +165,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         spice_key,
         metrics.clone(),
     );
+    app.metrics_key = metrics_key;
     app.upstream_tls = upstream_tls;
     let app = Arc::new(app);
     if app.config.metrics.per_session {

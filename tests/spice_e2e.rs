@@ -241,7 +241,7 @@ async fn a_token_admits_only_its_own_session() {
             "{reason} in {refusals:?}"
         );
     }
-    let (_, _, metrics) = common::http_get(v.addr, "/metrics", &[]).await;
+    let metrics = v.metrics().await;
     assert_eq!(
         common::metric(
             &metrics,
@@ -355,7 +355,7 @@ async fn main_channel_round_trip_and_clipboard_are_recorded() {
     let end = audit.iter().find(|r| r["event"] == "session_end").unwrap();
     let rtt = end["round_trip_ms"].as_f64().expect("round trip recorded");
     assert!(rtt > 0.0 && rtt < 5000.0, "{rtt}");
-    let (_, _, text) = common::http_get(v.addr, "/metrics", &[]).await;
+    let text = v.metrics().await;
     let value =
         |series: &str| common::metric(&text, series).unwrap_or_else(|| panic!("{series} missing"));
     assert!(value("vizor_frame_latency_seconds_count{kind=\"spice\"}") >= answered as f64 - 1.0);

@@ -444,7 +444,7 @@ async fn metrics_count_sessions_bytes_latency_and_refusals() {
         ),
     )
     .await;
-    let (status, head, text) = common::http_get(v.addr, "/metrics", &[]).await;
+    let (status, head, text) = common::http_get(v.addr, "/metrics", &[common::METRICS_AUTH]).await;
     assert_eq!(status, 200);
     assert!(head
         .to_ascii_lowercase()
@@ -495,7 +495,8 @@ async fn metrics_move_to_metrics_listen_when_set() {
         .unwrap()
         .port();
     let v = Vizor::start(&format!("metrics_listen = \"127.0.0.1:{port}\""));
-    assert_eq!(common::http_get(v.addr, "/metrics", &[]).await.0, 404);
+    // The main listener asks for the key; metrics_listen, a private address, does not.
+    assert_eq!(common::http_get(v.addr, "/metrics", &[]).await.0, 401);
     let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let (status, _, text) = common::http_get(metrics_addr, "/metrics", &[]).await;
     assert_eq!(status, 200);

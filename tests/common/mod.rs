@@ -190,6 +190,12 @@ use vizor::token::{Claims, ConsoleKind, TokenKey};
 /// The management API key of a vizor started with [`Vizor::start_admin`].
 pub const ADMIN_KEY: &str = "k3y-0123456789abcdef-admin";
 
+/// The `[metrics] key_file` key of every test vizor but [`Vizor::start_keyless`]'s.
+pub const METRICS_KEY: &str = "m3trics-0123456789abcdef";
+
+/// The header that reads `/metrics` on a test vizor's main listener.
+pub const METRICS_AUTH: (&str, &str) = ("Authorization", "Bearer m3trics-0123456789abcdef");
+
 /// A `vizor serve` process with its own config, key and audit log.
 pub struct Vizor {
     child: Child,
@@ -238,6 +244,23 @@ impl Vizor {
         tail: &str,
         prepare: impl FnOnce(&std::path::Path),
     ) -> Vizor {
+        Self::start_inner(uri, server_extra, audit_extra, tail, prepare, true)
+    }
+
+    /// A vizor (against test:///default) without a metrics key or an admin key: its
+    /// main listener serves no metrics.
+    pub fn start_keyless(server_extra: &str) -> Vizor {
+        Self::start_inner("test:///default", server_extra, "", "", |_| {}, false)
+    }
+
+    fn start_inner(
+        uri: &str,
+        server_extra: &str,
+        audit_extra: &str,
+        tail: &str,
+        prepare: impl FnOnce(&std::path::Path),
+        metrics_key: bool,
+    ) -> Vizor {
         let dir = tempfile::tempdir().unwrap();
         let key_path = dir.path().join("token.key");
         TokenKey::write_new(&key_path).unwrap();
@@ -249,6 +272,22 @@ impl Vizor {
         let audit_key = std::fs::read_to_string(&audit_key).unwrap();
         run::secret("audit key", audit_key.lines().nth(1).unwrap());
         run::secret("admin key", ADMIN_KEY);
+        run::secret("metrics key", METRICS_KEY);
+        // The metrics key goes into the test's own [metrics] table, or a new one.
+        let tail = if !metrics_key {
+            tail.to_owned()
+        } else {
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.path().join("metrics.key");
+            std::fs::write(&path, METRICS_KEY).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let line = "key_file = \"metrics.key\"\n";
+            if tail.contains("[metrics]\n") {
+                tail.replace("[metrics]\n", &format!("[metrics]\n{line}"))
+            } else {
+                format!("{tail}\n[metrics]\n{line}")
+            }
+        };
         prepare(dir.path());
         let config = dir.path().join("vizor.toml");
         std::fs::write(
@@ -327,10 +366,10 @@ impl Vizor {
         v["sessions"].as_array().unwrap().clone()
     }
 
-    /// `GET /metrics` on the main listener.
+    /// `GET /metrics` on the main listener, with the metrics key.
     pub async fn metrics(&self) -> String {
-        let (status, _, body) = http_get(self.addr, "/metrics", &[]).await;
-        assert_eq!(status, 200);
+        let (status, _, body) = http_get(self.addr, "/metrics", &[METRICS_AUTH]).await;
+        assert_eq!(status, 200, "{body}");
         body
     }
 

@@ -1,0 +1,143 @@
+//! What vizor's HTTP listeners answer besides consoles: metrics only to a key holder,
+//! no dotfile, and the security headers on every response.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic is a failure
+
+mod common;
+
+use common::{http_get, Vizor, ADMIN_KEY, METRICS_AUTH};
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// The headers every response carries (the console page sets a stricter CSP).
+fn assert_secured(head: &str, what: &str) {
+    assert_eq!(
+        header(head, "x-content-type-options"),
+        Some("nosniff"),
+        "{what}: {head}"
+    );
+    assert_eq!(
+        header(head, "x-frame-options"),
+        Some("DENY"),
+        "{what}: {head}"
+    );
+    assert_eq!(
+        header(head, "referrer-policy"),
+        Some("no-referrer"),
+        "{what}: {head}"
+    );
+    let csp = header(head, "content-security-policy").unwrap_or_default();
+    assert!(
+        csp.contains("frame-ancestors 'none'") && csp.contains("base-uri 'none'"),
+        "{what}: {head}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_on_the_main_listener_take_a_key() {
+    // The key counter moves with every keystroke, and series name users and domains:
+    // not for anyone who can reach the console port.
+    let v = Vizor::start_uri(
+        "test:///default",
+        "",
+        "",
+        "[api]\nadmin_key_file = \"admin.key\"\n",
+        |dir| {
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.join("admin.key");
+            std::fs::write(&path, ADMIN_KEY).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        },
+    );
+    let (status, head, body) = http_get(v.addr, "/metrics", &[]).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(!body.contains("vizor_"), "{body}");
+    assert_secured(&head, "401");
+    let wrong = ("Authorization", "Bearer m3trics-0123456789abcdeX");
+    assert_eq!(http_get(v.addr, "/metrics", &[wrong]).await.0, 401);
+    let (status, head, body) = http_get(v.addr, "/metrics", &[METRICS_AUTH]).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("vizor_audit_write_errors_total"), "{body}");
+    assert_secured(&head, "metrics");
+    let admin = format!("Bearer {ADMIN_KEY}");
+    let (status, _, _) = http_get(v.addr, "/metrics", &[("Authorization", &admin)]).await;
+    assert_eq!(status, 200, "the admin key reads them too");
+
+    // Without any key, the main listener serves none, and says where they are.
+    let v = Vizor::start_keyless("");
+    let (status, head, body) = http_get(v.addr, "/metrics", &[METRICS_AUTH]).await;
+    assert_eq!(status, 404);
+    assert!(
+        body.contains("metrics_listen") && body.contains("[metrics] key_file"),
+        "{body}"
+    );
+    assert_secured(&head, "404");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_dotfile_is_served_and_every_response_is_secured() {
+    let v = Vizor::start_uri("test:///default", "web_root = \"www\"", "", "", |dir| {
+        let www = dir.join("www");
+        std::fs::create_dir_all(www.join(".git")).unwrap();
+        std::fs::create_dir_all(www.join("sub")).unwrap();
+        std::fs::write(www.join("index.html"), "<p>console home</p>").unwrap();
+        std::fs::write(www.join("sub/page.html"), "<p>sub</p>").unwrap();
+        std::fs::write(www.join(".env"), "SECRET=dotenv-secret").unwrap();
+        std::fs::write(www.join(".git/config"), "[remote] url=dotgit-secret").unwrap();
+        std::fs::write(www.join("sub/.htpasswd"), "admin:htpasswd-secret").unwrap();
+    });
+    for path in [
+        "/.env",
+        "/.git/config",
+        "/sub/.htpasswd",
+        "/.git/",
+        "/sub/../.env",
+    ] {
+        let (status, head, body) = http_get(v.addr, path, &[]).await;
+        assert!(matches!(status, 400 | 404), "{path}: {status}");
+        assert!(!body.contains("secret"), "{path}: {body}");
+        assert_secured(&head, path);
+    }
+    for path in [
+        "/",
+        "/index.html",
+        "/sub/page.html",
+        "/healthz",
+        "/nothing-here",
+    ] {
+        let (status, head, _) = http_get(v.addr, path, &[]).await;
+        assert!(matches!(status, 200 | 404), "{path}: {status}");
+        assert_secured(&head, path);
+    }
+    // The console page keeps its own, stricter policy.
+    let (status, head, _) = http_get(v.addr, "/console", &[]).await;
+    assert_eq!(status, 400);
+    let csp = header(&head, "content-security-policy").unwrap();
+    assert!(csp.starts_with("default-src 'none'"), "{csp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_is_secured_too() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let v = Vizor::start_uri(
+        "test:///default",
+        &format!("metrics_listen = \"127.0.0.1:{port}\""),
+        "",
+        "",
+        |_| {},
+    );
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (status, head, body) = http_get(addr, "/metrics", &[]).await;
+    assert_eq!(status, 200, "metrics_listen is the private address: no key");
+    assert!(body.contains("vizor_"));
+    assert_secured(&head, "metrics_listen");
+    drop(v);
+}
