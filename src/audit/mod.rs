@@ -127,6 +127,16 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         content: Option<String>,
     },
+    /// Clipboard contents beyond `[limits] vm_message_max` were dropped: they did not
+    /// reach the other side, and the session went on.
+    ClipboardDropped {
+        /// Session id.
+        session: u64,
+        /// vm_to_browser.
+        direction: &'static str,
+        /// Bytes of contents dropped.
+        length: u64,
+    },
     /// A console session ended.
     SessionEnd {
         /// Session id.
@@ -277,6 +287,7 @@ impl Event<'_> {
             Event::SessionRefused { .. } => "session_refused",
             Event::ClientThrottled { .. } => "client_throttled",
             Event::ChannelRefused { .. } => "channel_refused",
+            Event::ClipboardDropped { .. } => "clipboard_dropped",
             Event::FileTransfer { .. } => "file_transfer",
             Event::Button { .. } => "button",
             Event::ProtocolError { .. } => "protocol_error",

@@ -674,6 +674,7 @@ async fn relay(
             let mut clips = Vec::new();
             let mut changed = Vec::new();
             let mut cut = None;
+            let mut clip_dropped = None;
             let browser_wants_leds = browser_leds.load(Ordering::Relaxed);
             // Payload of the current rectangle still to come, read while the decoder
             // is locked anyway.
@@ -686,6 +687,20 @@ async fn relay(
                     let confirms = Confirmations::of(&ev);
                     if confirms != Confirmations::default() {
                         confirmed.fetch_or(confirms.bits(), Ordering::Relaxed);
+                    }
+                    // A guest clipboard beyond vm_message_max is not held: it goes
+                    // nowhere, on record with its size, and the session goes on.
+                    match ev {
+                        ServerEvent::ServerCutTextDropped { len } => {
+                            clip_dropped = Some(len);
+                            cut = Some((consumed, consumed + n));
+                            break;
+                        }
+                        ServerEvent::Dropped(_) => {
+                            cut = Some((consumed, consumed + n));
+                            break;
+                        }
+                        _ => {}
                     }
                     match leds.event(&ev, consumed, n, browser_wants_leds) {
                         LedStep::Changed(v) => changed.push(v),
@@ -727,6 +742,16 @@ async fn relay(
             for clip in clips {
                 ctx.audit
                     .record(&clip.event(ctx.id, "vm_to_browser"))
+                    .await
+                    .map_err(audit_failed)?;
+            }
+            if let Some(length) = clip_dropped {
+                ctx.audit
+                    .record(&Event::ClipboardDropped {
+                        session: ctx.id,
+                        direction: "vm_to_browser",
+                        length,
+                    })
                     .await
                     .map_err(audit_failed)?;
             }

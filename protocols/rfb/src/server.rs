@@ -65,6 +65,14 @@ pub enum ServerEvent<'a> {
     Bell,
     /// Clipboard from the server.
     ServerCutText(CutText<'a>),
+    /// A ServerCutText longer than [`Limits::max_message_len`]: its 8-byte header.
+    /// Its `len` bytes follow as [`ServerEvent::Dropped`], not held whole.
+    ServerCutTextDropped {
+        /// The contents' length (for an extended clipboard message, its flags too).
+        len: u64,
+    },
+    /// Bytes of a message passed over ([`ServerEvent::ServerCutTextDropped`]).
+    Dropped(&'a [u8]),
     /// Continuous updates stopped.
     EndOfContinuousUpdates,
     /// A fence request or response.
@@ -169,6 +177,8 @@ enum State {
     },
     /// The update's end is to be reported.
     End,
+    /// Inside a message passed over: `left` bytes of it to come.
+    Skip { left: u64 },
 }
 
 /// Decoder of the server-to-client stream.
@@ -276,6 +286,19 @@ impl ServerDecoder {
                     self.state = State::Rects { left };
                     return self.rect(buf, left);
                 }
+                State::Skip { left } => {
+                    if buf.is_empty() {
+                        self.state = State::Skip { left };
+                        return Ok(None);
+                    }
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    if left > n as u64 {
+                        self.state = State::Skip {
+                            left: left - n as u64,
+                        };
+                    }
+                    return Ok(Some((ServerEvent::Dropped(&buf[..n]), n)));
+                }
                 State::Body {
                     left,
                     payload,
@@ -380,12 +403,36 @@ impl ServerDecoder {
                 }
             }
             msg::BELL => ServerEvent::Bell,
-            msg::SERVER_CUT_TEXT => ServerEvent::ServerCutText(need!(parse_cut_text(
-                &mut r,
-                self.offered.contains(Encoding::EXTENDED_CLIPBOARD),
-                &self.limits,
-                "ServerCutText",
-            )?)),
+            msg::SERVER_CUT_TEXT => {
+                let extended = self.offered.contains(Encoding::EXTENDED_CLIPBOARD);
+                // A guest's clipboard beyond the bound is not held: it is passed over
+                // as opaque bytes the caller drops, and the stream goes on.
+                let head = need!(buf.get(..8));
+                let raw = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+                let len = match raw as i32 {
+                    n if n < 0 && extended => n.unsigned_abs(),
+                    _ => raw,
+                };
+                if u64::from(len) + 8 > self.limits.max_message_len as u64 {
+                    if len > 0 {
+                        self.state = State::Skip {
+                            left: u64::from(len),
+                        };
+                    }
+                    return Ok(Some((
+                        ServerEvent::ServerCutTextDropped {
+                            len: u64::from(len),
+                        },
+                        8,
+                    )));
+                }
+                ServerEvent::ServerCutText(need!(parse_cut_text(
+                    &mut r,
+                    extended,
+                    &self.limits,
+                    "ServerCutText",
+                )?))
+            }
             msg::END_OF_CONTINUOUS_UPDATES => {
                 self.require(Encoding::CONTINUOUS_UPDATES, "EndOfContinuousUpdates")?;
                 ServerEvent::EndOfContinuousUpdates

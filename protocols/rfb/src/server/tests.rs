@@ -554,10 +554,16 @@ fn negotiation_is_required() {
     ] {
         assert_eq!(frame_err(&[], bytes), Error::NotNegotiated(what));
     }
-    // Without the extended clipboard a negative length is a 4 GiB length.
+    // Without the extended clipboard a negative length is a 4 GiB length: passed over.
     let mut s = vec![msg::SERVER_CUT_TEXT, 0, 0, 0];
     s.extend_from_slice(&(-8i32).to_be_bytes());
-    assert!(matches!(frame_err(&[], &s), Error::LengthTooLarge { .. }));
+    assert_eq!(
+        frame(&[], &s),
+        [Ev::Event(format!(
+            "ServerCutTextDropped {{ len: {} }}",
+            (-8i32) as u32
+        ))]
+    );
 }
 
 #[test]
@@ -589,16 +595,43 @@ fn refusals() {
             max_message_len: 16,
         },
     );
-    d.set_encodings([]);
-    let mut s = vec![msg::SERVER_CUT_TEXT, 0, 0, 0, 0, 0, 0, 100];
-    s.extend_from_slice(&[b'x'; 100]);
-    assert!(matches!(
-        run(d, &s, 1),
-        Err(Error::LengthTooLarge {
-            what: "ServerCutText",
-            ..
-        })
-    ));
+    d.set_encodings([Encoding::EXTENDED_CLIPBOARD]);
+    // A guest clipboard beyond the bound is passed over, not held, and the stream goes
+    // on: plain and extended (negative length), whole or byte by byte.
+    for len_field in [100i32, -100] {
+        let mut s = vec![msg::SERVER_CUT_TEXT, 0, 0, 0];
+        s.extend_from_slice(&len_field.to_be_bytes());
+        s.extend_from_slice(&[b'x'; 100]);
+        s.push(msg::BELL);
+        for chunk in [1, 7, s.len()] {
+            let evs = run(d.clone(), &s, chunk).unwrap();
+            assert_eq!(
+                evs.first(),
+                Some(&Ev::Event("ServerCutTextDropped { len: 100 }".into()))
+            );
+            assert_eq!(evs.last(), Some(&Ev::Event("Bell".into())), "{evs:?}");
+            let dropped: usize = evs[1..evs.len() - 1]
+                .iter()
+                .map(|e| match e {
+                    Ev::Event(t) => {
+                        assert!(t.starts_with("Dropped("), "{t}");
+                        t.matches(", ").count() + 1
+                    }
+                    Ev::Data(_) => panic!("no data"),
+                })
+                .sum();
+            assert_eq!(dropped, 100, "chunk {chunk}");
+        }
+    }
+    // Within the bound, it is held whole as before.
+    let mut s = vec![msg::SERVER_CUT_TEXT, 0, 0, 0, 0, 0, 0, 5];
+    s.extend_from_slice(b"hello");
+    assert_eq!(
+        run(d, &s, 1).unwrap(),
+        [Ev::Event(
+            "ServerCutText(Latin1([104, 101, 108, 108, 111]))".into()
+        )]
+    );
     let mut s = vec![msg::SET_COLOUR_MAP_ENTRIES, 0, 0xff, 0xff, 0, 2];
     s.extend_from_slice(&[0; 12]);
     assert!(matches!(frame_err(&[], &s), Error::Malformed { .. }));
