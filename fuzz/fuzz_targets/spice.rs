@@ -108,10 +108,10 @@ fuzz_target!(|data: &[u8]| {
                                         xfer_ok = xfer.feed(e, &mut out).is_ok();
                                         for x in out {
                                             match x {
-                                                XferEvent::Start { name, .. } => assert!(name
-                                                    .is_none_or(
-                                                        |n| n.len() <= agent::MAX_XFER_NAME_LEN + 3
-                                                    )),
+                                                XferEvent::Start { name, .. } => assert!(
+                                                    name.len() <= agent::MAX_XFER_NAME_LEN
+                                                        && !name.contains(['/', '\\'])
+                                                ),
                                                 XferEvent::Data { bytes, .. } => {
                                                     assert!(bytes.len() <= b.len())
                                                 }

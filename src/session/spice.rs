@@ -851,6 +851,7 @@ async fn relay(
                             }
                             instead = Some(out);
                         }
+                        msg::ClientMessage::AgentStart { .. } => follower.started = true,
                         msg::ClientMessage::AgentData(chunk) => {
                             follow_agent(
                                 ctx,
@@ -1203,7 +1204,7 @@ enum AgentRecord {
     /// A file transfer refused by `[spice] file_transfer`.
     Refused {
         way: Way,
-        start: Option<(u32, Option<String>, Option<u64>)>,
+        start: Option<(u32, String, u64)>,
     },
 }
 
@@ -1226,6 +1227,9 @@ struct AgentFollower {
     transfer: Option<Transfer>,
     caps: Option<agent::CapsReader>,
     xfer: agent::XferReader,
+    /// The browser sent AGENT_START: spice-server discards agent data before it, so
+    /// vizor refuses any (its stream would start where spice-server's does not).
+    started: bool,
 }
 
 /// Which way agent messages go.
@@ -1285,6 +1289,12 @@ impl AgentFollower {
         fed: &mut Fed,
     ) -> Result<(), End> {
         let side = from.name();
+        if from == AgentSide::Browser && !self.started {
+            return Err(End::refused(
+                "the browser sent agent data before AGENT_START",
+                "agent_refused",
+            ));
+        }
         let mut events = Vec::new();
         stream
             .feed(chunk, &mut events)
@@ -1440,8 +1450,8 @@ async fn record_transfer(ctx: &Ctx, r: &transfers::Record) -> Result<(), End> {
             session: ctx.id,
             direction: r.way.direction(),
             id: Some(r.id),
-            name: r.name.as_deref(),
-            size: r.size,
+            name: Some(&r.name),
+            size: Some(r.size),
             status: r.status,
             bytes: r.bytes,
             sha256: r.sha256.as_deref(),
@@ -1472,7 +1482,7 @@ async fn follow_agent(
             AgentRecord::FileTransfer(t) => record_transfer(ctx, t).await?,
             AgentRecord::Refused { way, start } => {
                 let (id, name, size) = match start {
-                    Some((id, name, size)) => (Some(*id), name.as_deref(), *size),
+                    Some((id, name, size)) => (Some(*id), Some(name.as_str()), Some(*size)),
                     None => (None, None, None),
                 };
                 ctx.audit
@@ -1540,9 +1550,13 @@ mod tests {
 
         fn with(file_transfer: FileTransfer) -> Sides {
             let l = vizor_spice::Limits::default();
+            let started = AgentFollower {
+                started: true,
+                ..AgentFollower::default()
+            };
             Sides {
                 shared: AgentShared::new(file_transfer),
-                browser: (AgentFollower::default(), AgentStream::new(l)),
+                browser: (started, AgentStream::new(l)),
                 vm: (AgentFollower::default(), AgentStream::new(l)),
             }
         }
@@ -1588,6 +1602,31 @@ mod tests {
     }
 
     #[test]
+    fn the_agent_stream_cannot_be_put_out_of_step_with_spice_servers() {
+        // The review's sequence: before AGENT_START spice-server discards agent data
+        // whole; a reader that took it would expect 33 clipboard bytes next, and read
+        // a MOUSE_STATE after AGENT_START as clipboard.
+        let mut first = Vec::new();
+        write_message(kind::CLIPBOARD_RELEASE, &[], &mut first);
+        first.extend_from_slice(
+            &{
+                let mut h = Vec::new();
+                write_message(kind::CLIPBOARD, &[0; 33], &mut h);
+                h
+            }[..20],
+        );
+        let mut s = Sides::new();
+        s.browser.0.started = false;
+        let end = s.feed(AgentSide::Browser, &first).end.expect("refused");
+        assert_eq!(end.label, "agent_refused");
+        assert!(end.reason.contains("AGENT_START"), "{}", end.reason);
+        // After AGENT_START, the same chunk breaks spice-server's framing: refused.
+        let mut s = Sides::new();
+        let end = s.feed(AgentSide::Browser, &first).end.expect("refused");
+        assert_eq!(end.label, "protocol_error", "{}", end.reason);
+    }
+
+    #[test]
     fn the_browser_cannot_point_or_speak_for_the_agent() {
         // MOUSE_STATE would move and click the guest's pointer through spice-vdagentd,
         // past the inputs channel: refused, with every other type a browser has no
@@ -1621,7 +1660,7 @@ mod tests {
         match &fed.records[..] {
             [AgentRecord::Refused { way, start }] => {
                 assert_eq!(*way, Way::ToVm);
-                assert_eq!(start, &Some((3, Some("notes.txt".to_owned()), Some(5))));
+                assert_eq!(start, &Some((3, "notes.txt".to_owned(), 5)));
             }
             other => panic!("{other:?}"),
         }
@@ -1653,8 +1692,8 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(
-            (started.status, started.name.as_deref(), started.size),
-            ("started", Some("notes.txt"), Some(5))
+            (started.status, started.name.as_str(), started.size),
+            ("started", "notes.txt", 5)
         );
         // The guest's agent is ready, the bytes pass, the guest says it is done.
         assert!(s

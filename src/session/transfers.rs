@@ -5,7 +5,7 @@
 //! bytes that passed and their SHA-256.
 
 use sha2::Digest;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use vizor_spice::agent::{xfer_status_name, XferEvent};
 
 /// Which way a transfer's file goes.
@@ -41,12 +41,15 @@ pub struct Record {
     pub way: Way,
     /// The sender's id of the transfer.
     pub id: u32,
-    /// The file's name, as the sender's key file gives it.
-    pub name: Option<String>,
+    /// The file's name, as spice-vdagent reads the sender's key file.
+    pub name: String,
     /// The file's size, as the sender's key file gives it.
-    pub size: Option<u64>,
-    /// `started`, `refused`, a final `VD_AGENT_FILE_XFER_STATUS` name (`success`,
-    /// `cancelled`, `error`...) or `incomplete` (the session ended first).
+    pub size: u64,
+    /// `started`; the receiver's final `VD_AGENT_FILE_XFER_STATUS` (`success`,
+    /// `cancelled`, `error`, `not_enough_space`...); `cancelled_by_sender` (any status
+    /// from the sender ends its transfer: spice-vdagent then deletes the partial
+    /// file); or `incomplete` (the session ended first: spice-vdagent deletes the
+    /// partial file).
     pub status: &'static str,
     /// File bytes that passed.
     pub bytes: u64,
@@ -69,8 +72,8 @@ pub enum Refusal {
 }
 
 struct Open {
-    name: Option<String>,
-    size: Option<u64>,
+    name: String,
+    size: u64,
     bytes: u64,
     hasher: sha2::Sha256,
 }
@@ -79,12 +82,17 @@ struct Open {
 #[derive(Default)]
 pub struct Transfers {
     open: HashMap<(Way, u32), Open>,
+    /// Transfers ended lately: file bytes a sender had on the way when the receiver
+    /// ended its transfer pass (the agent drops them) instead of ending the session.
+    closed: VecDeque<(Way, u32)>,
 }
 
 impl Transfers {
-    /// The most transfers in progress at once (spice-html5 sends one file at a time
-    /// per drop; spice-gtk a handful).
-    pub const MAX_OPEN: usize = 16;
+    /// The most transfers in progress at once (spice-html5 starts every file of a
+    /// drop at once; spice-vdagentd takes 128).
+    pub const MAX_OPEN: usize = 128;
+    /// How many ended transfers are remembered for late bytes.
+    const CLOSED: usize = 256;
 
     /// A file transfer message, read from the stream of the side that sent it (`from`
     /// is the way that side's files go). Returns the record it makes, if any.
@@ -118,22 +126,27 @@ impl Transfers {
                 Ok(Some(record))
             }
             XferEvent::Data { id, bytes } => {
-                let t = self.open.get_mut(&(from, id)).ok_or(Refusal::Unknown(id))?;
+                let Some(t) = self.open.get_mut(&(from, id)) else {
+                    if self.closed.contains(&(from, id)) {
+                        return Ok(None);
+                    }
+                    return Err(Refusal::Unknown(id));
+                };
                 t.bytes += bytes.len() as u64;
                 t.hasher.update(bytes);
                 Ok(None)
             }
             XferEvent::Status { id, result } => {
-                // CAN_SEND_DATA: the receiver is ready; nothing ends.
-                if result == 0 {
-                    return Ok(None);
+                // The receiver's word on the other side's transfer: CAN_SEND_DATA ends
+                // nothing, any other value ends it.
+                if self.open.contains_key(&(from.other(), id)) {
+                    if result == 0 {
+                        return Ok(None);
+                    }
+                    return Ok(self.close((from.other(), id), xfer_status_name(result)));
                 }
-                // A status is the receiver's word on the other side's transfer, or a
-                // sender cancelling its own.
-                let key = [(from.other(), id), (from, id)]
-                    .into_iter()
-                    .find(|k| self.open.contains_key(k));
-                Ok(key.and_then(|k| self.close(k, xfer_status_name(result))))
+                // The sender's own: spice-vdagentd ends the transfer whatever the value.
+                Ok(self.close((from, id), "cancelled_by_sender"))
             }
         }
     }
@@ -149,6 +162,10 @@ impl Transfers {
 
     fn close(&mut self, key: (Way, u32), status: &'static str) -> Option<Record> {
         let t = self.open.remove(&key)?;
+        if self.closed.len() >= Self::CLOSED {
+            self.closed.pop_front();
+        }
+        self.closed.push_back(key);
         Some(Record {
             way: key.0,
             id: key.1,
@@ -168,8 +185,8 @@ mod tests {
     fn start(id: u32) -> XferEvent<'static> {
         XferEvent::Start {
             id,
-            name: Some("a.txt".into()),
-            size: Some(3),
+            name: "a.txt".into(),
+            size: 3,
         }
     }
 
@@ -195,7 +212,7 @@ mod tests {
         let r = t.on(Way::ToBrowser, done).unwrap().unwrap();
         assert_eq!(r.status, "success");
         assert_eq!(r.bytes, 3);
-        assert_eq!(r.name.as_deref(), Some("a.txt"));
+        assert_eq!(r.name, "a.txt");
         // SHA-256("abc").
         assert_eq!(
             r.sha256.as_deref(),
@@ -209,11 +226,16 @@ mod tests {
         let mut t = Transfers::default();
         t.on(Way::ToVm, start(1)).unwrap();
         t.on(Way::ToVm, start(2)).unwrap();
-        let cancel = XferEvent::Status { id: 2, result: 1 };
+        // Any status from the sender ends its transfer (spice-vdagentd deletes the
+        // partial file), whatever the value says.
+        let cancel = XferEvent::Status { id: 2, result: 3 };
         assert_eq!(
             t.on(Way::ToVm, cancel).unwrap().unwrap().status,
-            "cancelled"
+            "cancelled_by_sender"
         );
+        // Bytes the sender had on the way pass (the agent drops them).
+        let late = XferEvent::Data { id: 2, bytes: b"x" };
+        assert_eq!(t.on(Way::ToVm, late), Ok(None));
         let rest = t.end_all();
         assert_eq!(rest.len(), 1);
         assert_eq!((rest[0].id, rest[0].status), (1, "incomplete"));
@@ -235,7 +257,7 @@ mod tests {
             t.on(Way::ToVm, start(id)).unwrap();
         }
         assert_eq!(
-            t.on(Way::ToVm, start(99)),
+            t.on(Way::ToVm, start(10_000)),
             Err(Refusal::TooMany(Transfers::MAX_OPEN))
         );
     }

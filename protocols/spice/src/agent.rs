@@ -10,6 +10,8 @@ use crate::{le_u32, le_u64};
 pub const HEADER_LEN: usize = 20;
 /// `VD_AGENT_PROTOCOL`.
 pub const PROTOCOL: u32 = 1;
+/// `VD_AGENT_MAX_DATA_SIZE`: the largest AGENT_DATA body.
+pub const MAX_CHUNK_LEN: usize = 2048;
 
 /// `VD_AGENT_*` message types (spice-protocol `vd_agent.h`).
 pub mod kind {
@@ -123,7 +125,8 @@ pub fn xfer_status_name(result: u32) -> &'static str {
 
 /// The longest FILE_XFER_START a reader takes (its key file names one file).
 pub const MAX_XFER_START_LEN: u32 = 8192;
-/// The longest file name a reader keeps (longer names are cut, and say so).
+/// The longest file name a reader keeps (a longer one is cut in the middle, and says
+/// so).
 pub const MAX_XFER_NAME_LEN: usize = 255;
 
 /// What a file transfer message said.
@@ -133,11 +136,11 @@ pub enum XferEvent<'a> {
     Start {
         /// The transfer's id.
         id: u32,
-        /// The file's name as the key file gives it (GKeyFile escapes kept; cut to
-        /// [`MAX_XFER_NAME_LEN`] bytes, with "..." after a cut).
-        name: Option<String>,
+        /// The file's name as spice-vdagent reads it (at most [`MAX_XFER_NAME_LEN`]
+        /// bytes: a longer one is its start and end around "...").
+        name: String,
         /// The file's size as the key file gives it.
-        size: Option<u64>,
+        size: u64,
     },
     /// A transfer's state.
     Status {
@@ -228,7 +231,11 @@ impl XferReader {
                     let id = le_u32(&self.head, 0).unwrap_or(0);
                     match msg_type {
                         kind::FILE_XFER_START => {
-                            let (name, size) = read_key_file(&self.head[4..]);
+                            let (name, size) =
+                                read_key_file(&self.head[4..]).map_err(|why| Error::Malformed {
+                                    what: "FILE_XFER_START",
+                                    why,
+                                })?;
                             out.push(XferEvent::Start { id, name, size });
                         }
                         kind::FILE_XFER_STATUS => out.push(XferEvent::Status {
@@ -378,7 +385,6 @@ pub enum AgentEvent<'a> {
 #[derive(Debug, Clone)]
 pub struct AgentStream {
     limits: Limits,
-    header: Vec<u8>,
     msg_type: u32,
     remaining: u64,
 }
@@ -388,80 +394,115 @@ impl AgentStream {
     pub fn new(limits: Limits) -> Self {
         AgentStream {
             limits,
-            header: Vec::with_capacity(HEADER_LEN),
             msg_type: 0,
             remaining: 0,
         }
     }
 
-    /// Feeds one AGENT_DATA body; appends what it held to `out`.
+    /// Feeds one AGENT_DATA body; appends what it held to `out`. Chunks are framed as
+    /// spice-server's agent filter frames them, or refused: at most
+    /// [`MAX_CHUNK_LEN`] bytes; a chunk at a message boundary starts with a whole
+    /// header; no chunk holds bytes past the end of its message (spice-server ends a
+    /// client that breaks these, and ignores bytes after an empty message: read any
+    /// other way, the stream could say one thing to vizor and another to the agent).
     pub fn feed<'a>(
         &mut self,
-        mut chunk: &'a [u8],
+        chunk: &'a [u8],
         out: &mut Vec<AgentEvent<'a>>,
     ) -> Result<(), Error> {
-        while !chunk.is_empty() {
-            if self.remaining > 0 {
-                let n = usize::try_from(self.remaining)
-                    .unwrap_or(usize::MAX)
-                    .min(chunk.len());
-                self.remaining -= n as u64;
-                out.push(AgentEvent::Data {
-                    msg_type: self.msg_type,
-                    bytes: &chunk[..n],
-                    last: self.remaining == 0,
-                });
-                chunk = &chunk[n..];
-                continue;
-            }
-            let take = (HEADER_LEN - self.header.len()).min(chunk.len());
-            self.header.extend_from_slice(&chunk[..take]);
-            chunk = &chunk[take..];
-            if self.header.len() < HEADER_LEN {
-                break;
-            }
-            let h = std::mem::take(&mut self.header);
-            if le_u32(&h, 0) != Some(PROTOCOL) {
-                return Err(Error::Malformed {
-                    what: "VDAgentMessage",
-                    why: "protocol is not 1",
-                });
-            }
-            let msg_type = le_u32(&h, 4).unwrap_or(0);
-            let size = le_u32(&h, 16).unwrap_or(0);
-            Limits::check(
-                "agent message",
-                u64::from(size),
-                self.limits.max_agent_message_len,
-            )?;
-            self.msg_type = msg_type;
-            self.remaining = u64::from(size);
-            out.push(AgentEvent::Begin {
-                msg_type,
-                opaque: le_u64(&h, 8).unwrap_or(0),
-                size,
+        if chunk.len() > MAX_CHUNK_LEN {
+            return Err(Error::LengthTooLarge {
+                what: "AGENT_DATA",
+                len: chunk.len() as u64,
+                max: MAX_CHUNK_LEN as u64,
             });
-            if size == 0 {
-                out.push(AgentEvent::Data {
-                    msg_type,
-                    bytes: &[],
-                    last: true,
-                });
+        }
+        let beyond = Error::Malformed {
+            what: "AGENT_DATA",
+            why: "bytes past the end of its agent message",
+        };
+        if self.remaining > 0 {
+            if chunk.len() as u64 > self.remaining {
+                return Err(beyond);
             }
+            self.remaining -= chunk.len() as u64;
+            out.push(AgentEvent::Data {
+                msg_type: self.msg_type,
+                bytes: chunk,
+                last: self.remaining == 0,
+            });
+            return Ok(());
+        }
+        let Some((h, data)) = chunk.split_at_checked(HEADER_LEN) else {
+            return Err(Error::Malformed {
+                what: "AGENT_DATA",
+                why: "a message that does not start with its whole header",
+            });
+        };
+        if le_u32(h, 0) != Some(PROTOCOL) {
+            return Err(Error::Malformed {
+                what: "VDAgentMessage",
+                why: "protocol is not 1",
+            });
+        }
+        let msg_type = le_u32(h, 4).unwrap_or(0);
+        let size = le_u32(h, 16).unwrap_or(0);
+        Limits::check(
+            "agent message",
+            u64::from(size),
+            self.limits.max_agent_message_len,
+        )?;
+        if data.len() as u64 > u64::from(size) {
+            return Err(beyond);
+        }
+        self.msg_type = msg_type;
+        self.remaining = u64::from(size) - data.len() as u64;
+        out.push(AgentEvent::Begin {
+            msg_type,
+            opaque: le_u64(h, 8).unwrap_or(0),
+            size,
+        });
+        if size == 0 || !data.is_empty() {
+            out.push(AgentEvent::Data {
+                msg_type,
+                bytes: data,
+                last: self.remaining == 0,
+            });
         }
         Ok(())
     }
 }
 
-/// The `name` and `size` of a FILE_XFER_START key file (`[vdagent-file-xfer]`,
-/// `name=...`, `size=...`); values as written, the name cut to
-/// [`MAX_XFER_NAME_LEN`] bytes.
-fn read_key_file(text: &[u8]) -> (Option<String>, Option<u64>) {
-    let text = String::from_utf8_lossy(text);
+/// Splits one agent message (header and data, as [`write_message`] writes it) into
+/// AGENT_DATA bodies as clients send them: the header and the first data in the
+/// first, at most [`MAX_CHUNK_LEN`] bytes each.
+pub fn chunks(message: &[u8]) -> impl Iterator<Item = &[u8]> {
+    message.chunks(MAX_CHUNK_LEN)
+}
+
+/// The `name` and `size` of a FILE_XFER_START key file, read as spice-vdagent reads
+/// it (GKeyFile: group `[vdagent-file-xfer]`, escapes undone), or refused when it is
+/// not the one plain form clients write (`name=...` and `size=...` once each, nothing
+/// after the closing NUL, no whitespace GKeyFile would trim, no other escapes): any
+/// other form could be read one way here and another by the agent. A name with a
+/// path in it (`/`, `\`, `.`, `..`) is refused: spice-vdagent joins it to its save
+/// directory as it is. A name longer than [`MAX_XFER_NAME_LEN`] bytes is recorded as
+/// its start and end around "...".
+fn read_key_file(text: &[u8]) -> Result<(String, u64), &'static str> {
+    let end = text.iter().position(|b| *b == 0).unwrap_or(text.len());
+    if text[end..].iter().any(|b| *b != 0) {
+        return Err("bytes after the key file's end");
+    }
+    let text = std::str::from_utf8(&text[..end]).map_err(|_| "a key file that is not UTF-8")?;
     let (mut name, mut size) = (None, None);
     let mut in_group = false;
-    for line in text.split(['\n', '\0']) {
-        let line = line.trim_end_matches('\r');
+    for line in text.split('\n') {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line.starts_with(char::is_whitespace) || line.ends_with(char::is_whitespace) {
+            return Err("a key file line with whitespace around it");
+        }
         if line.starts_with('[') {
             in_group = line == "[vdagent-file-xfer]";
             continue;
@@ -469,22 +510,76 @@ fn read_key_file(text: &[u8]) -> (Option<String>, Option<u64>) {
         if !in_group {
             continue;
         }
-        if let Some(v) = line.strip_prefix("name=") {
-            let mut v = v.to_owned();
-            if v.len() > MAX_XFER_NAME_LEN {
-                let mut cut = MAX_XFER_NAME_LEN;
-                while !v.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                v.truncate(cut);
-                v.push_str("...");
+        let Some((key, value)) = line.split_once('=') else {
+            return Err("a key file line that is not key=value");
+        };
+        if key.ends_with(char::is_whitespace) || value.starts_with(char::is_whitespace) {
+            return Err("a key file line with whitespace around its =");
+        }
+        match key {
+            "name" if name.is_none() => name = Some(unescape(value)?),
+            "size" if size.is_none() => {
+                size = Some(
+                    value
+                        .parse::<u64>()
+                        .map_err(|_| "a file size that is not a number")?,
+                )
             }
-            name = Some(v);
-        } else if let Some(v) = line.strip_prefix("size=") {
-            size = v.trim().parse().ok();
+            "name" | "size" => return Err("a key file naming the file or its size twice"),
+            _ => {}
         }
     }
-    (name, size)
+    let (Some(name), Some(size)) = (name, size) else {
+        return Err("a key file without the file's name and size");
+    };
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains(['/', '\\'])
+        || name.contains(char::is_control)
+    {
+        return Err("a file name that is empty, a path, or holds control characters");
+    }
+    Ok((shorten(name), size))
+}
+
+/// Undoes GKeyFile's escapes (`\s`, `\n`, `\t`, `\r`, `\\`); any other is refused.
+fn unescape(value: &str) -> Result<String, &'static str> {
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        out.push(match chars.next() {
+            Some('s') => ' ',
+            Some('n') => '\n',
+            Some('t') => '\t',
+            Some('r') => '\r',
+            Some('\\') => '\\',
+            _ => return Err("a key file escape GKeyFile does not have"),
+        });
+    }
+    Ok(out)
+}
+
+/// A name cut to [`MAX_XFER_NAME_LEN`] bytes: its start and its end (the extension)
+/// around "...".
+fn shorten(name: String) -> String {
+    if name.len() <= MAX_XFER_NAME_LEN {
+        return name;
+    }
+    let half = (MAX_XFER_NAME_LEN - 3) / 2;
+    let mut head = half;
+    while !name.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = name.len() - half;
+    while !name.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{}...{}", &name[..head], &name[tail..])
 }
 
 /// Appends a `VDAgentMessage` header and data.
@@ -500,20 +595,39 @@ pub fn write_message(msg_type: u32, data: &[u8], out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
+    fn message(t: u32, data: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        write_message(t, data, &mut m);
+        m
+    }
+
+    /// The messages as AGENT_DATA bodies of at most `chunk` bytes, each message's
+    /// header whole in its first, as clients send them.
+    fn split(messages: &[Vec<u8>], chunk: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for m in messages {
+            let first = m.len().min(chunk.max(HEADER_LEN));
+            out.push(m[..first].to_vec());
+            out.extend(m[first..].chunks(chunk).map(<[u8]>::to_vec));
+        }
+        out
+    }
+
     #[test]
     fn follows_messages_across_any_chunking() {
-        let mut stream = Vec::new();
-        write_message(kind::CLIPBOARD_GRAB, &[1, 0, 0, 0], &mut stream);
         let mut clip = 1u32.to_le_bytes().to_vec(); // VD_AGENT_CLIPBOARD_UTF8_TEXT
         clip.extend_from_slice(b"secret text from the guest");
-        write_message(kind::CLIPBOARD, &clip, &mut stream);
-        write_message(kind::CLIPBOARD_RELEASE, &[], &mut stream);
+        let messages = [
+            message(kind::CLIPBOARD_GRAB, &[1, 0, 0, 0]),
+            message(kind::CLIPBOARD, &clip),
+            message(kind::CLIPBOARD_RELEASE, &[]),
+        ];
         for chunk in [1, 3, 7, 20, 2048] {
             let mut a = AgentStream::new(Limits::default());
             let mut evs = Vec::new();
             let mut clip_bytes = Vec::new();
             let mut begins = Vec::new();
-            for c in stream.chunks(chunk) {
+            for c in &split(&messages, chunk) {
                 a.feed(c, &mut evs).unwrap();
                 for e in evs.drain(..) {
                     match e {
@@ -576,29 +690,32 @@ mod tests {
         assert!(!short.has(cap::CLIPBOARD_SELECTION));
     }
 
-    fn xfer_stream() -> Vec<u8> {
+    fn xfer_stream() -> Vec<Vec<u8>> {
         let mut stream = Vec::new();
         let mut start = 7u32.to_le_bytes().to_vec();
         start.extend_from_slice(b"[vdagent-file-xfer]\nname=report.pdf\nsize=10\n\0");
-        write_message(kind::FILE_XFER_START, &start, &mut stream);
-        write_message(kind::CLIPBOARD_RELEASE, &[], &mut stream);
+        stream.push(message(kind::FILE_XFER_START, &start));
+        stream.push(message(kind::CLIPBOARD_RELEASE, &[]));
         for part in [&b"0123"[..], b"456789"] {
             let mut data = 7u32.to_le_bytes().to_vec();
             data.extend_from_slice(&(part.len() as u64).to_le_bytes());
             data.extend_from_slice(part);
-            write_message(kind::FILE_XFER_DATA, &data, &mut stream);
+            stream.push(message(kind::FILE_XFER_DATA, &data));
         }
         let mut status = 7u32.to_le_bytes().to_vec();
         status.extend_from_slice(&3u32.to_le_bytes());
-        write_message(kind::FILE_XFER_STATUS, &status, &mut stream);
+        stream.push(message(kind::FILE_XFER_STATUS, &status));
         stream
     }
 
-    fn read_xfer(stream: &[u8], chunk: usize) -> Result<(Vec<XferEvent<'static>>, Vec<u8>), Error> {
+    fn read_xfer(
+        messages: &[Vec<u8>],
+        chunk: usize,
+    ) -> Result<(Vec<XferEvent<'static>>, Vec<u8>), Error> {
         let mut a = AgentStream::new(Limits::default());
         let mut x = XferReader::default();
         let (mut events, mut data) = (Vec::new(), Vec::new());
-        for c in stream.chunks(chunk) {
+        for c in &split(messages, chunk) {
             let mut evs = Vec::new();
             a.feed(c, &mut evs)?;
             for e in &evs {
@@ -633,8 +750,8 @@ mod tests {
                 [
                     XferEvent::Start {
                         id: 7,
-                        name: Some("report.pdf".into()),
-                        size: Some(10)
+                        name: "report.pdf".into(),
+                        size: 10
                     },
                     XferEvent::Status { id: 7, result: 3 }
                 ],
@@ -643,52 +760,124 @@ mod tests {
             assert_eq!(data, b"0123456789", "chunk {chunk}");
         }
         assert_eq!(xfer_status_name(3), "success");
-        // A long name is cut, and says so.
+        // A long name keeps its start and its extension.
         let (name, size) = read_key_file(
             format!(
-                "[vdagent-file-xfer]\nname={}\nsize=x\n",
+                "[vdagent-file-xfer]\nname={}.pdf\nsize=3\n",
                 "\u{e9}".repeat(200)
             )
             .as_bytes(),
-        );
-        let name = name.unwrap();
+        )
+        .unwrap();
         assert!(
-            name.ends_with("...") && name.len() <= MAX_XFER_NAME_LEN + 3,
+            name.ends_with("\u{e9}.pdf") && name.contains("...") && name.len() <= MAX_XFER_NAME_LEN,
             "{name}"
         );
-        assert_eq!(size, None);
-        // Keys outside the group are not the file's.
-        assert_eq!(read_key_file(b"[other]\nname=x\n"), (None, None));
+        assert_eq!(size, 3);
+        // Escapes are undone as spice-vdagent undoes them; other groups are not read.
+        assert_eq!(
+            read_key_file(b"[other]\nname=x\n[vdagent-file-xfer]\nname=a\\sb\\tc\nsize=1\n\0\0"),
+            Err("a file name that is empty, a path, or holds control characters"),
+            "a tab is a control character"
+        );
+        assert_eq!(
+            read_key_file(b"[other]\nname=x\n[vdagent-file-xfer]\nname=a\\sb.txt\nsize=1\n\0\0"),
+            Ok(("a b.txt".to_owned(), 1))
+        );
+    }
+
+    #[test]
+    fn key_files_the_agent_could_read_otherwise_are_refused() {
+        // Each would give spice-vdagent another name than a naive reader, or a path.
+        for bad in [
+            &b"[vdagent-file-xfer]\nname=real.sh\0name=fake.txt\nsize=1\n"[..],
+            b"[vdagent-file-xfer]\nname=harmless.txt\nname =evil.sh\nsize=1\n",
+            b"[vdagent-file-xfer]\nname=a\nname=b\nsize=1\n",
+            b"[vdagent-file-xfer]\n  name=a\nsize=1\n",
+            b"[vdagent-file-xfer] \nname=a\nsize=1\n",
+            b"[vdagent-file-xfer]\nname= a\nsize=1\n",
+            b"[vdagent-file-xfer]\nname=a\\x\nsize=1\n",
+            b"[vdagent-file-xfer]\nname=../.config/autostart/x.desktop\nsize=1\n",
+            b"[vdagent-file-xfer]\nname=..\nsize=1\n",
+            b"[vdagent-file-xfer]\nname=a\\\\b\nsize=1\n",
+            b"[vdagent-file-xfer]\nname=a\\nb\nsize=1\n",
+            b"[vdagent-file-xfer]\nname=a\nsize=-1\n",
+            b"[vdagent-file-xfer]\nname=a\n",
+            b"[vdagent-file-xfer]\nsize=1\n",
+            b"[vdagent-file-xfer]\nname=\xff\nsize=1\n",
+        ] {
+            assert!(
+                read_key_file(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn chunks_are_framed_as_spice_server_frames_them() {
+        // The desync a looser reader allows: an empty message with a header after it
+        // in the same chunk (spice-server ignores bytes after an empty message).
+        let mut bad = message(kind::CLIPBOARD_RELEASE, &[]);
+        bad.extend(message(kind::CLIPBOARD, &[0; 13])[..20].iter());
+        let mut a = AgentStream::new(Limits::default());
+        assert!(a.feed(&bad, &mut Vec::new()).is_err());
+        // Two messages in one chunk.
+        let mut two = message(kind::CLIPBOARD_GRAB, &[1, 0, 0, 0]);
+        two.extend(message(kind::CLIPBOARD_RELEASE, &[]));
+        assert!(AgentStream::new(Limits::default())
+            .feed(&two, &mut Vec::new())
+            .is_err());
+        // A header split across chunks.
+        let m = message(kind::CLIPBOARD_GRAB, &[1, 0, 0, 0]);
+        assert!(AgentStream::new(Limits::default())
+            .feed(&m[..19], &mut Vec::new())
+            .is_err());
+        // A chunk beyond VD_AGENT_MAX_DATA_SIZE.
+        let big = message(kind::CLIPBOARD, &[0; 4096]);
+        assert!(matches!(
+            AgentStream::new(Limits::default()).feed(&big[..2049], &mut Vec::new()),
+            Err(Error::LengthTooLarge { .. })
+        ));
+        // Data past the message's end in a later chunk.
+        let m = message(kind::CLIPBOARD, &[0; 30]);
+        let mut a = AgentStream::new(Limits::default());
+        a.feed(&m[..40], &mut Vec::new()).unwrap();
+        let mut over = m[40..].to_vec();
+        over.push(0);
+        assert!(a.feed(&over, &mut Vec::new()).is_err());
+        // As clients send them: fine.
+        let mut a = AgentStream::new(Limits::default());
+        for c in chunks(&big) {
+            a.feed(c, &mut Vec::new()).unwrap();
+        }
     }
 
     #[test]
     fn file_transfer_refusals() {
         // A DATA message whose size field is not its data's size.
-        let mut stream = Vec::new();
         let mut data = 1u32.to_le_bytes().to_vec();
         data.extend_from_slice(&100u64.to_le_bytes());
         data.extend_from_slice(b"abc");
-        write_message(kind::FILE_XFER_DATA, &data, &mut stream);
-        assert!(read_xfer(&stream, 5).is_err());
+        assert!(read_xfer(&[message(kind::FILE_XFER_DATA, &data)], 5).is_err());
         // Messages shorter than their fixed fields.
         for (t, len) in [
             (kind::FILE_XFER_START, 3),
             (kind::FILE_XFER_STATUS, 7),
             (kind::FILE_XFER_DATA, 11),
         ] {
-            let mut stream = Vec::new();
-            write_message(t, &vec![0; len], &mut stream);
-            assert!(read_xfer(&stream, 64).is_err(), "type {t}");
+            assert!(
+                read_xfer(&[message(t, &vec![0; len])], 64).is_err(),
+                "type {t}"
+            );
         }
         // A START beyond the bound.
-        let mut stream = Vec::new();
-        write_message(
+        let start = message(
             kind::FILE_XFER_START,
             &vec![b'a'; MAX_XFER_START_LEN as usize + 1],
-            &mut stream,
         );
         assert!(matches!(
-            read_xfer(&stream, 64),
+            read_xfer(&[start], 64),
             Err(Error::LengthTooLarge { .. })
         ));
     }
