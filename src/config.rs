@@ -515,6 +515,29 @@ pub struct AuditConfig {
     pub clipboard: ClipboardAudit,
     /// `record_dir`: record each VNC session's screen here (for `vizor replay`).
     pub record_dir: Option<PathBuf>,
+    /// `refusal_summary_interval`: per client and interval, an unauthenticated
+    /// client's first refusal is recorded and the rest summed up in one
+    /// `refusal_summary` record (1s to 1h; default "1m").
+    #[serde(
+        default = "default_refusal_interval",
+        deserialize_with = "refusal_interval"
+    )]
+    pub refusal_summary_interval: Duration,
+}
+
+fn default_refusal_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn refusal_interval<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let t = any_duration(d)?;
+    if t < Duration::from_secs(1) || t > Duration::from_secs(3600) {
+        return Err(serde::de::Error::custom(format!(
+            "refusal_summary_interval {} is out of range (1s to 1h)",
+            humantime::format_duration(t)
+        )));
+    }
+    Ok(t)
 }
 
 /// `[audit] clipboard`

@@ -56,6 +56,8 @@ pub struct App {
     pub connections: Arc<Connections>,
     /// Failed token attempts per client.
     pub failed_tokens: FailedTokens,
+    /// Refusals of unauthenticated clients, aggregated per client and interval.
+    pub refusals: crate::refusals::Refusals,
     /// TLS toward QEMU, when `[upstream_tls]` is configured.
     pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
     /// Set to true to close every live session (after the shutdown grace).
@@ -138,6 +140,11 @@ impl App {
             l.max_sessions_per_user,
         );
         let connections = Connections::new(l.max_connections, l.max_connections_per_client);
+        let refusals = crate::refusals::Refusals::new(
+            config.audit.refusal_summary_interval,
+            FAILED_TOKEN_CLIENTS,
+            std::time::Instant::now(),
+        );
         let failed_tokens = FailedTokens::new(
             l.failed_tokens_per_client,
             l.failed_tokens_window,
@@ -156,6 +163,7 @@ impl App {
             slots,
             connections,
             failed_tokens,
+            refusals,
             upstream_tls: None,
             close_sessions,
             sessions: SessionCount::default(),
@@ -275,23 +283,28 @@ async fn route(
                 "this endpoint needs a WebSocket upgrade\n",
             ));
         }
+        // A client refused unheard is not even asked for its origin.
+        if let Some(refused) = throttled(&app, peer) {
+            return Ok(refused);
+        }
         if let Err(origin) = origin_allowed(&app.config.server.allowed_origins, &req) {
-            warn!(client = %peer, origin = %origin, "WebSocket upgrade refused: origin not allowed");
             app.metrics
                 .auth_refusals_total
                 .with_label_values(&["origin", "origin_not_allowed"])
                 .inc();
-            app.audit.record_nowait(&Event::OriginRefused {
-                client: &peer.to_string(),
-                origin: &origin,
+            refusal(&app, peer, "origin_not_allowed", || {
+                warn!(client = %peer, origin = %origin, "WebSocket upgrade refused: origin not allowed (more from this client this interval are counted, not logged)");
+                app.audit.record_refusal(&Event::OriginRefused {
+                    client: &peer.to_string(),
+                    origin: &origin,
+                })
             });
+            // A foreign origin counts against the client's allowance like a bad token.
+            failed_attempt(&app, peer);
             return Ok(text(
                 StatusCode::FORBIDDEN,
                 "this page's origin may not open consoles here\n",
             ));
-        }
-        if let Some(refused) = throttled(&app, peer) {
-            return Ok(refused);
         }
         return Ok(websocket(app, peer, &mut req));
     }
@@ -583,11 +596,49 @@ fn token_refused(app: &App, peer: SocketAddr, reason: &'static str, token_id: Op
         .auth_refusals_total
         .with_label_values(&["token", reason])
         .inc();
-    app.audit.record_nowait(&Event::TokenRefused {
-        client: &peer.to_string(),
-        reason,
-        token_id,
+    refusal(app, peer, reason, || {
+        app.audit.record_refusal(&Event::TokenRefused {
+            client: &peer.to_string(),
+            reason,
+            token_id,
+        })
     });
+    failed_attempt(app, peer);
+}
+
+/// Counts one refusal of an unauthenticated client: `detail` records it (and logs it)
+/// only when it is the client's first for `reason` in the interval, and returns
+/// whether its record was queued. An interval that ended is summed up first.
+fn refusal(app: &App, peer: SocketAddr, reason: &'static str, detail: impl FnOnce() -> bool) {
+    use crate::refusals::Verdict;
+    let (verdict, ended) = app
+        .refusals
+        .refused(peer.ip(), reason, std::time::Instant::now());
+    record_summaries(app, ended);
+    if verdict == Verdict::Detail && !detail() {
+        app.refusals.not_recorded(peer.ip());
+    }
+}
+
+/// Records the summaries of an interval's refusals (from `refusal`, or the timer
+/// that ends intervals when refusals stop).
+pub fn record_summaries(app: &App, summaries: Vec<crate::refusals::Summary>) {
+    let interval_s = app.config.audit.refusal_summary_interval.as_secs();
+    for s in summaries {
+        warn!(client = %s.client, refused = s.refused, interval_s, "refusals of one client summed up");
+        app.audit.record_refusal(&Event::RefusalSummary {
+            client: &s.client,
+            interval_s,
+            refused: s.refused,
+            reasons: s.reasons.iter().copied().collect(),
+            not_recorded: s.not_recorded,
+        });
+    }
+}
+
+/// Counts a failed attempt (a bad token, a foreign origin) against the client's
+/// allowance; the one that fills it is logged and recorded.
+fn failed_attempt(app: &App, peer: SocketAddr) {
     let now = std::time::Instant::now();
     if app.failed_tokens.failed(peer.ip(), now) {
         let retry = app
@@ -647,6 +698,8 @@ fn throttled(app: &App, peer: SocketAddr) -> Option<Resp> {
         .auth_refusals_total
         .with_label_values(&["token", "throttled"])
         .inc();
+    // Recorded once when the allowance ran out (client_throttled); counted here.
+    refusal(app, peer, "throttled", || true);
     debug!(client = %peer, "refused unheard: too many failed token attempts");
     let mut r = text(
         StatusCode::TOO_MANY_REQUESTS,

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod live;
 pub mod metrics;
 pub mod record;
+pub mod refusals;
 pub mod replay;
 pub mod serve;
 pub mod session;

@@ -253,7 +253,13 @@ pub struct FailedTokens {
     window: Duration,
     max_tracked: usize,
     state: Mutex<HashMap<ClientKey, Bucket>>,
+    /// When the table was last swept for drained clients: at most once a second, so
+    /// a failure costs O(1) however many clients are tracked.
+    last_sweep: Mutex<Option<Instant>>,
 }
+
+/// How often a full table may be swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -277,6 +283,7 @@ impl FailedTokens {
             window,
             max_tracked,
             state: Mutex::default(),
+            last_sweep: Mutex::default(),
         }
     }
 
@@ -311,10 +318,15 @@ impl FailedTokens {
         let key = ClientKey::of(ip);
         let mut s = guard(&self.state);
         if s.len() >= self.max_tracked && !s.contains_key(&key) {
-            // Forget whoever has drained; if every tracked client is still failing,
-            // the newcomer goes uncounted (its token is still checked: only the
-            // throttle is lost, and the metric counts the attempt).
-            s.retain(|_, b| b.level(now, rate) > 0.0);
+            // Forget whoever has drained, at most once a second; if every tracked
+            // client is still failing, or the table was swept lately, the newcomer
+            // goes uncounted (its token is still checked: only the throttle is lost,
+            // and the metric counts the attempt).
+            let mut last = guard(&self.last_sweep);
+            if last.is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_EVERY) {
+                *last = Some(now);
+                s.retain(|_, b| b.level(now, rate) > 0.0);
+            }
             if s.len() >= self.max_tracked {
                 return false;
             }
@@ -478,6 +490,30 @@ mod tests {
         let later = t0 + Duration::from_secs(31);
         assert!(!f.failed(IpAddr::from([10, 0, 1, 1]), later));
         assert_eq!(f.tracked(), 1);
+    }
+
+    #[test]
+    fn a_full_table_costs_o1_per_failure() {
+        // 100,000 clients all failing, then a flood of newcomers: the table is swept at
+        // most once a second, not once per failure (which held the global lock for a
+        // full scan each time).
+        let f = FailedTokens::new(20, Duration::from_secs(60), 100_000);
+        let t0 = Instant::now();
+        for i in 0..100_000u32 {
+            f.failed(IpAddr::from(i.to_be_bytes()), t0);
+        }
+        assert_eq!(f.tracked(), 100_000);
+        for i in 0..200_000u32 {
+            f.failed(IpAddr::from((0x0a00_0000 + i).to_be_bytes()), t0);
+        }
+        // Not a timing assertion (the machine is shared): one sweep at t0 for all
+        // 200,000 newcomers, which went uncounted.
+        assert_eq!(*guard(&f.last_sweep), Some(t0));
+        assert_eq!(f.tracked(), 100_000);
+        // ...and a second later, a sweep happens again (nothing drained yet: still
+        // full).
+        assert!(!f.failed(IpAddr::from([192, 0, 2, 1]), t0 + Duration::from_secs(1)));
+        assert_eq!(*guard(&f.last_sweep), Some(t0 + Duration::from_secs(1)));
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub audit_events_total: IntCounterVec,
     /// `vizor_audit_write_errors_total`
     pub audit_write_errors_total: IntCounter,
+    /// `vizor_accept_errors_total{listener}`
+    pub accept_errors_total: IntCounterVec,
+    /// `vizor_audit_refusals_dropped_total`
+    pub audit_refusals_dropped_total: IntCounter,
     /// `vizor_protocol_errors_total{kind,direction,reason}`
     pub protocol_errors_total: IntCounterVec,
     /// `vizor_connections_refused_total{reason}`
@@ -131,6 +135,19 @@ impl Metrics {
                 "vizor_audit_write_errors_total",
                 "Audit records that could not be written.",
             )?,
+            accept_errors_total: IntCounterVec::new(
+                Opts::new(
+                    "vizor_accept_errors_total",
+                    "Failed accepts (most often: out of open files), by listener (main, metrics); \
+                     each is followed by a pause of up to 1 s.",
+                ),
+                &["listener"],
+            )?,
+            audit_refusals_dropped_total: IntCounter::new(
+                "vizor_audit_refusals_dropped_total",
+                "Records of refused unauthenticated requests not written because the audit queue \
+                 was half full (live sessions' records keep the other half); their summaries count them.",
+            )?,
             protocol_errors_total: IntCounterVec::new(
                 Opts::new(
                     "vizor_protocol_errors_total",
@@ -163,6 +180,8 @@ impl Metrics {
         r.register(Box::new(m.auth_refusals_total.clone()))?;
         r.register(Box::new(m.audit_events_total.clone()))?;
         r.register(Box::new(m.audit_write_errors_total.clone()))?;
+        r.register(Box::new(m.audit_refusals_dropped_total.clone()))?;
+        r.register(Box::new(m.accept_errors_total.clone()))?;
         r.register(Box::new(m.protocol_errors_total.clone()))?;
         r.register(Box::new(m.connections_refused_total.clone()))?;
         // Series that exist from the start, so rates over them work before traffic.
@@ -170,6 +189,9 @@ impl Metrics {
         m.input_to_display_seconds.with_label_values(&["vnc"]);
         // Splicing is done for RFB only.
         m.spliced_bytes_total.with_label_values(&["vnc"]);
+        for listener in ["main", "metrics"] {
+            m.accept_errors_total.with_label_values(&[listener]);
+        }
         for kind in ["vnc", "spice"] {
             m.sessions_active.with_label_values(&[kind]);
             for h in [
@@ -255,6 +277,8 @@ mod tests {
             "vizor_auth_refusals_total",
             "vizor_audit_events_total",
             "vizor_audit_write_errors_total",
+            "vizor_audit_refusals_dropped_total",
+            "vizor_accept_errors_total",
             "vizor_protocol_errors_total",
             "vizor_connections_refused_total",
         ] {

@@ -12,6 +12,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -65,13 +66,99 @@ where
     }
 }
 
-/// Serves `/metrics` (and `/healthz`) alone, on `metrics_listen`.
-async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<crate::metrics::Metrics>) {
+/// Connections the metrics listener serves at once; more are closed at accept.
+const METRICS_CONNECTIONS: usize = 64;
+
+/// Failed accepts (out of open files, most often) on one listener: counted, logged at
+/// most once per interval, and waited out with a growing pause instead of retried at
+/// once (an accept loop that retries at once spins a CPU and floods the log).
+pub struct AcceptErrors {
+    listener: &'static str,
+    metrics: Arc<crate::metrics::Metrics>,
+    backoff: Duration,
+    last_log: Option<Instant>,
+    since_log: u64,
+}
+
+impl AcceptErrors {
+    /// The first pause, and the longest.
+    pub const FIRST: Duration = Duration::from_millis(10);
+    /// The longest pause.
+    pub const MAX: Duration = Duration::from_secs(1);
+    /// At most one log line per this long.
+    pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    /// For the listener named `listener` (`main`, `metrics`).
+    pub fn new(listener: &'static str, metrics: Arc<crate::metrics::Metrics>) -> AcceptErrors {
+        AcceptErrors {
+            listener,
+            metrics,
+            backoff: Self::FIRST,
+            last_log: None,
+            since_log: 0,
+        }
+    }
+
+    /// An accept succeeded: the next failure pauses briefly again.
+    pub fn ok(&mut self) {
+        self.backoff = Self::FIRST;
+    }
+
+    /// An accept failed with `e`: counts and perhaps logs it; returns how long to
+    /// pause before the next accept.
+    pub fn failed(&mut self, e: &std::io::Error, now: Instant) -> Duration {
+        self.metrics
+            .accept_errors_total
+            .with_label_values(&[self.listener])
+            .inc();
+        self.since_log += 1;
+        if self
+            .last_log
+            .is_none_or(|t| now.saturating_duration_since(t) >= Self::LOG_EVERY)
+        {
+            warn!(listener = self.listener, error = %e, failures = self.since_log,
+                "accept failed; pausing before the next (out of open files? see the limit logged at start)");
+            self.last_log = Some(now);
+            self.since_log = 0;
+        }
+        let pause = self.backoff;
+        self.backoff = (self.backoff * 2).min(Self::MAX);
+        pause
+    }
+}
+
+/// Serves `/metrics` (and `/healthz`) alone, on `metrics_listen`: each request head
+/// within `header_timeout`, at most [`METRICS_CONNECTIONS`] connections at once.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<crate::metrics::Metrics>,
+    header_timeout: Duration,
+) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut errors = AcceptErrors::new("metrics", metrics.clone());
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                errors.ok();
+                stream
+            }
+            Err(e) => {
+                tokio::time::sleep(errors.failed(&e, Instant::now())).await;
+                continue;
+            }
         };
+        use std::sync::atomic::Ordering;
+        if open.fetch_add(1, Ordering::Relaxed) >= METRICS_CONNECTIONS {
+            open.fetch_sub(1, Ordering::Relaxed);
+            metrics
+                .connections_refused_total
+                .with_label_values(&["metrics_connections"])
+                .inc();
+            drop(stream);
+            continue;
+        }
         let metrics = metrics.clone();
+        let open = open.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
@@ -94,15 +181,45 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<crate::me
                 }
             });
             let _ = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_header_size(MAX_HEADER_SIZE)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            open.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// Raises the soft open-files limit to the hard one, and says when `[limits]` may not
+/// fit in it: each console session holds about four descriptors (browser and VM
+/// sockets, a splice pipe), each connection not yet a session one.
+fn raise_open_files(config: &Config) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let l = &config.limits;
+    let needed = (l.max_connections as u64)
+        .saturating_add((l.max_sessions as u64).saturating_mul(4))
+        .saturating_add(64);
+    if limit < needed {
+        warn!(open_files = limit, needed, max_connections = l.max_connections, max_sessions = l.max_sessions,
+            "the open-files limit (RLIMIT_NOFILE) is below what [limits] max_connections and max_sessions can take: raise it (systemd LimitNOFILE=) or lower them");
+    } else {
+        info!(open_files = limit, "open-files limit");
     }
 }
 
 /// Runs the proxy until SIGTERM or SIGINT.
 pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     crate::console::check(&config.console)?;
+    raise_open_files(&config);
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(cert), Some(key)) => Some(Arc::new(Tls::load(cert, key)?)),
         (None, None) => None,
@@ -179,7 +296,25 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             .await
             .map_err(|e| format!("cannot listen on {addr} (metrics_listen): {e}"))?;
         info!(local = %listener.local_addr()?, "metrics listening");
-        tokio::spawn(serve_metrics(listener, metrics.clone()));
+        tokio::spawn(serve_metrics(
+            listener,
+            metrics.clone(),
+            app.config.server.handshake_timeout,
+        ));
+    }
+    let mut accept_errors = AcceptErrors::new("main", metrics.clone());
+    // Refusals are summed up when their interval ends, also when they stop.
+    {
+        let app = app.clone();
+        let every = app.config.audit.refusal_summary_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                front::record_summaries(&app, app.refusals.flush(std::time::Instant::now()));
+            }
+        });
     }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -191,9 +326,12 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    accept_errors.ok();
+                    a
+                }
                 Err(e) => {
-                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(accept_errors.failed(&e, Instant::now())).await;
                     continue;
                 }
             },

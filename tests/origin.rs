@@ -8,9 +8,17 @@ use common::Vizor;
 use std::io::{Read, Write};
 use vizor::token::ConsoleKind;
 
-/// Sends a WebSocket upgrade for `/websockify?token=` with `origin`; the status code.
-fn upgrade(v: &Vizor, token: &str, origin: Option<&str>) -> u16 {
-    let mut s = std::net::TcpStream::connect(v.addr).unwrap();
+/// Sends a WebSocket upgrade for `/websockify?token=` with `origin` from 127.0.0.`src`;
+/// the status code. (Refusals are recorded once per client and reason per interval:
+/// each case comes from its own address.)
+fn upgrade(v: &Vizor, token: &str, origin: Option<&str>, src: u8) -> u16 {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = rt.block_on(common::tcp_from(
+        std::net::IpAddr::from([127, 0, 0, src]),
+        v.addr,
+    ));
+    let mut s = s.into_std().unwrap();
+    s.set_nonblocking(false).unwrap();
     let origin = origin
         .map(|o| format!("Origin: {o}\r\n"))
         .unwrap_or_default();
@@ -38,7 +46,7 @@ fn only_vizors_own_and_listed_origins_may_open_consoles() {
     );
     let token = |v: &Vizor| v.token("test", ConsoleKind::Vnc, 60);
     let own = format!("http://{}", v.addr);
-    for (origin, status) in [
+    for (i, (origin, status)) in [
         (Some("http://evil.example"), 403),
         (Some("null"), 403),
         (Some("https://cloud.example.com.evil.example"), 403),
@@ -46,12 +54,16 @@ fn only_vizors_own_and_listed_origins_may_open_consoles() {
         (Some("https://cloud.example.com"), 101),
         (Some("HTTPS://CLOUD.EXAMPLE.COM"), 101),
         (None, 101),
-    ] {
-        assert_eq!(upgrade(&v, &token(&v), origin), status, "{origin:?}");
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let src = 10 + i as u8;
+        assert_eq!(upgrade(&v, &token(&v), origin, src), status, "{origin:?}");
     }
     // Refused before the token is read: the foreign page's token is still good.
     let kept = token(&v);
-    assert_eq!(upgrade(&v, &kept, Some("http://evil.example")), 403);
+    assert_eq!(upgrade(&v, &kept, Some("http://evil.example"), 50), 403);
     let audit = v.wait_for_records("origin_refused", 4);
     let refused: Vec<&str> = audit
         .iter()
@@ -70,7 +82,14 @@ fn only_vizors_own_and_listed_origins_may_open_consoles() {
     assert!(!audit
         .iter()
         .any(|r| r["event"] == "token_refused" && r["token_id"].is_string()));
-    assert_eq!(upgrade(&v, &kept, None), 101);
+    assert_eq!(upgrade(&v, &kept, None, 51), 101);
+    // More from one address: recorded once, the rest counted for its summary.
+    for _ in 0..3 {
+        assert_eq!(
+            upgrade(&v, &token(&v), Some("http://evil.example"), 60),
+            403
+        );
+    }
     let metrics = tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(v.metrics());
@@ -79,7 +98,14 @@ fn only_vizors_own_and_listed_origins_may_open_consoles() {
             &metrics,
             "vizor_auth_refusals_total{reason=\"origin_not_allowed\",stage=\"origin\"}"
         ),
-        Some(4.0)
+        Some(7.0)
+    );
+    assert_eq!(
+        v.audit()
+            .iter()
+            .filter(|r| r["event"] == "origin_refused")
+            .count(),
+        5
     );
 }
 

@@ -261,6 +261,23 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         sha256: Option<&'a str>,
     },
+    /// Refusals of one unauthenticated client in one interval (`[audit]
+    /// refusal_summary_interval`) beyond the first, which has its own record.
+    RefusalSummary {
+        /// The client (an address; IPv6: its /64), or `*` for clients beyond the
+        /// number vizor counts apart.
+        client: &'a str,
+        /// The interval, in seconds.
+        interval_s: u64,
+        /// Refusals in it, the recorded first one included.
+        refused: u64,
+        /// Those by reason (the labels of `token_refused`, `origin_not_allowed`,
+        /// `throttled`).
+        reasons: std::collections::BTreeMap<&'static str, u64>,
+        /// Detailed records that were not written (the audit queue was half full).
+        #[serde(skip_serializing_if = "is_zero")]
+        not_recorded: u64,
+    },
     /// A client made too many failed token attempts: it is refused unheard for a
     /// while (`[limits] failed_tokens_per_client`).
     ClientThrottled {
@@ -287,6 +304,7 @@ impl Event<'_> {
             Event::SessionRefused { .. } => "session_refused",
             Event::ClientThrottled { .. } => "client_throttled",
             Event::ChannelRefused { .. } => "channel_refused",
+            Event::RefusalSummary { .. } => "refusal_summary",
             Event::ClipboardDropped { .. } => "clipboard_dropped",
             Event::FileTransfer { .. } => "file_transfer",
             Event::Button { .. } => "button",
@@ -298,6 +316,10 @@ impl Event<'_> {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize)]
@@ -452,6 +474,8 @@ pub fn class_name(keysym: u32) -> &'static str {
 /// and synced as configured.
 pub struct Audit {
     tx: std::sync::mpsc::SyncSender<writer::Msg>,
+    /// Records queued and not yet taken by the writer.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     keystrokes: Keystrokes,
     clipboard: ClipboardAudit,
@@ -490,11 +514,14 @@ impl Audit {
             tracing::warn!("{note}");
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let taken = queued.clone();
         let thread = std::thread::Builder::new()
             .name("vizor-audit".into())
-            .spawn(move || w.run(rx))?;
+            .spawn(move || w.run(rx, taken))?;
         Ok(Audit {
             tx,
+            queued,
             thread: Mutex::new(Some(thread)),
             keystrokes: config.keystrokes,
             clipboard: config.clipboard,
@@ -510,7 +537,10 @@ impl Audit {
 
     /// Queues a job; a record that cannot even be queued is counted as lost.
     fn enqueue(&self, job: writer::Job) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        self.queued.fetch_add(1, Ordering::Relaxed);
         self.tx.try_send(writer::Msg::Job(job)).map_err(|e| {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             if let Some(m) = &self.metrics {
                 m.audit_write_errors_total.inc();
             }
@@ -575,6 +605,26 @@ impl Audit {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "audit record not serialised"),
+        }
+    }
+
+    /// Queues the record of a refused, unauthenticated request, unless the queue is
+    /// half full: live sessions' records (which they wait on) keep the other half.
+    /// Returns whether it was queued; one that was not is counted
+    /// (`vizor_audit_refusals_dropped_total`) and its summary says so.
+    pub fn record_refusal(&self, event: &Event<'_>) -> bool {
+        if self.queued.load(std::sync::atomic::Ordering::Relaxed) >= QUEUE / 2 {
+            if let Some(m) = &self.metrics {
+                m.audit_refusals_dropped_total.inc();
+            }
+            return false;
+        }
+        match Self::job(event, None).and_then(|job| self.enqueue(job)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, event = event.name(), "refusal record lost");
+                false
+            }
         }
     }
 
@@ -736,6 +786,7 @@ mod tests {
                 on_error: OnError::Close,
                 clipboard: ClipboardAudit::Digest,
                 record_dir: None,
+                refusal_summary_interval: std::time::Duration::from_secs(60),
             }
         }
 

@@ -350,7 +350,12 @@ impl Writer {
 
     /// Runs until [`Msg::Close`] or every sender is gone; the last record says the log
     /// was closed, and everything is synced.
-    pub fn run(mut self, rx: Receiver<Msg>) {
+    /// Writes what arrives until closed; `queued` counts jobs sent and not yet taken.
+    pub fn run(
+        mut self,
+        rx: Receiver<Msg>,
+        queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
         let mut last_sync = Instant::now();
         loop {
             let first = match self.fsync {
@@ -384,6 +389,7 @@ impl Writer {
                 }
             }
             if !jobs.is_empty() {
+                queued.fetch_sub(jobs.len(), std::sync::atomic::Ordering::Relaxed);
                 self.write_batch(jobs);
             }
             if let Fsync::Interval(every) = self.fsync {

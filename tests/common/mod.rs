@@ -406,6 +406,11 @@ impl Vizor {
     }
 
     /// The file descriptors the vizor process holds open now.
+    /// The vizor process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn open_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
             .unwrap()
@@ -590,7 +595,8 @@ impl Drop for Vizor {
         if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with("audit") {
+                // Not its audit key: a secret the run's logs must not hold.
+                if name.starts_with("audit") && !name.ends_with(".key") {
                     run::keep(&e.path(), &format!("vizor-{}-{name}", self.child.id()));
                 }
             }
