@@ -398,6 +398,13 @@ pub struct ServerConfig {
     /// (its `Host`) is refused: cross-site WebSocket hijacking.
     #[serde(default, deserialize_with = "origins")]
     pub allowed_origins: Vec<String>,
+    /// `trusted_proxies`: addresses (CIDRs, such as "10.0.0.0/8" or "::1/128") of
+    /// reverse proxies whose `Forwarded` / `X-Forwarded-For` names the client. The
+    /// client is the rightmost address not in these ranges; it is the client for
+    /// limits, token address binding, logs and audit. Default: none (the TCP peer is
+    /// the client, and forwarding headers are ignored).
+    #[serde(default, deserialize_with = "cidrs")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `tls_cert`: a PEM certificate chain; with `tls_key`, `listen` speaks only TLS
     /// (`https://`, `wss://`). Both are read again on SIGHUP.
     pub tls_cert: Option<PathBuf>,
@@ -419,6 +426,22 @@ fn worker_threads<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize
             "worker_threads = {n}: use 1 to 1024, or leave it out for one per CPU"
         )))
     }
+}
+
+fn cidrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|c| {
+            c.parse::<ipnet::IpNet>()
+                .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "trusted_proxies: {c:?} is not an address or CIDR like \"10.0.0.0/8\""
+                    ))
+                })
+        })
+        .collect()
 }
 
 fn origins<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {

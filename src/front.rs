@@ -266,6 +266,27 @@ async fn route(
     peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Result<Resp, std::convert::Infallible> {
+    // Behind a trusted reverse proxy, the client its headers name (from here on the
+    // client for limits, token binding, logs and audit); the port is the proxy's.
+    let trusted = &app.config.server.trusted_proxies;
+    let peer = if trusted.is_empty() {
+        peer
+    } else {
+        let values = |name: &str| -> Vec<&str> {
+            req.headers()
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect()
+        };
+        let client = crate::forwarded::client(
+            peer.ip(),
+            trusted,
+            &values("forwarded"),
+            &values("x-forwarded-for"),
+        );
+        SocketAddr::new(client, peer.port())
+    };
     let path = req.uri().path().to_owned();
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n"));

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod forwarded;
 pub mod front;
 pub mod libvirt;
 pub mod limits;

@@ -190,17 +190,21 @@ pub struct Connections {
 #[derive(Debug)]
 pub struct Connection {
     connections: Arc<Connections>,
-    key: ClientKey,
+    /// The client it counts for (none: a trusted proxy's).
+    key: Option<ClientKey>,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
         let mut s = guard(&self.connections.state);
         s.0 -= 1;
-        if let Some(n) = s.1.get_mut(&self.key) {
+        let Some(key) = self.key else {
+            return;
+        };
+        if let Some(n) = s.1.get_mut(&key) {
             *n -= 1;
             if *n == 0 {
-                s.1.remove(&self.key);
+                s.1.remove(&key);
             }
         }
     }
@@ -234,7 +238,21 @@ impl Connections {
         s.0 += 1;
         Ok(Connection {
             connections: self.clone(),
-            key,
+            key: Some(key),
+        })
+    }
+
+    /// Counts a new connection from a trusted reverse proxy: against `max` alone (it
+    /// carries many clients; each is known only from its request).
+    pub fn enter_proxy(self: &Arc<Self>) -> Result<Connection, ConnectionsFull> {
+        let mut s = guard(&self.state);
+        if s.0 >= self.max {
+            return Err(ConnectionsFull::Global);
+        }
+        s.0 += 1;
+        Ok(Connection {
+            connections: self.clone(),
+            key: None,
         })
     }
 

@@ -349,7 +349,20 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             }
         };
         // Counted until the connection ends or becomes a console session.
-        let counted = match app.connections.enter(peer.ip()) {
+        // A trusted reverse proxy carries many clients: the per-client cap applies to
+        // each once its request names it (limits keyed on the forwarded client).
+        let proxy = app
+            .config
+            .server
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&peer.ip().to_canonical()));
+        let entered = if proxy {
+            app.connections.enter_proxy()
+        } else {
+            app.connections.enter(peer.ip())
+        };
+        let counted = match entered {
             Ok(c) => c,
             Err(full) => {
                 app.metrics

@@ -405,12 +405,27 @@ impl Vizor {
         token
     }
 
-    /// The file descriptors the vizor process holds open now.
+    /// A token for `domain` that admits `client` alone.
+    pub fn token_bound(&self, domain: &str, kind: ConsoleKind, client: std::net::IpAddr) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let uuid = domain_uuid(&self.uri, domain);
+        let claims = Claims::new(domain, uuid, kind, "tester", now + 60)
+            .unwrap()
+            .bound_to(client);
+        let token = self.key.seal(&claims).unwrap();
+        run::secret("token", &token);
+        token
+    }
+
     /// The vizor process's id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// The file descriptors the vizor process holds open now.
     pub fn open_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
             .unwrap()
