@@ -320,8 +320,9 @@ async fn route(
                     origin: &origin,
                 })
             });
-            // A foreign origin counts against the client's allowance like a bad token.
-            failed_attempt(&app, peer);
+            // Not counted against the client's allowance: the token is never read,
+            // so nothing is guessed, and any page a user visits could otherwise open
+            // twenty such upgrades and lock that user out.
             return Ok(text(
                 StatusCode::FORBIDDEN,
                 "this page's origin may not open consoles here\n",
@@ -1212,7 +1213,12 @@ pub(crate) async fn static_file(root: &Path, url_path: &str) -> Resp {
     ) else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
-    if !real.starts_with(&real_root) {
+    // Nor through a symlink: what it resolves to must hold no dot component either.
+    let hidden = real.strip_prefix(&real_root).map_or(true, |rel| {
+        rel.components()
+            .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+    });
+    if hidden {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
     match tokio::fs::read(&real).await {

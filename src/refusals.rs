@@ -11,6 +11,9 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Clients with their own summary per interval; the rest share the `*` one.
+pub const MAX_SUMMARIES: usize = 1000;
+
 /// What to do with one refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -175,7 +178,19 @@ impl Refusals {
             .map(|(k, c)| c.summary(k.to_string()))
             .collect();
         out.sort_by(|a, b| b.refused.cmp(&a.refused).then(a.client.cmp(&b.client)));
-        let others = std::mem::take(&mut s.others);
+        let mut others = std::mem::take(&mut s.others);
+        // The busiest clients get their own summary; the rest are summed up together,
+        // so many addresses (a /48 holds 65,536 /64s) cost a bounded burst of records.
+        for rest in out.drain(out.len().min(MAX_SUMMARIES)..) {
+            others.refused += rest.refused;
+            others.not_recorded += rest.not_recorded;
+            for (reason, n) in rest.reasons {
+                match others.reasons.iter_mut().find(|(r, _)| *r == reason) {
+                    Some((_, m)) => *m += n,
+                    None => others.reasons.push((reason, n)),
+                }
+            }
+        }
         if others.unrecorded() {
             out.push(others.summary("*".to_owned()));
         }
@@ -237,6 +252,22 @@ mod tests {
         // A new interval: the client's first refusal is recorded again.
         let t1 = t0 + Duration::from_secs(61);
         assert_eq!(r.refused(a, "origin_not_allowed", t1).0, Verdict::Detail);
+    }
+
+    #[test]
+    fn summaries_per_interval_are_bounded() {
+        let t0 = Instant::now();
+        let r = Refusals::new(Duration::from_secs(10), 100_000, t0);
+        for i in 0..5000u32 {
+            let a = IpAddr::from((0x0a00_0000 + i).to_be_bytes());
+            r.refused(a, "malformed", t0);
+            r.refused(a, "malformed", t0);
+        }
+        let sums = r.flush(t0 + Duration::from_secs(10));
+        assert_eq!(sums.len(), MAX_SUMMARIES + 1);
+        let all = sums.last().unwrap();
+        assert_eq!((all.client.as_str(), all.refused), ("*", 2 * 4000));
+        assert_eq!(sums.iter().map(|s| s.refused).sum::<u64>(), 10_000);
     }
 
     #[test]

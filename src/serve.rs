@@ -81,7 +81,7 @@ pub struct AcceptErrors {
 }
 
 impl AcceptErrors {
-    /// The first pause, and the longest.
+    /// The first pause.
     pub const FIRST: Duration = Duration::from_millis(10);
     /// The longest pause.
     pub const MAX: Duration = Duration::from_secs(1);
@@ -105,8 +105,19 @@ impl AcceptErrors {
     }
 
     /// An accept failed with `e`: counts and perhaps logs it; returns how long to
-    /// pause before the next accept.
+    /// pause before the next accept. Only running out of a resource (open files,
+    /// buffers, memory) pauses; an error of one connection (aborted, a network
+    /// error the kernel passes on) is retried at once.
     pub fn failed(&mut self, e: &std::io::Error, now: Instant) -> Duration {
+        use nix::errno::Errno;
+        let exhausted = e.raw_os_error().is_some_and(|n| {
+            [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM]
+                .contains(&Errno::from_raw(n))
+        });
+        if !exhausted {
+            debug!(listener = self.listener, error = %e, "accept failed for one connection");
+            return Duration::ZERO;
+        }
         self.metrics
             .accept_errors_total
             .with_label_values(&[self.listener])

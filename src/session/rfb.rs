@@ -723,10 +723,19 @@ async fn relay(
                             }
                         }
                         // Recorded below, once the decoder is unlocked.
-                        ServerEvent::ServerCutText(text) => clips.extend(
-                            Clipboard::of_cut_text(&text, ctx.audit.clipboard_content())
-                                .map_err(|e| End::protocol("VM", &e))?,
-                        ),
+                        ServerEvent::ServerCutText(text) => {
+                            match Clipboard::of_cut_text(&text, ctx.audit.clipboard_content()) {
+                                Ok(c) => clips.extend(c),
+                                // An extended clipboard that inflates past the bound
+                                // is dropped like one too long on the wire.
+                                Err(vizor_rfb::Error::LengthTooLarge { len, .. }) => {
+                                    clip_dropped = Some(len);
+                                    cut = Some((consumed, consumed + n));
+                                    break;
+                                }
+                                Err(e) => return Err(End::protocol("VM", &e)),
+                            }
+                        }
                         _ => {}
                     }
                     consumed += n;
