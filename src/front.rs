@@ -618,13 +618,25 @@ fn token_refused(app: &App, peer: SocketAddr, reason: &'static str, token_id: Op
         .auth_refusals_total
         .with_label_values(&["token", reason])
         .inc();
-    refusal(app, peer, reason, || {
+    let record = || {
         app.audit.record_refusal(&Event::TokenRefused {
             client: &peer.to_string(),
             reason,
             token_id,
         })
-    });
+    };
+    // A token that opened (replayed, for another client, a SPICE channel of another
+    // session) is a real token: each gets its record, so an earlier refusal of the
+    // same kind cannot hide which token was tried. Only its holder can send it, so
+    // these cannot flood.
+    if token_id.is_some() {
+        refusal(app, peer, reason, || true);
+        if !record() {
+            app.refusals.not_recorded(peer.ip());
+        }
+    } else {
+        refusal(app, peer, reason, record);
+    }
     failed_attempt(app, peer);
 }
 
