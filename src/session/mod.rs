@@ -54,6 +54,11 @@ impl End {
         }
     }
 
+    /// Whether the VM's side ended it: its console closed, failed or stopped reading.
+    pub fn vm_gone(&self) -> bool {
+        matches!(self.label, "vm_closed" | "upstream_io" | "upstream_stalled")
+    }
+
     /// vizor is shutting down.
     pub fn shutdown() -> End {
         End {
@@ -354,6 +359,35 @@ pub(crate) async fn write_upstream(
     })
 }
 
+/// How long a VM leg the browser left may take to close (see [`close_upstream`]).
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Closes the VM leg of a session the browser (or vizor) ended, the way a client
+/// leaves: the end of stream goes after everything forwarded, then vizor reads (and
+/// drops) what the VM still sends until the VM closes its side, which QEMU and
+/// spice-server do once they have read to the end. So the input on record is read by
+/// the VM before the connection goes. Dropping the socket instead closes it with
+/// unread bytes, which resets it, and a server that writes before it reads then drops
+/// the connection with input unread. Bounded by [`CLOSE_GRACE`]; says whether the VM
+/// closed in time.
+pub(crate) async fn close_upstream<R: AsyncRead + Unpin + ?Sized>(
+    wr: &mut (impl AsyncWrite + Unpin + ?Sized),
+    rd: Option<&mut R>,
+) -> bool {
+    tokio::time::timeout(CLOSE_GRACE, async {
+        let _ = wr.shutdown().await;
+        let Some(rd) = rd else { return };
+        let mut sink = [0u8; 16 * 1024];
+        while let Ok(n) = rd.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
 /// Reads what the VM's console sent during the handshake (`what`) onto `buf`.
 pub(crate) async fn read_handshake(
     rd: &mut (impl AsyncRead + Unpin),
@@ -400,5 +434,59 @@ pub(crate) async fn read_upstream(
         Ok(0) => Err(End::vm_closed()),
         Ok(_) => Ok(()),
         Err(e) => Err(read_failed(e, "")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A stand-in for a console server that writes before it reads (QEMU and
+    /// spice-server both send on timers): a loopback socket, since the fault is in how
+    /// the socket closes, not in QEMU. Returns whether its writes after the client left
+    /// went through, and what it read.
+    async fn server_that_writes_first(listener: TcpListener) -> (bool, Vec<u8>) {
+        let (mut s, _) = listener.accept().await.unwrap();
+        // Enough that the client leaves with bytes it has not read.
+        s.write_all(&[7u8; 64 * 1024]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let wrote = s.write_all(&[7u8; 64 * 1024]).await.is_ok() && s.flush().await.is_ok();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got).await;
+        (wrote, got)
+    }
+
+    #[tokio::test]
+    async fn a_closed_vm_leg_delivers_its_input_to_a_server_that_writes_first() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(server_that_writes_first(listener));
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut rd, mut wr) = stream.into_split();
+        wr.write_all(b"the last key").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            close_upstream(&mut wr, Some(&mut rd)).await,
+            "the server closed in time"
+        );
+        let (wrote, got) = server.await.unwrap();
+        assert!(wrote, "the server's writes went through: no reset");
+        assert_eq!(got, b"the last key");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_vm_leg_resets_a_server_that_writes_first() {
+        // The fault close_upstream exists for: dropped with bytes unread, the socket
+        // resets, and the server's next write fails before it reads.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(server_that_writes_first(listener));
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"the last key").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(stream);
+        let (wrote, _) = server.await.unwrap();
+        assert!(!wrote, "a reset socket refuses the server's write");
     }
 }

@@ -9,7 +9,8 @@
 use super::browser::{BrowserRx, BrowserTx};
 use super::keyboards::VmKeyboard;
 use super::{
-    audit_failed, connect, read_handshake, read_upstream, write_upstream, Conn, End, Meter, VmLink,
+    audit_failed, close_upstream, connect, read_handshake, read_upstream, write_upstream, Conn,
+    End, Meter, VmLink,
 };
 use crate::audit::{Audit, Clipboard, Event, KeyEvent};
 use crate::libvirt::Console;
@@ -809,7 +810,17 @@ async fn relay(
     // When this connection closes (below, with the sockets), QEMU releases every key
     // of the VM's VNC keyboard, whichever session pressed it: on record first.
     record_disconnect(ctx).await;
-    result.err().unwrap_or_else(End::vm_closed)
+    let end = result.err().unwrap_or_else(End::vm_closed);
+    if !end.vm_gone() {
+        let rd = match &mut up_rd {
+            VmReader::Tcp(rd) => rd
+                .as_mut()
+                .map(|r| r as &mut (dyn AsyncRead + Unpin + Send)),
+            VmReader::Other(rd) => Some(&mut **rd as &mut (dyn AsyncRead + Unpin + Send)),
+        };
+        close_upstream(&mut up_wr, rd).await;
+    }
+    end
 }
 
 /// Records the keys QEMU releases when this session's connection closes.

@@ -12,8 +12,8 @@
 use super::browser::{BrowserRx, BrowserTx};
 use super::transfers::{self, Transfers, Way};
 use super::{
-    audit_failed, connect, read_handshake, read_upstream, write_upstream, Conn, End, Meter, Stream,
-    VmLink,
+    audit_failed, close_upstream, connect, read_handshake, read_upstream, write_upstream, Conn,
+    End, Meter, Stream, VmLink, CLOSE_GRACE,
 };
 use crate::audit::{Audit, Event, KeyEvent};
 use crate::config::{FileTransfer, SpiceConfig};
@@ -71,17 +71,10 @@ pub struct Sessions {
 struct Linked {
     /// QEMU's session id, from MAIN_INIT.
     qemu: Option<u32>,
-    /// vizor's session id.
-    session: u64,
-    /// The session's last input, on any channel.
-    idle: Arc<Idle>,
     /// The main channel's browser: the session's other channels come from it.
     client: IpAddr,
-    /// The console the main channel linked to: the other channels link to the same,
-    /// with no lookup of their own.
-    console: Arc<Console>,
-    /// The session's keyboard as QEMU and spice-server keep it.
-    keyboard: Arc<Mutex<Keyboard>>,
+    /// What the session's other channels share with it.
+    shared: Joined,
 }
 
 /// How a channel was admitted.
@@ -134,25 +127,14 @@ impl ChannelRefusal {
 }
 
 impl Sessions {
-    fn register(
-        &self,
-        nonce: [u8; 16],
-        session: u64,
-        idle: Arc<Idle>,
-        client: IpAddr,
-        console: Arc<Console>,
-        keyboard: Arc<Mutex<Keyboard>>,
-    ) {
+    fn register(&self, nonce: [u8; 16], client: IpAddr, shared: &Joined) {
         if let Ok(mut m) = self.by_nonce.lock() {
             m.insert(
                 nonce,
                 Linked {
                     qemu: None,
-                    session,
-                    idle,
                     client: client.to_canonical(),
-                    console,
-                    keyboard,
+                    shared: shared.clone(),
                 },
             );
         }
@@ -192,21 +174,57 @@ impl Sessions {
         if l.client != client.to_canonical() {
             return Err(ChannelRefusal::WrongClient);
         }
-        Ok(Joined {
-            session: l.session,
-            idle: l.idle.clone(),
-            console: l.console.clone(),
-            keyboard: l.keyboard.clone(),
-        })
+        Ok(l.shared.clone())
     }
 }
 
 /// What a channel that joins its session shares with it.
+#[derive(Clone)]
 struct Joined {
+    /// vizor's session id.
     session: u64,
+    /// The session's last input, on any channel.
     idle: Arc<Idle>,
+    /// The console the main channel linked to: the other channels link to the same,
+    /// with no lookup of their own.
     console: Arc<Console>,
+    /// The session's keyboard as QEMU and spice-server keep it.
     keyboard: Arc<Mutex<Keyboard>>,
+    /// The session's inputs channels still open toward spice-server.
+    inputs: Arc<OpenInputs>,
+}
+
+/// How many of a session's inputs channels are still open toward spice-server. When
+/// the main channel goes, spice-server drops the client's other channels with what
+/// it has not read yet: the main channel closes after them, so input on record
+/// reaches the VM.
+struct OpenInputs(tokio::sync::watch::Sender<usize>);
+
+impl OpenInputs {
+    fn new() -> Self {
+        OpenInputs(tokio::sync::watch::Sender::new(0))
+    }
+
+    /// Counts one open until the guard drops.
+    fn open(self: &Arc<Self>) -> InputsOpen {
+        self.0.send_modify(|n| *n += 1);
+        InputsOpen(self.clone())
+    }
+
+    /// Waits (up to `CLOSE_GRACE`) until every inputs channel has closed.
+    async fn closed(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = tokio::time::timeout(CLOSE_GRACE, rx.wait_for(|n| *n == 0)).await;
+    }
+}
+
+/// An inputs channel open toward spice-server.
+struct InputsOpen(Arc<OpenInputs>);
+
+impl Drop for InputsOpen {
+    fn drop(&mut self) {
+        self.0 .0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// What a channel needs from the proxy.
@@ -406,15 +424,10 @@ pub async fn run(
                 idle: Arc::new(Idle::default()),
                 console,
                 keyboard: Arc::new(Mutex::new(Keyboard::new())),
+                inputs: Arc::new(OpenInputs::new()),
             };
-            ctx.sessions.register(
-                ctx.claims.nonce,
-                ctx.id,
-                joined.idle.clone(),
-                ctx.client.ip(),
-                joined.console.clone(),
-                joined.keyboard.clone(),
-            );
+            ctx.sessions
+                .register(ctx.claims.nonce, ctx.client.ip(), &joined);
             (Admission::Main(slot), joined)
         }
         (channel_type::MAIN, _) => {
@@ -573,7 +586,7 @@ async fn relay_channel(
         ..RoundTrips::default()
     };
     let end = tokio::select! {
-        end = relay(ctx, mess.channel_type, kind, up.stream.boxed(), ubuf, bbuf, brx, btx, &meter, &rtt, idle, &joined.keyboard) => end,
+        end = relay(ctx, mess.channel_type, kind, up.stream.boxed(), ubuf, bbuf, brx, btx, &meter, &rtt, idle, joined) => end,
         _ = shutdown.wait_for(|s| *s) => End::shutdown(),
         _ = idle.expired(ctx.idle_timeout) => End::idle(idle.idle_for()),
     };
@@ -744,9 +757,12 @@ async fn relay(
     meter: &Meter,
     rtt: &RoundTrips,
     idle: &Idle,
-    keyboard: &Mutex<Keyboard>,
+    joined: &Joined,
 ) -> End {
+    let keyboard = &*joined.keyboard;
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
+    // Counted open from here until it has closed toward spice-server.
+    let _inputs_open = (channel == channel_type::INPUTS).then(|| joined.inputs.open());
     // spice-server 0.15 can crash (taking QEMU down) when a display channel closes
     // before the client sent DISPLAY_INIT; vizor completes it for a browser that left
     // too early. Full headers need the next client serial.
@@ -989,7 +1005,7 @@ async fn relay(
         r = vm_to_browser => r,
     };
     let end = r.err().unwrap_or_else(End::vm_closed);
-    let vm_gone = matches!(end.label, "vm_closed" | "upstream_io" | "upstream_stalled");
+    let vm_gone = end.vm_gone();
     if channel == channel_type::INPUTS || channel == channel_type::MAIN {
         // When this connection closes (the inputs channel, or the main channel and with
         // it the client), spice-server releases the keys it holds, through QEMU's
@@ -1027,6 +1043,12 @@ async fn relay(
             let _ = tokio::time::timeout(Duration::from_millis(500), up_rd.read(&mut tmp)).await;
             debug!("DISPLAY_INIT completed for a display channel the browser left early");
         }
+    }
+    if !vm_gone {
+        if channel == channel_type::MAIN {
+            joined.inputs.closed().await;
+        }
+        close_upstream(&mut up_wr, Some(&mut up_rd)).await;
     }
     end
 }
