@@ -587,8 +587,14 @@ fn console_page(app: &App, peer: SocketAddr, req: &Request<Incoming>) -> Resp {
 }
 
 fn console_refused(app: &App, peer: SocketAddr, e: &TokenError, token_id: Option<&str>) -> Resp {
-    warn!(client = %peer, reason = e.reason(), detail = %e, "console page refused");
-    token_refused(app, peer, e.reason(), token_id);
+    token_refused(
+        app,
+        peer,
+        e.reason(),
+        token_id,
+        "console page",
+        &e.to_string(),
+    );
     let (heading, detail) = match e {
         TokenError::Expired { .. } => (
             "This console link has expired",
@@ -611,14 +617,24 @@ fn console_refused(app: &App, peer: SocketAddr, e: &TokenError, token_id: Option
     console::error_page(StatusCode::FORBIDDEN, heading, detail)
 }
 
-/// Counts and audits a refused token, wherever it was presented, and counts it
-/// against the client's allowance of failures.
-fn token_refused(app: &App, peer: SocketAddr, reason: &'static str, token_id: Option<&str>) {
+/// Counts and audits a refused token, wherever it was presented (`what`: the console
+/// page, a console, a SPICE channel), and counts it against the client's allowance of
+/// failures. It is logged with its record: a flood is summed up, not logged per line.
+fn token_refused(
+    app: &App,
+    peer: SocketAddr,
+    reason: &'static str,
+    token_id: Option<&str>,
+    what: &'static str,
+    detail: &str,
+) {
     app.metrics
         .auth_refusals_total
         .with_label_values(&["token", reason])
         .inc();
     let record = || {
+        warn!(client = %peer, reason, detail, token = token_id.unwrap_or("-"),
+            "{what} refused (more of this client and reason this interval are counted, not logged)");
         app.audit.record_refusal(&Event::TokenRefused {
             client: &peer.to_string(),
             reason,
@@ -790,8 +806,7 @@ async fn console_session(
     btx: session::browser::BrowserTx,
 ) -> Option<SessionGuard> {
     let refuse = |reason: &'static str, token_id: Option<&str>, told: &str, detail: &str| {
-        warn!(client = %peer, reason, detail, "console refused");
-        token_refused(&app, peer, reason, token_id);
+        token_refused(&app, peer, reason, token_id, "console", detail);
         let told = told.to_owned();
         let btx = btx.clone();
         async move {
@@ -926,7 +941,14 @@ async fn spice_console(
             .map_err(|_| TokenError::ReplayCacheFull)
             .and_then(|mut r| r.admit(c, now));
         if let Err(e) = r {
-            token_refused(&admit_app, peer, e.reason(), Some(&c.token_id()));
+            token_refused(
+                &admit_app,
+                peer,
+                e.reason(),
+                Some(&c.token_id()),
+                "SPICE main channel",
+                &e.to_string(),
+            );
             return Err(End::refused(token_message(&e), "replayed"));
         }
         admit_app
@@ -976,8 +998,14 @@ async fn spice_console(
     };
     let refused_app = app.clone();
     let refused = move |why: session::spice::ChannelRefusal| {
-        warn!(client = %peer, reason = why.label(), "SPICE channel refused");
-        token_refused(&refused_app, peer, why.label(), Some(&token_id));
+        token_refused(
+            &refused_app,
+            peer,
+            why.label(),
+            Some(&token_id),
+            "SPICE channel",
+            why.label(),
+        );
     };
     let (end, session, domain) = async {
         let _active = Active::new(&app.metrics, ConsoleKind::Spice);

@@ -139,12 +139,22 @@ impl Refusals {
         (verdict, ended)
     }
 
-    /// A detailed record of `ip`'s could not be written: the summary says so.
+    /// A detailed record of `ip`'s could not be written: the summary says so. Should
+    /// the interval have ended between [`Refusals::refused`] and this call, the loss
+    /// is told in the next interval's summary of the same client (`refused` 0 there).
     pub fn not_recorded(&self, ip: IpAddr) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let key = ClientKey::of(ip);
+        let room = s.clients.len() < self.max_clients;
         match s.clients.get_mut(&key) {
             Some(c) => c.not_recorded += 1,
+            None if room => {
+                let c = Counts {
+                    not_recorded: 1,
+                    ..Counts::default()
+                };
+                s.clients.insert(key, c);
+            }
             None => s.others.not_recorded += 1,
         }
     }
@@ -296,5 +306,22 @@ mod tests {
             .map(|s| (s.client.as_str(), s.refused, s.not_recorded))
             .collect();
         assert_eq!(by, [("10.0.0.1", 2, 1), ("10.0.0.2", 2, 0), ("*", 2, 0)]);
+    }
+
+    #[test]
+    fn a_record_lost_as_the_interval_ends_is_told_in_the_next() {
+        let t0 = Instant::now();
+        let r = Refusals::new(Duration::from_secs(10), 2, t0);
+        let a = ip("10.0.0.9");
+        assert_eq!(r.refused(a, "malformed", t0).0, Verdict::Detail);
+        // The timer ends the interval before the record's loss is told.
+        assert!(r.flush(t0 + Duration::from_secs(10)).is_empty());
+        r.not_recorded(a);
+        let sums = r.flush(t0 + Duration::from_secs(20));
+        let by: Vec<(&str, u64, u64)> = sums
+            .iter()
+            .map(|s| (s.client.as_str(), s.refused, s.not_recorded))
+            .collect();
+        assert_eq!(by, [("10.0.0.9", 0, 1)], "not under `*`");
     }
 }
