@@ -210,14 +210,24 @@ fn raise_open_files(config: &Config) {
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
     };
-    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        hard
+    // An unlimited hard limit cannot be the soft one: the kernel caps open files at
+    // fs.nr_open, and refuses a soft limit above it.
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let target = hard.min(nr_open);
+    let limit = if soft < target && setrlimit(Resource::RLIMIT_NOFILE, target, hard).is_ok() {
+        target
     } else {
         soft
     };
+    // Each browser connection (a SPICE session has one per channel) holds its socket
+    // and its QEMU socket; a session may hold a recording file.
     let l = &config.limits;
     let needed = (l.max_connections as u64)
-        .saturating_add((l.max_sessions as u64).saturating_mul(4))
+        .saturating_mul(2)
+        .saturating_add(l.max_sessions as u64)
         .saturating_add(64);
     if limit < needed {
         warn!(open_files = limit, needed, max_connections = l.max_connections, max_sessions = l.max_sessions,
