@@ -47,6 +47,14 @@ fn write_config(dir: &Path, ttl: &str) -> String {
     path.display().to_string()
 }
 
+/// [`write_config`] with its token key made by `vizor keygen`.
+fn keyed_config(dir: &Path, ttl: &str) -> String {
+    let config = write_config(dir, ttl);
+    let out = vizor(&["keygen", dir.join("token.key").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    config
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -77,12 +85,7 @@ fn keygen_writes_a_private_key_once() {
 #[test]
 fn token_prints_a_sealed_token_that_a_replica_opens() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "90s");
-    assert!(
-        vizor(&["keygen", dir.path().join("token.key").to_str().unwrap()])
-            .status
-            .success()
-    );
+    let config = keyed_config(dir.path(), "90s");
     let before = now();
     let out = vizor(&[
         "token", "--config", &config, "--domain", "demo1", "--kind", "spice", "--user", "alice",
@@ -223,12 +226,7 @@ fn serve_and_replay_refuse_a_console_client_directory_without_the_client() {
 #[test]
 fn a_token_for_a_domain_libvirt_does_not_know_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "60s");
-    assert!(
-        vizor(&["keygen", dir.path().join("token.key").to_str().unwrap()])
-            .status
-            .success()
-    );
+    let config = keyed_config(dir.path(), "60s");
     let out = vizor(&["token", "--config", &config, "--domain", "nope"]);
     assert!(!out.status.success());
     assert!(out.stdout.is_empty(), "no token on failure");
@@ -255,12 +253,7 @@ fn the_audit_chain_has_its_own_key() {
     // Whoever verifies the log holds the chain key: it must not be (or be derived
     // from) the key that mints tokens.
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "60s");
-    assert!(
-        vizor(&["keygen", dir.path().join("token.key").to_str().unwrap()])
-            .status
-            .success()
-    );
+    let config = keyed_config(dir.path(), "60s");
     let text_of = |c: &str| std::fs::read_to_string(c).unwrap();
     let without = text_of(&config).replace("key_file = \"audit.key\"\n", "");
     std::fs::write(&config, &without).unwrap();
