@@ -16,6 +16,7 @@ pub mod front;
 pub mod libvirt;
 pub mod limits;
 pub mod live;
+pub mod lockfile;
 pub mod metrics;
 pub mod record;
 pub mod refusals;

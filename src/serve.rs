@@ -263,15 +263,25 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
+    // One vizor per recording directory and audit log (the log's lock is the
+    // writer's): held until serve returns.
+    let _record_lock = match &config.audit.record_dir {
+        Some(dir) => {
+            let meta = std::fs::metadata(dir)
+                .map_err(|e| format!("[audit] record_dir {}: {e}", dir.display()))?;
+            if !meta.is_dir() {
+                return Err(
+                    format!("[audit] record_dir {} is not a directory", dir.display()).into(),
+                );
+            }
+            let lock = crate::lockfile::Lock::take(&crate::lockfile::of_dir(dir))
+                .map_err(|e| format!("[audit] record_dir {}: {e}", dir.display()))?;
+            Some(lock)
+        }
+        None => None,
+    };
     let audit = Audit::open(&config.audit, chain_key, Some(metrics.clone()))
         .map_err(|e| format!("audit log {}: {e}", config.audit.path.display()))?;
-    if let Some(dir) = &config.audit.record_dir {
-        let meta = std::fs::metadata(dir)
-            .map_err(|e| format!("[audit] record_dir {}: {e}", dir.display()))?;
-        if !meta.is_dir() {
-            return Err(format!("[audit] record_dir {} is not a directory", dir.display()).into());
-        }
-    }
     let admin_key = config
         .api
         .admin_key_file

@@ -46,6 +46,8 @@ pub(super) struct Writer {
     /// so it is rolled back with it if that write fails.
     pending_start: Option<Vec<u8>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// This process's hold on the log: a second writer would break the chain.
+    _lock: crate::lockfile::Lock,
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
@@ -137,6 +139,21 @@ impl Writer {
         rotate_size: Option<u64>,
         metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> std::io::Result<(Writer, Option<String>)> {
+        let dir = match path.parent() {
+            Some(d) if d.as_os_str().is_empty() => Path::new("."),
+            Some(d) => d,
+            None => Path::new("/"),
+        };
+        if !dir.is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("its directory {} does not exist", dir.display()),
+            ));
+        }
+        // Taken before the file is even read: a second process must not move the
+        // first's log aside, nor continue its chain.
+        let lock = crate::lockfile::Lock::take(&crate::lockfile::of_log(path))
+            .map_err(std::io::Error::other)?;
         let file = open_append(path)?;
         let len = file.metadata()?.len();
         let mut w = Writer {
@@ -151,6 +168,7 @@ impl Writer {
             dirty: false,
             pending_start: None,
             metrics,
+            _lock: lock,
         };
         if len == 0 {
             w.start_chain(members("chain_start", serde_json::json!({"reason": "new"})))?;

@@ -1,0 +1,133 @@
+//! `vizor serve` as a service runs it: one process per audit log and recording
+//! directory, and what holds across a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic is a failure
+
+mod common;
+
+use common::Vizor;
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// `vizor serve` on `config`, to its end: one that starts serves until killed, so
+/// a start is a timeout here.
+fn serve_once(config: &Path) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vizor"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    panic!(
+        "a second vizor serve started: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_second_vizor_on_one_audit_log_or_recording_directory_refuses_to_start() {
+    let v = Vizor::start_uri("test:///default", "", "record_dir = \"rec\"", "", |dir| {
+        std::fs::create_dir(dir.join("rec")).unwrap();
+    });
+    let config = v.path().join("vizor.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let before = v.audit_all().len();
+
+    // The same config: the audit log is the first one's.
+    let out = serve_once(&config);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let log = v.audit_path();
+    assert!(
+        err.contains(&format!("audit log {}", log.display()))
+            || err.contains(&format!("record_dir {}", v.path().join("rec").display())),
+        "{err}"
+    );
+    assert!(err.contains(&format!("in use by pid {}", v.pid())), "{err}");
+
+    // Its own audit log, the first one's recording directory.
+    let other = v.path().join("other.toml");
+    std::fs::write(
+        &other,
+        text.replace("path = \"audit.jsonl\"", "path = \"audit2.jsonl\""),
+    )
+    .unwrap();
+    let out = serve_once(&other);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "[audit] record_dir {}",
+            v.path().join("rec").display()
+        )) && err.contains(&format!("in use by pid {}", v.pid())),
+        "{err}"
+    );
+    assert!(
+        !v.path().join("audit2.jsonl").exists(),
+        "nothing was written"
+    );
+
+    // Its own recording directory, the first one's audit log.
+    std::fs::create_dir(v.path().join("rec2")).unwrap();
+    std::fs::write(
+        &other,
+        text.replace("record_dir = \"rec\"", "record_dir = \"rec2\""),
+    )
+    .unwrap();
+    let out = serve_once(&other);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("audit log {}", log.display()))
+            && err.contains(&format!("in use by pid {}", v.pid())),
+        "{err}"
+    );
+
+    // The first one's log: untouched by either, its chain whole, still written.
+    let after = v.audit_all();
+    assert_eq!(after.len(), before, "{after:?}");
+    let (ok, report) = v.verify(&[log.clone()]);
+    assert!(ok, "{report}");
+    assert!(
+        std::fs::read_dir(v.path())
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with("audit.jsonl.")),
+        "nothing was moved aside"
+    );
+
+    // Once the first is gone, the lock goes with it: the next start continues the chain.
+    let mut v = v;
+    v.kill();
+    let mut next = Command::new(env!("CARGO_BIN_EXE_vizor"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(next.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("listening on "), "{line}");
+    let _ = next.kill();
+    let _ = next.wait();
+    let (ok, report) = v.verify(&[log]);
+    assert!(ok, "{report}");
+    let records = v.audit_all();
+    assert_eq!(
+        records.last().unwrap()["event"],
+        "audit_open",
+        "{records:?}"
+    );
+}
