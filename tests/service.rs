@@ -94,7 +94,7 @@ fn a_second_vizor_on_one_audit_log_or_recording_directory_refuses_to_start() {
     // The first one's log: untouched by either, its chain whole, still written.
     let after = v.audit_all();
     assert_eq!(after.len(), before, "{after:?}");
-    let (ok, report) = v.verify(&[log.clone()]);
+    let (ok, report) = v.verify(std::slice::from_ref(&log));
     assert!(ok, "{report}");
     assert!(
         std::fs::read_dir(v.path())
