@@ -221,7 +221,7 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -869,6 +869,12 @@ async fn console_session(
     let kind = claims.kind;
     let domain = claims.domain.clone();
     let end = async {
+        // Spent: on record before anything of the session goes on.
+        if let Err(e) = app.audit.token_used(&claims, peer).await {
+            let end = session::audit_failed(e);
+            btx.close(end.code, &end.reason).await;
+            return end;
+        }
         let console = match lookup(&app, DomainRef::Uuid(claims.uuid), claims.kind).await {
             Ok(c) => c,
             Err(e) => {

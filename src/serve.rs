@@ -282,6 +282,28 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     };
     let audit = Audit::open(&config.audit, chain_key, Some(metrics.clone()))
         .map_err(|e| format!("audit log {}: {e}", config.audit.path.display()))?;
+    // Tokens spent before this start stay spent: the log's token_used records say
+    // which (read with the log locked, so none is being written elsewhere).
+    let read_from = std::time::Instant::now();
+    let spent = crate::audit::spent::spent_tokens(&config.audit.path, crate::front::unix_now())
+        .map_err(|e| {
+            format!(
+                "audit log {}: reading the spent tokens: {e}",
+                config.audit.path.display()
+            )
+        })?;
+    if spent.unreadable > 0 {
+        warn!(
+            unreadable = spent.unreadable,
+            "audit log: token_used records that could not be read (those tokens are not known to be spent)"
+        );
+    }
+    info!(
+        tokens = spent.tokens.len(),
+        files = spent.files,
+        ms = read_from.elapsed().as_millis() as u64,
+        "spent tokens restored from the audit log"
+    );
     let admin_key = config
         .api
         .admin_key_file
@@ -315,6 +337,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     );
     app.metrics_key = metrics_key;
     app.upstream_tls = upstream_tls;
+    if let Ok(mut r) = app.replay.lock() {
+        r.restore(spent.tokens);
+    }
     let app = Arc::new(app);
     if app.config.metrics.per_session {
         metrics.register(Box::new(crate::live::PerSession::new(

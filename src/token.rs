@@ -60,9 +60,18 @@ pub enum TokenError {
     #[error("token authentication failed (forged, altered or another key)")]
     BadSignature,
     /// The token's lifetime is over.
-    #[error("token expired at {expires_at} (Unix time)")]
+    #[error("token expired at {} ({} ago)", rfc3339(*expires_at), ago(*expires_at, *now))]
     Expired {
         /// When it expired, in Unix seconds.
+        expires_at: u64,
+        /// When it was checked, in Unix seconds.
+        now: u64,
+    },
+    /// The token would open for longer than any vizor issues ([`MAX_LIFETIME`]): not
+    /// minted by vizor's rules, or by a clock far ahead.
+    #[error("token lifetime too long: it expires at {}, more than 24h from now", rfc3339(*expires_at))]
+    TooLong {
+        /// When it would expire, in Unix seconds.
         expires_at: u64,
     },
     /// The token was already used.
@@ -89,6 +98,7 @@ impl TokenError {
             TokenError::UnknownVersion(_) => "unknown_version",
             TokenError::BadSignature => "bad_signature",
             TokenError::Expired { .. } => "expired",
+            TokenError::TooLong { .. } => "too_long",
             TokenError::Replayed => "replayed",
             TokenError::ReplayCacheFull => "replay_cache_full",
             TokenError::WrongClient { .. } => "wrong_client",
@@ -535,10 +545,32 @@ impl TokenKey {
         if claims.expires_at <= now {
             return Err(TokenError::Expired {
                 expires_at: claims.expires_at,
+                now,
+            });
+        }
+        if claims.expires_at > now.saturating_add(MAX_LIFETIME.as_secs()) {
+            return Err(TokenError::TooLong {
+                expires_at: claims.expires_at,
             });
         }
         Ok(claims)
     }
+}
+
+/// The longest a token opens after any check of it: the longest ttl vizor issues
+/// ([`crate::config::MAX_TOKEN_TTL`]) and 5 minutes for replicas' clocks apart. A
+/// token used longer ago than this has expired (the restart rebuild of the spent set
+/// relies on it).
+pub const MAX_LIFETIME: std::time::Duration =
+    std::time::Duration::from_secs(crate::config::MAX_TOKEN_TTL.as_secs() + 300);
+
+fn rfc3339(unix: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn ago(then: u64, now: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(now.saturating_sub(then))).to_string()
 }
 
 /// Remembers the nonces of tokens used on this replica until they expire, so each
@@ -548,6 +580,10 @@ pub struct ReplayCache {
     seen: HashMap<[u8; NONCE_LEN], u64>,
     by_expiry: BinaryHeap<Reverse<(u64, [u8; NONCE_LEN])>>,
     max_entries: usize,
+    /// Tokens spent before this process started, by token id (the audit log names
+    /// them so), with their expiry; emptied once the last has expired.
+    restored: HashMap<[u8; 8], u64>,
+    restored_until: u64,
 }
 
 impl ReplayCache {
@@ -557,13 +593,31 @@ impl ReplayCache {
             seen: HashMap::new(),
             by_expiry: BinaryHeap::new(),
             max_entries,
+            restored: HashMap::new(),
+            restored_until: 0,
         }
+    }
+
+    /// Marks the tokens of `spent` (token id, expiry) as used: spent before this
+    /// process started. They do not count against the bound.
+    pub fn restore(&mut self, spent: impl IntoIterator<Item = ([u8; 8], u64)>) {
+        for (id, expires) in spent {
+            let e = self.restored.entry(id).or_insert(expires);
+            *e = (*e).max(expires);
+            self.restored_until = self.restored_until.max(expires);
+        }
+    }
+
+    fn restored_use(&self, claims: &Claims, now: u64) -> bool {
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&claims.nonce[..8]);
+        self.restored.get(&id).is_some_and(|&expires| expires > now)
     }
 
     /// Records the token's use; refuses it if it was used before.
     pub fn admit(&mut self, claims: &Claims, now: u64) -> Result<(), TokenError> {
         self.evict(now);
-        if self.seen.contains_key(&claims.nonce) {
+        if self.seen.contains_key(&claims.nonce) || self.restored_use(claims, now) {
             return Err(TokenError::Replayed);
         }
         if self.seen.len() >= self.max_entries {
@@ -580,6 +634,7 @@ impl ReplayCache {
         self.seen
             .get(&claims.nonce)
             .is_some_and(|&expires| expires > now)
+            || self.restored_use(claims, now)
     }
 
     /// Unexpired nonces held.
@@ -599,6 +654,9 @@ impl ReplayCache {
             }
             self.by_expiry.pop();
             self.seen.remove(&nonce);
+        }
+        if !self.restored.is_empty() && self.restored_until <= now {
+            self.restored = HashMap::new();
         }
     }
 }

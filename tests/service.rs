@@ -4,9 +4,10 @@
 
 mod common;
 
-use common::Vizor;
+use common::{Browser, Vizor};
 use std::path::Path;
 use std::process::{Command, Output};
+use vizor::token::ConsoleKind;
 
 /// `vizor serve` on `config`, to its end: one that starts serves until killed, so
 /// a start is a timeout here.
@@ -130,4 +131,42 @@ fn a_second_vizor_on_one_audit_log_or_recording_directory_refuses_to_start() {
         "audit_open",
         "{records:?}"
     );
+}
+
+#[tokio::test]
+async fn a_token_spent_before_a_restart_is_refused_after_it() {
+    // test:///default's domain has no console: the session ends at its lookup, after
+    // the token was spent, which is all this needs.
+    let mut v = Vizor::start_uri("test:///default", "", "", "", |_| {});
+    let token = v.token("test", ConsoleKind::Vnc, 60);
+    let path = format!("/websockify?token={token}");
+    let first = Browser::connect(v.addr, &path).await.closed().await;
+    assert_ne!(first.reason, "token already used");
+    let used = v.records("token_used", 1);
+    assert_eq!(
+        (&used[0]["user"], &used[0]["domain"], &used[0]["kind"]),
+        (&"tester".into(), &"test".into(), &"vnc".into())
+    );
+    let expires = humantime::parse_rfc3339(used[0]["expires_at"].as_str().unwrap()).unwrap();
+    assert!(expires > std::time::SystemTime::now());
+
+    v.restart();
+    assert!(v.wait_for_log("spent tokens restored"));
+    let again = Browser::connect(v.addr, &path).await.closed().await;
+    assert_eq!(
+        (again.code, again.reason.as_str()),
+        (1008, "token already used")
+    );
+    let refused = v.records("token_refused", 1);
+    assert_eq!(refused[0]["reason"], "replayed");
+    assert_eq!(refused[0]["token_id"], used[0]["token_id"]);
+    // Another token is not.
+    let fresh = v.token("test", ConsoleKind::Vnc, 60);
+    let other = Browser::connect(v.addr, &format!("/websockify?token={fresh}"))
+        .await
+        .closed()
+        .await;
+    assert_eq!(other.reason, first.reason);
+    let (ok, report) = v.verify(&[v.audit_path()]);
+    assert!(ok, "{report}");
 }

@@ -7,6 +7,7 @@
 
 pub mod chain;
 pub mod review;
+pub mod spent;
 mod writer;
 
 pub use chain::ChainKey;
@@ -193,6 +194,22 @@ pub enum Event<'a> {
         /// What happened.
         detail: &'a str,
     },
+    /// A token was spent: it opens no other session, on this process nor, restored
+    /// from this record at start, after a restart. Written before the session goes on.
+    TokenUsed {
+        /// The token's id.
+        token_id: &'a str,
+        /// When it expires (RFC 3339): until then it stays spent.
+        expires_at: String,
+        /// The user it was issued to.
+        user: &'a str,
+        /// The domain it names.
+        domain: &'a str,
+        /// Its console kind.
+        kind: ConsoleKind,
+        /// The browser's address.
+        client: &'a str,
+    },
     /// A token was refused.
     TokenRefused {
         /// The browser's address.
@@ -299,6 +316,7 @@ impl Event<'_> {
             Event::Locks { .. } => "locks",
             Event::Clipboard { .. } => "clipboard",
             Event::SessionEnd { .. } => "session_end",
+            Event::TokenUsed { .. } => "token_used",
             Event::TokenRefused { .. } => "token_refused",
             Event::OriginRefused { .. } => "origin_refused",
             Event::SessionRefused { .. } => "session_refused",
@@ -593,6 +611,25 @@ impl Audit {
             }
             (r, _) => r,
         }
+    }
+
+    /// Records that the token of `claims` was spent by the browser at `client`: before
+    /// its session goes on, so single use holds across a restart.
+    pub async fn token_used(
+        &self,
+        claims: &crate::token::Claims,
+        client: std::net::SocketAddr,
+    ) -> std::io::Result<()> {
+        let expires = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(claims.expires_at);
+        self.record(&Event::TokenUsed {
+            token_id: &claims.token_id(),
+            expires_at: humantime::format_rfc3339_seconds(expires).to_string(),
+            user: &claims.user,
+            domain: &claims.domain,
+            kind: claims.kind,
+            client: &client.to_string(),
+        })
+        .await
     }
 
     /// Queues one record without waiting (for refusals, where nothing waits on it);

@@ -419,6 +419,11 @@ pub async fn run(
                     return (close(&btx, end).await, ctx.id, domain);
                 }
             };
+            // Spent: on record before anything of the session goes on.
+            if let Err(e) = ctx.audit.token_used(&ctx.claims, ctx.client).await {
+                btx.binary(link_refusal(link_error::ERROR)).await;
+                return (close(&btx, audit_failed(e)).await, ctx.id, domain);
+            }
             let joined = Joined {
                 session: ctx.id,
                 idle: Arc::new(Idle::default()),

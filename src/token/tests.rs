@@ -74,9 +74,31 @@ fn expiry_is_exclusive() {
     assert!(key.open(&t, 99).is_ok());
     assert_eq!(
         key.open(&t, 100),
-        Err(TokenError::Expired { expires_at: 100 })
+        Err(TokenError::Expired {
+            expires_at: 100,
+            now: 100
+        })
     );
     assert_eq!(key.open(&t, u64::MAX).unwrap_err().reason(), "expired");
+    assert_eq!(
+        key.open(&t, 400).unwrap_err().to_string(),
+        "token expired at 1970-01-01T00:01:40Z (5m ago)"
+    );
+}
+
+#[test]
+fn a_token_that_opens_for_longer_than_vizor_issues_is_refused() {
+    // A restarted vizor rebuilds its spent set from the last MAX_LIFETIME of audit
+    // records: a token must not open beyond it.
+    let key = TokenKey::generate().unwrap();
+    let now = 1_000_000;
+    let longest = now + MAX_LIFETIME.as_secs();
+    assert!(key.open(&key.seal(&claims(longest)).unwrap(), now).is_ok());
+    let e = key
+        .open(&key.seal(&claims(longest + 1)).unwrap(), now)
+        .unwrap_err();
+    assert_eq!(e.reason(), "too_long");
+    assert!(e.to_string().contains("more than 24h from now"), "{e}");
 }
 
 #[test]
@@ -127,6 +149,29 @@ fn replay_cache_admits_once_until_expiry() {
     // At a's expiry its nonce is dropped, making room.
     cache.admit(&c, 100).unwrap();
     assert_eq!(cache.len(), 2);
+}
+
+#[test]
+fn tokens_spent_before_a_restart_stay_spent_until_they_expire() {
+    let mut cache = ReplayCache::new(1);
+    let spent = claims(100);
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&spent.nonce[..8]);
+    // As the audit log's token_used records give them back.
+    cache.restore([(id, 100)]);
+    assert!(cache.is_used(&spent, 10));
+    assert_eq!(cache.admit(&spent, 10), Err(TokenError::Replayed));
+    // They take no room from new tokens.
+    let fresh = Claims {
+        nonce: [1; 16],
+        ..claims(200)
+    };
+    cache.admit(&fresh, 10).unwrap();
+    // Expired, it is forgotten (it would be refused as expired first).
+    assert!(!cache.is_used(&spent, 100));
+    let mut later = ReplayCache::new(1);
+    later.restore([(id, 100)]);
+    later.admit(&spent, 100).unwrap();
 }
 
 #[test]

@@ -301,6 +301,30 @@ impl Vizor {
             ),
         )
         .unwrap();
+        let (child, addr, log) = Self::spawn(&config);
+        let key = TokenKey::load(&key_path).unwrap();
+        Vizor {
+            child,
+            addr,
+            dir,
+            log,
+            key,
+            uri: uri.to_owned(),
+        }
+    }
+
+    /// Stops this vizor (SIGTERM, as a service manager would) and starts it again on
+    /// the same config and files.
+    pub fn restart(&mut self) {
+        self.terminate();
+        let (child, addr, log) = Self::spawn(&self.dir.path().join("vizor.toml"));
+        self.child = child;
+        self.addr = addr;
+        self.log = log;
+    }
+
+    /// `vizor serve --config CONFIG`, once it listens.
+    fn spawn(config: &std::path::Path) -> (Child, SocketAddr, Arc<Mutex<String>>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_vizor"))
             .args(["serve", "--config", config.to_str().unwrap()])
             .stdout(Stdio::piped())
@@ -331,15 +355,7 @@ impl Vizor {
             .unwrap_or_else(|| panic!("vizor did not start: {line:?}\n{}", log.lock().unwrap()))
             .parse()
             .unwrap();
-        let key = TokenKey::load(&key_path).unwrap();
-        Vizor {
-            child,
-            addr,
-            dir,
-            log,
-            key,
-            uri: uri.to_owned(),
-        }
+        (child, addr, log)
     }
 
     /// Starts vizor with the management API enabled (key [`ADMIN_KEY`]).
