@@ -295,7 +295,7 @@ async fn route(
         return Ok(text(StatusCode::OK, "ok\n"));
     }
     if path == "/metrics" {
-        return Ok(metrics_here(&app, &req));
+        return Ok(metrics_here(&app, peer, &req));
     }
     if path == "/websockify" {
         if !fastwebsockets::upgrade::is_upgrade_request(&req) {
@@ -343,11 +343,11 @@ async fn route(
         return Ok(static_file(dir, rest).await);
     }
     if path == "/api/v1/sessions" {
-        return Ok(api_sessions(&app, &req));
+        return Ok(api(&app, peer, &req, Endpoint::Sessions).await);
     }
     if let Some(rest) = path.strip_prefix("/api/v1/domains/") {
         if let Some(domain) = rest.strip_suffix("/console") {
-            return Ok(api_console(&app, domain, &req).await);
+            return Ok(api(&app, peer, &req, Endpoint::Console(domain)).await);
         }
     }
     match &app.config.server.web_root {
@@ -358,28 +358,39 @@ async fn route(
 
 /// `/metrics` on the main listener: only for the metrics or admin bearer key. The
 /// series name users and domains, and the key counter moves with every keystroke.
-fn metrics_here(app: &App, req: &Request<Incoming>) -> Resp {
+fn metrics_here(app: &App, peer: SocketAddr, req: &Request<Incoming>) -> Resp {
+    let count = |code: StatusCode| {
+        app.metrics
+            .api_requests_total
+            .with_label_values(&["metrics", code.as_str()])
+            .inc();
+    };
     let keys: Vec<&str> = [&app.metrics_key, &app.admin_key]
         .into_iter()
         .flatten()
         .map(|k| k.as_str())
         .collect();
     if keys.is_empty() {
+        count(StatusCode::NOT_FOUND);
         return text(
             StatusCode::NOT_FOUND,
             "metrics are not served here: read them on [server] metrics_listen, or set [metrics] key_file and send it as Authorization: Bearer\n",
         );
+    }
+    if let Some(refused) = throttled(app, peer) {
+        count(StatusCode::TOO_MANY_REQUESTS);
+        return refused;
     }
     // Every key is compared, so the time taken does not say which one matched.
     let matched = keys
         .iter()
         .fold(false, |any, k| bearer_matches(req, k) | any);
     if !matched {
-        return text(
-            StatusCode::UNAUTHORIZED,
-            "a valid Authorization: Bearer <metrics key> header is required\n",
-        );
+        let e = ApiError::bad_key("a valid Authorization: Bearer <metrics key> header is required");
+        api_refused(app, peer, "metrics", None, &e);
+        return text(e.status, &format!("{}\n", e.error));
     }
+    count(StatusCode::OK);
     metrics_response(&app.metrics)
 }
 
@@ -1047,28 +1058,149 @@ fn bearer_matches(req: &Request<Incoming>, key: &str) -> bool {
     given.len() == key.len() && bool::from(given.as_bytes().ct_eq(key.as_bytes()))
 }
 
-/// Checks the admin bearer key: the refusal to send if it is not there.
-fn admin_refusal(app: &App, req: &Request<Incoming>) -> Option<Resp> {
+/// A management API endpoint.
+#[derive(Clone, Copy)]
+enum Endpoint<'a> {
+    /// `GET /api/v1/sessions`.
+    Sessions,
+    /// `GET /api/v1/domains/{name-or-uuid}/console`.
+    Console(&'a str),
+}
+
+/// Why an API request was not answered with what it asked for.
+struct ApiError {
+    status: StatusCode,
+    /// A stable label: the answer's `reason`, the audit record's and the metrics'.
+    reason: &'static str,
+    error: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, reason: &'static str, error: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            reason,
+            error: error.into(),
+        }
+    }
+
+    fn bad_key(error: &str) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, "bad_key", error)
+    }
+
+    /// Whether the request was not authenticated (the key was missing or wrong, or
+    /// there is no API): refused like a bad token, per client and interval.
+    fn unauthenticated(&self) -> bool {
+        matches!(self.reason, "bad_key" | "api_disabled")
+    }
+}
+
+/// Counts, logs and audits a refused API (or `/metrics`) request. Unauthenticated
+/// ones are handled as refused tokens are: recorded once per client, reason and
+/// interval and summed up after, counted against the client's failed-attempt
+/// allowance (a wrong key); an admin's failed requests are each recorded.
+fn api_refused(
+    app: &App,
+    peer: SocketAddr,
+    endpoint: &'static str,
+    domain: Option<&str>,
+    e: &ApiError,
+) {
+    app.metrics
+        .api_requests_total
+        .with_label_values(&[endpoint, e.status.as_str()])
+        .inc();
+    let domain = domain.map(|d| {
+        let mut end = d.len().min(200);
+        while !d.is_char_boundary(end) {
+            end -= 1;
+        }
+        &d[..end]
+    });
+    let event = Event::ApiRefused {
+        client: &peer.to_string(),
+        endpoint,
+        status: e.status.as_u16(),
+        reason: e.reason,
+        domain,
+    };
+    if e.unauthenticated() {
+        app.metrics
+            .auth_refusals_total
+            .with_label_values(&["api", e.reason])
+            .inc();
+        refusal(app, peer, e.reason, || {
+            warn!(client = %peer, endpoint, status = e.status.as_u16(), reason = e.reason,
+                "API request refused (more of this client and reason this interval are counted, not logged)");
+            app.audit.record_refusal(&event)
+        });
+        if e.reason == "bad_key" {
+            failed_attempt(app, peer);
+        }
+    } else {
+        warn!(client = %peer, endpoint, status = e.status.as_u16(), reason = e.reason, domain, error = %e.error, "API request failed");
+        app.audit.record_nowait(&event);
+    }
+}
+
+/// Serves a management API request: the client's allowance, then the admin key, then
+/// the endpoint; every answer counted, every refusal audited.
+async fn api(app: &App, peer: SocketAddr, req: &Request<Incoming>, endpoint: Endpoint<'_>) -> Resp {
+    let (name, domain) = match endpoint {
+        Endpoint::Sessions => ("sessions", None),
+        Endpoint::Console(d) => ("console", Some(d)),
+    };
+    if let Some(refused) = throttled(app, peer) {
+        app.metrics
+            .api_requests_total
+            .with_label_values(&[name, StatusCode::TOO_MANY_REQUESTS.as_str()])
+            .inc();
+        return refused;
+    }
+    let answer = match admin_check(app, req) {
+        Err(e) => Err(e),
+        Ok(()) => match endpoint {
+            Endpoint::Sessions => Ok(api_sessions(app)),
+            Endpoint::Console(domain) => api_console(app, peer, domain, req).await,
+        },
+    };
+    match answer {
+        Ok(resp) => {
+            app.metrics
+                .api_requests_total
+                .with_label_values(&[name, resp.status().as_str()])
+                .inc();
+            resp
+        }
+        Err(e) => {
+            api_refused(app, peer, name, domain, &e);
+            json(
+                e.status,
+                &serde_json::json!({"error": e.error, "reason": e.reason}),
+            )
+        }
+    }
+}
+
+/// Checks the admin bearer key.
+fn admin_check(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(key) = &app.admin_key else {
-        return Some(json(
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            &serde_json::json!({"error": "the management API is disabled (no [api] admin_key_file)"}),
+            "api_disabled",
+            "the management API is disabled (no [api] admin_key_file)",
         ));
     };
     if !bearer_matches(req, key) {
-        return Some(json(
-            StatusCode::UNAUTHORIZED,
-            &serde_json::json!({"error": "a valid Authorization: Bearer <admin key> header is required"}),
+        return Err(ApiError::bad_key(
+            "a valid Authorization: Bearer <admin key> header is required",
         ));
     }
-    None
+    Ok(())
 }
 
 /// `GET /api/v1/sessions`: the live sessions, oldest first.
-fn api_sessions(app: &App, req: &Request<Incoming>) -> Resp {
-    if let Some(refused) = admin_refusal(app, req) {
-        return refused;
-    }
+fn api_sessions(app: &App) -> Resp {
     let ms = |q: Option<crate::live::Quantiles>| match q {
         Some(q) => serde_json::json!({
             "p50": q.p50 * 1000.0,
@@ -1109,36 +1241,23 @@ fn api_sessions(app: &App, req: &Request<Incoming>) -> Resp {
     json(StatusCode::OK, &serde_json::json!({"sessions": sessions}))
 }
 
-async fn api_console(app: &App, domain: &str, req: &Request<Incoming>) -> Resp {
-    if let Some(refused) = admin_refusal(app, req) {
-        return refused;
-    }
-    let kind = match query_param(req, "kind")
+/// `GET /api/v1/domains/{name-or-uuid}/console`: a token for the domain's console,
+/// on record before it is answered.
+async fn api_console(
+    app: &App,
+    peer: SocketAddr,
+    domain: &str,
+    req: &Request<Incoming>,
+) -> Result<Resp, ApiError> {
+    let bad = |error: &str| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", error);
+    let kind = query_param(req, "kind")
         .as_deref()
         .unwrap_or("vnc")
         .parse::<ConsoleKind>()
-    {
-        Ok(k) => k,
-        Err(e) => return json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": e})),
-    };
+        .map_err(|e| bad(&e))?;
     if domain.is_empty() || domain.contains('/') {
-        return json(
-            StatusCode::BAD_REQUEST,
-            &serde_json::json!({"error": "a domain name or UUID is required"}),
-        );
+        return Err(bad("a domain name or UUID is required"));
     }
-    let console = match lookup(app, DomainRef::NameOrUuid(domain.to_owned()), kind).await {
-        Ok(console) => console,
-        Err(e) => return api_lookup_failed(e),
-    };
-    let Some(uuid) = crate::token::parse_uuid(&console.uuid) else {
-        return json(
-            StatusCode::BAD_GATEWAY,
-            &serde_json::json!({"error": format!("libvirt gave domain {:?} the UUID {:?}", console.domain, console.uuid)}),
-        );
-    };
-    let ttl = app.config.tokens.ttl;
-    let expires = SystemTime::now() + ttl;
     // The management plane says whose session it is: audited, and counted by
     // `[limits] max_sessions_per_user`.
     let user = match query_param(req, "user") {
@@ -1150,70 +1269,85 @@ async fn api_console(app: &App, domain: &str, req: &Request<Incoming>) -> Resp {
         {
             u
         }
-        Some(_) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                &serde_json::json!({"error": "user must be 1 to 256 bytes, no control characters"}),
-            )
-        }
+        Some(_) => return Err(bad("user must be 1 to 256 bytes, no control characters")),
     };
     // `?client=`: the token admits the browser at this address alone.
     let client = match query_param(req, "client").map(|c| c.parse::<std::net::IpAddr>()) {
         None => None,
         Some(Ok(ip)) => Some(ip),
-        Some(Err(_)) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                &serde_json::json!({"error": "client must be an IPv4 or IPv6 address"}),
-            )
-        }
+        Some(Err(_)) => return Err(bad("client must be an IPv4 or IPv6 address")),
     };
+    let console = lookup(app, DomainRef::NameOrUuid(domain.to_owned()), kind)
+        .await
+        .map_err(api_lookup_failed)?;
+    let Some(uuid) = crate::token::parse_uuid(&console.uuid) else {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "bad_uuid",
+            format!(
+                "libvirt gave domain {:?} the UUID {:?}",
+                console.domain, console.uuid
+            ),
+        ));
+    };
+    let ttl = app.config.tokens.ttl;
+    let expires_at = unix_now() + ttl.as_secs();
+    let expires = UNIX_EPOCH + Duration::from_secs(expires_at);
     // The token opens this domain, by UUID: another domain defined later under the same
     // name is not it.
     let domain = console.domain.as_str();
-    let sealed = Claims::new(domain, uuid, kind, &user, unix_now() + ttl.as_secs())
+    let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
+    let claims = Claims::new(domain, uuid, kind, &user, expires_at)
         .map(|c| match client {
             Some(ip) => c.bound_to(ip),
             None => c,
         })
-        .map_err(|e| e.to_string())
-        .and_then(|c| {
-            app.key
-                .seal(&c)
-                .map(|t| (t, c.token_id()))
-                .map_err(|e| e.to_string())
-        });
-    match sealed {
-        Ok((token, token_id)) => {
-            info!(domain, %kind, token = %token_id, client = ?client, "token issued by the API");
-            json(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "kind": kind.as_str(),
-                    "token": token,
-                    "ws_path": format!("/websockify?token={token}"),
-                    "expires_at": humantime::format_rfc3339_seconds(expires).to_string(),
-                }),
+        .map_err(|e| internal(e.to_string()))?;
+    let token = app.key.seal(&claims).map_err(|e| internal(e.to_string()))?;
+    let token_id = claims.token_id();
+    // On record before anyone holds it.
+    app.audit
+        .record(&Event::TokenIssued {
+            token_id: &token_id,
+            by: "api",
+            requester: &peer.to_string(),
+            user: &user,
+            domain,
+            uuid: &console.uuid,
+            kind,
+            ttl_s: ttl.as_secs(),
+            expires_at: humantime::format_rfc3339_seconds(expires).to_string(),
+            bound_client: client.map(|c| c.to_string()),
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_error",
+                format!("the audit log cannot be written, so no token is issued: {e}"),
             )
-        }
-        Err(e) => json(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &serde_json::json!({"error": e}),
-        ),
-    }
+        })?;
+    info!(domain, %kind, token = %token_id, user, client = ?client, requester = %peer, "token issued by the API");
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "kind": kind.as_str(),
+            "token": token,
+            "ws_path": format!("/websockify?token={token}"),
+            "console_url": format!("/console?token={token}"),
+            "expires_at": humantime::format_rfc3339_seconds(expires).to_string(),
+        }),
+    ))
 }
 
 /// The API's answer to a failed lookup.
-fn api_lookup_failed(e: LookupError) -> Resp {
+fn api_lookup_failed(e: LookupError) -> ApiError {
     let status = match e {
         LookupError::NoSuchDomain(_) => StatusCode::NOT_FOUND,
         LookupError::Unreachable { .. } | LookupError::BadXml { .. } => StatusCode::BAD_GATEWAY,
         _ => StatusCode::CONFLICT,
     };
-    json(
-        status,
-        &serde_json::json!({"error": e.to_string(), "reason": e.reason()}),
-    )
+    ApiError::new(status, e.reason(), e.to_string())
 }
 
 fn content_type(path: &Path) -> &'static str {

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub libvirt_errors_total: IntCounterVec,
     /// `vizor_auth_refusals_total{stage,reason}`
     pub auth_refusals_total: IntCounterVec,
+    /// `vizor_api_requests_total{endpoint,code}`
+    pub api_requests_total: IntCounterVec,
     /// `vizor_audit_events_total{event}`
     pub audit_events_total: IntCounterVec,
     /// `vizor_audit_write_errors_total`
@@ -123,9 +125,16 @@ impl Metrics {
             auth_refusals_total: IntCounterVec::new(
                 Opts::new(
                     "vizor_auth_refusals_total",
-                    "Refused authentications: stage token (the browser's token), origin (a foreign page's WebSocket) or upstream (vizor to the VM).",
+                    "Refused authentications: stage token (the browser's token), origin (a foreign page's WebSocket), api (the admin or metrics key) or upstream (vizor to the VM).",
                 ),
                 &["stage", "reason"],
+            )?,
+            api_requests_total: IntCounterVec::new(
+                Opts::new(
+                    "vizor_api_requests_total",
+                    "Requests to the management API (console, sessions) and to /metrics on the main listener, by HTTP status.",
+                ),
+                &["endpoint", "code"],
             )?,
             audit_events_total: IntCounterVec::new(
                 Opts::new("vizor_audit_events_total", "Audit records written, by event."),
@@ -178,6 +187,7 @@ impl Metrics {
         r.register(Box::new(m.libvirt_lookup_seconds.clone()))?;
         r.register(Box::new(m.libvirt_errors_total.clone()))?;
         r.register(Box::new(m.auth_refusals_total.clone()))?;
+        r.register(Box::new(m.api_requests_total.clone()))?;
         r.register(Box::new(m.audit_events_total.clone()))?;
         r.register(Box::new(m.audit_write_errors_total.clone()))?;
         r.register(Box::new(m.audit_refusals_dropped_total.clone()))?;

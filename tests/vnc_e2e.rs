@@ -1228,7 +1228,7 @@ async fn a_token_bound_to_a_client_admits_that_client_alone() {
         (status, body.as_str()),
         (
             400,
-            "{\"error\":\"client must be an IPv4 or IPv6 address\"}"
+            "{\"error\":\"client must be an IPv4 or IPv6 address\",\"reason\":\"bad_request\"}"
         )
     );
     let (status, _, body) =

@@ -295,6 +295,46 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "is_zero")]
         not_recorded: u64,
     },
+    /// The management API issued a token (before the answer carrying it is sent).
+    TokenIssued {
+        /// The token's id.
+        token_id: &'a str,
+        /// Who asked: `api` (the admin key).
+        by: &'static str,
+        /// The address the request came from.
+        requester: &'a str,
+        /// The user the token names.
+        user: &'a str,
+        /// The domain it opens, and its UUID.
+        domain: &'a str,
+        /// The domain's UUID.
+        uuid: &'a str,
+        /// Its console kind.
+        kind: ConsoleKind,
+        /// Its lifetime, in seconds.
+        ttl_s: u64,
+        /// When it expires (RFC 3339).
+        expires_at: String,
+        /// The browser address it admits alone, when bound.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        bound_client: Option<String>,
+    },
+    /// A request to the management API or the metrics endpoint was refused: a missing
+    /// or wrong key (unauthenticated: per client and interval, like token refusals),
+    /// or an admin's request that failed.
+    ApiRefused {
+        /// The address the request came from.
+        client: &'a str,
+        /// Which endpoint: `console`, `sessions` or `metrics`.
+        endpoint: &'static str,
+        /// The HTTP status answered.
+        status: u16,
+        /// Why (a stable label).
+        reason: &'static str,
+        /// The domain asked for (at most 200 characters), for `console`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        domain: Option<&'a str>,
+    },
     /// A client made too many failed token attempts: it is refused unheard for a
     /// while (`[limits] failed_tokens_per_client`).
     ClientThrottled {
@@ -321,6 +361,8 @@ impl Event<'_> {
             Event::OriginRefused { .. } => "origin_refused",
             Event::SessionRefused { .. } => "session_refused",
             Event::ClientThrottled { .. } => "client_throttled",
+            Event::TokenIssued { .. } => "token_issued",
+            Event::ApiRefused { .. } => "api_refused",
             Event::ChannelRefused { .. } => "channel_refused",
             Event::RefusalSummary { .. } => "refusal_summary",
             Event::ClipboardDropped { .. } => "clipboard_dropped",

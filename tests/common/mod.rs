@@ -182,13 +182,24 @@ pub fn hmp(domain: &str, command: &str) {
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use vizor::token::{Claims, ConsoleKind, TokenKey};
 
 /// The management API key of a vizor started with [`Vizor::start_admin`].
 pub const ADMIN_KEY: &str = "k3y-0123456789abcdef-admin";
+
+/// The config table that turns the management API on with [`write_admin_key`]'s key.
+pub const ADMIN_API: &str = "[api]\nadmin_key_file = \"admin.key\"\n";
+
+/// Writes [`ADMIN_KEY`] to `dir/admin.key` (mode 0600), for [`ADMIN_API`].
+pub fn write_admin_key(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("admin.key");
+    std::fs::write(&path, format!("{ADMIN_KEY}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
 
 /// The `[metrics] key_file` key of every test vizor but [`Vizor::start_keyless`]'s.
 pub const METRICS_KEY: &str = "m3trics-0123456789abcdef";
@@ -324,7 +335,7 @@ impl Vizor {
     }
 
     /// `vizor serve --config CONFIG`, once it listens.
-    fn spawn(config: &std::path::Path) -> (Child, SocketAddr, Arc<Mutex<String>>) {
+    fn spawn(config: &Path) -> (Child, SocketAddr, Arc<Mutex<String>>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_vizor"))
             .args(["serve", "--config", config.to_str().unwrap()])
             .stdout(Stdio::piped())
@@ -360,16 +371,7 @@ impl Vizor {
 
     /// Starts vizor with the management API enabled (key [`ADMIN_KEY`]).
     pub fn start_admin(server_extra: &str, tail: &str) -> Vizor {
-        Self::start_with(
-            server_extra,
-            &format!("[api]\nadmin_key_file = \"admin.key\"\n{tail}"),
-            |dir| {
-                use std::os::unix::fs::PermissionsExt;
-                let path = dir.join("admin.key");
-                std::fs::write(&path, format!("{ADMIN_KEY}\n")).unwrap();
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-            },
-        )
+        Self::start_with(server_extra, &format!("{ADMIN_API}{tail}"), write_admin_key)
     }
 
     /// `GET /api/v1/sessions` with the admin key: the live sessions.

@@ -1,0 +1,139 @@
+//! The management API on record: every token it issues, every request it refuses.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic is a failure
+
+mod common;
+
+use common::{http_get, metric, Vizor, ADMIN_API, ADMIN_KEY, METRICS_AUTH};
+
+#[tokio::test]
+async fn every_token_issued_and_every_refused_request_is_on_record() {
+    // libvirt's test driver with a domain that has VNC graphics: issuing a token needs
+    // its console to exist, not to run.
+    let (_node, uri) = common::test_node(&[("apivm".into(), 5999, "unused-pw".into())]);
+    let v = Vizor::start_uri(
+        &uri,
+        "",
+        "refusal_summary_interval = \"1s\"",
+        &format!("{ADMIN_API}[limits]\nfailed_tokens_per_client = 3\n"),
+        common::write_admin_key,
+    );
+    let api = "/api/v1/domains/apivm/console";
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    let admin = [("Authorization", bearer.as_str())];
+
+    // Issued: on record, with who asked and what for.
+    let (status, _, body) =
+        http_get(v.addr, &format!("{api}?user=ann&client=192.0.2.7"), &admin).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let token = answer["token"].as_str().unwrap();
+    common::run::secret("token", token);
+    assert_eq!(answer["console_url"], format!("/console?token={token}"));
+    let issued = v.records("token_issued", 1);
+    let r = &issued[0];
+    assert_eq!(r["by"], "api");
+    assert!(
+        r["requester"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{r}"
+    );
+    assert_eq!(
+        (&r["user"], &r["domain"], &r["kind"]),
+        (&"ann".into(), &"apivm".into(), &"vnc".into())
+    );
+    assert_eq!(r["uuid"], common::uuid_of("apivm"));
+    assert_eq!(r["ttl_s"], 60);
+    assert_eq!(r["expires_at"], answer["expires_at"]);
+    assert_eq!(r["bound_client"], "192.0.2.7");
+    assert_eq!(r["token_id"].as_str().unwrap().len(), 16);
+    assert!(!v.log.lock().unwrap().contains(token));
+
+    // An admin's failed requests: each on record, with the status answered.
+    for (path, status, reason) in [
+        ("/api/v1/domains/nosuchvm/console", 404, "no_such_domain"),
+        (&format!("{api}?kind=spice") as &str, 409, ""),
+        (&format!("{api}?kind=rdp"), 400, "bad_request"),
+    ] {
+        let (got, _, body) = http_get(v.addr, path, &admin).await;
+        assert_eq!(got, status, "{path}: {body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if !reason.is_empty() {
+            assert_eq!(answer["reason"], reason, "{body}");
+        }
+    }
+    let failed = v.records("api_refused", 3);
+    let statuses: Vec<u64> = failed
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [404, 409, 400]);
+    assert_eq!(failed[0]["domain"], "nosuchvm");
+    assert_eq!(failed[0]["endpoint"], "console");
+
+    // A wrong key, or none: refused like a bad token, one record per client and
+    // reason in an interval, the rest summed up; counted against the client's
+    // allowance, after which even the right key waits.
+    for auth in [Some("Bearer wrong-key"), None, Some("Bearer also-wrong")] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        let (status, _, body) = http_get(v.addr, "/api/v1/sessions", &headers).await;
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains("\"reason\":\"bad_key\""), "{body}");
+    }
+    let (status, _, _) = http_get(v.addr, api, &admin).await;
+    assert_eq!(status, 429, "the allowance of 3 is spent");
+    let guessed = v.records("api_refused", 4);
+    let unauthenticated: Vec<_> = guessed
+        .iter()
+        .filter(|r| r["reason"] == "bad_key")
+        .collect();
+    assert_eq!(unauthenticated.len(), 1, "{guessed:?}");
+    assert_eq!(unauthenticated[0]["status"], 401);
+    assert_eq!(unauthenticated[0]["endpoint"], "sessions");
+    let throttled = v.records("client_throttled", 1);
+    assert_eq!(throttled[0]["failures"], 3);
+    let summary = v.records("refusal_summary", 1);
+    assert_eq!(summary[0]["reasons"]["bad_key"], 3, "{summary:?}");
+    assert!(!v
+        .audit_all()
+        .iter()
+        .any(|r| r.to_string().contains("wrong-key")));
+
+    // And counted.
+    let m = vizor_metrics(&v).await;
+    assert_eq!(
+        metric(
+            &m,
+            "vizor_api_requests_total{code=\"200\",endpoint=\"console\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "vizor_api_requests_total{code=\"401\",endpoint=\"sessions\"}"
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "vizor_api_requests_total{code=\"429\",endpoint=\"console\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "vizor_auth_refusals_total{reason=\"bad_key\",stage=\"api\"}"
+        ),
+        Some(3.0)
+    );
+}
+
+/// `/metrics`, asked from another loopback address: 127.0.0.1 is throttled by now.
+async fn vizor_metrics(v: &Vizor) -> String {
+    let stream = common::tcp_from("127.0.0.2".parse().unwrap(), v.addr).await;
+    let (status, _, body) =
+        common::http_get_over(stream, v.addr, "/metrics", &[METRICS_AUTH]).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
