@@ -241,7 +241,7 @@ fn a_token_for_a_domain_libvirt_does_not_know_is_refused() {
     let out = vizor(&["token", "--config", &config, "--domain", DEMO1_UUID]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let key = TokenKey::load(&dir.path().join("token.key")).unwrap();
-    let claims = key.open(text(&out.stdout).trim(), 0).unwrap();
+    let claims = key.open(text(&out.stdout).trim(), now()).unwrap();
     assert_eq!(
         (claims.domain.as_str(), claims.uuid_string()),
         ("demo1", DEMO1_UUID.to_owned())

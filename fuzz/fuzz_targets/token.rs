@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use std::sync::OnceLock;
 use vizor::token::{
     Claims, ConsoleKind, ReplayCache, TokenError, TokenKey, MAX_DOMAIN_LEN, MAX_TOKEN_LEN,
-    MAX_USER_LEN,
+    MAX_LIFETIME, MAX_USER_LEN,
 };
 
 /// A throwaway key (the bytes 0 to 63): the sealed tokens in `fuzz/seeds/token` were
@@ -116,13 +116,16 @@ fuzz_target!(|data: &[u8]| {
     assert!(token.len() <= MAX_TOKEN_LEN);
     match key.open(&token, NOW) {
         Ok(opened) => {
-            assert!(expires_at > NOW);
+            assert!(expires_at > NOW && expires_at <= NOW + MAX_LIFETIME.as_secs());
             assert_eq!(opened, claims);
             check_opened(&opened);
         }
+        Err(e) if expires_at <= NOW => {
+            assert_eq!(e, TokenError::Expired { expires_at, now: NOW });
+        }
         Err(e) => {
-            assert!(expires_at <= NOW, "fresh token refused: {e}");
-            assert_eq!(e, TokenError::Expired { expires_at });
+            assert!(expires_at > NOW + MAX_LIFETIME.as_secs(), "fresh token refused: {e}");
+            assert_eq!(e, TokenError::TooLong { expires_at });
         }
     }
 
