@@ -793,9 +793,12 @@ async fn load() {
     let mut ends: HashMap<u64, &serde_json::Value> = HashMap::new();
     let hex = |b: &[u8]| -> String { b.iter().map(|x| format!("{x:02x}")).collect() };
     let mut lifted = 0usize;
+    let mut spent = std::collections::HashSet::new();
     for r in &audit {
         let session = r["session"].as_u64();
         match r["event"].as_str().unwrap() {
+            // Each browser's token, spent once, before its session.
+            "token_used" => assert!(spent.insert(r["token_id"].as_str().unwrap()), "{r}"),
             "session_start" => {
                 let b = by_client[r["client"].as_str().unwrap()];
                 assert_eq!(
@@ -829,6 +832,11 @@ async fn load() {
         }
     }
     assert_eq!(script_of.len(), SESSIONS, "session_start records");
+    assert!(
+        spent.len() >= SESSIONS,
+        "{} token_used records",
+        spent.len()
+    );
     for (session, (b, script)) in &script_of {
         let end = ends[session];
         assert_eq!(end["reason"], VM_CLOSED, "{end}");
