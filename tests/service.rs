@@ -108,21 +108,8 @@ fn a_second_vizor_on_one_audit_log_or_recording_directory_refuses_to_start() {
     // Once the first is gone, the lock goes with it: the next start continues the chain.
     let mut v = v;
     v.kill();
-    let mut next = Command::new(env!("CARGO_BIN_EXE_vizor"))
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(next.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(line.starts_with("listening on "), "{line}");
-    let _ = next.kill();
-    let _ = next.wait();
+    v.start_again();
+    v.kill();
     let (ok, report) = v.verify(&[log]);
     assert!(ok, "{report}");
     let records = v.audit_all();

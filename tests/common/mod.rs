@@ -328,6 +328,11 @@ impl Vizor {
     /// the same config and files.
     pub fn restart(&mut self) {
         self.terminate();
+        self.start_again();
+    }
+
+    /// Starts this vizor again, once it has ended, on the same config and files.
+    pub fn start_again(&mut self) {
         let (child, addr, log) = Self::spawn(&self.dir.path().join("vizor.toml"));
         self.child = child;
         self.addr = addr;
