@@ -25,7 +25,17 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Write a fresh random token key to FILE (mode 0600; never overwrites).
+    /// Check a configuration without serving: the file, the key files, TLS, the audit
+    /// log's place and libvirt access, as `vizor serve` would at start (like `nginx
+    /// -t`). Exit status 1 if `vizor serve` would refuse to start. Run it as the user
+    /// vizor runs as (`sudo -u vizor vizor check ...`): access is checked as this one.
+    Check {
+        /// The vizor configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Write a fresh random key to FILE (mode 0600; never overwrites): for `[tokens]
+    /// key_file` or `[audit] key_file`, each its own.
     Keygen {
         /// Where to write the key.
         file: PathBuf,
@@ -275,7 +285,8 @@ fn init_logging(log: &crate::config::LogConfig) -> Result<(), Box<dyn std::error
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Serve { config } => {
-            let config = Config::load(&config)?;
+            let path = config;
+            let config = Config::load(&path)?;
             init_logging(&config.log)?;
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = config.server.worker_threads {
@@ -284,11 +295,50 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             runtime
                 .enable_all()
                 .build()?
-                .block_on(crate::serve::serve(config))
+                .block_on(crate::serve::serve(config, &path))
+        }
+        Command::Check { config } => {
+            let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_else(|| nix::unistd::getuid().to_string());
+            println!("vizor check {} (as user {user})", config.display());
+            let findings = crate::check::check(&config);
+            for f in &findings {
+                println!("{f}");
+            }
+            let failed = findings
+                .iter()
+                .filter(|f| matches!(f, crate::check::Finding::Fail(_)))
+                .count();
+            let warned = findings
+                .iter()
+                .filter(|f| matches!(f, crate::check::Finding::Warn(_)))
+                .count();
+            if failed > 0 {
+                return Err(format!(
+                    "{} has {failed} problem(s) that stop vizor serve",
+                    config.display()
+                )
+                .into());
+            }
+            println!(
+                "vizor check: {} is good{}",
+                config.display(),
+                match warned {
+                    0 => String::new(),
+                    n => format!(" ({n} warning(s))"),
+                }
+            );
+            Ok(())
         }
         Command::Keygen { file } => {
             TokenKey::write_new(&file)?;
-            eprintln!("vizor: wrote a new token key to {}", file.display());
+            eprintln!(
+                "vizor: wrote a new key to {} (use it as [tokens] key_file or [audit] key_file, not both)",
+                file.display()
+            );
             Ok(())
         }
         Command::Token {

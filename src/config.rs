@@ -374,9 +374,11 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// `listen`: address of the HTTP/WebSocket front.
+    /// `listen`: address of the HTTP/WebSocket front (an IP address and port).
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// `metrics_listen`: a separate address for `/metrics`.
+    #[serde(default, deserialize_with = "optional_socket_addr")]
     pub metrics_listen: Option<SocketAddr>,
     /// `web_root`: static files served under `/`.
     pub web_root: Option<PathBuf>,
@@ -469,6 +471,35 @@ fn default_ping() -> Duration {
     Duration::from_secs(10)
 }
 
+/// An IP address and port. A host name is refused with a clear message rather than
+/// resolved: which of its addresses vizor would listen on would depend on the resolver.
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = text.parse() {
+        return Ok(a);
+    }
+    let host_port = text
+        .rsplit_once(':')
+        .filter(|(h, p)| !h.is_empty() && !h.contains(':') && p.parse::<u16>().is_ok());
+    match host_port {
+        Some((host, port)) if host.parse::<std::net::IpAddr>().is_err() => Err(format!(
+            "{text:?}: a host name is not accepted; give an IP address and port, such as \"127.0.0.1:{port}\", \"0.0.0.0:{port}\" or \"[::1]:{port}\""
+        )),
+        _ => Err(format!(
+            "{text:?} is not an IP address and port (such as \"127.0.0.1:6080\" or \"[::1]:6080\")"
+        )),
+    }
+}
+
+fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    parse_socket_addr(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+fn optional_socket_addr<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    socket_addr(d).map(Some)
+}
+
 fn default_grace() -> Duration {
     Duration::from_secs(10)
 }
@@ -496,6 +527,16 @@ fn any_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::E
 pub struct LibvirtConfig {
     /// `uri`: any libvirt URI.
     pub uri: String,
+    /// `require_password`: refuse a console whose graphics have no password in libvirt
+    /// (default false: such a console opens, with a warning in the log and
+    /// `vm_password: false` on record).
+    #[serde(default)]
+    pub require_password: bool,
+    /// `wait`: when libvirt cannot be reached at start, serve anyway and keep trying,
+    /// with `/readyz` answering 503 until it connects (default false: an unreachable
+    /// libvirt is an error at start).
+    #[serde(default)]
+    pub wait: bool,
 }
 
 /// `[tokens]`
@@ -798,6 +839,29 @@ path = "/var/log/vizor/audit.jsonl"
 key_file = "audit.key"
 keystrokes = "full"
 "#;
+
+    #[test]
+    fn listen_takes_an_ip_address_and_says_why_not_a_host_name() {
+        for good in ["127.0.0.1:6080", "[::1]:6080", "0.0.0.0:0"] {
+            assert_eq!(parse_socket_addr(good), Ok(good.parse().unwrap()), "{good}");
+        }
+        let e = parse_socket_addr("localhost:6444").unwrap_err();
+        assert!(
+            e.contains("a host name is not accepted") && e.contains("\"127.0.0.1:6444\""),
+            "{e}"
+        );
+        for bad in ["6080", "127.0.0.1", "127.0.0.1:99999", "::1:6080", ""] {
+            let e = parse_socket_addr(bad).unwrap_err();
+            assert!(e.contains("is not an IP address and port"), "{bad}: {e}");
+        }
+        let e = Config::parse(&MINIMAL.replace("127.0.0.1:9180", "metrics.local:9180"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metrics_listen") && e.contains("host name"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn the_design_documents_minimal_config_parses() {

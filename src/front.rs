@@ -74,7 +74,47 @@ pub struct App {
     pub live: Arc<LiveSessions>,
     /// The keyboards of VMs with live sessions, as QEMU keeps them.
     pub vm_keyboards: session::keyboards::VmKeyboards,
+    /// `GET /readyz`.
+    pub readiness: Arc<Readiness>,
     next_session: AtomicU64,
+}
+
+/// Whether vizor is ready for consoles (`GET /readyz`): libvirt contacted since start.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    ready: std::sync::atomic::AtomicBool,
+    waiting: Mutex<String>,
+}
+
+impl Readiness {
+    /// libvirt answered: ready from now on.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    /// Not ready: `why` says for what vizor waits.
+    pub fn set_waiting(&self, why: String) {
+        if let Ok(mut w) = self.waiting.lock() {
+            *w = why;
+        }
+    }
+
+    /// Whether ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// The `/readyz` answer.
+    pub fn response(&self) -> Resp {
+        if self.is_ready() {
+            return text(StatusCode::OK, "ready\n");
+        }
+        let why = self.waiting.lock().map(|w| w.clone()).unwrap_or_default();
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("not ready: {why}\n"),
+        )
+    }
 }
 
 /// Counts live sessions so shutdown can wait for them.
@@ -172,6 +212,7 @@ impl App {
             metrics,
             live: Arc::default(),
             vm_keyboards: Default::default(),
+            readiness: Arc::default(),
             next_session: AtomicU64::new(1),
         }
     }
@@ -294,6 +335,9 @@ async fn route(
     if path == "/healthz" {
         return Ok(text(StatusCode::OK, "ok\n"));
     }
+    if path == "/readyz" {
+        return Ok(app.readiness.response());
+    }
     if path == "/metrics" {
         return Ok(metrics_here(&app, peer, &req));
     }
@@ -411,6 +455,7 @@ async fn lookup(app: &App, domain: DomainRef, kind: ConsoleKind) -> Result<Conso
     app.metrics
         .libvirt_lookup_seconds
         .observe(started.elapsed().as_secs_f64());
+    let r = r.and_then(|c| unprotected(app, c));
     if let Err(e) = &r {
         app.metrics
             .libvirt_errors_total
@@ -418,6 +463,23 @@ async fn lookup(app: &App, domain: DomainRef, kind: ConsoleKind) -> Result<Conso
             .inc();
     }
     r
+}
+
+/// A console without a password in libvirt opens for anyone who reaches its port:
+/// refused under `[libvirt] require_password`, and said loudly otherwise.
+fn unprotected(app: &App, console: Console) -> Result<Console, LookupError> {
+    if console.password.is_some() {
+        return Ok(console);
+    }
+    if app.config.libvirt.require_password {
+        return Err(LookupError::NoPassword {
+            domain: console.domain,
+            kind: console.kind,
+        });
+    }
+    warn!(domain = %console.domain, kind = %console.kind,
+        "the VM console has no password in libvirt: anyone who reaches its port opens it, past vizor and its audit log; set passwd on the domain's graphics, or [libvirt] require_password = true to refuse it");
+    Ok(console)
 }
 
 /// Counts how a session (a SPICE channel) ended, and audits a protocol error or a

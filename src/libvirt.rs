@@ -113,6 +113,14 @@ pub enum LookupError {
         /// `passwdValidTo` as libvirt gives it.
         valid_to: String,
     },
+    /// The console has no password in libvirt, and `[libvirt] require_password` is set.
+    #[error("domain {domain:?}: its {kind} graphics have no password, and [libvirt] require_password is set")]
+    NoPassword {
+        /// The domain.
+        domain: String,
+        /// The kind asked for.
+        kind: ConsoleKind,
+    },
     /// libvirt could not be reached or refused the query.
     #[error("libvirt at {uri} is unreachable: {message}")]
     Unreachable {
@@ -141,6 +149,9 @@ impl LookupError {
                 "the VM has no console of this kind"
             }
             LookupError::PasswordExpired { .. } => "the VM console password has expired",
+            LookupError::NoPassword { .. } => {
+                "the VM console has no password, which vizor requires"
+            }
             LookupError::Unreachable { .. } | LookupError::BadXml { .. } => {
                 "the VM console cannot be reached"
             }
@@ -155,6 +166,7 @@ impl LookupError {
             LookupError::NoGraphics { .. } => "no_graphics",
             LookupError::NoListener { .. } => "no_listener",
             LookupError::PasswordExpired { .. } => "password_expired",
+            LookupError::NoPassword { .. } => "no_password",
             LookupError::Unreachable { .. } => "unreachable",
             LookupError::BadXml { .. } => "bad_xml",
         }
@@ -393,6 +405,39 @@ fn looks_like_uuid(s: &str) -> bool {
         })
 }
 
+/// What [`Libvirt::probe_blocking`] found.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// libvirt's version (of the daemon behind the URI), as `9.0.0`.
+    pub version: String,
+    /// The host's name as libvirt gives it (empty if it would not).
+    pub hostname: String,
+    /// Running domains.
+    pub running: u32,
+    /// Defined domains not running.
+    pub stopped: u32,
+}
+
+/// What to do about a libvirt error that denies vizor access, if `message` is one
+/// (libvirt's own words say only what failed).
+pub fn access_hint(message: &str) -> Option<&'static str> {
+    let m = message.to_ascii_lowercase();
+    let denied = [
+        "system bus",
+        "polkit",
+        "permission denied",
+        "authentication unavailable",
+        "authentication failed",
+        "access denied",
+        "not authorized",
+    ];
+    denied.iter().any(|d| m.contains(d)).then_some(
+        "vizor's user needs read-write access to libvirt: add it to the libvirt group \
+         (usermod -aG libvirt vizor, then restart vizor) or allow it org.libvirt.unix.manage \
+         with a polkit rule",
+    )
+}
+
 /// A libvirt connection for one URI, opened on first use and reopened when it dies.
 pub struct Libvirt {
     uri: String,
@@ -443,6 +488,72 @@ impl Libvirt {
     /// The URI.
     pub fn uri(&self) -> &str {
         &self.uri
+    }
+
+    /// Opens the connection (or finds it alive) and says what is behind it: what vizor
+    /// checks at start and `vizor check` reports. Blocking.
+    pub fn probe_blocking(&self) -> Result<Probe, LookupError> {
+        self.with_connection(|conn| {
+            let failed = |e: virt::error::Error| {
+                if conn.is_alive().unwrap_or(false) {
+                    Failure::Lookup(LookupError::Unreachable {
+                        uri: self.uri.clone(),
+                        message: e.message().to_owned(),
+                    })
+                } else {
+                    Failure::Connection(e.message().to_owned())
+                }
+            };
+            let version = conn.lib_version().map_err(failed)?;
+            let hostname = conn.hostname().unwrap_or_default();
+            let running = conn.num_of_domains().map_err(failed)?;
+            let defined = conn.num_of_defined_domains().map_err(failed)?;
+            Ok(Probe {
+                version: format!(
+                    "{}.{}.{}",
+                    version / 1_000_000,
+                    version / 1000 % 1000,
+                    version % 1000
+                ),
+                hostname,
+                running,
+                stopped: defined,
+            })
+        })
+    }
+
+    /// The running domains' graphics that have no password in libvirt, as
+    /// (domain, graphics type): consoles anyone reaching their port opens. Blocking.
+    pub fn unprotected_blocking(&self) -> Result<Vec<(String, String)>, LookupError> {
+        self.with_connection(|conn| {
+            let unreachable = |e: virt::error::Error| {
+                Failure::Lookup(LookupError::Unreachable {
+                    uri: self.uri.clone(),
+                    message: e.message().to_owned(),
+                })
+            };
+            let domains = conn
+                .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+                .map_err(unreachable)?;
+            let mut open = Vec::new();
+            for dom in domains {
+                let name = dom.name().map_err(unreachable)?;
+                // A domain that stopped meanwhile has no console to report.
+                let Ok(xml) = dom.xml_desc(virt::sys::VIR_DOMAIN_XML_SECURE) else {
+                    continue;
+                };
+                let xml = Zeroizing::new(xml);
+                let Ok(mut root) = Element::parse(xml.as_bytes()) else {
+                    continue;
+                };
+                for (kind, password) in take_passwords(&mut root) {
+                    if password.is_none() && (kind == "vnc" || kind == "spice") {
+                        open.push((name.clone(), kind));
+                    }
+                }
+            }
+            Ok(open)
+        })
     }
 
     /// Looks up `domain` and its console of `kind`, off the executor.
@@ -507,8 +618,8 @@ impl Libvirt {
                     .lock()
                     .map_err(|_| unreachable("connection lock poisoned".into()))?;
                 if slot.is_none() {
-                    let c =
-                        Connect::open(Some(&self.uri)).map_err(|e| unreachable(e.to_string()))?;
+                    let c = Connect::open(Some(&self.uri))
+                        .map_err(|e| unreachable(e.message().to_owned()))?;
                     *slot = Some(c);
                 }
                 slot.clone()
@@ -543,9 +654,9 @@ impl Libvirt {
             }),
             _ if conn.is_alive().unwrap_or(false) => Failure::Lookup(LookupError::Unreachable {
                 uri: self.uri.clone(),
-                message: e.to_string(),
+                message: e.message().to_owned(),
             }),
-            _ => Failure::Connection(e.to_string()),
+            _ => Failure::Connection(e.message().to_owned()),
         }
     }
 

@@ -103,6 +103,26 @@ impl Lock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Who holds the lock at `path` now, without taking it for long and without
+    /// creating the file (whose owner must stay the service's user): `None` when
+    /// nobody does, `Some(pid)` (the pid it wrote, if readable) when a process does.
+    pub fn holder(path: &Path) -> Result<Option<Option<u32>>, std::io::Error> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match Flock::lock(file, FlockArg::LockSharedNonblock) {
+            Ok(_released_on_drop) => Ok(None),
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut text = String::new();
+                let _ = file.take(32).read_to_string(&mut text);
+                Ok(Some(text.trim().parse().ok()))
+            }
+            Err((_, e)) => Err(e.into()),
+        }
+    }
 }
 
 /// The lock file of the audit log at `log`: `.<name>.lock` beside it, hidden, so a
@@ -145,6 +165,23 @@ mod tests {
         drop(first);
         let again = Lock::take(&path).unwrap();
         assert_eq!(again.path(), path);
+    }
+
+    #[test]
+    fn holder_names_the_pid_of_a_held_lock_and_creates_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(".audit.jsonl.lock");
+        assert_eq!(Lock::holder(&path).expect("probe"), None);
+        assert!(!path.exists(), "probing created the lock file");
+        let held = Lock::take(&path).expect("take");
+        assert_eq!(
+            Lock::holder(&path).expect("probe"),
+            Some(Some(std::process::id()))
+        );
+        drop(held);
+        assert_eq!(Lock::holder(&path).expect("probe"), None);
+        // Probing leaves it free for the next taker.
+        Lock::take(&path).expect("taken after a probe");
     }
 
     #[test]

@@ -19,7 +19,10 @@ use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
 /// Loads a bearer key file (`what`: "admin key file", "metrics key file").
-fn load_bearer_key(path: &std::path::Path, what: &str) -> Result<Zeroizing<String>, String> {
+pub(crate) fn load_bearer_key(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<Zeroizing<String>, String> {
     use std::os::unix::fs::MetadataExt;
     let shown = path.display();
     let mode = std::fs::metadata(path)
@@ -41,6 +44,21 @@ fn load_bearer_key(path: &std::path::Path, what: &str) -> Result<Zeroizing<Strin
         ));
     }
     Ok(key)
+}
+
+/// The audit key must not be the token key: whoever verifies the log could mint tokens.
+pub(crate) fn keys_apart(
+    config: &Config,
+    token: &TokenKey,
+    chain: &ChainKey,
+) -> Result<(), String> {
+    if *chain == ChainKey::from_token_key(token) {
+        return Err(format!(
+            "[audit] key_file {} holds the same key as [tokens] key_file: whoever verifies the log could mint tokens. Create a separate one with `vizor keygen`",
+            config.audit.key_file.display()
+        ));
+    }
+    Ok(())
 }
 
 /// The largest request head (request line and headers) vizor reads.
@@ -138,11 +156,12 @@ impl AcceptErrors {
     }
 }
 
-/// Serves `/metrics` (and `/healthz`) alone, on `metrics_listen`: each request head
+/// Serves `/metrics` (and `/healthz`, `/readyz`) alone, on `metrics_listen`: each request head
 /// within `header_timeout`, at most [`METRICS_CONNECTIONS`] connections at once.
 async fn serve_metrics(
     listener: tokio::net::TcpListener,
     metrics: Arc<crate::metrics::Metrics>,
+    readiness: Arc<front::Readiness>,
     header_timeout: Duration,
 ) {
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -169,13 +188,16 @@ async fn serve_metrics(
             continue;
         }
         let metrics = metrics.clone();
+        let readiness = readiness.clone();
         let open = open.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
+                let readiness = readiness.clone();
                 async move {
                     let mut resp = match req.uri().path() {
                         "/metrics" => front::metrics_response(&metrics),
+                        "/readyz" => readiness.response(),
                         "/healthz" => hyper::Response::new(http_body_util::Full::new(
                             bytes::Bytes::from_static(b"ok\n"),
                         )),
@@ -237,8 +259,68 @@ fn raise_open_files(config: &Config) {
     }
 }
 
-/// Runs the proxy until SIGTERM or SIGINT.
-pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+/// How long vizor waits for libvirt's first answer at start.
+const LIBVIRT_PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Asks libvirt who it is (off the executor, bounded): the start check.
+pub async fn probe_libvirt(libvirt: &Arc<Libvirt>) -> Result<crate::libvirt::Probe, String> {
+    let l = libvirt.clone();
+    let uri = libvirt.uri().to_owned();
+    let probe = tokio::task::spawn_blocking(move || l.probe_blocking());
+    match tokio::time::timeout(LIBVIRT_PROBE_TIMEOUT, probe).await {
+        Err(_) => Err(format!(
+            "libvirt at {uri} did not answer within {}",
+            humantime::format_duration(LIBVIRT_PROBE_TIMEOUT)
+        )),
+        Ok(Err(e)) => Err(format!("libvirt at {uri}: the probe failed: {e}")),
+        Ok(Ok(Err(e))) => Err(match crate::libvirt::access_hint(&e.to_string()) {
+            Some(hint) => format!("{e} ({hint})"),
+            None => e.to_string(),
+        }),
+        Ok(Ok(Ok(p))) => Ok(p),
+    }
+}
+
+/// Tells systemd (`Type=notify`) about a state change; nothing without `NOTIFY_SOCKET`.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        warn!(error = %e, "could not notify the service manager (NOTIFY_SOCKET)");
+    }
+}
+
+/// Keeps trying libvirt (`[libvirt] wait`) until it answers; then vizor is ready.
+async fn wait_for_libvirt(libvirt: Arc<Libvirt>, readiness: Arc<front::Readiness>) {
+    let mut pause = Duration::from_secs(1);
+    let mut last_warn = Instant::now();
+    loop {
+        tokio::time::sleep(pause).await;
+        match probe_libvirt(&libvirt).await {
+            Ok(p) => {
+                info!(libvirt = libvirt.uri(), version = %p.version, running = p.running, "libvirt reachable: ready");
+                readiness.set_ready();
+                notify(&[
+                    sd_notify::NotifyState::Ready,
+                    sd_notify::NotifyState::Status("serving"),
+                ]);
+                return;
+            }
+            Err(e) => {
+                if last_warn.elapsed() >= Duration::from_secs(60) {
+                    warn!(error = %e, "still waiting for libvirt ([libvirt] wait); /readyz answers 503");
+                    last_warn = Instant::now();
+                }
+                readiness.set_waiting(e);
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Runs the proxy until SIGTERM or SIGINT; `config_path` is where `config` came from.
+pub async fn serve(
+    config: Config,
+    config_path: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
     crate::console::check(&config.console)?;
     raise_open_files(&config);
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {
@@ -256,13 +338,30 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
     let chain_key =
         ChainKey::load(&config.audit.key_file).map_err(|e| format!("[audit] key_file: {e}"))?;
-    if chain_key == ChainKey::from_token_key(&key) {
-        return Err(format!(
-            "[audit] key_file {} holds the same key as [tokens] key_file: whoever verifies the log could mint tokens. Create a separate one with `vizor keygen`",
-            config.audit.key_file.display()
-        )
-        .into());
-    }
+    keys_apart(&config, &key, &chain_key)?;
+    // libvirt answers before anything is served (or, with `wait`, vizor serves and
+    // says it is not ready until it does).
+    let libvirt = Libvirt::new(&config.libvirt.uri);
+    let readiness = Arc::new(front::Readiness::default());
+    let waiting = match probe_libvirt(&libvirt).await {
+        Ok(p) => {
+            info!(libvirt = libvirt.uri(), version = %p.version, host = %p.hostname,
+                running = p.running, stopped = p.stopped, "libvirt reachable");
+            readiness.set_ready();
+            false
+        }
+        Err(e) if config.libvirt.wait => {
+            warn!(error = %e, "libvirt unreachable at start; serving, and trying again ([libvirt] wait = true): /readyz answers 503 until it connects");
+            readiness.set_waiting(e);
+            true
+        }
+        Err(e) => {
+            return Err(format!(
+                "{e}\n(vizor needs libvirt at start; set [libvirt] wait = true to start without it)"
+            )
+            .into())
+        }
+    };
     // One vizor per recording directory and audit log (the log's lock is the
     // writer's): held until serve returns.
     let _record_lock = match &config.audit.record_dir {
@@ -316,7 +415,6 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         .as_deref()
         .map(|p| load_bearer_key(p, "metrics key file"))
         .transpose()?;
-    let libvirt = Libvirt::new(&config.libvirt.uri);
     let listen = config.server.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -337,6 +435,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     );
     app.metrics_key = metrics_key;
     app.upstream_tls = upstream_tls;
+    app.readiness = readiness.clone();
     if let Ok(mut r) = app.replay.lock() {
         r.restore(spent.tokens);
     }
@@ -347,14 +446,16 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             app.config.metrics.per_session_max,
         )?))?;
     }
+    let mut metrics_local = None;
     if let Some(addr) = app.config.server.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr} (metrics_listen): {e}"))?;
-        info!(local = %listener.local_addr()?, "metrics listening");
+        metrics_local = Some(listener.local_addr()?);
         tokio::spawn(serve_metrics(
             listener,
             metrics.clone(),
+            readiness.clone(),
             app.config.server.handshake_timeout,
         ));
     }
@@ -375,9 +476,30 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    info!(%local, tls = tls.is_some(), "listening");
+    let c = &app.config;
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %config_path.display(),
+        libvirt = %c.libvirt.uri,
+        %local,
+        tls = tls.is_some(),
+        metrics = %metrics_local.map(|a| a.to_string()).unwrap_or_else(|| "main listener, with [metrics] key_file".into()),
+        api = c.api.admin_key_file.is_some(),
+        audit = %c.audit.path.display(),
+        record_dir = %c.audit.record_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| "-".into()),
+        "vizor listening"
+    );
     // A line for scripts and tests that asked for port 0.
     println!("listening on {local}");
+    if waiting {
+        notify(&[sd_notify::NotifyState::Status("waiting for libvirt")]);
+        tokio::spawn(wait_for_libvirt(app.libvirt.clone(), readiness.clone()));
+    } else {
+        notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("serving"),
+        ]);
+    }
 
     loop {
         let (stream, peer) = tokio::select! {
@@ -451,6 +573,10 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     drop(listener);
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("shutting down"),
+    ]);
     let live = app.sessions.live();
     info!(live, grace = %humantime::format_duration(grace), "shutting down: no new connections");
     if tokio::time::timeout(grace, app.sessions.idle())

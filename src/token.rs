@@ -106,28 +106,37 @@ impl TokenError {
     }
 }
 
-/// Why a key file could not be read or written.
+/// Why a key file could not be read or written. `what` names the key by its use
+/// ("token key", "audit key", or "key" when it has none yet).
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// Reading or writing the file failed.
-    #[error("token key file {path}: {source}")]
+    #[error("{what} file {path}: {source}")]
     Io {
+        /// The key's use.
+        what: &'static str,
         /// The file.
         path: String,
         /// The cause.
         source: std::io::Error,
     },
-    /// The file is not a vizor token key.
-    #[error("token key file {path}: {why}")]
+    /// The file is not a vizor key.
+    #[error("{what} file {path}: {why}")]
     Invalid {
+        /// The key's use.
+        what: &'static str,
         /// The file.
         path: String,
         /// What is wrong.
         why: &'static str,
     },
     /// Group or others may read the file.
-    #[error("token key file {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}")]
+    #[error(
+        "{what} file {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}"
+    )]
     TooOpen {
+        /// The key's use.
+        what: &'static str,
         /// The file.
         path: String,
         /// Its permission bits.
@@ -136,6 +145,19 @@ pub enum KeyError {
     /// The operating system's random source failed.
     #[error("no randomness for a new key: {0}")]
     Random(getrandom::Error),
+}
+
+impl KeyError {
+    /// The same error, naming the key by its use `what` ("audit key").
+    pub fn named(mut self, what: &'static str) -> KeyError {
+        match &mut self {
+            KeyError::Io { what: w, .. }
+            | KeyError::Invalid { what: w, .. }
+            | KeyError::TooOpen { what: w, .. } => *w = what,
+            KeyError::Random(_) => {}
+        }
+        self
+    }
 }
 
 /// Which console a token opens.
@@ -403,13 +425,14 @@ impl TokenKey {
 
     fn parse(path: &str, text: &str) -> Result<TokenKey, KeyError> {
         let invalid = |why| KeyError::Invalid {
+            what: "token key",
             path: path.to_owned(),
             why,
         };
         let mut lines = text.lines();
         if lines.next() != Some(KEY_FILE_HEADER) {
             return Err(invalid(
-                "not a vizor token key (first line must be vizor-token-key-v1)",
+                "not a vizor key file (its first line must be vizor-token-key-v1; create one with `vizor keygen`)",
             ));
         }
         let body = lines.next().ok_or_else(|| invalid("key line missing"))?;
@@ -440,12 +463,14 @@ impl TokenKey {
             .mode(0o600)
             .open(path)
             .map_err(|source| KeyError::Io {
+                what: "key",
                 path: shown.clone(),
                 source,
             })?;
         file.write_all(key.file_contents().as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(|source| KeyError::Io {
+                what: "key",
                 path: shown,
                 source,
             })
@@ -456,12 +481,17 @@ impl TokenKey {
         use std::os::unix::fs::MetadataExt;
         let shown = path.display().to_string();
         let io = |source| KeyError::Io {
+            what: "token key",
             path: shown.clone(),
             source,
         };
         let mode = std::fs::metadata(path).map_err(io)?.mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(KeyError::TooOpen { path: shown, mode });
+            return Err(KeyError::TooOpen {
+                what: "token key",
+                path: shown,
+                mode,
+            });
         }
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
         Self::parse(&shown, &text)

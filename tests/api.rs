@@ -129,6 +129,49 @@ async fn every_token_issued_and_every_refused_request_is_on_record() {
     );
 }
 
+#[tokio::test]
+async fn a_console_without_a_password_gets_no_token_under_require_password() {
+    let (_node, uri) = common::test_node(&[
+        ("openvm".into(), 5998, String::new()),
+        ("lockedvm".into(), 5997, "locked-pw".into()),
+    ]);
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    let admin = [("Authorization", bearer.as_str())];
+    // By default a token is issued, with a warning that the console is open to anyone
+    // who reaches its port.
+    let v = Vizor::start_uri(&uri, "", "", ADMIN_API, common::write_admin_key);
+    let (status, _, body) = http_get(v.addr, "/api/v1/domains/openvm/console", &admin).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(v.wait_for_log("the VM console has no password in libvirt"));
+
+    let strict = Vizor::start_libvirt(
+        &uri,
+        "require_password = true",
+        ADMIN_API,
+        common::write_admin_key,
+    );
+    let (status, _, body) = http_get(strict.addr, "/api/v1/domains/openvm/console", &admin).await;
+    assert_eq!(status, 409, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["reason"], "no_password");
+    assert_eq!(
+        answer["error"],
+        "domain \"openvm\": its vnc graphics have no password, and [libvirt] require_password is set"
+    );
+    let refused = strict.records("api_refused", 1);
+    assert_eq!(
+        (&refused[0]["reason"], &refused[0]["status"]),
+        (&"no_password".into(), &409.into())
+    );
+    let (status, _, body) = http_get(strict.addr, "/api/v1/domains/lockedvm/console", &admin).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!strict
+        .log
+        .lock()
+        .unwrap()
+        .contains("has no password in libvirt"));
+}
+
 /// `/metrics`, asked from another loopback address: 127.0.0.1 is throttled by now.
 async fn vizor_metrics(v: &Vizor) -> String {
     let stream = common::tcp_from("127.0.0.2".parse().unwrap(), v.addr).await;

@@ -69,6 +69,13 @@ fn keygen_writes_a_private_key_once() {
     let key = dir.path().join("token.key");
     let out = vizor(&["keygen", key.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // The same command makes token and audit keys: it names neither use.
+    assert!(
+        text(&out.stderr).contains("wrote a new key to")
+            && text(&out.stderr).contains("[tokens] key_file or [audit] key_file"),
+        "{}",
+        text(&out.stderr)
+    );
     assert_eq!(
         std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
         0o600
@@ -276,6 +283,26 @@ fn the_audit_chain_has_its_own_key() {
         err.contains("same key as [tokens] key_file") && err.contains("vizor keygen"),
         "{err}"
     );
+    // An audit key file others can read is called the audit key.
+    use std::os::unix::fs::PermissionsExt;
+    let audit_key = dir.path().join("audit.key");
+    assert!(vizor(&["keygen", audit_key.to_str().unwrap()])
+        .status
+        .success());
+    std::fs::set_permissions(&audit_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(
+        &config,
+        without.replace("[audit]\n", "[audit]\nkey_file = \"audit.key\"\n"),
+    )
+    .unwrap();
+    let out = vizor(&["serve", "--config", &config]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("audit key file") && err.contains("chmod 600") && !err.contains("token key"),
+        "{err}"
+    );
+    std::fs::remove_file(&audit_key).unwrap();
     // `vizor audit verify --config` reads the audit key, and says when it is missing.
     std::fs::write(&config, &without).unwrap();
     let out = vizor(&["audit", "verify", "--config", &config, "audit.jsonl"]);

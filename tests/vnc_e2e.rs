@@ -200,6 +200,48 @@ async fn open_session_with(v: &Vizor, token: &str) -> (Browser, ServerInit) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_without_a_password_is_said_and_recorded_or_refused() {
+    let Some(live) = common::live_domain() else {
+        return;
+    };
+    // Graphics without passwd: QEMU offers VNC's "None" security type.
+    common::test_host(&["domain", "vizor-test-nopw", "--no-spice"]);
+    let v = Vizor::start("");
+    let (mut b, si) = open_session(&v, "vizor-test-nopw").await;
+    full_update(&mut b, &si).await;
+    drop(b);
+    let (mut b, si) = open_session(&v, &live.name).await;
+    full_update(&mut b, &si).await;
+    drop(b);
+    let starts = v.records("session_start", 2);
+    let by_domain = |d: &str| {
+        starts
+            .iter()
+            .find(|r| r["domain"] == d)
+            .unwrap_or_else(|| panic!("no session_start for {d}: {starts:?}"))
+            .clone()
+    };
+    assert_eq!(by_domain("vizor-test-nopw")["vm_password"], false);
+    assert_eq!(by_domain(&live.name)["vm_password"], true);
+    assert!(v.wait_for_log("the VM console has no password in libvirt"));
+
+    // Refused under require_password, before anything reaches QEMU; other consoles open.
+    let strict = Vizor::start_libvirt("qemu:///system", "require_password = true", "", |_| {});
+    let token = strict.token("vizor-test-nopw", ConsoleKind::Vnc, 60);
+    let c = refused(&strict, &format!("/websockify?token={token}")).await;
+    assert_eq!(
+        (c.code, c.reason.as_str()),
+        (1011, "the VM console has no password, which vizor requires")
+    );
+    let failure = &strict.records("upstream_failure", 1)[0];
+    assert_eq!(failure["reason"], "no_password");
+    assert_eq!(failure["domain"], "vizor-test-nopw");
+    let (mut b, si) = open_session(&strict, &live.name).await;
+    full_update(&mut b, &si).await;
+    assert_eq!(strict.records("session_start", 1)[0]["vm_password"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_in_libvirt_reaches_the_browser_as_an_rfb_failure() {
     let Some(_live) = common::live_domain() else {
         return;

@@ -41,7 +41,8 @@ impl PartialEq for ChainKey {
 impl ChainKey {
     /// The chain key derived from a `vizor keygen` key file.
     pub fn load(path: &Path) -> Result<ChainKey, crate::token::KeyError> {
-        Ok(Self::from_token_key(&crate::token::TokenKey::load(path)?))
+        let key = crate::token::TokenKey::load(path).map_err(|e| e.named("audit key"))?;
+        Ok(Self::from_token_key(&key))
     }
 
     /// The chain key derived from a loaded key.

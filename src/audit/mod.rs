@@ -45,6 +45,9 @@ pub enum Event<'a> {
         /// Whether vizor's connection to it is inside TLS with QEMU's certificate
         /// verified (`[upstream_tls]`).
         upstream_tls: bool,
+        /// Whether vizor opened the console with the password libvirt stores: false
+        /// for a console without one, which anyone reaching its port opens too.
+        vm_password: bool,
         /// The SPICE channel (`spice:main:0`...); absent for VNC.
         #[serde(skip_serializing_if = "Option::is_none")]
         channel: Option<&'a str>,

@@ -200,6 +200,8 @@ pub(crate) struct VmLink {
     pub stream: Conn,
     /// Whether TLS protects it.
     pub tls: bool,
+    /// Whether vizor gave QEMU a password (the one libvirt stores) to open it.
+    pub password: bool,
 }
 
 /// How vizor connects to a VM's console.

@@ -258,6 +258,8 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
         _ => e,
     }
     };
+    // VNC authentication, or VeNCrypt's X.509 with it: QEMU checked a password.
+    let sent_password = matches!(step, Authenticate::VncAuth(_));
     let result = match step {
         Authenticate::None(r) => r,
         Authenticate::VncAuth(ch) => {
@@ -286,6 +288,7 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
     let link = VmLink {
         stream: up,
         tls: step_tls,
+        password: sent_password,
     };
     Ok((link, buf, init))
 }
@@ -420,6 +423,7 @@ pub async fn run(
                     client: &client,
                     upstream: &upstream,
                     upstream_tls: up.tls,
+                    vm_password: up.password,
                     channel: None,
                 })
                 .await;

@@ -557,6 +557,7 @@ async fn relay_channel(
             client: &client,
             upstream: &upstream,
             upstream_tls: up.tls,
+            vm_password: up.password,
             channel: Some(&channel_label),
         })
         .await
@@ -745,6 +746,8 @@ async fn link_both(
     let link = VmLink {
         stream: Conn::Other(up),
         tls,
+        // spice-server checks the ticket unless ticketing is off (no password).
+        password: console.password.is_some(),
     };
     Ok((link, target, ubuf, kind))
 }

@@ -255,17 +255,29 @@ impl Vizor {
         tail: &str,
         prepare: impl FnOnce(&std::path::Path),
     ) -> Vizor {
-        Self::start_inner(uri, server_extra, audit_extra, tail, prepare, true)
+        Self::start_inner(uri, "", server_extra, audit_extra, tail, prepare, true)
+    }
+
+    /// As [`Vizor::start_uri`], with `libvirt_extra` in `[libvirt]`.
+    pub fn start_libvirt(
+        uri: &str,
+        libvirt_extra: &str,
+        tail: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> Vizor {
+        Self::start_inner(uri, libvirt_extra, "", "", tail, prepare, true)
     }
 
     /// A vizor (against test:///default) without a metrics key or an admin key: its
     /// main listener serves no metrics.
     pub fn start_keyless(server_extra: &str) -> Vizor {
-        Self::start_inner("test:///default", server_extra, "", "", |_| {}, false)
+        Self::start_inner("test:///default", "", server_extra, "", "", |_| {}, false)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start_inner(
         uri: &str,
+        libvirt_extra: &str,
         server_extra: &str,
         audit_extra: &str,
         tail: &str,
@@ -305,7 +317,7 @@ impl Vizor {
             &config,
             format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\
-                 [libvirt]\nuri = \"{uri}\"\n\
+                 [libvirt]\nuri = \"{uri}\"\n{libvirt_extra}\n\
                  [tokens]\nkey_file = \"token.key\"\nttl = \"60s\"\n\
                  [audit]\npath = \"audit.jsonl\"\nkey_file = \"audit.key\"\nkeystrokes = \"full\"\n{audit_extra}\n\
                  [log]\nlevel = \"debug\"\n{tail}\n"
@@ -898,10 +910,15 @@ pub fn test_node(domains: &[(String, u16, String)]) -> (tempfile::TempDir, Strin
         node.push_str(&format!(
             "<domain type='test'><name>{}</name><uuid>{}</uuid><memory>65536</memory>\
              <os><type>hvm</type></os><devices><graphics type='vnc' port='{port}' \
-             listen='127.0.0.1' passwd='{}'/></devices></domain>\n",
+             listen='127.0.0.1'{}/></devices></domain>\n",
             escape(name),
             uuid_of(name),
-            escape(password)
+            // An empty password: graphics without one.
+            if password.is_empty() {
+                String::new()
+            } else {
+                format!(" passwd='{}'", escape(password))
+            }
         ));
     }
     node.push_str("</node>\n");
