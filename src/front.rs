@@ -482,6 +482,17 @@ fn unprotected(app: &App, console: Console) -> Result<Console, LookupError> {
     Ok(console)
 }
 
+/// Logs how a session ended: at warn, with what to do, when QEMU refused the password
+/// libvirt stores (the one line that says so).
+fn log_end(end: &End) {
+    if end.label == "upstream_auth" {
+        warn!(reason = %end.reason, label = end.label,
+            "session ended: QEMU refused vizor's authentication. If the console's password was changed outside libvirt (QEMU's monitor: set_password, change vnc password), libvirt still holds the old one: set it through libvirt (virsh update-device) or restart the domain");
+    } else {
+        info!(reason = %end.reason, label = end.label, "session ended");
+    }
+}
+
 /// Counts how a session (a SPICE channel) ended, and audits a protocol error or a
 /// failure toward the VM.
 fn record_end(app: &App, kind: ConsoleKind, session: u64, domain: &str, end: &End) {
@@ -986,7 +997,7 @@ async fn console_session(
             keyboard,
         };
         let end = session::rfb::run(ctx, brx, btx, app.close_sessions.clone()).await;
-        info!(reason = %end.reason, label = end.label, "session ended");
+        log_end(&end);
         end
     }
     .instrument(span)
@@ -1098,7 +1109,7 @@ async fn spice_console(
             app.close_sessions.clone(),
         )
         .await;
-        info!(reason = %end.reason, label = end.label, "session ended");
+        log_end(&end);
         (end, session, domain)
     }
     .instrument(span)
@@ -1277,12 +1288,12 @@ fn api_sessions(app: &App) -> Resp {
         .iter()
         .map(|l| {
             let s = l.snapshot();
-            let each = |v: [f64; 2]| {
+            fn each<T: serde::Serialize + Copy>(v: [T; 2]) -> serde_json::Value {
                 serde_json::json!({
                     Direction::BrowserToVm.as_str(): v[Direction::BrowserToVm as usize],
                     Direction::VmToBrowser.as_str(): v[Direction::VmToBrowser as usize],
                 })
-            };
+            }
             serde_json::json!({
                 "id": l.id,
                 "user": l.user,
@@ -1292,7 +1303,7 @@ fn api_sessions(app: &App) -> Resp {
                 "token_id": l.token_id,
                 "started_at": humantime::format_rfc3339_seconds(l.started).to_string(),
                 "channels": s.channels,
-                "bytes": each(s.bytes.map(|b| b as f64)),
+                "bytes": each(s.bytes),
                 "bytes_per_second": each(s.rate),
                 "frame_latency_ms": ms(s.latency[Latency::Frame as usize]),
                 "input_to_display_ms": ms(s.latency[Latency::InputToDisplay as usize]),
@@ -1312,10 +1323,10 @@ async fn api_console(
     req: &Request<Incoming>,
 ) -> Result<Resp, ApiError> {
     let bad = |error: &str| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", error);
-    let kind = query_param(req, "kind")
-        .as_deref()
-        .unwrap_or("vnc")
-        .parse::<ConsoleKind>()
+    // Without `?kind=`: VNC, or the only kind of console the domain has.
+    let asked = query_param(req, "kind")
+        .map(|k| k.parse::<ConsoleKind>())
+        .transpose()
         .map_err(|e| bad(&e))?;
     if domain.is_empty() || domain.contains('/') {
         return Err(bad("a domain name or UUID is required"));
@@ -1339,9 +1350,15 @@ async fn api_console(
         Some(Ok(ip)) => Some(ip),
         Some(Err(_)) => return Err(bad("client must be an IPv4 or IPv6 address")),
     };
-    let console = lookup(app, DomainRef::NameOrUuid(domain.to_owned()), kind)
-        .await
-        .map_err(api_lookup_failed)?;
+    let named = DomainRef::NameOrUuid(domain.to_owned());
+    let console = match lookup(app, named.clone(), asked.unwrap_or(ConsoleKind::Vnc)).await {
+        Err(LookupError::NoGraphics { has, .. }) if asked.is_none() && has.len() == 1 => {
+            lookup(app, named, has[0]).await
+        }
+        r => r,
+    }
+    .map_err(api_lookup_failed)?;
+    let kind = console.kind;
     let Some(uuid) = crate::token::parse_uuid(&console.uuid) else {
         return Err(ApiError::new(
             StatusCode::BAD_GATEWAY,

@@ -88,12 +88,14 @@ pub enum LookupError {
     #[error("domain {0:?} is not running")]
     NotRunning(String),
     /// The domain has no graphics device of that kind.
-    #[error("domain {domain:?} has no {kind} graphics")]
+    #[error("domain {domain:?} has no {kind} graphics ({})", kinds_it_has(has))]
     NoGraphics {
         /// The domain.
         domain: String,
         /// The kind asked for.
         kind: ConsoleKind,
+        /// The kinds of console it has.
+        has: Vec<ConsoleKind>,
     },
     /// The graphics device does not listen anywhere vizor can reach.
     #[error("domain {domain:?}: {kind} graphics do not listen on a port or socket")]
@@ -137,6 +139,14 @@ pub enum LookupError {
         /// What is wrong.
         why: String,
     },
+}
+
+fn kinds_it_has(has: &[ConsoleKind]) -> String {
+    if has.is_empty() {
+        return "it has no VNC or SPICE graphics".into();
+    }
+    let names: Vec<&str> = has.iter().map(|k| k.as_str()).collect();
+    format!("it has: {}", names.join(", "))
 }
 
 impl LookupError {
@@ -275,6 +285,13 @@ pub fn console_from_xml(
         .ok_or_else(|| LookupError::NoGraphics {
             domain: domain.clone(),
             kind,
+            has: [ConsoleKind::Vnc, ConsoleKind::Spice]
+                .into_iter()
+                .filter(|k| {
+                    all_graphics()
+                        .any(|g| g.attributes.get("type").map(String::as_str) == Some(k.as_str()))
+                })
+                .collect(),
         })?;
     let listens: Vec<&Element> = graphics
         .children

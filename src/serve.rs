@@ -84,6 +84,22 @@ where
     }
 }
 
+/// Answers a plain HTTP request sent to the TLS listener with a 400 that says to use
+/// https, and closes.
+async fn plain_http_to_tls(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    const BODY: &str = "This port speaks HTTPS (TLS): use https:// (and wss:// for WebSockets).\n";
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
 /// Connections the metrics listener serves at once; more are closed at accept.
 const METRICS_CONNECTIONS: usize = 64;
 
@@ -564,6 +580,17 @@ pub async fn serve(
         tokio::spawn(async move {
             // A client that never finishes its TLS handshake holds nothing for long.
             let timeout = app.config.server.handshake_timeout;
+            // Plain HTTP to the TLS port: told so in a line it can show, not a TLS
+            // alert a browser shows as a broken connection. A ClientHello starts with
+            // 0x16; a request line with a letter.
+            let mut first = [0u8; 1];
+            if let Ok(Ok(1)) = tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+                if first[0].is_ascii_alphabetic() {
+                    plain_http_to_tls(stream).await;
+                    drop(counted);
+                    return;
+                }
+            }
             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => serve_http(app, peer, stream).await,
                 Ok(Err(e)) => debug!(client = %peer, error = %e, "TLS handshake failed"),

@@ -172,6 +172,42 @@ async fn a_console_without_a_password_gets_no_token_under_require_password() {
         .contains("has no password in libvirt"));
 }
 
+#[tokio::test]
+async fn without_kind_a_token_is_for_the_only_console_a_domain_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join("node.xml");
+    std::fs::write(
+        &node,
+        format!(
+            "<node><domain type='test'><name>spiceonly</name><uuid>{}</uuid>\
+             <memory>65536</memory><os><type>hvm</type></os><devices>\
+             <graphics type='spice' port='5990' listen='127.0.0.1' passwd='spice-pw'/>\
+             </devices></domain></node>",
+            common::uuid_of("spiceonly")
+        ),
+    )
+    .unwrap();
+    let uri = format!("test://{}", node.display());
+    let v = Vizor::start_uri(&uri, "", "", ADMIN_API, common::write_admin_key);
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    let admin = [("Authorization", bearer.as_str())];
+    let api = "/api/v1/domains/spiceonly/console";
+    let (status, _, body) = http_get(v.addr, api, &admin).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["kind"], "spice");
+    assert_eq!(v.records("token_issued", 1)[0]["kind"], "spice");
+    // Asked for a kind it lacks: the answer says which it has.
+    let (status, _, body) = http_get(v.addr, &format!("{api}?kind=vnc"), &admin).await;
+    assert_eq!(status, 409, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["reason"], "no_graphics");
+    assert_eq!(
+        answer["error"],
+        "domain \"spiceonly\" has no vnc graphics (it has: spice)"
+    );
+}
+
 /// `/metrics`, asked from another loopback address: 127.0.0.1 is throttled by now.
 async fn vizor_metrics(v: &Vizor) -> String {
     let stream = common::tcp_from("127.0.0.2".parse().unwrap(), v.addr).await;

@@ -141,6 +141,38 @@ async fn channels_of_one_session_link_through_vizor_and_keys_are_audited() {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
+    // Each channel's end names its channel; the session's end is the main channel's,
+    // whichever channel closed last.
+    let ends = v.records("session_end", 6);
+    let channels: Vec<&str> = ends
+        .iter()
+        .map(|r| r["channel"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        channels
+            .iter()
+            .filter(|c| c.starts_with("spice:main:"))
+            .count(),
+        2,
+        "{channels:?}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vizor"))
+        .args(["audit", "sessions"])
+        .arg(v.audit_path())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let main_reasons: Vec<&str> = ends
+        .iter()
+        .filter(|r| r["channel"].as_str().unwrap().starts_with("spice:main:"))
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    for (line, reason) in table.lines().skip(1).zip(&main_reasons) {
+        assert!(
+            line.ends_with(reason),
+            "{line:?} should end with {reason:?}"
+        );
+    }
     v.assert_never_logged(SPICE_PW);
 }
 

@@ -28,6 +28,24 @@ async fn healthz(v: &Vizor, trusted: &[u8]) -> std::io::Result<String> {
     Ok(out)
 }
 
+/// Plain HTTP to the TLS listener: a 400 that says to use https, and nothing served.
+async fn assert_plain_http_is_told_to_use_https(v: &Vizor) {
+    let mut plain = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{got:?}");
+    assert!(
+        got.ends_with("use https:// (and wss:// for WebSockets).\n"),
+        "{got:?}"
+    );
+    assert!(!got.contains("ok\n"), "{got:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wss_console_survives_a_certificate_reload() {
     let Some(live) = common::live_domain() else {
@@ -37,15 +55,7 @@ async fn a_wss_console_survives_a_certificate_reload() {
     let (cert_b, key_b, der_b) = tls::certificate();
     let v = tls_vizor(&cert_a, &key_a);
     assert!(healthz(&v, &der_a).await.unwrap().ends_with("ok\n"));
-    // Plain HTTP gets no answer from a TLS listener.
-    let mut plain = tokio::net::TcpStream::connect(v.addr).await.unwrap();
-    plain
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    let _ = plain.read_to_end(&mut got).await;
-    assert!(!String::from_utf8_lossy(&got).contains("ok"), "{got:?}");
+    assert_plain_http_is_told_to_use_https(&v).await;
 
     // A console over wss to the real VM.
     let token = v.token(&live.name, ConsoleKind::Vnc, 60);
@@ -174,4 +184,5 @@ async fn a_client_that_stalls_its_tls_handshake_is_cut_off() {
     }
     // Others are served meanwhile and after.
     assert!(healthz(&v, &der).await.unwrap().ends_with("ok\n"));
+    assert_plain_http_is_told_to_use_https(&v).await;
 }

@@ -159,6 +159,10 @@ pub enum Event<'a> {
         /// The session's recording (`[audit] record_dir`): file, length, SHA-256.
         #[serde(skip_serializing_if = "Option::is_none")]
         recording: Option<crate::record::Finished>,
+        /// The SPICE channel that ended (`spice:main:0`...); absent for VNC. A SPICE
+        /// session ends when its main channel does.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<&'a str>,
     },
     /// A pointer button was pressed (motion and releases are not recorded).
     Button {

@@ -59,8 +59,11 @@ pub struct Session {
     pub duration_ms: Option<u64>,
     /// Key presses recorded.
     pub keys: u64,
-    /// Why it ended (its last end record), if it did.
+    /// Why it ended, if it did: the main channel's reason for SPICE, else the last
+    /// end record's.
     pub end: Option<String>,
+    /// Whether a SPICE main channel's end was seen.
+    main_ended: bool,
     /// SPICE channels.
     pub channels: Vec<String>,
 }
@@ -133,6 +136,7 @@ pub fn sessions(records: &[Value]) -> Vec<Session> {
                         duration_ms: None,
                         keys: 0,
                         end: None,
+                        main_ended: false,
                         channels: Vec::new(),
                     }
                 });
@@ -149,7 +153,15 @@ pub fn sessions(records: &[Value]) -> Vec<Session> {
                 if let Some(e) = by_id.get_mut(&key) {
                     let d = r["duration_ms"].as_u64();
                     e.duration_ms = e.duration_ms.max(d);
-                    e.end = Some(s("reason"));
+                    // A SPICE session ends with its main channel: that channel's
+                    // reason is the session's, whichever channel closed last.
+                    let main = r["channel"]
+                        .as_str()
+                        .is_some_and(|c| c.starts_with("spice:main:"));
+                    if main || !e.main_ended {
+                        e.end = Some(s("reason"));
+                    }
+                    e.main_ended |= main;
                 }
             }
             _ => {}
@@ -391,6 +403,7 @@ mod tests {
             duration_ms: None,
             keys: 0,
             end: None,
+            main_ended: false,
             channels: Vec::new(),
         }
     }
@@ -565,8 +578,8 @@ mod tests {
             json!({"event": "session_start", "session": 4, "ts": "t1", "user": "u", "domain": "d", "kind": "spice", "client": "c", "channel": "spice:inputs:0"}),
             json!({"event": "key", "session": 4, "down": true, "key": "a"}),
             json!({"event": "key", "session": 4, "down": false, "key": "a"}),
-            json!({"event": "session_end", "session": 4, "duration_ms": 900, "reason": "x"}),
-            json!({"event": "session_end", "session": 4, "duration_ms": 1000, "reason": "browser closed the connection"}),
+            json!({"event": "session_end", "session": 4, "duration_ms": 900, "reason": "browser closed the connection", "channel": "spice:main:0"}),
+            json!({"event": "session_end", "session": 4, "duration_ms": 1000, "reason": "the VM closed the console connection", "channel": "spice:display:0"}),
             json!({"event": "session_start", "session": 5, "ts": "t2", "user": "v", "domain": "e", "kind": "vnc", "client": "c"}),
         ];
         let s = sessions(&r);
@@ -574,6 +587,7 @@ mod tests {
         assert_eq!(s[0].channels, ["spice:main:0", "spice:inputs:0"]);
         assert_eq!(s[0].keys, 1);
         assert_eq!(s[0].duration_ms, Some(1000));
+        // The main channel's reason, though the display channel ended after it.
         assert_eq!(s[0].end.as_deref(), Some("browser closed the connection"));
         assert_eq!(s[1].end, None);
     }

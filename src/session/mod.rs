@@ -329,6 +329,7 @@ impl Meter {
         end: &'a End,
         round_trip_ms: Option<f64>,
         recording: Option<crate::record::Finished>,
+        channel: Option<&'a str>,
     ) -> crate::audit::Event<'a> {
         crate::audit::Event::SessionEnd {
             session,
@@ -338,6 +339,7 @@ impl Meter {
             reason: &end.reason,
             round_trip_ms,
             recording,
+            channel,
         }
     }
 }

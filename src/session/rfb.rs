@@ -277,10 +277,12 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
         .map_err(in_tls)
         .map_err(|e| match e.label {
             "protocol_error" if e.reason.contains("authentication failed") => End::upstream(
-                format!(
-                    "authentication to the VM failed ({})",
-                    e.reason.trim_start_matches("VM protocol error: ")
-                ),
+                {
+                    // QEMU's own words, without the codec's prefixes.
+                    let said = e.reason.trim_start_matches("VM protocol error: ");
+                    let said = said.trim_start_matches("authentication failed: ");
+                    format!("authentication to the VM failed (QEMU said: {said})")
+                },
                 "upstream_auth",
             ),
             _ => e,
@@ -477,7 +479,7 @@ pub async fn run(
                             });
                     let record = ctx
                         .audit
-                        .record(&meter.session_end(ctx.id, started, &end, None, recording))
+                        .record(&meter.session_end(ctx.id, started, &end, None, recording, None))
                         .await;
                     if let Err(e) = record {
                         warn!(error = %e, "audit log: session end not written");

@@ -598,7 +598,14 @@ async fn relay_channel(
     };
     if let Err(e) = ctx
         .audit
-        .record(&meter.session_end(ctx.id, started, &end, rtt.median_ms(), None))
+        .record(&meter.session_end(
+            ctx.id,
+            started,
+            &end,
+            rtt.median_ms(),
+            None,
+            Some(&channel_label),
+        ))
         .await
     {
         warn!(error = %e, "audit log: session end not written");
