@@ -598,7 +598,7 @@ async fn live_sessions_are_listed_and_their_series_go_when_they_end() {
     assert!(s["started_at"].as_str().unwrap().ends_with('Z'));
     // Byte counts are integers, as the README shows them.
     let vm_bytes = s["bytes"]["vm_to_browser"].as_u64().unwrap();
-    assert!(vm_bytes >= bytes as u64, "{s}");
+    assert!(vm_bytes >= bytes, "{s}");
     assert!(s["bytes"]["browser_to_vm"].as_u64().unwrap() > 0, "{s}");
     assert!(s["bytes_per_second"]["vm_to_browser"].as_f64().unwrap() > 0.0);
     for latency in ["frame_latency_ms", "input_to_display_ms", "client_rtt_ms"] {
