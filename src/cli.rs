@@ -396,6 +396,7 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let console = crate::config::ConsoleConfig {
                 novnc,
                 spice_html5: None,
+                frame_ancestors: Vec::new(),
             };
             crate::console::check(&console)
                 .map_err(|e| e.replace("[console] novnc =", "--novnc"))?;

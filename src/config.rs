@@ -323,6 +323,40 @@ pub struct ConsoleConfig {
     /// `spice_html5`: the spice-html5 directory (it holds `main.js`; Debian's is
     /// `/usr/share/spice-html5`), served under `/spice-html5/` for SPICE tokens.
     pub spice_html5: Option<PathBuf>,
+    /// `frame_ancestors`: origins of web apps that may show the console page in a
+    /// frame (`https://app.example.com`, `https://*.example.com`). Default none: the
+    /// page refuses every frame.
+    #[serde(default, deserialize_with = "frame_ancestors")]
+    pub frame_ancestors: Vec<String>,
+}
+
+/// Origins for a Content-Security-Policy `frame-ancestors`: scheme and host (a leading
+/// `*.` allowed), optional port, nothing that could end the directive.
+fn frame_ancestors<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    list.into_iter()
+        .map(|o| {
+            let lower = o.to_ascii_lowercase();
+            let host = lower
+                .strip_prefix("https://")
+                .or_else(|| lower.strip_prefix("http://"))
+                .map(|h| h.strip_prefix("*.").unwrap_or(h));
+            match host {
+                Some(h)
+                    if !h.is_empty()
+                        && h.chars().all(|c| {
+                            c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')
+                        }) =>
+                {
+                    Ok(lower.clone())
+                }
+                _ => Err(serde::de::Error::custom(format!(
+                    "frame_ancestors: {o:?} is not an origin like \"https://app.example.com\" \
+                     (scheme and host, optional port, no path)"
+                ))),
+            }
+        })
+        .collect()
 }
 
 /// `[api]`: the management API.
@@ -839,6 +873,30 @@ path = "/var/log/vizor/audit.jsonl"
 key_file = "audit.key"
 keystrokes = "full"
 "#;
+
+    #[test]
+    fn frame_ancestors_takes_origins_and_nothing_that_ends_the_directive() {
+        let with = |list: &str| {
+            Config::parse(&format!("{MINIMAL}\n[console]\nframe_ancestors = {list}\n"))
+                .map(|c| c.console.frame_ancestors)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            with(r#"["HTTPS://App.Example.com", "https://*.example.org:8443"]"#).unwrap(),
+            ["https://app.example.com", "https://*.example.org:8443"]
+        );
+        for bad in [
+            r#"["app.example.com"]"#,
+            r#"["https://a.example.com; script-src *"]"#,
+            r#"["https://a.example.com/path"]"#,
+            r#"["'self'"]"#,
+            r#"["https://"]"#,
+        ] {
+            let e = with(bad).unwrap_err();
+            assert!(e.contains("frame_ancestors"), "{bad}: {e}");
+        }
+        assert!(with("[]").unwrap().is_empty());
+    }
 
     #[test]
     fn listen_takes_an_ip_address_and_says_why_not_a_host_name() {

@@ -186,6 +186,39 @@ fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Resp 
     r
 }
 
+/// Lets the web apps at `ancestors` (`[console] frame_ancestors`, validated origins)
+/// show a console page in a frame; with none, the page keeps refusing every frame.
+pub fn allow_framing(r: &mut Resp, ancestors: &[String]) {
+    if ancestors.is_empty() {
+        return;
+    }
+    let h = r.headers_mut();
+    // X-Frame-Options cannot name an origin: CSP's frame-ancestors says it alone.
+    h.remove(header::X_FRAME_OPTIONS);
+    let Some(csp) = h
+        .get(header::CONTENT_SECURITY_POLICY)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return;
+    };
+    let csp = csp.replace(
+        "frame-ancestors 'none'",
+        &format!("frame-ancestors {}", ancestors.join(" ")),
+    );
+    match header::HeaderValue::from_str(&csp) {
+        Ok(v) => {
+            h.insert(header::CONTENT_SECURITY_POLICY, v);
+        }
+        // Origins are checked when the config is read; fail closed regardless.
+        Err(_) => {
+            h.insert(
+                header::X_FRAME_OPTIONS,
+                header::HeaderValue::from_static("DENY"),
+            );
+        }
+    }
+}
+
 /// Escapes text for HTML content and attribute values.
 fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -223,7 +256,40 @@ mod tests {
         ConsoleConfig {
             novnc: Some("/n".into()),
             spice_html5: Some("/s".into()),
+            frame_ancestors: Vec::new(),
         }
+    }
+
+    #[test]
+    fn framing_is_refused_unless_frame_ancestors_names_the_app() {
+        let page = || client_page(&configured(), ConsoleKind::Vnc, "vm");
+        let mut r = page();
+        allow_framing(&mut r, &[]);
+        assert_eq!(r.headers()[header::X_FRAME_OPTIONS], "DENY");
+        let csp = r.headers()[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap();
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+
+        let mut r = page();
+        let apps = [
+            "https://app.example.com".to_owned(),
+            "https://*.example.org:8443".to_owned(),
+        ];
+        allow_framing(&mut r, &apps);
+        assert!(r.headers().get(header::X_FRAME_OPTIONS).is_none());
+        let csp = r.headers()[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap();
+        assert!(
+            csp.ends_with("frame-ancestors https://app.example.com https://*.example.org:8443"),
+            "{csp}"
+        );
+        // The rest of the policy stays.
+        assert!(
+            csp.starts_with("default-src 'none'; script-src 'self';"),
+            "{csp}"
+        );
     }
 
     #[test]

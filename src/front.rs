@@ -286,6 +286,12 @@ pub async fn handle(
 /// no referrer (a console URL holds a token), no plugins, no `<base>`.
 pub fn secure(r: &mut Resp) {
     let h = r.headers_mut();
+    // A response whose own policy says who may frame it (the console page, under
+    // `[console] frame_ancestors`) gets no X-Frame-Options contradicting it.
+    let framing_decided = h
+        .get(header::CONTENT_SECURITY_POLICY)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|csp| csp.contains("frame-ancestors "));
     for (name, value) in [
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
@@ -295,6 +301,9 @@ pub fn secure(r: &mut Resp) {
             "frame-ancestors 'none'; base-uri 'none'; object-src 'none'",
         ),
     ] {
+        if name == header::X_FRAME_OPTIONS && framing_decided {
+            continue;
+        }
         if !h.contains_key(&name) {
             h.insert(name, header::HeaderValue::from_static(value));
         }
@@ -378,7 +387,9 @@ async fn route(
         if let Some(refused) = throttled(&app, peer) {
             return Ok(refused);
         }
-        return Ok(console_page(&app, peer, &req));
+        let mut page = console_page(&app, peer, &req);
+        console::allow_framing(&mut page, &app.config.console.frame_ancestors);
+        return Ok(page);
     }
     if let Some(r) = console::asset(&path) {
         return Ok(r);

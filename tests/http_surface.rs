@@ -141,3 +141,29 @@ async fn the_metrics_listener_is_secured_too() {
     assert_secured(&head, "metrics_listen");
     drop(v);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_page_may_be_framed_only_by_the_apps_the_config_names() {
+    let v = Vizor::start_uri("test:///default", "", "", "", |_| {});
+    let (_, head, _) = http_get(v.addr, "/console?token=x", &[]).await;
+    assert_secured(&head, "console page");
+
+    let v = Vizor::start_uri(
+        "test:///default",
+        "",
+        "",
+        "[console]\nframe_ancestors = [\"https://app.example.com\"]\n",
+        |_| {},
+    );
+    let (status, head, _) = http_get(v.addr, "/console?token=x", &[]).await;
+    assert_eq!(status, 403);
+    assert_eq!(header(&head, "x-frame-options"), None, "{head}");
+    let csp = header(&head, "content-security-policy").unwrap();
+    assert!(
+        csp.ends_with("frame-ancestors https://app.example.com"),
+        "{csp}"
+    );
+    // Only the console page: everything else still refuses every frame.
+    let (_, head, _) = http_get(v.addr, "/healthz", &[]).await;
+    assert_secured(&head, "healthz");
+}
