@@ -78,6 +78,9 @@ step "fuzz targets"
 # A short fixed budget per target on top of the checked-in seeds (fuzz/seeds).
 scripts/fuzz.sh "${VIZOR_FUZZ_SECONDS:-20}"
 
+step "Debian package: built, unit verified, installed into a clean Debian 12 root, run there"
+scripts/package-test.sh
+
 scripts/test-host.sh stop >/dev/null 2>&1 || true
 echo "scripts/test.sh: all checks passed"
 echo "tests: $passed passed, $failed failed"

@@ -9,7 +9,29 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// vizor: a protocol-aware, terminating WebSocket proxy for VNC and SPICE consoles.
 #[derive(Debug, Parser)]
-#[command(name = "vizor", version, about)]
+#[command(
+    name = "vizor",
+    version,
+    about,
+    after_long_help = "\
+Files, as the Debian package installs them:
+  /etc/vizor/vizor.toml: the configuration
+  /etc/vizor/token.key: the token key
+  /etc/vizor/audit.key: the audit chain's key
+  /var/log/vizor/audit.jsonl: the audit log
+  /var/lib/vizor/recordings: session recordings
+
+Signals to vizor serve:
+  SIGTERM, SIGINT: stop accepting; sessions go on for
+    shutdown_grace, then are closed
+  SIGHUP: reload the TLS certificate and key
+
+HTTP: /healthz (alive), /readyz (libvirt reached),
+/metrics, /console, /websockify, /api/v1/.
+
+Exit status: 0 on success, 1 on an error, which the
+message on standard error names."
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -25,10 +47,13 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Check a configuration without serving: the file, the key files, TLS, the audit
-    /// log's place and libvirt access, as `vizor serve` would at start (like `nginx
-    /// -t`). Exit status 1 if `vizor serve` would refuse to start. Run it as the user
-    /// vizor runs as (`sudo -u vizor vizor check ...`): access is checked as this one.
+    /// Check a configuration without serving (like `nginx -t`).
+    ///
+    /// Reads the file, the key files and TLS files, looks at the audit log's place and
+    /// asks libvirt, as `vizor serve` would at start; warns of running consoles without
+    /// a password. Exit status 1 if `vizor serve` would refuse to start. Run it as the
+    /// user vizor runs as (`sudo -u vizor vizor check ...`): access is checked as this
+    /// one.
     Check {
         /// The vizor configuration file.
         #[arg(long)]
