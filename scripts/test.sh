@@ -53,6 +53,18 @@ if [ ! -x /usr/bin/prometheus ]; then
     if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
+step "test tools: strace, systemd-analyze, man"
+# tests/hardening.rs traces vizor against the unit's syscall filter; package-test.sh
+# verifies the unit (systemd-analyze runs man for its Documentation=).
+tools=()
+for p in strace systemd man-db; do
+    dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || tools+=("$p")
+done
+if [ ${#tools[@]} -gt 0 ]; then
+    install_tools() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${tools[@]}" >&2; }
+    install_tools || { apt-get update >&2 && install_tools; }
+fi
+
 step "test tools: Chromium, playwright-core, noVNC, spice-html5"
 # For tests/browser.rs: the console page in Debian's headless Chromium.
 scripts/web-deps.sh --browser

@@ -230,6 +230,8 @@ pub struct Vizor {
     key: TokenKey,
     /// Its libvirt.
     uri: String,
+    /// vizor's pid when `child` is a wrapper around it (strace).
+    wrapped_pid: Option<u32>,
 }
 
 impl Vizor {
@@ -335,7 +337,7 @@ impl Vizor {
             ),
         )
         .unwrap();
-        let (child, addr, log) = Self::spawn(&config);
+        let (child, addr, log) = Self::spawn(&config, &[]);
         let key = TokenKey::load(&key_path).unwrap();
         Vizor {
             child,
@@ -344,6 +346,7 @@ impl Vizor {
             log,
             key,
             uri: uri.to_owned(),
+            wrapped_pid: None,
         }
     }
 
@@ -356,15 +359,35 @@ impl Vizor {
 
     /// Starts this vizor again, once it has ended, on the same config and files.
     pub fn start_again(&mut self) {
-        let (child, addr, log) = Self::spawn(&self.dir.path().join("vizor.toml"));
+        self.start_again_under(&[]);
+    }
+
+    /// Starts this vizor again as a program run by `wrapper` (such as `strace -f -o
+    /// FILE`): signals go to vizor itself, the wrapper ends with it.
+    pub fn start_again_under(&mut self, wrapper: &[&str]) {
+        let (child, addr, log) = Self::spawn(&self.dir.path().join("vizor.toml"), wrapper);
+        self.wrapped_pid = (!wrapper.is_empty()).then(|| {
+            let children = format!("/proc/{0}/task/{0}/children", child.id());
+            let text = std::fs::read_to_string(&children).unwrap();
+            text.split_whitespace().next().unwrap().parse().unwrap()
+        });
         self.child = child;
         self.addr = addr;
         self.log = log;
     }
 
-    /// `vizor serve --config CONFIG`, once it listens.
-    fn spawn(config: &Path) -> (Child, SocketAddr, Arc<Mutex<String>>) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vizor"))
+    /// `vizor serve --config CONFIG` (run by `wrapper`, if any), once it listens.
+    fn spawn(config: &Path, wrapper: &[&str]) -> (Child, SocketAddr, Arc<Mutex<String>>) {
+        let vizor = env!("CARGO_BIN_EXE_vizor");
+        let mut command = match wrapper {
+            [] => Command::new(vizor),
+            [program, args @ ..] => {
+                let mut c = Command::new(program);
+                c.args(args).arg(vizor);
+                c
+            }
+        };
+        let mut child = command
             .args(["serve", "--config", config.to_str().unwrap()])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -468,19 +491,19 @@ impl Vizor {
 
     /// The vizor process's id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.wrapped_pid.unwrap_or_else(|| self.child.id())
     }
 
     /// The file descriptors the vizor process holds open now.
     pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .unwrap()
             .count()
     }
 
     /// How many of the vizor process's threads are named `name`.
     pub fn threads_named(&self, name: &str) -> usize {
-        std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
+        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
             .unwrap()
             .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
             .filter(|comm| comm.trim_end() == name)
@@ -489,7 +512,7 @@ impl Vizor {
 
     /// The vizor process's resident memory, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -568,8 +591,18 @@ impl Vizor {
 
     /// Kills vizor with SIGKILL: no chance to clean up.
     pub fn kill(&mut self) {
+        self.kill_wrapped();
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+
+    /// SIGKILL to vizor under a wrapper: the wrapper's death would leave it running.
+    fn kill_wrapped(&self) {
+        if let Some(pid) = self.wrapped_pid {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
     }
 
     /// `vizor audit text --session ID` over this vizor's audit log, keyed by its
@@ -592,7 +625,7 @@ impl Vizor {
 
     /// Sends `signal` (such as `HUP`).
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.id().to_string();
+        let pid = self.pid().to_string();
         let sig = format!("-{signal}");
         assert!(Command::new("kill")
             .args([sig.as_str(), &pid])
@@ -603,7 +636,7 @@ impl Vizor {
 
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
+        let pid = self.pid().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         self.child.wait().unwrap()
     }
@@ -650,6 +683,7 @@ impl Vizor {
 
 impl Drop for Vizor {
     fn drop(&mut self) {
+        self.kill_wrapped();
         let _ = self.child.kill();
         let _ = self.child.wait();
         // Its audit logs (rotated ones too) join the run's logs.
