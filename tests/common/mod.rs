@@ -754,6 +754,19 @@ impl Browser {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        Self::connect_with(stream, addr, path, &[]).await
+    }
+
+    /// As [`Browser::connect_over`], with `headers` (such as a page's `Origin`) added.
+    pub async fn connect_with<S>(
+        stream: S,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Browser
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         // Whatever token a test opens a console with, minted here or by vizor's API.
         if let Some((_, token)) = path.split_once("token=") {
             run::secret("token", token.split('&').next().unwrap_or(token));
@@ -769,7 +782,10 @@ impl Browser {
                 fastwebsockets::handshake::generate_key(),
             )
             .header("Sec-WebSocket-Version", "13")
-            .header("Sec-WebSocket-Protocol", "binary")
+            .header("Sec-WebSocket-Protocol", "binary");
+        let req = headers
+            .iter()
+            .fold(req, |r, (k, v)| r.header(*k, *v))
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .unwrap();
         let (ws, resp) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream)
@@ -1017,6 +1033,16 @@ pub mod tls {
         addr: std::net::SocketAddr,
         trusted: &[u8],
     ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        connect_over(tcp, addr, trusted).await
+    }
+
+    /// Opens TLS to `addr` over `tcp`, trusting only `trusted` (DER).
+    pub async fn connect_over(
+        tcp: tokio::net::TcpStream,
+        addr: std::net::SocketAddr,
+        trusted: &[u8],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(rustls::pki_types::CertificateDer::from(trusted.to_vec()))
@@ -1029,7 +1055,6 @@ pub mod tls {
         .with_root_certificates(roots)
         .with_no_client_auth();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
         connector.connect(name, tcp).await
     }
