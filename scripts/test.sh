@@ -34,7 +34,6 @@ domain=vizor-test-rfb
 port=$(scripts/test-host.sh domain "$domain" --vnc-passwd "$VIZOR_TEST_VNC_PASSWORD" --no-spice --mode-switch-disk | tail -n 1)
 port=${port#vnc_port=}
 export VIZOR_TEST_VNC_ADDR=127.0.0.1:$port VIZOR_TEST_VNC_DOMAIN=$domain VIZOR_TEST_VNC_PASSWORD
-export VIZOR_REQUIRE_LIVE=1
 
 step "test tools: prometheus"
 # Debian's Prometheus, for tests/prometheus_live.rs (it runs its own instance on a
@@ -85,7 +84,9 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
 step "unit, fixture and live tests"
 log=$VIZOR_TEST_RUN_DIR/cargo-test.log
-cargo test --workspace --locked 2>&1 | tee "$log"
+# Live tests are #[ignore]d (a plain `cargo test` runs only those that need no host):
+# here they run too; the one ignored measuring tool does not.
+cargo test --workspace --locked -- --include-ignored --skip measure_qemu_keyboard 2>&1 | tee "$log"
 # One closing line for the whole suite: cargo prints one per test binary.
 read -r passed failed < <(awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }' "$log")
 

@@ -683,17 +683,18 @@ async fn refusals_counted(v: &Vizor, event: &str, reason: &str, want: u64) -> u6
     got
 }
 
-/// The live test domain, or `None` to skip.
-fn live() -> Option<String> {
-    common::live_domain().map(|l| l.name)
+/// The live test domain's name.
+fn live() -> String {
+    common::live_domain().name
 }
 
 /// The bound the message cases run under: small, so that oversized input is cheap.
 const LIMITS_64K: &str = "[limits]\nbrowser_message_max = \"64KiB\"\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn rfb_handshake_refusals() {
-    let Some(domain) = live() else { return };
+    let domain = live();
     let v = Vizor::start("handshake_timeout = \"2s\"");
     let d = domain.as_str();
     // Control bytes and invalid UTF-8 in a version reach the reason escaped.
@@ -909,8 +910,9 @@ async fn still_serving(v: &Vizor, domain: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn rfb_message_refusals() {
-    let Some(domain) = live() else { return };
+    let domain = live();
     let v = Vizor::start_full("", "clipboard = \"content\"", LIMITS_64K, |_| {});
     let d = domain.as_str();
     let ext_clip = set_encodings(&[Encoding::RAW, Encoding::EXTENDED_CLIPBOARD]);
@@ -1174,8 +1176,9 @@ async fn rfb_message_refusals() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn websocket_frame_refusals() {
-    let Some(domain) = live() else { return };
+    let domain = live();
     let v = Vizor::start_with("", LIMITS_64K, |_| {});
     let d = domain.as_str();
     let r = Stage::Relay;
@@ -1303,8 +1306,9 @@ async fn websocket_frame_refusals() {
 /// token could make vizor buffer an endless message. vizor puts fragments together
 /// itself, bounded as a whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn a_fragmented_message_beyond_browser_message_max_is_refused() {
-    let Some(domain) = live() else { return };
+    let domain = live();
     let v = Vizor::start_with("", LIMITS_64K, |_| {});
     let mut r = vnc_raw(&v, &domain).await;
     reach(&mut r, Stage::Relay).await;
@@ -1330,8 +1334,9 @@ async fn a_fragmented_message_beyond_browser_message_max_is_refused() {
 /// RFC 6455 section 5.1: a server MUST close the connection on an unmasked frame from
 /// a client (fastwebsockets alone takes it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn an_unmasked_client_frame_is_refused() {
-    let Some(domain) = live() else { return };
+    let domain = live();
     let v = Vizor::start("");
     let mut r = vnc_raw(&v, &domain).await;
     reach(&mut r, Stage::Relay).await;
@@ -1354,8 +1359,9 @@ async fn an_unmasked_client_frame_is_refused() {
 /// confirms none and hangs up on them, so vizor refuses them as a browser protocol
 /// error instead of passing them on (and an xvp power request is never unaudited).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn unnegotiated_client_messages_are_refused() {
-    let Some(domain) = live() else { return };
+    let domain = live();
     let v = Vizor::start("");
     for (name, bytes) in [
         ("ClientFence", vec![248u8, 0, 0, 0, 0, 0, 0, 0, 0]),
@@ -1381,10 +1387,9 @@ async fn unnegotiated_client_messages_are_refused() {
 /// holder ended every other console session of that VM. vizor now always asks QEMU
 /// for a shared session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn an_exclusive_client_init_does_not_disconnect_other_sessions() {
-    if live().is_none() {
-        return;
-    }
+    live();
     // A domain of its own: this disconnects everyone on it.
     common::test_host(&[
         "domain",
@@ -1474,8 +1479,9 @@ fn request_bytes(method: &str, target: &[u8], headers: &[u8]) -> Vec<u8> {
 const UPGRADE: &[u8] = b"Upgrade: websocket\r\nConnection: Upgrade\r\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn http_refusals() {
-    let Some(domain) = live() else { return };
+    let domain = live();
     let v = Vizor::start_full(
         "",
         "refusal_summary_interval = \"1s\"",
@@ -1686,12 +1692,11 @@ fn link_body(connection_id: u32, channel: u8, n_common: u32, offset: u32) -> Vec
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn spice_refusals() {
     use vizor_spice::channel::{write_message, HeaderKind};
     use vizor_spice::link::{channel_type, link_error, Caps, LinkMess, LinkReply};
-    if live().is_none() {
-        return;
-    }
+    live();
     let dom = common::spice::domain("vizor-test-badsp");
     let v = Vizor::start("handshake_timeout = \"2s\"");
     let good_main = link_body(0, channel_type::MAIN, 0, 18);
@@ -1905,11 +1910,10 @@ async fn spice_refusals() {
 /// On the SPICE browser leg a message beyond `browser_message_max` was streamed to
 /// spice-server unparsed (and so unaudited); it is refused by its header, like RFB's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn a_spice_message_beyond_browser_message_max_is_refused() {
     use vizor_spice::link::channel_type;
-    if live().is_none() {
-        return;
-    }
+    live();
     let dom = common::spice::domain("vizor-test-badsp2");
     let v = Vizor::start_with("", LIMITS_64K, |_| {});
     let token = v.token(dom, ConsoleKind::Spice, 60);

@@ -61,10 +61,9 @@ async fn refused_then_back(v: &Vizor, domain: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn qemu_killed_mid_session() {
-    if common::live_domain().is_none() {
-        return;
-    }
+    common::live_domain();
     let _one = ONE_AT_A_TIME.lock().await;
     let d = "vizor-test-fkill";
     common::test_host(&["domain", d, "--vnc-passwd", "kill1", "--no-spice"]);
@@ -97,10 +96,9 @@ async fn qemu_killed_mid_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn domain_shut_off_mid_session() {
-    if common::live_domain().is_none() {
-        return;
-    }
+    common::live_domain();
     let _one = ONE_AT_A_TIME.lock().await;
     let d = "vizor-test-foff";
     common::test_host(&["domain", d, "--vnc-passwd", "off1", "--no-spice"]);
@@ -113,10 +111,9 @@ async fn domain_shut_off_mid_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn libvirtd_restarted_mid_session() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     let _one = ONE_AT_A_TIME.lock().await;
     let v = Vizor::start("");
     // A lookup first, so vizor holds a libvirt connection that the restart breaks.
@@ -145,10 +142,9 @@ impl Drop for Unstall {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn the_network_to_qemu_stalls_mid_session() {
-    if common::live_domain().is_none() {
-        return;
-    }
+    common::live_domain();
     let _one = ONE_AT_A_TIME.lock().await;
     let d = "vizor-test-fstall";
     let out = common::test_host(&["domain", d, "--vnc-passwd", "stall1", "--no-spice"]);

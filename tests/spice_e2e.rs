@@ -12,10 +12,9 @@ use vizor_spice::link::{channel_type, link_error};
 use vizor_spice::{msg, Limits};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn channels_of_one_session_link_through_vizor_and_keys_are_audited() {
-    let Some(_live) = common::live_domain() else {
-        return;
-    };
+    let _live = common::live_domain();
     let dom = domain("vizor-test-sp1");
     let v = Vizor::start_admin("", "");
     let token = v.token(dom, ConsoleKind::Spice, 60);
@@ -188,10 +187,9 @@ fn wait_keys(v: &Vizor, n: usize) -> Vec<serde_json::Value> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn a_token_admits_only_its_own_session() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     let dom = domain("vizor-test-sp2");
     let v = Vizor::start("");
     let token = v.token(dom, ConsoleKind::Spice, 60);
@@ -310,10 +308,9 @@ async fn a_token_admits_only_its_own_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn a_wrong_spice_password_in_libvirt_fails_the_link_clearly() {
-    let Some(_live) = common::live_domain() else {
-        return;
-    };
+    let _live = common::live_domain();
     common::test_host(&[
         "domain",
         "vizor-test-sppw",
@@ -337,10 +334,9 @@ async fn a_wrong_spice_password_in_libvirt_fails_the_link_clearly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn main_channel_round_trip_and_clipboard_are_recorded() {
-    let Some(_live) = common::live_domain() else {
-        return;
-    };
+    let _live = common::live_domain();
     let dom = domain("vizor-test-sp3");
     let v = Vizor::start_full("", "clipboard = \"content\"", "", |_| {});
     let token = v.token(dom, ConsoleKind::Spice, 60);
@@ -408,13 +404,12 @@ fn domstate(name: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn a_display_channel_left_before_init_does_not_crash_the_vm() {
     // spice-server 0.15.1 segfaults in about half of the cases where a display channel
     // closes before DISPLAY_INIT (measured: 3 crashes in 6 sessions). This client is a
     // deliberately non-conforming test double; vizor must keep the VM alive.
-    let Some(_live) = common::live_domain() else {
-        return;
-    };
+    let _live = common::live_domain();
     let dom = domain("vizor-test-sp4");
     let v = Vizor::start("");
     for round in 0..4 {
@@ -472,10 +467,9 @@ fn file_transfer_start(kind: vizor_spice::channel::HeaderKind, id: u32, name: &s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn channels_and_file_transfers_vizor_cannot_audit_are_refused_by_default() {
-    let Some(_live) = common::live_domain() else {
-        return;
-    };
+    let _live = common::live_domain();
     // The domain has a USB redirection channel, as virt-manager adds by default: a
     // client could plug in a USB keyboard through it and type unrecorded.
     let dom = domain("vizor-test-sp5");

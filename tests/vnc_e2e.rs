@@ -11,10 +11,9 @@ use vizor_rfb::client::ClientMessage;
 use vizor_rfb::handshake::ServerInit;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn a_browser_sees_the_console_and_its_keys_are_audited() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     let v = Vizor::start("");
     let (mut b, si) = open_session(&v, &live.name).await;
     assert!(
@@ -95,10 +94,9 @@ async fn refused(v: &Vizor, path: &str) -> Closed {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn bad_tokens_and_unusable_domains_are_refused_with_a_reason() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     common::test_host(&["domain", "vizor-test-off", "--no-spice", "--shutoff"]);
     let v = Vizor::start("");
     let good = v.token(&live.name, ConsoleKind::Vnc, 60);
@@ -200,10 +198,9 @@ async fn open_session_with(v: &Vizor, token: &str) -> (Browser, ServerInit) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn a_console_without_a_password_is_said_and_recorded_or_refused() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     // Graphics without passwd: QEMU offers VNC's "None" security type.
     common::test_host(&["domain", "vizor-test-nopw", "--no-spice"]);
     let v = Vizor::start("");
@@ -242,10 +239,9 @@ async fn a_console_without_a_password_is_said_and_recorded_or_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn a_wrong_password_in_libvirt_reaches_the_browser_as_an_rfb_failure() {
-    let Some(_live) = common::live_domain() else {
-        return;
-    };
+    let _live = common::live_domain();
     // QEMU's password changed behind libvirt's back: libvirt still stores the old one.
     common::test_host(&[
         "domain",
@@ -287,10 +283,9 @@ async fn a_wrong_password_in_libvirt_reaches_the_browser_as_an_rfb_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn unix_socket_consoles_and_concurrent_sessions() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     common::test_host(&[
         "domain",
         "vizor-test-sock",
@@ -320,10 +315,9 @@ async fn unix_socket_consoles_and_concurrent_sessions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn sigterm_ends_live_sessions_cleanly_with_their_records() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     let mut v = Vizor::start("shutdown_grace = \"1s\"");
     let (mut b, si) = open_session(&v, &live.name).await;
     full_update(&mut b, &si).await;
@@ -356,10 +350,9 @@ async fn sigterm_ends_live_sessions_cleanly_with_their_records() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn the_token_api_healthz_and_static_files() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     let admin = "k3y-0123456789abcdef-admin";
     let v = Vizor::start_with(
         "web_root = \"www\"",
@@ -463,10 +456,9 @@ async fn the_token_api_healthz_and_static_files() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn metrics_count_sessions_bytes_latency_and_refusals() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     let v = Vizor::start("ping_interval = \"100ms\"");
     let (mut b, si) = open_session(&v, &live.name).await;
     full_update(&mut b, &si).await;
@@ -539,10 +531,9 @@ async fn metrics_count_sessions_bytes_latency_and_refusals() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn metrics_move_to_metrics_listen_when_set() {
-    let Some(_live) = common::live_domain() else {
-        return;
-    };
+    let _live = common::live_domain();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -558,10 +549,9 @@ async fn metrics_move_to_metrics_listen_when_set() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn live_sessions_are_listed_and_their_series_go_when_they_end() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     let v = Vizor::start_admin(
         "ping_interval = \"100ms\"",
         "[metrics]\nper_session = true\nper_session_max = 5",
@@ -674,10 +664,9 @@ fn typed(keysym: u32, shifted: bool) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn what_was_typed_comes_back_from_the_audit_log_and_tampering_is_found() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     let v = Vizor::start_full("", "clipboard = \"content\"", "", |_| {});
     let (mut b, si) = open_session(&v, &live.name).await;
     full_update(&mut b, &si).await;
@@ -878,10 +867,9 @@ async fn write_errors(v: &Vizor) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn a_full_audit_disk_closes_sessions_and_refuses_new_ones_until_it_has_room() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     let v = Vizor::start_with("", "", SmallDisk::prepare);
     let disk = SmallDisk::of(&v);
     let (mut live_session, si) = open_session(&v, &live.name).await;
@@ -944,10 +932,9 @@ async fn a_full_audit_disk_closes_sessions_and_refuses_new_ones_until_it_has_roo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn with_on_error_continue_sessions_go_on_and_the_loss_is_counted() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     let v = Vizor::start_full("", "on_error = \"continue\"", "", SmallDisk::prepare);
     let disk = SmallDisk::of(&v);
     let (mut b, si) = open_session(&v, &live.name).await;
@@ -1045,10 +1032,9 @@ fn witnessed_vizor(
 use std::sync::{Arc, Mutex};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn sigkill_mid_session_loses_no_key_event_that_reached_the_vm() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     let (addr, seen) = witness(live.vnc_addr.clone()).await;
     // libvirt's test driver names the witness as the domain's console, with the real
     // password: vizor looks it up as it would any domain. Durability against SIGKILL
@@ -1115,10 +1101,9 @@ async fn sigkill_mid_session_loses_no_key_event_that_reached_the_vm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn a_recorded_session_replays_byte_for_byte() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     let v = Vizor::start_full("", "record_dir = \"rec\"", "", |dir| {
         std::fs::create_dir(dir.join("rec")).unwrap();
     });
@@ -1194,14 +1179,13 @@ async fn a_recorded_session_replays_byte_for_byte() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn the_extended_clipboard_as_novnc_uses_it_is_relayed_and_audited() {
     use std::io::Write;
     use vizor_rfb::client::{clipboard, write_set_encodings, CutText};
     use vizor_rfb::server::{ServerDecoder, ServerEvent};
     use vizor_rfb::{Encoding, Limits};
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     let v = Vizor::start_full("", "clipboard = \"content\"", "", |_| {});
     let (mut b, si) = open_session(&v, &live.name).await;
     // As noVNC: offer the extended clipboard; QEMU answers with its caps, whose action
@@ -1263,10 +1247,9 @@ async fn the_extended_clipboard_as_novnc_uses_it_is_relayed_and_audited() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn a_token_bound_to_a_client_admits_that_client_alone() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     // Other clients are told apart by their loopback source address.
     let (holder, thief): (std::net::IpAddr, std::net::IpAddr) =
         ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
@@ -1350,10 +1333,9 @@ async fn a_token_bound_to_a_client_admits_that_client_alone() {
 /// the bytes QEMU sent (a witness between vizor and QEMU keeps them), and the metric
 /// says most of the pixels went that way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn large_rectangles_are_spliced_and_arrive_exactly_as_qemu_sent_them() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     let (addr, seen) = witness(live.vnc_addr.clone()).await;
     let (v, _dir) = witnessed_vizor(addr, &live, "");
     let (mut b, si) = open_session(&v, "vizor-witness").await;
@@ -1403,10 +1385,9 @@ async fn large_rectangles_are_spliced_and_arrive_exactly_as_qemu_sent_them() {
 /// frame carrying it: nothing can follow on that connection, not even a close frame,
 /// so vizor drops it. The session is on record as the VM closing it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn a_console_closing_mid_rectangle_drops_the_browser_and_is_on_record() {
-    let Some(live) = common::live_domain() else {
-        return;
-    };
+    let live = common::live_domain();
     // A full Raw frame of the test VM is over a megabyte: 300,000 bytes in, its
     // rectangle is being spliced.
     let (addr, seen) = cutting_witness(live.vnc_addr.clone(), 300_000).await;
@@ -1450,10 +1431,9 @@ fn without_led_updates(stream: &[u8]) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn a_token_opens_the_domain_it_was_issued_for_not_a_namesake() {
-    if common::live_domain().is_none() {
-        return;
-    }
+    common::live_domain();
     let d = "vizor-test-namesake";
     common::test_host(&["domain", d, "--vnc-passwd", "name1", "--no-spice"]);
     let v = Vizor::start("");
