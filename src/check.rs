@@ -46,6 +46,13 @@ pub fn check(path: &Path) -> Vec<Finding> {
         Err(e) => return vec![Finding::Fail(e.to_string())],
     };
     let mut out = vec![Finding::Ok(format!("configuration {}", path.display()))];
+    if nix::unistd::getuid().is_root() {
+        out.push(Finding::Warn(
+            "checked as root, who may read and write what the service's user cannot: \
+             run it as that user (sudo -u vizor vizor check --config ...)"
+                .into(),
+        ));
+    }
     let mut note = |r: Result<String, String>| {
         out.push(match r {
             Ok(t) => Finding::Ok(t),

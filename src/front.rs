@@ -104,10 +104,19 @@ impl Readiness {
         self.ready.load(Ordering::SeqCst)
     }
 
-    /// The `/readyz` answer.
-    pub fn response(&self) -> Resp {
+    /// The `/readyz` answer; with `detail` (the metrics listener, on a private
+    /// address) it says why, else only that it is not (libvirt's words name its URI,
+    /// which may hold a user and host, and are not for anyone who reaches the console
+    /// port).
+    pub fn response(&self, detail: bool) -> Resp {
         if self.is_ready() {
             return text(StatusCode::OK, "ready\n");
+        }
+        if !detail {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: waiting for libvirt (see vizor's log)\n",
+            );
         }
         let why = self.waiting.lock().map(|w| w.clone()).unwrap_or_default();
         text(
@@ -345,7 +354,7 @@ async fn route(
         return Ok(text(StatusCode::OK, "ok\n"));
     }
     if path == "/readyz" {
-        return Ok(app.readiness.response());
+        return Ok(app.readiness.response(false));
     }
     if path == "/metrics" {
         return Ok(metrics_here(&app, peer, &req));
@@ -1006,6 +1015,7 @@ async fn console_session(
             live: app.live.clone(),
             record_dir: app.config.audit.record_dir.clone(),
             keyboard,
+            require_password: app.config.libvirt.require_password,
         };
         let end = session::rfb::run(ctx, brx, btx, app.close_sessions.clone()).await;
         log_end(&end);

@@ -422,6 +422,14 @@ fn looks_like_uuid(s: &str) -> bool {
         })
 }
 
+/// Whether a libvirt error says the domain stopped or went away meanwhile.
+fn gone(e: &virt::error::Error) -> bool {
+    matches!(
+        e.code().unwrap_or(ErrorNumber::InternalError),
+        ErrorNumber::NoDomain | ErrorNumber::OperationInvalid
+    )
+}
+
 /// What [`Libvirt::probe_blocking`] found.
 #[derive(Debug, Clone)]
 pub struct Probe {
@@ -525,6 +533,26 @@ impl Libvirt {
             let hostname = conn.hostname().unwrap_or_default();
             let running = conn.num_of_domains().map_err(failed)?;
             let defined = conn.num_of_defined_domains().map_err(failed)?;
+            // What every console lookup needs: a running domain's XML with its
+            // passwords (refused on a read-only connection or by a libvirt ACL).
+            if let Some(dom) = conn
+                .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+                .map_err(failed)?
+                .into_iter()
+                .next()
+            {
+                if let Err(e) = dom.xml_desc(virt::sys::VIR_DOMAIN_XML_SECURE) {
+                    if !gone(&e) {
+                        return Err(Failure::Lookup(LookupError::Unreachable {
+                            uri: self.uri.clone(),
+                            message: format!(
+                                "{} (reading a domain's graphics passwords, which every console needs)",
+                                e.message()
+                            ),
+                        }));
+                    }
+                }
+            }
             Ok(Probe {
                 version: format!(
                     "{}.{}.{}",
@@ -555,9 +583,12 @@ impl Libvirt {
             let mut open = Vec::new();
             for dom in domains {
                 let name = dom.name().map_err(unreachable)?;
-                // A domain that stopped meanwhile has no console to report.
-                let Ok(xml) = dom.xml_desc(virt::sys::VIR_DOMAIN_XML_SECURE) else {
-                    continue;
+                // A domain that stopped or went meanwhile has no console to report;
+                // any other refusal is one every lookup would meet.
+                let xml = match dom.xml_desc(virt::sys::VIR_DOMAIN_XML_SECURE) {
+                    Ok(xml) => xml,
+                    Err(e) if gone(&e) => continue,
+                    Err(e) => return Err(unreachable(e)),
                 };
                 let xml = Zeroizing::new(xml);
                 let Ok(mut root) = Element::parse(xml.as_bytes()) else {

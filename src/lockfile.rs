@@ -76,17 +76,38 @@ impl Lock {
             .mode(0o600)
             .open(path)
             .map_err(io)?;
-        let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(f) => f,
+        // `vizor check` probes the lock for an instant (Lock::holder): a few tries
+        // tell that from a process that holds it.
+        let mut file = file;
+        for _ in 0..5 {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(f) => return Self::owned(f, path),
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                    file = f;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err((_, e)) => return Err(io(e.into())),
+            }
+        }
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(f) => Self::owned(f, path),
             Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
                 let mut text = String::new();
                 let _ = file.take(32).read_to_string(&mut text);
-                return Err(LockError::Held {
+                Err(LockError::Held {
                     path: path.to_owned(),
                     pid: text.trim().parse().ok(),
-                });
+                })
             }
-            Err((_, e)) => return Err(io(e.into())),
+            Err((_, e)) => Err(io(e.into())),
+        }
+    }
+
+    /// A lock just taken: this process's pid goes into its file.
+    fn owned(mut file: Flock<File>, path: &Path) -> Result<Lock, LockError> {
+        let io = |error| LockError::Io {
+            path: path.to_owned(),
+            error,
         };
         let pid = format!("{}\n", std::process::id());
         file.set_len(0)

@@ -93,9 +93,20 @@ async fn plain_http_to_tls(mut stream: tokio::net::TcpStream) {
         "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{BODY}",
         BODY.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+    // Then a little of the request is read, so that closing with it unread does not
+    // reset the connection before the client reads the answer; 2 s in all at most.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        use tokio::io::AsyncReadExt;
         let _ = stream.write_all(answer.as_bytes()).await;
         let _ = stream.shutdown().await;
+        let mut drained = [0u8; 4096];
+        let mut left = 16 * 1024;
+        while left > 0 {
+            match stream.read(&mut drained).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n.min(left),
+            }
+        }
     })
     .await;
 }
@@ -213,7 +224,7 @@ async fn serve_metrics(
                 async move {
                     let mut resp = match req.uri().path() {
                         "/metrics" => front::metrics_response(&metrics),
-                        "/readyz" => readiness.response(),
+                        "/readyz" => readiness.response(true),
                         "/healthz" => hyper::Response::new(http_body_util::Full::new(
                             bytes::Bytes::from_static(b"ok\n"),
                         )),
@@ -278,22 +289,48 @@ fn raise_open_files(config: &Config) {
 /// How long vizor waits for libvirt's first answer at start.
 const LIBVIRT_PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Asks libvirt who it is (off the executor, bounded): the start check.
-pub async fn probe_libvirt(libvirt: &Arc<Libvirt>) -> Result<crate::libvirt::Probe, String> {
-    let l = libvirt.clone();
-    let uri = libvirt.uri().to_owned();
-    let probe = tokio::task::spawn_blocking(move || l.probe_blocking());
-    match tokio::time::timeout(LIBVIRT_PROBE_TIMEOUT, probe).await {
-        Err(_) => Err(format!(
-            "libvirt at {uri} did not answer within {}",
-            humantime::format_duration(LIBVIRT_PROBE_TIMEOUT)
-        )),
-        Ok(Err(e)) => Err(format!("libvirt at {uri}: the probe failed: {e}")),
-        Ok(Ok(Err(e))) => Err(match crate::libvirt::access_hint(&e.to_string()) {
-            Some(hint) => format!("{e} ({hint})"),
-            None => e.to_string(),
-        }),
-        Ok(Ok(Ok(p))) => Ok(p),
+/// A libvirt probe running on the blocking pool. A probe that outlives its wait is
+/// kept, not abandoned: the next wait awaits the same one, so a libvirt that never
+/// answers ties up one thread, not one per retry.
+pub struct Probing {
+    libvirt: Arc<Libvirt>,
+    running:
+        Option<tokio::task::JoinHandle<Result<crate::libvirt::Probe, crate::libvirt::LookupError>>>,
+}
+
+impl Probing {
+    /// For `libvirt`; nothing runs yet.
+    pub fn new(libvirt: Arc<Libvirt>) -> Probing {
+        Probing {
+            libvirt,
+            running: None,
+        }
+    }
+
+    /// Asks libvirt who it is (or waits on for the answer to the last ask), for at
+    /// most [`LIBVIRT_PROBE_TIMEOUT`].
+    pub async fn probe(&mut self) -> Result<crate::libvirt::Probe, String> {
+        let uri = self.libvirt.uri().to_owned();
+        let handle = self.running.get_or_insert_with(|| {
+            let l = self.libvirt.clone();
+            tokio::task::spawn_blocking(move || l.probe_blocking())
+        });
+        let answered = tokio::time::timeout(LIBVIRT_PROBE_TIMEOUT, handle).await;
+        if answered.is_ok() {
+            self.running = None;
+        }
+        match answered {
+            Err(_) => Err(format!(
+                "libvirt at {uri} did not answer within {}",
+                humantime::format_duration(LIBVIRT_PROBE_TIMEOUT)
+            )),
+            Ok(Err(e)) => Err(format!("libvirt at {uri}: the probe failed: {e}")),
+            Ok(Ok(Err(e))) => Err(match crate::libvirt::access_hint(&e.to_string()) {
+                Some(hint) => format!("{e} ({hint})"),
+                None => e.to_string(),
+            }),
+            Ok(Ok(Ok(p))) => Ok(p),
+        }
     }
 }
 
@@ -305,19 +342,16 @@ fn notify(state: &[sd_notify::NotifyState]) {
 }
 
 /// Keeps trying libvirt (`[libvirt] wait`) until it answers; then vizor is ready.
-async fn wait_for_libvirt(libvirt: Arc<Libvirt>, readiness: Arc<front::Readiness>) {
+async fn wait_for_libvirt(mut probing: Probing, readiness: Arc<front::Readiness>) {
     let mut pause = Duration::from_secs(1);
     let mut last_warn = Instant::now();
     loop {
         tokio::time::sleep(pause).await;
-        match probe_libvirt(&libvirt).await {
+        match probing.probe().await {
             Ok(p) => {
-                info!(libvirt = libvirt.uri(), version = %p.version, running = p.running, "libvirt reachable: ready");
+                info!(libvirt = probing.libvirt.uri(), version = %p.version, running = p.running, "libvirt reachable: ready");
                 readiness.set_ready();
-                notify(&[
-                    sd_notify::NotifyState::Ready,
-                    sd_notify::NotifyState::Status("serving"),
-                ]);
+                notify(&[sd_notify::NotifyState::Status("serving")]);
                 return;
             }
             Err(e) => {
@@ -359,7 +393,8 @@ pub async fn serve(
     // says it is not ready until it does).
     let libvirt = Libvirt::new(&config.libvirt.uri);
     let readiness = Arc::new(front::Readiness::default());
-    let waiting = match probe_libvirt(&libvirt).await {
+    let mut probing = Probing::new(libvirt.clone());
+    let waiting = match probing.probe().await {
         Ok(p) => {
             info!(libvirt = libvirt.uri(), version = %p.version, host = %p.hostname,
                 running = p.running, stopped = p.stopped, "libvirt reachable");
@@ -507,9 +542,15 @@ pub async fn serve(
     );
     // A line for scripts and tests that asked for port 0.
     println!("listening on {local}");
+    // Started: libvirt answered, or (with `wait`) vizor serves and says in /readyz
+    // and its status that it waits. Holding READY back until libvirt answers would have
+    // systemd kill a vizor told to wait once TimeoutStartSec passed.
     if waiting {
-        notify(&[sd_notify::NotifyState::Status("waiting for libvirt")]);
-        tokio::spawn(wait_for_libvirt(app.libvirt.clone(), readiness.clone()));
+        notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("waiting for libvirt"),
+        ]);
+        tokio::spawn(wait_for_libvirt(probing, readiness.clone()));
     } else {
         notify(&[
             sd_notify::NotifyState::Ready,
@@ -583,15 +624,17 @@ pub async fn serve(
             // Plain HTTP to the TLS port: told so in a line it can show, not a TLS
             // alert a browser shows as a broken connection. A ClientHello starts with
             // 0x16; a request line with a letter.
+            // One deadline for the first byte and the TLS handshake together.
+            let deadline = tokio::time::Instant::now() + timeout;
             let mut first = [0u8; 1];
-            if let Ok(Ok(1)) = tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+            if let Ok(Ok(1)) = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
                 if first[0].is_ascii_alphabetic() {
                     plain_http_to_tls(stream).await;
                     drop(counted);
                     return;
                 }
             }
-            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => serve_http(app, peer, stream).await,
                 Ok(Err(e)) => debug!(client = %peer, error = %e, "TLS handshake failed"),
                 Err(_) => debug!(client = %peer, "TLS handshake timed out"),

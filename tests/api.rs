@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{http_get, metric, Vizor, ADMIN_API, ADMIN_KEY, METRICS_AUTH};
+use common::rfb::rfb_handshake;
+use common::{http_get, metric, Browser, Vizor, ADMIN_API, ADMIN_KEY, METRICS_AUTH};
+use vizor::token::ConsoleKind;
 
 #[tokio::test]
 async fn every_token_issued_and_every_refused_request_is_on_record() {
@@ -206,6 +208,71 @@ async fn without_kind_a_token_is_for_the_only_console_a_domain_has() {
         answer["error"],
         "domain \"spiceonly\" has no vnc graphics (it has: spice)"
     );
+}
+
+/// A VNC server that offers security type None only, as QEMU does for a console whose
+/// password was taken away behind libvirt's back. A test double: real QEMU keeps VNC
+/// authentication on once libvirt started it so, whatever the password becomes.
+async fn vnc_server_without_auth() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 12];
+                s.write_all(b"RFB 003.008\n").await?;
+                s.read_exact(&mut buf).await?;
+                s.write_all(&[1, 1]).await?; // one security type: None
+                s.read_exact(&mut buf[..1]).await?;
+                s.write_all(&0u32.to_be_bytes()).await?; // SecurityResult: OK
+                s.read_exact(&mut buf[..1]).await?; // ClientInit
+                let mut init = vec![0, 64, 0, 48]; // 64 x 48
+                init.extend_from_slice(&[32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0]);
+                init.extend_from_slice(&4u32.to_be_bytes());
+                init.extend_from_slice(b"open");
+                s.write_all(&init).await?;
+                let mut sink = [0u8; 1024];
+                while s.read(&mut sink).await? > 0 {}
+                Ok::<_, std::io::Error>(())
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn what_qemu_checks_decides_not_what_libvirt_stores() {
+    // libvirt stores a password; the console asks for none.
+    let fake = vnc_server_without_auth().await;
+    let (_node, uri) = common::test_node(&[("stale".into(), fake.port(), "stored-pw".into())]);
+    let v = Vizor::start_uri(&uri, "", "", "", |_| {});
+    let token = v.token("stale", ConsoleKind::Vnc, 60);
+    let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    let si = rfb_handshake(&mut b).await.unwrap();
+    assert_eq!(si.name_lossy(), "open");
+    drop(b);
+    // On record as what it is: a console nobody's password protected.
+    assert_eq!(v.records("session_start", 1)[0]["vm_password"], false);
+
+    let strict = Vizor::start_libvirt(&uri, "require_password = true", "", |_| {});
+    let token = strict.token("stale", ConsoleKind::Vnc, 60);
+    let mut b = Browser::connect(strict.addr, &format!("/websockify?token={token}")).await;
+    let refused = rfb_handshake(&mut b).await.unwrap_err();
+    assert_eq!(
+        refused,
+        "server refused the connection: the VM console has no password, which vizor requires"
+    );
+    let failure = &strict.records("upstream_failure", 1)[0];
+    assert_eq!(failure["reason"], "no_password");
+    assert!(
+        failure["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("the VM console asks for no password"),
+        "{failure}"
+    );
+    assert!(strict.audit().iter().all(|r| r["event"] != "session_start"));
 }
 
 /// `/metrics`, asked from another loopback address: 127.0.0.1 is throttled by now.

@@ -78,7 +78,9 @@ fn check_passes_a_good_config_and_names_each_mistake() {
         "{said}"
     );
     assert!(!said.contains("domain \"locked\""), "{said}");
-    assert!(said.contains("is good (1 warning(s))"), "{said}");
+    // And one more as root: access is checked as the user who runs it.
+    assert!(said.contains("warn  checked as root"), "{said}");
+    assert!(said.contains("is good (2 warning(s))"), "{said}");
 
     // Each mistake: a failed check naming it, exit status 1, and nothing created.
     let good = std::fs::read_to_string(&config).unwrap();
@@ -220,9 +222,30 @@ async fn with_wait_it_serves_unready_until_libvirt_answers_and_tells_systemd() {
             .replace("[libvirt]\n", "[libvirt]\nwait = true\n"),
     )
     .unwrap();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], metrics_port).into();
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap().replace(
+            "[server]\n",
+            &format!("[server]\nmetrics_listen = \"{metrics}\"\n"),
+        ),
+    )
+    .unwrap();
     let (mut child, addr, notify) = serve_notified(&config, &dir.path().join("notify"));
-    assert_eq!(next(&notify), "STATUS=waiting for libvirt\n");
+    // Started (systemd would otherwise kill a vizor told to wait), and saying why it
+    // is not ready.
+    assert_eq!(next(&notify), "READY=1\nSTATUS=waiting for libvirt\n");
     let (status, _, body) = http_get(addr, "/readyz", &[]).await;
+    assert_eq!(status, 503, "{body}");
+    // Anyone reaching the console port learns only that; libvirt's words (its URI)
+    // are for the private metrics listener.
+    assert_eq!(body, "not ready: waiting for libvirt (see vizor's log)\n");
+    let (status, _, body) = http_get(metrics, "/readyz", &[]).await;
     assert_eq!(status, 503, "{body}");
     assert!(
         body.starts_with("not ready: libvirt at test://") && body.contains("unreachable"),
@@ -236,7 +259,7 @@ async fn with_wait_it_serves_unready_until_libvirt_answers_and_tells_systemd() {
     let written = PathBuf::from(node_uri.strip_prefix("test://").unwrap());
     std::fs::copy(written, &node).unwrap();
     let since = Instant::now();
-    assert_eq!(next(&notify), "READY=1\nSTATUS=serving\n");
+    assert_eq!(next(&notify), "STATUS=serving\n");
     assert!(since.elapsed() < Duration::from_secs(20));
     let (status, _, body) = http_get(addr, "/readyz", &[]).await;
     assert_eq!((status, body.as_str()), (200, "ready\n"));

@@ -62,8 +62,6 @@ pub struct Session {
     /// Why it ended, if it did: the main channel's reason for SPICE, else the last
     /// end record's.
     pub end: Option<String>,
-    /// Whether a SPICE main channel's end was seen.
-    main_ended: bool,
     /// SPICE channels.
     pub channels: Vec<String>,
 }
@@ -136,7 +134,6 @@ pub fn sessions(records: &[Value]) -> Vec<Session> {
                         duration_ms: None,
                         keys: 0,
                         end: None,
-                        main_ended: false,
                         channels: Vec::new(),
                     }
                 });
@@ -155,13 +152,13 @@ pub fn sessions(records: &[Value]) -> Vec<Session> {
                     e.duration_ms = e.duration_ms.max(d);
                     // A SPICE session ends with its main channel: that channel's
                     // reason is the session's, whichever channel closed last.
-                    let main = r["channel"]
-                        .as_str()
-                        .is_some_and(|c| c.starts_with("spice:main:"));
-                    if main || !e.main_ended {
-                        e.end = Some(s("reason"));
+                    // Another channel's end (a display closed, usbredir left) does
+                    // not end a live session. Records without a channel (VNC, and
+                    // SPICE logs written before channels were named) end it.
+                    match r["channel"].as_str() {
+                        Some(c) if !c.starts_with("spice:main:") => {}
+                        _ => e.end = Some(s("reason")),
                     }
-                    e.main_ended |= main;
                 }
             }
             _ => {}
@@ -403,7 +400,6 @@ mod tests {
             duration_ms: None,
             keys: 0,
             end: None,
-            main_ended: false,
             channels: Vec::new(),
         }
     }
@@ -590,5 +586,11 @@ mod tests {
         // The main channel's reason, though the display channel ended after it.
         assert_eq!(s[0].end.as_deref(), Some("browser closed the connection"));
         assert_eq!(s[1].end, None);
+        // A live session whose display channel closed has not ended.
+        let live = vec![
+            json!({"event": "session_start", "session": 6, "ts": "t0", "user": "u", "domain": "d", "kind": "spice", "client": "c", "channel": "spice:main:0"}),
+            json!({"event": "session_end", "session": 6, "duration_ms": 5, "reason": "the VM closed the console connection", "channel": "spice:display:0"}),
+        ];
+        assert_eq!(sessions(&live)[0].end, None);
     }
 }

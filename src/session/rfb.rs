@@ -69,6 +69,9 @@ pub struct Ctx {
     pub record_dir: Option<std::path::PathBuf>,
     /// The VM's keyboard as QEMU keeps it, shared with the VM's other sessions.
     pub keyboard: Arc<Mutex<VmKeyboard>>,
+    /// `[libvirt] require_password`: refuse a console QEMU opens without a password,
+    /// whatever libvirt stores.
+    pub require_password: bool,
 }
 
 /// Starts a session's recording with the ServerInit the browser received.
@@ -260,6 +263,17 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
     };
     // VNC authentication, or VeNCrypt's X.509 with it: QEMU checked a password.
     let sent_password = matches!(step, Authenticate::VncAuth(_));
+    // libvirt may store a password QEMU does not ask for (changed behind libvirt's
+    // back, or VeNCrypt X.509 without VNC authentication): what QEMU checks decides.
+    if ctx.require_password && !sent_password {
+        return Err(End::upstream(
+            format!(
+                "the VM console asks for no password (security types {}), and [libvirt] require_password is set",
+                names()
+            ),
+            "no_password",
+        ));
+    }
     let result = match step {
         Authenticate::None(r) => r,
         Authenticate::VncAuth(ch) => {
@@ -347,10 +361,10 @@ async fn handshake(
     let (mut up, mut ubuf, init) = match upstream {
         Ok(u) => u,
         Err(end) => {
-            let told = if end.label == "upstream_auth" {
-                "authentication to the VM failed"
-            } else {
-                "the VM console cannot be reached"
+            let told = match end.label {
+                "upstream_auth" => "authentication to the VM failed",
+                "no_password" => "the VM console has no password, which vizor requires",
+                _ => "the VM console cannot be reached",
             };
             offer.refuse(told, &mut out);
             btx.binary(out).await;
