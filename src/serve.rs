@@ -308,7 +308,7 @@ impl Probing {
     }
 
     /// Asks libvirt who it is (or waits on for the answer to the last ask), for at
-    /// most [`LIBVIRT_PROBE_TIMEOUT`].
+    /// most 30 s.
     pub async fn probe(&mut self) -> Result<crate::libvirt::Probe, String> {
         let uri = self.libvirt.uri().to_owned();
         let handle = self.running.get_or_insert_with(|| {
