@@ -289,14 +289,17 @@ fn raise_open_files(config: &Config) {
 /// How long vizor waits for libvirt's first answer at start.
 const LIBVIRT_PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A libvirt probe running on the blocking pool. A probe that outlives its wait is
-/// kept, not abandoned: the next wait awaits the same one, so a libvirt that never
-/// answers ties up one thread, not one per retry.
+/// A libvirt probe, on a thread of its own (named `vizor-libvirt`, apart from the
+/// blocking pool that console lookups use). A probe that outlives its wait is kept, not
+/// abandoned: the next wait awaits the same one, so a libvirt that never answers ties
+/// up one thread, not one per retry.
 pub struct Probing {
     libvirt: Arc<Libvirt>,
-    running:
-        Option<tokio::task::JoinHandle<Result<crate::libvirt::Probe, crate::libvirt::LookupError>>>,
+    running: Option<ProbeAnswer>,
 }
+
+type ProbeAnswer =
+    tokio::sync::oneshot::Receiver<Result<crate::libvirt::Probe, crate::libvirt::LookupError>>;
 
 impl Probing {
     /// For `libvirt`; nothing runs yet.
@@ -311,11 +314,21 @@ impl Probing {
     /// most 30 s.
     pub async fn probe(&mut self) -> Result<crate::libvirt::Probe, String> {
         let uri = self.libvirt.uri().to_owned();
-        let handle = self.running.get_or_insert_with(|| {
+        if self.running.is_none() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
             let l = self.libvirt.clone();
-            tokio::task::spawn_blocking(move || l.probe_blocking())
-        });
-        let answered = tokio::time::timeout(LIBVIRT_PROBE_TIMEOUT, handle).await;
+            std::thread::Builder::new()
+                .name("vizor-libvirt".into())
+                .spawn(move || {
+                    let _ = tx.send(l.probe_blocking());
+                })
+                .map_err(|e| format!("libvirt at {uri}: no thread for the probe: {e}"))?;
+            self.running = Some(rx);
+        }
+        let Some(rx) = self.running.as_mut() else {
+            return Err(format!("libvirt at {uri}: no probe"));
+        };
+        let answered = tokio::time::timeout(LIBVIRT_PROBE_TIMEOUT, rx).await;
         if answered.is_ok() {
             self.running = None;
         }
@@ -324,7 +337,9 @@ impl Probing {
                 "libvirt at {uri} did not answer within {}",
                 humantime::format_duration(LIBVIRT_PROBE_TIMEOUT)
             )),
-            Ok(Err(e)) => Err(format!("libvirt at {uri}: the probe failed: {e}")),
+            Ok(Err(_)) => Err(format!(
+                "libvirt at {uri}: the probe ended without an answer"
+            )),
             Ok(Ok(Err(e))) => Err(match crate::libvirt::access_hint(&e.to_string()) {
                 Some(hint) => format!("{e} ({hint})"),
                 None => e.to_string(),
