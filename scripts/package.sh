@@ -23,7 +23,16 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; }
     apt_install || { apt-get update >&2 && apt_install; }
 fi
-scripts/web-deps.sh >&2
+# noVNC as web/package.json pins it; one already there is kept, with whatever else
+# web/node_modules holds (the browser tests' playwright-core).
+novnc_pinned() {
+    command -v node >/dev/null || return 1
+    local pinned have
+    pinned=$(node -p 'require("./web/package.json").dependencies["@novnc/novnc"]') || return 1
+    have=$(node -p 'require("./web/node_modules/@novnc/novnc/package.json").version' 2>/dev/null) || return 1
+    [ "$have" = "$pinned" ]
+}
+novnc_pinned || scripts/web-deps.sh >&2
 
 cargo build --release --locked -p vizor -p vizor-gen >&2
 rm -rf target/vizor-gen
