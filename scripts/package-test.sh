@@ -3,7 +3,8 @@
 # verifies its systemd unit with systemd-analyze, installs it with apt into a clean
 # Debian 12 root made by debootstrap, and runs it there: vizor --version, keygen,
 # check on the shipped configuration, a serve answering /readyz, then a purge.
-# Takes 4 to 6 minutes on 2 cores with a warm cargo cache (most of it debootstrap).
+# Takes about 4 minutes on 2 cores from a clean clone (the release build), a minute
+# once built (most of it debootstrap).
 #
 #   scripts/package-test.sh                  as scripts/test.sh runs it
 #   VIZOR_PACKAGE_ROOT_CACHE=FILE.tar        reuse a debootstrap root (made if missing)
