@@ -46,7 +46,9 @@ fi
 say "systemd-analyze verify: the unit is clean"
 
 # A clean Debian 12 root.
-command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >&2
+for tool in debootstrap curl; do
+    command -v "$tool" >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$tool" >&2
+done
 cache=${VIZOR_PACKAGE_ROOT_CACHE:-}
 mkdir -p "$root"
 if [ -n "$cache" ] && [ -s "$cache" ]; then
