@@ -333,30 +333,18 @@ pub struct ConsoleConfig {
 /// Origins for a Content-Security-Policy `frame-ancestors`: scheme and host (a leading
 /// `*.` allowed), optional port, nothing that could end the directive.
 fn frame_ancestors<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    let list = Vec::<String>::deserialize(d)?;
-    list.into_iter()
-        .map(|o| {
-            let lower = o.to_ascii_lowercase();
-            let host = lower
-                .strip_prefix("https://")
-                .or_else(|| lower.strip_prefix("http://"))
-                .map(|h| h.strip_prefix("*.").unwrap_or(h));
-            match host {
-                Some(h)
-                    if !h.is_empty()
-                        && h.chars().all(|c| {
-                            c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')
-                        }) =>
-                {
-                    Ok(lower.clone())
-                }
-                _ => Err(serde::de::Error::custom(format!(
-                    "frame_ancestors: {o:?} is not an origin like \"https://app.example.com\" \
-                     (scheme and host, optional port, no path)"
-                ))),
-            }
-        })
-        .collect()
+    origin_list(
+        Vec::deserialize(d)?,
+        "frame_ancestors",
+        "https://app.example.com",
+        |h| {
+            let h = h.strip_prefix("*.").unwrap_or(h);
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+        },
+    )
+    .map_err(serde::de::Error::custom)
 }
 
 /// `[api]`: the management API.
@@ -481,21 +469,35 @@ fn cidrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D:
 }
 
 fn origins<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    let list = Vec::<String>::deserialize(d)?;
+    origin_list(
+        Vec::deserialize(d)?,
+        "allowed_origins",
+        "https://console.example.com",
+        |host| !host.contains(['/', '?', '#', '@', ' ']),
+    )
+    .map_err(serde::de::Error::custom)
+}
+
+/// Origins (`scheme://host[:port]`, lowercased) from `list`, each host part checked by
+/// `host_ok`; an error names `key` and shows `example`.
+fn origin_list(
+    list: Vec<String>,
+    key: &str,
+    example: &str,
+    host_ok: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, String> {
     list.into_iter()
         .map(|o| {
             let lower = o.to_ascii_lowercase();
-            let rest = lower
+            let host = lower
                 .strip_prefix("https://")
                 .or_else(|| lower.strip_prefix("http://"));
-            match rest {
-                Some(host) if !host.is_empty() && !host.contains(['/', '?', '#', '@', ' ']) => {
-                    Ok(lower.clone())
-                }
-                _ => Err(serde::de::Error::custom(format!(
-                    "allowed_origins: {o:?} is not an origin like \"https://console.example.com\" \
+            match host {
+                Some(h) if !h.is_empty() && host_ok(h) => Ok(lower.clone()),
+                _ => Err(format!(
+                    "{key}: {o:?} is not an origin like \"{example}\" \
                      (scheme and host, optional port, no path)"
-                ))),
+                )),
             }
         })
         .collect()

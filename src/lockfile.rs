@@ -79,27 +79,25 @@ impl Lock {
         // `vizor check` probes the lock for an instant (Lock::holder): a few tries
         // tell that from a process that holds it.
         let mut file = file;
-        for _ in 0..5 {
+        let mut attempt = 1;
+        loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(f) => return Self::owned(f, path),
-                Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) if attempt < 6 => {
+                    attempt += 1;
                     file = f;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let mut text = String::new();
+                    let _ = f.take(32).read_to_string(&mut text);
+                    return Err(LockError::Held {
+                        path: path.to_owned(),
+                        pid: text.trim().parse().ok(),
+                    });
+                }
                 Err((_, e)) => return Err(io(e.into())),
             }
-        }
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(f) => Self::owned(f, path),
-            Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
-                let mut text = String::new();
-                let _ = file.take(32).read_to_string(&mut text);
-                Err(LockError::Held {
-                    path: path.to_owned(),
-                    pid: text.trim().parse().ok(),
-                })
-            }
-            Err((_, e)) => Err(io(e.into())),
         }
     }
 

@@ -122,11 +122,7 @@ async fn no_dotfile_is_served_and_every_response_is_secured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_listener_is_secured_too() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let v = Vizor::start_uri(
         "test:///default",
         &format!("metrics_listen = \"127.0.0.1:{port}\""),

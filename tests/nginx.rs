@@ -26,15 +26,6 @@ impl Drop for Nginx {
     }
 }
 
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// nginx in `dir` on the example configuration, listening on 127.0.0.1:`port` with
 /// `cert`/`key`, in front of vizor at `upstream`.
 fn start_nginx(
@@ -127,7 +118,7 @@ async fn consoles_work_through_nginx_and_the_audit_names_the_real_client() {
     );
     let (cert, key, der) = tls::certificate();
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let _nginx = start_nginx(dir.path(), port, v.addr, &cert, &key);
     let public: SocketAddr = ([127, 0, 0, 1], port).into();
     let page_origin = format!("https://{public}");

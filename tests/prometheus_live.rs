@@ -17,14 +17,6 @@ use vizor_rfb::client::ClientMessage;
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A Prometheus server of its own, scraping one vizor every second.
 struct Prometheus {
     child: Child,
@@ -63,7 +55,9 @@ impl Prometheus {
             ),
         )
         .unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .unwrap();
         let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
         let child = Command::new(PROMETHEUS)
             .arg(format!("--config.file={}", config.display()))
@@ -170,7 +164,9 @@ async fn metrics_and_every_dashboard_query_work_in_a_real_prometheus() {
         "{PROMETHEUS} is missing: scripts/test.sh installs Debian's prometheus"
     );
     let spice_domain = domain("vizor-test-prom");
-    let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics_addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
     let v = Vizor::start_with(
         &format!("metrics_listen = \"{metrics_addr}\"\nping_interval = \"200ms\""),
         "[metrics]\nper_session = true",

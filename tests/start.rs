@@ -222,12 +222,7 @@ async fn with_wait_it_serves_unready_until_libvirt_answers_and_tells_systemd() {
             .replace("[libvirt]\n", "[libvirt]\nwait = true\n"),
     )
     .unwrap();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], metrics_port).into();
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], common::free_port()).into();
     std::fs::write(
         &config,
         std::fs::read_to_string(&config).unwrap().replace(

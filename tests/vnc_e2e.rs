@@ -534,11 +534,7 @@ async fn metrics_count_sessions_bytes_latency_and_refusals() {
 #[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn metrics_move_to_metrics_listen_when_set() {
     let _live = common::live_domain();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let v = Vizor::start(&format!("metrics_listen = \"127.0.0.1:{port}\""));
     // The main listener asks for the key; metrics_listen, a private address, does not.
     assert_eq!(common::http_get(v.addr, "/metrics", &[]).await.0, 401);

@@ -988,6 +988,15 @@ pub fn test_node(domains: &[(String, u16, String)]) -> (tempfile::TempDir, Strin
     (dir, uri)
 }
 
+/// A loopback port nothing listens on now (for a server a test starts itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Whether `haystack` holds `needle` anywhere.
 pub fn holds(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
