@@ -505,44 +505,51 @@ fn unprotected(app: &App, console: Console) -> Result<Console, LookupError> {
 /// Logs how a session ended: at warn, with what to do, when QEMU refused the password
 /// libvirt stores (the one line that says so).
 fn log_end(end: &End) {
-    if end.label == "upstream_auth" {
-        warn!(reason = %end.reason, label = end.label,
+    if end.upstream_failure() == Some(session::VmFailure::Auth) {
+        warn!(reason = %end, label = end.label(),
             "session ended: QEMU refused vizor's authentication. If the console's password was changed outside libvirt (QEMU's monitor: set_password, change vnc password), libvirt still holds the old one: set it through libvirt (virsh update-device) or restart the domain");
     } else {
-        info!(reason = %end.reason, label = end.label, "session ended");
+        info!(reason = %end, label = end.label(), ended_by = end.side().as_str(), "session ended");
     }
 }
 
 /// Counts how a session (a SPICE channel) ended, and audits a protocol error or a
 /// failure toward the VM.
 fn record_end(app: &App, kind: ConsoleKind, session: u64, domain: &str, end: &End) {
-    if let Some((direction, reason)) = end.protocol {
+    if let Some((direction, reason)) = end.protocol() {
         app.audit.record_nowait(&Event::ProtocolError {
             session,
-            direction,
+            direction: direction.as_str(),
             reason,
-            detail: &end.reason,
+            detail: &end.reason(),
         });
-    } else if end.code == 1011 && end.label != "audit_error" {
+    } else if let Some(failure) = end.upstream_failure() {
         app.audit.record_nowait(&Event::UpstreamFailure {
             session,
             domain,
-            reason: end.label,
-            detail: &end.reason,
+            reason: failure.label(),
+            detail: &end.reason(),
+        });
+    } else if matches!(end, End::Internal(_)) {
+        app.audit.record_nowait(&Event::UpstreamFailure {
+            session,
+            domain,
+            reason: end.label(),
+            detail: &end.reason(),
         });
     }
     let m = &app.metrics;
     m.sessions_total
-        .with_label_values(&[kind.as_str(), end.label])
+        .with_label_values(&[kind.as_str(), end.label()])
         .inc();
-    if let Some((direction, cause)) = end.protocol {
+    if let Some((direction, cause)) = end.protocol() {
         m.protocol_errors_total
-            .with_label_values(&[kind.as_str(), direction, cause])
+            .with_label_values(&[kind.as_str(), direction.as_str(), cause])
             .inc();
     }
-    if end.label == "upstream_auth" {
+    if end.upstream_failure() == Some(session::VmFailure::Auth) {
         m.auth_refusals_total
-            .with_label_values(&["upstream", end.label])
+            .with_label_values(&["upstream", end.label()])
             .inc();
     }
 }
@@ -838,7 +845,7 @@ fn session_refused(
         token_id: &claims.token_id(),
         reason: full.label(),
     });
-    End::refused(full.message(), full.label())
+    End::limit(full)
 }
 
 /// A `429 Too Many Requests` for a client that failed too many tokens lately; its
@@ -976,15 +983,15 @@ async fn console_session(
         // Spent: on record before anything of the session goes on.
         if let Err(e) = app.audit.token_used(&claims, peer).await {
             let end = session::audit_failed(e);
-            btx.close(end.code, &end.reason).await;
+            btx.close(end.close_code(), &end.told()).await;
             return end;
         }
         let console = match lookup(&app, DomainRef::Uuid(claims.uuid), claims.kind).await {
             Ok(c) => c,
             Err(e) => {
                 warn!(reason = e.reason(), error = %e, "console lookup failed");
-                let end = End::upstream(e.to_string(), e.reason());
-                btx.close(1011, e.told()).await;
+                let end = End::lookup(&e);
+                btx.close(end.close_code(), &end.told()).await;
                 return end;
             }
         };
@@ -992,7 +999,7 @@ async fn console_session(
             Ok(slot) => slot,
             Err(full) => {
                 let end = session_refused(&app, id, peer, &claims, &console.domain, full);
-                btx.close(end.code, &end.reason).await;
+                btx.close(end.close_code(), &end.told()).await;
                 return end;
             }
         };
@@ -1060,7 +1067,10 @@ async fn spice_console(
                 "SPICE main channel",
                 &e.to_string(),
             );
-            return Err(End::refused(token_message(&e), "replayed"));
+            return Err(End::refused(
+                session::Refusal::TokenSpent,
+                token_message(&e),
+            ));
         }
         admit_app
             .slots
@@ -1100,8 +1110,8 @@ async fn spice_console(
             Ok(c) => Some(c),
             Err(e) => {
                 warn!(client = %peer, reason = e.reason(), error = %e, "console lookup failed");
-                btx.close(1011, e.told()).await;
-                let end = End::upstream(e.to_string(), e.reason());
+                let end = End::lookup(&e);
+                btx.close(end.close_code(), &end.told()).await;
                 record_end(&app, ConsoleKind::Spice, id, &ctx.claims.domain, &end);
                 return guard;
             }

@@ -128,7 +128,7 @@ fn upgrade(
         let (brx, btx) = browser::split(ws, 1 << 20, REPLAY_SEND_TIMEOUT);
         match play(&replay, brx, &btx).await {
             Ok(()) => info!(client = %peer, "replay ended"),
-            Err(end) => warn!(client = %peer, reason = %end.reason, "replay stopped"),
+            Err(end) => warn!(client = %peer, reason = %end, "replay stopped"),
         }
         btx.close(1000, "replay ended").await;
     });
@@ -141,18 +141,27 @@ async fn play(replay: &Replay, mut brx: BrowserRx, btx: &BrowserTx) -> Result<()
     let mut buf = Vec::new();
     let hs = server::start(Version::V3_8, limits, &mut out);
     btx.binary(std::mem::take(&mut out)).await;
-    let (offer, _) = drive(&mut brx, &mut buf, hs, "browser", |s, b| s.receive(b)).await?;
+    let (offer, _) = drive(&mut brx, &mut buf, hs, End::from_browser, |s, b| {
+        s.receive(b)
+    })
+    .await?;
     let choice = offer
         .offer(&[SecurityType::NONE], &mut out)
-        .map_err(|e| End::protocol("browser", &e))?;
+        .map_err(|e| End::from_browser(&e))?;
     btx.binary(std::mem::take(&mut out)).await;
-    let (chosen, _) = drive(&mut brx, &mut buf, choice, "browser", |s, b| s.receive(b)).await?;
+    let (chosen, _) = drive(&mut brx, &mut buf, choice, End::from_browser, |s, b| {
+        s.receive(b)
+    })
+    .await?;
     let SecurityChosen::None(result) = chosen else {
-        return Err(End::refused("security type not offered", "protocol_error"));
+        return Err(End::browser_violation(
+            "a security type vizor did not offer",
+            "security_type_not_offered",
+        ));
     };
     let expect_ci = result.accept(&mut out);
     btx.binary(std::mem::take(&mut out)).await;
-    drive(&mut brx, &mut buf, expect_ci, "browser", |s, b| {
+    drive(&mut brx, &mut buf, expect_ci, End::from_browser, |s, b| {
         s.receive(b)
     })
     .await?;

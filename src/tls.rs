@@ -12,7 +12,7 @@
 
 use crate::config::UpstreamTlsConfig;
 use crate::libvirt::Target;
-use crate::session::{End, Stream};
+use crate::session::{End, Stream, VmFailure};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::{Path, PathBuf};
@@ -171,23 +171,23 @@ impl UpstreamTls {
         let name = match (&self.server_name, target) {
             (Some(n), _) => n.clone(),
             (None, Target::Tcp { host, .. }) => ServerName::try_from(host.clone()).map_err(|e| {
-                End::upstream(
+                End::vm(
+                    VmFailure::Tls,
                     format!("TLS to the VM console: {host:?} is no name to verify ({e}); set [upstream_tls] server_name"),
-                    "upstream_tls",
                 )
             })?,
             (None, Target::Unix(_)) => {
-                return Err(End::upstream(
+                return Err(End::vm(
+                    VmFailure::Tls,
                     "TLS to a VM console on a UNIX socket needs [upstream_tls] server_name",
-                    "upstream_tls",
                 ))
             }
         };
         match self.connector.connect(name, stream).await {
             Ok(s) => Ok(Box::new(s)),
-            Err(e) => Err(End::upstream(
+            Err(e) => Err(End::vm(
+                VmFailure::Tls,
                 format!("TLS to the VM console at {target} failed: {e}"),
-                "upstream_tls",
             )),
         }
     }

@@ -151,8 +151,12 @@ pub enum Event<'a> {
         bytes_browser_to_vm: u64,
         /// Bytes from the VM to the browser.
         bytes_vm_to_browser: u64,
-        /// Why it ended.
-        reason: &'a str,
+        /// Why it ended, in words.
+        reason: std::borrow::Cow<'a, str>,
+        /// Why it ended, as a stable label (`browser_closed`, `upstream_auth`, ...).
+        cause: &'static str,
+        /// Who ended it: browser, vm, vizor or administrator.
+        ended_by: &'static str,
         /// Median server-ping to client-pong round trip (SPICE main channel).
         #[serde(skip_serializing_if = "Option::is_none")]
         round_trip_ms: Option<f64>,

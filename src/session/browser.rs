@@ -5,7 +5,7 @@
 //! into the browser's (`BrowserTx::splice`).
 
 use super::splice::{self, Pipe, SpliceError};
-use super::End;
+use super::{End, Refusal};
 use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket, WebSocketRead};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -191,13 +191,13 @@ impl BrowserTx {
         // Room in the queue is the common case: no clock read, no timer.
         let out = match self.tx.try_send(out) {
             Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::browser_closed()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::BrowserClosed),
             Err(mpsc::error::TrySendError::Full(out)) => out,
         };
         match tokio::time::timeout(self.send_timeout, self.tx.send(out)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::browser_closed()),
-            Err(_) => Err(End::browser_stalled(self.send_timeout)),
+            Ok(Err(_)) => Err(End::BrowserClosed),
+            Err(_) => Err(End::BrowserStalled(self.send_timeout)),
         }
     }
 
@@ -217,20 +217,20 @@ impl BrowserTx {
     ) -> Result<(OwnedReadHalf, bool), End> {
         let (done, outcome) = oneshot::channel();
         self.send(Out::Splice(Splice { from, len, done })).await?;
-        let (from, outcome) = outcome.await.map_err(|_| End::browser_closed())?;
+        let (from, outcome) = outcome.await.map_err(|_| End::BrowserClosed)?;
         match outcome {
             Ok(()) => Ok((from, true)),
             Err(SpliceError::NoPipe(e)) => {
                 tracing::debug!(error = %e, "no pipe to splice through");
                 Ok((from, false))
             }
-            Err(SpliceError::Vm(None)) => Err(End::vm_closed()),
+            Err(SpliceError::Vm(None)) => Err(End::VmClosed),
             Err(SpliceError::Vm(Some(e))) => Err(super::read_failed(e, "")),
             Err(SpliceError::Browser(e)) => {
                 tracing::debug!(error = %e, "writing a spliced frame to the browser failed");
-                Err(End::browser_closed())
+                Err(End::BrowserClosed)
             }
-            Err(SpliceError::BrowserStalled) => Err(End::browser_stalled(self.send_timeout)),
+            Err(SpliceError::BrowserStalled) => Err(End::BrowserStalled(self.send_timeout)),
         }
     }
 
@@ -273,7 +273,7 @@ pub struct BrowserRx {
 
 /// A WebSocket protocol violation by the browser.
 fn ws_error(what: impl std::fmt::Display) -> End {
-    End::refused(format!("WebSocket error: {what}"), "websocket_error")
+    End::refused(Refusal::WebsocketError, format!("WebSocket error: {what}"))
 }
 
 /// Whether a frame came masked, as RFC 6455 (5.1) demands of every client frame (the
@@ -403,7 +403,7 @@ impl BrowserRx {
                     | fastwebsockets::WebSocketError::UnexpectedEOF
                     | fastwebsockets::WebSocketError::IoError(_) => {
                         self.peer_done = true;
-                        End::browser_closed()
+                        End::BrowserClosed
                     }
                     other => ws_error(other),
                 })?;
@@ -414,7 +414,7 @@ impl BrowserRx {
                 OpCode::Close => {
                     // Its close frame was answered by the reader's obligated send.
                     self.peer_done = true;
-                    return Err(End::browser_closed());
+                    return Err(End::BrowserClosed);
                 }
                 OpCode::Pong => self.pings.pong(&frame.payload),
                 // Pings are answered by the reader's obligated sends.
@@ -424,8 +424,8 @@ impl BrowserRx {
                 }
                 OpCode::Text => {
                     return Err(End::refused(
+                        Refusal::WebsocketText,
                         "text WebSocket messages are not RFB; use binary",
-                        "websocket_text",
                     ))
                 }
                 OpCode::Binary if !frame.fin => self.fragments = Some(frame.payload.to_vec()),

@@ -5,162 +5,22 @@
 //! same for each SPICE channel.
 
 pub mod browser;
+mod end;
 pub mod keyboards;
 pub mod rfb;
 pub mod spice;
 mod splice;
 pub mod transfers;
 
+pub use end::{End, Refusal, Side, VmFailure};
+
 use crate::libvirt::Target;
 use crate::live::{Direction, Live};
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// How a session ended: the reason in the audit record and the close frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct End {
-    /// WebSocket close code sent to the browser.
-    pub code: u16,
-    /// What happened, for the browser, the log and the audit record.
-    pub reason: String,
-    /// A stable label for metrics.
-    pub label: &'static str,
-    /// For protocol errors: the direction that broke it and a stable cause.
-    pub protocol: Option<(&'static str, &'static str)>,
-}
-
-impl End {
-    /// The browser closed the session.
-    pub fn browser_closed() -> End {
-        End {
-            code: 1000,
-            reason: "browser closed the connection".into(),
-            label: "browser_closed",
-            protocol: None,
-        }
-    }
-
-    /// The VM's console closed the session.
-    pub fn vm_closed() -> End {
-        End {
-            code: 1000,
-            reason: "the VM closed the console connection".into(),
-            label: "vm_closed",
-            protocol: None,
-        }
-    }
-
-    /// Whether the VM's side ended it: its console closed, failed or stopped reading.
-    pub fn vm_gone(&self) -> bool {
-        matches!(self.label, "vm_closed" | "upstream_io" | "upstream_stalled")
-    }
-
-    /// vizor is shutting down.
-    pub fn shutdown() -> End {
-        End {
-            code: 1001,
-            reason: "vizor is shutting down".into(),
-            label: "shutdown",
-            protocol: None,
-        }
-    }
-
-    /// The peer broke the protocol (from an RFB codec error); `leg` is "browser" or
-    /// "VM".
-    pub fn protocol(leg: &str, e: &vizor_rfb::Error) -> End {
-        End {
-            code: 1008,
-            reason: format!("{leg} protocol error: {e}"),
-            label: "protocol_error",
-            protocol: Some((direction_of(leg), e.label())),
-        }
-    }
-
-    /// The browser broke the protocol in a way its codec does not see (a step of the
-    /// proxy's own): audited as a protocol error with `cause`, as codec errors are.
-    pub fn browser_violation(what: &str, cause: &'static str) -> End {
-        End {
-            code: 1008,
-            reason: format!("browser protocol error: {what}"),
-            label: "protocol_error",
-            protocol: Some(("browser_to_vm", cause)),
-        }
-    }
-
-    /// The peer broke the SPICE protocol.
-    pub fn spice_protocol(leg: &str, e: &vizor_spice::Error) -> End {
-        End {
-            code: 1008,
-            reason: format!("{leg} SPICE protocol error: {e}"),
-            label: "protocol_error",
-            protocol: Some((direction_of(leg), "spice")),
-        }
-    }
-
-    /// The session had no input for `idle` (`[limits] idle_timeout`).
-    pub fn idle(idle: Duration) -> End {
-        End {
-            code: 1000,
-            reason: format!(
-                "closed after {} without input",
-                humantime::format_duration(Duration::from_secs(idle.as_secs()))
-            ),
-            label: "idle_timeout",
-            protocol: None,
-        }
-    }
-
-    /// The browser took no data for `timeout` (`[limits] send_timeout`).
-    pub fn browser_stalled(timeout: Duration) -> End {
-        End {
-            code: 1008,
-            reason: format!(
-                "the browser took no data for {}",
-                humantime::format_duration(timeout)
-            ),
-            label: "browser_stalled",
-            protocol: None,
-        }
-    }
-
-    /// A policy refusal.
-    pub fn refused(reason: impl Into<String>, label: &'static str) -> End {
-        End {
-            code: 1008,
-            reason: reason.into(),
-            label,
-            protocol: None,
-        }
-    }
-
-    /// Something failed toward the VM.
-    pub fn upstream(reason: impl Into<String>, label: &'static str) -> End {
-        End {
-            code: 1011,
-            reason: reason.into(),
-            label,
-            protocol: None,
-        }
-    }
-}
-
-fn direction_of(leg: &str) -> &'static str {
-    if leg == "browser" {
-        "browser_to_vm"
-    } else {
-        "vm_to_browser"
-    }
-}
-
-impl fmt::Display for End {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.reason)
-    }
-}
 
 /// An upstream connection: TCP or UNIX socket.
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -237,16 +97,16 @@ fn stalled(e: &std::io::Error) -> bool {
 
 /// The end of a session whose network to the VM stopped carrying its data.
 fn stall_end() -> End {
-    End::upstream("the network to the VM console stalled", "upstream_stalled")
+    End::vm_stalled()
 }
 
 /// Connects to a console, within `dial.timeout`.
 pub(crate) async fn connect(target: &Target, dial: Dial) -> Result<Conn, End> {
     let timeout = dial.timeout;
     let fail = |e: String| {
-        End::upstream(
+        End::vm(
+            VmFailure::Connect,
             format!("cannot connect to the VM console at {target}: {e}"),
-            "upstream_connect",
         )
     };
     let connecting = async {
@@ -336,7 +196,9 @@ impl Meter {
             duration_ms: started.elapsed().as_millis() as u64,
             bytes_browser_to_vm: self.relayed(Direction::BrowserToVm),
             bytes_vm_to_browser: self.relayed(Direction::VmToBrowser),
-            reason: &end.reason,
+            reason: end.reason(),
+            cause: end.label(),
+            ended_by: end.side().as_str(),
             round_trip_ms,
             recording,
             channel,
@@ -346,7 +208,7 @@ impl Meter {
 
 /// A session cannot go on without its audit records.
 pub(crate) fn audit_failed(e: std::io::Error) -> End {
-    End::upstream(format!("audit log cannot be written: {e}"), "audit_error")
+    End::Audit(e.to_string())
 }
 
 /// Writes `bytes` to the VM's console.
@@ -358,7 +220,7 @@ pub(crate) async fn write_upstream(
         if stalled(&e) {
             stall_end()
         } else {
-            End::upstream(format!("writing to the VM console: {e}"), "upstream_io")
+            End::vm(VmFailure::Io, format!("writing to the VM console: {e}"))
         }
     })
 }
@@ -400,9 +262,9 @@ pub(crate) async fn read_handshake(
 ) -> Result<(), End> {
     let mut tmp = [0u8; 4096];
     match rd.read(&mut tmp).await {
-        Ok(0) => Err(End::upstream(
+        Ok(0) => Err(End::vm(
+            VmFailure::Closed,
             format!("the VM console closed the connection during the {what}"),
-            "upstream_closed",
         )),
         Ok(n) => {
             buf.extend_from_slice(&tmp[..n]);
@@ -416,14 +278,14 @@ pub(crate) async fn read_handshake(
 /// refusing vizor's certificate shows as an alert on the first read).
 fn read_failed(e: std::io::Error, during: &str) -> End {
     match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        Some(tls) => End::upstream(
+        Some(tls) => End::vm(
+            VmFailure::Tls,
             format!("TLS to the VM console failed{during}: {tls}"),
-            "upstream_tls",
         ),
         None if stalled(&e) => stall_end(),
-        None => End::upstream(
+        None => End::vm(
+            VmFailure::Io,
             format!("reading from the VM console{during}: {e}"),
-            "upstream_io",
         ),
     }
 }
@@ -435,7 +297,7 @@ pub(crate) async fn read_upstream(
 ) -> Result<(), End> {
     buf.reserve(64 * 1024);
     match rd.read_buf(buf).await {
-        Ok(0) => Err(End::vm_closed()),
+        Ok(0) => Err(End::VmClosed),
         Ok(_) => Ok(()),
         Err(e) => Err(read_failed(e, "")),
     }

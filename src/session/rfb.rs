@@ -10,7 +10,7 @@ use super::browser::{BrowserRx, BrowserTx};
 use super::keyboards::VmKeyboard;
 use super::{
     audit_failed, close_upstream, connect, read_handshake, read_upstream, write_upstream, Conn,
-    End, Meter, VmLink,
+    End, Meter, Refusal, VmFailure, VmLink,
 };
 use crate::audit::{Audit, Clipboard, Event, KeyEvent};
 use crate::libvirt::Console;
@@ -113,7 +113,7 @@ pub(crate) async fn drive<S, N>(
     src: &mut impl Source,
     buf: &mut Vec<u8>,
     mut state: S,
-    leg: &str,
+    fail: fn(&vizor_rfb::Error) -> End,
     mut step: impl FnMut(S, &[u8]) -> Result<Progress<S, N>, vizor_rfb::Error>,
 ) -> Result<(N, Vec<u8>), End> {
     loop {
@@ -122,7 +122,7 @@ pub(crate) async fn drive<S, N>(
                 return Ok((next, buf.drain(..consumed).collect()))
             }
             Ok(Progress::NeedMore(s)) => state = s,
-            Err(e) => return Err(End::protocol(leg, &e)),
+            Err(e) => return Err(fail(&e)),
         }
         src.fill(buf).await?;
     }
@@ -148,12 +148,12 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
         &mut src,
         &mut buf,
         client::ExpectServerVersion::new(ctx.vm_limits),
-        "VM",
+        End::from_vm,
         |s, b| s.receive(b, &mut out),
     )
     .await?;
     write_up(&mut wr, &mut out).await?;
-    let (choose, _) = drive(&mut src, &mut buf, sec, "VM", |s, b| s.receive(b)).await?;
+    let (choose, _) = drive(&mut src, &mut buf, sec, End::from_vm, |s, b| s.receive(b)).await?;
     let offered = choose.offered().to_vec();
     let names = || {
         let names: Vec<String> = offered.iter().map(|t| t.0.to_string()).collect();
@@ -164,29 +164,31 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
         Some(tls) if vencrypt => {
             let v = choose
                 .choose_vencrypt(&mut out)
-                .map_err(|e| End::protocol("VM", &e))?;
+                .map_err(|e| End::from_vm(&e))?;
             write_up(&mut wr, &mut out).await?;
-            let (ack, _) =
-                drive(&mut src, &mut buf, v, "VM", |s, b| s.receive(b, &mut out)).await?;
+            let (ack, _) = drive(&mut src, &mut buf, v, End::from_vm, |s, b| {
+                s.receive(b, &mut out)
+            })
+            .await?;
             write_up(&mut wr, &mut out).await?;
-            let (subtypes, _) = drive(&mut src, &mut buf, ack, "VM", |s, b| s.receive(b)).await?;
-            let (list, _) = drive(&mut src, &mut buf, subtypes, "VM", |s, b| s.receive(b)).await?;
+            let (subtypes, _) =
+                drive(&mut src, &mut buf, ack, End::from_vm, |s, b| s.receive(b)).await?;
+            let (list, _) = drive(&mut src, &mut buf, subtypes, End::from_vm, |s, b| {
+                s.receive(b)
+            })
+            .await?;
             let sub = x509_subtype(list.offered(), password.is_some())?;
-            let chosen = list
-                .choose(sub, &mut out)
-                .map_err(|e| End::protocol("VM", &e))?;
+            let chosen = list.choose(sub, &mut out).map_err(|e| End::from_vm(&e))?;
             let VencryptChosen::Tls(ack) = chosen else {
-                return Err(End::upstream(
-                    "VeNCrypt sub-type without TLS",
-                    "upstream_tls",
-                ));
+                return Err(End::vm(VmFailure::Tls, "VeNCrypt sub-type without TLS"));
             };
             write_up(&mut wr, &mut out).await?;
-            let (start, _) = drive(&mut src, &mut buf, ack, "VM", |s, b| s.receive(b)).await?;
+            let (start, _) =
+                drive(&mut src, &mut buf, ack, End::from_vm, |s, b| s.receive(b)).await?;
             if !buf.is_empty() {
-                return Err(End::upstream(
+                return Err(End::vm(
+                    VmFailure::Tls,
                     "the VM console sent data before the TLS handshake",
-                    "upstream_tls",
                 ));
             }
             drop(src);
@@ -199,47 +201,45 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
             start.tls_established()
         }
         Some(tls) if tls.require => {
-            return Err(End::upstream(
+            return Err(End::vm(
+                VmFailure::Tls,
                 format!(
                 "the VM console offers no TLS (security types {}), and [upstream_tls] requires it",
                 names()
             ),
-                "upstream_tls",
             ))
         }
         _ if offered.contains(&SecurityType::VNC_AUTH) && password.is_some() => {
             let ch = choose
                 .choose_vnc_auth(&mut out)
-                .map_err(|e| End::protocol("VM", &e))?;
+                .map_err(|e| End::from_vm(&e))?;
             write_up(&mut wr, &mut out).await?;
             Authenticate::VncAuth(ch)
         }
         _ if offered.contains(&SecurityType::NONE) => {
-            let r = choose
-                .choose_none(&mut out)
-                .map_err(|e| End::protocol("VM", &e))?;
+            let r = choose.choose_none(&mut out).map_err(|e| End::from_vm(&e))?;
             write_up(&mut wr, &mut out).await?;
             Authenticate::None(r)
         }
         _ if offered.contains(&SecurityType::VNC_AUTH) => {
-            return Err(End::upstream(
+            return Err(End::vm(
+                VmFailure::Auth,
                 "the VM console asks for a password, but libvirt stores none for it",
-                "upstream_auth",
             ));
         }
         None if vencrypt => {
-            return Err(End::upstream(
+            return Err(End::vm(
+                VmFailure::Tls,
                 "the VM console requires TLS (VeNCrypt); configure [upstream_tls] with the CA of its certificate",
-                "upstream_tls",
             ));
         }
         _ => {
-            return Err(End::upstream(
+            return Err(End::vm(
+                VmFailure::Auth,
                 format!(
                     "the VM console offers only security types vizor does not support: {}",
                     names()
                 ),
-                "upstream_auth",
             ));
         }
     };
@@ -250,15 +250,17 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
     // QEMU refusing vizor's certificate (or its lack of one) shows after the handshake,
     // as a closed connection on the first read.
     let in_tls = |e: End| {
-        match e.label {
-        "upstream_io" | "upstream_closed" if step_tls => End::upstream(
+        match e {
+        End::Vm {
+            why: VmFailure::Io | VmFailure::Closed,
+            detail,
+        } if step_tls => End::vm(
+            VmFailure::Tls,
             format!(
-                "{} (after the TLS handshake: does QEMU demand a client certificate vizor did not give? see [upstream_tls] client_cert)",
-                e.reason
+                "{detail} (after the TLS handshake: does QEMU demand a client certificate vizor did not give? see [upstream_tls] client_cert)"
             ),
-            "upstream_tls",
         ),
-        _ => e,
+        e => e,
     }
     };
     // VNC authentication, or VeNCrypt's X.509 with it: QEMU checked a password.
@@ -266,18 +268,18 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
     // libvirt may store a password QEMU does not ask for (changed behind libvirt's
     // back, or VeNCrypt X.509 without VNC authentication): what QEMU checks decides.
     if ctx.require_password && !sent_password {
-        return Err(End::upstream(
+        return Err(End::vm(
+            VmFailure::NoPassword,
             format!(
                 "the VM console asks for no password (security types {}), and [libvirt] require_password is set",
                 names()
             ),
-            "no_password",
         ));
     }
     let result = match step {
         Authenticate::None(r) => r,
         Authenticate::VncAuth(ch) => {
-            let (respond, _) = drive(&mut src, &mut buf, ch, "VM", |s, b| s.receive(b))
+            let (respond, _) = drive(&mut src, &mut buf, ch, End::from_vm, |s, b| s.receive(b))
                 .await
                 .map_err(in_tls)?;
             let pw = password.map(|p| p.as_bytes()).unwrap_or_default();
@@ -286,27 +288,29 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
             r
         }
     };
-    let (init, _) = drive(&mut src, &mut buf, result, "VM", |s, b| s.receive(b))
-        .await
-        .map_err(in_tls)
-        .map_err(|e| match e.label {
-            "protocol_error" if e.reason.contains("authentication failed") => End::upstream(
-                {
-                    // QEMU's own words, without the codec's prefixes.
-                    let said = e.reason.trim_start_matches("VM protocol error: ");
-                    let said = said.trim_start_matches("authentication failed: ");
-                    format!("authentication to the VM failed (QEMU said: {said})")
-                },
-                "upstream_auth",
-            ),
-            _ => e,
-        })?;
+    let (init, _) = drive(&mut src, &mut buf, result, auth_refused, |s, b| {
+        s.receive(b)
+    })
+    .await
+    .map_err(in_tls)?;
     let link = VmLink {
         stream: up,
         tls: step_tls,
         password: sent_password,
     };
     Ok((link, buf, init))
+}
+
+/// The end of a session whose VM refused vizor's authentication, in QEMU's own words;
+/// any other error in the SecurityResult is the VM's protocol error.
+fn auth_refused(e: &vizor_rfb::Error) -> End {
+    match e {
+        vizor_rfb::Error::AuthenticationFailed { reason } => End::vm(
+            VmFailure::Auth,
+            format!("authentication to the VM failed (QEMU said: {reason})"),
+        ),
+        e => End::from_vm(e),
+    }
 }
 
 /// The VeNCrypt sub-type to use: X.509 with VNC authentication when there is a password
@@ -325,12 +329,12 @@ fn x509_subtype(offered: &[VencryptSubtype], has_password: bool) -> Result<Vencr
         } else {
             "offers no X.509 sub-type (anonymous TLS verifies nobody)"
         };
-        End::upstream(
+        End::vm(
+            VmFailure::Tls,
             format!(
                 "the VM console {why}: VeNCrypt sub-types {}",
                 names.join(", ")
             ),
-            "upstream_tls",
         )
     })
 }
@@ -352,18 +356,23 @@ async fn handshake(
     let mut out = Vec::new();
     let browser_hs = server::start(Version::V3_8, ctx.browser_limits, &mut out);
     if !btx.binary(std::mem::take(&mut out)).await {
-        return Err(End::browser_closed());
+        return Err(End::BrowserClosed);
     }
     // QEMU first: its outcome decides what the browser is offered.
     let upstream = authenticate_upstream(ctx).await;
     let mut bbuf = Vec::new();
-    let (offer, _) = drive(brx, &mut bbuf, browser_hs, "browser", |s, b| s.receive(b)).await?;
+    let (offer, _) = drive(brx, &mut bbuf, browser_hs, End::from_browser, |s, b| {
+        s.receive(b)
+    })
+    .await?;
     let (mut up, mut ubuf, init) = match upstream {
         Ok(u) => u,
         Err(end) => {
-            let told = match end.label {
-                "upstream_auth" => "authentication to the VM failed",
-                "no_password" => "the VM console has no password, which vizor requires",
+            let told = match end.upstream_failure() {
+                Some(VmFailure::Auth) => "authentication to the VM failed",
+                Some(VmFailure::NoPassword) => {
+                    "the VM console has no password, which vizor requires"
+                }
                 _ => "the VM console cannot be reached",
             };
             offer.refuse(told, &mut out);
@@ -373,9 +382,12 @@ async fn handshake(
     };
     let choice = offer
         .offer(&[SecurityType::NONE], &mut out)
-        .map_err(|e| End::protocol("browser", &e))?;
+        .map_err(|e| End::from_browser(&e))?;
     btx.binary(std::mem::take(&mut out)).await;
-    let (chosen, _) = drive(brx, &mut bbuf, choice, "browser", |s, b| s.receive(b)).await?;
+    let (chosen, _) = drive(brx, &mut bbuf, choice, End::from_browser, |s, b| {
+        s.receive(b)
+    })
+    .await?;
     let SecurityChosen::None(result) = chosen else {
         return Err(End::browser_violation(
             "a security type vizor did not offer",
@@ -384,7 +396,10 @@ async fn handshake(
     };
     let expect_ci = result.accept(&mut out);
     btx.binary(std::mem::take(&mut out)).await;
-    let (ci, _) = drive(brx, &mut bbuf, expect_ci, "browser", |s, b| s.receive(b)).await?;
+    let (ci, _) = drive(brx, &mut bbuf, expect_ci, End::from_browser, |s, b| {
+        s.receive(b)
+    })
+    .await?;
     if !bbuf.is_empty() {
         return Err(End::browser_violation(
             "messages sent before ServerInit",
@@ -401,7 +416,10 @@ async fn handshake(
     let (rd, mut wr) = tokio::io::split(up.stream.as_stream());
     write_up(&mut wr, &mut out).await?;
     let mut src = Upstream(rd);
-    let (si, si_bytes) = drive(&mut src, &mut ubuf, expect_si, "VM", |s, b| s.receive(b)).await?;
+    let (si, si_bytes) = drive(&mut src, &mut ubuf, expect_si, End::from_vm, |s, b| {
+        s.receive(b)
+    })
+    .await?;
     Ok((up, ubuf, si, si_bytes))
 }
 
@@ -417,10 +435,10 @@ pub async fn run(
     let hs = tokio::time::timeout(ctx.handshake_timeout, handshake(&ctx, brx, &btx));
     let hs = tokio::select! {
         r = hs => r.unwrap_or_else(|_| Err(End::refused(
+            Refusal::HandshakeTimeout,
             format!("handshake did not complete within {}", humantime::format_duration(ctx.handshake_timeout)),
-            "handshake_timeout",
         ))),
-        _ = shutdown.wait_for(|s| *s) => Err(End::shutdown()),
+        _ = shutdown.wait_for(|s| *s) => Err(End::Shutdown),
     };
     let end = match hs {
         Err(end) => end,
@@ -452,7 +470,7 @@ pub async fn run(
                 _ => Ok(None),
             };
             match started_ok.and(recorder) {
-                Err(e) => End::upstream(format!("audit log cannot be written: {e}"), "audit_error"),
+                Err(e) => audit_failed(e),
                 Ok(recorder) => {
                     let recorder = Mutex::new(recorder);
                     info!(desktop = %si.name_lossy(), width = si.width, height = si.height, "session relaying");
@@ -474,10 +492,10 @@ pub async fn run(
                     let end = if btx.binary(si_bytes).await {
                         tokio::select! {
                             end = relay(&ctx, up.stream, early, &si, brx, &btx, &meter, &recorder) => end,
-                            _ = shutdown.wait_for(|s| *s) => End::shutdown(),
+                            _ = shutdown.wait_for(|s| *s) => End::Shutdown,
                         }
                     } else {
-                        End::browser_closed()
+                        End::BrowserClosed
                     };
                     let recording =
                         recorder
@@ -503,7 +521,7 @@ pub async fn run(
             }
         }
     };
-    btx.close(end.code, &end.reason).await;
+    btx.close(end.close_code(), &end.told()).await;
     end
 }
 
@@ -559,10 +577,7 @@ async fn relay(
             brx.read_into(&mut buf).await?;
             dec.confirm(Confirmations::from_bits(confirmed.load(Ordering::Relaxed)));
             let mut pos = 0;
-            while let Some((msg, n)) = dec
-                .decode(&buf[pos..])
-                .map_err(|e| End::protocol("browser", &e))?
-            {
+            while let Some((msg, n)) = dec.decode(&buf[pos..]).map_err(|e| End::from_browser(&e))? {
                 let raw = &buf[pos..pos + n];
                 match msg {
                     ClientMessage::SetPixelFormat(pf) => {
@@ -571,8 +586,8 @@ async fn relay(
                         // longer tell where the server's messages begin.
                         if requested {
                             return Err(End::refused(
+                                Refusal::PixelFormatChange,
                                 "changing the pixel format after the first update request is not supported",
-                                "pixel_format_change",
                             ));
                         }
                         lock(&server)?.set_pixel_format(pf);
@@ -655,7 +670,7 @@ async fn relay(
                     ClientMessage::ClientCutText(text) => {
                         idle.touch();
                         let clips = Clipboard::of_cut_text(&text, ctx.audit.clipboard_content())
-                            .map_err(|e| End::protocol("browser", &e))?;
+                            .map_err(|e| End::from_browser(&e))?;
                         for clip in clips {
                             ctx.audit
                                 .record(&clip.event(ctx.id, "browser_to_vm"))
@@ -701,9 +716,8 @@ async fn relay(
             // is locked anyway.
             let pending = {
                 let mut dec = lock(&server)?;
-                while let Some((ev, n)) = dec
-                    .decode(&buf[consumed..])
-                    .map_err(|e| End::protocol("VM", &e))?
+                while let Some((ev, n)) =
+                    dec.decode(&buf[consumed..]).map_err(|e| End::from_vm(&e))?
                 {
                     let confirms = Confirmations::of(&ev);
                     if confirms != Confirmations::default() {
@@ -754,7 +768,7 @@ async fn relay(
                                     cut = Some((consumed, consumed + n));
                                     break;
                                 }
-                                Err(e) => return Err(End::protocol("VM", &e)),
+                                Err(e) => return Err(End::from_vm(&e)),
                             }
                         }
                         _ => {}
@@ -812,7 +826,7 @@ async fn relay(
                     if sent {
                         lock(&server)?
                             .consume_payload(pending)
-                            .map_err(|e| End::protocol("VM", &e))?;
+                            .map_err(|e| End::from_vm(&e))?;
                         meter.add_spliced(pending);
                         continue;
                     }
@@ -825,12 +839,12 @@ async fn relay(
     let result: Result<(), End> = tokio::select! {
         r = browser_to_vm => r,
         r = vm_to_browser => r,
-        _ = idle.expired(ctx.idle_timeout) => Err(End::idle(idle.idle_for())),
+        _ = idle.expired(ctx.idle_timeout) => Err(End::Idle(idle.idle_for())),
     };
     // When this connection closes (below, with the sockets), QEMU releases every key
     // of the VM's VNC keyboard, whichever session pressed it: on record first.
     record_disconnect(ctx).await;
-    let end = result.err().unwrap_or_else(End::vm_closed);
+    let end = result.err().unwrap_or(End::VmClosed);
     if !end.vm_gone() {
         let rd = match &mut up_rd {
             VmReader::Tcp(rd) => rd
@@ -929,12 +943,8 @@ async fn to_browser(
 ) -> Result<(), End> {
     let len = chunk.len() as u64;
     if let Some(r) = lock(recorder)?.as_mut() {
-        r.frame(&chunk).map_err(|e| {
-            End::upstream(
-                format!("audit log cannot be written: recording: {e}"),
-                "audit_error",
-            )
-        })?;
+        r.frame(&chunk)
+            .map_err(|e| End::Audit(format!("recording: {e}")))?;
     }
     btx.bytes(chunk).await?;
     meter.add(Direction::VmToBrowser, len);
@@ -1060,10 +1070,7 @@ impl VmReader {
         match self {
             VmReader::Tcp(Some(rd)) => read_upstream(rd, buf).await,
             VmReader::Other(rd) => read_upstream(rd, buf).await,
-            VmReader::Tcp(None) => Err(End::upstream(
-                "internal error: the VM's reader was not given back",
-                "internal",
-            )),
+            VmReader::Tcp(None) => Err(End::Internal("the VM's reader was not given back")),
         }
     }
 }
@@ -1098,8 +1105,7 @@ impl Timing {
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, End> {
-    m.lock()
-        .map_err(|_| End::upstream("internal error: decoder lock poisoned", "internal"))
+    m.lock().map_err(|_| End::Internal("decoder lock poisoned"))
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use super::browser::{BrowserRx, BrowserTx};
 use super::transfers::{self, Transfers, Way};
 use super::{
     audit_failed, close_upstream, connect, read_handshake, read_upstream, write_upstream, Conn,
-    End, Meter, Stream, VmLink, CLOSE_GRACE,
+    End, Meter, Refusal, Stream, VmFailure, VmLink, CLOSE_GRACE,
 };
 use crate::audit::{Audit, Event, KeyEvent};
 use crate::config::{FileTransfer, SpiceConfig};
@@ -114,7 +114,7 @@ impl ChannelRefusal {
     }
 
     /// What the browser is told.
-    fn told(self) -> &'static str {
+    pub(crate) fn told(self) -> &'static str {
         match self {
             ChannelRefusal::Spent => "token already used",
             ChannelRefusal::SecondMain => "a second SPICE main channel is not allowed",
@@ -289,7 +289,7 @@ async fn read_until<T>(
     mut parse: impl FnMut(&[u8]) -> Result<Option<(T, usize)>, vizor_spice::Error>,
 ) -> Result<T, End> {
     loop {
-        if let Some(v) = take_parsed(buf, "VM", &mut parse)? {
+        if let Some(v) = take_parsed(buf, Direction::VmToBrowser, &mut parse)? {
             return Ok(v);
         }
         read_handshake(src, buf, what).await?;
@@ -300,7 +300,7 @@ async fn read_until<T>(
 /// when more bytes are needed.
 fn take_parsed<T>(
     buf: &mut Vec<u8>,
-    side: &str,
+    side: Direction,
     parse: &mut impl FnMut(&[u8]) -> Result<Option<(T, usize)>, vizor_spice::Error>,
 ) -> Result<Option<T>, End> {
     match parse(buf) {
@@ -319,7 +319,7 @@ async fn browser_until<T>(
     mut parse: impl FnMut(&[u8]) -> Result<Option<(T, usize)>, vizor_spice::Error>,
 ) -> Result<T, End> {
     loop {
-        if let Some(v) = take_parsed(buf, "browser", &mut parse)? {
+        if let Some(v) = take_parsed(buf, Direction::BrowserToVm, &mut parse)? {
             return Ok(v);
         }
         brx.read_into(buf).await?;
@@ -328,22 +328,21 @@ async fn browser_until<T>(
 
 /// The ticket for QEMU: the password and a NUL, RSA-OAEP(SHA-1) with QEMU's key.
 fn ticket(pub_key_der: &[u8], password: &[u8]) -> Result<Vec<u8>, End> {
-    let key = RsaPublicKey::from_public_key_der(pub_key_der).map_err(|e| {
-        End::upstream(
-            format!("the VM's link key is not an RSA key: {e}"),
-            "protocol_error",
-        )
+    let key = RsaPublicKey::from_public_key_der(pub_key_der).map_err(|e| End::Protocol {
+        dir: Direction::VmToBrowser,
+        cause: "spice",
+        detail: format!("SPICE protocol error: its link key is not an RSA key: {e}"),
     })?;
     if password.len() > link::MAX_PASSWORD_LEN {
-        return Err(End::upstream(
+        return Err(End::vm(
+            VmFailure::Auth,
             "the SPICE password libvirt stores is longer than SPICE allows",
-            "upstream_auth",
         ));
     }
     let mut plain = Zeroizing::new(password.to_vec());
     plain.push(0);
     key.encrypt(&mut rand::thread_rng(), Oaep::new::<sha1::Sha1>(), &plain)
-        .map_err(|e| End::upstream(format!("encrypting the ticket: {e}"), "internal"))
+        .map_err(|_| End::Internal("encrypting the ticket failed"))
 }
 
 /// Runs one channel to its end; closes the browser with the reason. Returns how it
@@ -378,7 +377,7 @@ pub async fn run(
         Ok(Ok(m)) => m,
         Ok(Err(end)) => return (close(&btx, end).await, ctx.id, domain),
         Err(_) => {
-            let end = End::refused("no SPICE link message in time", "handshake_timeout");
+            let end = End::refused(Refusal::HandshakeTimeout, "no SPICE link message in time");
             return (close(&btx, end).await, ctx.id, domain);
         }
     };
@@ -387,7 +386,7 @@ pub async fn run(
         btx.binary(link_refusal(link_error::CHANNEL_NOT_AVAILABLE))
             .await;
         let end = End::spice_protocol(
-            "browser",
+            Direction::BrowserToVm,
             &vizor_spice::Error::Malformed {
                 what: "SPICE link",
                 why: "a channel type spice-server does not have",
@@ -400,7 +399,7 @@ pub async fn run(
         let btx = btx.clone();
         async move {
             btx.binary(link_refusal(code)).await;
-            close(&btx, End::refused(why.told(), why.label())).await
+            close(&btx, End::refused(Refusal::Channel(why), why.told())).await
         }
     };
     let (admission, joined) = match (mess.channel_type, mess.connection_id) {
@@ -443,7 +442,7 @@ pub async fn run(
             btx.binary(link_refusal(link_error::BAD_CONNECTION_ID))
                 .await;
             let end = End::spice_protocol(
-                "browser",
+                Direction::BrowserToVm,
                 &vizor_spice::Error::Malformed {
                     what: "SPICE link",
                     why: "a channel other than main that names no session",
@@ -487,8 +486,8 @@ pub async fn run(
             warn!(error = %e, "audit log: channel refusal not written");
         }
         let end = End::refused(
+            Refusal::ChannelRefused,
             format!("SPICE {chan} channels are not relayed by this vizor ([spice] allow_channels)"),
-            "channel_refused",
         );
         return (close(&btx, end).await, ctx.id, domain);
     }
@@ -514,7 +513,7 @@ pub async fn run(
 }
 
 async fn close(btx: &BrowserTx, end: End) -> End {
-    btx.close(end.code, &end.reason).await;
+    btx.close(end.close_code(), &end.told()).await;
     end
 }
 
@@ -540,7 +539,12 @@ async fn relay_channel(
     let (up, target, ubuf, kind) = match linked {
         Ok(Ok(x)) => x,
         Ok(Err(end)) => return end,
-        Err(_) => return End::refused("SPICE link did not complete in time", "handshake_timeout"),
+        Err(_) => {
+            return End::refused(
+                Refusal::HandshakeTimeout,
+                "SPICE link did not complete in time",
+            )
+        }
     };
     let upstream = target.to_string();
     let client = ctx.client.to_string();
@@ -562,7 +566,7 @@ async fn relay_channel(
         })
         .await
     {
-        return End::upstream(format!("audit log cannot be written: {e}"), "audit_error");
+        return audit_failed(e);
     }
     info!(header = ?kind, "SPICE channel relaying");
     let hold = ctx.live.hold(
@@ -593,8 +597,8 @@ async fn relay_channel(
     };
     let end = tokio::select! {
         end = relay(ctx, mess.channel_type, kind, up.stream.boxed(), ubuf, bbuf, brx, btx, &meter, &rtt, idle, joined) => end,
-        _ = shutdown.wait_for(|s| *s) => End::shutdown(),
-        _ = idle.expired(ctx.idle_timeout) => End::idle(idle.idle_for()),
+        _ = shutdown.wait_for(|s| *s) => End::Shutdown,
+        _ = idle.expired(ctx.idle_timeout) => End::Idle(idle.idle_for()),
     };
     if let Err(e) = ctx
         .audit
@@ -632,15 +636,15 @@ async fn link_both(
             (tls.connect(plain.boxed(), target).await?, target.clone(), true)
         }
         (Some(tls), None) if tls.require => {
-            return Err(End::upstream(
+            return Err(End::vm(
+                VmFailure::Tls,
                 "the VM's SPICE console has no TLS port, and [upstream_tls] requires TLS",
-                "upstream_tls",
             ))
         }
         (None, Some(tls_target)) if *tls_target == console.target => {
-            return Err(End::upstream(
+            return Err(End::vm(
+                VmFailure::Tls,
                 "the VM's SPICE console listens on its TLS port only; configure [upstream_tls] with the CA of its certificate",
-                "upstream_tls",
             ))
         }
         _ => (
@@ -667,12 +671,12 @@ async fn link_both(
     .await?;
     if reply.error != link_error::OK {
         btx.binary(link_refusal(reply.error)).await;
-        return Err(End::upstream(
+        return Err(End::vm(
+            VmFailure::Link,
             format!(
                 "the VM refused the SPICE link: {}",
                 link_error::describe(reply.error)
             ),
-            "upstream_link",
         ));
     }
     let mut offered = reply.common_caps.clone();
@@ -686,7 +690,7 @@ async fn link_both(
     }
     .write(&mut out);
     if !btx.binary(std::mem::take(&mut out)).await {
-        return Err(End::browser_closed());
+        return Err(End::BrowserClosed);
     }
     // The browser's ticket is read and dropped: its token already authenticated it.
     let browser_selects = mess.common_caps.has(cap::PROTOCOL_AUTH_SELECTION)
@@ -697,7 +701,7 @@ async fn link_both(
             btx.binary(link_error::PERMISSION_DENIED.to_le_bytes().to_vec())
                 .await;
             return Err(End::spice_protocol(
-                "browser",
+                Direction::BrowserToVm,
                 &vizor_spice::Error::Malformed {
                     what: "SPICE link",
                     why: "an authentication mechanism vizor did not offer",
@@ -725,24 +729,20 @@ async fn link_both(
     })
     .await?;
     if !btx.binary(result.to_le_bytes().to_vec()).await {
-        return Err(End::browser_closed());
+        return Err(End::BrowserClosed);
     }
     if result != link_error::OK {
-        let (reason, label) = if result == link_error::PERMISSION_DENIED {
-            (
-                "authentication to the VM failed".to_owned(),
-                "upstream_auth",
-            )
+        return Err(if result == link_error::PERMISSION_DENIED {
+            End::vm(VmFailure::Auth, "authentication to the VM failed")
         } else {
-            (
+            End::vm(
+                VmFailure::Link,
                 format!(
                     "the VM refused the SPICE link: {}",
                     link_error::describe(result)
                 ),
-                "upstream_link",
             )
-        };
-        return Err(End::upstream(reason, label));
+        });
     }
     let kind = if mess.common_caps.has(cap::MINI_HEADER) && reply.common_caps.has(cap::MINI_HEADER)
     {
@@ -811,13 +811,13 @@ async fn relay(
             let mut pos = 0;
             while let Some((frame, n)) = dec
                 .decode(&buf[pos..])
-                .map_err(|e| End::spice_protocol("browser", &e))?
+                .map_err(|e| End::spice_protocol(Direction::BrowserToVm, &e))?
             {
                 // Whatever the browser sends is parsed (and audited) whole: a message
                 // beyond the bound is refused, not streamed on unread.
                 if let Frame::Begin { header } = &frame {
                     return Err(End::spice_protocol(
-                        "browser",
+                        Direction::BrowserToVm,
                         &vizor_spice::Error::LengthTooLarge {
                             what: "SPICE message",
                             len: u64::from(header.size),
@@ -839,7 +839,7 @@ async fn relay(
                 let mut instead = None;
                 if let Frame::Whole { header, body } = frame {
                     let message = msg::parse_client(channel, header.msg_type, body)
-                        .map_err(|e| End::spice_protocol("browser", &e))?;
+                        .map_err(|e| End::spice_protocol(Direction::BrowserToVm, &e))?;
                     if message.is_input() {
                         idle.touch();
                     }
@@ -878,7 +878,7 @@ async fn relay(
                                     presses.bytes(),
                                     &mut out,
                                 )
-                                .map_err(|e| End::spice_protocol("browser", &e))?;
+                                .map_err(|e| End::spice_protocol(Direction::BrowserToVm, &e))?;
                             }
                             instead = Some(out);
                         }
@@ -940,13 +940,13 @@ async fn relay(
             let mut consumed = 0;
             while let Some((frame, n)) = dec
                 .decode(&buf[consumed..])
-                .map_err(|e| End::spice_protocol("VM", &e))?
+                .map_err(|e| End::spice_protocol(Direction::VmToBrowser, &e))?
             {
                 // A message vizor sends in place of QEMU's.
                 let mut instead = None;
                 if let Frame::Whole { header, body } = frame {
                     match msg::parse_server(channel, header.msg_type, body)
-                        .map_err(|e| End::spice_protocol("VM", &e))?
+                        .map_err(|e| End::spice_protocol(Direction::VmToBrowser, &e))?
                     {
                         // The channels vizor refuses are not offered: a browser does
                         // not try them (spice-html5 links every port channel listed).
@@ -962,7 +962,7 @@ async fn relay(
                                 &body,
                                 &mut out,
                             )
-                            .map_err(|e| End::spice_protocol("VM", &e))?;
+                            .map_err(|e| End::spice_protocol(Direction::VmToBrowser, &e))?;
                             instead = Some(out);
                         }
                         msg::ServerMessage::MainInit { session_id, .. } => {
@@ -1019,7 +1019,7 @@ async fn relay(
         r = browser_to_vm => r,
         r = vm_to_browser => r,
     };
-    let end = r.err().unwrap_or_else(End::vm_closed);
+    let end = r.err().unwrap_or(End::VmClosed);
     let vm_gone = end.vm_gone();
     if channel == channel_type::INPUTS || channel == channel_type::MAIN {
         // When this connection closes (the inputs channel, or the main channel and with
@@ -1030,7 +1030,7 @@ async fn relay(
             k.disconnect(&mut strokes);
         }
         if let Err(e) = record_strokes(ctx, &mut strokes).await {
-            warn!(reason = %e.reason, "audit log: keys spice-server releases not written");
+            warn!(reason = %e, "audit log: keys spice-server releases not written");
         }
     }
     if channel == channel_type::MAIN {
@@ -1042,7 +1042,7 @@ async fn relay(
             .unwrap_or_default();
         for r in &open {
             if let Err(e) = record_transfer(ctx, r).await {
-                warn!(reason = %e.reason, "audit log: an incomplete file transfer not written");
+                warn!(reason = %e, "audit log: an incomplete file transfer not written");
             }
         }
     }
@@ -1090,7 +1090,7 @@ async fn send_scancodes(
         bytes,
         &mut out,
     )
-    .map_err(|e| End::spice_protocol("browser", &e))?;
+    .map_err(|e| End::spice_protocol(Direction::BrowserToVm, &e))?;
     write_upstream(up_wr, &out).await
 }
 
@@ -1133,7 +1133,7 @@ async fn record_strokes(ctx: &Ctx, strokes: &mut Vec<Stroke>) -> Result<(), End>
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, End> {
     m.lock()
-        .map_err(|_| End::upstream("internal error: keyboard lock poisoned", "internal"))
+        .map_err(|_| End::Internal("keyboard lock poisoned"))
 }
 
 /// Server-ping to client-pong round trips on the main channel: the session's network
@@ -1291,6 +1291,14 @@ impl AgentSide {
         }
     }
 
+    /// The direction of what this side sends.
+    fn dir(self) -> Direction {
+        match self {
+            AgentSide::Browser => Direction::BrowserToVm,
+            AgentSide::Vm => Direction::VmToBrowser,
+        }
+    }
+
     fn way(self) -> Way {
         match self {
             AgentSide::Browser => Way::ToVm,
@@ -1328,14 +1336,14 @@ impl AgentFollower {
         let side = from.name();
         if from == AgentSide::Browser && !self.started {
             return Err(End::refused(
+                Refusal::AgentRefused,
                 "the browser sent agent data before AGENT_START",
-                "agent_refused",
             ));
         }
         let mut events = Vec::new();
         stream
             .feed(chunk, &mut events)
-            .map_err(|e| End::spice_protocol(side, &e))?;
+            .map_err(|e| End::spice_protocol(from.dir(), &e))?;
         // A file transfer start under `file_transfer = "refuse"`: the chunk is read to
         // its end (for the file's name, when the start is whole in it), then refused.
         let mut refusing = false;
@@ -1346,11 +1354,11 @@ impl AgentFollower {
                     && agent::FromClient::of(msg_type) == agent::FromClient::Refuse
                 {
                     return Err(End::refused(
+                        Refusal::AgentRefused,
                         format!(
                             "the browser sent the guest agent a {} message (type {msg_type}), which vizor does not pass",
                             agent::kind::name(msg_type)
                         ),
-                        "agent_refused",
                     ));
                 }
                 if msg_type == agent::kind::FILE_XFER_START
@@ -1362,7 +1370,7 @@ impl AgentFollower {
             let mut xfers = Vec::new();
             self.xfer
                 .feed(&ev, &mut xfers)
-                .map_err(|e| End::spice_protocol(side, &e))?;
+                .map_err(|e| End::spice_protocol(from.dir(), &e))?;
             for x in xfers {
                 if refusing {
                     if let agent::XferEvent::Start { id, name, size } = x {
@@ -1376,8 +1384,8 @@ impl AgentFollower {
                     Ok(None) => {}
                     Err(refusal) => {
                         return Err(End::refused(
+                            Refusal::FileTransferRefused,
                             format!("{side} agent stream: {refusal}"),
-                            "file_transfer_refused",
                         ))
                     }
                 }
@@ -1390,8 +1398,8 @@ impl AgentFollower {
                 start: refused_start,
             });
             return Err(End::refused(
+                Refusal::FileTransferRefused,
                 "file transfer through the guest agent is not allowed here ([spice] file_transfer)",
-                "file_transfer_refused",
             ));
         }
         Ok(())
@@ -1459,7 +1467,7 @@ impl AgentFollower {
                 let clip_type = t
                     .reader
                     .clip_type()
-                    .map_err(|e| End::spice_protocol(from.name(), &e))?;
+                    .map_err(|e| End::spice_protocol(from.dir(), &e))?;
                 let content = match t.kept {
                     Some(k) if clip_type == agent::CLIPBOARD_UTF8_TEXT => {
                         Some(String::from_utf8_lossy(&k).into_owned())
@@ -1655,12 +1663,12 @@ mod tests {
         let mut s = Sides::new();
         s.browser.0.started = false;
         let end = s.feed(AgentSide::Browser, &first).end.expect("refused");
-        assert_eq!(end.label, "agent_refused");
-        assert!(end.reason.contains("AGENT_START"), "{}", end.reason);
+        assert_eq!(end.label(), "agent_refused");
+        assert!(end.reason().contains("AGENT_START"), "{}", end.reason());
         // After AGENT_START, the same chunk breaks spice-server's framing: refused.
         let mut s = Sides::new();
         let end = s.feed(AgentSide::Browser, &first).end.expect("refused");
-        assert_eq!(end.label, "protocol_error", "{}", end.reason);
+        assert_eq!(end.label(), "protocol_error", "{}", end.reason());
     }
 
     #[test]
@@ -1682,7 +1690,7 @@ mod tests {
             let fed = s.feed(AgentSide::Browser, &m);
             assert!(fed.records.is_empty());
             let end = fed.end.expect("refused");
-            assert_eq!(end.label, "agent_refused", "type {t}");
+            assert_eq!(end.label(), "agent_refused", "type {t}");
             // The guest's agent may send them (to the browser, not to the guest).
             let mut s = Sides::new();
             assert!(s.feed(AgentSide::Vm, &m).end.is_none(), "type {t}");
@@ -1693,7 +1701,7 @@ mod tests {
     fn file_transfers_are_refused_by_default_with_what_was_refused() {
         let mut s = Sides::with(FileTransfer::Refuse);
         let fed = s.feed(AgentSide::Browser, &start(3));
-        assert_eq!(fed.end.expect("refused").label, "file_transfer_refused");
+        assert_eq!(fed.end.expect("refused").label(), "file_transfer_refused");
         match &fed.records[..] {
             [AgentRecord::Refused { way, start }] => {
                 assert_eq!(*way, Way::ToVm);
@@ -1714,7 +1722,7 @@ mod tests {
         for policy in [FileTransfer::Refuse, FileTransfer::Audit] {
             let mut s = Sides::with(policy);
             let fed = s.feed(AgentSide::Browser, &xfer(kind::FILE_XFER_DATA, 1, b"abc"));
-            assert_eq!(fed.end.expect("refused").label, "file_transfer_refused");
+            assert_eq!(fed.end.expect("refused").label(), "file_transfer_refused");
         }
     }
 

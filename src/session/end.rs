@@ -1,0 +1,500 @@
+//! How a session ended, as a type: the cause, the side that ended it, and the
+//! direction a protocol error came from. The audit record's reason, the metrics label,
+//! the WebSocket close code and what the browser is told all derive from the variant;
+//! nothing downstream matches text.
+
+use crate::live::Direction;
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+/// Who ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The browser: it closed, stalled, or broke the protocol.
+    Browser,
+    /// The VM's console: it closed, failed, refused vizor, or broke the protocol.
+    Vm,
+    /// vizor: a policy, a limit, a timeout, its audit log, or its shutdown.
+    Vizor,
+    /// An administrator, through the management API.
+    Administrator,
+}
+
+impl Side {
+    /// The side's stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Browser => "browser",
+            Side::Vm => "vm",
+            Side::Vizor => "vizor",
+            Side::Administrator => "administrator",
+        }
+    }
+}
+
+/// What vizor refused of what the browser (or its session) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A SetPixelFormat after the first update request.
+    PixelFormatChange,
+    /// The handshake (either leg) did not complete in time.
+    HandshakeTimeout,
+    /// A SPICE channel `[spice] allow_channels` does not allow.
+    ChannelRefused,
+    /// Guest agent data vizor does not pass.
+    AgentRefused,
+    /// A file transfer `[spice] file_transfer` does not allow.
+    FileTransferRefused,
+    /// A text WebSocket message.
+    WebsocketText,
+    /// A WebSocket framing error.
+    WebsocketError,
+    /// A spent token, presented again for a new session.
+    TokenSpent,
+    /// A SPICE channel that is not its session's (or a second main channel).
+    Channel(super::spice::ChannelRefusal),
+    /// A `[limits]` bound on sessions.
+    Limit(crate::limits::Full),
+}
+
+impl Refusal {
+    /// The stable label, for metrics and the audit record.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::PixelFormatChange => "pixel_format_change",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+            Refusal::ChannelRefused => "channel_refused",
+            Refusal::AgentRefused => "agent_refused",
+            Refusal::FileTransferRefused => "file_transfer_refused",
+            Refusal::WebsocketText => "websocket_text",
+            Refusal::WebsocketError => "websocket_error",
+            Refusal::TokenSpent => "replayed",
+            Refusal::Channel(why) => why.label(),
+            Refusal::Limit(full) => full.label(),
+        }
+    }
+}
+
+/// What failed toward the VM's console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmFailure {
+    /// libvirt's lookup of the console failed; `reason` is the lookup error's label and
+    /// `told` what the browser is told.
+    Lookup {
+        /// The lookup error's stable label.
+        reason: &'static str,
+        /// What the browser is told.
+        told: &'static str,
+    },
+    /// Connecting to the console failed.
+    Connect,
+    /// The console closed the connection during the handshake.
+    Closed,
+    /// Reading or writing failed.
+    Io,
+    /// The network to the console stopped carrying data.
+    Stalled,
+    /// TLS toward the console failed or is missing.
+    Tls,
+    /// The console refused vizor's authentication, or asks for what vizor lacks.
+    Auth,
+    /// The console refused the SPICE link.
+    Link,
+    /// The console asks for no password and `[libvirt] require_password` is set.
+    NoPassword,
+}
+
+impl VmFailure {
+    /// The stable label, for metrics and the audit record.
+    pub fn label(self) -> &'static str {
+        match self {
+            VmFailure::Lookup { reason, .. } => reason,
+            VmFailure::Connect => "upstream_connect",
+            VmFailure::Closed => "upstream_closed",
+            VmFailure::Io => "upstream_io",
+            VmFailure::Stalled => "upstream_stalled",
+            VmFailure::Tls => "upstream_tls",
+            VmFailure::Auth => "upstream_auth",
+            VmFailure::Link => "upstream_link",
+            VmFailure::NoPassword => "no_password",
+        }
+    }
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// The browser closed the session.
+    BrowserClosed,
+    /// The browser took no data for `[limits] send_timeout`.
+    BrowserStalled(Duration),
+    /// The VM's console closed the session.
+    VmClosed,
+    /// A peer broke the protocol: `dir` is the direction of what it sent, `cause` a
+    /// stable label and `detail` what was wrong.
+    Protocol {
+        /// The direction the offending bytes travelled.
+        dir: Direction,
+        /// A stable cause, for metrics and the audit record.
+        cause: &'static str,
+        /// What was wrong ("protocol error: ...", "SPICE protocol error: ...").
+        detail: String,
+    },
+    /// vizor refused what the browser did.
+    Refused {
+        /// What was refused.
+        why: Refusal,
+        /// The words for the browser and the record.
+        detail: String,
+    },
+    /// Something failed toward the VM's console.
+    Vm {
+        /// What failed.
+        why: VmFailure,
+        /// The words for the record.
+        detail: String,
+    },
+    /// No input for `[limits] idle_timeout`.
+    Idle(Duration),
+    /// vizor is shutting down.
+    Shutdown,
+    /// The audit log cannot be written: a session cannot go on without its records.
+    Audit(String),
+    /// An administrator ended the session.
+    Terminated {
+        /// Who, as the management API knows them.
+        by: String,
+    },
+    /// A bug in vizor.
+    Internal(&'static str),
+}
+
+impl End {
+    /// A protocol error in what the browser sent, from its RFB codec.
+    pub fn from_browser(e: &vizor_rfb::Error) -> End {
+        End::rfb_protocol(Direction::BrowserToVm, e)
+    }
+
+    /// A protocol error in what the VM sent, from its RFB codec.
+    pub fn from_vm(e: &vizor_rfb::Error) -> End {
+        End::rfb_protocol(Direction::VmToBrowser, e)
+    }
+
+    /// A protocol error found by the RFB codec in what travelled `dir`.
+    pub fn rfb_protocol(dir: Direction, e: &vizor_rfb::Error) -> End {
+        End::Protocol {
+            dir,
+            cause: e.label(),
+            detail: format!("protocol error: {e}"),
+        }
+    }
+
+    /// A protocol error found by the SPICE codec in what travelled `dir`.
+    pub fn spice_protocol(dir: Direction, e: &vizor_spice::Error) -> End {
+        End::Protocol {
+            dir,
+            cause: "spice",
+            detail: format!("SPICE protocol error: {e}"),
+        }
+    }
+
+    /// The browser broke the protocol in a way its codec does not see (a step of the
+    /// proxy's own): audited as a protocol error with `cause`, as codec errors are.
+    pub fn browser_violation(what: &str, cause: &'static str) -> End {
+        End::Protocol {
+            dir: Direction::BrowserToVm,
+            cause,
+            detail: format!("protocol error: {what}"),
+        }
+    }
+
+    /// vizor refused something.
+    pub fn refused(why: Refusal, detail: impl Into<String>) -> End {
+        End::Refused {
+            why,
+            detail: detail.into(),
+        }
+    }
+
+    /// Something failed toward the VM.
+    pub fn vm(why: VmFailure, detail: impl Into<String>) -> End {
+        End::Vm {
+            why,
+            detail: detail.into(),
+        }
+    }
+
+    /// The network to the VM stopped carrying the session's data.
+    pub fn vm_stalled() -> End {
+        End::vm(VmFailure::Stalled, "the network to the VM console stalled")
+    }
+
+    /// The lookup of the console failed.
+    pub fn lookup(e: &crate::libvirt::LookupError) -> End {
+        End::vm(
+            VmFailure::Lookup {
+                reason: e.reason(),
+                told: e.told(),
+            },
+            e.to_string(),
+        )
+    }
+
+    /// A `[limits]` bound refused the session.
+    pub fn limit(full: crate::limits::Full) -> End {
+        End::refused(Refusal::Limit(full), full.message())
+    }
+
+    /// A stable label, for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            End::BrowserClosed => "browser_closed",
+            End::BrowserStalled(_) => "browser_stalled",
+            End::VmClosed => "vm_closed",
+            End::Protocol { .. } => "protocol_error",
+            End::Refused { why, .. } => why.label(),
+            End::Vm { why, .. } => why.label(),
+            End::Idle(_) => "idle_timeout",
+            End::Shutdown => "shutdown",
+            End::Audit(_) => "audit_error",
+            End::Terminated { .. } => "terminated",
+            End::Internal(_) => "internal",
+        }
+    }
+
+    /// The WebSocket close code the browser gets.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            End::BrowserClosed | End::VmClosed | End::Idle(_) | End::Terminated { .. } => 1000,
+            End::Shutdown => 1001,
+            End::BrowserStalled(_) | End::Protocol { .. } | End::Refused { .. } => 1008,
+            End::Vm { .. } | End::Audit(_) | End::Internal(_) => 1011,
+        }
+    }
+
+    /// Who ended the session.
+    pub fn side(&self) -> Side {
+        match self {
+            End::BrowserClosed | End::BrowserStalled(_) => Side::Browser,
+            End::Protocol {
+                dir: Direction::BrowserToVm,
+                ..
+            } => Side::Browser,
+            End::VmClosed | End::Vm { .. } => Side::Vm,
+            End::Protocol {
+                dir: Direction::VmToBrowser,
+                ..
+            } => Side::Vm,
+            End::Refused { .. }
+            | End::Idle(_)
+            | End::Shutdown
+            | End::Audit(_)
+            | End::Internal(_) => Side::Vizor,
+            End::Terminated { .. } => Side::Administrator,
+        }
+    }
+
+    /// For a protocol error: the direction that broke it and a stable cause.
+    pub fn protocol(&self) -> Option<(Direction, &'static str)> {
+        match self {
+            End::Protocol { dir, cause, .. } => Some((*dir, cause)),
+            _ => None,
+        }
+    }
+
+    /// Whether the VM's side ended it: its console closed, failed or stopped reading.
+    pub fn vm_gone(&self) -> bool {
+        matches!(
+            self,
+            End::VmClosed
+                | End::Vm {
+                    why: VmFailure::Io | VmFailure::Stalled,
+                    ..
+                }
+        )
+    }
+
+    /// Whether vizor failed to reach, open or keep the VM's console (audited as an
+    /// upstream failure).
+    pub fn upstream_failure(&self) -> Option<VmFailure> {
+        match self {
+            End::Vm { why, .. } => Some(*why),
+            _ => None,
+        }
+    }
+
+    /// What happened, for the log and the audit record.
+    pub fn reason(&self) -> Cow<'_, str> {
+        match self {
+            End::BrowserClosed => "browser closed the connection".into(),
+            End::BrowserStalled(t) => format!(
+                "the browser took no data for {}",
+                humantime::format_duration(*t)
+            )
+            .into(),
+            End::VmClosed => "the VM closed the console connection".into(),
+            End::Protocol { dir, detail, .. } => {
+                let leg = match dir {
+                    Direction::BrowserToVm => "browser",
+                    Direction::VmToBrowser => "VM",
+                };
+                format!("{leg} {detail}").into()
+            }
+            End::Refused { detail, .. } | End::Vm { detail, .. } => detail.as_str().into(),
+            End::Idle(idle) => format!(
+                "closed after {} without input",
+                humantime::format_duration(Duration::from_secs(idle.as_secs()))
+            )
+            .into(),
+            End::Shutdown => "vizor is shutting down".into(),
+            End::Audit(e) => format!("audit log cannot be written: {e}").into(),
+            End::Terminated { by } => format!("ended by an administrator ({by})").into(),
+            End::Internal(what) => format!("internal error: {what}").into(),
+        }
+    }
+
+    /// What the browser is told in the close frame: the reason, but for a failed
+    /// lookup, whose words may name libvirt's URI and the host's layout.
+    pub fn told(&self) -> Cow<'_, str> {
+        match self {
+            End::Vm {
+                why: VmFailure::Lookup { told, .. },
+                ..
+            } => (*told).into(),
+            _ => self.reason(),
+        }
+    }
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_end_derives_its_label_code_and_side() {
+        let cases: Vec<(End, &str, u16, Side)> = vec![
+            (End::BrowserClosed, "browser_closed", 1000, Side::Browser),
+            (
+                End::BrowserStalled(Duration::from_secs(5)),
+                "browser_stalled",
+                1008,
+                Side::Browser,
+            ),
+            (End::VmClosed, "vm_closed", 1000, Side::Vm),
+            (
+                End::from_browser(&vizor_rfb::Error::UnknownMessageType(99)),
+                "protocol_error",
+                1008,
+                Side::Browser,
+            ),
+            (
+                End::from_vm(&vizor_rfb::Error::UnknownMessageType(99)),
+                "protocol_error",
+                1008,
+                Side::Vm,
+            ),
+            (
+                End::refused(Refusal::PixelFormatChange, "no"),
+                "pixel_format_change",
+                1008,
+                Side::Vizor,
+            ),
+            (
+                End::refused(Refusal::TokenSpent, "token already used"),
+                "replayed",
+                1008,
+                Side::Vizor,
+            ),
+            (
+                End::vm(VmFailure::Auth, "QEMU said no"),
+                "upstream_auth",
+                1011,
+                Side::Vm,
+            ),
+            (End::vm_stalled(), "upstream_stalled", 1011, Side::Vm),
+            (
+                End::Idle(Duration::from_secs(60)),
+                "idle_timeout",
+                1000,
+                Side::Vizor,
+            ),
+            (End::Shutdown, "shutdown", 1001, Side::Vizor),
+            (
+                End::Audit("disk full".into()),
+                "audit_error",
+                1011,
+                Side::Vizor,
+            ),
+            (
+                End::Terminated { by: "ops".into() },
+                "terminated",
+                1000,
+                Side::Administrator,
+            ),
+            (
+                End::Internal("lock poisoned"),
+                "internal",
+                1011,
+                Side::Vizor,
+            ),
+        ];
+        for (end, label, code, side) in cases {
+            assert_eq!(end.label(), label, "{end:?}");
+            assert_eq!(end.close_code(), code, "{end:?}");
+            assert_eq!(end.side(), side, "{end:?}");
+        }
+    }
+
+    #[test]
+    fn reasons_read_as_before() {
+        let e = End::from_vm(&vizor_rfb::Error::UnknownMessageType(99));
+        assert_eq!(e.reason(), "VM protocol error: unknown message type 99");
+        assert_eq!(
+            e.protocol(),
+            Some((Direction::VmToBrowser, "unknown_message_type"))
+        );
+        let e = End::browser_violation("messages sent before ServerInit", "early_message");
+        assert_eq!(
+            e.reason(),
+            "browser protocol error: messages sent before ServerInit"
+        );
+        assert_eq!(
+            End::Idle(Duration::from_millis(61_500)).reason(),
+            "closed after 1m 1s without input"
+        );
+        assert_eq!(
+            End::Audit("disk full".into()).reason(),
+            "audit log cannot be written: disk full"
+        );
+    }
+
+    #[test]
+    fn only_the_vms_own_end_skips_the_orderly_close() {
+        assert!(End::VmClosed.vm_gone());
+        assert!(End::vm(VmFailure::Io, "reset").vm_gone());
+        assert!(End::vm_stalled().vm_gone());
+        assert!(!End::vm(VmFailure::Auth, "no").vm_gone());
+        assert!(!End::BrowserClosed.vm_gone());
+    }
+
+    #[test]
+    fn a_failed_lookup_tells_the_browser_less_than_the_record() {
+        let e = End::vm(
+            VmFailure::Lookup {
+                reason: "unreachable",
+                told: "the VM console cannot be reached",
+            },
+            "libvirt at qemu+ssh://admin@host/system: connection refused",
+        );
+        assert_eq!(e.told(), "the VM console cannot be reached");
+        assert!(e.reason().contains("qemu+ssh"));
+        assert_eq!(e.label(), "unreachable");
+    }
+}
