@@ -19,6 +19,7 @@ pub mod limits;
 pub mod live;
 pub mod lockfile;
 pub mod metrics;
+pub mod policy;
 pub mod record;
 pub mod refusals;
 pub mod replay;

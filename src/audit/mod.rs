@@ -402,7 +402,7 @@ struct Line<'a> {
 
 /// Clipboard contents, as recorded: format, length, SHA-256 and, when configured, the
 /// text.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Clipboard {
     /// The format's name.
     pub format: &'static str,

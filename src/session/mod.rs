@@ -211,6 +211,53 @@ pub(crate) fn audit_failed(e: std::io::Error) -> End {
     End::Audit(e.to_string())
 }
 
+/// Puts a note of a session's policy on record.
+pub(crate) async fn record_note(
+    audit: &crate::audit::Audit,
+    session: u64,
+    note: &crate::policy::Note,
+) -> std::io::Result<()> {
+    use crate::audit::{Event, KeyEvent};
+    use crate::policy::Note;
+    match note {
+        Note::Button { button, at } => {
+            audit
+                .record(&Event::Button {
+                    session,
+                    button,
+                    x: at.map(|a| a.0),
+                    y: at.map(|a| a.1),
+                })
+                .await
+        }
+        Note::Key(k) => {
+            let event = KeyEvent {
+                stroke: k.stroke,
+                via: k.via,
+                keysym: k.keysym,
+                mismatch: k.mismatch,
+            };
+            audit.stroke(session, &event).await
+        }
+        Note::Keysym {
+            down,
+            keysym,
+            keymap,
+        } => audit.keysym_key(session, *down, *keysym, keymap).await,
+        Note::Locks { locks, source } => audit.locks(session, *locks, source).await,
+        Note::Clipboard(clip, dir) => audit.record(&clip.event(session, dir.as_str())).await,
+        Note::ClipboardDropped { dir, length } => {
+            audit
+                .record(&Event::ClipboardDropped {
+                    session,
+                    direction: dir.as_str(),
+                    length: *length,
+                })
+                .await
+        }
+    }
+}
+
 /// Writes `bytes` to the VM's console.
 pub(crate) async fn write_upstream(
     wr: &mut (impl AsyncWrite + Unpin),

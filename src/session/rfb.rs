@@ -12,30 +12,27 @@ use super::{
     audit_failed, close_upstream, connect, read_handshake, read_upstream, write_upstream, Conn,
     End, Meter, Refusal, VmFailure, VmLink,
 };
-use crate::audit::{Audit, Clipboard, Event, KeyEvent};
+use crate::audit::{Audit, Event, KeyEvent};
 use crate::libvirt::Console;
 use crate::limits::Idle;
 use crate::live::{Direction, Identity, Latency, LiveSessions};
+use crate::policy::rfb::Rules;
+use crate::policy::{Participant, Verdict};
 use crate::record::Recorder;
 use crate::token::Claims;
 use bytes::BytesMut;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
-use vizor_keys::vnc::{self, Keymap};
-use vizor_keys::{Locks, Origin};
-use vizor_rfb::client::{write_set_encodings, ClientDecoder, ClientMessage, Confirmations};
 use vizor_rfb::handshake::client::{self, Authenticate, SendClientInit, VencryptChosen};
 use vizor_rfb::handshake::server::{self, SecurityChosen};
 use vizor_rfb::handshake::{Progress, SecurityType, ServerInit, VencryptSubtype, Version};
-use vizor_rfb::server::{RectInfo, ServerDecoder, ServerEvent};
-use vizor_rfb::{Encoding, Limits};
+use vizor_rfb::Limits;
 
 /// What a session needs from the proxy.
 pub struct Ctx {
@@ -551,10 +548,15 @@ async fn relay(
             (VmReader::Other(Box::new(rd)), Box::new(wr))
         }
     };
-    let server = Mutex::new(ServerDecoder::new(si, ctx.vm_limits));
-    // What QEMU confirmed (extended mouse buttons, fence...), for the browser's decoder.
-    let confirmed = AtomicU8::new(0);
-    let timing = Mutex::new(Timing::default());
+    // Both directions' rules in one place: each direction's framing depends on what
+    // the other negotiated.
+    let rules = Mutex::new(Rules::new(
+        si,
+        ctx.browser_limits,
+        ctx.vm_limits,
+        Participant::OWNER,
+        ctx.audit.clipboard_content(),
+    ));
     let frame_latency = ctx
         .metrics
         .frame_latency_seconds
@@ -563,131 +565,38 @@ async fn relay(
         .metrics
         .input_to_display_seconds
         .with_label_values(&["vnc"]);
-    // Whether the browser asked for QEMU's LED state itself (else vizor drops it).
-    let browser_leds = AtomicBool::new(false);
     let browser_to_vm = async {
-        with_led_state(&server, &mut up_wr, meter).await?;
-        let mut dec = ClientDecoder::new(ctx.browser_limits);
+        let mut out = lock(&rules)?.start();
+        let len = out.len() as u64;
+        write_up(&mut up_wr, &mut out).await?;
+        // The session's bytes toward the VM are what vizor wrote there for it.
+        meter.add(Direction::BrowserToVm, len);
         let mut buf = Vec::with_capacity(4096);
-        let mut out = Vec::with_capacity(4096);
-        let mut requested = false;
-        let mut offered_ext_desktop = false;
-        let mut buttons_down = 0u16;
         loop {
             brx.read_into(&mut buf).await?;
-            dec.confirm(Confirmations::from_bits(confirmed.load(Ordering::Relaxed)));
             let mut pos = 0;
-            while let Some((msg, n)) = dec.decode(&buf[pos..]).map_err(|e| End::from_browser(&e))? {
-                let raw = &buf[pos..pos + n];
-                match msg {
-                    ClientMessage::SetPixelFormat(pf) => {
-                        // After the first request an update in the old format may be on
-                        // its way (QEMU also sends cursors unasked): the proxy could no
-                        // longer tell where the server's messages begin.
-                        if requested {
-                            return Err(End::refused(
-                                Refusal::PixelFormatChange,
-                                "changing the pixel format after the first update request is not supported",
-                            ));
-                        }
-                        lock(&server)?.set_pixel_format(pf);
-                        out.extend_from_slice(raw);
-                    }
-                    ClientMessage::SetEncodings(list) => {
-                        let kept: Vec<Encoding> = list.iter().filter(|e| e.is_framable()).collect();
-                        if kept.len() != list.len() {
-                            debug!(
-                                dropped = list.len() - kept.len(),
-                                "SetEncodings: encodings vizor cannot frame removed"
-                            );
-                        }
-                        offered_ext_desktop = kept.contains(&Encoding::EXTENDED_DESKTOP_SIZE);
-                        let mut upstream = kept;
-                        browser_leds.store(
-                            upstream.contains(&Encoding::QEMU_LED_STATE),
-                            Ordering::Relaxed,
-                        );
-                        if !upstream.contains(&Encoding::QEMU_LED_STATE) {
-                            // See `with_led_state`: QEMU must never press lock keys itself.
-                            upstream.push(Encoding::QEMU_LED_STATE);
-                        }
-                        // The decoder learns the list before QEMU can answer it.
-                        lock(&server)?.set_encodings(upstream.iter().copied());
-                        write_set_encodings(upstream, &mut out);
-                    }
-                    ClientMessage::FramebufferUpdateRequest { .. } => {
-                        requested = true;
-                        lock(&timing)?.request();
-                        out.extend_from_slice(raw);
-                    }
-                    ClientMessage::PointerEvent { buttons, x, y } => {
-                        idle.touch();
-                        lock(&timing)?.input();
-                        let pressed = buttons & !buttons_down;
-                        buttons_down = buttons;
-                        for bit in (0..16).filter(|b| pressed & (1 << b) != 0) {
-                            ctx.audit
-                                .record(&Event::Button {
-                                    session: ctx.id,
-                                    button: crate::audit::rfb_button(bit),
-                                    x: Some(x),
-                                    y: Some(y),
-                                })
-                                .await
-                                .map_err(audit_failed)?;
-                        }
-                        out.extend_from_slice(raw);
-                    }
-                    ClientMessage::KeyEvent { down, keysym } => {
-                        idle.touch();
-                        lock(&timing)?.input();
-                        let (outcome, keymap) = {
-                            let mut k = lock(&ctx.keyboard)?;
-                            (k.vnc.key_event(down, keysym), k.vnc.keymap().clone())
-                        };
-                        record_keys(ctx, &keymap, &outcome, down, keysym).await?;
-                        pace(&ctx.keyboard, outcome.queued(), &mut up_wr, &mut out, meter).await?;
-                        out.extend_from_slice(raw);
-                    }
-                    ClientMessage::QemuExtendedKeyEvent {
-                        down,
-                        keysym,
-                        keycode,
-                    } => {
-                        idle.touch();
-                        lock(&timing)?.input();
-                        let (outcome, keymap) = {
-                            let mut k = lock(&ctx.keyboard)?;
-                            (
-                                k.vnc.ext_key_event(down, keysym, keycode),
-                                k.vnc.keymap().clone(),
-                            )
-                        };
-                        record_keys(ctx, &keymap, &outcome, down, keysym).await?;
-                        pace(&ctx.keyboard, outcome.queued(), &mut up_wr, &mut out, meter).await?;
-                        out.extend_from_slice(raw);
-                    }
-                    ClientMessage::ClientCutText(text) => {
-                        idle.touch();
-                        let clips = Clipboard::of_cut_text(&text, ctx.audit.clipboard_content())
-                            .map_err(|e| End::from_browser(&e))?;
-                        for clip in clips {
-                            ctx.audit
-                                .record(&clip.event(ctx.id, "browser_to_vm"))
-                                .await
-                                .map_err(audit_failed)?;
-                        }
-                        out.extend_from_slice(raw);
-                    }
-                    // QEMU answers SetDesktopSize with an ExtendedDesktopSize rectangle
-                    // even to a client that never offered it, which the decoder would
-                    // rightly refuse: such a request is dropped instead.
-                    ClientMessage::SetDesktopSize { .. } if !offered_ext_desktop => {
-                        debug!("SetDesktopSize without ExtendedDesktopSize dropped");
-                    }
-                    _ => out.extend_from_slice(raw),
+            loop {
+                let judged =
+                    lock(&rules)?.from_browser(&buf[pos..], &ctx.keyboard, Instant::now())?;
+                let Some(judged) = judged else { break };
+                if judged.input {
+                    idle.touch();
                 }
-                pos += n;
+                // On record before it moves.
+                for note in &judged.notes {
+                    super::record_note(&ctx.audit, ctx.id, note)
+                        .await
+                        .map_err(audit_failed)?;
+                }
+                if let Some(queued) = judged.queued_keys {
+                    pace(&ctx.keyboard, queued, &mut up_wr, &mut out, meter).await?;
+                }
+                match judged.verdict {
+                    Verdict::Forward => out.extend_from_slice(&buf[pos..pos + judged.len]),
+                    Verdict::Rewrite(bytes) => out.extend_from_slice(&bytes),
+                    Verdict::Drop(why) => debug!(?why, "browser message dropped"),
+                }
+                pos += judged.len;
             }
             buf.drain(..pos);
             if !out.is_empty() {
@@ -701,132 +610,39 @@ async fn relay(
         let mut buf = BytesMut::with_capacity(64 * 1024);
         // Bytes QEMU sent along with ServerInit are decoded before the first read.
         buf.extend_from_slice(&early);
-        // Bytes at the front of `buf` already decoded but held back: an update that may
-        // turn out to carry nothing but the LED state the browser did not ask for.
-        let mut held = 0;
-        let mut leds = LedUpdates::default();
         loop {
-            let mut consumed = held;
-            let mut clips = Vec::new();
-            let mut changed = Vec::new();
-            let mut cut = None;
-            let mut clip_dropped = None;
-            let browser_wants_leds = browser_leds.load(Ordering::Relaxed);
-            // Payload of the current rectangle still to come, read while the decoder
-            // is locked anyway.
-            let pending = {
-                let mut dec = lock(&server)?;
-                while let Some((ev, n)) =
-                    dec.decode(&buf[consumed..]).map_err(|e| End::from_vm(&e))?
-                {
-                    let confirms = Confirmations::of(&ev);
-                    if confirms != Confirmations::default() {
-                        confirmed.fetch_or(confirms.bits(), Ordering::Relaxed);
-                    }
-                    // A guest clipboard beyond vm_message_max is not held: it goes
-                    // nowhere, on record with its size, and the session goes on.
-                    match ev {
-                        ServerEvent::ServerCutTextDropped { len } => {
-                            clip_dropped = Some(len);
-                            cut = Some((consumed, consumed + n));
-                            break;
-                        }
-                        ServerEvent::Dropped(_) => {
-                            cut = Some((consumed, consumed + n));
-                            break;
-                        }
-                        _ => {}
-                    }
-                    match leds.event(&ev, consumed, n, browser_wants_leds) {
-                        LedStep::Changed(v) => changed.push(v),
-                        LedStep::Drop(range) => {
-                            cut = Some(range);
-                            break;
-                        }
-                        LedStep::None => {}
-                    }
-                    match ev {
-                        ServerEvent::UpdateEnd => {
-                            let (frame, input) = lock(&timing)?.update_relayed();
-                            if let Some(d) = frame {
-                                frame_latency.observe(d.as_secs_f64());
-                                live.observe(Latency::Frame, d);
-                            }
-                            if let Some(d) = input {
-                                input_latency.observe(d.as_secs_f64());
-                                live.observe(Latency::InputToDisplay, d);
-                            }
-                        }
-                        // Recorded below, once the decoder is unlocked.
-                        ServerEvent::ServerCutText(text) => {
-                            match Clipboard::of_cut_text(&text, ctx.audit.clipboard_content()) {
-                                Ok(c) => clips.extend(c),
-                                // An extended clipboard that inflates past the bound
-                                // is dropped like one too long on the wire.
-                                Err(vizor_rfb::Error::LengthTooLarge { len, .. }) => {
-                                    clip_dropped = Some(len);
-                                    cut = Some((consumed, consumed + n));
-                                    break;
-                                }
-                                Err(e) => return Err(End::from_vm(&e)),
-                            }
-                        }
-                        _ => {}
-                    }
-                    consumed += n;
+            let step = lock(&rules)?.from_vm(&buf, Instant::now())?;
+            for (which, d) in &step.latencies {
+                match which {
+                    Latency::Frame => frame_latency.observe(d.as_secs_f64()),
+                    Latency::InputToDisplay => input_latency.observe(d.as_secs_f64()),
+                    _ => {}
                 }
-                dec.pending_payload()
-            };
-            for v in changed {
-                ctx.audit
-                    .locks(ctx.id, Locks::from_bits(u16::from(v)), "qemu")
+                live.observe(*which, *d);
+            }
+            for note in &step.notes {
+                super::record_note(&ctx.audit, ctx.id, note)
                     .await
                     .map_err(audit_failed)?;
-            }
-            for clip in clips {
-                ctx.audit
-                    .record(&clip.event(ctx.id, "vm_to_browser"))
-                    .await
-                    .map_err(audit_failed)?;
-            }
-            if let Some(length) = clip_dropped {
-                ctx.audit
-                    .record(&Event::ClipboardDropped {
-                        session: ctx.id,
-                        direction: "vm_to_browser",
-                        length,
-                    })
-                    .await
-                    .map_err(audit_failed)?;
-            }
-            if let Some((from, to)) = cut {
-                // What came before goes on; the LED update goes nowhere.
-                if from > 0 {
-                    to_browser(buf.split_to(from), recorder, btx, meter).await?;
-                }
-                let _ = buf.split_to(to - from);
-                held = 0;
-                continue;
             }
             // Everything decoded goes to the browser as read, without a copy, but for an
             // incomplete header and an update that may be LED state alone.
-            let upto = leds.held_from().unwrap_or(consumed);
-            if upto > 0 {
-                to_browser(buf.split_to(upto), recorder, btx, meter).await?;
-                leds.advanced(upto);
+            if step.send > 0 {
+                to_browser(buf.split_to(step.send), recorder, btx, meter).await?;
             }
-            held = consumed - upto;
+            let _ = buf.split_to(step.skip);
+            if step.again {
+                continue;
+            }
             // The rest of a long rectangle goes from socket to socket; the decoder,
             // told its length, then stands after it.
-            let splice_now = buf.is_empty() && pending >= SPLICE_MIN;
-            if let (true, VmReader::Tcp(slot)) = (splice_now, &mut up_rd) {
+            let splice = lock(&rules)?.may_splice(buf.len(), SPLICE_MIN);
+            if let (Some(pending), VmReader::Tcp(slot)) = (splice, &mut up_rd) {
                 if let Some(from) = slot.take() {
                     let (from, sent) = btx.splice(from, pending).await?;
                     *slot = Some(from);
                     if sent {
-                        lock(&server)?
-                            .consume_payload(pending)
-                            .map_err(|e| End::from_vm(&e))?;
+                        lock(&rules)?.spliced(pending)?;
                         meter.add_spliced(pending);
                         continue;
                     }
@@ -881,29 +697,10 @@ async fn record_disconnect(ctx: &Ctx) {
     }
 }
 
-/// Asks QEMU for its LED state before the browser says anything. Without that
-/// extension QEMU presses Caps Lock and Num Lock itself (`lock-key-sync`) whenever a
-/// keysym's case or keypad meaning disagrees with what it believes the locks are: key
-/// presses no browser sent, from a lock state no one can see. With it QEMU injects
-/// nothing, and reports the guest's LED state, which the audit records. The browser's
-/// own SetEncodings keeps it (see the relay).
-async fn with_led_state(
-    server: &Mutex<ServerDecoder>,
-    up_wr: &mut (impl AsyncWrite + Unpin),
-    meter: &Meter,
-) -> Result<(), End> {
-    let mut out = Vec::new();
-    write_set_encodings([Encoding::QEMU_LED_STATE], &mut out);
-    lock(server)?.set_encodings([Encoding::QEMU_LED_STATE]);
-    let len = out.len() as u64;
-    write_up(up_wr, &mut out).await?;
-    // The session's bytes toward the VM are what vizor wrote there for it.
-    meter.add(Direction::BrowserToVm, len);
-    Ok(())
-}
-
 /// Holds key events back while QEMU's key queue is full by [`Pacer`]'s count: what is
 /// ready goes first, then vizor waits (and reads nothing from the browser meanwhile).
+///
+/// [`Pacer`]: vizor_keys::vnc::Pacer
 async fn pace(
     keyboard: &Mutex<VmKeyboard>,
     queued: u32,
@@ -951,108 +748,6 @@ async fn to_browser(
     Ok(())
 }
 
-/// Records and keeps the browser's keys as QEMU takes them: one record per stroke the
-/// guest's keyboard gets (or is denied), the browser's keysym on its own.
-async fn record_keys(
-    ctx: &Ctx,
-    keymap: &Keymap,
-    outcome: &vnc::Outcome,
-    down: bool,
-    keysym: u32,
-) -> Result<(), End> {
-    if outcome.strokes.is_empty() {
-        if let Keymap::Other(name) = keymap {
-            ctx.audit
-                .keysym_key(ctx.id, down, keysym, name)
-                .await
-                .map_err(audit_failed)?;
-        }
-        return Ok(());
-    }
-    for stroke in &outcome.strokes {
-        let own = stroke.origin == Origin::Browser;
-        let event = KeyEvent {
-            stroke: *stroke,
-            via: Some(outcome.via.as_str()),
-            keysym: own.then_some(keysym),
-            mismatch: own && outcome.mismatch,
-        };
-        ctx.audit
-            .stroke(ctx.id, &event)
-            .await
-            .map_err(audit_failed)?;
-    }
-    Ok(())
-}
-
-/// QEMU's keyboard LED state reaches vizor as an update of one LED rectangle. vizor asks
-/// QEMU for it on every connection (`with_led_state`), so such an update goes to the
-/// browser only if the browser asked for it too; its values are audited either way.
-#[derive(Debug, Default)]
-struct LedUpdates {
-    /// Where an update of one rectangle begins, while it may be LED state alone and
-    /// the browser did not ask for it.
-    start: Option<usize>,
-    /// The update's rectangle is LED state.
-    led: bool,
-    /// The last state seen.
-    last: Option<u8>,
-}
-
-/// What an event means for LED updates.
-#[derive(Debug, PartialEq, Eq)]
-enum LedStep {
-    None,
-    /// The guest's lock state is new.
-    Changed(u8),
-    /// The update in this range (of the buffer the events came from) is LED state the
-    /// browser did not ask for: drop it.
-    Drop((usize, usize)),
-}
-
-impl LedUpdates {
-    /// `ev` was decoded from `at`, `n` bytes long.
-    fn event(&mut self, ev: &ServerEvent<'_>, at: usize, n: usize, browser_asked: bool) -> LedStep {
-        match ev {
-            ServerEvent::UpdateBegin { rects: 1 } if !browser_asked => {
-                self.start = Some(at);
-                self.led = false;
-            }
-            ServerEvent::UpdateBegin { .. } => self.start = None,
-            ServerEvent::Rect(r) => {
-                if let RectInfo::LedState(v) = r.info {
-                    self.led = true;
-                    if self.last != Some(v) {
-                        self.last = Some(v);
-                        return LedStep::Changed(v);
-                    }
-                } else {
-                    self.start = None;
-                }
-            }
-            ServerEvent::UpdateEnd => {
-                if let (Some(start), true) = (self.start.take(), std::mem::take(&mut self.led)) {
-                    return LedStep::Drop((start, at + n));
-                }
-            }
-            _ => {}
-        }
-        LedStep::None
-    }
-
-    /// Where bytes must be held back from: the start of an update that may be dropped.
-    fn held_from(&self) -> Option<usize> {
-        self.start
-    }
-
-    /// `n` bytes left the front of the buffer.
-    fn advanced(&mut self, n: usize) {
-        if let Some(s) = &mut self.start {
-            *s = s.saturating_sub(n);
-        }
-    }
-}
-
 /// The shortest payload worth splicing: below it a read and a write cost less than
 /// the pipe's system calls and the hand-over to the browser's writer.
 const SPLICE_MIN: u64 = 64 * 1024;
@@ -1075,127 +770,7 @@ impl VmReader {
     }
 }
 
-/// When update requests and input went to QEMU, for the latency histograms.
-#[derive(Default)]
-struct Timing {
-    /// The oldest update request not yet answered (one update answers every request
-    /// received before it).
-    requested: Option<Instant>,
-    /// The first key or pointer event since the last update.
-    input: Option<Instant>,
-}
-
-impl Timing {
-    fn request(&mut self) {
-        self.requested.get_or_insert_with(Instant::now);
-    }
-
-    fn input(&mut self) {
-        self.input.get_or_insert_with(Instant::now);
-    }
-
-    /// An update was relayed: how long since the request it answers, and since the
-    /// input it may show.
-    fn update_relayed(&mut self) -> (Option<Duration>, Option<Duration>) {
-        (
-            self.requested.take().map(|t| t.elapsed()),
-            self.input.take().map(|t| t.elapsed()),
-        )
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, End> {
-    m.lock().map_err(|_| End::Internal("decoder lock poisoned"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vizor_rfb::server::{write_rect_header, write_update_header};
-    use vizor_rfb::PixelFormat;
-
-    /// What the relay forwards of `stream`, fed to the LED filter in pieces of `cut`
-    /// bytes as the relay would: (bytes to the browser, lock states seen).
-    fn relay_leds(stream: &[u8], cut: usize, browser_asked: bool) -> (Vec<u8>, Vec<u8>) {
-        let si = ServerInit {
-            width: 4,
-            height: 4,
-            pixel_format: PixelFormat::RGB888,
-            name: Vec::new(),
-        };
-        let mut dec = ServerDecoder::new(&si, Limits::default());
-        dec.set_encodings([Encoding::RAW, Encoding::QEMU_LED_STATE]);
-        let mut leds = LedUpdates::default();
-        let (mut buf, mut sent, mut seen) = (Vec::new(), Vec::new(), Vec::new());
-        let mut held = 0;
-        for piece in stream.chunks(cut) {
-            buf.extend_from_slice(piece);
-            loop {
-                let mut consumed = held;
-                let mut drop = None;
-                while let Some((ev, n)) = dec.decode(&buf[consumed..]).unwrap() {
-                    match leds.event(&ev, consumed, n, browser_asked) {
-                        LedStep::Changed(v) => seen.push(v),
-                        LedStep::Drop(r) => {
-                            drop = Some(r);
-                            break;
-                        }
-                        LedStep::None => {}
-                    }
-                    consumed += n;
-                }
-                if let Some((from, to)) = drop {
-                    sent.extend(buf.drain(..from));
-                    buf.drain(..to - from);
-                    held = 0;
-                    continue;
-                }
-                let upto = leds.held_from().unwrap_or(consumed);
-                sent.extend(buf.drain(..upto));
-                leds.advanced(upto);
-                held = consumed - upto;
-                break;
-            }
-        }
-        (sent, seen)
-    }
-
-    fn led_update(state: u8) -> Vec<u8> {
-        let mut v = Vec::new();
-        write_update_header(1, &mut v);
-        write_rect_header(0, 0, 1, 1, Encoding::QEMU_LED_STATE, &mut v);
-        v.push(state);
-        v
-    }
-
-    fn pixel_update() -> Vec<u8> {
-        let mut v = Vec::new();
-        write_update_header(1, &mut v);
-        write_rect_header(0, 0, 1, 1, Encoding::RAW, &mut v);
-        v.extend_from_slice(&[1, 2, 3, 4]);
-        v
-    }
-
-    #[test]
-    fn led_state_the_browser_did_not_ask_for_is_audited_and_dropped() {
-        let mut stream = pixel_update();
-        stream.extend(led_update(4));
-        stream.extend(pixel_update());
-        stream.extend(led_update(4));
-        stream.extend(led_update(6));
-        stream.push(2); // Bell
-        let mut expected = pixel_update();
-        expected.extend(pixel_update());
-        expected.push(2);
-        // Whatever the reads' boundaries.
-        for cut in [1, 2, 3, 5, 7, 13, 64, 4096] {
-            let (sent, seen) = relay_leds(&stream, cut, false);
-            assert_eq!(sent, expected, "cut {cut}");
-            assert_eq!(seen, [4, 6], "cut {cut}: changes only");
-            // A browser that asked gets them all.
-            let (sent, seen) = relay_leds(&stream, cut, true);
-            assert_eq!(sent, stream, "cut {cut}");
-            assert_eq!(seen, [4, 6]);
-        }
-    }
+    m.lock()
+        .map_err(|_| End::Internal("a session lock was poisoned"))
 }
