@@ -9,7 +9,8 @@ use vizor_spice::agent::{
     self, AgentEvent, AgentStream, CapsReader, ClipboardReader, XferEvent, XferReader,
 };
 use vizor_spice::channel::{Decoder, Frame, HeaderKind};
-use vizor_spice::link::{LinkMess, LinkReply};
+use vizor_spice::handshake::{client, server, Progress};
+use vizor_spice::link::{cap, Caps, LinkMess, LinkReply};
 use vizor_spice::{msg, Limits};
 
 fuzz_target!(|data: &[u8]| {
@@ -26,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(Some((_, n))) = LinkMess::parse(input, &limits) {
                 assert!(n <= input.len());
             }
+            link_states(input, &limits);
         }
         1 => {
             if let Ok(Some((_, n))) = LinkReply::parse(input, &limits) {
@@ -160,3 +162,50 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// The proxy's side of a link toward a browser that sends `input` (link message, then
+/// mechanism and ticket), with spice-server's reply fixed: each state consumes within
+/// what it was given, and one that refuses says why in what it would send.
+fn link_states(input: &[u8], limits: &Limits) {
+    let Ok(Progress::Done { next: linking, consumed }) =
+        server::ExpectLinkMess::new(*limits).receive(input)
+    else {
+        return;
+    };
+    assert!(consumed <= input.len());
+    let mut rest = &input[consumed..];
+    let mut to_vm = Vec::new();
+    let _ = client::start(linking.mess(), *limits, &mut to_vm);
+    assert!(LinkMess::parse(&to_vm, limits).is_ok());
+    let mut caps = Caps::default();
+    for bit in [cap::PROTOCOL_AUTH_SELECTION, cap::AUTH_SPICE, cap::MINI_HEADER] {
+        caps.set(bit);
+    }
+    let reply = LinkReply {
+        error: 0,
+        pub_key: vec![1; 162],
+        common_caps: caps,
+        channel_caps: Caps::default(),
+    };
+    let mut out = Vec::new();
+    let auth = linking.reply(&reply, &[2; 162], &mut out);
+    assert!(LinkReply::parse(&out, limits).is_ok());
+    let mut refusal = Vec::new();
+    let ticket = match auth.receive(rest, &mut refusal) {
+        Ok(Progress::Done { next, consumed }) => {
+            assert!(consumed <= rest.len());
+            rest = &rest[consumed..];
+            next
+        }
+        Ok(Progress::NeedMore(_)) => return,
+        Err(_) => {
+            assert_eq!(refusal.len(), 4, "a refused mechanism is answered");
+            return;
+        }
+    };
+    if let Progress::Done { next, consumed } = ticket.receive(rest) {
+        assert!(consumed <= rest.len());
+        let mut out = Vec::new();
+        assert!(next.result(0, &mut out).is_some());
+    }
+}

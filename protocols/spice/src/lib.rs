@@ -7,6 +7,8 @@
 //! - [`link`]: the link stage: `SpiceLinkHeader` ("REDQ" 2.2), `SpiceLinkMess`,
 //!   `SpiceLinkReply` (RSA public key, capabilities), the auth-mechanism word, the
 //!   128-byte encrypted ticket and the link result.
+//! - [`handshake`]: the link stage in both roles as states that consume themselves,
+//!   for a proxy between a browser and spice-server.
 //! - [`channel`]: framing after the link, with the mini or the full header; small
 //!   messages come whole, large ones as a header and data chunks.
 //! - [`msg`]: typed decoding of what a proxy acts on: main init, ping/pong, set-ack and
@@ -22,6 +24,7 @@
 pub mod agent;
 pub mod channel;
 mod error;
+pub mod handshake;
 pub mod link;
 pub mod msg;
 
