@@ -498,9 +498,9 @@ pub async fn serve(
         close_rx,
         spice_key,
         metrics.clone(),
+        upstream_tls,
     );
     app.metrics_key = metrics_key;
-    app.upstream_tls = upstream_tls;
     app.readiness = readiness.clone();
     if let Ok(mut r) = app.replay.lock() {
         r.restore(spent.tokens);
@@ -508,7 +508,7 @@ pub async fn serve(
     let app = Arc::new(app);
     if app.config.metrics.per_session {
         metrics.register(Box::new(crate::live::PerSession::new(
-            app.live.clone(),
+            app.live().clone(),
             app.config.metrics.per_session_max,
         )?))?;
     }
@@ -615,7 +615,7 @@ pub async fn serve(
         let counted = match entered {
             Ok(c) => c,
             Err(full) => {
-                app.metrics
+                app.metrics()
                     .connections_refused_total
                     .with_label_values(&[full.label()])
                     .inc();
@@ -681,7 +681,7 @@ pub async fn serve(
         }
     }
     // Every queued record written and synced, and the log's closing record.
-    app.audit.close();
+    app.audit().close();
     info!("stopped");
     Ok(())
 }

@@ -22,6 +22,72 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// What every session needs from the proxy: one, shared by all of them.
+pub struct Env {
+    /// The audit sink.
+    pub audit: Arc<crate::audit::Audit>,
+    /// Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Live sessions, for the API and per-session series.
+    pub live: Arc<crate::live::LiveSessions>,
+    /// Session slots (`[limits] max_sessions*`).
+    pub slots: Arc<crate::limits::Slots>,
+    /// RFB codec bounds for what browsers send.
+    pub browser_limits: vizor_rfb::Limits,
+    /// RFB codec bounds for what VMs send.
+    pub vm_limits: vizor_rfb::Limits,
+    /// SPICE codec bounds for what browsers send.
+    pub spice_browser_limits: vizor_spice::Limits,
+    /// SPICE codec bounds for what VMs send.
+    pub spice_vm_limits: vizor_spice::Limits,
+    /// A session without input for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    /// Bound on the handshake, both legs together.
+    pub handshake_timeout: Duration,
+    /// How sessions connect to consoles.
+    pub dial: Dial,
+    /// TLS toward QEMU (`[upstream_tls]`).
+    pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
+    /// Where sessions are recorded (`[audit] record_dir`), if they are.
+    pub record_dir: Option<std::path::PathBuf>,
+    /// `[libvirt] require_password`: refuse a console QEMU opens without a password,
+    /// whatever libvirt stores.
+    pub require_password: bool,
+    /// Which SPICE channels and agent features reach the VM (`[spice]`).
+    pub spice: crate::config::SpiceConfig,
+    /// vizor's RSA key for SPICE links with browsers.
+    pub spice_key: spice::LinkKey,
+    /// Linked SPICE sessions (which channels a token admits).
+    pub spice_sessions: spice::Sessions,
+    /// The keyboards of VMs with live sessions, as QEMU keeps them.
+    pub vm_keyboards: keyboards::VmKeyboards,
+}
+
+impl Env {
+    /// Takes a session slot for `claims`' user on `domain`, or refuses the session
+    /// `id` from `client` (logged and recorded).
+    pub(crate) fn take_slot(
+        &self,
+        id: u64,
+        client: std::net::SocketAddr,
+        claims: &crate::token::Claims,
+        domain: &str,
+    ) -> Result<crate::limits::Slot, End> {
+        self.slots.acquire(domain, &claims.user).map_err(|full| {
+            tracing::warn!(client = %client, user = %claims.user, domain, reason = full.label(), "session refused: limit reached");
+            self.audit.record_nowait(&crate::audit::Event::SessionRefused {
+                session: id,
+                client: &client.to_string(),
+                user: &claims.user,
+                domain,
+                token_id: &claims.token_id(),
+                reason: full.label(),
+            });
+            End::limit(full)
+        })
+    }
+}
+
 /// An upstream connection: TCP or UNIX socket.
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
@@ -299,6 +365,31 @@ pub(crate) async fn close_upstream<R: AsyncRead + Unpin + ?Sized>(
     })
     .await
     .is_ok()
+}
+
+/// A source of bytes for the handshake drivers: the browser or the VM's console.
+pub(crate) trait Source {
+    /// Reads what comes next onto `buf`.
+    fn fill(
+        &mut self,
+        buf: &mut Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<(), End>> + Send;
+}
+
+impl Source for browser::BrowserRx {
+    async fn fill(&mut self, buf: &mut Vec<u8>) -> Result<(), End> {
+        self.read_into(buf).await.map(|_| ())
+    }
+}
+
+/// The VM's console as a [`Source`] during the step its second field names: its close
+/// is an error then.
+pub(crate) struct Upstream<R>(pub R, pub &'static str);
+
+impl<R: AsyncRead + Unpin + Send> Source for Upstream<R> {
+    async fn fill(&mut self, buf: &mut Vec<u8>) -> Result<(), End> {
+        read_handshake(&mut self.0, buf, self.1).await
+    }
 }
 
 /// Reads what the VM's console sent during the handshake (`what`) onto `buf`.

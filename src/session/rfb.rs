@@ -9,22 +9,21 @@
 use super::browser::{BrowserRx, BrowserTx};
 use super::keyboards::VmKeyboard;
 use super::{
-    audit_failed, close_upstream, connect, read_handshake, read_upstream, write_upstream, Conn,
-    End, Meter, Refusal, VmFailure, VmLink,
+    audit_failed, close_upstream, connect, read_upstream, write_upstream, Conn, End, Meter,
+    Refusal, Source, Upstream, VmFailure, VmLink,
 };
-use crate::audit::{Audit, Event, KeyEvent};
+use crate::audit::{Event, KeyEvent};
 use crate::libvirt::Console;
 use crate::limits::Idle;
-use crate::live::{Direction, Identity, Latency, LiveSessions};
+use crate::live::{Direction, Identity, Latency};
 use crate::policy::rfb::Rules;
 use crate::policy::{Participant, Verdict};
 use crate::record::Recorder;
 use crate::token::Claims;
 use bytes::BytesMut;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::watch;
@@ -32,10 +31,11 @@ use tracing::{debug, info, warn};
 use vizor_rfb::handshake::client::{self, Authenticate, SendClientInit, VencryptChosen};
 use vizor_rfb::handshake::server::{self, SecurityChosen};
 use vizor_rfb::handshake::{Progress, SecurityType, ServerInit, VencryptSubtype, Version};
-use vizor_rfb::Limits;
 
-/// What a session needs from the proxy.
+/// One RFB session: what it shares with every session, and what is its own.
 pub struct Ctx {
+    /// What every session shares.
+    pub env: Arc<super::Env>,
     /// Session id (unique in this process).
     pub id: u64,
     /// The token's claims.
@@ -44,31 +44,10 @@ pub struct Ctx {
     pub client: SocketAddr,
     /// The console libvirt reported.
     pub console: Console,
-    /// The audit sink.
-    pub audit: Arc<Audit>,
-    /// Codec bounds for what the browser sends.
-    pub browser_limits: Limits,
-    /// Codec bounds for what QEMU sends.
-    pub vm_limits: Limits,
-    /// A session without input for this long is closed.
-    pub idle_timeout: Option<Duration>,
-    /// TLS toward QEMU (`[upstream_tls]`).
-    pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
-    /// Bound on the handshake, both legs together.
-    pub handshake_timeout: Duration,
-    /// Bound on connecting to QEMU.
-    pub dial: super::Dial,
-    /// Prometheus metrics.
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Live sessions, for the API and per-session series.
-    pub live: Arc<LiveSessions>,
-    /// Where sessions are recorded (`[audit] record_dir`), if they are.
-    pub record_dir: Option<std::path::PathBuf>,
     /// The VM's keyboard as QEMU keeps it, shared with the VM's other sessions.
     pub keyboard: Arc<Mutex<VmKeyboard>>,
-    /// `[libvirt] require_password`: refuse a console QEMU opens without a password,
-    /// whatever libvirt stores.
-    pub require_password: bool,
+    /// What the browser may do.
+    pub participant: Participant,
 }
 
 /// Starts a session's recording with the ServerInit the browser received.
@@ -83,25 +62,6 @@ fn start_recording(ctx: &Ctx, dir: &std::path::Path, si: &[u8]) -> std::io::Resu
     let mut r = Recorder::create(dir, &header, ctx.id)?;
     r.frame(si)?;
     Ok(r)
-}
-
-/// A source of bytes for the handshake helpers.
-pub(crate) trait Source {
-    fn fill(&mut self, buf: &mut Vec<u8>) -> impl Future<Output = Result<(), End>> + Send;
-}
-
-impl Source for BrowserRx {
-    async fn fill(&mut self, buf: &mut Vec<u8>) -> Result<(), End> {
-        self.read_into(buf).await.map(|_| ())
-    }
-}
-
-struct Upstream<R>(R);
-
-impl<R: AsyncRead + Unpin + Send> Source for Upstream<R> {
-    async fn fill(&mut self, buf: &mut Vec<u8>) -> Result<(), End> {
-        read_handshake(&mut self.0, buf, "handshake").await
-    }
 }
 
 /// Feeds a handshake state until it completes; returns the next state and the bytes
@@ -130,21 +90,22 @@ pub(crate) async fn drive<S, N>(
 /// wrapped in TLS with QEMU's X.509 certificate verified, before any password is used.
 async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClientInit), End> {
     let connecting = Instant::now();
-    let mut up = connect(&ctx.console.target, ctx.dial).await?;
-    ctx.metrics
+    let mut up = connect(&ctx.console.target, ctx.env.dial).await?;
+    ctx.env
+        .metrics
         .upstream_connect_seconds
         .with_label_values(&["vnc"])
         .observe(connecting.elapsed().as_secs_f64());
     let mut buf = Vec::new();
     let mut out = Vec::new();
     let password = ctx.console.password.as_ref();
-    let tls = ctx.upstream_tls.as_deref();
+    let tls = ctx.env.upstream_tls.as_deref();
     let (rd, mut wr) = tokio::io::split(up.as_stream());
-    let mut src = Upstream(rd);
+    let mut src = Upstream(rd, "handshake");
     let (sec, _) = drive(
         &mut src,
         &mut buf,
-        client::ExpectServerVersion::new(ctx.vm_limits),
+        client::ExpectServerVersion::new(ctx.env.vm_limits),
         End::from_vm,
         |s, b| s.receive(b, &mut out),
     )
@@ -243,7 +204,7 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
     let step_tls = tls.is_some() && vencrypt;
     // Authentication proper: on the plain stream, or inside TLS.
     let (rd, mut wr) = tokio::io::split(up.as_stream());
-    let mut src = Upstream(rd);
+    let mut src = Upstream(rd, "handshake");
     // QEMU refusing vizor's certificate (or its lack of one) shows after the handshake,
     // as a closed connection on the first read.
     let in_tls = |e: End| {
@@ -264,7 +225,7 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
     let sent_password = matches!(step, Authenticate::VncAuth(_));
     // libvirt may store a password QEMU does not ask for (changed behind libvirt's
     // back, or VeNCrypt X.509 without VNC authentication): what QEMU checks decides.
-    if ctx.require_password && !sent_password {
+    if ctx.env.require_password && !sent_password {
         return Err(End::vm(
             VmFailure::NoPassword,
             format!(
@@ -351,7 +312,7 @@ async fn handshake(
     btx: &BrowserTx,
 ) -> Result<(VmLink, Vec<u8>, ServerInit, Vec<u8>), End> {
     let mut out = Vec::new();
-    let browser_hs = server::start(Version::V3_8, ctx.browser_limits, &mut out);
+    let browser_hs = server::start(Version::V3_8, ctx.env.browser_limits, &mut out);
     if !btx.binary(std::mem::take(&mut out)).await {
         return Err(End::BrowserClosed);
     }
@@ -412,7 +373,7 @@ async fn handshake(
     let expect_si = init.send(true, &mut out);
     let (rd, mut wr) = tokio::io::split(up.stream.as_stream());
     write_up(&mut wr, &mut out).await?;
-    let mut src = Upstream(rd);
+    let mut src = Upstream(rd, "handshake");
     let (si, si_bytes) = drive(&mut src, &mut ubuf, expect_si, End::from_vm, |s, b| {
         s.receive(b)
     })
@@ -429,11 +390,11 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> End {
     let started = Instant::now();
-    let hs = tokio::time::timeout(ctx.handshake_timeout, handshake(&ctx, brx, &btx));
+    let hs = tokio::time::timeout(ctx.env.handshake_timeout, handshake(&ctx, brx, &btx));
     let hs = tokio::select! {
         r = hs => r.unwrap_or_else(|_| Err(End::refused(
             Refusal::HandshakeTimeout,
-            format!("handshake did not complete within {}", humantime::format_duration(ctx.handshake_timeout)),
+            format!("handshake did not complete within {}", humantime::format_duration(ctx.env.handshake_timeout)),
         ))),
         _ = shutdown.wait_for(|s| *s) => Err(End::Shutdown),
     };
@@ -443,6 +404,7 @@ pub async fn run(
             let upstream = ctx.console.target.to_string();
             let client = ctx.client.to_string();
             let started_ok = ctx
+                .env
                 .audit
                 .record(&Event::SessionStart {
                     session: ctx.id,
@@ -458,11 +420,12 @@ pub async fn run(
                     channel: None,
                 })
                 .await;
-            ctx.metrics
+            ctx.env
+                .metrics
                 .handshake_seconds
                 .with_label_values(&["vnc"])
                 .observe(started.elapsed().as_secs_f64());
-            let recorder = match (&started_ok, &ctx.record_dir) {
+            let recorder = match (&started_ok, &ctx.env.record_dir) {
                 (Ok(()), Some(dir)) => start_recording(&ctx, dir, &si_bytes).map(Some),
                 _ => Ok(None),
             };
@@ -471,7 +434,7 @@ pub async fn run(
                 Ok(recorder) => {
                     let recorder = Mutex::new(recorder);
                     info!(desktop = %si.name_lossy(), width = si.width, height = si.height, "session relaying");
-                    let hold = ctx.live.hold(
+                    let hold = ctx.env.live.hold(
                         Identity {
                             id: ctx.id,
                             kind: ctx.claims.kind,
@@ -483,7 +446,7 @@ pub async fn run(
                         None,
                     );
                     brx.pings().measure_live(hold.live().clone());
-                    let meter = Meter::new(&ctx.metrics, "vnc", hold.live().clone());
+                    let meter = Meter::new(&ctx.env.metrics, "vnc", hold.live().clone());
                     // The browser sees the console only once the session is on record
                     // and listed: ServerInit goes last.
                     let end = if btx.binary(si_bytes).await {
@@ -507,6 +470,7 @@ pub async fn run(
                                 }
                             });
                     let record = ctx
+                        .env
                         .audit
                         .record(&meter.session_end(ctx.id, started, &end, None, recording, None))
                         .await;
@@ -552,16 +516,18 @@ async fn relay(
     // the other negotiated.
     let rules = Mutex::new(Rules::new(
         si,
-        ctx.browser_limits,
-        ctx.vm_limits,
-        Participant::OWNER,
-        ctx.audit.clipboard_content(),
+        ctx.env.browser_limits,
+        ctx.env.vm_limits,
+        ctx.participant,
+        ctx.env.audit.clipboard_content(),
     ));
     let frame_latency = ctx
+        .env
         .metrics
         .frame_latency_seconds
         .with_label_values(&["vnc"]);
     let input_latency = ctx
+        .env
         .metrics
         .input_to_display_seconds
         .with_label_values(&["vnc"]);
@@ -584,7 +550,7 @@ async fn relay(
                 }
                 // On record before it moves.
                 for note in &judged.notes {
-                    super::record_note(&ctx.audit, ctx.id, note)
+                    super::record_note(&ctx.env.audit, ctx.id, note)
                         .await
                         .map_err(audit_failed)?;
                 }
@@ -621,7 +587,7 @@ async fn relay(
                 live.observe(*which, *d);
             }
             for note in &step.notes {
-                super::record_note(&ctx.audit, ctx.id, note)
+                super::record_note(&ctx.env.audit, ctx.id, note)
                     .await
                     .map_err(audit_failed)?;
             }
@@ -655,7 +621,7 @@ async fn relay(
     let result: Result<(), End> = tokio::select! {
         r = browser_to_vm => r,
         r = vm_to_browser => r,
-        _ = idle.expired(ctx.idle_timeout) => Err(End::Idle(idle.idle_for())),
+        _ = idle.expired(ctx.env.idle_timeout) => Err(End::Idle(idle.idle_for())),
     };
     // When this connection closes (below, with the sockets), QEMU releases every key
     // of the VM's VNC keyboard, whichever session pressed it: on record first.
@@ -691,7 +657,7 @@ async fn record_disconnect(ctx: &Ctx) {
             keysym: None,
             mismatch: false,
         };
-        if let Err(e) = ctx.audit.stroke(ctx.id, &event).await {
+        if let Err(e) = ctx.env.audit.stroke(ctx.id, &event).await {
             warn!(error = %e, "audit log: a key QEMU releases at disconnect not written");
         }
     }

@@ -12,14 +12,14 @@
 use super::browser::{BrowserRx, BrowserTx};
 use super::transfers::{self, Transfers, Way};
 use super::{
-    audit_failed, close_upstream, connect, read_handshake, read_upstream, write_upstream, Conn,
-    End, Meter, Refusal, Stream, VmFailure, VmLink, CLOSE_GRACE,
+    audit_failed, close_upstream, connect, read_upstream, write_upstream, Conn, End, Meter,
+    Refusal, Source, Stream, Upstream, VmFailure, VmLink, CLOSE_GRACE,
 };
-use crate::audit::{Audit, Event, KeyEvent};
+use crate::audit::{Event, KeyEvent};
 use crate::config::{FileTransfer, SpiceConfig};
 use crate::libvirt::{Console, Target};
-use crate::limits::{Idle, Slot};
-use crate::live::{Direction, Identity, Latency, Live, LiveSessions};
+use crate::limits::Idle;
+use crate::live::{Direction, Identity, Latency, Live};
 use crate::token::Claims;
 use bytes::BytesMut;
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
@@ -29,14 +29,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 use vizor_keys::{spice::Keyboard, Locks, Origin, Stroke};
 use vizor_spice::agent::{self, AgentEvent, AgentStream};
 use vizor_spice::channel::{write_message, Decoder, Frame, HeaderKind};
-use vizor_spice::link::{self, cap, channel_type, link_error, Caps, LinkMess, LinkReply};
-use vizor_spice::{msg, Limits};
+use vizor_spice::handshake::{self, Progress};
+use vizor_spice::link::{self, channel_type, link_error};
+use vizor_spice::msg;
 use zeroize::Zeroizing;
 
 /// vizor's own RSA key, offered to browsers in place of QEMU's.
@@ -75,13 +76,6 @@ struct Linked {
     client: IpAddr,
     /// What the session's other channels share with it.
     shared: Joined,
-}
-
-/// How a channel was admitted.
-enum Admission {
-    /// A new session, holding its slot until the main channel ends.
-    Main(#[allow(dead_code)] Slot),
-    Secondary,
 }
 
 /// Why a channel that is not a session's first main channel was refused. Each counts
@@ -227,8 +221,10 @@ impl Drop for InputsOpen {
     }
 }
 
-/// What a channel needs from the proxy.
+/// One SPICE channel: what it shares with every session, and what is its own.
 pub struct Ctx {
+    /// What every session shares.
+    pub env: Arc<super::Env>,
     /// A fresh id (unique in this process): the session's id when this is its main
     /// channel; a secondary channel takes its main channel's.
     pub id: u64,
@@ -236,30 +232,6 @@ pub struct Ctx {
     pub claims: Claims,
     /// The browser's address.
     pub client: SocketAddr,
-    /// The audit sink.
-    pub audit: Arc<Audit>,
-    /// vizor's link key.
-    pub key: Arc<LinkKey>,
-    /// Linked sessions.
-    pub sessions: Arc<Sessions>,
-    /// Bound on the link, both legs.
-    pub handshake_timeout: Duration,
-    /// How to connect to QEMU.
-    pub dial: super::Dial,
-    /// Prometheus metrics.
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Live sessions, for the API and per-session series.
-    pub live: Arc<LiveSessions>,
-    /// Codec bounds for what the browser sends.
-    pub browser_limits: Limits,
-    /// Codec bounds for what QEMU sends.
-    pub vm_limits: Limits,
-    /// A session without input for this long is closed.
-    pub idle_timeout: Option<Duration>,
-    /// TLS toward QEMU (`[upstream_tls]`).
-    pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
-    /// Which channels and agent features reach the VM (`[spice]`).
-    pub spice: Arc<SpiceConfig>,
 }
 
 /// Whether vizor relays channels of type `t`: the ones it parses always, the ones
@@ -272,57 +244,27 @@ pub fn relays(config: &SpiceConfig, t: u8) -> bool {
 
 fn link_refusal(code: u32) -> Vec<u8> {
     let mut out = Vec::new();
-    LinkReply {
-        error: code,
-        pub_key: Vec::new(),
-        common_caps: Caps::default(),
-        channel_caps: Caps::default(),
-    }
-    .write(&mut out);
+    handshake::write_refusal(code, &mut out);
     out
 }
 
-async fn read_until<T>(
-    src: &mut (impl AsyncRead + Unpin),
+/// Feeds a link state from `src` until it completes; what it consumed leaves `buf`.
+async fn link_step<S, N>(
+    src: &mut impl Source,
     buf: &mut Vec<u8>,
-    what: &str,
-    mut parse: impl FnMut(&[u8]) -> Result<Option<(T, usize)>, vizor_spice::Error>,
-) -> Result<T, End> {
+    mut state: S,
+    from: Direction,
+    mut step: impl FnMut(S, &[u8]) -> Result<Progress<S, N>, vizor_spice::Error>,
+) -> Result<N, End> {
     loop {
-        if let Some(v) = take_parsed(buf, Direction::VmToBrowser, &mut parse)? {
-            return Ok(v);
+        match step(state, buf).map_err(|e| End::spice_protocol(from, &e))? {
+            Progress::Done { next, consumed } => {
+                buf.drain(..consumed);
+                return Ok(next);
+            }
+            Progress::NeedMore(s) => state = s,
         }
-        read_handshake(src, buf, what).await?;
-    }
-}
-
-/// What `parse` made of the front of `buf`, which is then dropped from `buf`; `None`
-/// when more bytes are needed.
-fn take_parsed<T>(
-    buf: &mut Vec<u8>,
-    side: Direction,
-    parse: &mut impl FnMut(&[u8]) -> Result<Option<(T, usize)>, vizor_spice::Error>,
-) -> Result<Option<T>, End> {
-    match parse(buf) {
-        Ok(Some((v, n))) => {
-            buf.drain(..n);
-            Ok(Some(v))
-        }
-        Ok(None) => Ok(None),
-        Err(e) => Err(End::spice_protocol(side, &e)),
-    }
-}
-
-async fn browser_until<T>(
-    brx: &mut BrowserRx,
-    buf: &mut Vec<u8>,
-    mut parse: impl FnMut(&[u8]) -> Result<Option<(T, usize)>, vizor_spice::Error>,
-) -> Result<T, End> {
-    loop {
-        if let Some(v) = take_parsed(buf, Direction::BrowserToVm, &mut parse)? {
-            return Ok(v);
-        }
-        brx.read_into(buf).await?;
+        src.fill(buf).await?;
     }
 }
 
@@ -349,31 +291,39 @@ fn ticket(pub_key_der: &[u8], password: &[u8]) -> Result<Vec<u8>, End> {
 /// ended, the session id it ran under (a secondary channel's is its main's) and the
 /// domain's name.
 ///
-/// A session's first main channel comes with the console looked up for its unspent
-/// token (`console`) and spends the token (`admit`); every other channel joins that
-/// session, from the same address, while it lives, with its console. Any other channel
-/// is refused and reported to `refused` (which counts it like a failed token).
-#[allow(clippy::too_many_arguments)]
+/// Runs one channel to its end; closes the browser with the reason. Returns how it
+/// ended, the session id it ran under (a secondary channel's is its main's) and the
+/// domain.
+///
+/// The token's first connection (`first`: its token just spent, its console looked up)
+/// must be a session's main channel, and takes a session slot; every other channel
+/// joins that session, from the same address, while it lives, with its console. Any
+/// other channel is refused with [`Refusal::Channel`], which the caller counts like a
+/// failed token.
 pub async fn run(
     mut ctx: Ctx,
-    console: Option<Console>,
+    first: Option<Console>,
     brx: &mut BrowserRx,
     btx: BrowserTx,
-    admit: impl FnOnce(&Claims, &str) -> Result<Slot, End>,
-    refused: impl FnOnce(ChannelRefusal),
     mut shutdown: watch::Receiver<bool>,
 ) -> (End, u64, String) {
     let started = Instant::now();
     let mut bbuf = Vec::new();
-    let limits = ctx.browser_limits;
+    let limits = ctx.env.spice_browser_limits;
     let mut domain = ctx.claims.domain.clone();
     // The browser's link message first: it says which channel, of which session.
-    let mess = tokio::time::timeout(
-        ctx.handshake_timeout,
-        browser_until(brx, &mut bbuf, |b| LinkMess::parse(b, &limits)),
+    let linking = tokio::time::timeout(
+        ctx.env.handshake_timeout,
+        link_step(
+            brx,
+            &mut bbuf,
+            handshake::server::ExpectLinkMess::new(limits),
+            Direction::BrowserToVm,
+            |s, b| s.receive(b),
+        ),
     )
     .await;
-    let mess = match mess {
+    let linking = match linking {
         Ok(Ok(m)) => m,
         Ok(Err(end)) => return (close(&btx, end).await, ctx.id, domain),
         Err(_) => {
@@ -381,6 +331,7 @@ pub async fn run(
             return (close(&btx, end).await, ctx.id, domain);
         }
     };
+    let mess = linking.mess().clone();
     let chan = channel_type::name(mess.channel_type);
     if !channel_type::exists(mess.channel_type) {
         btx.binary(link_refusal(link_error::CHANNEL_NOT_AVAILABLE))
@@ -395,22 +346,26 @@ pub async fn run(
         return (close(&btx, end).await, ctx.id, domain);
     }
     let refuse = |why: ChannelRefusal, code: u32| {
-        refused(why);
         let btx = btx.clone();
         async move {
             btx.binary(link_refusal(code)).await;
             close(&btx, End::refused(Refusal::Channel(why), why.told())).await
         }
     };
-    let (admission, joined) = match (mess.channel_type, mess.connection_id) {
+    // A session's main channel holds its slot until it ends; its other channels ride
+    // on it.
+    let (main_slot, joined) = match (mess.channel_type, mess.connection_id) {
         (channel_type::MAIN, 0) => {
-            // No console: the token was spent already, and a replay it is.
-            let Some(console) = console.map(Arc::new) else {
+            // Not the token's first connection: a replay.
+            let Some(console) = first.map(Arc::new) else {
                 let end = refuse(ChannelRefusal::Spent, link_error::PERMISSION_DENIED).await;
                 return (end, ctx.id, domain);
             };
             domain = console.domain.clone();
-            let slot = match admit(&ctx.claims, &console.domain) {
+            let slot = match ctx
+                .env
+                .take_slot(ctx.id, ctx.client, &ctx.claims, &console.domain)
+            {
                 Ok(slot) => slot,
                 Err(end) => {
                     btx.binary(link_refusal(link_error::PERMISSION_DENIED))
@@ -418,11 +373,6 @@ pub async fn run(
                     return (close(&btx, end).await, ctx.id, domain);
                 }
             };
-            // Spent: on record before anything of the session goes on.
-            if let Err(e) = ctx.audit.token_used(&ctx.claims, ctx.client).await {
-                btx.binary(link_refusal(link_error::ERROR)).await;
-                return (close(&btx, audit_failed(e)).await, ctx.id, domain);
-            }
             let joined = Joined {
                 session: ctx.id,
                 idle: Arc::new(Idle::default()),
@@ -430,9 +380,10 @@ pub async fn run(
                 keyboard: Arc::new(Mutex::new(Keyboard::new())),
                 inputs: Arc::new(OpenInputs::new()),
             };
-            ctx.sessions
+            ctx.env
+                .spice_sessions
                 .register(ctx.claims.nonce, ctx.client.ip(), &joined);
-            (Admission::Main(slot), joined)
+            (Some(slot), joined)
         }
         (channel_type::MAIN, _) => {
             let end = refuse(ChannelRefusal::SecondMain, link_error::PERMISSION_DENIED).await;
@@ -452,13 +403,14 @@ pub async fn run(
         }
         (_, connection_id) => {
             match ctx
-                .sessions
+                .env
+                .spice_sessions
                 .admits(&ctx.claims.nonce, connection_id, ctx.client.ip())
             {
                 Ok(joined) => {
                     ctx.id = joined.session;
                     domain = joined.console.domain.clone();
-                    (Admission::Secondary, joined)
+                    (None, joined)
                 }
                 Err(why) => {
                     let end = refuse(why, link_error::BAD_CONNECTION_ID).await;
@@ -467,7 +419,7 @@ pub async fn run(
             }
         }
     };
-    if !relays(&ctx.spice, mess.channel_type) {
+    if !relays(&ctx.env.spice, mess.channel_type) {
         // After admission, so the refusal is the session's, on record; before any
         // link toward QEMU, so nothing of the channel reaches the VM.
         btx.binary(link_refusal(link_error::CHANNEL_NOT_AVAILABLE))
@@ -475,6 +427,7 @@ pub async fn run(
         let channel = format!("{chan}:{}", mess.channel_id);
         let client = ctx.client.ip().to_string();
         if let Err(e) = ctx
+            .env
             .audit
             .record(&Event::ChannelRefused {
                 session: ctx.id,
@@ -495,7 +448,7 @@ pub async fn run(
     let end = relay_channel(
         &ctx,
         &joined,
-        &mess,
+        linking,
         bbuf,
         brx,
         &btx,
@@ -505,8 +458,8 @@ pub async fn run(
     )
     .instrument(span)
     .await;
-    if let Admission::Main(slot) = admission {
-        ctx.sessions.forget(&ctx.claims.nonce);
+    if let Some(slot) = main_slot {
+        ctx.env.spice_sessions.forget(&ctx.claims.nonce);
         drop(slot);
     }
     (close(&btx, end).await, ctx.id, domain)
@@ -521,7 +474,7 @@ async fn close(btx: &BrowserTx, end: End) -> End {
 async fn relay_channel(
     ctx: &Ctx,
     joined: &Joined,
-    mess: &LinkMess,
+    linking: handshake::server::Linking,
     mut bbuf: Vec<u8>,
     brx: &mut BrowserRx,
     btx: &BrowserTx,
@@ -531,9 +484,10 @@ async fn relay_channel(
 ) -> End {
     let console = &*joined.console;
     let idle = &*joined.idle;
+    let mess = linking.mess().clone();
     let linked = tokio::time::timeout(
-        ctx.handshake_timeout,
-        link_both(ctx, console, mess, &mut bbuf, brx, btx),
+        ctx.env.handshake_timeout,
+        link_both(ctx, console, linking, &mut bbuf, brx, btx),
     )
     .await;
     let (up, target, ubuf, kind) = match linked {
@@ -550,6 +504,7 @@ async fn relay_channel(
     let client = ctx.client.to_string();
     let channel_label = format!("spice:{chan}:{}", mess.channel_id);
     if let Err(e) = ctx
+        .env
         .audit
         .record(&Event::SessionStart {
             session: ctx.id,
@@ -569,7 +524,7 @@ async fn relay_channel(
         return audit_failed(e);
     }
     info!(header = ?kind, "SPICE channel relaying");
-    let hold = ctx.live.hold(
+    let hold = ctx.env.live.hold(
         Identity {
             id: ctx.id,
             kind: ctx.claims.kind,
@@ -581,14 +536,16 @@ async fn relay_channel(
         Some(format!("{chan}:{}", mess.channel_id)),
     );
     brx.pings().measure_live(hold.live().clone());
-    let meter = Meter::new(&ctx.metrics, "spice", hold.live().clone());
-    ctx.metrics
+    let meter = Meter::new(&ctx.env.metrics, "spice", hold.live().clone());
+    ctx.env
+        .metrics
         .handshake_seconds
         .with_label_values(&["spice"])
         .observe(started.elapsed().as_secs_f64());
     let rtt = RoundTrips {
         histogram: Some(
-            ctx.metrics
+            ctx.env
+                .metrics
                 .frame_latency_seconds
                 .with_label_values(&["spice"]),
         ),
@@ -598,9 +555,10 @@ async fn relay_channel(
     let end = tokio::select! {
         end = relay(ctx, mess.channel_type, kind, up.stream.boxed(), ubuf, bbuf, brx, btx, &meter, &rtt, idle, joined) => end,
         _ = shutdown.wait_for(|s| *s) => End::Shutdown,
-        _ = idle.expired(ctx.idle_timeout) => End::Idle(idle.idle_for()),
+        _ = idle.expired(ctx.env.idle_timeout) => End::Idle(idle.idle_for()),
     };
     if let Err(e) = ctx
+        .env
         .audit
         .record(&meter.session_end(
             ctx.id,
@@ -622,17 +580,17 @@ async fn relay_channel(
 async fn link_both(
     ctx: &Ctx,
     console: &Console,
-    mess: &LinkMess,
+    linking: handshake::server::Linking,
     bbuf: &mut Vec<u8>,
     brx: &mut BrowserRx,
     btx: &BrowserTx,
 ) -> Result<(VmLink, Target, Vec<u8>, HeaderKind), End> {
-    let limits = ctx.vm_limits;
+    let limits = ctx.env.spice_vm_limits;
     let connecting = Instant::now();
-    let (mut up, target, tls) = match (ctx.upstream_tls.as_deref(), &console.tls_target) {
+    let (mut up, target, tls) = match (ctx.env.upstream_tls.as_deref(), &console.tls_target) {
         // SPICE's TLS port speaks TLS from the first byte.
         (Some(tls), Some(target)) => {
-            let plain = connect(target, ctx.dial).await?;
+            let plain = connect(target, ctx.env.dial).await?;
             (tls.connect(plain.boxed(), target).await?, target.clone(), true)
         }
         (Some(tls), None) if tls.require => {
@@ -648,90 +606,86 @@ async fn link_both(
             ))
         }
         _ => (
-            connect(&console.target, ctx.dial).await?.boxed(),
+            connect(&console.target, ctx.env.dial).await?.boxed(),
             console.target.clone(),
             false,
         ),
     };
-    ctx.metrics
+    ctx.env
+        .metrics
         .upstream_connect_seconds
         .with_label_values(&["spice"])
         .observe(connecting.elapsed().as_secs_f64());
     let mut ubuf = Vec::new();
-    let mut forwarded = mess.clone();
-    // vizor cannot take part in SASL; it authenticates with the ticket.
-    forwarded.common_caps.clear(cap::AUTH_SASL);
-    forwarded.common_caps.set(cap::AUTH_SPICE);
     let mut out = Vec::new();
-    forwarded.write(&mut out);
+    let expect_reply = handshake::client::start(linking.mess(), limits, &mut out);
     write_upstream(&mut up, &out).await?;
-    let reply = read_until(&mut up, &mut ubuf, "link reply", |b| {
-        LinkReply::parse(b, &limits)
-    })
+    let mut vm = Upstream(&mut up, "SPICE link");
+    let replied = link_step(
+        &mut vm,
+        &mut ubuf,
+        expect_reply,
+        Direction::VmToBrowser,
+        |s, b| s.receive(b),
+    )
     .await?;
-    if reply.error != link_error::OK {
-        btx.binary(link_refusal(reply.error)).await;
+    if let Some(code) = replied.refused() {
+        btx.binary(link_refusal(code)).await;
         return Err(End::vm(
             VmFailure::Link,
             format!(
                 "the VM refused the SPICE link: {}",
-                link_error::describe(reply.error)
+                link_error::describe(code)
             ),
         ));
     }
-    let mut offered = reply.common_caps.clone();
-    offered.clear(cap::AUTH_SASL);
     out.clear();
-    LinkReply {
-        error: link_error::OK,
-        pub_key: ctx.key.der.clone(),
-        common_caps: offered.clone(),
-        channel_caps: reply.channel_caps.clone(),
-    }
-    .write(&mut out);
+    let expect_auth = linking.reply(replied.reply(), &ctx.env.spice_key.der, &mut out);
     if !btx.binary(std::mem::take(&mut out)).await {
         return Err(End::BrowserClosed);
     }
     // The browser's ticket is read and dropped: its token already authenticated it.
-    let browser_selects = mess.common_caps.has(cap::PROTOCOL_AUTH_SELECTION)
-        && offered.has(cap::PROTOCOL_AUTH_SELECTION);
-    if browser_selects {
-        let mech = browser_until(brx, bbuf, |b| Ok(link::parse_u32(b))).await?;
-        if mech != cap::AUTH_SPICE {
-            btx.binary(link_error::PERMISSION_DENIED.to_le_bytes().to_vec())
-                .await;
-            return Err(End::spice_protocol(
-                Direction::BrowserToVm,
-                &vizor_spice::Error::Malformed {
-                    what: "SPICE link",
-                    why: "an authentication mechanism vizor did not offer",
-                },
-            ));
+    let mut refusal = Vec::new();
+    let expect_ticket = match link_step(brx, bbuf, expect_auth, Direction::BrowserToVm, |s, b| {
+        s.receive(b, &mut refusal)
+    })
+    .await
+    {
+        Ok(t) => t,
+        Err(end) => {
+            if !refusal.is_empty() {
+                btx.binary(refusal).await;
+            }
+            return Err(end);
         }
-    }
-    browser_until(brx, bbuf, |b| Ok(link::parse_ticket(b))).await?;
+    };
+    let ticketed = link_step(brx, bbuf, expect_ticket, Direction::BrowserToVm, |s, b| {
+        Ok(s.receive(b))
+    })
+    .await?;
     let password = console
         .password
         .as_ref()
         .map(|p| p.as_bytes())
         .unwrap_or_default();
-    let encrypted = ticket(&reply.pub_key, password)?;
+    let encrypted = ticket(&replied.reply().pub_key, password)?;
     out.clear();
-    if forwarded.common_caps.has(cap::PROTOCOL_AUTH_SELECTION)
-        && reply.common_caps.has(cap::PROTOCOL_AUTH_SELECTION)
-    {
-        out.extend_from_slice(&cap::AUTH_SPICE.to_le_bytes());
-    }
-    out.extend_from_slice(&encrypted);
-    write_upstream(&mut up, &out).await?;
-    let result = read_until(&mut up, &mut ubuf, "link result", |b| {
-        Ok(link::parse_u32(b))
-    })
+    let expect_result = replied.send_ticket(&encrypted, &mut out);
+    write_upstream(&mut vm.0, &out).await?;
+    let result = link_step(
+        &mut vm,
+        &mut ubuf,
+        expect_result,
+        Direction::VmToBrowser,
+        |s, b| Ok(s.receive(b)),
+    )
     .await?;
-    if !btx.binary(result.to_le_bytes().to_vec()).await {
+    out.clear();
+    let header = ticketed.result(result, &mut out);
+    if !btx.binary(out).await {
         return Err(End::BrowserClosed);
     }
-    if result != link_error::OK {
+    let Some(kind) = header else {
         return Err(if result == link_error::PERMISSION_DENIED {
             End::vm(VmFailure::Auth, "authentication to the VM failed")
         } else {
@@ -743,12 +697,6 @@ async fn link_both(
                 ),
             )
         });
-    }
-    let kind = if mess.common_caps.has(cap::MINI_HEADER) && reply.common_caps.has(cap::MINI_HEADER)
-    {
-        HeaderKind::Mini
-    } else {
-        HeaderKind::Full
     };
     let link = VmLink {
         stream: Conn::Other(up),
@@ -783,7 +731,7 @@ async fn relay(
     // too early. Full headers need the next client serial.
     let display_init_seen = AtomicBool::new(channel != channel_type::DISPLAY);
     let last_serial = AtomicU64::new(0);
-    let agent = AgentShared::new(ctx.spice.file_transfer);
+    let agent = AgentShared::new(ctx.env.spice.file_transfer);
     if channel == channel_type::INPUTS {
         // An earlier client may have left a prefix half-sent in QEMU's decoder, which
         // outlives clients: cleared first, so vizor's model is QEMU's.
@@ -803,8 +751,8 @@ async fn relay(
     }
     let browser_to_vm = async {
         let mut strokes = Vec::new();
-        let mut dec = Decoder::new(kind, ctx.browser_limits);
-        let mut agent_in = AgentStream::new(ctx.browser_limits);
+        let mut dec = Decoder::new(kind, ctx.env.spice_browser_limits);
+        let mut agent_in = AgentStream::new(ctx.env.spice_browser_limits);
         let mut follower = AgentFollower::default();
         let mut buf = early_browser;
         loop {
@@ -821,7 +769,7 @@ async fn relay(
                         &vizor_spice::Error::LengthTooLarge {
                             what: "SPICE message",
                             len: u64::from(header.size),
-                            max: ctx.browser_limits.max_message_len as u64,
+                            max: ctx.env.spice_browser_limits.max_message_len as u64,
                         },
                     ));
                 }
@@ -895,7 +843,8 @@ async fn relay(
                             .await?;
                         }
                         msg::ClientMessage::MousePress { button, .. } => {
-                            ctx.audit
+                            ctx.env
+                                .audit
                                 .record(&Event::Button {
                                     session: ctx.id,
                                     button: crate::audit::spice_button(button),
@@ -930,8 +879,8 @@ async fn relay(
         }
     };
     let vm_to_browser = async {
-        let mut dec = Decoder::new(kind, ctx.vm_limits);
-        let mut agent_out = AgentStream::new(ctx.vm_limits);
+        let mut dec = Decoder::new(kind, ctx.env.spice_vm_limits);
+        let mut agent_out = AgentStream::new(ctx.env.spice_vm_limits);
         let mut follower = AgentFollower::default();
         let mut buf = BytesMut::with_capacity(64 * 1024);
         buf.extend_from_slice(&early_up);
@@ -951,9 +900,9 @@ async fn relay(
                         // The channels vizor refuses are not offered: a browser does
                         // not try them (spice-html5 links every port channel listed).
                         msg::ServerMessage::ChannelsList(list)
-                            if list.iter().any(|(t, _)| !relays(&ctx.spice, t)) =>
+                            if list.iter().any(|(t, _)| !relays(&ctx.env.spice, t)) =>
                         {
-                            let body = list.filtered(|t| relays(&ctx.spice, t));
+                            let body = list.filtered(|t| relays(&ctx.env.spice, t));
                             let mut out = Vec::new();
                             write_message(
                                 kind,
@@ -966,7 +915,9 @@ async fn relay(
                             instead = Some(out);
                         }
                         msg::ServerMessage::MainInit { session_id, .. } => {
-                            ctx.sessions.set_session_id(ctx.claims.nonce, session_id);
+                            ctx.env
+                                .spice_sessions
+                                .set_session_id(ctx.claims.nonce, session_id);
                             debug!(session_id, "SPICE session linked");
                         }
                         msg::ServerMessage::AgentData(chunk) => {
@@ -1106,7 +1057,8 @@ async fn locks_reported(
     lock(keyboard)?.server_locks(bits);
     let locks = Locks::from_bits(bits);
     if last.replace(locks) != Some(locks) {
-        ctx.audit
+        ctx.env
+            .audit
             .locks(ctx.id, locks, source)
             .await
             .map_err(audit_failed)?;
@@ -1123,7 +1075,8 @@ async fn record_strokes(ctx: &Ctx, strokes: &mut Vec<Stroke>) -> Result<(), End>
             keysym: None,
             mismatch: false,
         };
-        ctx.audit
+        ctx.env
+            .audit
             .stroke(ctx.id, &event)
             .await
             .map_err(audit_failed)?;
@@ -1490,7 +1443,8 @@ impl AgentFollower {
 
 /// Writes what an agent transfer record says.
 async fn record_transfer(ctx: &Ctx, r: &transfers::Record) -> Result<(), End> {
-    ctx.audit
+    ctx.env
+        .audit
         .record(&Event::FileTransfer {
             session: ctx.id,
             direction: r.way.direction(),
@@ -1515,11 +1469,12 @@ async fn follow_agent(
     from: AgentSide,
     shared: &AgentShared,
 ) -> Result<(), End> {
-    let keep = ctx.audit.clipboard_content();
+    let keep = ctx.env.audit.clipboard_content();
     let fed = follower.feed(stream, chunk, from, shared, keep);
     for r in &fed.records {
         match r {
             AgentRecord::Clipboard(clip) => ctx
+                .env
                 .audit
                 .record(&clip.event(ctx.id, from.direction()))
                 .await
@@ -1530,7 +1485,8 @@ async fn follow_agent(
                     Some((id, name, size)) => (Some(*id), Some(name.as_str()), Some(*size)),
                     None => (None, None, None),
                 };
-                ctx.audit
+                ctx.env
+                    .audit
                     .record(&Event::FileTransfer {
                         session: ctx.id,
                         direction: way.direction(),

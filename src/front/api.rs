@@ -1,0 +1,358 @@
+//! The management API: `GET /api/v1/domains/{name-or-uuid}/console` (tokens) and
+//! `GET /api/v1/sessions`, behind the admin bearer key.
+
+use super::*;
+
+pub(super) fn bearer_matches(req: &Request<Incoming>, key: &str) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    // Constant time in the key's content; lengths differing is not a secret.
+    given.len() == key.len() && bool::from(given.as_bytes().ct_eq(key.as_bytes()))
+}
+
+/// A management API endpoint.
+#[derive(Clone, Copy)]
+pub(super) enum Endpoint<'a> {
+    /// `GET /api/v1/sessions`.
+    Sessions,
+    /// `GET /api/v1/domains/{name-or-uuid}/console`.
+    Console(&'a str),
+}
+
+/// Why an API request was not answered with what it asked for.
+pub(super) struct ApiError {
+    status: StatusCode,
+    /// A stable label: the answer's `reason`, the audit record's and the metrics'.
+    reason: &'static str,
+    error: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, reason: &'static str, error: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            reason,
+            error: error.into(),
+        }
+    }
+
+    fn bad_key(error: &str) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, "bad_key", error)
+    }
+
+    /// Whether the request was not authenticated (the key was missing or wrong, or
+    /// there is no API): refused like a bad token, per client and interval.
+    fn unauthenticated(&self) -> bool {
+        matches!(self.reason, "bad_key" | "api_disabled")
+    }
+}
+
+/// Counts, logs and audits a refused API (or `/metrics`) request. Unauthenticated
+/// ones are handled as refused tokens are: recorded once per client, reason and
+/// interval and summed up after, counted against the client's failed-attempt
+/// allowance (a wrong key); an admin's failed requests are each recorded.
+pub(super) fn api_refused(
+    app: &App,
+    peer: SocketAddr,
+    endpoint: &'static str,
+    domain: Option<&str>,
+    e: &ApiError,
+) {
+    app.metrics()
+        .api_requests_total
+        .with_label_values(&[endpoint, e.status.as_str()])
+        .inc();
+    let domain = domain.map(|d| {
+        let mut end = d.len().min(200);
+        while !d.is_char_boundary(end) {
+            end -= 1;
+        }
+        &d[..end]
+    });
+    let event = Event::ApiRefused {
+        client: &peer.to_string(),
+        endpoint,
+        status: e.status.as_u16(),
+        reason: e.reason,
+        domain,
+    };
+    if e.unauthenticated() {
+        app.metrics()
+            .auth_refusals_total
+            .with_label_values(&["api", e.reason])
+            .inc();
+        refusal(app, peer, e.reason, || {
+            warn!(client = %peer, endpoint, status = e.status.as_u16(), reason = e.reason,
+                "API request refused (more of this client and reason this interval are counted, not logged)");
+            app.audit().record_refusal(&event)
+        });
+        if e.reason == "bad_key" {
+            failed_attempt(app, peer);
+        }
+    } else {
+        warn!(client = %peer, endpoint, status = e.status.as_u16(), reason = e.reason, domain, error = %e.error, "API request failed");
+        app.audit().record_nowait(&event);
+    }
+}
+
+/// Serves a management API request: the client's allowance, then the admin key, then
+/// the endpoint; every answer counted, every refusal audited.
+pub(super) async fn api(
+    app: &App,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+    endpoint: Endpoint<'_>,
+) -> Resp {
+    let (name, domain) = match endpoint {
+        Endpoint::Sessions => ("sessions", None),
+        Endpoint::Console(d) => ("console", Some(d)),
+    };
+    if let Some(refused) = throttled(app, peer) {
+        app.metrics()
+            .api_requests_total
+            .with_label_values(&[name, StatusCode::TOO_MANY_REQUESTS.as_str()])
+            .inc();
+        return refused;
+    }
+    let answer = match admin_check(app, req) {
+        Err(e) => Err(e),
+        Ok(()) => match endpoint {
+            Endpoint::Sessions => Ok(api_sessions(app)),
+            Endpoint::Console(domain) => api_console(app, peer, domain, req).await,
+        },
+    };
+    match answer {
+        Ok(resp) => {
+            app.metrics()
+                .api_requests_total
+                .with_label_values(&[name, resp.status().as_str()])
+                .inc();
+            resp
+        }
+        Err(e) => {
+            api_refused(app, peer, name, domain, &e);
+            json(
+                e.status,
+                &serde_json::json!({"error": e.error, "reason": e.reason}),
+            )
+        }
+    }
+}
+
+/// Checks the admin bearer key.
+pub(super) fn admin_check(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let Some(key) = &app.admin_key else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "api_disabled",
+            "the management API is disabled (no [api] admin_key_file)",
+        ));
+    };
+    if !bearer_matches(req, key) {
+        return Err(ApiError::bad_key(
+            "a valid Authorization: Bearer <admin key> header is required",
+        ));
+    }
+    Ok(())
+}
+
+/// `GET /api/v1/sessions`: the live sessions, oldest first.
+pub(super) fn api_sessions(app: &App) -> Resp {
+    let ms = |q: Option<crate::live::Quantiles>| match q {
+        Some(q) => serde_json::json!({
+            "p50": q.p50 * 1000.0,
+            "p99": q.p99 * 1000.0,
+            "samples": q.samples,
+        }),
+        None => serde_json::Value::Null,
+    };
+    let sessions: Vec<serde_json::Value> = app
+        .live()
+        .list()
+        .iter()
+        .map(|l| {
+            let s = l.snapshot();
+            fn each<T: serde::Serialize + Copy>(v: [T; 2]) -> serde_json::Value {
+                serde_json::json!({
+                    Direction::BrowserToVm.as_str(): v[Direction::BrowserToVm as usize],
+                    Direction::VmToBrowser.as_str(): v[Direction::VmToBrowser as usize],
+                })
+            }
+            serde_json::json!({
+                "id": l.id,
+                "user": l.user,
+                "domain": l.domain,
+                "kind": l.kind.as_str(),
+                "client": l.client.to_string(),
+                "token_id": l.token_id,
+                "started_at": humantime::format_rfc3339_seconds(l.started).to_string(),
+                "channels": s.channels,
+                "bytes": each(s.bytes),
+                "bytes_per_second": each(s.rate),
+                "frame_latency_ms": ms(s.latency[Latency::Frame as usize]),
+                "input_to_display_ms": ms(s.latency[Latency::InputToDisplay as usize]),
+                "client_rtt_ms": ms(s.latency[Latency::ClientRtt as usize]),
+            })
+        })
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({"sessions": sessions}))
+}
+
+/// `GET /api/v1/domains/{name-or-uuid}/console`: a token for the domain's console,
+/// on record before it is answered.
+pub(super) async fn api_console(
+    app: &App,
+    peer: SocketAddr,
+    domain: &str,
+    req: &Request<Incoming>,
+) -> Result<Resp, ApiError> {
+    let bad = |error: &str| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", error);
+    // Without `?kind=`: VNC, or the only kind of console the domain has.
+    let asked = query_param(req, "kind")
+        .map(|k| k.parse::<ConsoleKind>())
+        .transpose()
+        .map_err(|e| bad(&e))?;
+    if domain.is_empty() || domain.contains('/') {
+        return Err(bad("a domain name or UUID is required"));
+    }
+    // The management plane says whose session it is: audited, and counted by
+    // `[limits] max_sessions_per_user`.
+    let user = match query_param(req, "user") {
+        None => "api".to_owned(),
+        Some(u)
+            if !u.is_empty()
+                && u.len() <= crate::token::MAX_USER_LEN
+                && !u.chars().any(char::is_control) =>
+        {
+            u
+        }
+        Some(_) => return Err(bad("user must be 1 to 256 bytes, no control characters")),
+    };
+    // `?client=`: the token admits the browser at this address alone.
+    let client = match query_param(req, "client").map(|c| c.parse::<std::net::IpAddr>()) {
+        None => None,
+        Some(Ok(ip)) => Some(ip),
+        Some(Err(_)) => return Err(bad("client must be an IPv4 or IPv6 address")),
+    };
+    let named = DomainRef::NameOrUuid(domain.to_owned());
+    let console = match lookup(app, named.clone(), asked.unwrap_or(ConsoleKind::Vnc)).await {
+        Err(LookupError::NoGraphics { has, .. }) if asked.is_none() && has.len() == 1 => {
+            lookup(app, named, has[0]).await
+        }
+        r => r,
+    }
+    .map_err(api_lookup_failed)?;
+    let kind = console.kind;
+    let Some(uuid) = crate::token::parse_uuid(&console.uuid) else {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "bad_uuid",
+            format!(
+                "libvirt gave domain {:?} the UUID {:?}",
+                console.domain, console.uuid
+            ),
+        ));
+    };
+    let ttl = app.config.tokens.ttl;
+    let expires_at = unix_now() + ttl.as_secs();
+    let expires = UNIX_EPOCH + Duration::from_secs(expires_at);
+    // The token opens this domain, by UUID: another domain defined later under the same
+    // name is not it.
+    let domain = console.domain.as_str();
+    let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
+    let claims = Claims::new(domain, uuid, kind, &user, expires_at)
+        .map(|c| match client {
+            Some(ip) => c.bound_to(ip),
+            None => c,
+        })
+        .map_err(|e| internal(e.to_string()))?;
+    let token = app.key.seal(&claims).map_err(|e| internal(e.to_string()))?;
+    let token_id = claims.token_id();
+    // On record before anyone holds it.
+    app.audit()
+        .record(&Event::TokenIssued {
+            token_id: &token_id,
+            by: "api",
+            requester: &peer.to_string(),
+            user: &user,
+            domain,
+            uuid: &console.uuid,
+            kind,
+            ttl_s: ttl.as_secs(),
+            expires_at: humantime::format_rfc3339_seconds(expires).to_string(),
+            bound_client: client.map(|c| c.to_string()),
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_error",
+                format!("the audit log cannot be written, so no token is issued: {e}"),
+            )
+        })?;
+    info!(domain, %kind, token = %token_id, user, client = ?client, requester = %peer, "token issued by the API");
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "kind": kind.as_str(),
+            "token": token,
+            "ws_path": format!("/websockify?token={token}"),
+            "console_url": format!("/console?token={token}"),
+            "expires_at": humantime::format_rfc3339_seconds(expires).to_string(),
+        }),
+    ))
+}
+
+/// The API's answer to a failed lookup.
+pub(super) fn api_lookup_failed(e: LookupError) -> ApiError {
+    let status = match e {
+        LookupError::NoSuchDomain(_) => StatusCode::NOT_FOUND,
+        LookupError::Unreachable { .. } | LookupError::BadXml { .. } => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::CONFLICT,
+    };
+    ApiError::new(status, e.reason(), e.to_string())
+}
+
+/// `/metrics` on the main listener: only for the metrics or admin bearer key. The
+/// series name users and domains, and the key counter moves with every keystroke.
+pub(super) fn metrics_here(app: &App, peer: SocketAddr, req: &Request<Incoming>) -> Resp {
+    let count = |code: StatusCode| {
+        app.metrics()
+            .api_requests_total
+            .with_label_values(&["metrics", code.as_str()])
+            .inc();
+    };
+    let keys: Vec<&str> = [&app.metrics_key, &app.admin_key]
+        .into_iter()
+        .flatten()
+        .map(|k| k.as_str())
+        .collect();
+    if keys.is_empty() {
+        count(StatusCode::NOT_FOUND);
+        return text(
+            StatusCode::NOT_FOUND,
+            "metrics are not served here: read them on [server] metrics_listen, or set [metrics] key_file and send it as Authorization: Bearer\n",
+        );
+    }
+    if let Some(refused) = throttled(app, peer) {
+        count(StatusCode::TOO_MANY_REQUESTS);
+        return refused;
+    }
+    // Every key is compared, so the time taken does not say which one matched.
+    let matched = keys
+        .iter()
+        .fold(false, |any, k| bearer_matches(req, k) | any);
+    if !matched {
+        let e = ApiError::bad_key("a valid Authorization: Bearer <metrics key> header is required");
+        api_refused(app, peer, "metrics", None, &e);
+        return text(e.status, &format!("{}\n", e.error));
+    }
+    count(StatusCode::OK);
+    metrics_response(app.metrics())
+}

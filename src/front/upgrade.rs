@@ -1,0 +1,441 @@
+//! The console WebSocket: origin check, upgrade, the console page, and one console
+//! connection from its token to its close frame.
+
+use super::*;
+
+/// Logs how a session ended: at warn, with what to do, when QEMU refused the password
+/// libvirt stores (the one line that says so).
+pub(super) fn log_end(end: &End) {
+    if end.upstream_failure() == Some(session::VmFailure::Auth) {
+        warn!(reason = %end, label = end.label(),
+            "session ended: QEMU refused vizor's authentication. If the console's password was changed outside libvirt (QEMU's monitor: set_password, change vnc password), libvirt still holds the old one: set it through libvirt (virsh update-device) or restart the domain");
+    } else {
+        info!(reason = %end, label = end.label(), ended_by = end.side().as_str(), "session ended");
+    }
+}
+
+/// Counts how a session (a SPICE channel) ended, and audits a protocol error or a
+/// failure toward the VM.
+pub(super) fn record_end(app: &App, kind: ConsoleKind, session: u64, domain: &str, end: &End) {
+    if let Some((direction, reason)) = end.protocol() {
+        app.audit().record_nowait(&Event::ProtocolError {
+            session,
+            direction: direction.as_str(),
+            reason,
+            detail: &end.reason(),
+        });
+    } else if let Some(failure) = end.upstream_failure() {
+        app.audit().record_nowait(&Event::UpstreamFailure {
+            session,
+            domain,
+            reason: failure.label(),
+            detail: &end.reason(),
+        });
+    } else if matches!(end, End::Internal(_)) {
+        app.audit().record_nowait(&Event::UpstreamFailure {
+            session,
+            domain,
+            reason: end.label(),
+            detail: &end.reason(),
+        });
+    }
+    let m = app.metrics();
+    m.sessions_total
+        .with_label_values(&[kind.as_str(), end.label()])
+        .inc();
+    if let Some((direction, cause)) = end.protocol() {
+        m.protocol_errors_total
+            .with_label_values(&[kind.as_str(), direction.as_str(), cause])
+            .inc();
+    }
+    if end.upstream_failure() == Some(session::VmFailure::Auth) {
+        m.auth_refusals_total
+            .with_label_values(&["upstream", end.label()])
+            .inc();
+    }
+}
+
+/// Stops a background task when dropped.
+pub(super) struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Counts a session as live while it is held.
+pub(super) struct Active<'a>(&'a Metrics, ConsoleKind);
+
+impl<'a> Active<'a> {
+    fn new(m: &'a Metrics, kind: ConsoleKind) -> Self {
+        m.sessions_active.with_label_values(&[kind.as_str()]).inc();
+        Active(m, kind)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0
+            .sessions_active
+            .with_label_values(&[self.1.as_str()])
+            .dec();
+    }
+}
+
+/// Browsers name the page that opens a WebSocket in `Origin`. A console may be opened
+/// from vizor's own origin (`Origin`'s host and port are the request's `Host`) or from
+/// one `allowed_origins` lists; a request without `Origin` does not come from a web
+/// page and is let through to the token check. `Err` holds the refused origin (at most
+/// 200 characters, for the log).
+pub(super) fn origin_allowed(allowed: &[String], req: &Request<Incoming>) -> Result<(), String> {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let shown = || {
+        String::from_utf8_lossy(origin.as_bytes())
+            .chars()
+            .take(200)
+            .collect::<String>()
+    };
+    let Ok(origin) = origin.to_str() else {
+        return Err(shown());
+    };
+    let origin = origin.to_ascii_lowercase();
+    if allowed.contains(&origin) {
+        return Ok(());
+    }
+    let authority = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    match (authority, host) {
+        (Some(a), Some(h)) if !a.is_empty() && a == h => Ok(()),
+        _ => Err(shown()),
+    }
+}
+
+pub(super) fn websocket(app: Arc<App>, peer: SocketAddr, req: &mut Request<Incoming>) -> Resp {
+    let token = query_param(req, "token");
+    let wants_binary = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "binary");
+    // RFC 6455 4.4: a version the server does not speak gets 426 naming the one it does.
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        let mut r = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "bad WebSocket upgrade: Sec-WebSocket-Version must be 13\n",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            header::HeaderValue::from_static("13"),
+        );
+        return r;
+    }
+    let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut *req) {
+        Ok(x) => x,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("bad WebSocket upgrade: {e}\n"),
+            )
+        }
+    };
+    let mut resp = resp.map(|_| Full::new(Bytes::new()));
+    if wants_binary {
+        resp.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            header::HeaderValue::from_static("binary"),
+        );
+    }
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(ws) => console(app, peer, token, ws).await,
+            Err(e) => warn!(client = %peer, error = %e, "WebSocket upgrade failed"),
+        }
+    });
+    resp
+}
+
+/// `GET /console?token=`: the console page for a good token, or a page saying in words
+/// why there is none. The token is checked but not spent: the page's WebSocket spends it.
+pub(super) fn console_page(app: &App, peer: SocketAddr, req: &Request<Incoming>) -> Resp {
+    let Some(token) = query_param(req, "token").filter(|t| !t.is_empty()) else {
+        return console::error_page(
+            StatusCode::BAD_REQUEST,
+            "This console link has no token",
+            "Open the console with the whole link you were given.",
+        );
+    };
+    let now = unix_now();
+    let claims = match app.key.open(&token, now) {
+        Ok(c) => c,
+        Err(e) => return console_refused(app, peer, &e, None),
+    };
+    if let Err(e) = claims.admits(peer.ip()) {
+        return console_refused(app, peer, &e, Some(&claims.token_id()));
+    }
+    let used = app
+        .replay
+        .lock()
+        .map(|r| r.is_used(&claims, now))
+        .unwrap_or(true);
+    if used {
+        return console_refused(app, peer, &TokenError::Replayed, Some(&claims.token_id()));
+    }
+    console::client_page(&app.config.console, claims.kind, &claims.domain)
+}
+
+pub(super) fn console_refused(
+    app: &App,
+    peer: SocketAddr,
+    e: &TokenError,
+    token_id: Option<&str>,
+) -> Resp {
+    token_refused(
+        app,
+        peer,
+        e.reason(),
+        token_id,
+        "console page",
+        &e.to_string(),
+    );
+    let (heading, detail) = match e {
+        TokenError::Expired { .. } => (
+            "This console link has expired",
+            "Console links are good for a short time only. Ask for a new one.",
+        ),
+        TokenError::Replayed => (
+            "This console link was already used",
+            "Each console link opens one session. Ask for a new one.",
+        ),
+        TokenError::ReplayCacheFull => ("Too many consoles are starting", "Try again in a moment."),
+        TokenError::WrongClient { .. } => (
+            "This console link is for another computer",
+            "It was issued for another network address. Ask for a new one.",
+        ),
+        _ => (
+            "This console link is not valid",
+            "It may be incomplete or damaged. Ask for a new one.",
+        ),
+    };
+    console::error_page(StatusCode::FORBIDDEN, heading, detail)
+}
+
+/// How long a closed console waits for the browser's close frame before its
+/// connection is dropped.
+pub(super) const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+pub(super) async fn console(
+    app: Arc<App>,
+    peer: SocketAddr,
+    token: Option<String>,
+    ws: fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+) {
+    let (mut brx, btx) = session::browser::split(
+        ws,
+        app.env.browser_limits.max_message_len + 64,
+        app.config.limits.send_timeout,
+    );
+    // Whatever ended it, vizor's close frame is out: the browser's answer is awaited
+    // before the connection closes (a session still counts as live meanwhile, so a
+    // shutdown waits for it too).
+    let guard = console_session(app, peer, token, &mut brx, btx).await;
+    brx.linger(CLOSE_LINGER).await;
+    drop(guard);
+}
+
+/// One console connection, from its token to its close frame; holds the session's
+/// place among the live ones, if it became one.
+pub(super) async fn console_session(
+    app: Arc<App>,
+    peer: SocketAddr,
+    token: Option<String>,
+    brx: &mut session::browser::BrowserRx,
+    btx: session::browser::BrowserTx,
+) -> Option<SessionGuard> {
+    let refuse = |reason: &'static str, token_id: Option<&str>, told: &str, detail: &str| {
+        token_refused(&app, peer, reason, token_id, "console", detail);
+        let told = told.to_owned();
+        let btx = btx.clone();
+        async move {
+            btx.close(1008, &told).await;
+            None
+        }
+    };
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return refuse(
+            "missing_token",
+            None,
+            "missing token",
+            "no token in the URL",
+        )
+        .await;
+    };
+    let now = unix_now();
+    let claims: Claims = match app.key.open(&token, now) {
+        Ok(c) => c,
+        Err(e) => return refuse(e.reason(), None, token_message(&e), &e.to_string()).await,
+    };
+    let token_id = claims.token_id();
+    // A token bound to another address is refused before it is spent: whoever
+    // copied it cannot use it, nor use it up for its holder.
+    let refuse_token = |e: TokenError| {
+        refuse(
+            e.reason(),
+            Some(&token_id),
+            token_message(&e),
+            &e.to_string(),
+        )
+    };
+    if let Err(e) = claims.admits(peer.ip()) {
+        return refuse_token(e).await;
+    }
+    // The token is good: measure this browser's round trip while it is connected.
+    let pings = brx.pings();
+    pings.measure_into(
+        app.metrics()
+            .client_rtt_seconds
+            .with_label_values(&[claims.kind.as_str()]),
+    );
+    let pinger = AbortOnDrop(btx.start_pinging(pings, app.config.server.ping_interval));
+    // The token's first connection spends it. A SPICE token then admits its session's
+    // other channels too (each names the session its main channel was given), so a
+    // spent SPICE token goes on to its session's channels, where it is checked.
+    let admitted = app
+        .replay
+        .lock()
+        .map_err(|_| TokenError::ReplayCacheFull)
+        .and_then(|mut r| r.admit(&claims, now));
+    let joins = match admitted {
+        Ok(()) => false,
+        Err(TokenError::Replayed) if claims.kind == ConsoleKind::Spice => true,
+        Err(e) => return refuse_token(e).await,
+    };
+    let id = app.next_session.fetch_add(1, Ordering::Relaxed);
+    let kind = claims.kind;
+    // A SPICE channel other than a session's first main channel takes its session's
+    // id, known after its link: its span names the channel's session then.
+    let span = match kind {
+        ConsoleKind::Vnc => {
+            tracing::info_span!("session", id, domain = %claims.domain, kind = %kind, client = %peer, token = %token_id)
+        }
+        ConsoleKind::Spice => {
+            tracing::info_span!("session", domain = %claims.domain, kind = %kind, client = %peer, token = %token_id)
+        }
+    };
+    let guard = app.sessions.enter();
+    let (end, session, domain) = async {
+        let env = app.env.clone();
+        let shutdown = app.close_sessions.clone();
+        let domain = claims.domain.clone();
+        if joins {
+            let _active = Active::new(app.metrics(), kind);
+            let ctx = session::spice::Ctx {
+                env,
+                id,
+                claims,
+                client: peer,
+            };
+            let ended = session::spice::run(ctx, None, brx, btx, shutdown).await;
+            log_end(&ended.0);
+            return ended;
+        }
+        let console = match spend(&app, &claims, peer, &btx).await {
+            Ok(console) => console,
+            Err(end) => return (end, id, domain),
+        };
+        let ended = match kind {
+            ConsoleKind::Vnc => {
+                let domain = console.domain.clone();
+                let _slot = match env.take_slot(id, peer, &claims, &console.domain) {
+                    Ok(slot) => slot,
+                    Err(end) => {
+                        btx.close(end.close_code(), &end.told()).await;
+                        return (end, id, domain);
+                    }
+                };
+                let _active = Active::new(app.metrics(), kind);
+                info!(upstream = %console.target, user = %claims.user, "session starting");
+                let keyboard = env.vm_keyboards.of(&console);
+                let ctx = session::rfb::Ctx {
+                    env,
+                    id,
+                    claims,
+                    client: peer,
+                    console,
+                    keyboard,
+                    participant: crate::policy::Participant::OWNER,
+                };
+                (session::rfb::run(ctx, brx, btx, shutdown).await, id, domain)
+            }
+            ConsoleKind::Spice => {
+                // The session's slot is taken when its main channel links.
+                let _active = Active::new(app.metrics(), kind);
+                let ctx = session::spice::Ctx {
+                    env,
+                    id,
+                    claims,
+                    client: peer,
+                };
+                session::spice::run(ctx, Some(console), brx, btx, shutdown).await
+            }
+        };
+        log_end(&ended.0);
+        ended
+    }
+    .instrument(span)
+    .await;
+    if let End::Refused {
+        why: session::Refusal::Channel(why),
+        ..
+    } = &end
+    {
+        // A SPICE channel its token does not admit counts as a failed token.
+        token_refused(
+            &app,
+            peer,
+            why.label(),
+            Some(&token_id),
+            "SPICE channel",
+            why.label(),
+        );
+    }
+    record_end(&app, kind, session, &domain, &end);
+    drop(pinger);
+    Some(guard)
+}
+
+/// Spends a token that opened its first connection: on record before anything of the
+/// session goes on, then its console looked up. `Err`: the end the browser was told.
+async fn spend(
+    app: &App,
+    claims: &Claims,
+    peer: SocketAddr,
+    btx: &session::browser::BrowserTx,
+) -> Result<Console, End> {
+    let end = match app.audit().token_used(claims, peer).await {
+        Err(e) => session::audit_failed(e),
+        Ok(()) => match lookup(app, DomainRef::Uuid(claims.uuid), claims.kind).await {
+            Ok(console) => return Ok(console),
+            Err(e) => {
+                warn!(reason = e.reason(), error = %e, "console lookup failed");
+                End::lookup(&e)
+            }
+        },
+    };
+    btx.close(end.close_code(), &end.told()).await;
+    Err(end)
+}
