@@ -1,8 +1,8 @@
 //! The `vizor` command line: `serve`, `keygen`, `token`, `audit`.
 
 use crate::audit::ChainKey;
-use crate::config::{check_ttl, Config};
-use crate::token::{Claims, ConsoleKind, TokenKey};
+use crate::config::Config;
+use crate::token::{ConsoleKind, Issued, TokenKey};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -376,7 +376,7 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         } => {
             let config = Config::load(&config)?;
             let ttl: Duration = ttl.map(Into::into).unwrap_or(config.tokens.ttl);
-            check_ttl(ttl)?;
+            crate::token::check_ttl(ttl)?;
             let key = TokenKey::load(&config.tokens.key_file)?;
             let user = user
                 .or_else(|| std::env::var("USER").ok())
@@ -388,13 +388,17 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 .map_err(|e| format!("cannot issue a token for domain {domain:?}: {e}"))?;
             let domain = name;
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-            let mut claims = Claims::new(&domain, uuid, kind, &user, now + ttl.as_secs())?;
-            if let Some(ip) = client {
-                claims = claims.bound_to(ip);
-            }
-            let token = key
-                .seal(&claims)
-                .map_err(|e| format!("cannot seal a token for domain {domain:?}: {e}"))?;
+            let grant = crate::token::Grant {
+                domain: &domain,
+                uuid,
+                kind,
+                user: &user,
+                client,
+                ttl,
+            };
+            let Issued { token, claims } = key
+                .issue(&grant, now)
+                .map_err(|e| format!("cannot issue a token for domain {domain:?}: {e}"))?;
             eprintln!(
                 "vizor: token {} for {kind} console of {domain:?} ({}), user {user:?}{}, valid {}",
                 claims.token_id(),

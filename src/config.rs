@@ -6,9 +6,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The longest token lifetime allowed: tokens are meant to be used within seconds.
-pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
-
 /// Why the configuration could not be loaded. Every message names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -763,19 +760,8 @@ fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error
             "invalid duration {text:?}: {e} (examples: \"60s\", \"5m\")"
         ))
     })?;
-    check_ttl(ttl).map_err(serde::de::Error::custom)?;
+    crate::token::check_ttl(ttl).map_err(serde::de::Error::custom)?;
     Ok(ttl)
-}
-
-/// Checks a token lifetime: at least a second, at most [`MAX_TOKEN_TTL`].
-pub fn check_ttl(ttl: Duration) -> Result<(), String> {
-    if ttl < Duration::from_secs(1) || ttl > MAX_TOKEN_TTL {
-        return Err(format!(
-            "token ttl {} is out of range (1s to 24h)",
-            humantime::format_duration(ttl)
-        ));
-    }
-    Ok(())
 }
 
 /// Why a configuration without `[audit] key_file` is refused, and what to do.

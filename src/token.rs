@@ -43,6 +43,8 @@ const NONCE_LEN: usize = 16;
 pub const MAX_DOMAIN_LEN: usize = 1024;
 /// Longest user id a token may carry.
 pub const MAX_USER_LEN: usize = 256;
+/// The longest token lifetime allowed: tokens are meant to be used within seconds.
+pub const MAX_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 /// Longest token text accepted; anything longer is refused before decoding.
 pub const MAX_TOKEN_LEN: usize = 4096;
 const KEY_FILE_HEADER: &str = "vizor-token-key-v1";
@@ -197,6 +199,67 @@ impl std::str::FromStr for ConsoleKind {
             )),
         }
     }
+}
+
+/// What a token is issued for.
+#[derive(Debug, Clone)]
+pub struct Grant<'a> {
+    /// The domain's name (as libvirt gave it, for pages and logs).
+    pub domain: &'a str,
+    /// The domain's UUID: the console the token opens.
+    pub uuid: [u8; 16],
+    /// Console kind.
+    pub kind: ConsoleKind,
+    /// Whose session it is (audited, and counted by `[limits] max_sessions_per_user`).
+    pub user: &'a str,
+    /// The one browser address the token admits, if any.
+    pub client: Option<IpAddr>,
+    /// How long the token is good for.
+    pub ttl: std::time::Duration,
+}
+
+/// A token just issued, with its claims.
+pub struct Issued {
+    /// The sealed token, for the browser.
+    pub token: String,
+    /// What it asserts.
+    pub claims: Claims,
+}
+
+/// Why no token was issued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IssueError {
+    /// A lifetime out of range.
+    #[error("{0}")]
+    Ttl(String),
+    /// An empty, too long or unprintable user.
+    #[error("user must be 1 to {MAX_USER_LEN} bytes, no control characters")]
+    User,
+    /// An empty or too long domain name.
+    #[error("domain name must be 1 to {MAX_DOMAIN_LEN} bytes")]
+    Domain,
+    /// No randomness, or claims that cannot be sealed.
+    #[error("cannot seal a token: {0}")]
+    Seal(String),
+}
+
+/// Checks whose a token is: 1 to [`MAX_USER_LEN`] bytes, no control characters.
+pub fn check_user(user: &str) -> Result<(), IssueError> {
+    if user.is_empty() || user.len() > MAX_USER_LEN || user.chars().any(char::is_control) {
+        return Err(IssueError::User);
+    }
+    Ok(())
+}
+
+/// Checks a token lifetime: at least a second, at most [`MAX_TOKEN_TTL`].
+pub fn check_ttl(ttl: std::time::Duration) -> Result<(), String> {
+    if ttl < std::time::Duration::from_secs(1) || ttl > MAX_TOKEN_TTL {
+        return Err(format!(
+            "token ttl {} is out of range (1s to 24h)",
+            humantime::format_duration(ttl)
+        ));
+    }
+    Ok(())
 }
 
 /// What a token asserts.
@@ -520,6 +583,26 @@ impl TokenKey {
         mac
     }
 
+    /// Issues a token for `grant`, valid from `now` (Unix seconds) for the grant's
+    /// lifetime: the one way vizor makes tokens (`vizor token` and the console API).
+    pub fn issue(&self, grant: &Grant<'_>, now: u64) -> Result<Issued, IssueError> {
+        check_ttl(grant.ttl).map_err(IssueError::Ttl)?;
+        check_user(grant.user)?;
+        if grant.domain.is_empty() || grant.domain.len() > MAX_DOMAIN_LEN {
+            return Err(IssueError::Domain);
+        }
+        let expires_at = now.saturating_add(grant.ttl.as_secs());
+        let mut claims = Claims::new(grant.domain, grant.uuid, grant.kind, grant.user, expires_at)
+            .map_err(|e| IssueError::Seal(e.to_string()))?;
+        if let Some(ip) = grant.client {
+            claims = claims.bound_to(ip);
+        }
+        let token = self
+            .seal(&claims)
+            .map_err(|e| IssueError::Seal(e.to_string()))?;
+        Ok(Issued { token, claims })
+    }
+
     /// Seals `claims` into a token.
     pub fn seal(&self, claims: &Claims) -> Result<String, TokenError> {
         let mut iv = [0u8; IV_LEN];
@@ -588,11 +671,11 @@ impl TokenKey {
 }
 
 /// The longest a token opens after any check of it: the longest ttl vizor issues
-/// ([`crate::config::MAX_TOKEN_TTL`]) and 5 minutes for replicas' clocks apart. A
+/// ([`MAX_TOKEN_TTL`]) and 5 minutes for replicas' clocks apart. A
 /// token used longer ago than this has expired (the restart rebuild of the spent set
 /// relies on it).
 pub const MAX_LIFETIME: std::time::Duration =
-    std::time::Duration::from_secs(crate::config::MAX_TOKEN_TTL.as_secs() + 300);
+    std::time::Duration::from_secs(MAX_TOKEN_TTL.as_secs() + 300);
 
 fn rfc3339(unix: u64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix);

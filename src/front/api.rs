@@ -223,17 +223,8 @@ pub(super) async fn api_console(
     }
     // The management plane says whose session it is: audited, and counted by
     // `[limits] max_sessions_per_user`.
-    let user = match query_param(req, "user") {
-        None => "api".to_owned(),
-        Some(u)
-            if !u.is_empty()
-                && u.len() <= crate::token::MAX_USER_LEN
-                && !u.chars().any(char::is_control) =>
-        {
-            u
-        }
-        Some(_) => return Err(bad("user must be 1 to 256 bytes, no control characters")),
-    };
+    let user = query_param(req, "user").unwrap_or_else(|| "api".to_owned());
+    crate::token::check_user(&user).map_err(|e| bad(&e.to_string()))?;
     // `?client=`: the token admits the browser at this address alone.
     let client = match query_param(req, "client").map(|c| c.parse::<std::net::IpAddr>()) {
         None => None,
@@ -260,19 +251,23 @@ pub(super) async fn api_console(
         ));
     };
     let ttl = app.config.tokens.ttl;
-    let expires_at = unix_now() + ttl.as_secs();
-    let expires = UNIX_EPOCH + Duration::from_secs(expires_at);
     // The token opens this domain, by UUID: another domain defined later under the same
     // name is not it.
     let domain = console.domain.as_str();
-    let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
-    let claims = Claims::new(domain, uuid, kind, &user, expires_at)
-        .map(|c| match client {
-            Some(ip) => c.bound_to(ip),
-            None => c,
-        })
-        .map_err(|e| internal(e.to_string()))?;
-    let token = app.key.seal(&claims).map_err(|e| internal(e.to_string()))?;
+    let grant = crate::token::Grant {
+        domain,
+        uuid,
+        kind,
+        user: &user,
+        client,
+        ttl,
+    };
+    let crate::token::Issued { token, claims } =
+        app.key.issue(&grant, unix_now()).map_err(|e| match e {
+            crate::token::IssueError::User => bad(&e.to_string()),
+            e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        })?;
+    let expires = UNIX_EPOCH + Duration::from_secs(claims.expires_at);
     let token_id = claims.token_id();
     // On record before anyone holds it.
     app.audit()

@@ -290,3 +290,107 @@ fn a_version_1_token_which_named_its_domain_alone_is_refused() {
         Err(TokenError::UnknownVersion(1))
     );
 }
+
+#[test]
+fn issue_makes_a_token_that_opens_to_its_grant() {
+    let key = TokenKey::generate().unwrap();
+    let client: IpAddr = "192.0.2.9".parse().unwrap();
+    let grant = Grant {
+        domain: "demo3",
+        uuid: [0x11; 16],
+        kind: ConsoleKind::Spice,
+        user: "carol",
+        client: Some(client),
+        ttl: std::time::Duration::from_secs(60),
+    };
+    let Issued { token, claims } = key.issue(&grant, 1_000).unwrap();
+    let opened = key.open(&token, 1_059).unwrap();
+    assert_eq!(opened, claims);
+    assert_eq!(
+        (
+            opened.domain.as_str(),
+            opened.uuid,
+            opened.kind,
+            opened.user.as_str(),
+            opened.client,
+            opened.expires_at
+        ),
+        (
+            "demo3",
+            [0x11; 16],
+            ConsoleKind::Spice,
+            "carol",
+            Some(client),
+            1_060
+        )
+    );
+    assert!(matches!(
+        key.open(&token, 1_060),
+        Err(TokenError::Expired { .. })
+    ));
+}
+
+#[test]
+fn issue_refuses_a_bad_grant() {
+    let key = TokenKey::generate().unwrap();
+    let good = Grant {
+        domain: "demo3",
+        uuid: [0x11; 16],
+        kind: ConsoleKind::Vnc,
+        user: "carol",
+        client: None,
+        ttl: std::time::Duration::from_secs(60),
+    };
+    let long_user = "u".repeat(MAX_USER_LEN + 1);
+    let long_domain = "d".repeat(MAX_DOMAIN_LEN + 1);
+    for (grant, want) in [
+        (
+            Grant {
+                user: "",
+                ..good.clone()
+            },
+            IssueError::User,
+        ),
+        (
+            Grant {
+                user: &long_user,
+                ..good.clone()
+            },
+            IssueError::User,
+        ),
+        (
+            Grant {
+                user: "eve\nadmin",
+                ..good.clone()
+            },
+            IssueError::User,
+        ),
+        (
+            Grant {
+                domain: "",
+                ..good.clone()
+            },
+            IssueError::Domain,
+        ),
+        (
+            Grant {
+                domain: &long_domain,
+                ..good.clone()
+            },
+            IssueError::Domain,
+        ),
+    ] {
+        assert_eq!(key.issue(&grant, 0).err(), Some(want), "{grant:?}");
+    }
+    for ttl in [0, 24 * 3600 + 1] {
+        let grant = Grant {
+            ttl: std::time::Duration::from_secs(ttl),
+            ..good.clone()
+        };
+        assert!(
+            matches!(key.issue(&grant, 0), Err(IssueError::Ttl(_))),
+            "{ttl}"
+        );
+    }
+    assert_eq!(check_user(&"u".repeat(MAX_USER_LEN)), Ok(()));
+}
