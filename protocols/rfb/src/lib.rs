@@ -11,6 +11,9 @@
 //!   events (update, rectangle, encoded data), so a relay forwards pixel data as it
 //!   arrives and never buffers a whole update; compressed rectangles are framed by
 //!   their length fields, never inflated.
+//! - [`cut_text`]: clipboard contents, the same in both directions; [`screens`]:
+//!   multi-head layouts, the same in both directions.
+//! - [`confirm`]: what a server message confirms for the client decoder.
 //! - [`encoding`]: encoding numbers and which of them can be framed.
 //! - [`keysym`]: names of X11 keysyms for audit logs.
 //!
@@ -21,7 +24,7 @@
 //! The two directions are decoded independently; a relay passes these facts across:
 //! - a client SetPixelFormat or SetEncodings it forwards goes to
 //!   [`server::ServerDecoder::set_pixel_format`] / [`server::ServerDecoder::set_encodings`];
-//! - what a server event confirms ([`client::Confirmations::of`]: ExtendedMouseButtons,
+//! - what a server event confirms ([`confirm::Confirmations::of`]: ExtendedMouseButtons,
 //!   ServerFence, EndOfContinuousUpdates, xvp init) goes to
 //!   [`client::ClientDecoder::confirm`]; the client messages of those extensions are
 //!   refused until then.
@@ -30,12 +33,15 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod confirm;
+pub mod cut_text;
 pub mod encoding;
 mod error;
 pub mod handshake;
 pub mod keysym;
 pub mod pixel;
 mod rect;
+pub mod screens;
 pub mod server;
 mod wire;
 

@@ -12,12 +12,13 @@
 //! [`ServerDecoder::set_encodings`]); a VMware display-mode-change rectangle changes
 //! the pixel format by itself.
 
-use crate::client::{parse_cut_text, CutText, Screens};
+use crate::cut_text::{parse_cut_text, CutText};
 use crate::encoding::{Encoding, EncodingKind, EncodingSet};
 use crate::error::{Error, Limits};
 use crate::handshake::ServerInit;
 use crate::pixel::PixelFormat;
 use crate::rect::{compressed_bound, pixels, zrle_raw_bound, Ctx, Framer};
+use crate::screens::Screens;
 use crate::wire::{need, Reader};
 
 /// Message type numbers, server to client.
