@@ -12,7 +12,6 @@
 
 use crate::config::UpstreamTlsConfig;
 use crate::libvirt::Target;
-use crate::session::{End, Stream, VmFailure};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::{Path, PathBuf};
@@ -163,32 +162,29 @@ impl UpstreamTls {
 
     /// Runs the TLS handshake over `stream` to the console at `target`, verifying
     /// QEMU's certificate.
-    pub(crate) async fn connect(
+    /// `Err` says why, for the session's end.
+    pub(crate) async fn connect<S>(
         &self,
-        stream: Box<dyn Stream>,
+        stream: S,
         target: &Target,
-    ) -> Result<Box<dyn Stream>, End> {
+    ) -> Result<tokio_rustls::client::TlsStream<S>, String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let name = match (&self.server_name, target) {
             (Some(n), _) => n.clone(),
             (None, Target::Tcp { host, .. }) => ServerName::try_from(host.clone()).map_err(|e| {
-                End::vm(
-                    VmFailure::Tls,
-                    format!("TLS to the VM console: {host:?} is no name to verify ({e}); set [upstream_tls] server_name"),
-                )
+                format!("TLS to the VM console: {host:?} is no name to verify ({e}); set [upstream_tls] server_name")
             })?,
             (None, Target::Unix(_)) => {
-                return Err(End::vm(
-                    VmFailure::Tls,
-                    "TLS to a VM console on a UNIX socket needs [upstream_tls] server_name",
-                ))
+                return Err(
+                    "TLS to a VM console on a UNIX socket needs [upstream_tls] server_name".into(),
+                )
             }
         };
-        match self.connector.connect(name, stream).await {
-            Ok(s) => Ok(Box::new(s)),
-            Err(e) => Err(End::vm(
-                VmFailure::Tls,
-                format!("TLS to the VM console at {target} failed: {e}"),
-            )),
-        }
+        self.connector
+            .connect(name, stream)
+            .await
+            .map_err(|e| format!("TLS to the VM console at {target} failed: {e}"))
     }
 }
