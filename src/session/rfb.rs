@@ -151,7 +151,11 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
             }
             drop(src);
             drop(wr);
-            up = Conn::Other(tls.connect(up.boxed(), &ctx.console.target).await?);
+            let tls = tls
+                .connect(up.boxed(), &ctx.console.target)
+                .await
+                .map_err(|e| End::vm(VmFailure::Tls, e))?;
+            up = Conn::Other(Box::new(tls));
             debug!(
                 subtype = sub.0,
                 "TLS to the VM console established (VeNCrypt X.509)"

@@ -93,6 +93,9 @@ pub enum ChannelRefusal {
     WrongSession,
     /// From another address than the session's main channel.
     WrongClient,
+    /// A spent token's link message that names a channel spice-server does not have,
+    /// or no session.
+    BadLink,
 }
 
 impl ChannelRefusal {
@@ -104,6 +107,7 @@ impl ChannelRefusal {
             ChannelRefusal::NoSession => "spice_no_session",
             ChannelRefusal::WrongSession => "spice_wrong_session",
             ChannelRefusal::WrongClient => "spice_wrong_client",
+            ChannelRefusal::BadLink => "spice_bad_link",
         }
     }
 
@@ -116,6 +120,7 @@ impl ChannelRefusal {
                 "token already used (not for this SPICE session)"
             }
             ChannelRefusal::WrongClient => "this SPICE session belongs to another address",
+            ChannelRefusal::BadLink => "token already used (not for this SPICE link)",
         }
     }
 }
@@ -289,10 +294,6 @@ fn ticket(pub_key_der: &[u8], password: &[u8]) -> Result<Vec<u8>, End> {
 
 /// Runs one channel to its end; closes the browser with the reason. Returns how it
 /// ended, the session id it ran under (a secondary channel's is its main's) and the
-/// domain's name.
-///
-/// Runs one channel to its end; closes the browser with the reason. Returns how it
-/// ended, the session id it ran under (a secondary channel's is its main's) and the
 /// domain.
 ///
 /// The token's first connection (`first`: its token just spent, its console looked up)
@@ -333,7 +334,21 @@ pub async fn run(
     };
     let mess = linking.mess().clone();
     let chan = channel_type::name(mess.channel_type);
+    let refuse = |why: ChannelRefusal, code: u32| {
+        let btx = btx.clone();
+        async move {
+            btx.binary(link_refusal(code)).await;
+            close(&btx, End::refused(Refusal::Channel(why), why.told())).await
+        }
+    };
+    // A spent token's connection that asks for no channel of its session counts as a
+    // failed token; the token's first connection asking wrongly is a broken client.
+    let joining = first.is_none();
     if !channel_type::exists(mess.channel_type) {
+        if joining {
+            let end = refuse(ChannelRefusal::BadLink, link_error::CHANNEL_NOT_AVAILABLE).await;
+            return (end, ctx.id, domain);
+        }
         btx.binary(link_refusal(link_error::CHANNEL_NOT_AVAILABLE))
             .await;
         let end = End::spice_protocol(
@@ -345,16 +360,9 @@ pub async fn run(
         );
         return (close(&btx, end).await, ctx.id, domain);
     }
-    let refuse = |why: ChannelRefusal, code: u32| {
-        let btx = btx.clone();
-        async move {
-            btx.binary(link_refusal(code)).await;
-            close(&btx, End::refused(Refusal::Channel(why), why.told())).await
-        }
-    };
     // A session's main channel holds its slot until it ends; its other channels ride
     // on it.
-    let (main_slot, joined) = match (mess.channel_type, mess.connection_id) {
+    let (main_channel, joined) = match (mess.channel_type, mess.connection_id) {
         (channel_type::MAIN, 0) => {
             // Not the token's first connection: a replay.
             let Some(console) = first.map(Arc::new) else {
@@ -383,10 +391,19 @@ pub async fn run(
             ctx.env
                 .spice_sessions
                 .register(ctx.claims.nonce, ctx.client.ip(), &joined);
-            (Some(slot), joined)
+            let main = MainChannel {
+                env: ctx.env.clone(),
+                nonce: ctx.claims.nonce,
+                _slot: slot,
+            };
+            (Some(main), joined)
         }
         (channel_type::MAIN, _) => {
             let end = refuse(ChannelRefusal::SecondMain, link_error::PERMISSION_DENIED).await;
+            return (end, ctx.id, domain);
+        }
+        (_, 0) if joining => {
+            let end = refuse(ChannelRefusal::BadLink, link_error::BAD_CONNECTION_ID).await;
             return (end, ctx.id, domain);
         }
         (_, 0) => {
@@ -458,11 +475,22 @@ pub async fn run(
     )
     .instrument(span)
     .await;
-    if let Some(slot) = main_slot {
-        ctx.env.spice_sessions.forget(&ctx.claims.nonce);
-        drop(slot);
-    }
+    drop(main_channel);
     (close(&btx, end).await, ctx.id, domain)
+}
+
+/// A session's main channel while it lives: its slot taken, its session open to the
+/// session's other channels. Dropped however the channel ends.
+struct MainChannel {
+    env: Arc<super::Env>,
+    nonce: [u8; 16],
+    _slot: crate::limits::Slot,
+}
+
+impl Drop for MainChannel {
+    fn drop(&mut self) {
+        self.env.spice_sessions.forget(&self.nonce);
+    }
 }
 
 async fn close(btx: &BrowserTx, end: End) -> End {
@@ -591,7 +619,11 @@ async fn link_both(
         // SPICE's TLS port speaks TLS from the first byte.
         (Some(tls), Some(target)) => {
             let plain = connect(target, ctx.env.dial).await?;
-            (tls.connect(plain.boxed(), target).await?, target.clone(), true)
+            let tls = tls
+                .connect(plain.boxed(), target)
+                .await
+                .map_err(|e| End::vm(VmFailure::Tls, e))?;
+            (Box::new(tls) as Box<dyn Stream>, target.clone(), true)
         }
         (Some(tls), None) if tls.require => {
             return Err(End::vm(
@@ -637,6 +669,14 @@ async fn link_both(
                 "the VM refused the SPICE link: {}",
                 link_error::describe(code)
             ),
+        ));
+    }
+    if !replied.takes_ticket() {
+        btx.binary(link_refusal(link_error::PERMISSION_DENIED))
+            .await;
+        return Err(End::vm(
+            VmFailure::Auth,
+            "the VM's SPICE server takes SASL authentication only; vizor authenticates with the password libvirt stores, so turn SPICE SASL off (qemu.conf spice_sasl) for consoles behind vizor",
         ));
     }
     out.clear();

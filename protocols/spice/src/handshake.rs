@@ -240,9 +240,11 @@ pub mod client {
         /// Reads the reply.
         pub fn receive(self, input: &[u8]) -> Result<Progress<Self, Replied>, Error> {
             let parsed = LinkReply::parse(input, &self.limits)?;
+            // spice-server reads a mechanism word when the client offered to select one,
+            // whatever its own reply says (reds_handle_read_link_done).
             let selects = self.selects;
             Ok(Progress::from_parse(self, parsed, |reply| Replied {
-                selects: selects && reply.common_caps.has(cap::PROTOCOL_AUTH_SELECTION),
+                selects,
                 reply,
             }))
         }
@@ -267,8 +269,16 @@ pub mod client {
             (self.reply.error != crate::link::link_error::OK).then_some(self.reply.error)
         }
 
+        /// Whether spice-server takes a ticket. One with SASL on offers SASL alone
+        /// (and refuses the ticket mechanism); a server from before mechanism
+        /// selection takes a ticket without saying so.
+        pub fn takes_ticket(&self) -> bool {
+            let caps = &self.reply.common_caps;
+            !caps.has(cap::PROTOCOL_AUTH_SELECTION) || caps.has(cap::AUTH_SPICE)
+        }
+
         /// Appends the ticket (the password, encrypted with the reply's key), after the
-        /// mechanism word when both sides select one.
+        /// mechanism word when the proxy offered to select one.
         pub fn send_ticket(self, encrypted: &[u8], out: &mut Vec<u8>) -> ExpectResult {
             if self.selects {
                 out.extend_from_slice(&cap::AUTH_SPICE.to_le_bytes());
@@ -503,6 +513,30 @@ mod tests {
             None
         );
         assert_eq!(out, link_error::PERMISSION_DENIED.to_le_bytes());
+    }
+
+    #[test]
+    fn a_server_that_takes_sasl_alone_takes_no_ticket() {
+        let replied = |common: &[u32]| {
+            let expect_reply = client::start(&mess(&ALL), Limits::default(), &mut Vec::new());
+            let mut wire = Vec::new();
+            reply(common).write(&mut wire);
+            match expect_reply.receive(&wire).unwrap() {
+                Progress::Done { next, .. } => next,
+                Progress::NeedMore(_) => panic!("whole"),
+            }
+        };
+        // spice-server with SASL on offers SASL instead of the ticket.
+        let sasl_only = [cap::PROTOCOL_AUTH_SELECTION, cap::AUTH_SASL];
+        assert!(!replied(&sasl_only).takes_ticket());
+        assert!(replied(&ALL).takes_ticket());
+        // A server from before mechanism selection takes a ticket unasked.
+        assert!(replied(&[]).takes_ticket());
+        // spice-server reads the mechanism word whenever the client offered to select
+        // one, whatever its reply says: the proxy sends it then.
+        let mut to_vm = Vec::new();
+        let _ = replied(&[cap::AUTH_SPICE]).send_ticket(&[5; TICKET_LEN], &mut to_vm);
+        assert_eq!(&to_vm[..4], &cap::AUTH_SPICE.to_le_bytes());
     }
 
     #[test]

@@ -306,8 +306,10 @@ impl LinkReply {
             what: "SpiceLinkReply",
             why: "truncated",
         })?;
-        if error != link_error::OK && body.len() < Self::FIXED {
-            // A refusal may be only the error word.
+        if error != link_error::OK {
+            // A refusal carries nothing else of use: spice-server sends a whole reply,
+            // zero but for the error (reds_send_link_error: no key, capability offset
+            // 0), and another server may send the error word alone.
             return Ok(Some((
                 LinkReply {
                     error,
@@ -448,6 +450,18 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(link_error::describe(r.error), "version mismatch");
+        // spice-server's refusal (reds_send_link_error): a whole reply, zero but for
+        // the error, capability offset 0 included.
+        let mut whole = b"REDQ".to_vec();
+        for v in [2u32, 2, LinkReply::FIXED as u32] {
+            whole.extend_from_slice(&v.to_le_bytes());
+        }
+        whole.extend_from_slice(&link_error::NEED_SECURED.to_le_bytes());
+        whole.resize(HEADER_LEN + LinkReply::FIXED, 0);
+        let (r, used) = LinkReply::parse(&whole, &Limits::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.error, used), (link_error::NEED_SECURED, whole.len()));
     }
 
     #[test]
