@@ -16,6 +16,9 @@ use zeroize::Zeroizing;
 /// The chain value before the first record of a new chain.
 pub const GENESIS: [u8; 32] = [0; 32];
 
+/// The record schema version, every line's first member (`"v"`).
+pub const SCHEMA: u32 = 2;
+
 /// The label that derives the chain key from a `vizor keygen` key file.
 pub const KEY_LABEL: &[u8] = b"vizor audit chain v1";
 
@@ -80,6 +83,77 @@ impl ChainKey {
         } else {
             Err("chain value does not match")
         }
+    }
+}
+
+/// A record's own members, serialised once: `"ts"`, `"event"` and the event's fields,
+/// with the closing brace and without the opening one, as [`Chain::seal`] continues a
+/// line with them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Members(Vec<u8>);
+
+impl Members {
+    /// The members of `record`, which serialises to a JSON object with at least one
+    /// member.
+    pub fn of(record: &impl serde::Serialize) -> std::io::Result<Members> {
+        let text = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        match text.strip_prefix(b"{") {
+            Some(rest) if rest != b"}" && rest.ends_with(b"}") => Ok(Members(rest.to_vec())),
+            _ => Err(std::io::Error::other(
+                "an audit record must be a JSON object with members",
+            )),
+        }
+    }
+}
+
+/// Where a chain stands (the next record's sequence number, the last chain value),
+/// with its key: the one place a record line is built and sealed.
+#[derive(Debug)]
+pub struct Chain {
+    key: ChainKey,
+    seq: u64,
+    value: [u8; 32],
+}
+
+impl Chain {
+    /// A chain with `key`, before its first record.
+    pub fn new(key: ChainKey) -> Chain {
+        Chain {
+            key,
+            seq: 0,
+            value: GENESIS,
+        }
+    }
+
+    /// The key.
+    pub fn key(&self) -> &ChainKey {
+        &self.key
+    }
+
+    /// The next record's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The last record's chain value ([`GENESIS`] before the first).
+    pub fn value(&self) -> [u8; 32] {
+        self.value
+    }
+
+    /// Continues after the record `seq` whose chain value is `value` (or, with
+    /// `(0, GENESIS)` as the next record, starts afresh).
+    pub fn continue_at(&mut self, next_seq: u64, value: [u8; 32]) {
+        self.seq = next_seq;
+        self.value = value;
+    }
+
+    /// Appends the next record's line, `{"v":SCHEMA,"seq":N,<members>,"chain":"…"}`
+    /// and its newline, to `out`, and moves the chain on.
+    pub fn seal(&mut self, members: &Members, out: &mut Vec<u8>) {
+        let mut body = format!("{{\"v\":{SCHEMA},\"seq\":{},", self.seq).into_bytes();
+        body.extend_from_slice(&members.0);
+        self.value = self.key.seal(&self.value, &body, out);
+        self.seq += 1;
     }
 }
 
@@ -308,6 +382,48 @@ mod tests {
 
     fn key() -> ChainKey {
         ChainKey(Zeroizing::new([7; 32]))
+    }
+
+    #[test]
+    fn a_chain_builds_each_line_in_one_place() {
+        let mut chain = Chain::new(key());
+        let mut out = Vec::new();
+        let m = Members::of(&serde_json::json!({"ts": "t", "event": "chain_start"})).unwrap();
+        chain.seal(&m, &mut out);
+        chain.seal(&m, &mut out);
+        let text = String::from_utf8(out.clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // json! sorts its members: "event" before "ts".
+        assert!(
+            lines[0].starts_with(r#"{"v":2,"seq":0,"event":"chain_start","ts":"t","chain":""#),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[1].starts_with(r#"{"v":2,"seq":1,"#), "{}", lines[1]);
+        for line in &lines {
+            let v: serde_json::Value = serde_json::from_str(line).expect("each line is JSON");
+            assert_eq!(v["v"], SCHEMA);
+        }
+        // The lines verify as a chain, and the chain stands after them.
+        let first = key().check(&GENESIS, lines[0].as_bytes()).unwrap();
+        let second = key().check(&first, lines[1].as_bytes()).unwrap();
+        assert_eq!((chain.seq(), chain.value()), (2, second));
+        // Rolled back, the same record seals to the same line again.
+        chain.continue_at(1, first);
+        let mut again = Vec::new();
+        chain.seal(&m, &mut again);
+        assert_eq!(again, format!("{}\n", lines[1]).into_bytes());
+    }
+
+    #[test]
+    fn only_an_object_with_members_is_a_record() {
+        assert!(Members::of(&serde_json::json!({})).is_err());
+        assert!(Members::of(&serde_json::json!([1])).is_err());
+        assert!(Members::of(&"text").is_err());
+        assert_eq!(
+            Members::of(&serde_json::json!({"event": "x"})).unwrap(),
+            Members(br#""event":"x"}"#.to_vec())
+        );
     }
 
     #[test]

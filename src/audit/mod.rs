@@ -18,7 +18,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
-use vizor_rfb::keysym::{keysym_class, keysym_name, KeyClass};
+use vizor_rfb::keysym::{keysym_class, keysym_name};
 
 /// One audit record.
 #[derive(Debug, Serialize)]
@@ -530,17 +530,6 @@ pub fn spice_button(button: u8) -> &'static str {
     }
 }
 
-/// The class of a keysym as recorded in the audit log.
-pub fn class_name(keysym: u32) -> &'static str {
-    match keysym_class(keysym) {
-        KeyClass::Printable => "printable",
-        KeyClass::Control => "control",
-        KeyClass::Function => "function",
-        KeyClass::Modifier => "modifier",
-        KeyClass::Unknown => "unknown",
-    }
-}
-
 /// The audit log: records queued to the writer thread, sealed into the chain, written
 /// and synced as configured.
 pub struct Audit {
@@ -634,9 +623,8 @@ impl Audit {
             ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             event,
         };
-        let text = serde_json::to_vec(&line).map_err(std::io::Error::other)?;
         Ok(writer::Job {
-            members: text[1..].to_vec(),
+            members: chain::Members::of(&line)?,
             event: event.name(),
             session_boundary: matches!(
                 event,
@@ -774,7 +762,7 @@ impl Audit {
             down,
             keysym: full.then_some(keysym),
             key: full.then(|| keysym_name(keysym).into_owned()),
-            class: class_name(keysym),
+            class: keysym_class(keysym).as_str(),
             scancode: None,
             via: Some("keysym"),
             mismatch: false,

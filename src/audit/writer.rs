@@ -4,7 +4,7 @@
 //! (group commit). A failed write is rolled back (the file truncated to where it was)
 //! so the chain on disk never has a gap.
 
-use super::chain::{self, ChainKey, GENESIS};
+use super::chain::{self, Chain, ChainKey, Members, GENESIS};
 use crate::config::Fsync;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -14,13 +14,10 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tracing::warn;
 
-/// The records' schema version (`v`): 2 names keys by what QEMU acts on (docs/audit.md).
-pub const SCHEMA: u32 = 2;
-
-/// A record to write: its members after `{"v":2,"seq":N,` (starting with `"ts"`),
-/// whether it asks for a sync under `fsync = "session"`, and who waits for it.
+/// A record to write: its members, whether it asks for a sync under `fsync =
+/// "session"`, and who waits for it.
 pub(super) struct Job {
-    pub members: Vec<u8>,
+    pub members: Members,
     pub event: &'static str,
     pub session_boundary: bool,
     pub ack: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
@@ -33,18 +30,16 @@ pub(super) enum Msg {
 
 /// The file, the chain, the policy.
 pub(super) struct Writer {
-    key: ChainKey,
+    chain: Chain,
     path: PathBuf,
     file: File,
     size: u64,
-    seq: u64,
-    chain: [u8; 32],
     fsync: Fsync,
     rotate_size: Option<u64>,
     dirty: bool,
     /// The `chain_start` a rotation owes the new file: written with the next batch,
     /// so it is rolled back with it if that write fails.
-    pending_start: Option<Vec<u8>>,
+    pending_start: Option<Members>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     /// This process's hold on the log: a second writer would break the chain.
     _lock: crate::lockfile::Lock,
@@ -69,13 +64,13 @@ fn now() -> String {
 }
 
 /// Members of a record vizor writes about the log itself.
-fn members(event: &str, extra: serde_json::Value) -> Vec<u8> {
+fn members(event: &str, extra: serde_json::Value) -> Members {
     let mut v = serde_json::json!({"ts": now(), "event": event});
     if let (Some(m), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
         m.extend(e);
     }
-    let text = v.to_string();
-    text.as_bytes()[1..].to_vec()
+    // An object with "ts" and "event" always has members.
+    Members::of(&v).unwrap_or_else(|_| unreachable!())
 }
 
 /// What the end of a file holds.
@@ -157,12 +152,10 @@ impl Writer {
         let file = open_append(path)?;
         let len = file.metadata()?.len();
         let mut w = Writer {
-            key,
+            chain: Chain::new(key),
             path: path.to_owned(),
             file,
             size: len,
-            seq: 0,
-            chain: GENESIS,
             fsync,
             rotate_size,
             dirty: false,
@@ -181,8 +174,7 @@ impl Writer {
         } = tail(&mut w.file, len)?;
         match w.continuable(&sealed) {
             Some((seq, chain)) => {
-                w.seq = seq + 1;
-                w.chain = chain;
+                w.chain.continue_at(seq + 1, chain);
                 let mut out = Vec::new();
                 if mid_line {
                     out.push(b'\n');
@@ -191,7 +183,7 @@ impl Writer {
                     "audit_open",
                     serde_json::json!({"reason": "restart", "torn_tail": torn}),
                 );
-                w.seal_into(&m, &mut out);
+                w.chain.seal(&m, &mut out);
                 if let Err(e) = w.write_synced(&out) {
                     let _ = w.file.set_len(len);
                     return Err(e);
@@ -231,23 +223,15 @@ impl Writer {
                 _ => GENESIS,
             },
         };
-        let chain = self.key.check(&prev, last).ok()?;
+        let chain = self.chain.key().check(&prev, last).ok()?;
         Some((seq, chain))
     }
 
-    fn start_chain(&mut self, m: Vec<u8>) -> std::io::Result<()> {
-        self.seq = 0;
-        self.chain = GENESIS;
+    fn start_chain(&mut self, m: Members) -> std::io::Result<()> {
+        self.chain.continue_at(0, GENESIS);
         let mut out = Vec::new();
-        self.seal_into(&m, &mut out);
+        self.chain.seal(&m, &mut out);
         self.write_synced(&out)
-    }
-
-    fn seal_into(&mut self, members: &[u8], out: &mut Vec<u8>) {
-        let mut body = format!("{{\"v\":{SCHEMA},\"seq\":{},", self.seq).into_bytes();
-        body.extend_from_slice(members);
-        self.chain = self.key.seal(&self.chain, &body, out);
-        self.seq += 1;
     }
 
     fn write_synced(&mut self, out: &[u8]) -> std::io::Result<()> {
@@ -258,7 +242,7 @@ impl Writer {
 
     /// `PATH.<UTC time>-<seq of the next record>`: names sort in the order written.
     fn rotated_name(&self) -> PathBuf {
-        self.free_name(&format!("{}-{:012}", stamp(), self.seq))
+        self.free_name(&format!("{}-{:012}", stamp(), self.chain.seq()))
     }
 
     /// `PATH.unverified-<UTC time>`: a file this key could not continue, kept apart
@@ -299,7 +283,7 @@ impl Writer {
             serde_json::json!({
                 "reason": "rotated",
                 "prev_file": file_name(&aside),
-                "prev_chain": chain::hex(&self.chain),
+                "prev_chain": chain::hex(&self.chain.value()),
             }),
         ));
         Ok(())
@@ -321,16 +305,16 @@ impl Writer {
         if self.pending_start.is_none() && self.rotate_size.is_some_and(|max| self.size >= max) {
             result = self.rotate();
         }
-        let (seq0, chain0, size0) = (self.seq, self.chain, self.size);
+        let (seq0, chain0, size0) = (self.chain.seq(), self.chain.value(), self.size);
         let mut out = Vec::new();
         let mut boundary = false;
         if result.is_ok() {
             if let Some(start) = self.pending_start.clone() {
-                self.seal_into(&start, &mut out);
+                self.chain.seal(&start, &mut out);
                 boundary = true;
             }
             for job in &jobs {
-                self.seal_into(&job.members, &mut out);
+                self.chain.seal(&job.members, &mut out);
                 boundary |= job.session_boundary;
             }
             result = self.file.write_all(&out);
@@ -353,7 +337,7 @@ impl Writer {
                 if let Err(t) = self.file.set_len(size0) {
                     warn!(error = %t, "audit log: a failed write could not be taken back");
                 }
-                (self.seq, self.chain) = (seq0, chain0);
+                self.chain.continue_at(seq0, chain0);
                 self.size = self.file.metadata().map(|m| m.len()).unwrap_or(size0);
                 warn!(error = %e, records = jobs.len(), "audit log write failed");
             }
@@ -421,7 +405,7 @@ impl Writer {
             if closing {
                 let m = members("audit_close", serde_json::json!({}));
                 let mut out = Vec::new();
-                self.seal_into(&m, &mut out);
+                self.chain.seal(&m, &mut out);
                 if let Err(e) = self.write_synced(&out) {
                     warn!(error = %e, "audit log: closing record not written");
                 }

@@ -44,6 +44,20 @@ pub enum KeyClass {
     Unknown,
 }
 
+impl KeyClass {
+    /// The name audit records use (the same names as the scancode classes of
+    /// `vizor-keys`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyClass::Printable => "printable",
+            C => "control",
+            F => "function",
+            M => "modifier",
+            KeyClass::Unknown => "unknown",
+        }
+    }
+}
+
 use KeyClass::{Control as C, Function as F, Modifier as M};
 
 /// Named keysyms, sorted by value so lookups can binary-search.
