@@ -93,9 +93,6 @@ pub enum ChannelRefusal {
     WrongSession,
     /// From another address than the session's main channel.
     WrongClient,
-    /// A spent token's link message that names a channel spice-server does not have,
-    /// or no session.
-    BadLink,
 }
 
 impl ChannelRefusal {
@@ -107,7 +104,6 @@ impl ChannelRefusal {
             ChannelRefusal::NoSession => "spice_no_session",
             ChannelRefusal::WrongSession => "spice_wrong_session",
             ChannelRefusal::WrongClient => "spice_wrong_client",
-            ChannelRefusal::BadLink => "spice_bad_link",
         }
     }
 
@@ -120,7 +116,6 @@ impl ChannelRefusal {
                 "token already used (not for this SPICE session)"
             }
             ChannelRefusal::WrongClient => "this SPICE session belongs to another address",
-            ChannelRefusal::BadLink => "token already used (not for this SPICE link)",
         }
     }
 }
@@ -341,14 +336,7 @@ pub async fn run(
             close(&btx, End::refused(Refusal::Channel(why), why.told())).await
         }
     };
-    // A spent token's connection that asks for no channel of its session counts as a
-    // failed token; the token's first connection asking wrongly is a broken client.
-    let joining = first.is_none();
     if !channel_type::exists(mess.channel_type) {
-        if joining {
-            let end = refuse(ChannelRefusal::BadLink, link_error::CHANNEL_NOT_AVAILABLE).await;
-            return (end, ctx.id, domain);
-        }
         btx.binary(link_refusal(link_error::CHANNEL_NOT_AVAILABLE))
             .await;
         let end = End::spice_protocol(
@@ -400,10 +388,6 @@ pub async fn run(
         }
         (channel_type::MAIN, _) => {
             let end = refuse(ChannelRefusal::SecondMain, link_error::PERMISSION_DENIED).await;
-            return (end, ctx.id, domain);
-        }
-        (_, 0) if joining => {
-            let end = refuse(ChannelRefusal::BadLink, link_error::BAD_CONNECTION_ID).await;
             return (end, ctx.id, domain);
         }
         (_, 0) => {
