@@ -433,13 +433,13 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 "Replay of {}",
                 file.file_name().unwrap_or_default().to_string_lossy()
             );
-            let recording = crate::record::read(&file)?;
+            let recording = crate::recording::read(&file)?;
             init_logging(&crate::config::LogConfig::default())?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(crate::replay::serve(
-                    crate::replay::Replay {
+                .block_on(crate::recording::replay::serve(
+                    crate::recording::replay::Replay {
                         recording,
                         speed,
                         web_root,

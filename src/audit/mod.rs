@@ -162,7 +162,7 @@ pub enum Event<'a> {
         round_trip_ms: Option<f64>,
         /// The session's recording (`[audit] record_dir`): file, length, SHA-256.
         #[serde(skip_serializing_if = "Option::is_none")]
-        recording: Option<crate::record::Finished>,
+        recording: Option<crate::recording::Finished>,
         /// The SPICE channel that ended (`spice:main:0`...); absent for VNC. A SPICE
         /// session ends when its main channel does.
         #[serde(skip_serializing_if = "Option::is_none")]

@@ -254,7 +254,7 @@ impl Meter {
         started: std::time::Instant,
         end: &'a End,
         round_trip_ms: Option<f64>,
-        recording: Option<crate::record::Finished>,
+        recording: Option<crate::recording::Finished>,
         channel: Option<&'a str>,
     ) -> crate::audit::Event<'a> {
         crate::audit::Event::SessionEnd {

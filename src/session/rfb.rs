@@ -18,7 +18,7 @@ use crate::limits::Idle;
 use crate::live::{Direction, Identity, Latency};
 use crate::policy::rfb::Rules;
 use crate::policy::{Participant, Verdict};
-use crate::record::Recorder;
+use crate::recording::Recorder;
 use crate::token::Claims;
 use bytes::BytesMut;
 use std::net::SocketAddr;
@@ -51,7 +51,7 @@ pub struct Ctx {
 }
 
 /// Starts a session's recording with the ServerInit the browser received.
-fn start_recording(ctx: &Ctx, dir: &std::path::Path, si: &[u8]) -> std::io::Result<Recorder> {
+async fn start_recording(ctx: &Ctx, dir: &std::path::Path, si: &[u8]) -> std::io::Result<Recorder> {
     let header = serde_json::json!({
         "session": ctx.id,
         "kind": ctx.claims.kind.as_str(),
@@ -59,8 +59,8 @@ fn start_recording(ctx: &Ctx, dir: &std::path::Path, si: &[u8]) -> std::io::Resu
         "user": ctx.claims.user,
         "started": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
     });
-    let mut r = Recorder::create(dir, &header, ctx.id)?;
-    r.frame(si)?;
+    let r = Recorder::start(dir, &header, ctx.id).await?;
+    r.frame(bytes::Bytes::copy_from_slice(si)).await?;
     Ok(r)
 }
 
@@ -430,13 +430,12 @@ pub async fn run(
                 .with_label_values(&["vnc"])
                 .observe(started.elapsed().as_secs_f64());
             let recorder = match (&started_ok, &ctx.env.record_dir) {
-                (Ok(()), Some(dir)) => start_recording(&ctx, dir, &si_bytes).map(Some),
+                (Ok(()), Some(dir)) => start_recording(&ctx, dir, &si_bytes).await.map(Some),
                 _ => Ok(None),
             };
             match started_ok.and(recorder) {
                 Err(e) => audit_failed(e),
                 Ok(recorder) => {
-                    let recorder = Mutex::new(recorder);
                     info!(desktop = %si.name_lossy(), width = si.width, height = si.height, "session relaying");
                     let hold = ctx.env.live.hold(
                         Identity {
@@ -455,24 +454,22 @@ pub async fn run(
                     // and listed: ServerInit goes last.
                     let end = if btx.binary(si_bytes).await {
                         tokio::select! {
-                            end = relay(&ctx, up.stream, early, &si, brx, &btx, &meter, &recorder) => end,
+                            end = relay(&ctx, up.stream, early, &si, brx, &btx, &meter, recorder.as_ref()) => end,
                             _ = shutdown.wait_for(|s| *s) => End::Shutdown,
                         }
                     } else {
                         End::BrowserClosed
                     };
-                    let recording =
-                        recorder
-                            .into_inner()
-                            .ok()
-                            .flatten()
-                            .and_then(|r| match r.finish() {
-                                Ok(f) => Some(f),
-                                Err(e) => {
-                                    warn!(error = %e, "recording not finished");
-                                    None
-                                }
-                            });
+                    let recording = match recorder {
+                        None => None,
+                        Some(r) => match r.finish().await {
+                            Ok(f) => Some(f),
+                            Err(e) => {
+                                warn!(error = %e, "recording not finished");
+                                None
+                            }
+                        },
+                    };
                     let record = ctx
                         .env
                         .audit
@@ -499,13 +496,13 @@ async fn relay(
     brx: &mut BrowserRx,
     btx: &BrowserTx,
     meter: &Meter,
-    recorder: &Mutex<Option<Recorder>>,
+    recorder: Option<&Recorder>,
 ) -> End {
     let live = meter.live();
     let idle = Idle::default();
     // Long payloads from the VM are spliced to the browser when both connections are
     // plain TCP and the session is not recorded (a recording needs the bytes).
-    let recorded = recorder.lock().map_or(true, |r| r.is_some());
+    let recorded = recorder.is_some();
     let (mut up_rd, mut up_wr): (VmReader, Box<dyn AsyncWrite + Unpin + Send>) = match up {
         Conn::Tcp(tcp) if btx.can_splice() && !recorded => {
             let (rd, wr) = tcp.into_split();
@@ -704,13 +701,15 @@ async fn pace(
 /// Sends decoded bytes from the VM to the browser, the recording first.
 async fn to_browser(
     chunk: BytesMut,
-    recorder: &Mutex<Option<Recorder>>,
+    recorder: Option<&Recorder>,
     btx: &BrowserTx,
     meter: &Meter,
 ) -> Result<(), End> {
     let len = chunk.len() as u64;
-    if let Some(r) = lock(recorder)?.as_mut() {
-        r.frame(&chunk)
+    if let Some(r) = recorder {
+        // A copy for the recording's writer: the browser's writer takes the chunk.
+        r.frame(bytes::Bytes::copy_from_slice(&chunk))
+            .await
             .map_err(|e| End::Audit(format!("recording: {e}")))?;
     }
     btx.bytes(chunk).await?;

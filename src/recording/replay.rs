@@ -6,9 +6,9 @@
 //! `speed`; 0 plays at once). What the browser sends is read and ignored: a replay
 //! cannot reach any VM.
 
+use super::Recording;
 use crate::config::ConsoleConfig;
 use crate::console;
-use crate::record::Recording;
 use crate::session::browser::{self, BrowserRx, BrowserTx};
 use crate::session::rfb::drive;
 use crate::session::End;
