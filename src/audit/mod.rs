@@ -493,43 +493,6 @@ pub struct KeyEvent {
 /// The most clipboard contents one message may inflate to.
 pub const MAX_CLIPBOARD: usize = 16 << 20;
 
-/// The name of RFB pointer button bit `bit` (0 = button 1).
-pub fn rfb_button(bit: u32) -> &'static str {
-    const NAMES: [&str; 16] = [
-        "left",
-        "middle",
-        "right",
-        "wheel_up",
-        "wheel_down",
-        "wheel_left",
-        "wheel_right",
-        "back",
-        "forward",
-        "button 10",
-        "button 11",
-        "button 12",
-        "button 13",
-        "button 14",
-        "button 15",
-        "button 16",
-    ];
-    NAMES.get(bit as usize).copied().unwrap_or("button ?")
-}
-
-/// The name of SPICE mouse button `button` (SPICE_MOUSE_BUTTON_*).
-pub fn spice_button(button: u8) -> &'static str {
-    match button {
-        1 => "left",
-        2 => "middle",
-        3 => "right",
-        4 => "wheel_up",
-        5 => "wheel_down",
-        6 => "back",
-        7 => "forward",
-        _ => "button ?",
-    }
-}
-
 /// The audit log: records queued to the writer thread, sealed into the chain, written
 /// and synced as configured.
 pub struct Audit {

@@ -348,6 +348,7 @@ pub(super) async fn console_session(
                 id,
                 claims,
                 client: peer,
+                participant: crate::policy::Participant::OWNER,
             };
             let ended = session::spice::run(ctx, None, brx, btx, shutdown).await;
             log_end(&ended.0);
@@ -389,6 +390,7 @@ pub(super) async fn console_session(
                     id,
                     claims,
                     client: peer,
+                    participant: crate::policy::Participant::OWNER,
                 };
                 session::spice::run(ctx, Some(console), brx, btx, shutdown).await
             }

@@ -7,6 +7,7 @@
 //! today each session has one, its owner.
 
 pub mod rfb;
+pub mod spice;
 
 use crate::live::Direction;
 use vizor_keys::Stroke;
@@ -116,6 +117,16 @@ pub enum Note {
         dir: Direction,
         /// Their length.
         length: u64,
+    },
+    /// A file transfer through the guest agent started or ended.
+    FileTransfer(spice::transfers::Record),
+    /// A file transfer refused (`[spice] file_transfer = "refuse"`), with what its
+    /// start said when it was whole in what was refused.
+    FileTransferRefused {
+        /// Which way the file was going.
+        way: spice::transfers::Way,
+        /// Its id, name and size.
+        start: Option<(u32, String, u64)>,
     },
 }
 

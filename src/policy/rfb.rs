@@ -229,7 +229,7 @@ impl Rules {
                 let notes = (0..16)
                     .filter(|b| pressed & (1 << b) != 0)
                     .map(|bit| Note::Button {
-                        button: crate::audit::rfb_button(bit),
+                        button: vizor_rfb::client::button_name(bit),
                         at: Some((x, y)),
                     })
                     .collect();

@@ -10,7 +10,6 @@ pub mod keyboards;
 pub mod rfb;
 pub mod spice;
 mod splice;
-pub mod transfers;
 
 pub use end::{End, Refusal, Side, VmFailure};
 
@@ -318,6 +317,38 @@ pub(crate) async fn record_note(
                     session,
                     direction: dir.as_str(),
                     length: *length,
+                })
+                .await
+        }
+        Note::FileTransfer(r) => {
+            audit
+                .record(&Event::FileTransfer {
+                    session,
+                    direction: r.way.direction(),
+                    id: Some(r.id),
+                    name: Some(&r.name),
+                    size: Some(r.size),
+                    status: r.status,
+                    bytes: r.bytes,
+                    sha256: r.sha256.as_deref(),
+                })
+                .await
+        }
+        Note::FileTransferRefused { way, start } => {
+            let (id, name, size) = match start {
+                Some((id, name, size)) => (Some(*id), Some(name.as_str()), Some(*size)),
+                None => (None, None, None),
+            };
+            audit
+                .record(&Event::FileTransfer {
+                    session,
+                    direction: way.direction(),
+                    id,
+                    name,
+                    size,
+                    status: "refused",
+                    bytes: 0,
+                    sha256: None,
                 })
                 .await
         }

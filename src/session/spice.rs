@@ -10,34 +10,31 @@
 //! MAIN_INIT gives the session id that admits the session's other channels.
 
 use super::browser::{BrowserRx, BrowserTx};
-use super::transfers::{self, Transfers, Way};
 use super::{
     audit_failed, close_upstream, connect, read_upstream, write_upstream, Conn, End, Meter,
     Refusal, Source, Stream, Upstream, VmFailure, VmLink, CLOSE_GRACE,
 };
-use crate::audit::{Event, KeyEvent};
-use crate::config::{FileTransfer, SpiceConfig};
+use crate::audit::Event;
 use crate::libvirt::{Console, Target};
 use crate::limits::Idle;
 use crate::live::{Direction, Identity, Latency, Live};
+use crate::policy::spice::{relays, Ping, Rules};
+use crate::policy::{Participant, Verdict};
 use crate::token::Claims;
 use bytes::BytesMut;
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
 use rsa::{Oaep, RsaPrivateKey, RsaPublicKey};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
-use vizor_keys::{spice::Keyboard, Locks, Origin, Stroke};
-use vizor_spice::agent::{self, AgentEvent, AgentStream};
-use vizor_spice::channel::{write_message, Decoder, Frame, HeaderKind};
+use vizor_keys::spice::Keyboard;
+use vizor_spice::channel::HeaderKind;
 use vizor_spice::handshake::{self, Progress};
 use vizor_spice::link::{self, channel_type, link_error};
-use vizor_spice::msg;
 use zeroize::Zeroizing;
 
 /// vizor's own RSA key, offered to browsers in place of QEMU's.
@@ -232,14 +229,8 @@ pub struct Ctx {
     pub claims: Claims,
     /// The browser's address.
     pub client: SocketAddr,
-}
-
-/// Whether vizor relays channels of type `t`: the ones it parses always, the ones
-/// whose contents it cannot audit (USB redirection, WebDAV, smartcard, port) only
-/// when `[spice] allow_channels` names them.
-pub fn relays(config: &SpiceConfig, t: u8) -> bool {
-    matches!(t, channel_type::MAIN..=channel_type::RECORD)
-        || config.allow_channels.iter().any(|c| c.channel_type() == t)
+    /// What the browser may do.
+    pub participant: Participant,
 }
 
 fn link_refusal(code: u32) -> Vec<u8> {
@@ -750,149 +741,57 @@ async fn relay(
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
     // Counted open from here until it has closed toward spice-server.
     let _inputs_open = (channel == channel_type::INPUTS).then(|| joined.inputs.open());
-    // spice-server 0.15 can crash (taking QEMU down) when a display channel closes
-    // before the client sent DISPLAY_INIT; vizor completes it for a browser that left
-    // too early. Full headers need the next client serial.
-    let display_init_seen = AtomicBool::new(channel != channel_type::DISPLAY);
-    let last_serial = AtomicU64::new(0);
-    let agent = AgentShared::new(ctx.env.spice.file_transfer);
-    if channel == channel_type::INPUTS {
-        // An earlier client may have left a prefix half-sent in QEMU's decoder, which
-        // outlives clients: cleared first, so vizor's model is QEMU's.
-        if let Err(end) = send_scancodes(
-            ctx,
-            kind,
-            0,
-            &[vizor_keys::spice::RESET],
-            Origin::Reset,
-            keyboard,
-            &mut up_wr,
-        )
-        .await
-        {
-            return end;
+    let rules = Mutex::new(Rules::new(
+        channel,
+        kind,
+        ctx.env.spice_browser_limits,
+        ctx.env.spice_vm_limits,
+        ctx.participant,
+        &ctx.env.spice,
+        ctx.env.audit.clipboard_content(),
+    ));
+    let started = async {
+        let (first, notes) = lock(&rules)?.start(keyboard)?;
+        record(ctx, &notes).await?;
+        if !first.is_empty() {
+            write_upstream(&mut up_wr, &first).await?;
         }
+        Ok::<(), End>(())
+    };
+    if let Err(end) = started.await {
+        return end;
     }
     let browser_to_vm = async {
-        let mut strokes = Vec::new();
-        let mut dec = Decoder::new(kind, ctx.env.spice_browser_limits);
-        let mut agent_in = AgentStream::new(ctx.env.spice_browser_limits);
-        let mut follower = AgentFollower::default();
         let mut buf = early_browser;
         loop {
             let mut pos = 0;
-            while let Some((frame, n)) = dec
-                .decode(&buf[pos..])
-                .map_err(|e| End::spice_protocol(Direction::BrowserToVm, &e))?
-            {
-                // Whatever the browser sends is parsed (and audited) whole: a message
-                // beyond the bound is refused, not streamed on unread.
-                if let Frame::Begin { header } = &frame {
-                    return Err(End::spice_protocol(
-                        Direction::BrowserToVm,
-                        &vizor_spice::Error::LengthTooLarge {
-                            what: "SPICE message",
-                            len: u64::from(header.size),
-                            max: ctx.env.spice_browser_limits.max_message_len as u64,
-                        },
-                    ));
+            loop {
+                let Some(step) = lock(&rules)?.from_browser(&buf[pos..], keyboard)? else {
+                    break;
+                };
+                record(ctx, &step.notes).await?;
+                if let Some(end) = step.end {
+                    return Err(end);
                 }
-                if let Frame::Whole { header, .. } = &frame {
-                    if let Some(serial) = header.serial {
-                        last_serial.store(serial, Ordering::Relaxed);
-                    }
-                    if channel == channel_type::DISPLAY
-                        && header.msg_type == msg::display::MSGC_INIT
-                    {
-                        display_init_seen.store(true, Ordering::Relaxed);
-                    }
+                if step.input {
+                    idle.touch();
                 }
-                // A message vizor sends in place of the browser's.
-                let mut instead = None;
-                if let Frame::Whole { header, body } = frame {
-                    let message = msg::parse_client(channel, header.msg_type, body)
-                        .map_err(|e| End::spice_protocol(Direction::BrowserToVm, &e))?;
-                    if message.is_input() {
-                        idle.touch();
-                    }
-                    match message {
-                        msg::ClientMessage::KeyDown(code) => {
-                            lock(keyboard)?.key_down(code, &mut strokes);
-                            record_strokes(ctx, &mut strokes).await?;
-                        }
-                        msg::ClientMessage::KeyUp(code) => {
-                            lock(keyboard)?.key_up(code, &mut strokes);
-                            record_strokes(ctx, &mut strokes).await?;
-                        }
-                        msg::ClientMessage::KeyScancode(bytes) => {
-                            lock(keyboard)?.scancodes(bytes, Origin::Browser, &mut strokes);
-                            record_strokes(ctx, &mut strokes).await?;
-                        }
-                        // spice-server would press the lock keys that differ from its
-                        // view of them, unrecorded: vizor sends those presses itself, as
-                        // scancodes, so the guest gets exactly what is on record.
-                        msg::ClientMessage::KeyModifiers(requested) => {
-                            let presses = {
-                                let mut k = lock(keyboard)?;
-                                let presses = k.lock_request(requested);
-                                k.scancodes(presses.bytes(), Origin::LockRequest, &mut strokes);
-                                presses
-                            };
-                            record_strokes(ctx, &mut strokes).await?;
-                            let mut out = Vec::new();
-                            // Nothing to press: nothing goes (an empty KEY_SCANCODE would
-                            // do nothing either).
-                            if !presses.bytes().is_empty() {
-                                write_message(
-                                    kind,
-                                    header.serial.unwrap_or(0),
-                                    msg::inputs::MSGC_KEY_SCANCODE,
-                                    presses.bytes(),
-                                    &mut out,
-                                )
-                                .map_err(|e| End::spice_protocol(Direction::BrowserToVm, &e))?;
-                            }
-                            instead = Some(out);
-                        }
-                        msg::ClientMessage::AgentStart { .. } => follower.started = true,
-                        msg::ClientMessage::AgentData(chunk) => {
-                            follow_agent(
-                                ctx,
-                                &mut follower,
-                                &mut agent_in,
-                                chunk,
-                                AgentSide::Browser,
-                                &agent,
-                            )
-                            .await?;
-                        }
-                        msg::ClientMessage::MousePress { button, .. } => {
-                            ctx.env
-                                .audit
-                                .record(&Event::Button {
-                                    session: ctx.id,
-                                    button: crate::audit::spice_button(button),
-                                    x: None,
-                                    y: None,
-                                })
-                                .await
-                                .map_err(audit_failed)?;
-                        }
-                        msg::ClientMessage::Pong { id, .. } if channel == channel_type::MAIN => {
-                            rtt.pong(id)
-                        }
-                        _ => {}
-                    }
+                if let Some(Ping::Answered(id)) = step.ping {
+                    rtt.pong(id);
                 }
-                if let Some(out) = instead {
-                    write_upstream(&mut up_wr, &buf[..pos]).await?;
-                    write_upstream(&mut up_wr, &out).await?;
-                    meter.add(Direction::BrowserToVm, (pos + out.len()) as u64);
-                    buf.drain(..pos + n);
-                    pos = 0;
-                    continue;
-                }
-                pos += n;
+                let instead = match step.verdict {
+                    Verdict::Forward => {
+                        pos += step.len;
+                        continue;
+                    }
+                    Verdict::Rewrite(out) => out,
+                    Verdict::Drop(_) => Vec::new(),
+                };
+                write_upstream(&mut up_wr, &buf[..pos]).await?;
+                write_upstream(&mut up_wr, &instead).await?;
+                meter.add(Direction::BrowserToVm, (pos + instead.len()) as u64);
+                buf.drain(..pos + step.len);
+                pos = 0;
             }
             if pos > 0 {
                 write_upstream(&mut up_wr, &buf[..pos]).await?;
@@ -903,85 +802,44 @@ async fn relay(
         }
     };
     let vm_to_browser = async {
-        let mut dec = Decoder::new(kind, ctx.env.spice_vm_limits);
-        let mut agent_out = AgentStream::new(ctx.env.spice_vm_limits);
-        let mut follower = AgentFollower::default();
         let mut buf = BytesMut::with_capacity(64 * 1024);
         buf.extend_from_slice(&early_up);
-        let mut last_locks = None;
         loop {
             let mut consumed = 0;
-            while let Some((frame, n)) = dec
-                .decode(&buf[consumed..])
-                .map_err(|e| End::spice_protocol(Direction::VmToBrowser, &e))?
-            {
-                // A message vizor sends in place of QEMU's.
-                let mut instead = None;
-                if let Frame::Whole { header, body } = frame {
-                    match msg::parse_server(channel, header.msg_type, body)
-                        .map_err(|e| End::spice_protocol(Direction::VmToBrowser, &e))?
-                    {
-                        // The channels vizor refuses are not offered: a browser does
-                        // not try them (spice-html5 links every port channel listed).
-                        msg::ServerMessage::ChannelsList(list)
-                            if list.iter().any(|(t, _)| !relays(&ctx.env.spice, t)) =>
-                        {
-                            let body = list.filtered(|t| relays(&ctx.env.spice, t));
-                            let mut out = Vec::new();
-                            write_message(
-                                kind,
-                                header.serial.unwrap_or(0),
-                                msg::main::MSG_CHANNELS_LIST,
-                                &body,
-                                &mut out,
-                            )
-                            .map_err(|e| End::spice_protocol(Direction::VmToBrowser, &e))?;
-                            instead = Some(out);
-                        }
-                        msg::ServerMessage::MainInit { session_id, .. } => {
-                            ctx.env
-                                .spice_sessions
-                                .set_session_id(ctx.claims.nonce, session_id);
-                            debug!(session_id, "SPICE session linked");
-                        }
-                        msg::ServerMessage::AgentData(chunk) => {
-                            follow_agent(
-                                ctx,
-                                &mut follower,
-                                &mut agent_out,
-                                chunk,
-                                AgentSide::Vm,
-                                &agent,
-                            )
-                            .await?;
-                        }
-                        msg::ServerMessage::Ping { id, .. } if channel == channel_type::MAIN => {
-                            rtt.ping(id)
-                        }
-                        // INPUTS_INIT carries the guest's LEDs; KEY_MODIFIERS may carry
-                        // spice-server's own view, and repeats it after input: the
-                        // audit keeps changes, and says which.
-                        msg::ServerMessage::InputsInit(bits) => {
-                            locks_reported(ctx, keyboard, &mut last_locks, bits, "qemu").await?;
-                        }
-                        msg::ServerMessage::KeyModifiers(bits) => {
-                            locks_reported(ctx, keyboard, &mut last_locks, bits, "spice_server")
-                                .await?;
-                        }
-                        _ => {}
-                    }
+            loop {
+                let Some(step) = lock(&rules)?.from_vm(&buf[consumed..], keyboard)? else {
+                    break;
+                };
+                record(ctx, &step.notes).await?;
+                if let Some(end) = step.end {
+                    return Err(end);
                 }
-                if let Some(out) = instead {
-                    if consumed > 0 {
-                        btx.bytes(buf.split_to(consumed)).await?;
-                    }
-                    let _ = buf.split_to(n);
-                    meter.add(Direction::VmToBrowser, (consumed + out.len()) as u64);
-                    btx.bytes(BytesMut::from(&out[..])).await?;
-                    consumed = 0;
-                    continue;
+                if let Some(session_id) = step.session_id {
+                    ctx.env
+                        .spice_sessions
+                        .set_session_id(ctx.claims.nonce, session_id);
+                    debug!(session_id, "SPICE session linked");
                 }
-                consumed += n;
+                if let Some(Ping::Sent(id)) = step.ping {
+                    rtt.ping(id);
+                }
+                let instead = match step.verdict {
+                    Verdict::Forward => {
+                        consumed += step.len;
+                        continue;
+                    }
+                    Verdict::Rewrite(out) => out,
+                    Verdict::Drop(_) => Vec::new(),
+                };
+                if consumed > 0 {
+                    btx.bytes(buf.split_to(consumed)).await?;
+                }
+                let _ = buf.split_to(step.len);
+                meter.add(Direction::VmToBrowser, (consumed + instead.len()) as u64);
+                if !instead.is_empty() {
+                    btx.bytes(BytesMut::from(&instead[..])).await?;
+                }
+                consumed = 0;
             }
             if consumed > 0 {
                 btx.bytes(buf.split_to(consumed)).await?;
@@ -996,38 +854,15 @@ async fn relay(
     };
     let end = r.err().unwrap_or(End::VmClosed);
     let vm_gone = end.vm_gone();
-    if channel == channel_type::INPUTS || channel == channel_type::MAIN {
-        // When this connection closes (the inputs channel, or the main channel and with
-        // it the client), spice-server releases the keys it holds, through QEMU's
-        // decoder: on record first.
-        let mut strokes = Vec::new();
-        if let Ok(mut k) = keyboard.lock() {
-            k.disconnect(&mut strokes);
-        }
-        if let Err(e) = record_strokes(ctx, &mut strokes).await {
-            warn!(reason = %e, "audit log: keys spice-server releases not written");
-        }
+    let closing = rules
+        .lock()
+        .map(|mut r| r.closing(keyboard, vm_gone))
+        .unwrap_or_default();
+    if let Err(e) = record(ctx, &closing.notes).await {
+        warn!(reason = %e, "audit log: what the channel's close did not written");
     }
-    if channel == channel_type::MAIN {
-        // Transfers the session's end cut short: on record with what passed.
-        let open = agent
-            .transfers
-            .lock()
-            .map(|mut t| t.end_all())
-            .unwrap_or_default();
-        for r in &open {
-            if let Err(e) = record_transfer(ctx, r).await {
-                warn!(reason = %e, "audit log: an incomplete file transfer not written");
-            }
-        }
-    }
-    if !display_init_seen.load(Ordering::Relaxed) && !vm_gone {
-        let mut out = Vec::new();
-        let serial = last_serial.load(Ordering::Relaxed) + 1;
-        let init = msg::display::default_init();
-        if write_message(kind, serial, msg::display::MSGC_INIT, &init, &mut out).is_ok()
-            && up_wr.write_all(&out).await.is_ok()
-        {
+    if let Some(init) = closing.display_init {
+        if up_wr.write_all(&init).await.is_ok() {
             // Let the display worker take it (it answers) before the socket closes.
             let mut tmp = [0u8; 4096];
             let _ = tokio::time::timeout(Duration::from_millis(500), up_rd.read(&mut tmp)).await;
@@ -1043,65 +878,10 @@ async fn relay(
     end
 }
 
-/// vizor's own KEY_SCANCODE to the VM: the strokes it makes go on record first.
-#[allow(clippy::too_many_arguments)]
-async fn send_scancodes(
-    ctx: &Ctx,
-    kind: HeaderKind,
-    serial: u64,
-    bytes: &[u8],
-    origin: Origin,
-    keyboard: &Mutex<Keyboard>,
-    up_wr: &mut (impl tokio::io::AsyncWrite + Unpin),
-) -> Result<(), End> {
-    let mut strokes = Vec::new();
-    lock(keyboard)?.scancodes(bytes, origin, &mut strokes);
-    record_strokes(ctx, &mut strokes).await?;
-    let mut out = Vec::new();
-    write_message(
-        kind,
-        serial,
-        msg::inputs::MSGC_KEY_SCANCODE,
-        bytes,
-        &mut out,
-    )
-    .map_err(|e| End::spice_protocol(Direction::BrowserToVm, &e))?;
-    write_upstream(up_wr, &out).await
-}
-
-/// A lock state from the VM's side: spice-server's view of the locks, and a record
-/// when it changed.
-async fn locks_reported(
-    ctx: &Ctx,
-    keyboard: &Mutex<Keyboard>,
-    last: &mut Option<Locks>,
-    bits: u16,
-    source: &'static str,
-) -> Result<(), End> {
-    lock(keyboard)?.server_locks(bits);
-    let locks = Locks::from_bits(bits);
-    if last.replace(locks) != Some(locks) {
-        ctx.env
-            .audit
-            .locks(ctx.id, locks, source)
-            .await
-            .map_err(audit_failed)?;
-    }
-    Ok(())
-}
-
-/// Records the strokes QEMU takes from an inputs message, and empties `strokes`.
-async fn record_strokes(ctx: &Ctx, strokes: &mut Vec<Stroke>) -> Result<(), End> {
-    for stroke in strokes.drain(..) {
-        let event = KeyEvent {
-            stroke,
-            via: Some("scancode"),
-            keysym: None,
-            mismatch: false,
-        };
-        ctx.env
-            .audit
-            .stroke(ctx.id, &event)
+/// Records `notes`, in order, before what they come from moves on.
+async fn record(ctx: &Ctx, notes: &[crate::policy::Note]) -> Result<(), End> {
+    for note in notes {
+        super::record_note(&ctx.env.audit, ctx.id, note)
             .await
             .map_err(audit_failed)?;
     }
@@ -1110,7 +890,7 @@ async fn record_strokes(ctx: &Ctx, strokes: &mut Vec<Stroke>) -> Result<(), End>
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, End> {
     m.lock()
-        .map_err(|_| End::Internal("keyboard lock poisoned"))
+        .map_err(|_| End::Internal("SPICE rules lock poisoned"))
 }
 
 /// Server-ping to client-pong round trips on the main channel: the session's network
@@ -1162,628 +942,5 @@ impl RoundTrips {
         let mut v = g.1.clone();
         v.sort();
         v.get(v.len() / 2).map(|d| d.as_secs_f64() * 1000.0)
-    }
-}
-
-/// Whether the browser announced `VD_AGENT_CAP_CLIPBOARD_SELECTION`. The guest agent
-/// (spice-vdagentd) decides by the client's announcement alone, both ways: it reads a
-/// selection word in the client's clipboard messages, and writes one in its own, when
-/// the client announced the capability (its own announcement does not matter). vizor
-/// reads both directions by the same rule, so it reads what the agent reads and writes.
-#[derive(Default)]
-struct AgentCaps(AtomicBool);
-
-impl AgentCaps {
-    fn browser_announced(&self, selection: bool) {
-        self.0.store(selection, Ordering::Relaxed);
-    }
-
-    fn selection_word(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// What both directions of the main channel's agent stream share.
-struct AgentShared {
-    caps: AgentCaps,
-    transfers: Mutex<Transfers>,
-    file_transfer: FileTransfer,
-}
-
-impl AgentShared {
-    fn new(file_transfer: FileTransfer) -> AgentShared {
-        AgentShared {
-            caps: AgentCaps::default(),
-            transfers: Mutex::new(Transfers::default()),
-            file_transfer,
-        }
-    }
-}
-
-/// One clipboard transfer in flight.
-struct Transfer {
-    reader: agent::ClipboardReader,
-    hasher: sha2::Sha256,
-    length: usize,
-    /// The contents, kept for `[audit] clipboard = "content"` (bounded by the agent
-    /// message limit).
-    kept: Option<Vec<u8>>,
-}
-
-/// What following an agent stream records.
-#[derive(Debug)]
-enum AgentRecord {
-    Clipboard(crate::audit::Clipboard),
-    FileTransfer(transfers::Record),
-    /// A file transfer refused by `[spice] file_transfer`.
-    Refused {
-        way: Way,
-        start: Option<(u32, String, u64)>,
-    },
-}
-
-/// What one chunk of an agent stream gave: records to write, in order, then the
-/// session's end when the chunk is refused (none of it is relayed).
-#[derive(Debug, Default)]
-struct Fed {
-    records: Vec<AgentRecord>,
-    end: Option<End>,
-}
-
-/// Follows one direction of the guest agent's message stream, sans-IO: clipboard
-/// contents as they cross (format, length, SHA-256 of the contents alone, and the
-/// text when the audit keeps it), file transfers (see [`Transfers`]), and, from the
-/// browser, only the message types a browser has reason to send
-/// ([`agent::FromClient`]): a pointer event sent as MOUSE_STATE would reach the guest
-/// through spice-vdagentd, past the inputs channel and its audit.
-#[derive(Default)]
-struct AgentFollower {
-    transfer: Option<Transfer>,
-    caps: Option<agent::CapsReader>,
-    xfer: agent::XferReader,
-    /// The browser sent AGENT_START: spice-server discards agent data before it, so
-    /// vizor refuses any (its stream would start where spice-server's does not).
-    started: bool,
-}
-
-/// Which way agent messages go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AgentSide {
-    Browser,
-    Vm,
-}
-
-impl AgentSide {
-    fn direction(self) -> &'static str {
-        match self {
-            AgentSide::Browser => "browser_to_vm",
-            AgentSide::Vm => "vm_to_browser",
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            AgentSide::Browser => "browser",
-            AgentSide::Vm => "VM",
-        }
-    }
-
-    /// The direction of what this side sends.
-    fn dir(self) -> Direction {
-        match self {
-            AgentSide::Browser => Direction::BrowserToVm,
-            AgentSide::Vm => Direction::VmToBrowser,
-        }
-    }
-
-    fn way(self) -> Way {
-        match self {
-            AgentSide::Browser => Way::ToVm,
-            AgentSide::Vm => Way::ToBrowser,
-        }
-    }
-}
-
-impl AgentFollower {
-    /// Feeds an AGENT_DATA chunk sent by `from`.
-    fn feed(
-        &mut self,
-        stream: &mut AgentStream,
-        chunk: &[u8],
-        from: AgentSide,
-        shared: &AgentShared,
-        keep: bool,
-    ) -> Fed {
-        let mut fed = Fed::default();
-        if let Err(end) = self.follow(stream, chunk, from, shared, keep, &mut fed) {
-            fed.end = Some(end);
-        }
-        fed
-    }
-
-    fn follow(
-        &mut self,
-        stream: &mut AgentStream,
-        chunk: &[u8],
-        from: AgentSide,
-        shared: &AgentShared,
-        keep: bool,
-        fed: &mut Fed,
-    ) -> Result<(), End> {
-        let side = from.name();
-        if from == AgentSide::Browser && !self.started {
-            return Err(End::refused(
-                Refusal::AgentRefused,
-                "the browser sent agent data before AGENT_START",
-            ));
-        }
-        let mut events = Vec::new();
-        stream
-            .feed(chunk, &mut events)
-            .map_err(|e| End::spice_protocol(from.dir(), &e))?;
-        // A file transfer start under `file_transfer = "refuse"`: the chunk is read to
-        // its end (for the file's name, when the start is whole in it), then refused.
-        let mut refusing = false;
-        let mut refused_start = None;
-        for ev in events {
-            if let AgentEvent::Begin { msg_type, .. } = ev {
-                if from == AgentSide::Browser
-                    && agent::FromClient::of(msg_type) == agent::FromClient::Refuse
-                {
-                    return Err(End::refused(
-                        Refusal::AgentRefused,
-                        format!(
-                            "the browser sent the guest agent a {} message (type {msg_type}), which vizor does not pass",
-                            agent::kind::name(msg_type)
-                        ),
-                    ));
-                }
-                if msg_type == agent::kind::FILE_XFER_START
-                    && shared.file_transfer == FileTransfer::Refuse
-                {
-                    refusing = true;
-                }
-            }
-            let mut xfers = Vec::new();
-            self.xfer
-                .feed(&ev, &mut xfers)
-                .map_err(|e| End::spice_protocol(from.dir(), &e))?;
-            for x in xfers {
-                if refusing {
-                    if let agent::XferEvent::Start { id, name, size } = x {
-                        refused_start = Some((id, name, size));
-                    }
-                    continue;
-                }
-                let mut t = lock(&shared.transfers)?;
-                match t.on(from.way(), x) {
-                    Ok(Some(r)) => fed.records.push(AgentRecord::FileTransfer(r)),
-                    Ok(None) => {}
-                    Err(refusal) => {
-                        return Err(End::refused(
-                            Refusal::FileTransferRefused,
-                            format!("{side} agent stream: {refusal}"),
-                        ))
-                    }
-                }
-            }
-            self.clipboard(ev, from, &shared.caps, keep, fed)?;
-        }
-        if refusing {
-            fed.records.push(AgentRecord::Refused {
-                way: from.way(),
-                start: refused_start,
-            });
-            return Err(End::refused(
-                Refusal::FileTransferRefused,
-                "file transfer through the guest agent is not allowed here ([spice] file_transfer)",
-            ));
-        }
-        Ok(())
-    }
-
-    fn clipboard(
-        &mut self,
-        ev: AgentEvent<'_>,
-        from: AgentSide,
-        caps: &AgentCaps,
-        keep: bool,
-        fed: &mut Fed,
-    ) -> Result<(), End> {
-        use sha2::Digest;
-        match ev {
-            AgentEvent::Begin { msg_type, .. } if msg_type == agent::kind::CLIPBOARD => {
-                self.transfer = Some(Transfer {
-                    reader: agent::ClipboardReader::new(caps.selection_word()),
-                    hasher: sha2::Sha256::new(),
-                    length: 0,
-                    kept: keep.then(Vec::new),
-                });
-            }
-            AgentEvent::Begin { msg_type, .. }
-                if msg_type == agent::kind::ANNOUNCE_CAPABILITIES =>
-            {
-                self.caps = Some(agent::CapsReader::default());
-            }
-            AgentEvent::Data {
-                msg_type,
-                bytes,
-                last,
-            } if msg_type == agent::kind::ANNOUNCE_CAPABILITIES => {
-                if let Some(c) = &mut self.caps {
-                    c.feed(bytes);
-                }
-                if last {
-                    if let Some(c) = self.caps.take() {
-                        if from == AgentSide::Browser {
-                            caps.browser_announced(c.has(agent::cap::CLIPBOARD_SELECTION));
-                        }
-                    }
-                }
-            }
-            AgentEvent::Data {
-                msg_type,
-                bytes,
-                last,
-            } if msg_type == agent::kind::CLIPBOARD => {
-                let Some(t) = &mut self.transfer else {
-                    return Ok(());
-                };
-                let contents = t.reader.feed(bytes);
-                t.hasher.update(contents);
-                t.length += contents.len();
-                if let Some(k) = &mut t.kept {
-                    k.extend_from_slice(contents);
-                }
-                if !last {
-                    return Ok(());
-                }
-                let Some(t) = self.transfer.take() else {
-                    return Ok(());
-                };
-                let clip_type = t
-                    .reader
-                    .clip_type()
-                    .map_err(|e| End::spice_protocol(from.dir(), &e))?;
-                let content = match t.kept {
-                    Some(k) if clip_type == agent::CLIPBOARD_UTF8_TEXT => {
-                        Some(String::from_utf8_lossy(&k).into_owned())
-                    }
-                    _ => None,
-                };
-                fed.records
-                    .push(AgentRecord::Clipboard(crate::audit::Clipboard {
-                        format: agent::clipboard_format(clip_type),
-                        length: t.length,
-                        sha256: crate::audit::chain::hex(&t.hasher.finalize()),
-                        content,
-                    }));
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-}
-
-/// Writes what an agent transfer record says.
-async fn record_transfer(ctx: &Ctx, r: &transfers::Record) -> Result<(), End> {
-    ctx.env
-        .audit
-        .record(&Event::FileTransfer {
-            session: ctx.id,
-            direction: r.way.direction(),
-            id: Some(r.id),
-            name: Some(&r.name),
-            size: Some(r.size),
-            status: r.status,
-            bytes: r.bytes,
-            sha256: r.sha256.as_deref(),
-        })
-        .await
-        .map_err(audit_failed)
-}
-
-/// Feeds `chunk` to `follower`, records what it completed, and refuses what it
-/// refused (after recording it).
-async fn follow_agent(
-    ctx: &Ctx,
-    follower: &mut AgentFollower,
-    stream: &mut AgentStream,
-    chunk: &[u8],
-    from: AgentSide,
-    shared: &AgentShared,
-) -> Result<(), End> {
-    let keep = ctx.env.audit.clipboard_content();
-    let fed = follower.feed(stream, chunk, from, shared, keep);
-    for r in &fed.records {
-        match r {
-            AgentRecord::Clipboard(clip) => ctx
-                .env
-                .audit
-                .record(&clip.event(ctx.id, from.direction()))
-                .await
-                .map_err(audit_failed)?,
-            AgentRecord::FileTransfer(t) => record_transfer(ctx, t).await?,
-            AgentRecord::Refused { way, start } => {
-                let (id, name, size) = match start {
-                    Some((id, name, size)) => (Some(*id), Some(name.as_str()), Some(*size)),
-                    None => (None, None, None),
-                };
-                ctx.env
-                    .audit
-                    .record(&Event::FileTransfer {
-                        session: ctx.id,
-                        direction: way.direction(),
-                        id,
-                        name,
-                        size,
-                        status: "refused",
-                        bytes: 0,
-                        sha256: None,
-                    })
-                    .await
-                    .map_err(audit_failed)?
-            }
-        }
-    }
-    match fed.end {
-        Some(end) => Err(end),
-        None => Ok(()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vizor_spice::agent::{cap, kind, write_message};
-
-    fn caps_message(selection: bool) -> Vec<u8> {
-        let mut bits = 1u32 << cap::CLIPBOARD_SELECTION.min(31);
-        if !selection {
-            bits = 1; // VD_AGENT_CAP_MOUSE_STATE alone
-        }
-        // VDAgentAnnounceCapabilities: request (u32), then the capability words.
-        let mut body = 0u32.to_le_bytes().to_vec();
-        body.extend_from_slice(&bits.to_le_bytes());
-        let mut out = Vec::new();
-        write_message(kind::ANNOUNCE_CAPABILITIES, &body, &mut out);
-        out
-    }
-
-    fn clipboard_message(selection: Option<u8>, text: &[u8]) -> Vec<u8> {
-        let mut body = Vec::new();
-        if let Some(s) = selection {
-            body.extend_from_slice(&[s, 0, 0, 0]);
-        }
-        body.extend_from_slice(&1u32.to_le_bytes()); // UTF-8 text
-        body.extend_from_slice(text);
-        let mut out = Vec::new();
-        write_message(kind::CLIPBOARD, &body, &mut out);
-        out
-    }
-
-    struct Sides {
-        shared: AgentShared,
-        browser: (AgentFollower, AgentStream),
-        vm: (AgentFollower, AgentStream),
-    }
-
-    impl Sides {
-        fn new() -> Sides {
-            Sides::with(FileTransfer::Audit)
-        }
-
-        fn with(file_transfer: FileTransfer) -> Sides {
-            let l = vizor_spice::Limits::default();
-            let started = AgentFollower {
-                started: true,
-                ..AgentFollower::default()
-            };
-            Sides {
-                shared: AgentShared::new(file_transfer),
-                browser: (started, AgentStream::new(l)),
-                vm: (AgentFollower::default(), AgentStream::new(l)),
-            }
-        }
-
-        fn feed(&mut self, side: AgentSide, bytes: &[u8]) -> Fed {
-            let (c, s) = match side {
-                AgentSide::Browser => &mut self.browser,
-                AgentSide::Vm => &mut self.vm,
-            };
-            c.feed(s, bytes, side, &self.shared, true)
-        }
-
-        fn from(&mut self, side: AgentSide, bytes: &[u8]) -> Vec<crate::audit::Clipboard> {
-            let fed = self.feed(side, bytes);
-            assert!(fed.end.is_none(), "{:?}", fed.end);
-            fed.records
-                .into_iter()
-                .filter_map(|r| match r {
-                    AgentRecord::Clipboard(c) => Some(c),
-                    _ => None,
-                })
-                .collect()
-        }
-    }
-
-    fn xfer(t: u32, id: u32, rest: &[u8]) -> Vec<u8> {
-        let mut body = id.to_le_bytes().to_vec();
-        if t == kind::FILE_XFER_DATA {
-            body.extend_from_slice(&(rest.len() as u64).to_le_bytes());
-        }
-        body.extend_from_slice(rest);
-        let mut out = Vec::new();
-        write_message(t, &body, &mut out);
-        out
-    }
-
-    fn start(id: u32) -> Vec<u8> {
-        xfer(
-            kind::FILE_XFER_START,
-            id,
-            b"[vdagent-file-xfer]\nname=notes.txt\nsize=5\n",
-        )
-    }
-
-    #[test]
-    fn the_agent_stream_cannot_be_put_out_of_step_with_spice_servers() {
-        // The review's sequence: before AGENT_START spice-server discards agent data
-        // whole; a reader that took it would expect 33 clipboard bytes next, and read
-        // a MOUSE_STATE after AGENT_START as clipboard.
-        let mut first = Vec::new();
-        write_message(kind::CLIPBOARD_RELEASE, &[], &mut first);
-        first.extend_from_slice(
-            &{
-                let mut h = Vec::new();
-                write_message(kind::CLIPBOARD, &[0; 33], &mut h);
-                h
-            }[..20],
-        );
-        let mut s = Sides::new();
-        s.browser.0.started = false;
-        let end = s.feed(AgentSide::Browser, &first).end.expect("refused");
-        assert_eq!(end.label(), "agent_refused");
-        assert!(end.reason().contains("AGENT_START"), "{}", end.reason());
-        // After AGENT_START, the same chunk breaks spice-server's framing: refused.
-        let mut s = Sides::new();
-        let end = s.feed(AgentSide::Browser, &first).end.expect("refused");
-        assert_eq!(end.label(), "protocol_error", "{}", end.reason());
-    }
-
-    #[test]
-    fn the_browser_cannot_point_or_speak_for_the_agent() {
-        // MOUSE_STATE would move and click the guest's pointer through spice-vdagentd,
-        // past the inputs channel: refused, with every other type a browser has no
-        // reason to send.
-        for t in [
-            kind::MOUSE_STATE,
-            kind::REPLY,
-            kind::CLIENT_DISCONNECTED,
-            16,
-            17,
-            999,
-        ] {
-            let mut s = Sides::new();
-            let mut m = Vec::new();
-            write_message(t, &[0; 16], &mut m);
-            let fed = s.feed(AgentSide::Browser, &m);
-            assert!(fed.records.is_empty());
-            let end = fed.end.expect("refused");
-            assert_eq!(end.label(), "agent_refused", "type {t}");
-            // The guest's agent may send them (to the browser, not to the guest).
-            let mut s = Sides::new();
-            assert!(s.feed(AgentSide::Vm, &m).end.is_none(), "type {t}");
-        }
-    }
-
-    #[test]
-    fn file_transfers_are_refused_by_default_with_what_was_refused() {
-        let mut s = Sides::with(FileTransfer::Refuse);
-        let fed = s.feed(AgentSide::Browser, &start(3));
-        assert_eq!(fed.end.expect("refused").label(), "file_transfer_refused");
-        match &fed.records[..] {
-            [AgentRecord::Refused { way, start }] => {
-                assert_eq!(*way, Way::ToVm);
-                assert_eq!(start, &Some((3, "notes.txt".to_owned(), 5)));
-            }
-            other => panic!("{other:?}"),
-        }
-        // Refused at the chunk that begins it, whole or not.
-        let mut s = Sides::with(FileTransfer::Refuse);
-        let m = start(3);
-        let fed = s.feed(AgentSide::Browser, &m[..25]);
-        assert!(fed.end.is_some());
-        assert!(matches!(
-            &fed.records[..],
-            [AgentRecord::Refused { start: None, .. }]
-        ));
-        // File bytes for no transfer that started: refused either way.
-        for policy in [FileTransfer::Refuse, FileTransfer::Audit] {
-            let mut s = Sides::with(policy);
-            let fed = s.feed(AgentSide::Browser, &xfer(kind::FILE_XFER_DATA, 1, b"abc"));
-            assert_eq!(fed.end.expect("refused").label(), "file_transfer_refused");
-        }
-    }
-
-    #[test]
-    fn an_audited_file_transfer_is_recorded_at_start_and_end() {
-        use AgentSide::{Browser, Vm};
-        let mut s = Sides::new();
-        let fed = s.feed(Browser, &start(3));
-        assert!(fed.end.is_none());
-        let started = match &fed.records[..] {
-            [AgentRecord::FileTransfer(r)] => r.clone(),
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(
-            (started.status, started.name.as_str(), started.size),
-            ("started", "notes.txt", 5)
-        );
-        // The guest's agent is ready, the bytes pass, the guest says it is done.
-        assert!(s
-            .feed(Vm, &xfer(kind::FILE_XFER_STATUS, 3, &0u32.to_le_bytes()))
-            .records
-            .is_empty());
-        let data = xfer(kind::FILE_XFER_DATA, 3, b"hello");
-        let (a, b) = data.split_at(27);
-        assert!(s.feed(Browser, a).records.is_empty());
-        assert!(s.feed(Browser, b).records.is_empty());
-        let fed = s.feed(Vm, &xfer(kind::FILE_XFER_STATUS, 3, &3u32.to_le_bytes()));
-        let done = match &fed.records[..] {
-            [AgentRecord::FileTransfer(r)] => r.clone(),
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(
-            (done.status, done.bytes, done.way),
-            ("success", 5, Way::ToVm)
-        );
-        // SHA-256("hello").
-        assert_eq!(
-            done.sha256.as_deref(),
-            Some("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824")
-        );
-        // One more, cut short by the session's end.
-        s.feed(Browser, &start(4));
-        s.feed(Browser, &xfer(kind::FILE_XFER_DATA, 4, b"he"));
-        let open = s.shared.transfers.lock().unwrap().end_all();
-        assert_eq!(
-            (open[0].id, open[0].status, open[0].bytes),
-            (4, "incomplete", 2)
-        );
-    }
-
-    #[test]
-    fn the_selection_word_follows_the_browsers_announcement_both_ways() {
-        use AgentSide::{Browser, Vm};
-        // The case: the guest agent announces the selection capability, the
-        // browser does not. The agent then reads no selection word from the browser,
-        // and writes none: nor does vizor.
-        let mut s = Sides::new();
-        assert!(s.from(Vm, &caps_message(true)).is_empty());
-        assert!(s.from(Browser, &caps_message(false)).is_empty());
-        let clip = s.from(Browser, &clipboard_message(None, b"secret"));
-        assert_eq!((clip[0].format, clip[0].length), ("text", 6));
-        assert_eq!(clip[0].content.as_deref(), Some("secret"));
-        let clip = s.from(Vm, &clipboard_message(None, b"from the guest"));
-        assert_eq!(clip[0].content.as_deref(), Some("from the guest"));
-        // The browser announced it (the agent's own announcement aside): both ways
-        // carry the word.
-        let mut s = Sides::new();
-        s.from(Browser, &caps_message(true));
-        let clip = s.from(Browser, &clipboard_message(Some(0), b"abc"));
-        assert_eq!(
-            (clip[0].length, clip[0].content.as_deref()),
-            (3, Some("abc"))
-        );
-        let clip = s.from(Vm, &clipboard_message(Some(0), b"xyz"));
-        assert_eq!(
-            (clip[0].length, clip[0].content.as_deref()),
-            (3, Some("xyz"))
-        );
-        // A later announcement without it takes it back.
-        s.from(Browser, &caps_message(false));
-        let clip = s.from(Browser, &clipboard_message(None, b"plain"));
-        assert_eq!(clip[0].content.as_deref(), Some("plain"));
     }
 }

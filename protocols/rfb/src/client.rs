@@ -169,6 +169,30 @@ impl<'a> Encodings<'a> {
     }
 }
 
+/// The name of pointer button bit `bit` of a PointerEvent (0 = button 1) in audit
+/// records.
+pub fn button_name(bit: u32) -> &'static str {
+    const NAMES: [&str; 16] = [
+        "left",
+        "middle",
+        "right",
+        "wheel_up",
+        "wheel_down",
+        "wheel_left",
+        "wheel_right",
+        "back",
+        "forward",
+        "button 10",
+        "button 11",
+        "button 12",
+        "button 13",
+        "button 14",
+        "button 15",
+        "button 16",
+    ];
+    NAMES.get(bit as usize).copied().unwrap_or("button ?")
+}
+
 /// Decoder of the client-to-server stream.
 #[derive(Debug, Clone)]
 pub struct ClientDecoder {

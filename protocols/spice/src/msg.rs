@@ -53,6 +53,20 @@ pub mod display {
 
 /// Inputs channel message types.
 pub mod inputs {
+    /// The name of mouse button `button` (SPICE_MOUSE_BUTTON_*) in audit records.
+    pub fn button_name(button: u8) -> &'static str {
+        match button {
+            1 => "left",
+            2 => "middle",
+            3 => "right",
+            4 => "wheel_up",
+            5 => "wheel_down",
+            6 => "back",
+            7 => "forward",
+            _ => "button ?",
+        }
+    }
+
     /// SPICE_MSG_INPUTS_INIT: the guest's keyboard lock state (u16 flags).
     pub const MSG_INIT: u16 = 101;
     /// SPICE_MSG_INPUTS_KEY_MODIFIERS: the guest's lock state changed (u16 flags).
