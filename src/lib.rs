@@ -12,6 +12,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod end;
 pub mod forwarded;
 pub mod front;
 pub mod libvirt;

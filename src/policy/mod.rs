@@ -6,6 +6,7 @@
 //! shaped for several browser-side participants, each with a [`Participant`] policy;
 //! today each session has one, its owner.
 
+pub mod keyboards;
 pub mod rfb;
 pub mod spice;
 

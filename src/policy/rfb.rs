@@ -32,10 +32,10 @@
 //!     frame and input-to-display latency;
 //! 16. a broken message either way ends the session as that side's protocol error.
 
+use super::keyboards::VmKeyboard;
 use super::{DropReason, KeyNote, Note, Participant, Verdict};
+use crate::end::{End, Refusal};
 use crate::live::{Direction, Latency};
-use crate::session::keyboards::VmKeyboard;
-use crate::session::{End, Refusal};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vizor_keys::vnc::{Keymap, Outcome};

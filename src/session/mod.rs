@@ -5,13 +5,11 @@
 //! same for each SPICE channel.
 
 pub mod browser;
-mod end;
-pub mod keyboards;
 pub mod rfb;
 pub mod spice;
 mod splice;
 
-pub use end::{End, Refusal, Side, VmFailure};
+pub use crate::end::{ChannelRefusal, End, Refusal, Side, VmFailure};
 
 use crate::libvirt::Target;
 use crate::live::{Direction, Live};
@@ -59,7 +57,7 @@ pub struct Env {
     /// Linked SPICE sessions (which channels a token admits).
     pub spice_sessions: spice::Sessions,
     /// The keyboards of VMs with live sessions, as QEMU keeps them.
-    pub vm_keyboards: keyboards::VmKeyboards,
+    pub vm_keyboards: crate::policy::keyboards::VmKeyboards,
 }
 
 impl Env {

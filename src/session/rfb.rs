@@ -7,7 +7,6 @@
 //! reaches the browser as an RFB refusal with a reason, whatever its protocol version.
 
 use super::browser::{BrowserRx, BrowserTx};
-use super::keyboards::VmKeyboard;
 use super::{
     audit_failed, close_upstream, connect, read_upstream, write_upstream, Conn, End, Meter,
     Refusal, Source, Upstream, VmFailure, VmLink,
@@ -16,6 +15,7 @@ use crate::audit::{Event, KeyEvent};
 use crate::libvirt::Console;
 use crate::limits::Idle;
 use crate::live::{Direction, Identity, Latency};
+use crate::policy::keyboards::VmKeyboard;
 use crate::policy::rfb::Rules;
 use crate::policy::{Participant, Verdict};
 use crate::recording::Recorder;

@@ -15,6 +15,7 @@ use super::{
     Refusal, Source, Stream, Upstream, VmFailure, VmLink, CLOSE_GRACE,
 };
 use crate::audit::Event;
+use crate::end::ChannelRefusal;
 use crate::libvirt::{Console, Target};
 use crate::limits::Idle;
 use crate::live::{Direction, Identity, Latency, Live};
@@ -73,48 +74,6 @@ struct Linked {
     client: IpAddr,
     /// What the session's other channels share with it.
     shared: Joined,
-}
-
-/// Why a channel that is not a session's first main channel was refused. Each counts
-/// as a failed token, like a refused token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChannelRefusal {
-    /// A main channel for a new session, with a token spent already.
-    Spent,
-    /// A main channel that names a session (spice-server takes it for a migration
-    /// target and drops the live client).
-    SecondMain,
-    /// The token's session is not linked (not yet, or no more).
-    NoSession,
-    /// Another session id than QEMU gave the token's session.
-    WrongSession,
-    /// From another address than the session's main channel.
-    WrongClient,
-}
-
-impl ChannelRefusal {
-    /// A stable label for metrics and audit records.
-    pub fn label(self) -> &'static str {
-        match self {
-            ChannelRefusal::Spent => "replayed",
-            ChannelRefusal::SecondMain => "spice_second_main",
-            ChannelRefusal::NoSession => "spice_no_session",
-            ChannelRefusal::WrongSession => "spice_wrong_session",
-            ChannelRefusal::WrongClient => "spice_wrong_client",
-        }
-    }
-
-    /// What the browser is told.
-    pub(crate) fn told(self) -> &'static str {
-        match self {
-            ChannelRefusal::Spent => "token already used",
-            ChannelRefusal::SecondMain => "a second SPICE main channel is not allowed",
-            ChannelRefusal::NoSession | ChannelRefusal::WrongSession => {
-                "token already used (not for this SPICE session)"
-            }
-            ChannelRefusal::WrongClient => "this SPICE session belongs to another address",
-        }
-    }
 }
 
 impl Sessions {

@@ -219,7 +219,7 @@ fn rule_3_a_pixel_format_after_the_first_request_ends_the_session() {
         .browser(&set_pixel_format(&PixelFormat::RGB888))
         .unwrap_err();
     assert_eq!(end.label(), "pixel_format_change");
-    assert_eq!(end.side(), crate::session::Side::Vizor);
+    assert_eq!(end.side(), crate::end::Side::Vizor);
 }
 
 #[test]
@@ -527,10 +527,10 @@ fn rule_15_an_update_answers_the_oldest_request_and_the_first_input() {
 fn rule_16_a_broken_message_ends_the_session_as_that_sides_protocol_error() {
     let mut p = Pair::new();
     let end = p.browser(&[200, 0, 0, 0]).unwrap_err();
-    assert_eq!(end.side(), crate::session::Side::Browser);
+    assert_eq!(end.side(), crate::end::Side::Browser);
     assert_eq!(end.close_code(), 1008);
     let end = p.vm(&[77], 1).unwrap_err();
-    assert_eq!(end.side(), crate::session::Side::Vm);
+    assert_eq!(end.side(), crate::end::Side::Vm);
     assert_eq!(
         end.protocol(),
         Some((Direction::VmToBrowser, "unknown_message_type"))

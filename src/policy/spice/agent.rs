@@ -4,8 +4,8 @@
 
 use super::transfers::{self, Transfers, Way};
 use crate::config::FileTransfer;
+use crate::end::{End, Refusal};
 use crate::live::Direction;
-use crate::session::{End, Refusal};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use vizor_spice::agent::{self, AgentEvent, AgentStream};
