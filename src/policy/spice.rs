@@ -20,8 +20,9 @@
 //!    unrecorded;
 //! 6. a browser message beyond the bound is refused (what the browser sends is parsed
 //!    whole), and so is one that does not parse;
-//! 7. agent data before AGENT_START, agent messages a browser has no reason to send,
-//!    and file transfers under `file_transfer = "refuse"` are refused, on record;
+//! 7. agent data before AGENT_START and agent messages a browser has no reason to send
+//!    are refused, and so are file transfers under `file_transfer = "refuse"` (on
+//!    record with what their start said);
 //! 8. clipboard contents and file transfers through the agent are recorded both ways;
 //! 9. the VM's channel list loses the channels vizor does not relay;
 //! 10. MAIN_INIT gives the session id the session's other channels must name;
@@ -32,6 +33,11 @@
 //!     and main channels), the main channel's transfers in flight are recorded as
 //!     incomplete, and a display channel whose browser never sent DISPLAY_INIT gets
 //!     one from vizor (spice-server 0.15 can crash without it) ([`Rules::closing`]).
+//!
+//! Not yet: a participant's clipboard ways. Agent data cannot be dropped message by
+//! message without putting the agent stream out of step with spice-server's, so a
+//! participant without clipboard rights must not get a main channel of its own to
+//! QEMU; only owners exist today.
 
 mod agent;
 #[cfg(test)]
@@ -98,8 +104,10 @@ pub struct Step {
     pub verdict: Verdict,
     /// On record before it goes on, or before the session ends.
     pub notes: Vec<Note>,
-    /// The session ends here, after the notes are on record; nothing of the message
-    /// goes on.
+    /// The session ends here, after the notes are on record: nothing of the message
+    /// goes on, nor anything before it in the relay's buffer that was not sent yet
+    /// (on record, then, though the VM never got it: the record holds no less than
+    /// what reached the VM).
     pub end: Option<End>,
     /// It is the participant's input (the session is not idle).
     pub input: bool,

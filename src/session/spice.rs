@@ -817,8 +817,11 @@ async fn relay(
         .lock()
         .map(|mut r| r.closing(keyboard, vm_gone))
         .unwrap_or_default();
-    if let Err(e) = record(ctx, &closing.notes).await {
-        warn!(reason = %e, "audit log: what the channel's close did not written");
+    for note in &closing.notes {
+        // Each on its own: one that is not written does not keep the others out.
+        if let Err(e) = super::record_note(&ctx.env.audit, ctx.id, note).await {
+            warn!(error = %e, "audit log: a record of the channel's close not written");
+        }
     }
     if let Some(init) = closing.display_init {
         if up_wr.write_all(&init).await.is_ok() {

@@ -269,6 +269,19 @@ fn rule_8_agent_clipboard_and_transfers_are_recorded_both_ways() {
         [Note::FileTransfer(r)] => assert_eq!((r.id, r.status), (9, "started")),
         other => panic!("{other:?}"),
     }
+    // The other way too: the guest sends the browser a file.
+    let mut start = 11u32.to_le_bytes().to_vec();
+    start.extend_from_slice(b"[vdagent-file-xfer]\nname=c.txt\nsize=4\n");
+    let mut xfer = Vec::new();
+    agent_message(kind::FILE_XFER_START, &start, &mut xfer);
+    let step = c.vm(msg::main::MSG_AGENT_DATA, &xfer);
+    match &step.notes[..] {
+        [Note::FileTransfer(r)] => assert_eq!(
+            (r.id, r.status, r.way),
+            (11, "started", transfers::Way::ToBrowser)
+        ),
+        other => panic!("{other:?}"),
+    }
     // Rule 13: cut short by the channel's end, it is recorded as incomplete.
     let closing = c.rules.closing(&c.keyboard, false);
     assert!(
@@ -410,6 +423,88 @@ fn rule_13_a_closing_channel_records_released_keys_and_completes_display_init() 
     let mut sent = Channel::new(channel_type::DISPLAY);
     sent.browser(msg::display::MSGC_INIT, &msg::display::default_init());
     assert_eq!(sent.rules.closing(&sent.keyboard, false).display_init, None);
+}
+
+#[test]
+fn rule_13_the_main_channel_closing_records_the_keys_spice_server_releases() {
+    // One VM keyboard, shared by the session's channels: a key held through the
+    // inputs channel is released when the main channel (the client) goes.
+    let keyboard = Mutex::new(Keyboard::new());
+    let l = Limits::default();
+    let rules = |channel| {
+        Rules::new(
+            channel,
+            KIND,
+            l,
+            l,
+            Participant::OWNER,
+            &SpiceConfig::default(),
+            false,
+        )
+    };
+    let mut inputs = rules(channel_type::INPUTS);
+    let down = message(msg::inputs::MSGC_KEY_DOWN, &0x1eu32.to_le_bytes());
+    inputs.from_browser(&down, &keyboard).unwrap().unwrap();
+    // A display channel's close releases nothing.
+    assert!(keys(&rules(channel_type::DISPLAY).closing(&keyboard, false).notes).is_empty());
+    let closing = rules(channel_type::MAIN).closing(&keyboard, false);
+    assert_eq!(keys(&closing.notes), [(false, "a")]);
+}
+
+/// Full headers number messages: what vizor writes in a message's place keeps its
+/// serial, and vizor's own DISPLAY_INIT follows the browser's last.
+#[test]
+fn what_vizor_writes_keeps_the_serials_of_full_headers() {
+    let full = |serial: u64, msg_type: u16, body: &[u8]| {
+        let mut out = Vec::new();
+        write_message(HeaderKind::Full, serial, msg_type, body, &mut out).unwrap();
+        out
+    };
+    let l = Limits::default();
+    let keyboard = Mutex::new(Keyboard::new());
+    let rules = |channel| {
+        Rules::new(
+            channel,
+            HeaderKind::Full,
+            l,
+            l,
+            Participant::OWNER,
+            &SpiceConfig::default(),
+            false,
+        )
+    };
+    // Rule 3 under full headers.
+    let mut inputs = rules(channel_type::INPUTS);
+    let wire = full(41, msg::inputs::MSGC_KEY_MODIFIERS, &4u16.to_le_bytes());
+    let step = inputs.from_browser(&wire, &keyboard).unwrap().unwrap();
+    assert_eq!(
+        step.verdict,
+        Verdict::Rewrite(full(41, msg::inputs::MSGC_KEY_SCANCODE, &[0x3a, 0xba]))
+    );
+    // Rule 9 under full headers.
+    let mut main = rules(channel_type::MAIN);
+    let mut list = 2u32.to_le_bytes().to_vec();
+    list.extend_from_slice(&[channel_type::MAIN, 0, channel_type::USBREDIR, 0]);
+    let wire = full(7, msg::main::MSG_CHANNELS_LIST, &list);
+    let step = main.from_vm(&wire, &keyboard).unwrap().unwrap();
+    let mut kept = 1u32.to_le_bytes().to_vec();
+    kept.extend_from_slice(&[channel_type::MAIN, 0]);
+    assert_eq!(
+        step.verdict,
+        Verdict::Rewrite(full(7, msg::main::MSG_CHANNELS_LIST, &kept))
+    );
+    // Rule 13 under full headers.
+    let mut display = rules(channel_type::DISPLAY);
+    let ack = full(9, msg::common::MSGC_ACK, &[]);
+    display.from_browser(&ack, &keyboard).unwrap().unwrap();
+    assert_eq!(
+        display.closing(&keyboard, false).display_init,
+        Some(full(
+            10,
+            msg::display::MSGC_INIT,
+            &msg::display::default_init()
+        ))
+    );
 }
 
 #[test]
