@@ -143,6 +143,25 @@ fn token_prints_a_sealed_token_that_a_replica_opens() {
 }
 
 #[test]
+fn token_refuses_a_user_it_cannot_put_on_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = keyed_config(dir.path(), "90s");
+    let long = "u".repeat(257);
+    for user in ["", "eve\nadmin", long.as_str()] {
+        let out = vizor(&[
+            "token", "--config", &config, "--domain", "demo1", "--user", user,
+        ]);
+        assert!(!out.status.success(), "{user:?}");
+        assert!(out.stdout.is_empty(), "{user:?}: no token on failure");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("user must be 1 to 256 bytes, no control characters"),
+            "{user:?}: {err}"
+        );
+    }
+}
+
+#[test]
 fn token_refusals_say_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "60s");
