@@ -213,32 +213,23 @@ async fn without_kind_a_token_is_for_the_only_console_a_domain_has() {
 /// A VNC server that offers security type None only, as QEMU does for a console whose
 /// password was taken away behind libvirt's back. A test double: real QEMU keeps VNC
 /// authentication on once libvirt started it so, whatever the password becomes.
-async fn vnc_server_without_auth() -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 12];
-                s.write_all(b"RFB 003.008\n").await?;
-                s.read_exact(&mut buf).await?;
-                s.write_all(&[1, 1]).await?; // one security type: None
-                s.read_exact(&mut buf[..1]).await?;
-                s.write_all(&0u32.to_be_bytes()).await?; // SecurityResult: OK
-                s.read_exact(&mut buf[..1]).await?; // ClientInit
-                let mut init = vec![0, 64, 0, 48]; // 64 x 48
-                init.extend_from_slice(&[32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0]);
-                init.extend_from_slice(&4u32.to_be_bytes());
-                init.extend_from_slice(b"open");
-                s.write_all(&init).await?;
-                let mut sink = [0u8; 1024];
-                while s.read(&mut sink).await? > 0 {}
-                Ok::<_, std::io::Error>(())
-            });
-        }
-    });
-    addr
+async fn vnc_server_without_auth() -> vizor_testkit::vnc::Served {
+    use vizor_testkit::vnc::{Auth, Double};
+    Double::new(Auth::None)
+        .listen(|mut conn| async move {
+            let io = |e: std::io::Error| e.to_string();
+            conn.send_server_init(&vizor_rfb::handshake::ServerInit {
+                width: 64,
+                height: 48,
+                pixel_format: vizor_rfb::PixelFormat::RGB888,
+                name: b"open".to_vec(),
+            })
+            .await
+            .map_err(io)?;
+            conn.drain().await.map_err(io)
+        })
+        .await
+        .unwrap()
 }
 
 #[tokio::test]

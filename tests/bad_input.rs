@@ -9,9 +9,9 @@
 //!
 //! The cases are tables: each names its input and its expected refusal. Faults of the
 //! VM leg (rectangles beyond the framebuffer, lying lengths, garbage handshakes from
-//! the server) are faults real QEMU never commits: they come from a test double, a tiny
-//! RFB server in this file that libvirt's in-process test driver names as the console
-//! of its domains.
+//! the server) are faults real QEMU never commits: they come from a test double,
+//! vizor-testkit's synthetic RFB server (`vizor_testkit::vnc`), which libvirt's
+//! in-process test driver names as the console of its domains.
 //!
 //! The suite found five faults, each now fixed and pinned by its own test here:
 //! unbounded fragmented WebSocket messages, unmasked client frames, unconfirmed RFB
@@ -26,11 +26,13 @@ use common::{Closed, Vizor};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use vizor::token::ConsoleKind;
 use vizor_rfb::client::{clipboard, write_set_encodings, ClientMessage, CutText};
-use vizor_rfb::handshake::{Challenge, ChallengeResponse, ServerInit};
+use vizor_rfb::handshake::ServerInit;
 use vizor_rfb::{Encoding, Limits, PixelFormat};
+use vizor_testkit::vnc::{Auth, Conn, Double, Fault, Served};
+use vizor_testkit::DriveError;
 
 // ---------------------------------------------------------------------------------
 // A raw WebSocket client: frames written byte by byte as a case wants them, including
@@ -184,6 +186,23 @@ impl Raw {
         }
     }
 
+    /// Reads messages until `parse` finds its whole message at the start of `pending`,
+    /// drains it and returns it (see [`vizor_testkit::until`]); a close is a failure.
+    async fn until<T, E: std::fmt::Debug>(
+        &mut self,
+        parse: impl FnMut(&[u8]) -> Result<Option<(T, usize)>, E>,
+    ) -> T {
+        // The driver's buffer is `pending`; what arrives goes to it (see the `Source`).
+        let mut buf = std::mem::take(&mut self.pending);
+        let got = vizor_testkit::until(self, &mut buf, parse).await;
+        self.pending = buf;
+        match got {
+            Ok(t) => t,
+            Err(DriveError::Step(e)) => panic!("{e:?}"),
+            Err(DriveError::Source(never)) => match never {},
+        }
+    }
+
     /// Takes the next `n` bytes of binary data.
     async fn take(&mut self, n: usize) -> Vec<u8> {
         while self.pending.len() < n {
@@ -212,6 +231,18 @@ impl Raw {
         tokio::time::timeout(Duration::from_secs(10), wait)
             .await
             .expect("vizor neither refused nor closed within 10 s")
+    }
+}
+
+/// The binary data as a byte source for the testkit's driver, one message at a time
+/// moved from `pending` to the driver's buffer; a close is a failure.
+impl vizor_testkit::Source for Raw {
+    type Error = std::convert::Infallible;
+
+    async fn more(&mut self, buf: &mut Vec<u8>) -> Result<(), Self::Error> {
+        Raw::more(self).await;
+        buf.append(&mut self.pending);
+        Ok(())
     }
 }
 
@@ -538,13 +569,7 @@ async fn reach(r: &mut Raw, stage: Stage) -> Option<ServerInit> {
 }
 
 async fn server_init(r: &mut Raw) -> ServerInit {
-    loop {
-        if let Some((si, n)) = ServerInit::parse(&r.pending, &Limits::default()).unwrap() {
-            r.pending.drain(..n);
-            return si;
-        }
-        r.more().await;
-    }
+    r.until(|b| ServerInit::parse(b, &Limits::default())).await
 }
 
 /// One bad input on the RFB browser leg.
@@ -1784,15 +1809,9 @@ async fn spice_refusals() {
     }
     .write(&mut link);
     r.send(&link).await;
-    let reply = loop {
-        if let Some((reply, n)) =
-            LinkReply::parse(&r.pending, &vizor_spice::Limits::default()).unwrap()
-        {
-            r.pending.drain(..n);
-            break reply;
-        }
-        r.more().await;
-    };
+    let reply = r
+        .until(|b| LinkReply::parse(b, &vizor_spice::Limits::default()))
+        .await;
     assert_eq!(reply.error, link_error::OK);
     r.send(&vizor_spice::link::cap::AUTH_SASL.to_le_bytes())
         .await;
@@ -1948,9 +1967,9 @@ async fn a_spice_message_beyond_browser_message_max_is_refused() {
 // The VM leg: a test double for faults real QEMU cannot produce.
 // ---------------------------------------------------------------------------------
 
-/// What the fake RFB server does. It is a test double: real QEMU never sends a
-/// rectangle beyond its framebuffer, a lying length or a garbage handshake, so these
-/// faults need a server written to commit them.
+/// What the fake RFB server does. It is a test double (vizor-testkit's synthetic VNC
+/// server): real QEMU never sends a rectangle beyond its framebuffer, a lying length or
+/// a garbage handshake, so these faults need a server written to commit them.
 #[derive(Clone)]
 enum Fake {
     /// Sends these bytes in place of its ProtocolVersion.
@@ -2031,76 +2050,39 @@ fn opening_relayed() -> Vec<u8> {
     ])
 }
 
-/// Listens for vizor and plays `scenario` on each connection; returns the port.
-async fn fake_vm(scenario: Fake) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(play(s, scenario.clone()));
-        }
-    });
-    port
+/// Listens for vizor and plays `scenario` on each connection; serves as long as the
+/// caller keeps what it returns.
+async fn fake_vm(scenario: Fake) -> Served {
+    let double = Double::new(Auth::Password(FAKE_PW.to_owned()));
+    let double = match &scenario {
+        Fake::Version(bytes) => double.fault(Fault::Version(bytes.clone())),
+        Fake::Refuse(reason) => double.fault(Fault::Refuse((*reason).to_owned())),
+        Fake::Init(_) | Fake::Update(_) => double,
+    };
+    double
+        .listen(move |conn| play(conn, scenario.clone()))
+        .await
+        .unwrap()
 }
 
-async fn play(mut s: TcpStream, scenario: Fake) -> std::io::Result<()> {
-    if let Fake::Version(bytes) = &scenario {
-        s.write_all(bytes).await?;
-        return drain(s).await;
-    }
-    s.write_all(b"RFB 003.008\n").await?;
-    let mut version = [0u8; 12];
-    s.read_exact(&mut version).await?;
-    if let Fake::Refuse(reason) = &scenario {
-        s.write_all(&cat(&[
-            &[0],
-            &(reason.len() as u32).to_be_bytes(),
-            reason.as_bytes(),
-        ]))
-        .await?;
-        return drain(s).await;
-    }
-    s.write_all(&[1, 2]).await?; // VNC authentication, alone
-    let mut chosen = [0u8; 1];
-    s.read_exact(&mut chosen).await?;
-    let challenge = Challenge(rand::random());
-    s.write_all(&challenge.0).await?;
-    let mut response = [0u8; 16];
-    s.read_exact(&mut response).await?;
-    if !ChallengeResponse::from_bytes(response).verify(&challenge, FAKE_PW.as_bytes()) {
-        let reason = b"the fake VM was given the wrong password";
-        s.write_all(&cat(&[
-            &[0, 0, 0, 1],
-            &(reason.len() as u32).to_be_bytes(),
-            reason,
-        ]))
-        .await?;
-        return drain(s).await;
-    }
-    s.write_all(&[0, 0, 0, 0]).await?;
-    let mut client_init = [0u8; 1];
-    s.read_exact(&mut client_init).await?;
+/// Past vizor's ClientInit: the scenario's ServerInit (or its bytes in place of it),
+/// then what it sends; then reads until vizor closes.
+async fn play(mut conn: Conn, scenario: Fake) -> Result<(), String> {
+    let io = |e: std::io::Error| e.to_string();
     match scenario {
-        Fake::Init(bytes) => s.write_all(&bytes).await?,
+        Fake::Init(bytes) => conn.send(&bytes).await.map_err(io)?,
         Fake::Update(bytes) => {
-            s.write_all(&fake_server_init()).await?;
-            let mut relayed = vec![0u8; opening_relayed().len()];
-            s.read_exact(&mut relayed).await?;
+            conn.send(&fake_server_init()).await.map_err(io)?;
+            let relayed = conn.take(opening_relayed().len()).await.map_err(io)?;
             // vizor relays the opening as it should; anything else gets no update.
             if relayed == opening_relayed() {
-                s.write_all(&bytes).await?;
+                conn.send(&bytes).await.map_err(io)?;
             }
         }
-        Fake::Version(_) | Fake::Refuse(_) => unreachable!(),
+        // Faults of the handshake, which the double commits itself.
+        Fake::Version(_) | Fake::Refuse(_) => {}
     }
-    drain(s).await
-}
-
-/// Reads until vizor closes.
-async fn drain(mut s: TcpStream) -> std::io::Result<()> {
-    let mut tmp = [0u8; 4096];
-    while s.read(&mut tmp).await? > 0 {}
-    Ok(())
+    conn.drain().await.map_err(io)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2121,9 +2103,9 @@ async fn a_guest_clipboard_beyond_the_limit_is_dropped_not_the_session() {
     let mut clip = vec![3, 0, 0, 0];
     clip.extend_from_slice(&clip_len.to_be_bytes());
     clip.extend(std::iter::repeat_n(b'c', clip_len as usize));
-    let port = fake_vm(Fake::Update(cat(&[&clip, &good_update]))).await;
+    let vm = fake_vm(Fake::Update(cat(&[&clip, &good_update]))).await;
     let (_node, uri) =
-        common::test_node(&[("vizor-fake-clip".to_owned(), port, FAKE_PW.to_owned())]);
+        common::test_node(&[("vizor-fake-clip".to_owned(), vm.port(), FAKE_PW.to_owned())]);
     let v = Vizor::start_uri(&uri, "", "", "", |_| {});
     let mut r = vnc_raw(&v, "vizor-fake-clip").await;
     reach(&mut r, Stage::Relay).await.unwrap();
@@ -2299,10 +2281,11 @@ async fn vm_leg_refusals() {
     ];
     let mut scenarios = vec![("a well-behaved fake", Fake::Update(good_update.clone()))];
     scenarios.extend(cases.iter().map(|(n, f, _)| (*n, f.clone())));
-    let mut domains = Vec::new();
+    let (mut domains, mut vms) = (Vec::new(), Vec::new());
     for (i, (_, fake)) in scenarios.iter().enumerate() {
-        let port = fake_vm(fake.clone()).await;
-        domains.push((format!("vizor-fake-{i}"), port, FAKE_PW.to_owned()));
+        let vm = fake_vm(fake.clone()).await;
+        domains.push((format!("vizor-fake-{i}"), vm.port(), FAKE_PW.to_owned()));
+        vms.push(vm);
     }
     let (_node, uri) = common::test_node(&domains);
     let v = Vizor::start_uri(&uri, "", "", "", |_| {});

@@ -272,26 +272,23 @@ struct DirectVnc(std::net::TcpStream);
 impl DirectVnc {
     fn connect(addr: &str, password: &str) -> DirectVnc {
         use std::io::{Read, Write};
-        use vizor_rfb::handshake::{client, Progress};
-        fn pump<S, N>(
+        use vizor_rfb::handshake::client;
+        use vizor_testkit::{drive_blocking, Blocking};
+        /// Drives a handshake state with blocking reads of QEMU's socket.
+        fn pump<S, P>(
             sock: &mut std::net::TcpStream,
             buf: &mut Vec<u8>,
-            mut st: S,
-            mut f: impl FnMut(S, &[u8]) -> Result<Progress<S, N>, vizor_rfb::Error>,
-        ) -> N {
-            loop {
-                match f(st, buf).unwrap() {
-                    Progress::Done { next, consumed } => {
-                        buf.drain(..consumed);
-                        return next;
-                    }
-                    Progress::NeedMore(s) => {
-                        st = s;
-                        let mut t = [0u8; 4096];
-                        let n = sock.read(&mut t).unwrap();
-                        assert!(n > 0, "QEMU closed the connection");
-                        buf.extend_from_slice(&t[..n]);
-                    }
+            st: S,
+            f: impl FnMut(S, &[u8]) -> Result<P, vizor_rfb::Error>,
+        ) -> P::Next
+        where
+            P: vizor_testkit::Stepped<State = S>,
+        {
+            match drive_blocking(&mut Blocking(sock), buf, st, f) {
+                Ok(next) => next,
+                Err(vizor_testkit::DriveError::Step(e)) => panic!("{e}"),
+                Err(vizor_testkit::DriveError::Source(e)) => {
+                    panic!("QEMU closed the connection: {e}")
                 }
             }
         }

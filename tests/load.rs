@@ -3,8 +3,9 @@
 //! bounded in count ([`SESSIONS`]) and time ([`BOUND`]).
 //!
 //! The VMs are a test double, not QEMU: a thousand QEMU consoles do not fit on a CI
-//! machine, so [`vm_session`] is a small synthetic RFB 3.8 server that demands VNC
-//! authentication with its domain's password and then plays a script. libvirt is
+//! machine, so each is vizor-testkit's synthetic RFB 3.8 server (`vizor_testkit::vnc`),
+//! demanding VNC authentication with its domain's password, on which [`vm_session`]
+//! plays a script. libvirt is
 //! real: its built-in test driver (`test:///.../node.xml`, in-process, no daemon) holds
 //! [`DOMAINS`] running domains whose VNC graphics point at the doubles with their
 //! passwords, and vizor looks every session up there as it does in production.
@@ -26,18 +27,17 @@ use common::{Browser, Closed, Vizor};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use vizor::token::ConsoleKind;
 use vizor_rfb::client::{write_set_encodings, ClientMessage, CutText};
-use vizor_rfb::handshake::server::{self as rfb_server, SecurityChosen};
-use vizor_rfb::handshake::{Challenge, Progress, SecurityType, ServerInit, Version};
+use vizor_rfb::handshake::ServerInit;
 use vizor_rfb::server::{write_rect_header, write_update_header};
-use vizor_rfb::{Encoding, Limits, PixelFormat};
+use vizor_rfb::{Encoding, PixelFormat};
+use vizor_testkit::vnc::{Auth, Conn, Double, Served, Stats};
 
 /// Sessions open at once.
 const SESSIONS: usize = 1000;
@@ -292,12 +292,10 @@ struct VmReport {
 struct Vms {
     /// Every nonce handed out.
     nonces: Mutex<HashSet<u64>>,
-    /// Connections accepted.
-    accepted: AtomicUsize,
+    /// Connections accepted, and sessions that went wrong and why.
+    stats: Arc<Stats>,
     /// Sessions played to their end.
     reports: Mutex<Vec<VmReport>>,
-    /// Sessions that went wrong, and why.
-    failures: Mutex<Vec<String>>,
 }
 
 impl Vms {
@@ -312,67 +310,16 @@ impl Vms {
     }
 }
 
-/// Feeds a server handshake state until it completes.
-async fn step<S, N>(
-    s: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    mut state: S,
-    mut receive: impl FnMut(S, &[u8]) -> Result<Progress<S, N>, vizor_rfb::Error>,
-) -> Result<N, String> {
-    loop {
-        match receive(state, buf).map_err(|e| e.to_string())? {
-            Progress::Done { next, consumed } => {
-                buf.drain(..consumed);
-                return Ok(next);
-            }
-            Progress::NeedMore(st) => state = st,
-        }
-        if s.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err("vizor closed the connection during the handshake".into());
-        }
-    }
-}
-
-async fn send(s: &mut TcpStream, out: &mut Vec<u8>) -> Result<(), String> {
-    s.write_all(out).await.map_err(|e| e.to_string())?;
-    out.clear();
-    Ok(())
-}
-
-/// One console connection to the double of `domain`: VNC authentication with
-/// `password`, ServerInit naming a fresh nonce, then the nonce's script, every byte
-/// from vizor checked; the VM closes the console after its last update.
-async fn vm_session(
-    mut s: TcpStream,
-    domain: &str,
-    password: &str,
-    vms: &Vms,
-) -> Result<VmReport, String> {
-    s.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (mut buf, mut out) = (Vec::new(), Vec::new());
-    let start = rfb_server::start(Version::V3_8, Limits::default(), &mut out);
-    send(&mut s, &mut out).await?;
-    let offer = step(&mut s, &mut buf, start, |st, b| st.receive(b)).await?;
-    let choice = offer
-        .offer(&[SecurityType::VNC_AUTH], &mut out)
-        .map_err(|e| e.to_string())?;
-    send(&mut s, &mut out).await?;
-    let SecurityChosen::VncAuth(challenge) =
-        step(&mut s, &mut buf, choice, |st, b| st.receive(b)).await?
-    else {
-        return Err("vizor chose no authentication".into());
-    };
-    let expect = challenge.send(Challenge(rand::random()), &mut out);
-    send(&mut s, &mut out).await?;
-    let response = step(&mut s, &mut buf, expect, |st, b| st.receive(b)).await?;
-    if !response.verify(password.as_bytes()) {
-        response.into_result().refuse("wrong password", &mut out);
-        send(&mut s, &mut out).await?;
-        return Err("vizor gave the wrong password".into());
-    }
-    let init = response.into_result().accept(&mut out);
-    send(&mut s, &mut out).await?;
-    step(&mut s, &mut buf, init, |st, b| st.receive(b)).await?;
+/// One console connection to the double of `domain`, past VNC authentication with its
+/// password: ServerInit naming a fresh nonce, then the nonce's script, every byte from
+/// vizor checked; the VM closes the console after its last update.
+async fn vm_session(conn: Conn, domain: &str, vms: &Vms) -> Result<VmReport, String> {
+    let Conn {
+        stream: mut s,
+        mut buf,
+        ..
+    } = conn;
+    let mut out = Vec::new();
     let nonce = vms.fresh_nonce();
     ServerInit {
         width: WIDTH,
@@ -381,7 +328,7 @@ async fn vm_session(
         name: format!("vizor-load {domain} {nonce:016x}").into_bytes(),
     }
     .write(&mut out);
-    send(&mut s, &mut out).await?;
+    s.write_all(&out).await.map_err(|e| e.to_string())?;
 
     let script = Script::new(domain, nonce);
     let what = format!("{domain} session {nonce:016x}, browser to VM");
@@ -430,30 +377,22 @@ async fn vm_session(
     })
 }
 
-/// Accepts console connections for one domain's double.
-async fn vm_listen(listener: TcpListener, domain: String, password: String, vms: Arc<Vms>) {
-    let (domain, password) = (Arc::<str>::from(domain), Arc::<str>::from(password));
-    loop {
-        let s = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                vms.failures
-                    .lock()
-                    .unwrap()
-                    .push(format!("{domain}: accept: {e}"));
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
+/// Serves one domain's double: VNC authentication with `password`, then
+/// [`vm_session`] on each console connection.
+async fn vm_listen(domain: String, password: &str, vms: Arc<Vms>) -> Served {
+    Double::new(Auth::Password(password.to_owned()))
+        .label(&domain)
+        .stats(vms.stats.clone())
+        .listen(move |conn| {
+            let (domain, vms) = (domain.clone(), vms.clone());
+            async move {
+                let report = vm_session(conn, &domain, &vms).await?;
+                vms.reports.lock().unwrap().push(report);
+                Ok(())
             }
-        };
-        vms.accepted.fetch_add(1, Ordering::Relaxed);
-        let (domain, password, vms) = (domain.clone(), password.clone(), vms.clone());
-        tokio::spawn(async move {
-            match vm_session(s, &domain, &password, &vms).await {
-                Ok(report) => vms.reports.lock().unwrap().push(report),
-                Err(e) => vms.failures.lock().unwrap().push(format!("{domain}: {e}")),
-            }
-        });
-    }
+        })
+        .await
+        .unwrap()
 }
 
 /// What a browser saw of its session.
@@ -613,16 +552,10 @@ async fn load() {
     let mut domains = Vec::new();
     let mut listeners = Vec::new();
     for d in 0..DOMAINS {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
         let password = password();
-        domains.push((domain_name(d), port, password.clone()));
-        listeners.push(tokio::spawn(vm_listen(
-            listener,
-            domain_name(d),
-            password,
-            vms.clone(),
-        )));
+        let served = vm_listen(domain_name(d), &password, vms.clone()).await;
+        domains.push((domain_name(d), served.port(), password));
+        listeners.push(served);
     }
     let (_node_dir, uri) = common::test_node(&domains);
     let v = Arc::new(Vizor::start_uri(
@@ -660,7 +593,7 @@ async fn load() {
                  ({} were): {:?}\nVM doubles: {:?}",
                 ready.len(),
                 done.map(|r| r.err()),
-                vms.failures.lock().unwrap(),
+                vms.stats.failures(),
             ),
         }
     }
@@ -724,22 +657,20 @@ async fn load() {
         "{} of {SESSIONS} browsers failed, the first: {:?}\nVM doubles: {:?}",
         errors.len(),
         &errors[..errors.len().min(5)],
-        vms.failures.lock().unwrap(),
+        vms.stats.failures(),
     );
     // The doubles finish once vizor has closed their consoles.
     for _ in 0..100 {
-        if vms.reports.lock().unwrap().len() + vms.failures.lock().unwrap().len() >= SESSIONS {
+        if vms.reports.lock().unwrap().len() + vms.stats.failures().len() >= SESSIONS {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for l in &listeners {
-        l.abort();
-    }
-    let failures = vms.failures.lock().unwrap().clone();
+    drop(listeners);
+    let failures = vms.stats.failures();
     assert!(failures.is_empty(), "VM doubles: {failures:?}");
     assert_eq!(
-        vms.accepted.load(Ordering::Relaxed),
+        vms.stats.accepted.load(Ordering::Relaxed),
         SESSIONS,
         "console connections: one per session, none for the refused one"
     );

@@ -873,6 +873,44 @@ impl Browser {
             }
         }
     }
+
+    /// Drives a handshake state (vizor-rfb's or vizor-spice's) over `pending`, reading
+    /// messages while it needs more; see [`vizor_testkit::drive()`].
+    pub async fn drive<S, P, E>(
+        &mut self,
+        state: S,
+        step: impl FnMut(S, &[u8]) -> Result<P, E>,
+    ) -> Result<P::Next, vizor_testkit::DriveError<E, Closed>>
+    where
+        P: vizor_testkit::Stepped<State = S>,
+    {
+        // The driver's buffer is `pending`; what arrives goes to it (see `more`).
+        let mut buf = std::mem::take(&mut self.pending);
+        let done = vizor_testkit::drive(self, &mut buf, state, step).await;
+        self.pending = buf;
+        done
+    }
+
+    /// Reads messages until `parse` finds its whole message at the start of `pending`,
+    /// drains it and returns it; see [`vizor_testkit::until`].
+    pub async fn until<T, E>(
+        &mut self,
+        mut parse: impl FnMut(&[u8]) -> Result<Option<(T, usize)>, E>,
+    ) -> Result<T, vizor_testkit::DriveError<E, Closed>> {
+        self.drive((), |(), b| parse(b)).await
+    }
+}
+
+/// The WebSocket as a byte source: one binary message at a time, moved from `pending`
+/// to the driver's buffer (`received` keeps it too).
+impl vizor_testkit::Source for Browser {
+    type Error = Closed;
+
+    async fn more(&mut self, buf: &mut Vec<u8>) -> Result<(), Closed> {
+        self.read().await?;
+        buf.append(&mut self.pending);
+        Ok(())
+    }
 }
 
 /// A plain HTTP/1.1 GET; returns status, headers and body.
@@ -947,11 +985,7 @@ pub fn domain_uuid(uri: &str, domain: &str) -> [u8; 16] {
 
 /// A stable UUID for a test domain named `name`.
 pub fn uuid_of(name: &str) -> String {
-    use sha2::Digest;
-    let d = sha2::Sha256::digest(name.as_bytes());
-    let mut u = [0u8; 16];
-    u.copy_from_slice(&d[..16]);
-    vizor::token::uuid_string(&u)
+    vizor_testkit::libvirt::uuid_string(&vizor_testkit::libvirt::uuid_of(name))
 }
 
 /// A node file for libvirt's test driver naming VNC consoles on 127.0.0.1, each as
@@ -959,32 +993,12 @@ pub fn uuid_of(name: &str) -> String {
 /// domain. Returns the directory holding the file (it lives as long as the caller keeps
 /// it) and the `test://` URI.
 pub fn test_node(domains: &[(String, u16, String)]) -> (tempfile::TempDir, String) {
-    let escape = |s: &str| {
-        s.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('\'', "&apos;")
-    };
-    let mut node = String::from("<node>\n");
-    for (name, port, password) in domains {
-        node.push_str(&format!(
-            "<domain type='test'><name>{}</name><uuid>{}</uuid><memory>65536</memory>\
-             <os><type>hvm</type></os><devices><graphics type='vnc' port='{port}' \
-             listen='127.0.0.1'{}/></devices></domain>\n",
-            escape(name),
-            uuid_of(name),
-            // An empty password: graphics without one.
-            if password.is_empty() {
-                String::new()
-            } else {
-                format!(" passwd='{}'", escape(password))
-            }
-        ));
-    }
-    node.push_str("</node>\n");
+    let domains: Vec<_> = domains
+        .iter()
+        .map(|(name, port, password)| vizor_testkit::libvirt::Domain::named(name, *port, password))
+        .collect();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("node.xml");
-    std::fs::write(&path, node).unwrap();
-    let uri = format!("test://{}", path.display());
+    let uri = vizor_testkit::libvirt::write_node(&dir.path().join("node.xml"), &domains).unwrap();
     (dir, uri)
 }
 

@@ -1,41 +1,32 @@
 //! An RFB-over-WebSocket client as noVNC behaves, for the tests.
 
-use super::{Browser, Vizor};
+use super::{Browser, Closed, Vizor};
 use vizor::token::ConsoleKind;
 use vizor_rfb::client::{write_set_encodings, ClientMessage};
-use vizor_rfb::handshake::{client, Progress, SecurityType, ServerInit};
+use vizor_rfb::handshake::{client, SecurityType, ServerInit};
 use vizor_rfb::server::{ServerDecoder, ServerEvent};
 use vizor_rfb::{Encoding, Limits};
+use vizor_testkit::DriveError;
 
 /// Runs the client handshake over the WebSocket as noVNC would.
 pub async fn rfb_handshake(b: &mut Browser) -> Result<ServerInit, String> {
     let limits = Limits::default();
     let mut out = Vec::new();
-    macro_rules! step {
-        ($state:expr, $recv:expr) => {{
-            let mut st = $state;
-            loop {
-                match $recv(st, &b.pending[..]).map_err(|e| e.to_string())? {
-                    Progress::Done { next, consumed } => {
-                        b.pending.drain(..consumed);
-                        break next;
-                    }
-                    Progress::NeedMore(s) => {
-                        st = s;
-                        b.read()
-                            .await
-                            .map_err(|c| format!("closed {}: {}", c.code, c.reason))?;
-                    }
-                }
-            }
-        }};
-    }
-    let sec = step!(
-        client::ExpectServerVersion::new(limits),
-        |s: client::ExpectServerVersion, buf| s.receive(buf, &mut out)
-    );
+    let failed = |e: DriveError<vizor_rfb::Error, Closed>| match e {
+        DriveError::Step(e) => e.to_string(),
+        DriveError::Source(c) => format!("closed {}: {}", c.code, c.reason),
+    };
+    let sec = b
+        .drive(client::ExpectServerVersion::new(limits), |s, buf| {
+            s.receive(buf, &mut out)
+        })
+        .await
+        .map_err(failed)?;
     b.send(&std::mem::take(&mut out)).await;
-    let choose = step!(sec, |s: client::ExpectSecurity, buf| s.receive(buf));
+    let choose = b
+        .drive(sec, |s, buf| s.receive(buf))
+        .await
+        .map_err(failed)?;
     assert_eq!(
         choose.offered(),
         &[SecurityType::NONE],
@@ -43,11 +34,15 @@ pub async fn rfb_handshake(b: &mut Browser) -> Result<ServerInit, String> {
     );
     let result = choose.choose_none(&mut out).unwrap();
     b.send(&std::mem::take(&mut out)).await;
-    let init = step!(result, |s: client::ExpectSecurityResult, buf| s
-        .receive(buf));
+    let init = b
+        .drive(result, |s, buf| s.receive(buf))
+        .await
+        .map_err(failed)?;
     let expect = init.send(true, &mut out);
     b.send(&std::mem::take(&mut out)).await;
-    Ok(step!(expect, |s: client::ExpectServerInit, buf| s.receive(buf)))
+    b.drive(expect, |s, buf| s.receive(buf))
+        .await
+        .map_err(failed)
 }
 
 /// A FramebufferUpdateRequest (not incremental) for the `width` x `height` rectangle

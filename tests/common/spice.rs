@@ -6,6 +6,7 @@ use std::time::Duration;
 use vizor_spice::channel::{write_message, Decoder, Frame, HeaderKind};
 use vizor_spice::link::{self, cap, channel_type, link_error, Caps, LinkMess, LinkReply};
 use vizor_spice::{msg, Limits};
+use vizor_testkit::DriveError;
 
 pub const SPICE_PW: &str = "spw-4711";
 
@@ -46,12 +47,13 @@ pub async fn link(
     }
     .write(&mut out);
     b.send(&out).await;
-    let reply = loop {
-        if let Some((r, n)) = LinkReply::parse(&b.pending, &Limits::default()).unwrap() {
-            b.pending.drain(..n);
-            break r;
-        }
-        b.read().await.map_err(|_| u32::MAX)?;
+    let reply = match b
+        .until(|buf| LinkReply::parse(buf, &Limits::default()))
+        .await
+    {
+        Ok(r) => r,
+        Err(DriveError::Step(e)) => panic!("{e}"),
+        Err(DriveError::Source(_)) => return Err(u32::MAX),
     };
     if reply.error != link_error::OK {
         return Err(reply.error);
@@ -60,13 +62,10 @@ pub async fn link(
     let mut ticket = cap::AUTH_SPICE.to_le_bytes().to_vec();
     ticket.extend((0..link::TICKET_LEN).map(|i| (i * 37 % 251) as u8));
     b.send(&ticket).await;
-    let result = loop {
-        if let Some((r, n)) = link::parse_u32(&b.pending) {
-            b.pending.drain(..n);
-            break r;
-        }
-        b.read().await.map_err(|_| u32::MAX)?;
-    };
+    let result = b
+        .until(|buf| Ok::<_, std::convert::Infallible>(link::parse_u32(buf)))
+        .await
+        .map_err(|_| u32::MAX)?;
     if result != link_error::OK {
         return Err(result);
     }
