@@ -139,7 +139,7 @@ impl Bench {
     async fn sent_since(&self, before: Sent, want: Received) -> Sent {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            let now = self.upstream.counters.sent();
+            let now = self.upstream.screen.sent();
             let d = Sent {
                 updates: now.updates - before.updates,
                 bytes: now.bytes - before.bytes,
@@ -255,7 +255,7 @@ pub async fn bulk(b: &Bench) -> Case {
                 // One update first: every buffer on the way grown to size.
                 s.request(false, 0, 0, WIDTH, HEIGHT).await?;
                 s.wait_updates(1).await?;
-                let (start, before) = (s.stream.received, b.upstream.counters.sent());
+                let (start, before) = (s.stream.received, b.upstream.screen.sent());
                 let t0 = Instant::now();
                 let mut asked = 0;
                 while asked < n.min(2) {
@@ -336,7 +336,7 @@ pub async fn small(b: &Bench) -> Case {
                     n += 1;
                     s.wait_updates(n).await?;
                 }
-                let (start, before) = (s.stream.received, b.upstream.counters.sent());
+                let (start, before) = (s.stream.received, b.upstream.screen.sent());
                 let mut us = Vec::with_capacity(k);
                 for _ in 0..k {
                     let t = Instant::now();
@@ -683,7 +683,7 @@ pub async fn many(b: &Bench) -> Case {
                 way.name()
             );
             let period = Duration::from_secs_f64(1.0 / f64::from(rate));
-            let before = b.upstream.counters.sent();
+            let before = b.upstream.screen.sent();
             let failed_before = pool.failed_later();
             let me = std::process::id();
             let (cpu0, me0, m0, t0) = (

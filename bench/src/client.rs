@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use vizor_rfb::client::{write_set_encodings, ClientMessage};
-use vizor_rfb::handshake::{client, Progress, SecurityType, ServerInit};
+use vizor_rfb::handshake::{client, SecurityType, ServerInit};
 use vizor_rfb::{Encoding, Limits};
 
 /// How a client reaches the console.
@@ -120,6 +120,15 @@ impl Link {
     /// Receives into `pending` (during the handshake, where copies do not matter).
     async fn recv_into(&mut self, pending: &mut Vec<u8>) -> Result<()> {
         self.recv(|b| pending.extend_from_slice(b)).await
+    }
+}
+
+/// The transport as a byte source for the testkit's handshake driver.
+impl vizor_testkit::Source for Link {
+    type Error = ClientError;
+
+    async fn more(&mut self, buf: &mut Vec<u8>) -> Result<()> {
+        self.recv_into(buf).await
     }
 }
 
@@ -380,23 +389,22 @@ pub struct Session {
     pub server_init: ServerInit,
 }
 
-/// Feeds a client handshake state until it completes.
-async fn step<S, N>(
+/// Feeds a client handshake state until it completes (see [`vizor_testkit::drive()`]).
+async fn step<S, P>(
     link: &mut Link,
     pending: &mut Vec<u8>,
-    mut state: S,
-    mut receive: impl FnMut(S, &[u8]) -> std::result::Result<Progress<S, N>, vizor_rfb::Error>,
-) -> Result<N> {
-    loop {
-        match receive(state, pending).map_err(|e| err("RFB handshake", e))? {
-            Progress::Done { next, consumed } => {
-                pending.drain(..consumed);
-                return Ok(next);
-            }
-            Progress::NeedMore(st) => state = st,
-        }
-        link.recv_into(pending).await?;
-    }
+    state: S,
+    receive: impl FnMut(S, &[u8]) -> std::result::Result<P, vizor_rfb::Error>,
+) -> Result<P::Next>
+where
+    P: vizor_testkit::Stepped<State = S>,
+{
+    vizor_testkit::drive(link, pending, state, receive)
+        .await
+        .map_err(|e| match e {
+            vizor_testkit::DriveError::Step(e) => err("RFB handshake", e),
+            vizor_testkit::DriveError::Source(e) => e,
+        })
 }
 
 impl Session {

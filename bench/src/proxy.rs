@@ -90,21 +90,17 @@ fn console_uuid(d: usize) -> [u8; 16] {
 /// The libvirt node file for `consoles`: one running test domain each, whose VNC
 /// graphics names its port and password.
 pub fn write_node_file(path: &Path, consoles: &[Console]) -> std::io::Result<()> {
-    let mut node = String::from("<node>\n");
-    for (d, c) in consoles.iter().enumerate() {
-        node.push_str(&format!(
-            "<domain type='test'><name>{}</name><uuid>{}</uuid>\
-             <memory>65536</memory><os><type>hvm</type></os><devices>\
-             <graphics type='vnc' port='{}' listen='127.0.0.1' passwd='{}'/>\
-             </devices></domain>\n",
-            c.domain,
-            vizor::token::uuid_string(&console_uuid(d)),
-            c.port,
-            c.password,
-        ));
-    }
-    node.push_str("</node>\n");
-    std::fs::write(path, node)
+    let domains: Vec<_> = consoles
+        .iter()
+        .enumerate()
+        .map(|(d, c)| vizor_testkit::libvirt::Domain {
+            name: c.domain.clone(),
+            uuid: console_uuid(d),
+            port: c.port,
+            password: c.password.clone(),
+        })
+        .collect();
+    vizor_testkit::libvirt::write_node(path, &domains).map(drop)
 }
 
 /// A free port on 127.0.0.1 (for the splicers, which take a port on their command
