@@ -5,9 +5,10 @@
 //! Needs the test host of `scripts/test.sh`, which runs this `#[ignore]`d test with
 //! `--include-ignored`.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use vizor_spice::link::{cap, channel_type, link_error, Caps, LinkMess, LinkReply};
 use vizor_spice::Limits;
+use vizor_testkit::Blocking;
 
 fn test_host(args: &[&str]) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/test-host.sh");
@@ -68,16 +69,11 @@ fn qemu_answers_vizors_link_message() {
     .write(&mut out);
     s.write_all(&out).unwrap();
     let mut buf = Vec::new();
-    let (reply, n) = loop {
-        if let Some(r) = LinkReply::parse(&buf, &Limits::default()).unwrap() {
-            break r;
-        }
-        let mut tmp = [0u8; 1024];
-        let k = s.read(&mut tmp).unwrap();
-        assert!(k > 0, "spice-server closed the link");
-        buf.extend_from_slice(&tmp[..k]);
-    };
-    assert_eq!(n, buf.len(), "nothing follows the reply");
+    let reply = vizor_testkit::drive_blocking(&mut Blocking(&mut s), &mut buf, (), |(), b| {
+        LinkReply::parse(b, &Limits::default())
+    })
+    .unwrap_or_else(|e| panic!("spice-server's link reply: {e}"));
+    assert!(buf.is_empty(), "nothing follows the reply");
     assert_eq!(reply.error, link_error::OK);
     // DER SEQUENCE of a 1024-bit RSA SubjectPublicKeyInfo: 30 81 9f 30 0d 06 09 2a 86 48 86 f7 0d 01 01 01
     assert_eq!(&reply.pub_key[..4], &[0x30, 0x81, 0x9f, 0x30]);

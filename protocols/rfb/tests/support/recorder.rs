@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vizor_rfb::client::{clipboard, write_set_encodings, ClientMessage, CutText};
-use vizor_rfb::handshake::{client, Progress, SecurityType};
+use vizor_rfb::handshake::{client, SecurityType};
 use vizor_rfb::{Encoding, Limits, PixelFormat};
+use vizor_testkit::{drive_blocking, Blocking, DriveError, Stepped};
 
 /// One recorded session's script.
 #[derive(Debug, Clone)]
@@ -170,30 +171,41 @@ impl Log {
     }
 }
 
+/// The server's side of the socket with every read recorded.
+struct Recorded<'a> {
+    sock: &'a mut TcpStream,
+    log: &'a Log,
+}
+
+impl Read for Recorded<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.sock.read(buf)?;
+        if n > 0 {
+            self.log.push(Dir::S2C, &buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
 /// Reads until the handshake state completes; every read is recorded.
-fn pump<S, N>(
+fn pump<S, P>(
     sock: &mut TcpStream,
     log: &Log,
     buf: &mut Vec<u8>,
-    mut state: S,
-    mut step: impl FnMut(S, &[u8]) -> Result<Progress<S, N>, vizor_rfb::Error>,
-) -> Result<N, String> {
-    loop {
-        match step(state, buf).map_err(|e| format!("handshake: {e}"))? {
-            Progress::Done { next, consumed } => {
-                buf.drain(..consumed);
-                return Ok(next);
-            }
-            Progress::NeedMore(s) => state = s,
+    state: S,
+    step: impl FnMut(S, &[u8]) -> Result<P, vizor_rfb::Error>,
+) -> Result<P::Next, String>
+where
+    P: Stepped<State = S>,
+{
+    let mut src = Blocking(Recorded { sock, log });
+    drive_blocking(&mut src, buf, state, step).map_err(|e| match e {
+        DriveError::Step(e) => format!("handshake: {e}"),
+        DriveError::Source(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "server closed the connection during the handshake".into()
         }
-        let mut tmp = [0u8; 4096];
-        let n = sock.read(&mut tmp).map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("server closed the connection during the handshake".into());
-        }
-        log.push(Dir::S2C, &tmp[..n]);
-        buf.extend_from_slice(&tmp[..n]);
-    }
+        DriveError::Source(e) => format!("read: {e}"),
+    })
 }
 
 /// Whether the session so far holds every resize rectangle in `resizes`.

@@ -5,9 +5,10 @@
 use super::capture::{Capture, Dir};
 use std::collections::BTreeMap;
 use vizor_rfb::client::{ClientDecoder, ClientMessage};
-use vizor_rfb::handshake::{client, Progress, SecurityType};
+use vizor_rfb::handshake::{client, SecurityType};
 use vizor_rfb::server::{RectInfo, ServerDecoder, ServerEvent};
 use vizor_rfb::{Encoding, Limits};
+use vizor_testkit::{drive_blocking, DriveError, Exhausted};
 
 /// What a capture held, for assertions.
 #[derive(Debug, Default)]
@@ -47,38 +48,38 @@ fn handshake(
     c2s: &[u8],
 ) -> Result<(usize, usize, vizor_rfb::handshake::ServerInit), String> {
     let limits = Limits::default();
-    let mut pos = 0usize;
+    // The whole recording at once: a state that needs more is an incomplete handshake.
+    let mut src = s2c;
+    let mut buf = Vec::new();
     let mut out = Vec::new();
     let mut redacted = None;
     macro_rules! step {
-        ($state:expr, $recv:expr) => {{
-            match $recv($state, &s2c[pos..]).map_err(|e| format!("handshake: {e}"))? {
-                Progress::Done { next, consumed } => {
-                    pos += consumed;
-                    next
+        ($state:expr, $recv:expr) => {
+            drive_blocking(&mut src, &mut buf, $state, $recv).map_err(|e| match e {
+                DriveError::Step(e) => format!("handshake: {e}"),
+                DriveError::Source(Exhausted) => {
+                    format!("handshake incomplete at byte {}", s2c.len() - buf.len())
                 }
-                Progress::NeedMore(_) => return Err(format!("handshake incomplete at byte {pos}")),
-            }
-        }};
+            })?
+        };
     }
-    let st = step!(
-        client::ExpectServerVersion::new(limits),
-        |s: client::ExpectServerVersion, b| s.receive(b, &mut out)
-    );
-    let choose = step!(st, |s: client::ExpectSecurity, b| s.receive(b));
+    let st = step!(client::ExpectServerVersion::new(limits), |s, b| s
+        .receive(b, &mut out));
+    let choose = step!(st, |s, b| s.receive(b));
     let result = if choose.offered().contains(&SecurityType::VNC_AUTH) {
         let ch = choose
             .choose_vnc_auth(&mut out)
             .map_err(|e| e.to_string())?;
-        let respond = step!(ch, |s: client::ExpectChallenge, b| s.receive(b));
+        let respond = step!(ch, |s, b| s.receive(b));
         redacted = Some(out.len());
         respond.respond(b"not-the-password", &mut out)
     } else {
         choose.choose_none(&mut out).map_err(|e| e.to_string())?
     };
-    let init = step!(result, |s: client::ExpectSecurityResult, b| s.receive(b));
+    let init = step!(result, |s, b| s.receive(b));
     let expect = init.send(true, &mut out);
-    let si = step!(expect, |s: client::ExpectServerInit, b| s.receive(b));
+    let si = step!(expect, |s, b| s.receive(b));
+    let pos = s2c.len() - buf.len();
     // The recorded client bytes must be exactly what the codec's client sends, apart
     // from the (zeroed) authentication response.
     let recorded = c2s
