@@ -256,10 +256,10 @@ mod tests {
     fn server_bytes() -> Vec<u8> {
         let mut out = Vec::new();
         let st = server::start(Version::V3_8, Limits::default(), &mut out);
-        let offer = match st.receive(b"RFB 003.008\n").unwrap() {
-            vizor_rfb::handshake::Progress::Done { next, .. } => next,
-            vizor_rfb::handshake::Progress::NeedMore(_) => unreachable!(),
-        };
+        let offer = drive_blocking(&mut &b"RFB 003.008\n"[..], &mut Vec::new(), st, |s, b| {
+            s.receive(b)
+        })
+        .unwrap();
         let _ = offer.offer(&[SecurityType::NONE], &mut out).unwrap();
         out.extend_from_slice(&0u32.to_be_bytes());
         ServerInit {
