@@ -4,7 +4,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::time::Duration;
-use vizor::config::{check_ttl, Config, Fsync, MAX_PER_SESSION_SERIES};
+use vizor::config::{Config, Fsync, MAX_PER_SESSION_SERIES};
+use vizor::token::check_ttl;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vizor::policy::rfb::Rules;
 use vizor::policy::{Note, Participant, Verdict};
-use vizor::session::keyboards::VmKeyboard;
+use vizor::policy::keyboards::VmKeyboard;
 use vizor_keys::vnc::{Keyboard, Keymap, Pacer};
 use vizor_rfb::handshake::ServerInit;
 use vizor_rfb::{Limits, PixelFormat};
