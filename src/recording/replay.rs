@@ -10,7 +10,7 @@ use super::Recording;
 use crate::config::ConsoleConfig;
 use crate::console;
 use crate::session::browser::{self, BrowserRx, BrowserTx};
-use crate::session::rfb::drive;
+use crate::session::drive;
 use crate::session::End;
 use crate::token::ConsoleKind;
 use bytes::{Bytes, BytesMut};

@@ -8,8 +8,8 @@
 
 use super::browser::{BrowserRx, BrowserTx};
 use super::{
-    audit_failed, close_upstream, connect, read_upstream, write_upstream, Conn, End, Meter,
-    Refusal, Source, Upstream, VmFailure, VmLink,
+    audit_failed, close_upstream, connect, drive, read_upstream, write_upstream, Conn, End, Meter,
+    Refusal, Upstream, VmFailure, VmLink,
 };
 use crate::audit::{Event, KeyEvent};
 use crate::libvirt::Console;
@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use vizor_rfb::handshake::client::{self, Authenticate, SendClientInit, VencryptChosen};
 use vizor_rfb::handshake::server::{self, SecurityChosen};
-use vizor_rfb::handshake::{Progress, SecurityType, ServerInit, VencryptSubtype, Version};
+use vizor_rfb::handshake::{SecurityType, ServerInit, VencryptSubtype, Version};
 
 /// One RFB session: what it shares with every session, and what is its own.
 pub struct Ctx {
@@ -62,27 +62,6 @@ async fn start_recording(ctx: &Ctx, dir: &std::path::Path, si: &[u8]) -> std::io
     let r = Recorder::start(dir, &header, ctx.id).await?;
     r.frame(bytes::Bytes::copy_from_slice(si)).await?;
     Ok(r)
-}
-
-/// Feeds a handshake state until it completes; returns the next state and the bytes
-/// the completed message spanned.
-pub(crate) async fn drive<S, N>(
-    src: &mut impl Source,
-    buf: &mut Vec<u8>,
-    mut state: S,
-    fail: fn(&vizor_rfb::Error) -> End,
-    mut step: impl FnMut(S, &[u8]) -> Result<Progress<S, N>, vizor_rfb::Error>,
-) -> Result<(N, Vec<u8>), End> {
-    loop {
-        match step(state, buf) {
-            Ok(Progress::Done { next, consumed }) => {
-                return Ok((next, buf.drain(..consumed).collect()))
-            }
-            Ok(Progress::NeedMore(s)) => state = s,
-            Err(e) => return Err(fail(&e)),
-        }
-        src.fill(buf).await?;
-    }
 }
 
 /// Connects and authenticates to QEMU, stopping before ClientInit (which waits for the

@@ -11,7 +11,7 @@
 
 use super::browser::{BrowserRx, BrowserTx};
 use super::{
-    audit_failed, close_upstream, connect, read_upstream, write_upstream, Conn, End, Meter,
+    audit_failed, close_upstream, connect, drive, read_upstream, write_upstream, Conn, End, Meter,
     Refusal, Source, Stream, Upstream, VmFailure, VmLink, CLOSE_GRACE,
 };
 use crate::audit::Event;
@@ -198,24 +198,19 @@ fn link_refusal(code: u32) -> Vec<u8> {
     out
 }
 
-/// Feeds a link state from `src` until it completes; what it consumed leaves `buf`.
+/// Feeds a link state from `src` until it completes ([`drive`]); what it consumed
+/// leaves `buf`, and a broken message is `from`'s protocol error.
 async fn link_step<S, N>(
     src: &mut impl Source,
     buf: &mut Vec<u8>,
-    mut state: S,
+    state: S,
     from: Direction,
-    mut step: impl FnMut(S, &[u8]) -> Result<Progress<S, N>, vizor_spice::Error>,
+    step: impl FnMut(S, &[u8]) -> Result<Progress<S, N>, vizor_spice::Error>,
 ) -> Result<N, End> {
-    loop {
-        match step(state, buf).map_err(|e| End::spice_protocol(from, &e))? {
-            Progress::Done { next, consumed } => {
-                buf.drain(..consumed);
-                return Ok(next);
-            }
-            Progress::NeedMore(s) => state = s,
-        }
-        src.fill(buf).await?;
-    }
+    let fail = |e: &vizor_spice::Error| End::spice_protocol(from, e);
+    drive(src, buf, state, fail, step)
+        .await
+        .map(|(next, _)| next)
 }
 
 /// The ticket for QEMU: the password and a NUL, RSA-OAEP(SHA-1) with QEMU's key.
