@@ -160,7 +160,8 @@ pub struct LimitsConfig {
     #[serde(deserialize_with = "optional_duration")]
     pub idle_timeout: Option<Duration>,
     /// `send_timeout`: a browser that takes no data for this long, while vizor has
-    /// some for it, is disconnected (default "30s").
+    /// some for it, is disconnected (default "30s"); so is a session whose recording
+    /// cannot be written for this long.
     #[serde(deserialize_with = "any_duration")]
     pub send_timeout: Duration,
     /// `vm_stall_timeout`: a TCP connection to a VM's console that leaves vizor's

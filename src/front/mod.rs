@@ -196,6 +196,7 @@ impl App {
             },
             spice_browser_limits: spice_limits(l.browser_message_max),
             spice_vm_limits: spice_limits(l.vm_message_max),
+            send_timeout: l.send_timeout,
             idle_timeout: l.idle_timeout,
             handshake_timeout: config.server.handshake_timeout,
             dial: session::Dial {

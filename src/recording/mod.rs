@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 pub mod replay;
 
@@ -29,12 +29,20 @@ const MAX_FRAME: usize = 64 << 20;
 
 /// How many pieces may wait for the writer before the relay waits for room.
 const QUEUE: usize = 32;
+/// How many bytes may wait for the writer: a piece larger than this waits alone.
+const QUEUE_BYTES: usize = 4 << 20;
+
+/// A piece for the writer: its time, its bytes, and its share of the queue's room.
+type Piece = (u64, Bytes, OwnedSemaphorePermit);
 
 /// Records one session: takes each piece the browser is sent, in order, for a writer
-/// task of its own.
+/// task of its own. The queue between them is bounded in pieces and in bytes; a
+/// writer that takes no room for `stall` ends the recording (and the session).
 pub struct Recorder {
-    tx: mpsc::Sender<(u64, Bytes)>,
+    tx: mpsc::Sender<Piece>,
+    room: Arc<Semaphore>,
     start: Instant,
+    stall: Duration,
     /// Why the writer stopped, once it has.
     failed: Arc<Mutex<Option<String>>>,
     done: tokio::task::JoinHandle<std::io::Result<Finished>>,
@@ -53,11 +61,12 @@ pub struct Finished {
 
 impl Recorder {
     /// Creates `dir/session-<id>-<time>.vzr` (mode 0600), writes its header, and starts
-    /// its writer.
+    /// its writer; `stall` bounds every wait on it.
     pub async fn start(
         dir: &Path,
         header: &serde_json::Value,
         session: u64,
+        stall: Duration,
     ) -> std::io::Result<Recorder> {
         let stamp = humantime::format_rfc3339_millis(SystemTime::now())
             .to_string()
@@ -85,7 +94,9 @@ impl Recorder {
         let done = tokio::spawn(w.run(rx, failed.clone()));
         Ok(Recorder {
             tx,
+            room: Arc::new(Semaphore::new(QUEUE_BYTES)),
             start,
+            stall,
             failed,
             done,
         })
@@ -95,22 +106,40 @@ impl Recorder {
     /// `Err`: the recording cannot go on.
     pub async fn frame(&self, bytes: Bytes) -> std::io::Result<()> {
         let micros = self.start.elapsed().as_micros() as u64;
-        if self.tx.send((micros, bytes)).await.is_ok() {
-            return Ok(());
+        // Its share of the byte bound: a piece larger than the bound waits for all of it.
+        let share = u32::try_from(bytes.len().clamp(1, QUEUE_BYTES)).unwrap_or(u32::MAX);
+        let queued = async {
+            let permit = self.room.clone().acquire_many_owned(share).await.ok()?;
+            self.tx.send((micros, bytes, permit)).await.ok()
+        };
+        match tokio::time::timeout(self.stall, queued).await {
+            Ok(Some(())) => Ok(()),
+            Ok(None) => Err(std::io::Error::other(self.why_stopped())),
+            Err(_) => Err(std::io::Error::other(format!(
+                "its writer took nothing for {}",
+                humantime::format_duration(self.stall)
+            ))),
         }
-        let why = self
-            .failed
+    }
+
+    fn why_stopped(&self) -> String {
+        self.failed
             .lock()
             .ok()
             .and_then(|f| f.clone())
-            .unwrap_or_else(|| "its writer stopped".to_owned());
-        Err(std::io::Error::other(why))
+            .unwrap_or_else(|| "its writer stopped".to_owned())
     }
 
     /// Writes what is queued, syncs the file; its name, length and digest.
     pub async fn finish(self) -> std::io::Result<Finished> {
         drop(self.tx);
-        self.done.await.map_err(std::io::Error::other)?
+        match tokio::time::timeout(self.stall, self.done).await {
+            Ok(done) => done.map_err(std::io::Error::other)?,
+            Err(_) => Err(std::io::Error::other(format!(
+                "its writer did not finish in {}",
+                humantime::format_duration(self.stall)
+            ))),
+        }
     }
 }
 
@@ -132,16 +161,18 @@ impl Writer {
 
     async fn run(
         mut self,
-        mut rx: mpsc::Receiver<(u64, Bytes)>,
+        mut rx: mpsc::Receiver<Piece>,
         failed: Arc<Mutex<Option<String>>>,
     ) -> std::io::Result<Finished> {
         let result: std::io::Result<Finished> = async {
-            while let Some((micros, bytes)) = rx.recv().await {
+            while let Some((micros, bytes, room)) = rx.recv().await {
                 let len = u32::try_from(bytes.len())
                     .map_err(|_| std::io::Error::other("a piece of 4 GiB or more"))?;
                 self.put(&micros.to_le_bytes()).await?;
                 self.put(&len.to_le_bytes()).await?;
                 self.put(&bytes).await?;
+                // Its room goes back once it is in the file's buffer.
+                drop(room);
             }
             self.out.flush().await?;
             self.out.get_ref().sync_data().await?;
@@ -216,10 +247,12 @@ pub fn read(path: &Path) -> Result<Recording, String> {
 mod tests {
     use super::*;
 
+    const STALL: Duration = Duration::from_secs(10);
+
     #[tokio::test]
     async fn a_recording_reads_back_and_its_digest_is_of_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let r = Recorder::start(dir.path(), &serde_json::json!({"session": 3}), 3)
+        let r = Recorder::start(dir.path(), &serde_json::json!({"session": 3}), 3, STALL)
             .await
             .unwrap();
         r.frame(Bytes::from_static(b"server init")).await.unwrap();
@@ -246,7 +279,7 @@ mod tests {
     #[tokio::test]
     async fn more_pieces_than_the_queue_holds_all_arrive_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let r = Recorder::start(dir.path(), &serde_json::json!({}), 4)
+        let r = Recorder::start(dir.path(), &serde_json::json!({}), 4, STALL)
             .await
             .unwrap();
         let n = QUEUE * 8;
@@ -265,5 +298,24 @@ mod tests {
         assert_eq!(got, (0..n).collect::<Vec<_>>());
         // Their times are when they were handed over, in order.
         assert!(rec.frames.windows(2).all(|w| w[0].0 <= w[1].0));
+    }
+
+    #[tokio::test]
+    async fn pieces_beyond_the_byte_bound_wait_their_turn_and_all_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Recorder::start(dir.path(), &serde_json::json!({}), 6, STALL)
+            .await
+            .unwrap();
+        // Each larger than all the room there is: each waits for the one before.
+        let big = |i: u8| Bytes::from(vec![i; QUEUE_BYTES + 1]);
+        for i in 0..3 {
+            r.frame(big(i)).await.unwrap();
+        }
+        let done = r.finish().await.unwrap();
+        let rec = read(&dir.path().join(&done.file)).unwrap();
+        assert_eq!(rec.frames.len(), 3);
+        for (i, (_, b)) in rec.frames.iter().enumerate() {
+            assert!(b.len() == QUEUE_BYTES + 1 && b.iter().all(|x| *x == i as u8));
+        }
     }
 }

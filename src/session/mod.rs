@@ -37,6 +37,9 @@ pub struct Env {
     pub spice_browser_limits: vizor_spice::Limits,
     /// SPICE codec bounds for what VMs send.
     pub spice_vm_limits: vizor_spice::Limits,
+    /// A browser (or a recording's writer) that takes nothing for this long while
+    /// vizor has data for it is dropped (`[limits] send_timeout`).
+    pub send_timeout: Duration,
     /// A session without input for this long is closed.
     pub idle_timeout: Option<Duration>,
     /// Bound on the handshake, both legs together.

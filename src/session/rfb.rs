@@ -59,7 +59,7 @@ async fn start_recording(ctx: &Ctx, dir: &std::path::Path, si: &[u8]) -> std::io
         "user": ctx.claims.user,
         "started": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
     });
-    let r = Recorder::start(dir, &header, ctx.id).await?;
+    let r = Recorder::start(dir, &header, ctx.id, ctx.env.send_timeout).await?;
     r.frame(bytes::Bytes::copy_from_slice(si)).await?;
     Ok(r)
 }

@@ -50,9 +50,9 @@ impl KeyClass {
     pub fn as_str(self) -> &'static str {
         match self {
             KeyClass::Printable => "printable",
-            C => "control",
-            F => "function",
-            M => "modifier",
+            KeyClass::Control => "control",
+            KeyClass::Function => "function",
+            KeyClass::Modifier => "modifier",
             KeyClass::Unknown => "unknown",
         }
     }
