@@ -11,6 +11,7 @@ use crate::config::ConsoleConfig;
 use crate::console;
 use crate::session::browser::{self, BrowserRx, BrowserTx};
 use crate::session::drive;
+use crate::session::rfb::browser_security_none;
 use crate::session::End;
 use crate::token::ConsoleKind;
 use bytes::{Bytes, BytesMut};
@@ -26,8 +27,8 @@ use tracing::{info, warn};
 
 /// A viewer that takes nothing for this long is dropped.
 const REPLAY_SEND_TIMEOUT: Duration = Duration::from_secs(30);
-use vizor_rfb::handshake::server::{self, SecurityChosen};
-use vizor_rfb::handshake::{SecurityType, Version};
+use vizor_rfb::handshake::server;
+use vizor_rfb::handshake::Version;
 
 /// What `vizor replay` serves.
 pub struct Replay {
@@ -145,26 +146,7 @@ async fn play(replay: &Replay, mut brx: BrowserRx, btx: &BrowserTx) -> Result<()
         s.receive(b)
     })
     .await?;
-    let choice = offer
-        .offer(&[SecurityType::NONE], &mut out)
-        .map_err(|e| End::from_browser(&e))?;
-    btx.binary(std::mem::take(&mut out)).await;
-    let (chosen, _) = drive(&mut brx, &mut buf, choice, End::from_browser, |s, b| {
-        s.receive(b)
-    })
-    .await?;
-    let SecurityChosen::None(result) = chosen else {
-        return Err(End::browser_violation(
-            "a security type vizor did not offer",
-            "security_type_not_offered",
-        ));
-    };
-    let expect_ci = result.accept(&mut out);
-    btx.binary(std::mem::take(&mut out)).await;
-    drive(&mut brx, &mut buf, expect_ci, End::from_browser, |s, b| {
-        s.receive(b)
-    })
-    .await?;
+    browser_security_none(&mut brx, &mut buf, offer, btx).await?;
     // The browser's messages are read (so pings are answered) and dropped.
     let reader = tokio::spawn(async move {
         let mut sink = Vec::new();

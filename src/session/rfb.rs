@@ -64,6 +64,32 @@ async fn start_recording(ctx: &Ctx, dir: &std::path::Path, si: &[u8]) -> std::io
     Ok(r)
 }
 
+/// The browser's side of the handshake after its version: security type None offered
+/// (the token authenticated it), accepted, then its ClientInit.
+pub(crate) async fn browser_security_none(
+    brx: &mut BrowserRx,
+    buf: &mut Vec<u8>,
+    offer: server::OfferSecurity,
+    btx: &BrowserTx,
+) -> Result<vizor_rfb::handshake::ClientInit, End> {
+    let mut out = Vec::new();
+    let choice = offer
+        .offer(&[SecurityType::NONE], &mut out)
+        .map_err(|e| End::from_browser(&e))?;
+    btx.binary(std::mem::take(&mut out)).await;
+    let (chosen, _) = drive(brx, buf, choice, End::from_browser, |s, b| s.receive(b)).await?;
+    let SecurityChosen::None(result) = chosen else {
+        return Err(End::browser_violation(
+            "a security type vizor did not offer",
+            "security_type_not_offered",
+        ));
+    };
+    let expect_ci = result.accept(&mut out);
+    btx.binary(out).await;
+    let (ci, _) = drive(brx, buf, expect_ci, End::from_browser, |s, b| s.receive(b)).await?;
+    Ok(ci)
+}
+
 /// Connects and authenticates to QEMU, stopping before ClientInit (which waits for the
 /// browser's shared flag). With `[upstream_tls]`, a console offering VeNCrypt is
 /// wrapped in TLS with QEMU's X.509 certificate verified, before any password is used.
@@ -321,26 +347,7 @@ async fn handshake(
             return Err(end);
         }
     };
-    let choice = offer
-        .offer(&[SecurityType::NONE], &mut out)
-        .map_err(|e| End::from_browser(&e))?;
-    btx.binary(std::mem::take(&mut out)).await;
-    let (chosen, _) = drive(brx, &mut bbuf, choice, End::from_browser, |s, b| {
-        s.receive(b)
-    })
-    .await?;
-    let SecurityChosen::None(result) = chosen else {
-        return Err(End::browser_violation(
-            "a security type vizor did not offer",
-            "security_type_not_offered",
-        ));
-    };
-    let expect_ci = result.accept(&mut out);
-    btx.binary(std::mem::take(&mut out)).await;
-    let (ci, _) = drive(brx, &mut bbuf, expect_ci, End::from_browser, |s, b| {
-        s.receive(b)
-    })
-    .await?;
+    let ci = browser_security_none(brx, &mut bbuf, offer, btx).await?;
     if !bbuf.is_empty() {
         return Err(End::browser_violation(
             "messages sent before ServerInit",
