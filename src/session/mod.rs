@@ -399,45 +399,19 @@ pub(crate) async fn close_upstream<R: AsyncRead + Unpin + ?Sized>(
     .is_ok()
 }
 
-/// A handshake step's answer, from either protocol crate's consuming states: the
-/// state back when it needs more bytes, or the next one with the bytes its message
-/// spanned.
-pub(crate) trait Stepped<S, N> {
-    /// `Ok((next, consumed))` once the message is whole, `Err(state)` before.
-    fn done(self) -> Result<(N, usize), S>;
-}
-
-impl<S, N> Stepped<S, N> for vizor_rfb::handshake::Progress<S, N> {
-    fn done(self) -> Result<(N, usize), S> {
-        match self {
-            vizor_rfb::handshake::Progress::Done { next, consumed } => Ok((next, consumed)),
-            vizor_rfb::handshake::Progress::NeedMore(s) => Err(s),
-        }
-    }
-}
-
-impl<S, N> Stepped<S, N> for vizor_spice::handshake::Progress<S, N> {
-    fn done(self) -> Result<(N, usize), S> {
-        match self {
-            vizor_spice::handshake::Progress::Done { next, consumed } => Ok((next, consumed)),
-            vizor_spice::handshake::Progress::NeedMore(s) => Err(s),
-        }
-    }
-}
-
 /// Feeds a handshake state from `src` until it completes: the one loop that drives
 /// every handshake, RFB and SPICE, either leg. Returns the next state and the bytes
 /// the completed message spanned (taken from the front of `buf`); a step's error is
 /// the session's end by `fail`.
-pub(crate) async fn drive<S, N, E, P: Stepped<S, N>>(
+pub(crate) async fn drive<S, N, E>(
     src: &mut impl Source,
     buf: &mut Vec<u8>,
     mut state: S,
     fail: impl Fn(&E) -> End,
-    mut step: impl FnMut(S, &[u8]) -> Result<P, E>,
+    mut step: impl FnMut(S, &[u8]) -> Result<vizor_sansio::Progress<S, N>, E>,
 ) -> Result<(N, Vec<u8>), End> {
     loop {
-        match step(state, buf).map_err(|e| fail(&e))?.done() {
+        match step(state, buf).map_err(|e| fail(&e))?.split() {
             Ok((next, consumed)) => return Ok((next, buf.drain(..consumed).collect())),
             Err(s) => state = s,
         }

@@ -123,27 +123,13 @@ pub trait Stepped {
     fn split(self) -> Result<(Self::Next, usize), Self::State>;
 }
 
-impl<S, N> Stepped for vizor_rfb::handshake::Progress<S, N> {
+/// The protocol crates' states (vizor-rfb and vizor-spice share the type).
+impl<S, N> Stepped for vizor_sansio::Progress<S, N> {
     type State = S;
     type Next = N;
 
     fn split(self) -> Result<(N, usize), S> {
-        match self {
-            Self::NeedMore(s) => Err(s),
-            Self::Done { next, consumed } => Ok((next, consumed)),
-        }
-    }
-}
-
-impl<S, N> Stepped for vizor_spice::handshake::Progress<S, N> {
-    type State = S;
-    type Next = N;
-
-    fn split(self) -> Result<(N, usize), S> {
-        match self {
-            Self::NeedMore(s) => Err(s),
-            Self::Done { next, consumed } => Ok((next, consumed)),
-        }
+        vizor_sansio::Progress::split(self)
     }
 }
 

@@ -20,37 +20,9 @@ use crate::error::{Error, Limits};
 use crate::pixel::PixelFormat;
 use crate::wire::{display_string, need, Reader};
 
-/// The outcome of feeding bytes to a handshake state.
-#[derive(Debug)]
-#[must_use]
-pub enum Progress<S, N> {
-    /// Not enough bytes yet; call `receive` again on the returned state with the same
-    /// bytes plus whatever arrives next.
-    NeedMore(S),
-    /// The state completed, consuming `consumed` bytes of the input.
-    Done {
-        /// The next state (or the handshake's result).
-        next: N,
-        /// Bytes of the input this step consumed.
-        consumed: usize,
-    },
-}
-
-impl<S, N> Progress<S, N> {
-    fn from_parse<T>(
-        state: S,
-        parsed: Option<(T, usize)>,
-        then: impl FnOnce(T) -> N,
-    ) -> Progress<S, N> {
-        match parsed {
-            None => Progress::NeedMore(state),
-            Some((value, consumed)) => Progress::Done {
-                next: then(value),
-                consumed,
-            },
-        }
-    }
-}
+/// The outcome of feeding bytes to a state (shared with the other protocol crate, so
+/// one loop drives both).
+pub use vizor_sansio::Progress;
 
 /// An RFB protocol version vizor implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
