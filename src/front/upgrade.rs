@@ -341,25 +341,12 @@ pub(super) async fn console_session(
         let env = app.env.clone();
         let shutdown = app.close_sessions.clone();
         let domain = claims.domain.clone();
-        if joins {
-            let _active = Active::new(app.metrics(), kind);
-            let ctx = session::spice::Ctx {
-                env,
-                id,
-                claims,
-                client: peer,
-                participant: crate::policy::Participant::OWNER,
-            };
-            let ended = session::spice::run(ctx, None, brx, btx, shutdown).await;
-            log_end(&ended.0);
-            return ended;
-        }
-        let console = match spend(&app, &claims, peer, &btx).await {
-            Ok(console) => console,
-            Err(end) => return (end, id, domain),
-        };
         let ended = match kind {
             ConsoleKind::Vnc => {
+                let console = match spend(&app, &claims, peer, &btx).await {
+                    Ok(console) => console,
+                    Err(end) => return (end, id, domain),
+                };
                 let domain = console.domain.clone();
                 let _slot = match env.take_slot(id, peer, &claims, &console.domain) {
                     Ok(slot) => slot,
@@ -383,7 +370,17 @@ pub(super) async fn console_session(
                 (session::rfb::run(ctx, brx, btx, shutdown).await, id, domain)
             }
             ConsoleKind::Spice => {
-                // The session's slot is taken when its main channel links.
+                // A spent token joins its session's channels, which link to that
+                // session's console; a fresh one opens the session, whose slot is taken
+                // when its main channel links.
+                let first = if joins {
+                    None
+                } else {
+                    match spend(&app, &claims, peer, &btx).await {
+                        Ok(console) => Some(console),
+                        Err(end) => return (end, id, domain),
+                    }
+                };
                 let _active = Active::new(app.metrics(), kind);
                 let ctx = session::spice::Ctx {
                     env,
@@ -392,7 +389,7 @@ pub(super) async fn console_session(
                     client: peer,
                     participant: crate::policy::Participant::OWNER,
                 };
-                session::spice::run(ctx, Some(console), brx, btx, shutdown).await
+                session::spice::run(ctx, first, brx, btx, shutdown).await
             }
         };
         log_end(&ended.0);
