@@ -420,7 +420,7 @@ impl Rules {
             let init = msg::display::default_init();
             if write_message(
                 self.kind,
-                self.last_serial + 1,
+                self.last_serial.wrapping_add(1),
                 msg::display::MSGC_INIT,
                 &init,
                 &mut out,

@@ -508,6 +508,42 @@ fn what_vizor_writes_keeps_the_serials_of_full_headers() {
 }
 
 #[test]
+fn the_display_init_after_the_last_serial_wraps_around() {
+    // A browser's serial at the top of its range (found by the spice_rules fuzz target).
+    let l = Limits::default();
+    let keyboard = Mutex::new(Keyboard::new());
+    let mut display = Rules::new(
+        channel_type::DISPLAY,
+        HeaderKind::Full,
+        l,
+        l,
+        Participant::OWNER,
+        &SpiceConfig::default(),
+        false,
+    );
+    let mut ack = Vec::new();
+    write_message(
+        HeaderKind::Full,
+        u64::MAX,
+        msg::common::MSGC_ACK,
+        &[],
+        &mut ack,
+    )
+    .unwrap();
+    display.from_browser(&ack, &keyboard).unwrap().unwrap();
+    let mut want = Vec::new();
+    write_message(
+        HeaderKind::Full,
+        0,
+        msg::display::MSGC_INIT,
+        &msg::display::default_init(),
+        &mut want,
+    )
+    .unwrap();
+    assert_eq!(display.closing(&keyboard, false).display_init, Some(want));
+}
+
+#[test]
 fn a_large_vm_message_is_forwarded_in_pieces_as_it_comes() {
     let small = Limits {
         max_message_len: 64,
