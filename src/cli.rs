@@ -395,6 +395,9 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 user: &user,
                 client,
                 ttl,
+                role: crate::token::Role::Owner,
+                joins: None,
+                policy: crate::token::Policy::default(),
             };
             let Issued { token, claims } = key
                 .issue(&grant, now)

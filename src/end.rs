@@ -56,6 +56,8 @@ pub enum Refusal {
     Channel(ChannelRefusal),
     /// A `[limits]` bound on sessions.
     Limit(crate::limits::Full),
+    /// A participant's token whose session cannot be joined.
+    Join(crate::live::JoinError),
 }
 
 impl Refusal {
@@ -72,6 +74,7 @@ impl Refusal {
             Refusal::TokenSpent => "replayed",
             Refusal::Channel(why) => why.label(),
             Refusal::Limit(full) => full.label(),
+            Refusal::Join(e) => e.label(),
         }
     }
 }
@@ -165,7 +168,13 @@ pub enum End {
     Terminated {
         /// Who, as the management API knows them.
         by: String,
+        /// Why, in the administrator's words.
+        reason: String,
     },
+    /// A participant's connection ends with the session it joined: its owner left.
+    OwnerLeft,
+    /// The token's `max_duration` ran out.
+    MaxDuration(Duration),
     /// A bug in vizor.
     Internal(&'static str),
 }
@@ -259,6 +268,8 @@ impl End {
             End::Shutdown => "shutdown",
             End::Audit(_) => "audit_error",
             End::Terminated { .. } => "terminated",
+            End::OwnerLeft => "owner_left",
+            End::MaxDuration(_) => "max_duration",
             End::Internal(_) => "internal",
         }
     }
@@ -266,7 +277,12 @@ impl End {
     /// The WebSocket close code the browser gets.
     pub fn close_code(&self) -> u16 {
         match self {
-            End::BrowserClosed | End::VmClosed | End::Idle(_) | End::Terminated { .. } => 1000,
+            End::BrowserClosed
+            | End::VmClosed
+            | End::Idle(_)
+            | End::Terminated { .. }
+            | End::OwnerLeft
+            | End::MaxDuration(_) => 1000,
             End::Shutdown => 1001,
             End::BrowserStalled(_) | End::Protocol { .. } | End::Refused { .. } => 1008,
             End::Vm { .. } | End::Audit(_) | End::Internal(_) => 1011,
@@ -290,6 +306,8 @@ impl End {
             | End::Idle(_)
             | End::Shutdown
             | End::Audit(_)
+            | End::OwnerLeft
+            | End::MaxDuration(_)
             | End::Internal(_) => Side::Vizor,
             End::Terminated { .. } => Side::Administrator,
         }
@@ -349,7 +367,15 @@ impl End {
             .into(),
             End::Shutdown => "vizor is shutting down".into(),
             End::Audit(e) => format!("audit log cannot be written: {e}").into(),
-            End::Terminated { by } => format!("ended by an administrator ({by})").into(),
+            End::Terminated { by, reason } => {
+                format!("ended by an administrator ({by}): {reason}").into()
+            }
+            End::OwnerLeft => "the session ended: its owner left".into(),
+            End::MaxDuration(d) => format!(
+                "the session reached its maximum duration of {}",
+                humantime::format_duration(*d)
+            )
+            .into(),
             End::Internal(what) => format!("internal error: {what}").into(),
         }
     }
@@ -358,6 +384,9 @@ impl End {
     /// lookup, whose words may name libvirt's URI and the host's layout.
     pub fn told(&self) -> Cow<'_, str> {
         match self {
+            End::Terminated { by, reason } => {
+                format!("ended by an administrator ({by}): {reason}").into()
+            }
             End::Vm {
                 why: VmFailure::Lookup { told, .. },
                 ..
@@ -475,7 +504,10 @@ mod tests {
                 Side::Vizor,
             ),
             (
-                End::Terminated { by: "ops".into() },
+                End::Terminated {
+                    by: "ops".into(),
+                    reason: "maintenance".into(),
+                },
                 "terminated",
                 1000,
                 Side::Administrator,

@@ -7,13 +7,77 @@
 //! kept per session is bounded: bytes, a 10-second rate ring and, once a quantity is
 //! first observed, a one-minute latency window of fixed size.
 
-use crate::token::ConsoleKind;
+use crate::token::{ConsoleKind, Role};
 use prometheus::core::{Collector, Desc};
 use prometheus::{GaugeVec, IntCounterVec, IntGauge, Opts};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
+
+/// The most participants (operators and observers) one session takes besides its
+/// owner: each is its own connection to QEMU, encoded on QEMU's one VNC worker thread.
+pub const MAX_PARTICIPANTS: usize = 8;
+
+/// Where a live session stands, for every connection in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Relaying.
+    Live,
+    /// An administrator ended it.
+    Terminated {
+        /// Who, as the management API knows them.
+        by: String,
+        /// Why, in their words.
+        reason: String,
+    },
+    /// Its owner's connection ended: the participants' end with it.
+    OwnerLeft,
+}
+
+/// Someone on a live session besides its owner.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// The participant's connection: its own session id in the audit log.
+    pub session: u64,
+    /// Who.
+    pub user: String,
+    /// Operator or observer.
+    pub role: Role,
+    /// The browser's address.
+    pub client: SocketAddr,
+    /// When they joined.
+    pub since: SystemTime,
+    /// Whether the others are told they are there (always, for now: unannounced
+    /// watching is not built yet).
+    pub announced: bool,
+}
+
+/// Why a participant cannot join a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    /// No live session has that id and owner.
+    #[error("the session is not live (it ended, or never started here)")]
+    NotLive,
+    /// The session is ending.
+    #[error("the session is ending")]
+    Ending,
+    /// [`MAX_PARTICIPANTS`] are on it.
+    #[error("the session has {MAX_PARTICIPANTS} participants already")]
+    Full,
+}
+
+impl JoinError {
+    /// A stable label, for metrics and audit records.
+    pub fn label(self) -> &'static str {
+        match self {
+            JoinError::NotLive => "session_not_live",
+            JoinError::Ending => "session_ending",
+            JoinError::Full => "session_full",
+        }
+    }
+}
 
 /// Which way bytes went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +219,8 @@ pub struct Live {
     pub user: String,
     /// The domain's name.
     pub domain: String,
+    /// The domain's UUID.
+    pub uuid: String,
     /// The token's id (never the token).
     pub token_id: String,
     /// The browser's address.
@@ -163,6 +229,11 @@ pub struct Live {
     pub started: SystemTime,
     clock: Instant,
     stats: Mutex<Stats>,
+    members: Mutex<Vec<Member>>,
+    state: watch::Sender<State>,
+    /// The input of everyone on the session (owner and operators): the owner's
+    /// connection ends when it has seen none for `[limits] idle_timeout`.
+    pub idle: crate::limits::Idle,
 }
 
 /// A snapshot of a session, as the API shows it.
@@ -179,6 +250,66 @@ pub struct Snapshot {
 }
 
 impl Live {
+    /// Ends the session for every connection in it: `false` when it was ending
+    /// already.
+    pub fn terminate(&self, by: &str, reason: &str) -> bool {
+        self.state.send_if_modified(|s| {
+            if *s != State::Live {
+                return false;
+            }
+            *s = State::Terminated {
+                by: by.to_owned(),
+                reason: reason.to_owned(),
+            };
+            true
+        })
+    }
+
+    /// Where the session stands, and changes to it.
+    pub fn state(&self) -> watch::Receiver<State> {
+        self.state.subscribe()
+    }
+
+    /// How long the session has been live.
+    pub fn age(&self) -> Duration {
+        self.clock.elapsed()
+    }
+
+    /// Whether one more participant can join now.
+    pub fn has_room(&self) -> Result<(), JoinError> {
+        if *self.state.borrow() != State::Live {
+            return Err(JoinError::Ending);
+        }
+        match self.members.lock() {
+            Ok(m) if m.len() < MAX_PARTICIPANTS => Ok(()),
+            Ok(_) => Err(JoinError::Full),
+            Err(_) => Err(JoinError::NotLive),
+        }
+    }
+
+    /// The participants besides the owner, in the order they joined.
+    pub fn members(&self) -> Vec<Member> {
+        self.members.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Puts a participant on the session while the guard is held.
+    pub fn join(self: &Arc<Self>, member: Member) -> Result<Joined, JoinError> {
+        if *self.state.borrow() != State::Live {
+            return Err(JoinError::Ending);
+        }
+        let mut members = self.members.lock().map_err(|_| JoinError::NotLive)?;
+        if members.len() >= MAX_PARTICIPANTS {
+            return Err(JoinError::Full);
+        }
+        let (session, announced) = (member.session, member.announced);
+        members.push(member);
+        Ok(Joined {
+            live: self.clone(),
+            session,
+            announced,
+        })
+    }
+
     fn stats(&self) -> Option<MutexGuard<'_, Stats>> {
         self.stats.lock().ok()
     }
@@ -252,7 +383,35 @@ impl Live {
     }
 }
 
-/// A relay's hold on its session's entry: the entry goes when the last hold does.
+/// A participant's place on a session: it leaves when this goes.
+pub struct Joined {
+    live: Arc<Live>,
+    session: u64,
+    announced: bool,
+}
+
+impl Joined {
+    /// The session joined.
+    pub fn live(&self) -> &Arc<Live> {
+        &self.live
+    }
+
+    /// Whether the others are told about this participant.
+    pub fn announced(&self) -> bool {
+        self.announced
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.live.members.lock() {
+            m.retain(|x| x.session != self.session);
+        }
+    }
+}
+
+/// A relay's hold on its session's entry: the entry goes when the last hold does,
+/// and with it every participant's connection.
 pub struct Hold {
     registry: Arc<LiveSessions>,
     live: Arc<Live>,
@@ -285,6 +444,13 @@ impl Drop for Hold {
             .unwrap_or(0);
         if holds == 0 {
             map.remove(&self.live.id);
+            self.live.state.send_if_modified(|s| {
+                let live = *s == State::Live;
+                if live {
+                    *s = State::OwnerLeft;
+                }
+                live
+            });
         }
     }
 }
@@ -299,6 +465,8 @@ pub struct Identity<'a> {
     pub user: &'a str,
     /// The domain's name.
     pub domain: &'a str,
+    /// The domain's UUID.
+    pub uuid: &'a str,
     /// The token's id.
     pub token_id: &'a str,
     /// The browser's address.
@@ -322,6 +490,7 @@ impl LiveSessions {
                 kind: who.kind,
                 user: who.user.to_owned(),
                 domain: who.domain.to_owned(),
+                uuid: who.uuid.to_owned(),
                 token_id: who.token_id.to_owned(),
                 client: who.client,
                 started: SystemTime::now(),
@@ -332,6 +501,9 @@ impl LiveSessions {
                     latency: [None, None, None],
                     channels: Vec::new(),
                 }),
+                members: Mutex::new(Vec::new()),
+                state: watch::channel(State::Live).0,
+                idle: crate::limits::Idle::default(),
             };
             (Arc::new(live), 0)
         });
@@ -343,6 +515,22 @@ impl LiveSessions {
             registry: self.clone(),
             live: live.clone(),
             channel,
+        }
+    }
+
+    /// The live session `id`.
+    pub fn get(&self, id: u64) -> Option<Arc<Live>> {
+        self.map
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&id).map(|(l, _)| l.clone()))
+    }
+
+    /// The live session `id` whose owner's token is `owner`, for a participant to join.
+    pub fn joinable(&self, id: u64, owner: &str) -> Result<Arc<Live>, JoinError> {
+        match self.get(id) {
+            Some(l) if l.token_id == owner => Ok(l),
+            _ => Err(JoinError::NotLive),
         }
     }
 
@@ -490,9 +678,77 @@ mod tests {
             kind: ConsoleKind::Vnc,
             user: "alice",
             domain: "web1",
+            uuid: "5a5a5a5a-5a5a-5a5a-5a5a-5a5a5a5a5a5a",
             token_id: "0011223344556677",
             client: "127.0.0.1:5000".parse().unwrap(),
         }
+    }
+
+    fn member(session: u64, role: Role) -> Member {
+        Member {
+            session,
+            user: format!("user{session}"),
+            role,
+            client: "127.0.0.1:6000".parse().unwrap(),
+            since: SystemTime::now(),
+            announced: true,
+        }
+    }
+
+    #[test]
+    fn participants_join_the_owners_session_and_leave_with_it() {
+        let reg = Arc::new(LiveSessions::default());
+        let hold = reg.hold(who(3), None);
+        assert_eq!(
+            reg.joinable(3, "ffffffffffffffff").err(),
+            Some(JoinError::NotLive),
+            "another owner's token does not join it"
+        );
+        assert_eq!(
+            reg.joinable(4, "0011223344556677").err(),
+            Some(JoinError::NotLive)
+        );
+        let live = reg.joinable(3, "0011223344556677").unwrap();
+        let state = live.state();
+        let a = live.join(member(10, Role::Observer)).unwrap();
+        let joined: Vec<Joined> = (11..11 + MAX_PARTICIPANTS as u64 - 1)
+            .map(|s| live.join(member(s, Role::Operator)).unwrap())
+            .collect();
+        assert_eq!(
+            live.join(member(99, Role::Operator)).err(),
+            Some(JoinError::Full)
+        );
+        drop(joined);
+        assert_eq!(live.members().len(), 1);
+        drop(a);
+        assert!(live.members().is_empty());
+        let _b = live.join(member(20, Role::Observer)).unwrap();
+        // The owner's last relay goes: the session goes, its participants with it.
+        drop(hold);
+        assert_eq!(*state.borrow(), State::OwnerLeft);
+        assert!(reg.get(3).is_none());
+        assert_eq!(
+            live.join(member(21, Role::Observer)).err(),
+            Some(JoinError::Ending)
+        );
+        assert!(!live.terminate("admin", "too late"), "it ended already");
+    }
+
+    #[test]
+    fn an_administrator_ends_a_session_once() {
+        let reg = Arc::new(LiveSessions::default());
+        let hold = reg.hold(who(5), None);
+        let live = hold.live().clone();
+        assert!(live.terminate("ops", "maintenance"));
+        assert!(!live.terminate("ops", "again"));
+        let want = State::Terminated {
+            by: "ops".into(),
+            reason: "maintenance".into(),
+        };
+        assert_eq!(*live.state().borrow(), want);
+        drop(hold);
+        // Ended by the administrator it stays, after its owner's relay goes.
+        assert_eq!(*live.state().borrow(), want);
     }
 
     #[test]

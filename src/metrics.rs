@@ -42,6 +42,10 @@ pub struct Metrics {
     pub auth_refusals_total: IntCounterVec,
     /// `vizor_api_requests_total{endpoint,code}`
     pub api_requests_total: IntCounterVec,
+    /// `vizor_admin_actions_total{action}`
+    pub admin_actions_total: IntCounterVec,
+    /// `vizor_session_participants{role}`
+    pub session_participants: IntGaugeVec,
     /// `vizor_audit_events_total{event}`
     pub audit_events_total: IntCounterVec,
     /// `vizor_audit_write_errors_total`
@@ -136,6 +140,20 @@ impl Metrics {
                 ),
                 &["endpoint", "code"],
             )?,
+            admin_actions_total: IntCounterVec::new(
+                Opts::new(
+                    "vizor_admin_actions_total",
+                    "Administrators' actions on live sessions through the management API: participant (a join token minted), watch (an observer token for the administrator), end.",
+                ),
+                &["action"],
+            )?,
+            session_participants: IntGaugeVec::new(
+                Opts::new(
+                    "vizor_session_participants",
+                    "Participants connected to live sessions besides their owners, by role (operator, observer).",
+                ),
+                &["role"],
+            )?,
             audit_events_total: IntCounterVec::new(
                 Opts::new("vizor_audit_events_total", "Audit records written, by event."),
                 &["event"],
@@ -188,6 +206,8 @@ impl Metrics {
         r.register(Box::new(m.libvirt_errors_total.clone()))?;
         r.register(Box::new(m.auth_refusals_total.clone()))?;
         r.register(Box::new(m.api_requests_total.clone()))?;
+        r.register(Box::new(m.admin_actions_total.clone()))?;
+        r.register(Box::new(m.session_participants.clone()))?;
         r.register(Box::new(m.audit_events_total.clone()))?;
         r.register(Box::new(m.audit_write_errors_total.clone()))?;
         r.register(Box::new(m.audit_refusals_dropped_total.clone()))?;
@@ -195,6 +215,12 @@ impl Metrics {
         r.register(Box::new(m.protocol_errors_total.clone()))?;
         r.register(Box::new(m.connections_refused_total.clone()))?;
         // Series that exist from the start, so rates over them work before traffic.
+        for action in ["participant", "watch", "end"] {
+            m.admin_actions_total.with_label_values(&[action]);
+        }
+        for role in ["operator", "observer"] {
+            m.session_participants.with_label_values(&[role]);
+        }
         // Input-to-display is measured for RFB only.
         m.input_to_display_seconds.with_label_values(&["vnc"]);
         // Splicing is done for RFB only.

@@ -9,11 +9,15 @@
 //! which remembers each nonce until its token expires.
 //!
 //! Wire layout (before base64): `version (1) | IV (16) | ciphertext | tag (32)`.
-//! Plaintext, version 2: `kind (1) | expires_at (U64, Unix seconds) | nonce (16) |
+//! Plaintext, version 3: `kind (1) | expires_at (U64, Unix seconds) | nonce (16) |
 //! domain UUID (16) | domain name length (U16) | domain name | user length (U16) | user
-//! [| client address (4 or 16)]`. The client address is there only in a token bound to
-//! one client: a build that does not know the field refuses such a token as malformed,
-//! never admitting it from anywhere.
+//! | role (1) | view_only (1) | clipboard (1) | max_duration (U32 seconds, 0: none)
+//! [| joined session (U64) | its owner's token id (8)] [| client address (4 or 16)]`.
+//! The joined session is there exactly when the role is not the owner's (a
+//! participant's token joins a live session); the client address only in a token
+//! bound to one client. Version 2 (sealed by builds before participants) is the same
+//! up to the user, then the client address: it still opens, as an owner's token with
+//! the default policy.
 //!
 //! A token opens the console of the domain with its UUID, whatever that domain is now
 //! named: a domain deleted and defined again under the same name is another domain,
@@ -35,7 +39,11 @@ use zeroize::Zeroizing;
 type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 type HmacSha256 = Hmac<Sha256>;
 
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
+/// The version before participants and policy, still opened.
+const VERSION_2: u8 = 2;
+/// The longest `max_duration` a token carries.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 const IV_LEN: usize = 16;
 const TAG_LEN: usize = 32;
 const NONCE_LEN: usize = 16;
@@ -201,6 +209,157 @@ impl std::str::FromStr for ConsoleKind {
     }
 }
 
+/// Who a token's holder is on its console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Opened the console: the session is theirs.
+    Owner,
+    /// Joined someone's session, and may type and point.
+    Operator,
+    /// Joined someone's session to watch: sees the screen, reaches nothing.
+    Observer,
+}
+
+impl Role {
+    /// The lowercase name used in the API, audit records and pages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Operator => "operator",
+            Role::Observer => "observer",
+        }
+    }
+
+    fn byte(self) -> u8 {
+        match self {
+            Role::Owner => 0,
+            Role::Operator => 1,
+            Role::Observer => 2,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "operator" => Ok(Role::Operator),
+            "observer" => Ok(Role::Observer),
+            "owner" => Err("owner is the role of the token that opens a session; a participant is an operator or an observer".to_owned()),
+            other => Err(format!("unknown role {other:?} (expected operator or observer)")),
+        }
+    }
+}
+
+/// Which ways clipboard contents pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClipboardWays {
+    /// From the browser to the VM.
+    pub to_vm: bool,
+    /// From the VM to the browser.
+    pub from_vm: bool,
+}
+
+impl ClipboardWays {
+    /// Both ways.
+    pub const BOTH: ClipboardWays = ClipboardWays {
+        to_vm: true,
+        from_vm: true,
+    };
+    /// Neither way.
+    pub const NONE: ClipboardWays = ClipboardWays {
+        to_vm: false,
+        from_vm: false,
+    };
+
+    /// The name used in the API and the CLI: `none`, `to_vm`, `from_vm`, `both`.
+    pub fn as_str(self) -> &'static str {
+        match (self.to_vm, self.from_vm) {
+            (false, false) => "none",
+            (true, false) => "to_vm",
+            (false, true) => "from_vm",
+            (true, true) => "both",
+        }
+    }
+
+    fn byte(self) -> u8 {
+        u8::from(self.to_vm) | u8::from(self.from_vm) << 1
+    }
+}
+
+impl std::str::FromStr for ClipboardWays {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (to_vm, from_vm) = match s {
+            "none" => (false, false),
+            "to_vm" => (true, false),
+            "from_vm" => (false, true),
+            "both" => (true, true),
+            other => {
+                return Err(format!(
+                    "unknown clipboard policy {other:?} (expected none, to_vm, from_vm or both)"
+                ))
+            }
+        };
+        Ok(ClipboardWays { to_vm, from_vm })
+    }
+}
+
+/// What a token's holder may do, carried by the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// The holder's keyboard and pointer reach nothing.
+    pub view_only: bool,
+    /// Which ways clipboard contents pass.
+    pub clipboard: ClipboardWays,
+    /// The session ends this long after it started.
+    pub max_duration: Option<std::time::Duration>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            view_only: false,
+            clipboard: ClipboardWays::BOTH,
+            max_duration: None,
+        }
+    }
+}
+
+/// Checks a `max_duration`: at least a second, at most [`MAX_DURATION`].
+pub fn check_max_duration(d: std::time::Duration) -> Result<(), String> {
+    if d < std::time::Duration::from_secs(1) || d > MAX_DURATION {
+        return Err(format!(
+            "max_duration {} is out of range (1s to 7days)",
+            humantime::format_duration(d)
+        ));
+    }
+    Ok(())
+}
+
+/// The live session a participant's token joins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Joins {
+    /// The session's id on the vizor that issued the token.
+    pub session: u64,
+    /// The token id of the session's owner: a session of the same id after a restart
+    /// is another session, and the token does not join it.
+    pub owner: [u8; 8],
+}
+
+impl Joins {
+    /// The owner's token id, as logs and audit records write it.
+    pub fn owner_token_id(&self) -> String {
+        self.owner.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 /// What a token is issued for.
 #[derive(Debug, Clone)]
 pub struct Grant<'a> {
@@ -216,6 +375,12 @@ pub struct Grant<'a> {
     pub client: Option<IpAddr>,
     /// How long the token is good for.
     pub ttl: std::time::Duration,
+    /// The holder's role; a participant's names the session it joins.
+    pub role: Role,
+    /// The session a participant's token joins (`None` for an owner's).
+    pub joins: Option<Joins>,
+    /// What the holder may do.
+    pub policy: Policy,
 }
 
 /// A token just issued, with its claims.
@@ -238,6 +403,12 @@ pub enum IssueError {
     /// An empty or too long domain name.
     #[error("domain name must be 1 to {MAX_DOMAIN_LEN} bytes")]
     Domain,
+    /// A `max_duration` out of range.
+    #[error("{0}")]
+    MaxDuration(String),
+    /// An owner's token that joins a session, or a participant's that joins none.
+    #[error("a participant's token (operator or observer) joins a session; an owner's joins none")]
+    Role,
     /// No randomness, or claims that cannot be sealed.
     #[error("cannot seal a token: {0}")]
     Seal(String),
@@ -279,6 +450,12 @@ pub struct Claims {
     pub nonce: [u8; NONCE_LEN],
     /// The one client address the token admits, when it is bound to one.
     pub client: Option<IpAddr>,
+    /// The holder's role.
+    pub role: Role,
+    /// The live session a participant's token joins; `None` exactly for an owner.
+    pub joins: Option<Joins>,
+    /// What the holder may do.
+    pub policy: Policy,
 }
 
 impl Claims {
@@ -300,7 +477,24 @@ impl Claims {
             expires_at,
             nonce,
             client: None,
+            role: Role::Owner,
+            joins: None,
+            policy: Policy::default(),
         })
+    }
+
+    /// The same claims, for a participant of `role` in the session `joins`.
+    pub fn joining(self, role: Role, joins: Joins) -> Claims {
+        Claims {
+            role,
+            joins: Some(joins),
+            ..self
+        }
+    }
+
+    /// The same claims, with `policy`.
+    pub fn with_policy(self, policy: Policy) -> Claims {
+        Claims { policy, ..self }
     }
 
     /// The same claims, admitting `client` alone.
@@ -335,13 +529,19 @@ impl Claims {
     }
 
     fn encode(&self) -> Result<Vec<u8>, TokenError> {
+        let max_duration = match self.policy.max_duration {
+            None => 0,
+            Some(d) if check_max_duration(d).is_ok() => d.as_secs() as u32,
+            Some(_) => return Err(TokenError::Malformed),
+        };
         if self.domain.is_empty()
             || self.domain.len() > MAX_DOMAIN_LEN
             || self.user.len() > MAX_USER_LEN
+            || (self.role == Role::Owner) != self.joins.is_none()
         {
             return Err(TokenError::Malformed);
         }
-        let mut v = Vec::with_capacity(29 + 16 + self.domain.len() + self.user.len());
+        let mut v = Vec::with_capacity(29 + 16 + 23 + self.domain.len() + self.user.len());
         v.push(match self.kind {
             ConsoleKind::Vnc => 0,
             ConsoleKind::Spice => 1,
@@ -353,6 +553,14 @@ impl Claims {
             v.extend_from_slice(&(s.len() as u16).to_be_bytes());
             v.extend_from_slice(s.as_bytes());
         }
+        v.push(self.role.byte());
+        v.push(u8::from(self.policy.view_only));
+        v.push(self.policy.clipboard.byte());
+        v.extend_from_slice(&max_duration.to_be_bytes());
+        if let Some(j) = &self.joins {
+            v.extend_from_slice(&j.session.to_be_bytes());
+            v.extend_from_slice(&j.owner);
+        }
         match self.client {
             None => {}
             Some(IpAddr::V4(a)) => v.extend_from_slice(&a.octets()),
@@ -361,7 +569,7 @@ impl Claims {
         Ok(v)
     }
 
-    fn decode(b: &[u8]) -> Result<Claims, TokenError> {
+    fn decode(version: u8, b: &[u8]) -> Result<Claims, TokenError> {
         let kind = match b.first() {
             Some(0) => ConsoleKind::Vnc,
             Some(1) => ConsoleKind::Spice,
@@ -403,6 +611,58 @@ impl Claims {
         if domain.is_empty() {
             return Err(TokenError::Malformed);
         }
+        let (role, joins, policy) = if version == VERSION_2 {
+            (Role::Owner, None, Policy::default())
+        } else {
+            let mut take = |n: usize| -> Result<&[u8], TokenError> {
+                let (head, tail) = rest.split_at_checked(n).ok_or(TokenError::Malformed)?;
+                rest = tail;
+                Ok(head)
+            };
+            let role = match take(1)?[0] {
+                0 => Role::Owner,
+                1 => Role::Operator,
+                2 => Role::Observer,
+                _ => return Err(TokenError::Malformed),
+            };
+            let view_only = match take(1)?[0] {
+                0 => false,
+                1 => true,
+                _ => return Err(TokenError::Malformed),
+            };
+            let ways = take(1)?[0];
+            if ways > 3 {
+                return Err(TokenError::Malformed);
+            }
+            let clipboard = ClipboardWays {
+                to_vm: ways & 1 != 0,
+                from_vm: ways & 2 != 0,
+            };
+            let secs = u32::from_be_bytes(take(4)?.try_into().map_err(|_| TokenError::Malformed)?);
+            let max_duration = match secs {
+                0 => None,
+                s => {
+                    let d = std::time::Duration::from_secs(u64::from(s));
+                    check_max_duration(d).map_err(|_| TokenError::Malformed)?;
+                    Some(d)
+                }
+            };
+            let joins = match role {
+                Role::Owner => None,
+                _ => {
+                    let session =
+                        u64::from_be_bytes(take(8)?.try_into().map_err(|_| TokenError::Malformed)?);
+                    let owner: [u8; 8] = take(8)?.try_into().map_err(|_| TokenError::Malformed)?;
+                    Some(Joins { session, owner })
+                }
+            };
+            let policy = Policy {
+                view_only,
+                clipboard,
+                max_duration,
+            };
+            (role, joins, policy)
+        };
         let client = match rest.len() {
             0 => None,
             4 => <[u8; 4]>::try_from(rest).ok().map(IpAddr::from),
@@ -417,6 +677,9 @@ impl Claims {
             expires_at,
             nonce,
             client,
+            role,
+            joins,
+            policy,
         })
     }
 }
@@ -432,6 +695,18 @@ pub fn uuid_string(uuid: &[u8; 16]) -> String {
         &hex[16..20],
         &hex[20..]
     )
+}
+
+/// Parses a token id (16 hex digits, as [`Claims::token_id`] writes it).
+pub fn parse_token_id(s: &str) -> Option<[u8; 8]> {
+    if s.len() != 16 {
+        return None;
+    }
+    let mut out = [0u8; 8];
+    for (i, pair) in s.as_bytes().chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// Parses a UUID as libvirt writes it (hyphens optional, any case).
@@ -591,9 +866,19 @@ impl TokenKey {
         if grant.domain.is_empty() || grant.domain.len() > MAX_DOMAIN_LEN {
             return Err(IssueError::Domain);
         }
+        if let Some(d) = grant.policy.max_duration {
+            check_max_duration(d).map_err(IssueError::MaxDuration)?;
+        }
+        if (grant.role == Role::Owner) != grant.joins.is_none() {
+            return Err(IssueError::Role);
+        }
         let expires_at = now.saturating_add(grant.ttl.as_secs());
         let mut claims = Claims::new(grant.domain, grant.uuid, grant.kind, grant.user, expires_at)
-            .map_err(|e| IssueError::Seal(e.to_string()))?;
+            .map_err(|e| IssueError::Seal(e.to_string()))?
+            .with_policy(grant.policy);
+        if let Some(joins) = grant.joins {
+            claims = claims.joining(grant.role, joins);
+        }
         if let Some(ip) = grant.client {
             claims = claims.bound_to(ip);
         }
@@ -634,13 +919,13 @@ impl TokenKey {
             .map_err(|_| TokenError::Malformed)?;
         // The version first: a token of another version is named as such, whatever
         // its length.
-        match raw.first() {
-            Some(&VERSION) => {}
+        let version = match raw.first() {
+            Some(&v @ (VERSION | VERSION_2)) => v,
             Some(&other) if raw.len() >= 1 + IV_LEN + TAG_LEN => {
                 return Err(TokenError::UnknownVersion(other))
             }
             _ => return Err(TokenError::Malformed),
-        }
+        };
         if raw.len() < 1 + IV_LEN + 41 + 4 + TAG_LEN {
             return Err(TokenError::Malformed);
         }
@@ -654,7 +939,7 @@ impl TokenKey {
             .map_err(|_| TokenError::Malformed)?;
         let mut body = Zeroizing::new(signed[1 + IV_LEN..].to_vec());
         Aes256Ctr::new((&*self.enc).into(), (&iv).into()).apply_keystream(&mut body);
-        let claims = Claims::decode(&body)?;
+        let claims = Claims::decode(version, &body)?;
         if claims.expires_at <= now {
             return Err(TokenError::Expired {
                 expires_at: claims.expires_at,

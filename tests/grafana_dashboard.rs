@@ -90,6 +90,8 @@ fn it_has_the_panels_operators_need() {
             .unwrap_or_else(|| panic!("no panel reads {needle}"))
     };
     panel_reading("vizor_sessions_active");
+    panel_reading("vizor_session_participants");
+    panel_reading("vizor_admin_actions_total");
     panel_reading("direction=\"vm_to_browser\"");
     panel_reading("direction=\"browser_to_vm\"");
     let (_, frame) = panel_reading("vizor_frame_latency_seconds_bucket");
@@ -126,6 +128,7 @@ fn every_metric_it_names_is_exported() {
             kind: ConsoleKind::Vnc,
             user: "u",
             domain: "d",
+            uuid: "00000000-0000-0000-0000-000000000001",
             token_id: "t",
             client: "127.0.0.1:1".parse().unwrap(),
         },

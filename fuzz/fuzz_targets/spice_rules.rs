@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
     let participant = if mode & 8 == 0 {
         Participant::OWNER
     } else {
-        Participant::VIEWER
+        Participant::OBSERVER
     };
     let kind = if mode & 16 == 0 {
         HeaderKind::Mini

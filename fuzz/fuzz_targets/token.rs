@@ -4,16 +4,17 @@
 //! refused as expired), and refused once any single byte of the token is altered or it
 //! is cut short.
 //!
-//! Input (the second use): kind (1) | domain length (U16) | user length (U16) |
-//! expires_at (U64) | index (U16) | mask (1) | domain and user bytes.
+//! Input (the second use): flags (1: kind, role, view_only, clipboard, max_duration) |
+//! domain length (U16) | user length (U16) | expires_at (U64) | index (U16) | mask (1) |
+//! UUID (16, also the joined session and its owner) | domain and user bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use std::borrow::Cow;
 use std::sync::OnceLock;
 use vizor::token::{
-    Claims, ConsoleKind, ReplayCache, TokenError, TokenKey, MAX_DOMAIN_LEN, MAX_TOKEN_LEN,
-    MAX_LIFETIME, MAX_USER_LEN,
+    Claims, ClipboardWays, ConsoleKind, Joins, Policy, ReplayCache, Role, TokenError, TokenKey,
+    MAX_DOMAIN_LEN, MAX_DURATION, MAX_LIFETIME, MAX_TOKEN_LEN, MAX_USER_LEN,
 };
 
 /// A throwaway key (the bytes 0 to 63): the sealed tokens in `fuzz/seeds/token` were
@@ -52,6 +53,9 @@ fn check_opened(claims: &Claims) {
     assert!(!claims.domain.is_empty() && claims.domain.len() <= MAX_DOMAIN_LEN);
     assert!(claims.user.len() <= MAX_USER_LEN);
     assert_eq!(claims.token_id().len(), 16);
+    // An owner's token joins no session; a participant's always one.
+    assert_eq!(claims.role == Role::Owner, claims.joins.is_none());
+    assert!(claims.policy.max_duration.is_none_or(|d| d.as_secs() >= 1 && d <= MAX_DURATION));
     let mut cache = ReplayCache::new(1);
     assert_eq!(cache.admit(claims, NOW), Ok(()));
     assert!(cache.is_used(claims, NOW));
@@ -100,9 +104,36 @@ fuzz_target!(|data: &[u8]| {
 
     let domain: Cow<str> = String::from_utf8_lossy(domain);
     let user: Cow<str> = String::from_utf8_lossy(user);
-    let claims = Claims::new(&domain, uuid, kind, &user, expires_at).expect("randomness");
-    let in_bounds =
-        !domain.is_empty() && domain.len() <= MAX_DOMAIN_LEN && user.len() <= MAX_USER_LEN;
+    let role = match (head[0] >> 1) & 3 {
+        0 => Role::Owner,
+        1 => Role::Operator,
+        _ => Role::Observer,
+    };
+    // With bit 6, a max_duration of the index's value in seconds (0 is out of range).
+    let max_duration = (head[0] & 0x40 != 0)
+        .then(|| std::time::Duration::from_secs(u64::from(u16::from_be_bytes([head[13], head[14]]))));
+    let policy = Policy {
+        view_only: head[0] & 8 != 0,
+        clipboard: ClipboardWays {
+            to_vm: head[0] & 0x10 != 0,
+            from_vm: head[0] & 0x20 != 0,
+        },
+        max_duration,
+    };
+    let mut claims = Claims::new(&domain, uuid, kind, &user, expires_at)
+        .expect("randomness")
+        .with_policy(policy);
+    if role != Role::Owner {
+        let joins = Joins {
+            session: u64::from_be_bytes(uuid[..8].try_into().unwrap()),
+            owner: uuid[8..].try_into().unwrap(),
+        };
+        claims = claims.joining(role, joins);
+    }
+    let in_bounds = !domain.is_empty()
+        && domain.len() <= MAX_DOMAIN_LEN
+        && user.len() <= MAX_USER_LEN
+        && max_duration.is_none_or(|d| !d.is_zero());
     let token = match key.seal(&claims) {
         Ok(t) => t,
         Err(e) => {

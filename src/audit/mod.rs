@@ -51,6 +51,17 @@ pub enum Event<'a> {
         /// The SPICE channel (`spice:main:0`...); absent for VNC.
         #[serde(skip_serializing_if = "Option::is_none")]
         channel: Option<&'a str>,
+        /// A participant's connection: its role (`operator`, `observer`); absent for
+        /// a session's owner.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        role: Option<&'static str>,
+        /// A participant's connection: the session it joined.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        joins: Option<u64>,
+        /// A participant the others are not told about (`[oversight] announce =
+        /// false`).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        unannounced: bool,
     },
     /// A key was pressed or released: named by the key QEMU acts on.
     Key {
@@ -167,6 +178,27 @@ pub enum Event<'a> {
         /// session ends when its main channel does.
         #[serde(skip_serializing_if = "Option::is_none")]
         channel: Option<&'a str>,
+        /// The administrator who ended it, when one did.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        admin: Option<&'a str>,
+    },
+    /// Input a participant may not give (an observer's, or a view-only token's) was
+    /// dropped: one record per burst of it.
+    InputDropped {
+        /// Session id (the participant's connection).
+        session: u64,
+        /// Key events dropped.
+        keys: u32,
+        /// Pointer events dropped.
+        pointer: u32,
+        /// Other input dropped (desktop size, xvp).
+        other: u32,
+        /// Clipboard contents toward the VM dropped.
+        clipboard: u32,
+        /// Their bytes.
+        clipboard_bytes: u64,
+        /// From the burst's first event to its last, in milliseconds.
+        duration_ms: u64,
     },
     /// A pointer button was pressed (motion and releases are not recorded).
     Button {
@@ -329,6 +361,51 @@ pub enum Event<'a> {
         /// The browser address it admits alone, when bound.
         #[serde(skip_serializing_if = "Option::is_none")]
         bound_client: Option<String>,
+        /// The administrator who asked (their name), for the management API.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        admin: Option<&'a str>,
+        /// A participant's token: its role.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        role: Option<&'static str>,
+        /// A participant's token: the session it joins.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        joins: Option<u64>,
+        /// The holder's input reaches nothing.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        view_only: bool,
+        /// Which ways clipboard contents pass, when not both.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        clipboard: Option<&'static str>,
+        /// The session ends this long after it started, in seconds.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        max_duration_s: Option<u64>,
+    },
+    /// An administrator acted on a live session through the management API.
+    AdminAction {
+        /// The administrator's name.
+        admin: &'a str,
+        /// The address the request came from.
+        client: &'a str,
+        /// `participant` (a join token minted), `watch` (an observer token for the
+        /// administrator) or `end`.
+        action: &'static str,
+        /// The live session acted on.
+        session: u64,
+        /// The minted token's id, for `participant` and `watch`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token_id: Option<&'a str>,
+        /// The minted token's role and user.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        role: Option<&'static str>,
+        /// The user the minted token names.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
+        /// Why, for `end`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+        /// Whether the participant is announced to the others.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        announced: Option<bool>,
     },
     /// A request to the management API or the metrics endpoint was refused: a missing
     /// or wrong key (unauthenticated: per client and interval, like token refusals),
@@ -373,12 +450,14 @@ impl Event<'_> {
             Event::SessionRefused { .. } => "session_refused",
             Event::ClientThrottled { .. } => "client_throttled",
             Event::TokenIssued { .. } => "token_issued",
+            Event::AdminAction { .. } => "admin_action",
             Event::ApiRefused { .. } => "api_refused",
             Event::ChannelRefused { .. } => "channel_refused",
             Event::RefusalSummary { .. } => "refusal_summary",
             Event::ClipboardDropped { .. } => "clipboard_dropped",
             Event::FileTransfer { .. } => "file_transfer",
             Event::Button { .. } => "button",
+            Event::InputDropped { .. } => "input_dropped",
             Event::ProtocolError { .. } => "protocol_error",
             Event::UpstreamFailure { .. } => "upstream_failure",
         }

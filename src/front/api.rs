@@ -27,14 +27,14 @@ pub(super) enum Endpoint<'a> {
 
 /// Why an API request was not answered with what it asked for.
 pub(super) struct ApiError {
-    status: StatusCode,
+    pub(super) status: StatusCode,
     /// A stable label: the answer's `reason`, the audit record's and the metrics'.
-    reason: &'static str,
-    error: String,
+    pub(super) reason: &'static str,
+    pub(super) error: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, reason: &'static str, error: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, reason: &'static str, error: impl Into<String>) -> Self {
         ApiError {
             status,
             reason,
@@ -122,9 +122,9 @@ pub(super) async fn api(
     }
     let answer = match admin_check(app, req) {
         Err(e) => Err(e),
-        Ok(()) => match endpoint {
+        Ok(admin) => match endpoint {
             Endpoint::Sessions => Ok(api_sessions(app)),
-            Endpoint::Console(domain) => api_console(app, peer, domain, req).await,
+            Endpoint::Console(domain) => api_console(app, peer, domain, req, &admin).await,
         },
     };
     match answer {
@@ -145,8 +145,11 @@ pub(super) async fn api(
     }
 }
 
-/// Checks the admin bearer key.
-pub(super) fn admin_check(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+/// The administrator the single `[api] admin_key_file` key names.
+pub const DEFAULT_ADMIN: &str = "admin";
+
+/// Checks the admin bearer key; returns the administrator's name.
+pub(super) fn admin_check(app: &App, req: &Request<Incoming>) -> Result<String, ApiError> {
     let Some(key) = &app.admin_key else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -159,7 +162,7 @@ pub(super) fn admin_check(app: &App, req: &Request<Incoming>) -> Result<(), ApiE
             "a valid Authorization: Bearer <admin key> header is required",
         ));
     }
-    Ok(())
+    Ok(DEFAULT_ADMIN.to_owned())
 }
 
 /// `GET /api/v1/sessions`: the live sessions, oldest first.
@@ -198,6 +201,14 @@ pub(super) fn api_sessions(app: &App) -> Resp {
                 "frame_latency_ms": ms(s.latency[Latency::Frame as usize]),
                 "input_to_display_ms": ms(s.latency[Latency::InputToDisplay as usize]),
                 "client_rtt_ms": ms(s.latency[Latency::ClientRtt as usize]),
+                "participants": l.members().iter().map(|m| serde_json::json!({
+                    "session": m.session,
+                    "user": m.user,
+                    "role": m.role.as_str(),
+                    "client": m.client.to_string(),
+                    "since": humantime::format_rfc3339_seconds(m.since).to_string(),
+                    "announced": m.announced,
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -211,6 +222,7 @@ pub(super) async fn api_console(
     peer: SocketAddr,
     domain: &str,
     req: &Request<Incoming>,
+    admin: &str,
 ) -> Result<Resp, ApiError> {
     let bad = |error: &str| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", error);
     // Without `?kind=`: VNC, or the only kind of console the domain has.
@@ -261,6 +273,9 @@ pub(super) async fn api_console(
         user: &user,
         client,
         ttl,
+        role: crate::token::Role::Owner,
+        joins: None,
+        policy: crate::token::Policy::default(),
     };
     let crate::token::Issued { token, claims } =
         app.key.issue(&grant, unix_now()).map_err(|e| match e {
@@ -282,6 +297,12 @@ pub(super) async fn api_console(
             ttl_s: ttl.as_secs(),
             expires_at: humantime::format_rfc3339_seconds(expires).to_string(),
             bound_client: client.map(|c| c.to_string()),
+            admin: Some(admin),
+            role: None,
+            joins: None,
+            view_only: false,
+            clipboard: None,
+            max_duration_s: None,
         })
         .await
         .map_err(|e| {

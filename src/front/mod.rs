@@ -33,12 +33,15 @@ use zeroize::Zeroizing;
 mod admission;
 mod api;
 mod files;
+mod oversight;
 mod refused;
 mod upgrade;
 
 use admission::*;
 use api::*;
 pub(crate) use files::static_file;
+use oversight::*;
+pub use oversight::{check_reason, MAX_REASON_LEN};
 pub use refused::record_summaries;
 use refused::*;
 use upgrade::*;
@@ -368,6 +371,16 @@ async fn route(
         SocketAddr::new(client, peer.port())
     };
     let path = req.uri().path().to_owned();
+    if let Some(rest) = path.strip_prefix("/api/v1/sessions/") {
+        return Ok(match session_route(req.method(), rest) {
+            Some(Ok((id, action))) => session_api(&app, peer, req, id, action).await,
+            Some(Err(e)) if e.starts_with("use ") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, &format!("{e}\n"))
+            }
+            Some(Err(e)) => text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        });
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n"));
     }

@@ -64,6 +64,27 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Counts a participant (`vizor_session_participants{role}`) while it is held.
+pub(super) struct Participating<'a>(&'a Metrics, crate::token::Role);
+
+impl<'a> Participating<'a> {
+    fn new(m: &'a Metrics, role: crate::token::Role) -> Self {
+        m.session_participants
+            .with_label_values(&[role.as_str()])
+            .inc();
+        Participating(m, role)
+    }
+}
+
+impl Drop for Participating<'_> {
+    fn drop(&mut self) {
+        self.0
+            .session_participants
+            .with_label_values(&[self.1.as_str()])
+            .dec();
+    }
+}
+
 /// Counts a session as live while it is held.
 pub(super) struct Active<'a>(&'a Metrics, ConsoleKind);
 
@@ -195,6 +216,23 @@ pub(super) fn console_page(app: &App, peer: SocketAddr, req: &Request<Incoming>)
     if used {
         return console_refused(app, peer, &TokenError::Replayed, Some(&claims.token_id()));
     }
+    if let Some(j) = &claims.joins {
+        if let Err(e) = joinable(app, &claims, j) {
+            token_refused(
+                app,
+                peer,
+                e.label(),
+                Some(&claims.token_id()),
+                "console page",
+                &e.to_string(),
+            );
+            return console::error_page(
+                StatusCode::GONE,
+                "This console session has ended",
+                "The session this link joins is over, or was ended. Ask for a new link.",
+            );
+        }
+    }
     console::client_page(&app.config.console, claims.kind, &claims.domain)
 }
 
@@ -303,6 +341,25 @@ pub(super) async fn console_session(
     if let Err(e) = claims.admits(peer.ip()) {
         return refuse_token(e).await;
     }
+    // Viewing only and clipboard ways are not applied to SPICE's agent stream yet: a
+    // SPICE token asking for them is refused rather than let through.
+    if claims.kind == ConsoleKind::Spice
+        && (claims.policy.view_only || claims.policy.clipboard != crate::token::ClipboardWays::BOTH)
+    {
+        let why = "this vizor cannot apply view-only or clipboard limits to SPICE consoles";
+        return refuse("policy_unsupported", Some(&token_id), why, why).await;
+    }
+    // A participant's token joins a live session: refused before it is spent when
+    // that session is not live here (it ended: its join tokens went with it).
+    let joining = match &claims.joins {
+        None => None,
+        Some(j) => match joinable(&app, &claims, j) {
+            Ok(live) => Some(live),
+            Err(e) => {
+                return refuse(e.label(), Some(&token_id), &e.to_string(), &e.to_string()).await
+            }
+        },
+    };
     // The token is good: measure this browser's round trip while it is connected.
     let pings = brx.pings();
     pings.measure_into(
@@ -355,17 +412,62 @@ pub(super) async fn console_session(
                         return (end, id, domain);
                     }
                 };
+                // A participant takes its place on the session it joins (its end ends
+                // this connection too).
+                let joined = match joining {
+                    None => None,
+                    Some(live) => {
+                        let member = crate::live::Member {
+                            session: id,
+                            user: claims.user.clone(),
+                            role: claims.role,
+                            client: peer,
+                            since: SystemTime::now(),
+                            announced: true,
+                        };
+                        match live.join(member) {
+                            Ok(j) => Some(j),
+                            Err(e) => {
+                                // Spent, then refused (the session ended or filled up
+                                // meanwhile): on record as a refused session.
+                                warn!(reason = e.label(), "participant refused: {e}");
+                                app.audit().record_nowait(&Event::SessionRefused {
+                                    session: id,
+                                    client: &peer.to_string(),
+                                    user: &claims.user,
+                                    domain: &domain,
+                                    token_id: &token_id,
+                                    reason: e.label(),
+                                });
+                                let end = End::refused(session::Refusal::Join(e), e.to_string());
+                                btx.close(end.close_code(), &end.told()).await;
+                                return (end, id, domain);
+                            }
+                        }
+                    }
+                };
+                let _participating = joined
+                    .as_ref()
+                    .map(|_| Participating::new(app.metrics(), claims.role));
                 let _active = Active::new(app.metrics(), kind);
-                info!(upstream = %console.target, user = %claims.user, "session starting");
+                match &joined {
+                    None => {
+                        info!(upstream = %console.target, user = %claims.user, "session starting")
+                    }
+                    Some(j) => {
+                        info!(upstream = %console.target, user = %claims.user, role = %claims.role, joins = j.live().id, "participant joining")
+                    }
+                }
                 let keyboard = env.vm_keyboards.of(&console);
                 let ctx = session::rfb::Ctx {
                     env,
                     id,
+                    participant: crate::policy::Participant::of(&claims),
                     claims,
                     client: peer,
                     console,
                     keyboard,
-                    participant: crate::policy::Participant::OWNER,
+                    joined,
                 };
                 (session::rfb::run(ctx, brx, btx, shutdown).await, id, domain)
             }
@@ -385,9 +487,9 @@ pub(super) async fn console_session(
                 let ctx = session::spice::Ctx {
                     env,
                     id,
+                    participant: crate::policy::Participant::of(&claims),
                     claims,
                     client: peer,
-                    participant: crate::policy::Participant::OWNER,
                 };
                 session::spice::run(ctx, first, brx, btx, shutdown).await
             }
@@ -415,6 +517,23 @@ pub(super) async fn console_session(
     record_end(&app, kind, session, &domain, &end);
     drop(pinger);
     Some(guard)
+}
+
+/// The live session a participant's token joins, if it can be joined: live here, with
+/// the owner, domain and console kind the token names (participants connect by VNC).
+pub(super) fn joinable(
+    app: &App,
+    claims: &Claims,
+    joins: &crate::token::Joins,
+) -> Result<Arc<crate::live::Live>, crate::live::JoinError> {
+    let live = app
+        .live()
+        .joinable(joins.session, &joins.owner_token_id())?;
+    if live.uuid != claims.uuid_string() || claims.kind != ConsoleKind::Vnc {
+        return Err(crate::live::JoinError::NotLive);
+    }
+    live.has_room()?;
+    Ok(live)
 }
 
 /// Spends a token that opened its first connection: on record before anything of the

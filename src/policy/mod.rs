@@ -2,9 +2,9 @@
 //! with it (forward, rewrite, drop, refuse) and what goes on record before it moves.
 //!
 //! The async relays in [`crate::session`] only move bytes and await the audit; every
-//! rule about a message lives here and is unit-tested without sockets. A console is
-//! shaped for several browser-side participants, each with a [`Participant`] policy;
-//! today each session has one, its owner.
+//! rule about a message lives here and is unit-tested without sockets. A console has
+//! one or more browser-side participants (its owner, operators, observers), each its
+//! own connection to the VM with a [`Participant`] policy.
 
 pub mod keyboards;
 pub mod rfb;
@@ -33,11 +33,24 @@ impl Participant {
     };
 
     /// Someone who watches: sees the screen, reaches nothing.
-    pub const VIEWER: Participant = Participant {
-        role: Role::Viewer,
+    pub const OBSERVER: Participant = Participant {
+        role: Role::Observer,
         input: false,
         clipboard: ClipboardWays::NONE,
     };
+
+    /// What a token's holder may do: an observer nothing, whatever its policy; an
+    /// owner or operator what the token's policy lets through.
+    pub fn of(claims: &crate::token::Claims) -> Participant {
+        match claims.role {
+            Role::Observer => Participant::OBSERVER,
+            role => Participant {
+                role,
+                input: !claims.policy.view_only,
+                clipboard: claims.policy.clipboard,
+            },
+        }
+    }
 
     /// Whether clipboard contents may pass `dir` for this participant.
     pub fn clipboard_passes(&self, dir: Direction) -> bool {
@@ -48,36 +61,7 @@ impl Participant {
     }
 }
 
-/// A participant's role on a console.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Opened the console with a token.
-    Owner,
-    /// Watches a console someone else opened.
-    Viewer,
-}
-
-/// Which ways clipboard contents pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClipboardWays {
-    /// From the browser to the VM.
-    pub to_vm: bool,
-    /// From the VM to the browser.
-    pub from_vm: bool,
-}
-
-impl ClipboardWays {
-    /// Both ways.
-    pub const BOTH: ClipboardWays = ClipboardWays {
-        to_vm: true,
-        from_vm: true,
-    };
-    /// Neither way.
-    pub const NONE: ClipboardWays = ClipboardWays {
-        to_vm: false,
-        from_vm: false,
-    };
-}
+pub use crate::token::{ClipboardWays, Role};
 
 /// What goes on record, before the message it comes from moves on. Protocol-neutral:
 /// the relay hands each to the audit log as it is.
@@ -121,6 +105,8 @@ pub enum Note {
     },
     /// A file transfer through the guest agent started or ended.
     FileTransfer(spice::transfers::Record),
+    /// Input a participant may not give was dropped: one note per burst.
+    InputDropped(Burst),
     /// A file transfer refused (`[spice] file_transfer = "refuse"`), with what its
     /// start said when it was whole in what was refused.
     FileTransferRefused {
@@ -129,6 +115,88 @@ pub enum Note {
         /// Its id, name and size.
         start: Option<(u32, String, u64)>,
     },
+}
+
+/// What kind of input was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// A key event.
+    Key,
+    /// A pointer event (motion or buttons).
+    Pointer,
+    /// Anything else that acts on the VM (a desktop size, an xvp power action).
+    Other,
+    /// Clipboard contents of this many bytes, toward the VM.
+    Clipboard(u64),
+}
+
+/// A burst of dropped input: counts, and how long it lasted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Burst {
+    /// Key events.
+    pub keys: u32,
+    /// Pointer events.
+    pub pointer: u32,
+    /// Other input.
+    pub other: u32,
+    /// Clipboard contents toward the VM.
+    pub clipboard: u32,
+    /// Their bytes.
+    pub clipboard_bytes: u64,
+    /// From its first event to its last.
+    pub lasted: std::time::Duration,
+}
+
+/// Counts dropped input (and clipboard toward the VM) in bursts, so that a watcher
+/// moving the mouse or pasting costs one audit record, not one per event: a burst ends at the first drop after [`Dropped::GAP`]
+/// without any, once it has lasted [`Dropped::LONGEST`], or when the connection
+/// closes ([`Dropped::close`]); its note comes then.
+#[derive(Debug, Default)]
+pub struct Dropped {
+    open: Option<(std::time::Instant, std::time::Instant, Burst)>,
+}
+
+impl Dropped {
+    /// A pause that ends a burst.
+    pub const GAP: std::time::Duration = std::time::Duration::from_secs(1);
+    /// The longest a burst runs before its note comes.
+    pub const LONGEST: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Counts one dropped `input` at `now`; returns the burst it ended, if any.
+    pub fn count(&mut self, input: Input, now: std::time::Instant) -> Option<Note> {
+        let ended = match &self.open {
+            Some((first, last, _))
+                if now.saturating_duration_since(*last) > Self::GAP
+                    || now.saturating_duration_since(*first) >= Self::LONGEST =>
+            {
+                self.close()
+            }
+            _ => None,
+        };
+        let (_, last, burst) = self.open.get_or_insert((now, now, Burst::default()));
+        *last = now;
+        let n = match input {
+            Input::Key => &mut burst.keys,
+            Input::Pointer => &mut burst.pointer,
+            Input::Other => &mut burst.other,
+            Input::Clipboard(bytes) => {
+                burst.clipboard_bytes = burst.clipboard_bytes.saturating_add(bytes);
+                &mut burst.clipboard
+            }
+        };
+        *n = n.saturating_add(1);
+        ended
+    }
+
+    /// The open burst's note, ending it.
+    pub fn close(&mut self) -> Option<Note> {
+        self.open.take().map(|(first, last, burst)| {
+            Note::InputDropped(Burst {
+                lasted: last.saturating_duration_since(first),
+                ..burst
+            })
+        })
+    }
 }
 
 /// A key transition as the VM takes it (see [`crate::audit::KeyEvent`]).
@@ -165,4 +233,92 @@ pub enum Verdict {
     Rewrite(Vec<u8>),
     /// Nothing goes on.
     Drop(DropReason),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn burst(keys: u32, pointer: u32, other: u32, lasted_ms: u64) -> Option<Note> {
+        Some(Note::InputDropped(Burst {
+            keys,
+            pointer,
+            other,
+            lasted: Duration::from_millis(lasted_ms),
+            ..Burst::default()
+        }))
+    }
+
+    #[test]
+    fn dropped_input_is_one_note_per_burst() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut d = Dropped::default();
+        assert_eq!(d.count(Input::Key, at(0)), None);
+        assert_eq!(d.count(Input::Pointer, at(900)), None);
+        assert_eq!(d.count(Input::Key, at(1800)), None, "gaps under a second");
+        // A pause over a second: the burst so far, and a new one.
+        assert_eq!(d.count(Input::Other, at(2801)), burst(2, 1, 0, 1800));
+        // A steady stream is cut every ten seconds.
+        for ms in (3000..12801).step_by(100) {
+            assert_eq!(d.count(Input::Pointer, at(ms)), None, "{ms}");
+        }
+        assert_eq!(d.count(Input::Pointer, at(12801)), burst(0, 99, 1, 9999));
+        assert_eq!(d.close(), burst(0, 1, 0, 0));
+        assert_eq!(d.close(), None);
+        // Clipboard counts with its bytes.
+        d.count(Input::Clipboard(5), at(20_000));
+        d.count(Input::Clipboard(7), at(20_100));
+        assert_eq!(
+            d.close(),
+            Some(Note::InputDropped(Burst {
+                clipboard: 2,
+                clipboard_bytes: 12,
+                lasted: Duration::from_millis(100),
+                ..Burst::default()
+            }))
+        );
+        // Counts saturate.
+        let mut d = Dropped {
+            open: Some((
+                t0,
+                t0,
+                Burst {
+                    keys: u32::MAX,
+                    ..Burst::default()
+                },
+            )),
+        };
+        assert_eq!(d.count(Input::Key, t0), None);
+        assert_eq!(d.close(), burst(u32::MAX, 0, 0, 0));
+    }
+
+    #[test]
+    fn a_tokens_role_and_policy_make_its_participant() {
+        let mut c = crate::token::Claims::new("d", [1; 16], crate::token::ConsoleKind::Vnc, "u", 9)
+            .unwrap();
+        assert_eq!(Participant::of(&c), Participant::OWNER);
+        c.policy.view_only = true;
+        c.policy.clipboard = ClipboardWays {
+            to_vm: false,
+            from_vm: true,
+        };
+        let p = Participant::of(&c);
+        assert_eq!(
+            (p.role, p.input, p.clipboard),
+            (Role::Owner, false, c.policy.clipboard)
+        );
+        let joins = crate::token::Joins {
+            session: 1,
+            owner: [0; 8],
+        };
+        let operator = c.clone().joining(Role::Operator, joins);
+        assert_eq!(Participant::of(&operator).role, Role::Operator);
+        // An observer reaches nothing, whatever its token's policy says.
+        let observer = c
+            .joining(Role::Observer, joins)
+            .with_policy(Default::default());
+        assert_eq!(Participant::of(&observer), Participant::OBSERVER);
+    }
 }

@@ -21,8 +21,8 @@
 //! 7. a key event records each stroke QEMU's keyboard takes, and counts QEMU's queue;
 //! 8. on a keymap vizor does not model, the keysym is recorded;
 //! 9. browser clipboard is recorded before it goes on;
-//! 10. input and clipboard from a participant without the right are dropped, unrecorded
-//!     as input (and recorded as clipboard not passed);
+//! 10. input and clipboard from a participant without the right are dropped, counted
+//!     in bursts, one note each ([`super::Dropped`]);
 //! 11. LED-state updates the browser did not ask for are dropped, the state recorded;
 //! 12. VM clipboard is recorded; 13. beyond the bound (on the wire, or inflated) it is
 //!     dropped, on record with its length, and the session goes on;
@@ -33,7 +33,7 @@
 //! 16. a broken message either way ends the session as that side's protocol error.
 
 use super::keyboards::VmKeyboard;
-use super::{DropReason, KeyNote, Note, Participant, Verdict};
+use super::{DropReason, Dropped, Input, KeyNote, Note, Participant, Verdict};
 use crate::end::{End, Refusal};
 use crate::live::{Direction, Latency};
 use std::sync::Mutex;
@@ -65,6 +65,8 @@ pub struct Rules {
     /// Bytes at the front of the relay's buffer already decoded but held back.
     held: usize,
     timing: Timing,
+    /// Input the participant may not give, in bursts.
+    dropped: Dropped,
 }
 
 /// What to do with one message from the browser.
@@ -142,7 +144,14 @@ impl Rules {
             leds: LedUpdates::default(),
             held: 0,
             timing: Timing::default(),
+            dropped: Dropped::default(),
         }
+    }
+
+    /// What goes on record as the connection closes: the burst of dropped input still
+    /// open.
+    pub fn closing(&mut self) -> Vec<Note> {
+        self.dropped.close().into_iter().collect()
     }
 
     /// What vizor sends QEMU first, before the browser says anything: a request for its
@@ -220,7 +229,17 @@ impl Rules {
             | ClientMessage::Xvp { .. }
                 if !input =>
             {
-                FromBrowser::drop(n, DropReason::NoInput)
+                let kind = match msg {
+                    ClientMessage::PointerEvent { .. } => Input::Pointer,
+                    ClientMessage::KeyEvent { .. } | ClientMessage::QemuExtendedKeyEvent { .. } => {
+                        Input::Key
+                    }
+                    _ => Input::Other,
+                };
+                FromBrowser {
+                    notes: self.dropped.count(kind, now).into_iter().collect(),
+                    ..FromBrowser::drop(n, DropReason::NoInput)
+                }
             }
             ClientMessage::PointerEvent { buttons, x, y } => {
                 self.timing.input(now);
@@ -255,11 +274,13 @@ impl Rules {
                 let clips = crate::audit::Clipboard::of_cut_text(&text, self.keep_clipboard)
                     .map_err(|e| End::from_browser(&e))?;
                 if !self.participant.clipboard_passes(Direction::BrowserToVm) {
+                    let length = clips.iter().map(|c| c.length as u64).sum();
                     FromBrowser {
-                        notes: vec![Note::ClipboardDropped {
-                            dir: Direction::BrowserToVm,
-                            length: clips.iter().map(|c| c.length as u64).sum(),
-                        }],
+                        notes: self
+                            .dropped
+                            .count(Input::Clipboard(length), now)
+                            .into_iter()
+                            .collect(),
                         ..FromBrowser::drop(n, DropReason::Clipboard)
                     }
                 } else {

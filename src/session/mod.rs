@@ -268,7 +268,48 @@ impl Meter {
             round_trip_ms,
             recording,
             channel,
+            admin: match end {
+                End::Terminated { by, .. } => Some(by),
+                _ => None,
+            },
         }
+    }
+}
+
+/// Waits until the live session a connection belongs to ends for it: an owner's when
+/// an administrator ends the session, a participant's also when the owner leaves.
+pub(crate) async fn ended(
+    mut state: tokio::sync::watch::Receiver<crate::live::State>,
+    owner: bool,
+) -> End {
+    use crate::live::State;
+    let ends = |s: &State| match s {
+        State::Live => false,
+        State::Terminated { .. } => true,
+        State::OwnerLeft => !owner,
+    };
+    let end = state.wait_for(ends).await.map(|s| s.clone());
+    let end = match end {
+        Ok(s) => s,
+        // The session's entry is gone with its sender: only after its owner left.
+        Err(_) if !owner => State::OwnerLeft,
+        Err(_) => return std::future::pending().await,
+    };
+    match end {
+        State::Terminated { by, reason } => End::Terminated { by, reason },
+        _ => End::OwnerLeft,
+    }
+}
+
+/// Resolves when a token's `max_duration` runs out, `age` into the session; never
+/// without one.
+pub(crate) async fn max_duration(max: Option<Duration>, age: Duration) -> End {
+    match max {
+        Some(d) => {
+            tokio::time::sleep(d.saturating_sub(age)).await;
+            End::MaxDuration(d)
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -332,6 +373,19 @@ pub(crate) async fn record_note(
                     status: r.status,
                     bytes: r.bytes,
                     sha256: r.sha256.as_deref(),
+                })
+                .await
+        }
+        Note::InputDropped(b) => {
+            audit
+                .record(&Event::InputDropped {
+                    session,
+                    keys: b.keys,
+                    pointer: b.pointer,
+                    other: b.other,
+                    clipboard: b.clipboard,
+                    clipboard_bytes: b.clipboard_bytes,
+                    duration_ms: b.lasted.as_millis() as u64,
                 })
                 .await
         }

@@ -13,7 +13,6 @@ use super::{
 };
 use crate::audit::{Event, KeyEvent};
 use crate::libvirt::Console;
-use crate::limits::Idle;
 use crate::live::{Direction, Identity, Latency};
 use crate::policy::keyboards::VmKeyboard;
 use crate::policy::rfb::Rules;
@@ -48,6 +47,8 @@ pub struct Ctx {
     pub keyboard: Arc<Mutex<VmKeyboard>>,
     /// What the browser may do.
     pub participant: Participant,
+    /// A participant's place on the live session it joined; `None` for the owner.
+    pub joined: Option<crate::live::Joined>,
 }
 
 /// Starts a session's recording with the ServerInit the browser received.
@@ -408,6 +409,9 @@ pub async fn run(
                     upstream_tls: up.tls,
                     vm_password: up.password,
                     channel: None,
+                    role: ctx.joined.as_ref().map(|_| ctx.claims.role.as_str()),
+                    joins: ctx.joined.as_ref().map(|j| j.live().id),
+                    unannounced: ctx.joined.as_ref().is_some_and(|j| !j.announced()),
                 })
                 .await;
             ctx.env
@@ -415,34 +419,73 @@ pub async fn run(
                 .handshake_seconds
                 .with_label_values(&["vnc"])
                 .observe(started.elapsed().as_secs_f64());
+            // The owner's connection is recorded; participants see the same screen.
             let recorder = match (&started_ok, &ctx.env.record_dir) {
-                (Ok(()), Some(dir)) => start_recording(&ctx, dir, &si_bytes).await.map(Some),
+                (Ok(()), Some(dir)) if ctx.joined.is_none() => {
+                    start_recording(&ctx, dir, &si_bytes).await.map(Some)
+                }
                 _ => Ok(None),
             };
             match started_ok.and(recorder) {
                 Err(e) => audit_failed(e),
                 Ok(recorder) => {
                     info!(desktop = %si.name_lossy(), width = si.width, height = si.height, "session relaying");
-                    let hold = ctx.env.live.hold(
-                        Identity {
-                            id: ctx.id,
-                            kind: ctx.claims.kind,
-                            user: &ctx.claims.user,
-                            domain: &ctx.console.domain,
-                            token_id: &ctx.claims.token_id(),
-                            client: ctx.client,
-                        },
-                        None,
-                    );
-                    brx.pings().measure_live(hold.live().clone());
-                    let meter = Meter::new(&ctx.env.metrics, "vnc", hold.live().clone());
+                    // An owner's connection makes the live session; a participant's
+                    // counts its bytes there.
+                    let (live, _hold) = match &ctx.joined {
+                        Some(j) => (j.live().clone(), None),
+                        None => {
+                            let hold = ctx.env.live.hold(
+                                Identity {
+                                    id: ctx.id,
+                                    kind: ctx.claims.kind,
+                                    user: &ctx.claims.user,
+                                    domain: &ctx.console.domain,
+                                    uuid: &ctx.console.uuid,
+                                    token_id: &ctx.claims.token_id(),
+                                    client: ctx.client,
+                                },
+                                None,
+                            );
+                            brx.pings().measure_live(hold.live().clone());
+                            (hold.live().clone(), Some(hold))
+                        }
+                    };
+                    let meter = Meter::new(&ctx.env.metrics, "vnc", live.clone());
                     // The browser sees the console only once the session is on record
                     // and listed: ServerInit goes last.
-                    let end = if btx.binary(si_bytes).await {
+                    // Whatever stops the relay, it closes the way a client leaves, with
+                    // what QEMU does then on record.
+                    let state = live.state();
+                    let owner = ctx.joined.is_none();
+                    // An owner's max_duration counts from the session's start, a
+                    // participant's from its own.
+                    let age = if owner {
+                        live.age()
+                    } else {
+                        std::time::Duration::ZERO
+                    };
+                    let max = ctx.claims.policy.max_duration;
+                    let stop = async {
                         tokio::select! {
-                            end = relay(&ctx, up.stream, early, &si, brx, &btx, &meter, recorder.as_ref()) => end,
                             _ = shutdown.wait_for(|s| *s) => End::Shutdown,
+                            end = super::ended(state, owner) => end,
+                            end = super::max_duration(max, age) => end,
                         }
+                    };
+                    let end = if btx.binary(si_bytes).await {
+                        relay(
+                            &ctx,
+                            up.stream,
+                            early,
+                            &si,
+                            brx,
+                            &btx,
+                            &meter,
+                            recorder.as_ref(),
+                            stop,
+                        )
+                        .await
                     } else {
                         End::BrowserClosed
                     };
@@ -483,9 +526,16 @@ async fn relay(
     btx: &BrowserTx,
     meter: &Meter,
     recorder: Option<&Recorder>,
+    stop: impl std::future::Future<Output = End>,
 ) -> End {
     let live = meter.live();
-    let idle = Idle::default();
+    // The session's input clock: an operator's input counts for it too. A participant
+    // ends with the session, never idle on its own.
+    let idle = &live.idle;
+    let idle_timeout = match ctx.joined {
+        None => ctx.env.idle_timeout,
+        Some(_) => None,
+    };
     // Long payloads from the VM are spliced to the browser when both connections are
     // plain TCP and the session is not recorded (a recording needs the bytes).
     let recorded = recorder.is_some();
@@ -605,11 +655,20 @@ async fn relay(
             up_rd.read(&mut buf).await?;
         }
     };
+    // A stop goes first: after it, nothing more is relayed.
     let result: Result<(), End> = tokio::select! {
+        biased;
+        end = stop => Err(end),
+        _ = idle.expired(idle_timeout) => Err(End::Idle(idle.idle_for())),
         r = browser_to_vm => r,
         r = vm_to_browser => r,
-        _ = idle.expired(ctx.env.idle_timeout) => Err(End::Idle(idle.idle_for())),
     };
+    let closing = lock(&rules).map(|mut r| r.closing()).unwrap_or_default();
+    for note in &closing {
+        if let Err(e) = super::record_note(&ctx.env.audit, ctx.id, note).await {
+            warn!(error = %e, "audit log: dropped input not written");
+        }
+    }
     // When this connection closes (below, with the sockets), QEMU releases every key
     // of the VM's VNC keyboard, whichever session pressed it: on record first.
     record_disconnect(ctx).await;

@@ -475,6 +475,9 @@ async fn relay_channel(
             upstream_tls: up.tls,
             vm_password: up.password,
             channel: Some(&channel_label),
+            role: None,
+            joins: None,
+            unannounced: false,
         })
         .await
     {
@@ -487,6 +490,7 @@ async fn relay_channel(
             kind: ctx.claims.kind,
             user: &ctx.claims.user,
             domain: &console.domain,
+            uuid: &console.uuid,
             token_id: &ctx.claims.token_id(),
             client: ctx.client,
         },
@@ -509,11 +513,34 @@ async fn relay_channel(
         live: Some(hold.live().clone()),
         ..RoundTrips::default()
     };
-    let end = tokio::select! {
-        end = relay(ctx, mess.channel_type, kind, up.stream.boxed(), ubuf, bbuf, brx, btx, &meter, &rtt, idle, joined) => end,
-        _ = shutdown.wait_for(|s| *s) => End::Shutdown,
-        _ = idle.expired(ctx.env.idle_timeout) => End::Idle(idle.idle_for()),
+    // Whatever stops the relay, it closes the way a client leaves, with what the VM
+    // does then on record.
+    let state = hold.live().state();
+    let (max, age) = (ctx.claims.policy.max_duration, hold.live().age());
+    let stop = async {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => End::Shutdown,
+            _ = idle.expired(ctx.env.idle_timeout) => End::Idle(idle.idle_for()),
+            end = super::ended(state, true) => end,
+            end = super::max_duration(max, age) => end,
+        }
     };
+    let end = relay(
+        ctx,
+        mess.channel_type,
+        kind,
+        up.stream.boxed(),
+        ubuf,
+        bbuf,
+        brx,
+        btx,
+        &meter,
+        &rtt,
+        idle,
+        joined,
+        stop,
+    )
+    .await;
     if let Err(e) = ctx
         .env
         .audit
@@ -690,6 +717,7 @@ async fn relay(
     rtt: &RoundTrips,
     idle: &Idle,
     joined: &Joined,
+    stop: impl std::future::Future<Output = End>,
 ) -> End {
     let keyboard = &*joined.keyboard;
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
@@ -802,7 +830,10 @@ async fn relay(
             read_upstream(&mut up_rd, &mut buf).await?;
         }
     };
+    // A stop goes first: after it, nothing more is relayed.
     let r: Result<(), End> = tokio::select! {
+        biased;
+        end = stop => Err(end),
         r = browser_to_vm => r,
         r = vm_to_browser => r,
     };

@@ -9,6 +9,9 @@ fn claims(expires_at: u64) -> Claims {
         expires_at,
         nonce: [7; 16],
         client: None,
+        role: Role::Owner,
+        joins: None,
+        policy: Policy::default(),
     }
 }
 
@@ -245,7 +248,7 @@ fn a_bound_token_admits_its_client_alone() {
     // A trailing field of any other length is not a client address.
     let mut body = claims(100).encode().unwrap();
     body.extend_from_slice(&[1, 2, 3]);
-    assert_eq!(Claims::decode(&body), Err(TokenError::Malformed));
+    assert_eq!(Claims::decode(VERSION, &body), Err(TokenError::Malformed));
 }
 
 #[test]
@@ -302,6 +305,9 @@ fn issue_makes_a_token_that_opens_to_its_grant() {
         user: "carol",
         client: Some(client),
         ttl: std::time::Duration::from_secs(60),
+        role: Role::Owner,
+        joins: None,
+        policy: Policy::default(),
     };
     let Issued { token, claims } = key.issue(&grant, 1_000).unwrap();
     let opened = key.open(&token, 1_059).unwrap();
@@ -340,6 +346,9 @@ fn issue_refuses_a_bad_grant() {
         user: "carol",
         client: None,
         ttl: std::time::Duration::from_secs(60),
+        role: Role::Owner,
+        joins: None,
+        policy: Policy::default(),
     };
     let long_user = "u".repeat(MAX_USER_LEN + 1);
     let long_domain = "d".repeat(MAX_DOMAIN_LEN + 1);
@@ -393,4 +402,199 @@ fn issue_refuses_a_bad_grant() {
         );
     }
     assert_eq!(check_user(&"u".repeat(MAX_USER_LEN)), Ok(()));
+    let joins = Joins {
+        session: 4,
+        owner: [9; 8],
+    };
+    for (grant, want) in [
+        (
+            Grant {
+                role: Role::Operator,
+                ..good.clone()
+            },
+            "role",
+        ),
+        (
+            Grant {
+                joins: Some(joins),
+                ..good.clone()
+            },
+            "role",
+        ),
+        (
+            Grant {
+                policy: Policy {
+                    max_duration: Some(std::time::Duration::ZERO),
+                    ..Policy::default()
+                },
+                ..good.clone()
+            },
+            "max_duration",
+        ),
+        (
+            Grant {
+                policy: Policy {
+                    max_duration: Some(MAX_DURATION + std::time::Duration::from_secs(1)),
+                    ..Policy::default()
+                },
+                ..good.clone()
+            },
+            "max_duration",
+        ),
+    ] {
+        let e = key.issue(&grant, 0).err();
+        let label = match e {
+            Some(IssueError::Role) => "role",
+            Some(IssueError::MaxDuration(_)) => "max_duration",
+            _ => "other",
+        };
+        assert_eq!(label, want, "{grant:?}: {e:?}");
+    }
+}
+
+/// Seals `body` (plaintext claims) as a token of `version`, as a build of that version
+/// would.
+fn seal_raw(key: &TokenKey, version: u8, mut body: Vec<u8>) -> String {
+    let iv = [1u8; IV_LEN];
+    Aes256Ctr::new((&*key.enc).into(), (&iv).into()).apply_keystream(&mut body);
+    let mut raw = vec![version];
+    raw.extend_from_slice(&iv);
+    raw.extend_from_slice(&body);
+    let tag = key.tag(&raw).finalize().into_bytes();
+    raw.extend_from_slice(&tag);
+    URL_SAFE_NO_PAD.encode(raw)
+}
+
+/// Version 2's plaintext: up to the user, then the client address.
+fn version_2_body(client: &[u8]) -> Vec<u8> {
+    let mut body = vec![0u8];
+    body.extend_from_slice(&100u64.to_be_bytes());
+    body.extend_from_slice(&[7; 16]);
+    body.extend_from_slice(&[0x5a; 16]);
+    for s in ["demo1", "alice"] {
+        body.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        body.extend_from_slice(s.as_bytes());
+    }
+    body.extend_from_slice(client);
+    body
+}
+
+#[test]
+fn a_version_2_token_opens_as_an_owners_with_the_default_policy() {
+    let key = TokenKey::generate().unwrap();
+    let t = seal_raw(&key, 2, version_2_body(&[]));
+    assert_eq!(key.open(&t, 0), Ok(claims(100)));
+    let t = seal_raw(&key, 2, version_2_body(&[192, 0, 2, 1]));
+    assert_eq!(
+        key.open(&t, 0),
+        Ok(claims(100).bound_to("192.0.2.1".parse().unwrap()))
+    );
+}
+
+#[test]
+fn a_participants_token_carries_its_role_session_and_policy() {
+    let key = TokenKey::generate().unwrap();
+    let joins = Joins {
+        session: 0x0102_0304_0506_0708,
+        owner: [0xab; 8],
+    };
+    for (role, policy) in [
+        (
+            Role::Observer,
+            Policy {
+                view_only: true,
+                clipboard: ClipboardWays::NONE,
+                max_duration: None,
+            },
+        ),
+        (
+            Role::Operator,
+            Policy {
+                view_only: false,
+                clipboard: ClipboardWays {
+                    to_vm: true,
+                    from_vm: false,
+                },
+                max_duration: Some(std::time::Duration::from_secs(3600)),
+            },
+        ),
+    ] {
+        let c = claims(100)
+            .joining(role, joins)
+            .with_policy(policy)
+            .bound_to("2001:db8::7".parse().unwrap());
+        let opened = key.open(&key.seal(&c).unwrap(), 0).unwrap();
+        assert_eq!(opened, c);
+        assert_eq!(opened.joins.unwrap().owner_token_id(), "abababababababab");
+    }
+    // An owner's token with policy, unbound.
+    let c = claims(100).with_policy(Policy {
+        view_only: true,
+        clipboard: ClipboardWays {
+            to_vm: false,
+            from_vm: true,
+        },
+        max_duration: Some(MAX_DURATION),
+    });
+    assert_eq!(key.open(&key.seal(&c).unwrap(), 0), Ok(c));
+    // An owner's token never names a session; a participant's always does.
+    let owner_joining = Claims {
+        joins: Some(joins),
+        ..claims(100)
+    };
+    assert_eq!(key.seal(&owner_joining), Err(TokenError::Malformed));
+    let operator_alone = Claims {
+        role: Role::Operator,
+        ..claims(100)
+    };
+    assert_eq!(key.seal(&operator_alone), Err(TokenError::Malformed));
+}
+
+#[test]
+fn version_3_fields_out_of_range_are_malformed() {
+    let key = TokenKey::generate().unwrap();
+    let good = claims(100).encode().unwrap();
+    // The fields after the user: role, view_only, clipboard, max_duration.
+    let at = good.len() - 7;
+    for (offset, value) in [(0, 3u8), (0, 0xff), (1, 2), (2, 4), (2, 0x80)] {
+        let mut body = good.clone();
+        body[at + offset] = value;
+        assert_eq!(
+            key.open(&seal_raw(&key, 3, body), 0),
+            Err(TokenError::Malformed),
+            "byte {offset} = {value}"
+        );
+    }
+    // A max_duration past the longest.
+    let mut body = good.clone();
+    body[at + 3..at + 7].copy_from_slice(&(MAX_DURATION.as_secs() as u32 + 1).to_be_bytes());
+    assert_eq!(
+        key.open(&seal_raw(&key, 3, body), 0),
+        Err(TokenError::Malformed)
+    );
+    // A participant's role without its session, and cut short.
+    let mut body = good.clone();
+    body[at] = 1;
+    assert_eq!(
+        key.open(&seal_raw(&key, 3, body), 0),
+        Err(TokenError::Malformed)
+    );
+    for cut in 1..=7 {
+        let body = good[..good.len() - cut].to_vec();
+        assert_eq!(
+            key.open(&seal_raw(&key, 3, body), 0),
+            Err(TokenError::Malformed),
+            "cut {cut}"
+        );
+    }
+    assert_eq!(key.open(&seal_raw(&key, 3, good), 0), Ok(claims(100)));
+}
+
+#[test]
+fn token_ids_parse_back() {
+    let c = claims(100);
+    assert_eq!(parse_token_id(&c.token_id()), Some([7; 8]));
+    for bad in ["", "0707", "zz07070707070707", "070707070707070707"] {
+        assert_eq!(parse_token_id(bad), None, "{bad}");
+    }
 }

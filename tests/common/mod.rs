@@ -433,6 +433,20 @@ impl Vizor {
         v["sessions"].as_array().unwrap().clone()
     }
 
+    /// A management API request with the admin key and a JSON `body`: the status and
+    /// the answer. A token in the answer is a secret of the run.
+    pub async fn api(&self, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let bearer = format!("Bearer {ADMIN_KEY}");
+        let (status, _, text) =
+            http_request(self.addr, method, path, &[("Authorization", &bearer)], body).await;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: {status} {text:?}: {e}"));
+        if let Some(t) = v["token"].as_str() {
+            run::secret("token", t);
+        }
+        (status, v)
+    }
+
     /// `GET /metrics` on the main listener, with the metrics key.
     pub async fn metrics(&self) -> String {
         let (status, _, body) = http_get(self.addr, "/metrics", &[METRICS_AUTH]).await;
@@ -467,6 +481,26 @@ impl Vizor {
             .as_secs() as i64;
         let uuid = domain_uuid(&self.uri, domain);
         let claims = Claims::new(domain, uuid, kind, user, (now + ttl_secs).max(0) as u64).unwrap();
+        let token = self.key.seal(&claims).unwrap();
+        run::secret("token", &token);
+        token
+    }
+
+    /// A token of `tester` for `domain`, valid for a minute, with `policy`.
+    pub fn token_with(
+        &self,
+        domain: &str,
+        kind: ConsoleKind,
+        policy: vizor::token::Policy,
+    ) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let uuid = domain_uuid(&self.uri, domain);
+        let claims = Claims::new(domain, uuid, kind, "tester", now + 60)
+            .unwrap()
+            .with_policy(policy);
         let token = self.key.seal(&claims).unwrap();
         run::secret("token", &token);
         token
@@ -942,6 +976,38 @@ pub async fn http_get_over(
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await.unwrap();
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).unwrap_or("0").parse().unwrap();
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// A plain HTTP/1.1 request with `method` and a JSON `body` (none when empty);
+/// returns status, headers and body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
     s.write_all(req.as_bytes()).await.unwrap();
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).await.unwrap();

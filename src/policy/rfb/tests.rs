@@ -353,8 +353,8 @@ fn rule_9_browser_clipboard_is_recorded_before_it_goes_on() {
 }
 
 #[test]
-fn rule_10_a_viewer_reaches_nothing() {
-    let mut p = Pair::with(Participant::VIEWER, Keymap::Default);
+fn rule_10_an_observer_reaches_nothing() {
+    let mut p = Pair::with(Participant::OBSERVER, Keymap::Default);
     p.to_vm.clear();
     p.browser(&set_encodings(&[
         Encoding::RAW,
@@ -371,15 +371,32 @@ fn rule_10_a_viewer_reaches_nothing() {
     assert!(p.judged[2..]
         .iter()
         .all(|j| !j.input && j.queued_keys.is_none()));
-    // Nothing reached the VM, so no input is on record; the clipboard that did not
-    // pass is.
+    // Nothing reached the VM, so no key is on record; what was dropped is, once the
+    // burst ends.
+    assert_eq!(p.notes, []);
+    // A second's pause ends the burst: its note comes with the next drop.
+    p.now += Duration::from_millis(1500);
+    p.browser(&pointer(0, 3, 3)).unwrap();
     assert_eq!(
         p.notes,
-        [Note::ClipboardDropped {
-            dir: Direction::BrowserToVm,
-            length: 5
-        }]
+        [Note::InputDropped(crate::policy::Burst {
+            keys: 1,
+            pointer: 1,
+            other: 1,
+            clipboard: 1,
+            clipboard_bytes: 5,
+            lasted: Duration::ZERO,
+        })]
     );
+    // The connection's close ends the open one.
+    assert_eq!(
+        p.rules.closing(),
+        [Note::InputDropped(crate::policy::Burst {
+            pointer: 1,
+            ..Default::default()
+        })]
+    );
+    assert_eq!(p.rules.closing(), [], "once");
     assert_eq!(
         p.keyboard.lock().unwrap().vnc.disconnect(),
         [],

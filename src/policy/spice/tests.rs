@@ -148,7 +148,7 @@ fn rule_4_a_mouse_press_records_its_button() {
 fn rule_5_input_from_a_participant_without_input_is_dropped_unrecorded() {
     let mut c = Channel::with(
         channel_type::INPUTS,
-        Participant::VIEWER,
+        Participant::OBSERVER,
         &SpiceConfig::default(),
     );
     for (t, body) in [

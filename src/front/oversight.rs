@@ -1,0 +1,436 @@
+//! Live oversight through the management API: `POST /api/v1/sessions/{id}/participants`
+//! (a token that joins a live session as an operator or an observer), `POST
+//! /api/v1/sessions/{id}/watch` (an observer token for the administrator asking) and
+//! `DELETE /api/v1/sessions/{id}` (end it, for every participant). Each is on record,
+//! with the administrator's name and address, before it is answered.
+
+use super::*;
+use crate::live::Live;
+use crate::token::{ClipboardWays, Joins, Policy, Role};
+use http_body_util::BodyExt;
+
+/// The largest request body the API reads.
+const MAX_BODY: usize = 8 * 1024;
+
+/// The longest reason an administrator gives for ending a session.
+pub const MAX_REASON_LEN: usize = 200;
+
+/// What `/api/v1/sessions/{id}...` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SessionAction {
+    /// `POST .../participants`.
+    Participant,
+    /// `POST .../watch`.
+    Watch,
+    /// `DELETE /api/v1/sessions/{id}`.
+    End,
+}
+
+impl SessionAction {
+    fn as_str(self) -> &'static str {
+        match self {
+            SessionAction::Participant => "participant",
+            SessionAction::Watch => "watch",
+            SessionAction::End => "end",
+        }
+    }
+}
+
+/// Routes `/api/v1/sessions/{rest}`: `None` when the path or method is none of these.
+pub(super) fn session_route(
+    method: &Method,
+    rest: &str,
+) -> Option<Result<(u64, SessionAction), &'static str>> {
+    let (id, tail) = match rest.split_once('/') {
+        Some((id, tail)) => (id, Some(tail)),
+        None => (rest, None),
+    };
+    let action = match (method, tail) {
+        (&Method::POST, Some("participants")) => SessionAction::Participant,
+        (&Method::POST, Some("watch")) => SessionAction::Watch,
+        (&Method::DELETE, None) => SessionAction::End,
+        (_, Some("participants" | "watch")) => return Some(Err("use POST")),
+        (_, None) => return Some(Err("use DELETE to end a session")),
+        _ => return None,
+    };
+    Some(match id.parse::<u64>() {
+        Ok(id) => Ok((id, action)),
+        Err(_) => Err("the session id must be a number"),
+    })
+}
+
+/// A participant's token, as asked for.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinRequest {
+    /// `operator` or `observer` (participants only).
+    role: Option<String>,
+    /// Who the participant is (participants only; a watch is the administrator's).
+    user: Option<String>,
+    /// The one browser address the token admits.
+    client: Option<String>,
+    /// The token's lifetime: a duration such as "60s" (default `[tokens] ttl`).
+    ttl: Option<String>,
+    /// The participant's keyboard and pointer reach nothing.
+    view_only: Option<bool>,
+    /// `none`, `to_vm`, `from_vm` or `both` (default both; an observer's is none).
+    clipboard: Option<String>,
+}
+
+/// `DELETE`'s body.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndRequest {
+    /// Why, for the participants and the record.
+    reason: String,
+}
+
+fn bad(error: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", error)
+}
+
+/// Reads a JSON body of at most [`MAX_BODY`] bytes; an empty body is `T::default()`
+/// when `empty` gives one.
+async fn body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    empty: Option<T>,
+) -> Result<T, ApiError> {
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    let bytes = match limited.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the request body is over {MAX_BODY} bytes"),
+            ))
+        }
+        Err(e) => return Err(bad(format!("the request body could not be read: {e}"))),
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        if let Some(d) = empty {
+            return Ok(d);
+        }
+        return Err(bad("a JSON body is required"));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| bad(format!("bad JSON body: {e}")))
+}
+
+/// Serves `/api/v1/sessions/{id}` actions: the client's allowance, the admin key, then
+/// the action; every answer counted, every refusal audited.
+pub(super) async fn session_api(
+    app: &App,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    id: u64,
+    action: SessionAction,
+) -> Resp {
+    let name = action.as_str();
+    if let Some(refused) = throttled(app, peer) {
+        app.metrics()
+            .api_requests_total
+            .with_label_values(&[name, StatusCode::TOO_MANY_REQUESTS.as_str()])
+            .inc();
+        return refused;
+    }
+    let answer = match admin_check(app, &req) {
+        Err(e) => Err(e),
+        Ok(admin) => match action {
+            SessionAction::Participant | SessionAction::Watch => {
+                join_token(app, peer, req, id, action, &admin).await
+            }
+            SessionAction::End => end_session(app, peer, req, id, &admin).await,
+        },
+    };
+    match answer {
+        Ok(resp) => {
+            app.metrics()
+                .api_requests_total
+                .with_label_values(&[name, resp.status().as_str()])
+                .inc();
+            resp
+        }
+        Err(e) => {
+            api_refused(app, peer, name, None, &e);
+            json(
+                e.status,
+                &serde_json::json!({"error": e.error, "reason": e.reason}),
+            )
+        }
+    }
+}
+
+fn not_live(id: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "session_not_live",
+        format!("no live session {id} on this vizor"),
+    )
+}
+
+/// The console kind a participant of `live` connects to: the session's own for VNC;
+/// for SPICE, the domain's VNC display (spice-server serves one client at a time, and
+/// a second would disconnect the owner), for observers only.
+async fn participant_kind(app: &App, live: &Live, role: Role) -> Result<ConsoleKind, ApiError> {
+    if live.kind == ConsoleKind::Vnc {
+        return Ok(ConsoleKind::Vnc);
+    }
+    let refuse = |error: String| ApiError::new(StatusCode::CONFLICT, "spice_not_watchable", error);
+    if role != Role::Observer {
+        return Err(refuse(
+            "a SPICE session takes observers only: they watch through the domain's VNC display, whose keyboard is not SPICE's".into(),
+        ));
+    }
+    let uuid = crate::token::parse_uuid(&live.uuid)
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "bad UUID"))?;
+    match lookup(app, DomainRef::Uuid(uuid), ConsoleKind::Vnc).await {
+        Ok(_) => Ok(ConsoleKind::Vnc),
+        Err(LookupError::NoGraphics { .. }) => Err(refuse(format!(
+            "domain {} has no VNC display to watch its SPICE session through: spice-server serves one client at a time, and a second SPICE client would disconnect the owner. Add a VNC <graphics> to the domain to make its SPICE sessions watchable",
+            live.domain
+        ))),
+        Err(e) => Err(api_lookup_failed(e)),
+    }
+}
+
+/// `POST .../participants` and `POST .../watch`: a token that joins the live session.
+async fn join_token(
+    app: &App,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    id: u64,
+    action: SessionAction,
+    admin: &str,
+) -> Result<Resp, ApiError> {
+    let watch = action == SessionAction::Watch;
+    let asked: JoinRequest = body(req, watch.then(JoinRequest::default)).await?;
+    let (role, user) = if watch {
+        if asked.role.is_some() || asked.user.is_some() {
+            return Err(bad(
+                "a watch is the administrator's, as an observer: role and user are not taken",
+            ));
+        }
+        (Role::Observer, admin.to_owned())
+    } else {
+        let role = asked
+            .role
+            .as_deref()
+            .ok_or_else(|| bad("role is required: operator or observer"))?
+            .parse::<Role>()
+            .map_err(bad)?;
+        let user = asked
+            .user
+            .clone()
+            .ok_or_else(|| bad("user is required: who the participant is"))?;
+        (role, user)
+    };
+    crate::token::check_user(&user).map_err(|e| bad(e.to_string()))?;
+    let client = asked
+        .client
+        .as_deref()
+        .map(|c| c.parse::<std::net::IpAddr>())
+        .transpose()
+        .map_err(|_| bad("client must be an IPv4 or IPv6 address"))?;
+    let ttl = match asked.ttl.as_deref() {
+        None => app.config.tokens.ttl,
+        Some(t) => humantime::parse_duration(t).map_err(|e| bad(format!("ttl {t:?}: {e}")))?,
+    };
+    crate::token::check_ttl(ttl).map_err(bad)?;
+    let clipboard = match asked.clipboard.as_deref() {
+        None if role == Role::Observer => ClipboardWays::NONE,
+        None => ClipboardWays::BOTH,
+        Some(c) => c.parse::<ClipboardWays>().map_err(bad)?,
+    };
+    let view_only = asked.view_only.unwrap_or(false);
+    if role == Role::Observer
+        && (clipboard != ClipboardWays::NONE || asked.view_only == Some(false))
+    {
+        return Err(bad(
+            "an observer reaches nothing: no clipboard, no input (ask for an operator)",
+        ));
+    }
+    let live = app.live().get(id).ok_or_else(|| not_live(id))?;
+    if *live.state().borrow() != crate::live::State::Live {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "session_ending",
+            format!("session {id} is ending"),
+        ));
+    }
+    let kind = participant_kind(app, &live, role).await?;
+    let uuid = crate::token::parse_uuid(&live.uuid)
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "bad UUID"))?;
+    let owner = crate::token::parse_token_id(&live.token_id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "bad token id",
+        )
+    })?;
+    let joins = Joins { session: id, owner };
+    let policy = Policy {
+        view_only: view_only || role == Role::Observer,
+        clipboard,
+        max_duration: None,
+    };
+    let grant = crate::token::Grant {
+        domain: &live.domain,
+        uuid,
+        kind,
+        user: &user,
+        client,
+        ttl,
+        role,
+        joins: Some(joins),
+        policy,
+    };
+    let crate::token::Issued { token, claims } =
+        app.key.issue(&grant, unix_now()).map_err(|e| match e {
+            crate::token::IssueError::Seal(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            }
+            e => bad(e.to_string()),
+        })?;
+    let expires = UNIX_EPOCH + Duration::from_secs(claims.expires_at);
+    let token_id = claims.token_id();
+    let requester = peer.to_string();
+    let audit_down = |e: std::io::Error| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_error",
+            format!("the audit log cannot be written, so no token is issued: {e}"),
+        )
+    };
+    // On record before anyone holds it: who asked, and what the token lets its holder do.
+    app.audit()
+        .record(&Event::AdminAction {
+            admin,
+            client: &requester,
+            action: action.as_str(),
+            session: id,
+            token_id: Some(&token_id),
+            role: Some(role.as_str()),
+            user: Some(&user),
+            reason: None,
+            announced: Some(true),
+        })
+        .await
+        .map_err(audit_down)?;
+    app.audit()
+        .record(&Event::TokenIssued {
+            token_id: &token_id,
+            by: "api",
+            requester: &requester,
+            user: &user,
+            domain: &live.domain,
+            uuid: &live.uuid,
+            kind,
+            ttl_s: ttl.as_secs(),
+            expires_at: humantime::format_rfc3339_seconds(expires).to_string(),
+            bound_client: client.map(|c| c.to_string()),
+            admin: Some(admin),
+            role: Some(role.as_str()),
+            joins: Some(id),
+            view_only: policy.view_only,
+            clipboard: (policy.clipboard != ClipboardWays::BOTH).then(|| policy.clipboard.as_str()),
+            max_duration_s: None,
+        })
+        .await
+        .map_err(audit_down)?;
+    app.metrics()
+        .admin_actions_total
+        .with_label_values(&[action.as_str()])
+        .inc();
+    info!(session = id, admin, role = %role, user, token = %token_id, requester = %peer, "participant token issued");
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "session": id,
+            "role": role.as_str(),
+            "user": user,
+            "kind": kind.as_str(),
+            "token": token,
+            "ws_path": format!("/websockify?token={token}"),
+            "console_url": format!("/console?token={token}"),
+            "expires_at": humantime::format_rfc3339_seconds(expires).to_string(),
+        }),
+    ))
+}
+
+/// Checks an administrator's reason for ending a session: 1 to [`MAX_REASON_LEN`]
+/// bytes, no control characters.
+pub fn check_reason(reason: &str) -> Result<(), String> {
+    if reason.trim().is_empty()
+        || reason.len() > MAX_REASON_LEN
+        || reason.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "reason must be 1 to {MAX_REASON_LEN} bytes, no control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// `DELETE /api/v1/sessions/{id}`: ends the session for every participant, on record
+/// first.
+async fn end_session(
+    app: &App,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    id: u64,
+    admin: &str,
+) -> Result<Resp, ApiError> {
+    let asked: EndRequest = body(req, None).await?;
+    check_reason(&asked.reason).map_err(bad)?;
+    let live = app.live().get(id).ok_or_else(|| not_live(id))?;
+    let ending = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "session_ending",
+            format!("session {id} is ending already"),
+        )
+    };
+    // An end that cannot happen is not put on record as one.
+    if *live.state().borrow() != crate::live::State::Live {
+        return Err(ending());
+    }
+    let requester = peer.to_string();
+    app.audit()
+        .record(&Event::AdminAction {
+            admin,
+            client: &requester,
+            action: "end",
+            session: id,
+            token_id: None,
+            role: None,
+            user: None,
+            reason: Some(&asked.reason),
+            announced: None,
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_error",
+                format!("the audit log cannot be written, so the session is not ended: {e}"),
+            )
+        })?;
+    if !live.terminate(admin, &asked.reason) {
+        // Its owner left between the check and now: on record as asked, and ended.
+        return Err(ending());
+    }
+    app.metrics()
+        .admin_actions_total
+        .with_label_values(&["end"])
+        .inc();
+    warn!(session = id, admin, reason = %asked.reason, requester = %peer, "session ended by an administrator");
+    let participants = live.members().len();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "session": id,
+            "ended": true,
+            "participants": participants,
+        }),
+    ))
+}

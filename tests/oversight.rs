@@ -1,0 +1,674 @@
+//! Live oversight against a real QEMU: participants on one console (an observer whose
+//! input never reaches the VM, an operator whose does), an administrator ending the
+//! session for all of them, and a SPICE session watched through the domain's VNC
+//! display without disconnecting its owner.
+//!
+//! Needs the live test host (`scripts/test.sh`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic is a failure
+
+mod common;
+
+use common::guest::{expected_ps2, hex, Ps2Trace};
+use common::rfb::{msg, open_session, rfb_handshake, update_request};
+use common::{Browser, Vizor};
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+use vizor::token::ConsoleKind;
+use vizor_rfb::client::{write_set_encodings, ClientMessage};
+use vizor_rfb::handshake::ServerInit;
+use vizor_rfb::server::{ServerDecoder, ServerEvent};
+use vizor_rfb::{Encoding, Limits};
+
+/// A browser on a VNC console that reads whole screens, in Raw.
+struct Screen {
+    b: Browser,
+    dec: ServerDecoder,
+    si: ServerInit,
+}
+
+impl Screen {
+    async fn new(mut b: Browser, si: ServerInit) -> Screen {
+        let encodings = [
+            Encoding::RAW,
+            Encoding::EXTENDED_DESKTOP_SIZE,
+            Encoding::QEMU_EXTENDED_KEY_EVENT,
+        ];
+        let mut set = Vec::new();
+        write_set_encodings(encodings, &mut set);
+        b.send(&set).await;
+        let mut dec = ServerDecoder::new(&si, Limits::default());
+        dec.set_encodings(encodings);
+        Screen { b, dec, si }
+    }
+
+    /// Joins a session with a participant's token.
+    async fn join(v: &Vizor, token: &str) -> Screen {
+        let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+        let si = rfb_handshake(&mut b)
+            .await
+            .expect("the participant's handshake");
+        Screen::new(b, si).await
+    }
+
+    /// The whole screen now, as a hash of its pixels.
+    async fn grab(&mut self) -> u64 {
+        let (w, h) = self.dec.framebuffer_size();
+        let (w, h) = if w == 0 {
+            (self.si.width, self.si.height)
+        } else {
+            (w, h)
+        };
+        self.b.send(&update_request(w, h)).await;
+        let mut pixels = std::collections::hash_map::DefaultHasher::new();
+        let mut raw = 0u64;
+        loop {
+            while let Some((ev, n)) = self.dec.decode(&self.b.pending).unwrap() {
+                match &ev {
+                    ServerEvent::Rect(r) if r.encoding == Encoding::RAW => {
+                        (r.x, r.y, r.width, r.height).hash(&mut pixels);
+                        raw += 1;
+                    }
+                    ServerEvent::Data(d) => d.hash(&mut pixels),
+                    _ => {}
+                }
+                let done = ev == ServerEvent::UpdateEnd && raw > 0;
+                self.b.pending.drain(..n);
+                if done {
+                    return pixels.finish();
+                }
+            }
+            self.b.read().await.unwrap();
+        }
+    }
+
+    async fn send(&mut self, m: ClientMessage<'_>) {
+        self.b.send(&msg(m)).await;
+    }
+}
+
+fn key(down: bool, keysym: u32) -> ClientMessage<'static> {
+    ClientMessage::KeyEvent { down, keysym }
+}
+
+/// The session of the live sessions on `domain`.
+async fn session_on(v: &Vizor, domain: &str) -> serde_json::Value {
+    for _ in 0..50 {
+        if let Some(s) = v
+            .sessions()
+            .await
+            .into_iter()
+            .find(|s| s["domain"] == domain)
+        {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no live session on {domain}");
+}
+
+/// The audit records of `event`.
+fn records(audit: &[serde_json::Value], event: &str) -> Vec<serde_json::Value> {
+    audit
+        .iter()
+        .filter(|r| r["event"] == event)
+        .cloned()
+        .collect()
+}
+
+/// Waits until the audit log holds a record of `event` that `matches`.
+fn wait_record(
+    v: &Vizor,
+    event: &str,
+    matches: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    for _ in 0..100 {
+        if let Some(r) = records(&v.audit(), event).into_iter().find(|r| matches(r)) {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no {event} record as expected: {:#?}", v.audit());
+}
+
+/// A participant's token for session `id`: (token, ws_path).
+async fn participant(v: &Vizor, id: u64, body: serde_json::Value) -> String {
+    let (status, answer) = v
+        .api(
+            "POST",
+            &format!("/api/v1/sessions/{id}/participants"),
+            &body.to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    answer["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
+async fn participants_share_a_console_and_an_administrator_ends_it() {
+    common::live_domain();
+    let d = "vizor-test-watch";
+    common::test_host(&["domain", d, "--vnc-passwd", "watch1", "--no-spice"]);
+    let trace = Ps2Trace::start(d);
+    let v = Vizor::start_admin("", "");
+
+    let (b, si) = open_session(&v, d).await;
+    let mut owner = Screen::new(b, si).await;
+    let listed = session_on(&v, d).await;
+    let id = listed["id"].as_u64().unwrap();
+    assert_eq!(listed["participants"], serde_json::json!([]));
+
+    let observer_token = participant(
+        &v,
+        id,
+        serde_json::json!({"role": "observer", "user": "watcher"}),
+    )
+    .await;
+    let mut observer = Screen::join(&v, &observer_token).await;
+    let operator_token = participant(
+        &v,
+        id,
+        serde_json::json!({"role": "operator", "user": "op1", "ttl": "30s"}),
+    )
+    .await;
+    let mut operator = Screen::join(&v, &operator_token).await;
+    // Minted now, used after the end.
+    let late_token = participant(
+        &v,
+        id,
+        serde_json::json!({"role": "observer", "user": "late"}),
+    )
+    .await;
+
+    let listed = session_on(&v, d).await;
+    let who: Vec<(String, String)> = listed["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["user"].as_str().unwrap().to_owned(),
+                p["role"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        who,
+        [
+            ("watcher".to_owned(), "observer".to_owned()),
+            ("op1".to_owned(), "operator".to_owned())
+        ]
+    );
+    let participant_session = |user: &str| {
+        wait_record(&v, "session_start", |r| r["user"] == user)["session"]
+            .as_u64()
+            .unwrap()
+    };
+    let observer_id = participant_session("watcher");
+    let operator_id = participant_session("op1");
+    let start = wait_record(&v, "session_start", |r| r["user"] == "op1");
+    assert_eq!(
+        (&start["role"], &start["joins"]),
+        (&serde_json::json!("operator"), &serde_json::json!(id))
+    );
+
+    // The observer types and clicks; the owner presses Escape (SeaBIOS's boot menu);
+    // the operator types b. The guest's keyboard gets exactly the owner's and the
+    // operator's keys, as the audit says; none of the observer's.
+    let before = owner.grab().await;
+    let mark = trace.mark();
+    observer.send(key(true, u32::from(b'x'))).await;
+    observer.send(key(false, u32::from(b'x'))).await;
+    observer
+        .send(ClientMessage::PointerEvent {
+            buttons: 1,
+            x: 10,
+            y: 10,
+        })
+        .await;
+    observer
+        .send(ClientMessage::PointerEvent {
+            buttons: 0,
+            x: 10,
+            y: 10,
+        })
+        .await;
+    owner.send(key(true, 0xff1b)).await;
+    owner.send(key(false, 0xff1b)).await;
+    wait_record(&v, "key", |r| r["session"] == id && r["down"] == false);
+    operator.send(key(true, u32::from(b'b'))).await;
+    operator.send(key(false, u32::from(b'b'))).await;
+    wait_record(&v, "key", |r| {
+        r["session"] == operator_id && r["down"] == false
+    });
+    let audit = v.audit();
+    let expected = expected_ps2(&audit, &[id, operator_id]);
+    let got = trace.settle(mark, expected.len());
+    assert_eq!(
+        hex(&got),
+        hex(&expected),
+        "the guest's keyboard got (left) other than the audit says (right)"
+    );
+    assert!(
+        records(&audit, "key")
+            .iter()
+            .all(|r| r["session"] != observer_id),
+        "no key of the observer's is on record as reaching the VM"
+    );
+    let typed: Vec<(u64, String)> = records(&audit, "key")
+        .iter()
+        .filter(|r| r["down"] == true)
+        .map(|r| {
+            (
+                r["session"].as_u64().unwrap(),
+                r["key"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        typed,
+        [(id, "Escape".to_owned()), (operator_id, "b".to_owned())]
+    );
+
+    // The owner's Escape changed the screen, and the observer sees what the owner sees.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mine, theirs) = (owner.grab().await, observer.grab().await);
+        if mine != before && mine == theirs {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the observer's screen never showed the owner's change"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The owner holds Shift as the session ends: QEMU lets go of it as the first
+    // connection closes, and that is on record too.
+    let mark = trace.mark();
+    let sessions = [id, operator_id, observer_id];
+    let so_far = expected_ps2(&v.audit(), &sessions).len();
+    owner.send(key(true, 0xffe1)).await;
+    wait_record(&v, "key", |r| r["session"] == id && r["key"] == "Shift_L");
+
+    // An administrator ends the session: every console closes with the reason.
+    let asked = Instant::now();
+    let (status, answer) = v
+        .api(
+            "DELETE",
+            &format!("/api/v1/sessions/{id}"),
+            r#"{"reason": "maintenance window"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (a, b, c) = tokio::join!(owner.b.closed(), observer.b.closed(), operator.b.closed());
+    let took = asked.elapsed();
+    println!("DELETE to the last participant's close frame: {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "closed within a second: {took:?}"
+    );
+    for closed in [a, b, c] {
+        assert_eq!(closed.code, 1000);
+        assert_eq!(
+            closed.reason,
+            "ended by an administrator (admin): maintenance window"
+        );
+    }
+    for session in [id, observer_id, operator_id] {
+        let end = wait_record(&v, "session_end", |r| r["session"] == session);
+        assert_eq!(
+            (&end["cause"], &end["ended_by"], &end["admin"]),
+            (
+                &serde_json::json!("terminated"),
+                &serde_json::json!("administrator"),
+                &serde_json::json!("admin")
+            ),
+            "{end}"
+        );
+    }
+    let released = wait_record(&v, "key", |r| r["key"] == "Shift_L" && r["down"] == false);
+    let audit = v.audit();
+    let expected = expected_ps2(&audit, &sessions)[so_far..].to_vec();
+    assert_eq!(
+        hex(&trace.settle(mark, expected.len())),
+        hex(&expected),
+        "the guest's keyboard got (left) other than the audit says (right), at the end: {released}"
+    );
+    // The observer's input, dropped, is on record once: keys and pointer counted.
+    let dropped = wait_record(&v, "input_dropped", |r| r["session"] == observer_id);
+    assert_eq!(
+        (&dropped["keys"], &dropped["pointer"]),
+        (&serde_json::json!(2), &serde_json::json!(2)),
+        "{dropped}"
+    );
+    let audit = v.audit();
+    let actions: Vec<(String, String)> = records(&audit, "admin_action")
+        .iter()
+        .map(|r| {
+            assert!(r["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+            (
+                r["admin"].as_str().unwrap().to_owned(),
+                r["action"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let a = |what: &str| ("admin".to_owned(), what.to_owned());
+    assert_eq!(
+        actions,
+        [
+            a("participant"),
+            a("participant"),
+            a("participant"),
+            a("end")
+        ]
+    );
+    assert!(records(&audit, "admin_action")
+        .iter()
+        .any(|r| r["action"] == "end" && r["reason"] == "maintenance window"));
+
+    // Ending revoked the session's join tokens: the page says so, the socket too.
+    let (status, _, page) =
+        common::http_get(v.addr, &format!("/console?token={late_token}"), &[]).await;
+    assert_eq!(status, 410);
+    assert!(page.contains("This console session has ended"), "{page}");
+    let mut late = Browser::connect(v.addr, &format!("/websockify?token={late_token}")).await;
+    let closed = late.closed().await;
+    assert_eq!(closed.code, 1008, "{closed:?}");
+    assert!(closed.reason.contains("not live"), "{closed:?}");
+    let (status, answer) = v
+        .api(
+            "POST",
+            &format!("/api/v1/sessions/{id}/participants"),
+            r#"{"role": "observer", "user": "later"}"#,
+        )
+        .await;
+    assert_eq!(
+        (status, &answer["reason"]),
+        (404, &serde_json::json!("session_not_live"))
+    );
+    v.wait_for_metric("vizor_admin_actions_total{action=\"end\"}", 1.0)
+        .await;
+    v.wait_for_metric("vizor_session_participants{role=\"observer\"}", 0.0)
+        .await;
+
+    // A session whose owner leaves ends for its participants too.
+    let (b, si) = open_session(&v, d).await;
+    let owner = Screen::new(b, si).await;
+    let second = session_on(&v, d).await["id"].as_u64().unwrap();
+    assert_ne!(second, id);
+    let token = participant(
+        &v,
+        second,
+        serde_json::json!({"role": "observer", "user": "watcher2"}),
+    )
+    .await;
+    let mut observer = Screen::join(&v, &token).await;
+    observer.grab().await;
+    v.wait_for_metric("vizor_session_participants{role=\"observer\"}", 1.0)
+        .await;
+    drop(owner);
+    let closed = observer.b.closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (1000, "the session ended: its owner left")
+    );
+    trace.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
+async fn a_spice_session_is_watched_through_vnc_and_its_owner_stays() {
+    common::live_domain();
+    let d = common::spice::domain("vizor-test-wspice");
+    let v = Vizor::start_admin("", "");
+    let token = v.token(d, ConsoleKind::Spice, 60);
+    let (mut main, _, kind) = common::spice::session(&v, &token, true).await;
+    let id = session_on(&v, d).await["id"].as_u64().unwrap();
+
+    // spice-server serves one client: an operator would need a SPICE connection.
+    let (status, answer) = v
+        .api(
+            "POST",
+            &format!("/api/v1/sessions/{id}/participants"),
+            r#"{"role": "operator", "user": "op"}"#,
+        )
+        .await;
+    assert_eq!(
+        (status, &answer["reason"]),
+        (409, &serde_json::json!("spice_not_watchable")),
+        "{answer}"
+    );
+    // An administrator watches: through the domain's VNC display.
+    let (status, answer) = v
+        .api("POST", &format!("/api/v1/sessions/{id}/watch"), "")
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (&answer["kind"], &answer["role"], &answer["user"]),
+        (
+            &serde_json::json!("vnc"),
+            &serde_json::json!("observer"),
+            &serde_json::json!("admin")
+        )
+    );
+    let mut watcher = Screen::join(&v, answer["token"].as_str().unwrap()).await;
+    watcher.grab().await;
+    watcher.send(key(true, u32::from(b'q'))).await;
+    // The owner's main channel lives on: spice-server still pings it.
+    let pings = common::spice::answer_pings(&mut main, kind, Duration::from_secs(3)).await;
+    assert!(pings > 0, "the owner's SPICE session still answers pings");
+    watcher.grab().await;
+    let listed = session_on(&v, d).await;
+    assert_eq!(listed["kind"], "spice");
+    assert_eq!(listed["participants"][0]["role"], "observer");
+    assert_eq!(listed["participants"][0]["user"], "admin");
+    let watch = records(&v.audit(), "admin_action");
+    assert_eq!(watch.len(), 1);
+    assert_eq!(
+        (&watch[0]["action"], &watch[0]["admin"]),
+        (&serde_json::json!("watch"), &serde_json::json!("admin"))
+    );
+    // Ending the session ends both, the SPICE owner and the VNC watcher.
+    let (status, _) = v
+        .api(
+            "DELETE",
+            &format!("/api/v1/sessions/{id}"),
+            r#"{"reason": "done"}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (a, b) = tokio::join!(main.closed(), watcher.b.closed());
+    for closed in [a, b] {
+        assert_eq!(closed.reason, "ended by an administrator (admin): done");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_api_refuses_what_it_cannot_do() {
+    let v = Vizor::start_admin("", "");
+    // Without the key: refused like any API request.
+    let (status, _, _) = common::http_request(
+        v.addr,
+        "DELETE",
+        "/api/v1/sessions/1",
+        &[],
+        r#"{"reason": "x"}"#,
+    )
+    .await;
+    assert_eq!(status, 401);
+    for (method, path, body, want_status, want_reason) in [
+        (
+            "DELETE",
+            "/api/v1/sessions/7",
+            r#"{"reason": "x"}"#,
+            404,
+            "session_not_live",
+        ),
+        ("DELETE", "/api/v1/sessions/7", "", 400, "bad_request"),
+        (
+            "DELETE",
+            "/api/v1/sessions/7",
+            r#"{"reason": ""}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "DELETE",
+            "/api/v1/sessions/7",
+            r#"{"reason": "a\nb"}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "DELETE",
+            "/api/v1/sessions/7",
+            r#"{"why": "x"}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/api/v1/sessions/7/participants",
+            r#"{"role": "owner", "user": "u"}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/api/v1/sessions/7/participants",
+            r#"{"role": "observer"}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/api/v1/sessions/7/participants",
+            r#"{"role": "observer", "user": "u", "clipboard": "both"}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/api/v1/sessions/7/participants",
+            r#"{"role": "operator", "user": "u", "clipboard": "sideways"}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/api/v1/sessions/7/participants",
+            r#"{"role": "operator", "user": "u", "ttl": "2days"}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/api/v1/sessions/7/participants",
+            r#"{"role": "operator", "user": "u"}"#,
+            404,
+            "session_not_live",
+        ),
+        (
+            "POST",
+            "/api/v1/sessions/7/watch",
+            r#"{"user": "u"}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/api/v1/sessions/7/watch",
+            "",
+            404,
+            "session_not_live",
+        ),
+    ] {
+        let (status, answer) = v.api(method, path, body).await;
+        assert_eq!(
+            (status, answer["reason"].as_str().unwrap()),
+            (want_status, want_reason),
+            "{method} {path} {body}: {answer}"
+        );
+    }
+    let big = format!(r#"{{"reason": "{}"}}"#, "x".repeat(9000));
+    let (status, answer) = v.api("DELETE", "/api/v1/sessions/7", &big).await;
+    assert_eq!(
+        (status, &answer["reason"]),
+        (413, &serde_json::json!("body_too_large"))
+    );
+    let bearer = format!("Bearer {}", common::ADMIN_KEY);
+    for (method, path, want) in [
+        ("GET", "/api/v1/sessions/7", 405),
+        ("GET", "/api/v1/sessions/7/watch", 405),
+        ("DELETE", "/api/v1/sessions/seven", 400),
+        ("POST", "/api/v1/sessions/7/other", 404),
+    ] {
+        let (status, _, body) =
+            common::http_request(v.addr, method, path, &[("Authorization", &bearer)], "").await;
+        assert_eq!(status, want, "{method} {path}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
+async fn a_tokens_policy_holds_for_its_owner() {
+    let d = common::live_domain().name;
+    let v = Vizor::start("");
+    // View only, for two seconds at most.
+    let policy = vizor::token::Policy {
+        view_only: true,
+        clipboard: vizor::token::ClipboardWays::NONE,
+        max_duration: Some(Duration::from_secs(2)),
+    };
+    let token = v.token_with(&d, ConsoleKind::Vnc, policy);
+    let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    let si = rfb_handshake(&mut b).await.unwrap();
+    let opened = Instant::now();
+    let mut s = Screen::new(b, si).await;
+    s.grab().await;
+    s.send(key(true, u32::from(b'v'))).await;
+    s.send(key(false, u32::from(b'v'))).await;
+    s.send(ClientMessage::ClientCutText(
+        vizor_rfb::cut_text::CutText::Latin1(b"secret"),
+    ))
+    .await;
+    let closed = s.b.closed().await;
+    let took = opened.elapsed();
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (1000, "the session reached its maximum duration of 2s")
+    );
+    assert!(took >= Duration::from_millis(1900), "{took:?}");
+    let end = wait_record(&v, "session_end", |_| true);
+    assert_eq!(end["cause"], "max_duration");
+    let session = end["session"].as_u64().unwrap();
+    let dropped = wait_record(&v, "input_dropped", |r| r["session"] == session);
+    assert_eq!(
+        (
+            &dropped["keys"],
+            &dropped["clipboard"],
+            &dropped["clipboard_bytes"]
+        ),
+        (
+            &serde_json::json!(2),
+            &serde_json::json!(1),
+            &serde_json::json!(6)
+        ),
+        "{dropped}"
+    );
+    let audit = v.audit();
+    assert!(records(&audit, "key").is_empty(), "no key reached the VM");
+    assert!(
+        records(&audit, "clipboard").is_empty(),
+        "no clipboard reached the VM"
+    );
+
+    // SPICE's agent stream has no view-only or clipboard limits yet: refused.
+    let token = v.token_with(&d, ConsoleKind::Spice, policy);
+    let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    let closed = b.closed().await;
+    assert_eq!(closed.code, 1008, "{closed:?}");
+    assert!(closed.reason.contains("SPICE"), "{closed:?}");
+}
