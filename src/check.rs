@@ -80,10 +80,18 @@ pub fn check(path: &Path) -> Vec<Finding> {
             config.audit.key_file.display()
         )),
     });
-    if let Some(p) = &config.api.admin_key_file {
+    if config.api.admin_key_file.is_some() || config.api.admin_keys_file.is_some() {
         note(
-            crate::serve::load_bearer_key(p, "admin key file")
-                .map(|_| format!("[api] admin_key_file {}", p.display())),
+            crate::admins::Admins::load(
+                config.api.admin_key_file.as_deref(),
+                config.api.admin_keys_file.as_deref(),
+            )
+            .map(|a| {
+                format!(
+                    "[api] admin keys: {} administrator(s)",
+                    a.map_or(0, |a| a.len())
+                )
+            }),
         );
     }
     if let Some(p) = &config.metrics.key_file {

@@ -87,6 +87,16 @@ pub enum Command {
         /// address is refused, and the token is not spent by it.
         #[arg(long, value_name = "IP")]
         client: Option<std::net::IpAddr>,
+        /// The holder sees the screen; keyboard, pointer and clipboard reach nothing
+        /// (VNC).
+        #[arg(long)]
+        view_only: bool,
+        /// Which ways clipboard contents pass: none, to_vm, from_vm or both (VNC).
+        #[arg(long, default_value = "both", value_name = "WAYS")]
+        clipboard: crate::token::ClipboardWays,
+        /// The session ends this long after it started, such as 30m (at most 7 days).
+        #[arg(long, value_name = "DURATION")]
+        max_duration: Option<humantime::Duration>,
     },
     /// Serve a session recording (`[audit] record_dir`) to noVNC for review: open
     /// http://ADDR/ with `--novnc` (vizor's console page), or
@@ -373,7 +383,16 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             ttl,
             user,
             client,
+            view_only,
+            clipboard,
+            max_duration,
         } => {
+            let policy = crate::token::Policy::asked(
+                kind,
+                view_only,
+                clipboard,
+                max_duration.map(Into::into),
+            )?;
             let config = Config::load(&config)?;
             let ttl: Duration = ttl.map(Into::into).unwrap_or(config.tokens.ttl);
             crate::token::check_ttl(ttl)?;
@@ -397,7 +416,7 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 ttl,
                 role: crate::token::Role::Owner,
                 joins: None,
-                policy: crate::token::Policy::default(),
+                policy,
             };
             let Issued { token, claims } = key
                 .issue(&grant, now)
@@ -411,6 +430,17 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     .unwrap_or_default(),
                 humantime::format_duration(ttl)
             );
+            if policy != crate::token::Policy::default() {
+                eprintln!(
+                    "vizor: policy: {}clipboard {}{}",
+                    if policy.view_only { "view only, " } else { "" },
+                    policy.clipboard.as_str(),
+                    policy
+                        .max_duration
+                        .map(|d| format!(", sessions end after {}", humantime::format_duration(d)))
+                        .unwrap_or_default()
+                );
+            }
             println!("{token}");
             Ok(())
         }

@@ -350,8 +350,13 @@ fn frame_ancestors<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     /// `admin_key_file`: a file holding the bearer key of `/api/v1/...` (written like a
-    /// token key: mode 0600). Without it the API answers 404.
+    /// token key: mode 0600): the administrator `admin`. Without it or
+    /// `admin_keys_file` the API answers 404.
     pub admin_key_file: Option<PathBuf>,
+    /// `admin_keys_file`: named administrators, one `NAME KEY` per line (mode 0600),
+    /// read again on SIGHUP. Every action an administrator takes is audited under the
+    /// name.
+    pub admin_keys_file: Option<PathBuf>,
 }
 
 /// `[log]`
@@ -803,6 +808,9 @@ impl Config {
         };
         resolve(&mut self.tokens.key_file);
         if let Some(k) = &mut self.api.admin_key_file {
+            resolve(k);
+        }
+        if let Some(k) = &mut self.api.admin_keys_file {
             resolve(k);
         }
         if let Some(k) = &mut self.metrics.key_file {

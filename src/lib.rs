@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admins;
 pub mod audit;
 pub mod check;
 pub mod cli;

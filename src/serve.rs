@@ -469,12 +469,10 @@ pub async fn serve(
         ms = read_from.elapsed().as_millis() as u64,
         "spent tokens restored from the audit log"
     );
-    let admin_key = config
-        .api
-        .admin_key_file
-        .as_deref()
-        .map(|p| load_bearer_key(p, "admin key file"))
-        .transpose()?;
+    let admins = crate::admins::Admins::load(
+        config.api.admin_key_file.as_deref(),
+        config.api.admin_keys_file.as_deref(),
+    )?;
     let metrics_key = config
         .metrics
         .key_file
@@ -494,7 +492,7 @@ pub async fn serve(
         key,
         libvirt,
         Arc::new(audit),
-        admin_key,
+        admins,
         close_rx,
         spice_key,
         metrics.clone(),
@@ -550,7 +548,7 @@ pub async fn serve(
         %local,
         tls = tls.is_some(),
         metrics = %metrics_local.map(|a| a.to_string()).unwrap_or_else(|| "main listener, with [metrics] key_file".into()),
-        api = c.api.admin_key_file.is_some(),
+        api = c.api.admin_key_file.is_some() || c.api.admin_keys_file.is_some(),
         audit = %c.audit.path.display(),
         record_dir = %c.audit.record_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| "-".into()),
         "vizor listening"
@@ -593,7 +591,13 @@ pub async fn serve(
                         Ok(()) => info!("TLS certificate reloaded"),
                         Err(e) => warn!(error = %e, "TLS reload failed; keeping the certificate in use"),
                     },
-                    None => info!("SIGHUP: nothing to reload (no TLS)"),
+                    None => info!("SIGHUP: no TLS certificate to reload"),
+                }
+                if app.admins().is_some() {
+                    match app.reload_admins() {
+                        Ok(n) => info!(administrators = n, "admin keys reloaded"),
+                        Err(e) => warn!(error = %e, "admin keys not reloaded; keeping the keys in use"),
+                    }
                 }
                 continue;
             }

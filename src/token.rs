@@ -332,6 +332,32 @@ impl Default for Policy {
     }
 }
 
+impl Policy {
+    /// The policy asked for a token of `kind`, checked: `max_duration` in range, and no
+    /// view-only or clipboard limit on SPICE, whose agent stream does not apply them yet.
+    pub fn asked(
+        kind: ConsoleKind,
+        view_only: bool,
+        clipboard: ClipboardWays,
+        max_duration: Option<std::time::Duration>,
+    ) -> Result<Policy, String> {
+        if let Some(d) = max_duration {
+            check_max_duration(d)?;
+        }
+        if kind == ConsoleKind::Spice && (view_only || clipboard != ClipboardWays::BOTH) {
+            return Err(
+                "view_only and clipboard limits apply to VNC consoles only (SPICE's agent stream does not apply them yet)"
+                    .to_owned(),
+            );
+        }
+        Ok(Policy {
+            view_only,
+            clipboard,
+            max_duration,
+        })
+    }
+}
+
 /// Checks a `max_duration`: at least a second, at most [`MAX_DURATION`].
 pub fn check_max_duration(d: std::time::Duration) -> Result<(), String> {
     if d < std::time::Duration::from_secs(1) || d > MAX_DURATION {

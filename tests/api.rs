@@ -274,3 +274,121 @@ async fn vizor_metrics(v: &Vizor) -> String {
     assert_eq!(status, 200, "{body}");
     body
 }
+
+#[tokio::test]
+async fn named_administrators_act_under_their_names_and_reload_on_sighup() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_node, uri) = common::test_node(&[("apivm".into(), 5999, "unused-pw".into())]);
+    let alice = "alice-key-0123456789abcdef";
+    let bob = "bob-key-0123456789abcdef";
+    common::run::secret("alice's key", alice);
+    common::run::secret("bob's key", bob);
+    let write_keys = |dir: &std::path::Path, text: &str| {
+        let p = dir.join("admins");
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    let v = Vizor::start_uri(
+        &uri,
+        "",
+        "",
+        "[api]\nadmin_key_file = \"admin.key\"\nadmin_keys_file = \"admins\"\n",
+        |dir| {
+            common::write_admin_key(dir);
+            write_keys(dir, &format!("# on call\nalice {alice}\n"));
+        },
+    );
+    let api = "/api/v1/domains/apivm/console";
+    let as_who = |key: &str| format!("Bearer {key}");
+    // Alice's token carries a policy; the record names her and what the token allows.
+    let (status, _, body) = http_get(
+        v.addr,
+        &format!("{api}?user=ann&view_only=true&clipboard=from_vm&max_duration=15m"),
+        &[("Authorization", &as_who(alice))],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    common::run::secret("token", answer["token"].as_str().unwrap());
+    assert_eq!(
+        (
+            &answer["view_only"],
+            &answer["clipboard"],
+            &answer["max_duration_s"]
+        ),
+        (&true.into(), &"from_vm".into(), &900.into())
+    );
+    let issued = v.records("token_issued", 1);
+    assert_eq!(
+        (
+            &issued[0]["admin"],
+            &issued[0]["view_only"],
+            &issued[0]["clipboard"],
+            &issued[0]["max_duration_s"]
+        ),
+        (
+            &"alice".into(),
+            &true.into(),
+            &"from_vm".into(),
+            &900.into()
+        )
+    );
+    // The single key is the administrator "admin"; Bob is not one yet.
+    let (status, _, _) = http_get(v.addr, api, &[("Authorization", &as_who(ADMIN_KEY))]).await;
+    assert_eq!(status, 200);
+    assert_eq!(v.records("token_issued", 2)[1]["admin"], "admin");
+    let (status, _, _) = http_get(v.addr, api, &[("Authorization", &as_who(bob))]).await;
+    assert_eq!(status, 401);
+    // A policy that cannot be carried out is refused.
+    for (query, want) in [
+        ("view_only=maybe", "view_only must be true or false"),
+        ("clipboard=sideways", "unknown clipboard policy"),
+        ("max_duration=8days", "out of range"),
+        ("max_duration=soon", "max_duration"),
+    ] {
+        let (status, _, body) = http_get(
+            v.addr,
+            &format!("{api}?{query}"),
+            &[("Authorization", &as_who(alice))],
+        )
+        .await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.contains(want), "{query}: {body}");
+    }
+
+    // SIGHUP reads the keys again: Bob in, Alice out.
+    write_keys(v.dir.path(), &format!("bob {bob}\n"));
+    v.signal("HUP");
+    let mut reloaded = false;
+    for _ in 0..50 {
+        if v.log.lock().unwrap().contains("admin keys reloaded") {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(reloaded, "{}", v.log.lock().unwrap());
+    let (status, _, _) = http_get(v.addr, api, &[("Authorization", &as_who(bob))]).await;
+    assert_eq!(status, 200);
+    assert_eq!(v.records("token_issued", 3)[2]["admin"], "bob");
+    let (status, _, _) = http_get(v.addr, api, &[("Authorization", &as_who(alice))]).await;
+    assert_eq!(status, 401);
+    // A keys file that no longer reads keeps the keys in use, and says why.
+    write_keys(v.dir.path(), "bob short\n");
+    v.signal("HUP");
+    let mut refused = false;
+    for _ in 0..50 {
+        if v.log.lock().unwrap().contains("admin keys not reloaded") {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(refused, "{}", v.log.lock().unwrap());
+    let (status, _, _) = http_get(v.addr, api, &[("Authorization", &as_who(bob))]).await;
+    assert_eq!(status, 200, "the keys in use stay");
+    let log = v.log.lock().unwrap().clone();
+    for key in [alice, bob, ADMIN_KEY] {
+        assert!(!log.contains(key), "a key in the log");
+    }
+}

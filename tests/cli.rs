@@ -143,6 +143,70 @@ fn token_prints_a_sealed_token_that_a_replica_opens() {
 }
 
 #[test]
+fn token_carries_the_policy_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = keyed_config(dir.path(), "90s");
+    let key = TokenKey::load(&dir.path().join("token.key")).unwrap();
+    let out = vizor(&[
+        "token",
+        "--config",
+        &config,
+        "--domain",
+        "demo1",
+        "--view-only",
+        "--clipboard",
+        "from_vm",
+        "--max-duration",
+        "30m",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let claims = key.open(text(&out.stdout).trim(), now()).unwrap();
+    assert_eq!(
+        claims.policy,
+        vizor::token::Policy {
+            view_only: true,
+            clipboard: vizor::token::ClipboardWays {
+                to_vm: false,
+                from_vm: true
+            },
+            max_duration: Some(std::time::Duration::from_secs(1800)),
+        }
+    );
+    assert_eq!(claims.role, vizor::token::Role::Owner);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("view only, clipboard from_vm, sessions end after 30m"),
+        "{err}"
+    );
+    // Without flags: the default policy, and no policy line.
+    let out = vizor(&["token", "--config", &config, "--domain", "demo1"]);
+    let claims = key.open(text(&out.stdout).trim(), now()).unwrap();
+    assert_eq!(claims.policy, vizor::token::Policy::default());
+    assert!(!text(&out.stderr).contains("policy"));
+    // What cannot be carried out is refused, saying why.
+    for (extra, want) in [
+        (&["--clipboard", "sideways"][..], "unknown clipboard policy"),
+        (&["--max-duration", "8days"][..], "out of range"),
+        (&["--kind", "spice", "--view-only"][..], "VNC consoles only"),
+        (
+            &["--kind", "spice", "--clipboard", "none"][..],
+            "VNC consoles only",
+        ),
+    ] {
+        let mut args = vec!["token", "--config", &config, "--domain", "demo1"];
+        args.extend_from_slice(extra);
+        let out = vizor(&args);
+        assert!(!out.status.success(), "{extra:?}");
+        assert!(out.stdout.is_empty(), "{extra:?}: no token on failure");
+        assert!(
+            text(&out.stderr).contains(want),
+            "{extra:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
 fn token_refuses_a_user_it_cannot_put_on_record() {
     let dir = tempfile::tempdir().unwrap();
     let config = keyed_config(dir.path(), "90s");

@@ -3,13 +3,16 @@
 
 use super::*;
 
-pub(super) fn bearer_matches(req: &Request<Incoming>, key: &str) -> bool {
-    let Some(given) = req
-        .headers()
+/// The bearer key a request carries.
+pub(super) fn bearer(req: &Request<Incoming>) -> Option<&str> {
+    req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-    else {
+}
+
+pub(super) fn bearer_matches(req: &Request<Incoming>, key: &str) -> bool {
+    let Some(given) = bearer(req) else {
         return false;
     };
     // Constant time in the key's content; lengths differing is not a secret.
@@ -145,24 +148,21 @@ pub(super) async fn api(
     }
 }
 
-/// The administrator the single `[api] admin_key_file` key names.
-pub const DEFAULT_ADMIN: &str = "admin";
-
 /// Checks the admin bearer key; returns the administrator's name.
 pub(super) fn admin_check(app: &App, req: &Request<Incoming>) -> Result<String, ApiError> {
-    let Some(key) = &app.admin_key else {
+    let Some(admins) = app.admins() else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "api_disabled",
-            "the management API is disabled (no [api] admin_key_file)",
+            "the management API is disabled (no [api] admin_key_file or admin_keys_file)",
         ));
     };
-    if !bearer_matches(req, key) {
-        return Err(ApiError::bad_key(
+    match bearer(req).and_then(|given| admins.who(given)) {
+        Some(name) => Ok(name.to_owned()),
+        None => Err(ApiError::bad_key(
             "a valid Authorization: Bearer <admin key> header is required",
-        ));
+        )),
     }
-    Ok(DEFAULT_ADMIN.to_owned())
 }
 
 /// `GET /api/v1/sessions`: the live sessions, oldest first.
@@ -243,6 +243,22 @@ pub(super) async fn api_console(
         Some(Ok(ip)) => Some(ip),
         Some(Err(_)) => return Err(bad("client must be an IPv4 or IPv6 address")),
     };
+    // The holder's policy: `?view_only=true`, `?clipboard=`, `?max_duration=`.
+    let view_only = match query_param(req, "view_only").as_deref() {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(_) => return Err(bad("view_only must be true or false")),
+    };
+    let clipboard = query_param(req, "clipboard")
+        .map(|c| c.parse::<crate::token::ClipboardWays>())
+        .transpose()
+        .map_err(|e| bad(&e))?
+        .unwrap_or(crate::token::ClipboardWays::BOTH);
+    let max_duration = query_param(req, "max_duration")
+        .map(|d| {
+            humantime::parse_duration(&d).map_err(|e| bad(&format!("max_duration {d:?}: {e}")))
+        })
+        .transpose()?;
     let named = DomainRef::NameOrUuid(domain.to_owned());
     let console = match lookup(app, named.clone(), asked.unwrap_or(ConsoleKind::Vnc)).await {
         Err(LookupError::NoGraphics { has, .. }) if asked.is_none() && has.len() == 1 => {
@@ -262,6 +278,8 @@ pub(super) async fn api_console(
             ),
         ));
     };
+    let policy = crate::token::Policy::asked(kind, view_only, clipboard, max_duration)
+        .map_err(|e| bad(&e))?;
     let ttl = app.config.tokens.ttl;
     // The token opens this domain, by UUID: another domain defined later under the same
     // name is not it.
@@ -275,7 +293,7 @@ pub(super) async fn api_console(
         ttl,
         role: crate::token::Role::Owner,
         joins: None,
-        policy: crate::token::Policy::default(),
+        policy,
     };
     let crate::token::Issued { token, claims } =
         app.key.issue(&grant, unix_now()).map_err(|e| match e {
@@ -300,9 +318,10 @@ pub(super) async fn api_console(
             admin: Some(admin),
             role: None,
             joins: None,
-            view_only: false,
-            clipboard: None,
-            max_duration_s: None,
+            view_only: policy.view_only,
+            clipboard: (policy.clipboard != crate::token::ClipboardWays::BOTH)
+                .then(|| policy.clipboard.as_str()),
+            max_duration_s: policy.max_duration.map(|d| d.as_secs()),
         })
         .await
         .map_err(|e| {
@@ -321,6 +340,9 @@ pub(super) async fn api_console(
             "ws_path": format!("/websockify?token={token}"),
             "console_url": format!("/console?token={token}"),
             "expires_at": humantime::format_rfc3339_seconds(expires).to_string(),
+            "view_only": policy.view_only,
+            "clipboard": policy.clipboard.as_str(),
+            "max_duration_s": policy.max_duration.map(|d| d.as_secs()),
         }),
     ))
 }
@@ -344,12 +366,8 @@ pub(super) fn metrics_here(app: &App, peer: SocketAddr, req: &Request<Incoming>)
             .with_label_values(&["metrics", code.as_str()])
             .inc();
     };
-    let keys: Vec<&str> = [&app.metrics_key, &app.admin_key]
-        .into_iter()
-        .flatten()
-        .map(|k| k.as_str())
-        .collect();
-    if keys.is_empty() {
+    let admins = app.admins();
+    if app.metrics_key.is_none() && admins.is_none() {
         count(StatusCode::NOT_FOUND);
         return text(
             StatusCode::NOT_FOUND,
@@ -361,9 +379,15 @@ pub(super) fn metrics_here(app: &App, peer: SocketAddr, req: &Request<Incoming>)
         return refused;
     }
     // Every key is compared, so the time taken does not say which one matched.
-    let matched = keys
-        .iter()
-        .fold(false, |any, k| bearer_matches(req, k) | any);
+    let metrics = app
+        .metrics_key
+        .as_ref()
+        .is_some_and(|k| bearer_matches(req, k));
+    let admin = match (&admins, bearer(req)) {
+        (Some(a), Some(given)) => a.who(given).is_some(),
+        _ => false,
+    };
+    let matched = metrics | admin;
     if !matched {
         let e = ApiError::bad_key("a valid Authorization: Bearer <metrics key> header is required");
         api_refused(app, peer, "metrics", None, &e);

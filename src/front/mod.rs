@@ -58,8 +58,9 @@ pub struct App {
     pub libvirt: Arc<Libvirt>,
     /// What every session shares: audit, metrics, limits, keys.
     pub env: Arc<session::Env>,
-    /// The management API's bearer key, if the API is enabled.
-    pub admin_key: Option<Zeroizing<String>>,
+    /// The management API's administrators, by key, if the API is enabled (read again
+    /// on SIGHUP).
+    pub admins: std::sync::RwLock<Option<Arc<crate::admins::Admins>>>,
     /// The `[metrics] key_file` bearer key, which reads `/metrics` here.
     pub metrics_key: Option<Zeroizing<String>>,
     /// HTTP connections not (yet) sessions (`[limits] max_connections*`).
@@ -169,7 +170,7 @@ impl App {
         key: TokenKey,
         libvirt: Arc<Libvirt>,
         audit: Arc<Audit>,
-        admin_key: Option<Zeroizing<String>>,
+        admins: Option<crate::admins::Admins>,
         close_sessions: watch::Receiver<bool>,
         spice_key: session::spice::LinkKey,
         metrics: Arc<Metrics>,
@@ -231,7 +232,7 @@ impl App {
             replay: Mutex::new(ReplayCache::new(1_000_000)),
             libvirt,
             env: Arc::new(env),
-            admin_key,
+            admins: std::sync::RwLock::new(admins.map(Arc::new)),
             metrics_key: None,
             connections,
             failed_tokens,
@@ -246,6 +247,26 @@ impl App {
     /// The audit sink.
     pub fn audit(&self) -> &Audit {
         &self.env.audit
+    }
+
+    /// The administrators, if the API is on.
+    pub fn admins(&self) -> Option<Arc<crate::admins::Admins>> {
+        self.admins.read().ok().and_then(|a| a.clone())
+    }
+
+    /// Reads the administrators' key files again (SIGHUP); on an error the keys in use
+    /// stay.
+    pub fn reload_admins(&self) -> Result<usize, String> {
+        let api = &self.config.api;
+        let admins = crate::admins::Admins::load(
+            api.admin_key_file.as_deref(),
+            api.admin_keys_file.as_deref(),
+        )?;
+        let n = admins.as_ref().map_or(0, |a| a.len());
+        if let Ok(mut a) = self.admins.write() {
+            *a = admins.map(Arc::new);
+        }
+        Ok(n)
     }
 
     /// Prometheus metrics.

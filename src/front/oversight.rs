@@ -75,6 +75,8 @@ struct JoinRequest {
     view_only: Option<bool>,
     /// `none`, `to_vm`, `from_vm` or `both` (default both; an observer's is none).
     clipboard: Option<String>,
+    /// The participant's connection ends this long after it joined, such as "30m".
+    max_duration: Option<String>,
 }
 
 /// `DELETE`'s body.
@@ -249,6 +251,11 @@ async fn join_token(
             "an observer reaches nothing: no clipboard, no input (ask for an operator)",
         ));
     }
+    let max_duration = asked
+        .max_duration
+        .as_deref()
+        .map(|d| humantime::parse_duration(d).map_err(|e| bad(format!("max_duration {d:?}: {e}"))))
+        .transpose()?;
     let live = app.live().get(id).ok_or_else(|| not_live(id))?;
     if *live.state().borrow() != crate::live::State::Live {
         return Err(ApiError::new(
@@ -268,11 +275,13 @@ async fn join_token(
         )
     })?;
     let joins = Joins { session: id, owner };
-    let policy = Policy {
-        view_only: view_only || role == Role::Observer,
+    let policy = Policy::asked(
+        kind,
+        view_only || role == Role::Observer,
         clipboard,
-        max_duration: None,
-    };
+        max_duration,
+    )
+    .map_err(bad)?;
     let grant = crate::token::Grant {
         domain: &live.domain,
         uuid,
@@ -333,7 +342,7 @@ async fn join_token(
             joins: Some(id),
             view_only: policy.view_only,
             clipboard: (policy.clipboard != ClipboardWays::BOTH).then(|| policy.clipboard.as_str()),
-            max_duration_s: None,
+            max_duration_s: policy.max_duration.map(|d| d.as_secs()),
         })
         .await
         .map_err(audit_down)?;
