@@ -160,6 +160,24 @@ pub enum AuditCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Print the last records of an audit log, one line each, with the text each key
+    /// typed; with --follow, go on printing records as vizor writes them (across
+    /// rotations), as the management API's event stream does. Not verified: use
+    /// `vizor audit verify` for that.
+    Tail {
+        /// Go on printing records as they are written, until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only this session: its records, its participants' and the administrators'
+        /// actions on it (of the run of vizor that writes the log now).
+        #[arg(long)]
+        session: Option<u64>,
+        /// How many of the last lines to print first.
+        #[arg(long, short = 'n', default_value_t = 10)]
+        lines: usize,
+        /// The log (`[audit] path`).
+        file: PathBuf,
+    },
 }
 
 /// A chain key to verify the files with first (recommended).
@@ -225,8 +243,129 @@ impl ChainKeyArg {
     }
 }
 
+/// One line of `vizor audit tail` for what a record shows.
+fn tail_line(record: &serde_json::Value, shown: &crate::audit::follow::Shown) -> String {
+    use crate::audit::follow::Shown;
+    let ts = record["ts"].as_str().unwrap_or("-");
+    match shown {
+        Shown::Record => {
+            let mut rest = record.clone();
+            if let Some(m) = rest.as_object_mut() {
+                for k in ["ts", "event", "seq", "chain", "v"] {
+                    m.remove(k);
+                }
+            }
+            format!("{ts} {} {rest}", record["event"].as_str().unwrap_or("?"))
+        }
+        Shown::Text {
+            session,
+            user,
+            text,
+        } => format!(
+            "{ts} typed session {session}{}: {text:?}",
+            user.as_deref()
+                .map(|u| format!(" ({u})"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+/// `vizor audit tail`.
+fn tail(
+    file: &std::path::Path,
+    session: Option<u64>,
+    lines: usize,
+    follow: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::{BufRead, Seek, Write};
+    use std::os::unix::fs::MetadataExt;
+    let mut f = crate::audit::follow::Follow::new(session);
+    let open = |p: &std::path::Path| -> Result<(std::fs::File, u64), String> {
+        let file = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let inode = file.metadata().map_err(|e| e.to_string())?.ino();
+        Ok((file, inode))
+    };
+    let (file_handle, mut inode) = open(file)?;
+    let mut reader = std::io::BufReader::new(file_handle);
+    let mut out = std::io::stdout().lock();
+    // What is there: through the follower (it learns who joined), the last lines shown.
+    let mut last = std::collections::VecDeque::with_capacity(lines.min(10_000));
+    let mut line = String::new();
+    let mut partial = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            break;
+        }
+        if !line.ends_with('\n') {
+            // Mid-write: the rest comes with the follow.
+            partial = std::mem::take(&mut line);
+            break;
+        }
+        let Ok(record) = serde_json::from_str::<serde_json::Value>(line.trim_end()) else {
+            continue;
+        };
+        for shown in f.record(&record) {
+            if lines > 0 {
+                if last.len() == lines {
+                    last.pop_front();
+                }
+                last.push_back(tail_line(&record, &shown));
+            }
+        }
+    }
+    for l in last {
+        writeln!(out, "{l}")?;
+    }
+    out.flush()?;
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line)?;
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(100));
+            // Rotated: the log was renamed and a new one started at its path.
+            if let Ok(m) = std::fs::metadata(file) {
+                if m.ino() != inode {
+                    let (new, ino) = open(file)?;
+                    reader = std::io::BufReader::new(new);
+                    inode = ino;
+                    partial.clear();
+                } else if m.len() < reader.stream_position()? {
+                    reader.seek(std::io::SeekFrom::Start(0))?;
+                    partial.clear();
+                }
+            }
+            continue;
+        }
+        partial.push_str(&line);
+        if !partial.ends_with('\n') {
+            continue;
+        }
+        let whole = std::mem::take(&mut partial);
+        let Ok(record) = serde_json::from_str::<serde_json::Value>(whole.trim_end()) else {
+            continue;
+        };
+        for shown in f.record(&record) {
+            writeln!(out, "{}", tail_line(&record, &shown))?;
+        }
+        out.flush()?;
+    }
+}
+
 fn audit(command: AuditCommand) -> Result<(), Box<dyn std::error::Error>> {
     match command {
+        AuditCommand::Tail {
+            follow,
+            session,
+            lines,
+            file,
+        } => {
+            eprintln!("vizor: not verified (vizor audit verify checks the chain)");
+            tail(&file, session, lines, follow)
+        }
         AuditCommand::Verify { key, files } => {
             let report = crate::audit::chain::verify(&key.load()?, &files)
                 .map_err(|e| format!("reading the audit log: {e}"))?;

@@ -130,6 +130,100 @@ fn wait_record(
     panic!("no {event} record as expected: {:#?}", v.audit());
 }
 
+/// A session's live event stream, read as a browser's EventSource would, by a task
+/// that notes when each event arrived.
+struct Events {
+    rx: tokio::sync::mpsc::UnboundedReceiver<(String, serde_json::Value, Instant)>,
+}
+
+/// The next event block in `buf` (`None` until a whole one is there), drained.
+fn next_event(buf: &mut Vec<u8>) -> Option<(String, serde_json::Value)> {
+    let text = String::from_utf8_lossy(buf).into_owned();
+    let start = text.find("event: ")?;
+    let end = text[start..].find("\n\n")?;
+    let block = &text[start..start + end];
+    let mut lines = block.lines();
+    let event = lines.next()?["event: ".len()..].to_owned();
+    let data = lines
+        .next()
+        .and_then(|l| l.strip_prefix("data: "))
+        .unwrap_or("null");
+    let value = serde_json::from_str(data).unwrap();
+    let consumed = text[..start + end + 2].len();
+    buf.drain(..consumed);
+    Some((event, value))
+}
+
+impl Events {
+    async fn open(v: &Vizor, id: u64) -> Events {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+        let req = format!(
+            "GET /api/v1/sessions/{id}/events HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n\r\n",
+            v.addr,
+            common::ADMIN_KEY
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        while !common::holds(&buf, b"\r\n\r\n") {
+            let mut tmp = [0u8; 4096];
+            let n = s.read(&mut tmp).await.unwrap();
+            assert!(n > 0, "the event stream closed before its head");
+            buf.extend_from_slice(&tmp[..n]);
+        }
+        let at = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&buf[..at]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.contains("text/event-stream"), "{head}");
+        let mut buf = buf[at + 4..].to_vec();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                while let Some((event, data)) = next_event(&mut buf) {
+                    if tx.send((event, data, Instant::now())).is_err() {
+                        return;
+                    }
+                }
+                let mut tmp = [0u8; 4096];
+                match s.read(&mut tmp).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                }
+            }
+        });
+        let mut e = Events { rx };
+        let (event, data) = e.next().await.unwrap();
+        assert_eq!(
+            (event.as_str(), data["session"].as_u64()),
+            ("open", Some(id))
+        );
+        e
+    }
+
+    /// The next event; `None` once the stream closed.
+    async fn next(&mut self) -> Option<(String, serde_json::Value)> {
+        self.rx.recv().await.map(|(e, d, _)| (e, d))
+    }
+
+    /// Reads events until `want` matches one; returns it and when it arrived.
+    async fn until(
+        &mut self,
+        want: impl Fn(&str, &serde_json::Value) -> bool,
+    ) -> (serde_json::Value, Instant) {
+        let deadline = Duration::from_secs(10);
+        tokio::time::timeout(deadline, async {
+            loop {
+                let (event, data, at) = self.rx.recv().await.expect("the stream went on");
+                if want(&event, &data) {
+                    return (data, at);
+                }
+            }
+        })
+        .await
+        .expect("the event came")
+    }
+}
+
 /// A participant's token for session `id`: (token, ws_path).
 async fn participant(v: &Vizor, id: u64, body: serde_json::Value) -> String {
     let (status, answer) = v
@@ -157,6 +251,28 @@ async fn participants_share_a_console_and_an_administrator_ends_it() {
     let listed = session_on(&v, d).await;
     let id = listed["id"].as_u64().unwrap();
     assert_eq!(listed["participants"], serde_json::json!([]));
+    let mut events = Events::open(&v, id).await;
+    // The same from the log, for a terminal.
+    let mut tail = std::process::Command::new(env!("CARGO_BIN_EXE_vizor"))
+        .args(["audit", "tail", "--follow", "--session", &id.to_string()])
+        .arg(v.dir.path().join("audit.jsonl"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let tailed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    {
+        use std::io::BufRead;
+        let out = tail.stdout.take().unwrap();
+        let tailed = tailed.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let mut t = tailed.lock().unwrap();
+                t.push_str(&line);
+                t.push('\n');
+            }
+        });
+    }
 
     let observer_token = participant(
         &v,
@@ -236,6 +352,7 @@ async fn participants_share_a_console_and_an_administrator_ends_it() {
     owner.send(key(true, 0xff1b)).await;
     owner.send(key(false, 0xff1b)).await;
     wait_record(&v, "key", |r| r["session"] == id && r["down"] == false);
+    let typed_at = Instant::now();
     operator.send(key(true, u32::from(b'b'))).await;
     operator.send(key(false, u32::from(b'b'))).await;
     wait_record(&v, "key", |r| {
@@ -268,6 +385,36 @@ async fn participants_share_a_console_and_an_administrator_ends_it() {
     assert_eq!(
         typed,
         [(id, "Escape".to_owned()), (operator_id, "b".to_owned())]
+    );
+
+    // The live event stream: who joined, what was typed and by whom. The operator's b
+    // arrives as text moments after it reached QEMU (noted, not asserted: shared
+    // machines are noisy).
+    let (joined, _) = events
+        .until(|e, d| e == "record" && d["event"] == "session_start" && d["user"] == "op1")
+        .await;
+    assert_eq!(joined["joins"], id);
+    let (escape, _) = events.until(|e, _| e == "text").await;
+    assert_eq!(
+        (&escape["session"], &escape["user"], &escape["text"]),
+        (
+            &serde_json::json!(id),
+            &serde_json::json!("tester"),
+            &serde_json::json!("<Escape>")
+        )
+    );
+    let (b, at) = events.until(|e, _| e == "text").await;
+    assert_eq!(
+        (&b["session"], &b["user"], &b["text"]),
+        (
+            &serde_json::json!(operator_id),
+            &serde_json::json!("op1"),
+            &serde_json::json!("b")
+        )
+    );
+    println!(
+        "the operator's key, from the browser's send to its text on the event stream: {:?}",
+        at - typed_at
     );
 
     // The owner's Escape changed the screen, and the observer sees what the owner sees.
@@ -336,6 +483,45 @@ async fn participants_share_a_console_and_an_administrator_ends_it() {
         hex(&expected),
         "the guest's keyboard got (left) other than the audit says (right), at the end: {released}"
     );
+    // The stream shows the end, then ends.
+    let (end, _) = events
+        .until(|e, d| e == "record" && d["event"] == "admin_action" && d["action"] == "end")
+        .await;
+    assert_eq!(end["reason"], "maintenance window");
+    events.until(|e, _| e == "end").await;
+    assert!(
+        events.next().await.is_none(),
+        "the stream closed after its end"
+    );
+    // The terminal's tail showed the same: the text typed, by whom, and the end.
+    let want = [
+        format!("typed session {id} (tester): \"<Escape>\""),
+        format!("typed session {operator_id} (op1): \"b\""),
+        "admin_action".to_owned(),
+        "maintenance window".to_owned(),
+    ];
+    for _ in 0..50 {
+        if want
+            .iter()
+            .all(|w| tailed.lock().unwrap().contains(w.as_str()))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shown = tailed.lock().unwrap().clone();
+    for w in &want {
+        assert!(
+            shown.contains(w.as_str()),
+            "vizor audit tail --follow lacks {w:?}:\n{shown}"
+        );
+    }
+    assert!(
+        !shown.contains("\"late\"") || shown.contains("token_issued"),
+        "{shown}"
+    );
+    let _ = tail.kill();
+    let _ = tail.wait();
     // The observer's input, dropped, is on record once: keys and pointer counted.
     let dropped = wait_record(&v, "input_dropped", |r| r["session"] == observer_id);
     assert_eq!(
@@ -497,6 +683,9 @@ async fn the_session_api_refuses_what_it_cannot_do() {
         r#"{"reason": "x"}"#,
     )
     .await;
+    assert_eq!(status, 401);
+    let (status, _, _) =
+        common::http_request(v.addr, "GET", "/api/v1/sessions/1/events", &[], "").await;
     assert_eq!(status, 401);
     for (method, path, body, want_status, want_reason) in [
         (

@@ -6,6 +6,7 @@
 //! SHA-256, and key events as `[audit] keystrokes` allows.
 
 pub mod chain;
+pub mod follow;
 pub mod review;
 pub mod spent;
 mod writer;
@@ -583,7 +584,11 @@ pub struct Audit {
     clipboard: ClipboardAudit,
     on_error: OnError,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    feed: tokio::sync::broadcast::Sender<Arc<str>>,
 }
+
+/// Sealed lines a follower of the log may fall behind by before it misses some.
+pub const FEED: usize = 4096;
 
 impl std::fmt::Debug for Audit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -605,12 +610,14 @@ impl Audit {
         key: ChainKey,
         metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> std::io::Result<Audit> {
+        let feed = tokio::sync::broadcast::channel(FEED).0;
         let (w, note) = writer::Writer::open(
             &config.path,
             key,
             config.fsync,
             config.rotate_size,
             metrics.clone(),
+            feed.clone(),
         )?;
         if let Some(note) = note {
             tracing::warn!("{note}");
@@ -629,7 +636,15 @@ impl Audit {
             clipboard: config.clipboard,
             on_error: config.on_error,
             metrics,
+            feed,
         })
+    }
+
+    /// Each record from now on, as its sealed line, once it is written: for the live
+    /// event stream. A follower more than [`FEED`] lines behind misses some (and is
+    /// told how many).
+    pub fn follow(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.feed.subscribe()
     }
 
     /// How key events are recorded.

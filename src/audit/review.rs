@@ -259,44 +259,91 @@ impl Mods {
 /// markers. Records without `via` (written before vizor named keys by what QEMU acts
 /// on) are read as they were: VNC keys by keysym.
 pub fn text(records: &[Value], session: &Session) -> String {
-    // Num Lock is on unless the log says otherwise: firmware turns it on at boot.
-    let mut mods = Mods {
-        num: true,
-        ..Mods::default()
-    };
+    let mut typist = Typist::default();
     let mut out: Vec<Piece> = Vec::new();
     for (r, run) in records.iter().zip(runs(records)) {
         if r["session"].as_u64() != Some(session.id) || run != session.run {
             continue;
         }
+        match typist.record(r) {
+            None => {}
+            Some(Typed::BackSpace) => match out.last() {
+                Some(Piece::Char(_)) => {
+                    out.pop();
+                }
+                _ => out.push(Piece::Marker("<BackSpace>".into())),
+            },
+            Some(Typed::Piece(p)) => out.push(p),
+        }
+    }
+    out.into_iter()
+        .map(|p| match p {
+            Piece::Char(c) => c.to_string(),
+            Piece::Marker(m) => m,
+        })
+        .collect()
+}
+
+/// What one record typed.
+#[derive(Debug, Clone, PartialEq)]
+enum Typed {
+    Piece(Piece),
+    /// BackSpace: the last character taken back, when there is one.
+    BackSpace,
+}
+
+/// Reads one session's key and lock records in order, as [`text`] does, one at a time:
+/// for a live view of what is typed.
+#[derive(Default)]
+pub struct Typist {
+    mods: Option<Mods>,
+}
+
+impl Typist {
+    /// What the record `r` (of the typist's session) typed, as text: a character, a
+    /// marker such as `<Escape>`, `<BackSpace>`; `None` when it typed nothing.
+    pub fn typed(&mut self, r: &Value) -> Option<String> {
+        Some(match self.record(r)? {
+            Typed::Piece(Piece::Char(c)) => c.to_string(),
+            Typed::Piece(Piece::Marker(m)) => m,
+            Typed::BackSpace => "<BackSpace>".to_owned(),
+        })
+    }
+
+    fn record(&mut self, r: &Value) -> Option<Typed> {
+        // Num Lock is on unless the log says otherwise: firmware turns it on at boot.
+        let mods = self.mods.get_or_insert(Mods {
+            num: true,
+            ..Mods::default()
+        });
         if r["event"] == "locks" {
             mods.caps = r["caps"] == true;
             mods.num = r["num"] == true;
-            continue;
+            return None;
         }
         if r["event"] != "key" || r.get("ignored").is_some() {
-            continue;
+            return None;
         }
         let down = r["down"] == true;
         let Some(name) = r["key"].as_str() else {
             // Redacted: the class only.
-            if down {
-                match r["class"].as_str() {
-                    Some("printable") => out.push(Piece::Char('*')),
-                    Some("modifier") | None => {}
-                    Some(class) => out.push(Piece::Marker(format!("<{class}>"))),
-                }
+            if !down {
+                return None;
             }
-            continue;
+            return match r["class"].as_str() {
+                Some("printable") => Some(Typed::Piece(Piece::Char('*'))),
+                Some("modifier") | None => None,
+                Some(class) => Some(Typed::Piece(Piece::Marker(format!("<{class}>")))),
+            };
         };
         if mods.track(name, down) || !down {
-            continue;
+            return None;
         }
         let typed = match (r.get("via"), r["scancode"].as_u64(), r["keysym"].as_u64()) {
             // The key QEMU acted on.
             (Some(_), Some(n), _) => u8::try_from(n)
                 .ok()
-                .and_then(|n| typed_by(Key::from_number(n), &mods)),
+                .and_then(|n| typed_by(Key::from_number(n), mods)),
             // A keymap vizor does not model, or an older record: the keysym.
             (_, _, Some(k)) => keysym_char(k as u32),
             // An old SPICE record: the key's name.
@@ -328,28 +375,16 @@ pub fn text(records: &[Value], session: &Session) -> String {
                 _ => m.push_str(name),
             }
             m.push('>');
-            out.push(Piece::Marker(m));
-            continue;
+            return Some(Typed::Piece(Piece::Marker(m)));
         }
-        match (typed, name) {
-            (Some(c), _) => out.push(Piece::Char(c)),
-            (None, "BackSpace") => match out.last() {
-                Some(Piece::Char(_)) => {
-                    out.pop();
-                }
-                _ => out.push(Piece::Marker("<BackSpace>".into())),
-            },
-            (None, "Return" | "KP_Enter") => out.push(Piece::Char('\n')),
-            (None, "Tab") => out.push(Piece::Char('\t')),
-            (None, other) => out.push(Piece::Marker(format!("<{other}>"))),
-        }
-    }
-    out.into_iter()
-        .map(|p| match p {
-            Piece::Char(c) => c.to_string(),
-            Piece::Marker(m) => m,
+        Some(match (typed, name) {
+            (Some(c), _) => Typed::Piece(Piece::Char(c)),
+            (None, "BackSpace") => Typed::BackSpace,
+            (None, "Return" | "KP_Enter") => Typed::Piece(Piece::Char('\n')),
+            (None, "Tab") => Typed::Piece(Piece::Char('\t')),
+            (None, other) => Typed::Piece(Piece::Marker(format!("<{other}>"))),
         })
-        .collect()
+    }
 }
 
 /// What `key` types on a US layout with `mods` held.

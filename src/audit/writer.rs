@@ -41,6 +41,8 @@ pub(super) struct Writer {
     /// so it is rolled back with it if that write fails.
     pending_start: Option<Members>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Each sealed line, once written, for whoever follows the log live.
+    feed: tokio::sync::broadcast::Sender<Arc<str>>,
     /// This process's hold on the log: a second writer would break the chain.
     _lock: crate::lockfile::Lock,
 }
@@ -133,6 +135,7 @@ impl Writer {
         fsync: Fsync,
         rotate_size: Option<u64>,
         metrics: Option<Arc<crate::metrics::Metrics>>,
+        feed: tokio::sync::broadcast::Sender<Arc<str>>,
     ) -> std::io::Result<(Writer, Option<String>)> {
         let dir = match path.parent() {
             Some(d) if d.as_os_str().is_empty() => Path::new("."),
@@ -161,6 +164,7 @@ impl Writer {
             dirty: false,
             pending_start: None,
             metrics,
+            feed,
             _lock: lock,
         };
         if len == 0 {
@@ -331,7 +335,17 @@ impl Writer {
             }
         }
         match &result {
-            Ok(()) => self.pending_start = None,
+            Ok(()) => {
+                self.pending_start = None;
+                // Written: to whoever follows the log (dropped for one that lags).
+                if self.feed.receiver_count() > 0 {
+                    for line in out.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                        if let Ok(text) = std::str::from_utf8(line) {
+                            let _ = self.feed.send(Arc::from(text));
+                        }
+                    }
+                }
+            }
             Err(e) => {
                 // Nothing of this batch is acknowledged: take it back off the disk.
                 if let Err(t) = self.file.set_len(size0) {

@@ -32,6 +32,7 @@ use zeroize::Zeroizing;
 
 mod admission;
 mod api;
+mod events;
 mod files;
 mod oversight;
 mod refused;
@@ -39,6 +40,8 @@ mod upgrade;
 
 use admission::*;
 use api::*;
+use events::*;
+pub use events::{Body, Streamed, MAX_STREAMS};
 pub(crate) use files::static_file;
 use oversight::*;
 pub use oversight::{check_reason, MAX_REASON_LEN};
@@ -75,6 +78,8 @@ pub struct App {
     pub sessions: SessionCount,
     /// `GET /readyz`.
     pub readiness: Arc<Readiness>,
+    /// Event streams open now (`GET /api/v1/sessions/{id}/events`).
+    pub event_streams: AtomicUsize,
     next_session: AtomicU64,
 }
 
@@ -240,6 +245,7 @@ impl App {
             close_sessions,
             sessions: SessionCount::default(),
             readiness: Arc::default(),
+            event_streams: AtomicUsize::new(0),
             next_session: AtomicU64::new(1),
         }
     }
@@ -328,17 +334,48 @@ pub async fn handle(
     app: Arc<App>,
     peer: SocketAddr,
     req: Request<Incoming>,
-) -> Result<Resp, std::convert::Infallible> {
+) -> Result<Response<Body>, std::convert::Infallible> {
+    if let Some(id) = events_route(req.method(), req.uri().path()) {
+        let id = id.to_owned();
+        let peer = client_of(&app, peer, &req);
+        let mut r = events(app, peer, &req, &id).await;
+        secure(&mut r);
+        return Ok(r);
+    }
     let Ok(mut r) = route(app, peer, req).await;
     secure(&mut r);
-    Ok(r)
+    Ok(r.map(http_body_util::Either::Left))
+}
+
+/// The client a request comes from: behind a trusted reverse proxy, the one its
+/// headers name (from there on the client for limits, token binding, logs and audit;
+/// the port is the proxy's).
+fn client_of(app: &App, peer: SocketAddr, req: &Request<Incoming>) -> SocketAddr {
+    let trusted = &app.config.server.trusted_proxies;
+    if trusted.is_empty() {
+        return peer;
+    }
+    let values = |name: &str| -> Vec<&str> {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect()
+    };
+    let client = crate::forwarded::client(
+        peer.ip(),
+        trusted,
+        &values("forwarded"),
+        &values("x-forwarded-for"),
+    );
+    SocketAddr::new(client, peer.port())
 }
 
 /// The headers every response carries, unless it set its own (the console page has a
 /// stricter Content-Security-Policy): no MIME sniffing, no framing by any page (noVNC's
 /// own vnc.html takes its settings from its URL and must not be steered from a frame),
 /// no referrer (a console URL holds a token), no plugins, no `<base>`.
-pub fn secure(r: &mut Resp) {
+pub fn secure<B>(r: &mut Response<B>) {
     let h = r.headers_mut();
     // A response whose own policy says who may frame it (the console page, under
     // `[console] frame_ancestors`) gets no X-Frame-Options contradicting it.
@@ -370,27 +407,7 @@ async fn route(
     peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Result<Resp, std::convert::Infallible> {
-    // Behind a trusted reverse proxy, the client its headers name (from here on the
-    // client for limits, token binding, logs and audit); the port is the proxy's.
-    let trusted = &app.config.server.trusted_proxies;
-    let peer = if trusted.is_empty() {
-        peer
-    } else {
-        let values = |name: &str| -> Vec<&str> {
-            req.headers()
-                .get_all(name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect()
-        };
-        let client = crate::forwarded::client(
-            peer.ip(),
-            trusted,
-            &values("forwarded"),
-            &values("x-forwarded-for"),
-        );
-        SocketAddr::new(client, peer.port())
-    };
+    let peer = client_of(&app, peer, &req);
     let path = req.uri().path().to_owned();
     if let Some(rest) = path.strip_prefix("/api/v1/sessions/") {
         return Ok(match session_route(req.method(), rest) {

@@ -1,0 +1,198 @@
+//! `GET /api/v1/sessions/{id}/events`: a live session's audit records as they are
+//! sealed, as Server-Sent Events, with the text its keys type (admin bearer). The
+//! stream ends a moment after the session does.
+
+use super::*;
+use crate::audit::follow::{Follow, Shown};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// A response body written by a task: each message one chunk.
+pub struct Streamed(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Streamed {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// Every response body: whole, or streamed.
+pub type Body = http_body_util::Either<Full<Bytes>, Streamed>;
+
+/// Event streams open at once, at most: each holds a follower of the audit feed.
+pub const MAX_STREAMS: usize = 32;
+
+/// How long a stream goes on after its session ended, for the records of its end.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// A comment line this often keeps proxies from closing a quiet stream.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Whether `path` and `method` ask for a session's event stream: its id.
+pub(super) fn events_route<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
+    let rest = path.strip_prefix("/api/v1/sessions/")?;
+    let id = rest.strip_suffix("/events")?;
+    (method == Method::GET && !id.contains('/')).then_some(id)
+}
+
+/// One Server-Sent Event.
+fn sse(event: &str, data: &str) -> Bytes {
+    // `data` is one line of JSON: no newline to split.
+    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+/// Counts an open stream while held.
+struct Open(Arc<App>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.event_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves `GET /api/v1/sessions/{id}/events`.
+pub(super) async fn events(
+    app: Arc<App>,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+    id: &str,
+) -> Response<Body> {
+    let whole = |r: Resp| r.map(http_body_util::Either::Left);
+    if let Some(refused) = throttled(&app, peer) {
+        return whole(refused);
+    }
+    let answer = |e: ApiError| {
+        api_refused(&app, peer, "events", None, &e);
+        whole(json(
+            e.status,
+            &serde_json::json!({"error": e.error, "reason": e.reason}),
+        ))
+    };
+    let admin = match admin_check(&app, req) {
+        Ok(a) => a,
+        Err(e) => return answer(e),
+    };
+    let Ok(id) = id.parse::<u64>() else {
+        return answer(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the session id must be a number",
+        ));
+    };
+    let Some(live) = app.live().get(id) else {
+        return answer(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "session_not_live",
+            format!("no live session {id} on this vizor"),
+        ));
+    };
+    if app.event_streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
+        app.event_streams.fetch_sub(1, Ordering::Relaxed);
+        return answer(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_streams",
+            format!("{MAX_STREAMS} event streams are open already"),
+        ));
+    }
+    let open = Open(app.clone());
+    // Subscribed before the answer: nothing sealed from now on is missed.
+    let mut feed = app.audit().follow();
+    let mut follow = Follow::new(Some(id));
+    // Who is on it already: their starts were sealed before this stream.
+    follow.knows(id, &live.user, false);
+    for m in live.members() {
+        follow.knows(m.session, &m.user, true);
+    }
+    let mut state = live.state();
+    let ended_already = *state.borrow() != crate::live::State::Live;
+    drop(live);
+    app.metrics()
+        .api_requests_total
+        .with_label_values(&["events", "200"])
+        .inc();
+    info!(session = id, admin, requester = %peer, "event stream opened");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let _open = open;
+        let hello = serde_json::json!({"session": id}).to_string();
+        if tx.send(sse("open", &hello)).await.is_err() {
+            return;
+        }
+        let mut ends = ended_already.then(|| tokio::time::Instant::now() + DRAIN);
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        keepalive.tick().await;
+        loop {
+            let drained = async {
+                match ends {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                line = feed.recv() => {
+                    let line = match line {
+                        Ok(line) => line,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            let missed = serde_json::json!({"missed": n}).to_string();
+                            if tx.send(sse("lagged", &missed)).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    };
+                    let Ok(record) = serde_json::from_str::<serde_json::Value>(&line) else {
+                        continue;
+                    };
+                    for shown in follow.record(&record) {
+                        let out = match shown {
+                            Shown::Record => sse("record", &line),
+                            Shown::Text { session, user, text } => sse(
+                                "text",
+                                &serde_json::json!({"session": session, "user": user, "text": text})
+                                    .to_string(),
+                            ),
+                        };
+                        if tx.send(out).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                changed = state.changed(), if ends.is_none() => {
+                    if changed.is_err() || *state.borrow() != crate::live::State::Live {
+                        ends = Some(tokio::time::Instant::now() + DRAIN);
+                    }
+                }
+                _ = drained => break,
+                _ = keepalive.tick() => {
+                    if tx.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = tx
+            .send(sse("end", &serde_json::json!({"session": id}).to_string()))
+            .await;
+    });
+    let mut r = Response::new(http_body_util::Either::Right(Streamed(rx)));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    h.insert("x-accel-buffering", header::HeaderValue::from_static("no"));
+    r
+}
