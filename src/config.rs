@@ -59,6 +59,26 @@ pub struct Config {
     /// `[spice]`: which SPICE channels and agent features reach the VM.
     #[serde(default)]
     pub spice: SpiceConfig,
+    /// `[oversight]`: how participants of a live session are shown.
+    #[serde(default)]
+    pub oversight: OversightConfig,
+}
+
+/// `[oversight]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OversightConfig {
+    /// `announce`: whether an observer is shown to the others on the console
+    /// (default true). With false, observers watch unannounced, and the audit says so;
+    /// operators, who act on the VM, are always shown.
+    #[serde(default = "yes")]
+    pub announce: bool,
+}
+
+impl Default for OversightConfig {
+    fn default() -> Self {
+        OversightConfig { announce: true }
+    }
 }
 
 /// `[spice]`

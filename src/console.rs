@@ -105,10 +105,14 @@ pub fn client_page(config: &ConsoleConfig, kind: ConsoleKind, domain: &str) -> R
         r#"<header id="bar">
 <span id="title">{title}</span>
 <span id="state" role="status" aria-live="polite" data-state="connecting">Connecting…</span>
+<span id="policy" hidden></span>
+<span id="timeleft" hidden></span>
 <span class="spacer"></span>
+<span id="presence" role="status" aria-live="polite" hidden></span>
 <button id="cad" type="button" disabled title="Send Ctrl+Alt+Del to the VM">Ctrl+Alt+Del</button>
 <button id="fullscreen" type="button" title="Fill the screen">Fullscreen</button>
 </header>
+<div id="warning" role="alert" hidden></div>
 <main id="screen"></main>
 <noscript><p class="error">The console needs JavaScript.</p></noscript>"#
     );

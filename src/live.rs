@@ -47,6 +47,8 @@ pub struct Member {
     pub role: Role,
     /// The browser's address.
     pub client: SocketAddr,
+    /// Their token's id.
+    pub token_id: String,
     /// When they joined.
     pub since: SystemTime,
     /// Whether the others are told they are there (always, for now: unannounced
@@ -230,6 +232,8 @@ pub struct Live {
     clock: Instant,
     stats: Mutex<Stats>,
     members: Mutex<Vec<Member>>,
+    /// Counts changes to `members`, for whoever shows who is on the session.
+    roster: watch::Sender<u64>,
     state: watch::Sender<State>,
     /// The input of everyone on the session (owner and operators): the owner's
     /// connection ends when it has seen none for `[limits] idle_timeout`.
@@ -287,6 +291,11 @@ impl Live {
         }
     }
 
+    /// Changes to who is on the session.
+    pub fn roster(&self) -> watch::Receiver<u64> {
+        self.roster.subscribe()
+    }
+
     /// The participants besides the owner, in the order they joined.
     pub fn members(&self) -> Vec<Member> {
         self.members.lock().map(|m| m.clone()).unwrap_or_default()
@@ -303,6 +312,8 @@ impl Live {
         }
         let (session, announced) = (member.session, member.announced);
         members.push(member);
+        drop(members);
+        self.roster.send_modify(|n| *n += 1);
         Ok(Joined {
             live: self.clone(),
             session,
@@ -407,6 +418,7 @@ impl Drop for Joined {
         if let Ok(mut m) = self.live.members.lock() {
             m.retain(|x| x.session != self.session);
         }
+        self.live.roster.send_modify(|n| *n += 1);
     }
 }
 
@@ -502,6 +514,7 @@ impl LiveSessions {
                     channels: Vec::new(),
                 }),
                 members: Mutex::new(Vec::new()),
+                roster: watch::channel(0).0,
                 state: watch::channel(State::Live).0,
                 idle: crate::limits::Idle::default(),
             };
@@ -690,6 +703,7 @@ mod tests {
             user: format!("user{session}"),
             role,
             client: "127.0.0.1:6000".parse().unwrap(),
+            token_id: format!("{session:016x}"),
             since: SystemTime::now(),
             announced: true,
         }

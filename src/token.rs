@@ -933,10 +933,34 @@ impl TokenKey {
         Ok(URL_SAFE_NO_PAD.encode(out))
     }
 
+    /// Opens a token whatever its expiry: for a token already spent on a connection
+    /// that is still live, which its holder's page asks about (the console page's
+    /// presence stream). The caller must find that live connection, by token id.
+    pub fn open_spent(&self, token: &str) -> Result<Claims, TokenError> {
+        self.unseal(token)
+    }
+
     /// Opens a token: checks its tag in constant time, decrypts it, and refuses it if
     /// it expired at or before `now` (Unix seconds). Replay is the caller's
     /// [`ReplayCache`].
     pub fn open(&self, token: &str, now: u64) -> Result<Claims, TokenError> {
+        let claims = self.unseal(token)?;
+        if claims.expires_at <= now {
+            return Err(TokenError::Expired {
+                expires_at: claims.expires_at,
+                now,
+            });
+        }
+        if claims.expires_at > now.saturating_add(MAX_LIFETIME.as_secs()) {
+            return Err(TokenError::TooLong {
+                expires_at: claims.expires_at,
+            });
+        }
+        Ok(claims)
+    }
+
+    /// Checks a token's tag in constant time and decrypts it, whatever its expiry.
+    fn unseal(&self, token: &str) -> Result<Claims, TokenError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed);
         }
@@ -965,19 +989,7 @@ impl TokenKey {
             .map_err(|_| TokenError::Malformed)?;
         let mut body = Zeroizing::new(signed[1 + IV_LEN..].to_vec());
         Aes256Ctr::new((&*self.enc).into(), (&iv).into()).apply_keystream(&mut body);
-        let claims = Claims::decode(version, &body)?;
-        if claims.expires_at <= now {
-            return Err(TokenError::Expired {
-                expires_at: claims.expires_at,
-                now,
-            });
-        }
-        if claims.expires_at > now.saturating_add(MAX_LIFETIME.as_secs()) {
-            return Err(TokenError::TooLong {
-                expires_at: claims.expires_at,
-            });
-        }
-        Ok(claims)
+        Claims::decode(version, &body)
     }
 }
 

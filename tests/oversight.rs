@@ -156,13 +156,37 @@ fn next_event(buf: &mut Vec<u8>) -> Option<(String, serde_json::Value)> {
 
 impl Events {
     async fn open(v: &Vizor, id: u64) -> Events {
+        let auth = format!("Bearer {}", common::ADMIN_KEY);
+        let mut e = Events::connect(
+            v,
+            &format!("/api/v1/sessions/{id}/events"),
+            &[("Authorization", &auth)],
+        )
+        .await;
+        let (event, data) = e.next().await.unwrap();
+        assert_eq!(
+            (event.as_str(), data["session"].as_u64()),
+            ("open", Some(id))
+        );
+        e
+    }
+
+    /// A console page's presence stream, for the connection `token` holds.
+    async fn presence(v: &Vizor, token: &str) -> Events {
+        Events::connect(v, &format!("/console/events?token={token}"), &[]).await
+    }
+
+    async fn connect(v: &Vizor, path: &str, headers: &[(&str, &str)]) -> Events {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(v.addr).await.unwrap();
-        let req = format!(
-            "GET /api/v1/sessions/{id}/events HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n\r\n",
-            v.addr,
-            common::ADMIN_KEY
+        let mut req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n",
+            v.addr
         );
+        for (k, val) in headers {
+            req.push_str(&format!("{k}: {val}\r\n"));
+        }
+        req.push_str("\r\n");
         s.write_all(req.as_bytes()).await.unwrap();
         let mut buf = Vec::new();
         while !common::holds(&buf, b"\r\n\r\n") {
@@ -191,13 +215,7 @@ impl Events {
                 }
             }
         });
-        let mut e = Events { rx };
-        let (event, data) = e.next().await.unwrap();
-        assert_eq!(
-            (event.as_str(), data["session"].as_u64()),
-            ("open", Some(id))
-        );
-        e
+        Events { rx }
     }
 
     /// The next event; `None` once the stream closed.
@@ -315,6 +333,44 @@ async fn participants_share_a_console_and_an_administrator_ends_it() {
             ("op1".to_owned(), "operator".to_owned())
         ]
     );
+    // Each console page hears who else is there, and what it may do.
+    let others = |d: &serde_json::Value| -> Vec<String> {
+        d["others"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                format!(
+                    "{} ({})",
+                    o["user"].as_str().unwrap(),
+                    o["role"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    let mut seen_by_observer = Events::presence(&v, &observer_token).await;
+    let (me, _) = seen_by_observer.until(|e, _| e == "presence").await;
+    assert_eq!(
+        (
+            &me["you"]["role"],
+            &me["you"]["view_only"],
+            &me["you"]["clipboard"]
+        ),
+        (
+            &serde_json::json!("observer"),
+            &serde_json::json!(true),
+            &serde_json::json!("none")
+        )
+    );
+    assert_eq!(others(&me), ["tester (owner)", "op1 (operator)"]);
+    let mut seen_by_operator = Events::presence(&v, &operator_token).await;
+    let (me, _) = seen_by_operator.until(|e, _| e == "presence").await;
+    assert_eq!(me["you"]["view_only"], false);
+    assert_eq!(others(&me), ["tester (owner)", "watcher (observer)"]);
+    // A link that holds no live connection hears nothing.
+    let (status, _, _) =
+        common::http_get(v.addr, &format!("/console/events?token={late_token}"), &[]).await;
+    assert_eq!(status, 404);
     let participant_session = |user: &str| {
         wait_record(&v, "session_start", |r| r["user"] == user)["session"]
             .as_u64()
@@ -483,6 +539,9 @@ async fn participants_share_a_console_and_an_administrator_ends_it() {
         hex(&expected),
         "the guest's keyboard got (left) other than the audit says (right), at the end: {released}"
     );
+    // The presence streams end with their connections.
+    seen_by_observer.until(|e, _| e == "end").await;
+    seen_by_operator.until(|e, _| e == "end").await;
     // The stream shows the end, then ends.
     let (end, _) = events
         .until(|e, d| e == "record" && d["event"] == "admin_action" && d["action"] == "end")
@@ -608,7 +667,8 @@ async fn participants_share_a_console_and_an_administrator_ends_it() {
 async fn a_spice_session_is_watched_through_vnc_and_its_owner_stays() {
     common::live_domain();
     let d = common::spice::domain("vizor-test-wspice");
-    let v = Vizor::start_admin("", "");
+    // A covert review: observers are not shown to the others.
+    let v = Vizor::start_admin("", "[oversight]\nannounce = false\n");
     let token = v.token(d, ConsoleKind::Spice, 60);
     let (mut main, _, kind) = common::spice::session(&v, &token, true).await;
     let id = session_on(&v, d).await["id"].as_u64().unwrap();
@@ -646,15 +706,34 @@ async fn a_spice_session_is_watched_through_vnc_and_its_owner_stays() {
     let pings = common::spice::answer_pings(&mut main, kind, Duration::from_secs(3)).await;
     assert!(pings > 0, "the owner's SPICE session still answers pings");
     watcher.grab().await;
+    // Unannounced: the owner's page does not show the watcher, and the audit says so.
+    let mut seen_by_owner = Events::presence(&v, &token).await;
+    let (me, _) = seen_by_owner.until(|e, _| e == "presence").await;
+    assert_eq!(me["you"]["role"], "owner");
+    assert_eq!(me["others"], serde_json::json!([]));
+    let start = wait_record(&v, "session_start", |r| r["user"] == "admin");
+    assert_eq!(
+        (&start["unannounced"], &start["role"]),
+        (&serde_json::json!(true), &serde_json::json!("observer"))
+    );
     let listed = session_on(&v, d).await;
     assert_eq!(listed["kind"], "spice");
+    assert_eq!(listed["participants"][0]["announced"], false);
     assert_eq!(listed["participants"][0]["role"], "observer");
     assert_eq!(listed["participants"][0]["user"], "admin");
     let watch = records(&v.audit(), "admin_action");
     assert_eq!(watch.len(), 1);
     assert_eq!(
-        (&watch[0]["action"], &watch[0]["admin"]),
-        (&serde_json::json!("watch"), &serde_json::json!("admin"))
+        (
+            &watch[0]["action"],
+            &watch[0]["admin"],
+            &watch[0]["announced"]
+        ),
+        (
+            &serde_json::json!("watch"),
+            &serde_json::json!("admin"),
+            &serde_json::json!(false)
+        )
     );
     // Ending the session ends both, the SPICE owner and the VNC watcher.
     let (status, _) = v

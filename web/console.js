@@ -35,6 +35,71 @@ fullscreenButton.addEventListener("click", () => {
     }
 });
 
+// Who else is on this console, what this page may do and how long it has: vizor's
+// presence stream for this page's connection, once the console is connected.
+const policyEl = document.getElementById("policy");
+const timeleftEl = document.getElementById("timeleft");
+const presenceEl = document.getElementById("presence");
+const warningEl = document.getElementById("warning");
+let endsAt = null;
+let ticker = null;
+let onViewOnly = () => {};
+
+function clock(ms) {
+    const s = Math.max(0, Math.ceil(ms / 1000));
+    const h = Math.floor(s / 3600);
+    const m = Math.floor((s % 3600) / 60);
+    const pad = (n) => String(n).padStart(2, "0");
+    return (h > 0 ? h + ":" + pad(m) : String(m)) + ":" + pad(s % 60);
+}
+
+function tick() {
+    if (endsAt === null) {
+        return;
+    }
+    const left = endsAt - Date.now();
+    timeleftEl.hidden = false;
+    timeleftEl.textContent = clock(left) + " left";
+    const warn = left <= 60000;
+    timeleftEl.dataset.warn = warn ? "true" : "false";
+    if (warn && warningEl.hidden) {
+        warningEl.hidden = false;
+        warningEl.textContent = "This session ends in under a minute.";
+    }
+}
+
+function presence(info) {
+    const you = info.you;
+    if (you.view_only) {
+        policyEl.hidden = false;
+        policyEl.textContent = "View only";
+        onViewOnly();
+    } else if (you.clipboard !== "both") {
+        policyEl.hidden = false;
+        policyEl.textContent = "Clipboard: " + you.clipboard.replace("_", " ");
+    }
+    if (you.ends_in_ms !== null && you.ends_in_ms !== undefined) {
+        endsAt = Date.now() + you.ends_in_ms;
+        if (ticker === null) {
+            ticker = setInterval(tick, 1000);
+        }
+        tick();
+    }
+    const others = info.others.map((o) => o.user + " (" + o.role + ")");
+    presenceEl.hidden = others.length === 0;
+    presenceEl.textContent = others.length ? "Also here: " + others.join(", ") : "";
+    presenceEl.dataset.count = String(others.length);
+}
+
+function follow() {
+    if (token === null) {
+        return;
+    }
+    const events = new EventSource("/console/events?token=" + encodeURIComponent(token));
+    events.addEventListener("presence", (e) => presence(JSON.parse(e.data)));
+    events.addEventListener("end", () => events.close());
+}
+
 // Words for the end of a session: vizor's close reason when it gave one.
 function ended(reason, clean) {
     if (reason) {
@@ -45,6 +110,11 @@ function ended(reason, clean) {
         say("error", "Connection lost");
     }
     cadButton.disabled = true;
+    if (ticker !== null) {
+        clearInterval(ticker);
+        ticker = null;
+    }
+    presenceEl.hidden = true;
 }
 
 async function vnc() {
@@ -58,10 +128,16 @@ async function vnc() {
     const rfb = new RFB(screenEl, ws);
     rfb.scaleViewport = true;
     rfb.resizeSession = false;
+    onViewOnly = () => {
+        // vizor drops this page's input anyway; noVNC then sends none.
+        rfb.viewOnly = true;
+        cadButton.disabled = true;
+    };
     rfb.addEventListener("connect", () => {
         say("connected", "Connected");
         cadButton.disabled = false;
         rfb.focus();
+        follow();
     });
     rfb.addEventListener("disconnect", (e) => ended(reason, e.detail.clean));
     rfb.addEventListener("securityfailure", (e) => {
@@ -108,6 +184,7 @@ async function spice() {
             say("connected", "Connected");
             cadButton.disabled = false;
             area.focus();
+            follow();
         },
     });
     sc.ws.addEventListener("close", (e) => {

@@ -49,12 +49,37 @@ fn sse(event: &str, data: &str) -> Bytes {
     Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
 }
 
-/// Counts an open stream while held.
-struct Open(Arc<App>);
+/// Console pages' presence streams open at once, at most (one per console
+/// connection is the use).
+pub const MAX_PRESENCE_STREAMS: usize = 4096;
+
+/// Counts an open stream while held: an administrator's event stream, or a console
+/// page's presence stream.
+struct Open(Arc<App>, bool);
+
+impl Open {
+    fn counter(app: &App, presence: bool) -> &AtomicUsize {
+        if presence {
+            &app.presence_streams
+        } else {
+            &app.event_streams
+        }
+    }
+
+    /// Takes a place, if there is one under `max`.
+    fn take(app: &Arc<App>, presence: bool, max: usize) -> Option<Open> {
+        let c = Self::counter(app, presence);
+        if c.fetch_add(1, Ordering::Relaxed) >= max {
+            c.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Open(app.clone(), presence))
+    }
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.event_streams.fetch_sub(1, Ordering::Relaxed);
+        Self::counter(&self.0, self.1).fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -94,15 +119,13 @@ pub(super) async fn events(
             format!("no live session {id} on this vizor"),
         ));
     };
-    if app.event_streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
-        app.event_streams.fetch_sub(1, Ordering::Relaxed);
+    let Some(open) = Open::take(&app, false, MAX_STREAMS) else {
         return answer(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_streams",
             format!("{MAX_STREAMS} event streams are open already"),
         ));
-    }
-    let open = Open(app.clone());
+    };
     // Subscribed before the answer: nothing sealed from now on is missed.
     let mut feed = app.audit().follow();
     let mut follow = Follow::new(Some(id));
@@ -194,5 +217,165 @@ pub(super) async fn events(
         header::HeaderValue::from_static("no-store"),
     );
     h.insert("x-accel-buffering", header::HeaderValue::from_static("no"));
+    r
+}
+
+/// Whether `path` is the console page's presence stream.
+pub(super) fn console_events_route(method: &Method, path: &str) -> bool {
+    method == Method::GET && path == "/console/events"
+}
+
+/// The live connection a spent token holds: its session, and its own place there
+/// (`None` for the owner).
+fn connection_of(
+    app: &App,
+    claims: &Claims,
+) -> Option<(Arc<crate::live::Live>, Option<crate::live::Member>)> {
+    let token_id = claims.token_id();
+    match &claims.joins {
+        None => app
+            .live()
+            .list()
+            .into_iter()
+            .find(|l| l.token_id == token_id)
+            .map(|l| (l, None)),
+        Some(j) => {
+            let live = app.live().joinable(j.session, &j.owner_token_id()).ok()?;
+            let me = live
+                .members()
+                .into_iter()
+                .find(|m| m.token_id == token_id)?;
+            Some((live, Some(me)))
+        }
+    }
+}
+
+/// What a console page is told: who it is on the console, what it may do, how long
+/// it has, and who else is there (announced participants).
+fn presence(
+    live: &crate::live::Live,
+    me: Option<&crate::live::Member>,
+    claims: &Claims,
+) -> serde_json::Value {
+    let ends_in_ms = claims.policy.max_duration.map(|d| {
+        let age = match me {
+            None => live.age(),
+            Some(m) => m.since.elapsed().unwrap_or_default(),
+        };
+        d.saturating_sub(age).as_millis() as u64
+    });
+    let mut others = Vec::new();
+    if me.is_some() {
+        others.push(serde_json::json!({"user": live.user, "role": "owner"}));
+    }
+    for m in live.members() {
+        if m.announced && me.is_none_or(|me| me.session != m.session) {
+            others.push(serde_json::json!({"user": m.user, "role": m.role.as_str()}));
+        }
+    }
+    serde_json::json!({
+        "you": {
+            "user": claims.user,
+            "role": claims.role.as_str(),
+            "view_only": claims.policy.view_only || claims.role == crate::token::Role::Observer,
+            "clipboard": claims.policy.clipboard.as_str(),
+            "ends_in_ms": ends_in_ms,
+        },
+        "others": others,
+    })
+}
+
+/// `GET /console/events?token=`: for the console page whose token holds a live
+/// connection, Server-Sent Events `presence` (who it is, what it may do, time left,
+/// who else is on the console) at once and at every change, until the connection ends.
+pub(super) async fn console_events(
+    app: Arc<App>,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<Body> {
+    let whole = |r: Resp| r.map(http_body_util::Either::Left);
+    if let Some(refused) = throttled(&app, peer) {
+        return whole(refused);
+    }
+    let Some(token) = query_param(req, "token").filter(|t| !t.is_empty()) else {
+        return whole(text(StatusCode::BAD_REQUEST, "a token is required\n"));
+    };
+    // Spent already, and perhaps past its expiry: what admits it here is a live
+    // connection holding it.
+    let claims = match app.key.open_spent(&token) {
+        Ok(c) => c,
+        Err(e) => {
+            token_refused(
+                &app,
+                peer,
+                e.reason(),
+                None,
+                "console events",
+                &e.to_string(),
+            );
+            return whole(text(StatusCode::FORBIDDEN, "not a valid console link\n"));
+        }
+    };
+    let Some((live, me)) = connection_of(&app, &claims) else {
+        return whole(text(
+            StatusCode::NOT_FOUND,
+            "no live console holds this link\n",
+        ));
+    };
+    let Some(open) = Open::take(&app, true, MAX_PRESENCE_STREAMS) else {
+        return whole(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many console pages are open\n",
+        ));
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    tokio::spawn(async move {
+        let _open = open;
+        let mut roster = live.roster();
+        let mut state = live.state();
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        keepalive.tick().await;
+        let session = me.as_ref().map(|m| m.session);
+        loop {
+            // Still on the console?
+            let here = *state.borrow() == crate::live::State::Live
+                && session.is_none_or(|s| live.members().iter().any(|m| m.session == s));
+            if !here {
+                break;
+            }
+            let now = live
+                .members()
+                .into_iter()
+                .find(|m| Some(m.session) == session);
+            let info = presence(&live, now.as_ref(), &claims).to_string();
+            if tx.send(sse("presence", &info)).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                r = roster.changed() => if r.is_err() { break },
+                r = state.changed() => if r.is_err() { break },
+                _ = keepalive.tick() => {
+                    if tx.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(sse("end", "{}")).await;
+    });
+    let mut r = Response::new(http_body_util::Either::Right(Streamed(rx)));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("no-referrer"),
+    );
     r
 }

@@ -80,6 +80,8 @@ pub struct App {
     pub readiness: Arc<Readiness>,
     /// Event streams open now (`GET /api/v1/sessions/{id}/events`).
     pub event_streams: AtomicUsize,
+    /// Console pages' presence streams open now (`GET /console/events`).
+    pub presence_streams: AtomicUsize,
     next_session: AtomicU64,
 }
 
@@ -246,6 +248,7 @@ impl App {
             sessions: SessionCount::default(),
             readiness: Arc::default(),
             event_streams: AtomicUsize::new(0),
+            presence_streams: AtomicUsize::new(0),
             next_session: AtomicU64::new(1),
         }
     }
@@ -335,6 +338,12 @@ pub async fn handle(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
+    if console_events_route(req.method(), req.uri().path()) {
+        let peer = client_of(&app, peer, &req);
+        let mut r = console_events(app, peer, &req).await;
+        secure(&mut r);
+        return Ok(r);
+    }
     if let Some(id) = events_route(req.method(), req.uri().path()) {
         let id = id.to_owned();
         let peer = client_of(&app, peer, &req);

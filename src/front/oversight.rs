@@ -321,7 +321,7 @@ async fn join_token(
             role: Some(role.as_str()),
             user: Some(&user),
             reason: None,
-            announced: Some(true),
+            announced: Some(role != Role::Observer || app.config.oversight.announce),
         })
         .await
         .map_err(audit_down)?;

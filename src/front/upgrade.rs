@@ -422,8 +422,10 @@ pub(super) async fn console_session(
                             user: claims.user.clone(),
                             role: claims.role,
                             client: peer,
+                            token_id: token_id.clone(),
                             since: SystemTime::now(),
-                            announced: true,
+                            announced: claims.role != crate::token::Role::Observer
+                                || app.config.oversight.announce,
                         };
                         match live.join(member) {
                             Ok(j) => Some(j),
