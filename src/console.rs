@@ -20,6 +20,9 @@ type Resp = Response<Full<Bytes>>;
 /// The page's script and style, built into the binary.
 const SCRIPT: &str = include_str!("../web/console.js");
 const STYLE: &str = include_str!("../web/console.css");
+/// The admin page's script and style.
+const ADMIN_SCRIPT: &str = include_str!("../web/admin.js");
+const ADMIN_STYLE: &str = include_str!("../web/admin.css");
 
 /// Where the page's own assets live.
 pub const ASSET_PREFIX: &str = "/_vizor/";
@@ -72,6 +75,8 @@ pub fn asset(url_path: &str) -> Option<Resp> {
     let (body, kind) = match url_path.strip_prefix(ASSET_PREFIX)? {
         "console.js" => (SCRIPT, "text/javascript; charset=utf-8"),
         "console.css" => (STYLE, "text/css; charset=utf-8"),
+        "admin.js" => (ADMIN_SCRIPT, "text/javascript; charset=utf-8"),
+        "admin.css" => (ADMIN_STYLE, "text/css; charset=utf-8"),
         _ => return None,
     };
     Some(respond(
@@ -122,6 +127,73 @@ pub fn client_page(config: &ConsoleConfig, kind: ConsoleKind, domain: &str) -> R
         &format!(r#"data-kind="{kind}" data-client="{client}""#),
         true,
         &body,
+    )
+}
+
+/// `GET /admin`: the live sessions for an administrator, with Watch, End and a
+/// session's event stream. The page asks for the admin key and keeps it in its memory
+/// alone; without the management API it says so.
+pub fn admin_page(api: bool) -> Resp {
+    if !api {
+        return error_page(
+            StatusCode::NOT_FOUND,
+            "The management API is off",
+            "The operator turns it on with [api] admin_key_file or admin_keys_file in vizor's configuration.",
+        );
+    }
+    let body = r#"<header>
+<h1>vizor · live sessions</h1>
+<span class="spacer"></span>
+<span id="status" role="status" aria-live="polite"></span>
+</header>
+<main>
+<form id="login" autocomplete="off">
+<label for="key">Admin key</label>
+<input id="key" type="password" autocomplete="off" spellcheck="false" required>
+<button type="submit">Open</button>
+</form>
+<p id="login-error" class="error" role="alert"></p>
+<section id="sessions" hidden>
+<table>
+<thead><tr><th>Session</th><th>User</th><th>Domain</th><th>Kind</th><th>On the console</th><th>Started</th><th>Bandwidth</th><th>Frame p50 / p99</th><th>Input to display p50 / p99</th><th></th></tr></thead>
+<tbody id="rows"></tbody>
+</table>
+<section id="events" hidden>
+<header><span id="events-title"></span><span class="spacer"></span><button id="events-close" type="button">Close</button></header>
+<ul id="events-list" aria-live="polite"></ul>
+</section>
+</section>
+<dialog id="end-dialog">
+<form id="end-form" method="dialog">
+<strong id="end-title"></strong>
+<label for="end-reason">Reason, shown to everyone on the console and kept in the audit log</label>
+<input id="end-reason" maxlength="200" autocomplete="off" required>
+<div class="buttons"><button id="end-cancel" type="button">Cancel</button><button id="end-confirm" class="danger" type="submit">End session</button></div>
+</form>
+</dialog>
+</main>"#;
+    let html = format!(
+        r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>Live sessions · vizor</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="{ASSET_PREFIX}admin.css">
+<script type="module" src="{ASSET_PREFIX}admin.js"></script>
+</head>
+<body data-kind="admin">
+{body}
+</body>
+</html>
+"#
+    );
+    respond(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        Bytes::from(html),
     )
 }
 

@@ -334,3 +334,90 @@ fn the_console_page_connects_over_https_and_wss() {
         .unwrap();
     assert_eq!(start["domain"], live.name.as_str());
 }
+
+#[test]
+#[ignore = "live: needs the test host and Chromium (scripts/test.sh runs it with --include-ignored)"]
+fn the_admin_page_lists_watches_and_ends_sessions() {
+    let t = tools();
+    let a = "vizor-test-badmin";
+    let pw = password();
+    // (Re)started now: SeaBIOS offers its boot menu for 30 s.
+    test_host(&["domain", a, "--vnc-passwd", &pw, "--no-spice"]);
+    let b = common::live_domain().name;
+    let v = Vizor::start_full(
+        "",
+        "",
+        &format!(
+            "{}[console]\nnovnc = \"{}\"\nspice_html5 = \"{SPICE_HTML5}\"\n",
+            common::ADMIN_API,
+            t.novnc.display()
+        ),
+        common::write_admin_key,
+    );
+    let cfg = serde_json::json!({
+        "admin": format!("http://{}/admin", v.addr),
+        "key": common::ADMIN_KEY,
+        "other": console_url(&v, &b, ConsoleKind::Vnc, 60),
+        "domain": a,
+    });
+    let r = drive(
+        &t,
+        "admin",
+        &console_url(&v, a, ConsoleKind::Vnc, 60),
+        &cfg.to_string(),
+    );
+    eprintln!("admin page: {r}");
+    assert_eq!(
+        (&r["status"], &r["admin_status"]),
+        (&200.into(), &200.into())
+    );
+    let mut listed: Vec<&str> = r["listed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    listed.sort();
+    let mut want = vec![a, b.as_str()];
+    want.sort();
+    assert_eq!(listed, want);
+    // The key is in the page's memory alone.
+    assert_eq!(
+        r["key_kept"],
+        serde_json::json!({"url": false, "cookie": false, "storage": false, "input": ""})
+    );
+    assert_eq!(
+        r["login_shown"], false,
+        "the key form goes once the key works"
+    );
+    // Presence on both pages; the watcher's is view only.
+    assert_eq!(r["watcher_presence"], "Also here: tester (owner)", "{r}");
+    assert_eq!(r["owner_presence"], "Also here: admin (observer)", "{r}");
+    assert_eq!(r["watcher_policy"], "View only", "{r}");
+    // The owner's Escape opened SeaBIOS's menu on the watcher's screen.
+    assert!(
+        r["below_after"].as_u64().unwrap() > r["below_before"].as_u64().unwrap() + 500,
+        "{r}"
+    );
+    assert!(
+        r["typed"]
+            .as_str()
+            .unwrap()
+            .contains("tester typed \"<Escape>\""),
+        "{r}"
+    );
+    // End: both pages of A say who ended it and why; B goes on.
+    let ended = "Disconnected: ended by an administrator (admin): end of shift";
+    assert_eq!(r["owner_ended"]["words"], ended, "{r}");
+    assert_eq!(r["watcher_ended"]["words"], ended, "{r}");
+    assert_eq!(r["other_still"]["state"], "connected", "{r}");
+    let audit = v.wait_for_records("admin_action", 2);
+    let actions: Vec<&str> = audit
+        .iter()
+        .filter(|r| r["event"] == "admin_action")
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["watch", "end"]);
+    v.assert_never_logged(&pw);
+    v.assert_never_logged(common::ADMIN_KEY);
+}

@@ -473,6 +473,9 @@ async fn route(
         }
         return Ok(websocket(app, peer, &mut req));
     }
+    if path == "/admin" {
+        return Ok(console::admin_page(app.admins().is_some()));
+    }
     if path == "/console" {
         if let Some(refused) = throttled(&app, peer) {
             return Ok(refused);

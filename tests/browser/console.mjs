@@ -11,6 +11,11 @@
 //                                               Ctrl+Alt+Del and fullscreen clicked
 //   node console.mjs refused URL OUTDIR NAME    a page that refuses: its words
 //   node console.mjs connect URL OUTDIR NAME    any console page: connected, a framebuffer
+//   node console.mjs admin URL OUTDIR JSON      URL is owner A's console page; JSON has
+//                                               admin (the /admin URL), key, other (owner
+//                                               B's page), domain (A's): the admin page
+//                                               lists both, watches A, follows its
+//                                               events, and ends it
 // playwright-core comes from web/node_modules (VIZOR_PLAYWRIGHT names its entry point).
 const { chromium } = await import(process.env.VIZOR_PLAYWRIGHT || "playwright-core");
 import { readFileSync, writeFileSync } from "node:fs";
@@ -248,6 +253,109 @@ try {
             banner_lit: lit(drawn, 0, 64),
             connected: await state(page),
             screenshots: [before],
+        };
+    } else if (mode === "admin") {
+        const cfg = JSON.parse(extra);
+        const connected = (p) => until("a console to connect", 20000, async () => (await state(p))?.state === "connected");
+        const words = (p, sel) => p.evaluate((s) => {
+            const el = document.querySelector(s);
+            return el && !el.hidden ? el.textContent : "";
+        }, sel);
+        await connected(page);
+        const ownerB = await context.newPage();
+        ownerB.on("pageerror", (e) => problems.push(`owner B page error: ${e.message}`));
+        await ownerB.goto(cfg.other);
+        await connected(ownerB);
+        // The admin page: the key asked for, kept in memory; both sessions listed.
+        const admin = await context.newPage();
+        admin.on("pageerror", (e) => problems.push(`admin page error: ${e.message}`));
+        const adminResponse = await admin.goto(cfg.admin);
+        await admin.locator("#key").fill(cfg.key);
+        await admin.locator("#login button[type=submit]").click();
+        await until("two live sessions on the admin page", 10000, () =>
+            admin.evaluate(() => document.querySelectorAll("#rows tr").length === 2),
+        );
+        const listed = await admin.evaluate(() =>
+            [...document.querySelectorAll("#rows tr")].map((tr) => tr.dataset.domain),
+        );
+        const loginShown = await admin.evaluate(() => getComputedStyle(document.getElementById("login")).display !== "none");
+        const keyKept = await admin.evaluate((k) => ({
+            url: location.href.includes(k),
+            cookie: document.cookie.includes(k),
+            storage: JSON.stringify(localStorage).includes(k) || JSON.stringify(sessionStorage).includes(k),
+            input: document.getElementById("key").value,
+        }), cfg.key);
+        const listShot = join(outDir, "admin-list.png");
+        await admin.screenshot({ path: listShot });
+        const row = admin.locator(`#rows tr[data-domain="${cfg.domain}"]`);
+        await row.locator("button.follow").click();
+        // Watch: an observer console of A in a new page.
+        const [watcher] = await Promise.all([context.waitForEvent("page"), row.locator("button.watch").click()]);
+        watcher.on("pageerror", (e) => problems.push(`watcher page error: ${e.message}`));
+        await connected(watcher);
+        const watcherPresence = await until("the watcher's presence", 10000, async () => {
+            const w = await words(watcher, "#presence");
+            return w.includes("(owner)") ? w : null;
+        });
+        const ownerPresence = await until("the owner's presence", 10000, async () => {
+            const w = await words(page, "#presence");
+            return w.includes("(observer)") ? w : null;
+        });
+        const watcherPolicy = await words(watcher, "#policy");
+        // SeaBIOS on A: the owner presses Escape, and the watcher sees the boot menu.
+        const before = await until("the SeaBIOS banner on the watcher's page", 20000, async () => {
+            const p = await pixels(watcher, "#screen canvas");
+            return p && lit(p, 0, 64) > 1000 ? p : null;
+        });
+        const belowBefore = lit(before, 80, before.height);
+        await page.locator("#screen canvas").click({ position: { x: 5, y: 5 } });
+        const escapeAt = Date.now();
+        await page.keyboard.press("Escape");
+        const after = await until("the boot menu on the watcher's page", 5000, async () => {
+            const p = await pixels(watcher, "#screen canvas");
+            return p && lit(p, 80, p.height) > belowBefore + 500 ? p : null;
+        });
+        const watcherMs = Date.now() - escapeAt;
+        await watcher.screenshot({ path: join(outDir, "admin-watcher-menu.png") });
+        // The admin page's event stream shows what the owner typed.
+        const typed = await until("the typed Escape in the admin page's events", 5000, () =>
+            admin.evaluate(() =>
+                [...document.querySelectorAll("#events-list li[data-kind=text]")].map((li) => li.textContent).join("\n"),
+            ).then((t) => (t.includes("<Escape>") ? t : null)),
+        );
+        // End A with a reason: the owner's page and the watcher's say so.
+        await row.locator("button.end").click();
+        await admin.locator("#end-reason").fill("end of shift");
+        await admin.locator("#end-confirm").click();
+        const ownerEnded = await until("the owner's page to end", 5000, async () => {
+            const s = await state(page);
+            return s && s.state !== "connected" ? s : null;
+        });
+        const watcherEnded = await until("the watcher's page to end", 5000, async () => {
+            const s = await state(watcher);
+            return s && s.state !== "connected" ? s : null;
+        });
+        await page.screenshot({ path: join(outDir, "admin-owner-ended.png") });
+        await until("one live session left", 10000, () =>
+            admin.evaluate(() => document.querySelectorAll("#rows tr").length === 1),
+        );
+        result = {
+            status,
+            admin_status: adminResponse.status(),
+            listed,
+            key_kept: keyKept,
+            login_shown: loginShown,
+            watcher_presence: watcherPresence,
+            owner_presence: ownerPresence,
+            watcher_policy: watcherPolicy,
+            below_before: belowBefore,
+            below_after: lit(after, 80, after.height),
+            watcher_ms: watcherMs,
+            typed,
+            owner_ended: ownerEnded,
+            watcher_ended: watcherEnded,
+            other_still: await state(ownerB),
+            screenshots: [listShot],
         };
     } else {
         fail(`unknown mode ${mode}`);
