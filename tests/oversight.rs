@@ -24,21 +24,38 @@ struct Screen {
     b: Browser,
     dec: ServerDecoder,
     si: ServerInit,
+    /// Extended clipboard, as noVNC does it: a notify is answered with a request.
+    clipboard: bool,
+    /// Clipboard contents received.
+    clips: Vec<Vec<u8>>,
 }
 
 impl Screen {
-    async fn new(mut b: Browser, si: ServerInit) -> Screen {
-        let encodings = [
+    async fn new(b: Browser, si: ServerInit) -> Screen {
+        Screen::with(b, si, false).await
+    }
+
+    async fn with(mut b: Browser, si: ServerInit, clipboard: bool) -> Screen {
+        let mut encodings = vec![
             Encoding::RAW,
             Encoding::EXTENDED_DESKTOP_SIZE,
             Encoding::QEMU_EXTENDED_KEY_EVENT,
         ];
+        if clipboard {
+            encodings.push(Encoding::EXTENDED_CLIPBOARD);
+        }
         let mut set = Vec::new();
-        write_set_encodings(encodings, &mut set);
+        write_set_encodings(encodings.iter().copied(), &mut set);
         b.send(&set).await;
         let mut dec = ServerDecoder::new(&si, Limits::default());
-        dec.set_encodings(encodings);
-        Screen { b, dec, si }
+        dec.set_encodings(encodings.iter().copied());
+        Screen {
+            b,
+            dec,
+            si,
+            clipboard,
+            clips: Vec::new(),
+        }
     }
 
     /// Joins a session with a participant's token.
@@ -62,8 +79,20 @@ impl Screen {
         let mut pixels = std::collections::hash_map::DefaultHasher::new();
         let mut raw = 0u64;
         loop {
+            let mut requests = 0;
             while let Some((ev, n)) = self.dec.decode(&self.b.pending).unwrap() {
                 match &ev {
+                    ServerEvent::ServerCutText(vizor_rfb::cut_text::CutText::Extended {
+                        flags,
+                        ..
+                    }) if self.clipboard && flags & vizor_rfb::client::clipboard::NOTIFY != 0 => {
+                        requests += 1;
+                    }
+                    ServerEvent::ServerCutText(text) => {
+                        for clip in text.contents(1 << 20).unwrap() {
+                            self.clips.push(clip.data.to_vec());
+                        }
+                    }
                     ServerEvent::Rect(r) if r.encoding == Encoding::RAW => {
                         (r.x, r.y, r.width, r.height).hash(&mut pixels);
                         raw += 1;
@@ -74,15 +103,31 @@ impl Screen {
                 let done = ev == ServerEvent::UpdateEnd && raw > 0;
                 self.b.pending.drain(..n);
                 if done {
+                    self.request_clipboard(requests).await;
                     return pixels.finish();
                 }
             }
+            self.request_clipboard(requests).await;
             self.b.read().await.unwrap();
         }
     }
 
     async fn send(&mut self, m: ClientMessage<'_>) {
         self.b.send(&msg(m)).await;
+    }
+
+    /// Asks for the clipboard the VM announced, `n` times.
+    async fn request_clipboard(&mut self, n: usize) {
+        use vizor_rfb::client::clipboard::{REQUEST, TEXT};
+        for _ in 0..n {
+            self.send(ClientMessage::ClientCutText(
+                vizor_rfb::cut_text::CutText::Extended {
+                    flags: REQUEST | TEXT,
+                    data: &[],
+                },
+            ))
+            .await;
+        }
     }
 }
 
@@ -939,4 +984,123 @@ async fn a_tokens_policy_holds_for_its_owner() {
     let closed = b.closed().await;
     assert_eq!(closed.code, 1008, "{closed:?}");
     assert!(closed.reason.contains("SPICE"), "{closed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
+async fn each_clipboard_way_holds_between_participants_through_qemu() {
+    common::live_domain();
+    let d = "vizor-test-wclip";
+    common::test_host(&["domain", d, "--vnc-passwd", "wclip1", "--no-spice"]);
+    let v = Vizor::start_admin("", "");
+    let (b, si) = open_session(&v, d).await;
+    let mut owner = Screen::with(b, si, true).await;
+    owner.grab().await;
+    let id = session_on(&v, d).await["id"].as_u64().unwrap();
+    let join = |user: &'static str, role: &'static str, clipboard: Option<&'static str>| {
+        let mut body = serde_json::json!({"role": role, "user": user});
+        if let Some(c) = clipboard {
+            body["clipboard"] = c.into();
+        }
+        let v = &v;
+        async move {
+            let token = participant(v, id, body).await;
+            let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+            let si = rfb_handshake(&mut b).await.unwrap();
+            let mut s = Screen::with(b, si, true).await;
+            s.grab().await;
+            let session = wait_record(v, "session_start", |r| r["user"] == user)["session"]
+                .as_u64()
+                .unwrap();
+            (s, session)
+        }
+    };
+    let (mut reader, reader_id) = join("reader", "operator", Some("from_vm")).await;
+    let (mut writer, writer_id) = join("writer", "operator", Some("to_vm")).await;
+    let (mut observer, observer_id) = join("watcher", "observer", None).await;
+    let cut = |text: &'static [u8]| {
+        ClientMessage::ClientCutText(vizor_rfb::cut_text::CutText::Latin1(text))
+    };
+
+    // The owner pastes: QEMU tells its other VNC clients (extended clipboard), and
+    // gives it to those that ask.
+    owner.send(cut(b"from-owner")).await;
+    wait_record(&v, "clipboard", |r| {
+        r["session"] == id && r["direction"] == "browser_to_vm"
+    });
+    // Each grab reads what came before it, and answers a notify with a request.
+    for s in [&mut reader, &mut writer, &mut observer] {
+        s.grab().await;
+    }
+    reader.grab().await;
+    let to_reader = wait_record(&v, "clipboard", |r| {
+        r["session"] == reader_id && r["direction"] == "vm_to_browser"
+    });
+    assert_eq!(to_reader["length"], 10);
+    // The writer and the observer were not even told: no request, no contents.
+    let audit = v.audit();
+    for held in [writer_id, observer_id] {
+        assert!(
+            records(&audit, "clipboard")
+                .iter()
+                .all(|r| r["session"] != held),
+            "session {held} got no clipboard"
+        );
+    }
+    // The writer pastes (to_vm): it passes, and the owner gets it from QEMU.
+    writer.send(cut(b"from-writer")).await;
+    wait_record(&v, "clipboard", |r| {
+        r["session"] == writer_id && r["direction"] == "browser_to_vm"
+    });
+    owner.grab().await;
+    owner.grab().await;
+    wait_record(&v, "clipboard", |r| {
+        r["session"] == id && r["direction"] == "vm_to_browser" && r["length"] == 11
+    });
+    // The reader (from_vm) and the observer paste: nothing passes.
+    reader.send(cut(b"from-reader")).await;
+    observer.send(cut(b"from-watcher")).await;
+    // What each browser got: a screen grab flushes what came before it.
+    owner.grab().await;
+    reader.grab().await;
+    writer.grab().await;
+    observer.grab().await;
+    let got = |s: &Screen, what: &[u8]| s.clips.iter().any(|c| c.as_slice() == what);
+    assert!(got(&reader, b"from-owner"), "{:?}", reader.clips);
+    assert!(got(&owner, b"from-writer"), "{:?}", owner.clips);
+    for (name, s) in [("writer", &writer), ("observer", &observer)] {
+        assert!(
+            s.clips.is_empty(),
+            "{name} got the VM's clipboard: {:?}",
+            s.clips
+        );
+    }
+    assert!(!got(&owner, b"from-reader") && !got(&owner, b"from-watcher"));
+    drop((owner, reader, writer, observer));
+    for (session, bytes) in [(reader_id, 11), (observer_id, 12)] {
+        let r = wait_record(&v, "input_dropped", |r| r["session"] == session);
+        assert_eq!(
+            (&r["clipboard"], &r["clipboard_bytes"]),
+            (&1.into(), &bytes.into()),
+            "{r}"
+        );
+    }
+    let passed: Vec<(u64, String)> = records(&v.audit(), "clipboard")
+        .iter()
+        .filter(|r| r["direction"] == "browser_to_vm")
+        .map(|r| {
+            (
+                r["session"].as_u64().unwrap(),
+                r["direction"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        passed,
+        [
+            (id, "browser_to_vm".to_owned()),
+            (writer_id, "browser_to_vm".to_owned())
+        ],
+        "only the owner's and the writer's pastes reached the VM"
+    );
 }

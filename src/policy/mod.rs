@@ -51,17 +51,42 @@ impl Participant {
             },
         }
     }
-
-    /// Whether clipboard contents may pass `dir` for this participant.
-    pub fn clipboard_passes(&self, dir: Direction) -> bool {
-        match dir {
-            Direction::BrowserToVm => self.clipboard.to_vm,
-            Direction::VmToBrowser => self.clipboard.from_vm,
-        }
-    }
 }
 
 pub use crate::token::{ClipboardWays, Role};
+
+/// Whether a clipboard message may pass `dir` for a participant with `ways`.
+///
+/// Contents (legacy text, or an extended clipboard's provide) need the way they go.
+/// The extended clipboard's control messages need the way the contents they lead to
+/// will go: a notify (its sender has contents) leads to contents going its way, a
+/// request (its sender wants contents) to contents coming back. So a participant who
+/// may only read the VM's clipboard may still ask for it, and one who may only paste
+/// may still be asked. Capabilities and peeks pass when either way does. A message
+/// with several flags needs every right one of them needs.
+pub fn clipboard_message_passes(
+    ways: ClipboardWays,
+    dir: Direction,
+    extended_flags: Option<u32>,
+) -> bool {
+    use vizor_rfb::client::clipboard::{NOTIFY, PROVIDE, REQUEST};
+    let (same, back) = match dir {
+        Direction::BrowserToVm => (ways.to_vm, ways.from_vm),
+        Direction::VmToBrowser => (ways.from_vm, ways.to_vm),
+    };
+    let Some(flags) = extended_flags else {
+        // Legacy: the text itself.
+        return same;
+    };
+    let mut ok = same || back;
+    if flags & (PROVIDE | NOTIFY) != 0 {
+        ok &= same;
+    }
+    if flags & REQUEST != 0 {
+        ok &= back;
+    }
+    ok
+}
 
 /// What goes on record, before the message it comes from moves on. Protocol-neutral:
 /// the relay hands each to the audit log as it is.
@@ -292,6 +317,35 @@ mod tests {
         };
         assert_eq!(d.count(Input::Key, t0), None);
         assert_eq!(d.close(), burst(u32::MAX, 0, 0, 0));
+    }
+
+    #[test]
+    fn clipboard_messages_need_the_way_their_contents_go() {
+        use vizor_rfb::client::clipboard::{CAPS, NOTIFY, PEEK, PROVIDE, REQUEST, TEXT};
+        let ways = |s: &str| s.parse::<ClipboardWays>().unwrap();
+        let (up, down) = (Direction::BrowserToVm, Direction::VmToBrowser);
+        // (message flags, direction) -> passes for none, to_vm, from_vm, both.
+        for (flags, dir, want) in [
+            (None, up, [false, true, false, true]),
+            (None, down, [false, false, true, true]),
+            (Some(PROVIDE | TEXT), up, [false, true, false, true]),
+            (Some(PROVIDE | TEXT), down, [false, false, true, true]),
+            (Some(NOTIFY | TEXT), up, [false, true, false, true]),
+            (Some(NOTIFY | TEXT), down, [false, false, true, true]),
+            (Some(REQUEST | TEXT), up, [false, false, true, true]),
+            (Some(REQUEST | TEXT), down, [false, true, false, true]),
+            (Some(CAPS | TEXT), up, [false, true, true, true]),
+            (Some(PEEK), down, [false, true, true, true]),
+            (
+                Some(REQUEST | PROVIDE | TEXT),
+                up,
+                [false, false, false, true],
+            ),
+        ] {
+            let got = ["none", "to_vm", "from_vm", "both"]
+                .map(|w| clipboard_message_passes(ways(w), dir, flags));
+            assert_eq!(got, want, "{flags:?} {dir:?}");
+        }
     }
 
     #[test]

@@ -45,6 +45,14 @@ use vizor_rfb::handshake::ServerInit;
 use vizor_rfb::server::{RectInfo, ServerDecoder, ServerEvent};
 use vizor_rfb::{Encoding, Limits};
 
+/// An extended clipboard message's flags; `None` for legacy text.
+fn extended_flags(text: &vizor_rfb::client::CutText<'_>) -> Option<u32> {
+    match text {
+        vizor_rfb::client::CutText::Extended { flags, .. } => Some(*flags),
+        vizor_rfb::client::CutText::Latin1(_) => None,
+    }
+}
+
 /// The state of one RFB session, between its browser participant and QEMU.
 #[derive(Debug)]
 pub struct Rules {
@@ -273,7 +281,11 @@ impl Rules {
             ClientMessage::ClientCutText(text) => {
                 let clips = crate::audit::Clipboard::of_cut_text(&text, self.keep_clipboard)
                     .map_err(|e| End::from_browser(&e))?;
-                if !self.participant.clipboard_passes(Direction::BrowserToVm) {
+                if !super::clipboard_message_passes(
+                    self.participant.clipboard,
+                    Direction::BrowserToVm,
+                    extended_flags(&text),
+                ) {
                     let length = clips.iter().map(|c| c.length as u64).sum();
                     FromBrowser {
                         notes: self
@@ -382,19 +394,26 @@ impl Rules {
                         .extend(input.map(|d| (Latency::InputToDisplay, d)));
                 }
                 ServerEvent::ServerCutText(text) => {
+                    let passes = super::clipboard_message_passes(
+                        self.participant.clipboard,
+                        Direction::VmToBrowser,
+                        extended_flags(&text),
+                    );
                     match crate::audit::Clipboard::of_cut_text(&text, self.keep_clipboard) {
-                        Ok(clips) if self.participant.clipboard_passes(Direction::VmToBrowser) => {
-                            step.notes.extend(
-                                clips
-                                    .into_iter()
-                                    .map(|c| Note::Clipboard(c, Direction::VmToBrowser)),
-                            )
-                        }
+                        Ok(clips) if passes => step.notes.extend(
+                            clips
+                                .into_iter()
+                                .map(|c| Note::Clipboard(c, Direction::VmToBrowser)),
+                        ),
                         Ok(clips) => {
-                            step.notes.push(Note::ClipboardDropped {
-                                dir: Direction::VmToBrowser,
-                                length: clips.iter().map(|c| c.length as u64).sum(),
-                            });
+                            // Contents held back are on record; a control message
+                            // held back withholds nothing.
+                            if !clips.is_empty() {
+                                step.notes.push(Note::ClipboardDropped {
+                                    dir: Direction::VmToBrowser,
+                                    length: clips.iter().map(|c| c.length as u64).sum(),
+                                });
+                            }
                             cut = Some((consumed, consumed + n));
                             break;
                         }

@@ -422,6 +422,126 @@ fn rule_10_an_observer_reaches_nothing() {
 }
 
 #[test]
+fn rule_10_each_clipboard_way_passes_its_direction_alone() {
+    for (ways, to_vm, from_vm) in [
+        ("both", true, true),
+        ("to_vm", true, false),
+        ("from_vm", false, true),
+        ("none", false, false),
+    ] {
+        let participant = Participant {
+            clipboard: ways.parse().unwrap(),
+            ..Participant::OWNER
+        };
+        let mut p = Pair::with(participant, Keymap::Default);
+        // Browser to VM: forwarded and on record, or dropped and counted.
+        p.browser(&cut_text(b"paste")).unwrap();
+        let passed = p.verdicts() == [&Verdict::Forward];
+        assert_eq!(passed, to_vm, "{ways}: to the VM");
+        match (&p.notes[..], to_vm) {
+            ([Note::Clipboard(c, Direction::BrowserToVm)], true) => assert_eq!(c.length, 5),
+            ([], false) => {
+                assert_eq!(
+                    p.rules.closing(),
+                    [Note::InputDropped(crate::policy::Burst {
+                        clipboard: 1,
+                        clipboard_bytes: 5,
+                        ..Default::default()
+                    })],
+                    "{ways}"
+                );
+            }
+            (other, _) => panic!("{ways}: {other:?}"),
+        }
+        // VM to browser: relayed and on record, or held back and on record.
+        p.notes.clear();
+        let mut stream = server_cut_text(b"guest");
+        stream.push(2);
+        p.vm(&stream, 4).unwrap();
+        if from_vm {
+            let mut want = server_cut_text(b"guest");
+            want.push(2);
+            assert_eq!(p.to_browser, want, "{ways}: from the VM");
+            assert!(
+                matches!(&p.notes[..], [Note::Clipboard(c, Direction::VmToBrowser)] if c.length == 5),
+                "{ways}: {:?}",
+                p.notes
+            );
+        } else {
+            assert_eq!(p.to_browser, [2], "{ways}: from the VM");
+            assert_eq!(
+                p.notes,
+                [Note::ClipboardDropped {
+                    dir: Direction::VmToBrowser,
+                    length: 5
+                }],
+                "{ways}"
+            );
+        }
+    }
+}
+
+/// An extended clipboard message (ClientCutText 6 or ServerCutText 3) with `flags`
+/// and no contents.
+fn ext_cut(msg_type: u8, flags: u32) -> Vec<u8> {
+    let mut v = vec![msg_type, 0, 0, 0];
+    v.extend_from_slice(&(-4i32).to_be_bytes());
+    v.extend_from_slice(&flags.to_be_bytes());
+    v
+}
+
+#[test]
+fn rule_10_extended_clipboard_control_messages_follow_the_contents_they_lead_to() {
+    use vizor_rfb::client::clipboard::{NOTIFY, REQUEST, TEXT};
+    // A reader (from_vm) asks for the VM's clipboard and is told of it; it may not
+    // announce contents of its own.
+    let reader = Participant {
+        clipboard: "from_vm".parse().unwrap(),
+        ..Participant::OWNER
+    };
+    let mut p = Pair::with(reader, Keymap::Default);
+    p.browser(&set_encodings(&[
+        Encoding::RAW,
+        Encoding::EXTENDED_CLIPBOARD,
+    ]))
+    .unwrap();
+    p.browser(&ext_cut(6, REQUEST | TEXT)).unwrap();
+    p.browser(&ext_cut(6, NOTIFY | TEXT)).unwrap();
+    assert_eq!(
+        p.verdicts()[1..],
+        [&Verdict::Forward, &Verdict::Drop(DropReason::Clipboard)]
+    );
+    let mut stream = ext_cut(3, NOTIFY | TEXT);
+    stream.push(2);
+    p.vm(&stream, 3).unwrap();
+    let mut want = ext_cut(3, NOTIFY | TEXT);
+    want.push(2);
+    assert_eq!(p.to_browser, want, "the VM's notify reaches the reader");
+    // A writer (to_vm) is asked for its clipboard, never told of the VM's.
+    let writer = Participant {
+        clipboard: "to_vm".parse().unwrap(),
+        ..Participant::OWNER
+    };
+    let mut p = Pair::with(writer, Keymap::Default);
+    p.browser(&set_encodings(&[
+        Encoding::RAW,
+        Encoding::EXTENDED_CLIPBOARD,
+    ]))
+    .unwrap();
+    let mut stream = ext_cut(3, NOTIFY | TEXT);
+    stream.extend(ext_cut(3, REQUEST | TEXT));
+    stream.push(2);
+    p.vm(&stream, 5).unwrap();
+    let mut want = ext_cut(3, REQUEST | TEXT);
+    want.push(2);
+    assert_eq!(
+        p.to_browser, want,
+        "the VM's request reaches the writer, its notify not"
+    );
+    assert_eq!(p.notes, [], "no contents were held back");
+}
+
+#[test]
 fn rule_11_led_state_the_browser_did_not_ask_for_is_recorded_and_dropped() {
     let mut stream = pixel_update([1, 2, 3, 4]);
     stream.extend(led_update(4));
