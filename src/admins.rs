@@ -89,6 +89,11 @@ impl Admins {
         found
     }
 
+    /// Whether an administrator of that name is known.
+    pub fn named(&self, name: &str) -> bool {
+        self.keys.iter().any(|(n, _)| n == name)
+    }
+
     /// How many administrators there are.
     pub fn len(&self) -> usize {
         self.keys.len()
@@ -131,10 +136,16 @@ fn read_keys_file(path: &Path) -> Result<Vec<(String, Zeroizing<String>)>, Strin
                 at()
             ));
         };
-        check_name(name).map_err(|e| format!("{}: {e}", at()))?;
+        // Neither word is shown: a line written KEY NAME would show the key.
+        if check_name(name).is_err() {
+            return Err(format!(
+                "{}: the name (the first word) must be 1 to {MAX_NAME_LEN} letters, digits, '.', '_', '-' or '@'",
+                at()
+            ));
+        }
         if key.len() < 16 {
             return Err(format!(
-                "{}: the key of {name:?} is shorter than 16 characters (for example: head -c 32 /dev/urandom | base64)",
+                "{}: the key (the second word) is shorter than 16 characters (for example: head -c 32 /dev/urandom | base64)",
                 at()
             ));
         }
@@ -195,7 +206,16 @@ mod tests {
                 "a line is NAME KEY",
             ),
             ("alice short\n", 0o600, "shorter than 16"),
-            ("al/ice 0123456789abcdef-a\n", 0o600, "administrator name"),
+            (
+                "al/ice 0123456789abcdef-a\n",
+                0o600,
+                "the name (the first word)",
+            ),
+            (
+                "0123456789abcdef/key alice\n",
+                0o600,
+                "the name (the first word)",
+            ),
             (
                 "alice 0123456789abcdef-a\nalice 0123456789abcdef-b\n",
                 0o600,
@@ -208,6 +228,7 @@ mod tests {
             let e = Admins::load(Some(&single), Some(&p)).unwrap_err();
             assert!(e.contains(want), "{text:?}: {e}");
             assert!(!e.contains("0123456789abcdef"), "no key in {e}");
+            assert!(!e.contains("al/ice"), "no word of the line in {e}");
         }
         let e = Admins::load(None, Some(&dir.path().join("none"))).unwrap_err();
         assert!(e.contains("admin keys file"), "{e}");

@@ -305,7 +305,13 @@ fn tail(
         let Ok(record) = serde_json::from_str::<serde_json::Value>(line.trim_end()) else {
             continue;
         };
-        for shown in f.record(&record) {
+        let runs = f.runs();
+        let shown_now = f.record(&record);
+        if session.is_some() && f.runs() != runs {
+            // Another run of vizor: its session of that id is another session.
+            last.clear();
+        }
+        for shown in shown_now {
             if lines > 0 {
                 if last.len() == lines {
                     last.pop_front();
@@ -321,20 +327,29 @@ fn tail(
     if !follow {
         return Ok(());
     }
+    let mut rotated = false;
     loop {
         line.clear();
         let n = reader.read_line(&mut line)?;
         if n == 0 {
+            if rotated {
+                // The old file is read to its end: on to the new one.
+                let (new, ino) = open(file)?;
+                reader = std::io::BufReader::new(new);
+                inode = ino;
+                partial.clear();
+                rotated = false;
+                continue;
+            }
             std::thread::sleep(Duration::from_millis(100));
-            // Rotated: the log was renamed and a new one started at its path.
             if let Ok(m) = std::fs::metadata(file) {
                 if m.ino() != inode {
-                    let (new, ino) = open(file)?;
-                    reader = std::io::BufReader::new(new);
-                    inode = ino;
-                    partial.clear();
+                    // Rotated: the log was renamed and a new one started at its path.
+                    // What the old file got since the last read comes first.
+                    rotated = true;
                 } else if m.len() < reader.stream_position()? {
-                    reader.seek(std::io::SeekFrom::Start(0))?;
+                    // A failed write taken back: what stands is read on from its end.
+                    reader.seek(std::io::SeekFrom::Start(m.len()))?;
                     partial.clear();
                 }
             }

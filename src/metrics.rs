@@ -143,7 +143,7 @@ impl Metrics {
             admin_actions_total: IntCounterVec::new(
                 Opts::new(
                     "vizor_admin_actions_total",
-                    "Administrators' actions on live sessions through the management API: participant (a join token minted), watch (an observer token for the administrator), end.",
+                    "Administrators' actions on live sessions through the management API: participant (a join token minted), watch (an observer token for the administrator), end, follow (an event stream opened).",
                 ),
                 &["action"],
             )?,
@@ -215,7 +215,7 @@ impl Metrics {
         r.register(Box::new(m.protocol_errors_total.clone()))?;
         r.register(Box::new(m.connections_refused_total.clone()))?;
         // Series that exist from the start, so rates over them work before traffic.
-        for action in ["participant", "watch", "end"] {
+        for action in ["participant", "watch", "end", "follow"] {
             m.admin_actions_total.with_label_values(&[action]);
         }
         for role in ["operator", "observer"] {

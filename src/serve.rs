@@ -67,12 +67,22 @@ const MAX_HEADER_SIZE: usize = 32 * 1024;
 /// Serves HTTP/1.1 (and WebSocket upgrades) on one connection, plain or TLS. A client
 /// must send each request's head within `handshake_timeout`, idle between requests
 /// too: a slow or silent client holds its connection that long at most.
-async fn serve_http<I>(app: Arc<App>, peer: std::net::SocketAddr, io: I)
-where
+async fn serve_http<I>(
+    app: Arc<App>,
+    peer: std::net::SocketAddr,
+    io: I,
+    counted: crate::limits::Connection,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let timeout = app.config.server.handshake_timeout;
-    let service = service_fn(move |req| front::handle(app.clone(), peer, req));
+    // The connection's place among the counted ones: a long-lived stream with limits
+    // of its own (the console page's presence) gives it back.
+    let counted = front::Counted::new(counted);
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(counted.clone());
+        front::handle(app.clone(), peer, req)
+    });
     let conn = http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(timeout)
@@ -631,8 +641,7 @@ pub async fn serve(
         let app = app.clone();
         let Some(tls) = &tls else {
             tokio::spawn(async move {
-                serve_http(app, peer, stream).await;
-                drop(counted);
+                serve_http(app, peer, stream, counted).await;
             });
             continue;
         };
@@ -654,11 +663,10 @@ pub async fn serve(
                 }
             }
             match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => serve_http(app, peer, stream).await,
+                Ok(Ok(stream)) => serve_http(app, peer, stream, counted).await,
                 Ok(Err(e)) => debug!(client = %peer, error = %e, "TLS handshake failed"),
                 Err(_) => debug!(client = %peer, "TLS handshake timed out"),
             }
-            drop(counted);
         });
     }
     drop(listener);

@@ -417,7 +417,7 @@ fn the_admin_page_lists_watches_and_ends_sessions() {
         .filter(|r| r["event"] == "admin_action")
         .map(|r| r["action"].as_str().unwrap())
         .collect();
-    assert_eq!(actions, ["watch", "end"]);
+    assert_eq!(actions, ["follow", "watch", "end"]);
     v.assert_never_logged(&pw);
     v.assert_never_logged(common::ADMIN_KEY);
 }

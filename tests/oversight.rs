@@ -412,6 +412,19 @@ async fn participants_share_a_console_and_an_administrator_ends_it() {
     let (me, _) = seen_by_operator.until(|e, _| e == "presence").await;
     assert_eq!(me["you"]["view_only"], false);
     assert_eq!(others(&me), ["tester (owner)", "watcher (observer)"]);
+    // One link opens a few presence streams at most.
+    let mut more = Vec::new();
+    for _ in 1..4 {
+        more.push(Events::presence(&v, &observer_token).await);
+    }
+    let (status, _, _) = common::http_get(
+        v.addr,
+        &format!("/console/events?token={observer_token}"),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 503, "a fifth stream of one link");
+    drop(more);
     // A link that holds no live connection hears nothing.
     let (status, _, _) =
         common::http_get(v.addr, &format!("/console/events?token={late_token}"), &[]).await;
@@ -648,6 +661,7 @@ async fn participants_share_a_console_and_an_administrator_ends_it() {
     assert_eq!(
         actions,
         [
+            a("follow"),
             a("participant"),
             a("participant"),
             a("participant"),
@@ -905,6 +919,17 @@ async fn the_session_api_refuses_what_it_cannot_do() {
             "{method} {path} {body}: {answer}"
         );
     }
+    // A console link bound to another address is not heard from here.
+    let claims =
+        vizor::token::Claims::new("anything", [7; 16], ConsoleKind::Vnc, "u", u64::MAX / 2)
+            .unwrap()
+            .bound_to("127.0.0.9".parse().unwrap());
+    let bound = v.seal(&claims);
+    let (status, _, _) =
+        common::http_get(v.addr, &format!("/console/events?token={bound}"), &[]).await;
+    assert_eq!(status, 403);
+    let (status, _, _) = common::http_get(v.addr, "/console/events?token=garbage", &[]).await;
+    assert_eq!(status, 403);
     let big = format!(r#"{{"reason": "{}"}}"#, "x".repeat(9000));
     let (status, answer) = v.api("DELETE", "/api/v1/sessions/7", &big).await;
     assert_eq!(

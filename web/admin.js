@@ -115,9 +115,30 @@ function render(sessions) {
     sessionsEl.dataset.count = String(sessions.length);
 }
 
+// Back to the key form: the key no longer works (revoked, or vizor restarted with
+// others). Polling stops, so a stale page does not use up this address's allowance.
+function signOut(words) {
+    clearInterval(refresher);
+    refresher = null;
+    key = null;
+    if (following) {
+        following.abort();
+        following = null;
+    }
+    sessionsEl.hidden = true;
+    loginForm.hidden = false;
+    loginError.textContent = words;
+}
+
 async function refresh() {
     try {
-        const v = await answer(await api("GET", "/api/v1/sessions"));
+        const r = await api("GET", "/api/v1/sessions");
+        if (r.status === 401 && refresher !== null) {
+            signOut("The admin key no longer works: enter a current one.");
+            say("Signed out", true);
+            return false;
+        }
+        const v = await answer(r);
         render(v.sessions);
         say(v.sessions.length + " live session" + (v.sessions.length === 1 ? "" : "s") +
             " · updated " + new Date().toLocaleTimeString(), false);

@@ -36,6 +36,8 @@ pub struct Follow {
     members: BTreeSet<u64>,
     /// Each connection's user and typist, from its start to its end.
     typists: BTreeMap<u64, (Option<String>, Typist)>,
+    /// Runs of vizor seen (`audit_open`, or a new chain).
+    runs: u64,
 }
 
 impl Follow {
@@ -45,6 +47,11 @@ impl Follow {
             root,
             ..Follow::default()
         }
+    }
+
+    /// How many runs of vizor the records so far began.
+    pub fn runs(&self) -> u64 {
+        self.runs
     }
 
     /// Says that `session` is `user`'s connection, a participant's when `member`: for
@@ -66,6 +73,15 @@ impl Follow {
     }
 
     fn belongs(&mut self, r: &Value) -> bool {
+        // Session ids start again with each run of vizor: a new run forgets who was
+        // who (a `--session` of the run that writes now).
+        let new_run =
+            r["event"] == "audit_open" || (r["event"] == "chain_start" && r["reason"] == "new");
+        if new_run {
+            self.members.clear();
+            self.typists.clear();
+            self.runs += 1;
+        }
         let Some(root) = self.root else {
             return true;
         };
@@ -107,13 +123,9 @@ impl Follow {
                     .or_insert_with(|| (user, Typist::default()));
             }
             Some("session_end") => {
-                // A SPICE session's channels end one by one; its text is its inputs
-                // channel's, whose end comes before the main channel's.
-                if r.get("channel").is_none()
-                    || r["channel"]
-                        .as_str()
-                        .is_some_and(|c| c.starts_with("spice:main"))
-                {
+                // A SPICE session's channels end one by one, in any order: its typist
+                // stays (bounded) for whichever channel comes last.
+                if r.get("channel").is_none() {
                     self.typists.remove(&session);
                 }
                 if self.root != Some(session) {
@@ -219,6 +231,21 @@ mod tests {
                 (5, Some("op1".to_owned()), "I".to_owned()),
             ]
         );
+    }
+
+    #[test]
+    fn a_new_run_of_vizor_starts_its_session_ids_afresh() {
+        let mut f = Follow::new(Some(1));
+        f.record(&json!({"event": "session_start", "session": 1, "user": "old"}));
+        f.record(&json!({"event": "session_start", "session": 2, "joins": 1, "user": "p"}));
+        assert_eq!(f.runs(), 0);
+        f.record(&json!({"event": "audit_open", "reason": "restart"}));
+        assert_eq!(f.runs(), 1);
+        // Session 2 of the new run is not the old run's participant.
+        assert!(f.record(&key(2, true, "a", 0x1e)).is_empty());
+        f.record(&json!({"event": "session_start", "session": 1, "user": "new"}));
+        let s = f.record(&key(1, true, "a", 0x1e));
+        assert_eq!(texts(&s), [(1, Some("new"), "a")]);
     }
 
     #[test]

@@ -7,8 +7,13 @@ use crate::audit::follow::{Follow, Shown};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-/// A response body written by a task: each message one chunk.
-pub struct Streamed(tokio::sync::mpsc::Receiver<Bytes>);
+/// A response body written by a task: each message one chunk. It holds the stream's
+/// place among the open ones until the connection lets go of it, so a reader that
+/// stopped reading keeps counting.
+pub struct Streamed {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    _open: Option<Open>,
+}
 
 impl hyper::body::Body for Streamed {
     type Data = Bytes;
@@ -18,7 +23,7 @@ impl hyper::body::Body for Streamed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        self.0
+        self.rx
             .poll_recv(cx)
             .map(|b| b.map(|b| Ok(hyper::body::Frame::data(b))))
     }
@@ -53,9 +58,12 @@ fn sse(event: &str, data: &str) -> Bytes {
 /// connection is the use).
 pub const MAX_PRESENCE_STREAMS: usize = 4096;
 
+/// The most presence streams one console link opens at once.
+pub const MAX_PRESENCE_PER_TOKEN: usize = 4;
+
 /// Counts an open stream while held: an administrator's event stream, or a console
-/// page's presence stream.
-struct Open(Arc<App>, bool);
+/// page's presence stream (then also per token id).
+pub struct Open(Arc<App>, bool, Option<String>);
 
 impl Open {
     fn counter(app: &App, presence: bool) -> &AtomicUsize {
@@ -66,21 +74,50 @@ impl Open {
         }
     }
 
-    /// Takes a place, if there is one under `max`.
-    fn take(app: &Arc<App>, presence: bool, max: usize) -> Option<Open> {
+    /// Takes a place, if there is one under `max` (and, for a presence stream, under
+    /// [`MAX_PRESENCE_PER_TOKEN`] for `token_id`).
+    fn take(app: &Arc<App>, presence: bool, max: usize, token_id: Option<String>) -> Option<Open> {
+        if let Some(t) = &token_id {
+            let mut per = app.presence_per_token.lock().ok()?;
+            let n = per.entry(t.clone()).or_default();
+            if *n >= MAX_PRESENCE_PER_TOKEN {
+                return None;
+            }
+            *n += 1;
+        }
+        let open = Open(app.clone(), presence, token_id);
         let c = Self::counter(app, presence);
         if c.fetch_add(1, Ordering::Relaxed) >= max {
-            c.fetch_sub(1, Ordering::Relaxed);
+            // Dropping `open` gives both back.
             return None;
         }
-        Some(Open(app.clone(), presence))
+        Some(open)
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
         Self::counter(&self.0, self.1).fetch_sub(1, Ordering::Relaxed);
+        if let Some(t) = &self.2 {
+            if let Ok(mut per) = self.0.presence_per_token.lock() {
+                if let Some(n) = per.get_mut(t) {
+                    *n -= 1;
+                    if *n == 0 {
+                        per.remove(t);
+                    }
+                }
+            }
+        }
     }
+}
+
+/// Sends `chunk` unless the reader took nothing for `within`: false when the stream
+/// is over.
+async fn send(tx: &tokio::sync::mpsc::Sender<Bytes>, chunk: Bytes, within: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(within, tx.send(chunk)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Serves `GET /api/v1/sessions/{id}/events`.
@@ -119,7 +156,7 @@ pub(super) async fn events(
             format!("no live session {id} on this vizor"),
         ));
     };
-    let Some(open) = Open::take(&app, false, MAX_STREAMS) else {
+    let Some(open) = Open::take(&app, false, MAX_STREAMS, None) else {
         return answer(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_streams",
@@ -128,25 +165,57 @@ pub(super) async fn events(
     };
     // Subscribed before the answer: nothing sealed from now on is missed.
     let mut feed = app.audit().follow();
+    // Watching what is typed is an administrator's action like any other: on record
+    // before the first event.
+    let requester = peer.to_string();
+    let recorded = app
+        .audit()
+        .record(&Event::AdminAction {
+            admin: &admin,
+            client: &requester,
+            action: "follow",
+            session: id,
+            token_id: None,
+            role: None,
+            user: None,
+            reason: None,
+            announced: None,
+        })
+        .await;
+    if let Err(e) = recorded {
+        return answer(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_error",
+            format!("the audit log cannot be written, so the session is not followed: {e}"),
+        ));
+    }
+    app.metrics()
+        .admin_actions_total
+        .with_label_values(&["follow"])
+        .inc();
     let mut follow = Follow::new(Some(id));
     // Who is on it already: their starts were sealed before this stream.
-    follow.knows(id, &live.user, false);
-    for m in live.members() {
-        follow.knows(m.session, &m.user, true);
-    }
+    let seed = |follow: &mut Follow, live: &crate::live::Live| {
+        follow.knows(live.id, &live.user, false);
+        for m in live.members() {
+            follow.knows(m.session, &m.user, true);
+        }
+    };
+    seed(&mut follow, &live);
     let mut state = live.state();
     let ended_already = *state.borrow() != crate::live::State::Live;
-    drop(live);
+    let within = app.config.limits.send_timeout;
     app.metrics()
         .api_requests_total
         .with_label_values(&["events", "200"])
         .inc();
     info!(session = id, admin, requester = %peer, "event stream opened");
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let task_app = app.clone();
     tokio::spawn(async move {
-        let _open = open;
+        let app = task_app;
         let hello = serde_json::json!({"session": id}).to_string();
-        if tx.send(sse("open", &hello)).await.is_err() {
+        if !send(&tx, sse("open", &hello), within).await {
             return;
         }
         let mut ends = ended_already.then(|| tokio::time::Instant::now() + DRAIN);
@@ -164,8 +233,10 @@ pub(super) async fn events(
                     let line = match line {
                         Ok(line) => line,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            // Whoever joined meanwhile is followed from now on.
+                            seed(&mut follow, &live);
                             let missed = serde_json::json!({"missed": n}).to_string();
-                            if tx.send(sse("lagged", &missed)).await.is_err() {
+                            if !send(&tx, sse("lagged", &missed), within).await {
                                 return;
                             }
                             continue;
@@ -184,7 +255,7 @@ pub(super) async fn events(
                                     .to_string(),
                             ),
                         };
-                        if tx.send(out).await.is_err() {
+                        if !send(&tx, out, within).await {
                             return;
                         }
                     }
@@ -196,17 +267,25 @@ pub(super) async fn events(
                 }
                 _ = drained => break,
                 _ = keepalive.tick() => {
-                    if tx.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() {
+                    // An administrator whose key went (SIGHUP) follows no more.
+                    if !app.admins().is_some_and(|a| a.named(&admin)) {
+                        let gone = serde_json::json!({"admin": admin}).to_string();
+                        let _ = send(&tx, sse("revoked", &gone), within).await;
+                        return;
+                    }
+                    if !send(&tx, Bytes::from_static(b": keepalive\n\n"), within).await {
                         return;
                     }
                 }
             }
         }
-        let _ = tx
-            .send(sse("end", &serde_json::json!({"session": id}).to_string()))
-            .await;
+        let end = serde_json::json!({"session": id}).to_string();
+        let _ = send(&tx, sse("end", &end), within).await;
     });
-    let mut r = Response::new(http_body_util::Either::Right(Streamed(rx)));
+    let mut r = Response::new(http_body_util::Either::Right(Streamed {
+        rx,
+        _open: Some(open),
+    }));
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -316,26 +395,46 @@ pub(super) async fn console_events(
             return whole(text(StatusCode::FORBIDDEN, "not a valid console link\n"));
         }
     };
+    // A token bound to an address is heard from that address alone, as on its socket.
+    if let Err(e) = claims.admits(peer.ip()) {
+        token_refused(
+            &app,
+            peer,
+            e.reason(),
+            Some(&claims.token_id()),
+            "console events",
+            &e.to_string(),
+        );
+        return whole(text(StatusCode::FORBIDDEN, "not a valid console link\n"));
+    }
     let Some((live, me)) = connection_of(&app, &claims) else {
         return whole(text(
             StatusCode::NOT_FOUND,
             "no live console holds this link\n",
         ));
     };
-    let Some(open) = Open::take(&app, true, MAX_PRESENCE_STREAMS) else {
+    let Some(open) = Open::take(&app, true, MAX_PRESENCE_STREAMS, Some(claims.token_id())) else {
         return whole(text(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many console pages are open\n",
         ));
     };
+    // Counted by its own limits (per link, and in all) from now on, not as one of the
+    // client's connections: a user with many consoles open keeps room for more.
+    if let Some(c) = req.extensions().get::<Counted>() {
+        c.release();
+    }
+    let within = app.config.limits.send_timeout;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     tokio::spawn(async move {
-        let _open = open;
         let mut roster = live.roster();
         let mut state = live.state();
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.tick().await;
         let session = me.as_ref().map(|m| m.session);
+        // Sent when it changes, and only then: an unannounced observer's coming and
+        // going changes nothing a page is told.
+        let mut told = String::new();
         loop {
             // Still on the console?
             let here = *state.borrow() == crate::live::State::Live
@@ -348,22 +447,28 @@ pub(super) async fn console_events(
                 .into_iter()
                 .find(|m| Some(m.session) == session);
             let info = presence(&live, now.as_ref(), &claims).to_string();
-            if tx.send(sse("presence", &info)).await.is_err() {
-                return;
+            if info != told {
+                if !send(&tx, sse("presence", &info), within).await {
+                    return;
+                }
+                told = info;
             }
             tokio::select! {
                 r = roster.changed() => if r.is_err() { break },
                 r = state.changed() => if r.is_err() { break },
                 _ = keepalive.tick() => {
-                    if tx.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() {
+                    if !send(&tx, Bytes::from_static(b": keepalive\n\n"), within).await {
                         return;
                     }
                 }
             }
         }
-        let _ = tx.send(sse("end", "{}")).await;
+        let _ = send(&tx, sse("end", "{}"), within).await;
     });
-    let mut r = Response::new(http_body_util::Either::Right(Streamed(rx)));
+    let mut r = Response::new(http_body_util::Either::Right(Streamed {
+        rx,
+        _open: Some(open),
+    }));
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

@@ -82,7 +82,29 @@ pub struct App {
     pub event_streams: AtomicUsize,
     /// Console pages' presence streams open now (`GET /console/events`).
     pub presence_streams: AtomicUsize,
+    /// The same, per token id.
+    pub presence_per_token: Mutex<std::collections::HashMap<String, usize>>,
     next_session: AtomicU64,
+}
+
+/// A connection's place among the counted ones (`[limits] max_connections*`), shared
+/// by its requests: held until the connection ends or is upgraded, or given back by a
+/// long-lived stream that has limits of its own.
+#[derive(Clone)]
+pub struct Counted(Arc<Mutex<Option<crate::limits::Connection>>>);
+
+impl Counted {
+    /// Shares `c` among a connection's requests.
+    pub fn new(c: crate::limits::Connection) -> Counted {
+        Counted(Arc::new(Mutex::new(Some(c))))
+    }
+
+    /// Gives the place back now.
+    pub fn release(&self) {
+        if let Ok(mut c) = self.0.lock() {
+            c.take();
+        }
+    }
 }
 
 /// Whether vizor is ready for consoles (`GET /readyz`): libvirt contacted since start.
@@ -249,6 +271,7 @@ impl App {
             readiness: Arc::default(),
             event_streams: AtomicUsize::new(0),
             presence_streams: AtomicUsize::new(0),
+            presence_per_token: Mutex::default(),
             next_session: AtomicU64::new(1),
         }
     }
