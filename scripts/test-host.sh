@@ -15,7 +15,7 @@
 #                            (spice_tls = 1: every SPICE domain gets a tlsPort beside its
 #                            plain port) and --vnc-tls domains.
 #   test-host.sh domain NAME [--vnc-passwd P] [--spice-passwd P] [--vnc-socket PATH]
-#                            [--no-spice] [--shutoff] [--mode-switch-disk]
+#                            [--no-spice] [--shutoff] [--mode-switch-disk | --animate-disk]
 #                            [--vnc-tls | --vnc-tls-verify] [--vnc-keymap K]
 #                            --vnc-tls makes QEMU's VNC server VeNCrypt X.509 only (the
 #                            test CA's server certificate, as libvirt's vnc_tls = 1 does);
@@ -24,7 +24,10 @@
 #                            attribute (QEMU's -k: keys by keysym, even extended ones)
 #                            --mode-switch-disk boots a 512-byte sector that switches the
 #                            VGA to 320x200 graphics (mode 13h): a guest reset then makes
-#                            QEMU resize the VNC desktop, for tests of resize framing
+#                            QEMU resize the VNC desktop, for tests of resize framing;
+#                            --animate-disk boots one that fills the 320x200 screen with
+#                            the next colour 18 times a second (benchmarks of a changing
+#                            screen)
 #                            (re)define and start a test domain; last stdout line is
 #                            vnc_port=N (vnc_socket=PATH with --vnc-socket, vnc_port=-1 with
 #                            --shutoff)
@@ -312,6 +315,22 @@ with open(sys.argv[1], "wb") as f:
 PY
 }
 
+# A boot sector that keeps the whole screen changing, for measuring what a changing
+# screen costs: mode 13h, then each timer tick (18.2 Hz) the screen is filled with the
+# next colour.
+#   mov ax,0x0013; int 0x10; sti; mov ax,0xa000; mov es,ax; cld
+#   l: xor di,di; mov cx,0xfa00; mov al,bl; rep stosb; inc bl; hlt; jmp l
+write_animate_sector() {
+    local img=$1
+    python3 - "$img" <<'PY'
+import sys
+code = bytes.fromhex("b81300cd10fbb800a08ec0fc31ffb900fa88d8f3aafec3f4ebf2")
+sector = code + bytes(510 - len(code)) + b"\x55\xaa"
+with open(sys.argv[1], "wb") as f:
+    f.write(sector + bytes(1024 * 1024 - 512))
+PY
+}
+
 cmd_domain() {
     need_root
     local name=${1:-}
@@ -326,6 +345,7 @@ cmd_domain() {
             --no-spice)     spice=0; shift ;;
             --shutoff)      shutoff=1; shift ;;
             --mode-switch-disk) modeswitch=1; shift ;;
+            --animate-disk) modeswitch=2; shift ;;
             --vnc-tls)      vnc_tls=no; shift ;;
             --vnc-tls-verify) vnc_tls=yes; shift ;;
             --vnc-keymap)   [ $# -ge 2 ] || die "--vnc-keymap needs a value"; keymap=$2; shift 2 ;;
@@ -361,10 +381,14 @@ cmd_domain() {
     fi
 
     local os_xml="<bootmenu enable='yes' timeout='30000'/>" disk_xml=""
-    if [ "$modeswitch" = 1 ]; then
+    if [ "$modeswitch" != 0 ]; then
         local img=/var/lib/vizor-test/$name-modeswitch.img
         mkdir -p /var/lib/vizor-test
-        write_modeswitch_sector "$img"
+        if [ "$modeswitch" = 2 ]; then
+            write_animate_sector "$img"
+        else
+            write_modeswitch_sector "$img"
+        fi
         os_xml="<boot dev='hd'/>"
         disk_xml="    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='$img'/><target dev='hda' bus='ide'/></disk>"
     fi

@@ -481,6 +481,42 @@ impl Session {
         self.link.send(&out).await
     }
 
+    /// Asks for the whole screen in `encodings` (QEMU takes the first it supports) again
+    /// each time the last answer is whole, until `until`; every rectangle is framed by
+    /// vizor's own decoder, nothing is decoded. Returns the full frames received.
+    pub async fn full_frames(
+        &mut self,
+        encodings: &[Encoding],
+        until: std::time::Instant,
+    ) -> Result<u64> {
+        use vizor_rfb::server::{ServerDecoder, ServerEvent};
+        let mut out = Vec::new();
+        write_set_encodings(encodings.iter().copied(), &mut out);
+        self.link.send(&out).await?;
+        let mut dec = ServerDecoder::new(&self.server_init, Limits::default());
+        dec.set_encodings(encodings.iter().copied());
+        let (w, h) = (self.server_init.width, self.server_init.height);
+        let mut buf: Vec<u8> = Vec::new();
+        let mut frames = 0;
+        while std::time::Instant::now() < until {
+            self.request(false, 0, 0, w, h).await?;
+            'frame: loop {
+                let mut used = 0;
+                while let Some((ev, n)) = dec.decode(&buf[used..]).map_err(|e| err("decode", e))? {
+                    used += n;
+                    if ev == ServerEvent::UpdateEnd {
+                        frames += 1;
+                        buf.drain(..used);
+                        break 'frame;
+                    }
+                }
+                buf.drain(..used);
+                self.link.recv(|b| buf.extend_from_slice(b)).await?;
+            }
+        }
+        Ok(frames)
+    }
+
     /// Sends a FramebufferUpdateRequest.
     pub async fn request(
         &mut self,

@@ -10,6 +10,7 @@
 mod cases;
 mod client;
 mod machine;
+mod participants;
 mod pool;
 mod proxy;
 mod qemu;
@@ -33,8 +34,8 @@ struct Args {
     /// Where to write the results as JSON [default: target/bench/results.json].
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Cases to run, comma-separated: bulk, small, setup, idle, many (and qemu, with
-    /// --qemu).
+    /// Cases to run, comma-separated: bulk, small, setup, idle, many (and qemu,
+    /// participants, with --qemu).
     #[arg(
         long,
         value_delimiter = ',',
@@ -271,7 +272,7 @@ async fn run(args: Args) -> Result<bool, String> {
 
     let mut cases = Vec::new();
     let mut wanted: Vec<String> = args.cases.iter().map(|c| c.trim().to_owned()).collect();
-    if args.qemu.is_some() && !wanted.iter().any(|c| c == "qemu") {
+    if args.qemu.is_some() && !wanted.iter().any(|c| c == "qemu" || c == "participants") {
         wanted.push("qemu".into());
     }
     for name in &wanted {
@@ -291,6 +292,10 @@ async fn run(args: Args) -> Result<bool, String> {
             "qemu" => match &args.qemu {
                 Some(d) => tokio::time::timeout(bound, qemu::first_frame(&bench, d)).await,
                 None => return Err("the qemu case needs --qemu DOMAIN".into()),
+            },
+            "participants" => match &args.qemu {
+                Some(d) => tokio::time::timeout(bound, participants::participants(&bench, d)).await,
+                None => return Err("the participants case needs --qemu DOMAIN".into()),
             },
             other => return Err(format!("unknown case {other:?}")),
         };

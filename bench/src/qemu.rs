@@ -31,7 +31,7 @@ fn attribute(tag: &str, name: &str) -> Option<String> {
 }
 
 /// The domain's live VNC port and password, from `virsh dumpxml --security-info`.
-fn console_of(domain: &str) -> Result<Console, String> {
+pub(crate) fn console_of(domain: &str) -> Result<Console, String> {
     let out = std::process::Command::new("virsh")
         .args(["-c", URI, "dumpxml", "--security-info", domain])
         .output()
