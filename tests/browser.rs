@@ -421,3 +421,41 @@ fn the_admin_page_lists_watches_and_ends_sessions() {
     v.assert_never_logged(&pw);
     v.assert_never_logged(common::ADMIN_KEY);
 }
+
+#[test]
+#[ignore = "live: needs the test host and Chromium (scripts/test.sh runs it with --include-ignored)"]
+fn the_console_page_shows_view_only_and_warns_a_minute_before_the_end() {
+    let t = tools();
+    let d = common::live_domain().name;
+    let v = console_vizor(&t, "");
+    // View only, for 64 seconds: the warning comes four seconds in. (The end at
+    // max_duration, with its reason, is tests/oversight.rs's.)
+    let policy = vizor::token::Policy {
+        view_only: true,
+        clipboard: vizor::token::ClipboardWays::NONE,
+        max_duration: Some(std::time::Duration::from_secs(64)),
+    };
+    let url = format!(
+        "http://{}/console?token={}",
+        v.addr,
+        v.token_with(&d, ConsoleKind::Vnc, policy)
+    );
+    let r = drive(&t, "policy", &url, "policy");
+    eprintln!("policy: {r}");
+    assert_eq!(r["badge"], "View only", "{r}");
+    // A minute and a few seconds left, then the warning, as the clock passes a minute.
+    let left = r["left"].as_str().unwrap();
+    assert!(left.starts_with("1:0") && left.ends_with(" left"), "{r}");
+    assert_eq!(
+        r["warned_early"], "",
+        "no warning before the last minute: {r}"
+    );
+    assert_eq!(r["view_only"], true, "noVNC sends no input: {r}");
+    assert_eq!(r["warning"], "This session ends in under a minute.", "{r}");
+    let warned = r["left_warned"].as_str().unwrap();
+    assert!(
+        warned.starts_with("1:00") || warned.starts_with("0:"),
+        "{r}"
+    );
+    assert_eq!(r["still"]["state"], "connected", "{r}");
+}

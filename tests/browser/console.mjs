@@ -11,6 +11,9 @@
 //                                               Ctrl+Alt+Del and fullscreen clicked
 //   node console.mjs refused URL OUTDIR NAME    a page that refuses: its words
 //   node console.mjs connect URL OUTDIR NAME    any console page: connected, a framebuffer
+//   node console.mjs policy URL OUTDIR NAME     a view-only page with a max_duration a
+//                                               little over a minute: its badge, time
+//                                               left, then the warning a minute before
 //   node console.mjs admin URL OUTDIR JSON      URL is owner A's console page; JSON has
 //                                               admin (the /admin URL), key, other (owner
 //                                               B's page), domain (A's): the admin page
@@ -253,6 +256,30 @@ try {
             banner_lit: lit(drawn, 0, 64),
             connected: await state(page),
             screenshots: [before],
+        };
+    } else if (mode === "policy") {
+        await until("the console to connect", 20000, async () => (await state(page))?.state === "connected");
+        const text = (sel) => page.evaluate((s) => {
+            const el = document.querySelector(s);
+            return el && !el.hidden ? el.textContent : "";
+        }, sel);
+        const badge = await until("the view-only badge", 10000, () => text("#policy"));
+        const left = await until("the time left", 10000, () => text("#timeleft"));
+        const warnedEarly = await text("#warning");
+        const viewOnly = await page.evaluate(() => window.vizorConsole.rfb.viewOnly);
+        const warning = await until("the warning a minute before the end", 15000, () => text("#warning"));
+        const leftWarned = await text("#timeleft");
+        const warnShot = await shot(extra + "-warning");
+        result = {
+            status,
+            badge,
+            left,
+            warned_early: warnedEarly,
+            view_only: viewOnly,
+            warning,
+            left_warned: leftWarned,
+            still: await state(page),
+            screenshots: [warnShot],
         };
     } else if (mode === "admin") {
         const cfg = JSON.parse(extra);
