@@ -31,6 +31,8 @@ cargo build --release --quiet --locked
 vizor=$PWD/target/release/vizor
 [ -s "$dir/token.key" ] || "$vizor" keygen "$dir/token.key"
 [ -s "$dir/audit.key" ] || "$vizor" keygen "$dir/audit.key"
+# The admin page's key (one word, 0600): the demo's administrator "admin".
+[ -s "$dir/admin.key" ] || (umask 077 && head -c 24 /dev/urandom | base64 | tr '+/' '-_' >"$dir/admin.key")
 cat >"$dir/vizor.toml" <<TOML
 [server]
 listen = "$listen"
@@ -51,6 +53,9 @@ path = "audit.jsonl"
 key_file = "audit.key"
 keystrokes = "full"
 record_dir = "recordings"
+
+[api]
+admin_key_file = "admin.key"
 TOML
 mkdir -p "$dir/recordings"
 
@@ -87,6 +92,8 @@ Audit log:      $dir/audit.jsonl      vizor's log: $dir/vizor.log
 Review it:      $vizor audit verify --key $dir/audit.key $dir/audit.jsonl
                 $vizor audit sessions $dir/audit.jsonl
                 $vizor audit text --key $dir/audit.key --session ID $dir/audit.jsonl
+Admin page:     http://$addr/admin   (its key: cat $dir/admin.key) lists the live
+                sessions: Watch, Events, End
 Replay (VNC):   $vizor replay --novnc $PWD/web/node_modules/@novnc/novnc \$(ls -t $dir/recordings/*.vzr | head -n 1)
                 then open http://127.0.0.1:6081/
 Stop:           kill \$(cat $dir/vizor.pid); scripts/test-host.sh stop
