@@ -237,6 +237,32 @@ fn spice_html5_draws_the_screen_and_typed_keys_are_audited() {
     assert_eq!(r["connected"]["words"], "Connected", "{r}");
     assert!(r["banner_lit"].as_u64().unwrap() > 1000, "{r}");
     assert_eq!(r["fullscreen"], true, "{r}");
+    // The screen fills the page (1024x604 below the bar): scaled up, not left at the
+    // VM's 720x400 in a corner; the pointer's middle is the VM's middle.
+    let f = &r["fit"];
+    let (w, h, sw, sh) = (
+        f["w"].as_f64().unwrap(),
+        f["h"].as_f64().unwrap(),
+        f["sw"].as_f64().unwrap(),
+        f["sh"].as_f64().unwrap(),
+    );
+    assert!(
+        (w - sw).abs() < 2.0 || (h - sh).abs() < 2.0,
+        "fills one side of the page: {r}"
+    );
+    assert!(w > f["cw"].as_f64().unwrap(), "scaled up: {r}");
+    let (px, py) = (
+        r["pointer"]["x"].as_f64().unwrap(),
+        r["pointer"]["y"].as_f64().unwrap(),
+    );
+    let (cx, cy) = (
+        f["cw"].as_f64().unwrap() / 2.0,
+        f["ch"].as_f64().unwrap() / 2.0,
+    );
+    assert!(
+        (px - cx).abs() <= 2.0 && (py - cy).abs() <= 2.0,
+        "the pointer maps into the VM's pixels: {r}"
+    );
     let audit = v.wait_for_records("session_end", 1);
     let id = audit
         .iter()

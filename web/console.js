@@ -218,19 +218,22 @@ async function spice() {
         }
         area.focus();
     });
-    // spice-html5 draws at the VM's size; the page scales it down to fit. Pointer
-    // positions stay right: the browser maps them back through the transform.
+    // spice-html5 draws at the VM's size; the page scales it to fill the window, up
+    // or down, centred, as noVNC's page does. Pointer positions stay right:
+    // spice-html5 reads offsetX/offsetY, which the browser maps back through the
+    // transform into the canvas's own pixels.
     const fit = () => {
         const canvas = area.querySelector("canvas");
-        if (!canvas) {
+        if (!canvas || !canvas.width || !canvas.height) {
             return;
         }
         const scale = Math.min(
-            1,
             screenEl.clientWidth / canvas.width,
             screenEl.clientHeight / canvas.height,
         );
-        area.style.transform = "scale(" + scale + ")";
+        const dx = Math.max(0, (screenEl.clientWidth - canvas.width * scale) / 2);
+        const dy = Math.max(0, (screenEl.clientHeight - canvas.height * scale) / 2);
+        area.style.transform = "translate(" + dx + "px, " + dy + "px) scale(" + scale + ")";
     };
     new ResizeObserver(fit).observe(screenEl);
     new MutationObserver(fit).observe(area, {

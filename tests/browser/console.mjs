@@ -239,6 +239,22 @@ try {
             return p && lit(p, 0, 64) > 1000 ? p : null;
         });
         const before = await shot("spice-seabios");
+        // Scaled to fill the window, as noVNC's page is, and the pointer lands where it
+        // points: the middle of the drawn screen is the middle of the VM's.
+        const fit = await page.evaluate(() => {
+            const c = document.querySelector("#spice-screen canvas");
+            const r = c.getBoundingClientRect();
+            const s = document.getElementById("screen").getBoundingClientRect();
+            return { w: r.width, h: r.height, left: r.left, top: r.top, sw: s.width, sh: s.height, cw: c.width, ch: c.height };
+        });
+        await page.evaluate(() => {
+            const c = document.querySelector("#spice-screen canvas");
+            c.addEventListener("mousemove", (e) => {
+                window.vizorPointer = { x: e.offsetX, y: e.offsetY };
+            });
+        });
+        await page.mouse.move(fit.left + fit.w / 2, fit.top + fit.h / 2);
+        const pointer = await until("a pointer position", 5000, () => page.evaluate(() => window.vizorPointer));
         await page.locator("#spice-screen").click({ position: { x: 5, y: 5 } });
         await page.keyboard.type(extra, { delay: 40 });
         // The page's own buttons: Ctrl+Alt+Del to the VM, and fullscreen.
@@ -249,6 +265,8 @@ try {
         );
         await page.waitForTimeout(500);
         result = {
+            fit,
+            pointer,
             fullscreen,
             status,
             width: drawn.width,
