@@ -305,14 +305,7 @@ else:
 #   mov ax,0x0013; int 0x10; mov ax,0xa000; mov es,ax; xor di,di; cld
 #   mov ax,0x2a2a; mov cx,0x7d00; rep stosw; hlt; jmp $-1
 write_modeswitch_sector() {
-    local img=$1
-    python3 - "$img" <<'PY'
-import sys
-code = bytes.fromhex("b81300cd10b800a08ec031fffcb82a2ab9007df3abf4ebfd")
-sector = code + bytes(510 - len(code)) + b"\x55\xaa"
-with open(sys.argv[1], "wb") as f:
-    f.write(sector + bytes(1024 * 1024 - 512))
-PY
+    write_boot_sector "$1" b81300cd10b800a08ec031fffcb82a2ab9007df3abf4ebfd
 }
 
 # A boot sector that keeps the whole screen changing, for measuring what a changing
@@ -321,10 +314,14 @@ PY
 #   mov ax,0x0013; int 0x10; sti; mov ax,0xa000; mov es,ax; cld
 #   l: xor di,di; mov cx,0xfa00; mov al,bl; rep stosb; inc bl; hlt; jmp l
 write_animate_sector() {
-    local img=$1
-    python3 - "$img" <<'PY'
+    write_boot_sector "$1" b81300cd10fbb800a08ec0fc31ffb900fa88d8f3aafec3f4ebf2
+}
+
+# A 1 MiB disk image at $1 whose first sector boots the machine code $2 (hex).
+write_boot_sector() {
+    python3 - "$1" "$2" <<'PY'
 import sys
-code = bytes.fromhex("b81300cd10fbb800a08ec0fc31ffb900fa88d8f3aafec3f4ebf2")
+code = bytes.fromhex(sys.argv[2])
 sector = code + bytes(510 - len(code)) + b"\x55\xaa"
 with open(sys.argv[1], "wb") as f:
     f.write(sector + bytes(1024 * 1024 - 512))

@@ -108,20 +108,9 @@ impl Admins {
 /// Reads `[api] admin_keys_file`: mode 0600 or stricter, one `NAME KEY` per line,
 /// blank lines and `#` comments allowed.
 fn read_keys_file(path: &Path) -> Result<Vec<(String, Zeroizing<String>)>, String> {
-    use std::os::unix::fs::MetadataExt;
     let shown = path.display();
     let what = "admin keys file";
-    let mode = std::fs::metadata(path)
-        .map_err(|e| format!("{what} {shown}: {e}"))?
-        .mode()
-        & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{what} {shown} is readable by group or others (mode {mode:o}); run: chmod 600 {shown}"
-        ));
-    }
-    let text =
-        Zeroizing::new(std::fs::read_to_string(path).map_err(|e| format!("{what} {shown}: {e}"))?);
+    let text = crate::serve::read_private(path, what)?;
     let mut keys = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();

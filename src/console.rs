@@ -125,6 +125,7 @@ pub fn client_page(config: &ConsoleConfig, kind: ConsoleKind, domain: &str) -> R
         StatusCode::OK,
         &title,
         &format!(r#"data-kind="{kind}" data-client="{client}""#),
+        "console",
         true,
         &body,
     )
@@ -172,28 +173,13 @@ pub fn admin_page(api: bool) -> Resp {
 </form>
 </dialog>
 </main>"#;
-    let html = format!(
-        r#"<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<title>Live sessions · vizor</title>
-<link rel="icon" href="data:,">
-<link rel="stylesheet" href="{ASSET_PREFIX}admin.css">
-<script type="module" src="{ASSET_PREFIX}admin.js"></script>
-</head>
-<body data-kind="admin">
-{body}
-</body>
-</html>
-"#
-    );
-    respond(
+    page(
         StatusCode::OK,
-        "text/html; charset=utf-8",
-        Bytes::from(html),
+        "Live sessions",
+        r#"data-kind="admin""#,
+        "admin",
+        true,
+        body,
     )
 }
 
@@ -207,13 +193,28 @@ pub fn error_page(status: StatusCode, heading: &str, detail: &str) -> Resp {
         escape(heading),
         escape(detail)
     );
-    page(status, "No console", r#"data-kind="error""#, false, &body)
+    page(
+        status,
+        "No console",
+        r#"data-kind="error""#,
+        "console",
+        false,
+        &body,
+    )
 }
 
-/// A whole page: `title` and `body` are HTML already.
-fn page(status: StatusCode, title: &str, body_attrs: &str, script: bool, body: &str) -> Resp {
+/// A whole page: `title` and `body` are HTML already; `assets` names its stylesheet
+/// and (with `script`) its script under [`ASSET_PREFIX`].
+fn page(
+    status: StatusCode,
+    title: &str,
+    body_attrs: &str,
+    assets: &str,
+    script: bool,
+    body: &str,
+) -> Resp {
     let script = if script {
-        format!(r#"<script type="module" src="{ASSET_PREFIX}console.js"></script>"#)
+        format!(r#"<script type="module" src="{ASSET_PREFIX}{assets}.js"></script>"#)
     } else {
         String::new()
     };
@@ -226,7 +227,7 @@ fn page(status: StatusCode, title: &str, body_attrs: &str, script: bool, body: &
 <meta name="referrer" content="no-referrer">
 <title>{title} · vizor</title>
 <link rel="icon" href="data:,">
-<link rel="stylesheet" href="{ASSET_PREFIX}console.css">
+<link rel="stylesheet" href="{ASSET_PREFIX}{assets}.css">
 {script}
 </head>
 <body {body_attrs}>

@@ -23,6 +23,24 @@ pub(crate) fn load_bearer_key(
     path: &std::path::Path,
     what: &str,
 ) -> Result<Zeroizing<String>, String> {
+    let shown = path.display();
+    let text = read_private(path, what)?;
+    let key = Zeroizing::new(text.trim().to_owned());
+    if key.len() < 16 || key.contains(char::is_whitespace) {
+        return Err(format!(
+            "{what} {shown}: the key must be one word of at least 16 characters \
+             (for example: head -c 32 /dev/urandom | base64 > {shown})"
+        ));
+    }
+    Ok(key)
+}
+
+/// Reads a file of secrets (`what`, for messages): refused when group or others may
+/// read it.
+pub(crate) fn read_private(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<Zeroizing<String>, String> {
     use std::os::unix::fs::MetadataExt;
     let shown = path.display();
     let mode = std::fs::metadata(path)
@@ -34,16 +52,9 @@ pub(crate) fn load_bearer_key(
             "{what} {shown} is readable by group or others (mode {mode:o}); run: chmod 600 {shown}"
         ));
     }
-    let text =
-        Zeroizing::new(std::fs::read_to_string(path).map_err(|e| format!("{what} {shown}: {e}"))?);
-    let key = Zeroizing::new(text.trim().to_owned());
-    if key.len() < 16 || key.contains(char::is_whitespace) {
-        return Err(format!(
-            "{what} {shown}: the key must be one word of at least 16 characters \
-             (for example: head -c 32 /dev/urandom | base64 > {shown})"
-        ));
-    }
-    Ok(key)
+    Ok(Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| format!("{what} {shown}: {e}"))?,
+    ))
 }
 
 /// The audit key must not be the token key: whoever verifies the log could mint tokens.

@@ -104,6 +104,44 @@ pub(super) fn api_refused(
     }
 }
 
+/// The client's allowance for an API request to `endpoint`: the refusal (counted)
+/// when it has none left.
+pub(super) fn api_throttled(app: &App, peer: SocketAddr, endpoint: &str) -> Option<Resp> {
+    let refused = throttled(app, peer)?;
+    app.metrics()
+        .api_requests_total
+        .with_label_values(&[endpoint, StatusCode::TOO_MANY_REQUESTS.as_str()])
+        .inc();
+    Some(refused)
+}
+
+/// The answer to an API request to `endpoint`: counted; a refusal also audited and
+/// answered as `{"error","reason"}`.
+pub(super) fn api_answer(
+    app: &App,
+    peer: SocketAddr,
+    endpoint: &'static str,
+    domain: Option<&str>,
+    answer: Result<Resp, ApiError>,
+) -> Resp {
+    match answer {
+        Ok(resp) => {
+            app.metrics()
+                .api_requests_total
+                .with_label_values(&[endpoint, resp.status().as_str()])
+                .inc();
+            resp
+        }
+        Err(e) => {
+            api_refused(app, peer, endpoint, domain, &e);
+            json(
+                e.status,
+                &serde_json::json!({"error": e.error, "reason": e.reason}),
+            )
+        }
+    }
+}
+
 /// Serves a management API request: the client's allowance, then the admin key, then
 /// the endpoint; every answer counted, every refusal audited.
 pub(super) async fn api(
@@ -116,11 +154,7 @@ pub(super) async fn api(
         Endpoint::Sessions => ("sessions", None),
         Endpoint::Console(d) => ("console", Some(d)),
     };
-    if let Some(refused) = throttled(app, peer) {
-        app.metrics()
-            .api_requests_total
-            .with_label_values(&[name, StatusCode::TOO_MANY_REQUESTS.as_str()])
-            .inc();
+    if let Some(refused) = api_throttled(app, peer, name) {
         return refused;
     }
     let answer = match admin_check(app, req) {
@@ -130,22 +164,7 @@ pub(super) async fn api(
             Endpoint::Console(domain) => api_console(app, peer, domain, req, &admin).await,
         },
     };
-    match answer {
-        Ok(resp) => {
-            app.metrics()
-                .api_requests_total
-                .with_label_values(&[name, resp.status().as_str()])
-                .inc();
-            resp
-        }
-        Err(e) => {
-            api_refused(app, peer, name, domain, &e);
-            json(
-                e.status,
-                &serde_json::json!({"error": e.error, "reason": e.reason}),
-            )
-        }
-    }
+    api_answer(app, peer, name, domain, answer)
 }
 
 /// Checks the admin bearer key; returns the administrator's name.

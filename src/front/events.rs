@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 /// stopped reading keeps counting.
 pub struct Streamed {
     rx: tokio::sync::mpsc::Receiver<Bytes>,
-    _open: Option<Open>,
+    _open: Open,
 }
 
 impl hyper::body::Body for Streamed {
@@ -40,6 +40,23 @@ const DRAIN: Duration = Duration::from_secs(2);
 
 /// A comment line this often keeps proxies from closing a quiet stream.
 const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// The answer of an event stream whose task writes to `rx`: not cached, not buffered by
+/// a reverse proxy (nginx's `X-Accel-Buffering`); `open` counts it while it lasts.
+fn sse_response(rx: tokio::sync::mpsc::Receiver<Bytes>, open: Open) -> Response<Body> {
+    let mut r = Response::new(http_body_util::Either::Right(Streamed { rx, _open: open }));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    h.insert("x-accel-buffering", header::HeaderValue::from_static("no"));
+    r
+}
 
 /// Whether `path` and `method` ask for a session's event stream: its id.
 pub(super) fn events_route<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
@@ -131,13 +148,7 @@ pub(super) async fn events(
     if let Some(refused) = throttled(&app, peer) {
         return whole(refused);
     }
-    let answer = |e: ApiError| {
-        api_refused(&app, peer, "events", None, &e);
-        whole(json(
-            e.status,
-            &serde_json::json!({"error": e.error, "reason": e.reason}),
-        ))
-    };
+    let answer = |e: ApiError| whole(api_answer(&app, peer, "events", None, Err(e)));
     let admin = match admin_check(&app, req) {
         Ok(a) => a,
         Err(e) => return answer(e),
@@ -282,21 +293,7 @@ pub(super) async fn events(
         let end = serde_json::json!({"session": id}).to_string();
         let _ = send(&tx, sse("end", &end), within).await;
     });
-    let mut r = Response::new(http_body_util::Either::Right(Streamed {
-        rx,
-        _open: Some(open),
-    }));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
-    h.insert("x-accel-buffering", header::HeaderValue::from_static("no"));
-    r
+    sse_response(rx, open)
 }
 
 /// Whether `path` is the console page's presence stream.
@@ -465,22 +462,5 @@ pub(super) async fn console_events(
         }
         let _ = send(&tx, sse("end", "{}"), within).await;
     });
-    let mut r = Response::new(http_body_util::Either::Right(Streamed {
-        rx,
-        _open: Some(open),
-    }));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
-    h.insert(
-        header::REFERRER_POLICY,
-        header::HeaderValue::from_static("no-referrer"),
-    );
-    r
+    sse_response(rx, open)
 }

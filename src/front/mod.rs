@@ -444,10 +444,7 @@ async fn route(
     if let Some(rest) = path.strip_prefix("/api/v1/sessions/") {
         return Ok(match session_route(req.method(), rest) {
             Some(Ok((id, action))) => session_api(&app, peer, req, id, action).await,
-            Some(Err(e)) if e.starts_with("use ") => {
-                text(StatusCode::METHOD_NOT_ALLOWED, &format!("{e}\n"))
-            }
-            Some(Err(e)) => text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+            Some(Err((status, e))) => text(status, &format!("{e}\n")),
             None => text(StatusCode::NOT_FOUND, "not found\n"),
         });
     }

@@ -36,11 +36,15 @@ impl SessionAction {
     }
 }
 
-/// Routes `/api/v1/sessions/{rest}`: `None` when the path or method is none of these.
+/// A session route refused before the API: the status, and the words.
+pub(super) type RouteRefusal = (StatusCode, &'static str);
+
+/// Routes `/api/v1/sessions/{rest}`: `None` when the path is none of these; `Err`
+/// with the status and words for a wrong method or a bad id.
 pub(super) fn session_route(
     method: &Method,
     rest: &str,
-) -> Option<Result<(u64, SessionAction), &'static str>> {
+) -> Option<Result<(u64, SessionAction), RouteRefusal>> {
     let (id, tail) = match rest.split_once('/') {
         Some((id, tail)) => (id, Some(tail)),
         None => (rest, None),
@@ -49,13 +53,20 @@ pub(super) fn session_route(
         (&Method::POST, Some("participants")) => SessionAction::Participant,
         (&Method::POST, Some("watch")) => SessionAction::Watch,
         (&Method::DELETE, None) => SessionAction::End,
-        (_, Some("participants" | "watch")) => return Some(Err("use POST")),
-        (_, None) => return Some(Err("use DELETE to end a session")),
+        (_, Some("participants" | "watch")) => {
+            return Some(Err((StatusCode::METHOD_NOT_ALLOWED, "use POST")))
+        }
+        (_, None) => {
+            return Some(Err((
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use DELETE to end a session",
+            )))
+        }
         _ => return None,
     };
     Some(match id.parse::<u64>() {
         Ok(id) => Ok((id, action)),
-        Err(_) => Err("the session id must be a number"),
+        Err(_) => Err((StatusCode::BAD_REQUEST, "the session id must be a number")),
     })
 }
 
@@ -128,11 +139,7 @@ pub(super) async fn session_api(
     action: SessionAction,
 ) -> Resp {
     let name = action.as_str();
-    if let Some(refused) = throttled(app, peer) {
-        app.metrics()
-            .api_requests_total
-            .with_label_values(&[name, StatusCode::TOO_MANY_REQUESTS.as_str()])
-            .inc();
+    if let Some(refused) = api_throttled(app, peer, name) {
         return refused;
     }
     let answer = match admin_check(app, &req) {
@@ -144,22 +151,7 @@ pub(super) async fn session_api(
             SessionAction::End => end_session(app, peer, req, id, &admin).await,
         },
     };
-    match answer {
-        Ok(resp) => {
-            app.metrics()
-                .api_requests_total
-                .with_label_values(&[name, resp.status().as_str()])
-                .inc();
-            resp
-        }
-        Err(e) => {
-            api_refused(app, peer, name, None, &e);
-            json(
-                e.status,
-                &serde_json::json!({"error": e.error, "reason": e.reason}),
-            )
-        }
-    }
+    api_answer(app, peer, name, None, answer)
 }
 
 fn not_live(id: u64) -> ApiError {

@@ -493,6 +493,16 @@ impl Vizor {
         token
     }
 
+    /// The claims of a token of `tester` for `domain`, valid for a minute.
+    fn claims(&self, domain: &str, kind: ConsoleKind) -> Claims {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let uuid = domain_uuid(&self.uri, domain);
+        Claims::new(domain, uuid, kind, "tester", now + 60).unwrap()
+    }
+
     /// A token of `tester` for `domain`, valid for a minute, with `policy`.
     pub fn token_with(
         &self,
@@ -500,32 +510,12 @@ impl Vizor {
         kind: ConsoleKind,
         policy: vizor::token::Policy,
     ) -> String {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let uuid = domain_uuid(&self.uri, domain);
-        let claims = Claims::new(domain, uuid, kind, "tester", now + 60)
-            .unwrap()
-            .with_policy(policy);
-        let token = self.key.seal(&claims).unwrap();
-        run::secret("token", &token);
-        token
+        self.seal(&self.claims(domain, kind).with_policy(policy))
     }
 
     /// A token for `domain` that admits `client` alone.
     pub fn token_bound(&self, domain: &str, kind: ConsoleKind, client: std::net::IpAddr) -> String {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let uuid = domain_uuid(&self.uri, domain);
-        let claims = Claims::new(domain, uuid, kind, "tester", now + 60)
-            .unwrap()
-            .bound_to(client);
-        let token = self.key.seal(&claims).unwrap();
-        run::secret("token", &token);
-        token
+        self.seal(&self.claims(domain, kind).bound_to(client))
     }
 
     /// The vizor process's id.
