@@ -255,6 +255,58 @@ impl End {
         End::refused(Refusal::Limit(full), full.message())
     }
 
+    /// Every [`End::label`]: the outcomes a session can have, for metrics to export
+    /// at zero before the first of each.
+    pub fn labels() -> Vec<&'static str> {
+        const OWN: &[&str] = &[
+            "browser_closed",
+            "browser_stalled",
+            "vm_closed",
+            "protocol_error",
+            "idle_timeout",
+            "shutdown",
+            "audit_error",
+            "terminated",
+            "owner_left",
+            "max_duration",
+            "internal",
+        ];
+        const REFUSALS: &[&str] = &[
+            "pixel_format_change",
+            "handshake_timeout",
+            "channel_refused",
+            "agent_refused",
+            "file_transfer_refused",
+            "websocket_text",
+            "websocket_error",
+            "replayed",
+        ];
+        const VM: &[&str] = &[
+            "upstream_connect",
+            "upstream_closed",
+            "upstream_io",
+            "upstream_stalled",
+            "upstream_tls",
+            "upstream_auth",
+            "upstream_link",
+            "no_password",
+        ];
+        let mut all: Vec<&'static str> = OWN
+            .iter()
+            .chain(REFUSALS)
+            .chain(VM)
+            .copied()
+            .chain(ChannelRefusal::ALL.map(ChannelRefusal::label))
+            .chain(crate::limits::Full::ALL.map(crate::limits::Full::label))
+            .chain(crate::live::JoinError::ALL.map(crate::live::JoinError::label))
+            .chain(crate::libvirt::LookupError::REASONS.iter().copied())
+            .collect();
+        // "replayed" and "no_password" each come two ways.
+        let mut seen = std::collections::HashSet::new();
+        all.retain(|l| seen.insert(*l));
+        all
+    }
+
     /// A stable label, for metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -420,6 +472,15 @@ pub enum ChannelRefusal {
 }
 
 impl ChannelRefusal {
+    /// Every channel refusal.
+    pub const ALL: [ChannelRefusal; 5] = [
+        ChannelRefusal::Spent,
+        ChannelRefusal::SecondMain,
+        ChannelRefusal::NoSession,
+        ChannelRefusal::WrongSession,
+        ChannelRefusal::WrongClient,
+    ];
+
     /// A stable label for metrics and audit records.
     pub fn label(self) -> &'static str {
         match self {
@@ -447,6 +508,65 @@ impl ChannelRefusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One of each variant: a new one must be added here, and its label to
+    /// `End::labels`.
+    #[test]
+    fn every_label_is_listed() {
+        let d = Duration::ZERO;
+        let s = String::new;
+        let mut each = vec![
+            End::BrowserClosed,
+            End::BrowserStalled(d),
+            End::VmClosed,
+            End::browser_violation("", "x"),
+            End::Idle(d),
+            End::Shutdown,
+            End::Audit(s()),
+            End::Terminated {
+                by: s(),
+                reason: s(),
+            },
+            End::OwnerLeft,
+            End::MaxDuration(d),
+            End::Internal(""),
+        ];
+        let refusals = [
+            Refusal::PixelFormatChange,
+            Refusal::HandshakeTimeout,
+            Refusal::ChannelRefused,
+            Refusal::AgentRefused,
+            Refusal::FileTransferRefused,
+            Refusal::WebsocketText,
+            Refusal::WebsocketError,
+            Refusal::TokenSpent,
+        ]
+        .into_iter()
+        .chain(ChannelRefusal::ALL.map(Refusal::Channel))
+        .chain(crate::limits::Full::ALL.map(Refusal::Limit))
+        .chain(crate::live::JoinError::ALL.map(Refusal::Join));
+        each.extend(refusals.map(|why| End::refused(why, "")));
+        let failures = [
+            VmFailure::Connect,
+            VmFailure::Closed,
+            VmFailure::Io,
+            VmFailure::Stalled,
+            VmFailure::Tls,
+            VmFailure::Auth,
+            VmFailure::Link,
+            VmFailure::NoPassword,
+        ];
+        each.extend(failures.map(|why| End::vm(why, "")));
+        let labels = End::labels();
+        let mut produced: Vec<_> = each.iter().map(End::label).collect();
+        produced.extend(crate::libvirt::LookupError::REASONS);
+        for l in &produced {
+            assert!(labels.contains(l), "{l} is not listed");
+        }
+        for l in &labels {
+            assert!(produced.contains(l), "{l} is listed but no end has it");
+        }
+    }
 
     #[test]
     fn each_end_derives_its_label_code_and_side() {

@@ -168,6 +168,18 @@ impl LookupError {
         }
     }
 
+    /// Every [`LookupError::reason`], for metrics to export at zero.
+    pub const REASONS: &'static [&'static str] = &[
+        "no_such_domain",
+        "not_running",
+        "no_graphics",
+        "no_listener",
+        "password_expired",
+        "no_password",
+        "unreachable",
+        "bad_xml",
+    ];
+
     /// A short, stable label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {

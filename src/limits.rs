@@ -58,6 +58,9 @@ pub enum Full {
 }
 
 impl Full {
+    /// Every session limit.
+    pub const ALL: [Full; 3] = [Full::Global, Full::Domain, Full::User];
+
     /// A stable label for metrics and the audit record.
     pub fn label(self) -> &'static str {
         match self {
@@ -169,6 +172,9 @@ pub enum ConnectionsFull {
 }
 
 impl ConnectionsFull {
+    /// Every connection limit.
+    pub const ALL: [ConnectionsFull; 2] = [ConnectionsFull::Global, ConnectionsFull::Client];
+
     /// A stable label for metrics.
     pub fn label(self) -> &'static str {
         match self {

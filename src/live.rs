@@ -71,6 +71,9 @@ pub enum JoinError {
 }
 
 impl JoinError {
+    /// Every join error.
+    pub const ALL: [JoinError; 3] = [JoinError::NotLive, JoinError::Ending, JoinError::Full];
+
     /// A stable label, for metrics and audit records.
     pub fn label(self) -> &'static str {
         match self {

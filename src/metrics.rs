@@ -228,6 +228,7 @@ impl Metrics {
         for listener in ["main", "metrics"] {
             m.accept_errors_total.with_label_values(&[listener]);
         }
+        m.known_at_zero();
         for kind in ["vnc", "spice"] {
             m.sessions_active.with_label_values(&[kind]);
             for h in [
@@ -243,6 +244,72 @@ impl Metrics {
             }
         }
         Ok(m)
+    }
+
+    /// Creates, at zero, the series of every label value the code can produce, so that
+    /// alerts and `rate()` see zero rather than nothing before the first event.
+    fn known_at_zero(&self) {
+        use crate::end::{ChannelRefusal, End};
+        for reason in crate::libvirt::LookupError::REASONS {
+            self.libvirt_errors_total.with_label_values(&[reason]);
+        }
+        for event in crate::audit::Event::NAMES {
+            self.audit_events_total.with_label_values(&[event]);
+        }
+        for reason in crate::limits::ConnectionsFull::ALL
+            .map(crate::limits::ConnectionsFull::label)
+            .into_iter()
+            .chain(["metrics_connections"])
+        {
+            self.connections_refused_total.with_label_values(&[reason]);
+        }
+        let outcomes = End::labels();
+        for kind in ["vnc", "spice"] {
+            for outcome in &outcomes {
+                self.sessions_total.with_label_values(&[kind, outcome]);
+            }
+        }
+        // What the token stage refuses: the token itself, or the session it names.
+        let token = crate::token::TokenError::REASONS
+            .iter()
+            .copied()
+            .chain(ChannelRefusal::ALL.map(ChannelRefusal::label))
+            .chain(crate::live::JoinError::ALL.map(crate::live::JoinError::label))
+            .chain(["missing_token", "policy_unsupported", "throttled"]);
+        let stages = token.map(|r| ("token", r)).chain([
+            ("origin", "origin_not_allowed"),
+            ("api", "bad_key"),
+            ("api", "api_disabled"),
+            ("upstream", "upstream_auth"),
+        ]);
+        for (stage, reason) in stages {
+            self.auth_refusals_total.with_label_values(&[stage, reason]);
+        }
+        // Every endpoint's success, refused key and throttled client; its other
+        // answers appear when they happen.
+        for endpoint in [
+            "sessions",
+            "console",
+            "participant",
+            "watch",
+            "end",
+            "events",
+            "metrics",
+        ] {
+            for code in ["200", "401", "429"] {
+                self.api_requests_total.with_label_values(&[endpoint, code]);
+            }
+        }
+        // RFB's codec errors for VNC sessions (and the proxy's own checks of the
+        // browser); SPICE's are one cause.
+        for dir in ["browser_to_vm", "vm_to_browser"] {
+            for cause in vizor_rfb::Error::LABELS.iter().chain(&["early_message"]) {
+                self.protocol_errors_total
+                    .with_label_values(&["vnc", dir, cause]);
+            }
+            self.protocol_errors_total
+                .with_label_values(&["spice", dir, "spice"]);
+        }
     }
 
     /// Adds a collector, such as the per-session series.

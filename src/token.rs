@@ -101,6 +101,18 @@ pub enum TokenError {
 }
 
 impl TokenError {
+    /// Every [`TokenError::reason`], for metrics to export at zero.
+    pub const REASONS: &'static [&'static str] = &[
+        "malformed",
+        "unknown_version",
+        "bad_signature",
+        "expired",
+        "too_long",
+        "replayed",
+        "replay_cache_full",
+        "wrong_client",
+    ];
+
     /// A short, stable label for metrics and audit records.
     pub fn reason(&self) -> &'static str {
         match self {

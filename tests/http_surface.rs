@@ -138,6 +138,57 @@ async fn the_metrics_listener_is_secured_too() {
     drop(v);
 }
 
+/// Alerts and `rate()` panels see zero, not nothing, before the first event: every
+/// metric family has its series from the start, labelled counters at zero for each
+/// label value vizor can produce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_family_is_exported_at_zero_right_after_start() {
+    let port = common::free_port();
+    let v = Vizor::start_uri(
+        "test:///default",
+        &format!("metrics_listen = \"127.0.0.1:{port}\""),
+        "",
+        "",
+        |_| {},
+    );
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (status, _, body) = http_get(addr, "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    let families: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert!(families.len() >= 20, "{families:?}");
+    for family in &families {
+        let samples: Vec<&str> = body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                l.strip_prefix(family)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ', '_']))
+            })
+            .collect();
+        assert!(!samples.is_empty(), "{family} has no series at start");
+    }
+    for series in [
+        r#"vizor_auth_refusals_total{reason="expired",stage="token"} 0"#,
+        r#"vizor_auth_refusals_total{reason="bad_key",stage="api"} 0"#,
+        r#"vizor_auth_refusals_total{reason="origin_not_allowed",stage="origin"} 0"#,
+        r#"vizor_protocol_errors_total{direction="browser_to_vm",kind="vnc",reason="unknown_message_type"} 0"#,
+        r#"vizor_protocol_errors_total{direction="vm_to_browser",kind="spice",reason="spice"} 0"#,
+        r#"vizor_sessions_total{kind="vnc",outcome="browser_closed"} 0"#,
+        r#"vizor_sessions_total{kind="spice",outcome="upstream_auth"} 0"#,
+        r#"vizor_libvirt_errors_total{reason="not_running"} 0"#,
+        r#"vizor_connections_refused_total{reason="max_connections"} 0"#,
+        r#"vizor_audit_events_total{event="key"} 0"#,
+        r#"vizor_api_requests_total{code="401",endpoint="sessions"} 0"#,
+    ] {
+        assert!(body.lines().any(|l| l == series), "{series} missing");
+    }
+    drop(v);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_page_may_be_framed_only_by_the_apps_the_config_names() {
     let v = Vizor::start_uri("test:///default", "", "", "", |_| {});

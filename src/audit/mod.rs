@@ -437,6 +437,31 @@ pub enum Event<'a> {
 }
 
 impl Event<'_> {
+    /// Every [`Event::name`], for metrics to export at zero.
+    pub const NAMES: &'static [&'static str] = &[
+        "session_start",
+        "key",
+        "locks",
+        "clipboard",
+        "session_end",
+        "token_used",
+        "token_refused",
+        "origin_refused",
+        "session_refused",
+        "client_throttled",
+        "token_issued",
+        "admin_action",
+        "api_refused",
+        "channel_refused",
+        "refusal_summary",
+        "clipboard_dropped",
+        "file_transfer",
+        "button",
+        "input_dropped",
+        "protocol_error",
+        "upstream_failure",
+    ];
+
     /// The `event` field's value.
     pub fn name(&self) -> &'static str {
         match self {
@@ -862,6 +887,24 @@ mod tests {
     use super::*;
     use crate::config::Fsync;
     use std::path::{Path, PathBuf};
+
+    /// `NAMES` holds the name of every arm of `Event::name`, in order (read from this
+    /// file: an event with a dozen fields is a poor thing to build just for its name).
+    #[test]
+    fn every_event_name_is_listed() {
+        let src = include_str!("mod.rs");
+        let body = src
+            .split_once("pub fn name(&self) -> &'static str {")
+            .expect("Event::name")
+            .1;
+        let body = body.split_once("\n    }\n").expect("its end").0;
+        let names: Vec<&str> = body
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Event::"))
+            .map(|l| l.rsplit('"').nth(1).expect("a quoted name"))
+            .collect();
+        assert_eq!(names, Event::NAMES);
+    }
 
     fn lines(path: &Path) -> Vec<serde_json::Value> {
         std::fs::read_to_string(path)

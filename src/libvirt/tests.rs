@@ -302,3 +302,42 @@ fn unreachable_libvirt_is_reported_as_such() {
     assert_eq!(err.reason(), "unreachable", "{err}");
     assert!(err.to_string().contains("qemu+unix:///system"), "{err}");
 }
+
+/// One of each variant: a new one must be added here, and its reason to `REASONS`.
+#[test]
+fn every_lookup_reason_is_listed() {
+    let s = String::new;
+    let k = ConsoleKind::Vnc;
+    let each = [
+        LookupError::NoSuchDomain(s()),
+        LookupError::NotRunning(s()),
+        LookupError::NoGraphics {
+            domain: s(),
+            kind: k,
+            has: vec![],
+        },
+        LookupError::NoListener {
+            domain: s(),
+            kind: k,
+        },
+        LookupError::PasswordExpired {
+            domain: s(),
+            kind: k,
+            valid_to: s(),
+        },
+        LookupError::NoPassword {
+            domain: s(),
+            kind: k,
+        },
+        LookupError::Unreachable {
+            uri: s(),
+            message: s(),
+        },
+        LookupError::BadXml {
+            domain: s(),
+            why: s(),
+        },
+    ];
+    let reasons: Vec<_> = each.iter().map(LookupError::reason).collect();
+    assert_eq!(reasons, LookupError::REASONS);
+}

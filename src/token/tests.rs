@@ -598,3 +598,27 @@ fn token_ids_parse_back() {
         assert_eq!(parse_token_id(bad), None, "{bad}");
     }
 }
+
+/// One of each variant: a new one must be added here, and its reason to `REASONS`.
+#[test]
+fn every_refusal_reason_is_listed() {
+    let ip: IpAddr = "127.0.0.1".parse().unwrap();
+    let each = [
+        TokenError::Malformed,
+        TokenError::UnknownVersion(0),
+        TokenError::BadSignature,
+        TokenError::Expired {
+            expires_at: 0,
+            now: 0,
+        },
+        TokenError::TooLong { expires_at: 0 },
+        TokenError::Replayed,
+        TokenError::ReplayCacheFull,
+        TokenError::WrongClient {
+            bound: ip,
+            presented: ip,
+        },
+    ];
+    let reasons: Vec<_> = each.iter().map(TokenError::reason).collect();
+    assert_eq!(reasons, TokenError::REASONS);
+}

@@ -113,6 +113,30 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every [`Error::label`], so that metrics can export each at zero before it
+    /// happens. Kept in step with `label` (a test checks each variant's is here).
+    pub const LABELS: &'static [&'static str] = &[
+        "malformed_version",
+        "unsupported_version",
+        "connection_refused",
+        "security_type_not_offered",
+        "authentication_failed",
+        "invalid_security_result",
+        "unsupported_vencrypt_version",
+        "vencrypt_rejected",
+        "unsupported_vencrypt_subtype",
+        "unknown_message_type",
+        "unknown_qemu_submessage",
+        "unknown_qemu_audio_operation",
+        "not_negotiated",
+        "encoding_not_offered",
+        "unframable_encoding",
+        "length_too_large",
+        "rect_out_of_bounds",
+        "invalid_pixel_format",
+        "malformed",
+    ];
+
     /// A short, stable name of the variant, for metrics labels.
     pub fn label(&self) -> &'static str {
         match self {
@@ -172,5 +196,55 @@ impl Limits {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoding::Encoding;
+
+    /// One of each variant: adding a variant means adding it here, and its label to
+    /// `LABELS`.
+    #[test]
+    fn every_label_is_listed() {
+        let each = [
+            Error::MalformedVersion(String::new()),
+            Error::UnsupportedVersion { major: 0, minor: 0 },
+            Error::ConnectionRefused {
+                reason: String::new(),
+            },
+            Error::SecurityTypeNotOffered(0),
+            Error::AuthenticationFailed {
+                reason: String::new(),
+            },
+            Error::InvalidSecurityResult(0),
+            Error::UnsupportedVencryptVersion { major: 0, minor: 0 },
+            Error::VencryptRejected(""),
+            Error::UnsupportedVencryptSubtype(0),
+            Error::UnknownMessageType(0),
+            Error::UnknownQemuSubmessage(0),
+            Error::UnknownQemuAudioOperation(0),
+            Error::NotNegotiated(""),
+            Error::EncodingNotOffered(Encoding(0)),
+            Error::UnframableEncoding(Encoding(0)),
+            Error::LengthTooLarge {
+                what: "",
+                len: 0,
+                max: 0,
+            },
+            Error::RectOutOfBounds {
+                x: 0,
+                y: 0,
+                width: 0,
+                height: 0,
+                fb_width: 0,
+                fb_height: 0,
+            },
+            Error::InvalidPixelFormat(""),
+            Error::Malformed { what: "", why: "" },
+        ];
+        let labels: Vec<_> = each.iter().map(Error::label).collect();
+        assert_eq!(labels, Error::LABELS);
     }
 }
