@@ -15,7 +15,8 @@
 #                            (spice_tls = 1: every SPICE domain gets a tlsPort beside its
 #                            plain port) and --vnc-tls domains.
 #   test-host.sh domain NAME [--vnc-passwd P] [--spice-passwd P] [--vnc-socket PATH]
-#                            [--no-spice] [--shutoff] [--mode-switch-disk | --animate-disk]
+#                            [--no-spice] [--shutoff]
+#                            [--mode-switch-disk | --animate-disk | --pattern-disk]
 #                            [--vnc-tls | --vnc-tls-verify] [--vnc-keymap K]
 #                            --vnc-tls makes QEMU's VNC server VeNCrypt X.509 only (the
 #                            test CA's server certificate, as libvirt's vnc_tls = 1 does);
@@ -27,7 +28,8 @@
 #                            QEMU resize the VNC desktop, for tests of resize framing;
 #                            --animate-disk boots one that fills the 320x200 screen with
 #                            the next colour 18 times a second (benchmarks of a changing
-#                            screen)
+#                            screen); --pattern-disk changes every pixel 18 times a
+#                            second with a pattern that does not compress to nothing
 #                            (re)define and start a test domain; last stdout line is
 #                            vnc_port=N (vnc_socket=PATH with --vnc-socket, vnc_port=-1 with
 #                            --shutoff)
@@ -317,6 +319,17 @@ write_animate_sector() {
     write_boot_sector "$1" b81300cd10fbb800a08ec0fc31ffb900fa88d8f3aafec3f4ebf2
 }
 
+# A boot sector that changes every pixel each timer tick with a pattern that does not
+# compress to nothing (a solid colour does): pixel = (offset low ^ offset high) + frame,
+# frame stepping by 37.
+#   mov ax,0x0013; int 0x10; sti; mov ax,0xa000; mov es,ax; cld
+#   l: xor di,di; mov cx,0xfa00
+#   p: mov ax,di; xor al,ah; add al,bl; stosb; loop p
+#   add bl,0x25; hlt; jmp l
+write_pattern_sector() {
+    write_boot_sector "$1" b81300cd10fbb800a08ec0fc31ffb900fa89f830e000d8aae2f780c325f4ebec
+}
+
 # A 1 MiB disk image at $1 whose first sector boots the machine code $2 (hex).
 write_boot_sector() {
     python3 - "$1" "$2" <<'PY'
@@ -343,6 +356,7 @@ cmd_domain() {
             --shutoff)      shutoff=1; shift ;;
             --mode-switch-disk) modeswitch=1; shift ;;
             --animate-disk) modeswitch=2; shift ;;
+            --pattern-disk) modeswitch=3; shift ;;
             --vnc-tls)      vnc_tls=no; shift ;;
             --vnc-tls-verify) vnc_tls=yes; shift ;;
             --vnc-keymap)   [ $# -ge 2 ] || die "--vnc-keymap needs a value"; keymap=$2; shift 2 ;;
@@ -383,6 +397,8 @@ cmd_domain() {
         mkdir -p /var/lib/vizor-test
         if [ "$modeswitch" = 2 ]; then
             write_animate_sector "$img"
+        elif [ "$modeswitch" = 3 ]; then
+            write_pattern_sector "$img"
         else
             write_modeswitch_sector "$img"
         fi

@@ -462,6 +462,32 @@ pub struct ServerConfig {
     /// update but adds to the latency tail (BENCHMARKS.md, "Tried and not kept").
     #[serde(default, deserialize_with = "worker_threads")]
     pub worker_threads: Option<usize>,
+    /// `ws_message_size`: the largest WebSocket message vizor sends a browser (default
+    /// "256KiB"; "4KiB" to "64MiB"). A browser hands a message to the page only once
+    /// all of it arrived: a framebuffer update goes as several, which noVNC decodes as
+    /// they come (BENCHMARKS.md, "Messages sized for browsers").
+    #[serde(
+        default = "default_ws_message_size",
+        deserialize_with = "ws_message_size"
+    )]
+    pub ws_message_size: usize,
+}
+
+/// `[server] ws_message_size` by default.
+pub const DEFAULT_WS_MESSAGE_SIZE: usize = 256 << 10;
+
+fn default_ws_message_size() -> usize {
+    DEFAULT_WS_MESSAGE_SIZE
+}
+
+fn ws_message_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = parse_size(d)?;
+    if !(4 << 10..=64 << 20).contains(&n) {
+        return Err(serde::de::Error::custom(format!(
+            "WebSocket message size {n} is out of range (4KiB to 64MiB)"
+        )));
+    }
+    Ok(n as usize)
 }
 
 fn worker_threads<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
@@ -970,6 +996,13 @@ keystrokes = "full"
         ))
         .unwrap();
         assert_eq!(c.server.worker_threads, Some(1));
+        assert_eq!(c.server.ws_message_size, DEFAULT_WS_MESSAGE_SIZE);
+        let c = Config::parse(&MINIMAL.replace(
+            "web_root = \"/usr/share/novnc\"",
+            "web_root = \"/usr/share/novnc\"\nws_message_size = \"64KiB\"",
+        ))
+        .unwrap();
+        assert_eq!(c.server.ws_message_size, 64 << 10);
     }
 
     #[test]
@@ -1063,6 +1096,14 @@ keystrokes = "full"
             (
                 MINIMAL.replace("[libvirt]", "worker_threads = \"many\"\n[libvirt]"),
                 "worker_threads",
+            ),
+            (
+                MINIMAL.replace("[libvirt]", "ws_message_size = \"1KiB\"\n[libvirt]"),
+                "ws_message_size",
+            ),
+            (
+                MINIMAL.replace("[libvirt]", "ws_message_size = \"1GiB\"\n[libvirt]"),
+                "out of range (4KiB to 64MiB)",
             ),
         ];
         for (text, key) in cases {

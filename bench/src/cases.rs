@@ -42,6 +42,10 @@ pub struct Settings {
     pub qemu_samples: usize,
     /// Why the session counts are lower than the issue's, when they are.
     pub session_cap: Option<String>,
+    /// Interleaved rounds of the browser cases.
+    pub browser_rounds: usize,
+    /// Seconds each browser measurement lasts (after 2 s of warm-up).
+    pub browser_seconds: u64,
 }
 
 impl Settings {
@@ -61,6 +65,8 @@ impl Settings {
             grow_seconds: 240,
             qemu_samples: 10,
             session_cap: None,
+            browser_rounds: 3,
+            browser_seconds: 8,
         }
     }
 
@@ -79,6 +85,8 @@ impl Settings {
             grow_seconds: 60,
             qemu_samples: 3,
             session_cap: None,
+            browser_rounds: 1,
+            browser_seconds: 3,
         }
     }
 }

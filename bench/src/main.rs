@@ -7,6 +7,7 @@
 //! and one table printed and written as JSON (`report`, `machine`).
 //! `scripts/bench.sh` installs what it needs, builds and runs it.
 
+mod browser;
 mod cases;
 mod client;
 mod machine;
@@ -34,8 +35,8 @@ struct Args {
     /// Where to write the results as JSON [default: target/bench/results.json].
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Cases to run, comma-separated: bulk, small, setup, idle, many (and qemu,
-    /// participants, with --qemu).
+    /// Cases to run, comma-separated: bulk, small, setup, idle, many, browser (noVNC in
+    /// headless Chromium) (and qemu, participants, browser-qemu, with --qemu).
     #[arg(
         long,
         value_delimiter = ',',
@@ -292,6 +293,11 @@ async fn run(args: Args) -> Result<bool, String> {
             "qemu" => match &args.qemu {
                 Some(d) => tokio::time::timeout(bound, qemu::first_frame(&bench, d)).await,
                 None => return Err("the qemu case needs --qemu DOMAIN".into()),
+            },
+            "browser" => tokio::time::timeout(bound, browser::synthetic(&bench, &root)).await,
+            "browser-qemu" => match &args.qemu {
+                Some(d) => tokio::time::timeout(bound, browser::qemu(&bench, &root, d)).await,
+                None => return Err("the browser-qemu case needs --qemu DOMAIN".into()),
             },
             "participants" => match &args.qemu {
                 Some(d) => tokio::time::timeout(bound, participants::participants(&bench, d)).await,

@@ -144,6 +144,20 @@ impl Proxy {
         libvirt_uri: &str,
         dir: &Path,
     ) -> Result<Proxy, String> {
+        Self::start_with(way, programs, consoles, target, libvirt_uri, dir, "")
+    }
+
+    /// As [`Proxy::start`], with `server_extra` in vizor's `[server]` (such as its
+    /// `ws_message_size` or `allowed_origins`).
+    pub fn start_with(
+        way: Way,
+        programs: &Programs,
+        consoles: &[Console],
+        target: usize,
+        libvirt_uri: &str,
+        dir: &Path,
+        server_extra: &str,
+    ) -> Result<Proxy, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let up = &consoles[target];
         let upstream = format!("127.0.0.1:{}", up.port);
@@ -169,7 +183,7 @@ impl Proxy {
                 std::fs::write(
                     &config,
                     format!(
-                        "[server]\nlisten = \"127.0.0.1:0\"\n\
+                        "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\
                          [libvirt]\nuri = \"{libvirt_uri}\"\n\
                          [tokens]\nkey_file = \"token.key\"\nttl = \"10m\"\n\
                          [audit]\npath = \"audit.jsonl\"\nkey_file = \"audit.key\"\n\
@@ -280,6 +294,17 @@ impl Proxy {
                 password: Some(self.consoles[self.target].password.clone()),
             },
         }
+    }
+
+    /// For vizor: a token for the domain `domain` of UUID `uuid` (a real one, looked up
+    /// in libvirt, as vizor checks it).
+    pub fn token(&self, domain: &str, uuid: [u8; 16]) -> Option<String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs();
+        let claims = Claims::new(domain, uuid, ConsoleKind::Vnc, "bench", now + 600).ok()?;
+        self.key.as_ref()?.seal(&claims).ok()
     }
 
     /// The proxy's processes (none for direct).
@@ -401,13 +426,15 @@ pub fn clock_ticks() -> f64 {
     })
 }
 
-/// utime + stime of one process, in seconds.
+/// utime + stime of one process and of its children it reaped (websockify forks one
+/// per connection: gone when it closes, its time is its parent's cutime), in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let Some(f) = stat_fields(pid) else {
         return 0.0;
     };
-    // Fields 14 and 15 of stat: 11 and 12 counting from the state.
-    let ticks: u64 = [11, 12]
+    // Fields 14 to 17 of stat (utime, stime, cutime, cstime): 11 to 14 counting from
+    // the state.
+    let ticks: u64 = [11, 12, 13, 14]
         .iter()
         .filter_map(|&i| f.get(i)?.parse::<u64>().ok())
         .sum();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 const URI: &str = "qemu:///system";
 
 /// The value of attribute `name` in an XML start tag.
-fn attribute(tag: &str, name: &str) -> Option<String> {
+pub(crate) fn attribute(tag: &str, name: &str) -> Option<String> {
     let at = tag.find(&format!(" {name}="))? + name.len() + 2;
     let quote = tag[at..].chars().next()?;
     let rest = &tag[at + 1..];

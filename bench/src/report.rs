@@ -68,6 +68,10 @@ pub enum Goal {
     RatioToDirectAtLeast(f64),
     /// vizor's median at most this.
     AtMost(f64),
+    /// vizor's median / the named path's at least this.
+    RatioToAtLeast(&'static str, f64),
+    /// vizor's median / the named path's at most this.
+    RatioToAtMost(&'static str, f64),
 }
 
 /// A row's target.
@@ -170,6 +174,22 @@ impl Row {
                         }
                     }
                     Goal::AtMost(_) => {}
+                    Goal::RatioToAtLeast(peer, min) => {
+                        if let Some(r) = self.ratios.get(peer).copied() {
+                            self.met = Some(r >= min);
+                            if r < min {
+                                self.miss = Some(format!("{r:.2}x of {peer}, {min}x wanted"));
+                            }
+                        }
+                    }
+                    Goal::RatioToAtMost(peer, max) => {
+                        if let Some(r) = self.ratios.get(peer).copied() {
+                            self.met = Some(r <= max);
+                            if r > max {
+                                self.miss = Some(format!("{r:.2}x of {peer}, {max}x at most"));
+                            }
+                        }
+                    }
                 }
             }
         }

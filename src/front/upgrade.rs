@@ -285,6 +285,7 @@ pub(super) async fn console(
     let (mut brx, btx) = session::browser::split(
         ws,
         app.env.browser_limits.max_message_len + 64,
+        app.config.server.ws_message_size,
         app.config.limits.send_timeout,
     );
     // Whatever ended it, vizor's close frame is out: the browser's answer is awaited

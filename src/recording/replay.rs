@@ -126,7 +126,12 @@ fn upgrade(
     }
     tokio::spawn(async move {
         let Ok(ws) = fut.await else { return };
-        let (brx, btx) = browser::split(ws, 1 << 20, REPLAY_SEND_TIMEOUT);
+        let (brx, btx) = browser::split(
+            ws,
+            1 << 20,
+            crate::config::DEFAULT_WS_MESSAGE_SIZE,
+            REPLAY_SEND_TIMEOUT,
+        );
         match play(&replay, brx, &btx).await {
             Ok(()) => info!(client = %peer, "replay ended"),
             Err(end) => warn!(client = %peer, reason = %end, "replay stopped"),

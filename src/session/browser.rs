@@ -91,7 +91,12 @@ async fn write_frame(
 
 /// Writes what the queue holds, in order, until a close frame or a failure. A spliced
 /// frame that fails leaves the stream broken mid-frame: nothing follows it.
-async fn write_queue(mut w: Writer, mut queue: mpsc::Receiver<Out>, stall: Duration) {
+async fn write_queue(
+    mut w: Writer,
+    mut queue: mpsc::Receiver<Out>,
+    stall: Duration,
+    message_size: usize,
+) {
     while let Some(out) = queue.recv().await {
         match out {
             Out::Frame(mut frame) => {
@@ -111,7 +116,8 @@ async fn write_queue(mut w: Writer, mut queue: mpsc::Receiver<Out>, stall: Durat
                     // sessions vizor can hold).
                     Writer::Tcp(to) => match Pipe::new() {
                         Ok(pipe) => {
-                            splice::frame(s.from.as_ref(), to.as_ref(), s.len, &pipe, stall).await
+                            let (from, to) = (s.from.as_ref(), to.as_ref());
+                            splice::frames(from, to, s.len, message_size, &pipe, stall).await
                         }
                         // Nothing is written yet: the caller can go on without.
                         Err(e) => Err(SpliceError::NoPipe(e)),
@@ -141,6 +147,9 @@ pub struct BrowserTx {
     send_timeout: Duration,
     /// Whether the browser's connection is plain TCP, which payloads can be spliced to.
     tcp: bool,
+    /// The largest message sent toward the browser (`[server] message_size`): more
+    /// goes as several, so the browser can work on the first while the rest arrives.
+    message_size: usize,
     /// The writer task, awaited on close so the close frame is on the wire before the
     /// session counts as ended (a shutting-down process must not drop it).
     writer: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
@@ -181,7 +190,13 @@ impl BrowserTx {
     /// Sends binary data without copying it. Fails once the browser is gone, or when
     /// it has taken nothing for the send timeout: a browser that stops reading holds
     /// at most the queue's frames, and not for long.
-    pub async fn bytes(&self, data: bytes::BytesMut) -> Result<(), End> {
+    /// More than `[server] message_size` goes as several messages (without a copy).
+    pub async fn bytes(&self, mut data: bytes::BytesMut) -> Result<(), End> {
+        while data.len() > self.message_size {
+            let first = data.split_to(self.message_size);
+            self.send(Out::Frame(Frame::binary(Payload::Bytes(first))))
+                .await?;
+        }
         self.send(Out::Frame(Frame::binary(Payload::Bytes(data))))
             .await
     }
@@ -206,7 +221,8 @@ impl BrowserTx {
         self.tcp
     }
 
-    /// Sends the next `len` bytes of the VM's socket `from` as one binary frame, after
+    /// Sends the next `len` bytes of the VM's socket `from` as binary messages of at
+    /// most `[server] message_size`, after
     /// everything queued before, without reading them into vizor. Returns `from` and
     /// whether they were sent: `false` when no pipe could be had, and nothing was.
     /// Any other failure ends the session (the frame is broken off).
@@ -453,12 +469,15 @@ impl BrowserRx {
 }
 
 /// Splits the upgraded socket and starts the writer task. Messages from the browser
-/// may be `max_message` bytes long; a frame for it waits `send_timeout` at most.
+/// may be `max_message` bytes long, those to it are `message_size` at most; a frame for
+/// it waits `send_timeout` at most.
 pub fn split(
     ws: WebSocket<Io>,
     max_message: usize,
+    message_size: usize,
     send_timeout: Duration,
 ) -> (BrowserRx, BrowserTx) {
+    let message_size = message_size.max(1);
     // Nothing was read through the WebSocket yet: the upgraded connection is whole.
     let upgraded = ws.into_inner().into_inner();
     let (reader, writer): (Reader, Writer) = match upgraded.downcast::<TokioIo<TcpStream>>() {
@@ -486,7 +505,7 @@ pub fn split(
         fastwebsockets::after_handshake_split(reader, tokio::io::sink(), Role::Server);
     rd.set_max_message_size(max_message);
     let (tx, queue) = mpsc::channel::<Out>(32);
-    let writer = tokio::spawn(write_queue(writer, queue, send_timeout));
+    let writer = tokio::spawn(write_queue(writer, queue, send_timeout, message_size));
     (
         BrowserRx {
             rx: rd,
@@ -500,6 +519,7 @@ pub fn split(
             tx,
             send_timeout,
             tcp,
+            message_size,
             writer: Arc::new(tokio::sync::Mutex::new(Some(writer))),
         },
     )

@@ -65,9 +65,37 @@ pub(crate) fn binary_head(len: u64, head: &mut [u8; 10]) -> usize {
     }
 }
 
+/// Sends `len` bytes of `from` to `to` as binary frames (each its own message) of
+/// `message_size` bytes at most, their payloads moved by splice(2) through `pipe`. The
+/// browser may take nothing for `stall` at most.
+///
+/// A browser hands a WebSocket message to the page only once all of it arrived: in
+/// bounded messages noVNC decodes the first rows of a rectangle while the rest is on
+/// the way, and never buffers a whole framebuffer.
+pub(crate) async fn frames(
+    from: &TcpStream,
+    to: &TcpStream,
+    len: u64,
+    message_size: usize,
+    pipe: &Pipe,
+    stall: Duration,
+) -> Result<(), SpliceError> {
+    let max = message_size.max(1) as u64;
+    let mut left = len;
+    // A zero-length payload is one empty frame, as before.
+    loop {
+        let this = left.min(max);
+        frame(from, to, this, pipe, stall).await?;
+        left -= this;
+        if left == 0 {
+            return Ok(());
+        }
+    }
+}
+
 /// Sends one binary frame of `len` bytes to `to`, its payload taken from `from` by
 /// splice(2) through `pipe`. The browser may take nothing for `stall` at most.
-pub(crate) async fn frame(
+async fn frame(
     from: &TcpStream,
     to: &TcpStream,
     len: u64,
@@ -185,6 +213,63 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8], stall: Duration) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Two connected loopback sockets: (the end vizor holds, the peer's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap());
+        let (peer, accepted) = tokio::join!(peer, l.accept());
+        (accepted.unwrap().0, peer.unwrap())
+    }
+
+    /// A payload longer than the message size goes as full messages and a last short
+    /// one, each a final binary frame, the bytes in order and nothing more: what the
+    /// browser reads is what the VM sent.
+    #[tokio::test]
+    async fn a_long_payload_goes_as_messages_of_the_size_at_most() {
+        let (from, mut vm) = pair().await;
+        let (to, mut browser) = pair().await;
+        let len = 1_000_003usize;
+        let sent: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let writing = {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                vm.write_all(&sent).await.unwrap();
+                vm
+            })
+        };
+        let pipe = Pipe::new().unwrap();
+        let stall = Duration::from_secs(5);
+        let reading = tokio::spawn(async move {
+            let mut all = Vec::new();
+            browser.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        frames(&from, &to, len as u64, 256 << 10, &pipe, stall)
+            .await
+            .unwrap();
+        drop(to);
+        let _vm = writing.await.unwrap();
+        let wire = reading.await.unwrap();
+        let (mut at, mut payload, mut sizes) = (0, Vec::new(), Vec::new());
+        while at < wire.len() {
+            assert_eq!(wire[at], 0x82, "a final binary frame at {at}");
+            let (n, head) = match wire[at + 1] {
+                126 => (u16::from_be_bytes([wire[at + 2], wire[at + 3]]) as usize, 4),
+                127 => (
+                    u64::from_be_bytes(wire[at + 2..at + 10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                n => (n as usize, 2),
+            };
+            payload.extend_from_slice(&wire[at + head..at + head + n]);
+            sizes.push(n);
+            at += head + n;
+        }
+        assert_eq!(sizes, [262144, 262144, 262144, 213571]);
+        assert!(payload == sent, "the payload arrives as sent");
+    }
 
     /// The head is the one fastwebsockets writes for a final binary frame of that length
     /// (the reader on the other side parses both alike).

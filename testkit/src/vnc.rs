@@ -450,7 +450,11 @@ impl Screen {
             while let Some((msg, n)) = dec.decode(&buf[pos..]).map_err(|e| broken(&e))? {
                 pos += n;
                 match msg {
-                    ClientMessage::SetPixelFormat(pf) if pf != PixelFormat::RGB888 => {
+                    // Its updates are 32 bits a pixel; how the channels lie in them
+                    // (noVNC asks for red in the low byte) costs the same bytes.
+                    ClientMessage::SetPixelFormat(pf)
+                        if pf.bits_per_pixel != 32 || !pf.true_colour =>
+                    {
                         return Err(format!("the client asked for pixel format {pf:?}"));
                     }
                     ClientMessage::FramebufferUpdateRequest {

@@ -735,6 +735,8 @@ pub struct Browser {
     pub received: Vec<u8>,
     /// Received but not yet consumed.
     pub pending: Vec<u8>,
+    /// The longest binary message received.
+    pub largest: usize,
 }
 
 /// How the WebSocket ended.
@@ -831,6 +833,7 @@ impl Browser {
             ws,
             received: Vec::new(),
             pending: Vec::new(),
+            largest: 0,
         }
     }
 
@@ -843,6 +846,7 @@ impl Browser {
             })?;
             match frame.opcode {
                 fastwebsockets::OpCode::Binary => {
+                    self.largest = self.largest.max(frame.payload.len());
                     self.received.extend_from_slice(&frame.payload);
                     self.pending.extend_from_slice(&frame.payload);
                     return Ok(());
@@ -888,6 +892,7 @@ impl Browser {
             match frame.opcode {
                 fastwebsockets::OpCode::Pong => return frame.payload.to_vec(),
                 fastwebsockets::OpCode::Binary => {
+                    self.largest = self.largest.max(frame.payload.len());
                     self.received.extend_from_slice(&frame.payload);
                     self.pending.extend_from_slice(&frame.payload);
                 }

@@ -1,0 +1,186 @@
+// The browser side of vizor-bench's `browser` case: noVNC 1.7 (from web/node_modules)
+// in headless Chromium (Debian's, through playwright-core), measured inside the page.
+//
+//   node bench/browser.mjs PAGE_PORT
+//
+// Serves noVNC and a bare page on 127.0.0.1:PAGE_PORT (the origin vizor's config must
+// allow), prints "ready" and then answers one JSON line per request line on stdin:
+//
+//   {"url": "ws://...", "password": "..." | null, "seconds": 10, "warmup": 2,
+//    "input_ms": 100}
+//
+// Each request opens a fresh page with an RFB connection, lets it run `warmup` seconds,
+// and measures for `seconds`:
+//   updates   FramebufferUpdates noVNC finished (decoded and flipped to the canvas)
+//   bytes     WebSocket payload the page received; messages, and the largest
+//   latency   every `input_ms`, a pointer event is sent; its latency is the time to
+//             the end of the first update whose header arrived after it: what a user
+//             waits, from input to the screen that follows it
+// and answers {"updates", "seconds", "bytes", "bytes_all" (warm-up included),
+// "messages", "largest", "latency_ms": [sorted], "error"}.
+import { createServer } from "node:http";
+import { readFile } from "node:fs/promises";
+import { join, normalize, dirname } from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
+import { createInterface } from "node:readline";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const playwright =
+    process.env.VIZOR_PLAYWRIGHT || join(here, "../web/node_modules/playwright-core/index.mjs");
+const { chromium } = await import(pathToFileURL(playwright).href);
+const port = Number(process.argv[2]);
+const novnc = process.env.VIZOR_NOVNC || join(here, "../web/node_modules/@novnc/novnc");
+const chromiumPath = process.env.VIZOR_CHROMIUM || "/usr/bin/chromium";
+
+const PAGE = `<!doctype html><meta charset="utf-8"><title>vizor-bench</title>
+<style>html,body{margin:0;height:100%}#screen{width:100%;height:100%}</style>
+<div id="screen"></div>
+<script type="module">
+import RFB from "/novnc/core/rfb.js";
+
+window.measure = (req) => new Promise((resolve) => {
+    const out = { updates: 0, seconds: 0, bytes: 0, bytes_all: 0, messages: 0, largest: 0,
+                  latency_ms: [], error: null };
+    let phase = "connecting";
+    let rfb;
+    try {
+        rfb = new RFB(document.getElementById("screen"), req.url, {
+            credentials: req.password ? { password: req.password } : undefined,
+            wsProtocols: ["binary"],
+        });
+    } catch (e) {
+        out.error = String(e);
+        resolve(out);
+        return;
+    }
+    rfb.scaleViewport = false;
+    rfb.viewOnly = false;
+    const done = (why) => {
+        if (phase === "done") return;
+        if (why && !out.error) out.error = why;
+        phase = "done";
+        clearInterval(inputs);
+        try { rfb.disconnect(); } catch (e) {}
+        out.latency_ms.sort((a, b) => a - b);
+        resolve(out);
+    };
+    rfb.addEventListener("disconnect", (e) => {
+        if (phase !== "done") done("disconnected: " + (e.detail.clean ? "clean" : "unclean"));
+    });
+    rfb.addEventListener("securityfailure", (e) => done("security failure: " + e.detail.reason));
+    // Pointer events waiting for the first update that starts after them.
+    let waiting = [];
+    let started = null;
+    const update = rfb._framebufferUpdate.bind(rfb);
+    rfb._framebufferUpdate = () => {
+        if (rfb._FBU.rects === 0 && started === null) {
+            started = performance.now();
+        }
+        const finished = update();
+        if (finished) {
+            const now = performance.now();
+            if (phase === "measuring") {
+                out.updates++;
+                const answered = waiting.filter((t) => t <= started);
+                for (const t of answered) out.latency_ms.push(now - t);
+            }
+            waiting = waiting.filter((t) => t > started);
+            started = null;
+        }
+        return finished;
+    };
+    let inputs = null;
+    let x = 0;
+    rfb.addEventListener("connect", () => {
+        const ws = rfb._sock._websocket;
+        ws.addEventListener("message", (e) => {
+            const n = e.data.byteLength;
+            out.bytes_all += n;
+            if (phase !== "measuring") return;
+            out.bytes += n;
+            out.messages++;
+            if (n > out.largest) out.largest = n;
+        });
+        inputs = setInterval(() => {
+            if (phase !== "measuring") return;
+            x = (x + 7) % 200;
+            RFB.messages.pointerEvent(rfb._sock, x + 10, 10, 0);
+            waiting.push(performance.now());
+        }, req.input_ms);
+        setTimeout(() => {
+            phase = "measuring";
+            const t0 = performance.now();
+            setTimeout(() => {
+                out.seconds = (performance.now() - t0) / 1000;
+                done(null);
+            }, req.seconds * 1000);
+        }, req.warmup * 1000);
+    });
+    setTimeout(() => { if (phase === "connecting") done("not connected within 15 s"); }, 15000);
+});
+</script>`;
+
+const types = { ".js": "text/javascript", ".html": "text/html", ".json": "application/json" };
+const server = createServer(async (req, res) => {
+    const path = new URL(req.url, "http://x").pathname;
+    if (path === "/" || path === "/bench.html") {
+        res.writeHead(200, { "content-type": "text/html" });
+        res.end(PAGE);
+        return;
+    }
+    if (path.startsWith("/novnc/")) {
+        const file = normalize(join(novnc, path.slice("/novnc/".length)));
+        if (file.startsWith(novnc)) {
+            try {
+                const body = await readFile(file);
+                const ext = file.slice(file.lastIndexOf("."));
+                res.writeHead(200, { "content-type": types[ext] || "application/octet-stream" });
+                res.end(body);
+                return;
+            } catch (e) {}
+        }
+    }
+    res.writeHead(404);
+    res.end();
+});
+await new Promise((r) => server.listen(port, "127.0.0.1", r));
+
+const browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        // A page in the background must not be throttled: there is no foreground here.
+        "--disable-background-timer-throttling",
+        "--disable-renderer-backgrounding",
+    ],
+});
+const context = await browser.newContext({ viewport: { width: 1920, height: 1080 } });
+console.log("ready");
+
+const lines = createInterface({ input: process.stdin });
+for await (const line of lines) {
+    if (!line.trim()) continue;
+    let answer;
+    try {
+        const req = JSON.parse(line);
+        const page = await context.newPage();
+        try {
+            await page.goto(`http://127.0.0.1:${port}/bench.html`);
+            await page.waitForFunction(() => typeof window.measure === "function");
+            answer = await page.evaluate((r) => window.measure(r), req);
+        } finally {
+            await page.close();
+        }
+    } catch (e) {
+        answer = { error: String(e) };
+    }
+    console.log(JSON.stringify(answer));
+}
+await browser.close();
+server.close();
