@@ -13,11 +13,16 @@
 // and measures for `seconds`:
 //   updates   FramebufferUpdates noVNC finished (decoded and flipped to the canvas)
 //   bytes     WebSocket payload the page received; messages, and the largest
-//   latency   every `input_ms`, a pointer event is sent; its latency is the time to
-//             the end of the first update whose header arrived after it: what a user
-//             waits, from input to the screen that follows it
+//   latency   every `input_ms`, a pointer event is sent (x cycling through 200
+//             values). The synthetic server draws the last x it received into the
+//             first pixel of each update (with a marker byte): an input's latency is
+//             from sending it to the end of drawing the first update that shows it or
+//             a later input. Inputs never shown are counted (`unanswered`).
+//   next      for a server that draws no input (a real guest): from sending an input
+//             to the end of the first update noVNC began parsing after it
 // and answers {"updates", "seconds", "bytes", "bytes_all" (warm-up included),
-// "messages", "largest", "latency_ms": [sorted], "error"}.
+// "messages", "largest", "latency_ms": [sorted], "unanswered", "next_ms": [sorted],
+// "error"}.
 import { createServer } from "node:http";
 import { readFile } from "node:fs/promises";
 import { join, normalize, dirname } from "node:path";
@@ -40,7 +45,7 @@ import RFB from "/novnc/core/rfb.js";
 
 window.measure = (req) => new Promise((resolve) => {
     const out = { updates: 0, seconds: 0, bytes: 0, bytes_all: 0, messages: 0, largest: 0,
-                  latency_ms: [], error: null };
+                  latency_ms: [], unanswered: 0, next_ms: [], error: null };
     let phase = "connecting";
     let rfb;
     try {
@@ -62,13 +67,17 @@ window.measure = (req) => new Promise((resolve) => {
         clearInterval(inputs);
         try { rfb.disconnect(); } catch (e) {}
         out.latency_ms.sort((a, b) => a - b);
+        out.next_ms.sort((a, b) => a - b);
+        out.unanswered = sent.length;
         resolve(out);
     };
     rfb.addEventListener("disconnect", (e) => {
         if (phase !== "done") done("disconnected: " + (e.detail.clean ? "clean" : "unclean"));
     });
     rfb.addEventListener("securityfailure", (e) => done("security failure: " + e.detail.reason));
-    // Pointer events waiting for the first update that starts after them.
+    // Pointer events not yet shown ({x, t}), and those waiting for the first update
+    // that starts after them.
+    let sent = [];
     let waiting = [];
     let started = null;
     const update = rfb._framebufferUpdate.bind(rfb);
@@ -82,7 +91,17 @@ window.measure = (req) => new Promise((resolve) => {
             if (phase === "measuring") {
                 out.updates++;
                 const answered = waiting.filter((t) => t <= started);
-                for (const t of answered) out.latency_ms.push(now - t);
+                for (const t of answered) out.next_ms.push(now - t);
+                // The input this frame shows, by the server's mark in its first pixel.
+                const px = rfb._display._drawCtx.getImageData(0, 0, 1, 1).data;
+                if (px[2] === 0xa5) {
+                    const x = px[0] | (px[1] << 8);
+                    const i = sent.findIndex((s) => s.x === x);
+                    if (i >= 0) {
+                        for (const s of sent.slice(0, i + 1)) out.latency_ms.push(now - s.t);
+                        sent = sent.slice(i + 1);
+                    }
+                }
             }
             waiting = waiting.filter((t) => t > started);
             started = null;
@@ -104,8 +123,10 @@ window.measure = (req) => new Promise((resolve) => {
         inputs = setInterval(() => {
             if (phase !== "measuring") return;
             x = (x + 7) % 200;
+            const t = performance.now();
             RFB.messages.pointerEvent(rfb._sock, x + 10, 10, 0);
-            waiting.push(performance.now());
+            waiting.push(t);
+            sent.push({ x: x + 10, t });
         }, req.input_ms);
         setTimeout(() => {
             phase = "measuring";

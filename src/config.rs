@@ -463,9 +463,10 @@ pub struct ServerConfig {
     #[serde(default, deserialize_with = "worker_threads")]
     pub worker_threads: Option<usize>,
     /// `ws_message_size`: the largest WebSocket message vizor sends a browser (default
-    /// "256KiB"; "4KiB" to "64MiB"). A browser hands a message to the page only once
-    /// all of it arrived: a framebuffer update goes as several, which noVNC decodes as
-    /// they come (BENCHMARKS.md, "Messages sized for browsers").
+    /// "256KiB"; "4KiB" to "32MiB": noVNC refuses a message over 40 MiB). A browser
+    /// hands a message to the page only once all of it arrived: a framebuffer update
+    /// goes as several, which noVNC decodes as they come (BENCHMARKS.md, "Messages
+    /// sized for browsers"). `vizor replay` uses the default.
     #[serde(
         default = "default_ws_message_size",
         deserialize_with = "ws_message_size"
@@ -482,9 +483,9 @@ fn default_ws_message_size() -> usize {
 
 fn ws_message_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     let n = parse_size(d)?;
-    if !(4 << 10..=64 << 20).contains(&n) {
+    if !(4 << 10..=32 << 20).contains(&n) {
         return Err(serde::de::Error::custom(format!(
-            "WebSocket message size {n} is out of range (4KiB to 64MiB)"
+            "WebSocket message size {n} is out of range (4KiB to 32MiB)"
         )));
     }
     Ok(n as usize)
@@ -1103,7 +1104,7 @@ keystrokes = "full"
             ),
             (
                 MINIMAL.replace("[libvirt]", "ws_message_size = \"1GiB\"\n[libvirt]"),
-                "out of range (4KiB to 64MiB)",
+                "out of range (4KiB to 32MiB)",
             ),
         ];
         for (text, key) in cases {

@@ -48,6 +48,10 @@ struct Measured {
     largest: u64,
     #[serde(default)]
     latency_ms: Vec<f64>,
+    #[serde(default)]
+    unanswered: u64,
+    #[serde(default)]
+    next_ms: Vec<f64>,
     error: Option<String>,
 }
 
@@ -247,21 +251,36 @@ async fn round(
     }
 }
 
-/// The case's rows from its results; `goal_peer` is the path vizor is held to.
+/// How a case times input.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Input {
+    /// The server draws the input: from sending it to the frame that shows it.
+    Drawn,
+    /// Nothing shows it: from sending it to the next update begun after it.
+    NextUpdate,
+}
+
+/// The case's rows from its results, with vizor's targets.
 fn rows(
     case: &mut Case,
     targets: &[Target],
     results: &Results,
+    input: Input,
     updates_goal: (&str, Goal),
     latency_goal: (&str, Goal),
 ) {
+    let timed = match input {
+        Input::Drawn => "input to display",
+        Input::NextUpdate => "input to next update",
+    };
     for (condition, _) in CONDITIONS {
         let mut updates = Row::new(&format!("updates drawn/s, {condition}"), "1/s", true)
             .target(updates_goal.0, updates_goal.1);
         let mut rate = Row::new(&format!("received, {condition}"), "MB/s", true);
-        let mut p50 = Row::new(&format!("input to display p50, {condition}"), "ms", false);
-        let mut p99 = Row::new(&format!("input to display p99, {condition}"), "ms", false)
+        let mut p50 = Row::new(&format!("{timed} p50, {condition}"), "ms", false);
+        let mut p99 = Row::new(&format!("{timed} p99, {condition}"), "ms", false)
             .target(latency_goal.0, latency_goal.1);
+        let mut lost = Row::new(&format!("inputs never shown, {condition}"), "count", false);
         let mut cpu = Row::new(&format!("proxy CPU, {condition}"), "% of a core", false);
         let mut per_mb = Row::new(&format!("proxy CPU per MB, {condition}"), "ms", false);
         let mut largest = Row::new(&format!("largest message, {condition}"), "KiB", false);
@@ -272,6 +291,7 @@ fn rows(
                     &mut rate,
                     &mut p50,
                     &mut p99,
+                    &mut lost,
                     &mut cpu,
                     &mut per_mb,
                     &mut largest,
@@ -288,10 +308,18 @@ fn rows(
                 .insert(t.name.clone(), each(&|m| m.updates as f64 / m.seconds));
             rate.cells
                 .insert(t.name.clone(), each(&|m| m.bytes as f64 / m.seconds / 1e6));
+            let times = |m: &Measured| -> Vec<f64> {
+                match input {
+                    Input::Drawn => m.latency_ms.clone(),
+                    Input::NextUpdate => m.next_ms.clone(),
+                }
+            };
             p50.cells
-                .insert(t.name.clone(), each(&|m| quantile(&m.latency_ms, 0.5)));
+                .insert(t.name.clone(), each(&|m| quantile(&times(m), 0.5)));
             p99.cells
-                .insert(t.name.clone(), each(&|m| quantile(&m.latency_ms, 0.99)));
+                .insert(t.name.clone(), each(&|m| quantile(&times(m), 0.99)));
+            lost.cells
+                .insert(t.name.clone(), each(&|m| m.unanswered as f64));
             largest
                 .cells
                 .insert(t.name.clone(), each(&|m| m.largest as f64 / 1024.0));
@@ -315,7 +343,12 @@ fn rows(
                     .insert(t.name.clone(), Cell::of(used.iter().map(|u| u.1).collect()));
             }
         }
-        for row in [updates, rate, p50, p99, cpu, per_mb, largest] {
+        let lost = (input == Input::Drawn).then_some(lost);
+        for row in [updates, rate, p50, p99]
+            .into_iter()
+            .chain(lost)
+            .chain([cpu, per_mb, largest])
+        {
             case.rows.push(row.finish());
         }
     }
@@ -367,7 +400,7 @@ const SWEEP: [(&str, &str); 6] = [
     ("vizor 128KiB", "128KiB"),
     ("vizor 512KiB", "512KiB"),
     ("vizor 1MiB", "1MiB"),
-    ("vizor whole", "64MiB"),
+    ("vizor whole", "32MiB"),
 ];
 
 /// noVNC against the synthetic server's full-screen Raw updates.
@@ -445,7 +478,7 @@ pub async fn synthetic(b: &Bench, root: &Path) -> Case {
     case.notes.push(format!(
         "{rounds} interleaved rounds of {seconds} s per path and condition after 2 s of warm-up; \
          loaded: one CPU-bound process beside it; vizor's ws_message_size: the default (vizor), \
-         64KiB to 1MiB, and 64MiB (whole: one message per 8 MB rectangle, as before)"
+         64KiB to 1MiB, and 32MiB (whole: one message per 8 MB rectangle, as before)"
     ));
     let mut results: Results = BTreeMap::new();
     for n in 0..rounds {
@@ -464,6 +497,7 @@ pub async fn synthetic(b: &Bench, root: &Path) -> Case {
         &mut case,
         &targets,
         &results,
+        Input::Drawn,
         (">= websockify", Goal::RatioToAtLeast("websockify", 1.0)),
         ("<= websockify", Goal::RatioToAtMost("websockify", 1.0)),
     );
@@ -599,6 +633,7 @@ pub async fn qemu(b: &Bench, root: &Path, domain: &str) -> Case {
         &mut case,
         &targets,
         &results,
+        Input::NextUpdate,
         (">= 0.9x qemu-ws", Goal::RatioToAtLeast("qemu-ws", 0.9)),
         ("<= 1.1x qemu-ws", Goal::RatioToAtMost("qemu-ws", 1.1)),
     );

@@ -21,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
     if let Fsync::Interval(d) = c.audit.fsync {
         assert!(!d.is_zero() && d <= Duration::from_secs(3600));
     }
+    assert!((4 << 10..=32 << 20).contains(&c.server.ws_message_size));
     // [limits]: counts at least 1, the two windows longer than 0s, "0s" idle is off,
     // message sizes 64KiB to 64MiB.
     let l = &c.limits;

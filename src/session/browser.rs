@@ -32,12 +32,15 @@ enum Out {
 }
 
 /// A payload of `len` bytes to splice from `from`; the reader half goes back with the
-/// outcome.
+/// outcome (on failure, with the bytes the browser got in whole frames).
 struct Splice {
     from: OwnedReadHalf,
     len: u64,
-    done: oneshot::Sender<(OwnedReadHalf, Result<(), SpliceError>)>,
+    done: oneshot::Sender<(OwnedReadHalf, Spliced)>,
 }
+
+/// How a splice went: on failure, with the payload bytes of the frames sent whole.
+type Spliced = Result<(), (u64, SpliceError)>;
 
 /// The browser's side of the connection, written by the writer task: plain TCP (which
 /// splice(2) can write to), or anything else hyper upgraded (TLS).
@@ -111,7 +114,7 @@ async fn write_queue(
             }
             Out::Splice(s) => {
                 let result = match &w {
-                    // A pipe per frame: a session holds its two descriptors only while
+                    // A pipe per splice: a session holds its two descriptors only while
                     // it splices, not for its whole life (open files bound how many
                     // sessions vizor can hold).
                     Writer::Tcp(to) => match Pipe::new() {
@@ -120,15 +123,21 @@ async fn write_queue(
                             splice::frames(from, to, s.len, message_size, &pipe, stall).await
                         }
                         // Nothing is written yet: the caller can go on without.
-                        Err(e) => Err(SpliceError::NoPipe(e)),
+                        Err(e) => Err((0, SpliceError::NoPipe(e))),
                     },
-                    Writer::Other(_) => Err(SpliceError::NoPipe(std::io::Error::other(
-                        "the browser's connection is not plain TCP",
-                    ))),
+                    Writer::Other(_) => Err((
+                        0,
+                        SpliceError::NoPipe(std::io::Error::other(
+                            "the browser's connection is not plain TCP",
+                        )),
+                    )),
                 };
                 let broken = matches!(
                     result,
-                    Err(SpliceError::Vm(_) | SpliceError::Browser(_) | SpliceError::BrowserStalled)
+                    Err((
+                        _,
+                        SpliceError::Vm(_) | SpliceError::Browser(_) | SpliceError::BrowserStalled
+                    ))
                 );
                 let _ = s.done.send((s.from, result));
                 if broken {
@@ -147,7 +156,7 @@ pub struct BrowserTx {
     send_timeout: Duration,
     /// Whether the browser's connection is plain TCP, which payloads can be spliced to.
     tcp: bool,
-    /// The largest message sent toward the browser (`[server] message_size`): more
+    /// The largest message sent toward the browser (`[server] ws_message_size`): more
     /// goes as several, so the browser can work on the first while the rest arrives.
     message_size: usize,
     /// The writer task, awaited on close so the close frame is on the wire before the
@@ -190,7 +199,7 @@ impl BrowserTx {
     /// Sends binary data without copying it. Fails once the browser is gone, or when
     /// it has taken nothing for the send timeout: a browser that stops reading holds
     /// at most the queue's frames, and not for long.
-    /// More than `[server] message_size` goes as several messages (without a copy).
+    /// More than `[server] ws_message_size` goes as several messages (without a copy).
     pub async fn bytes(&self, mut data: bytes::BytesMut) -> Result<(), End> {
         while data.len() > self.message_size {
             let first = data.split_to(self.message_size);
@@ -222,32 +231,41 @@ impl BrowserTx {
     }
 
     /// Sends the next `len` bytes of the VM's socket `from` as binary messages of at
-    /// most `[server] message_size`, after
-    /// everything queued before, without reading them into vizor. Returns `from` and
-    /// whether they were sent: `false` when no pipe could be had, and nothing was.
-    /// Any other failure ends the session (the frame is broken off).
+    /// most `[server] ws_message_size`, after everything queued before, without reading
+    /// them into vizor. Returns `from` and whether they were sent: `false` when no pipe
+    /// could be had, and nothing was. Any other failure ends the session (a frame is
+    /// broken off); it comes with the bytes the browser got in whole frames before.
     pub(crate) async fn splice(
         &self,
         from: OwnedReadHalf,
         len: u64,
-    ) -> Result<(OwnedReadHalf, bool), End> {
+    ) -> Result<(OwnedReadHalf, bool), (u64, End)> {
         let (done, outcome) = oneshot::channel();
-        self.send(Out::Splice(Splice { from, len, done })).await?;
-        let (from, outcome) = outcome.await.map_err(|_| End::BrowserClosed)?;
-        match outcome {
-            Ok(()) => Ok((from, true)),
-            Err(SpliceError::NoPipe(e)) => {
+        self.send(Out::Splice(Splice { from, len, done }))
+            .await
+            .map_err(|e| (0, e))?;
+        let (from, outcome) = outcome.await.map_err(|_| (0, End::BrowserClosed))?;
+        let (sent, e) = match outcome {
+            Ok(()) => return Ok((from, true)),
+            Err((_, SpliceError::NoPipe(e))) => {
                 tracing::debug!(error = %e, "no pipe to splice through");
-                Ok((from, false))
+                return Ok((from, false));
             }
-            Err(SpliceError::Vm(None)) => Err(End::VmClosed),
-            Err(SpliceError::Vm(Some(e))) => Err(super::read_failed(e, "")),
-            Err(SpliceError::Browser(e)) => {
-                tracing::debug!(error = %e, "writing a spliced frame to the browser failed");
-                Err(End::BrowserClosed)
-            }
-            Err(SpliceError::BrowserStalled) => Err(End::BrowserStalled(self.send_timeout)),
-        }
+            Err(failed) => failed,
+        };
+        Err((
+            sent,
+            match e {
+                SpliceError::Vm(None) => End::VmClosed,
+                SpliceError::Vm(Some(e)) => super::read_failed(e, ""),
+                SpliceError::Browser(e) => {
+                    tracing::debug!(error = %e, "writing a spliced frame to the browser failed");
+                    End::BrowserClosed
+                }
+                SpliceError::BrowserStalled => End::BrowserStalled(self.send_timeout),
+                SpliceError::NoPipe(_) => End::Internal("no pipe"),
+            },
+        ))
     }
 
     /// Sends a close frame with `code` and a reason (cut to the 123 bytes a close frame

@@ -67,7 +67,8 @@ pub(crate) fn binary_head(len: u64, head: &mut [u8; 10]) -> usize {
 
 /// Sends `len` bytes of `from` to `to` as binary frames (each its own message) of
 /// `message_size` bytes at most, their payloads moved by splice(2) through `pipe`. The
-/// browser may take nothing for `stall` at most.
+/// browser may take nothing for `stall` at most. On failure, the error comes with the
+/// payload bytes of the frames that were sent whole (the browser has them).
 ///
 /// A browser hands a WebSocket message to the page only once all of it arrived: in
 /// bounded messages noVNC decodes the first rows of a rectangle while the rest is on
@@ -79,13 +80,15 @@ pub(crate) async fn frames(
     message_size: usize,
     pipe: &Pipe,
     stall: Duration,
-) -> Result<(), SpliceError> {
+) -> Result<(), (u64, SpliceError)> {
     let max = message_size.max(1) as u64;
     let mut left = len;
     // A zero-length payload is one empty frame, as before.
     loop {
         let this = left.min(max);
-        frame(from, to, this, pipe, stall).await?;
+        frame(from, to, this, pipe, stall)
+            .await
+            .map_err(|e| (len - left, e))?;
         left -= this;
         if left == 0 {
             return Ok(());

@@ -381,6 +381,10 @@ pub struct Sent {
 /// once with one Raw rectangle covering exactly the requested area (clipped to the
 /// screen), and counts what it sent. It must outrun any proxy (QEMU cannot reach GB/s),
 /// so the updates it is told to expect are built once and written whole with one
+/// The third byte of an update's first pixel once the client has pointed: the first
+/// two are the pointer's x, little-endian (with noVNC's pixel format: red and green).
+pub const POINTER_MARK: u8 = 0xA5;
+
 /// `write_all` each; anything else is built on demand.
 #[derive(Debug)]
 pub struct Screen {
@@ -445,6 +449,10 @@ impl Screen {
             ..
         } = conn;
         let mut dec = ClientDecoder::new(Limits::default());
+        // The last pointer position the client sent: drawn into the first pixel of
+        // each update from the screen's corner, so a client can tell which of its
+        // inputs a frame answers (the benchmark's input-to-display measure).
+        let mut pointer: Option<u16> = None;
         loop {
             let mut pos = 0;
             while let Some((msg, n)) = dec.decode(&buf[pos..]).map_err(|e| broken(&e))? {
@@ -457,6 +465,7 @@ impl Screen {
                     {
                         return Err(format!("the client asked for pixel format {pf:?}"));
                     }
+                    ClientMessage::PointerEvent { x, .. } => pointer = Some(x),
                     ClientMessage::FramebufferUpdateRequest {
                         x,
                         y,
@@ -482,7 +491,18 @@ impl Screen {
                         // session, which the caller reports anyway).
                         self.updates.fetch_add(1, Ordering::Relaxed);
                         self.bytes.fetch_add(update.len() as u64, Ordering::Relaxed);
-                        s.write_all(update).await.map_err(|e| broken(&e))?;
+                        // Header (4 bytes), rectangle header (12), then the pixels.
+                        match pointer {
+                            Some(px) if (x, y) == (0, 0) && update.len() >= 20 => {
+                                let [lo, hi] = px.to_le_bytes();
+                                s.write_all(&update[..16]).await.map_err(|e| broken(&e))?;
+                                s.write_all(&[lo, hi, POINTER_MARK, 0])
+                                    .await
+                                    .map_err(|e| broken(&e))?;
+                                s.write_all(&update[20..]).await.map_err(|e| broken(&e))?;
+                            }
+                            _ => s.write_all(update).await.map_err(|e| broken(&e))?,
+                        }
                     }
                     _ => {}
                 }
