@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-0}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(rfb_server_to_client rfb_client_to_server rfb_handshake rfb_rules spice spice_rules token config)
+[ ${#targets[@]} -gt 0 ] || targets=(rfb_server_to_client rfb_client_to_server rfb_handshake rfb_rules spice spice_rules token config paste)
 export RUSTC_BOOTSTRAP=1
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -114,10 +114,28 @@ pub fn client_page(config: &ConsoleConfig, kind: ConsoleKind, domain: &str) -> R
 <span id="timeleft" hidden></span>
 <span class="spacer"></span>
 <span id="presence" role="status" aria-live="polite" hidden></span>
+<span id="pasting" role="status" aria-live="polite" hidden><span id="pasting-words"></span> <button id="paste-stop" type="button">Stop</button></span>
+<button id="paste" type="button" disabled hidden title="Type text into the VM as key presses: for a VM without a shared clipboard">Paste as keys</button>
 <button id="cad" type="button" disabled title="Send Ctrl+Alt+Del to the VM">Ctrl+Alt+Del</button>
 <button id="fullscreen" type="button" title="Fill the screen">Fullscreen</button>
 </header>
 <div id="warning" role="alert" hidden></div>
+<dialog id="paste-dialog" aria-labelledby="paste-heading">
+<form id="paste-form" method="dialog">
+<h2 id="paste-heading">Paste as keys</h2>
+<p>The text is typed into the VM key by key, as on the keyboard layout its system uses.</p>
+<label for="paste-text">Text</label>
+<textarea id="paste-text" rows="6" cols="48" maxlength="4096" spellcheck="false"></textarea>
+<label for="paste-layout">The VM's keyboard layout</label>
+<select id="paste-layout">
+<option value="us">US (QWERTY)</option>
+<option value="de">German (QWERTZ)</option>
+<option value="fr">French (AZERTY)</option>
+</select>
+<p id="paste-error" role="alert"></p>
+<div class="buttons"><button id="paste-type" type="submit" value="type">Type it</button> <button id="paste-close" type="submit" value="close" formnovalidate>Close</button></div>
+</form>
+</dialog>
 <main id="screen"></main>
 <noscript><p class="error">The console needs JavaScript.</p></noscript>"#
     );

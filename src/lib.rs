@@ -21,6 +21,7 @@ pub mod limits;
 pub mod live;
 pub mod lockfile;
 pub mod metrics;
+pub mod paste;
 pub mod policy;
 pub mod recording;
 pub mod refusals;

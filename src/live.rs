@@ -241,6 +241,22 @@ pub struct Live {
     /// The input of everyone on the session (owner and operators): the owner's
     /// connection ends when it has seen none for `[limits] idle_timeout`.
     pub idle: crate::limits::Idle,
+    /// Where each connection that can type takes pastes, by its session id.
+    seats: Mutex<std::collections::HashMap<u64, crate::paste::Seat>>,
+}
+
+/// A connection's paste seat, on its session while held.
+pub struct Seated<'a> {
+    live: &'a Live,
+    session: u64,
+}
+
+impl Drop for Seated<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut seats) = self.live.seats.lock() {
+            seats.remove(&self.session);
+        }
+    }
 }
 
 /// A snapshot of a session, as the API shows it.
@@ -297,6 +313,25 @@ impl Live {
     /// Changes to who is on the session.
     pub fn roster(&self) -> watch::Receiver<u64> {
         self.roster.subscribe()
+    }
+
+    /// Seats the connection of audit session `session` for pastes while the guard is
+    /// held.
+    pub fn seat(&self, session: u64, seat: crate::paste::Seat) -> Seated<'_> {
+        if let Ok(mut seats) = self.seats.lock() {
+            seats.insert(session, seat);
+        }
+        // Presence streams opened before it look again.
+        self.roster.send_modify(|n| *n += 1);
+        Seated {
+            live: self,
+            session,
+        }
+    }
+
+    /// The paste seat of the connection of audit session `session`, while it types.
+    pub fn seat_of(&self, session: u64) -> Option<crate::paste::Seat> {
+        self.seats.lock().ok()?.get(&session).cloned()
     }
 
     /// The participants besides the owner, in the order they joined.
@@ -520,6 +555,7 @@ impl LiveSessions {
                 roster: watch::channel(0).0,
                 state: watch::channel(State::Live).0,
                 idle: crate::limits::Idle::default(),
+                seats: Mutex::new(std::collections::HashMap::new()),
             };
             (Arc::new(live), 0)
         });

@@ -485,3 +485,86 @@ fn the_console_page_shows_view_only_and_warns_a_minute_before_the_end() {
     );
     assert_eq!(r["still"]["state"], "connected", "{r}");
 }
+
+/// "Paste as keys" in Chromium: vizor types the text with the keys of the layout the
+/// page chose, so what QEMU hands the guest's PS/2 keyboard is exactly what the key
+/// records say (each marked as a paste's), `vizor audit text` reads the text back, a
+/// paste can be stopped, and text the layout cannot type is refused with its reason.
+#[test]
+#[ignore = "live: needs the test host and Chromium (scripts/test.sh runs it with --include-ignored)"]
+fn paste_as_keys_types_the_text_with_the_layouts_keys() {
+    use common::guest::{expected_ps2, hex, Ps2Trace};
+    let t = tools();
+    let d = "vizor-test-paste";
+    let pw = password();
+    test_host(&["domain", d, "--vnc-passwd", &pw, "--no-spice"]);
+    let trace = Ps2Trace::start(d);
+    let mark = trace.mark();
+    let v = console_vizor(&t, "");
+    let url = console_url(&v, d, ConsoleKind::Vnc, 60);
+    let de = "Hello, World! äöü";
+    let us = "us: a#$%^&*(){}|~\"q\" <x>_+?";
+    let cancel = "the quick brown fox jumps over the lazy dog ".repeat(4);
+    let extra = serde_json::json!({
+        "pastes": [{"text": de, "layout": "de"}, {"text": us, "layout": "us"}],
+        "cancel": cancel,
+    });
+    let r = drive(&t, "paste", &url, &extra.to_string());
+    eprintln!("paste: {r}");
+    assert_eq!(r["still"]["state"], "connected", "{r}");
+    let refused = r["refused"].as_str().unwrap();
+    assert!(refused.contains("cannot be typed on the de layout"), "{r}");
+    // Three pastes: two typed whole, one stopped; each between its two records.
+    let audit = v.wait_for_records("paste", 6);
+    let pastes: Vec<&serde_json::Value> = audit.iter().filter(|x| x["event"] == "paste").collect();
+    let told: Vec<(&str, &str, u64)> = pastes
+        .iter()
+        .map(|x| {
+            (
+                x["status"].as_str().unwrap(),
+                x["layout"].as_str().unwrap(),
+                x["chars"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let n = |s: &str| s.chars().count() as u64;
+    assert_eq!(
+        told,
+        [
+            ("started", "de", n(de)),
+            ("done", "de", n(de)),
+            ("started", "us", n(us)),
+            ("done", "us", n(us)),
+            ("started", "us", n(&cancel)),
+            ("cancelled", "us", n(&cancel)),
+        ]
+    );
+    assert_eq!(pastes[1]["typed"].as_u64(), Some(n(de)));
+    let stopped_at = pastes[5]["typed"].as_u64().unwrap();
+    assert!((3..n(&cancel)).contains(&stopped_at), "{:?}", pastes[5]);
+    let session = pastes[0]["session"].as_u64().unwrap();
+    // Every key of the session is a paste's: the page typed nothing itself.
+    let keys: Vec<&serde_json::Value> = audit
+        .iter()
+        .filter(|x| x["event"] == "key" && x["session"].as_u64() == Some(session))
+        .collect();
+    assert!(keys.len() > 100, "{} key records", keys.len());
+    assert!(keys.iter().all(|k| k["origin"] == "paste"), "{keys:?}");
+    // QEMU's trace is the key records, byte for byte.
+    let want = expected_ps2(&audit, &[session]);
+    let got = trace.settle(mark, want.len());
+    trace.stop();
+    assert_eq!(
+        hex(&got),
+        hex(&want),
+        "the guest's keyboard and the audit differ"
+    );
+    // German keys: z and y trade places, ä is the US apostrophe key, and the record
+    // reads back as the text.
+    let text = v.audit_text(&session.to_string());
+    let typed: String = cancel.chars().take(stopped_at as usize).collect();
+    assert!(
+        text.contains(&format!("{de}{us}{typed}")),
+        "audit text: {text:?}"
+    );
+}

@@ -6,6 +6,7 @@ const kind = document.body.dataset.kind;
 const stateEl = document.getElementById("state");
 const screenEl = document.getElementById("screen");
 const cadButton = document.getElementById("cad");
+const pasteButton = document.getElementById("paste");
 const fullscreenButton = document.getElementById("fullscreen");
 
 function say(state, words) {
@@ -70,6 +71,9 @@ function tick() {
 
 function presence(info) {
     const you = info.you;
+    canPaste = !you.view_only && you.role !== "observer" && you.clipboard !== "none" &&
+        you.clipboard !== "from_vm";
+    pasteButton.disabled = !canPaste;
     if (you.view_only) {
         policyEl.hidden = false;
         policyEl.textContent = "View only";
@@ -91,12 +95,77 @@ function presence(info) {
     presenceEl.dataset.count = String(others.length);
 }
 
+// "Paste as keys": vizor types the text into the VM key by key (a VM without a
+// clipboard agent has no clipboard), with the keys of the layout chosen here. The
+// progress comes on the presence stream.
+const pasteDialog = document.getElementById("paste-dialog");
+const pasteForm = document.getElementById("paste-form");
+const pasteText = document.getElementById("paste-text");
+const pasteLayout = document.getElementById("paste-layout");
+const pasteError = document.getElementById("paste-error");
+const pastingEl = document.getElementById("pasting");
+const pastingWords = document.getElementById("pasting-words");
+let canPaste = false;
+const pasteUrl = "/console/paste?token=" + encodeURIComponent(token || "");
+
+pasteButton.addEventListener("click", async () => {
+    pasteError.textContent = "";
+    pasteDialog.showModal();
+    try {
+        // Offered when the browser lets the page read the clipboard.
+        const text = await navigator.clipboard.readText();
+        if (text && !pasteText.value) {
+            pasteText.value = text;
+        }
+    } catch (e) {
+        // Typed or pasted into the box instead.
+    }
+    pasteText.focus();
+});
+
+pasteForm.addEventListener("submit", async (e) => {
+    if (e.submitter && e.submitter.value !== "type") {
+        return;
+    }
+    e.preventDefault();
+    const r = await fetch(pasteUrl, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ text: pasteText.value, layout: pasteLayout.value }),
+    }).catch((err) => ({ ok: false, json: async () => ({ error: err.message }) }));
+    if (!r.ok) {
+        const answer = await r.json().catch(() => ({}));
+        pasteError.textContent = answer.error || "The paste was refused.";
+        return;
+    }
+    const answer = await r.json();
+    pasteDialog.close();
+    pasting({ typed: 0, total: answer.chars });
+});
+
+document.getElementById("paste-stop").addEventListener("click", () => {
+    fetch(pasteUrl, { method: "DELETE" });
+});
+
+function pasting(p) {
+    if (p.done) {
+        pastingEl.hidden = true;
+        pasteButton.disabled = !canPaste;
+        return;
+    }
+    pastingEl.hidden = false;
+    pasteButton.disabled = true;
+    pastingWords.textContent = "Typing " + p.typed + " of " + p.total + "…";
+    pastingEl.dataset.typed = String(p.typed);
+}
+
 function follow() {
     if (token === null) {
         return;
     }
     const events = new EventSource("/console/events?token=" + encodeURIComponent(token));
     events.addEventListener("presence", (e) => presence(JSON.parse(e.data)));
+    events.addEventListener("paste", (e) => pasting(JSON.parse(e.data)));
     events.addEventListener("end", () => events.close());
 }
 
@@ -110,6 +179,8 @@ function ended(reason, clean) {
         say("error", "Connection lost");
     }
     cadButton.disabled = true;
+    pasteButton.disabled = true;
+    pastingEl.hidden = true;
     if (ticker !== null) {
         clearInterval(ticker);
         ticker = null;
@@ -136,6 +207,7 @@ async function vnc() {
     rfb.addEventListener("connect", () => {
         say("connected", "Connected");
         cadButton.disabled = false;
+        pasteButton.hidden = false;
         rfb.focus();
         follow();
     });

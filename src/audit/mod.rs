@@ -201,6 +201,24 @@ pub enum Event<'a> {
         /// From the burst's first event to its last, in milliseconds.
         duration_ms: u64,
     },
+    /// A paste typed as keys ("Paste as keys") started or ended; its keys are `key`
+    /// records with `origin: "paste"` between the two.
+    Paste {
+        /// Session id (the connection that typed it).
+        session: u64,
+        /// `started`, `done`, `cancelled`, or `failed` (the session ended first).
+        status: &'static str,
+        /// The guest layout it was typed for (`us`, `de`, `fr`).
+        layout: &'static str,
+        /// Characters in the text.
+        chars: usize,
+        /// Characters typed (at the end).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        typed: Option<usize>,
+        /// SHA-256 of the text, hex (at the start).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sha256: Option<&'a str>,
+    },
     /// A pointer button was pressed (motion and releases are not recorded).
     Button {
         /// Session id.
@@ -456,6 +474,7 @@ impl Event<'_> {
         "refusal_summary",
         "clipboard_dropped",
         "file_transfer",
+        "paste",
         "button",
         "input_dropped",
         "protocol_error",
@@ -482,6 +501,7 @@ impl Event<'_> {
             Event::RefusalSummary { .. } => "refusal_summary",
             Event::ClipboardDropped { .. } => "clipboard_dropped",
             Event::FileTransfer { .. } => "file_transfer",
+            Event::Paste { .. } => "paste",
             Event::Button { .. } => "button",
             Event::InputDropped { .. } => "input_dropped",
             Event::ProtocolError { .. } => "protocol_error",
@@ -503,6 +523,11 @@ struct Line<'a> {
     ts: String,
     #[serde(flatten)]
     event: &'a Event<'a>,
+}
+
+/// SHA-256 of `data`, hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    chain::hex(&Sha256::digest(data))
 }
 
 /// Clipboard contents, as recorded: format, length, SHA-256 and, when configured, the

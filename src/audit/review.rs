@@ -339,6 +339,18 @@ impl Typist {
         if mods.track(name, down) || !down {
             return None;
         }
+        // A paste's key carries the character vizor typed with it, on the layout the
+        // page chose (the key alone reads as the US one); a dead key's first half types
+        // nothing, its second carries the composed character.
+        if r["origin"] == "paste" {
+            let keysym = r["keysym"].as_u64().and_then(|k| u32::try_from(k).ok());
+            if let Some(c) = keysym.and_then(keysym_char) {
+                return Some(Typed::Piece(Piece::Char(c)));
+            }
+            if keysym.is_some_and(vizor_keys::layout::is_dead) {
+                return None;
+            }
+        }
         let typed = match (r.get("via"), r["scancode"].as_u64(), r["keysym"].as_u64()) {
             // The key QEMU acted on.
             (Some(_), Some(n), _) => u8::try_from(n)
@@ -547,6 +559,32 @@ mod tests {
             acted(true, number, keysym, json!({})),
             acted(false, number, keysym, json!({})),
         ]
+    }
+
+    /// A paste's keys read as the characters vizor typed for the layout the page
+    /// chose: German z (the US y key), AltGr+Q for @, and a dead circumflex then e.
+    #[test]
+    fn a_paste_reads_as_the_text_typed_on_its_layout() {
+        use vizor_keys::layout::{events, Layout};
+        let presses = Layout::De.plan("zä@ê\n", false).unwrap();
+        let r: Vec<Value> = events(&presses)
+            .iter()
+            .map(|e| {
+                acted(
+                    e.down,
+                    e.key.number(),
+                    Some(e.keysym),
+                    json!({"origin": "paste"}),
+                )
+            })
+            .collect();
+        assert_eq!(text(&r, &of(6)), "zä@ê\n");
+        // The same keys without the marker read as a US keyboard's.
+        let plain: Vec<Value> = events(&Layout::De.plan("z", false).unwrap())
+            .iter()
+            .map(|e| acted(e.down, e.key.number(), Some(e.keysym), json!({})))
+            .collect();
+        assert_eq!(text(&plain, &of(6)), "y");
     }
 
     #[test]

@@ -361,6 +361,60 @@ fn presence(
     })
 }
 
+/// The live connection a console page's request names by its token (`?token=`): the
+/// token's claims, its session, and the participant it is (`None`: the owner). Refused
+/// (answered) when the client is throttled, or no live connection holds the token.
+pub(super) fn console_connection(
+    app: &App,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+    what: &'static str,
+) -> Result<(Claims, Arc<crate::live::Live>, Option<crate::live::Member>), Box<Resp>> {
+    if let Some(refused) = throttled(app, peer) {
+        return Err(Box::new(refused));
+    }
+    let Some(token) = query_param(req, "token").filter(|t| !t.is_empty()) else {
+        return Err(Box::new(text(
+            StatusCode::BAD_REQUEST,
+            "a token is required\n",
+        )));
+    };
+    // Spent already, and perhaps past its expiry: what admits it here is a live
+    // connection holding it.
+    let claims = match app.key.open_spent(&token) {
+        Ok(c) => c,
+        Err(e) => {
+            token_refused(app, peer, e.reason(), None, what, &e.to_string());
+            return Err(Box::new(text(
+                StatusCode::FORBIDDEN,
+                "not a valid console link\n",
+            )));
+        }
+    };
+    // A token bound to an address is heard from that address alone, as on its socket.
+    if let Err(e) = claims.admits(peer.ip()) {
+        token_refused(
+            app,
+            peer,
+            e.reason(),
+            Some(&claims.token_id()),
+            what,
+            &e.to_string(),
+        );
+        return Err(Box::new(text(
+            StatusCode::FORBIDDEN,
+            "not a valid console link\n",
+        )));
+    }
+    let Some((live, me)) = connection_of(app, &claims) else {
+        return Err(Box::new(text(
+            StatusCode::NOT_FOUND,
+            "no live console holds this link\n",
+        )));
+    };
+    Ok((claims, live, me))
+}
+
 /// `GET /console/events?token=`: for the console page whose token holds a live
 /// connection, Server-Sent Events `presence` (who it is, what it may do, time left,
 /// who else is on the console) at once and at every change, until the connection ends.
@@ -370,45 +424,9 @@ pub(super) async fn console_events(
     req: &Request<Incoming>,
 ) -> Response<Body> {
     let whole = |r: Resp| r.map(http_body_util::Either::Left);
-    if let Some(refused) = throttled(&app, peer) {
-        return whole(refused);
-    }
-    let Some(token) = query_param(req, "token").filter(|t| !t.is_empty()) else {
-        return whole(text(StatusCode::BAD_REQUEST, "a token is required\n"));
-    };
-    // Spent already, and perhaps past its expiry: what admits it here is a live
-    // connection holding it.
-    let claims = match app.key.open_spent(&token) {
+    let (claims, live, me) = match console_connection(&app, peer, req, "console events") {
         Ok(c) => c,
-        Err(e) => {
-            token_refused(
-                &app,
-                peer,
-                e.reason(),
-                None,
-                "console events",
-                &e.to_string(),
-            );
-            return whole(text(StatusCode::FORBIDDEN, "not a valid console link\n"));
-        }
-    };
-    // A token bound to an address is heard from that address alone, as on its socket.
-    if let Err(e) = claims.admits(peer.ip()) {
-        token_refused(
-            &app,
-            peer,
-            e.reason(),
-            Some(&claims.token_id()),
-            "console events",
-            &e.to_string(),
-        );
-        return whole(text(StatusCode::FORBIDDEN, "not a valid console link\n"));
-    }
-    let Some((live, me)) = connection_of(&app, &claims) else {
-        return whole(text(
-            StatusCode::NOT_FOUND,
-            "no live console holds this link\n",
-        ));
+        Err(refused) => return whole(*refused),
     };
     let Some(open) = Open::take(&app, true, MAX_PRESENCE_STREAMS, Some(claims.token_id())) else {
         return whole(text(
@@ -429,10 +447,23 @@ pub(super) async fn console_events(
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.tick().await;
         let session = me.as_ref().map(|m| m.session);
+        // A paste this page's connection types: how far it is, as it goes.
+        // (`_hold` keeps `still` open: a receiver that never changes.) The seat comes
+        // when the connection starts relaying, which may be after this stream opens:
+        // seating wakes this loop (the roster changes).
+        let (_hold, still) = watch::channel(None);
+        let mut paste = still.clone();
+        let mut seated = false;
         // Sent when it changes, and only then: an unannounced observer's coming and
         // going changes nothing a page is told.
         let mut told = String::new();
         loop {
+            if !seated {
+                if let Some(seat) = live.seat_of(session.unwrap_or(live.id)) {
+                    paste = seat.progress();
+                    seated = true;
+                }
+            }
             // Still on the console?
             let here = *state.borrow() == crate::live::State::Live
                 && session.is_none_or(|s| live.members().iter().any(|m| m.session == s));
@@ -453,6 +484,21 @@ pub(super) async fn console_events(
             tokio::select! {
                 r = roster.changed() => if r.is_err() { break },
                 r = state.changed() => if r.is_err() { break },
+                r = paste.changed() => {
+                    if r.is_err() {
+                        // The connection's seat is gone: it is ending.
+                        paste = still.clone();
+                        continue;
+                    }
+                    let now = *paste.borrow_and_update();
+                    let data = match now {
+                        Some(p) => serde_json::json!({"typed": p.typed, "total": p.total}),
+                        None => serde_json::json!({"done": true}),
+                    };
+                    if !send(&tx, sse("paste", &data.to_string()), within).await {
+                        return;
+                    }
+                }
                 _ = keepalive.tick() => {
                     if !send(&tx, Bytes::from_static(b": keepalive\n\n"), within).await {
                         return;

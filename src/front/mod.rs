@@ -35,6 +35,7 @@ mod api;
 mod events;
 mod files;
 mod oversight;
+mod paste;
 mod refused;
 mod upgrade;
 
@@ -45,6 +46,7 @@ pub use events::{Body, Streamed, MAX_STREAMS};
 pub(crate) use files::static_file;
 use oversight::*;
 pub use oversight::{check_reason, MAX_REASON_LEN};
+use paste::*;
 pub use refused::record_summaries;
 use refused::*;
 use upgrade::*;
@@ -361,6 +363,14 @@ pub async fn handle(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
+    if paste_route(req.method(), req.uri().path()) {
+        let peer = client_of(&app, peer, &req);
+        let mut r = console_paste(app, peer, req)
+            .await
+            .map(http_body_util::Either::Left);
+        secure(&mut r);
+        return Ok(r);
+    }
     if console_events_route(req.method(), req.uri().path()) {
         let peer = client_of(&app, peer, &req);
         let mut r = console_events(app, peer, &req).await;

@@ -343,6 +343,57 @@ impl Rules {
         })
     }
 
+    /// Whether the guest's Caps Lock is on, as QEMU's LED state last said.
+    pub fn caps_lock(&self) -> bool {
+        self.leds
+            .last
+            .is_some_and(|v| Locks::from_bits(u16::from(v)).caps)
+    }
+
+    /// A key event vizor types for the participant's paste ("Paste as keys"): the
+    /// message QEMU gets, judged as the browser's own would be (the participant's input
+    /// right, QEMU's keyboard, its queue), its strokes on record as a paste's. Without
+    /// a keymap QEMU acts on the key number of an extended key event; with one it maps
+    /// the keysym itself, so a plain key event goes.
+    pub fn from_paste(
+        &mut self,
+        ev: vizor_keys::layout::Event,
+        keyboard: &Mutex<VmKeyboard>,
+        now: Instant,
+    ) -> Result<(Vec<u8>, FromBrowser), End> {
+        let keymap = keyboard
+            .lock()
+            .map_err(|_| End::Internal("keyboard lock poisoned"))?
+            .vnc
+            .keymap()
+            .clone();
+        let msg = match keymap {
+            Keymap::Default => ClientMessage::QemuExtendedKeyEvent {
+                down: ev.down,
+                keysym: ev.keysym,
+                keycode: u32::from(ev.key.number()),
+            },
+            Keymap::EnUs | Keymap::Other(_) => ClientMessage::KeyEvent {
+                down: ev.down,
+                keysym: ev.keysym,
+            },
+        };
+        let mut bytes = Vec::with_capacity(12);
+        msg.write(&mut bytes)
+            .map_err(|_| End::Internal("a paste's key event could not be written"))?;
+        let mut judged = self
+            .from_browser(&bytes, keyboard, now)?
+            .ok_or(End::Internal("a paste's key event was not whole"))?;
+        for note in &mut judged.notes {
+            if let Note::Key(k) = note {
+                if k.stroke.origin == Origin::Browser {
+                    k.stroke.origin = Origin::Paste;
+                }
+            }
+        }
+        Ok((bytes, judged))
+    }
+
     /// Judges what the VM sent: `buf` is the relay's buffer, whose first bytes may be
     /// decoded already and held back (an update that may be LED state alone).
     pub fn from_vm(&mut self, buf: &[u8], now: Instant) -> Result<FromVm, End> {
@@ -482,7 +533,7 @@ fn key_notes(keymap: &Keymap, outcome: &Outcome, down: bool, keysym: u32) -> Vec
         .strokes
         .iter()
         .map(|stroke| {
-            let own = stroke.origin == Origin::Browser;
+            let own = matches!(stroke.origin, Origin::Browser | Origin::Paste);
             Note::Key(KeyNote {
                 stroke: *stroke,
                 via: Some(outcome.via.as_str()),

@@ -539,7 +539,7 @@ async fn relay(
     // Long payloads from the VM are spliced to the browser when both connections are
     // plain TCP and the session is not recorded (a recording needs the bytes).
     let recorded = recorder.is_some();
-    let (mut up_rd, mut up_wr): (VmReader, Box<dyn AsyncWrite + Unpin + Send>) = match up {
+    let (mut up_rd, up_wr): (VmReader, Box<dyn AsyncWrite + Unpin + Send>) = match up {
         Conn::Tcp(tcp) if btx.can_splice() && !recorded => {
             let (rd, wr) = tcp.into_split();
             (VmReader::Tcp(Some(rd)), Box::new(wr))
@@ -568,15 +568,24 @@ async fn relay(
         .metrics
         .input_to_display_seconds
         .with_label_values(&["vnc"]);
+    // The VM's writer, shared by the browser's input and a paste being typed: each
+    // holds it from judging a message to writing it, so the audit's order is the
+    // order QEMU receives.
+    let writer = tokio::sync::Mutex::new(up_wr);
+    // Where this connection takes pastes ("Paste as keys"), while it relays.
+    let (seat, mut typing) = crate::paste::Seat::new();
+    let _seated = live.seat(ctx.id, seat);
     let browser_to_vm = async {
         let mut out = lock(&rules)?.start();
         let len = out.len() as u64;
-        write_up(&mut up_wr, &mut out).await?;
+        write_up(&mut *writer.lock().await, &mut out).await?;
         // The session's bytes toward the VM are what vizor wrote there for it.
         meter.add(Direction::BrowserToVm, len);
         let mut buf = Vec::with_capacity(4096);
         loop {
             brx.read_into(&mut buf).await?;
+            let mut up_wr = writer.lock().await;
+            let up_wr = &mut *up_wr;
             let mut pos = 0;
             loop {
                 let judged =
@@ -592,7 +601,7 @@ async fn relay(
                         .map_err(audit_failed)?;
                 }
                 if let Some(queued) = judged.queued_keys {
-                    pace(&ctx.keyboard, queued, &mut up_wr, &mut out, meter).await?;
+                    pace(&ctx.keyboard, queued, up_wr, &mut out, meter).await?;
                 }
                 match judged.verdict {
                     Verdict::Forward => out.extend_from_slice(&buf[pos..pos + judged.len]),
@@ -604,9 +613,17 @@ async fn relay(
             buf.drain(..pos);
             if !out.is_empty() {
                 let len = out.len() as u64;
-                write_up(&mut up_wr, &mut out).await?;
+                write_up(up_wr, &mut out).await?;
                 meter.add(Direction::BrowserToVm, len);
             }
+        }
+    };
+    let pasting = async {
+        loop {
+            let job = typing.next().await;
+            let r = type_paste(ctx, &job, &rules, &writer, meter, &typing).await;
+            typing.done();
+            r?;
         }
     };
     let vm_to_browser = async {
@@ -642,7 +659,14 @@ async fn relay(
             let splice = lock(&rules)?.may_splice(buf.len(), SPLICE_MIN);
             if let (Some(pending), VmReader::Tcp(slot)) = (splice, &mut up_rd) {
                 if let Some(from) = slot.take() {
-                    let (from, sent) = btx.splice(from, pending).await?;
+                    let (from, sent) = match btx.splice(from, pending).await {
+                        Ok(spliced) => spliced,
+                        Err((partial, end)) => {
+                            // The frames before the break reached the browser whole.
+                            meter.add_spliced(partial);
+                            return Err(end);
+                        }
+                    };
                     *slot = Some(from);
                     if sent {
                         lock(&rules)?.spliced(pending)?;
@@ -662,7 +686,9 @@ async fn relay(
         _ = idle.expired(idle_timeout) => Err(End::Idle(idle.idle_for())),
         r = browser_to_vm => r,
         r = vm_to_browser => r,
+        r = pasting => r,
     };
+    let mut up_wr = writer.into_inner();
     let closing = lock(&rules).map(|mut r| r.closing()).unwrap_or_default();
     for note in &closing {
         if let Err(e) = super::record_note(&ctx.env.audit, ctx.id, note).await {
@@ -683,6 +709,108 @@ async fn relay(
         close_upstream(&mut up_wr, rd).await;
     }
     end
+}
+
+/// Types a paste: each character's key events through the session's rules, on record
+/// and paced like the browser's own, with a pause between events; a cancel takes
+/// effect between characters, so no key is left held.
+async fn type_paste(
+    ctx: &Ctx,
+    job: &crate::paste::Job,
+    rules: &Mutex<Rules>,
+    writer: &tokio::sync::Mutex<Box<dyn AsyncWrite + Unpin + Send>>,
+    meter: &Meter,
+    typing: &crate::paste::Typing,
+) -> Result<(), End> {
+    use std::sync::atomic::Ordering;
+    let caps = lock(rules)?.caps_lock();
+    // The handler checked the text against the layout already.
+    let Ok(presses) = job.layout.plan(&job.text, caps) else {
+        return Ok(());
+    };
+    let total = job.text.chars().filter(|&c| c != '\r').count();
+    let sha256 = crate::audit::sha256_hex(job.text.as_bytes());
+    let paste = |status, typed, sha256| Event::Paste {
+        session: ctx.id,
+        status,
+        layout: job.layout.name(),
+        chars: total,
+        typed,
+        sha256,
+    };
+    ctx.env
+        .audit
+        .record(&paste("started", None, Some(&sha256)))
+        .await
+        .map_err(audit_failed)?;
+    info!(
+        session = ctx.id,
+        layout = job.layout.name(),
+        chars = total,
+        "paste typing"
+    );
+    let mut typed = 0;
+    let mut cancelled = false;
+    for press in &presses {
+        if job.cancel.load(Ordering::SeqCst) {
+            cancelled = true;
+            break;
+        }
+        for ev in vizor_keys::layout::events(std::slice::from_ref(press)) {
+            type_key(ctx, ev, rules, writer, meter).await?;
+            tokio::time::sleep(crate::paste::KEY_INTERVAL).await;
+        }
+        // A dead key is half a character; Caps Lock around the text is none.
+        if !vizor_keys::layout::is_dead(press.keysym) && press.keysym != 0xffe5 {
+            typed += 1;
+            typing.typed(typed.min(total), total);
+        }
+    }
+    let status = if cancelled { "cancelled" } else { "done" };
+    ctx.env
+        .audit
+        .record(&paste(status, Some(typed.min(total)), None))
+        .await
+        .map_err(audit_failed)?;
+    info!(session = ctx.id, typed, status, "paste ended");
+    Ok(())
+}
+
+/// One key event of a paste, judged, on record, paced and written while the VM's
+/// writer is held.
+async fn type_key(
+    ctx: &Ctx,
+    ev: vizor_keys::layout::Event,
+    rules: &Mutex<Rules>,
+    writer: &tokio::sync::Mutex<Box<dyn AsyncWrite + Unpin + Send>>,
+    meter: &Meter,
+) -> Result<(), End> {
+    let mut up_wr = writer.lock().await;
+    let up_wr = &mut *up_wr;
+    let (bytes, judged) = lock(rules)?.from_paste(ev, &ctx.keyboard, Instant::now())?;
+    if judged.input {
+        meter.live().idle.touch();
+    }
+    for note in &judged.notes {
+        super::record_note(&ctx.env.audit, ctx.id, note)
+            .await
+            .map_err(audit_failed)?;
+    }
+    let mut out = Vec::new();
+    if let Some(queued) = judged.queued_keys {
+        pace(&ctx.keyboard, queued, up_wr, &mut out, meter).await?;
+    }
+    match judged.verdict {
+        Verdict::Forward => out.extend_from_slice(&bytes),
+        Verdict::Rewrite(b) => out.extend_from_slice(&b),
+        Verdict::Drop(_) => {}
+    }
+    if !out.is_empty() {
+        let len = out.len() as u64;
+        write_up(up_wr, &mut out).await?;
+        meter.add(Direction::BrowserToVm, len);
+    }
+    Ok(())
 }
 
 /// Records the keys QEMU releases when this session's connection closes.

@@ -14,6 +14,9 @@
 //   node console.mjs policy URL OUTDIR NAME     a view-only page with a max_duration a
 //                                               little over a minute: its badge, time
 //                                               left, then the warning a minute before
+//   node console.mjs paste URL OUTDIR JSON      noVNC: "Paste as keys" for each of JSON's
+//                                               pastes ({text, layout}), one stopped
+//                                               (cancel), and one it cannot type
 //   node console.mjs admin URL OUTDIR JSON      URL is owner A's console page; JSON has
 //                                               admin (the /admin URL), key, other (owner
 //                                               B's page), domain (A's): the admin page
@@ -299,6 +302,54 @@ try {
             still: await state(page),
             screenshots: [warnShot],
         };
+    } else if (mode === "paste") {
+        // Each paste of JSON's `pastes` ({text, layout}) through the page's dialog,
+        // waited for to the end; then `cancel`'s text, stopped after a few characters.
+        const cfg = JSON.parse(extra);
+        await until("the console to connect", 20000, async () => (await state(page))?.state === "connected");
+        await until("the Paste as keys button", 10000, () =>
+            page.evaluate(() => {
+                const b = document.getElementById("paste");
+                return !b.hidden && !b.disabled;
+            }),
+        );
+        const paste = async (text, layout) => {
+            await page.locator("#paste").click();
+            await page.locator("#paste-text").fill(text);
+            await page.locator("#paste-layout").selectOption(layout);
+            await page.locator("#paste-type").click();
+        };
+        const pasted = [];
+        for (const p of cfg.pastes) {
+            await paste(p.text, p.layout);
+            const shown = await until("the paste to be typed", 60000, () =>
+                page.evaluate(() => {
+                    const el = document.getElementById("pasting");
+                    return !document.getElementById("paste-dialog").open && el.hidden
+                        ? el.dataset.typed || "none"
+                        : null;
+                }),
+            );
+            pasted.push({ layout: p.layout, last_shown: shown });
+        }
+        // A long one, stopped while it types.
+        await paste(cfg.cancel, "us");
+        await until("typing to begin", 10000, () =>
+            page.evaluate(() => Number(document.getElementById("pasting").dataset.typed || 0) >= 3),
+        );
+        await page.locator("#paste-stop").click();
+        await until("the stopped paste to end", 10000, () =>
+            page.evaluate(() => document.getElementById("pasting").hidden),
+        );
+        // What the page says of text it cannot type.
+        await page.locator("#paste").click();
+        await page.locator("#paste-text").fill("日本");
+        await page.locator("#paste-layout").selectOption("de");
+        await page.locator("#paste-type").click();
+        const refused = await until("the refusal", 5000, () =>
+            page.evaluate(() => document.getElementById("paste-error").textContent),
+        );
+        result = { status, pasted, refused, still: await state(page), screenshots: [await shot("paste")] };
     } else if (mode === "admin") {
         const cfg = JSON.parse(extra);
         const connected = (p) => until("a console to connect", 20000, async () => (await state(p))?.state === "connected");

@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod layout;
 pub mod spice;
 mod table;
 pub mod vnc;
@@ -218,6 +219,8 @@ pub enum Origin {
     /// vizor's byte that ends a half-sent prefix (0xE0, the Pause sequence) left in
     /// QEMU's SPICE decoder by an earlier client; it reaches the guest as nothing.
     Reset,
+    /// Typed by vizor for the participant's "Paste as keys" ([`layout`]).
+    Paste,
 }
 
 impl Origin {
@@ -229,6 +232,7 @@ impl Origin {
             Origin::LockRequest => Some("lock_request"),
             Origin::Disconnect => Some("disconnect"),
             Origin::Reset => Some("reset"),
+            Origin::Paste => Some("paste"),
         }
     }
 }

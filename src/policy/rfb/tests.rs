@@ -324,6 +324,56 @@ fn rule_7_a_key_event_records_the_strokes_qemu_takes_and_counts_its_queue() {
     }
 }
 
+/// A paste's key events go through rule 7 (and 10) like the browser's own: without a
+/// keymap as extended key events by key number, with one as keysyms; the strokes on
+/// record are marked as a paste's and keep the keysym of the character typed.
+#[test]
+fn rule_7_a_paste_is_typed_as_key_events_on_record_as_a_pastes() {
+    use vizor_keys::layout::{events, Layout};
+    let presses = Layout::De.plan("zä", false).unwrap();
+    let evs = events(&presses);
+    let mut p = Pair::new();
+    let mut sent = Vec::new();
+    for ev in &evs {
+        let (bytes, judged) = p.rules.from_paste(*ev, &p.keyboard, p.now).unwrap();
+        assert_eq!(judged.verdict, Verdict::Forward);
+        assert!(judged.input && judged.queued_keys == Some(1));
+        p.notes.extend(judged.notes);
+        sent.extend(bytes);
+    }
+    // German z is the US y key (0x15); ä is the US apostrophe key (0x28).
+    let mut want = ext_key(true, 0x7a, 0x15);
+    want.extend(ext_key(false, 0x7a, 0x15));
+    want.extend(ext_key(true, 0xe4, 0x28));
+    want.extend(ext_key(false, 0xe4, 0x28));
+    assert_eq!(sent, want);
+    let strokes: Vec<_> = p
+        .notes
+        .iter()
+        .map(|n| match n {
+            Note::Key(k) => (k.stroke.origin, k.stroke.down, k.keysym, k.via),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        strokes,
+        [
+            (Origin::Paste, true, Some(0x7a), Some("keycode")),
+            (Origin::Paste, false, Some(0x7a), Some("keycode")),
+            (Origin::Paste, true, Some(0xe4), Some("keycode")),
+            (Origin::Paste, false, Some(0xe4), Some("keycode")),
+        ]
+    );
+    // With a keymap, QEMU maps keysyms: plain key events go.
+    let mut p = Pair::with(Participant::OWNER, Keymap::EnUs);
+    let (bytes, _) = p.rules.from_paste(evs[0], &p.keyboard, p.now).unwrap();
+    assert_eq!(bytes, key(true, 0x7a));
+    // An observer's paste reaches nothing (the API refuses it first).
+    let mut p = Pair::with(Participant::OBSERVER, Keymap::Default);
+    let (_, judged) = p.rules.from_paste(evs[0], &p.keyboard, p.now).unwrap();
+    assert!(matches!(judged.verdict, Verdict::Drop(_)));
+}
+
 #[test]
 fn rule_8_on_a_keymap_vizor_does_not_model_the_keysym_is_recorded() {
     let mut p = Pair::with(Participant::OWNER, Keymap::Other("de".into()));
