@@ -44,6 +44,14 @@ pub struct Progress {
     pub typed: usize,
     /// Characters in all.
     pub total: usize,
+    /// The layout it is typed for.
+    #[serde(skip)]
+    pub layout: Layout,
+}
+
+/// The characters a paste types: a carriage return is none (CR LF is one Return).
+pub fn chars(text: &str) -> usize {
+    text.chars().filter(|&c| c != '\r').count()
 }
 
 /// Where a connection takes pastes.
@@ -52,6 +60,10 @@ pub struct Seat {
     jobs: mpsc::Sender<Job>,
     progress: watch::Sender<Option<Progress>>,
     cancel: Arc<AtomicBool>,
+    /// The layouts this console can type: all of them when QEMU acts on key numbers,
+    /// only US when libvirt gave QEMU the en-us keymap (it maps keysyms itself), none
+    /// with another keymap.
+    layouts: &'static [Layout],
 }
 
 /// Why a paste was not queued.
@@ -64,38 +76,58 @@ pub enum Busy {
 }
 
 impl Seat {
-    /// A seat and the receiving end its relay types from.
-    pub fn new() -> (Seat, Typing) {
+    /// A seat for a console that can type `layouts`, and the receiving end its relay
+    /// types from.
+    pub fn new(layouts: &'static [Layout]) -> (Seat, Typing) {
         let (jobs, rx) = mpsc::channel(1);
         let (progress, _) = watch::channel(None);
         let seat = Seat {
             jobs,
             progress: progress.clone(),
             cancel: Arc::new(AtomicBool::new(false)),
+            layouts,
         };
         (seat, Typing { jobs: rx, progress })
     }
 
+    /// Whether this console can type for `layout`.
+    pub fn accepts(&self, layout: Layout) -> bool {
+        self.layouts.contains(&layout)
+    }
+
     /// Queues `text` to be typed on `layout`; refused while another paste runs.
     pub fn paste(&self, text: String, layout: Layout) -> Result<(), Busy> {
-        if self.progress.borrow().is_some() {
+        let total = chars(&text);
+        // Taken, or found taken, in one step: of two at once, one wins.
+        let took = self.progress.send_if_modified(|p| {
+            if p.is_some() {
+                return false;
+            }
+            *p = Some(Progress {
+                typed: 0,
+                total,
+                layout,
+            });
+            true
+        });
+        if !took {
             return Err(Busy::Typing);
         }
         self.cancel.store(false, Ordering::SeqCst);
-        let total = text.chars().filter(|&c| c != '\r').count();
         let job = Job {
             text,
             layout,
             cancel: self.cancel.clone(),
         };
         match self.jobs.try_send(job) {
-            Ok(()) => {
-                self.progress
-                    .send_replace(Some(Progress { typed: 0, total }));
-                Ok(())
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.progress.send_replace(None);
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => Busy::Typing,
+                    mpsc::error::TrySendError::Closed(_) => Busy::Gone,
+                })
             }
-            Err(mpsc::error::TrySendError::Full(_)) => Err(Busy::Typing),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Busy::Gone),
         }
     }
 
@@ -130,12 +162,16 @@ impl Typing {
         }
     }
 
-    /// `typed` of `total` characters are typed.
-    pub fn typed(&self, typed: usize, total: usize) {
-        self.progress.send_replace(Some(Progress { typed, total }));
+    /// `typed` characters of the paste are typed.
+    pub fn typed(&self, typed: usize) {
+        self.progress.send_modify(|p| {
+            if let Some(p) = p {
+                p.typed = typed.min(p.total);
+            }
+        });
     }
 
-    /// The paste ended (typed, cancelled or failed).
+    /// The paste ended (typed or cancelled; an interrupted one never gets here).
     pub fn done(&self) {
         self.progress.send_replace(None);
     }
@@ -147,35 +183,40 @@ mod tests {
 
     #[tokio::test]
     async fn a_seat_takes_one_paste_at_a_time_and_cancels_it() {
-        let (seat, mut typing) = Seat::new();
+        let (seat, mut typing) = Seat::new(&Layout::ALL);
         let mut progress = seat.progress();
         seat.paste("ab\r\n".into(), Layout::Us).unwrap();
-        assert_eq!(
-            *progress.borrow_and_update(),
-            Some(Progress { typed: 0, total: 3 })
-        );
+        let p = |typed| {
+            Some(Progress {
+                typed,
+                total: 3,
+                layout: Layout::Us,
+            })
+        };
+        assert_eq!(*progress.borrow_and_update(), p(0));
         assert_eq!(seat.paste("c".into(), Layout::Us), Err(Busy::Typing));
         let job = typing.next().await;
         assert_eq!(job.text, "ab\r\n");
         assert!(seat.cancel());
         assert!(job.cancel.load(Ordering::SeqCst));
-        typing.typed(1, 3);
-        assert_eq!(
-            *progress.borrow_and_update(),
-            Some(Progress { typed: 1, total: 3 })
-        );
+        typing.typed(1);
+        assert_eq!(*progress.borrow_and_update(), p(1));
         typing.done();
         assert!(!seat.cancel(), "nothing to cancel");
         // The next paste starts uncancelled.
         seat.paste("d".into(), Layout::De).unwrap();
         assert!(!typing.next().await.cancel.load(Ordering::SeqCst));
+        typing.done();
+        // The relay is gone: a paste is refused, and the seat is free again.
         drop(typing);
-        typing_gone(&seat);
+        assert_eq!(seat.paste("e".into(), Layout::Us), Err(Busy::Gone));
+        assert!(seat.progress.borrow().is_none());
     }
 
-    fn typing_gone(seat: &Seat) {
-        // The relay is gone: a paste is refused (once the last one is over).
-        seat.progress.send_replace(None);
-        assert_eq!(seat.paste("e".into(), Layout::Us), Err(Busy::Gone));
+    #[test]
+    fn a_seat_types_the_layouts_its_console_can() {
+        let (seat, _typing) = Seat::new(&[Layout::Us]);
+        assert!(seat.accepts(Layout::Us));
+        assert!(!seat.accepts(Layout::De));
     }
 }

@@ -502,7 +502,9 @@ fn paste_as_keys_types_the_text_with_the_layouts_keys() {
     let mark = trace.mark();
     let v = console_vizor(&t, "");
     let url = console_url(&v, d, ConsoleKind::Vnc, 60);
-    let de = "Hello, World! äöü";
+    // German: z and y trade places, @ and € are AltGr's, ê is a dead circumflex then
+    // e, and ^ alone the dead circumflex then Space.
+    let de = "Hello, World! äöü zy @€ ê^";
     let us = "us: a#$%^&*(){}|~\"q\" <x>_+?";
     let cancel = "the quick brown fox jumps over the lazy dog ".repeat(4);
     let extra = serde_json::json!({
@@ -559,8 +561,13 @@ fn paste_as_keys_types_the_text_with_the_layouts_keys() {
         hex(&want),
         "the guest's keyboard and the audit differ"
     );
-    // German keys: z and y trade places, ä is the US apostrophe key, and the record
-    // reads back as the text.
+    // AltGr (right Alt, behind 0xE0) and the dead key reached the guest too.
+    assert!(keys.iter().any(|k| k["scancode"] == 0xB8), "AltGr typed");
+    assert!(
+        keys.iter().any(|k| k["keysym"] == 0xfe52),
+        "the dead circumflex typed"
+    );
+    // The record reads back as the text.
     let text = v.audit_text(&session.to_string());
     let typed: String = cancel.chars().take(stopped_at as usize).collect();
     assert!(

@@ -73,7 +73,7 @@ function presence(info) {
     const you = info.you;
     canPaste = !you.view_only && you.role !== "observer" && you.clipboard !== "none" &&
         you.clipboard !== "from_vm";
-    pasteButton.disabled = !canPaste;
+    pasteButton.disabled = !canPaste || typingNow;
     if (you.view_only) {
         policyEl.hidden = false;
         policyEl.textContent = "View only";
@@ -106,6 +106,8 @@ const pasteError = document.getElementById("paste-error");
 const pastingEl = document.getElementById("pasting");
 const pastingWords = document.getElementById("pasting-words");
 let canPaste = false;
+// A paste is being typed (as the presence stream says).
+let typingNow = false;
 const pasteUrl = "/console/paste?token=" + encodeURIComponent(token || "");
 
 pasteButton.addEventListener("click", async () => {
@@ -138,9 +140,8 @@ pasteForm.addEventListener("submit", async (e) => {
         pasteError.textContent = answer.error || "The paste was refused.";
         return;
     }
-    const answer = await r.json();
+    // Queued: the presence stream tells its progress, from 0 to its end.
     pasteDialog.close();
-    pasting({ typed: 0, total: answer.chars });
 });
 
 document.getElementById("paste-stop").addEventListener("click", () => {
@@ -148,8 +149,11 @@ document.getElementById("paste-stop").addEventListener("click", () => {
 });
 
 function pasting(p) {
+    typingNow = !p.done;
     if (p.done) {
         pastingEl.hidden = true;
+        delete pastingEl.dataset.typed;
+        pastingEl.dataset.ended = String(Number(pastingEl.dataset.ended || 0) + 1);
         pasteButton.disabled = !canPaste;
         return;
     }

@@ -206,7 +206,7 @@ pub enum Event<'a> {
     Paste {
         /// Session id (the connection that typed it).
         session: u64,
-        /// `started`, `done`, `cancelled`, or `failed` (the session ended first).
+        /// `started`, `done`, `cancelled`, or `interrupted` (the session ended first).
         status: &'static str,
         /// The guest layout it was typed for (`us`, `de`, `fr`).
         layout: &'static str,

@@ -48,6 +48,18 @@ pub(super) async fn console_paste(app: Arc<App>, peer: SocketAddr, req: Request<
     };
     let session = me.as_ref().map_or(live.id, |m| m.session);
     let role = me.as_ref().map_or(Role::Owner, |m| m.role);
+    // The link is spent: what admits it is the connection it opened, and typing comes
+    // from that connection's address alone (a copied link, from anywhere else, types
+    // nothing).
+    let client = me.as_ref().map_or(live.client, |m| m.client);
+    if client.ip() != peer.ip() {
+        warn!(client = %peer, session, "paste refused: not from the console's address");
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "wrong_client",
+            "a paste comes from the computer whose console it is",
+        );
+    }
     // Typing is input; the text is the participant's clipboard going to the VM.
     if role == Role::Observer || claims.policy.view_only {
         return refuse(
@@ -110,7 +122,7 @@ pub(super) async fn console_paste(app: Arc<App>, peer: SocketAddr, req: Request<
             "the layout is one of us, de, fr",
         );
     };
-    let chars = asked.text.chars().count();
+    let chars = crate::paste::chars(&asked.text);
     if chars == 0 {
         return refuse(StatusCode::BAD_REQUEST, "empty", "there is nothing to type");
     }
@@ -120,6 +132,14 @@ pub(super) async fn console_paste(app: Arc<App>, peer: SocketAddr, req: Request<
             "too_long",
             format!("a paste is at most {MAX_CHARS} characters, this is {chars}"),
         );
+    }
+    if !seat.accepts(layout) {
+        let why = if seat.accepts(Layout::Us) {
+            "libvirt gives this console QEMU's en-us keymap: only the US layout types right"
+        } else {
+            "libvirt gives this console a keymap vizor does not model: it cannot take a paste"
+        };
+        return refuse(StatusCode::CONFLICT, "keymap", why);
     }
     if let Err(e) = layout.plan(&asked.text, false) {
         return refuse(

@@ -572,8 +572,18 @@ async fn relay(
     // holds it from judging a message to writing it, so the audit's order is the
     // order QEMU receives.
     let writer = tokio::sync::Mutex::new(up_wr);
-    // Where this connection takes pastes ("Paste as keys"), while it relays.
-    let (seat, mut typing) = crate::paste::Seat::new();
+    // Where this connection takes pastes ("Paste as keys"), while it relays: for any
+    // layout when QEMU acts on key numbers; with a keymap QEMU maps keysyms itself,
+    // which for en-us types what a US layout does and for another keymap is not
+    // modelled.
+    let layouts: &'static [vizor_keys::layout::Layout] =
+        match lock(&ctx.keyboard).map(|k| k.vnc.keymap().clone()) {
+            Ok(vizor_keys::vnc::Keymap::Default) => &vizor_keys::layout::Layout::ALL,
+            Ok(vizor_keys::vnc::Keymap::EnUs) => &[vizor_keys::layout::Layout::Us],
+            _ => &[],
+        };
+    let (seat, mut typing) = crate::paste::Seat::new(layouts);
+    let progress = seat.progress();
     let _seated = live.seat(ctx.id, seat);
     let browser_to_vm = async {
         let mut out = lock(&rules)?.start();
@@ -689,6 +699,21 @@ async fn relay(
         r = pasting => r,
     };
     let mut up_wr = writer.into_inner();
+    // A paste the session's end stopped: how far it got (its keys are on record).
+    let interrupted = *progress.borrow();
+    if let Some(p) = interrupted {
+        let event = Event::Paste {
+            session: ctx.id,
+            status: "interrupted",
+            layout: p.layout.name(),
+            chars: p.total,
+            typed: Some(p.typed),
+            sha256: None,
+        };
+        if let Err(e) = ctx.env.audit.record(&event).await {
+            warn!(error = %e, "audit log: the end of an interrupted paste not written");
+        }
+    }
     let closing = lock(&rules).map(|mut r| r.closing()).unwrap_or_default();
     for note in &closing {
         if let Err(e) = super::record_note(&ctx.env.audit, ctx.id, note).await {
@@ -723,12 +748,26 @@ async fn type_paste(
     typing: &crate::paste::Typing,
 ) -> Result<(), End> {
     use std::sync::atomic::Ordering;
+    use vizor_keys::layout::{events, is_dead, Press, CAPS_LOCK};
     let caps = lock(rules)?.caps_lock();
     // The handler checked the text against the layout already.
-    let Ok(presses) = job.layout.plan(&job.text, caps) else {
+    let Ok(presses) = job.layout.plan(&job.text, false) else {
         return Ok(());
     };
-    let total = job.text.chars().filter(|&c| c != '\r').count();
+    // One character each: a dead key with the press after it, or one press.
+    let mut chars: Vec<&[Press]> = Vec::with_capacity(presses.len());
+    let mut rest = &presses[..];
+    while !rest.is_empty() {
+        let n = if is_dead(rest[0].keysym) && rest.len() > 1 {
+            2
+        } else {
+            1
+        };
+        let (char, after) = rest.split_at(n);
+        chars.push(char);
+        rest = after;
+    }
+    let total = crate::paste::chars(&job.text);
     let sha256 = crate::audit::sha256_hex(job.text.as_bytes());
     let paste = |status, typed, sha256| Event::Paste {
         session: ctx.id,
@@ -749,22 +788,35 @@ async fn type_paste(
         chars = total,
         "paste typing"
     );
+    let press = |p: &[Press]| {
+        let evs = events(p);
+        async move {
+            for ev in evs {
+                type_key(ctx, ev, rules, writer, meter).await?;
+                tokio::time::sleep(crate::paste::KEY_INTERVAL).await;
+            }
+            Ok::<(), End>(())
+        }
+    };
+    // Caps Lock off around the text, as a person would (how it changes a key differs
+    // between layouts and systems), and on again after it, also after a stop.
+    if caps {
+        press(&[CAPS_LOCK]).await?;
+    }
     let mut typed = 0;
     let mut cancelled = false;
-    for press in &presses {
+    // A stop takes effect between characters: no key held, no dead key pending.
+    for char in chars {
         if job.cancel.load(Ordering::SeqCst) {
             cancelled = true;
             break;
         }
-        for ev in vizor_keys::layout::events(std::slice::from_ref(press)) {
-            type_key(ctx, ev, rules, writer, meter).await?;
-            tokio::time::sleep(crate::paste::KEY_INTERVAL).await;
-        }
-        // A dead key is half a character; Caps Lock around the text is none.
-        if !vizor_keys::layout::is_dead(press.keysym) && press.keysym != 0xffe5 {
-            typed += 1;
-            typing.typed(typed.min(total), total);
-        }
+        press(char).await?;
+        typed += 1;
+        typing.typed(typed);
+    }
+    if caps {
+        press(&[CAPS_LOCK]).await?;
     }
     let status = if cancelled { "cancelled" } else { "done" };
     ctx.env
