@@ -120,8 +120,8 @@ async fn no_dotfile_is_served_and_every_response_is_secured() {
     assert!(csp.starts_with("default-src 'none'"), "{csp}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_metrics_listener_is_secured_too() {
+/// vizor with `metrics_listen` on a free port, and that address.
+fn with_metrics_listener() -> (Vizor, std::net::SocketAddr) {
     let port = common::free_port();
     let v = Vizor::start_uri(
         "test:///default",
@@ -130,7 +130,12 @@ async fn the_metrics_listener_is_secured_too() {
         "",
         |_| {},
     );
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    (v, format!("127.0.0.1:{port}").parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_is_secured_too() {
+    let (v, addr) = with_metrics_listener();
     let (status, head, body) = http_get(addr, "/metrics", &[]).await;
     assert_eq!(status, 200, "metrics_listen is the private address: no key");
     assert!(body.contains("vizor_"));
@@ -143,15 +148,7 @@ async fn the_metrics_listener_is_secured_too() {
 /// label value vizor can produce.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_family_is_exported_at_zero_right_after_start() {
-    let port = common::free_port();
-    let v = Vizor::start_uri(
-        "test:///default",
-        &format!("metrics_listen = \"127.0.0.1:{port}\""),
-        "",
-        "",
-        |_| {},
-    );
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (v, addr) = with_metrics_listener();
     let (status, _, body) = http_get(addr, "/metrics", &[]).await;
     assert_eq!(status, 200);
     let families: Vec<&str> = body

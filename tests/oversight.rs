@@ -287,19 +287,6 @@ impl Events {
     }
 }
 
-/// A participant's token for session `id`: (token, ws_path).
-async fn participant(v: &Vizor, id: u64, body: serde_json::Value) -> String {
-    let (status, answer) = v
-        .api(
-            "POST",
-            &format!("/api/v1/sessions/{id}/participants"),
-            &body.to_string(),
-        )
-        .await;
-    assert_eq!(status, 200, "{answer}");
-    answer["token"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn participants_share_a_console_and_an_administrator_ends_it() {
@@ -337,27 +324,24 @@ async fn participants_share_a_console_and_an_administrator_ends_it() {
         });
     }
 
-    let observer_token = participant(
-        &v,
-        id,
-        serde_json::json!({"role": "observer", "user": "watcher"}),
-    )
-    .await;
+    let observer_token = v
+        .participant(
+            id,
+            serde_json::json!({"role": "observer", "user": "watcher"}),
+        )
+        .await;
     let mut observer = Screen::join(&v, &observer_token).await;
-    let operator_token = participant(
-        &v,
-        id,
-        serde_json::json!({"role": "operator", "user": "op1", "ttl": "30s"}),
-    )
-    .await;
+    let operator_token = v
+        .participant(
+            id,
+            serde_json::json!({"role": "operator", "user": "op1", "ttl": "30s"}),
+        )
+        .await;
     let mut operator = Screen::join(&v, &operator_token).await;
     // Minted now, used after the end.
-    let late_token = participant(
-        &v,
-        id,
-        serde_json::json!({"role": "observer", "user": "late"}),
-    )
-    .await;
+    let late_token = v
+        .participant(id, serde_json::json!({"role": "observer", "user": "late"}))
+        .await;
 
     let listed = session_on(&v, d).await;
     let who: Vec<(String, String)> = listed["participants"]
@@ -702,12 +686,12 @@ async fn participants_share_a_console_and_an_administrator_ends_it() {
     let owner = Screen::new(b, si).await;
     let second = session_on(&v, d).await["id"].as_u64().unwrap();
     assert_ne!(second, id);
-    let token = participant(
-        &v,
-        second,
-        serde_json::json!({"role": "observer", "user": "watcher2"}),
-    )
-    .await;
+    let token = v
+        .participant(
+            second,
+            serde_json::json!({"role": "observer", "user": "watcher2"}),
+        )
+        .await;
     let mut observer = Screen::join(&v, &token).await;
     observer.grab().await;
     v.wait_for_metric("vizor_session_participants{role=\"observer\"}", 1.0)
@@ -1029,7 +1013,7 @@ async fn each_clipboard_way_holds_between_participants_through_qemu() {
         }
         let v = &v;
         async move {
-            let token = participant(v, id, body).await;
+            let token = v.participant(id, body).await;
             let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
             let si = rfb_handshake(&mut b).await.unwrap();
             let mut s = Screen::with(b, si, true).await;

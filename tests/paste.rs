@@ -184,20 +184,7 @@ async fn a_paste_is_typed_for_those_who_may_type_and_refused_with_a_reason_other
         .unwrap()["id"]
         .as_u64()
         .unwrap();
-    let join = |body: serde_json::Value| {
-        let v = &v;
-        async move {
-            let (status, answer) = v
-                .api(
-                    "POST",
-                    &format!("/api/v1/sessions/{id}/participants"),
-                    &body.to_string(),
-                )
-                .await;
-            assert_eq!(status, 200, "{answer}");
-            answer["token"].as_str().unwrap().to_owned()
-        }
-    };
+    let join = |body| v.participant(id, body);
     let operator = join(serde_json::json!({"role": "operator", "user": "op1"})).await;
     let observer = join(serde_json::json!({"role": "observer", "user": "ob1"})).await;
     let reader =

@@ -202,17 +202,18 @@ struct Cpu {
 
 const CONDITIONS: [(&str, bool); 2] = [("idle", false), ("loaded", true)];
 
-/// One round: every target in each condition.
-async fn round(
+/// `rounds` interleaved rounds, each every target in each condition, with `pause`
+/// after each round.
+async fn measure(
     case: &mut Case,
     page: &mut Page,
     targets: &[Target],
     proxies: &[Proxy],
-    round: usize,
-    seconds: u64,
-    results: &mut Results,
-) {
-    {
+    (rounds, seconds): (usize, u64),
+    pause: Duration,
+) -> Results {
+    let mut results: Results = BTreeMap::new();
+    for round in 0..rounds {
         for (condition, loaded) in CONDITIONS {
             let load = Load::start(loaded);
             for t in targets {
@@ -248,7 +249,9 @@ async fn round(
             }
             drop(load);
         }
+        tokio::time::sleep(pause).await;
     }
+    results
 }
 
 /// How a case times input.
@@ -260,8 +263,9 @@ enum Input {
     NextUpdate,
 }
 
-/// The case's rows from its results, with vizor's targets.
-fn rows(
+/// The case's rows from its results, with vizor's targets; its table printed and kept
+/// in its notes.
+fn report(
     case: &mut Case,
     targets: &[Target],
     results: &Results,
@@ -352,6 +356,9 @@ fn rows(
             case.rows.push(row.finish());
         }
     }
+    let t = table(case, targets);
+    println!("{t}");
+    case.notes.push(format!("table:\n{t}"));
 }
 
 /// The case's own table: one column per path (the harness's table has the four
@@ -480,20 +487,17 @@ pub async fn synthetic(b: &Bench, root: &Path) -> Case {
          loaded: one CPU-bound process beside it; vizor's ws_message_size: the default (vizor), \
          64KiB to 1MiB, and 32MiB (whole: one message per 8 MB rectangle, as before)"
     ));
-    let mut results: Results = BTreeMap::new();
-    for n in 0..rounds {
-        round(
-            &mut case,
-            &mut page,
-            &targets,
-            &proxies,
-            n,
-            seconds,
-            &mut results,
-        )
-        .await;
-    }
-    rows(
+    let sizes = (rounds, seconds);
+    let results = measure(
+        &mut case,
+        &mut page,
+        &targets,
+        &proxies,
+        sizes,
+        Duration::ZERO,
+    )
+    .await;
+    report(
         &mut case,
         &targets,
         &results,
@@ -501,9 +505,6 @@ pub async fn synthetic(b: &Bench, root: &Path) -> Case {
         (">= websockify", Goal::RatioToAtLeast("websockify", 1.0)),
         ("<= websockify", Goal::RatioToAtMost("websockify", 1.0)),
     );
-    let t = table(&case, &targets);
-    println!("{t}");
-    case.notes.push(format!("table:\n{t}"));
     case
 }
 
@@ -614,22 +615,11 @@ pub async fn qemu(b: &Bench, root: &Path, domain: &str) -> Case {
          loaded: one CPU-bound process beside it",
         console.port
     ));
-    let mut results: Results = BTreeMap::new();
-    for n in 0..rounds {
-        round(
-            &mut case,
-            &mut page,
-            &targets,
-            &proxies,
-            n,
-            seconds,
-            &mut results,
-        )
-        .await;
-        // QEMU's listen backlog is 1.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    rows(
+    // QEMU's listen backlog is 1: a pause after each round.
+    let sizes = (rounds, seconds);
+    let pause = Duration::from_millis(200);
+    let results = measure(&mut case, &mut page, &targets, &proxies, sizes, pause).await;
+    report(
         &mut case,
         &targets,
         &results,
@@ -637,8 +627,5 @@ pub async fn qemu(b: &Bench, root: &Path, domain: &str) -> Case {
         (">= 0.9x qemu-ws", Goal::RatioToAtLeast("qemu-ws", 0.9)),
         ("<= 1.1x qemu-ws", Goal::RatioToAtMost("qemu-ws", 1.1)),
     );
-    let t = table(&case, &targets);
-    println!("{t}");
-    case.notes.push(format!("table:\n{t}"));
     case
 }

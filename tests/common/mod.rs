@@ -433,6 +433,20 @@ impl Vizor {
         v["sessions"].as_array().unwrap().clone()
     }
 
+    /// A participant's token for live session `id` (`POST .../participants` with
+    /// `body`).
+    pub async fn participant(&self, id: u64, body: serde_json::Value) -> String {
+        let (status, answer) = self
+            .api(
+                "POST",
+                &format!("/api/v1/sessions/{id}/participants"),
+                &body.to_string(),
+            )
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        answer["token"].as_str().unwrap().to_owned()
+    }
+
     /// A management API request with the admin key and a JSON `body`: the status and
     /// the answer. A token in the answer is a secret of the run.
     pub async fn api(&self, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
