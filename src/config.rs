@@ -634,6 +634,12 @@ pub struct TokensConfig {
     /// `ttl`: lifetime of issued tokens, such as "60s" (default 60 s, at most 24 h).
     #[serde(default = "default_ttl", deserialize_with = "duration")]
     pub ttl: Duration,
+    /// `resume_window`: how long a VNC console whose browser connection dropped (no
+    /// close frame: a network blip) waits for its page to come back with the resume
+    /// credential vizor gave it, such as "30s" (default 30 s, at most 10 min; "0s":
+    /// a dropped connection ends its session).
+    #[serde(default = "default_resume_window", deserialize_with = "resume_window")]
+    pub resume_window: Duration,
 }
 
 /// `[audit]`
@@ -806,6 +812,29 @@ fn default_ttl() -> Duration {
     Duration::from_secs(60)
 }
 
+fn default_resume_window() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The longest `[tokens] resume_window`: a parked console holds its VM connection and
+/// its session slot while it waits.
+pub const MAX_RESUME_WINDOW: Duration = Duration::from_secs(600);
+
+fn resume_window<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    let window = humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration {text:?}: {e} (examples: \"30s\", \"0s\" to turn resuming off)"
+        ))
+    })?;
+    if window > MAX_RESUME_WINDOW {
+        return Err(serde::de::Error::custom(format!(
+            "resume_window {text:?} is longer than the most, 10m: a console waiting to be resumed holds its VM connection and session slot"
+        )));
+    }
+    Ok(window)
+}
+
 fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     let ttl = humantime::parse_duration(&text).map_err(|e| {
@@ -970,6 +999,7 @@ keystrokes = "full"
         let c = Config::parse(MINIMAL).unwrap();
         assert_eq!(c.server.listen, "127.0.0.1:6080".parse().unwrap());
         assert_eq!(c.tokens.ttl, Duration::from_secs(60));
+        assert_eq!(c.tokens.resume_window, Duration::from_secs(30));
         assert_eq!(c.audit.keystrokes, Keystrokes::Full);
         assert_eq!(c.libvirt.uri, "qemu:///system");
         assert!(!c.metrics.per_session);
@@ -1004,6 +1034,29 @@ keystrokes = "full"
         ))
         .unwrap();
         assert_eq!(c.server.ws_message_size, 64 << 10);
+    }
+
+    #[test]
+    fn resume_window_parses_turns_off_and_is_bounded() {
+        let with = |w: &str| {
+            Config::parse(&MINIMAL.replace(
+                "ttl = \"60s\"",
+                &format!("ttl = \"60s\"\nresume_window = \"{w}\""),
+            ))
+        };
+        assert_eq!(
+            with("5s").unwrap().tokens.resume_window,
+            Duration::from_secs(5)
+        );
+        assert_eq!(with("0s").unwrap().tokens.resume_window, Duration::ZERO);
+        assert_eq!(
+            with("10m").unwrap().tokens.resume_window,
+            Duration::from_secs(600)
+        );
+        let e = with("11m").unwrap_err();
+        assert!(e.contains("resume_window") && e.contains("10m"), "{e}");
+        let e = with("soon").unwrap_err();
+        assert!(e.contains("invalid duration"), "{e}");
     }
 
     #[test]

@@ -385,6 +385,12 @@ impl End {
         )
     }
 
+    /// Whether the browser's connection is gone or stopped taking data (not: the
+    /// browser left with a close frame, which the relay sees apart).
+    pub fn browser_gone(&self) -> bool {
+        matches!(self, End::BrowserClosed | End::BrowserStalled(_))
+    }
+
     /// Whether vizor failed to reach, open or keep the VM's console (audited as an
     /// upstream failure).
     pub fn upstream_failure(&self) -> Option<VmFailure> {

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub admin_actions_total: IntCounterVec,
     /// `vizor_session_participants{role}`
     pub session_participants: IntGaugeVec,
+    /// `vizor_session_resumes_total{outcome}`
+    pub session_resumes_total: IntCounterVec,
     /// `vizor_audit_events_total{event}`
     pub audit_events_total: IntCounterVec,
     /// `vizor_audit_write_errors_total`
@@ -154,6 +156,13 @@ impl Metrics {
                 ),
                 &["role"],
             )?,
+            session_resumes_total: IntCounterVec::new(
+                Opts::new(
+                    "vizor_session_resumes_total",
+                    "VNC consoles whose browser connection dropped (dropped), came back (resumed), or did not within [tokens] resume_window (window_expired); and refused resumes by reason (invalid, wrong_client, expired, busy).",
+                ),
+                &["outcome"],
+            )?,
             audit_events_total: IntCounterVec::new(
                 Opts::new("vizor_audit_events_total", "Audit records written, by event."),
                 &["event"],
@@ -208,6 +217,7 @@ impl Metrics {
         r.register(Box::new(m.api_requests_total.clone()))?;
         r.register(Box::new(m.admin_actions_total.clone()))?;
         r.register(Box::new(m.session_participants.clone()))?;
+        r.register(Box::new(m.session_resumes_total.clone()))?;
         r.register(Box::new(m.audit_events_total.clone()))?;
         r.register(Box::new(m.audit_write_errors_total.clone()))?;
         r.register(Box::new(m.audit_refusals_dropped_total.clone()))?;
@@ -263,6 +273,12 @@ impl Metrics {
         {
             self.connections_refused_total.with_label_values(&[reason]);
         }
+        for outcome in ["dropped", "resumed", "window_expired"].into_iter().chain(
+            crate::session::resume::ResumeError::ALL
+                .map(crate::session::resume::ResumeError::label),
+        ) {
+            self.session_resumes_total.with_label_values(&[outcome]);
+        }
         let outcomes = End::labels();
         for kind in ["vnc", "spice"] {
             for outcome in &outcomes {
@@ -275,6 +291,10 @@ impl Metrics {
             .copied()
             .chain(ChannelRefusal::ALL.map(ChannelRefusal::label))
             .chain(crate::live::JoinError::ALL.map(crate::live::JoinError::label))
+            .chain(
+                crate::session::resume::ResumeError::ALL
+                    .map(crate::session::resume::ResumeError::reason),
+            )
             .chain(["missing_token", "policy_unsupported", "throttled"]);
         let stages = token.map(|r| ("token", r)).chain([
             ("origin", "origin_not_allowed"),

@@ -575,3 +575,102 @@ fn paste_as_keys_types_the_text_with_the_layouts_keys() {
         "audit text: {text:?}"
     );
 }
+
+/// The console page survives a network blip: a relay between Chromium and vizor cuts
+/// every connection (the WebSocket and the presence stream alike, without close
+/// frames); the page says it is reconnecting, comes back by itself with the credential
+/// vizor gave it, the screen goes on and typing reaches the same session; the key it
+/// held at the cut is released on record. Cut for longer than the window, the page
+/// gives up with vizor's words.
+#[test]
+#[ignore = "live: needs the test host and Chromium (scripts/test.sh runs it with --include-ignored)"]
+fn the_console_page_resumes_after_its_connection_is_cut() {
+    let t = tools();
+    let d = common::live_domain().name;
+    let v = Vizor::start_tokens(
+        "resume_window = \"5s\"",
+        &format!(
+            "[console]\nnovnc = \"{}\"\nspice_html5 = \"{SPICE_HTML5}\"\n",
+            t.novnc.display()
+        ),
+        |_| {},
+    );
+    let relay = common::relay::CutRelay::start(v.addr);
+    let url = format!(
+        "http://{}/console?token={}",
+        relay.addr,
+        v.token(&d, ConsoleKind::Vnc, 60)
+    );
+    let extra = serde_json::json!({
+        "cut": format!("http://{}/cut", relay.control),
+        "block": format!("http://{}/block?ms=8000", relay.control),
+    });
+    let r = drive(&t, "resume", &url, &extra.to_string());
+    eprintln!("resume: {r}");
+    assert_eq!(r["reconnecting"]["words"], "Reconnecting…", "{r}");
+    let seen: Vec<&str> = r["seen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    let back = seen.iter().position(|s| *s == "connected").unwrap();
+    assert!(
+        seen[..back].iter().all(|s| *s == "reconnecting"),
+        "reconnecting, then connected: {seen:?}"
+    );
+    assert!(r["back_ms"].as_u64().unwrap() < 5000, "{r}");
+    assert!(
+        r["lit"].as_u64().unwrap() > 0,
+        "the screen is drawn again: {r}"
+    );
+    assert_eq!(r["ended"]["state"], "error", "{r}");
+    let words = r["ended"]["words"].as_str().unwrap();
+    assert_eq!(
+        words, "Disconnected: this console session can no longer be resumed",
+        "{r}"
+    );
+    // One session: its start, two drops, one resume, its end at the window's end.
+    let audit = v.audit();
+    let session = audit
+        .iter()
+        .find(|x| x["event"] == "session_start")
+        .unwrap()["session"]
+        .as_u64()
+        .unwrap();
+    let order: Vec<&str> = audit
+        .iter()
+        .filter(|x| x["event"].as_str().unwrap().starts_with("session_"))
+        .map(|x| {
+            assert_eq!(x["session"].as_u64(), Some(session), "{x}");
+            x["event"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "session_start",
+            "session_drop",
+            "session_resume",
+            "session_drop",
+            "session_end"
+        ]
+    );
+    // Q went down before the cut and vizor let it go; R and S were typed after.
+    let keys = audited_keys(&audit);
+    let drop_release = audit
+        .iter()
+        .position(|x| x["event"] == "key" && x["origin"] == "drop")
+        .expect("the held key released at the drop");
+    let resumed = audit
+        .iter()
+        .position(|x| x["event"] == "session_resume")
+        .unwrap();
+    assert!(drop_release < resumed);
+    assert!(
+        keys.contains(&(true, "r".into())) && keys.contains(&(true, "s".into())),
+        "{keys:?}"
+    );
+    let (ok, out) = v.verify(&[v.audit_path()]);
+    assert!(ok, "{out}");
+}

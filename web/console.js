@@ -20,11 +20,8 @@ const token = new URLSearchParams(location.search).get("token");
 if (token !== null) {
     history.replaceState(null, "", location.pathname);
 }
-const wsUrl =
-    (location.protocol === "https:" ? "wss://" : "ws://") +
-    location.host +
-    "/websockify" +
-    (token !== null ? "?token=" + encodeURIComponent(token) : "");
+const wsBase = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/websockify";
+const wsUrl = wsBase + (token !== null ? "?token=" + encodeURIComponent(token) : "");
 
 fullscreenButton.addEventListener("click", () => {
     if (document.fullscreenElement) {
@@ -163,14 +160,32 @@ function pasting(p) {
     pastingEl.dataset.typed = String(p.typed);
 }
 
+// The credential this page resumes its console with after a network blip: vizor
+// hands it out on the presence stream (to this connection's address alone), and a
+// new one after each resume. It is never put in the address bar.
+let credential = null;
+// The session is over (the presence stream said so): nothing to resume.
+let sessionOver = false;
+let events = null;
+
 function follow() {
-    if (token === null) {
+    if (token === null || events !== null) {
         return;
     }
-    const events = new EventSource("/console/events?token=" + encodeURIComponent(token));
+    events = new EventSource("/console/events?token=" + encodeURIComponent(token));
     events.addEventListener("presence", (e) => presence(JSON.parse(e.data)));
     events.addEventListener("paste", (e) => pasting(JSON.parse(e.data)));
-    events.addEventListener("end", () => events.close());
+    events.addEventListener("resume", (e) => {
+        credential = JSON.parse(e.data).credential;
+        document.body.dataset.resumable = "true";
+        document.body.dataset.credentials = String(Number(document.body.dataset.credentials || 0) + 1);
+    });
+    events.addEventListener("end", () => {
+        sessionOver = true;
+        credential = null;
+        delete document.body.dataset.resumable;
+        events.close();
+    });
 }
 
 // Words for the end of a session: vizor's close reason when it gave one.
@@ -192,45 +207,109 @@ function ended(reason, clean) {
     presenceEl.hidden = true;
 }
 
+// How long the page keeps trying to resume, and its waits between tries: vizor keeps
+// the console for `[tokens] resume_window` (30 s unless configured) and refuses a
+// resume after it, which ends the trying sooner.
+const RESUME_FOR_MS = 10 * 60 * 1000;
+const RESUME_WAITS_MS = [500, 1000, 2000, 4000];
+
 async function vnc() {
     const { default: RFB } = await import("/novnc/core/rfb.js");
-    // The page opens the WebSocket itself so that it hears vizor's close reason.
-    const ws = new WebSocket(wsUrl, ["binary"]);
-    let reason = "";
-    ws.addEventListener("close", (e) => {
-        reason = e.reason;
-    });
-    const rfb = new RFB(screenEl, ws);
-    rfb.scaleViewport = true;
-    rfb.resizeSession = false;
+    let rfb = null;
+    let viewOnly = false;
+    // While resuming: when the connection dropped, tries so far, the credential tried.
+    let droppedAt = null;
+    let tries = 0;
+    let tried = null;
     onViewOnly = () => {
         // vizor drops this page's input anyway; noVNC then sends none.
-        rfb.viewOnly = true;
+        viewOnly = true;
+        if (rfb) {
+            rfb.viewOnly = true;
+        }
         cadButton.disabled = true;
     };
-    rfb.addEventListener("connect", () => {
-        say("connected", "Connected");
-        cadButton.disabled = false;
-        pasteButton.hidden = false;
-        rfb.focus();
-        follow();
-    });
-    rfb.addEventListener("disconnect", (e) => ended(reason, e.detail.clean));
-    rfb.addEventListener("securityfailure", (e) => {
-        reason = "refused" + (e.detail.reason ? ": " + e.detail.reason : "");
-    });
-    rfb.addEventListener("credentialsrequired", () => {
-        reason = "the VM asked this page for a password, which vizor answers itself";
-        rfb.disconnect();
-    });
-    rfb.addEventListener("desktopname", (e) => {
-        document.getElementById("title").title = e.detail.name;
-    });
+    const resume = () => {
+        if (sessionOver || credential === null || Date.now() - droppedAt > RESUME_FOR_MS) {
+            return false;
+        }
+        const wait = RESUME_WAITS_MS[Math.min(tries, RESUME_WAITS_MS.length - 1)];
+        tries += 1;
+        say("reconnecting", "Reconnecting…");
+        stateEl.dataset.tries = String(tries);
+        cadButton.disabled = true;
+        pasteButton.disabled = true;
+        setTimeout(() => {
+            if (sessionOver || credential === null) {
+                ended("the console session has ended", true);
+                return;
+            }
+            tried = credential;
+            connect(wsBase + "?resume=" + encodeURIComponent(credential));
+        }, wait);
+        return true;
+    };
+    const connect = (url) => {
+        // The page opens the WebSocket itself so that it hears vizor's close reason.
+        const ws = new WebSocket(url, ["binary"]);
+        let reason = "";
+        let code = 0;
+        ws.addEventListener("close", (e) => {
+            reason = e.reason;
+            code = e.code;
+        });
+        rfb = new RFB(screenEl, ws);
+        rfb.scaleViewport = true;
+        rfb.resizeSession = false;
+        rfb.viewOnly = viewOnly;
+        rfb.addEventListener("connect", () => {
+            droppedAt = null;
+            tries = 0;
+            say("connected", "Connected");
+            cadButton.disabled = viewOnly;
+            pasteButton.hidden = false;
+            pasteButton.disabled = !canPaste || typingNow;
+            rfb.focus();
+            follow();
+        });
+        rfb.addEventListener("disconnect", (e) => {
+            // 1006: the connection dropped without vizor's close frame (a network
+            // blip, a proxy restarting), and vizor keeps the console for a while. A
+            // refusal (1008) of a credential this page has since been given a new
+            // one for is tried again too.
+            const dropped = code === 1006 || (droppedAt !== null && code === 0);
+            const stale = code === 1008 && droppedAt !== null && credential !== tried;
+            if ((dropped || stale) && credential !== null) {
+                if (droppedAt === null) {
+                    droppedAt = Date.now();
+                }
+                if (resume()) {
+                    return;
+                }
+            }
+            ended(reason, e.detail.clean);
+        });
+        rfb.addEventListener("securityfailure", (e) => {
+            reason = "refused" + (e.detail.reason ? ": " + e.detail.reason : "");
+        });
+        rfb.addEventListener("credentialsrequired", () => {
+            reason = "the VM asked this page for a password, which vizor answers itself";
+            rfb.disconnect();
+        });
+        rfb.addEventListener("desktopname", (e) => {
+            document.getElementById("title").title = e.detail.name;
+        });
+    };
+    connect(wsUrl);
     cadButton.addEventListener("click", () => {
         rfb.sendCtrlAltDel();
         rfb.focus();
     });
-    window.vizorConsole = { rfb };
+    window.vizorConsole = {
+        get rfb() {
+            return rfb;
+        },
+    };
 }
 
 async function spice() {

@@ -183,6 +183,33 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         admin: Option<&'a str>,
     },
+    /// The browser's connection dropped without a close frame (a network blip): the
+    /// session waits for its console page to resume it, the VM's connection open.
+    SessionDrop {
+        /// Session id (the connection that dropped).
+        session: u64,
+        /// The browser's address.
+        client: &'a str,
+        /// What was seen: `browser_closed` (the connection ended without a close
+        /// frame), `browser_stalled` (it took nothing for the send timeout),
+        /// `replaced` (a resume came while it still looked open).
+        cause: &'static str,
+        /// How long the session waits to be resumed, in milliseconds.
+        window_ms: u64,
+    },
+    /// A console page resumed its session on a new connection, with the credential
+    /// vizor gave it; the session id stays the same.
+    SessionResume {
+        /// Session id.
+        session: u64,
+        /// The new connection's address (the same as the session's).
+        client: &'a str,
+        /// Which resume of the session this is (1 for the first).
+        rotation: u32,
+        /// How long the session was parked, in milliseconds (0 when the resume
+        /// replaced a connection that still looked open).
+        parked_ms: u64,
+    },
     /// Input a participant may not give (an observer's, or a view-only token's) was
     /// dropped: one record per burst of it.
     InputDropped {
@@ -479,6 +506,8 @@ impl Event<'_> {
         "input_dropped",
         "protocol_error",
         "upstream_failure",
+        "session_drop",
+        "session_resume",
     ];
 
     /// The `event` field's value.
@@ -506,6 +535,8 @@ impl Event<'_> {
             Event::InputDropped { .. } => "input_dropped",
             Event::ProtocolError { .. } => "protocol_error",
             Event::UpstreamFailure { .. } => "upstream_failure",
+            Event::SessionDrop { .. } => "session_drop",
+            Event::SessionResume { .. } => "session_resume",
         }
     }
 }

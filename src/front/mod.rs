@@ -37,6 +37,7 @@ mod files;
 mod oversight;
 mod paste;
 mod refused;
+mod resume;
 mod upgrade;
 
 use admission::*;
@@ -245,6 +246,7 @@ impl App {
             spice_key,
             spice_sessions: Default::default(),
             vm_keyboards: Default::default(),
+            resumes: session::resume::Resumes::new(config.tokens.resume_window),
         };
         let connections = Connections::new(l.max_connections, l.max_connections_per_client);
         let refusals = crate::refusals::Refusals::new(

@@ -56,7 +56,7 @@ pub(super) fn record_end(app: &App, kind: ConsoleKind, session: u64, domain: &st
 }
 
 /// Stops a background task when dropped.
-pub(super) struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -142,6 +142,8 @@ pub(super) fn origin_allowed(allowed: &[String], req: &Request<Incoming>) -> Res
 
 pub(super) fn websocket(app: Arc<App>, peer: SocketAddr, req: &mut Request<Incoming>) -> Resp {
     let token = query_param(req, "token");
+    // A console page coming back after a network blip, with its resume credential.
+    let resume = query_param(req, "resume").filter(|r| !r.is_empty());
     let wants_binary = req
         .headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -182,9 +184,10 @@ pub(super) fn websocket(app: Arc<App>, peer: SocketAddr, req: &mut Request<Incom
         );
     }
     tokio::spawn(async move {
-        match upgrade.await {
-            Ok(ws) => console(app, peer, token, ws).await,
-            Err(e) => warn!(client = %peer, error = %e, "WebSocket upgrade failed"),
+        match (upgrade.await, resume) {
+            (Ok(ws), Some(credential)) => super::resume::resume(app, peer, credential, ws).await,
+            (Ok(ws), None) => console(app, peer, token, ws).await,
+            (Err(e), _) => warn!(client = %peer, error = %e, "WebSocket upgrade failed"),
         }
     });
     resp
@@ -272,9 +275,7 @@ pub(super) fn console_refused(
     console::error_page(StatusCode::FORBIDDEN, heading, detail)
 }
 
-/// How long a closed console waits for the browser's close frame before its
-/// connection is dropped.
-pub(super) const CLOSE_LINGER: Duration = Duration::from_secs(2);
+pub(super) use session::browser::CLOSE_LINGER;
 
 pub(super) async fn console(
     app: Arc<App>,

@@ -5,6 +5,7 @@
 //! same for each SPICE channel.
 
 pub mod browser;
+pub mod resume;
 pub mod rfb;
 pub mod spice;
 mod splice;
@@ -61,6 +62,8 @@ pub struct Env {
     pub spice_sessions: spice::Sessions,
     /// The keyboards of VMs with live sessions, as QEMU keeps them.
     pub vm_keyboards: crate::policy::keyboards::VmKeyboards,
+    /// VNC connections a console page can resume after a network blip.
+    pub resumes: Arc<resume::Resumes>,
 }
 
 impl Env {
@@ -242,7 +245,7 @@ impl Meter {
     }
 
     /// The live session.
-    pub(crate) fn live(&self) -> &Live {
+    pub(crate) fn live(&self) -> &Arc<Live> {
         &self.live
     }
 

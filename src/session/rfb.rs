@@ -372,12 +372,54 @@ async fn handshake(
     Ok((up, ubuf, si, si_bytes))
 }
 
+/// A resuming browser's side of the handshake: version, security type None (its
+/// resume credential authenticated it) and ClientInit, within the handshake timeout.
+/// The relay it joins answers ServerInit.
+pub async fn resume_handshake(
+    env: &super::Env,
+    brx: &mut BrowserRx,
+    btx: &BrowserTx,
+) -> Result<(), End> {
+    let hs = async {
+        let mut out = Vec::new();
+        let browser_hs = server::start(Version::V3_8, env.browser_limits, &mut out);
+        if !btx.binary(out).await {
+            return Err(End::BrowserClosed);
+        }
+        let mut buf = Vec::new();
+        let (offer, _) = drive(brx, &mut buf, browser_hs, End::from_browser, |s, b| {
+            s.receive(b)
+        })
+        .await?;
+        // Whether it asks to share or not, the console is shared (as at the start).
+        let _ci = browser_security_none(brx, &mut buf, offer, btx).await?;
+        if !buf.is_empty() {
+            return Err(End::browser_violation(
+                "messages sent before ServerInit",
+                "early_message",
+            ));
+        }
+        Ok(())
+    };
+    tokio::time::timeout(env.handshake_timeout, hs)
+        .await
+        .unwrap_or_else(|_| {
+            Err(End::refused(
+                Refusal::HandshakeTimeout,
+                format!(
+                    "handshake did not complete within {}",
+                    humantime::format_duration(env.handshake_timeout)
+                ),
+            ))
+        })
+}
+
 /// Runs the session to its end, closes the browser with the reason, and writes the
 /// session's audit records.
 pub async fn run(
     ctx: Ctx,
     brx: &mut BrowserRx,
-    btx: BrowserTx,
+    mut btx: BrowserTx,
     mut shutdown: watch::Receiver<bool>,
 ) -> End {
     let started = Instant::now();
@@ -480,7 +522,7 @@ pub async fn run(
                             early,
                             &si,
                             brx,
-                            &btx,
+                            &mut btx,
                             &meter,
                             recorder.as_ref(),
                             stop,
@@ -516,6 +558,21 @@ pub async fn run(
     end
 }
 
+/// What the VM's direction tells the browser's about the browser's connection.
+enum Handoff {
+    /// Stop reading it: it is gone, and the session waits for a resume.
+    Park,
+    /// Read this one from now on (leg `leg`); `done` is dropped once it is let go.
+    Attach {
+        rx: BrowserRx,
+        done: tokio::sync::oneshot::Sender<()>,
+        leg: u64,
+    },
+}
+
+/// The VM's writer, shared by the browser's input, a paste, and the releases at a drop.
+type VmWriter = tokio::sync::Mutex<Box<dyn AsyncWrite + Unpin + Send>>;
+
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     ctx: &Ctx,
@@ -523,7 +580,7 @@ async fn relay(
     early: Vec<u8>,
     si: &ServerInit,
     brx: &mut BrowserRx,
-    btx: &BrowserTx,
+    btx: &mut BrowserTx,
     meter: &Meter,
     recorder: Option<&Recorder>,
     stop: impl std::future::Future<Output = End>,
@@ -571,7 +628,7 @@ async fn relay(
     // The VM's writer, shared by the browser's input and a paste being typed: each
     // holds it from judging a message to writing it, so the audit's order is the
     // order QEMU receives.
-    let writer = tokio::sync::Mutex::new(up_wr);
+    let writer: VmWriter = tokio::sync::Mutex::new(up_wr);
     // Where this connection takes pastes ("Paste as keys"), while it relays: for any
     // layout when QEMU acts on key numbers; with a keymap QEMU maps keysyms itself,
     // which for en-us types what a US layout does and for another keymap is not
@@ -584,7 +641,20 @@ async fn relay(
         };
     let (seat, mut typing) = crate::paste::Seat::new(layouts);
     let progress = seat.progress();
+    // Resumable after a network blip (`[tokens] resume_window`): the page gets the
+    // credential on its presence stream, which finds it here once the seat is taken.
+    let resume = ctx.env.resumes.open(ctx.id, ctx.client.ip());
     let _seated = live.seat(ctx.id, seat);
+    let (slot, mut arrivals) = match resume {
+        Some((held, arrivals)) => (Some(held), Some(arrivals)),
+        None => (None, None),
+    };
+    let slot = slot.as_ref().map(|h| h.slot().clone());
+    let resumable = slot.is_some();
+    // The browser's direction says which connection it lost; the VM's direction, which
+    // one to read next.
+    let (lost_tx, mut lost_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let (handoff_tx, mut handoffs) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
     let browser_to_vm = async {
         let mut out = lock(&rules)?.start();
         let len = out.len() as u64;
@@ -592,8 +662,52 @@ async fn relay(
         // The session's bytes toward the VM are what vizor wrote there for it.
         meter.add(Direction::BrowserToVm, len);
         let mut buf = Vec::with_capacity(4096);
+        // Which connection is read (0: the first), and whether it is.
+        let mut leg = 0u64;
+        let mut reading = true;
+        let mut _done: Option<tokio::sync::oneshot::Sender<()>> = None;
         loop {
-            brx.read_into(&mut buf).await?;
+            let handoff = if reading {
+                // A handoff first: once the VM's direction parked the session, not one
+                // more message of the connection it let go reaches the VM.
+                tokio::select! {
+                    biased;
+                    h = handoffs.recv() => Some(h),
+                    r = brx.read_into(&mut buf) => match r {
+                        Ok(_) => None,
+                        // Gone without a close frame: a network blip, maybe.
+                        Err(End::BrowserClosed) if resumable && !brx.said_goodbye() => {
+                            let _ = lost_tx.send(leg);
+                            reading = false;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    },
+                }
+            } else {
+                Some(handoffs.recv().await)
+            };
+            if let Some(h) = handoff {
+                match h {
+                    Some(Handoff::Park) => reading = false,
+                    Some(Handoff::Attach { rx, done, leg: l }) => {
+                        let mut old = std::mem::replace(brx, rx);
+                        let old_done = _done.replace(done);
+                        tokio::spawn(async move {
+                            old.linger(super::browser::CLOSE_LINGER).await;
+                            drop(old_done);
+                        });
+                        // A message the last connection left half sent is not the new
+                        // one's.
+                        buf.clear();
+                        leg = l;
+                        reading = true;
+                    }
+                    // The VM's direction ended: the relay is ending.
+                    None => std::future::pending::<()>().await,
+                }
+                continue;
+            }
             let mut up_wr = writer.lock().await;
             let up_wr = &mut *up_wr;
             let mut pos = 0;
@@ -640,6 +754,20 @@ async fn relay(
         let mut buf = BytesMut::with_capacity(64 * 1024);
         // Bytes QEMU sent along with ServerInit are decoded before the first read.
         buf.extend_from_slice(&early);
+        // The connection sent to (`None`: parked since then), and how many there were.
+        let mut attached: Option<u64> = Some(0);
+        let mut parked_since = Instant::now();
+        let mut legs = 0u64;
+        let window = ctx.env.resumes.window();
+        let parked = |cause: &'static str| Parked {
+            ctx,
+            rules: &rules,
+            writer: &writer,
+            meter,
+            handoffs: &handoff_tx,
+            cause,
+            window,
+        };
         loop {
             let step = lock(&rules)?.from_vm(&buf, Instant::now())?;
             for (which, d) in &step.latencies {
@@ -656,9 +784,29 @@ async fn relay(
                     .map_err(audit_failed)?;
             }
             // Everything decoded goes to the browser as read, without a copy, but for an
-            // incomplete header and an update that may be LED state alone.
+            // incomplete header and an update that may be LED state alone. While
+            // parked it goes nowhere (the recording keeps it: its stream stays whole).
             if step.send > 0 {
-                to_browser(buf.split_to(step.send), recorder, btx, meter).await?;
+                let chunk = buf.split_to(step.send);
+                let len = chunk.len() as u64;
+                if let Some(r) = recorder {
+                    // A copy for the recording's writer: the browser's writer takes
+                    // the chunk.
+                    r.frame(bytes::Bytes::copy_from_slice(&chunk))
+                        .await
+                        .map_err(|e| End::Audit(format!("recording: {e}")))?;
+                }
+                if attached.is_some() {
+                    match btx.bytes(chunk).await {
+                        Ok(()) => meter.add(Direction::VmToBrowser, len),
+                        Err(e) if resumable && e.browser_gone() => {
+                            parked(e.label()).park(btx, slot.as_deref()).await?;
+                            attached = None;
+                            parked_since = Instant::now();
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }
             let _ = buf.split_to(step.skip);
             if step.again {
@@ -666,27 +814,113 @@ async fn relay(
             }
             // The rest of a long rectangle goes from socket to socket; the decoder,
             // told its length, then stands after it.
-            let splice = lock(&rules)?.may_splice(buf.len(), SPLICE_MIN);
-            if let (Some(pending), VmReader::Tcp(slot)) = (splice, &mut up_rd) {
-                if let Some(from) = slot.take() {
-                    let (from, sent) = match btx.splice(from, pending).await {
-                        Ok(spliced) => spliced,
-                        Err((partial, end)) => {
-                            // The frames before the break reached the browser whole.
-                            meter.add_spliced(partial);
-                            return Err(end);
+            let splice = match attached {
+                Some(_) => lock(&rules)?.may_splice(buf.len(), SPLICE_MIN),
+                None => None,
+            };
+            if let (Some(pending), VmReader::Tcp(reader)) = (splice, &mut up_rd) {
+                if let Some(from) = reader.take() {
+                    match btx.splice(from, pending).await {
+                        Ok((from, sent)) => {
+                            *reader = Some(from);
+                            if sent {
+                                lock(&rules)?.spliced(pending)?;
+                                meter.add_spliced(pending);
+                                continue;
+                            }
+                            // No pipe (out of open files): this much is read instead.
                         }
-                    };
-                    *slot = Some(from);
-                    if sent {
-                        lock(&rules)?.spliced(pending)?;
-                        meter.add_spliced(pending);
-                        continue;
+                        Err(failed) => {
+                            // The frames before the break reached the browser whole.
+                            meter.add_spliced(failed.sent);
+                            match failed.from {
+                                Some(from) if resumable && failed.end.browser_gone() => {
+                                    // The VM's stream stands after what was taken
+                                    // from it; the rest of the rectangle is read.
+                                    *reader = Some(from);
+                                    lock(&rules)?.spliced(failed.taken)?;
+                                    parked(failed.end.label())
+                                        .park(btx, slot.as_deref())
+                                        .await?;
+                                    attached = None;
+                                    parked_since = Instant::now();
+                                    continue;
+                                }
+                                _ => return Err(failed.end),
+                            }
+                        }
                     }
-                    // No pipe (out of open files): this much is read instead.
                 }
             }
-            up_rd.read(&mut buf).await?;
+            // More from the VM; or the browser's connection lost, or a new one, which
+            // takes over between two of the VM's messages; or the window over.
+            let boundary = resumable && lock(&rules)?.at_boundary();
+            let deadline = tokio::time::Instant::from_std(parked_since + window);
+            tokio::select! {
+                r = up_rd.read(&mut buf) => r?,
+                Some(l) = lost_rx.recv() => {
+                    if attached == Some(l) {
+                        parked(End::BrowserClosed.label()).park(btx, slot.as_deref()).await?;
+                        attached = None;
+                        parked_since = Instant::now();
+                    }
+                }
+                Some(a) = async { arrivals.as_mut()?.recv().await }, if boundary => {
+                    let Some(slot) = slot.as_deref() else { continue };
+                    if attached.is_some() {
+                        parked("replaced").park(btx, Some(slot)).await?;
+                        parked_since = Instant::now();
+                    }
+                    attached = None;
+                    let parked_ms = parked_since.elapsed().as_millis() as u64;
+                    let client = a.client.to_string();
+                    ctx.env
+                        .audit
+                        .record(&Event::SessionResume {
+                            session: ctx.id,
+                            client: &client,
+                            rotation: a.rotation,
+                            parked_ms,
+                        })
+                        .await
+                        .map_err(audit_failed)?;
+                    info!(session = ctx.id, rotation = a.rotation, parked_ms, "session resumed");
+                    slot.parked(None);
+                    ctx.env
+                        .metrics
+                        .session_resumes_total
+                        .with_label_values(&["resumed"])
+                        .inc();
+                    let server_init = {
+                        let mut r = lock(&rules)?;
+                        r.resumed();
+                        r.server_init(si)
+                    };
+                    // An owner's round trips are the session's (as at its start).
+                    if ctx.joined.is_none() {
+                        a.rx.pings().measure_live(live.clone());
+                    }
+                    *btx = a.tx;
+                    legs += 1;
+                    if btx.binary(server_init).await {
+                        attached = Some(legs);
+                        let _ = handoff_tx.send(Handoff::Attach { rx: a.rx, done: a.done, leg: legs });
+                    } else {
+                        // Gone again at once: still parked.
+                        slot.parked(Some(Instant::now()));
+                        parked_since = Instant::now();
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if attached.is_none() => {
+                    ctx.env
+                        .metrics
+                        .session_resumes_total
+                        .with_label_values(&["window_expired"])
+                        .inc();
+                    info!(session = ctx.id, window = %humantime::format_duration(window), "not resumed within the window");
+                    return Err(End::BrowserClosed);
+                }
+            }
         }
     };
     // A stop goes first: after it, nothing more is relayed.
@@ -734,6 +968,84 @@ async fn relay(
         close_upstream(&mut up_wr, rd).await;
     }
     end
+}
+
+/// Parking a session whose browser connection is gone: what it needs.
+struct Parked<'a> {
+    ctx: &'a Ctx,
+    rules: &'a Mutex<Rules>,
+    writer: &'a VmWriter,
+    meter: &'a Meter,
+    handoffs: &'a tokio::sync::mpsc::UnboundedSender<Handoff>,
+    /// What was seen (`browser_closed`, `browser_stalled`, `replaced`).
+    cause: &'static str,
+    window: std::time::Duration,
+}
+
+impl Parked<'_> {
+    /// The session waits for a resume: the browser's direction stops reading, the
+    /// connection is let go (without a close frame, so a page still there resumes),
+    /// the drop goes on record, and the keys and buttons the browser held are released
+    /// (on record first), as QEMU does for a client that leaves.
+    async fn park(self, btx: &BrowserTx, slot: Option<&super::resume::Slot>) -> Result<(), End> {
+        let ctx = self.ctx;
+        let _ = self.handoffs.send(Handoff::Park);
+        btx.abort().await;
+        if let Some(slot) = slot {
+            slot.parked(Some(Instant::now()));
+        }
+        ctx.env
+            .metrics
+            .session_resumes_total
+            .with_label_values(&["dropped"])
+            .inc();
+        info!(
+            session = ctx.id,
+            cause = self.cause,
+            "browser connection lost: waiting for the page to resume"
+        );
+        // The VM's writer first: what the browser's direction is writing goes before
+        // the drop, on record and to QEMU alike.
+        let mut up_wr = self.writer.lock().await;
+        let up_wr = &mut *up_wr;
+        let client = ctx.client.to_string();
+        ctx.env
+            .audit
+            .record(&Event::SessionDrop {
+                session: ctx.id,
+                client: &client,
+                cause: self.cause,
+                window_ms: self.window.as_millis() as u64,
+            })
+            .await
+            .map_err(audit_failed)?;
+        let (releases, closing) = lock(self.rules)?.release_held(&ctx.keyboard, Instant::now())?;
+        let mut out = Vec::new();
+        for (bytes, judged) in releases {
+            for note in &judged.notes {
+                super::record_note(&ctx.env.audit, ctx.id, note)
+                    .await
+                    .map_err(audit_failed)?;
+            }
+            if let Some(queued) = judged.queued_keys {
+                pace(&ctx.keyboard, queued, up_wr, &mut out, self.meter).await?;
+            }
+            if let Verdict::Forward = judged.verdict {
+                out.extend_from_slice(&bytes);
+            }
+        }
+        if !out.is_empty() {
+            let len = out.len() as u64;
+            write_up(up_wr, &mut out).await?;
+            self.meter.add(Direction::BrowserToVm, len);
+        }
+        for note in &closing {
+            super::record_note(&ctx.env.audit, ctx.id, note)
+                .await
+                .map_err(audit_failed)?;
+        }
+        Ok(())
+    }
 }
 
 /// Types a paste: each character's key events through the session's rules, on record
@@ -921,25 +1233,6 @@ async fn pace(
         }
         tokio::time::sleep(wait).await;
     }
-}
-
-/// Sends decoded bytes from the VM to the browser, the recording first.
-async fn to_browser(
-    chunk: BytesMut,
-    recorder: Option<&Recorder>,
-    btx: &BrowserTx,
-    meter: &Meter,
-) -> Result<(), End> {
-    let len = chunk.len() as u64;
-    if let Some(r) = recorder {
-        // A copy for the recording's writer: the browser's writer takes the chunk.
-        r.frame(bytes::Bytes::copy_from_slice(&chunk))
-            .await
-            .map_err(|e| End::Audit(format!("recording: {e}")))?;
-    }
-    btx.bytes(chunk).await?;
-    meter.add(Direction::VmToBrowser, len);
-    Ok(())
 }
 
 /// The shortest payload worth splicing: below it a read and a write cost less than

@@ -17,6 +17,11 @@
 //   node console.mjs paste URL OUTDIR JSON      noVNC: "Paste as keys" for each of JSON's
 //                                               pastes ({text, layout}), one stopped
 //                                               (cancel), and one it cannot type
+//   node console.mjs resume URL OUTDIR JSON     noVNC through a relay the script cuts
+//                                               (JSON: cut and block, its control URLs):
+//                                               the page reconnects by itself and the
+//                                               screen goes on; then a cut for longer
+//                                               than the window, and the page's words
 //   node console.mjs admin URL OUTDIR JSON      URL is owner A's console page; JSON has
 //                                               admin (the /admin URL), key, other (owner
 //                                               B's page), domain (A's): the admin page
@@ -351,6 +356,63 @@ try {
             page.evaluate(() => document.getElementById("paste-error").textContent),
         );
         result = { status, pasted, refused, still: await state(page), screenshots: [await shot("paste")] };
+    } else if (mode === "resume") {
+        const { cut, block } = JSON.parse(extra);
+        const connected = async () => (await state(page))?.state === "connected";
+        await until("noVNC to connect", 20000, connected);
+        await until("a framebuffer", 20000, () => pixels(page, "#screen canvas"));
+        await until("the resume credential", 10000, () =>
+            page.evaluate(() => document.body.dataset.resumable === "true"));
+        // A key held as the connection drops: vizor lets it go itself.
+        await page.keyboard.down("q");
+        await new Promise((r) => setTimeout(r, 300));
+        const before = await shot("resume-before");
+        // The states the page goes through, as they change.
+        await page.evaluate(() => {
+            window.seen = [];
+            const s = document.getElementById("state");
+            new MutationObserver(() => window.seen.push(s.dataset.state)).observe(s, {
+                attributes: true,
+                childList: true,
+            });
+        });
+        const cutAt = Date.now();
+        await fetch(cut);
+        await until("the page to say it reconnects", 5000, async () =>
+            (await page.evaluate(() => window.seen)).includes("reconnecting"));
+        const reconnecting = await state(page);
+        await until("the console to come back", 20000, connected);
+        const backMs = Date.now() - cutAt;
+        await page.keyboard.up("q");
+        // The screen goes on: a framebuffer drawn again, and typing reaches the VM.
+        const p = await until("a framebuffer after the resume", 20000, async () => {
+            const got = await pixels(page, "#screen canvas");
+            return got && lit(got, 0, got.height) > 0 ? got : null;
+        });
+        await page.keyboard.type("rs");
+        const after = await shot("resume-after");
+        await new Promise((r) => setTimeout(r, 500));
+        const seen = await page.evaluate(() => window.seen);
+        // The page holds the next credential (its presence stream, cut too, came back).
+        await until("the next credential", 15000, () =>
+            page.evaluate(() => Number(document.body.dataset.credentials) >= 2));
+        // Now longer than the window: the page tries, then says why it stops.
+        await page.evaluate(() => { window.seen = []; });
+        await fetch(block);
+        const ended = await until("the page to give up", 30000, async () => {
+            const s = await state(page);
+            return s && s.state !== "reconnecting" && s.state !== "connected" ? s : null;
+        });
+        result = {
+            status,
+            reconnecting,
+            back_ms: backMs,
+            seen,
+            lit: lit(p, 0, p.height),
+            tries: await page.evaluate(() => document.getElementById("state").dataset.tries),
+            ended,
+            screenshots: [before, after, await shot("resume-ended")],
+        };
     } else if (mode === "admin") {
         const cfg = JSON.parse(extra);
         const connected = (p) => until("a console to connect", 20000, async () => (await state(p))?.state === "connected");

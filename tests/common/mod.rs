@@ -1,7 +1,9 @@
 //! Shared by the integration tests: the live test host that `scripts/test.sh` starts.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod events;
 pub mod guest;
+pub mod relay;
 pub mod rfb;
 pub mod spice;
 
@@ -216,6 +218,15 @@ pub const METRICS_KEY: &str = "m3trics-0123456789abcdef";
 /// The header that reads `/metrics` on a test vizor's main listener.
 pub const METRICS_AUTH: (&str, &str) = ("Authorization", "Bearer m3trics-0123456789abcdef");
 
+/// Lines a test adds to the config's tables.
+#[derive(Default, Clone, Copy)]
+struct Extra<'a> {
+    server: &'a str,
+    libvirt: &'a str,
+    tokens: &'a str,
+    audit: &'a str,
+}
+
 /// A `vizor serve` process with its own config, key and audit log.
 pub struct Vizor {
     child: Child,
@@ -266,7 +277,26 @@ impl Vizor {
         tail: &str,
         prepare: impl FnOnce(&std::path::Path),
     ) -> Vizor {
-        Self::start_inner(uri, "", server_extra, audit_extra, tail, prepare, true)
+        let extra = Extra {
+            server: server_extra,
+            audit: audit_extra,
+            ..Extra::default()
+        };
+        Self::start_inner(uri, extra, tail, prepare, true)
+    }
+
+    /// As [`Vizor::start_with`], with `tokens_extra` in `[tokens]` (such as a
+    /// `resume_window`).
+    pub fn start_tokens(
+        tokens_extra: &str,
+        tail: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> Vizor {
+        let extra = Extra {
+            tokens: tokens_extra,
+            ..Extra::default()
+        };
+        Self::start_inner(default_uri(), extra, tail, prepare, true)
     }
 
     /// As [`Vizor::start_uri`], with `libvirt_extra` in `[libvirt]`.
@@ -276,21 +306,26 @@ impl Vizor {
         tail: &str,
         prepare: impl FnOnce(&std::path::Path),
     ) -> Vizor {
-        Self::start_inner(uri, libvirt_extra, "", "", tail, prepare, true)
+        let extra = Extra {
+            libvirt: libvirt_extra,
+            ..Extra::default()
+        };
+        Self::start_inner(uri, extra, tail, prepare, true)
     }
 
     /// A vizor (against test:///default) without a metrics key or an admin key: its
     /// main listener serves no metrics.
     pub fn start_keyless(server_extra: &str) -> Vizor {
-        Self::start_inner("test:///default", "", server_extra, "", "", |_| {}, false)
+        let extra = Extra {
+            server: server_extra,
+            ..Extra::default()
+        };
+        Self::start_inner("test:///default", extra, "", |_| {}, false)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn start_inner(
         uri: &str,
-        libvirt_extra: &str,
-        server_extra: &str,
-        audit_extra: &str,
+        extra: Extra<'_>,
         tail: &str,
         prepare: impl FnOnce(&std::path::Path),
         metrics_key: bool,
@@ -327,11 +362,12 @@ impl Vizor {
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\
-                 [libvirt]\nuri = \"{uri}\"\n{libvirt_extra}\n\
-                 [tokens]\nkey_file = \"token.key\"\nttl = \"60s\"\n\
-                 [audit]\npath = \"audit.jsonl\"\nkey_file = \"audit.key\"\nkeystrokes = \"full\"\n{audit_extra}\n\
-                 [log]\nlevel = \"debug\"\n{tail}\n"
+                "[server]\nlisten = \"127.0.0.1:0\"\n{}\n\
+                 [libvirt]\nuri = \"{uri}\"\n{}\n\
+                 [tokens]\nkey_file = \"token.key\"\nttl = \"60s\"\n{}\n\
+                 [audit]\npath = \"audit.jsonl\"\nkey_file = \"audit.key\"\nkeystrokes = \"full\"\n{}\n\
+                 [log]\nlevel = \"debug\"\n{tail}\n",
+                extra.server, extra.libvirt, extra.tokens, extra.audit
             ),
         )
         .unwrap();
@@ -913,6 +949,14 @@ impl Browser {
                 other => panic!("unexpected {other:?} while waiting for a pong"),
             }
         }
+    }
+
+    /// Sends a close frame: the browser leaves on purpose.
+    pub async fn close(&mut self, code: u16, reason: &str) {
+        self.ws
+            .write_frame(fastwebsockets::Frame::close(code, reason.as_bytes()))
+            .await
+            .unwrap();
     }
 
     /// Waits for vizor to close the connection; returns the close frame.

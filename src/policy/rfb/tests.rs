@@ -741,3 +741,124 @@ fn a_long_rectangle_may_be_spliced_once_nothing_is_held() {
     p.vm(&[2], 1).unwrap();
     assert_eq!(p.to_browser, [2]);
 }
+
+/// Rule 17: a browser whose connection drops leaves keys and buttons held in QEMU,
+/// which keeps the console's connection open for a resume: vizor releases them, as
+/// the browser pressed them (by key number, or by keysym), the last pressed first,
+/// each on record as vizor's; a key the browser let go, or a paste's, is not released
+/// again.
+#[test]
+fn rule_17_what_a_dropped_browser_held_is_released_on_record() {
+    let mut p = Pair::new();
+    p.browser(&set_encodings(&[
+        Encoding::RAW,
+        Encoding::QEMU_EXTENDED_KEY_EVENT,
+    ]))
+    .unwrap();
+    p.browser(&ext_key(true, 0xffe1, 0x2a)).unwrap(); // Shift, by key number
+    p.browser(&ext_key(true, 0x41, 0x1e)).unwrap(); // A
+    p.browser(&key(true, 0x62)).unwrap(); // b, by keysym
+    p.browser(&key(true, 0x63)).unwrap(); // c, let go again
+    p.browser(&key(false, 0x63)).unwrap();
+    // The same key pressed again while held is held once; its release names the key,
+    // whatever keysym the browser gives it then (a modifier let go in between).
+    p.browser(&ext_key(true, 0x41, 0x1e)).unwrap();
+    p.browser(&pointer(0b101, 10, 20)).unwrap();
+    let presses = vizor_keys::layout::Layout::Us.plan("x", false).unwrap();
+    for ev in vizor_keys::layout::events(&presses) {
+        p.rules.from_paste(ev, &p.keyboard, p.now).unwrap();
+    }
+    p.notes.clear();
+    let (releases, closing) = p.rules.release_held(&p.keyboard, p.now).unwrap();
+    assert!(closing.is_empty());
+    let sent: Vec<Vec<u8>> = releases.iter().map(|(b, _)| b.clone()).collect();
+    assert_eq!(
+        sent,
+        [
+            key(false, 0x62),
+            ext_key(false, 0x41, 0x1e),
+            ext_key(false, 0xffe1, 0x2a),
+            pointer(0, 10, 20),
+        ]
+    );
+    let strokes: Vec<_> = releases
+        .iter()
+        .flat_map(|(_, j)| &j.notes)
+        .map(|n| match n {
+            Note::Key(k) => (k.stroke.origin, k.stroke.down),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(strokes, [(Origin::Drop, false); 3]);
+    assert!(releases.iter().all(|(_, j)| j.verdict == Verdict::Forward));
+    // Nothing is held any more.
+    let (again, _) = p.rules.release_held(&p.keyboard, p.now).unwrap();
+    assert!(again.is_empty());
+}
+
+/// Rule 17: a resumed browser's handshake repeats its SetPixelFormat after the first
+/// update request: the format in force is dropped (QEMU has it), any other is refused
+/// as in rule 3; after the resumed browser's first request the rule 3 holds as before.
+#[test]
+fn rule_17_a_resumed_browser_may_repeat_the_pixel_format_in_force() {
+    let mut p = Pair::new();
+    p.browser(&set_pixel_format(&PixelFormat::RGB565)).unwrap();
+    p.browser(&update_request()).unwrap();
+    assert!(p.rules.at_boundary());
+    p.rules.resumed();
+    p.browser(&set_pixel_format(&PixelFormat::RGB565)).unwrap();
+    assert_eq!(
+        p.judged.last().unwrap().verdict,
+        Verdict::Drop(DropReason::Unchanged)
+    );
+    p.browser(&update_request()).unwrap();
+    let end = p
+        .browser(&set_pixel_format(&PixelFormat::RGB565))
+        .unwrap_err();
+    assert_eq!(end.label(), "pixel_format_change");
+    // A different format on resume is refused at once.
+    let mut p = Pair::new();
+    p.browser(&update_request()).unwrap();
+    p.rules.resumed();
+    let end = p
+        .browser(&set_pixel_format(&PixelFormat::RGB565))
+        .unwrap_err();
+    assert_eq!(end.label(), "pixel_format_change");
+}
+
+/// A resumed browser's ServerInit is the session's, at the framebuffer size in force;
+/// it goes only between two of the VM's messages, with nothing held back.
+#[test]
+fn a_resumed_browser_gets_the_size_in_force_between_two_vm_messages() {
+    let mut p = Pair::new();
+    let si = ServerInit {
+        width: 64,
+        height: 64,
+        pixel_format: PixelFormat::RGB888,
+        name: b"vm".to_vec(),
+    };
+    p.browser(&set_encodings(&[
+        Encoding::RAW,
+        Encoding::EXTENDED_DESKTOP_SIZE,
+    ]))
+    .unwrap();
+    // The guest's screen becomes 32x16: an ExtendedDesktopSize rectangle.
+    let mut update = Vec::new();
+    write_update_header(1, &mut update);
+    write_rect_header(0, 0, 32, 16, Encoding::EXTENDED_DESKTOP_SIZE, &mut update);
+    update.extend_from_slice(&[1, 0, 0, 0]);
+    update.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 16, 0, 0, 0, 0]);
+    // Half of it: not between two messages.
+    p.vm(&update[..10], 64).unwrap();
+    assert!(!p.rules.at_boundary());
+    p.vm(&update[10..], 64).unwrap();
+    assert!(p.rules.at_boundary());
+    let mut want = Vec::new();
+    ServerInit {
+        width: 32,
+        height: 16,
+        ..si.clone()
+    }
+    .write(&mut want);
+    assert_eq!(p.rules.server_init(&si), want);
+}

@@ -1,0 +1,265 @@
+//! Resuming a VNC console after a network blip, against a real QEMU: the credential on
+//! the presence stream, the drop and the resume on record under one session id, the
+//! key held at the drop released (on record, and in QEMU's keyboard trace), the
+//! credential spent by its resume and refused from another address, a resume that
+//! takes over a connection that still looks open, and the window's end.
+//!
+//! The blip is the test's own WebSocket client dropping its TCP connection without a
+//! close frame. The console page doing the same in Chromium is tests/browser.rs's.
+//!
+//! Needs the live test host (`scripts/test.sh`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic is a failure
+
+mod common;
+
+use common::events::Events;
+use common::guest::{expected_ps2, hex, Ps2Trace};
+use common::rfb::{full_update, msg, rfb_handshake};
+use common::{metric, Browser, Vizor};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+use vizor::token::ConsoleKind;
+use vizor_rfb::client::ClientMessage;
+use vizor_rfb::handshake::ServerInit;
+
+const LOCAL: &str = "127.0.0.1";
+
+/// Waits for the presence stream's next `resume` event; its credential.
+async fn credential(events: &mut Events) -> String {
+    let (data, _) = events.until(|e, _| e == "resume").await;
+    let c = data["credential"].as_str().unwrap().to_owned();
+    common::run::secret("resume credential", &c);
+    c
+}
+
+/// A resume vizor refused: its close code and words.
+async fn refused(v: &Vizor, src: &str, credential: &str) -> String {
+    match resume(v, src, credential).await {
+        Ok(_) => panic!("the resume with {credential:?} from {src} was taken"),
+        Err(e) => e,
+    }
+}
+
+/// Opens `/websockify?resume=` from `src` and runs the browser's handshake; `Err`
+/// holds vizor's close code and words.
+async fn resume(v: &Vizor, src: &str, credential: &str) -> Result<(Browser, ServerInit), String> {
+    let src: IpAddr = src.parse().unwrap();
+    let path = format!("/websockify?resume={credential}");
+    let mut b = Browser::connect_from(src, v.addr, &path).await;
+    let si = rfb_handshake(&mut b).await?;
+    Ok((b, si))
+}
+
+/// Presses (or releases) the A key as noVNC does with QEMU's extended key events.
+fn key_a(down: bool) -> Vec<u8> {
+    msg(ClientMessage::QemuExtendedKeyEvent {
+        down,
+        keysym: 0x61,
+        keycode: 0x1e,
+    })
+}
+
+/// Waits until a record of `event` that `matches` is in the audit log.
+async fn record(
+    v: &Vizor,
+    event: &str,
+    matches: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    for _ in 0..200 {
+        if let Some(r) = v
+            .audit()
+            .into_iter()
+            .find(|r| r["event"] == event && matches(r))
+        {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no {event} record as expected: {:#?}", v.audit());
+}
+
+async fn resumes(v: &Vizor, outcome: &str) -> f64 {
+    let text = v.metrics().await;
+    metric(
+        &text,
+        &format!("vizor_session_resumes_total{{outcome=\"{outcome}\"}}"),
+    )
+    .unwrap_or_else(|| panic!("vizor_session_resumes_total{{outcome={outcome:?}}} exported"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
+async fn a_dropped_console_resumes_as_the_same_session_and_only_with_its_credential() {
+    common::live_domain();
+    let d = "vizor-test-resume";
+    common::test_host(&["domain", d, "--vnc-passwd", "resume1", "--no-spice"]);
+    let trace = Ps2Trace::start(d);
+    let mark = trace.mark();
+    let v = Vizor::start_tokens("resume_window = \"4s\"", "", |_| {});
+    let token = v.token(d, ConsoleKind::Vnc, 60);
+    let mut first = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    let si = rfb_handshake(&mut first).await.unwrap();
+    full_update(&mut first, &si).await;
+    let start = record(&v, "session_start", |_| true).await;
+    let session = start["session"].as_u64().unwrap();
+    let mut presence = Events::presence(&v, &token).await;
+    let c1 = credential(&mut presence).await;
+    assert!(c1.starts_with(&format!("{session}.")), "{c1}");
+
+    // A held at the moment the connection drops (no close frame).
+    first.send(&key_a(true)).await;
+    record(&v, "key", |r| r["session"] == session && r["down"] == true).await;
+    drop(first);
+    let dropped = record(&v, "session_drop", |r| r["session"] == session).await;
+    assert_eq!(dropped["cause"], "browser_closed", "{dropped}");
+    assert_eq!(dropped["window_ms"], 4000, "{dropped}");
+    assert_eq!(
+        dropped["client"].as_str().unwrap().split(':').next(),
+        Some(LOCAL)
+    );
+    // vizor lets A go itself: QEMU keeps the console's connection open, so it would not.
+    let released = record(&v, "key", |r| r["origin"] == "drop").await;
+    assert_eq!(
+        (
+            released["session"].as_u64(),
+            &released["down"],
+            &released["scancode"]
+        ),
+        (
+            Some(session),
+            &serde_json::json!(false),
+            &serde_json::json!(0x1e)
+        ),
+        "{released}"
+    );
+
+    // From another address the credential is refused, and not used up; nonsense and
+    // a credential of no console are refused alike.
+    let e = refused(&v, "127.0.0.2", &c1).await;
+    assert!(e.contains("1008") && e.contains("another address"), "{e}");
+    let other = format!("{}.{}", session + 1, c1.split_once('.').unwrap().1);
+    for bad in [other.as_str(), "garbage", "1.AAAA"] {
+        let e = refused(&v, LOCAL, bad).await;
+        assert!(
+            e.contains("1008") && e.contains("no longer be resumed"),
+            "{bad}: {e}"
+        );
+    }
+
+    // The page comes back: the same console, ServerInit as before, a full screen.
+    let (mut second, si2) = resume(&v, LOCAL, &c1).await.unwrap();
+    assert_eq!(si2, si, "a resumed browser is told the same console");
+    // noVNC repeats its pixel format: the one in force, which QEMU has already.
+    second
+        .send(&msg(ClientMessage::SetPixelFormat(si.pixel_format)))
+        .await;
+    let (raw, frame) = full_update(&mut second, &si2).await;
+    assert_eq!(raw, frame, "a whole frame after the resume");
+    let resumed = record(&v, "session_resume", |r| r["session"] == session).await;
+    assert_eq!(resumed["rotation"], 1, "{resumed}");
+    assert!(resumed["parked_ms"].as_u64().unwrap() < 4000, "{resumed}");
+    // The credential was spent; the page has the next one.
+    let c2 = credential(&mut presence).await;
+    assert_ne!(c2, c1);
+    let e = refused(&v, LOCAL, &c1).await;
+    assert!(
+        e.contains("no longer be resumed"),
+        "a spent credential: {e}"
+    );
+    // Keys go on, in the same session.
+    second.send(&key_a(true)).await;
+    second.send(&key_a(false)).await;
+    record(&v, "key", |r| {
+        r["session"] == session && r["down"] == false && r.get("origin").is_none()
+    })
+    .await;
+
+    // A resume while the last connection still looks open takes over from it (the
+    // browser may see its connection dead before vizor does).
+    let (mut third, _) = resume(&v, LOCAL, &c2).await.unwrap();
+    let replaced = record(&v, "session_drop", |r| r["cause"] == "replaced").await;
+    assert_eq!(replaced["session"].as_u64(), Some(session));
+    let closed = second.closed().await;
+    assert_eq!(closed.code, 0, "let go without a close frame: {closed:?}");
+    full_update(&mut third, &si).await;
+    let c3 = credential(&mut presence).await;
+
+    // Dropped again, and not back within the window: the session ends.
+    drop(third);
+    record(&v, "session_drop", |r| {
+        r["session"] == session && r["cause"] == "browser_closed" && r != &dropped
+    })
+    .await;
+    let waited = Instant::now();
+    let end = record(&v, "session_end", |r| r["session"] == session).await;
+    assert!(
+        waited.elapsed() > Duration::from_secs(2),
+        "ended at the window's end"
+    );
+    assert_eq!(end["cause"], "browser_closed", "{end}");
+    let e = refused(&v, LOCAL, &c3).await;
+    assert!(e.contains("no longer be resumed"), "after the window: {e}");
+
+    // One session in the log, from its start to its end.
+    let audit = v.audit();
+    let starts = audit
+        .iter()
+        .filter(|r| r["event"] == "session_start")
+        .count();
+    assert_eq!(starts, 1, "one session, resumed twice");
+    let order: Vec<&str> = audit
+        .iter()
+        .filter(|r| r["session"].as_u64() == Some(session))
+        .map(|r| r["event"].as_str().unwrap())
+        .filter(|e| e.starts_with("session_"))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "session_start",
+            "session_drop",
+            "session_resume",
+            "session_drop",
+            "session_resume",
+            "session_drop",
+            "session_end"
+        ]
+    );
+    // QEMU's keyboard got exactly what the key records say, the release at the drop
+    // included.
+    let want = expected_ps2(&audit, &[session]);
+    let got = trace.settle(mark, want.len());
+    trace.stop();
+    assert_eq!(
+        hex(&got),
+        hex(&want),
+        "the guest's keyboard and the audit differ"
+    );
+    assert_eq!(resumes(&v, "dropped").await, 3.0);
+    assert_eq!(resumes(&v, "resumed").await, 2.0);
+    assert_eq!(resumes(&v, "window_expired").await, 1.0);
+    assert_eq!(resumes(&v, "wrong_client").await, 1.0);
+    assert!(resumes(&v, "invalid").await >= 5.0);
+    let (ok, out) = v.verify(&[v.audit_path()]);
+    assert!(ok, "{out}");
+}
+
+/// A browser that leaves with a close frame leaves: nothing waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
+async fn a_browser_that_says_goodbye_ends_its_session_at_once() {
+    let d = common::live_domain().name;
+    let v = Vizor::start("");
+    let token = v.token(&d, ConsoleKind::Vnc, 60);
+    let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    rfb_handshake(&mut b).await.unwrap();
+    let start = record(&v, "session_start", |_| true).await;
+    let session = start["session"].as_u64().unwrap();
+    b.close(1000, "bye").await;
+    let end = record(&v, "session_end", |r| r["session"] == session).await;
+    assert_eq!(end["cause"], "browser_closed", "{end}");
+    assert!(
+        !v.audit().iter().any(|r| r["event"] == "session_drop"),
+        "no drop: it left"
+    );
+}
