@@ -1,8 +1,9 @@
-//! Resuming a VNC console after a network blip, against a real QEMU: the credential on
-//! the presence stream, the drop and the resume on record under one session id, the
-//! key held at the drop released (on record, and in QEMU's keyboard trace), the
-//! credential spent by its resume and refused from another address, a resume that
-//! takes over a connection that still looks open, and the window's end.
+//! Resuming a VNC console after a network blip, against a real QEMU: the credential in
+//! a text message on the console's own WebSocket, the drop and the resume on record
+//! under one session id, the key held at the drop released as QEMU lets it go (on
+//! record, and in QEMU's keyboard trace), the credential spent by its resume and
+//! refused from another address, a resume that takes over a connection that still
+//! looks open, and the window's end.
 //!
 //! The blip is the test's own WebSocket client dropping its TCP connection without a
 //! close frame. The console page doing the same in Chromium is tests/browser.rs's.
@@ -12,7 +13,6 @@
 
 mod common;
 
-use common::events::Events;
 use common::guest::{expected_ps2, hex, Ps2Trace};
 use common::rfb::{full_update, msg, rfb_handshake};
 use common::{metric, Browser, Vizor};
@@ -24,10 +24,18 @@ use vizor_rfb::handshake::ServerInit;
 
 const LOCAL: &str = "127.0.0.1";
 
-/// Waits for the presence stream's next `resume` event; its credential.
-async fn credential(events: &mut Events) -> String {
-    let (data, _) = events.until(|e, _| e == "resume").await;
-    let c = data["credential"].as_str().unwrap().to_owned();
+/// The resume credential vizor sent on `b` (a text message after ServerInit).
+async fn credential(b: &mut Browser) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.texts.is_empty() {
+        assert!(Instant::now() < deadline, "no resume credential came");
+        tokio::time::timeout(Duration::from_secs(10), b.read())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let words: serde_json::Value = serde_json::from_str(&b.texts.remove(0)).unwrap();
+    let c = words["resume"].as_str().unwrap().to_owned();
     common::run::secret("resume credential", &c);
     c
 }
@@ -97,13 +105,14 @@ async fn a_dropped_console_resumes_as_the_same_session_and_only_with_its_credent
     let mark = trace.mark();
     let v = Vizor::start_tokens("resume_window = \"4s\"", "", |_| {});
     let token = v.token(d, ConsoleKind::Vnc, 60);
-    let mut first = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    // As vizor's console page asks: resumable, the credential in a text message.
+    let path = format!("/websockify?token={token}&resumable=1");
+    let mut first = Browser::connect(v.addr, &path).await;
     let si = rfb_handshake(&mut first).await.unwrap();
+    let c1 = credential(&mut first).await;
     full_update(&mut first, &si).await;
     let start = record(&v, "session_start", |_| true).await;
     let session = start["session"].as_u64().unwrap();
-    let mut presence = Events::presence(&v, &token).await;
-    let c1 = credential(&mut presence).await;
     assert!(c1.starts_with(&format!("{session}.")), "{c1}");
 
     // A held at the moment the connection drops (no close frame).
@@ -117,8 +126,8 @@ async fn a_dropped_console_resumes_as_the_same_session_and_only_with_its_credent
         dropped["client"].as_str().unwrap().split(':').next(),
         Some(LOCAL)
     );
-    // vizor lets A go itself: QEMU keeps the console's connection open, so it would not.
-    let released = record(&v, "key", |r| r["origin"] == "drop").await;
+    // The session's connection to QEMU closed with it: QEMU let A go, on record.
+    let released = record(&v, "key", |r| r["origin"] == "disconnect").await;
     assert_eq!(
         (
             released["session"].as_u64(),
@@ -146,10 +155,10 @@ async fn a_dropped_console_resumes_as_the_same_session_and_only_with_its_credent
         );
     }
 
-    // The page comes back: the same console, ServerInit as before, a full screen.
+    // The page comes back: the same console (a new connection to QEMU), a full
+    // screen.
     let (mut second, si2) = resume(&v, LOCAL, &c1).await.unwrap();
     assert_eq!(si2, si, "a resumed browser is told the same console");
-    // noVNC repeats its pixel format: the one in force, which QEMU has already.
     second
         .send(&msg(ClientMessage::SetPixelFormat(si.pixel_format)))
         .await;
@@ -158,8 +167,9 @@ async fn a_dropped_console_resumes_as_the_same_session_and_only_with_its_credent
     let resumed = record(&v, "session_resume", |r| r["session"] == session).await;
     assert_eq!(resumed["rotation"], 1, "{resumed}");
     assert!(resumed["parked_ms"].as_u64().unwrap() < 4000, "{resumed}");
+    assert_eq!(resumed["vm_password"], true, "{resumed}");
     // The credential was spent; the page has the next one.
-    let c2 = credential(&mut presence).await;
+    let c2 = credential(&mut second).await;
     assert_ne!(c2, c1);
     let e = refused(&v, LOCAL, &c1).await;
     assert!(
@@ -181,8 +191,8 @@ async fn a_dropped_console_resumes_as_the_same_session_and_only_with_its_credent
     assert_eq!(replaced["session"].as_u64(), Some(session));
     let closed = second.closed().await;
     assert_eq!(closed.code, 0, "let go without a close frame: {closed:?}");
+    let c3 = credential(&mut third).await;
     full_update(&mut third, &si).await;
-    let c3 = credential(&mut presence).await;
 
     // Dropped again, and not back within the window: the session ends.
     drop(third);
@@ -244,22 +254,42 @@ async fn a_dropped_console_resumes_as_the_same_session_and_only_with_its_credent
     assert!(ok, "{out}");
 }
 
-/// A browser that leaves with a close frame leaves: nothing waits for it.
+/// A browser that leaves with a close frame leaves, and one that did not ask for
+/// resuming (any client but vizor's console page) ends its session when its connection
+/// drops: nothing waits for either, and the latter is sent no text message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
-async fn a_browser_that_says_goodbye_ends_its_session_at_once() {
+async fn a_browser_that_says_goodbye_or_never_asked_ends_its_session_at_once() {
     let d = common::live_domain().name;
     let v = Vizor::start("");
-    let token = v.token(&d, ConsoleKind::Vnc, 60);
-    let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
-    rfb_handshake(&mut b).await.unwrap();
-    let start = record(&v, "session_start", |_| true).await;
-    let session = start["session"].as_u64().unwrap();
-    b.close(1000, "bye").await;
-    let end = record(&v, "session_end", |r| r["session"] == session).await;
-    assert_eq!(end["cause"], "browser_closed", "{end}");
+    for (asks, goodbye) in [(true, true), (false, false)] {
+        let token = v.token(&d, ConsoleKind::Vnc, 60);
+        let tail = if asks { "&resumable=1" } else { "" };
+        let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}{tail}")).await;
+        let si = rfb_handshake(&mut b).await.unwrap();
+        let start = record(&v, "session_start", |r| {
+            !v.audit()
+                .iter()
+                .any(|e| e["event"] == "session_end" && e["session"] == r["session"])
+        })
+        .await;
+        let session = start["session"].as_u64().unwrap();
+        if asks {
+            credential(&mut b).await;
+        } else {
+            full_update(&mut b, &si).await;
+            assert!(b.texts.is_empty(), "{:?}", b.texts);
+        }
+        if goodbye {
+            b.close(1000, "bye").await;
+        } else {
+            drop(b);
+        }
+        let end = record(&v, "session_end", |r| r["session"] == session).await;
+        assert_eq!(end["cause"], "browser_closed", "{end}");
+    }
     assert!(
         !v.audit().iter().any(|r| r["event"] == "session_drop"),
-        "no drop: it left"
+        "no drop"
     );
 }

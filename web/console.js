@@ -23,6 +23,57 @@ if (token !== null) {
 const wsBase = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/websockify";
 const wsUrl = wsBase + (token !== null ? "?token=" + encodeURIComponent(token) : "");
 
+// A WebSocket as noVNC takes one (its Websock attaches any object shaped like it),
+// which keeps vizor's text messages for this page: noVNC gets the binary ones, RFB.
+function rfbChannel(ws, onText) {
+    const channel = {
+        onopen: null,
+        onmessage: null,
+        onclose: null,
+        onerror: null,
+        get binaryType() {
+            return ws.binaryType;
+        },
+        set binaryType(v) {
+            ws.binaryType = v;
+        },
+        get readyState() {
+            return ws.readyState;
+        },
+        get protocol() {
+            return ws.protocol;
+        },
+        send: (data) => ws.send(data),
+        close: (code, reason) => ws.close(code, reason),
+    };
+    ws.onopen = (e) => channel.onopen && channel.onopen(e);
+    ws.onmessage = (e) => {
+        if (typeof e.data === "string") {
+            onText(e.data);
+        } else if (channel.onmessage) {
+            channel.onmessage(e);
+        }
+    };
+    ws.onclose = (e) => channel.onclose && channel.onclose(e);
+    ws.onerror = (e) => channel.onerror && channel.onerror(e);
+    return channel;
+}
+
+// What vizor says on the console's WebSocket besides RFB: the resume credential.
+function heard(text) {
+    let words;
+    try {
+        words = JSON.parse(text);
+    } catch {
+        return;
+    }
+    if (typeof words.resume === "string") {
+        credential = words.resume;
+        document.body.dataset.resumable = "true";
+        document.body.dataset.credentials = String(Number(document.body.dataset.credentials || 0) + 1);
+    }
+}
+
 fullscreenButton.addEventListener("click", () => {
     if (document.fullscreenElement) {
         document.exitFullscreen();
@@ -160,9 +211,10 @@ function pasting(p) {
     pastingEl.dataset.typed = String(p.typed);
 }
 
-// The credential this page resumes its console with after a network blip: vizor
-// hands it out on the presence stream (to this connection's address alone), and a
-// new one after each resume. It is never put in the address bar.
+// The credential this page resumes its console with after a network blip: vizor sends
+// it in a text message on the console's own WebSocket (so only the page holding the
+// connection has it), and a new one after each resume. It never leaves this page's
+// memory but for the resume itself.
 let credential = null;
 // The session is over (the presence stream said so): nothing to resume.
 let sessionOver = false;
@@ -175,11 +227,6 @@ function follow() {
     events = new EventSource("/console/events?token=" + encodeURIComponent(token));
     events.addEventListener("presence", (e) => presence(JSON.parse(e.data)));
     events.addEventListener("paste", (e) => pasting(JSON.parse(e.data)));
-    events.addEventListener("resume", (e) => {
-        credential = JSON.parse(e.data).credential;
-        document.body.dataset.resumable = "true";
-        document.body.dataset.credentials = String(Number(document.body.dataset.credentials || 0) + 1);
-    });
     events.addEventListener("end", () => {
         sessionOver = true;
         credential = null;
@@ -217,10 +264,9 @@ async function vnc() {
     const { default: RFB } = await import("/novnc/core/rfb.js");
     let rfb = null;
     let viewOnly = false;
-    // While resuming: when the connection dropped, tries so far, the credential tried.
+    // While resuming: when the connection dropped, and tries so far.
     let droppedAt = null;
     let tries = 0;
-    let tried = null;
     onViewOnly = () => {
         // vizor drops this page's input anyway; noVNC then sends none.
         viewOnly = true;
@@ -244,7 +290,6 @@ async function vnc() {
                 ended("the console session has ended", true);
                 return;
             }
-            tried = credential;
             connect(wsBase + "?resume=" + encodeURIComponent(credential));
         }, wait);
         return true;
@@ -258,7 +303,7 @@ async function vnc() {
             reason = e.reason;
             code = e.code;
         });
-        rfb = new RFB(screenEl, ws);
+        rfb = new RFB(screenEl, rfbChannel(ws, heard));
         rfb.scaleViewport = true;
         rfb.resizeSession = false;
         rfb.viewOnly = viewOnly;
@@ -274,12 +319,11 @@ async function vnc() {
         });
         rfb.addEventListener("disconnect", (e) => {
             // 1006: the connection dropped without vizor's close frame (a network
-            // blip, a proxy restarting), and vizor keeps the console for a while. A
-            // refusal (1008) of a credential this page has since been given a new
-            // one for is tried again too.
+            // blip, a proxy restarting), and vizor keeps the console for a while. The
+            // credential stays good until a resume with it succeeds, so a refusal
+            // (1008) is vizor's last word.
             const dropped = code === 1006 || (droppedAt !== null && code === 0);
-            const stale = code === 1008 && droppedAt !== null && credential !== tried;
-            if ((dropped || stale) && credential !== null) {
+            if (dropped && credential !== null) {
                 if (droppedAt === null) {
                     droppedAt = Date.now();
                 }
@@ -300,7 +344,7 @@ async function vnc() {
             document.getElementById("title").title = e.detail.name;
         });
     };
-    connect(wsUrl);
+    connect(wsUrl + (token !== null ? "&resumable=1" : ""));
     cadButton.addEventListener("click", () => {
         rfb.sendCtrlAltDel();
         rfb.focus();

@@ -196,6 +196,9 @@ pub enum Event<'a> {
         cause: &'static str,
         /// How long the session waits to be resumed, in milliseconds.
         window_ms: u64,
+        /// The recording of the connection that dropped (`[audit] record_dir`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recording: Option<crate::recording::Finished>,
     },
     /// A console page resumed its session on a new connection, with the credential
     /// vizor gave it; the session id stays the same.
@@ -206,9 +209,12 @@ pub enum Event<'a> {
         client: &'a str,
         /// Which resume of the session this is (1 for the first).
         rotation: u32,
-        /// How long the session was parked, in milliseconds (0 when the resume
-        /// replaced a connection that still looked open).
+        /// How long the session was parked, in milliseconds.
         parked_ms: u64,
+        /// The new connection to QEMU is TLS (VeNCrypt X.509).
+        upstream_tls: bool,
+        /// QEMU checked the password libvirt stores.
+        vm_password: bool,
     },
     /// Input a participant may not give (an observer's, or a view-only token's) was
     /// dropped: one record per burst of it.

@@ -454,26 +454,14 @@ pub(super) async fn console_events(
         let (_hold, still) = watch::channel(None);
         let mut paste = still.clone();
         let mut seated = false;
-        // The connection's resume credential, for a page at the connection's own
-        // address: it comes back with it after a network blip. Found with the seat.
-        let (_hold_credential, no_credential) = watch::channel(None);
-        let mut credential = no_credential.clone();
-        credential.mark_changed();
-        let connection = session.unwrap_or(live.id);
         // Sent when it changes, and only then: an unannounced observer's coming and
         // going changes nothing a page is told.
         let mut told = String::new();
         loop {
             if !seated {
-                if let Some(seat) = live.seat_of(connection) {
+                if let Some(seat) = live.seat_of(session.unwrap_or(live.id)) {
                     paste = seat.progress();
                     seated = true;
-                    if let Some(slot) = app.env.resumes.get(connection) {
-                        if slot.client() == peer.ip() {
-                            credential = slot.credential();
-                            credential.mark_changed();
-                        }
-                    }
                 }
             }
             // Still on the console?
@@ -498,8 +486,11 @@ pub(super) async fn console_events(
                 r = state.changed() => if r.is_err() { break },
                 r = paste.changed() => {
                     if r.is_err() {
-                        // The connection's seat is gone: it is ending.
+                        // The connection's seat is gone: it is ending, or its browser
+                        // dropped and may come back on a new connection, which takes
+                        // a new seat (and wakes this loop).
                         paste = still.clone();
+                        seated = false;
                         continue;
                     }
                     let now = *paste.borrow_and_update();
@@ -509,19 +500,6 @@ pub(super) async fn console_events(
                     };
                     if !send(&tx, sse("paste", &data.to_string()), within).await {
                         return;
-                    }
-                }
-                r = credential.changed() => {
-                    if r.is_err() {
-                        credential = no_credential.clone();
-                        continue;
-                    }
-                    let now = credential.borrow_and_update().clone();
-                    if let Some(c) = now {
-                        let data = Zeroizing::new(serde_json::json!({"credential": c.as_str()}).to_string());
-                        if !send(&tx, sse("resume", &data), within).await {
-                            return;
-                        }
                     }
                 }
                 _ = keepalive.tick() => {

@@ -4,10 +4,6 @@
 use super::upgrade::AbortOnDrop;
 use super::*;
 
-/// How long a resumed connection waits for its relay to take it (it takes it between
-/// two of the VM's messages).
-const ATTACH_WAIT: Duration = Duration::from_secs(5);
-
 /// A resuming console connection: the credential spent, the browser's handshake, then
 /// the connection handed to the session's relay until it lets it go.
 pub(super) async fn resume(
@@ -23,9 +19,12 @@ pub(super) async fn resume(
         app.config.server.ws_message_size,
         app.config.limits.send_timeout,
     );
-    let resumes = &app.env.resumes;
-    let (slot, rotation) = match resumes.spend(&credential, peer.ip(), std::time::Instant::now()) {
-        Ok(spent) => spent,
+    let claimed = app
+        .env
+        .resumes
+        .claim(&credential, peer.ip(), std::time::Instant::now());
+    let claim = match claimed {
+        Ok(claim) => claim,
         Err(e) => {
             app.metrics()
                 .session_resumes_total
@@ -44,11 +43,15 @@ pub(super) async fn resume(
             return;
         }
     };
-    let span = tracing::info_span!("session", id = slot.id(), kind = "vnc", client = %peer, resume = rotation);
+    let slot = claim.slot().clone();
+    let span =
+        tracing::info_span!("session", id = slot.id(), kind = "vnc", client = %peer, resume = true);
     async {
         let pings = brx.pings();
         pings.measure_into(app.metrics().client_rtt_seconds.with_label_values(&["vnc"]));
         let _pinger = AbortOnDrop(btx.start_pinging(pings, app.config.server.ping_interval));
+        // Claimed: a failure from here leaves the credential good for the page's next
+        // try.
         if let Err(end) = session::rfb::resume_handshake(&app.env, &mut brx, &btx).await {
             info!(reason = %end, "resume handshake failed");
             btx.close(end.close_code(), &end.told()).await;
@@ -60,17 +63,18 @@ pub(super) async fn resume(
             rx: brx,
             tx: btx,
             client: peer,
-            rotation,
+            claim,
             done,
         };
-        match slot.attach(attach, ATTACH_WAIT).await {
-            // The relay has it, and lingers it when done.
+        match slot.attach(attach) {
+            // The session has it until it lets it go (and then closes it).
             Ok(()) => {
                 let _ = let_go.await;
             }
             Err(mut a) => {
                 info!("the session ended before the resumed connection was taken");
-                a.tx.close(1008, "the console session has ended").await;
+                a.tx.close(1008, "this console session can no longer be resumed")
+                    .await;
                 a.rx.linger(CLOSE_LINGER).await;
             }
         }

@@ -142,8 +142,10 @@ pub(super) fn origin_allowed(allowed: &[String], req: &Request<Incoming>) -> Res
 
 pub(super) fn websocket(app: Arc<App>, peer: SocketAddr, req: &mut Request<Incoming>) -> Resp {
     let token = query_param(req, "token");
-    // A console page coming back after a network blip, with its resume credential.
+    // A console page coming back after a network blip, with its resume credential;
+    // or asking for one (vizor's console page: it keeps text messages from noVNC).
     let resume = query_param(req, "resume").filter(|r| !r.is_empty());
+    let resumable = query_param(req, "resumable").as_deref() == Some("1");
     let wants_binary = req
         .headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -186,7 +188,7 @@ pub(super) fn websocket(app: Arc<App>, peer: SocketAddr, req: &mut Request<Incom
     tokio::spawn(async move {
         match (upgrade.await, resume) {
             (Ok(ws), Some(credential)) => super::resume::resume(app, peer, credential, ws).await,
-            (Ok(ws), None) => console(app, peer, token, ws).await,
+            (Ok(ws), None) => console(app, peer, token, resumable, ws).await,
             (Err(e), _) => warn!(client = %peer, error = %e, "WebSocket upgrade failed"),
         }
     });
@@ -281,6 +283,7 @@ pub(super) async fn console(
     app: Arc<App>,
     peer: SocketAddr,
     token: Option<String>,
+    resumable: bool,
     ws: fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
 ) {
     let (mut brx, btx) = session::browser::split(
@@ -292,7 +295,7 @@ pub(super) async fn console(
     // Whatever ended it, vizor's close frame is out: the browser's answer is awaited
     // before the connection closes (a session still counts as live meanwhile, so a
     // shutdown waits for it too).
-    let guard = console_session(app, peer, token, &mut brx, btx).await;
+    let guard = console_session(app, peer, token, resumable, &mut brx, btx).await;
     brx.linger(CLOSE_LINGER).await;
     drop(guard);
 }
@@ -303,6 +306,7 @@ pub(super) async fn console_session(
     app: Arc<App>,
     peer: SocketAddr,
     token: Option<String>,
+    resumable: bool,
     brx: &mut session::browser::BrowserRx,
     btx: session::browser::BrowserTx,
 ) -> Option<SessionGuard> {
@@ -472,6 +476,7 @@ pub(super) async fn console_session(
                     console,
                     keyboard,
                     joined,
+                    resumable,
                 };
                 (session::rfb::run(ctx, brx, btx, shutdown).await, id, domain)
             }

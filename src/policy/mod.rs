@@ -247,9 +247,6 @@ pub enum DropReason {
     /// A request the VM would answer with what the browser cannot read
     /// (SetDesktopSize without ExtendedDesktopSize).
     Unanswerable,
-    /// What QEMU has already: a resumed browser's SetPixelFormat of the format in
-    /// force.
-    Unchanged,
 }
 
 /// What happens to one message.

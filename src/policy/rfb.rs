@@ -30,10 +30,7 @@
 //!     messages from then on;
 //! 15. an update answers the oldest request and the first input since the last update:
 //!     frame and input-to-display latency;
-//! 16. a broken message either way ends the session as that side's protocol error;
-//! 17. when the browser's connection drops, the keys and buttons it held are released
-//!     (on record, origin `drop`), and a resumed browser's SetPixelFormat of the
-//!     format in force is dropped, any other refused (rule 3).
+//! 16. a broken message either way ends the session as that side's protocol error.
 
 use super::keyboards::VmKeyboard;
 use super::{DropReason, Dropped, Input, KeyNote, Note, Participant, Verdict};
@@ -78,30 +75,7 @@ pub struct Rules {
     timing: Timing,
     /// Input the participant may not give, in bursts.
     dropped: Dropped,
-    /// Keys the browser holds down, as it pressed them: released by vizor if its
-    /// connection drops (rule 17).
-    held_keys: Vec<HeldKey>,
-    /// The pointer's last position.
-    pointer: (u16, u16),
-    /// A resumed browser has not asked for an update yet: its SetPixelFormat may
-    /// repeat the format in force.
-    resumed: bool,
 }
-
-/// A message vizor sends on its own, with how it was judged.
-pub type Own = (Vec<u8>, FromBrowser);
-
-/// A key the browser holds down: how it pressed it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct HeldKey {
-    keysym: u32,
-    /// The key number of a QEMU extended key event.
-    keycode: Option<u32>,
-}
-
-/// The most keys a browser is taken to hold: more presses without release are not
-/// tracked (a keyboard has about a hundred keys).
-const MAX_HELD_KEYS: usize = 128;
 
 /// What to do with one message from the browser.
 #[derive(Debug, PartialEq)]
@@ -179,70 +153,7 @@ impl Rules {
             held: 0,
             timing: Timing::default(),
             dropped: Dropped::default(),
-            held_keys: Vec::new(),
-            pointer: (0, 0),
-            resumed: false,
         }
-    }
-
-    /// Whether the VM's stream stands between messages, with nothing held back: a
-    /// resumed browser's ServerInit may go now.
-    pub fn at_boundary(&self) -> bool {
-        self.server.is_idle() && self.held == 0
-    }
-
-    /// The ServerInit a resumed browser gets: the session's, with the framebuffer size
-    /// in force.
-    pub fn server_init(&self, first: &ServerInit) -> Vec<u8> {
-        let (width, height) = self.server.framebuffer_size();
-        let si = ServerInit {
-            width,
-            height,
-            ..first.clone()
-        };
-        let mut out = Vec::new();
-        si.write(&mut out);
-        out
-    }
-
-    /// The browser's connection dropped while the VM's stays open: the messages that
-    /// release what it held (keys, then pointer buttons), each judged as the browser's
-    /// own with its strokes on record as vizor's (origin `drop`), and the burst of
-    /// dropped input still open. QEMU would release keys itself only when its own
-    /// connection closes.
-    pub fn release_held(
-        &mut self,
-        keyboard: &Mutex<VmKeyboard>,
-        now: Instant,
-    ) -> Result<(Vec<Own>, Vec<Note>), End> {
-        let mut out = Vec::new();
-        for held in std::mem::take(&mut self.held_keys).into_iter().rev() {
-            let msg = match held.keycode {
-                Some(keycode) => ClientMessage::QemuExtendedKeyEvent {
-                    down: false,
-                    keysym: held.keysym,
-                    keycode,
-                },
-                None => ClientMessage::KeyEvent {
-                    down: false,
-                    keysym: held.keysym,
-                },
-            };
-            out.push(self.own(msg, keyboard, now, Origin::Drop)?);
-        }
-        if self.buttons_down != 0 {
-            let (x, y) = self.pointer;
-            let msg = ClientMessage::PointerEvent { buttons: 0, x, y };
-            out.push(self.own(msg, keyboard, now, Origin::Drop)?);
-        }
-        Ok((out, self.closing()))
-    }
-
-    /// A browser resumed the session on a new connection: its handshake repeats what
-    /// the first one said (rule 17), and timing starts afresh.
-    pub fn resumed(&mut self) {
-        self.resumed = true;
-        self.timing = Timing::default();
     }
 
     /// What goes on record as the connection closes: the burst of dropped input still
@@ -276,79 +187,12 @@ impl Rules {
         let Some((msg, n)) = self.client.decode(buf).map_err(|e| End::from_browser(&e))? else {
             return Ok(None);
         };
-        if self.participant.input {
-            self.track_keys(&msg);
-        }
-        self.judge(msg, n, keyboard, now).map(Some)
-    }
-
-    /// Keeps [`Rules::held_keys`] as the browser's key events say.
-    fn track_keys(&mut self, msg: &ClientMessage<'_>) {
-        let (down, keysym, keycode) = match *msg {
-            ClientMessage::KeyEvent { down, keysym } => (down, keysym, None),
-            ClientMessage::QemuExtendedKeyEvent {
-                down,
-                keysym,
-                keycode,
-            } => (down, keysym, Some(keycode)),
-            _ => return,
-        };
-        // The same key: by its number when it has one (its keysym may differ between
-        // press and release, with a modifier let go between), else by keysym.
-        let same = |h: &HeldKey| match (keycode, h.keycode) {
-            (Some(a), Some(b)) => a == b,
-            _ => h.keysym == keysym,
-        };
-        if down {
-            if !self.held_keys.iter().any(same) && self.held_keys.len() < MAX_HELD_KEYS {
-                self.held_keys.push(HeldKey { keysym, keycode });
-            }
-        } else {
-            self.held_keys.retain(|h| !same(h));
-        }
-    }
-
-    /// A message vizor sends on its own (a paste's key, a release at a drop), judged
-    /// as the browser's would be, its strokes on record with `origin`.
-    fn own(
-        &mut self,
-        msg: ClientMessage<'_>,
-        keyboard: &Mutex<VmKeyboard>,
-        now: Instant,
-        origin: Origin,
-    ) -> Result<Own, End> {
-        let mut bytes = Vec::with_capacity(12);
-        msg.write(&mut bytes)
-            .map_err(|_| End::Internal("vizor's own message could not be written"))?;
-        let n = bytes.len();
-        let mut judged = self.judge(msg, n, keyboard, now)?;
-        for note in &mut judged.notes {
-            if let Note::Key(k) = note {
-                if k.stroke.origin == Origin::Browser {
-                    k.stroke.origin = origin;
-                }
-            }
-        }
-        Ok((bytes, judged))
-    }
-
-    /// Judges one decoded message of `n` bytes.
-    fn judge(
-        &mut self,
-        msg: ClientMessage<'_>,
-        n: usize,
-        keyboard: &Mutex<VmKeyboard>,
-        now: Instant,
-    ) -> Result<FromBrowser, End> {
         let input = self.participant.input;
         let judged = match msg {
             ClientMessage::SetPixelFormat(pf) => {
                 // After the first request an update in the old format may be on its way
                 // (QEMU also sends cursors unasked): the proxy could no longer tell
                 // where the server's messages begin.
-                if self.requested && self.resumed && pf == *self.server.pixel_format() {
-                    return Ok(FromBrowser::drop(n, DropReason::Unchanged));
-                }
                 if self.requested {
                     return Err(End::refused(
                         Refusal::PixelFormatChange,
@@ -383,7 +227,6 @@ impl Rules {
             }
             ClientMessage::FramebufferUpdateRequest { .. } => {
                 self.requested = true;
-                self.resumed = false;
                 self.timing.request(now);
                 FromBrowser::forward(n)
             }
@@ -410,7 +253,6 @@ impl Rules {
                 self.timing.input(now);
                 let pressed = buttons & !self.buttons_down;
                 self.buttons_down = buttons;
-                self.pointer = (x, y);
                 let notes = (0..16)
                     .filter(|b| pressed & (1 << b) != 0)
                     .map(|bit| Note::Button {
@@ -472,7 +314,7 @@ impl Rules {
             }
             _ => FromBrowser::forward(n),
         };
-        Ok(judged)
+        Ok(Some(judged))
     }
 
     /// A key event: the strokes the VM's keyboard takes, on record, and its place in
@@ -536,7 +378,20 @@ impl Rules {
                 keysym: ev.keysym,
             },
         };
-        self.own(msg, keyboard, now, Origin::Paste)
+        let mut bytes = Vec::with_capacity(12);
+        msg.write(&mut bytes)
+            .map_err(|_| End::Internal("a paste's key event could not be written"))?;
+        let mut judged = self
+            .from_browser(&bytes, keyboard, now)?
+            .ok_or(End::Internal("a paste's key event was not whole"))?;
+        for note in &mut judged.notes {
+            if let Note::Key(k) = note {
+                if k.stroke.origin == Origin::Browser {
+                    k.stroke.origin = Origin::Paste;
+                }
+            }
+        }
+        Ok((bytes, judged))
     }
 
     /// Judges what the VM sent: `buf` is the relay's buffer, whose first bytes may be
@@ -678,10 +533,7 @@ fn key_notes(keymap: &Keymap, outcome: &Outcome, down: bool, keysym: u32) -> Vec
         .strokes
         .iter()
         .map(|stroke| {
-            let own = matches!(
-                stroke.origin,
-                Origin::Browser | Origin::Paste | Origin::Drop
-            );
+            let own = matches!(stroke.origin, Origin::Browser | Origin::Paste);
             Note::Key(KeyNote {
                 stroke: *stroke,
                 via: Some(outcome.via.as_str()),

@@ -43,8 +43,8 @@ struct Splice {
     done: oneshot::Sender<(OwnedReadHalf, Spliced)>,
 }
 
-/// How a splice went.
-type Spliced = Result<(), splice::Failed>;
+/// How a splice went: on failure, with the payload bytes of the frames sent whole.
+type Spliced = Result<(), (u64, SpliceError)>;
 
 /// The browser's side of the connection, written by the writer task: plain TCP (which
 /// splice(2) can write to), or anything else hyper upgraded (TLS).
@@ -127,20 +127,21 @@ async fn write_queue(
                             splice::frames(from, to, s.len, message_size, &pipe, stall).await
                         }
                         // Nothing is written yet: the caller can go on without.
-                        Err(e) => Err(not_spliced(SpliceError::NoPipe(e))),
+                        Err(e) => Err((0, SpliceError::NoPipe(e))),
                     },
-                    Writer::Other(_) => Err(not_spliced(SpliceError::NoPipe(
-                        std::io::Error::other("the browser's connection is not plain TCP"),
-                    ))),
+                    Writer::Other(_) => Err((
+                        0,
+                        SpliceError::NoPipe(std::io::Error::other(
+                            "the browser's connection is not plain TCP",
+                        )),
+                    )),
                 };
                 let broken = matches!(
                     result,
-                    Err(splice::Failed {
-                        error: SpliceError::Vm(_)
-                            | SpliceError::Browser(_)
-                            | SpliceError::BrowserStalled,
-                        ..
-                    })
+                    Err((
+                        _,
+                        SpliceError::Vm(_) | SpliceError::Browser(_) | SpliceError::BrowserStalled
+                    ))
                 );
                 let _ = s.done.send((s.from, result));
                 if broken {
@@ -149,39 +150,6 @@ async fn write_queue(
             }
         }
     }
-    // A splice queued behind the break gets the VM's reader back untouched: the
-    // session may go on without this browser (a resume).
-    queue.close();
-    while let Ok(out) = queue.try_recv() {
-        if let Out::Splice(s) = out {
-            let gone = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
-            let _ = s
-                .done
-                .send((s.from, Err(not_spliced(SpliceError::Browser(gone)))));
-        }
-    }
-}
-
-/// A splice that moved nothing.
-fn not_spliced(error: SpliceError) -> splice::Failed {
-    splice::Failed {
-        sent: 0,
-        taken: 0,
-        error,
-    }
-}
-
-/// A splice toward the browser that failed: the browser's connection is broken (or
-/// it stalled), or the VM's.
-pub(crate) struct SpliceFailed {
-    /// Payload bytes the browser got in whole frames.
-    pub sent: u64,
-    /// Bytes taken from the VM's socket (where its stream now stands).
-    pub taken: u64,
-    /// How the session ends, unless it goes on without this browser.
-    pub end: End,
-    /// The VM's reader, when it came back (it does unless the writer task is gone).
-    pub from: Option<OwnedReadHalf>,
 }
 
 /// Sends frames to the browser through the writer task.
@@ -240,33 +208,24 @@ impl BrowserTx {
         while data.len() > self.message_size {
             let first = data.split_to(self.message_size);
             self.send(Out::Frame(Frame::binary(Payload::Bytes(first))))
-                .await
-                .map_err(|(e, _)| e)?;
+                .await?;
         }
         self.send(Out::Frame(Frame::binary(Payload::Bytes(data))))
             .await
-            .map_err(|(e, _)| e)
     }
 
-    /// Queues `out`, waiting for room no longer than the send timeout; on failure,
-    /// with `out` when it was not queued.
-    async fn send(&self, out: Out) -> Result<(), (End, Option<Out>)> {
+    /// Queues `out`, waiting for room no longer than the send timeout.
+    async fn send(&self, out: Out) -> Result<(), End> {
         // Room in the queue is the common case: no clock read, no timer.
         let out = match self.tx.try_send(out) {
             Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Closed(out)) => {
-                return Err((End::BrowserClosed, Some(out)))
-            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::BrowserClosed),
             Err(mpsc::error::TrySendError::Full(out)) => out,
         };
-        // The permit, not the send, is timed: the message comes back if it ran out.
-        match tokio::time::timeout(self.send_timeout, self.tx.reserve()).await {
-            Ok(Ok(permit)) => {
-                permit.send(out);
-                Ok(())
-            }
-            Ok(Err(_)) => Err((End::BrowserClosed, Some(out))),
-            Err(_) => Err((End::BrowserStalled(self.send_timeout), Some(out))),
+        match tokio::time::timeout(self.send_timeout, self.tx.send(out)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::BrowserClosed),
+            Err(_) => Err(End::BrowserStalled(self.send_timeout)),
         }
     }
 
@@ -284,40 +243,23 @@ impl BrowserTx {
         &self,
         from: OwnedReadHalf,
         len: u64,
-    ) -> Result<(OwnedReadHalf, bool), SpliceFailed> {
+    ) -> Result<(OwnedReadHalf, bool), (u64, End)> {
         let (done, outcome) = oneshot::channel();
-        let failed = |end, from| SpliceFailed {
-            sent: 0,
-            taken: 0,
-            end,
-            from,
-        };
-        let queued = self.send(Out::Splice(Splice { from, len, done })).await;
-        if let Err((end, out)) = queued {
-            let from = match out {
-                Some(Out::Splice(s)) => Some(s.from),
-                _ => None,
-            };
-            return Err(failed(end, from));
-        }
-        let (from, outcome) = outcome
+        self.send(Out::Splice(Splice { from, len, done }))
             .await
-            .map_err(|_| failed(End::BrowserClosed, None))?;
-        let f = match outcome {
+            .map_err(|e| (0, e))?;
+        let (from, outcome) = outcome.await.map_err(|_| (0, End::BrowserClosed))?;
+        let (sent, e) = match outcome {
             Ok(()) => return Ok((from, true)),
-            Err(splice::Failed {
-                error: SpliceError::NoPipe(e),
-                ..
-            }) => {
+            Err((_, SpliceError::NoPipe(e))) => {
                 tracing::debug!(error = %e, "no pipe to splice through");
                 return Ok((from, false));
             }
-            Err(f) => f,
+            Err(failed) => failed,
         };
-        Err(SpliceFailed {
-            sent: f.sent,
-            taken: f.taken,
-            end: match f.error {
+        Err((
+            sent,
+            match e {
                 SpliceError::Vm(None) => End::VmClosed,
                 SpliceError::Vm(Some(e)) => super::read_failed(e, ""),
                 SpliceError::Browser(e) => {
@@ -327,12 +269,21 @@ impl BrowserTx {
                 SpliceError::BrowserStalled => End::BrowserStalled(self.send_timeout),
                 SpliceError::NoPipe(_) => End::Internal("no pipe"),
             },
-            from: Some(from),
-        })
+        ))
     }
 
-    /// Lets the connection go without a close frame (the writer is stopped, which
-    /// closes vizor's side): a page still there sees it drop and may resume.
+    /// Sends a text message: not RFB or SPICE, but vizor's word to its own console
+    /// page (which keeps text messages from noVNC); `false` once the browser is gone.
+    pub async fn text(&self, text: String) -> bool {
+        self.tx
+            .send(Out::Frame(Frame::text(Payload::Owned(text.into_bytes()))))
+            .await
+            .is_ok()
+    }
+
+    /// Lets the connection go without a close frame: the writer is stopped, and the
+    /// reader (dropped by its owner) closes the connection. A page still there sees
+    /// it drop, and may resume.
     pub async fn abort(&self) {
         if let Some(writer) = self.writer.lock().await.take() {
             writer.abort();
@@ -481,6 +432,17 @@ impl BrowserRx {
         };
         let _ = tokio::time::timeout(wait, drain).await;
         self.peer_done = true;
+    }
+
+    /// Lets go of the connection's reading side (with TLS, of the connection): nothing
+    /// more is read from it, and once its writer is stopped too ([`BrowserTx::abort`])
+    /// the connection closes.
+    pub fn shut(&mut self) {
+        let empty: Reader = Box::new(tokio::io::empty());
+        let (rd, _) = fastwebsockets::after_handshake_split(empty, tokio::io::sink(), Role::Server);
+        self.rx = rd;
+        self.peer_done = true;
+        self.fragments = None;
     }
 
     /// Whether the browser sent its close frame (it left on purpose), rather than its

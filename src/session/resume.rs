@@ -2,11 +2,13 @@
 //!
 //! While a console relays, its connection has a [`Slot`] here: a resume credential
 //! (the connection's id and 32 random bytes), known to vizor's memory alone and handed
-//! to the console page on its presence stream (never in a URL vizor gave out). When the
-//! browser's connection drops without a close frame, the relay parks: the VM's
-//! connection stays open, and the page may come back with the credential within
-//! `[tokens] resume_window`, from the connection's own client address. Each credential
-//! is spent by the resume that uses it, and the next one is handed out at once.
+//! to the console page in a text message on the console's own WebSocket, so only the
+//! page holding that connection has it. When the browser's connection drops without a
+//! close frame, the session parks (its QEMU connection closes, as when any client
+//! leaves): the page may come back with the credential within `[tokens]
+//! resume_window`, from the connection's own client address, and the session goes on
+//! under the same id on a new connection each way. A credential stays good until a
+//! resume with it succeeds, which hands out the next one; one resume at a time.
 //!
 //! A credential is checked in constant time; one that names no connection, or the
 //! wrong secret, is refused alike ([`ResumeError::Invalid`]), so a guess learns
@@ -21,7 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
 
 /// Random bytes in a credential.
@@ -75,7 +77,7 @@ impl ResumeError {
 }
 
 /// A new browser connection for a parked (or still attached) console, its
-/// browser-side RFB handshake done up to ClientInit: the relay answers ServerInit.
+/// browser-side RFB handshake done up to ClientInit: the session answers ServerInit.
 pub struct Attach {
     /// The new connection's reader.
     pub rx: BrowserRx,
@@ -83,9 +85,9 @@ pub struct Attach {
     pub tx: BrowserTx,
     /// Its address.
     pub client: SocketAddr,
-    /// Which resume of the connection this is (1 for the first).
-    pub rotation: u32,
-    /// Dropped when the relay is done with this connection.
+    /// The credential it came with, claimed: committed once the session took it.
+    pub claim: Claim,
+    /// Dropped when the session is done with this connection.
     pub done: oneshot::Sender<()>,
 }
 
@@ -100,7 +102,6 @@ pub struct Slot {
     id: u64,
     client: IpAddr,
     state: Mutex<State>,
-    credential: watch::Sender<Option<Zeroizing<String>>>,
     attach: mpsc::Sender<Attach>,
 }
 
@@ -109,6 +110,47 @@ struct State {
     rotation: u32,
     /// When the browser's connection dropped, while it is parked.
     dropped: Option<Instant>,
+    /// A resume with the credential is under way.
+    resuming: bool,
+}
+
+/// A resume under way with the slot's credential: the credential stays good, and no
+/// other resume is taken, until it is committed (the next credential is handed out)
+/// or dropped (the credential may be tried again).
+#[derive(Debug)]
+pub struct Claim {
+    slot: Arc<Slot>,
+    committed: bool,
+}
+
+impl Claim {
+    /// The slot claimed.
+    pub fn slot(&self) -> &Arc<Slot> {
+        &self.slot
+    }
+
+    /// The resume succeeded: the credential is spent. Returns which resume this was
+    /// (1 for the first) and the next credential.
+    pub fn commit(mut self) -> Result<(u32, Zeroizing<String>), ResumeError> {
+        let next = secret().map_err(|_| ResumeError::Invalid)?;
+        let mut state = self.slot.state.lock().map_err(|_| ResumeError::Invalid)?;
+        state.secret = next;
+        state.rotation += 1;
+        state.resuming = false;
+        state.dropped = None;
+        self.committed = true;
+        Ok((state.rotation, credential(self.slot.id, &state.secret)))
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.committed {
+            if let Ok(mut s) = self.slot.state.lock() {
+                s.resuming = false;
+            }
+        }
+    }
 }
 
 /// A connection's place in [`Resumes`]: gone when dropped.
@@ -180,11 +222,11 @@ impl Resumes {
         let slot = Arc::new(Slot {
             id,
             client,
-            credential: watch::Sender::new(Some(credential(id, &secret))),
             state: Mutex::new(State {
                 secret,
                 rotation: 0,
                 dropped: None,
+                resuming: false,
             }),
             attach,
         });
@@ -203,14 +245,8 @@ impl Resumes {
         self.slots.lock().ok()?.get(&id).cloned()
     }
 
-    /// Checks `given` from `peer` and spends it: the slot it names and which resume
-    /// this is. The next credential is handed out at once.
-    pub fn spend(
-        &self,
-        given: &str,
-        peer: IpAddr,
-        now: Instant,
-    ) -> Result<(Arc<Slot>, u32), ResumeError> {
+    /// Checks `given` from `peer` and claims it for a resume.
+    pub fn claim(&self, given: &str, peer: IpAddr, now: Instant) -> Result<Claim, ResumeError> {
         let (id, encoded) = given.split_once('.').ok_or(ResumeError::Invalid)?;
         let id: u64 = id.parse().map_err(|_| ResumeError::Invalid)?;
         let given_secret = Zeroizing::new(
@@ -225,7 +261,7 @@ impl Resumes {
         if !matches {
             return Err(ResumeError::Invalid);
         }
-        // Not spent from another address: whoever copied it cannot use it up.
+        // Not from another address: whoever copied it cannot use it, nor block it.
         if peer != slot.client {
             return Err(ResumeError::WrongClient);
         }
@@ -235,17 +271,15 @@ impl Resumes {
         {
             return Err(ResumeError::Expired);
         }
-        // One resume at a time: a connection handed over and not yet taken.
-        if slot.attach.capacity() == 0 {
+        if state.resuming {
             return Err(ResumeError::Busy);
         }
-        state.secret = secret().map_err(|_| ResumeError::Invalid)?;
-        state.rotation += 1;
-        let rotation = state.rotation;
-        slot.credential
-            .send_replace(Some(credential(slot.id, &state.secret)));
+        state.resuming = true;
         drop(state);
-        Ok((slot, rotation))
+        Ok(Claim {
+            slot,
+            committed: false,
+        })
     }
 }
 
@@ -270,9 +304,10 @@ impl Slot {
         self.client
     }
 
-    /// The current credential, for the console page (from the client's address).
-    pub fn credential(&self) -> watch::Receiver<Option<Zeroizing<String>>> {
-        self.credential.subscribe()
+    /// The current credential, for the console page on the connection itself.
+    pub fn credential(&self) -> Option<Zeroizing<String>> {
+        let state = self.state.lock().ok()?;
+        Some(credential(self.id, &state.secret))
     }
 
     /// The browser's connection dropped (`Some`), or a new one took its place.
@@ -282,16 +317,10 @@ impl Slot {
         }
     }
 
-    /// Hands a new browser connection to the relay; it comes back when the relay has
-    /// ended meanwhile.
-    pub async fn attach(&self, a: Attach, within: Duration) -> Result<(), Attach> {
-        match tokio::time::timeout(within, self.attach.reserve()).await {
-            Ok(Ok(permit)) => {
-                permit.send(a);
-                Ok(())
-            }
-            _ => Err(a),
-        }
+    /// Hands a new browser connection to the session; it comes back when the session
+    /// ended meanwhile. (One resume at a time: the channel has room.)
+    pub fn attach(&self, a: Attach) -> Result<(), Box<Attach>> {
+        self.attach.try_send(a).map_err(|e| Box::new(e.into_inner()))
     }
 }
 
@@ -304,25 +333,39 @@ mod tests {
     }
 
     fn current(slot: &Slot) -> String {
-        slot.credential().borrow().as_ref().unwrap().to_string()
+        slot.credential().unwrap().to_string()
     }
 
     #[test]
-    fn a_credential_is_spent_once_and_the_next_is_handed_out() {
+    fn a_credential_is_good_until_its_resume_commits_and_the_next_is_handed_out() {
         let r = Resumes::new(Duration::from_secs(30));
         let (held, _arrivals) = r.open(7, ip("127.0.0.1")).unwrap();
         let first = current(held.slot());
         assert!(first.starts_with("7."), "{first}");
         let now = Instant::now();
-        let (slot, rotation) = r.spend(&first, ip("127.0.0.1"), now).unwrap();
-        assert_eq!((slot.id(), rotation), (7, 1));
-        let second = current(held.slot());
-        assert_ne!(first, second);
+        // A resume that failed before the session took it: the credential stays good.
+        drop(r.claim(&first, ip("127.0.0.1"), now).unwrap());
+        let claim = r.claim(&first, ip("127.0.0.1"), now).unwrap();
+        assert_eq!(claim.slot().id(), 7);
+        // One at a time.
         assert_eq!(
-            r.spend(&first, ip("127.0.0.1"), now).unwrap_err(),
+            r.claim(&first, ip("127.0.0.1"), now).unwrap_err(),
+            ResumeError::Busy
+        );
+        let (rotation, second) = claim.commit().unwrap();
+        assert_eq!(rotation, 1);
+        assert_eq!(*second, current(held.slot()));
+        assert_ne!(first, *second);
+        assert_eq!(
+            r.claim(&first, ip("127.0.0.1"), now).unwrap_err(),
             ResumeError::Invalid
         );
-        assert_eq!(r.spend(&second, ip("127.0.0.1"), now).unwrap().1, 2);
+        let (rotation, _) = r
+            .claim(&second, ip("127.0.0.1"), now)
+            .unwrap()
+            .commit()
+            .unwrap();
+        assert_eq!(rotation, 2);
     }
 
     #[test]
@@ -332,10 +375,10 @@ mod tests {
         let c = current(held.slot());
         let now = Instant::now();
         assert_eq!(
-            r.spend(&c, ip("127.0.0.2"), now).unwrap_err(),
+            r.claim(&c, ip("127.0.0.2"), now).unwrap_err(),
             ResumeError::WrongClient
         );
-        assert!(r.spend(&c, ip("127.0.0.1"), now).is_ok());
+        assert!(r.claim(&c, ip("127.0.0.1"), now).is_ok());
     }
 
     #[test]
@@ -359,13 +402,13 @@ mod tests {
             "3.AAAA",
         ] {
             assert_eq!(
-                r.spend(bad, ip("10.0.0.1"), now).unwrap_err(),
+                r.claim(bad, ip("10.0.0.1"), now).unwrap_err(),
                 ResumeError::Invalid,
                 "{bad:?}"
             );
         }
         // Still good after all that.
-        assert!(r.spend(&c, ip("10.0.0.1"), now).is_ok());
+        assert!(r.claim(&c, ip("10.0.0.1"), now).is_ok());
     }
 
     #[test]
@@ -376,12 +419,12 @@ mod tests {
         let t = Instant::now();
         held.slot().parked(Some(t));
         assert_eq!(
-            r.spend(&c, ip("127.0.0.1"), t + Duration::from_secs(31))
-                .unwrap_err(),
-            ResumeError::Expired
+            r.claim(&c, ip("127.0.0.1"), t + Duration::from_secs(31))
+                .err(),
+            Some(ResumeError::Expired)
         );
         assert!(r
-            .spend(&c, ip("127.0.0.1"), t + Duration::from_secs(30))
+            .claim(&c, ip("127.0.0.1"), t + Duration::from_secs(30))
             .is_ok());
     }
 
@@ -393,8 +436,8 @@ mod tests {
         drop(held);
         assert!(r.get(9).is_none());
         assert_eq!(
-            r.spend(&c, ip("127.0.0.1"), Instant::now()).unwrap_err(),
-            ResumeError::Invalid
+            r.claim(&c, ip("127.0.0.1"), Instant::now()).err(),
+            Some(ResumeError::Invalid)
         );
         assert!(Resumes::new(Duration::ZERO)
             .open(1, ip("127.0.0.1"))

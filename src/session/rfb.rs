@@ -49,17 +49,30 @@ pub struct Ctx {
     pub participant: Participant,
     /// A participant's place on the live session it joined; `None` for the owner.
     pub joined: Option<crate::live::Joined>,
+    /// The page asked for resuming (`/websockify?...&resumable=1`, vizor's console
+    /// page): it is sent the credential, and a lost connection parks the session.
+    pub resumable: bool,
 }
 
 /// Starts a session's recording with the ServerInit the browser received.
-async fn start_recording(ctx: &Ctx, dir: &std::path::Path, si: &[u8]) -> std::io::Result<Recorder> {
-    let header = serde_json::json!({
+/// A resumed session's connections are recorded one file each (`resumed`: which
+/// resume made it), as each starts with its own ServerInit.
+async fn start_recording(
+    ctx: &Ctx,
+    dir: &std::path::Path,
+    si: &[u8],
+    resumed: u32,
+) -> std::io::Result<Recorder> {
+    let mut header = serde_json::json!({
         "session": ctx.id,
         "kind": ctx.claims.kind.as_str(),
         "domain": ctx.console.domain,
         "user": ctx.claims.user,
         "started": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
     });
+    if resumed > 0 {
+        header["resumed"] = resumed.into();
+    }
     let r = Recorder::start(dir, &header, ctx.id, ctx.env.send_timeout).await?;
     r.frame(bytes::Bytes::copy_from_slice(si)).await?;
     Ok(r)
@@ -316,11 +329,7 @@ async fn write_up(wr: &mut (impl AsyncWrite + Unpin), out: &mut Vec<u8>) -> Resu
 
 /// Both handshakes; returns the upstream stream and any bytes QEMU sent after
 /// ServerInit, and the ServerInit (not yet sent to the browser).
-async fn handshake(
-    ctx: &Ctx,
-    brx: &mut BrowserRx,
-    btx: &BrowserTx,
-) -> Result<(VmLink, Vec<u8>, ServerInit, Vec<u8>), End> {
+async fn handshake(ctx: &Ctx, brx: &mut BrowserRx, btx: &BrowserTx) -> Result<Opened, End> {
     let mut out = Vec::new();
     let browser_hs = server::start(Version::V3_8, ctx.env.browser_limits, &mut out);
     if !btx.binary(std::mem::take(&mut out)).await {
@@ -333,7 +342,7 @@ async fn handshake(
         s.receive(b)
     })
     .await?;
-    let (mut up, mut ubuf, init) = match upstream {
+    let (up, ubuf, init) = match upstream {
         Ok(u) => u,
         Err(end) => {
             let told = match end.upstream_failure() {
@@ -361,6 +370,17 @@ async fn handshake(
     if !ci.shared {
         debug!("the browser asked for exclusive access; the console is shared all the same");
     }
+    vm_init(up, ubuf, init).await
+}
+
+/// What a handshake with QEMU ends with: its connection, what it sent after
+/// ServerInit, the ServerInit and its bytes (not yet sent to the browser).
+type Opened = (VmLink, Vec<u8>, ServerInit, Vec<u8>);
+
+/// The end of the handshake with QEMU: ClientInit (shared, whatever the browser
+/// asked), then QEMU's ServerInit.
+async fn vm_init(mut up: VmLink, mut ubuf: Vec<u8>, init: SendClientInit) -> Result<Opened, End> {
+    let mut out = Vec::new();
     let expect_si = init.send(true, &mut out);
     let (rd, mut wr) = tokio::io::split(up.stream.as_stream());
     write_up(&mut wr, &mut out).await?;
@@ -374,7 +394,7 @@ async fn handshake(
 
 /// A resuming browser's side of the handshake: version, security type None (its
 /// resume credential authenticated it) and ClientInit, within the handshake timeout.
-/// The relay it joins answers ServerInit.
+/// The session it joins answers ServerInit, from a new connection to QEMU.
 pub async fn resume_handshake(
     env: &super::Env,
     brx: &mut BrowserRx,
@@ -403,19 +423,58 @@ pub async fn resume_handshake(
     };
     tokio::time::timeout(env.handshake_timeout, hs)
         .await
-        .unwrap_or_else(|_| {
-            Err(End::refused(
-                Refusal::HandshakeTimeout,
-                format!(
-                    "handshake did not complete within {}",
-                    humantime::format_duration(env.handshake_timeout)
-                ),
-            ))
-        })
+        .unwrap_or_else(|_| Err(handshake_timeout(env.handshake_timeout)))
+}
+
+fn handshake_timeout(t: std::time::Duration) -> End {
+    End::refused(
+        Refusal::HandshakeTimeout,
+        format!(
+            "handshake did not complete within {}",
+            humantime::format_duration(t)
+        ),
+    )
+}
+
+/// One browser connection's part of a session, with its own connection to QEMU.
+struct Leg {
+    up: Conn,
+    /// What QEMU sent after ServerInit.
+    early: Vec<u8>,
+    si: ServerInit,
+    si_bytes: Vec<u8>,
+    /// Which resume made it (0: the session's start).
+    rotation: u32,
+    /// A resumed connection's hand-back to the request that brought it.
+    _done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// How waiting for a parked session's page ended.
+enum Waited {
+    Back(super::resume::Attach),
+    Over(End),
+}
+
+/// What stops a session from outside its connections: a shutdown, an administrator or
+/// its owner leaving, its `max_duration`.
+async fn stopped(
+    shutdown: &mut watch::Receiver<bool>,
+    state: watch::Receiver<crate::live::State>,
+    owner: bool,
+    max: Option<std::time::Duration>,
+    age: std::time::Duration,
+) -> End {
+    tokio::select! {
+        _ = shutdown.wait_for(|s| *s) => End::Shutdown,
+        end = super::ended(state, owner) => end,
+        end = super::max_duration(max, age) => end,
+    }
 }
 
 /// Runs the session to its end, closes the browser with the reason, and writes the
-/// session's audit records.
+/// session's audit records. A page that asked for resuming (`ctx.resumable`) and whose
+/// connection drops without a close frame may come back within `[tokens]
+/// resume_window`: the session goes on under its id, on a new connection each way.
 pub async fn run(
     ctx: Ctx,
     brx: &mut BrowserRx,
@@ -425,10 +484,7 @@ pub async fn run(
     let started = Instant::now();
     let hs = tokio::time::timeout(ctx.env.handshake_timeout, handshake(&ctx, brx, &btx));
     let hs = tokio::select! {
-        r = hs => r.unwrap_or_else(|_| Err(End::refused(
-            Refusal::HandshakeTimeout,
-            format!("handshake did not complete within {}", humantime::format_duration(ctx.env.handshake_timeout)),
-        ))),
+        r = hs => r.unwrap_or_else(|_| Err(handshake_timeout(ctx.env.handshake_timeout))),
         _ = shutdown.wait_for(|s| *s) => Err(End::Shutdown),
     };
     let end = match hs {
@@ -461,16 +517,9 @@ pub async fn run(
                 .handshake_seconds
                 .with_label_values(&["vnc"])
                 .observe(started.elapsed().as_secs_f64());
-            // The owner's connection is recorded; participants see the same screen.
-            let recorder = match (&started_ok, &ctx.env.record_dir) {
-                (Ok(()), Some(dir)) if ctx.joined.is_none() => {
-                    start_recording(&ctx, dir, &si_bytes).await.map(Some)
-                }
-                _ => Ok(None),
-            };
-            match started_ok.and(recorder) {
+            match started_ok {
                 Err(e) => audit_failed(e),
-                Ok(recorder) => {
+                Ok(()) => {
                     info!(desktop = %si.name_lossy(), width = si.width, height = si.height, "session relaying");
                     // An owner's connection makes the live session; a participant's
                     // counts its bytes there.
@@ -494,53 +543,16 @@ pub async fn run(
                         }
                     };
                     let meter = Meter::new(&ctx.env.metrics, "vnc", live.clone());
-                    // The browser sees the console only once the session is on record
-                    // and listed: ServerInit goes last.
-                    // Whatever stops the relay, it closes the way a client leaves, with
-                    // what QEMU does then on record.
-                    let state = live.state();
-                    let owner = ctx.joined.is_none();
-                    // An owner's max_duration counts from the session's start, a
-                    // participant's from its own.
-                    let age = if owner {
-                        live.age()
-                    } else {
-                        std::time::Duration::ZERO
+                    let leg = Leg {
+                        up: up.stream,
+                        early,
+                        si,
+                        si_bytes,
+                        rotation: 0,
+                        _done: None,
                     };
-                    let max = ctx.claims.policy.max_duration;
-                    let stop = async {
-                        tokio::select! {
-                            _ = shutdown.wait_for(|s| *s) => End::Shutdown,
-                            end = super::ended(state, owner) => end,
-                            end = super::max_duration(max, age) => end,
-                        }
-                    };
-                    let end = if btx.binary(si_bytes).await {
-                        relay(
-                            &ctx,
-                            up.stream,
-                            early,
-                            &si,
-                            brx,
-                            &mut btx,
-                            &meter,
-                            recorder.as_ref(),
-                            stop,
-                        )
-                        .await
-                    } else {
-                        End::BrowserClosed
-                    };
-                    let recording = match recorder {
-                        None => None,
-                        Some(r) => match r.finish().await {
-                            Ok(f) => Some(f),
-                            Err(e) => {
-                                warn!(error = %e, "recording not finished");
-                                None
-                            }
-                        },
-                    };
+                    let (end, recording) =
+                        legs(&ctx, leg, brx, &mut btx, &meter, &mut shutdown).await;
                     let record = ctx
                         .env
                         .audit
@@ -558,20 +570,228 @@ pub async fn run(
     end
 }
 
-/// What the VM's direction tells the browser's about the browser's connection.
-enum Handoff {
-    /// Stop reading it: it is gone, and the session waits for a resume.
-    Park,
-    /// Read this one from now on (leg `leg`); `done` is dropped once it is let go.
-    Attach {
-        rx: BrowserRx,
-        done: tokio::sync::oneshot::Sender<()>,
-        leg: u64,
-    },
+/// Relays a session's browser connections in turn, from its first to its end: a
+/// connection that drops parks the session until its page comes back (or the window
+/// ends). Returns the end and the last connection's recording.
+async fn legs(
+    ctx: &Ctx,
+    mut leg: Leg,
+    brx: &mut BrowserRx,
+    btx: &mut BrowserTx,
+    meter: &Meter,
+    shutdown: &mut watch::Receiver<bool>,
+) -> (End, Option<crate::recording::Finished>) {
+    let live = meter.live();
+    let owner = ctx.joined.is_none();
+    let max = ctx.claims.policy.max_duration;
+    // An owner's max_duration counts from the session's start, a participant's from
+    // its own.
+    let joined_at = Instant::now();
+    let age = || {
+        if owner {
+            live.age()
+        } else {
+            joined_at.elapsed()
+        }
+    };
+    let idle_timeout = if owner { ctx.env.idle_timeout } else { None };
+    // Resumable when the page asked for it and resuming is on.
+    let resumable = if ctx.resumable {
+        ctx.env.resumes.open(ctx.id, ctx.client.ip())
+    } else {
+        None
+    };
+    let (held, mut arrivals) = match resumable {
+        Some((h, a)) => (Some(h), Some(a)),
+        None => (None, None),
+    };
+    let window = ctx.env.resumes.window();
+    loop {
+        // The owner's connections are recorded, one file each; participants see the
+        // same screen.
+        let recorder = match &ctx.env.record_dir {
+            Some(dir) if owner => {
+                match start_recording(ctx, dir, &leg.si_bytes, leg.rotation).await {
+                    Ok(r) => Some(r),
+                    Err(e) => return (audit_failed(e), None),
+                }
+            }
+            _ => None,
+        };
+        // The browser sees the console only once it is on record and listed:
+        // ServerInit goes last. The page's resume credential follows, in a text
+        // message noVNC never sees (the page keeps it).
+        let sent = btx.binary(leg.si_bytes).await
+            && match held.as_ref().and_then(|h| h.slot().credential()) {
+                Some(c) => {
+                    let words = serde_json::json!({ "resume": c.as_str() }).to_string();
+                    btx.text(words).await
+                }
+                None => true,
+            };
+        let (end, arrived) = if sent {
+            let stop = stopped(shutdown, live.state(), owner, max, age());
+            relay(
+                ctx,
+                leg.up,
+                leg.early,
+                &leg.si,
+                brx,
+                btx,
+                meter,
+                recorder.as_ref(),
+                stop,
+                arrivals.as_mut(),
+            )
+            .await
+        } else {
+            (End::BrowserClosed, None)
+        };
+        let recording = match recorder {
+            None => None,
+            Some(r) => match r.finish().await {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    warn!(error = %e, "recording not finished");
+                    None
+                }
+            },
+        };
+        // Parked only when the connection was lost (not left with a close frame) or a
+        // resume took its place.
+        let Some(slot) = held.as_ref().map(|h| h.slot()) else {
+            return (end, recording);
+        };
+        let lost = end.browser_gone() && !brx.said_goodbye();
+        if !lost && arrived.is_none() {
+            return (end, recording);
+        }
+        let cause = if arrived.is_some() {
+            "replaced"
+        } else {
+            end.label()
+        };
+        // Nothing more to or from that connection: a page still there sees it drop.
+        btx.abort().await;
+        brx.shut();
+        let parked_at = Instant::now();
+        slot.parked(Some(parked_at));
+        ctx.env
+            .metrics
+            .session_resumes_total
+            .with_label_values(&["dropped"])
+            .inc();
+        info!(
+            session = ctx.id,
+            cause, "browser connection lost: waiting for the page to resume"
+        );
+        let client = ctx.client.to_string();
+        let dropped = ctx
+            .env
+            .audit
+            .record(&Event::SessionDrop {
+                session: ctx.id,
+                client: &client,
+                cause,
+                window_ms: window.as_millis() as u64,
+                recording,
+            })
+            .await;
+        if let Err(e) = dropped {
+            return (audit_failed(e), None);
+        }
+        let waited = match arrived {
+            Some(a) => Waited::Back(a),
+            None => tokio::select! {
+                biased;
+                end = stopped(shutdown, live.state(), owner, max, age()) => Waited::Over(end),
+                _ = live.idle.expired(idle_timeout) => Waited::Over(End::Idle(live.idle.idle_for())),
+                _ = tokio::time::sleep(window) => {
+                    ctx.env
+                        .metrics
+                        .session_resumes_total
+                        .with_label_values(&["window_expired"])
+                        .inc();
+                    info!(session = ctx.id, window = %humantime::format_duration(window), "not resumed within the window");
+                    Waited::Over(End::BrowserClosed)
+                }
+                Some(a) = async { arrivals.as_mut()?.recv().await } => Waited::Back(a),
+            },
+        };
+        let back = match waited {
+            Waited::Back(a) => a,
+            Waited::Over(end) => return (end, None),
+        };
+        leg = match reattach(ctx, back, brx, btx, parked_at, live).await {
+            Ok(leg) => leg,
+            Err(end) => return (end, None),
+        };
+    }
 }
 
-/// The VM's writer, shared by the browser's input, a paste, and the releases at a drop.
-type VmWriter = tokio::sync::Mutex<Box<dyn AsyncWrite + Unpin + Send>>;
+/// A page came back: a new connection to QEMU, authenticated as at the start, and the
+/// page's connection in the place of the lost one, on record before QEMU's ServerInit
+/// reaches it. A failure toward the VM ends the session (the page is told why).
+async fn reattach(
+    ctx: &Ctx,
+    back: super::resume::Attach,
+    brx: &mut BrowserRx,
+    btx: &mut BrowserTx,
+    parked_at: Instant,
+    live: &Arc<crate::live::Live>,
+) -> Result<Leg, End> {
+    let super::resume::Attach {
+        rx,
+        tx,
+        client,
+        claim,
+        done,
+    } = back;
+    // The page's connection is the session's now, whatever follows: its close frame
+    // says how it ends.
+    drop(std::mem::replace(brx, rx));
+    *btx = tx;
+    if ctx.joined.is_none() {
+        brx.pings().measure_live(live.clone());
+    }
+    let opened = async {
+        let (link, ubuf, init) = authenticate_upstream(ctx).await?;
+        vm_init(link, ubuf, init).await
+    };
+    let (up, early, si, si_bytes) = tokio::time::timeout(ctx.env.handshake_timeout, opened)
+        .await
+        .unwrap_or_else(|_| Err(handshake_timeout(ctx.env.handshake_timeout)))?;
+    let (rotation, _next) = claim
+        .commit()
+        .map_err(|_| End::Internal("no randomness for the next resume credential"))?;
+    let client = client.to_string();
+    ctx.env
+        .audit
+        .record(&Event::SessionResume {
+            session: ctx.id,
+            client: &client,
+            rotation,
+            parked_ms: parked_at.elapsed().as_millis() as u64,
+            upstream_tls: up.tls,
+            vm_password: up.password,
+        })
+        .await
+        .map_err(audit_failed)?;
+    ctx.env
+        .metrics
+        .session_resumes_total
+        .with_label_values(&["resumed"])
+        .inc();
+    info!(session = ctx.id, rotation, desktop = %si.name_lossy(), width = si.width, height = si.height, "session resumed");
+    Ok(Leg {
+        up: up.stream,
+        early,
+        si,
+        si_bytes,
+        rotation,
+        _done: Some(done),
+    })
+}
 
 #[allow(clippy::too_many_arguments)]
 async fn relay(
@@ -580,11 +800,12 @@ async fn relay(
     early: Vec<u8>,
     si: &ServerInit,
     brx: &mut BrowserRx,
-    btx: &mut BrowserTx,
+    btx: &BrowserTx,
     meter: &Meter,
     recorder: Option<&Recorder>,
     stop: impl std::future::Future<Output = End>,
-) -> End {
+    arrivals: Option<&mut tokio::sync::mpsc::Receiver<super::resume::Attach>>,
+) -> (End, Option<super::resume::Attach>) {
     let live = meter.live();
     // The session's input clock: an operator's input counts for it too. A participant
     // ends with the session, never idle on its own.
@@ -628,7 +849,7 @@ async fn relay(
     // The VM's writer, shared by the browser's input and a paste being typed: each
     // holds it from judging a message to writing it, so the audit's order is the
     // order QEMU receives.
-    let writer: VmWriter = tokio::sync::Mutex::new(up_wr);
+    let writer = tokio::sync::Mutex::new(up_wr);
     // Where this connection takes pastes ("Paste as keys"), while it relays: for any
     // layout when QEMU acts on key numbers; with a keymap QEMU maps keysyms itself,
     // which for en-us types what a US layout does and for another keymap is not
@@ -641,20 +862,7 @@ async fn relay(
         };
     let (seat, mut typing) = crate::paste::Seat::new(layouts);
     let progress = seat.progress();
-    // Resumable after a network blip (`[tokens] resume_window`): the page gets the
-    // credential on its presence stream, which finds it here once the seat is taken.
-    let resume = ctx.env.resumes.open(ctx.id, ctx.client.ip());
     let _seated = live.seat(ctx.id, seat);
-    let (slot, mut arrivals) = match resume {
-        Some((held, arrivals)) => (Some(held), Some(arrivals)),
-        None => (None, None),
-    };
-    let slot = slot.as_ref().map(|h| h.slot().clone());
-    let resumable = slot.is_some();
-    // The browser's direction says which connection it lost; the VM's direction, which
-    // one to read next.
-    let (lost_tx, mut lost_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-    let (handoff_tx, mut handoffs) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
     let browser_to_vm = async {
         let mut out = lock(&rules)?.start();
         let len = out.len() as u64;
@@ -662,52 +870,8 @@ async fn relay(
         // The session's bytes toward the VM are what vizor wrote there for it.
         meter.add(Direction::BrowserToVm, len);
         let mut buf = Vec::with_capacity(4096);
-        // Which connection is read (0: the first), and whether it is.
-        let mut leg = 0u64;
-        let mut reading = true;
-        let mut _done: Option<tokio::sync::oneshot::Sender<()>> = None;
         loop {
-            let handoff = if reading {
-                // A handoff first: once the VM's direction parked the session, not one
-                // more message of the connection it let go reaches the VM.
-                tokio::select! {
-                    biased;
-                    h = handoffs.recv() => Some(h),
-                    r = brx.read_into(&mut buf) => match r {
-                        Ok(_) => None,
-                        // Gone without a close frame: a network blip, maybe.
-                        Err(End::BrowserClosed) if resumable && !brx.said_goodbye() => {
-                            let _ = lost_tx.send(leg);
-                            reading = false;
-                            continue;
-                        }
-                        Err(e) => return Err(e),
-                    },
-                }
-            } else {
-                Some(handoffs.recv().await)
-            };
-            if let Some(h) = handoff {
-                match h {
-                    Some(Handoff::Park) => reading = false,
-                    Some(Handoff::Attach { rx, done, leg: l }) => {
-                        let mut old = std::mem::replace(brx, rx);
-                        let old_done = _done.replace(done);
-                        tokio::spawn(async move {
-                            old.linger(super::browser::CLOSE_LINGER).await;
-                            drop(old_done);
-                        });
-                        // A message the last connection left half sent is not the new
-                        // one's.
-                        buf.clear();
-                        leg = l;
-                        reading = true;
-                    }
-                    // The VM's direction ended: the relay is ending.
-                    None => std::future::pending::<()>().await,
-                }
-                continue;
-            }
+            brx.read_into(&mut buf).await?;
             let mut up_wr = writer.lock().await;
             let up_wr = &mut *up_wr;
             let mut pos = 0;
@@ -754,20 +918,6 @@ async fn relay(
         let mut buf = BytesMut::with_capacity(64 * 1024);
         // Bytes QEMU sent along with ServerInit are decoded before the first read.
         buf.extend_from_slice(&early);
-        // The connection sent to (`None`: parked since then), and how many there were.
-        let mut attached: Option<u64> = Some(0);
-        let mut parked_since = Instant::now();
-        let mut legs = 0u64;
-        let window = ctx.env.resumes.window();
-        let parked = |cause: &'static str| Parked {
-            ctx,
-            rules: &rules,
-            writer: &writer,
-            meter,
-            handoffs: &handoff_tx,
-            cause,
-            window,
-        };
         loop {
             let step = lock(&rules)?.from_vm(&buf, Instant::now())?;
             for (which, d) in &step.latencies {
@@ -784,29 +934,9 @@ async fn relay(
                     .map_err(audit_failed)?;
             }
             // Everything decoded goes to the browser as read, without a copy, but for an
-            // incomplete header and an update that may be LED state alone. While
-            // parked it goes nowhere (the recording keeps it: its stream stays whole).
+            // incomplete header and an update that may be LED state alone.
             if step.send > 0 {
-                let chunk = buf.split_to(step.send);
-                let len = chunk.len() as u64;
-                if let Some(r) = recorder {
-                    // A copy for the recording's writer: the browser's writer takes
-                    // the chunk.
-                    r.frame(bytes::Bytes::copy_from_slice(&chunk))
-                        .await
-                        .map_err(|e| End::Audit(format!("recording: {e}")))?;
-                }
-                if attached.is_some() {
-                    match btx.bytes(chunk).await {
-                        Ok(()) => meter.add(Direction::VmToBrowser, len),
-                        Err(e) if resumable && e.browser_gone() => {
-                            parked(e.label()).park(btx, slot.as_deref()).await?;
-                            attached = None;
-                            parked_since = Instant::now();
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
+                to_browser(buf.split_to(step.send), recorder, btx, meter).await?;
             }
             let _ = buf.split_to(step.skip);
             if step.again {
@@ -814,113 +944,36 @@ async fn relay(
             }
             // The rest of a long rectangle goes from socket to socket; the decoder,
             // told its length, then stands after it.
-            let splice = match attached {
-                Some(_) => lock(&rules)?.may_splice(buf.len(), SPLICE_MIN),
-                None => None,
-            };
-            if let (Some(pending), VmReader::Tcp(reader)) = (splice, &mut up_rd) {
-                if let Some(from) = reader.take() {
-                    match btx.splice(from, pending).await {
-                        Ok((from, sent)) => {
-                            *reader = Some(from);
-                            if sent {
-                                lock(&rules)?.spliced(pending)?;
-                                meter.add_spliced(pending);
-                                continue;
-                            }
-                            // No pipe (out of open files): this much is read instead.
-                        }
-                        Err(failed) => {
+            let splice = lock(&rules)?.may_splice(buf.len(), SPLICE_MIN);
+            if let (Some(pending), VmReader::Tcp(slot)) = (splice, &mut up_rd) {
+                if let Some(from) = slot.take() {
+                    let (from, sent) = match btx.splice(from, pending).await {
+                        Ok(spliced) => spliced,
+                        Err((partial, end)) => {
                             // The frames before the break reached the browser whole.
-                            meter.add_spliced(failed.sent);
-                            match failed.from {
-                                Some(from) if resumable && failed.end.browser_gone() => {
-                                    // The VM's stream stands after what was taken
-                                    // from it; the rest of the rectangle is read.
-                                    *reader = Some(from);
-                                    lock(&rules)?.spliced(failed.taken)?;
-                                    parked(failed.end.label())
-                                        .park(btx, slot.as_deref())
-                                        .await?;
-                                    attached = None;
-                                    parked_since = Instant::now();
-                                    continue;
-                                }
-                                _ => return Err(failed.end),
-                            }
+                            meter.add_spliced(partial);
+                            return Err(end);
                         }
-                    }
-                }
-            }
-            // More from the VM; or the browser's connection lost, or a new one, which
-            // takes over between two of the VM's messages; or the window over.
-            let boundary = resumable && lock(&rules)?.at_boundary();
-            let deadline = tokio::time::Instant::from_std(parked_since + window);
-            tokio::select! {
-                r = up_rd.read(&mut buf) => r?,
-                Some(l) = lost_rx.recv() => {
-                    if attached == Some(l) {
-                        parked(End::BrowserClosed.label()).park(btx, slot.as_deref()).await?;
-                        attached = None;
-                        parked_since = Instant::now();
-                    }
-                }
-                Some(a) = async { arrivals.as_mut()?.recv().await }, if boundary => {
-                    let Some(slot) = slot.as_deref() else { continue };
-                    if attached.is_some() {
-                        parked("replaced").park(btx, Some(slot)).await?;
-                        parked_since = Instant::now();
-                    }
-                    attached = None;
-                    let parked_ms = parked_since.elapsed().as_millis() as u64;
-                    let client = a.client.to_string();
-                    ctx.env
-                        .audit
-                        .record(&Event::SessionResume {
-                            session: ctx.id,
-                            client: &client,
-                            rotation: a.rotation,
-                            parked_ms,
-                        })
-                        .await
-                        .map_err(audit_failed)?;
-                    info!(session = ctx.id, rotation = a.rotation, parked_ms, "session resumed");
-                    slot.parked(None);
-                    ctx.env
-                        .metrics
-                        .session_resumes_total
-                        .with_label_values(&["resumed"])
-                        .inc();
-                    let server_init = {
-                        let mut r = lock(&rules)?;
-                        r.resumed();
-                        r.server_init(si)
                     };
-                    // An owner's round trips are the session's (as at its start).
-                    if ctx.joined.is_none() {
-                        a.rx.pings().measure_live(live.clone());
+                    *slot = Some(from);
+                    if sent {
+                        lock(&rules)?.spliced(pending)?;
+                        meter.add_spliced(pending);
+                        continue;
                     }
-                    *btx = a.tx;
-                    legs += 1;
-                    if btx.binary(server_init).await {
-                        attached = Some(legs);
-                        let _ = handoff_tx.send(Handoff::Attach { rx: a.rx, done: a.done, leg: legs });
-                    } else {
-                        // Gone again at once: still parked.
-                        slot.parked(Some(Instant::now()));
-                        parked_since = Instant::now();
-                    }
-                }
-                _ = tokio::time::sleep_until(deadline), if attached.is_none() => {
-                    ctx.env
-                        .metrics
-                        .session_resumes_total
-                        .with_label_values(&["window_expired"])
-                        .inc();
-                    info!(session = ctx.id, window = %humantime::format_duration(window), "not resumed within the window");
-                    return Err(End::BrowserClosed);
+                    // No pipe (out of open files): this much is read instead.
                 }
             }
+            up_rd.read(&mut buf).await?;
+        }
+    };
+    // A page resuming while this connection still looks open (its browser saw it
+    // dead first) takes its place.
+    let mut arrived = None;
+    let resumed = async {
+        match arrivals {
+            Some(a) => a.recv().await,
+            None => None,
         }
     };
     // A stop goes first: after it, nothing more is relayed.
@@ -928,6 +981,10 @@ async fn relay(
         biased;
         end = stop => Err(end),
         _ = idle.expired(idle_timeout) => Err(End::Idle(idle.idle_for())),
+        Some(a) = resumed => {
+            arrived = Some(a);
+            Err(End::BrowserClosed)
+        }
         r = browser_to_vm => r,
         r = vm_to_browser => r,
         r = pasting => r,
@@ -967,85 +1024,7 @@ async fn relay(
         };
         close_upstream(&mut up_wr, rd).await;
     }
-    end
-}
-
-/// Parking a session whose browser connection is gone: what it needs.
-struct Parked<'a> {
-    ctx: &'a Ctx,
-    rules: &'a Mutex<Rules>,
-    writer: &'a VmWriter,
-    meter: &'a Meter,
-    handoffs: &'a tokio::sync::mpsc::UnboundedSender<Handoff>,
-    /// What was seen (`browser_closed`, `browser_stalled`, `replaced`).
-    cause: &'static str,
-    window: std::time::Duration,
-}
-
-impl Parked<'_> {
-    /// The session waits for a resume: the browser's direction stops reading, the
-    /// connection is let go (without a close frame, so a page still there resumes),
-    /// the drop goes on record, and the keys and buttons the browser held are released
-    /// (on record first), as QEMU does for a client that leaves.
-    async fn park(self, btx: &BrowserTx, slot: Option<&super::resume::Slot>) -> Result<(), End> {
-        let ctx = self.ctx;
-        let _ = self.handoffs.send(Handoff::Park);
-        btx.abort().await;
-        if let Some(slot) = slot {
-            slot.parked(Some(Instant::now()));
-        }
-        ctx.env
-            .metrics
-            .session_resumes_total
-            .with_label_values(&["dropped"])
-            .inc();
-        info!(
-            session = ctx.id,
-            cause = self.cause,
-            "browser connection lost: waiting for the page to resume"
-        );
-        // The VM's writer first: what the browser's direction is writing goes before
-        // the drop, on record and to QEMU alike.
-        let mut up_wr = self.writer.lock().await;
-        let up_wr = &mut *up_wr;
-        let client = ctx.client.to_string();
-        ctx.env
-            .audit
-            .record(&Event::SessionDrop {
-                session: ctx.id,
-                client: &client,
-                cause: self.cause,
-                window_ms: self.window.as_millis() as u64,
-            })
-            .await
-            .map_err(audit_failed)?;
-        let (releases, closing) = lock(self.rules)?.release_held(&ctx.keyboard, Instant::now())?;
-        let mut out = Vec::new();
-        for (bytes, judged) in releases {
-            for note in &judged.notes {
-                super::record_note(&ctx.env.audit, ctx.id, note)
-                    .await
-                    .map_err(audit_failed)?;
-            }
-            if let Some(queued) = judged.queued_keys {
-                pace(&ctx.keyboard, queued, up_wr, &mut out, self.meter).await?;
-            }
-            if let Verdict::Forward = judged.verdict {
-                out.extend_from_slice(&bytes);
-            }
-        }
-        if !out.is_empty() {
-            let len = out.len() as u64;
-            write_up(up_wr, &mut out).await?;
-            self.meter.add(Direction::BrowserToVm, len);
-        }
-        for note in &closing {
-            super::record_note(&ctx.env.audit, ctx.id, note)
-                .await
-                .map_err(audit_failed)?;
-        }
-        Ok(())
-    }
+    (end, arrived)
 }
 
 /// Types a paste: each character's key events through the session's rules, on record
@@ -1233,6 +1212,25 @@ async fn pace(
         }
         tokio::time::sleep(wait).await;
     }
+}
+
+/// Sends decoded bytes from the VM to the browser, the recording first.
+async fn to_browser(
+    chunk: BytesMut,
+    recorder: Option<&Recorder>,
+    btx: &BrowserTx,
+    meter: &Meter,
+) -> Result<(), End> {
+    let len = chunk.len() as u64;
+    if let Some(r) = recorder {
+        // A copy for the recording's writer: the browser's writer takes the chunk.
+        r.frame(bytes::Bytes::copy_from_slice(&chunk))
+            .await
+            .map_err(|e| End::Audit(format!("recording: {e}")))?;
+    }
+    btx.bytes(chunk).await?;
+    meter.add(Direction::VmToBrowser, len);
+    Ok(())
 }
 
 /// The shortest payload worth splicing: below it a read and a write cost less than

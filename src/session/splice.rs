@@ -68,9 +68,7 @@ pub(crate) fn binary_head(len: u64, head: &mut [u8; 10]) -> usize {
 /// Sends `len` bytes of `from` to `to` as binary frames (each its own message) of
 /// `message_size` bytes at most, their payloads moved by splice(2) through `pipe`. The
 /// browser may take nothing for `stall` at most. On failure, the error comes with the
-/// payload bytes of the frames that were sent whole (the browser has them), and the
-/// bytes taken from `from` (those, and what the broken frame had taken: where the VM's
-/// stream stands).
+/// payload bytes of the frames that were sent whole (the browser has them).
 ///
 /// A browser hands a WebSocket message to the page only once all of it arrived: in
 /// bounded messages noVNC decodes the first rows of a rectangle while the rest is on
@@ -82,7 +80,7 @@ pub(crate) async fn frames(
     message_size: usize,
     pipe: &Pipe,
     stall: Duration,
-) -> Result<(), Failed> {
+) -> Result<(), (u64, SpliceError)> {
     let max = message_size.max(1) as u64;
     let mut left = len;
     // A zero-length payload is one empty frame, as before.
@@ -90,11 +88,7 @@ pub(crate) async fn frames(
         let this = left.min(max);
         frame(from, to, this, pipe, stall)
             .await
-            .map_err(|(taken, e)| Failed {
-                sent: len - left,
-                taken: len - left + taken,
-                error: e,
-            })?;
+            .map_err(|e| (len - left, e))?;
         left -= this;
         if left == 0 {
             return Ok(());
@@ -102,50 +96,26 @@ pub(crate) async fn frames(
     }
 }
 
-/// How a splice failed: the payload bytes of the frames the browser got whole, the
-/// bytes taken from the VM's socket, and why.
-#[derive(Debug)]
-pub(crate) struct Failed {
-    pub(crate) sent: u64,
-    pub(crate) taken: u64,
-    pub(crate) error: SpliceError,
-}
-
 /// Sends one binary frame of `len` bytes to `to`, its payload taken from `from` by
-/// splice(2) through `pipe`. The browser may take nothing for `stall` at most. On
-/// failure, with the bytes taken from `from`.
+/// splice(2) through `pipe`. The browser may take nothing for `stall` at most.
 async fn frame(
     from: &TcpStream,
     to: &TcpStream,
     len: u64,
     pipe: &Pipe,
     stall: Duration,
-) -> Result<(), (u64, SpliceError)> {
-    let mut left = len;
-    frame_from(from, to, &mut left, pipe, stall)
-        .await
-        .map_err(|e| (len - left, e))
-}
-
-/// [`frame`], keeping in `left` what is still in the VM's socket.
-async fn frame_from(
-    from: &TcpStream,
-    to: &TcpStream,
-    left: &mut u64,
-    pipe: &Pipe,
-    stall: Duration,
 ) -> Result<(), SpliceError> {
-    let len = *left;
     let mut head = [0u8; 10];
     let n = binary_head(len, &mut head);
     write_all(to, &head[..n], stall).await?;
     // `left`: still in the VM's socket; `held`: in the pipe.
+    let mut left = len;
     let mut held = 0usize;
     let mut deadline = Instant::now() + stall;
-    while *left > 0 || held > 0 {
+    while left > 0 || held > 0 {
         let mut moved = false;
-        if *left > 0 {
-            let want = usize::try_from(*left).unwrap_or(usize::MAX).min(PIPE_SIZE);
+        if left > 0 {
+            let want = usize::try_from(left).unwrap_or(usize::MAX).min(PIPE_SIZE);
             let fill = || {
                 splice(
                     from.as_fd(),
@@ -168,7 +138,7 @@ async fn frame_from(
             match got {
                 Ok(0) => return Err(SpliceError::Vm(None)),
                 Ok(n) => {
-                    *left -= n as u64;
+                    left -= n as u64;
                     held += n;
                     moved = true;
                 }
@@ -177,7 +147,7 @@ async fn frame_from(
             }
         }
         if held > 0 {
-            let more = if *left > 0 {
+            let more = if left > 0 {
                 SpliceFFlags::SPLICE_F_MORE
             } else {
                 SpliceFFlags::empty()

@@ -787,6 +787,8 @@ pub struct Browser {
     pub pending: Vec<u8>,
     /// The longest binary message received.
     pub largest: usize,
+    /// Text messages received (vizor's words to its console page).
+    pub texts: Vec<String>,
 }
 
 /// How the WebSocket ended.
@@ -884,10 +886,12 @@ impl Browser {
             received: Vec::new(),
             pending: Vec::new(),
             largest: 0,
+            texts: Vec::new(),
         }
     }
 
-    /// Reads one message into `pending`; `Err` with the close frame when vizor closed.
+    /// Reads one message: a binary one into `pending`, a text one into `texts`; `Err`
+    /// with the close frame when vizor closed.
     pub async fn read(&mut self) -> Result<(), Closed> {
         loop {
             let frame = self.ws.read_frame().await.map_err(|e| Closed {
@@ -899,6 +903,11 @@ impl Browser {
                     self.largest = self.largest.max(frame.payload.len());
                     self.received.extend_from_slice(&frame.payload);
                     self.pending.extend_from_slice(&frame.payload);
+                    return Ok(());
+                }
+                fastwebsockets::OpCode::Text => {
+                    self.texts
+                        .push(String::from_utf8_lossy(&frame.payload).into_owned());
                     return Ok(());
                 }
                 fastwebsockets::OpCode::Close => {

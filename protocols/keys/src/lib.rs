@@ -221,10 +221,6 @@ pub enum Origin {
     Reset,
     /// Typed by vizor for the participant's "Paste as keys" ([`layout`]).
     Paste,
-    /// Released by vizor for a browser whose connection dropped while it held the
-    /// key: the VM's connection stays open for the console to be resumed, so QEMU
-    /// would not release it.
-    Drop,
 }
 
 impl Origin {
@@ -237,7 +233,6 @@ impl Origin {
             Origin::Disconnect => Some("disconnect"),
             Origin::Reset => Some("reset"),
             Origin::Paste => Some("paste"),
-            Origin::Drop => Some("drop"),
         }
     }
 }
