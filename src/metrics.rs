@@ -159,7 +159,7 @@ impl Metrics {
             session_resumes_total: IntCounterVec::new(
                 Opts::new(
                     "vizor_session_resumes_total",
-                    "VNC consoles whose browser connection dropped (dropped), came back (resumed), or did not within [tokens] resume_window (window_expired); and refused resumes by reason (invalid, wrong_client, expired, busy).",
+                    "VNC consoles whose browser connection dropped (dropped), came back (resumed), or did not within [tokens] resume_window (window_expired); and refused resumes by reason (invalid, wrong_client, expired).",
                 ),
                 &["outcome"],
             )?,

@@ -155,8 +155,16 @@ async fn a_dropped_console_resumes_as_the_same_session_and_only_with_its_credent
         );
     }
 
-    // The page comes back: the same console (a new connection to QEMU), a full
-    // screen.
+    // The page comes back, and its connection drops again before it says anything:
+    // it may not have read the next credential, so the one it used is still good.
+    let (blip, _) = resume(&v, LOCAL, &c1).await.unwrap();
+    drop(blip);
+    record(&v, "session_drop", |r| {
+        r["session"] == session && r["cause"] == "browser_closed" && r != &dropped
+    })
+    .await;
+    // It comes back again: the same console (a new connection to QEMU each time), a
+    // full screen.
     let (mut second, si2) = resume(&v, LOCAL, &c1).await.unwrap();
     assert_eq!(si2, si, "a resumed browser is told the same console");
     second
@@ -164,11 +172,12 @@ async fn a_dropped_console_resumes_as_the_same_session_and_only_with_its_credent
         .await;
     let (raw, frame) = full_update(&mut second, &si2).await;
     assert_eq!(raw, frame, "a whole frame after the resume");
-    let resumed = record(&v, "session_resume", |r| r["session"] == session).await;
-    assert_eq!(resumed["rotation"], 1, "{resumed}");
+    let resumed = record(&v, "session_resume", |r| r["rotation"] == 2).await;
+    assert_eq!(resumed["session"].as_u64(), Some(session), "{resumed}");
     assert!(resumed["parked_ms"].as_u64().unwrap() < 4000, "{resumed}");
     assert_eq!(resumed["vm_password"], true, "{resumed}");
-    // The credential was spent; the page has the next one.
+    // The page spoke on the new connection: the credential it used is spent, and it
+    // has the next one.
     let c2 = credential(&mut second).await;
     assert_ne!(c2, c1);
     let e = refused(&v, LOCAL, &c1).await;
@@ -232,6 +241,8 @@ async fn a_dropped_console_resumes_as_the_same_session_and_only_with_its_credent
             "session_drop",
             "session_resume",
             "session_drop",
+            "session_resume",
+            "session_drop",
             "session_end"
         ]
     );
@@ -245,8 +256,8 @@ async fn a_dropped_console_resumes_as_the_same_session_and_only_with_its_credent
         hex(&want),
         "the guest's keyboard and the audit differ"
     );
-    assert_eq!(resumes(&v, "dropped").await, 3.0);
-    assert_eq!(resumes(&v, "resumed").await, 2.0);
+    assert_eq!(resumes(&v, "dropped").await, 4.0);
+    assert_eq!(resumes(&v, "resumed").await, 3.0);
     assert_eq!(resumes(&v, "window_expired").await, 1.0);
     assert_eq!(resumes(&v, "wrong_client").await, 1.0);
     assert!(resumes(&v, "invalid").await >= 5.0);
@@ -291,5 +302,39 @@ async fn a_browser_that_says_goodbye_or_never_asked_ends_its_session_at_once() {
     assert!(
         !v.audit().iter().any(|r| r["event"] == "session_drop"),
         "no drop"
+    );
+}
+
+/// A VM restarted while its console was parked is another run of it (another VM may
+/// even listen on its port by then): the resume ends the session and tells the page
+/// why, rather than relay the new run under the old session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
+async fn a_resume_after_the_vm_restarted_ends_the_session_and_says_why() {
+    common::live_domain();
+    let d = "vizor-test-resume-restart";
+    common::test_host(&["domain", d, "--vnc-passwd", "resume2", "--no-spice"]);
+    let v = Vizor::start_tokens("resume_window = \"60s\"", "", |_| {});
+    let token = v.token(d, ConsoleKind::Vnc, 60);
+    let path = format!("/websockify?token={token}&resumable=1");
+    let mut b = Browser::connect(v.addr, &path).await;
+    rfb_handshake(&mut b).await.unwrap();
+    let c = credential(&mut b).await;
+    let start = record(&v, "session_start", |_| true).await;
+    let session = start["session"].as_u64().unwrap();
+    drop(b);
+    record(&v, "session_drop", |r| r["session"] == session).await;
+    common::virsh(&["destroy", d]);
+    common::virsh(&["start", d]);
+    let e = refused(&v, LOCAL, &c).await;
+    assert!(e.contains("restarted"), "{e}");
+    let end = record(&v, "session_end", |r| r["session"] == session).await;
+    assert!(
+        end["reason"].as_str().unwrap().contains("restarted"),
+        "{end}"
+    );
+    assert!(
+        !v.audit().iter().any(|r| r["event"] == "session_resume"),
+        "no resume"
     );
 }

@@ -183,8 +183,9 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         admin: Option<&'a str>,
     },
-    /// The browser's connection dropped without a close frame (a network blip): the
-    /// session waits for its console page to resume it, the VM's connection open.
+    /// The browser's connection dropped without a close frame (a network blip): its
+    /// connection to QEMU has closed (QEMU's key releases are on record before this),
+    /// and the session waits for its console page to resume it.
     SessionDrop {
         /// Session id (the connection that dropped).
         session: u64,

@@ -58,12 +58,16 @@ pub(super) async fn resume(
             brx.linger(CLOSE_LINGER).await;
             return;
         }
+        // The console as libvirt tells it now: the session checks it is the same run
+        // of the VM, and takes its password (it may have changed through libvirt).
+        let console = lookup(&app, DomainRef::Uuid(slot.uuid()), ConsoleKind::Vnc).await;
         let (done, let_go) = tokio::sync::oneshot::channel();
         let attach = session::resume::Attach {
             rx: brx,
             tx: btx,
             client: peer,
             claim,
+            console,
             done,
         };
         match slot.attach(attach) {

@@ -7,8 +7,10 @@
 //! close frame, the session parks (its QEMU connection closes, as when any client
 //! leaves): the page may come back with the credential within `[tokens]
 //! resume_window`, from the connection's own client address, and the session goes on
-//! under the same id on a new connection each way. A credential stays good until a
-//! resume with it succeeds, which hands out the next one; one resume at a time.
+//! under the same id on a new connection each way. A resume that succeeds hands out
+//! the next credential (before ServerInit, so a page that speaks RFB on the new
+//! connection has it); the one it used stays good until then. A newer claim of a
+//! credential replaces an older one still under way (its connection may be dead).
 //!
 //! A credential is checked in constant time; one that names no connection, or the
 //! wrong secret, is refused alike ([`ResumeError::Invalid`]), so a guess learns
@@ -41,18 +43,14 @@ pub enum ResumeError {
     /// The connection dropped longer than the window ago.
     #[error("the console was not resumed in time")]
     Expired,
-    /// Another resume of the same console is under way.
-    #[error("the console is being resumed by another connection")]
-    Busy,
 }
 
 impl ResumeError {
     /// Every label, for metrics at zero.
-    pub const ALL: [ResumeError; 4] = [
+    pub const ALL: [ResumeError; 3] = [
         ResumeError::Invalid,
         ResumeError::WrongClient,
         ResumeError::Expired,
-        ResumeError::Busy,
     ];
 
     /// The `token_refused` reason (`vizor_auth_refusals_total{stage="token"}`).
@@ -61,7 +59,6 @@ impl ResumeError {
             ResumeError::Invalid => "resume_invalid",
             ResumeError::WrongClient => "resume_wrong_client",
             ResumeError::Expired => "resume_expired",
-            ResumeError::Busy => "resume_busy",
         }
     }
 
@@ -71,7 +68,6 @@ impl ResumeError {
             ResumeError::Invalid => "invalid",
             ResumeError::WrongClient => "wrong_client",
             ResumeError::Expired => "expired",
-            ResumeError::Busy => "busy",
         }
     }
 }
@@ -87,6 +83,9 @@ pub struct Attach {
     pub client: SocketAddr,
     /// The credential it came with, claimed: committed once the session took it.
     pub claim: Claim,
+    /// The console as libvirt tells it now (the VM may have gone or restarted while
+    /// the session was parked, or its password changed).
+    pub console: Result<crate::libvirt::Console, crate::libvirt::LookupError>,
     /// Dropped when the session is done with this connection.
     pub done: oneshot::Sender<()>,
 }
@@ -101,26 +100,42 @@ pub struct Resumes {
 pub struct Slot {
     id: u64,
     client: IpAddr,
+    /// The domain's UUID, to look its console up again on a resume.
+    uuid: [u8; 16],
     state: Mutex<State>,
     attach: mpsc::Sender<Attach>,
 }
 
 struct State {
     secret: Zeroizing<[u8; SECRET_LEN]>,
+    /// The secret a resume used, good until the page shows it has the next one (it
+    /// speaks RFB on the new connection, which comes after the credential).
+    previous: Option<Zeroizing<[u8; SECRET_LEN]>>,
     rotation: u32,
     /// When the browser's connection dropped, while it is parked.
     dropped: Option<Instant>,
-    /// A resume with the credential is under way.
-    resuming: bool,
+    /// Claims made so far: only the latest may commit.
+    claims: u64,
 }
 
-/// A resume under way with the slot's credential: the credential stays good, and no
-/// other resume is taken, until it is committed (the next credential is handed out)
-/// or dropped (the credential may be tried again).
-#[derive(Debug)]
+/// A resume under way with the slot's credential. A newer claim replaces it (the
+/// page tried again: this one's connection may be dead); the credential is spent only
+/// when a claim commits.
 pub struct Claim {
     slot: Arc<Slot>,
-    committed: bool,
+    number: u64,
+    /// The secret it came with: what the page holds for sure.
+    used: Zeroizing<[u8; SECRET_LEN]>,
+}
+
+impl std::fmt::Debug for Claim {
+    /// Never the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim")
+            .field("slot", &self.slot)
+            .field("number", &self.number)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Claim {
@@ -129,27 +144,28 @@ impl Claim {
         &self.slot
     }
 
-    /// The resume succeeded: the credential is spent. Returns which resume this was
-    /// (1 for the first) and the next credential.
-    pub fn commit(mut self) -> Result<(u32, Zeroizing<String>), ResumeError> {
-        let next = secret().map_err(|_| ResumeError::Invalid)?;
-        let mut state = self.slot.state.lock().map_err(|_| ResumeError::Invalid)?;
-        state.secret = next;
-        state.rotation += 1;
-        state.resuming = false;
-        state.dropped = None;
-        self.committed = true;
-        Ok((state.rotation, credential(self.slot.id, &state.secret)))
+    /// Whether no newer claim replaced this one.
+    pub fn is_latest(&self) -> bool {
+        self.slot
+            .state
+            .lock()
+            .is_ok_and(|s| s.claims == self.number)
     }
-}
 
-impl Drop for Claim {
-    fn drop(&mut self) {
-        if !self.committed {
-            if let Ok(mut s) = self.slot.state.lock() {
-                s.resuming = false;
-            }
+    /// The resume succeeded: the next credential is made, and the one this claim used
+    /// stays good until [`Slot::confirmed`] (the page may not have read the next one). Returns which resume this was (1 for the first);
+    /// `None` when a newer claim replaced this one, or there is no randomness.
+    pub fn commit(self) -> Option<u32> {
+        let next = secret().ok()?;
+        let mut state = self.slot.state.lock().ok()?;
+        if state.claims != self.number {
+            return None;
         }
+        state.secret = next;
+        state.previous = Some(self.used);
+        state.rotation += 1;
+        state.dropped = None;
+        Some(state.rotation)
     }
 }
 
@@ -181,10 +197,9 @@ fn secret() -> Result<Zeroizing<[u8; SECRET_LEN]>, getrandom::Error> {
 }
 
 fn credential(id: u64, secret: &[u8; SECRET_LEN]) -> Zeroizing<String> {
-    Zeroizing::new(format!(
-        "{id}.{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
-    ))
+    let mut c = Zeroizing::new(format!("{id}."));
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(secret, &mut c);
+    c
 }
 
 impl Resumes {
@@ -201,12 +216,14 @@ impl Resumes {
         self.window
     }
 
-    /// Makes connection `id` from `client` resumable: its place, and where its new
-    /// browser connections arrive. `None` when resuming is off (or no randomness).
+    /// Makes connection `id` from `client` to the domain `uuid` resumable: its place,
+    /// and where its new browser connections arrive. `None` when resuming is off (or
+    /// no randomness).
     pub fn open(
         self: &Arc<Self>,
         id: u64,
         client: IpAddr,
+        uuid: [u8; 16],
     ) -> Option<(Held, mpsc::Receiver<Attach>)> {
         if self.window.is_zero() {
             return None;
@@ -218,15 +235,18 @@ impl Resumes {
                 return None;
             }
         };
-        let (attach, arrivals) = mpsc::channel(1);
+        // Room for a few: a claim replaced while its connection was on the way.
+        let (attach, arrivals) = mpsc::channel(4);
         let slot = Arc::new(Slot {
             id,
             client,
+            uuid,
             state: Mutex::new(State {
                 secret,
+                previous: None,
                 rotation: 0,
                 dropped: None,
-                resuming: false,
+                claims: 0,
             }),
             attach,
         });
@@ -256,11 +276,17 @@ impl Resumes {
         );
         let slot = self.get(id).ok_or(ResumeError::Invalid)?;
         let mut state = slot.state.lock().map_err(|_| ResumeError::Invalid)?;
-        let matches = given_secret.len() == SECRET_LEN
-            && bool::from(given_secret.as_slice().ct_eq(&state.secret[..]));
-        if !matches {
-            return Err(ResumeError::Invalid);
-        }
+        let is = |s: &[u8; SECRET_LEN]| {
+            given_secret.len() == SECRET_LEN && bool::from(given_secret.as_slice().ct_eq(&s[..]))
+        };
+        // Both compared, whichever matches.
+        let current = is(&state.secret);
+        let previous = state.previous.as_deref().is_some_and(is);
+        let used = match (current, &state.previous) {
+            (true, _) => state.secret.clone(),
+            (false, Some(p)) if previous => p.clone(),
+            _ => return Err(ResumeError::Invalid),
+        };
         // Not from another address: whoever copied it cannot use it, nor block it.
         if peer != slot.client {
             return Err(ResumeError::WrongClient);
@@ -271,15 +297,10 @@ impl Resumes {
         {
             return Err(ResumeError::Expired);
         }
-        if state.resuming {
-            return Err(ResumeError::Busy);
-        }
-        state.resuming = true;
+        state.claims += 1;
+        let number = state.claims;
         drop(state);
-        Ok(Claim {
-            slot,
-            committed: false,
-        })
+        Ok(Claim { slot, number, used })
     }
 }
 
@@ -304,6 +325,19 @@ impl Slot {
         self.client
     }
 
+    /// The domain's UUID.
+    pub fn uuid(&self) -> [u8; 16] {
+        self.uuid
+    }
+
+    /// The page spoke on the connection that was sent the current credential: the one
+    /// it resumed with is spent.
+    pub fn confirmed(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.previous = None;
+        }
+    }
+
     /// The current credential, for the console page on the connection itself.
     pub fn credential(&self) -> Option<Zeroizing<String>> {
         let state = self.state.lock().ok()?;
@@ -320,7 +354,9 @@ impl Slot {
     /// Hands a new browser connection to the session; it comes back when the session
     /// ended meanwhile. (One resume at a time: the channel has room.)
     pub fn attach(&self, a: Attach) -> Result<(), Box<Attach>> {
-        self.attach.try_send(a).map_err(|e| Box::new(e.into_inner()))
+        self.attach
+            .try_send(a)
+            .map_err(|e| Box::new(e.into_inner()))
     }
 }
 
@@ -337,30 +373,33 @@ mod tests {
     }
 
     #[test]
-    fn a_credential_is_good_until_its_resume_commits_and_the_next_is_handed_out() {
+    fn a_credential_is_good_until_the_page_has_the_next_and_the_latest_claim_wins() {
         let r = Resumes::new(Duration::from_secs(30));
-        let (held, _arrivals) = r.open(7, ip("127.0.0.1")).unwrap();
-        let first = current(held.slot());
+        let (held, _arrivals) = r.open(7, ip("127.0.0.1"), [0; 16]).unwrap();
+        let slot = held.slot().clone();
+        let first = current(&slot);
         assert!(first.starts_with("7."), "{first}");
         let now = Instant::now();
         // A resume that failed before the session took it: the credential stays good.
         drop(r.claim(&first, ip("127.0.0.1"), now).unwrap());
-        let claim = r.claim(&first, ip("127.0.0.1"), now).unwrap();
-        assert_eq!(claim.slot().id(), 7);
-        // One at a time.
-        assert_eq!(
-            r.claim(&first, ip("127.0.0.1"), now).unwrap_err(),
-            ResumeError::Busy
-        );
-        let (rotation, second) = claim.commit().unwrap();
-        assert_eq!(rotation, 1);
-        assert_eq!(*second, current(held.slot()));
-        assert_ne!(first, *second);
+        let older = r.claim(&first, ip("127.0.0.1"), now).unwrap();
+        // The page tried again (the older one's connection died on the way): the
+        // newer claim is the one that may commit.
+        let newer = r.claim(&first, ip("127.0.0.1"), now).unwrap();
+        assert!(!older.is_latest() && newer.is_latest());
+        assert_eq!(older.commit(), None);
+        assert_eq!(newer.commit(), Some(1));
+        let second = current(&slot);
+        assert_ne!(first, second);
+        // Until the page speaks on the new connection, it may not have the next one.
+        let again = r.claim(&first, ip("127.0.0.1"), now).unwrap();
+        drop(again);
+        slot.confirmed();
         assert_eq!(
             r.claim(&first, ip("127.0.0.1"), now).unwrap_err(),
             ResumeError::Invalid
         );
-        let (rotation, _) = r
+        let rotation = r
             .claim(&second, ip("127.0.0.1"), now)
             .unwrap()
             .commit()
@@ -371,7 +410,7 @@ mod tests {
     #[test]
     fn another_address_is_refused_and_does_not_use_it_up() {
         let r = Resumes::new(Duration::from_secs(30));
-        let (held, _arrivals) = r.open(1, ip("127.0.0.1")).unwrap();
+        let (held, _arrivals) = r.open(1, ip("127.0.0.1"), [0; 16]).unwrap();
         let c = current(held.slot());
         let now = Instant::now();
         assert_eq!(
@@ -384,7 +423,7 @@ mod tests {
     #[test]
     fn a_wrong_secret_an_unknown_console_and_garbage_are_refused_alike() {
         let r = Resumes::new(Duration::from_secs(30));
-        let (held, _arrivals) = r.open(3, ip("10.0.0.1")).unwrap();
+        let (held, _arrivals) = r.open(3, ip("10.0.0.1"), [0; 16]).unwrap();
         let c = current(held.slot());
         let now = Instant::now();
         let mut wrong = c.clone();
@@ -414,7 +453,7 @@ mod tests {
     #[test]
     fn a_parked_console_waits_the_window_and_no_longer() {
         let r = Resumes::new(Duration::from_secs(30));
-        let (held, _arrivals) = r.open(5, ip("127.0.0.1")).unwrap();
+        let (held, _arrivals) = r.open(5, ip("127.0.0.1"), [0; 16]).unwrap();
         let c = current(held.slot());
         let t = Instant::now();
         held.slot().parked(Some(t));
@@ -431,7 +470,7 @@ mod tests {
     #[test]
     fn a_connection_that_ended_takes_no_resume_and_off_means_off() {
         let r = Resumes::new(Duration::from_secs(30));
-        let (held, _arrivals) = r.open(9, ip("127.0.0.1")).unwrap();
+        let (held, _arrivals) = r.open(9, ip("127.0.0.1"), [0; 16]).unwrap();
         let c = current(held.slot());
         drop(held);
         assert!(r.get(9).is_none());
@@ -440,7 +479,7 @@ mod tests {
             Some(ResumeError::Invalid)
         );
         assert!(Resumes::new(Duration::ZERO)
-            .open(1, ip("127.0.0.1"))
+            .open(1, ip("127.0.0.1"), [0; 16])
             .is_none());
     }
 }

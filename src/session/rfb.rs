@@ -107,9 +107,12 @@ pub(crate) async fn browser_security_none(
 /// Connects and authenticates to QEMU, stopping before ClientInit (which waits for the
 /// browser's shared flag). With `[upstream_tls]`, a console offering VeNCrypt is
 /// wrapped in TLS with QEMU's X.509 certificate verified, before any password is used.
-async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClientInit), End> {
+async fn authenticate_upstream(
+    ctx: &Ctx,
+    console: &Console,
+) -> Result<(VmLink, Vec<u8>, SendClientInit), End> {
     let connecting = Instant::now();
-    let mut up = connect(&ctx.console.target, ctx.env.dial).await?;
+    let mut up = connect(&console.target, ctx.env.dial).await?;
     ctx.env
         .metrics
         .upstream_connect_seconds
@@ -117,7 +120,7 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
         .observe(connecting.elapsed().as_secs_f64());
     let mut buf = Vec::new();
     let mut out = Vec::new();
-    let password = ctx.console.password.as_ref();
+    let password = console.password.as_ref();
     let tls = ctx.env.upstream_tls.as_deref();
     let (rd, mut wr) = tokio::io::split(up.as_stream());
     let mut src = Upstream(rd, "handshake");
@@ -171,7 +174,7 @@ async fn authenticate_upstream(ctx: &Ctx) -> Result<(VmLink, Vec<u8>, SendClient
             drop(src);
             drop(wr);
             let tls = tls
-                .connect(up.boxed(), &ctx.console.target)
+                .connect(up.boxed(), &console.target)
                 .await
                 .map_err(|e| End::vm(VmFailure::Tls, e))?;
             up = Conn::Other(Box::new(tls));
@@ -336,7 +339,7 @@ async fn handshake(ctx: &Ctx, brx: &mut BrowserRx, btx: &BrowserTx) -> Result<Op
         return Err(End::BrowserClosed);
     }
     // QEMU first: its outcome decides what the browser is offered.
-    let upstream = authenticate_upstream(ctx).await;
+    let upstream = authenticate_upstream(ctx, &ctx.console).await;
     let mut bbuf = Vec::new();
     let (offer, _) = drive(brx, &mut bbuf, browser_hs, End::from_browser, |s, b| {
         s.receive(b)
@@ -451,7 +454,7 @@ struct Leg {
 
 /// How waiting for a parked session's page ended.
 enum Waited {
-    Back(super::resume::Attach),
+    Back(Box<super::resume::Attach>),
     Over(End),
 }
 
@@ -572,14 +575,83 @@ pub async fn run(
 
 /// Relays a session's browser connections in turn, from its first to its end: a
 /// connection that drops parks the session until its page comes back (or the window
-/// ends). Returns the end and the last connection's recording.
+/// ends). Returns the end and the last connection's recording. A resuming connection
+/// the session did not take is told how it ended.
 async fn legs(
+    ctx: &Ctx,
+    leg: Leg,
+    brx: &mut BrowserRx,
+    btx: &mut BrowserTx,
+    meter: &Meter,
+    shutdown: &mut watch::Receiver<bool>,
+) -> (End, Option<crate::recording::Finished>) {
+    // Resumable when the page asked for it and resuming is on.
+    let resumable = if ctx.resumable {
+        ctx.env
+            .resumes
+            .open(ctx.id, ctx.client.ip(), ctx.claims.uuid)
+    } else {
+        None
+    };
+    let (held, mut arrivals) = match resumable {
+        Some((h, a)) => (Some(h), Some(a)),
+        None => (None, None),
+    };
+    let slot = held.as_ref().map(|h| h.slot().clone());
+    let mut left = None;
+    let ended = legs_in_turn(
+        ctx,
+        leg,
+        brx,
+        btx,
+        meter,
+        shutdown,
+        slot.as_deref(),
+        arrivals.as_mut(),
+        &mut left,
+    )
+    .await;
+    // No more resumes, and those on their way are told why.
+    drop(held);
+    let told = ended.0.told().to_string();
+    let mut refused: Vec<super::resume::Attach> = left.into_iter().collect();
+    if let Some(a) = arrivals.as_mut() {
+        a.close();
+        while let Ok(x) = a.try_recv() {
+            refused.push(x);
+        }
+    }
+    for a in refused {
+        let code = ended.0.close_code();
+        let told = told.clone();
+        tokio::spawn(async move {
+            let mut a = a;
+            a.tx.close(code, &told).await;
+            a.rx.linger(super::browser::CLOSE_LINGER).await;
+        });
+    }
+    ended
+}
+
+/// Closes a leg's connection to QEMU that was not relayed: what QEMU releases as it
+/// goes is on record first, as at a relay's end.
+async fn discard(ctx: &Ctx, up: Conn) {
+    record_disconnect(ctx).await;
+    let (mut rd, mut wr) = tokio::io::split(up.boxed());
+    close_upstream(&mut wr, Some(&mut rd)).await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn legs_in_turn(
     ctx: &Ctx,
     mut leg: Leg,
     brx: &mut BrowserRx,
     btx: &mut BrowserTx,
     meter: &Meter,
     shutdown: &mut watch::Receiver<bool>,
+    slot: Option<&super::resume::Slot>,
+    mut arrivals: Option<&mut tokio::sync::mpsc::Receiver<super::resume::Attach>>,
+    left: &mut Option<super::resume::Attach>,
 ) -> (End, Option<crate::recording::Finished>) {
     let live = meter.live();
     let owner = ctx.joined.is_none();
@@ -595,16 +667,6 @@ async fn legs(
         }
     };
     let idle_timeout = if owner { ctx.env.idle_timeout } else { None };
-    // Resumable when the page asked for it and resuming is on.
-    let resumable = if ctx.resumable {
-        ctx.env.resumes.open(ctx.id, ctx.client.ip())
-    } else {
-        None
-    };
-    let (held, mut arrivals) = match resumable {
-        Some((h, a)) => (Some(h), Some(a)),
-        None => (None, None),
-    };
     let window = ctx.env.resumes.window();
     loop {
         // The owner's connections are recorded, one file each; participants see the
@@ -613,22 +675,30 @@ async fn legs(
             Some(dir) if owner => {
                 match start_recording(ctx, dir, &leg.si_bytes, leg.rotation).await {
                     Ok(r) => Some(r),
-                    Err(e) => return (audit_failed(e), None),
+                    Err(e) => {
+                        discard(ctx, leg.up).await;
+                        return (audit_failed(e), None);
+                    }
                 }
             }
             _ => None,
         };
+        // The page's resume credential comes first, in a text message noVNC never
+        // sees (the page keeps it): a page that speaks RFB after ServerInit has it.
         // The browser sees the console only once it is on record and listed:
-        // ServerInit goes last. The page's resume credential follows, in a text
-        // message noVNC never sees (the page keeps it).
-        let sent = btx.binary(leg.si_bytes).await
-            && match held.as_ref().and_then(|h| h.slot().credential()) {
-                Some(c) => {
-                    let words = serde_json::json!({ "resume": c.as_str() }).to_string();
-                    btx.text(words).await
-                }
-                None => true,
-            };
+        // ServerInit goes last.
+        let credential = slot.and_then(|s| s.credential());
+        let told = match credential {
+            Some(c) => {
+                let mut words = zeroize::Zeroizing::new(String::with_capacity(c.len() + 16));
+                words.push_str("{\"resume\":\"");
+                words.push_str(&c);
+                words.push_str("\"}");
+                btx.text(words.to_string()).await
+            }
+            None => true,
+        };
+        let sent = told && btx.binary(leg.si_bytes).await;
         let (end, arrived) = if sent {
             let stop = stopped(shutdown, live.state(), owner, max, age());
             relay(
@@ -641,10 +711,12 @@ async fn legs(
                 meter,
                 recorder.as_ref(),
                 stop,
-                arrivals.as_mut(),
+                slot,
+                arrivals.as_deref_mut(),
             )
             .await
         } else {
+            discard(ctx, leg.up).await;
             (End::BrowserClosed, None)
         };
         let recording = match recorder {
@@ -659,11 +731,12 @@ async fn legs(
         };
         // Parked only when the connection was lost (not left with a close frame) or a
         // resume took its place.
-        let Some(slot) = held.as_ref().map(|h| h.slot()) else {
+        let Some(slot) = slot else {
             return (end, recording);
         };
         let lost = end.browser_gone() && !brx.said_goodbye();
         if !lost && arrived.is_none() {
+            *left = arrived;
             return (end, recording);
         }
         let cause = if arrived.is_some() {
@@ -698,40 +771,72 @@ async fn legs(
             })
             .await;
         if let Err(e) = dropped {
+            *left = arrived;
             return (audit_failed(e), None);
         }
-        let waited = match arrived {
-            Some(a) => Waited::Back(a),
-            None => tokio::select! {
-                biased;
-                end = stopped(shutdown, live.state(), owner, max, age()) => Waited::Over(end),
-                _ = live.idle.expired(idle_timeout) => Waited::Over(End::Idle(live.idle.idle_for())),
-                _ = tokio::time::sleep(window) => {
-                    ctx.env
-                        .metrics
-                        .session_resumes_total
-                        .with_label_values(&["window_expired"])
-                        .inc();
-                    info!(session = ctx.id, window = %humantime::format_duration(window), "not resumed within the window");
-                    Waited::Over(End::BrowserClosed)
+        let mut next = arrived;
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            let back = match next.take() {
+                Some(a) => a,
+                None => {
+                    let waited = tokio::select! {
+                        biased;
+                        end = stopped(shutdown, live.state(), owner, max, age()) => Waited::Over(end),
+                        _ = live.idle.expired(idle_timeout) => Waited::Over(End::Idle(live.idle.idle_for())),
+                        _ = tokio::time::sleep_until(deadline) => {
+                            ctx.env
+                                .metrics
+                                .session_resumes_total
+                                .with_label_values(&["window_expired"])
+                                .inc();
+                            info!(session = ctx.id, window = %humantime::format_duration(window), "not resumed within the window");
+                            Waited::Over(End::BrowserClosed)
+                        }
+                        Some(a) = async { arrivals.as_deref_mut()?.recv().await } => Waited::Back(Box::new(a)),
+                    };
+                    match waited {
+                        Waited::Back(a) => *a,
+                        Waited::Over(end) => return (end, None),
+                    }
                 }
-                Some(a) = async { arrivals.as_mut()?.recv().await } => Waited::Back(a),
-            },
-        };
-        let back = match waited {
-            Waited::Back(a) => a,
-            Waited::Over(end) => return (end, None),
-        };
-        leg = match reattach(ctx, back, brx, btx, parked_at, live).await {
-            Ok(leg) => leg,
-            Err(end) => return (end, None),
-        };
+            };
+            // A claim a newer one replaced: its page tried again.
+            if !back.claim.is_latest() {
+                let mut a = back;
+                tokio::spawn(async move {
+                    let why = "replaced by a newer resume of this console";
+                    a.tx.close(1008, why).await;
+                    a.rx.linger(super::browser::CLOSE_LINGER).await;
+                });
+                continue;
+            }
+            let reattached = tokio::select! {
+                biased;
+                end = stopped(shutdown, live.state(), owner, max, age()) => Err((end, None)),
+                r = reattach(ctx, back, brx, btx, parked_at, live) => r,
+            };
+            match reattached {
+                Ok(next_leg) => {
+                    leg = next_leg;
+                    break;
+                }
+                Err((end, Some(rejected))) => {
+                    // The VM is gone or changed: the session ends, and the page is told.
+                    *left = Some(rejected);
+                    return (end, None);
+                }
+                Err((end, None)) => return (end, None),
+            }
+        }
     }
 }
 
-/// A page came back: a new connection to QEMU, authenticated as at the start, and the
-/// page's connection in the place of the lost one, on record before QEMU's ServerInit
-/// reaches it. A failure toward the VM ends the session (the page is told why).
+/// A page came back: a new connection to QEMU, authenticated as at the start with the
+/// console libvirt describes now (the same run of the VM), and the page's connection
+/// in the place of the lost one, on record before QEMU's ServerInit reaches it. A
+/// failure ends the session; a VM that is gone or restarted hands the page back to be
+/// told why.
 async fn reattach(
     ctx: &Ctx,
     back: super::resume::Attach,
@@ -739,13 +844,25 @@ async fn reattach(
     btx: &mut BrowserTx,
     parked_at: Instant,
     live: &Arc<crate::live::Live>,
-) -> Result<Leg, End> {
+) -> Result<Leg, (End, Option<super::resume::Attach>)> {
+    let console = match &back.console {
+        Ok(c) if c.instance == ctx.console.instance && c.target == ctx.console.target => c.clone(),
+        Ok(_) => {
+            let end = End::vm(
+                VmFailure::Connect,
+                "the VM was restarted while its console was away",
+            );
+            return Err((end, Some(back)));
+        }
+        Err(e) => return Err((End::lookup(e), Some(back))),
+    };
     let super::resume::Attach {
         rx,
         tx,
         client,
         claim,
         done,
+        console: _,
     } = back;
     // The page's connection is the session's now, whatever follows: its close frame
     // says how it ends.
@@ -755,17 +872,22 @@ async fn reattach(
         brx.pings().measure_live(live.clone());
     }
     let opened = async {
-        let (link, ubuf, init) = authenticate_upstream(ctx).await?;
+        let (link, ubuf, init) = authenticate_upstream(ctx, &console).await?;
         vm_init(link, ubuf, init).await
     };
     let (up, early, si, si_bytes) = tokio::time::timeout(ctx.env.handshake_timeout, opened)
         .await
-        .unwrap_or_else(|_| Err(handshake_timeout(ctx.env.handshake_timeout)))?;
-    let (rotation, _next) = claim
-        .commit()
-        .map_err(|_| End::Internal("no randomness for the next resume credential"))?;
+        .unwrap_or_else(|_| Err(handshake_timeout(ctx.env.handshake_timeout)))
+        .map_err(|e| (e, None))?;
+    let Some(rotation) = claim.commit() else {
+        discard(ctx, up.stream).await;
+        let end =
+            End::Internal("the resume was replaced, or no randomness for the next credential");
+        return Err((end, None));
+    };
     let client = client.to_string();
-    ctx.env
+    let resumed = ctx
+        .env
         .audit
         .record(&Event::SessionResume {
             session: ctx.id,
@@ -775,8 +897,11 @@ async fn reattach(
             upstream_tls: up.tls,
             vm_password: up.password,
         })
-        .await
-        .map_err(audit_failed)?;
+        .await;
+    if let Err(e) = resumed {
+        discard(ctx, up.stream).await;
+        return Err((audit_failed(e), None));
+    }
     ctx.env
         .metrics
         .session_resumes_total
@@ -804,6 +929,7 @@ async fn relay(
     meter: &Meter,
     recorder: Option<&Recorder>,
     stop: impl std::future::Future<Output = End>,
+    resumable: Option<&super::resume::Slot>,
     arrivals: Option<&mut tokio::sync::mpsc::Receiver<super::resume::Attach>>,
 ) -> (End, Option<super::resume::Attach>) {
     let live = meter.live();
@@ -863,6 +989,7 @@ async fn relay(
     let (seat, mut typing) = crate::paste::Seat::new(layouts);
     let progress = seat.progress();
     let _seated = live.seat(ctx.id, seat);
+    let arrived = Mutex::new(None);
     let browser_to_vm = async {
         let mut out = lock(&rules)?.start();
         let len = out.len() as u64;
@@ -870,8 +997,30 @@ async fn relay(
         // The session's bytes toward the VM are what vizor wrote there for it.
         meter.add(Direction::BrowserToVm, len);
         let mut buf = Vec::with_capacity(4096);
+        let mut arrivals = arrivals;
+        let mut spoke = false;
         loop {
-            brx.read_into(&mut buf).await?;
+            // A page resuming while this connection still looks open (its browser saw
+            // it dead first) takes its place: heard only here, between two messages,
+            // so whatever was read is on record and written whole.
+            tokio::select! {
+                biased;
+                Some(a) = async { arrivals.as_deref_mut()?.recv().await } => {
+                    if let Ok(mut taken) = arrived.lock() {
+                        *taken = Some(a);
+                    }
+                    return Err(End::BrowserClosed);
+                }
+                r = brx.read_into(&mut buf) => { r?; }
+            }
+            // The page speaks RFB on this connection, which it was sent the current
+            // resume credential on before ServerInit: it has it.
+            if !spoke {
+                spoke = true;
+                if let Some(slot) = resumable {
+                    slot.confirmed();
+                }
+            }
             let mut up_wr = writer.lock().await;
             let up_wr = &mut *up_wr;
             let mut pos = 0;
@@ -967,24 +1116,11 @@ async fn relay(
             up_rd.read(&mut buf).await?;
         }
     };
-    // A page resuming while this connection still looks open (its browser saw it
-    // dead first) takes its place.
-    let mut arrived = None;
-    let resumed = async {
-        match arrivals {
-            Some(a) => a.recv().await,
-            None => None,
-        }
-    };
     // A stop goes first: after it, nothing more is relayed.
     let result: Result<(), End> = tokio::select! {
         biased;
         end = stop => Err(end),
         _ = idle.expired(idle_timeout) => Err(End::Idle(idle.idle_for())),
-        Some(a) = resumed => {
-            arrived = Some(a);
-            Err(End::BrowserClosed)
-        }
         r = browser_to_vm => r,
         r = vm_to_browser => r,
         r = pasting => r,
@@ -1024,7 +1160,7 @@ async fn relay(
         };
         close_upstream(&mut up_wr, rd).await;
     }
-    (end, arrived)
+    (end, arrived.into_inner().ok().flatten())
 }
 
 /// Types a paste: each character's key events through the session's rules, on record
