@@ -177,6 +177,106 @@ impl Typing {
     }
 }
 
+/// Where a paste's key events go: the relay's way to judge, record, pace and write
+/// one, as the browser's own.
+pub(crate) trait Keys {
+    /// Sends one key event.
+    async fn key(&mut self, ev: vizor_keys::layout::Event) -> Result<(), crate::end::End>;
+}
+
+/// Types `job` for connection `session`: each character's key events through `keys`,
+/// with a pause
+/// between events; a `paste` record before the first key and one after the last. A
+/// cancel takes effect between characters, so no key is left held and no dead key
+/// waits. With the guest's Caps Lock on (`caps`), it is turned off around the text, as
+/// a person would (how it changes a key differs between layouts and systems), and on
+/// again after it, also after a stop.
+pub(crate) async fn type_job(
+    audit: &crate::audit::Audit,
+    session: u64,
+    job: &Job,
+    typing: &Typing,
+    caps: bool,
+    keys: &mut impl Keys,
+) -> Result<(), crate::end::End> {
+    use crate::audit::Event;
+    use crate::session::audit_failed;
+    use vizor_keys::layout::{is_dead, Press, CAPS_LOCK};
+    // The handler checked the text against the layout already.
+    let Ok(presses) = job.layout.plan(&job.text, false) else {
+        return Ok(());
+    };
+    // One character each: a dead key with the press after it, or one press.
+    let mut each: Vec<&[Press]> = Vec::with_capacity(presses.len());
+    let mut rest = &presses[..];
+    while !rest.is_empty() {
+        let n = if is_dead(rest[0].keysym) && rest.len() > 1 {
+            2
+        } else {
+            1
+        };
+        let (char, after) = rest.split_at(n);
+        each.push(char);
+        rest = after;
+    }
+    let total = chars(&job.text);
+    let sha256 = crate::audit::sha256_hex(job.text.as_bytes());
+    let paste = |status, typed, sha256| Event::Paste {
+        session,
+        status,
+        layout: job.layout.name(),
+        chars: total,
+        typed,
+        sha256,
+    };
+    audit
+        .record(&paste("started", None, Some(&sha256)))
+        .await
+        .map_err(audit_failed)?;
+    tracing::info!(
+        session,
+        layout = job.layout.name(),
+        chars = total,
+        "paste typing"
+    );
+    if caps {
+        press(keys, &[CAPS_LOCK]).await?;
+    }
+    let mut typed = 0;
+    let mut cancelled = false;
+    for char in each {
+        if job.cancel.load(Ordering::SeqCst) {
+            cancelled = true;
+            break;
+        }
+        press(keys, char).await?;
+        typed += 1;
+        typing.typed(typed);
+    }
+    if caps {
+        press(keys, &[CAPS_LOCK]).await?;
+    }
+    let status = if cancelled { "cancelled" } else { "done" };
+    audit
+        .record(&paste(status, Some(typed.min(total)), None))
+        .await
+        .map_err(audit_failed)?;
+    tracing::info!(session, typed, status, "paste ended");
+    Ok(())
+}
+
+/// One character's key events, a pause after each.
+async fn press(
+    keys: &mut impl Keys,
+    p: &[vizor_keys::layout::Press],
+) -> Result<(), crate::end::End> {
+    for ev in vizor_keys::layout::events(p) {
+        keys.key(ev).await?;
+        tokio::time::sleep(KEY_INTERVAL).await;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

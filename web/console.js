@@ -382,6 +382,7 @@ async function spice() {
         onsuccess: () => {
             say("connected", "Connected");
             cadButton.disabled = false;
+            pasteButton.hidden = false;
             area.focus();
             follow();
         },

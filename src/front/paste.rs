@@ -79,7 +79,7 @@ pub(super) async fn console_paste(app: Arc<App>, peer: SocketAddr, req: Request<
         return refuse(
             StatusCode::CONFLICT,
             "cannot_type",
-            "this console cannot take a paste (SPICE consoles cannot yet)",
+            "this console cannot take a paste now (it is not connected to the VM's keyboard)",
         );
     };
     if req.method() == Method::DELETE {

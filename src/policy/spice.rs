@@ -29,6 +29,9 @@
 //! 11. pings and pongs on the main channel are the session's round trips;
 //! 12. the lock state QEMU (INPUTS_INIT) or spice-server (KEY_MODIFIERS) reports is
 //!     recorded when it changes;
+//! 14. a page's "Paste as keys" is typed as KEY_DOWN and KEY_UP messages judged as the
+//!     browser's own (rules 2 and 5), their strokes on record as a paste's with the
+//!     character's keysym ([`Rules::from_paste`]);
 //! 13. when the channel closes, the keys spice-server releases are recorded (inputs
 //!     and main channels), the main channel's transfers in flight are recorded as
 //!     incomplete, and a display channel whose browser never sent DISPLAY_INIT gets
@@ -141,6 +144,26 @@ pub struct Closing {
     pub display_init: Option<Vec<u8>>,
 }
 
+/// The SPICE inputs message and code for QEMU's key `number` (set 1, 0x80 set for an
+/// extended key): spice-server hands QEMU the code's bytes, low first, up to the first
+/// zero byte.
+fn paste_scancode(number: u8, down: bool) -> (u16, u32) {
+    // Zero ends a code, and E0 to E2 are prefixes: no layout presses such a key.
+    debug_assert!(!matches!(number & 0x7f, 0x00 | 0x60..=0x62), "{number:#x}");
+    let brk = if down { 0 } else { 0x80 };
+    let code = if number & 0x80 == 0 {
+        u32::from(number | brk)
+    } else {
+        0xe0 | (u32::from((number & 0x7f) | brk) << 8)
+    };
+    let msg_type = if down {
+        msg::inputs::MSGC_KEY_DOWN
+    } else {
+        msg::inputs::MSGC_KEY_UP
+    };
+    (msg_type, code)
+}
+
 fn key_notes(strokes: Vec<Stroke>) -> Vec<Note> {
     strokes
         .into_iter()
@@ -210,6 +233,44 @@ impl Rules {
         )
         .map_err(|e| End::spice_protocol(Direction::BrowserToVm, &e))?;
         Ok((out, key_notes(strokes)))
+    }
+
+    /// A key event vizor types for the page's paste (rule 14): the KEY_DOWN or KEY_UP
+    /// message QEMU's SPICE keyboard gets (the key's PC scancode, 0xE0 first for an
+    /// extended key, the break code on release, as spice-html5 sends them), judged as
+    /// the browser's own, its strokes on record as a paste's with the character's
+    /// keysym.
+    pub fn from_paste(
+        &mut self,
+        ev: vizor_keys::layout::Event,
+        keyboard: &Mutex<Keyboard>,
+    ) -> Result<(Vec<u8>, Step), End> {
+        let number = ev.key.number();
+        let (msg_type, code) = paste_scancode(number, ev.down);
+        let mut bytes = Vec::new();
+        write_message(
+            self.kind,
+            self.last_serial,
+            msg_type,
+            &code.to_le_bytes(),
+            &mut bytes,
+        )
+        .map_err(|e| End::spice_protocol(Direction::BrowserToVm, &e))?;
+        let mut step = self
+            .from_browser(&bytes, keyboard)?
+            .ok_or(End::Internal("a paste's key message was not whole"))?;
+        for note in &mut step.notes {
+            if let Note::Key(k) = note {
+                if k.stroke.origin == Origin::Browser {
+                    k.stroke.origin = Origin::Paste;
+                    k.keysym = Some(ev.keysym);
+                    // A prefix another message left in QEMU's decoder makes it another
+                    // key: on record as what the guest gets, marked.
+                    k.mismatch = k.stroke.key != ev.key;
+                }
+            }
+        }
+        Ok((bytes, step))
     }
 
     /// Judges the browser's next message at the front of `buf`; `None` until it is

@@ -988,7 +988,7 @@ async fn relay(
         };
     let (seat, mut typing) = crate::paste::Seat::new(layouts);
     let progress = seat.progress();
-    let _seated = live.seat(ctx.id, seat);
+    let seated = live.seat(ctx.id, seat);
     let arrived = Mutex::new(None);
     let browser_to_vm = async {
         let mut out = lock(&rules)?.start();
@@ -1059,8 +1059,10 @@ async fn relay(
         loop {
             let job = typing.next().await;
             let r = type_paste(ctx, &job, &rules, &writer, meter, &typing).await;
-            typing.done();
+            // A paste that failed keeps its progress: the relay's end records it
+            // interrupted.
             r?;
+            typing.done();
         }
     };
     let vm_to_browser = async {
@@ -1125,6 +1127,9 @@ async fn relay(
         r = vm_to_browser => r,
         r = pasting => r,
     };
+    // No paste is taken from now on.
+    drop(seated);
+    drop(typing);
     let mut up_wr = writer.into_inner();
     // A paste the session's end stopped: how far it got (its keys are on record).
     let interrupted = *progress.borrow();
@@ -1163,9 +1168,11 @@ async fn relay(
     (end, arrived.into_inner().ok().flatten())
 }
 
-/// Types a paste: each character's key events through the session's rules, on record
-/// and paced like the browser's own, with a pause between events; a cancel takes
-/// effect between characters, so no key is left held.
+/// The VM's writer, shared by the browser's input and a paste.
+type VmWriter = tokio::sync::Mutex<Box<dyn AsyncWrite + Unpin + Send>>;
+
+/// Types a paste through the session's rules, each key paced like the browser's own
+/// ([`crate::paste::type_job`]).
 async fn type_paste(
     ctx: &Ctx,
     job: &crate::paste::Job,
@@ -1174,85 +1181,28 @@ async fn type_paste(
     meter: &Meter,
     typing: &crate::paste::Typing,
 ) -> Result<(), End> {
-    use std::sync::atomic::Ordering;
-    use vizor_keys::layout::{events, is_dead, Press, CAPS_LOCK};
     let caps = lock(rules)?.caps_lock();
-    // The handler checked the text against the layout already.
-    let Ok(presses) = job.layout.plan(&job.text, false) else {
-        return Ok(());
+    let mut keys = VncKeys {
+        ctx,
+        rules,
+        writer,
+        meter,
     };
-    // One character each: a dead key with the press after it, or one press.
-    let mut chars: Vec<&[Press]> = Vec::with_capacity(presses.len());
-    let mut rest = &presses[..];
-    while !rest.is_empty() {
-        let n = if is_dead(rest[0].keysym) && rest.len() > 1 {
-            2
-        } else {
-            1
-        };
-        let (char, after) = rest.split_at(n);
-        chars.push(char);
-        rest = after;
+    crate::paste::type_job(&ctx.env.audit, ctx.id, job, typing, caps, &mut keys).await
+}
+
+/// A paste's keys into a VNC session.
+struct VncKeys<'a> {
+    ctx: &'a Ctx,
+    rules: &'a Mutex<Rules>,
+    writer: &'a VmWriter,
+    meter: &'a Meter,
+}
+
+impl crate::paste::Keys for VncKeys<'_> {
+    async fn key(&mut self, ev: vizor_keys::layout::Event) -> Result<(), End> {
+        type_key(self.ctx, ev, self.rules, self.writer, self.meter).await
     }
-    let total = crate::paste::chars(&job.text);
-    let sha256 = crate::audit::sha256_hex(job.text.as_bytes());
-    let paste = |status, typed, sha256| Event::Paste {
-        session: ctx.id,
-        status,
-        layout: job.layout.name(),
-        chars: total,
-        typed,
-        sha256,
-    };
-    ctx.env
-        .audit
-        .record(&paste("started", None, Some(&sha256)))
-        .await
-        .map_err(audit_failed)?;
-    info!(
-        session = ctx.id,
-        layout = job.layout.name(),
-        chars = total,
-        "paste typing"
-    );
-    let press = |p: &[Press]| {
-        let evs = events(p);
-        async move {
-            for ev in evs {
-                type_key(ctx, ev, rules, writer, meter).await?;
-                tokio::time::sleep(crate::paste::KEY_INTERVAL).await;
-            }
-            Ok::<(), End>(())
-        }
-    };
-    // Caps Lock off around the text, as a person would (how it changes a key differs
-    // between layouts and systems), and on again after it, also after a stop.
-    if caps {
-        press(&[CAPS_LOCK]).await?;
-    }
-    let mut typed = 0;
-    let mut cancelled = false;
-    // A stop takes effect between characters: no key held, no dead key pending.
-    for char in chars {
-        if job.cancel.load(Ordering::SeqCst) {
-            cancelled = true;
-            break;
-        }
-        press(char).await?;
-        typed += 1;
-        typing.typed(typed);
-    }
-    if caps {
-        press(&[CAPS_LOCK]).await?;
-    }
-    let status = if cancelled { "cancelled" } else { "done" };
-    ctx.env
-        .audit
-        .record(&paste(status, Some(typed.min(total)), None))
-        .await
-        .map_err(audit_failed)?;
-    info!(session = ctx.id, typed, status, "paste ended");
-    Ok(())
 }
 
 /// One key event of a paste, judged, on record, paced and written while the VM's

@@ -720,7 +720,11 @@ async fn relay(
     stop: impl std::future::Future<Output = End>,
 ) -> End {
     let keyboard = &*joined.keyboard;
-    let (mut up_rd, mut up_wr) = tokio::io::split(up);
+    let (mut up_rd, up_wr) = tokio::io::split(up);
+    // The VM's writer, shared by the browser's input and a paste being typed: each
+    // holds it from judging a message to writing it, so the audit's order is the
+    // order QEMU receives.
+    let writer: SpiceWriter = tokio::sync::Mutex::new(up_wr);
     // Counted open from here until it has closed toward spice-server.
     let _inputs_open = (channel == channel_type::INPUTS).then(|| joined.inputs.open());
     let rules = Mutex::new(Rules::new(
@@ -736,16 +740,28 @@ async fn relay(
         let (first, notes) = lock(&rules)?.start(keyboard)?;
         record(ctx, &notes).await?;
         if !first.is_empty() {
-            write_upstream(&mut up_wr, &first).await?;
+            write_upstream(&mut *writer.lock().await, &first).await?;
         }
         Ok::<(), End>(())
     };
     if let Err(end) = started.await {
         return end;
     }
+    // The inputs channel takes the page's pastes ("Paste as keys"): SPICE carries
+    // scancodes, which QEMU does not map through a keymap, so every layout types.
+    let inputs = channel == channel_type::INPUTS;
+    let (seat, mut typing) = crate::paste::Seat::new(if inputs {
+        &vizor_keys::layout::Layout::ALL
+    } else {
+        &[]
+    });
+    let progress = seat.progress();
+    let seated = inputs.then(|| meter.live().seat(ctx.id, seat));
     let browser_to_vm = async {
         let mut buf = early_browser;
         loop {
+            let mut held = writer.lock().await;
+            let up_wr = &mut *held;
             let mut pos = 0;
             loop {
                 let Some(step) = lock(&rules)?.from_browser(&buf[pos..], keyboard)? else {
@@ -769,18 +785,40 @@ async fn relay(
                     Verdict::Rewrite(out) => out,
                     Verdict::Drop(_) => Vec::new(),
                 };
-                write_upstream(&mut up_wr, &buf[..pos]).await?;
-                write_upstream(&mut up_wr, &instead).await?;
+                write_upstream(up_wr, &buf[..pos]).await?;
+                write_upstream(up_wr, &instead).await?;
                 meter.add(Direction::BrowserToVm, (pos + instead.len()) as u64);
                 buf.drain(..pos + step.len);
                 pos = 0;
             }
             if pos > 0 {
-                write_upstream(&mut up_wr, &buf[..pos]).await?;
+                write_upstream(up_wr, &buf[..pos]).await?;
                 meter.add(Direction::BrowserToVm, pos as u64);
                 buf.drain(..pos);
             }
+            drop(held);
             brx.read_into(&mut buf).await?;
+        }
+    };
+    let pasting = async {
+        loop {
+            let job = typing.next().await;
+            // The locks as spice-server sees them, the presses vizor judged included.
+            let caps = lock(keyboard)?.locks().caps;
+            let mut keys = SpiceKeys {
+                ctx,
+                rules: &rules,
+                writer: &writer,
+                keyboard,
+                meter,
+                idle,
+            };
+            let r = crate::paste::type_job(&ctx.env.audit, ctx.id, &job, &typing, caps, &mut keys)
+                .await;
+            // A paste that failed keeps its progress: the relay's end records it
+            // interrupted.
+            r?;
+            typing.done();
         }
     };
     let vm_to_browser = async {
@@ -836,7 +874,27 @@ async fn relay(
         end = stop => Err(end),
         r = browser_to_vm => r,
         r = vm_to_browser => r,
+        r = pasting => r,
     };
+    // No paste is taken from now on.
+    drop(seated);
+    drop(typing);
+    let mut up_wr = writer.into_inner();
+    // A paste the channel's end stopped: how far it got (its keys are on record).
+    let interrupted = *progress.borrow();
+    if let Some(p) = interrupted {
+        let event = Event::Paste {
+            session: ctx.id,
+            status: "interrupted",
+            layout: p.layout.name(),
+            chars: p.total,
+            typed: Some(p.typed),
+            sha256: None,
+        };
+        if let Err(e) = ctx.env.audit.record(&event).await {
+            warn!(error = %e, "audit log: the end of an interrupted paste not written");
+        }
+    }
     let end = r.err().unwrap_or(End::VmClosed);
     let vm_gone = end.vm_gone();
     let closing = rules
@@ -864,6 +922,44 @@ async fn relay(
         close_upstream(&mut up_wr, Some(&mut up_rd)).await;
     }
     end
+}
+
+/// The VM's writer of a channel, shared by the browser's input and a paste.
+type SpiceWriter = tokio::sync::Mutex<tokio::io::WriteHalf<Box<dyn Stream>>>;
+
+/// A paste's keys into a SPICE inputs channel: each judged as the browser's own, on
+/// record, then written while the VM's writer is held.
+struct SpiceKeys<'a> {
+    ctx: &'a Ctx,
+    rules: &'a Mutex<Rules>,
+    writer: &'a SpiceWriter,
+    keyboard: &'a Mutex<vizor_keys::spice::Keyboard>,
+    meter: &'a Meter,
+    idle: &'a Idle,
+}
+
+impl crate::paste::Keys for SpiceKeys<'_> {
+    async fn key(&mut self, ev: vizor_keys::layout::Event) -> Result<(), End> {
+        let mut up_wr = self.writer.lock().await;
+        let (bytes, step) = lock(self.rules)?.from_paste(ev, self.keyboard)?;
+        record(self.ctx, &step.notes).await?;
+        if let Some(end) = step.end {
+            return Err(end);
+        }
+        if step.input {
+            self.idle.touch();
+        }
+        let out = match step.verdict {
+            Verdict::Forward => bytes,
+            Verdict::Rewrite(out) => out,
+            Verdict::Drop(_) => Vec::new(),
+        };
+        if !out.is_empty() {
+            write_upstream(&mut *up_wr, &out).await?;
+            self.meter.add(Direction::BrowserToVm, out.len() as u64);
+        }
+        Ok(())
+    }
 }
 
 /// Records `notes`, in order, before what they come from moves on.

@@ -571,3 +571,80 @@ fn a_large_vm_message_is_forwarded_in_pieces_as_it_comes() {
     }
     assert_eq!(at, big.len());
 }
+
+/// Rule 14: a paste's key events go as KEY_DOWN and KEY_UP with the key's scancode (0xE0
+/// first for an extended key such as AltGr, the break code on release), judged as the
+/// browser's own: the strokes on record are a paste's and keep the character's keysym,
+/// and an observer's reach nothing.
+#[test]
+fn rule_14_a_paste_is_typed_as_scancodes_on_record_as_a_pastes() {
+    use vizor_keys::layout::{events, Layout};
+    // German: z is the US y key (0x15); @ is AltGr (right Alt, E0 38) with q (0x10).
+    let presses = Layout::De.plan("z@", false).unwrap();
+    let mut c = Channel::new(channel_type::INPUTS);
+    let mut sent = Vec::new();
+    let mut notes = Vec::new();
+    for ev in events(&presses) {
+        let (bytes, step) = c.rules.from_paste(ev, &c.keyboard).unwrap();
+        assert_eq!(step.verdict, Verdict::Forward);
+        assert!(step.input);
+        sent.extend(bytes);
+        notes.extend(step.notes);
+    }
+    let key = |t, code: u32| message(t, &code.to_le_bytes());
+    let (down, up) = (msg::inputs::MSGC_KEY_DOWN, msg::inputs::MSGC_KEY_UP);
+    let mut want = key(down, 0x15);
+    want.extend(key(up, 0x95));
+    want.extend(key(down, 0x38e0));
+    want.extend(key(down, 0x10));
+    want.extend(key(up, 0x90));
+    want.extend(key(up, 0xb8e0));
+    // The headers carry the serial of the browser's last message (none yet: 0).
+    let want: Vec<u8> = {
+        let mut w = Vec::new();
+        let mut at = 0;
+        while at < want.len() {
+            let size = u32::from_le_bytes(want[at + 2..at + 6].try_into().unwrap()) as usize;
+            let body = &want[at + 6..at + 6 + size];
+            let t = u16::from_le_bytes([want[at], want[at + 1]]);
+            write_message(KIND, 0, t, body, &mut w).unwrap();
+            at += 6 + size;
+        }
+        w
+    };
+    assert_eq!(sent, want);
+    let recorded: Vec<_> = notes
+        .iter()
+        .map(|n| match n {
+            Note::Key(k) => (
+                k.stroke.origin,
+                k.stroke.down,
+                k.keysym,
+                k.stroke.key.name(),
+            ),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        recorded,
+        [
+            (Origin::Paste, true, Some(0x7a), Some("y")),
+            (Origin::Paste, false, Some(0x7a), Some("y")),
+            (Origin::Paste, true, Some(0xfe03), Some("Alt_R")),
+            (Origin::Paste, true, Some(0x40), Some("q")),
+            (Origin::Paste, false, Some(0x40), Some("q")),
+            (Origin::Paste, false, Some(0xfe03), Some("Alt_R")),
+        ]
+    );
+    // An observer's paste reaches nothing (the API refuses it first).
+    let mut c = Channel::with(
+        channel_type::INPUTS,
+        Participant::OBSERVER,
+        &SpiceConfig::default(),
+    );
+    let (_, step) = c
+        .rules
+        .from_paste(events(&presses)[0], &c.keyboard)
+        .unwrap();
+    assert!(matches!(step.verdict, Verdict::Drop(_)));
+}
