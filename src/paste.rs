@@ -265,6 +265,27 @@ pub(crate) async fn type_job(
     Ok(())
 }
 
+/// Records how far a paste got that its connection's end stopped (its keys are on
+/// record already); nothing when none was being typed.
+pub(crate) async fn interrupted(
+    audit: &crate::audit::Audit,
+    session: u64,
+    progress: Option<Progress>,
+) {
+    let Some(p) = progress else { return };
+    let event = crate::audit::Event::Paste {
+        session,
+        status: "interrupted",
+        layout: p.layout.name(),
+        chars: p.total,
+        typed: Some(p.typed),
+        sha256: None,
+    };
+    if let Err(e) = audit.record(&event).await {
+        tracing::warn!(error = %e, "audit log: the end of an interrupted paste not written");
+    }
+}
+
 /// One character's key events, a pause after each.
 async fn press(
     keys: &mut impl Keys,

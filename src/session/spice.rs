@@ -882,19 +882,7 @@ async fn relay(
     let mut up_wr = writer.into_inner();
     // A paste the channel's end stopped: how far it got (its keys are on record).
     let interrupted = *progress.borrow();
-    if let Some(p) = interrupted {
-        let event = Event::Paste {
-            session: ctx.id,
-            status: "interrupted",
-            layout: p.layout.name(),
-            chars: p.total,
-            typed: Some(p.typed),
-            sha256: None,
-        };
-        if let Err(e) = ctx.env.audit.record(&event).await {
-            warn!(error = %e, "audit log: the end of an interrupted paste not written");
-        }
-    }
+    crate::paste::interrupted(&ctx.env.audit, ctx.id, interrupted).await;
     let end = r.err().unwrap_or(End::VmClosed);
     let vm_gone = end.vm_gone();
     let closing = rules

@@ -177,6 +177,21 @@ impl Ps2Trace {
     }
 }
 
+impl Ps2Trace {
+    /// Stops the trace once the guest's keyboard got as many bytes since `mark` as the
+    /// key records of `sessions` in `audit` say, and asserts they are those bytes.
+    pub fn assert_matches(self, mark: Mark, audit: &[serde_json::Value], sessions: &[u64]) {
+        let want = expected_ps2(audit, sessions);
+        let got = self.settle(mark, want.len());
+        self.stop();
+        assert_eq!(
+            hex(&got),
+            hex(&want),
+            "the guest's keyboard and the audit differ"
+        );
+    }
+}
+
 /// The bytes the guest's PS/2 keyboard gets for the key records of `sessions` in
 /// `audit`, in the log's order, as the audit tells them: each press and release QEMU
 /// passed on, by the key it acted on (the bytes a real QEMU 7.2 was measured to send for
