@@ -243,6 +243,9 @@ pub struct Live {
     pub idle: crate::limits::Idle,
     /// Where each connection that can type takes pastes, by its session id.
     seats: Mutex<std::collections::HashMap<u64, crate::paste::Seat>>,
+    /// Since when the owner's browser connection is lost and the session waits for
+    /// its page to resume it.
+    parked: Mutex<Option<SystemTime>>,
 }
 
 /// A connection's paste seat, on its session while held.
@@ -327,6 +330,18 @@ impl Live {
             live: self,
             session,
         }
+    }
+
+    /// The owner's connection was lost at `since` (`None`: it is back, or a new one).
+    pub fn set_parked(&self, since: Option<SystemTime>) {
+        if let Ok(mut p) = self.parked.lock() {
+            *p = since;
+        }
+    }
+
+    /// Since when the session waits for its page to resume it, if it does.
+    pub fn parked_since(&self) -> Option<SystemTime> {
+        self.parked.lock().ok().and_then(|p| *p)
     }
 
     /// The paste seat of the connection of audit session `session`, while it types.
@@ -556,6 +571,7 @@ impl LiveSessions {
                 state: watch::channel(State::Live).0,
                 idle: crate::limits::Idle::default(),
                 seats: Mutex::new(std::collections::HashMap::new()),
+                parked: Mutex::new(None),
             };
             (Arc::new(live), 0)
         });

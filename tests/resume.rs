@@ -103,7 +103,11 @@ async fn a_dropped_console_resumes_as_the_same_session_and_only_with_its_credent
     common::test_host(&["domain", d, "--vnc-passwd", "resume1", "--no-spice"]);
     let trace = Ps2Trace::start(d);
     let mark = trace.mark();
-    let v = Vizor::start_tokens("resume_window = \"4s\"", "", |_| {});
+    let v = Vizor::start_tokens(
+        "resume_window = \"4s\"",
+        common::ADMIN_API,
+        common::write_admin_key,
+    );
     let token = v.token(d, ConsoleKind::Vnc, 60);
     // As vizor's console page asks: resumable, the credential in a text message.
     let path = format!("/websockify?token={token}&resumable=1");
@@ -122,6 +126,9 @@ async fn a_dropped_console_resumes_as_the_same_session_and_only_with_its_credent
     let dropped = record(&v, "session_drop", |r| r["session"] == session).await;
     assert_eq!(dropped["cause"], "browser_closed", "{dropped}");
     assert_eq!(dropped["window_ms"], 4000, "{dropped}");
+    // An operator sees it waiting.
+    let listed = v.sessions().await;
+    assert!(listed[0]["parked_since"].is_string(), "{listed:?}");
     assert_eq!(
         dropped["client"].as_str().unwrap().split(':').next(),
         Some(LOCAL)
@@ -176,6 +183,8 @@ async fn a_dropped_console_resumes_as_the_same_session_and_only_with_its_credent
     assert_eq!(resumed["session"].as_u64(), Some(session), "{resumed}");
     assert!(resumed["parked_ms"].as_u64().unwrap() < 4000, "{resumed}");
     assert_eq!(resumed["vm_password"], true, "{resumed}");
+    let listed = v.sessions().await;
+    assert!(listed[0]["parked_since"].is_null(), "{listed:?}");
     // The page spoke on the new connection: the credential it used is spent, and it
     // has the next one.
     let c2 = credential(&mut second).await;

@@ -214,6 +214,7 @@ pub(super) fn api_sessions(app: &App) -> Resp {
                 "client": l.client.to_string(),
                 "token_id": l.token_id,
                 "started_at": humantime::format_rfc3339_seconds(l.started).to_string(),
+                "parked_since": l.parked_since().map(|t| humantime::format_rfc3339_seconds(t).to_string()),
                 "channels": s.channels,
                 "bytes": each(s.bytes),
                 "bytes_per_second": each(s.rate),

@@ -749,6 +749,9 @@ async fn legs_in_turn(
         brx.shut();
         let parked_at = Instant::now();
         slot.parked(Some(parked_at));
+        if owner {
+            live.set_parked(Some(std::time::SystemTime::now()));
+        }
         ctx.env
             .metrics
             .session_resumes_total
@@ -819,6 +822,9 @@ async fn legs_in_turn(
             match reattached {
                 Ok(next_leg) => {
                     leg = next_leg;
+                    if owner {
+                        live.set_parked(None);
+                    }
                     break;
                 }
                 Err((end, Some(rejected))) => {
