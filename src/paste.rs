@@ -175,11 +175,30 @@ impl Typing {
     pub fn done(&self) {
         self.progress.send_replace(None);
     }
+
+    /// Types each paste the seat takes, through `keys`, until one fails: that one
+    /// keeps its progress, so the relay's end records it interrupted.
+    pub(crate) async fn serve(
+        &mut self,
+        audit: &crate::audit::Audit,
+        session: u64,
+        keys: &mut impl Keys,
+    ) -> Result<(), crate::end::End> {
+        loop {
+            let job = self.next().await;
+            let caps = keys.caps_lock()?;
+            type_job(audit, session, &job, self, caps, keys).await?;
+            self.done();
+        }
+    }
 }
 
 /// Where a paste's key events go: the relay's way to judge, record, pace and write
 /// one, as the browser's own.
 pub(crate) trait Keys {
+    /// Whether the guest's Caps Lock is on now.
+    fn caps_lock(&self) -> Result<bool, crate::end::End>;
+
     /// Sends one key event.
     async fn key(&mut self, ev: vizor_keys::layout::Event) -> Result<(), crate::end::End>;
 }

@@ -1061,16 +1061,13 @@ async fn relay(
             }
         }
     };
-    let pasting = async {
-        loop {
-            let job = typing.next().await;
-            let r = type_paste(ctx, &job, &rules, &writer, meter, &typing).await;
-            // A paste that failed keeps its progress: the relay's end records it
-            // interrupted.
-            r?;
-            typing.done();
-        }
+    let mut keys = VncKeys {
+        ctx,
+        rules: &rules,
+        writer: &writer,
+        meter,
     };
+    let pasting = typing.serve(&ctx.env.audit, ctx.id, &mut keys);
     let vm_to_browser = async {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         // Bytes QEMU sent along with ServerInit are decoded before the first read.
@@ -1165,26 +1162,6 @@ async fn relay(
 /// The VM's writer, shared by the browser's input and a paste.
 type VmWriter = tokio::sync::Mutex<Box<dyn AsyncWrite + Unpin + Send>>;
 
-/// Types a paste through the session's rules, each key paced like the browser's own
-/// ([`crate::paste::type_job`]).
-async fn type_paste(
-    ctx: &Ctx,
-    job: &crate::paste::Job,
-    rules: &Mutex<Rules>,
-    writer: &tokio::sync::Mutex<Box<dyn AsyncWrite + Unpin + Send>>,
-    meter: &Meter,
-    typing: &crate::paste::Typing,
-) -> Result<(), End> {
-    let caps = lock(rules)?.caps_lock();
-    let mut keys = VncKeys {
-        ctx,
-        rules,
-        writer,
-        meter,
-    };
-    crate::paste::type_job(&ctx.env.audit, ctx.id, job, typing, caps, &mut keys).await
-}
-
 /// A paste's keys into a VNC session.
 struct VncKeys<'a> {
     ctx: &'a Ctx,
@@ -1194,6 +1171,11 @@ struct VncKeys<'a> {
 }
 
 impl crate::paste::Keys for VncKeys<'_> {
+    /// As QEMU's LED state last said.
+    fn caps_lock(&self) -> Result<bool, End> {
+        Ok(lock(self.rules)?.caps_lock())
+    }
+
     async fn key(&mut self, ev: vizor_keys::layout::Event) -> Result<(), End> {
         type_key(self.ctx, ev, self.rules, self.writer, self.meter).await
     }

@@ -800,27 +800,15 @@ async fn relay(
             brx.read_into(&mut buf).await?;
         }
     };
-    let pasting = async {
-        loop {
-            let job = typing.next().await;
-            // The locks as spice-server sees them, the presses vizor judged included.
-            let caps = lock(keyboard)?.locks().caps;
-            let mut keys = SpiceKeys {
-                ctx,
-                rules: &rules,
-                writer: &writer,
-                keyboard,
-                meter,
-                idle,
-            };
-            let r = crate::paste::type_job(&ctx.env.audit, ctx.id, &job, &typing, caps, &mut keys)
-                .await;
-            // A paste that failed keeps its progress: the relay's end records it
-            // interrupted.
-            r?;
-            typing.done();
-        }
+    let mut keys = SpiceKeys {
+        ctx,
+        rules: &rules,
+        writer: &writer,
+        keyboard,
+        meter,
+        idle,
     };
+    let pasting = typing.serve(&ctx.env.audit, ctx.id, &mut keys);
     let vm_to_browser = async {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         buf.extend_from_slice(&early_up);
@@ -927,6 +915,11 @@ struct SpiceKeys<'a> {
 }
 
 impl crate::paste::Keys for SpiceKeys<'_> {
+    /// As spice-server sees the locks, the presses vizor judged included.
+    fn caps_lock(&self) -> Result<bool, End> {
+        Ok(lock(self.keyboard)?.locks().caps)
+    }
+
     async fn key(&mut self, ev: vizor_keys::layout::Event) -> Result<(), End> {
         let mut up_wr = self.writer.lock().await;
         let (bytes, step) = lock(self.rules)?.from_paste(ev, self.keyboard)?;
