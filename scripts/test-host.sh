@@ -15,12 +15,14 @@
 #                            (spice_tls = 1: every SPICE domain gets a tlsPort beside its
 #                            plain port) and --vnc-tls domains.
 #   test-host.sh domain NAME [--vnc-passwd P] [--spice-passwd P] [--vnc-socket PATH]
-#                            [--no-spice] [--shutoff]
+#                            [--no-spice] [--spice-uncompressed] [--shutoff]
 #                            [--mode-switch-disk | --animate-disk | --pattern-disk]
 #                            [--vnc-tls | --vnc-tls-verify] [--vnc-keymap K]
 #                            --vnc-tls makes QEMU's VNC server VeNCrypt X.509 only (the
 #                            test CA's server certificate, as libvirt's vnc_tls = 1 does);
 #                            --vnc-tls-verify also demands a client certificate of that CA
+#                            --spice-uncompressed turns SPICE image compression off
+#                            (<image compression='off'/>): drawings go as raw bitmaps
 #                            --vnc-keymap gives the VNC graphics libvirt's keymap
 #                            attribute (QEMU's -k: keys by keysym, even extended ones)
 #                            --mode-switch-disk boots a 512-byte sector that switches the
@@ -346,13 +348,14 @@ cmd_domain() {
     local name=${1:-}
     [ $# -gt 0 ] && shift
     check_name "$name"
-    local vnc_pw="" spice_pw="" vnc_sock="" spice=1 shutoff=0 modeswitch=0 vnc_tls= keymap=
+    local vnc_pw="" spice_pw="" vnc_sock="" spice=1 shutoff=0 modeswitch=0 vnc_tls= keymap= spice_image=
     while [ $# -gt 0 ]; do
         case $1 in
             --vnc-passwd)   [ $# -ge 2 ] || die "--vnc-passwd needs a value"; vnc_pw=$2; shift 2 ;;
             --spice-passwd) [ $# -ge 2 ] || die "--spice-passwd needs a value"; spice_pw=$2; shift 2 ;;
             --vnc-socket)   [ $# -ge 2 ] || die "--vnc-socket needs a path"; vnc_sock=$2; shift 2 ;;
             --no-spice)     spice=0; shift ;;
+            --spice-uncompressed) spice_image="<image compression='off'/>"; shift ;;
             --shutoff)      shutoff=1; shift ;;
             --mode-switch-disk) modeswitch=1; shift ;;
             --animate-disk) modeswitch=2; shift ;;
@@ -387,7 +390,7 @@ cmd_domain() {
         [ -n "$spice_pw" ] && pw_attr=" passwd='$(xml_escape "$spice_pw")'"
         # A USB redirection channel, as virt-manager adds by default: vizor must not
         # offer or relay it unless configured to.
-        spice_xml="    <graphics type='spice' autoport='yes' listen='127.0.0.1'$pw_attr/>
+        spice_xml="    <graphics type='spice' autoport='yes' listen='127.0.0.1'$pw_attr>$spice_image</graphics>
     <redirdev bus='usb' type='spicevmc'/>"
     fi
 

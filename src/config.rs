@@ -472,6 +472,13 @@ pub struct ServerConfig {
         deserialize_with = "ws_message_size"
     )]
     pub ws_message_size: usize,
+    /// `splice`: move long display payloads (a VNC rectangle's, a SPICE drawing's)
+    /// from the VM's socket to the browser's with splice(2), never reading them into
+    /// vizor, when both connections are plain TCP and the session is not recorded
+    /// (default true). `false` reads every byte, for a kernel or sandbox that refuses
+    /// splice(2) or to compare the two (BENCHMARKS.md).
+    #[serde(default = "yes")]
+    pub splice: bool,
 }
 
 /// `[server] ws_message_size` by default.
@@ -1028,12 +1035,19 @@ keystrokes = "full"
         .unwrap();
         assert_eq!(c.server.worker_threads, Some(1));
         assert_eq!(c.server.ws_message_size, DEFAULT_WS_MESSAGE_SIZE);
+        assert!(c.server.splice, "splicing is on by default");
         let c = Config::parse(&MINIMAL.replace(
             "web_root = \"/usr/share/novnc\"",
-            "web_root = \"/usr/share/novnc\"\nws_message_size = \"64KiB\"",
+            "web_root = \"/usr/share/novnc\"\nws_message_size = \"64KiB\"\nsplice = false",
         ))
         .unwrap();
         assert_eq!(c.server.ws_message_size, 64 << 10);
+        assert!(!c.server.splice);
+        let bad = Config::parse(&MINIMAL.replace(
+            "web_root = \"/usr/share/novnc\"",
+            "web_root = \"/usr/share/novnc\"\nsplice = \"no\"",
+        ));
+        assert!(bad.is_err(), "splice takes true or false");
     }
 
     #[test]

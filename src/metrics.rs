@@ -233,8 +233,9 @@ impl Metrics {
         }
         // Input-to-display is measured for RFB only.
         m.input_to_display_seconds.with_label_values(&["vnc"]);
-        // Splicing is done for RFB only.
-        m.spliced_bytes_total.with_label_values(&["vnc"]);
+        for kind in ["vnc", "spice"] {
+            m.spliced_bytes_total.with_label_values(&[kind]);
+        }
         for listener in ["main", "metrics"] {
             m.accept_errors_total.with_label_values(&[listener]);
         }

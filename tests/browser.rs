@@ -275,6 +275,47 @@ fn spice_html5_draws_the_screen_and_typed_keys_are_audited() {
     v.assert_never_logged(&vnc_pw);
 }
 
+/// With SPICE image compression off, QEMU sends its screen as raw bitmaps, each over
+/// 64 KiB: vizor splices their pixels from socket to socket, and spice-html5 draws them.
+#[test]
+#[ignore = "live: needs the test host and Chromium (scripts/test.sh runs it with --include-ignored)"]
+fn spice_html5_draws_raw_drawings_vizor_splices() {
+    let t = tools();
+    let domain = "vizor-test-bspraw";
+    let (vnc_pw, spice_pw) = (password(), password());
+    test_host(&[
+        "domain",
+        domain,
+        "--vnc-passwd",
+        &vnc_pw,
+        "--spice-passwd",
+        &spice_pw,
+        "--spice-uncompressed",
+    ]);
+    let v = console_vizor(&t, "");
+    let r = drive(
+        &t,
+        "spice",
+        &console_url(&v, domain, ConsoleKind::Spice, 60),
+        "ok",
+    );
+    eprintln!("spice-html5, uncompressed: {r}");
+    assert_eq!(r["connected"]["words"], "Connected", "{r}");
+    assert!(r["banner_lit"].as_u64().unwrap() > 1000, "{r}");
+    let metrics = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(v.metrics());
+    let spliced = common::metric(&metrics, "vizor_spliced_bytes_total{kind=\"spice\"}").unwrap();
+    assert!(spliced > 64.0 * 1024.0, "{spliced} bytes spliced");
+    let audit = v.wait_for_records("session_end", 1);
+    let id = audit
+        .iter()
+        .find(|r| r["event"] == "session_start" && r["kind"] == "spice")
+        .unwrap()["session"]
+        .to_string();
+    assert_eq!(v.audit_text(&id), "ok<Ctrl+Alt+Delete>");
+}
+
 #[test]
 #[ignore = "live: needs the test host and Chromium (scripts/test.sh runs it with --include-ignored)"]
 fn the_console_page_says_in_words_why_a_link_does_not_open() {

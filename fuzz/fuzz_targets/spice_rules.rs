@@ -3,7 +3,7 @@
 //! panic; every step stays within the bytes it was given; a participant without input
 //! never has a key pressed in the VM's keyboard or a key or button on record; what
 //! vizor writes in a message's place is whole messages; once a step ends the session,
-//! it is over.
+//! it is over; only a display channel splices, and only what its message has left.
 //!
 //! Input: mode (1: bits 0-2 the channel type 1-7 (0 is main), bit 3 viewer, bit 4
 //! full headers) | then chunks of head (1: bit 7 the VM's, bits 0-6 the length) and
@@ -100,6 +100,18 @@ fuzz_target!(|data: &[u8]| {
             pos += step.len;
         }
         buf.drain(..pos);
+        // The relay splices the rest of a long display message past the rules: only
+        // on a display channel, only with nothing buffered, and the rules then stand
+        // after it (no more than the message holds is taken).
+        if !browser {
+            if let Some(pending) = rules.may_splice(buf.len(), 1) {
+                assert_eq!(channel, 2, "only display channels splice");
+                assert!(buf.is_empty() && pending > 0);
+                assert!(rules.spliced(pending + 1).is_err());
+                assert!(rules.spliced(pending).is_ok());
+                assert_eq!(rules.may_splice(0, 1), None);
+            }
+        }
     }
     let closing = rules.closing(&keyboard, false);
     if let Some(init) = &closing.display_init {

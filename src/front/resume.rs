@@ -18,6 +18,7 @@ pub(super) async fn resume(
         app.env.browser_limits.max_message_len + 64,
         app.config.server.ws_message_size,
         app.config.limits.send_timeout,
+        app.config.server.splice,
     );
     let claimed = app
         .env

@@ -291,6 +291,7 @@ pub(super) async fn console(
         app.env.browser_limits.max_message_len + 64,
         app.config.server.ws_message_size,
         app.config.limits.send_timeout,
+        app.config.server.splice,
     );
     // Whatever ended it, vizor's close frame is out: the browser's answer is awaited
     // before the connection closes (a session still counts as live meanwhile, so a

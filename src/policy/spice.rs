@@ -35,7 +35,14 @@
 //! 13. when the channel closes, the keys spice-server releases are recorded (inputs
 //!     and main channels), the main channel's transfers in flight are recorded as
 //!     incomplete, and a display channel whose browser never sent DISPLAY_INIT gets
-//!     one from vizor (spice-server 0.15 can crash without it) ([`Rules::closing`]).
+//!     one from vizor (spice-server 0.15 can crash without it) ([`Rules::closing`]);
+//! 15. a VM message too large to hold whole (`[limits] vm_message_max`; on a display
+//!     channel 64 KiB) is streamed to the browser unread only when vizor has no reason
+//!     to read it: display data, or a ping (spice-server's network test pads one to
+//!     250 KB; it goes unmeasured). One it reads (MAIN_INIT, agent data, the channel
+//!     list, the lock state, SET_ACK) is refused. On a display channel the rest of a
+//!     streamed message may be spliced past vizor once 64 KiB or more of it remain
+//!     ([`Rules::may_splice`]).
 //!
 //! Not yet: a participant's clipboard ways. Agent data cannot be dropped message by
 //! message without putting the agent stream out of step with spice-server's, so a
@@ -68,6 +75,11 @@ pub fn relays(config: &SpiceConfig, t: u8) -> bool {
         || config.allow_channels.iter().any(|c| c.channel_type() == t)
 }
 
+/// The largest display message held whole (rule 15): a larger one (a drawing) goes on
+/// as it comes, so the browser gets its first bytes at once and vizor holds none of it.
+/// The display messages vizor reads (SET_ACK, PING) are a few bytes.
+const DISPLAY_WHOLE_MAX: usize = 64 << 10;
+
 /// The state of one SPICE channel, between its browser participant and QEMU.
 pub struct Rules {
     channel: u8,
@@ -76,6 +88,8 @@ pub struct Rules {
     spice: SpiceConfig,
     keep_clipboard: bool,
     browser_limits: Limits,
+    /// The VM's bounds on this channel (a display channel holds less whole).
+    vm_whole: Limits,
     browser: Decoder,
     vm: Decoder,
     agent: AgentShared,
@@ -195,6 +209,15 @@ impl Rules {
         spice: &SpiceConfig,
         keep_clipboard: bool,
     ) -> Rules {
+        // Rule 15: a display channel holds less whole (drawings go on as they come).
+        let vm_whole = if channel == channel_type::DISPLAY {
+            Limits {
+                max_message_len: vm_limits.max_message_len.min(DISPLAY_WHOLE_MAX),
+                ..vm_limits
+            }
+        } else {
+            vm_limits
+        };
         // The browser's agent stream starts at its AGENT_START; the VM's at once.
         Rules {
             channel,
@@ -203,8 +226,9 @@ impl Rules {
             spice: spice.clone(),
             keep_clipboard,
             browser_limits,
+            vm_whole,
             browser: Decoder::new(kind, browser_limits),
-            vm: Decoder::new(kind, vm_limits),
+            vm: Decoder::new(kind, vm_whole),
             agent: AgentShared::new(spice.file_transfer),
             agent_in: (AgentFollower::default(), AgentStream::new(browser_limits)),
             agent_out: (AgentFollower::default(), AgentStream::new(vm_limits)),
@@ -374,8 +398,19 @@ impl Rules {
             return Ok(None);
         };
         let mut step = Step::forward(len);
-        let Frame::Whole { header, body } = frame else {
-            return Ok(Some(step));
+        let (header, body) = match frame {
+            Frame::Whole { header, body } => (header, body),
+            // Rule 15: a message too large to hold is streamed on unread, so it must
+            // be one vizor does not read (display data); one it reads is refused,
+            // never passed on unread.
+            Frame::Begin { header } if msg::server_read_whole(self.channel, header.msg_type) => {
+                return Err(protocol(vizor_spice::Error::LengthTooLarge {
+                    what: "SPICE message",
+                    len: u64::from(header.size),
+                    max: self.vm_whole.max_message_len as u64,
+                }))
+            }
+            Frame::Begin { .. } | Frame::Data(_) => return Ok(Some(step)),
         };
         match msg::parse_server(self.channel, header.msg_type, body).map_err(protocol)? {
             // Rule 9: the channels vizor refuses are not offered, so a browser does not
@@ -448,6 +483,25 @@ impl Rules {
             });
         }
         step.end = fed.end;
+    }
+
+    /// How many body bytes of the VM's current message may go from socket to socket
+    /// past vizor (spliced), with `buffered` bytes read and not yet judged: on a
+    /// display channel, the rest of a streamed message of at least `min` bytes, and
+    /// nothing while bytes are buffered (they come first). Only messages vizor does
+    /// not read are streamed (rule 15).
+    pub fn may_splice(&self, buffered: usize, min: u64) -> Option<u64> {
+        let pending = self.vm.pending_data();
+        (self.channel == channel_type::DISPLAY && buffered == 0 && pending >= min)
+            .then_some(pending)
+    }
+
+    /// The relay spliced `n` bytes of the VM's current message past vizor: the decoder
+    /// then stands after them.
+    pub fn spliced(&mut self, n: u64) -> Result<(), End> {
+        self.vm
+            .consume_payload(n)
+            .map_err(|e| End::spice_protocol(Direction::VmToBrowser, &e))
     }
 
     /// What the channel owes as it closes (rule 13); `vm_gone`: QEMU's side is closed

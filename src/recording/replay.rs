@@ -131,6 +131,8 @@ fn upgrade(
             1 << 20,
             crate::config::DEFAULT_WS_MESSAGE_SIZE,
             REPLAY_SEND_TIMEOUT,
+            // A replay reads from a file: nothing to splice.
+            false,
         );
         match play(&replay, brx, &btx).await {
             Ok(()) => info!(client = %peer, "replay ended"),

@@ -530,12 +530,14 @@ impl BrowserRx {
 
 /// Splits the upgraded socket and starts the writer task. Messages from the browser
 /// may be `max_message` bytes long, those to it are `message_size` at most; a frame for
-/// it waits `send_timeout` at most.
+/// it waits `send_timeout` at most; payloads may be spliced to it when `splice` and
+/// its connection is plain TCP.
 pub fn split(
     ws: WebSocket<Io>,
     max_message: usize,
     message_size: usize,
     send_timeout: Duration,
+    splice: bool,
 ) -> (BrowserRx, BrowserTx) {
     let message_size = message_size.max(1);
     // Nothing was read through the WebSocket yet: the upgraded connection is whole.
@@ -559,7 +561,7 @@ pub fn split(
             (Box::new(rd), Writer::Other(wr))
         }
     };
-    let tcp = matches!(writer, Writer::Tcp(_));
+    let tcp = splice && matches!(writer, Writer::Tcp(_));
     // Close and pong frames are sent by this side, through the writer task.
     let (mut rd, _) =
         fastwebsockets::after_handshake_split(reader, tokio::io::sink(), Role::Server);

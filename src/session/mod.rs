@@ -123,6 +123,85 @@ impl Conn {
     }
 }
 
+/// The shortest payload worth splicing: below it a read and a write cost less than
+/// the pipe's system calls and the hand-over to the browser's writer.
+pub(crate) const SPLICE_MIN: u64 = 64 * 1024;
+
+/// The VM's side of a relay: a TCP reader, which the browser's writer can borrow to
+/// splice from, or any other stream (TLS, a UNIX socket, or a TCP one read whole).
+pub(crate) enum VmReader {
+    /// `None` only while lent.
+    Tcp(Option<tokio::net::tcp::OwnedReadHalf>),
+    Other(Box<dyn AsyncRead + Unpin + Send>),
+}
+
+/// The VM's side of a relay, written.
+pub(crate) type VmWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+impl VmReader {
+    /// Splits `up`: a plain TCP one the relay may splice from when `splice` (the
+    /// browser's connection is plain TCP too, and nothing needs the bytes), else read.
+    pub(crate) fn split(up: Conn, splice: bool) -> (VmReader, VmWrite) {
+        match up {
+            Conn::Tcp(tcp) if splice => {
+                let (rd, wr) = tcp.into_split();
+                (VmReader::Tcp(Some(rd)), Box::new(wr))
+            }
+            other => {
+                let (rd, wr) = tokio::io::split(other.boxed());
+                (VmReader::Other(Box::new(rd)), Box::new(wr))
+            }
+        }
+    }
+
+    /// Reads what the VM sent into `buf`.
+    pub(crate) async fn read(&mut self, buf: &mut bytes::BytesMut) -> Result<(), End> {
+        match self {
+            VmReader::Tcp(Some(rd)) => read_upstream(rd, buf).await,
+            VmReader::Other(rd) => read_upstream(rd, buf).await,
+            VmReader::Tcp(None) => Err(End::Internal("the VM's reader was not given back")),
+        }
+    }
+
+    /// The reader, to drain at close (`None` while lent).
+    pub(crate) fn as_read(&mut self) -> Option<&mut (dyn AsyncRead + Unpin + Send)> {
+        match self {
+            VmReader::Tcp(rd) => rd
+                .as_mut()
+                .map(|r| r as &mut (dyn AsyncRead + Unpin + Send)),
+            VmReader::Other(rd) => Some(&mut **rd as &mut (dyn AsyncRead + Unpin + Send)),
+        }
+    }
+
+    /// Sends the VM's next `pending` bytes to the browser from socket to socket, after
+    /// everything queued before, when this reader can splice: `Ok(true)` once they
+    /// went, `Ok(false)` when they did not (not TCP, or no pipe: read them instead).
+    /// A broken splice ends the session, the bytes the browser got counted.
+    pub(crate) async fn splice(
+        &mut self,
+        btx: &browser::BrowserTx,
+        pending: u64,
+        meter: &Meter,
+    ) -> Result<bool, End> {
+        let VmReader::Tcp(slot) = self else {
+            return Ok(false);
+        };
+        let Some(from) = slot.take() else {
+            return Err(End::Internal("the VM's reader was not given back"));
+        };
+        let (from, sent) = btx.splice(from, pending).await.map_err(|(partial, end)| {
+            // The frames before the break reached the browser whole.
+            meter.add_spliced(partial);
+            end
+        })?;
+        *slot = Some(from);
+        if sent {
+            meter.add_spliced(pending);
+        }
+        Ok(sent)
+    }
+}
+
 /// The connection to a VM's console once it is set up.
 pub(crate) struct VmLink {
     /// The stream, inside TLS when `tls`.

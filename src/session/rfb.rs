@@ -8,8 +8,8 @@
 
 use super::browser::{BrowserRx, BrowserTx};
 use super::{
-    audit_failed, close_upstream, connect, drive, read_upstream, write_upstream, Conn, End, Meter,
-    Refusal, Upstream, VmFailure, VmLink,
+    audit_failed, close_upstream, connect, drive, write_upstream, Conn, End, Meter, Refusal,
+    Upstream, VmFailure, VmLink, VmReader,
 };
 use crate::audit::{Event, KeyEvent};
 use crate::libvirt::Console;
@@ -23,8 +23,7 @@ use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use vizor_rfb::handshake::client::{self, Authenticate, SendClientInit, VencryptChosen};
@@ -949,16 +948,7 @@ async fn relay(
     // Long payloads from the VM are spliced to the browser when both connections are
     // plain TCP and the session is not recorded (a recording needs the bytes).
     let recorded = recorder.is_some();
-    let (mut up_rd, up_wr): (VmReader, Box<dyn AsyncWrite + Unpin + Send>) = match up {
-        Conn::Tcp(tcp) if btx.can_splice() && !recorded => {
-            let (rd, wr) = tcp.into_split();
-            (VmReader::Tcp(Some(rd)), Box::new(wr))
-        }
-        other => {
-            let (rd, wr) = tokio::io::split(other.boxed());
-            (VmReader::Other(Box::new(rd)), Box::new(wr))
-        }
-    };
+    let (mut up_rd, up_wr) = VmReader::split(up, btx.can_splice() && !recorded);
     // Both directions' rules in one place: each direction's framing depends on what
     // the other negotiated.
     let rules = Mutex::new(Rules::new(
@@ -1098,25 +1088,13 @@ async fn relay(
             }
             // The rest of a long rectangle goes from socket to socket; the decoder,
             // told its length, then stands after it.
-            let splice = lock(&rules)?.may_splice(buf.len(), SPLICE_MIN);
-            if let (Some(pending), VmReader::Tcp(slot)) = (splice, &mut up_rd) {
-                if let Some(from) = slot.take() {
-                    let (from, sent) = match btx.splice(from, pending).await {
-                        Ok(spliced) => spliced,
-                        Err((partial, end)) => {
-                            // The frames before the break reached the browser whole.
-                            meter.add_spliced(partial);
-                            return Err(end);
-                        }
-                    };
-                    *slot = Some(from);
-                    if sent {
-                        lock(&rules)?.spliced(pending)?;
-                        meter.add_spliced(pending);
-                        continue;
-                    }
-                    // No pipe (out of open files): this much is read instead.
+            let splice = lock(&rules)?.may_splice(buf.len(), super::SPLICE_MIN);
+            if let Some(pending) = splice {
+                if up_rd.splice(btx, pending, meter).await? {
+                    lock(&rules)?.spliced(pending)?;
+                    continue;
                 }
+                // Not spliced (no pipe: out of open files): this much is read instead.
             }
             up_rd.read(&mut buf).await?;
         }
@@ -1148,19 +1126,13 @@ async fn relay(
     record_disconnect(ctx).await;
     let end = result.err().unwrap_or(End::VmClosed);
     if !end.vm_gone() {
-        let rd = match &mut up_rd {
-            VmReader::Tcp(rd) => rd
-                .as_mut()
-                .map(|r| r as &mut (dyn AsyncRead + Unpin + Send)),
-            VmReader::Other(rd) => Some(&mut **rd as &mut (dyn AsyncRead + Unpin + Send)),
-        };
-        close_upstream(&mut up_wr, rd).await;
+        close_upstream(&mut up_wr, up_rd.as_read()).await;
     }
     (end, arrived.into_inner().ok().flatten())
 }
 
 /// The VM's writer, shared by the browser's input and a paste.
-type VmWriter = tokio::sync::Mutex<Box<dyn AsyncWrite + Unpin + Send>>;
+type VmWriter = tokio::sync::Mutex<super::VmWrite>;
 
 /// A paste's keys into a VNC session.
 struct VncKeys<'a> {
@@ -1187,7 +1159,7 @@ async fn type_key(
     ctx: &Ctx,
     ev: vizor_keys::layout::Event,
     rules: &Mutex<Rules>,
-    writer: &tokio::sync::Mutex<Box<dyn AsyncWrite + Unpin + Send>>,
+    writer: &VmWriter,
     meter: &Meter,
 ) -> Result<(), End> {
     let mut up_wr = writer.lock().await;
@@ -1293,28 +1265,6 @@ async fn to_browser(
     btx.bytes(chunk).await?;
     meter.add(Direction::VmToBrowser, len);
     Ok(())
-}
-
-/// The shortest payload worth splicing: below it a read and a write cost less than
-/// the pipe's system calls and the hand-over to the browser's writer.
-const SPLICE_MIN: u64 = 64 * 1024;
-
-/// The VM's side of a relay: a TCP reader, which the browser's writer can borrow to
-/// splice from, or any other stream (TLS, a UNIX socket, or a TCP one read whole).
-enum VmReader {
-    /// `None` only while lent.
-    Tcp(Option<OwnedReadHalf>),
-    Other(Box<dyn AsyncRead + Unpin + Send>),
-}
-
-impl VmReader {
-    async fn read(&mut self, buf: &mut BytesMut) -> Result<(), End> {
-        match self {
-            VmReader::Tcp(Some(rd)) => read_upstream(rd, buf).await,
-            VmReader::Other(rd) => read_upstream(rd, buf).await,
-            VmReader::Tcp(None) => Err(End::Internal("the VM's reader was not given back")),
-        }
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, End> {

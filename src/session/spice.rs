@@ -11,8 +11,8 @@
 
 use super::browser::{BrowserRx, BrowserTx};
 use super::{
-    audit_failed, close_upstream, connect, drive, read_upstream, write_upstream, Conn, End, Meter,
-    Refusal, Source, Stream, Upstream, VmFailure, VmLink, CLOSE_GRACE,
+    audit_failed, close_upstream, connect, drive, write_upstream, Conn, End, Meter, Refusal,
+    Source, Upstream, VmFailure, VmLink, VmReader, CLOSE_GRACE,
 };
 use crate::audit::Event;
 use crate::end::ChannelRefusal;
@@ -529,7 +529,7 @@ async fn relay_channel(
         ctx,
         mess.channel_type,
         kind,
-        up.stream.boxed(),
+        up.stream,
         ubuf,
         bbuf,
         brx,
@@ -579,7 +579,7 @@ async fn link_both(
                 .connect(plain.boxed(), target)
                 .await
                 .map_err(|e| End::vm(VmFailure::Tls, e))?;
-            (Box::new(tls) as Box<dyn Stream>, target.clone(), true)
+            (Conn::Other(Box::new(tls)), target.clone(), true)
         }
         (Some(tls), None) if tls.require => {
             return Err(End::vm(
@@ -594,7 +594,7 @@ async fn link_both(
             ))
         }
         _ => (
-            connect(&console.target, ctx.env.dial).await?.boxed(),
+            connect(&console.target, ctx.env.dial).await?,
             console.target.clone(),
             false,
         ),
@@ -607,8 +607,8 @@ async fn link_both(
     let mut ubuf = Vec::new();
     let mut out = Vec::new();
     let expect_reply = handshake::client::start(linking.mess(), limits, &mut out);
-    write_upstream(&mut up, &out).await?;
-    let mut vm = Upstream(&mut up, "SPICE link");
+    write_upstream(&mut up.as_stream(), &out).await?;
+    let mut vm = Upstream(up.as_stream(), "SPICE link");
     let replied = link_step(
         &mut vm,
         &mut ubuf,
@@ -695,7 +695,7 @@ async fn link_both(
         });
     };
     let link = VmLink {
-        stream: Conn::Other(up),
+        stream: up,
         tls,
         // spice-server checks the ticket unless ticketing is off (no password).
         password: console.password.is_some(),
@@ -708,7 +708,7 @@ async fn relay(
     ctx: &Ctx,
     channel: u8,
     kind: HeaderKind,
-    up: Box<dyn Stream>,
+    up: Conn,
     early_up: Vec<u8>,
     early_browser: Vec<u8>,
     brx: &mut BrowserRx,
@@ -720,7 +720,9 @@ async fn relay(
     stop: impl std::future::Future<Output = End>,
 ) -> End {
     let keyboard = &*joined.keyboard;
-    let (mut up_rd, up_wr) = tokio::io::split(up);
+    // The rest of a long display message goes from socket to socket when both
+    // connections are plain TCP (SPICE sessions are not recorded).
+    let (mut up_rd, up_wr) = VmReader::split(up, btx.can_splice());
     // The VM's writer, shared by the browser's input and a paste being typed: each
     // holds it from judging a message to writing it, so the audit's order is the
     // order QEMU receives.
@@ -853,7 +855,16 @@ async fn relay(
                 btx.bytes(buf.split_to(consumed)).await?;
                 meter.add(Direction::VmToBrowser, consumed as u64);
             }
-            read_upstream(&mut up_rd, &mut buf).await?;
+            // The rest of a long display message goes from socket to socket; the
+            // decoder, told its length, then stands after it.
+            let splice = lock(&rules)?.may_splice(buf.len(), super::SPLICE_MIN);
+            if let Some(pending) = splice {
+                if up_rd.splice(btx, pending, meter).await? {
+                    lock(&rules)?.spliced(pending)?;
+                    continue;
+                }
+            }
+            up_rd.read(&mut buf).await?;
         }
     };
     // A stop goes first: after it, nothing more is relayed.
@@ -884,10 +895,12 @@ async fn relay(
         }
     }
     if let Some(init) = closing.display_init {
-        if up_wr.write_all(&init).await.is_ok() {
+        // The reader is in hand: spice-server sends a display channel nothing over
+        // 64 KiB (nothing is spliced) before DISPLAY_INIT (dcc.cpp, dcc_start).
+        if let (Ok(()), Some(rd)) = (up_wr.write_all(&init).await, up_rd.as_read()) {
             // Let the display worker take it (it answers) before the socket closes.
             let mut tmp = [0u8; 4096];
-            let _ = tokio::time::timeout(Duration::from_millis(500), up_rd.read(&mut tmp)).await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), rd.read(&mut tmp)).await;
             debug!("DISPLAY_INIT completed for a display channel the browser left early");
         }
     }
@@ -895,13 +908,13 @@ async fn relay(
         if channel == channel_type::MAIN {
             joined.inputs.closed().await;
         }
-        close_upstream(&mut up_wr, Some(&mut up_rd)).await;
+        close_upstream(&mut up_wr, up_rd.as_read()).await;
     }
     end
 }
 
 /// The VM's writer of a channel, shared by the browser's input and a paste.
-type SpiceWriter = tokio::sync::Mutex<tokio::io::WriteHalf<Box<dyn Stream>>>;
+type SpiceWriter = tokio::sync::Mutex<super::VmWrite>;
 
 /// A paste's keys into a SPICE inputs channel: each judged as the browser's own, on
 /// record, then written while the VM's writer is held.

@@ -8,11 +8,14 @@
 //!   parse function.
 //! - [`vnc`]: the synthetic VNC server, a test double for load generation and for the
 //!   faults real QEMU cannot be made to produce.
+//! - [`spice`]: the synthetic SPICE server, a test double for load generation, and
+//!   the client's side of its display stream.
 //! - [`libvirt`]: node files for libvirt's test driver naming such servers as the
 //!   consoles of running domains.
 
 pub mod drive;
 pub mod libvirt;
+pub mod spice;
 pub mod vnc;
 
 pub use drive::{

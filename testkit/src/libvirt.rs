@@ -5,7 +5,17 @@
 
 use std::path::Path;
 
-/// One running test domain with VNC graphics on 127.0.0.1.
+/// Which graphics a test domain has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Graphics {
+    /// `<graphics type='vnc'>`.
+    #[default]
+    Vnc,
+    /// `<graphics type='spice'>`, plain port only.
+    Spice,
+}
+
+/// One running test domain with VNC (or SPICE) graphics on 127.0.0.1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Domain {
     /// The domain's name.
@@ -17,6 +27,8 @@ pub struct Domain {
     pub port: u16,
     /// The VNC password libvirt stores; empty for graphics without one.
     pub password: String,
+    /// VNC or SPICE.
+    pub graphics: Graphics,
 }
 
 impl Domain {
@@ -27,6 +39,7 @@ impl Domain {
             uuid: uuid_of(name),
             port,
             password: password.to_owned(),
+            graphics: Graphics::Vnc,
         }
     }
 }
@@ -60,16 +73,20 @@ fn escape(s: &str) -> String {
         .replace('\'', "&apos;")
 }
 
-/// The node file holding `domains`, each running, with its VNC graphics.
+/// The node file holding `domains`, each running, with its graphics.
 pub fn node_xml(domains: &[Domain]) -> String {
     let mut node = String::from("<node>\n");
     for d in domains {
         node.push_str(&format!(
             "<domain type='test'><name>{}</name><uuid>{}</uuid><memory>65536</memory>\
-             <os><type>hvm</type></os><devices><graphics type='vnc' port='{}' \
+             <os><type>hvm</type></os><devices><graphics type='{}' port='{}' \
              listen='127.0.0.1'{}/></devices></domain>\n",
             escape(&d.name),
             uuid_string(&d.uuid),
+            match d.graphics {
+                Graphics::Vnc => "vnc",
+                Graphics::Spice => "spice",
+            },
             d.port,
             if d.password.is_empty() {
                 String::new()

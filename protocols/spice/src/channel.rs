@@ -88,6 +88,19 @@ impl Decoder {
         self.streaming
     }
 
+    /// Skips `n` body bytes of the streamed message that the caller moved past the
+    /// decoder (spliced from socket to socket); more than are still to come is refused.
+    pub fn consume_payload(&mut self, n: u64) -> Result<(), Error> {
+        if n > self.streaming {
+            return Err(Error::Malformed {
+                what: "SPICE message",
+                why: "more body consumed than the message has left",
+            });
+        }
+        self.streaming -= n;
+        Ok(())
+    }
+
     /// Decodes the next item at the start of `buf`, with the bytes it spans; `Ok(None)`
     /// when `buf` does not hold enough.
     pub fn decode<'a>(&mut self, buf: &'a [u8]) -> Result<Option<(Frame<'a>, usize)>, Error> {
@@ -212,6 +225,29 @@ mod tests {
                 assert!(whole[0].contains("serial: Some(1)"));
             }
         }
+    }
+
+    #[test]
+    fn a_streamed_body_consumed_past_the_decoder_leaves_it_at_the_next_header() {
+        let mut s = Vec::new();
+        write_message(HeaderKind::Mini, 0, 302, &[9; 100], &mut s).unwrap();
+        write_message(HeaderKind::Mini, 0, 4, &[1], &mut s).unwrap();
+        let limits = Limits {
+            max_message_len: 10,
+            ..Limits::default()
+        };
+        let mut d = Decoder::new(HeaderKind::Mini, limits);
+        let (f, n) = d.decode(&s).unwrap().unwrap();
+        assert!(matches!(f, Frame::Begin { .. }) && n == 6);
+        assert_eq!(d.pending_data(), 100);
+        // 30 bytes decoded, 70 moved past the decoder.
+        let (_, m) = d.decode(&s[6..36]).unwrap().unwrap();
+        assert_eq!(m, 30);
+        assert!(d.consume_payload(71).is_err(), "beyond the body");
+        d.consume_payload(70).unwrap();
+        assert_eq!(d.pending_data(), 0);
+        let (f, _) = d.decode(&s[106..]).unwrap().unwrap();
+        assert!(matches!(f, Frame::Whole { header, body: [1] } if header.msg_type == 4));
     }
 
     #[test]

@@ -572,6 +572,77 @@ fn a_large_vm_message_is_forwarded_in_pieces_as_it_comes() {
     assert_eq!(at, big.len());
 }
 
+/// Rule 15: a message vizor reads is refused when it is too large to hold, not passed
+/// on unread; display data that large may be spliced on a display channel, only once
+/// nothing read before it waits, and the decoder then stands after what was spliced.
+#[test]
+fn rule_15_only_unread_display_data_is_streamed_and_spliced() {
+    let small = Limits {
+        max_message_len: 64,
+        ..Limits::default()
+    };
+    let keyboard = Mutex::new(Keyboard::new());
+    let rules = |channel| {
+        Rules::new(
+            channel,
+            KIND,
+            Limits::default(),
+            small,
+            Participant::OWNER,
+            &SpiceConfig::default(),
+            false,
+        )
+    };
+    let agent = message(msg::main::MSG_AGENT_DATA, &[0; 200]);
+    let mut main = rules(channel_type::MAIN);
+    assert!(matches!(
+        main.from_vm(&agent, &keyboard),
+        Err(End::Protocol { .. })
+    ));
+    let mut inputs = rules(channel_type::INPUTS);
+    let modifiers = message(msg::inputs::MSG_KEY_MODIFIERS, &[0; 100]);
+    assert!(inputs.from_vm(&modifiers, &keyboard).is_err());
+    // spice-server's network-test ping (12 bytes and 256,000 of padding) goes on
+    // unread at any bound: it only carries a round-trip sample.
+    let mut net_test = 7u32.to_le_bytes().to_vec();
+    net_test.extend_from_slice(&99u64.to_le_bytes());
+    net_test.extend_from_slice(&[0; 256_000]);
+    let ping = message(msg::common::MSG_PING, &net_test);
+    let mut main = rules(channel_type::MAIN);
+    let step = main.from_vm(&ping, &keyboard).unwrap().expect("its header");
+    assert_eq!((step.len, step.ping), (6, None));
+    // The same size of something vizor does not read goes on, but is not spliced off
+    // the main channel.
+    let mark = message(msg::display::MSG_MARK, &[7; 200]);
+    let mut other = rules(channel_type::MAIN);
+    let step = other
+        .from_vm(&mark, &keyboard)
+        .unwrap()
+        .expect("its header");
+    assert_eq!(step.len, 6);
+    assert_eq!(other.may_splice(0, 1), None, "only display channels splice");
+
+    let mut display = rules(channel_type::DISPLAY);
+    let mut wire = mark.clone();
+    wire.extend_from_slice(&message(msg::display::MSG_MARK, &[1]));
+    let step = display
+        .from_vm(&wire, &keyboard)
+        .unwrap()
+        .expect("its header");
+    assert_eq!(step.len, 6);
+    assert_eq!(display.may_splice(0, 201), None, "shorter than the least");
+    assert_eq!(display.may_splice(10, 1), None, "bytes are buffered");
+    assert_eq!(display.may_splice(0, 200), Some(200));
+    let step = display.from_vm(&wire[6..56], &keyboard).unwrap().unwrap();
+    assert_eq!(step.len, 50);
+    assert_eq!(display.may_splice(0, 1), Some(150));
+    assert!(display.spliced(151).is_err(), "beyond the message");
+    display.spliced(150).unwrap();
+    assert_eq!(display.may_splice(0, 1), None);
+    let step = display.from_vm(&wire[206..], &keyboard).unwrap().unwrap();
+    assert_eq!(step.len, 7, "the next message, whole");
+}
+
 /// Rule 14: a paste's key events go as KEY_DOWN and KEY_UP with the key's scancode (0xE0
 /// first for an extended key such as AltGr, the break code on release), judged as the
 /// browser's own: the strokes on record are a paste's and keep the character's keysym,
