@@ -649,6 +649,12 @@ pub async fn serve(
                 continue;
             }
         };
+        // Consoles are interactive: a short write (an update's last rows, a cursor)
+        // goes out at once, not held back by Nagle's algorithm until the browser
+        // acknowledges what went before (which a delayed ACK can hold 40 ms or more).
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(client = %peer, error = %e, "TCP_NODELAY not set");
+        }
         let app = app.clone();
         let Some(tls) = &tls else {
             tokio::spawn(async move {
