@@ -7,7 +7,10 @@
 // allow), prints "ready" and then answers one JSON line per request line on stdin:
 //
 //   {"url": "ws://...", "password": "..." | null, "seconds": 10, "warmup": 2,
-//    "input_ms": 100}
+//    "input_ms": 100, "client": "vnc" | "spice"}
+//
+// With "client": "spice", the page is spice-html5 (Debian's, /usr/share/spice-html5)
+// instead, measured as SPICE_PAGE below says.
 //
 // Each request opens a fresh page with an RFB connection, lets it run `warmup` seconds,
 // and measures for `seconds`:
@@ -141,6 +144,125 @@ window.measure = (req) => new Promise((resolve) => {
 });
 </script>`;
 
+// The spice-html5 page: frames the page drew (animation frames in which spice-html5
+// drew anything on a canvas), WebSocket bytes over all of its channels, and input to
+// the next drawing (a pointer move on the canvas, which spice-html5 sends to the
+// inputs channel; a real guest draws nothing for it).
+const SPICE_PAGE = `<!doctype html><meta charset="utf-8"><title>vizor-bench spice</title>
+<style>html,body{margin:0;height:100%}</style>
+<div id="spice-area"></div><div id="spice-messages" hidden></div>
+<script type="module">
+import * as Spice from "/spice-html5/main.js";
+
+let onMessage = null;
+const NativeWebSocket = window.WebSocket;
+window.WebSocket = class extends NativeWebSocket {
+    constructor(...args) {
+        super(...args);
+        this.addEventListener("message", (e) => { if (onMessage) onMessage(e); });
+    }
+};
+let onDraw = null;
+for (const name of ["putImageData", "drawImage", "fillRect"]) {
+    const native = CanvasRenderingContext2D.prototype[name];
+    CanvasRenderingContext2D.prototype[name] = function (...args) {
+        const r = native.apply(this, args);
+        if (onDraw) onDraw();
+        return r;
+    };
+}
+
+window.measure = (req) => new Promise((resolve) => {
+    const out = { updates: 0, seconds: 0, bytes: 0, bytes_all: 0, messages: 0, largest: 0,
+                  latency_ms: [], unanswered: 0, next_ms: [], error: null };
+    let phase = "connecting";
+    let sc;
+    let inputs = null;
+    let drew = false;
+    let waiting = [];
+    const done = (why) => {
+        if (phase === "done") return;
+        if (why && !out.error) out.error = why;
+        phase = "done";
+        clearInterval(inputs);
+        onDraw = null;
+        onMessage = null;
+        try { sc.stop(); } catch (e) {}
+        out.next_ms.sort((a, b) => a - b);
+        resolve(out);
+    };
+    onMessage = (e) => {
+        const n = e.data.byteLength || 0;
+        out.bytes_all += n;
+        if (phase !== "measuring") return;
+        out.bytes += n;
+        out.messages++;
+        if (n > out.largest) out.largest = n;
+    };
+    onDraw = () => {
+        drew = true;
+        if (phase !== "measuring" || waiting.length === 0) return;
+        const now = performance.now();
+        for (const t of waiting) out.next_ms.push(now - t);
+        waiting = [];
+    };
+    const frame = () => {
+        if (phase === "done") return;
+        if (drew && phase === "measuring") out.updates++;
+        drew = false;
+        requestAnimationFrame(frame);
+    };
+    requestAnimationFrame(frame);
+    try {
+        sc = new Spice.SpiceMainConn({
+            uri: req.url,
+            screen_id: "spice-area",
+            message_id: "spice-messages",
+            password: req.password || "",
+            onerror: (e) => done("spice-html5: " + ((e && e.message) || e)),
+            onsuccess: () => {
+                let x = 0;
+                inputs = setInterval(() => {
+                    const canvas = document.querySelector("#spice-area canvas");
+                    if (phase !== "measuring" || !canvas) return;
+                    x = (x + 7) % 200;
+                    const r = canvas.getBoundingClientRect();
+                    canvas.dispatchEvent(new MouseEvent("mousemove", {
+                        clientX: r.left + 10 + (x % Math.max(1, r.width - 20)),
+                        clientY: r.top + 10, bubbles: true,
+                    }));
+                    waiting.push(performance.now());
+                }, req.input_ms);
+                setTimeout(() => {
+                    phase = "measuring";
+                    const t0 = performance.now();
+                    setTimeout(() => {
+                        out.seconds = (performance.now() - t0) / 1000;
+                        done(null);
+                    }, req.seconds * 1000);
+                }, req.warmup * 1000);
+            },
+        });
+    } catch (e) {
+        done(String(e));
+    }
+    setTimeout(() => { if (phase === "connecting") done("not connected within 15 s"); }, 15000);
+});
+</script>`;
+
+const spiceHtml5 = process.env.VIZOR_SPICE_HTML5 || "/usr/share/spice-html5";
+
+/** The file under `root` that `rest` names, or null outside it. */
+async function fileUnder(root, rest) {
+    const file = normalize(join(root, rest));
+    if (!file.startsWith(root)) return null;
+    try {
+        return { body: await readFile(file), ext: file.slice(file.lastIndexOf(".")) };
+    } catch (e) {
+        return null;
+    }
+}
+
 const types = { ".js": "text/javascript", ".html": "text/html", ".json": "application/json" };
 const server = createServer(async (req, res) => {
     const path = new URL(req.url, "http://x").pathname;
@@ -149,16 +271,18 @@ const server = createServer(async (req, res) => {
         res.end(PAGE);
         return;
     }
-    if (path.startsWith("/novnc/")) {
-        const file = normalize(join(novnc, path.slice("/novnc/".length)));
-        if (file.startsWith(novnc)) {
-            try {
-                const body = await readFile(file);
-                const ext = file.slice(file.lastIndexOf("."));
-                res.writeHead(200, { "content-type": types[ext] || "application/octet-stream" });
-                res.end(body);
-                return;
-            } catch (e) {}
+    if (path === "/spice.html") {
+        res.writeHead(200, { "content-type": "text/html" });
+        res.end(SPICE_PAGE);
+        return;
+    }
+    for (const [prefix, root] of [["/novnc/", novnc], ["/spice-html5/", spiceHtml5]]) {
+        if (!path.startsWith(prefix)) continue;
+        const found = await fileUnder(root, path.slice(prefix.length));
+        if (found) {
+            res.writeHead(200, { "content-type": types[found.ext] || "application/octet-stream" });
+            res.end(found.body);
+            return;
         }
     }
     res.writeHead(404);
@@ -192,7 +316,8 @@ for await (const line of lines) {
         const req = JSON.parse(line);
         const page = await context.newPage();
         try {
-            await page.goto(`http://127.0.0.1:${port}/bench.html`);
+            const which = req.client === "spice" ? "spice.html" : "bench.html";
+            await page.goto(`http://127.0.0.1:${port}/${which}`);
             await page.waitForFunction(() => typeof window.measure === "function");
             answer = await page.evaluate((r) => window.measure(r), req);
         } finally {

@@ -8,11 +8,12 @@
 //! Every path is measured on an idle machine and with one CPU-bound process beside it
 //! (a hypervisor host is busy with its VMs), in interleaved rounds.
 //!
-//! Two cases: `browser` against the synthetic server (full-screen 1920x1080 Raw
+//! Three cases: `browser` against the synthetic server (full-screen 1920x1080 Raw
 //! updates, as fast as noVNC asks for them), which also sweeps vizor's
 //! `ws_message_size`; `browser-qemu` against a running libvirt domain whose guest
 //! changes every pixel (`test-host.sh domain NAME --pattern-disk`), with noVNC's
-//! default encodings.
+//! default encodings; `browser-spice`: spice-html5 against the same kind of domain's
+//! SPICE console, through vizor and websockify.
 
 use crate::cases::Bench;
 use crate::proxy::{Proxy, Way};
@@ -92,6 +93,7 @@ impl Page {
         url: &str,
         password: Option<&str>,
         seconds: u64,
+        client: Client,
     ) -> Result<Measured, String> {
         let req = serde_json::json!({
             "url": url,
@@ -99,6 +101,10 @@ impl Page {
             "seconds": seconds,
             "warmup": 2,
             "input_ms": 100,
+            "client": match client {
+                Client::NoVnc => "vnc",
+                Client::SpiceHtml5 => "spice",
+            },
         });
         let mut line = req.to_string();
         line.push('\n');
@@ -153,6 +159,15 @@ impl Drop for Load {
     }
 }
 
+/// The console client in the page.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Client {
+    /// noVNC 1.7.
+    NoVnc,
+    /// Debian's spice-html5.
+    SpiceHtml5,
+}
+
 /// One path a page connects through.
 struct Target {
     name: String,
@@ -167,8 +182,10 @@ enum Url {
     Fixed(String),
     /// vizor in front of the synthetic server.
     Synthetic,
-    /// vizor in front of a libvirt domain.
+    /// vizor in front of a libvirt domain's VNC console.
     Domain(String, [u8; 16]),
+    /// vizor in front of a libvirt domain's SPICE console.
+    SpiceDomain(String, [u8; 16]),
 }
 
 impl Target {
@@ -184,6 +201,12 @@ impl Target {
                 "ws://{}/websockify?token={}",
                 p.addr,
                 p.token(d, *uuid).unwrap_or_default()
+            ),
+            (Url::SpiceDomain(d, uuid), Some(p)) => format!(
+                "ws://{}/websockify?token={}",
+                p.addr,
+                p.token_for(d, *uuid, vizor::token::ConsoleKind::Spice)
+                    .unwrap_or_default()
             ),
             (_, None) => String::new(),
         }
@@ -211,6 +234,7 @@ async fn measure(
     proxies: &[Proxy],
     (rounds, seconds): (usize, u64),
     pause: Duration,
+    client: Client,
 ) -> Results {
     let mut results: Results = BTreeMap::new();
     for round in 0..rounds {
@@ -220,7 +244,9 @@ async fn measure(
                 let cpu0 = t.proxy.map(|i| proxies[i].cpu_seconds());
                 let url = t.url(proxies, round);
                 let t0 = std::time::Instant::now();
-                let r = page.measure(&url, t.password.as_deref(), seconds).await;
+                let r = page
+                    .measure(&url, t.password.as_deref(), seconds, client)
+                    .await;
                 let cpu = t.proxy.zip(cpu0).map(|(i, c0)| Cpu {
                     seconds: proxies[i].cpu_seconds() - c0,
                     wall: t0.elapsed().as_secs_f64(),
@@ -495,6 +521,7 @@ pub async fn synthetic(b: &Bench, root: &Path) -> Case {
         &proxies,
         sizes,
         Duration::ZERO,
+        Client::NoVnc,
     )
     .await;
     report(
@@ -526,15 +553,6 @@ fn websocket_port(domain: &str) -> Result<u16, String> {
         })
 }
 
-fn domain_uuid(domain: &str) -> Result<[u8; 16], String> {
-    let out = std::process::Command::new("virsh")
-        .args(["-c", "qemu:///system", "domuuid", domain])
-        .output()
-        .map_err(|e| format!("virsh: {e}"))?;
-    vizor::token::parse_uuid(String::from_utf8_lossy(&out.stdout).trim())
-        .ok_or_else(|| format!("virsh domuuid {domain}: no UUID"))
-}
-
 /// noVNC against a real QEMU whose guest changes the whole screen.
 pub async fn qemu(b: &Bench, root: &Path, domain: &str) -> Case {
     let mut case = Case::new(
@@ -543,9 +561,9 @@ pub async fn qemu(b: &Bench, root: &Path, domain: &str) -> Case {
     );
     let (rounds, seconds) = (b.settings.browser_rounds, b.settings.browser_seconds);
     let setup = (|| {
-        let console = crate::qemu::console_of(domain)?;
+        let console = crate::qemu::console_of(domain, "vnc")?;
         let ws = websocket_port(domain)?;
-        let uuid = domain_uuid(domain)?;
+        let uuid = crate::qemu::domain_uuid(domain)?;
         Ok::<_, String>((console, ws, uuid))
     })();
     let (console, ws_port, uuid) = match setup {
@@ -618,7 +636,16 @@ pub async fn qemu(b: &Bench, root: &Path, domain: &str) -> Case {
     // QEMU's listen backlog is 1: a pause after each round.
     let sizes = (rounds, seconds);
     let pause = Duration::from_millis(200);
-    let results = measure(&mut case, &mut page, &targets, &proxies, sizes, pause).await;
+    let results = measure(
+        &mut case,
+        &mut page,
+        &targets,
+        &proxies,
+        sizes,
+        pause,
+        Client::NoVnc,
+    )
+    .await;
     report(
         &mut case,
         &targets,
@@ -626,6 +653,98 @@ pub async fn qemu(b: &Bench, root: &Path, domain: &str) -> Case {
         Input::NextUpdate,
         (">= 0.9x qemu-ws", Goal::RatioToAtLeast("qemu-ws", 0.9)),
         ("<= 1.1x qemu-ws", Goal::RatioToAtMost("qemu-ws", 1.1)),
+    );
+    case
+}
+
+/// spice-html5 against a real QEMU whose guest changes the whole screen, through vizor
+/// and websockify (QEMU has no SPICE WebSocket of its own).
+pub async fn spice(b: &Bench, root: &Path, domain: &str) -> Case {
+    let mut case = Case::new(
+        "browser-spice",
+        "spice-html5 in headless Chromium, a real QEMU whose guest changes the whole screen",
+    );
+    let (rounds, seconds) = (b.settings.browser_rounds, b.settings.browser_seconds);
+    let setup = (|| {
+        let console = crate::qemu::console_of(domain, "spice")?;
+        let uuid = crate::qemu::domain_uuid(domain)?;
+        let port = free_port()?;
+        Ok::<_, String>((console, uuid, port))
+    })();
+    let (console, uuid, port) = match setup {
+        Ok(s) => s,
+        Err(e) => {
+            case.errors.push(e);
+            return case;
+        }
+    };
+    let consoles = vec![console.clone()];
+    let mut proxies = Vec::new();
+    let mut targets = Vec::new();
+    let origin = format!("allowed_origins = [\"http://127.0.0.1:{port}\"]");
+    for way in [Way::Vizor, Way::Websockify] {
+        let dir = b.dir.join("browser-spice").join(way.name());
+        match Proxy::start_with(
+            way,
+            &b.programs,
+            &consoles,
+            0,
+            "qemu:///system",
+            &dir,
+            &origin,
+        ) {
+            Ok(p) => {
+                let (url, password) = match way {
+                    Way::Vizor => (Url::SpiceDomain(domain.to_owned(), uuid), None),
+                    _ => (
+                        Url::Fixed(format!("ws://{}/websockify", p.addr)),
+                        Some(console.password.clone()),
+                    ),
+                };
+                targets.push(Target {
+                    name: way.name().into(),
+                    url,
+                    password,
+                    proxy: Some(proxies.len()),
+                });
+                proxies.push(p);
+            }
+            Err(e) => case.errors.push(format!("{}: {e}", way.name())),
+        }
+    }
+    let mut page = match Page::start(root, port).await {
+        Ok(p) => p,
+        Err(e) => {
+            case.errors.push(e);
+            return case;
+        }
+    };
+    case.notes.push(format!(
+        "domain {domain}: SPICE port {}; {rounds} interleaved rounds of {seconds} s per path \
+         and condition after 2 s of warm-up; updates: animation frames in which spice-html5 \
+         drew; input: a pointer move to the next drawing (the guest draws nothing for it); \
+         loaded: one CPU-bound process beside it",
+        console.port
+    ));
+    let sizes = (rounds, seconds);
+    let pause = Duration::from_millis(200);
+    let results = measure(
+        &mut case,
+        &mut page,
+        &targets,
+        &proxies,
+        sizes,
+        pause,
+        Client::SpiceHtml5,
+    )
+    .await;
+    report(
+        &mut case,
+        &targets,
+        &results,
+        Input::NextUpdate,
+        (">= websockify", Goal::RatioToAtLeast("websockify", 1.0)),
+        ("<= 1.1x websockify", Goal::RatioToAtMost("websockify", 1.1)),
     );
     case
 }

@@ -62,8 +62,8 @@ fn err(what: &str, e: impl std::fmt::Display) -> ClientError {
 
 type Result<T> = std::result::Result<T, ClientError>;
 
-/// The transport under RFB.
-enum Link {
+/// The transport under RFB (or SPICE).
+pub enum Link {
     Tcp {
         s: TcpStream,
         buf: Box<[u8]>,
@@ -78,7 +78,30 @@ enum Link {
 const TCP_READ: usize = 1 << 20;
 
 impl Link {
-    async fn send(&mut self, bytes: &[u8]) -> Result<()> {
+    /// Connects from `src` along `route`; with the password the client itself must
+    /// give (direct, and through a splicer).
+    pub async fn open(route: &Route, src: IpAddr) -> Result<(Link, Option<&str>)> {
+        Ok(match route {
+            Route::Tcp { addr, password } => (
+                Link::Tcp {
+                    s: tcp_from(src, *addr).await?,
+                    buf: vec![0u8; TCP_READ].into_boxed_slice(),
+                },
+                Some(password.as_str()),
+            ),
+            Route::Ws {
+                addr,
+                path,
+                password,
+            } => (
+                upgrade(tcp_from(src, *addr).await?, *addr, path).await?,
+                password.as_deref(),
+            ),
+        })
+    }
+
+    /// Sends `bytes` (over a WebSocket, as one binary message).
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {
         match self {
             Link::Tcp { s, .. } => s.write_all(bytes).await.map_err(|e| err("send", e)),
             Link::Ws(ws) => ws
@@ -89,7 +112,7 @@ impl Link {
     }
 
     /// Waits for the next bytes and hands them to `f`, in place.
-    async fn recv<R>(&mut self, mut f: impl FnMut(&[u8]) -> R) -> Result<R> {
+    pub async fn recv<R>(&mut self, mut f: impl FnMut(&[u8]) -> R) -> Result<R> {
         match self {
             Link::Tcp { s, buf } => {
                 let n = s.read(buf).await.map_err(|e| err("receive", e))?;
@@ -118,7 +141,7 @@ impl Link {
     }
 
     /// Receives into `pending` (during the handshake, where copies do not matter).
-    async fn recv_into(&mut self, pending: &mut Vec<u8>) -> Result<()> {
+    pub async fn recv_into(&mut self, pending: &mut Vec<u8>) -> Result<()> {
         self.recv(|b| pending.extend_from_slice(b)).await
     }
 }
@@ -410,23 +433,7 @@ where
 impl Session {
     /// Connects from `src` along `route` and runs the RFB handshake up to ServerInit.
     pub async fn open(route: &Route, src: IpAddr) -> Result<Session> {
-        let (mut link, password) = match route {
-            Route::Tcp { addr, password } => (
-                Link::Tcp {
-                    s: tcp_from(src, *addr).await?,
-                    buf: vec![0u8; TCP_READ].into_boxed_slice(),
-                },
-                Some(password.as_str()),
-            ),
-            Route::Ws {
-                addr,
-                path,
-                password,
-            } => (
-                upgrade(tcp_from(src, *addr).await?, *addr, path).await?,
-                password.as_deref(),
-            ),
-        };
+        let (mut link, password) = Link::open(route, src).await?;
         let limits = Limits::default();
         let mut pending = Vec::new();
         let mut out = Vec::new();

@@ -16,6 +16,7 @@ mod pool;
 mod proxy;
 mod qemu;
 mod report;
+mod spice;
 mod upstream;
 
 use cases::{Bench, Settings};
@@ -35,12 +36,14 @@ struct Args {
     /// Where to write the results as JSON [default: target/bench/results.json].
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Cases to run, comma-separated: bulk, small, setup, idle, many, browser (noVNC in
-    /// headless Chromium) (and qemu, participants, browser-qemu, with --qemu).
+    /// Cases to run, comma-separated: bulk, small, setup, idle, many, spice (synthetic
+    /// SPICE drawings), browser (noVNC in headless Chromium) (and qemu, participants,
+    /// browser-qemu, browser-spice (spice-html5; the domain needs SPICE graphics with a
+    /// password), with --qemu).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "bulk,small,setup,idle,many"
+        default_value = "bulk,small,setup,idle,many,spice"
     )]
     cases: Vec<String>,
     /// Paths to compare, comma-separated: direct, vizor, websockify, websocat.
@@ -249,7 +252,7 @@ async fn run(args: Args) -> Result<bool, String> {
         .await
         .map_err(|e| format!("synthetic server: {e}"))?;
     let node_file = work.join("node.xml");
-    proxy::write_node_file(&node_file, &upstream.consoles)
+    proxy::write_node_file(&node_file, &upstream.consoles, Default::default())
         .map_err(|e| format!("{}: {e}", node_file.display()))?;
     let sources: Vec<IpAddr> = (0..64u8)
         .map(|i| IpAddr::V4(Ipv4Addr::new(127, 88, 0, i + 1)))
@@ -290,6 +293,7 @@ async fn run(args: Args) -> Result<bool, String> {
             "setup" => tokio::time::timeout(bound, cases::setup(&bench)).await,
             "idle" => tokio::time::timeout(bound, cases::idle(&bench)).await,
             "many" => tokio::time::timeout(bound, cases::many(&bench)).await,
+            "spice" => tokio::time::timeout(bound, spice::spice(&bench)).await,
             "qemu" => match &args.qemu {
                 Some(d) => tokio::time::timeout(bound, qemu::first_frame(&bench, d)).await,
                 None => return Err("the qemu case needs --qemu DOMAIN".into()),
@@ -298,6 +302,10 @@ async fn run(args: Args) -> Result<bool, String> {
             "browser-qemu" => match &args.qemu {
                 Some(d) => tokio::time::timeout(bound, browser::qemu(&bench, &root, d)).await,
                 None => return Err("the browser-qemu case needs --qemu DOMAIN".into()),
+            },
+            "browser-spice" => match &args.qemu {
+                Some(d) => tokio::time::timeout(bound, browser::spice(&bench, &root, d)).await,
+                None => return Err("the browser-spice case needs --qemu DOMAIN".into()),
             },
             "participants" => match &args.qemu {
                 Some(d) => tokio::time::timeout(bound, participants::participants(&bench, d)).await,

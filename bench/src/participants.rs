@@ -102,7 +102,7 @@ pub async fn participants(_bench: &Bench, domain: &str) -> Case {
         "participants",
         "what each participant costs QEMU: N clients of one console, each re-asking for the whole screen",
     );
-    let console = match crate::qemu::console_of(domain) {
+    let console = match crate::qemu::console_of(domain, "vnc") {
         Ok(c) => c,
         Err(e) => {
             case.errors.push(e);

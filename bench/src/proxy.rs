@@ -87,9 +87,13 @@ fn console_uuid(d: usize) -> [u8; 16] {
     u
 }
 
-/// The libvirt node file for `consoles`: one running test domain each, whose VNC
-/// graphics names its port and password.
-pub fn write_node_file(path: &Path, consoles: &[Console]) -> std::io::Result<()> {
+/// The libvirt node file for `consoles`: one running test domain each, whose VNC (or
+/// SPICE) graphics names its port and password.
+pub fn write_node_file(
+    path: &Path,
+    consoles: &[Console],
+    graphics: vizor_testkit::libvirt::Graphics,
+) -> std::io::Result<()> {
     let domains: Vec<_> = consoles
         .iter()
         .enumerate()
@@ -98,6 +102,7 @@ pub fn write_node_file(path: &Path, consoles: &[Console]) -> std::io::Result<()>
             uuid: console_uuid(d),
             port: c.port,
             password: c.password.clone(),
+            graphics,
         })
         .collect();
     vizor_testkit::libvirt::write_node(path, &domains).map(drop)
@@ -257,24 +262,17 @@ impl Proxy {
     /// The route of session number `i`: vizor spreads sessions over the domains, each
     /// with a fresh token; the others go to their one console.
     pub fn route(&self, i: usize) -> Route {
+        self.route_to(i, ConsoleKind::Vnc)
+    }
+
+    /// As [`Proxy::route`], to consoles of `kind`.
+    pub fn route_to(&self, i: usize, kind: ConsoleKind) -> Route {
         match (self.way, &self.key) {
-            (Way::Vizor, Some(key)) => {
+            (Way::Vizor, Some(_)) => {
                 let d = i % self.consoles.len();
-                let console = &self.consoles[d];
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                let token = Claims::new(
-                    &console.domain,
-                    console_uuid(d),
-                    ConsoleKind::Vnc,
-                    "bench",
-                    now + 600,
-                )
-                .ok()
-                .and_then(|c| key.seal(&c).ok())
-                .unwrap_or_default();
+                let token = self
+                    .token_for(&self.consoles[d].domain, console_uuid(d), kind)
+                    .unwrap_or_default();
                 Route::Ws {
                     addr: self.addr,
                     path: format!("/websockify?token={token}"),
@@ -299,11 +297,16 @@ impl Proxy {
     /// For vizor: a token for the domain `domain` of UUID `uuid` (a real one, looked up
     /// in libvirt, as vizor checks it).
     pub fn token(&self, domain: &str, uuid: [u8; 16]) -> Option<String> {
+        self.token_for(domain, uuid, ConsoleKind::Vnc)
+    }
+
+    /// As [`Proxy::token`], for a console of `kind`.
+    pub fn token_for(&self, domain: &str, uuid: [u8; 16], kind: ConsoleKind) -> Option<String> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .ok()?
             .as_secs();
-        let claims = Claims::new(domain, uuid, ConsoleKind::Vnc, "bench", now + 600).ok()?;
+        let claims = Claims::new(domain, uuid, kind, "bench", now + 600).ok()?;
         self.key.as_ref()?.seal(&claims).ok()
     }
 

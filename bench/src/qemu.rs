@@ -30,8 +30,9 @@ pub(crate) fn attribute(tag: &str, name: &str) -> Option<String> {
     )
 }
 
-/// The domain's live VNC port and password, from `virsh dumpxml --security-info`.
-pub(crate) fn console_of(domain: &str) -> Result<Console, String> {
+/// The domain's live port and password of its `kind` graphics ("vnc", "spice"), from
+/// `virsh dumpxml --security-info`.
+pub(crate) fn console_of(domain: &str, kind: &str) -> Result<Console, String> {
     let out = std::process::Command::new("virsh")
         .args(["-c", URI, "dumpxml", "--security-info", domain])
         .output()
@@ -47,20 +48,30 @@ pub(crate) fn console_of(domain: &str) -> Result<Console, String> {
         .split("<graphics")
         .skip(1)
         .map(|t| t.split('>').next().unwrap_or(""))
-        .find(|t| attribute(t, "type").as_deref() == Some("vnc"))
-        .ok_or_else(|| format!("{domain} has no VNC graphics"))?;
+        .find(|t| attribute(t, "type").as_deref() == Some(kind))
+        .ok_or_else(|| format!("{domain} has no {kind} graphics"))?;
     let port = attribute(tag, "port")
         .and_then(|p| p.parse::<i32>().ok())
         .filter(|p| *p > 0)
-        .ok_or_else(|| format!("{domain}'s VNC has no live TCP port (is it running?)"))?;
+        .ok_or_else(|| format!("{domain}'s {kind} has no live TCP port (is it running?)"))?;
     let password = attribute(tag, "passwd").ok_or_else(|| {
-        format!("{domain}'s VNC has no password (the synthetic server's clients all authenticate)")
+        format!("{domain}'s {kind} has no password (the benchmark's clients all authenticate)")
     })?;
     Ok(Console {
         domain: domain.to_owned(),
         port: port as u16,
         password,
     })
+}
+
+/// The domain's UUID, which a token names (vizor checks it against libvirt's).
+pub(crate) fn domain_uuid(domain: &str) -> Result<[u8; 16], String> {
+    let out = std::process::Command::new("virsh")
+        .args(["-c", URI, "domuuid", domain])
+        .output()
+        .map_err(|e| format!("virsh: {e}"))?;
+    vizor::token::parse_uuid(String::from_utf8_lossy(&out.stdout).trim())
+        .ok_or_else(|| format!("virsh domuuid {domain}: no UUID"))
 }
 
 /// Time to the first full frame, direct and through vizor.
@@ -70,7 +81,7 @@ pub async fn first_frame(b: &Bench, domain: &str) -> Case {
         "time to first full frame from a real QEMU, connect to complete Raw update",
     );
     let samples = b.settings.qemu_samples;
-    let console = match console_of(domain) {
+    let console = match console_of(domain, "vnc") {
         Ok(c) => c,
         Err(e) => {
             case.errors.push(e);
@@ -82,6 +93,13 @@ pub async fn first_frame(b: &Bench, domain: &str) -> Case {
          (QEMU listens with a backlog of 1); Raw only, whole screen, non-incremental",
         console.port
     ));
+    let uuid = match domain_uuid(domain) {
+        Ok(u) => u,
+        Err(e) => {
+            case.errors.push(e);
+            return case;
+        }
+    };
     let consoles = vec![console];
     let mut proxies = Vec::new();
     for way in [Way::Direct, Way::Vizor] {
@@ -102,7 +120,18 @@ pub async fn first_frame(b: &Bench, domain: &str) -> Case {
     let src = IpAddr::V4(Ipv4Addr::LOCALHOST);
     for i in 0..samples {
         for p in &proxies {
-            let route = p.route(i);
+            // A token names the domain by its real UUID.
+            let route = match p.way {
+                Way::Vizor => crate::client::Route::Ws {
+                    addr: p.addr,
+                    path: format!(
+                        "/websockify?token={}",
+                        p.token(domain, uuid).unwrap_or_default()
+                    ),
+                    password: None,
+                },
+                _ => p.route(i),
+            };
             let r = tokio::time::timeout(Duration::from_secs(30), async {
                 let t = Instant::now();
                 let mut s = Session::open(&route, src).await?;
