@@ -211,27 +211,42 @@ fn novnc_shows_seabios_opens_the_boot_menu_and_its_replay_ends_on_the_same_frame
     assert_eq!(rr["differing"], 0, "{rr}");
 }
 
-#[test]
-#[ignore = "live: needs the test host and Chromium (scripts/test.sh runs it with --include-ignored)"]
-fn spice_html5_draws_the_screen_and_typed_keys_are_audited() {
-    let t = tools();
-    let domain = "vizor-test-bspice";
+/// A SPICE test domain (`extra`: more of test-host.sh's options), a vizor, and the
+/// console page driven in Chromium, typing `text`; with the domain's VNC and SPICE
+/// passwords.
+fn spice_page(
+    t: &Tools,
+    domain: &str,
+    extra: &[&str],
+    text: &str,
+) -> (Vizor, serde_json::Value, String, String) {
     let (vnc_pw, spice_pw) = (password(), password());
-    test_host(&[
+    let mut args = vec![
         "domain",
         domain,
         "--vnc-passwd",
         &vnc_pw,
         "--spice-passwd",
         &spice_pw,
-    ]);
-    let v = console_vizor(&t, "");
+    ];
+    args.extend_from_slice(extra);
+    test_host(&args);
+    let v = console_vizor(t, "");
     let r = drive(
-        &t,
+        t,
         "spice",
         &console_url(&v, domain, ConsoleKind::Spice, 60),
-        "hi",
+        text,
     );
+    (v, r, vnc_pw, spice_pw)
+}
+
+#[test]
+#[ignore = "live: needs the test host and Chromium (scripts/test.sh runs it with --include-ignored)"]
+fn spice_html5_draws_the_screen_and_typed_keys_are_audited() {
+    let t = tools();
+    let domain = "vizor-test-bspice";
+    let (v, r, vnc_pw, spice_pw) = spice_page(&t, domain, &[], "hi");
     eprintln!("spice-html5: {r}");
     assert_eq!(r["status"], 200);
     assert_eq!(r["connected"]["words"], "Connected", "{r}");
@@ -282,23 +297,7 @@ fn spice_html5_draws_the_screen_and_typed_keys_are_audited() {
 fn spice_html5_draws_raw_drawings_vizor_splices() {
     let t = tools();
     let domain = "vizor-test-bspraw";
-    let (vnc_pw, spice_pw) = (password(), password());
-    test_host(&[
-        "domain",
-        domain,
-        "--vnc-passwd",
-        &vnc_pw,
-        "--spice-passwd",
-        &spice_pw,
-        "--spice-uncompressed",
-    ]);
-    let v = console_vizor(&t, "");
-    let r = drive(
-        &t,
-        "spice",
-        &console_url(&v, domain, ConsoleKind::Spice, 60),
-        "ok",
-    );
+    let (v, r, _, _) = spice_page(&t, domain, &["--spice-uncompressed"], "ok");
     eprintln!("spice-html5, uncompressed: {r}");
     assert_eq!(r["connected"]["words"], "Connected", "{r}");
     assert!(r["banner_lit"].as_u64().unwrap() > 1000, "{r}");

@@ -553,6 +553,53 @@ fn websocket_port(domain: &str) -> Result<u16, String> {
         })
 }
 
+/// vizor (at `vizor`) and websockify in front of a real QEMU's `console`, the page's
+/// origin (port `port`) allowed; the paths that did not start are the case's errors.
+fn vizor_and_websockify(
+    b: &Bench,
+    case: &mut Case,
+    console: &crate::upstream::Console,
+    port: u16,
+    vizor: Url,
+) -> (Vec<Proxy>, Vec<Target>) {
+    let consoles = vec![console.clone()];
+    let mut proxies = Vec::new();
+    let mut targets = Vec::new();
+    let origin = format!("allowed_origins = [\"http://127.0.0.1:{port}\"]");
+    let mut vizor = Some(vizor);
+    for way in [Way::Vizor, Way::Websockify] {
+        let dir = b.dir.join(&case.name).join(way.name());
+        match Proxy::start_with(
+            way,
+            &b.programs,
+            &consoles,
+            0,
+            "qemu:///system",
+            &dir,
+            &origin,
+        ) {
+            Ok(p) => {
+                let (url, password) = match (way, vizor.take()) {
+                    (Way::Vizor, Some(url)) => (url, None),
+                    _ => (
+                        Url::Fixed(format!("ws://{}/websockify", p.addr)),
+                        Some(console.password.clone()),
+                    ),
+                };
+                targets.push(Target {
+                    name: way.name().into(),
+                    url,
+                    password,
+                    proxy: Some(proxies.len()),
+                });
+                proxies.push(p);
+            }
+            Err(e) => case.errors.push(format!("{}: {e}", way.name())),
+        }
+    }
+    (proxies, targets)
+}
+
 /// noVNC against a real QEMU whose guest changes the whole screen.
 pub async fn qemu(b: &Bench, root: &Path, domain: &str) -> Case {
     let mut case = Case::new(
@@ -580,40 +627,13 @@ pub async fn qemu(b: &Bench, root: &Path, domain: &str) -> Case {
             return case;
         }
     };
-    let consoles = vec![console.clone()];
-    let mut proxies = Vec::new();
-    let mut targets = Vec::new();
-    let origin = format!("allowed_origins = [\"http://127.0.0.1:{port}\"]");
-    for way in [Way::Vizor, Way::Websockify] {
-        let dir = b.dir.join("browser-qemu").join(way.name());
-        match Proxy::start_with(
-            way,
-            &b.programs,
-            &consoles,
-            0,
-            "qemu:///system",
-            &dir,
-            &origin,
-        ) {
-            Ok(p) => {
-                let (url, password) = match way {
-                    Way::Vizor => (Url::Domain(domain.to_owned(), uuid), None),
-                    _ => (
-                        Url::Fixed(format!("ws://{}/websockify", p.addr)),
-                        Some(console.password.clone()),
-                    ),
-                };
-                targets.push(Target {
-                    name: way.name().into(),
-                    url,
-                    password,
-                    proxy: Some(proxies.len()),
-                });
-                proxies.push(p);
-            }
-            Err(e) => case.errors.push(format!("{}: {e}", way.name())),
-        }
-    }
+    let (proxies, mut targets) = vizor_and_websockify(
+        b,
+        &mut case,
+        &console,
+        port,
+        Url::Domain(domain.to_owned(), uuid),
+    );
     targets.push(Target {
         name: "qemu-ws".into(),
         url: Url::Fixed(format!("ws://127.0.0.1:{ws_port}/")),
@@ -678,40 +698,13 @@ pub async fn spice(b: &Bench, root: &Path, domain: &str) -> Case {
             return case;
         }
     };
-    let consoles = vec![console.clone()];
-    let mut proxies = Vec::new();
-    let mut targets = Vec::new();
-    let origin = format!("allowed_origins = [\"http://127.0.0.1:{port}\"]");
-    for way in [Way::Vizor, Way::Websockify] {
-        let dir = b.dir.join("browser-spice").join(way.name());
-        match Proxy::start_with(
-            way,
-            &b.programs,
-            &consoles,
-            0,
-            "qemu:///system",
-            &dir,
-            &origin,
-        ) {
-            Ok(p) => {
-                let (url, password) = match way {
-                    Way::Vizor => (Url::SpiceDomain(domain.to_owned(), uuid), None),
-                    _ => (
-                        Url::Fixed(format!("ws://{}/websockify", p.addr)),
-                        Some(console.password.clone()),
-                    ),
-                };
-                targets.push(Target {
-                    name: way.name().into(),
-                    url,
-                    password,
-                    proxy: Some(proxies.len()),
-                });
-                proxies.push(p);
-            }
-            Err(e) => case.errors.push(format!("{}: {e}", way.name())),
-        }
-    }
+    let (proxies, targets) = vizor_and_websockify(
+        b,
+        &mut case,
+        &console,
+        port,
+        Url::SpiceDomain(domain.to_owned(), uuid),
+    );
     let mut page = match Page::start(root, port).await {
         Ok(p) => p,
         Err(e) => {

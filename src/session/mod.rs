@@ -173,17 +173,19 @@ impl VmReader {
         }
     }
 
-    /// Sends the VM's next `pending` bytes to the browser from socket to socket, after
-    /// everything queued before, when this reader can splice: `Ok(true)` once they
-    /// went, `Ok(false)` when they did not (not TCP, or no pipe: read them instead).
-    /// A broken splice ends the session, the bytes the browser got counted.
+    /// Sends the VM's next `pending` bytes (when the rules allow any) to the browser
+    /// from socket to socket, after everything queued before, and tells the rules
+    /// (`spliced`) they went past: `Ok(true)` once they did, `Ok(false)` when nothing
+    /// went (none pending, not TCP, or no pipe: read them instead). A broken splice
+    /// ends the session, the bytes the browser got counted.
     pub(crate) async fn splice(
         &mut self,
         btx: &browser::BrowserTx,
-        pending: u64,
+        pending: Option<u64>,
         meter: &Meter,
+        spliced: impl FnOnce(u64) -> Result<(), End>,
     ) -> Result<bool, End> {
-        let VmReader::Tcp(slot) = self else {
+        let (Some(pending), VmReader::Tcp(slot)) = (pending, &mut *self) else {
             return Ok(false);
         };
         let Some(from) = slot.take() else {
@@ -197,6 +199,7 @@ impl VmReader {
         *slot = Some(from);
         if sent {
             meter.add_spliced(pending);
+            spliced(pending)?;
         }
         Ok(sent)
     }

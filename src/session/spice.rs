@@ -857,13 +857,14 @@ async fn relay(
             }
             // The rest of a long display message goes from socket to socket; the
             // decoder, told its length, then stands after it.
-            let splice = lock(&rules)?.may_splice(buf.len(), super::SPLICE_MIN);
-            if let Some(pending) = splice {
-                if up_rd.splice(btx, pending, meter).await? {
-                    lock(&rules)?.spliced(pending)?;
-                    continue;
-                }
+            let pending = lock(&rules)?.may_splice(buf.len(), super::SPLICE_MIN);
+            if up_rd
+                .splice(btx, pending, meter, |n| lock(&rules)?.spliced(n))
+                .await?
+            {
+                continue;
             }
+            // Not spliced: read (with no pipe to be had, this much is read instead).
             up_rd.read(&mut buf).await?;
         }
     };
