@@ -29,20 +29,20 @@
 //! 11. pings and pongs on the main channel are the session's round trips;
 //! 12. the lock state QEMU (INPUTS_INIT) or spice-server (KEY_MODIFIERS) reports is
 //!     recorded when it changes;
-//! 14. a page's "Paste as keys" is typed as KEY_DOWN and KEY_UP messages judged as the
-//!     browser's own (rules 2 and 5), their strokes on record as a paste's with the
-//!     character's keysym ([`Rules::from_paste`]);
 //! 13. when the channel closes, the keys spice-server releases are recorded (inputs
 //!     and main channels), the main channel's transfers in flight are recorded as
 //!     incomplete, and a display channel whose browser never sent DISPLAY_INIT gets
 //!     one from vizor (spice-server 0.15 can crash without it) ([`Rules::closing`]);
+//! 14. a page's "Paste as keys" is typed as KEY_DOWN and KEY_UP messages judged as the
+//!     browser's own (rules 2 and 5), their strokes on record as a paste's with the
+//!     character's keysym ([`Rules::from_paste`]);
 //! 15. a VM message too large to hold whole (`[limits] vm_message_max`; on a display
 //!     channel 64 KiB) is streamed to the browser unread only when vizor has no reason
 //!     to read it: display data, or a ping (spice-server's network test pads one to
-//!     250 KB; it goes unmeasured). One it reads (MAIN_INIT, agent data, the channel
-//!     list, the lock state, SET_ACK) is refused. On a display channel the rest of a
-//!     streamed message may be spliced past vizor once 64 KiB or more of it remain
-//!     ([`Rules::may_splice`]).
+//!     256,012 bytes; it goes unmeasured). One it reads (MAIN_INIT, agent data, the
+//!     channel list, the lock state, SET_ACK) is refused. On a display channel the
+//!     rest of a streamed message may be spliced past vizor once 64 KiB or more of it
+//!     remain ([`Rules::may_splice`]).
 //!
 //! Not yet: a participant's clipboard ways. Agent data cannot be dropped message by
 //! message without putting the agent stream out of step with spice-server's, so a

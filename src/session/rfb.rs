@@ -1099,7 +1099,9 @@ async fn relay(
             up_rd.read(&mut buf).await?;
         }
     };
-    // A stop goes first: after it, nothing more is relayed.
+    // A stop goes first: after it, nothing more is judged or relayed (a splice under
+    // way may finish its frame: the browser's writer holds the VM's reader until then,
+    // and the VM's leg closes without draining it).
     let result: Result<(), End> = tokio::select! {
         biased;
         end = stop => Err(end),

@@ -868,7 +868,9 @@ async fn relay(
             up_rd.read(&mut buf).await?;
         }
     };
-    // A stop goes first: after it, nothing more is relayed.
+    // A stop goes first: after it, nothing more is judged or relayed (a splice under
+    // way may finish its frame: the browser's writer holds the VM's reader until then,
+    // and the VM's leg closes without draining it).
     let r: Result<(), End> = tokio::select! {
         biased;
         end = stop => Err(end),
