@@ -660,6 +660,9 @@ fn the_console_page_resumes_after_its_connection_is_cut() {
     let r = drive(&t, "resume", &url, &extra.to_string());
     eprintln!("resume: {r}");
     assert_eq!(r["reconnecting"]["words"], "Reconnecting…", "{r}");
+    // Not a blank page meanwhile: the last frame, dimmed, until the console is back.
+    assert!(r["stale_lit"].as_u64().unwrap() > 1000, "{r}");
+    assert_eq!(r["stale_gone"], true, "{r}");
     let seen: Vec<&str> = r["seen"]
         .as_array()
         .unwrap()

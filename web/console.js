@@ -304,10 +304,15 @@ async function vnc() {
             code = e.code;
         });
         rfb = new RFB(screenEl, rfbChannel(ws, heard));
+        // noVNC's screen (its canvas inside): kept, dimmed, while the page resumes.
+        const drawn = screenEl.lastElementChild;
         rfb.scaleViewport = true;
         rfb.resizeSession = false;
         rfb.viewOnly = viewOnly;
         rfb.addEventListener("connect", () => {
+            for (const stale of screenEl.querySelectorAll(".stale")) {
+                stale.remove();
+            }
             droppedAt = null;
             tries = 0;
             say("connected", "Connected");
@@ -328,6 +333,12 @@ async function vnc() {
                     droppedAt = Date.now();
                 }
                 if (resume()) {
+                    // noVNC took its screen away: the last frame stays, dimmed, until
+                    // the console is back, rather than a blank page.
+                    if (drawn && !drawn.isConnected && !screenEl.querySelector(".stale")) {
+                        drawn.classList.add("stale");
+                        screenEl.prepend(drawn);
+                    }
                     return;
                 }
             }

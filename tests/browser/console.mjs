@@ -381,7 +381,10 @@ try {
         await until("the page to say it reconnects", 5000, async () =>
             (await page.evaluate(() => window.seen)).includes("reconnecting"));
         const reconnecting = await state(page);
+        // The last frame stays on the page, dimmed, while it reconnects.
+        const stale = await pixels(page, "#screen > .stale canvas");
         await until("the console to come back", 20000, connected);
+        const staleGone = await page.evaluate(() => document.querySelector("#screen > .stale") === null);
         const backMs = Date.now() - cutAt;
         await page.keyboard.up("q");
         // The screen goes on: a framebuffer drawn again, and typing reaches the VM.
@@ -406,6 +409,8 @@ try {
         result = {
             status,
             reconnecting,
+            stale_lit: stale ? lit(stale, 0, stale.height) : 0,
+            stale_gone: staleGone,
             back_ms: backMs,
             seen,
             lit: lit(p, 0, p.height),
