@@ -543,21 +543,27 @@ fn the_display_init_after_the_last_serial_wraps_around() {
     assert_eq!(display.closing(&keyboard, false).display_init, Some(want));
 }
 
-#[test]
-fn a_large_vm_message_is_forwarded_in_pieces_as_it_comes() {
+/// An owner's rules for a channel of type `channel` whose VM messages over 64 bytes
+/// stream.
+fn streaming(channel: u8) -> Rules {
     let small = Limits {
         max_message_len: 64,
         ..Limits::default()
     };
-    let mut rules = Rules::new(
-        channel_type::DISPLAY,
+    Rules::new(
+        channel,
         KIND,
         Limits::default(),
         small,
         Participant::OWNER,
         &SpiceConfig::default(),
         false,
-    );
+    )
+}
+
+#[test]
+fn a_large_vm_message_is_forwarded_in_pieces_as_it_comes() {
+    let mut rules = streaming(channel_type::DISPLAY);
     let keyboard = Mutex::new(Keyboard::new());
     let big = message(msg::display::MSG_MARK, &[7; 200]);
     let mut at = 0;
@@ -577,22 +583,8 @@ fn a_large_vm_message_is_forwarded_in_pieces_as_it_comes() {
 /// nothing read before it waits, and the decoder then stands after what was spliced.
 #[test]
 fn rule_15_only_unread_display_data_is_streamed_and_spliced() {
-    let small = Limits {
-        max_message_len: 64,
-        ..Limits::default()
-    };
     let keyboard = Mutex::new(Keyboard::new());
-    let rules = |channel| {
-        Rules::new(
-            channel,
-            KIND,
-            Limits::default(),
-            small,
-            Participant::OWNER,
-            &SpiceConfig::default(),
-            false,
-        )
-    };
+    let rules = streaming;
     let agent = message(msg::main::MSG_AGENT_DATA, &[0; 200]);
     let mut main = rules(channel_type::MAIN);
     assert!(matches!(
