@@ -1,4 +1,5 @@
-//! Resuming a VNC console after a network blip, against a real QEMU: the credential in
+//! Resuming a console after a network blip, against a real QEMU (VNC, and SPICE by its
+//! main channel): the credential in
 //! a text message on the console's own WebSocket, the drop and the resume on record
 //! under one session id, the key held at the drop released as QEMU lets it go (on
 //! record, and in QEMU's keyboard trace), the credential spent by its resume and
@@ -15,12 +16,16 @@ mod common;
 
 use common::guest::Ps2Trace;
 use common::rfb::{full_update, msg, rfb_handshake};
+use common::spice;
 use common::{metric, Browser, Vizor};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 use vizor::token::ConsoleKind;
 use vizor_rfb::client::ClientMessage;
 use vizor_rfb::handshake::ServerInit;
+use vizor_spice::channel::{write_message, Decoder, HeaderKind};
+use vizor_spice::link::{channel_type, link_error};
+use vizor_spice::{msg as smsg, Limits};
 
 const LOCAL: &str = "127.0.0.1";
 
@@ -339,4 +344,205 @@ async fn a_resume_after_the_vm_restarted_ends_the_session_and_says_why() {
         !v.audit().iter().any(|r| r["event"] == "session_resume"),
         "no resume"
     );
+}
+
+/// A SPICE session's main channel as spice-html5 opens it at `path`: its Browser, QEMU's
+/// session id from MAIN_INIT (after the channel list was asked for and came), and the
+/// header kind (mini).
+async fn spice_main(v: &Vizor, path: &str) -> Result<(Browser, u32), u32> {
+    let mut main = Browser::connect(v.addr, path).await;
+    spice::link(&mut main, channel_type::MAIN, 0, true).await?;
+    let mut dec = Decoder::new(HeaderKind::Mini, Limits::default());
+    let init = spice::until(&mut main, &mut dec, smsg::main::MSG_INIT).await;
+    let smsg::ServerMessage::MainInit { session_id, .. } =
+        smsg::parse_server(channel_type::MAIN, smsg::main::MSG_INIT, &init).unwrap()
+    else {
+        panic!("not a main init")
+    };
+    const MSGC_MAIN_ATTACH_CHANNELS: u16 = 104;
+    const MSG_MAIN_CHANNELS_LIST: u16 = 104;
+    let mut out = Vec::new();
+    write_message(
+        HeaderKind::Mini,
+        1,
+        MSGC_MAIN_ATTACH_CHANNELS,
+        &[],
+        &mut out,
+    )
+    .unwrap();
+    main.send(&out).await;
+    spice::until(&mut main, &mut dec, MSG_MAIN_CHANNELS_LIST).await;
+    Ok((main, session_id))
+}
+
+/// The session's inputs channel, joined with the token and QEMU's session id, ready.
+async fn spice_inputs(v: &Vizor, token: &str, session_id: u32) -> Result<Browser, u32> {
+    let mut inputs = spice::open(v, token).await;
+    spice::link(&mut inputs, channel_type::INPUTS, session_id, true).await?;
+    let mut dec = Decoder::new(HeaderKind::Mini, Limits::default());
+    spice::until(&mut inputs, &mut dec, 101).await; // SPICE_MSG_INPUTS_INIT
+    Ok(inputs)
+}
+
+/// The A key (scancode 0x1e) down or up on a SPICE inputs channel.
+fn spice_key_a(down: bool) -> Vec<u8> {
+    let (t, code) = if down {
+        (smsg::inputs::MSGC_KEY_DOWN, 0x1eu32)
+    } else {
+        (smsg::inputs::MSGC_KEY_UP, 0x9e)
+    };
+    let mut out = Vec::new();
+    write_message(HeaderKind::Mini, 1, t, &code.to_le_bytes(), &mut out).unwrap();
+    out
+}
+
+/// A SPICE session resumes as a VNC one does, by its main channel: the credential in a
+/// text message on the main channel's WebSocket, the drop with the key held released on
+/// record (and in QEMU's keyboard trace), a resume that links a new main channel to
+/// spice-server, the session's other channels linked again under its new session id
+/// with the token (expired by then, and good for nothing else), all under one session
+/// id; a resume that is not a main channel is refused and does not use the credential
+/// up; then the window's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
+async fn a_dropped_spice_session_resumes_by_its_main_channel() {
+    common::live_domain();
+    let d = spice::domain("vizor-test-spresume");
+    let trace = Ps2Trace::start(d);
+    let mark = trace.mark();
+    let v = Vizor::start_tokens(
+        "resume_window = \"5s\"",
+        common::ADMIN_API,
+        common::write_admin_key,
+    );
+    // A token that expires while the session is parked.
+    let token = v.token(d, ConsoleKind::Spice, 4);
+    let issued = Instant::now();
+    let path = format!("/websockify?token={token}&resumable=1");
+    let (mut main, sid1) = spice_main(&v, &path).await.unwrap();
+    let c1 = credential(&mut main).await;
+    let start = record(&v, "session_start", |r| r["channel"] == "spice:main:0").await;
+    let session = start["session"].as_u64().unwrap();
+    assert!(c1.starts_with(&format!("{session}.")), "{c1}");
+    let mut inputs = spice_inputs(&v, &token, sid1).await.unwrap();
+    assert!(inputs.texts.is_empty(), "only the main channel is told");
+
+    // A held as both connections drop (no close frames).
+    inputs.send(&spice_key_a(true)).await;
+    record(&v, "key", |r| r["session"] == session && r["down"] == true).await;
+    drop((main, inputs));
+    let dropped = record(&v, "session_drop", |r| r["session"] == session).await;
+    assert_eq!(dropped["cause"], "browser_closed", "{dropped}");
+    let released = record(&v, "key", |r| r["origin"] == "disconnect").await;
+    assert_eq!(
+        (released["session"].as_u64(), &released["down"]),
+        (Some(session), &serde_json::json!(false)),
+        "{released}"
+    );
+    assert!(v.sessions().await[0]["parked_since"].is_string());
+
+    // Not a main channel: refused, and the credential is still good.
+    let mut wrong = Browser::connect(v.addr, &format!("/websockify?resume={c1}")).await;
+    let e = spice::link(&mut wrong, channel_type::INPUTS, sid1, true).await;
+    assert_eq!(e.err(), Some(link_error::BAD_CONNECTION_ID));
+    let e = refused_spice(&v, "127.0.0.2", &c1).await;
+    assert!(e.contains("another address"), "{e}");
+
+    // Back after the token expired: the main channel resumes with the credential.
+    tokio::time::sleep(
+        Duration::from_secs(4).saturating_sub(issued.elapsed()) + Duration::from_millis(200),
+    )
+    .await;
+    let (mut main, sid2) = spice_main(&v, &format!("/websockify?resume={c1}"))
+        .await
+        .unwrap();
+    let resumed = record(&v, "session_resume", |r| r["session"] == session).await;
+    assert_eq!(resumed["rotation"], 1, "{resumed}");
+    assert_eq!(resumed["vm_password"], true, "{resumed}");
+    assert!(v.sessions().await[0]["parked_since"].is_null());
+    let c2 = credential(&mut main).await;
+    assert_ne!(c2, c1);
+    // The expired token joins its own session's channels, and starts nothing.
+    let mut inputs = spice_inputs(&v, &token, sid2).await.unwrap();
+    let mut again = spice::open(&v, &token).await;
+    assert_eq!(
+        spice::link(&mut again, channel_type::MAIN, 0, true)
+            .await
+            .err(),
+        Some(link_error::PERMISSION_DENIED),
+        "an expired token opens no session"
+    );
+    // Keys go on, in the same session.
+    inputs.send(&spice_key_a(true)).await;
+    inputs.send(&spice_key_a(false)).await;
+    record(&v, "key", |r| {
+        r["session"] == session && r["down"] == false && r.get("origin").is_none()
+    })
+    .await;
+    // The page spoke on the new connection: the credential it used is spent.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let e = refused_spice(&v, LOCAL, &c1).await;
+    assert!(
+        e.contains("no longer be resumed"),
+        "a spent credential: {e}"
+    );
+
+    // Dropped again, and not back within the window: the session ends.
+    drop((main, inputs));
+    let end = record(&v, "session_end", |r| {
+        r["session"] == session && r["channel"] == "spice:main:0"
+    })
+    .await;
+    assert_eq!(end["cause"], "browser_closed", "{end}");
+    let e = refused_spice(&v, LOCAL, &c2).await;
+    assert!(e.contains("no longer be resumed"), "after the window: {e}");
+    // Its session over, the expired token is only expired.
+    let mut late = spice::open(&v, &token).await;
+    let c = tokio::time::timeout(Duration::from_secs(10), late.closed())
+        .await
+        .unwrap();
+    assert!(c.code == 1008 && c.reason.contains("expired"), "{c:?}");
+
+    // One session in the log: its channels before the drop and after the resume.
+    let audit = v.audit();
+    let order: Vec<String> = audit
+        .iter()
+        .filter(|r| r["session"].as_u64() == Some(session))
+        .filter(|r| r["event"].as_str().unwrap().starts_with("session_"))
+        .map(|r| match r["channel"].as_str() {
+            Some(c) => format!("{} {c}", r["event"].as_str().unwrap()),
+            None => r["event"].as_str().unwrap().to_owned(),
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "session_start spice:main:0",
+            "session_start spice:inputs:0",
+            "session_end spice:inputs:0",
+            "session_drop",
+            "session_resume",
+            "session_start spice:inputs:0",
+            "session_end spice:inputs:0",
+            "session_drop",
+            "session_end spice:main:0",
+        ],
+        "{audit:#?}"
+    );
+    trace.assert_matches(mark, &audit, &[session]);
+    assert_eq!(resumes(&v, "resumed").await, 1.0);
+    assert_eq!(resumes(&v, "window_expired").await, 1.0);
+    let (ok, out) = v.verify(&[v.audit_path()]);
+    assert!(ok, "{out}");
+}
+
+/// A SPICE resume vizor refused as it came, before any link: its close code and words.
+async fn refused_spice(v: &Vizor, src: &str, credential: &str) -> String {
+    let src: IpAddr = src.parse().unwrap();
+    let path = format!("/websockify?resume={credential}");
+    let mut b = Browser::connect_from(src, v.addr, &path).await;
+    let c = tokio::time::timeout(Duration::from_secs(10), b.closed())
+        .await
+        .expect("the resume refused at once");
+    format!("{} {}", c.code, c.reason)
 }

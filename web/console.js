@@ -376,31 +376,136 @@ async function spice() {
     messages.id = "spice-messages";
     messages.hidden = true;
     screenEl.append(area, messages);
-    let reason = "";
-    let sc;
-    const fail = (e) => {
-        if (sc) {
-            sc.stop();
+    // spice-html5 opens a WebSocket per channel, each at the main channel's `url`. As
+    // it sees them: vizor's text messages (the resume credential) are this page's,
+    // spice-html5 gets the binary ones; how each closed is kept before spice-html5
+    // hears of it; and a main channel opened to resume shows the token's address, so
+    // the channels after it join the session with the token.
+    const Native = window.WebSocket;
+    class VizorSocket extends Native {
+        constructor(url, protocols) {
+            super(url, protocols);
+            this.closedWith = null;
+            super.addEventListener("close", (e) => {
+                this.closedWith = { code: e.code, reason: e.reason };
+            });
+            super.addEventListener("message", (e) => {
+                if (typeof e.data === "string") {
+                    heard(e.data);
+                }
+            });
         }
-        ended(reason || (e && e.message) || "", false);
+        get url() {
+            return super.url.includes("?resume=") ? wsUrl : super.url;
+        }
+        addEventListener(type, listener, options) {
+            if (type !== "message") {
+                return super.addEventListener(type, listener, options);
+            }
+            return super.addEventListener(
+                type,
+                (e) => {
+                    if (typeof e.data !== "string") {
+                        listener.call(this, e);
+                    }
+                },
+                options,
+            );
+        }
+    }
+    window.WebSocket = VizorSocket;
+    let sc = null;
+    // While resuming: when the main channel dropped, and tries so far.
+    let droppedAt = null;
+    let tries = 0;
+    // The last frame, kept dimmed while the page resumes (spice-html5 takes its
+    // surfaces away when it stops).
+    const keepStale = () => {
+        const canvas = area.querySelector("canvas");
+        if (!canvas || !canvas.width || screenEl.querySelector(".stale")) {
+            return;
+        }
+        const holder = document.createElement("div");
+        holder.className = "stale";
+        const copy = document.createElement("canvas");
+        copy.width = canvas.width;
+        copy.height = canvas.height;
+        copy.getContext("2d").drawImage(canvas, 0, 0);
+        copy.style.transformOrigin = "0 0";
+        copy.style.transform = area.style.transform;
+        holder.append(copy);
+        screenEl.prepend(holder);
     };
-    sc = new Spice.SpiceMainConn({
-        uri: wsUrl,
-        screen_id: area.id,
-        message_id: messages.id,
-        password: "",
-        onerror: fail,
-        onsuccess: () => {
-            say("connected", "Connected");
-            cadButton.disabled = false;
-            pasteButton.hidden = false;
-            area.focus();
-            follow();
-        },
-    });
-    sc.ws.addEventListener("close", (e) => {
-        reason = e.reason;
-    });
+    const resume = () => {
+        if (sessionOver || credential === null || Date.now() - droppedAt > RESUME_FOR_MS) {
+            return false;
+        }
+        const wait = RESUME_WAITS_MS[Math.min(tries, RESUME_WAITS_MS.length - 1)];
+        tries += 1;
+        say("reconnecting", "Reconnecting…");
+        stateEl.dataset.tries = String(tries);
+        cadButton.disabled = true;
+        pasteButton.disabled = true;
+        setTimeout(() => {
+            if (sessionOver || credential === null) {
+                ended("the console session has ended", true);
+                return;
+            }
+            connect(wsBase + "?resume=" + encodeURIComponent(credential));
+        }, wait);
+        return true;
+    };
+    const connect = (url) => {
+        let failed = false;
+        const conn = new Spice.SpiceMainConn({
+            uri: url,
+            screen_id: area.id,
+            message_id: messages.id,
+            password: "",
+            onerror: (e) => {
+                if (failed) {
+                    return;
+                }
+                failed = true;
+                // spice-html5 reports an error before the socket's close: how it closed
+                // decides (1006, no close frame from vizor: a network blip).
+                const decide = () => {
+                    const closed = ws.closedWith || { code: 0, reason: "" };
+                    keepStale();
+                    conn.stop();
+                    const dropped = closed.code === 1006 || (droppedAt !== null && closed.code === 0);
+                    if (dropped && credential !== null) {
+                        if (droppedAt === null) {
+                            droppedAt = Date.now();
+                        }
+                        if (resume()) {
+                            return;
+                        }
+                    }
+                    ended(closed.reason || (e && e.message) || "", false);
+                };
+                if (ws.readyState === Native.CLOSED) {
+                    decide();
+                } else {
+                    ws.addEventListener("close", decide, { once: true });
+                    conn.stop();
+                }
+            },
+            onsuccess: () => {
+                droppedAt = null;
+                tries = 0;
+                say("connected", "Connected");
+                cadButton.disabled = false;
+                pasteButton.hidden = false;
+                pasteButton.disabled = !canPaste || typingNow;
+                area.focus();
+                follow();
+            },
+        });
+        const ws = conn.ws;
+        sc = conn;
+    };
+    connect(wsUrl + (token !== null ? "&resumable=1" : ""));
     // Ctrl+Alt+Del as PC scancodes (set 1; 0xE0-prefixed Delete, low byte first). Not
     // spice-html5's sendCtrlAltDel: it sends the keypad Del and then its release
     // without the break bit, so QEMU sees the key pressed twice and never released.
@@ -438,6 +543,10 @@ async function spice() {
         if (!canvas || !canvas.width || !canvas.height) {
             return;
         }
+        // The console is back on a new screen: the last frame goes.
+        for (const stale of screenEl.querySelectorAll(".stale")) {
+            stale.remove();
+        }
         const scale = Math.min(
             screenEl.clientWidth / canvas.width,
             screenEl.clientHeight / canvas.height,
@@ -453,7 +562,11 @@ async function spice() {
         attributes: true,
         attributeFilter: ["width", "height"],
     });
-    window.vizorConsole = { sc };
+    window.vizorConsole = {
+        get sc() {
+            return sc;
+        },
+    };
 }
 
 const clients = { vnc, spice };

@@ -1,5 +1,5 @@
 //! `GET /websockify?resume=CREDENTIAL`: a console page coming back after a network blip
-//! (see `session::resume`).
+//! (see `session::resume`): a VNC console, or a SPICE session's main channel.
 
 use super::upgrade::AbortOnDrop;
 use super::*;
@@ -45,23 +45,37 @@ pub(super) async fn resume(
         }
     };
     let slot = claim.slot().clone();
+    let kind = slot.kind();
     let span =
-        tracing::info_span!("session", id = slot.id(), kind = "vnc", client = %peer, resume = true);
+        tracing::info_span!("session", id = slot.id(), kind = %kind, client = %peer, resume = true);
     async {
         let pings = brx.pings();
-        pings.measure_into(app.metrics().client_rtt_seconds.with_label_values(&["vnc"]));
+        pings.measure_into(
+            app.metrics()
+                .client_rtt_seconds
+                .with_label_values(&[kind.as_str()]),
+        );
         let _pinger = AbortOnDrop(btx.start_pinging(pings, app.config.server.ping_interval));
         // Claimed: a failure from here leaves the credential good for the page's next
         // try.
-        if let Err(end) = session::rfb::resume_handshake(&app.env, &mut brx, &btx).await {
-            info!(reason = %end, "resume handshake failed");
-            btx.close(end.close_code(), &end.told()).await;
-            brx.linger(CLOSE_LINGER).await;
-            return;
-        }
+        let hello = match kind {
+            ConsoleKind::Vnc => session::rfb::resume_handshake(&app.env, &mut brx, &btx)
+                .await
+                .map(|()| session::resume::Hello::Rfb),
+            ConsoleKind::Spice => session::spice::resume_link(&app.env, &mut brx, &btx).await,
+        };
+        let hello = match hello {
+            Ok(h) => h,
+            Err(end) => {
+                info!(reason = %end, "resume handshake failed");
+                btx.close(end.close_code(), &end.told()).await;
+                brx.linger(CLOSE_LINGER).await;
+                return;
+            }
+        };
         // The console as libvirt tells it now: the session checks it is the same run
         // of the VM, and takes its password (it may have changed through libvirt).
-        let console = lookup(&app, DomainRef::Uuid(slot.uuid()), ConsoleKind::Vnc).await;
+        let console = lookup(&app, DomainRef::Uuid(slot.uuid()), kind).await;
         let (done, let_go) = tokio::sync::oneshot::channel();
         let attach = session::resume::Attach {
             rx: brx,
@@ -70,6 +84,7 @@ pub(super) async fn resume(
             claim,
             console,
             done,
+            hello,
         };
         match slot.attach(attach) {
             // The session has it until it lets it go (and then closes it).

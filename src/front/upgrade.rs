@@ -330,8 +330,17 @@ pub(super) async fn console_session(
         .await;
     };
     let now = unix_now();
-    let claims: Claims = match app.key.open(&token, now) {
-        Ok(c) => c,
+    // A SPICE session's channels come with its token, spent by the main channel and
+    // perhaps expired since (a resumed session links them again): such a token still
+    // joins its own live session's channels, and nothing else (`session::spice`).
+    let (claims, rejoins): (Claims, bool) = match app.key.open(&token, now) {
+        Ok(c) => (c, false),
+        Err(e @ TokenError::Expired { .. }) => match app.key.open_spent(&token) {
+            Ok(c) if c.kind == ConsoleKind::Spice && app.env.spice_sessions.is_live(&c.nonce) => {
+                (c, true)
+            }
+            _ => return refuse(e.reason(), None, token_message(&e), &e.to_string()).await,
+        },
         Err(e) => return refuse(e.reason(), None, token_message(&e), &e.to_string()).await,
     };
     let token_id = claims.token_id();
@@ -378,11 +387,14 @@ pub(super) async fn console_session(
     // The token's first connection spends it. A SPICE token then admits its session's
     // other channels too (each names the session its main channel was given), so a
     // spent SPICE token goes on to its session's channels, where it is checked.
-    let admitted = app
-        .replay
-        .lock()
-        .map_err(|_| TokenError::ReplayCacheFull)
-        .and_then(|mut r| r.admit(&claims, now));
+    let admitted = if rejoins {
+        Err(TokenError::Replayed)
+    } else {
+        app.replay
+            .lock()
+            .map_err(|_| TokenError::ReplayCacheFull)
+            .and_then(|mut r| r.admit(&claims, now))
+    };
     let joins = match admitted {
         Ok(()) => false,
         Err(TokenError::Replayed) if claims.kind == ConsoleKind::Spice => true,
@@ -500,6 +512,7 @@ pub(super) async fn console_session(
                     participant: crate::policy::Participant::of(&claims),
                     claims,
                     client: peer,
+                    resumable,
                 };
                 session::spice::run(ctx, first, brx, btx, shutdown).await
             }

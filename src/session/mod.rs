@@ -398,6 +398,22 @@ pub(crate) async fn max_duration(max: Option<Duration>, age: Duration) -> End {
     }
 }
 
+/// What stops a session from outside its connections: a shutdown, an administrator or
+/// its owner leaving, its `max_duration` (`age`: how long it has run).
+pub(crate) async fn stopped(
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    state: tokio::sync::watch::Receiver<crate::live::State>,
+    owner: bool,
+    max: Option<Duration>,
+    age: Duration,
+) -> End {
+    tokio::select! {
+        _ = shutdown.wait_for(|s| *s) => End::Shutdown,
+        end = ended(state, owner) => end,
+        end = max_duration(max, age) => end,
+    }
+}
+
 /// A session cannot go on without its audit records.
 pub(crate) fn audit_failed(e: std::io::Error) -> End {
     End::Audit(e.to_string())

@@ -1,4 +1,4 @@
-//! Resuming a VNC console after a network blip.
+//! Resuming a console (VNC, or a SPICE session's main channel) after a network blip.
 //!
 //! While a console relays, its connection has a [`Slot`] here: a resume credential
 //! (the connection's id and 32 random bytes), known to vizor's memory alone and handed
@@ -8,8 +8,9 @@
 //! leaves): the page may come back with the credential within `[tokens]
 //! resume_window`, from the connection's own client address, and the session goes on
 //! under the same id on a new connection each way. A resume that succeeds hands out
-//! the next credential (before ServerInit, so a page that speaks RFB on the new
-//! connection has it); the one it used stays good until then. A newer claim of a
+//! the next credential (before ServerInit, or SPICE's first message after the link,
+//! so a page that speaks on the new connection has it); the one it used stays good
+//! until then. A newer claim of a
 //! credential replaces an older one still under way (its connection may be dead).
 //!
 //! A credential is checked in constant time; one that names no connection, or the
@@ -73,7 +74,7 @@ impl ResumeError {
 }
 
 /// A new browser connection for a parked (or still attached) console, its
-/// browser-side RFB handshake done up to ClientInit: the session answers ServerInit.
+/// browser-side handshake as far as vizor goes before the VM's part ([`Hello`]).
 pub struct Attach {
     /// The new connection's reader.
     pub rx: BrowserRx,
@@ -88,6 +89,22 @@ pub struct Attach {
     pub console: Result<crate::libvirt::Console, crate::libvirt::LookupError>,
     /// Dropped when the session is done with this connection.
     pub done: oneshot::Sender<()>,
+    /// How far the browser's handshake went.
+    pub hello: Hello,
+}
+
+/// How far a resuming browser's handshake went before the session takes it.
+pub enum Hello {
+    /// RFB up to ClientInit: the session answers ServerInit.
+    Rfb,
+    /// SPICE: the main channel's link message (connection id 0) and any bytes after
+    /// it; the session links to QEMU and answers the link.
+    Spice {
+        /// The browser's link message, read.
+        linking: Box<vizor_spice::handshake::server::Linking>,
+        /// What the browser sent after it.
+        early: Vec<u8>,
+    },
 }
 
 /// The connections that can be resumed, by connection id.
@@ -99,6 +116,7 @@ pub struct Resumes {
 /// One connection that can be resumed.
 pub struct Slot {
     id: u64,
+    kind: crate::token::ConsoleKind,
     client: IpAddr,
     /// The domain's UUID, to look its console up again on a resume.
     uuid: [u8; 16],
@@ -216,12 +234,13 @@ impl Resumes {
         self.window
     }
 
-    /// Makes connection `id` from `client` to the domain `uuid` resumable: its place,
-    /// and where its new browser connections arrive. `None` when resuming is off (or
-    /// no randomness).
+    /// Makes connection `id` (a console of `kind`) from `client` to the domain `uuid`
+    /// resumable: its place, and where its new browser connections arrive. `None`
+    /// when resuming is off (or no randomness).
     pub fn open(
         self: &Arc<Self>,
         id: u64,
+        kind: crate::token::ConsoleKind,
         client: IpAddr,
         uuid: [u8; 16],
     ) -> Option<(Held, mpsc::Receiver<Attach>)> {
@@ -239,6 +258,7 @@ impl Resumes {
         let (attach, arrivals) = mpsc::channel(4);
         let slot = Arc::new(Slot {
             id,
+            kind,
             client,
             uuid,
             state: Mutex::new(State {
@@ -320,6 +340,11 @@ impl Slot {
         self.id
     }
 
+    /// The console's kind: a resume speaks its protocol.
+    pub fn kind(&self) -> crate::token::ConsoleKind {
+        self.kind
+    }
+
     /// The connection's client address: resumes come from it alone.
     pub fn client(&self) -> IpAddr {
         self.client
@@ -360,9 +385,155 @@ impl Slot {
     }
 }
 
+/// A session whose browser connection was lost, as it waits for its page.
+pub(super) struct Parking<'a> {
+    /// What every session shares.
+    pub env: &'a super::Env,
+    /// The session's id.
+    pub session: u64,
+    /// The connection's client address.
+    pub client: SocketAddr,
+    /// The live session.
+    pub live: &'a Arc<crate::live::Live>,
+    /// The owner's connection (not a participant's): the session is listed as parked.
+    pub owner: bool,
+    /// The token's `max_duration`, counted by `age`.
+    pub max: Option<Duration>,
+    /// The session's input clock.
+    pub idle: &'a crate::limits::Idle,
+    /// `[limits] idle_timeout`, for the owner's connection.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// How waiting for a parked session's page ended.
+enum Waited {
+    Back(Box<Attach>),
+    Over(super::End),
+}
+
+impl Parking<'_> {
+    /// Parks the connection of `slot`: the page's connection is let go (`rx`, `tx`:
+    /// a page still there sees it drop), the drop (`cause`) goes on record, and the
+    /// session waits for its page (`next`: one that already arrived) within the
+    /// window. Returns the latest claim's connection and when the session parked, or
+    /// how the session ended meanwhile, with a connection still to be told why.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn wait(
+        &self,
+        slot: &Slot,
+        arrivals: &mut mpsc::Receiver<Attach>,
+        (rx, tx): (&mut BrowserRx, &BrowserTx),
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+        age: impl Fn() -> Duration,
+        cause: &'static str,
+        recording: Option<crate::recording::Finished>,
+        mut next: Option<Attach>,
+    ) -> Result<(Attach, Instant), (super::End, Option<Attach>)> {
+        let env = self.env;
+        let window = env.resumes.window();
+        tx.abort().await;
+        rx.shut();
+        let parked_at = Instant::now();
+        slot.parked(Some(parked_at));
+        if self.owner {
+            self.live.set_parked(Some(std::time::SystemTime::now()));
+        }
+        env.metrics
+            .session_resumes_total
+            .with_label_values(&["dropped"])
+            .inc();
+        tracing::info!(
+            session = self.session,
+            cause,
+            "browser connection lost: waiting for the page to resume"
+        );
+        let client = self.client.to_string();
+        let dropped = env
+            .audit
+            .record(&crate::audit::Event::SessionDrop {
+                session: self.session,
+                client: &client,
+                cause,
+                window_ms: window.as_millis() as u64,
+                recording,
+            })
+            .await;
+        if let Err(e) = dropped {
+            return Err((super::audit_failed(e), next));
+        }
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            let back = match next.take() {
+                Some(a) => a,
+                None => {
+                    let waited = tokio::select! {
+                        biased;
+                        end = super::stopped(shutdown, self.live.state(), self.owner, self.max, age()) => Waited::Over(end),
+                        _ = self.idle.expired(self.idle_timeout) => Waited::Over(super::End::Idle(self.idle.idle_for())),
+                        _ = tokio::time::sleep_until(deadline) => {
+                            env.metrics
+                                .session_resumes_total
+                                .with_label_values(&["window_expired"])
+                                .inc();
+                            tracing::info!(session = self.session, window = %humantime::format_duration(window), "not resumed within the window");
+                            Waited::Over(super::End::BrowserClosed)
+                        }
+                        Some(a) = arrivals.recv() => Waited::Back(Box::new(a)),
+                    };
+                    match waited {
+                        Waited::Back(a) => *a,
+                        Waited::Over(end) => return Err((end, None)),
+                    }
+                }
+            };
+            // A claim a newer one replaced: its page tried again.
+            if !back.claim.is_latest() {
+                let mut a = back;
+                tokio::spawn(async move {
+                    let why = "replaced by a newer resume of this console";
+                    a.tx.close(1008, why).await;
+                    a.rx.linger(super::browser::CLOSE_LINGER).await;
+                });
+                continue;
+            }
+            return Ok((back, parked_at));
+        }
+    }
+}
+
+/// A resumable connection's session ended: no more resumes (`held` dropped), and the
+/// connections on their way (`left`, and any still in `arrivals`) are told how it
+/// ended.
+pub(super) fn refuse_the_rest(
+    end: &super::End,
+    held: Option<Held>,
+    left: Option<Attach>,
+    arrivals: Option<&mut mpsc::Receiver<Attach>>,
+) {
+    drop(held);
+    let told = end.told().to_string();
+    let code = end.close_code();
+    let mut refused: Vec<Attach> = left.into_iter().collect();
+    if let Some(a) = arrivals {
+        a.close();
+        while let Ok(x) = a.try_recv() {
+            refused.push(x);
+        }
+    }
+    for a in refused {
+        let told = told.clone();
+        tokio::spawn(async move {
+            let mut a = a;
+            a.tx.close(code, &told).await;
+            a.rx.linger(super::browser::CLOSE_LINGER).await;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::ConsoleKind;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -375,7 +546,9 @@ mod tests {
     #[test]
     fn a_credential_is_good_until_the_page_has_the_next_and_the_latest_claim_wins() {
         let r = Resumes::new(Duration::from_secs(30));
-        let (held, _arrivals) = r.open(7, ip("127.0.0.1"), [0; 16]).unwrap();
+        let (held, _arrivals) = r
+            .open(7, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16])
+            .unwrap();
         let slot = held.slot().clone();
         let first = current(&slot);
         assert!(first.starts_with("7."), "{first}");
@@ -410,7 +583,9 @@ mod tests {
     #[test]
     fn another_address_is_refused_and_does_not_use_it_up() {
         let r = Resumes::new(Duration::from_secs(30));
-        let (held, _arrivals) = r.open(1, ip("127.0.0.1"), [0; 16]).unwrap();
+        let (held, _arrivals) = r
+            .open(1, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16])
+            .unwrap();
         let c = current(held.slot());
         let now = Instant::now();
         assert_eq!(
@@ -423,7 +598,9 @@ mod tests {
     #[test]
     fn a_wrong_secret_an_unknown_console_and_garbage_are_refused_alike() {
         let r = Resumes::new(Duration::from_secs(30));
-        let (held, _arrivals) = r.open(3, ip("10.0.0.1"), [0; 16]).unwrap();
+        let (held, _arrivals) = r
+            .open(3, ConsoleKind::Spice, ip("10.0.0.1"), [0; 16])
+            .unwrap();
         let c = current(held.slot());
         let now = Instant::now();
         let mut wrong = c.clone();
@@ -453,7 +630,9 @@ mod tests {
     #[test]
     fn a_parked_console_waits_the_window_and_no_longer() {
         let r = Resumes::new(Duration::from_secs(30));
-        let (held, _arrivals) = r.open(5, ip("127.0.0.1"), [0; 16]).unwrap();
+        let (held, _arrivals) = r
+            .open(5, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16])
+            .unwrap();
         let c = current(held.slot());
         let t = Instant::now();
         held.slot().parked(Some(t));
@@ -470,7 +649,9 @@ mod tests {
     #[test]
     fn a_connection_that_ended_takes_no_resume_and_off_means_off() {
         let r = Resumes::new(Duration::from_secs(30));
-        let (held, _arrivals) = r.open(9, ip("127.0.0.1"), [0; 16]).unwrap();
+        let (held, _arrivals) = r
+            .open(9, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16])
+            .unwrap();
         let c = current(held.slot());
         drop(held);
         assert!(r.get(9).is_none());
@@ -479,7 +660,7 @@ mod tests {
             Some(ResumeError::Invalid)
         );
         assert!(Resumes::new(Duration::ZERO)
-            .open(1, ip("127.0.0.1"), [0; 16])
+            .open(1, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16])
             .is_none());
     }
 }

@@ -451,28 +451,6 @@ struct Leg {
     _done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
-/// How waiting for a parked session's page ended.
-enum Waited {
-    Back(Box<super::resume::Attach>),
-    Over(End),
-}
-
-/// What stops a session from outside its connections: a shutdown, an administrator or
-/// its owner leaving, its `max_duration`.
-async fn stopped(
-    shutdown: &mut watch::Receiver<bool>,
-    state: watch::Receiver<crate::live::State>,
-    owner: bool,
-    max: Option<std::time::Duration>,
-    age: std::time::Duration,
-) -> End {
-    tokio::select! {
-        _ = shutdown.wait_for(|s| *s) => End::Shutdown,
-        end = super::ended(state, owner) => end,
-        end = super::max_duration(max, age) => end,
-    }
-}
-
 /// Runs the session to its end, closes the browser with the reason, and writes the
 /// session's audit records. A page that asked for resuming (`ctx.resumable`) and whose
 /// connection drops without a close frame may come back within `[tokens]
@@ -588,7 +566,7 @@ async fn legs(
     let resumable = if ctx.resumable {
         ctx.env
             .resumes
-            .open(ctx.id, ctx.client.ip(), ctx.claims.uuid)
+            .open(ctx.id, ctx.claims.kind, ctx.client.ip(), ctx.claims.uuid)
     } else {
         None
     };
@@ -610,25 +588,7 @@ async fn legs(
         &mut left,
     )
     .await;
-    // No more resumes, and those on their way are told why.
-    drop(held);
-    let told = ended.0.told().to_string();
-    let mut refused: Vec<super::resume::Attach> = left.into_iter().collect();
-    if let Some(a) = arrivals.as_mut() {
-        a.close();
-        while let Ok(x) = a.try_recv() {
-            refused.push(x);
-        }
-    }
-    for a in refused {
-        let code = ended.0.close_code();
-        let told = told.clone();
-        tokio::spawn(async move {
-            let mut a = a;
-            a.tx.close(code, &told).await;
-            a.rx.linger(super::browser::CLOSE_LINGER).await;
-        });
-    }
+    super::resume::refuse_the_rest(&ended.0, held, left, arrivals.as_mut());
     ended
 }
 
@@ -666,7 +626,6 @@ async fn legs_in_turn(
         }
     };
     let idle_timeout = if owner { ctx.env.idle_timeout } else { None };
-    let window = ctx.env.resumes.window();
     loop {
         // The owner's connections are recorded, one file each; participants see the
         // same screen.
@@ -699,7 +658,7 @@ async fn legs_in_turn(
         };
         let sent = told && btx.binary(leg.si_bytes).await;
         let (end, arrived) = if sent {
-            let stop = stopped(shutdown, live.state(), owner, max, age());
+            let stop = super::stopped(shutdown, live.state(), owner, max, age());
             relay(
                 ctx,
                 leg.up,
@@ -743,95 +702,54 @@ async fn legs_in_turn(
         } else {
             end.label()
         };
-        // Nothing more to or from that connection: a page still there sees it drop.
-        btx.abort().await;
-        brx.shut();
-        let parked_at = Instant::now();
-        slot.parked(Some(parked_at));
-        if owner {
-            live.set_parked(Some(std::time::SystemTime::now()));
-        }
-        ctx.env
-            .metrics
-            .session_resumes_total
-            .with_label_values(&["dropped"])
-            .inc();
-        info!(
-            session = ctx.id,
-            cause, "browser connection lost: waiting for the page to resume"
-        );
-        let client = ctx.client.to_string();
-        let dropped = ctx
-            .env
-            .audit
-            .record(&Event::SessionDrop {
-                session: ctx.id,
-                client: &client,
+        let Some(arrivals) = arrivals.as_deref_mut() else {
+            return (end, recording);
+        };
+        let parking = super::resume::Parking {
+            env: &ctx.env,
+            session: ctx.id,
+            client: ctx.client,
+            live,
+            owner,
+            max,
+            idle: &live.idle,
+            idle_timeout,
+        };
+        let waited = parking
+            .wait(
+                slot,
+                arrivals,
+                (brx, btx),
+                shutdown,
+                age,
                 cause,
-                window_ms: window.as_millis() as u64,
                 recording,
-            })
+                arrived,
+            )
             .await;
-        if let Err(e) = dropped {
-            *left = arrived;
-            return (audit_failed(e), None);
-        }
-        let mut next = arrived;
-        let deadline = tokio::time::Instant::now() + window;
-        loop {
-            let back = match next.take() {
-                Some(a) => a,
-                None => {
-                    let waited = tokio::select! {
-                        biased;
-                        end = stopped(shutdown, live.state(), owner, max, age()) => Waited::Over(end),
-                        _ = live.idle.expired(idle_timeout) => Waited::Over(End::Idle(live.idle.idle_for())),
-                        _ = tokio::time::sleep_until(deadline) => {
-                            ctx.env
-                                .metrics
-                                .session_resumes_total
-                                .with_label_values(&["window_expired"])
-                                .inc();
-                            info!(session = ctx.id, window = %humantime::format_duration(window), "not resumed within the window");
-                            Waited::Over(End::BrowserClosed)
-                        }
-                        Some(a) = async { arrivals.as_deref_mut()?.recv().await } => Waited::Back(Box::new(a)),
-                    };
-                    match waited {
-                        Waited::Back(a) => *a,
-                        Waited::Over(end) => return (end, None),
-                    }
-                }
-            };
-            // A claim a newer one replaced: its page tried again.
-            if !back.claim.is_latest() {
-                let mut a = back;
-                tokio::spawn(async move {
-                    let why = "replaced by a newer resume of this console";
-                    a.tx.close(1008, why).await;
-                    a.rx.linger(super::browser::CLOSE_LINGER).await;
-                });
-                continue;
+        let (back, parked_at) = match waited {
+            Ok(x) => x,
+            Err((end, rejected)) => {
+                *left = rejected;
+                return (end, None);
             }
-            let reattached = tokio::select! {
-                biased;
-                end = stopped(shutdown, live.state(), owner, max, age()) => Err((end, None)),
-                r = reattach(ctx, back, brx, btx, parked_at, live) => r,
-            };
-            match reattached {
-                Ok(next_leg) => {
-                    leg = next_leg;
-                    if owner {
-                        live.set_parked(None);
-                    }
-                    break;
+        };
+        let reattached = tokio::select! {
+            biased;
+            end = super::stopped(shutdown, live.state(), owner, max, age()) => Err((end, None)),
+            r = reattach(ctx, back, brx, btx, parked_at, live) => r,
+        };
+        match reattached {
+            Ok(next_leg) => {
+                leg = next_leg;
+                if owner {
+                    live.set_parked(None);
                 }
-                Err((end, Some(rejected))) => {
-                    // The VM is gone or changed: the session ends, and the page is told.
-                    *left = Some(rejected);
-                    return (end, None);
-                }
-                Err((end, None)) => return (end, None),
+            }
+            Err((end, rejected)) => {
+                // The VM is gone or changed: the session ends, and the page is told.
+                *left = rejected;
+                return (end, None);
             }
         }
     }
@@ -868,6 +786,7 @@ async fn reattach(
         claim,
         done,
         console: _,
+        hello: _,
     } = back;
     // The page's connection is the session's now, whatever follows: its close frame
     // says how it ends.

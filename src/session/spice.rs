@@ -98,6 +98,26 @@ impl Sessions {
         }
     }
 
+    /// Whether the session the token of `nonce` opened is live (its main channel
+    /// linked, or parked).
+    pub fn is_live(&self, nonce: &[u8; 16]) -> bool {
+        self.by_nonce.lock().is_ok_and(|m| m.contains_key(nonce))
+    }
+
+    /// The session's main channel was lost: no channel joins it until a resumed main
+    /// channel is given a new session id, linked to `console` (as libvirt tells it
+    /// then) when it is back.
+    fn unlink(&self, nonce: [u8; 16], console: Option<Arc<Console>>) {
+        if let Ok(mut m) = self.by_nonce.lock() {
+            if let Some(entry) = m.get_mut(&nonce) {
+                entry.qemu = None;
+                if let Some(c) = console {
+                    entry.shared.console = c;
+                }
+            }
+        }
+    }
+
     fn forget(&self, nonce: &[u8; 16]) {
         if let Ok(mut m) = self.by_nonce.lock() {
             m.remove(nonce);
@@ -190,6 +210,9 @@ pub struct Ctx {
     pub client: SocketAddr,
     /// What the browser may do.
     pub participant: Participant,
+    /// The page asked for resuming (`resumable=1`): a session's main channel is sent
+    /// a resume credential, and its lost connection parks the session.
+    pub resumable: bool,
 }
 
 fn link_refusal(code: u32) -> Vec<u8> {
@@ -245,7 +268,7 @@ pub async fn run(
     mut ctx: Ctx,
     first: Option<Console>,
     brx: &mut BrowserRx,
-    btx: BrowserTx,
+    mut btx: BrowserTx,
     mut shutdown: watch::Receiver<bool>,
 ) -> (End, u64, String) {
     let started = Instant::now();
@@ -397,7 +420,7 @@ pub async fn run(
         linking,
         bbuf,
         brx,
-        &btx,
+        &mut btx,
         &mut shutdown,
         chan,
         started,
@@ -434,13 +457,12 @@ async fn relay_channel(
     linking: handshake::server::Linking,
     mut bbuf: Vec<u8>,
     brx: &mut BrowserRx,
-    btx: &BrowserTx,
+    btx: &mut BrowserTx,
     shutdown: &mut watch::Receiver<bool>,
     chan: &'static str,
     started: Instant,
 ) -> End {
     let console = &*joined.console;
-    let idle = &*joined.idle;
     let mess = linking.mess().clone();
     let linked = tokio::time::timeout(
         ctx.env.handshake_timeout,
@@ -513,34 +535,41 @@ async fn relay_channel(
         live: Some(hold.live().clone()),
         ..RoundTrips::default()
     };
-    // Whatever stops the relay, it closes the way a client leaves, with what the VM
-    // does then on record.
-    let state = hold.live().state();
-    let (max, age) = (ctx.claims.policy.max_duration, hold.live().age());
-    let stop = async {
-        tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => End::Shutdown,
-            _ = idle.expired(ctx.env.idle_timeout) => End::Idle(idle.idle_for()),
-            end = super::ended(state, true) => end,
-            end = super::max_duration(max, age) => end,
-        }
+    // A session's main channel can be resumed when its page asked for it and resuming
+    // is on: the other channels come back with it.
+    let resumable = if ctx.resumable && mess.channel_type == channel_type::MAIN {
+        ctx.env
+            .resumes
+            .open(ctx.id, ctx.claims.kind, ctx.client.ip(), ctx.claims.uuid)
+    } else {
+        None
     };
-    let end = relay(
-        ctx,
-        mess.channel_type,
+    let (held, mut arrivals) = match resumable {
+        Some((h, a)) => (Some(h), Some(a)),
+        None => (None, None),
+    };
+    let slot = held.as_ref().map(|h| h.slot().clone());
+    let mut left = None;
+    let leg = Leg {
+        up: up.stream,
+        early_up: ubuf,
+        early_browser: bbuf,
         kind,
-        up.stream,
-        ubuf,
-        bbuf,
-        brx,
-        btx,
-        &meter,
-        &rtt,
-        idle,
+        _done: None,
+    };
+    let end = legs(
+        ctx,
         joined,
-        stop,
+        mess.channel_type,
+        leg,
+        (brx, btx),
+        shutdown,
+        (&meter, &rtt),
+        slot.as_deref().zip(arrivals.as_mut()),
+        &mut left,
     )
     .await;
+    super::resume::refuse_the_rest(&end, held, left, arrivals.as_mut());
     if let Err(e) = ctx
         .env
         .audit
@@ -557,6 +586,287 @@ async fn relay_channel(
         warn!(error = %e, "audit log: session end not written");
     }
     end
+}
+
+/// One browser connection of a channel, linked, with its own link to spice-server.
+struct Leg {
+    up: Conn,
+    /// What QEMU sent after the link.
+    early_up: Vec<u8>,
+    /// What the browser sent after the link.
+    early_browser: Vec<u8>,
+    kind: HeaderKind,
+    /// A resumed connection's hand-back to the request that brought it.
+    _done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Relays a channel's browser connections in turn: a main channel whose connection is
+/// lost parks the session until its page comes back with the channel's credential
+/// (or the window ends), and links to spice-server anew; the session's other channels
+/// then link again under the new session id. A resuming connection the session did
+/// not take is left in `left`.
+#[allow(clippy::too_many_arguments)]
+async fn legs(
+    ctx: &Ctx,
+    joined: &Joined,
+    channel: u8,
+    mut leg: Leg,
+    (brx, btx): (&mut BrowserRx, &mut BrowserTx),
+    shutdown: &mut watch::Receiver<bool>,
+    (meter, rtt): (&Meter, &RoundTrips),
+    mut resume: Option<(
+        &super::resume::Slot,
+        &mut tokio::sync::mpsc::Receiver<super::resume::Attach>,
+    )>,
+    left: &mut Option<super::resume::Attach>,
+) -> End {
+    let idle = &*joined.idle;
+    let live = meter.live();
+    let max = ctx.claims.policy.max_duration;
+    loop {
+        // The page's resume credential comes first, in a text message spice-html5
+        // never sees (the page keeps it), before anything of the session.
+        if let Some(c) = resume.as_ref().and_then(|(s, _)| s.credential()) {
+            let mut words = Zeroizing::new(String::with_capacity(c.len() + 16));
+            words.push_str("{\"resume\":\"");
+            words.push_str(&c);
+            words.push_str("\"}");
+            btx.text(words.to_string()).await;
+        }
+        // Whatever stops the relay, it closes the way a client leaves, with what the
+        // VM does then on record.
+        let stop = async {
+            tokio::select! {
+                end = super::stopped(shutdown, live.state(), true, max, live.age()) => end,
+                _ = idle.expired(ctx.env.idle_timeout) => End::Idle(idle.idle_for()),
+            }
+        };
+        let (end, arrived) = relay(
+            ctx,
+            channel,
+            leg.kind,
+            leg.up,
+            leg.early_up,
+            leg.early_browser,
+            brx,
+            btx,
+            meter,
+            rtt,
+            idle,
+            joined,
+            stop,
+            resume.as_mut().map(|(s, a)| (*s, &mut **a)),
+        )
+        .await;
+        let Some((slot, arrivals)) = resume.as_mut() else {
+            return end;
+        };
+        // Parked only when the connection was lost (not left with a close frame) or a
+        // resume took its place.
+        let lost = end.browser_gone() && !brx.said_goodbye();
+        if !lost && arrived.is_none() {
+            *left = arrived;
+            return end;
+        }
+        let cause = if arrived.is_some() {
+            "replaced"
+        } else {
+            end.label()
+        };
+        // spice-server dropped the session's other channels with its main channel: none
+        // joins until the main channel is back with a new session id.
+        ctx.env.spice_sessions.unlink(ctx.claims.nonce, None);
+        let parking = super::resume::Parking {
+            env: &ctx.env,
+            session: ctx.id,
+            client: ctx.client,
+            live,
+            owner: true,
+            max,
+            idle,
+            idle_timeout: ctx.env.idle_timeout,
+        };
+        let waited = parking
+            .wait(
+                slot,
+                arrivals,
+                (&mut *brx, &*btx),
+                shutdown,
+                || live.age(),
+                cause,
+                None,
+                arrived,
+            )
+            .await;
+        let (back, parked_at) = match waited {
+            Ok(x) => x,
+            Err((end, rejected)) => {
+                *left = rejected;
+                return end;
+            }
+        };
+        let reattached = tokio::select! {
+            biased;
+            end = super::stopped(shutdown, live.state(), true, max, live.age()) => Err((end, None)),
+            r = reattach(ctx, joined, back, (&mut *brx, &mut *btx), parked_at, live) => r,
+        };
+        match reattached {
+            Ok(next) => {
+                leg = next;
+                rtt.restart();
+                live.set_parked(None);
+            }
+            Err((end, rejected)) => {
+                // The VM is gone or changed: the session ends, and the page is told.
+                *left = rejected;
+                return end;
+            }
+        }
+    }
+}
+
+/// A page came back to a parked SPICE session with its main channel's link: a new
+/// link to spice-server, authenticated as at the start with the console libvirt
+/// describes now (the same run of the VM), and the page's connection in the place of
+/// the lost one, on record before anything from QEMU reaches it. A failure ends the
+/// session; a VM that is gone or restarted hands the page back to be told why.
+async fn reattach(
+    ctx: &Ctx,
+    joined: &Joined,
+    back: super::resume::Attach,
+    (brx, btx): (&mut BrowserRx, &mut BrowserTx),
+    parked_at: Instant,
+    live: &Arc<Live>,
+) -> Result<Leg, (End, Option<super::resume::Attach>)> {
+    let console = match &back.console {
+        Ok(c) if c.instance == joined.console.instance && c.target == joined.console.target => {
+            Arc::new(c.clone())
+        }
+        Ok(_) => {
+            let end = End::vm(
+                VmFailure::Connect,
+                "the VM was restarted while its console was away",
+            );
+            return Err((end, Some(back)));
+        }
+        Err(e) => return Err((End::lookup(e), Some(back))),
+    };
+    let super::resume::Attach {
+        rx,
+        tx,
+        client,
+        claim,
+        done,
+        console: _,
+        hello,
+    } = back;
+    let super::resume::Hello::Spice { linking, early } = hello else {
+        return Err((End::Internal("a resume of another console kind"), None));
+    };
+    // The page's connection is the session's now, whatever follows: its close frame
+    // says how it ends.
+    drop(std::mem::replace(brx, rx));
+    *btx = tx;
+    brx.pings().measure_live(live.clone());
+    let mut bbuf = early;
+    let linked = tokio::time::timeout(
+        ctx.env.handshake_timeout,
+        link_both(ctx, &console, *linking, &mut bbuf, brx, btx),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(End::refused(
+            Refusal::HandshakeTimeout,
+            "SPICE link did not complete in time",
+        ))
+    });
+    let (up, _, ubuf, kind) = linked.map_err(|e| (e, None))?;
+    let Some(rotation) = claim.commit() else {
+        let (mut rd, mut wr) = tokio::io::split(up.stream.boxed());
+        close_upstream(&mut wr, Some(&mut rd)).await;
+        let end =
+            End::Internal("the resume was replaced, or no randomness for the next credential");
+        return Err((end, None));
+    };
+    let client = client.to_string();
+    let resumed = ctx
+        .env
+        .audit
+        .record(&Event::SessionResume {
+            session: ctx.id,
+            client: &client,
+            rotation,
+            parked_ms: parked_at.elapsed().as_millis() as u64,
+            upstream_tls: up.tls,
+            vm_password: up.password,
+        })
+        .await;
+    if let Err(e) = resumed {
+        let (mut rd, mut wr) = tokio::io::split(up.stream.boxed());
+        close_upstream(&mut wr, Some(&mut rd)).await;
+        return Err((audit_failed(e), None));
+    }
+    // The session's other channels link to the console as it is now.
+    ctx.env
+        .spice_sessions
+        .unlink(ctx.claims.nonce, Some(console));
+    ctx.env
+        .metrics
+        .session_resumes_total
+        .with_label_values(&["resumed"])
+        .inc();
+    info!(session = ctx.id, rotation, "SPICE session resumed");
+    Ok(Leg {
+        up: up.stream,
+        early_up: ubuf,
+        early_browser: bbuf,
+        kind,
+        _done: Some(done),
+    })
+}
+
+/// A resuming page's SPICE main channel, up to its link message (within the handshake
+/// timeout): the session it resumes links it to spice-server. Anything but a new main
+/// channel (connection id 0) is refused.
+pub async fn resume_link(
+    env: &super::Env,
+    brx: &mut BrowserRx,
+    btx: &BrowserTx,
+) -> Result<super::resume::Hello, End> {
+    let mut bbuf = Vec::new();
+    let linking = tokio::time::timeout(
+        env.handshake_timeout,
+        link_step(
+            brx,
+            &mut bbuf,
+            handshake::server::ExpectLinkMess::new(env.spice_browser_limits),
+            Direction::BrowserToVm,
+            |s, b| s.receive(b),
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(End::refused(
+            Refusal::HandshakeTimeout,
+            "no SPICE link message in time",
+        ))
+    })?;
+    let mess = linking.mess();
+    if mess.channel_type != channel_type::MAIN || mess.connection_id != 0 {
+        btx.binary(link_refusal(link_error::BAD_CONNECTION_ID))
+            .await;
+        return Err(End::spice_protocol(
+            Direction::BrowserToVm,
+            &vizor_spice::Error::Malformed {
+                what: "SPICE link",
+                why: "a resume is a session's new main channel",
+            },
+        ));
+    }
+    Ok(super::resume::Hello::Spice {
+        linking: Box::new(linking),
+        early: bbuf,
+    })
 }
 
 /// Links vizor to QEMU and the browser to vizor; returns the upstream stream, bytes
@@ -718,7 +1028,11 @@ async fn relay(
     idle: &Idle,
     joined: &Joined,
     stop: impl std::future::Future<Output = End>,
-) -> End {
+    resume: Option<(
+        &super::resume::Slot,
+        &mut tokio::sync::mpsc::Receiver<super::resume::Attach>,
+    )>,
+) -> (End, Option<super::resume::Attach>) {
     let keyboard = &*joined.keyboard;
     // The rest of a long display message goes from socket to socket when both
     // connections are plain TCP (SPICE sessions are not recorded).
@@ -747,7 +1061,7 @@ async fn relay(
         Ok::<(), End>(())
     };
     if let Err(end) = started.await {
-        return end;
+        return (end, None);
     }
     // The inputs channel takes the page's pastes ("Paste as keys"): SPICE carries
     // scancodes, which QEMU does not map through a keymap, so every layout types.
@@ -759,8 +1073,11 @@ async fn relay(
     });
     let progress = seat.progress();
     let seated = inputs.then(|| meter.live().seat(ctx.id, seat));
+    let arrived = Mutex::new(None);
     let browser_to_vm = async {
         let mut buf = early_browser;
+        let mut resume = resume;
+        let mut spoke = false;
         loop {
             let mut held = writer.lock().await;
             let up_wr = &mut *held;
@@ -799,7 +1116,27 @@ async fn relay(
                 buf.drain(..pos);
             }
             drop(held);
-            brx.read_into(&mut buf).await?;
+            // A page resuming while this main channel still looks open (its browser
+            // saw it dead first) takes its place: heard only here, between two
+            // messages, so whatever was read is on record and written whole.
+            tokio::select! {
+                biased;
+                Some(a) = async { resume.as_mut()?.1.recv().await } => {
+                    if let Ok(mut taken) = arrived.lock() {
+                        *taken = Some(a);
+                    }
+                    return Err(End::BrowserClosed);
+                }
+                r = brx.read_into(&mut buf) => { r?; }
+            }
+            // The page speaks on this connection, which it was sent the current resume
+            // credential on before anything of the session: it has it.
+            if !spoke {
+                spoke = true;
+                if let Some((slot, _)) = &resume {
+                    slot.confirmed();
+                }
+            }
         }
     };
     let mut keys = SpiceKeys {
@@ -913,7 +1250,8 @@ async fn relay(
         }
         close_upstream(&mut up_wr, up_rd.as_read()).await;
     }
-    end
+    let arrived = arrived.into_inner().ok().flatten();
+    (end, arrived)
 }
 
 /// The VM's writer of a channel, shared by the browser's input and a paste.
@@ -1014,6 +1352,14 @@ impl RoundTrips {
                     "SPICE ping answered"
                 );
             }
+        }
+    }
+
+    /// A new connection to spice-server numbers its pings afresh: those of the last
+    /// are forgotten.
+    fn restart(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.0.clear();
         }
     }
 
