@@ -637,8 +637,83 @@ fn paste_as_keys(kind: ConsoleKind, d: &str) {
 #[test]
 #[ignore = "live: needs the test host and Chromium (scripts/test.sh runs it with --include-ignored)"]
 fn the_console_page_resumes_after_its_connection_is_cut() {
-    let t = tools();
     let d = common::live_domain().name;
+    let (audit, session) = resumes_after_cuts(&d, ConsoleKind::Vnc);
+    let order: Vec<&str> = session_events(&audit, session)
+        .into_iter()
+        .map(|(e, _)| e)
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "session_start",
+            "session_drop",
+            "session_resume",
+            "session_drop",
+            "session_end"
+        ]
+    );
+}
+
+/// The same for spice-html5: the page opens a new main channel with its credential,
+/// spice-html5's other channels join the session again, all under one session id.
+#[test]
+#[ignore = "live: needs the test host and Chromium (scripts/test.sh runs it with --include-ignored)"]
+fn the_spice_page_resumes_after_its_connection_is_cut() {
+    let d = "vizor-test-bspresume";
+    test_host(&[
+        "domain",
+        d,
+        "--vnc-passwd",
+        &password(),
+        "--spice-passwd",
+        &password(),
+    ]);
+    let (audit, session) = resumes_after_cuts(d, ConsoleKind::Spice);
+    // The main channel's start, its drop and resume, its drop and end; spice-html5's
+    // other channels each time between.
+    let main: Vec<&str> = session_events(&audit, session)
+        .into_iter()
+        .filter(|(_, c)| c.is_none_or(|c| c == "spice:main:0"))
+        .map(|(e, _)| e)
+        .collect();
+    assert_eq!(
+        main,
+        [
+            "session_start",
+            "session_drop",
+            "session_resume",
+            "session_drop",
+            "session_end"
+        ]
+    );
+    let inputs = |event: &str| {
+        session_events(&audit, session)
+            .into_iter()
+            .filter(|(e, c)| *e == event && *c == Some("spice:inputs:0"))
+            .count()
+    };
+    assert_eq!((inputs("session_start"), inputs("session_end")), (2, 2));
+}
+
+/// A session's `session_*` records in order, each with its channel (SPICE's); every
+/// one in `audit` is that session's.
+fn session_events(audit: &[serde_json::Value], session: u64) -> Vec<(&str, Option<&str>)> {
+    audit
+        .iter()
+        .filter(|x| x["event"].as_str().unwrap().starts_with("session_"))
+        .map(|x| {
+            assert_eq!(x["session"].as_u64(), Some(session), "{x}");
+            (x["event"].as_str().unwrap(), x["channel"].as_str())
+        })
+        .collect()
+}
+
+/// Drives `domain`'s console page of `kind` through a relay cut twice (see above) and
+/// checks what the page showed and the keys on record; returns the audit log and the
+/// session's id.
+fn resumes_after_cuts(domain: &str, kind: ConsoleKind) -> (Vec<serde_json::Value>, u64) {
+    let t = tools();
     let v = Vizor::start_tokens(
         "resume_window = \"5s\"",
         &format!(
@@ -651,11 +726,12 @@ fn the_console_page_resumes_after_its_connection_is_cut() {
     let url = format!(
         "http://{}/console?token={}",
         relay.addr,
-        v.token(&d, ConsoleKind::Vnc, 60)
+        v.token(domain, kind, 60)
     );
     let extra = serde_json::json!({
         "cut": format!("http://{}/cut", relay.control),
         "block": format!("http://{}/block?ms=8000", relay.control),
+        "kind": kind.as_str(),
     });
     let r = drive(&t, "resume", &url, &extra.to_string());
     eprintln!("resume: {r}");
@@ -685,7 +761,6 @@ fn the_console_page_resumes_after_its_connection_is_cut() {
         words, "Disconnected: this console session can no longer be resumed",
         "{r}"
     );
-    // One session: its start, two drops, one resume, its end at the window's end.
     let audit = v.audit();
     let session = audit
         .iter()
@@ -693,24 +768,6 @@ fn the_console_page_resumes_after_its_connection_is_cut() {
         .unwrap()["session"]
         .as_u64()
         .unwrap();
-    let order: Vec<&str> = audit
-        .iter()
-        .filter(|x| x["event"].as_str().unwrap().starts_with("session_"))
-        .map(|x| {
-            assert_eq!(x["session"].as_u64(), Some(session), "{x}");
-            x["event"].as_str().unwrap()
-        })
-        .collect();
-    assert_eq!(
-        order,
-        [
-            "session_start",
-            "session_drop",
-            "session_resume",
-            "session_drop",
-            "session_end"
-        ]
-    );
     // Q went down before the cut and QEMU let it go as the session's connection to it
     // closed; R and S were typed after.
     let keys = audited_keys(&audit);
@@ -729,4 +786,5 @@ fn the_console_page_resumes_after_its_connection_is_cut() {
     );
     let (ok, out) = v.verify(&[v.audit_path()]);
     assert!(ok, "{out}");
+    (audit, session)
 }

@@ -62,7 +62,8 @@ pub struct Env {
     pub spice_sessions: spice::Sessions,
     /// The keyboards of VMs with live sessions, as QEMU keeps them.
     pub vm_keyboards: crate::policy::keyboards::VmKeyboards,
-    /// VNC connections a console page can resume after a network blip.
+    /// Consoles (VNC, and SPICE sessions by their main channel) a console page can
+    /// resume after a network blip.
     pub resumes: Arc<resume::Resumes>,
 }
 

@@ -17,8 +17,9 @@
 //   node console.mjs paste URL OUTDIR JSON      noVNC: "Paste as keys" for each of JSON's
 //                                               pastes ({text, layout}), one stopped
 //                                               (cancel), and one it cannot type
-//   node console.mjs resume URL OUTDIR JSON     noVNC through a relay the script cuts
-//                                               (JSON: cut and block, its control URLs):
+//   node console.mjs resume URL OUTDIR JSON     noVNC or spice-html5 (JSON kind) through
+//                                               a relay the script cuts (JSON: cut and
+//                                               block, its control URLs):
 //                                               the page reconnects by itself and the
 //                                               screen goes on; then a cut for longer
 //                                               than the window, and the page's words
@@ -357,12 +358,28 @@ try {
         );
         result = { status, pasted, refused, still: await state(page), screenshots: [await shot("paste")] };
     } else if (mode === "resume") {
-        const { cut, block } = JSON.parse(extra);
+        const { cut, block, kind } = JSON.parse(extra);
+        const spice = kind === "spice";
+        // The console's screen: noVNC's canvas, or spice-html5's primary surface.
+        const screen = spice ? "#spice-screen canvas" : "#screen > div:not(.stale) canvas";
         const connected = async () => (await state(page))?.state === "connected";
-        await until("noVNC to connect", 20000, connected);
-        await until("a framebuffer", 20000, () => pixels(page, "#screen canvas"));
+        // Where keys go: noVNC takes them once connected; spice-html5 once its inputs
+        // channel is ready, on its canvas.
+        const typable = async () => {
+            if (spice) {
+                await until("the inputs channel", 20000, () =>
+                    page.evaluate(() => window.vizorConsole.sc?.inputs?.state === "ready"));
+                await page.locator(screen).click({ position: { x: 5, y: 5 } });
+            }
+        };
+        await until("the console to connect", 20000, connected);
+        await until("a framebuffer", 20000, async () => {
+            const p = await pixels(page, screen);
+            return p && lit(p, 0, p.height) > 0 ? p : null;
+        });
         await until("the resume credential", 10000, () =>
             page.evaluate(() => document.body.dataset.resumable === "true"));
+        await typable();
         // A key held as the connection drops: vizor lets it go itself.
         await page.keyboard.down("q");
         await new Promise((r) => setTimeout(r, 300));
@@ -384,14 +401,15 @@ try {
         // The last frame stays on the page, dimmed, while it reconnects.
         const stale = await pixels(page, "#screen > .stale canvas");
         await until("the console to come back", 20000, connected);
-        const staleGone = await page.evaluate(() => document.querySelector("#screen > .stale") === null);
         const backMs = Date.now() - cutAt;
         await page.keyboard.up("q");
         // The screen goes on: a framebuffer drawn again, and typing reaches the VM.
         const p = await until("a framebuffer after the resume", 20000, async () => {
-            const got = await pixels(page, "#screen canvas");
+            const got = await pixels(page, screen);
             return got && lit(got, 0, got.height) > 0 ? got : null;
         });
+        const staleGone = await page.evaluate(() => document.querySelector("#screen > .stale") === null);
+        await typable();
         await page.keyboard.type("rs");
         const after = await shot("resume-after");
         await new Promise((r) => setTimeout(r, 500));
