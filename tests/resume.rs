@@ -346,33 +346,10 @@ async fn a_resume_after_the_vm_restarted_ends_the_session_and_says_why() {
     );
 }
 
-/// A SPICE session's main channel as spice-html5 opens it at `path`: its Browser, QEMU's
-/// session id from MAIN_INIT (after the channel list was asked for and came), and the
-/// header kind (mini).
-async fn spice_main(v: &Vizor, path: &str) -> Result<(Browser, u32), u32> {
-    let mut main = Browser::connect(v.addr, path).await;
-    spice::link(&mut main, channel_type::MAIN, 0, true).await?;
-    let mut dec = Decoder::new(HeaderKind::Mini, Limits::default());
-    let init = spice::until(&mut main, &mut dec, smsg::main::MSG_INIT).await;
-    let smsg::ServerMessage::MainInit { session_id, .. } =
-        smsg::parse_server(channel_type::MAIN, smsg::main::MSG_INIT, &init).unwrap()
-    else {
-        panic!("not a main init")
-    };
-    const MSGC_MAIN_ATTACH_CHANNELS: u16 = 104;
-    const MSG_MAIN_CHANNELS_LIST: u16 = 104;
-    let mut out = Vec::new();
-    write_message(
-        HeaderKind::Mini,
-        1,
-        MSGC_MAIN_ATTACH_CHANNELS,
-        &[],
-        &mut out,
-    )
-    .unwrap();
-    main.send(&out).await;
-    spice::until(&mut main, &mut dec, MSG_MAIN_CHANNELS_LIST).await;
-    Ok((main, session_id))
+/// A SPICE session's main channel at `path` (mini headers), and QEMU's session id.
+async fn spice_main(v: &Vizor, path: &str) -> (Browser, u32) {
+    let (main, session_id, _, _) = spice::main_at(v, path, true).await;
+    (main, session_id)
 }
 
 /// The session's inputs channel, joined with the token and QEMU's session id, ready.
@@ -419,7 +396,7 @@ async fn a_dropped_spice_session_resumes_by_its_main_channel() {
     let token = v.token(d, ConsoleKind::Spice, 4);
     let issued = Instant::now();
     let path = format!("/websockify?token={token}&resumable=1");
-    let (mut main, sid1) = spice_main(&v, &path).await.unwrap();
+    let (mut main, sid1) = spice_main(&v, &path).await;
     let c1 = credential(&mut main).await;
     let start = record(&v, "session_start", |r| r["channel"] == "spice:main:0").await;
     let session = start["session"].as_u64().unwrap();
@@ -447,15 +424,22 @@ async fn a_dropped_spice_session_resumes_by_its_main_channel() {
     assert_eq!(e.err(), Some(link_error::BAD_CONNECTION_ID));
     let e = refused_spice(&v, "127.0.0.2", &c1).await;
     assert!(e.contains("another address"), "{e}");
+    // A resume whose link breaks on the browser's side (its connection lost again
+    // before its ticket): the session waits on, the credential still good.
+    let mut broken = Browser::connect(v.addr, &format!("/websockify?resume={c1}")).await;
+    spice::link_reply(&mut broken, channel_type::MAIN, 0, true)
+        .await
+        .unwrap();
+    drop(broken);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(v.sessions().await[0]["parked_since"].is_string());
 
     // Back after the token expired: the main channel resumes with the credential.
     tokio::time::sleep(
         Duration::from_secs(4).saturating_sub(issued.elapsed()) + Duration::from_millis(200),
     )
     .await;
-    let (mut main, sid2) = spice_main(&v, &format!("/websockify?resume={c1}"))
-        .await
-        .unwrap();
+    let (mut main, sid2) = spice_main(&v, &format!("/websockify?resume={c1}")).await;
     let resumed = record(&v, "session_resume", |r| r["session"] == session).await;
     assert_eq!(resumed["rotation"], 1, "{resumed}");
     assert_eq!(resumed["vm_password"], true, "{resumed}");

@@ -484,10 +484,13 @@ async function spice() {
                     }
                     ended(closed.reason || (e && e.message) || "", false);
                 };
-                if (ws.readyState === Native.CLOSED) {
+                if (ws.closedWith !== null) {
                     decide();
                 } else {
+                    // An error before the close (a browser may report one first, with
+                    // the socket already closed): the close says how it ended.
                     ws.addEventListener("close", decide, { once: true });
+                    keepStale();
                     conn.stop();
                 }
             },

@@ -411,30 +411,30 @@ enum Waited {
     Over(super::End),
 }
 
+/// A parked session: since when, and until when it waits.
+pub(super) struct Parked {
+    /// When the browser's connection was let go.
+    pub at: Instant,
+    deadline: tokio::time::Instant,
+}
+
 impl Parking<'_> {
     /// Parks the connection of `slot`: the page's connection is let go (`rx`, `tx`:
-    /// a page still there sees it drop), the drop (`cause`) goes on record, and the
-    /// session waits for its page (`next`: one that already arrived) within the
-    /// window. Returns the latest claim's connection and when the session parked, or
-    /// how the session ended meanwhile, with a connection still to be told why.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn wait(
+    /// a page still there sees it drop) and the drop (`cause`) goes on record. `Err`:
+    /// the session cannot go on (its audit failed).
+    pub(super) async fn park(
         &self,
         slot: &Slot,
-        arrivals: &mut mpsc::Receiver<Attach>,
         (rx, tx): (&mut BrowserRx, &BrowserTx),
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-        age: impl Fn() -> Duration,
         cause: &'static str,
         recording: Option<crate::recording::Finished>,
-        mut next: Option<Attach>,
-    ) -> Result<(Attach, Instant), (super::End, Option<Attach>)> {
+    ) -> Result<Parked, super::End> {
         let env = self.env;
         let window = env.resumes.window();
         tx.abort().await;
         rx.shut();
-        let parked_at = Instant::now();
-        slot.parked(Some(parked_at));
+        let at = Instant::now();
+        slot.parked(Some(at));
         if self.owner {
             self.live.set_parked(Some(std::time::SystemTime::now()));
         }
@@ -448,8 +448,7 @@ impl Parking<'_> {
             "browser connection lost: waiting for the page to resume"
         );
         let client = self.client.to_string();
-        let dropped = env
-            .audit
+        env.audit
             .record(&crate::audit::Event::SessionDrop {
                 session: self.session,
                 client: &client,
@@ -457,11 +456,27 @@ impl Parking<'_> {
                 window_ms: window.as_millis() as u64,
                 recording,
             })
-            .await;
-        if let Err(e) = dropped {
-            return Err((super::audit_failed(e), next));
-        }
-        let deadline = tokio::time::Instant::now() + window;
+            .await
+            .map_err(super::audit_failed)?;
+        Ok(Parked {
+            at,
+            deadline: tokio::time::Instant::now() + window,
+        })
+    }
+
+    /// Waits for the page within the window (`next`: one that already arrived):
+    /// the latest claim's connection, or how the session ended meanwhile, with a
+    /// connection still to be told why.
+    pub(super) async fn wait(
+        &self,
+        parked: &Parked,
+        arrivals: &mut mpsc::Receiver<Attach>,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+        age: impl Fn() -> Duration,
+        mut next: Option<Attach>,
+    ) -> Result<Attach, (super::End, Option<Attach>)> {
+        let env = self.env;
+        let window = env.resumes.window();
         loop {
             let back = match next.take() {
                 Some(a) => a,
@@ -470,7 +485,7 @@ impl Parking<'_> {
                         biased;
                         end = super::stopped(shutdown, self.live.state(), self.owner, self.max, age()) => Waited::Over(end),
                         _ = self.idle.expired(self.idle_timeout) => Waited::Over(super::End::Idle(self.idle.idle_for())),
-                        _ = tokio::time::sleep_until(deadline) => {
+                        _ = tokio::time::sleep_until(parked.deadline) => {
                             env.metrics
                                 .session_resumes_total
                                 .with_label_values(&["window_expired"])
@@ -496,9 +511,24 @@ impl Parking<'_> {
                 });
                 continue;
             }
-            return Ok((back, parked_at));
+            return Ok(back);
         }
     }
+}
+
+/// Whether a resume that failed with `end` leaves the session parked for the rest of
+/// its window: it failed on the browser's side (its connection lost again, its
+/// handshake broken or too slow, or a newer try of the page replacing it). One the VM
+/// failed ends the session.
+pub(super) fn try_again(end: &super::End) -> bool {
+    end.side() == super::Side::Browser
+        || matches!(
+            end,
+            super::End::Refused {
+                why: super::Refusal::HandshakeTimeout,
+                ..
+            }
+        )
 }
 
 /// A resumable connection's session ended: no more resumes (`held` dropped), and the
@@ -644,6 +674,24 @@ mod tests {
         assert!(r
             .claim(&c, ip("127.0.0.1"), t + Duration::from_secs(30))
             .is_ok());
+    }
+
+    #[test]
+    fn a_resume_the_browser_failed_leaves_the_session_parked_and_one_the_vm_failed_ends_it() {
+        use crate::end::{End, Refusal, VmFailure};
+        assert!(try_again(&End::BrowserClosed));
+        assert!(try_again(&End::refused(Refusal::HandshakeTimeout, "slow")));
+        assert!(try_again(&End::spice_protocol(
+            crate::live::Direction::BrowserToVm,
+            &vizor_spice::Error::Malformed {
+                what: "SPICE link",
+                why: "broken"
+            }
+        )));
+        assert!(!try_again(&End::vm(VmFailure::Auth, "wrong password")));
+        assert!(!try_again(&End::VmClosed));
+        assert!(!try_again(&End::Audit("disk full".into())));
+        assert!(!try_again(&End::Shutdown));
     }
 
     #[test]

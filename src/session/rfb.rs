@@ -652,7 +652,7 @@ async fn legs_in_turn(
                 words.push_str("{\"resume\":\"");
                 words.push_str(&c);
                 words.push_str("\"}");
-                btx.text(words.to_string()).await
+                btx.text(std::mem::take(&mut *words)).await
             }
             None => true,
         };
@@ -715,41 +715,49 @@ async fn legs_in_turn(
             idle: &live.idle,
             idle_timeout,
         };
-        let waited = parking
-            .wait(
-                slot,
-                arrivals,
-                (brx, btx),
-                shutdown,
-                age,
-                cause,
-                recording,
-                arrived,
-            )
-            .await;
-        let (back, parked_at) = match waited {
-            Ok(x) => x,
-            Err((end, rejected)) => {
-                *left = rejected;
+        let parked = match parking.park(slot, (brx, btx), cause, recording).await {
+            Ok(p) => p,
+            Err(end) => {
+                *left = arrived;
                 return (end, None);
             }
         };
-        let reattached = tokio::select! {
-            biased;
-            end = super::stopped(shutdown, live.state(), owner, max, age()) => Err((end, None)),
-            r = reattach(ctx, back, brx, btx, parked_at, live) => r,
-        };
-        match reattached {
-            Ok(next_leg) => {
-                leg = next_leg;
-                if owner {
-                    live.set_parked(None);
+        let mut next = arrived;
+        loop {
+            let back = match parking
+                .wait(&parked, arrivals, shutdown, age, next.take())
+                .await
+            {
+                Ok(a) => a,
+                Err((end, rejected)) => {
+                    *left = rejected;
+                    return (end, None);
                 }
-            }
-            Err((end, rejected)) => {
-                // The VM is gone or changed: the session ends, and the page is told.
-                *left = rejected;
-                return (end, None);
+            };
+            let reattached = tokio::select! {
+                biased;
+                end = super::stopped(shutdown, live.state(), owner, max, age()) => Err((end, None)),
+                r = reattach(ctx, back, brx, btx, parked.at, live) => r,
+            };
+            match reattached {
+                Ok(next_leg) => {
+                    leg = next_leg;
+                    if owner {
+                        live.set_parked(None);
+                    }
+                    break;
+                }
+                Err((end, None)) if super::resume::try_again(&end) => {
+                    // Its credential is still good: the session waits on.
+                    info!(session = ctx.id, reason = %end, "a resume failed on the browser's side");
+                    btx.abort().await;
+                    brx.shut();
+                }
+                Err((end, rejected)) => {
+                    // The VM is gone or changed: the session ends, and the page is told.
+                    *left = rejected;
+                    return (end, None);
+                }
             }
         }
     }
@@ -758,8 +766,9 @@ async fn legs_in_turn(
 /// A page came back: a new connection to QEMU, authenticated as at the start with the
 /// console libvirt describes now (the same run of the VM), and the page's connection
 /// in the place of the lost one, on record before QEMU's ServerInit reaches it. A
-/// failure ends the session; a VM that is gone or restarted hands the page back to be
-/// told why.
+/// failure ends the session, but for one on the browser's side
+/// ([`super::resume::try_again`]); a VM that is gone or restarted hands the page back
+/// to be told why.
 async fn reattach(
     ctx: &Ctx,
     back: super::resume::Attach,
@@ -804,10 +813,10 @@ async fn reattach(
         .unwrap_or_else(|_| Err(handshake_timeout(ctx.env.handshake_timeout)))
         .map_err(|e| (e, None))?;
     let Some(rotation) = claim.commit() else {
+        // A newer try of the page replaced this one (or no randomness for the next
+        // credential): the session waits on for it.
         discard(ctx, up.stream).await;
-        let end =
-            End::Internal("the resume was replaced, or no randomness for the next credential");
-        return Err((end, None));
+        return Err((End::BrowserClosed, None));
     };
     let client = client.to_string();
     let resumed = ctx

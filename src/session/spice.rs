@@ -105,15 +105,22 @@ impl Sessions {
     }
 
     /// The session's main channel was lost: no channel joins it until a resumed main
-    /// channel is given a new session id, linked to `console` (as libvirt tells it
-    /// then) when it is back.
-    fn unlink(&self, nonce: [u8; 16], console: Option<Arc<Console>>) {
+    /// channel is given a new session id.
+    fn unlink(&self, nonce: [u8; 16]) {
         if let Ok(mut m) = self.by_nonce.lock() {
             if let Some(entry) = m.get_mut(&nonce) {
                 entry.qemu = None;
-                if let Some(c) = console {
-                    entry.shared.console = c;
-                }
+            }
+        }
+    }
+
+    /// The session's main channel is back, linked to a new spice-server session: the
+    /// channels that join it (once its MAIN_INIT gives the session id) share `shared`.
+    fn relink(&self, nonce: [u8; 16], shared: &Joined) {
+        if let Ok(mut m) = self.by_nonce.lock() {
+            if let Some(entry) = m.get_mut(&nonce) {
+                entry.qemu = None;
+                entry.shared = shared.clone();
             }
         }
     }
@@ -620,7 +627,10 @@ async fn legs(
     )>,
     left: &mut Option<super::resume::Attach>,
 ) -> End {
-    let idle = &*joined.idle;
+    // What the session's channels share; a resume gives it a new spice-server session.
+    let mut joined = joined.clone();
+    let clock = joined.idle.clone();
+    let idle = &*clock;
     let live = meter.live();
     let max = ctx.claims.policy.max_duration;
     loop {
@@ -631,7 +641,7 @@ async fn legs(
             words.push_str("{\"resume\":\"");
             words.push_str(&c);
             words.push_str("\"}");
-            btx.text(words.to_string()).await;
+            btx.text(std::mem::take(&mut *words)).await;
         }
         // Whatever stops the relay, it closes the way a client leaves, with what the
         // VM does then on record.
@@ -653,7 +663,7 @@ async fn legs(
             meter,
             rtt,
             idle,
-            joined,
+            &joined,
             stop,
             resume.as_mut().map(|(s, a)| (*s, &mut **a)),
         )
@@ -675,7 +685,7 @@ async fn legs(
         };
         // spice-server dropped the session's other channels with its main channel: none
         // joins until the main channel is back with a new session id.
-        ctx.env.spice_sessions.unlink(ctx.claims.nonce, None);
+        ctx.env.spice_sessions.unlink(ctx.claims.nonce);
         let parking = super::resume::Parking {
             env: &ctx.env,
             session: ctx.id,
@@ -686,40 +696,56 @@ async fn legs(
             idle,
             idle_timeout: ctx.env.idle_timeout,
         };
-        let waited = parking
-            .wait(
-                slot,
-                arrivals,
-                (&mut *brx, &*btx),
-                shutdown,
-                || live.age(),
-                cause,
-                None,
-                arrived,
-            )
-            .await;
-        let (back, parked_at) = match waited {
-            Ok(x) => x,
-            Err((end, rejected)) => {
-                *left = rejected;
+        let parked = match parking.park(slot, (&mut *brx, &*btx), cause, None).await {
+            Ok(p) => p,
+            Err(end) => {
+                *left = arrived;
                 return end;
             }
         };
-        let reattached = tokio::select! {
-            biased;
-            end = super::stopped(shutdown, live.state(), true, max, live.age()) => Err((end, None)),
-            r = reattach(ctx, joined, back, (&mut *brx, &mut *btx), parked_at, live) => r,
-        };
-        match reattached {
-            Ok(next) => {
-                leg = next;
-                rtt.restart();
-                live.set_parked(None);
-            }
-            Err((end, rejected)) => {
-                // The VM is gone or changed: the session ends, and the page is told.
-                *left = rejected;
-                return end;
+        let mut next = arrived;
+        loop {
+            let back = match parking
+                .wait(&parked, arrivals, shutdown, || live.age(), next.take())
+                .await
+            {
+                Ok(a) => a,
+                Err((end, rejected)) => {
+                    *left = rejected;
+                    return end;
+                }
+            };
+            let reattached = tokio::select! {
+                biased;
+                end = super::stopped(shutdown, live.state(), true, max, live.age()) => Err((end, None)),
+                r = reattach(ctx, &joined, back, (&mut *brx, &mut *btx), parked.at, live) => r,
+            };
+            match reattached {
+                Ok((next_leg, console)) => {
+                    leg = next_leg;
+                    // A new spice-server session: the channels that join it link to the
+                    // console as it is now, and model its keyboard afresh (spice-server
+                    // released the last session's keys), apart from any channel of the
+                    // last session still closing.
+                    joined.console = console;
+                    joined.keyboard = Arc::new(Mutex::new(Keyboard::new()));
+                    joined.inputs = Arc::new(OpenInputs::new());
+                    ctx.env.spice_sessions.relink(ctx.claims.nonce, &joined);
+                    rtt.restart();
+                    live.set_parked(None);
+                    break;
+                }
+                Err((end, None)) if super::resume::try_again(&end) => {
+                    // Its credential is still good: the session waits on.
+                    info!(session = ctx.id, reason = %end, "a resume failed on the browser's side");
+                    btx.abort().await;
+                    brx.shut();
+                }
+                Err((end, rejected)) => {
+                    // The VM is gone or changed: the session ends, and the page is told.
+                    *left = rejected;
+                    return end;
+                }
             }
         }
     }
@@ -729,7 +755,9 @@ async fn legs(
 /// link to spice-server, authenticated as at the start with the console libvirt
 /// describes now (the same run of the VM), and the page's connection in the place of
 /// the lost one, on record before anything from QEMU reaches it. A failure ends the
-/// session; a VM that is gone or restarted hands the page back to be told why.
+/// session, but for one on the browser's side ([`super::resume::try_again`]): the
+/// browser's part of the link is done here, after spice-server's reply. A VM that is
+/// gone or restarted hands the page back to be told why.
 async fn reattach(
     ctx: &Ctx,
     joined: &Joined,
@@ -737,7 +765,7 @@ async fn reattach(
     (brx, btx): (&mut BrowserRx, &mut BrowserTx),
     parked_at: Instant,
     live: &Arc<Live>,
-) -> Result<Leg, (End, Option<super::resume::Attach>)> {
+) -> Result<(Leg, Arc<Console>), (End, Option<super::resume::Attach>)> {
     let console = match &back.console {
         Ok(c) if c.instance == joined.console.instance && c.target == joined.console.target => {
             Arc::new(c.clone())
@@ -782,11 +810,11 @@ async fn reattach(
     });
     let (up, _, ubuf, kind) = linked.map_err(|e| (e, None))?;
     let Some(rotation) = claim.commit() else {
+        // A newer try of the page replaced this one (or no randomness for the next
+        // credential): the session waits on for it.
         let (mut rd, mut wr) = tokio::io::split(up.stream.boxed());
         close_upstream(&mut wr, Some(&mut rd)).await;
-        let end =
-            End::Internal("the resume was replaced, or no randomness for the next credential");
-        return Err((end, None));
+        return Err((End::BrowserClosed, None));
     };
     let client = client.to_string();
     let resumed = ctx
@@ -806,23 +834,20 @@ async fn reattach(
         close_upstream(&mut wr, Some(&mut rd)).await;
         return Err((audit_failed(e), None));
     }
-    // The session's other channels link to the console as it is now.
-    ctx.env
-        .spice_sessions
-        .unlink(ctx.claims.nonce, Some(console));
     ctx.env
         .metrics
         .session_resumes_total
         .with_label_values(&["resumed"])
         .inc();
     info!(session = ctx.id, rotation, "SPICE session resumed");
-    Ok(Leg {
+    let leg = Leg {
         up: up.stream,
         early_up: ubuf,
         early_browser: bbuf,
         kind,
         _done: Some(done),
-    })
+    };
+    Ok((leg, console))
 }
 
 /// A resuming page's SPICE main channel, up to its link message (within the handshake

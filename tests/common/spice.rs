@@ -31,6 +31,29 @@ pub async fn link(
     connection_id: u32,
     mini: bool,
 ) -> Result<LinkReply, u32> {
+    let reply = link_reply(b, channel, connection_id, mini).await?;
+    // A random ticket: vizor ignores it, the token is the credential.
+    let mut ticket = cap::AUTH_SPICE.to_le_bytes().to_vec();
+    ticket.extend((0..link::TICKET_LEN).map(|i| (i * 37 % 251) as u8));
+    b.send(&ticket).await;
+    let result = b
+        .until(|buf| Ok::<_, std::convert::Infallible>(link::parse_u32(buf)))
+        .await
+        .map_err(|_| u32::MAX)?;
+    if result != link_error::OK {
+        return Err(result);
+    }
+    Ok(reply)
+}
+
+/// The first half of a link: the link message, and the reply it gets (`Err`: the link
+/// error, or `u32::MAX` when the connection closed).
+pub async fn link_reply(
+    b: &mut Browser,
+    channel: u8,
+    connection_id: u32,
+    mini: bool,
+) -> Result<LinkReply, u32> {
     let mut common = Caps::default();
     common.set(cap::PROTOCOL_AUTH_SELECTION);
     common.set(cap::AUTH_SPICE);
@@ -57,17 +80,6 @@ pub async fn link(
     };
     if reply.error != link_error::OK {
         return Err(reply.error);
-    }
-    // A random ticket: vizor ignores it, the token is the credential.
-    let mut ticket = cap::AUTH_SPICE.to_le_bytes().to_vec();
-    ticket.extend((0..link::TICKET_LEN).map(|i| (i * 37 % 251) as u8));
-    b.send(&ticket).await;
-    let result = b
-        .until(|buf| Ok::<_, std::convert::Infallible>(link::parse_u32(buf)))
-        .await
-        .map_err(|_| u32::MAX)?;
-    if result != link_error::OK {
-        return Err(result);
     }
     Ok(reply)
 }
@@ -173,7 +185,17 @@ pub async fn session_listing(
     token: &str,
     mini: bool,
 ) -> (Browser, u32, HeaderKind, Vec<(u8, u8)>) {
-    let mut main = open(v, token).await;
+    main_at(v, &format!("/websockify?token={token}"), mini).await
+}
+
+/// A session's main channel opened at `path` (a token's, or a resume's), as
+/// [`session_listing`] gives it.
+pub async fn main_at(
+    v: &Vizor,
+    path: &str,
+    mini: bool,
+) -> (Browser, u32, HeaderKind, Vec<(u8, u8)>) {
+    let mut main = Browser::connect(v.addr, path).await;
     let reply = match link(&mut main, channel_type::MAIN, 0, mini).await {
         Ok(r) => r,
         Err(e) => panic!(
