@@ -260,22 +260,14 @@ function ended(reason, clean) {
 const RESUME_FOR_MS = 10 * 60 * 1000;
 const RESUME_WAITS_MS = [500, 1000, 2000, 4000];
 
-async function vnc() {
-    const { default: RFB } = await import("/novnc/core/rfb.js");
-    let rfb = null;
-    let viewOnly = false;
-    // While resuming: when the connection dropped, and tries so far.
+// A console's way back after a drop: `lost(code)` says whether a connection that
+// closed with `code` is a network blip (1006: no close frame from vizor; a try that
+// never opened counts too), and if so tries `connect` again with the credential,
+// backing off; false when there is nothing (more) to try. `back()` once connected.
+function resumer(connect) {
     let droppedAt = null;
     let tries = 0;
-    onViewOnly = () => {
-        // vizor drops this page's input anyway; noVNC then sends none.
-        viewOnly = true;
-        if (rfb) {
-            rfb.viewOnly = true;
-        }
-        cadButton.disabled = true;
-    };
-    const resume = () => {
+    const again = () => {
         if (sessionOver || credential === null || Date.now() - droppedAt > RESUME_FOR_MS) {
             return false;
         }
@@ -293,6 +285,38 @@ async function vnc() {
             connect(wsBase + "?resume=" + encodeURIComponent(credential));
         }, wait);
         return true;
+    };
+    return {
+        lost(code) {
+            // The credential stays good until a resume with it succeeds, so a refusal
+            // (1008) is vizor's last word.
+            const dropped = code === 1006 || (droppedAt !== null && code === 0);
+            if (!dropped || credential === null) {
+                return false;
+            }
+            if (droppedAt === null) {
+                droppedAt = Date.now();
+            }
+            return again();
+        },
+        back() {
+            droppedAt = null;
+            tries = 0;
+        },
+    };
+}
+
+async function vnc() {
+    const { default: RFB } = await import("/novnc/core/rfb.js");
+    let rfb = null;
+    let viewOnly = false;
+    onViewOnly = () => {
+        // vizor drops this page's input anyway; noVNC then sends none.
+        viewOnly = true;
+        if (rfb) {
+            rfb.viewOnly = true;
+        }
+        cadButton.disabled = true;
     };
     const connect = (url) => {
         // The page opens the WebSocket itself so that it hears vizor's close reason.
@@ -313,8 +337,7 @@ async function vnc() {
             for (const stale of screenEl.querySelectorAll(".stale")) {
                 stale.remove();
             }
-            droppedAt = null;
-            tries = 0;
+            resuming.back();
             say("connected", "Connected");
             cadButton.disabled = viewOnly;
             pasteButton.hidden = false;
@@ -324,23 +347,15 @@ async function vnc() {
         });
         rfb.addEventListener("disconnect", (e) => {
             // 1006: the connection dropped without vizor's close frame (a network
-            // blip, a proxy restarting), and vizor keeps the console for a while. The
-            // credential stays good until a resume with it succeeds, so a refusal
-            // (1008) is vizor's last word.
-            const dropped = code === 1006 || (droppedAt !== null && code === 0);
-            if (dropped && credential !== null) {
-                if (droppedAt === null) {
-                    droppedAt = Date.now();
+            // blip, a proxy restarting), and vizor keeps the console for a while.
+            if (resuming.lost(code)) {
+                // noVNC took its screen away: the last frame stays, dimmed, until the
+                // console is back, rather than a blank page.
+                if (drawn && !drawn.isConnected && !screenEl.querySelector(".stale")) {
+                    drawn.classList.add("stale");
+                    screenEl.prepend(drawn);
                 }
-                if (resume()) {
-                    // noVNC took its screen away: the last frame stays, dimmed, until
-                    // the console is back, rather than a blank page.
-                    if (drawn && !drawn.isConnected && !screenEl.querySelector(".stale")) {
-                        drawn.classList.add("stale");
-                        screenEl.prepend(drawn);
-                    }
-                    return;
-                }
+                return;
             }
             ended(reason, e.detail.clean);
         });
@@ -355,6 +370,7 @@ async function vnc() {
             document.getElementById("title").title = e.detail.name;
         });
     };
+    const resuming = resumer(connect);
     connect(wsUrl + (token !== null ? "&resumable=1" : ""));
     cadButton.addEventListener("click", () => {
         rfb.sendCtrlAltDel();
@@ -415,9 +431,6 @@ async function spice() {
     }
     window.WebSocket = VizorSocket;
     let sc = null;
-    // While resuming: when the main channel dropped, and tries so far.
-    let droppedAt = null;
-    let tries = 0;
     // The last frame, kept dimmed while the page resumes (spice-html5 takes its
     // surfaces away when it stops).
     const keepStale = () => {
@@ -435,25 +448,6 @@ async function spice() {
         copy.style.transform = area.style.transform;
         holder.append(copy);
         screenEl.prepend(holder);
-    };
-    const resume = () => {
-        if (sessionOver || credential === null || Date.now() - droppedAt > RESUME_FOR_MS) {
-            return false;
-        }
-        const wait = RESUME_WAITS_MS[Math.min(tries, RESUME_WAITS_MS.length - 1)];
-        tries += 1;
-        say("reconnecting", "Reconnecting…");
-        stateEl.dataset.tries = String(tries);
-        cadButton.disabled = true;
-        pasteButton.disabled = true;
-        setTimeout(() => {
-            if (sessionOver || credential === null) {
-                ended("the console session has ended", true);
-                return;
-            }
-            connect(wsBase + "?resume=" + encodeURIComponent(credential));
-        }, wait);
-        return true;
     };
     const connect = (url) => {
         let failed = false;
@@ -473,16 +467,9 @@ async function spice() {
                     const closed = ws.closedWith || { code: 0, reason: "" };
                     keepStale();
                     conn.stop();
-                    const dropped = closed.code === 1006 || (droppedAt !== null && closed.code === 0);
-                    if (dropped && credential !== null) {
-                        if (droppedAt === null) {
-                            droppedAt = Date.now();
-                        }
-                        if (resume()) {
-                            return;
-                        }
+                    if (!resuming.lost(closed.code)) {
+                        ended(closed.reason || (e && e.message) || "", false);
                     }
-                    ended(closed.reason || (e && e.message) || "", false);
                 };
                 if (ws.closedWith !== null) {
                     decide();
@@ -495,8 +482,7 @@ async function spice() {
                 }
             },
             onsuccess: () => {
-                droppedAt = null;
-                tries = 0;
+                resuming.back();
                 say("connected", "Connected");
                 cadButton.disabled = false;
                 pasteButton.hidden = false;
@@ -508,6 +494,7 @@ async function spice() {
         const ws = conn.ws;
         sc = conn;
     };
+    const resuming = resumer(connect);
     connect(wsUrl + (token !== null ? "&resumable=1" : ""));
     // Ctrl+Alt+Del as PC scancodes (set 1; 0xE0-prefixed Delete, low byte first). Not
     // spice-html5's sendCtrlAltDel: it sends the keypad Del and then its release

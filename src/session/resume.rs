@@ -93,6 +93,51 @@ pub struct Attach {
     pub hello: Hello,
 }
 
+/// What a resuming connection brings besides its connection, once the session took
+/// that ([`Attach::take_over`]).
+pub struct Taken {
+    /// Its address.
+    pub client: SocketAddr,
+    /// The credential it came with, claimed.
+    pub claim: Claim,
+    /// Dropped when the session is done with this connection.
+    pub done: oneshot::Sender<()>,
+    /// How far the browser's handshake went.
+    pub hello: Hello,
+}
+
+impl Attach {
+    /// The console as libvirt tells it now, if it is the run of the VM the session had
+    /// (`was`) at the same place; or why the session cannot go on (the VM is gone or
+    /// was restarted: another VM may even listen on its port).
+    pub fn same_run(
+        &self,
+        was: &crate::libvirt::Console,
+    ) -> Result<crate::libvirt::Console, super::End> {
+        match &self.console {
+            Ok(c) if c.instance == was.instance && c.target == was.target => Ok(c.clone()),
+            Ok(_) => Err(super::End::vm(
+                super::VmFailure::Connect,
+                "the VM was restarted while its console was away",
+            )),
+            Err(e) => Err(super::End::lookup(e)),
+        }
+    }
+
+    /// Makes this the session's browser connection (`rx`, `tx`), whatever follows: its
+    /// close frame says how the session ends.
+    pub fn take_over(self, rx: &mut BrowserRx, tx: &mut BrowserTx) -> Taken {
+        drop(std::mem::replace(rx, self.rx));
+        *tx = self.tx;
+        Taken {
+            client: self.client,
+            claim: self.claim,
+            done: self.done,
+            hello: self.hello,
+        }
+    }
+}
+
 /// How far a resuming browser's handshake went before the session takes it.
 pub enum Hello {
     /// RFB up to ClientInit: the session answers ServerInit.
@@ -513,6 +558,40 @@ impl Parking<'_> {
             }
             return Ok(back);
         }
+    }
+}
+
+impl Parking<'_> {
+    /// The page is back on a new connection from `client`, with a new connection to
+    /// QEMU (`upstream_tls`, `vm_password`) and the claim committed (`rotation`): on
+    /// record before anything of QEMU's reaches the page.
+    pub(super) async fn resumed(
+        &self,
+        parked: &Parked,
+        client: SocketAddr,
+        rotation: u32,
+        upstream_tls: bool,
+        vm_password: bool,
+    ) -> Result<(), super::End> {
+        let client = client.to_string();
+        self.env
+            .audit
+            .record(&crate::audit::Event::SessionResume {
+                session: self.session,
+                client: &client,
+                rotation,
+                parked_ms: parked.at.elapsed().as_millis() as u64,
+                upstream_tls,
+                vm_password,
+            })
+            .await
+            .map_err(super::audit_failed)?;
+        self.env
+            .metrics
+            .session_resumes_total
+            .with_label_values(&["resumed"])
+            .inc();
+        Ok(())
     }
 }
 

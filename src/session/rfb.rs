@@ -737,7 +737,7 @@ async fn legs_in_turn(
             let reattached = tokio::select! {
                 biased;
                 end = super::stopped(shutdown, live.state(), owner, max, age()) => Err((end, None)),
-                r = reattach(ctx, back, brx, btx, parked.at, live) => r,
+                r = reattach(ctx, &parking, &parked, back, brx, btx) => r,
             };
             match reattached {
                 Ok(next_leg) => {
@@ -771,38 +771,19 @@ async fn legs_in_turn(
 /// to be told why.
 async fn reattach(
     ctx: &Ctx,
+    parking: &super::resume::Parking<'_>,
+    parked: &super::resume::Parked,
     back: super::resume::Attach,
     brx: &mut BrowserRx,
     btx: &mut BrowserTx,
-    parked_at: Instant,
-    live: &Arc<crate::live::Live>,
 ) -> Result<Leg, (End, Option<super::resume::Attach>)> {
-    let console = match &back.console {
-        Ok(c) if c.instance == ctx.console.instance && c.target == ctx.console.target => c.clone(),
-        Ok(_) => {
-            let end = End::vm(
-                VmFailure::Connect,
-                "the VM was restarted while its console was away",
-            );
-            return Err((end, Some(back)));
-        }
-        Err(e) => return Err((End::lookup(e), Some(back))),
+    let console = match back.same_run(&ctx.console) {
+        Ok(c) => c,
+        Err(end) => return Err((end, Some(back))),
     };
-    let super::resume::Attach {
-        rx,
-        tx,
-        client,
-        claim,
-        done,
-        console: _,
-        hello: _,
-    } = back;
-    // The page's connection is the session's now, whatever follows: its close frame
-    // says how it ends.
-    drop(std::mem::replace(brx, rx));
-    *btx = tx;
+    let taken = back.take_over(brx, btx);
     if ctx.joined.is_none() {
-        brx.pings().measure_live(live.clone());
+        brx.pings().measure_live(parking.live.clone());
     }
     let opened = async {
         let (link, ubuf, init) = authenticate_upstream(ctx, &console).await?;
@@ -812,34 +793,19 @@ async fn reattach(
         .await
         .unwrap_or_else(|_| Err(handshake_timeout(ctx.env.handshake_timeout)))
         .map_err(|e| (e, None))?;
-    let Some(rotation) = claim.commit() else {
+    let Some(rotation) = taken.claim.commit() else {
         // A newer try of the page replaced this one (or no randomness for the next
         // credential): the session waits on for it.
         discard(ctx, up.stream).await;
         return Err((End::BrowserClosed, None));
     };
-    let client = client.to_string();
-    let resumed = ctx
-        .env
-        .audit
-        .record(&Event::SessionResume {
-            session: ctx.id,
-            client: &client,
-            rotation,
-            parked_ms: parked_at.elapsed().as_millis() as u64,
-            upstream_tls: up.tls,
-            vm_password: up.password,
-        })
+    let resumed = parking
+        .resumed(parked, taken.client, rotation, up.tls, up.password)
         .await;
-    if let Err(e) = resumed {
+    if let Err(end) = resumed {
         discard(ctx, up.stream).await;
-        return Err((audit_failed(e), None));
+        return Err((end, None));
     }
-    ctx.env
-        .metrics
-        .session_resumes_total
-        .with_label_values(&["resumed"])
-        .inc();
     info!(session = ctx.id, rotation, desktop = %si.name_lossy(), width = si.width, height = si.height, "session resumed");
     Ok(Leg {
         up: up.stream,
@@ -847,7 +813,7 @@ async fn reattach(
         si,
         si_bytes,
         rotation,
-        _done: Some(done),
+        _done: Some(taken.done),
     })
 }
 

@@ -718,7 +718,7 @@ async fn legs(
             let reattached = tokio::select! {
                 biased;
                 end = super::stopped(shutdown, live.state(), true, max, live.age()) => Err((end, None)),
-                r = reattach(ctx, &joined, back, (&mut *brx, &mut *btx), parked.at, live) => r,
+                r = reattach(ctx, &joined, &parking, &parked, back, (&mut *brx, &mut *btx)) => r,
             };
             match reattached {
                 Ok((next_leg, console)) => {
@@ -761,41 +761,20 @@ async fn legs(
 async fn reattach(
     ctx: &Ctx,
     joined: &Joined,
+    parking: &super::resume::Parking<'_>,
+    parked: &super::resume::Parked,
     back: super::resume::Attach,
     (brx, btx): (&mut BrowserRx, &mut BrowserTx),
-    parked_at: Instant,
-    live: &Arc<Live>,
 ) -> Result<(Leg, Arc<Console>), (End, Option<super::resume::Attach>)> {
-    let console = match &back.console {
-        Ok(c) if c.instance == joined.console.instance && c.target == joined.console.target => {
-            Arc::new(c.clone())
-        }
-        Ok(_) => {
-            let end = End::vm(
-                VmFailure::Connect,
-                "the VM was restarted while its console was away",
-            );
-            return Err((end, Some(back)));
-        }
-        Err(e) => return Err((End::lookup(e), Some(back))),
+    let console = match back.same_run(&joined.console) {
+        Ok(c) => Arc::new(c),
+        Err(end) => return Err((end, Some(back))),
     };
-    let super::resume::Attach {
-        rx,
-        tx,
-        client,
-        claim,
-        done,
-        console: _,
-        hello,
-    } = back;
-    let super::resume::Hello::Spice { linking, early } = hello else {
+    let taken = back.take_over(brx, btx);
+    let super::resume::Hello::Spice { linking, early } = taken.hello else {
         return Err((End::Internal("a resume of another console kind"), None));
     };
-    // The page's connection is the session's now, whatever follows: its close frame
-    // says how it ends.
-    drop(std::mem::replace(brx, rx));
-    *btx = tx;
-    brx.pings().measure_live(live.clone());
+    brx.pings().measure_live(parking.live.clone());
     let mut bbuf = early;
     let linked = tokio::time::timeout(
         ctx.env.handshake_timeout,
@@ -809,43 +788,30 @@ async fn reattach(
         ))
     });
     let (up, _, ubuf, kind) = linked.map_err(|e| (e, None))?;
-    let Some(rotation) = claim.commit() else {
+    let close = |up: VmLink| async move {
+        let (mut rd, mut wr) = tokio::io::split(up.stream.boxed());
+        close_upstream(&mut wr, Some(&mut rd)).await;
+    };
+    let Some(rotation) = taken.claim.commit() else {
         // A newer try of the page replaced this one (or no randomness for the next
         // credential): the session waits on for it.
-        let (mut rd, mut wr) = tokio::io::split(up.stream.boxed());
-        close_upstream(&mut wr, Some(&mut rd)).await;
+        close(up).await;
         return Err((End::BrowserClosed, None));
     };
-    let client = client.to_string();
-    let resumed = ctx
-        .env
-        .audit
-        .record(&Event::SessionResume {
-            session: ctx.id,
-            client: &client,
-            rotation,
-            parked_ms: parked_at.elapsed().as_millis() as u64,
-            upstream_tls: up.tls,
-            vm_password: up.password,
-        })
+    let resumed = parking
+        .resumed(parked, taken.client, rotation, up.tls, up.password)
         .await;
-    if let Err(e) = resumed {
-        let (mut rd, mut wr) = tokio::io::split(up.stream.boxed());
-        close_upstream(&mut wr, Some(&mut rd)).await;
-        return Err((audit_failed(e), None));
+    if let Err(end) = resumed {
+        close(up).await;
+        return Err((end, None));
     }
-    ctx.env
-        .metrics
-        .session_resumes_total
-        .with_label_values(&["resumed"])
-        .inc();
     info!(session = ctx.id, rotation, "SPICE session resumed");
     let leg = Leg {
         up: up.stream,
         early_up: ubuf,
         early_browser: bbuf,
         kind,
-        _done: Some(done),
+        _done: Some(taken.done),
     };
     Ok((leg, console))
 }
