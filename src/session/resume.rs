@@ -325,6 +325,22 @@ impl Resumes {
         ))
     }
 
+    /// [`Resumes::open`] when the page asked for resuming (`asked`): the place, if
+    /// any, and where new connections arrive, apart.
+    pub fn open_if(
+        self: &Arc<Self>,
+        asked: bool,
+        id: u64,
+        kind: crate::token::ConsoleKind,
+        client: IpAddr,
+        uuid: [u8; 16],
+    ) -> (Option<Held>, Option<mpsc::Receiver<Attach>>) {
+        match asked.then(|| self.open(id, kind, client, uuid)).flatten() {
+            Some((h, a)) => (Some(h), Some(a)),
+            None => (None, None),
+        }
+    }
+
     /// Connection `id`'s slot, while it can be resumed.
     pub fn get(&self, id: u64) -> Option<Arc<Slot>> {
         self.slots.lock().ok()?.get(&id).cloned()

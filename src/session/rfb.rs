@@ -563,17 +563,13 @@ async fn legs(
     shutdown: &mut watch::Receiver<bool>,
 ) -> (End, Option<crate::recording::Finished>) {
     // Resumable when the page asked for it and resuming is on.
-    let resumable = if ctx.resumable {
-        ctx.env
-            .resumes
-            .open(ctx.id, ctx.claims.kind, ctx.client.ip(), ctx.claims.uuid)
-    } else {
-        None
-    };
-    let (held, mut arrivals) = match resumable {
-        Some((h, a)) => (Some(h), Some(a)),
-        None => (None, None),
-    };
+    let (held, mut arrivals) = ctx.env.resumes.open_if(
+        ctx.resumable,
+        ctx.id,
+        ctx.claims.kind,
+        ctx.client.ip(),
+        ctx.claims.uuid,
+    );
     let slot = held.as_ref().map(|h| h.slot().clone());
     let mut left = None;
     let ended = legs_in_turn(

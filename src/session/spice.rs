@@ -544,17 +544,13 @@ async fn relay_channel(
     };
     // A session's main channel can be resumed when its page asked for it and resuming
     // is on: the other channels come back with it.
-    let resumable = if ctx.resumable && mess.channel_type == channel_type::MAIN {
-        ctx.env
-            .resumes
-            .open(ctx.id, ctx.claims.kind, ctx.client.ip(), ctx.claims.uuid)
-    } else {
-        None
-    };
-    let (held, mut arrivals) = match resumable {
-        Some((h, a)) => (Some(h), Some(a)),
-        None => (None, None),
-    };
+    let (held, mut arrivals) = ctx.env.resumes.open_if(
+        ctx.resumable && mess.channel_type == channel_type::MAIN,
+        ctx.id,
+        ctx.claims.kind,
+        ctx.client.ip(),
+        ctx.claims.uuid,
+    );
     let slot = held.as_ref().map(|h| h.slot().clone());
     let mut left = None;
     let leg = Leg {
