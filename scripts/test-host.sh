@@ -14,7 +14,7 @@
 #                            for 127.0.0.1, client-* for vizor) serves SPICE's TLS port
 #                            (spice_tls = 1: every SPICE domain gets a tlsPort beside its
 #                            plain port) and --vnc-tls domains.
-#   test-host.sh domain NAME [--vnc-passwd P] [--spice-passwd P] [--vnc-socket PATH]
+#   test-host.sh domain NAME [--vnc-passwd P] [--spice-passwd P] [--vnc-socket PATH | --vnc-listen ADDR]
 #                            [--no-spice] [--spice-uncompressed] [--shutoff]
 #                            [--mode-switch-disk | --animate-disk | --pattern-disk]
 #                            [--vnc-tls | --vnc-tls-verify] [--vnc-keymap K]
@@ -23,6 +23,7 @@
 #                            --vnc-tls-verify also demands a client certificate of that CA
 #                            --spice-uncompressed turns SPICE image compression off
 #                            (<image compression='off'/>): drawings go as raw bitmaps
+#                            --vnc-listen ADDR: VNC listens there (default 127.0.0.1)
 #                            --vnc-keymap gives the VNC graphics libvirt's keymap
 #                            attribute (QEMU's -k: keys by keysym, even extended ones)
 #                            --mode-switch-disk boots a 512-byte sector that switches the
@@ -49,7 +50,7 @@
 set -euo pipefail
 
 URI="qemu:///system"
-PACKAGES=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config openssl nftables)
+PACKAGES=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config openssl nftables iproute2)
 QEMU_CONF=/etc/libvirt/qemu.conf
 LIBVIRTD=/usr/sbin/libvirtd
 VIRTLOGD=/usr/sbin/virtlogd
@@ -348,12 +349,13 @@ cmd_domain() {
     local name=${1:-}
     [ $# -gt 0 ] && shift
     check_name "$name"
-    local vnc_pw="" spice_pw="" vnc_sock="" spice=1 shutoff=0 modeswitch=0 vnc_tls= keymap= spice_image=
+    local vnc_pw="" spice_pw="" vnc_sock="" spice=1 shutoff=0 modeswitch=0 vnc_tls= keymap= spice_image= vnc_listen=127.0.0.1
     while [ $# -gt 0 ]; do
         case $1 in
             --vnc-passwd)   [ $# -ge 2 ] || die "--vnc-passwd needs a value"; vnc_pw=$2; shift 2 ;;
             --spice-passwd) [ $# -ge 2 ] || die "--spice-passwd needs a value"; spice_pw=$2; shift 2 ;;
             --vnc-socket)   [ $# -ge 2 ] || die "--vnc-socket needs a path"; vnc_sock=$2; shift 2 ;;
+            --vnc-listen)   [ $# -ge 2 ] || die "--vnc-listen needs an address"; vnc_listen=$2; shift 2 ;;
             --no-spice)     spice=0; shift ;;
             --spice-uncompressed) spice_image="<image compression='off'/>"; shift ;;
             --shutoff)      shutoff=1; shift ;;
@@ -382,7 +384,7 @@ cmd_domain() {
         rm -f "$vnc_sock"
         vnc_attrs="socket='$(xml_escape "$vnc_sock")'$pw_attr"
     else
-        vnc_attrs="autoport='yes' listen='127.0.0.1'$pw_attr websocket='-1'"
+        vnc_attrs="autoport='yes' listen='$(xml_escape "$vnc_listen")'$pw_attr websocket='-1'"
     fi
     [ -z "$keymap" ] || vnc_attrs="$vnc_attrs keymap='$(xml_escape "$keymap")'"
     if [ "$spice" = 1 ]; then

@@ -62,6 +62,35 @@ pub struct Config {
     /// `[oversight]`: how participants of a live session are shown.
     #[serde(default)]
     pub oversight: OversightConfig,
+    /// `[upstream]`: where vizor may connect for a console.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `allow`: the addresses, networks and socket directories vizor connects to for a
+    /// console, whatever a domain's XML says ("10.0.0.0/8", "127.0.0.1",
+    /// "unix:/run/libvirt/qemu/"). Default: loopback, libvirt's socket directories and
+    /// the libvirt host's addresses ([`crate::upstream::Allow::default_for`]).
+    #[serde(default, deserialize_with = "allow")]
+    pub allow: Option<crate::upstream::Allow>,
+}
+
+fn allow<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<crate::upstream::Allow>, D::Error> {
+    let entries = Vec::<String>::deserialize(d)?;
+    if entries.is_empty() {
+        return Err(serde::de::Error::custom(
+            "allow: an empty list refuses every console; leave allow out for the default (loopback, libvirt's socket directories, the libvirt host)",
+        ));
+    }
+    crate::upstream::Allow::parse(&entries)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("allow: {e}")))
 }
 
 /// `[oversight]`
@@ -641,7 +670,7 @@ pub struct TokensConfig {
     /// `ttl`: lifetime of issued tokens, such as "60s" (default 60 s, at most 24 h).
     #[serde(default = "default_ttl", deserialize_with = "duration")]
     pub ttl: Duration,
-    /// `resume_window`: how long a VNC console whose browser connection dropped (no
+    /// `resume_window`: how long a console whose browser connection dropped (no
     /// close frame: a network blip) waits for its page to come back with the resume
     /// credential vizor gave it, such as "30s" (default 30 s, at most 10 min; "0s":
     /// a dropped connection ends its session).
@@ -976,6 +1005,28 @@ keystrokes = "full"
             assert!(e.contains("frame_ancestors"), "{bad}: {e}");
         }
         assert!(with("[]").unwrap().is_empty());
+    }
+
+    #[test]
+    fn upstream_allow_takes_networks_and_socket_directories_and_refuses_nothing_listed() {
+        let with = |list: &str| {
+            Config::parse(&format!("{MINIMAL}\n[upstream]\nallow = {list}\n"))
+                .map(|c| c.upstream.allow.map(|a| a.to_string()))
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            with(r#"["10.0.0.0/8", "192.0.2.1", "unix:/var/lib/libvirt/qemu/"]"#).unwrap(),
+            Some("10.0.0.0/8, 192.0.2.1/32, unix:/var/lib/libvirt/qemu/".to_owned())
+        );
+        for (bad, says) in [
+            ("[]", "an empty list refuses every console"),
+            (r#"["hv1.example"]"#, "is not an address"),
+            (r#"["unix:run/x"]"#, "absolute path"),
+        ] {
+            let e = with(bad).unwrap_err();
+            assert!(e.contains("allow") && e.contains(says), "{bad}: {e}");
+        }
+        assert!(Config::parse(MINIMAL).unwrap().upstream.allow.is_none());
     }
 
     #[test]

@@ -106,6 +106,8 @@ pub enum VmFailure {
     Link,
     /// The console asks for no password and `[libvirt] require_password` is set.
     NoPassword,
+    /// The console's address is outside `[upstream] allow`: vizor did not connect.
+    NotAllowed,
 }
 
 impl VmFailure {
@@ -121,6 +123,7 @@ impl VmFailure {
             VmFailure::Auth => "upstream_auth",
             VmFailure::Link => "upstream_link",
             VmFailure::NoPassword => "no_password",
+            VmFailure::NotAllowed => "upstream_not_allowed",
         }
     }
 }
@@ -290,6 +293,7 @@ impl End {
             "upstream_auth",
             "upstream_link",
             "no_password",
+            "upstream_not_allowed",
         ];
         let mut all: Vec<&'static str> = OWN
             .iter()
@@ -561,6 +565,7 @@ mod tests {
             VmFailure::Auth,
             VmFailure::Link,
             VmFailure::NoPassword,
+            VmFailure::NotAllowed,
         ];
         each.extend(failures.map(|why| End::vm(why, "")));
         let labels = End::labels();

@@ -29,5 +29,6 @@ pub mod serve;
 pub mod session;
 pub mod tls;
 pub mod token;
+pub mod upstream;
 
 pub use vizor_rfb as rfb;

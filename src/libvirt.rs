@@ -237,8 +237,13 @@ fn parse_valid_to(s: &str) -> Option<i64> {
     Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
 }
 
+/// An address that means "every address of the host" (however it is written).
 fn is_wildcard(addr: &str) -> bool {
-    matches!(addr, "" | "0.0.0.0" | "::" | "[::]" | "::0")
+    let bare = addr.trim_start_matches('[').trim_end_matches(']');
+    bare.is_empty()
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_unspecified())
 }
 
 /// Reads the console of `kind` from a domain's live XML.

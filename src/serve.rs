@@ -572,6 +572,7 @@ pub async fn serve(
         api = c.api.admin_key_file.is_some() || c.api.admin_keys_file.is_some(),
         audit = %c.audit.path.display(),
         record_dir = %c.audit.record_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| "-".into()),
+        upstream_allow = %app.env.dial.allow,
         "vizor listening"
     );
     // A line for scripts and tests that asked for port 0.

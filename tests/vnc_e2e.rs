@@ -282,6 +282,36 @@ async fn a_wrong_password_in_libvirt_reaches_the_browser_as_an_rfb_failure() {
         .starts_with("authentication to the VM failed"));
 }
 
+/// A console vizor may not connect to: the browser's close words, the audit's
+/// `upstream_failure` and the session counter say why. (That vizor refuses before
+/// dialling is `session::tests::a_console_outside_the_allow_list_is_never_dialled`.)
+async fn refused_as_not_allowed(v: &Vizor, domain: &str, at: &str) {
+    let token = v.token(domain, ConsoleKind::Vnc, 60);
+    let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    let e = rfb_handshake(&mut b).await.unwrap_err();
+    assert!(
+        e.contains("1011")
+            && e.contains(&format!(
+                "outside [upstream] allow: the VM console's address {at}"
+            )),
+        "{e}"
+    );
+    let failure = v.records("upstream_failure", 1).remove(0);
+    assert_eq!(failure["reason"], "upstream_not_allowed", "{failure}");
+    assert_eq!(failure["domain"], domain, "{failure}");
+    let m = v.metrics().await;
+    assert_eq!(
+        common::metric(
+            &m,
+            "vizor_sessions_total{kind=\"vnc\",outcome=\"upstream_not_allowed\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+/// A console on a UNIX socket outside libvirt's socket directories is refused by
+/// default (`[upstream] allow`); allowed, it relays beside a TCP console.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn unix_socket_consoles_and_concurrent_sessions() {
@@ -296,6 +326,14 @@ async fn unix_socket_consoles_and_concurrent_sessions() {
         "--no-spice",
     ]);
     let v = Vizor::start("");
+    refused_as_not_allowed(&v, "vizor-test-sock", "unix:/run/vizor-test-sock.vnc").await;
+    drop(v);
+    let v = Vizor::start_full(
+        "",
+        "",
+        "[upstream]\nallow = [\"127.0.0.1\", \"unix:/run/\"]\n",
+        |_| {},
+    );
     let (mut a, si_a) = open_session(&v, &live.name).await;
     let (mut s, si_s) = open_session(&v, "vizor-test-sock").await;
     assert!(si_s.name_lossy().contains("vizor-test-sock"));
@@ -312,6 +350,38 @@ async fn unix_socket_consoles_and_concurrent_sessions() {
         "{starts:?}"
     );
     assert!(starts.contains(&live.vnc_addr), "{starts:?}");
+}
+
+/// A domain whose XML puts its console on an address outside `[upstream] allow` (here
+/// one the test gives a dummy interface: a real address of this machine, where QEMU
+/// really listens) is refused by default, and reached once the list names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
+async fn a_console_outside_the_allow_list_is_refused() {
+    common::live_domain();
+    let _addr = common::TestAddress::add("vizortest0", "192.0.2.77");
+    let port = common::test_host(&[
+        "domain",
+        "vizor-test-allow",
+        "--vnc-listen",
+        "192.0.2.77",
+        "--vnc-passwd",
+        "allowpw1",
+        "--no-spice",
+    ]);
+    let port = port.lines().last().unwrap().trim_start_matches("vnc_port=");
+    let at = format!("192.0.2.77:{port}");
+    let v = Vizor::start("");
+    refused_as_not_allowed(&v, "vizor-test-allow", &at).await;
+    drop(v);
+    let v = Vizor::start_full("", "", "[upstream]\nallow = [\"192.0.2.0/24\"]\n", |_| {});
+    let (mut b, si) = open_session(&v, "vizor-test-allow").await;
+    let (raw, frame) = full_update(&mut b, &si).await;
+    assert_eq!(raw, frame, "a complete frame");
+    let start = v.records("session_start", 1).remove(0);
+    assert_eq!(start["upstream"], at.as_str(), "{start}");
+    drop(b);
+    common::virsh(&["destroy", "vizor-test-allow"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

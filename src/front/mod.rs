@@ -237,6 +237,10 @@ impl App {
             handshake_timeout: config.server.handshake_timeout,
             dial: session::Dial {
                 timeout: config.server.connect_timeout,
+                allow: Arc::new(crate::upstream::in_force(
+                    config.upstream.allow.as_ref(),
+                    &config.libvirt.uri,
+                )),
                 stall: l.vm_stall_timeout,
             },
             upstream_tls,

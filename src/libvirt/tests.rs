@@ -82,6 +82,20 @@ fn spice_tls_ports() {
 
 #[test]
 fn listen_elements_sockets_and_wildcards() {
+    for any in [
+        "",
+        "0.0.0.0",
+        "::",
+        "[::]",
+        "::0",
+        "0:0:0:0:0:0:0:0",
+        "::ffff:0.0.0.0",
+    ] {
+        assert!(super::is_wildcard(any), "{any:?}");
+    }
+    for not in ["127.0.0.1", "::1", "192.0.2.7", "host"] {
+        assert!(!super::is_wildcard(not), "{not:?}");
+    }
     let net = domain_xml("<graphics type='vnc' port='5907'><listen type='network' network='default' address='192.0.2.7'/></graphics>");
     assert_eq!(
         console_from_xml(&net, ConsoleKind::Vnc, None, at(0))

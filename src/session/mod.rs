@@ -217,10 +217,12 @@ pub(crate) struct VmLink {
 }
 
 /// How vizor connects to a VM's console.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Dial {
     /// Bound on connecting.
     pub timeout: Duration,
+    /// Where it may connect (`[upstream] allow`).
+    pub allow: Arc<crate::upstream::Allow>,
     /// How long the console's end of a TCP connection may leave data or keepalive
     /// probes unacknowledged before the session ends as stalled (`[limits]
     /// vm_stall_timeout`).
@@ -253,7 +255,7 @@ fn stall_end() -> End {
 }
 
 /// Connects to a console, within `dial.timeout`.
-pub(crate) async fn connect(target: &Target, dial: Dial) -> Result<Conn, End> {
+pub(crate) async fn connect(target: &Target, dial: &Dial) -> Result<Conn, End> {
     let timeout = dial.timeout;
     let fail = |e: String| {
         End::vm(
@@ -261,22 +263,69 @@ pub(crate) async fn connect(target: &Target, dial: Dial) -> Result<Conn, End> {
             format!("cannot connect to the VM console at {target}: {e}"),
         )
     };
+    // The cause first: a close reason is cut at 123 bytes.
+    let refused = || {
+        End::vm(
+            VmFailure::NotAllowed,
+            format!("outside [upstream] allow: the VM console's address {target}"),
+        )
+    };
     let connecting = async {
         match target {
             Target::Tcp { host, port } => {
-                let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
-                s.set_nodelay(true)?;
-                watch_for_stalls(&s, dial.stall)?;
-                Ok::<Conn, std::io::Error>(Conn::Tcp(s))
+                // An address is checked as written. A name is resolved and only its
+                // addresses inside the list are tried (a name that does not resolve
+                // is refused alike: the words tell nothing of the name).
+                let addrs: Vec<std::net::SocketAddr> = match host.parse::<std::net::IpAddr>() {
+                    Ok(ip) => vec![(ip, *port).into()],
+                    Err(_) => match tokio::net::lookup_host((host.as_str(), *port)).await {
+                        Ok(a) => a.collect(),
+                        Err(_) => return Err(refused()),
+                    },
+                };
+                let mut allowed = Vec::new();
+                for a in addrs {
+                    if dial.allow.permits(a.ip()).await {
+                        allowed.push(a);
+                    }
+                }
+                if allowed.is_empty() {
+                    return Err(refused());
+                }
+                let mut last = None;
+                for a in allowed {
+                    match tokio::net::TcpStream::connect(a).await {
+                        Ok(s) => {
+                            s.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
+                            watch_for_stalls(&s, dial.stall).map_err(|e| fail(e.to_string()))?;
+                            return Ok(Conn::Tcp(s));
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(fail(
+                    last.map_or_else(|| "no address".into(), |e| e.to_string()),
+                ))
             }
-            Target::Unix(path) => Ok(Conn::Other(Box::new(
-                tokio::net::UnixStream::connect(path).await?,
-            ))),
+            Target::Unix(path) => {
+                // The socket checked is the one connected to: opened along its
+                // resolved path with no link followed, then reached through its fd.
+                let fd = match dial.allow.open_socket(path) {
+                    Ok(fd) => fd,
+                    Err(crate::upstream::SocketRefused::NotAllowed) => return Err(refused()),
+                    Err(crate::upstream::SocketRefused::Io(e)) => return Err(fail(e.to_string())),
+                };
+                let via = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+                let s = tokio::net::UnixStream::connect(&via)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                drop(fd);
+                Ok(Conn::Other(Box::new(s)))
+            }
         }
     };
     match tokio::time::timeout(timeout, connecting).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(fail(e.to_string())),
+        Ok(r) => r,
         Err(_) => Err(fail(format!(
             "no answer within {}",
             humantime::format_duration(timeout)
@@ -667,6 +716,51 @@ mod tests {
         let mut got = Vec::new();
         let _ = s.read_to_end(&mut got).await;
         (wrote, got)
+    }
+
+    /// A real listener at an address outside `[upstream] allow`: connect refuses
+    /// without dialling it (nothing is accepted), and dials it once allowed.
+    #[tokio::test]
+    async fn a_console_outside_the_allow_list_is_never_dialled() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dial = |allow: &[&str]| Dial {
+            timeout: Duration::from_secs(5),
+            allow: Arc::new(crate::upstream::Allow::parse(allow).unwrap()),
+            stall: Duration::from_secs(5),
+        };
+        let target = Target::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        for name in ["127.0.0.1", "localhost"] {
+            let target = Target::Tcp {
+                host: name.into(),
+                port,
+            };
+            let Err(end) = connect(&target, &dial(&["10.0.0.0/8"])).await else {
+                panic!("{name}: connected outside the list");
+            };
+            assert_eq!(end.label(), "upstream_not_allowed", "{end}");
+            assert!(
+                end.reason().starts_with("outside [upstream] allow: "),
+                "{end}"
+            );
+        }
+        // A name that does not resolve is refused in the same words.
+        let nowhere = Target::Tcp {
+            host: "no-such-host.invalid".into(),
+            port,
+        };
+        let end = connect(&nowhere, &dial(&["10.0.0.0/8"]))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(end.label(), "upstream_not_allowed", "{end}");
+        let accepted = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
+        assert!(accepted.is_err(), "nothing dialled the listener");
+        assert!(connect(&target, &dial(&["127.0.0.0/8"])).await.is_ok());
+        assert!(listener.accept().await.is_ok());
     }
 
     #[tokio::test]

@@ -150,6 +150,47 @@ pub fn test_host(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// An address of this machine the test gives a dummy interface it makes (root only),
+/// for a console that listens somewhere else than loopback; removed when dropped.
+pub struct TestAddress {
+    link: &'static str,
+}
+
+impl TestAddress {
+    /// Makes `link` (a dummy interface, replacing one left by an earlier run) with
+    /// `addr` (a /32), up.
+    pub fn add(link: &'static str, addr: &str) -> TestAddress {
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("run ip")
+        };
+        ip(&["link", "del", link]);
+        for args in [
+            &["link", "add", link, "type", "dummy"][..],
+            &["addr", "add", &format!("{addr}/32"), "dev", link],
+            &["link", "set", link, "up"],
+        ] {
+            let out = ip(args);
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        TestAddress { link }
+    }
+}
+
+impl Drop for TestAddress {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", self.link])
+            .output();
+    }
+}
+
 /// The Grafana dashboard.
 pub const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/grafana/vizor.json");
 
