@@ -288,13 +288,19 @@ async fn a_wrong_password_in_libvirt_reaches_the_browser_as_an_rfb_failure() {
 async fn refused_as_not_allowed(v: &Vizor, domain: &str, at: &str) {
     let token = v.token(domain, ConsoleKind::Vnc, 60);
     let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
+    // The browser: RFB's refusal in words, then the close frame with the cause.
     let e = rfb_handshake(&mut b).await.unwrap_err();
     assert!(
-        e.contains("1011")
-            && e.contains(&format!(
-                "outside [upstream] allow: the VM console's address {at}"
-            )),
+        e.contains("the VM console's address is outside [upstream] allow"),
         "{e}"
+    );
+    let c = b.closed().await;
+    assert_eq!(c.code, 1011, "{c:?}");
+    assert!(
+        c.reason.starts_with(&format!(
+            "outside [upstream] allow: the VM console's address {at}"
+        )),
+        "{c:?}"
     );
     let failure = v.records("upstream_failure", 1).remove(0);
     assert_eq!(failure["reason"], "upstream_not_allowed", "{failure}");
@@ -353,13 +359,13 @@ async fn unix_socket_consoles_and_concurrent_sessions() {
 }
 
 /// A domain whose XML puts its console on an address outside `[upstream] allow` (here
-/// one the test gives a dummy interface: a real address of this machine, where QEMU
-/// really listens) is refused by default, and reached once the list names it.
+/// one the test adds to this machine: a real address, where QEMU really listens) is
+/// refused by default, and reached once the list names it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "live: needs the test host (scripts/test.sh runs it with --include-ignored)"]
 async fn a_console_outside_the_allow_list_is_refused() {
     common::live_domain();
-    let _addr = common::TestAddress::add("vizortest0", "192.0.2.77");
+    let _addr = common::TestAddress::add("192.0.2.77");
     let port = common::test_host(&[
         "domain",
         "vizor-test-allow",

@@ -352,6 +352,9 @@ async fn handshake(ctx: &Ctx, brx: &mut BrowserRx, btx: &BrowserTx) -> Result<Op
                 Some(VmFailure::NoPassword) => {
                     "the VM console has no password, which vizor requires"
                 }
+                Some(VmFailure::NotAllowed) => {
+                    "the VM console's address is outside [upstream] allow"
+                }
                 _ => "the VM console cannot be reached",
             };
             offer.refuse(told, &mut out);

@@ -150,43 +150,37 @@ pub fn test_host(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// An address of this machine the test gives a dummy interface it makes (root only),
-/// for a console that listens somewhere else than loopback; removed when dropped.
+/// An address the test adds to this machine (on `lo`, root only), for a console that
+/// listens somewhere else than 127.0.0.0/8; removed when dropped.
 pub struct TestAddress {
-    link: &'static str,
+    cidr: String,
 }
 
 impl TestAddress {
-    /// Makes `link` (a dummy interface, replacing one left by an earlier run) with
-    /// `addr` (a /32), up.
-    pub fn add(link: &'static str, addr: &str) -> TestAddress {
-        let ip = |args: &[&str]| {
+    /// Adds `addr` (a /32; one left by an earlier run is replaced).
+    pub fn add(addr: &str) -> TestAddress {
+        let cidr = format!("{addr}/32");
+        let ip = |verb: &str| {
             std::process::Command::new("ip")
-                .args(args)
+                .args(["addr", verb, &cidr, "dev", "lo"])
                 .output()
                 .expect("run ip")
         };
-        ip(&["link", "del", link]);
-        for args in [
-            &["link", "add", link, "type", "dummy"][..],
-            &["addr", "add", &format!("{addr}/32"), "dev", link],
-            &["link", "set", link, "up"],
-        ] {
-            let out = ip(args);
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        TestAddress { link }
+        ip("del");
+        let out = ip("add");
+        assert!(
+            out.status.success(),
+            "ip addr add {cidr} dev lo: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TestAddress { cidr }
     }
 }
 
 impl Drop for TestAddress {
     fn drop(&mut self) {
         let _ = std::process::Command::new("ip")
-            .args(["link", "del", self.link])
+            .args(["addr", "del", &self.cidr, "dev", "lo"])
             .output();
     }
 }
