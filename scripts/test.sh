@@ -52,13 +52,14 @@ if [ ! -x /usr/bin/prometheus ]; then
     if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
-step "test tools: strace, systemd-analyze, man, nginx"
+step "test tools: strace, systemd-analyze, man, nginx, redis"
 # tests/hardening.rs traces vizor against the unit's syscall filter; package-test.sh
 # verifies the unit (systemd-analyze runs man for its Documentation=); tests/nginx.rs
-# runs nginx on the README's example (its own instance: the service is not started,
-# a policy-rc.d refuses it during the install).
+# runs nginx on the README's example and tests/replicas.rs redis-server (each its own
+# instance: the services are not started, a policy-rc.d refuses them during the
+# install).
 tools=()
-for p in strace systemd man-db nginx-light; do
+for p in strace systemd man-db nginx-light redis-server; do
     dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || tools+=("$p")
 done
 if [ ${#tools[@]} -gt 0 ]; then

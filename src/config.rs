@@ -65,6 +65,66 @@ pub struct Config {
     /// `[upstream]`: where vizor may connect for a console.
     #[serde(default)]
     pub upstream: UpstreamConfig,
+    /// `[state]`: what replicas share (through Redis); without it, each vizor keeps its
+    /// own.
+    pub state: Option<StateConfig>,
+}
+
+/// `[state]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// `redis`: the Redis server replicas share, `redis://HOST:PORT/DB` (a user may
+    /// be named; the password goes in `password_file`, never in this file).
+    #[serde(deserialize_with = "redis_url")]
+    pub redis: String,
+    /// `password_file`: Redis's password (or the ACL user's), on its first line.
+    pub password_file: Option<PathBuf>,
+    /// `prefix`: of every key vizor writes (default `vizor`): replicas that share state
+    /// use the same.
+    #[serde(default = "default_state_prefix")]
+    pub prefix: String,
+    /// `replica`: this replica's name, in what it writes (default: the host name).
+    pub replica: Option<String>,
+    /// `timeout`: how long one operation may take before the state counts as
+    /// unavailable (default 2 s).
+    #[serde(default = "default_state_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+fn default_state_prefix() -> String {
+    "vizor".into()
+}
+
+fn default_state_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn redis_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let url = String::deserialize(d)?;
+    let bad = |why: &str| serde::de::Error::custom(format!("redis: {why}"));
+    let rest = match url.split_once("://") {
+        Some(("redis", rest)) => rest,
+        Some(("rediss", _)) => {
+            return Err(bad(
+                "TLS to Redis (rediss://) is not supported yet; reach it over a private network or a TLS tunnel",
+            ))
+        }
+        _ => return Err(bad("must start with redis://, like \"redis://127.0.0.1:6379/0\"")),
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority
+        .rsplit_once('@')
+        .is_some_and(|(cred, _)| cred.contains(':'))
+    {
+        return Err(bad(
+            "a password in the URL would sit in the config file: put it in password_file",
+        ));
+    }
+    if authority.is_empty() {
+        return Err(bad("names no host"));
+    }
+    Ok(url)
 }
 
 /// `[upstream]`
@@ -957,6 +1017,9 @@ impl Config {
                 resolve(p);
             }
         }
+        if let Some(p) = self.state.as_mut().and_then(|s| s.password_file.as_mut()) {
+            resolve(p);
+        }
     }
 }
 
@@ -1027,6 +1090,33 @@ keystrokes = "full"
             assert!(e.contains("allow") && e.contains(says), "{bad}: {e}");
         }
         assert!(Config::parse(MINIMAL).unwrap().upstream.allow.is_none());
+    }
+
+    #[test]
+    fn state_takes_a_redis_url_without_a_password_in_it() {
+        let with = |table: &str| {
+            Config::parse(&format!("{MINIMAL}\n[state]\n{table}\n")).map_err(|e| e.to_string())
+        };
+        let c = with("redis = \"redis://10.0.0.5:6379/0\"\npassword_file = \"p\"").unwrap();
+        let s = c.state.unwrap();
+        assert_eq!(s.redis, "redis://10.0.0.5:6379/0");
+        assert_eq!(
+            (s.prefix.as_str(), s.timeout),
+            ("vizor", Duration::from_secs(2))
+        );
+        for (bad, says) in [
+            ("redis = \"redis://:pw@10.0.0.5/0\"", "password_file"),
+            ("redis = \"redis://u:pw@10.0.0.5/0\"", "password_file"),
+            ("redis = \"rediss://10.0.0.5/0\"", "not supported yet"),
+            ("redis = \"10.0.0.5:6379\"", "must start with redis://"),
+            ("redis = \"redis:///0\"", "names no host"),
+            ("", "missing field `redis`"),
+        ] {
+            let e = with(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        assert!(with("redis = \"redis://vizor@10.0.0.5:6379/0\"").is_ok());
+        assert!(Config::parse(MINIMAL).unwrap().state.is_none());
     }
 
     #[test]

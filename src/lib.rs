@@ -27,6 +27,7 @@ pub mod recording;
 pub mod refusals;
 pub mod serve;
 pub mod session;
+pub mod state;
 pub mod tls;
 pub mod token;
 pub mod upstream;

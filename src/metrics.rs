@@ -60,6 +60,12 @@ pub struct Metrics {
     pub protocol_errors_total: IntCounterVec,
     /// `vizor_connections_refused_total{reason}`
     pub connections_refused_total: IntCounterVec,
+    /// `vizor_state_up`
+    pub state_up: prometheus::IntGauge,
+    /// `vizor_state_seconds{op}`
+    pub state_seconds: HistogramVec,
+    /// `vizor_state_errors_total{op}`
+    pub state_errors_total: IntCounterVec,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
@@ -199,6 +205,22 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            state_up: prometheus::IntGauge::new(
+                "vizor_state_up",
+                "1 while the shared state ([state] redis) answered its last operation, 0 when it did not or there is none.",
+            )?,
+            state_seconds: histogram(
+                "vizor_state_seconds",
+                "Operations on the shared state ([state] redis): spend (a token's single use), ping.",
+                &["op"],
+            )?,
+            state_errors_total: IntCounterVec::new(
+                Opts::new(
+                    "vizor_state_errors_total",
+                    "Operations on the shared state that failed or timed out, by operation.",
+                ),
+                &["op"],
+            )?,
             registry,
         };
         let r = &m.registry;
@@ -224,6 +246,13 @@ impl Metrics {
         r.register(Box::new(m.accept_errors_total.clone()))?;
         r.register(Box::new(m.protocol_errors_total.clone()))?;
         r.register(Box::new(m.connections_refused_total.clone()))?;
+        r.register(Box::new(m.state_up.clone()))?;
+        r.register(Box::new(m.state_seconds.clone()))?;
+        r.register(Box::new(m.state_errors_total.clone()))?;
+        for op in ["spend", "ping"] {
+            m.state_errors_total.with_label_values(&[op]);
+            m.state_seconds.with_label_values(&[op]);
+        }
         // Series that exist from the start, so rates over them work before traffic.
         for action in ["participant", "watch", "end", "follow"] {
             m.admin_actions_total.with_label_values(&[action]);
@@ -405,6 +434,9 @@ mod tests {
             "vizor_accept_errors_total",
             "vizor_protocol_errors_total",
             "vizor_connections_refused_total",
+            "vizor_state_up",
+            "vizor_state_seconds",
+            "vizor_state_errors_total",
         ] {
             assert!(text.contains(&format!("# HELP {name} ")), "{name} help");
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} type");

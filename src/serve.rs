@@ -521,6 +521,18 @@ pub async fn serve(
     );
     app.metrics_key = metrics_key;
     app.readiness = readiness.clone();
+    // Replicas' shared state: connected on first use, and again whenever it drops;
+    // asked once here so that the log says at once whether it answers.
+    if let Some(cfg) = &app.config.state {
+        let shared = crate::state::Shared::open(cfg, metrics.clone())?;
+        match shared.ping().await {
+            Ok(()) => info!(replica = shared.replica(), "shared state (Redis) answers"),
+            Err(e) => {
+                warn!(replica = shared.replica(), error = %e, "shared state unavailable at start: sessions are refused until it answers")
+            }
+        }
+        app.shared = Some(shared);
+    }
     if let Ok(mut r) = app.replay.lock() {
         r.restore(spent.tokens);
     }

@@ -90,6 +90,10 @@ pub enum TokenError {
     /// The replay cache is full of unexpired tokens.
     #[error("too many unexpired tokens in use")]
     ReplayCacheFull,
+    /// Whether another replica admitted it cannot be known now (`[state]`: Redis did
+    /// not answer): refused until it does.
+    #[error("vizor's shared state is unavailable")]
+    StateUnavailable,
     /// The token is bound to another client address.
     #[error("token bound to client {bound}, presented by {presented}")]
     WrongClient {
@@ -111,6 +115,7 @@ impl TokenError {
         "replayed",
         "replay_cache_full",
         "wrong_client",
+        "state_unavailable",
     ];
 
     /// A short, stable label for metrics and audit records.
@@ -123,6 +128,7 @@ impl TokenError {
             TokenError::TooLong { .. } => "too_long",
             TokenError::Replayed => "replayed",
             TokenError::ReplayCacheFull => "replay_cache_full",
+            TokenError::StateUnavailable => "state_unavailable",
             TokenError::WrongClient { .. } => "wrong_client",
         }
     }

@@ -60,6 +60,8 @@ pub struct App {
     pub key: TokenKey,
     /// Tokens already used on this replica.
     pub replay: Mutex<ReplayCache>,
+    /// What replicas share (`[state]`), if they do.
+    pub shared: Option<crate::state::Shared>,
     /// The libvirt connection.
     pub libvirt: Arc<Libvirt>,
     /// What every session shares: audit, metrics, limits, keys.
@@ -267,6 +269,7 @@ impl App {
             config,
             key,
             replay: Mutex::new(ReplayCache::new(1_000_000)),
+            shared: None,
             libvirt,
             env: Arc::new(env),
             admins: std::sync::RwLock::new(admins.map(Arc::new)),

@@ -130,6 +130,7 @@ pub(super) fn token_message(e: &TokenError) -> &'static str {
         TokenError::Expired { .. } => "token expired",
         TokenError::Replayed => "token already used",
         TokenError::ReplayCacheFull => "too many sessions starting; try again",
+        TokenError::StateUnavailable => "vizor cannot start sessions now; try again",
         TokenError::WrongClient { .. } => "token issued for another address",
         _ => "invalid token",
     }

@@ -390,14 +390,26 @@ pub(super) async fn console_session(
     let admitted = if rejoins {
         Err(TokenError::Replayed)
     } else {
-        app.replay
-            .lock()
-            .map_err(|_| TokenError::ReplayCacheFull)
-            .and_then(|mut r| r.admit(&claims, now))
+        admit(&app, &claims, now).await
     };
     let joins = match admitted {
         Ok(()) => false,
         Err(TokenError::Replayed) if claims.kind == ConsoleKind::Spice => true,
+        Err(e @ TokenError::StateUnavailable) => {
+            // Not the client's doing: on record and counted, not a failed attempt.
+            warn!(client = %peer, token = %token_id, reason = e.reason(), "session refused: {e}");
+            app.metrics()
+                .auth_refusals_total
+                .with_label_values(&["token", e.reason()])
+                .inc();
+            app.audit().record_nowait(&Event::TokenRefused {
+                client: &peer.to_string(),
+                reason: e.reason(),
+                token_id: Some(&token_id),
+            });
+            btx.close(1013, token_message(&e)).await;
+            return None;
+        }
         Err(e) => return refuse_token(e).await,
     };
     let id = app.next_session.fetch_add(1, Ordering::Relaxed);
@@ -540,6 +552,25 @@ pub(super) async fn console_session(
     record_end(&app, kind, session, &domain, &end);
     drop(pinger);
     Some(guard)
+}
+
+/// Admits a token on its first connection: across replicas first, when they share
+/// state (so a failure there leaves it unspent here, to try again), then on this one.
+async fn admit(app: &App, claims: &Claims, now: u64) -> Result<(), TokenError> {
+    if let Some(shared) = &app.shared {
+        match shared.spend(&claims.nonce, claims.expires_at, now).await {
+            Ok(true) => {}
+            Ok(false) => return Err(TokenError::Replayed),
+            Err(e) => {
+                warn!(error = %e, "a token could not be admitted");
+                return Err(TokenError::StateUnavailable);
+            }
+        }
+    }
+    app.replay
+        .lock()
+        .map_err(|_| TokenError::ReplayCacheFull)
+        .and_then(|mut r| r.admit(claims, now))
 }
 
 /// The live session a participant's token joins, if it can be joined: live here, with

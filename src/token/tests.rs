@@ -618,6 +618,7 @@ fn every_refusal_reason_is_listed() {
             bound: ip,
             presented: ip,
         },
+        TokenError::StateUnavailable,
     ];
     let reasons: Vec<_> = each.iter().map(TokenError::reason).collect();
     assert_eq!(reasons, TokenError::REASONS);

@@ -3,6 +3,7 @@
 
 pub mod events;
 pub mod guest;
+pub mod redis;
 pub mod relay;
 pub mod rfb;
 pub mod spice;

@@ -1,0 +1,99 @@
+//! A real Redis (Debian's `redis-server`) for the tests of replicas sharing state: on a
+//! free loopback port, with a password, nothing saved to disk.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running redis-server; killed when dropped.
+pub struct Redis {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Its password.
+    pub password: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts one and waits until it answers.
+    pub fn start() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let password = format!("rp-{}", super::free_port());
+        super::run::secret("redis password", &password);
+        let mut r = Redis {
+            port: super::free_port(),
+            password,
+            dir,
+            child: None,
+        };
+        r.start_again();
+        r
+    }
+
+    /// The `[state]` table of a vizor using it (its password in `redis.password`
+    /// of that vizor's directory: see [`Redis::write_password`]).
+    pub fn state_table(&self, replica: &str) -> String {
+        format!(
+            "[state]\nredis = \"redis://127.0.0.1:{}/0\"\npassword_file = \"redis.password\"\nreplica = \"{replica}\"\ntimeout = \"1s\"\n",
+            self.port
+        )
+    }
+
+    /// Writes the password where [`Redis::state_table`] says.
+    pub fn write_password(&self, dir: &std::path::Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("redis.password");
+        std::fs::write(&path, format!("{}\n", self.password)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    /// Stops it (SIGKILL): every connection to it drops.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty: it saves nothing).
+    pub fn start_again(&mut self) {
+        let conf = self.dir.path().join("redis.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {}\nbind 127.0.0.1\nsave \"\"\nappendonly no\nrequirepass {}\ndir {}\n",
+                self.port,
+                self.password,
+                self.dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's redis-server package; scripts/test.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.answers() {
+            assert!(Instant::now() < deadline, "redis-server did not answer");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether it answers PING (redis-cli, its password in the environment).
+    fn answers(&self) -> bool {
+        Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "ping"])
+            .env("REDISCLI_AUTH", &self.password)
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
