@@ -1083,6 +1083,19 @@ impl ReplayCache {
         Ok(())
     }
 
+    /// Whether [`ReplayCache::admit`] would take the token now (without using it):
+    /// for a check before the token is spent elsewhere (the shared state).
+    pub fn would_admit(&mut self, claims: &Claims, now: u64) -> Result<(), TokenError> {
+        self.evict(now);
+        if self.seen.contains_key(&claims.nonce) || self.restored_use(claims, now) {
+            return Err(TokenError::Replayed);
+        }
+        if self.seen.len() >= self.max_entries {
+            return Err(TokenError::ReplayCacheFull);
+        }
+        Ok(())
+    }
+
     /// Whether the token was used already (without using it).
     pub fn is_used(&self, claims: &Claims, now: u64) -> bool {
         self.seen

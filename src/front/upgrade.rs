@@ -396,16 +396,19 @@ pub(super) async fn console_session(
         Ok(()) => false,
         Err(TokenError::Replayed) if claims.kind == ConsoleKind::Spice => true,
         Err(e @ TokenError::StateUnavailable) => {
-            // Not the client's doing: on record and counted, not a failed attempt.
-            warn!(client = %peer, token = %token_id, reason = e.reason(), "session refused: {e}");
+            // Not the client's doing: counted, and on record as refusals are (summed
+            // up per client and interval), but not a failed attempt.
             app.metrics()
                 .auth_refusals_total
                 .with_label_values(&["token", e.reason()])
                 .inc();
-            app.audit().record_nowait(&Event::TokenRefused {
-                client: &peer.to_string(),
-                reason: e.reason(),
-                token_id: Some(&token_id),
+            super::refused::refusal(&app, peer, e.reason(), || {
+                warn!(client = %peer, token = %token_id, "session refused: {e}");
+                app.audit().record_refusal(&Event::TokenRefused {
+                    client: &peer.to_string(),
+                    reason: e.reason(),
+                    token_id: Some(&token_id),
+                })
             });
             btx.close(1013, token_message(&e)).await;
             return None;
@@ -554,23 +557,35 @@ pub(super) async fn console_session(
     Some(guard)
 }
 
-/// Admits a token on its first connection: across replicas first, when they share
-/// state (so a failure there leaves it unspent here, to try again), then on this one.
+/// Admits a token on its first connection. When replicas share state: first whether
+/// this replica would take it (a token it spent, a SPICE session's channels, a full
+/// cache: no trip to Redis), then across replicas (a failure there leaves it unspent
+/// here), then here.
 async fn admit(app: &App, claims: &Claims, now: u64) -> Result<(), TokenError> {
+    let local = |admit: bool| {
+        app.replay
+            .lock()
+            .map_err(|_| TokenError::ReplayCacheFull)
+            .and_then(|mut r| {
+                if admit {
+                    r.admit(claims, now)
+                } else {
+                    r.would_admit(claims, now)
+                }
+            })
+    };
     if let Some(shared) = &app.shared {
+        local(false)?;
         match shared.spend(&claims.nonce, claims.expires_at, now).await {
             Ok(true) => {}
             Ok(false) => return Err(TokenError::Replayed),
             Err(e) => {
-                warn!(error = %e, "a token could not be admitted");
+                debug!(error = %e, "a token could not be admitted");
                 return Err(TokenError::StateUnavailable);
             }
         }
     }
-    app.replay
-        .lock()
-        .map_err(|_| TokenError::ReplayCacheFull)
-        .and_then(|mut r| r.admit(claims, now))
+    local(true)
 }
 
 /// The live session a participant's token joins, if it can be joined: live here, with

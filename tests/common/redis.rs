@@ -55,6 +55,26 @@ impl Redis {
         }
     }
 
+    /// Freezes it (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws it (SIGCONT): what it holds is still there.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("redis-server running").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// Starts it again on the same port (empty: it saves nothing).
     pub fn start_again(&mut self) {
         let conf = self.dir.path().join("redis.conf");
