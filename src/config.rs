@@ -90,6 +90,63 @@ pub struct StateConfig {
     /// unavailable (default 2 s).
     #[serde(default = "default_state_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
+    /// `lease`: how long a session's slot (and its entry in the list of sessions)
+    /// outlives its replica unrenewed; renewed every third of it (default 30 s, at
+    /// least 3 s). A replica that dies frees its slots within it.
+    #[serde(default = "default_state_lease", deserialize_with = "duration")]
+    pub lease: Duration,
+    /// `on_unavailable`: what happens to a new session while Redis does not answer.
+    /// `"refuse"` (the default and the only choice: fail closed).
+    #[serde(default)]
+    pub on_unavailable: OnUnavailable,
+}
+
+/// `[state] on_unavailable`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnavailable {
+    /// New sessions are refused; live sessions go on.
+    #[default]
+    Refuse,
+}
+
+impl StateConfig {
+    fn check(&self) -> Result<(), String> {
+        if self.lease < Duration::from_secs(3) {
+            return Err(format!(
+                "[state] lease = {}: it must be at least 3s (it is renewed every third of it)",
+                humantime::format_duration(self.lease)
+            ));
+        }
+        if self.timeout.is_zero() || self.timeout * 4 > self.lease {
+            return Err(format!(
+                "[state] timeout = {} must be longer than 0s and at most a quarter of lease ({}), so that after a renewal that waited it out the next still comes before the lease ends",
+                humantime::format_duration(self.timeout),
+                humantime::format_duration(self.lease)
+            ));
+        }
+        if let Some(r) = &self.replica {
+            if !is_replica_name(r) {
+                return Err(format!(
+                    "[state] replica = {r:?}: use 1 to 63 letters, digits, '-', '_' or '.'"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `name` may name a replica: 1 to 63 letters, digits, '-', '_' or '.'.
+pub fn is_replica_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn default_state_lease() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_state_prefix() -> String {
@@ -966,6 +1023,9 @@ impl Config {
         let config: Config =
             toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
         config.limits.check()?;
+        if let Some(s) = &config.state {
+            s.check()?;
+        }
         if config.audit.key_file.as_os_str().is_empty() {
             return Err(AUDIT_KEY_REQUIRED.to_owned());
         }
@@ -1101,8 +1161,13 @@ keystrokes = "full"
         let s = c.state.unwrap();
         assert_eq!(s.redis, "redis://10.0.0.5:6379/0");
         assert_eq!(
-            (s.prefix.as_str(), s.timeout),
-            ("vizor", Duration::from_secs(2))
+            (s.prefix.as_str(), s.timeout, s.lease, s.on_unavailable),
+            (
+                "vizor",
+                Duration::from_secs(2),
+                Duration::from_secs(30),
+                OnUnavailable::Refuse
+            )
         );
         for (bad, says) in [
             ("redis = \"redis://:pw@10.0.0.5/0\"", "password_file"),
@@ -1111,6 +1176,19 @@ keystrokes = "full"
             ("redis = \"10.0.0.5:6379\"", "must start with redis://"),
             ("redis = \"redis:///0\"", "names no host"),
             ("", "missing field `redis`"),
+            ("redis = \"redis://h/0\"\nlease = \"2s\"", "at least 3s"),
+            (
+                "redis = \"redis://h/0\"\nlease = \"7s\"",
+                "at most a quarter of lease",
+            ),
+            (
+                "redis = \"redis://h/0\"\nreplica = \"a/b\"",
+                "letters, digits",
+            ),
+            (
+                "redis = \"redis://h/0\"\non_unavailable = \"admit\"",
+                "unknown variant",
+            ),
         ] {
             let e = with(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");

@@ -58,6 +58,9 @@ pub enum Refusal {
     Limit(crate::limits::Full),
     /// A participant's token whose session cannot be joined.
     Join(crate::live::JoinError),
+    /// The limits are counted across replicas and their shared state (Redis) does not
+    /// answer: new sessions are refused until it does.
+    StateUnavailable,
 }
 
 impl Refusal {
@@ -75,6 +78,7 @@ impl Refusal {
             Refusal::Channel(why) => why.label(),
             Refusal::Limit(full) => full.label(),
             Refusal::Join(e) => e.label(),
+            Refusal::StateUnavailable => "state_unavailable",
         }
     }
 }
@@ -258,6 +262,18 @@ impl End {
         End::refused(Refusal::Limit(full), full.message())
     }
 
+    /// No slot for the session: a limit, or the shared state that counts them.
+    pub fn no_slot(no: crate::limits::NoSlot) -> End {
+        match no {
+            crate::limits::NoSlot::Full(full) => End::limit(full),
+            // The token is spent by now: the page needs a new one.
+            crate::limits::NoSlot::StateUnavailable => End::refused(
+                Refusal::StateUnavailable,
+                "vizor cannot start sessions now; try again with a new console link",
+            ),
+        }
+    }
+
     /// Every [`End::label`]: the outcomes a session can have, for metrics to export
     /// at zero before the first of each.
     pub fn labels() -> Vec<&'static str> {
@@ -283,6 +299,7 @@ impl End {
             "websocket_text",
             "websocket_error",
             "replayed",
+            "state_unavailable",
         ];
         const VM: &[&str] = &[
             "upstream_connect",
@@ -340,6 +357,11 @@ impl End {
             | End::OwnerLeft
             | End::MaxDuration(_) => 1000,
             End::Shutdown => 1001,
+            // Try Again Later: nothing the browser did.
+            End::Refused {
+                why: Refusal::StateUnavailable,
+                ..
+            } => 1013,
             End::BrowserStalled(_) | End::Protocol { .. } | End::Refused { .. } => 1008,
             End::Vm { .. } | End::Audit(_) | End::Internal(_) => 1011,
         }
@@ -550,6 +572,7 @@ mod tests {
             Refusal::WebsocketText,
             Refusal::WebsocketError,
             Refusal::TokenSpent,
+            Refusal::StateUnavailable,
         ]
         .into_iter()
         .chain(ChannelRefusal::ALL.map(Refusal::Channel))

@@ -80,13 +80,24 @@ impl Full {
     }
 }
 
-/// Session slots: a session holds one from admission to its end.
+/// Why a session has no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSlot {
+    /// A limit is reached (here, or across replicas).
+    Full(Full),
+    /// The limits are counted across replicas and the shared state does not answer.
+    StateUnavailable,
+}
+
+/// Session slots: a session holds one from admission to its end. With `[state]`, the
+/// limits count every replica's sessions too (`crate::state`, leases).
 #[derive(Debug)]
 pub struct Slots {
     max: usize,
     per_domain: usize,
     per_user: usize,
     state: Mutex<SlotState>,
+    shared: std::sync::OnceLock<Arc<crate::state::Shared>>,
 }
 
 #[derive(Debug, Default)]
@@ -96,12 +107,13 @@ struct SlotState {
     users: HashMap<String, usize>,
 }
 
-/// A held session slot; dropping it frees it.
+/// A held session slot; dropping it frees it (here, and across replicas).
 #[derive(Debug)]
 pub struct Slot {
     slots: Arc<Slots>,
     domain: String,
     user: String,
+    _lease: Option<crate::state::Lease>,
 }
 
 fn release(map: &mut HashMap<String, usize>, key: &str) {
@@ -131,10 +143,57 @@ impl Slots {
             per_domain,
             per_user,
             state: Mutex::default(),
+            shared: std::sync::OnceLock::new(),
         })
     }
 
-    /// Takes a slot for a session of `user` on `domain`, or says which limit is reached.
+    /// A live session was registered: with `[state]`, it is listed for the other
+    /// replicas soon rather than at the next renewal.
+    pub fn listed_soon(&self) {
+        if let Some(shared) = self.shared.get() {
+            shared.listed_soon();
+        }
+    }
+
+    /// Counts the limits across the replicas sharing `shared` from now on.
+    pub fn share(&self, shared: Arc<crate::state::Shared>) {
+        let _ = self.shared.set(shared);
+    }
+
+    /// Takes a slot for `session` of `user` on `domain`: here first (a limit this
+    /// replica alone fills needs no trip to Redis), then across replicas.
+    pub async fn take(
+        self: &Arc<Self>,
+        session: u64,
+        domain: &str,
+        user: &str,
+    ) -> Result<Slot, NoSlot> {
+        let mut slot = self.acquire(domain, user).map_err(NoSlot::Full)?;
+        let Some(shared) = self.shared.get() else {
+            return Ok(slot);
+        };
+        let bounds = crate::state::Bounds {
+            all: self.max,
+            domain: self.per_domain,
+            user: self.per_user,
+        };
+        match shared.take_slot(session, domain, user, bounds).await {
+            Ok(Ok(lease)) => {
+                slot._lease = Some(lease);
+                Ok(slot)
+            }
+            Ok(Err(hit)) => Err(NoSlot::Full(
+                Full::ALL.get(hit).copied().unwrap_or(Full::Global),
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "no slot across replicas");
+                Err(NoSlot::StateUnavailable)
+            }
+        }
+    }
+
+    /// Takes a slot for a session of `user` on `domain` here, or says which limit is
+    /// reached.
     pub fn acquire(self: &Arc<Self>, domain: &str, user: &str) -> Result<Slot, Full> {
         let mut s = guard(&self.state);
         if s.total >= self.max {
@@ -153,6 +212,7 @@ impl Slots {
             slots: self.clone(),
             domain: domain.to_owned(),
             user: user.to_owned(),
+            _lease: None,
         })
     }
 

@@ -249,7 +249,7 @@ impl Metrics {
         r.register(Box::new(m.state_up.clone()))?;
         r.register(Box::new(m.state_seconds.clone()))?;
         r.register(Box::new(m.state_errors_total.clone()))?;
-        for op in ["spend", "ping"] {
+        for op in crate::state::OPS {
             m.state_errors_total.with_label_values(&[op]);
             m.state_seconds.with_label_values(&[op]);
         }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use zeroize::Zeroizing;
 
 /// Loads a bearer key file (`what`: "admin key file", "metrics key file").
@@ -524,19 +524,51 @@ pub async fn serve(
     // Replicas' shared state: connected on first use, and again whenever it drops;
     // asked once here so that the log says at once whether it answers.
     if let Some(cfg) = &app.config.state {
-        let shared = crate::state::Shared::open(cfg, metrics.clone())?;
+        let shared = crate::state::Shared::open(cfg, &app.key, metrics.clone())?;
         match shared.ping().await {
             Ok(()) => info!(replica = shared.replica(), "shared state (Redis) answers"),
             Err(e) => {
                 warn!(replica = shared.replica(), error = %e, "shared state unavailable at start: sessions are refused until it answers")
             }
         }
+        match shared.namesakes().await {
+            Ok(0) | Err(_) => {}
+            Ok(n) => error!(replica = shared.replica(), others = n, "another vizor process uses this [state] replica name on this Redis: give each replica its own (ends of sessions still reach the right process, but the names in the list of sessions and the records are ambiguous)"),
+        }
+        match shared.begin().await {
+            Ok(true) => {
+                warn!(lease = %humantime::format_duration(cfg.lease), "the shared state counted no sessions yet (a new Redis, or one that lost its data): new sessions are refused for one lease while the replicas count theirs")
+            }
+            Ok(false) => {}
+            Err(e @ crate::state::Begin::OtherLease(_)) => return Err(e.to_string().into()),
+            // Said above; checked again at the next start.
+            Err(crate::state::Begin::Unavailable(_)) => {}
+        }
+        let shared = Arc::new(shared);
+        app.env.slots.share(shared.clone());
         app.shared = Some(shared);
     }
     if let Ok(mut r) = app.replay.lock() {
         r.restore(spent.tokens);
     }
     let app = Arc::new(app);
+    if let Some(shared) = &app.shared {
+        // Slots across replicas are renewed, and the sessions listed for the other
+        // replicas, for as long as the process runs.
+        let live = app.live().clone();
+        let listed = shared.clone();
+        tokio::spawn(shared.clone().keep_leases(move |id| {
+            let l = live.get(id)?;
+            Some(crate::front::listed(&listed, &l).to_string())
+        }));
+        // Ends other replicas' administrators ask of this one's sessions.
+        let holder = app.clone();
+        let handle: crate::state::EndHandler = Arc::new(move |asked| {
+            let app = holder.clone();
+            Box::pin(async move { crate::front::end_asked(&app, asked).await })
+        });
+        tokio::spawn(shared.clone().listen(handle));
+    }
     if app.config.metrics.per_session {
         metrics.register(Box::new(crate::live::PerSession::new(
             app.live().clone(),
@@ -721,6 +753,10 @@ pub async fn serve(
         {
             warn!(live = app.sessions.live(), "sessions still open at exit");
         }
+    }
+    // Slots across replicas given back now, not left for their lease.
+    if let Some(shared) = &app.shared {
+        shared.give_all_back().await;
     }
     // Every queued record written and synced, and the log's closing record.
     app.audit().close();

@@ -91,7 +91,8 @@ function render(sessions) {
         const tr = document.createElement("tr");
         tr.dataset.session = String(s.id);
         tr.dataset.domain = s.domain;
-        cell(tr, String(s.id));
+        // With [state], the replica holding it: each numbers its own.
+        cell(tr, s.replica ? s.replica + " · " + s.id : String(s.id));
         cell(tr, s.user);
         cell(tr, s.domain);
         cell(tr, s.kind);
@@ -140,8 +141,11 @@ async function refresh() {
         }
         const v = await answer(r);
         render(v.sessions);
+        // With [state]: whether the other replicas' sessions are in the list.
+        const partial = v.other_replicas_unlisted;
         say(v.sessions.length + " live session" + (v.sessions.length === 1 ? "" : "s") +
-            " · updated " + new Date().toLocaleTimeString(), false);
+            " · updated " + new Date().toLocaleTimeString() +
+            (partial ? " · this replica's only: " + partial : ""), !!partial);
         return true;
     } catch (e) {
         say("Could not list sessions: " + e.message, true);
@@ -149,9 +153,16 @@ async function refresh() {
     }
 }
 
+// A session's API path: with [state], replicas each number their own sessions, and
+// a session is named by the member the list gives it.
+function sessionPath(s, tail) {
+    const path = "/api/v1/sessions/" + s.id + tail;
+    return s.member ? path + "?member=" + encodeURIComponent(s.member) : path;
+}
+
 async function watch(s) {
     try {
-        const v = await answer(await api("POST", "/api/v1/sessions/" + s.id + "/watch", {}));
+        const v = await answer(await api("POST", sessionPath(s, "/watch"), {}));
         // An observer console of its own; the token leaves its address bar at once.
         window.open(v.console_url, "_blank", "noopener");
         say("Watching session " + s.id + " (" + s.domain + ")", false);
@@ -182,7 +193,7 @@ endForm.addEventListener("submit", async (e) => {
     endReason.setCustomValidity("");
     endDialog.close();
     try {
-        await answer(await api("DELETE", "/api/v1/sessions/" + s.id, { reason }));
+        await answer(await api("DELETE", sessionPath(s, ""), { reason }));
         say("Ended session " + s.id + ": " + reason, false);
     } catch (err) {
         say("Cannot end session " + s.id + ": " + err.message, true);
@@ -229,7 +240,7 @@ async function follow(s) {
     eventsTitle.textContent = "Events of session " + s.id + " (" + s.user + " on " + s.domain + ")";
     eventsList.replaceChildren();
     try {
-        const r = await fetch("/api/v1/sessions/" + s.id + "/events", {
+        const r = await fetch(sessionPath(s, "/events"), {
             headers: { Authorization: "Bearer " + key, Accept: "text/event-stream" },
             signal: controller.signal,
             cache: "no-store",

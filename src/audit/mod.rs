@@ -459,6 +459,10 @@ pub enum Event<'a> {
         /// Whether the participant is announced to the others.
         #[serde(skip_serializing_if = "Option::is_none")]
         announced: Option<bool>,
+        /// The replica the administrator asked, when another than this one (which
+        /// holds the session) passed the request on (`[state]`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        asked_at: Option<&'a str>,
     },
     /// A request to the management API or the metrics endpoint was refused: a missing
     /// or wrong key (unauthenticated: per client and interval, like token refusals),

@@ -160,7 +160,7 @@ pub(super) async fn api(
     let answer = match admin_check(app, req) {
         Err(e) => Err(e),
         Ok(admin) => match endpoint {
-            Endpoint::Sessions => Ok(api_sessions(app)),
+            Endpoint::Sessions => Ok(api_sessions(app).await),
             Endpoint::Console(domain) => api_console(app, peer, domain, req, &admin).await,
         },
     };
@@ -184,8 +184,53 @@ pub(super) fn admin_check(app: &App, req: &Request<Incoming>) -> Result<String, 
     }
 }
 
-/// `GET /api/v1/sessions`: the live sessions, oldest first.
-pub(super) fn api_sessions(app: &App) -> Resp {
+/// `GET /api/v1/sessions`: the live sessions, oldest first; with `[state]`, every
+/// replica's (each naming its replica), and whether the others could be listed.
+pub(super) async fn api_sessions(app: &App) -> Resp {
+    let Some(shared) = &app.shared else {
+        let sessions: Vec<_> = app.live().list().iter().map(|l| session_json(l)).collect();
+        return json(StatusCode::OK, &serde_json::json!({"sessions": sessions}));
+    };
+    // This replica's sessions as they are now; the others' as their replicas last
+    // wrote them (at most a third of a lease ago).
+    let mut sessions: Vec<serde_json::Value> = app
+        .live()
+        .list()
+        .iter()
+        .map(|l| listed(shared, l))
+        .collect();
+    let others = match shared.sessions().await {
+        Ok(entries) => {
+            for v in entries {
+                if v["member"].as_str().is_some_and(|m| !shared.is_mine(m)) {
+                    sessions.push(v);
+                }
+            }
+            serde_json::Value::Null
+        }
+        Err(e) => serde_json::Value::String(e.to_string()),
+    };
+    sessions.sort_by(|a, b| {
+        let at = |v: &serde_json::Value| v["started_at"].as_str().unwrap_or("").to_owned();
+        at(a).cmp(&at(b))
+    });
+    json(
+        StatusCode::OK,
+        &serde_json::json!({"sessions": sessions, "other_replicas_unlisted": others}),
+    )
+}
+
+/// A session's entry for the list of every replica's sessions: its own entry, with
+/// its replica and the member its slot is held under.
+pub(crate) fn listed(shared: &crate::state::Shared, l: &crate::live::Live) -> serde_json::Value {
+    let mut v = session_json(l);
+    v["replica"] = shared.replica().into();
+    v["member"] = shared.member(l.id).into();
+    v
+}
+
+/// A live session as `GET /api/v1/sessions` shows it.
+fn session_json(l: &crate::live::Live) -> serde_json::Value {
     let ms = |q: Option<crate::live::Quantiles>| match q {
         Some(q) => serde_json::json!({
             "p50": q.p50 * 1000.0,
@@ -194,45 +239,37 @@ pub(super) fn api_sessions(app: &App) -> Resp {
         }),
         None => serde_json::Value::Null,
     };
-    let sessions: Vec<serde_json::Value> = app
-        .live()
-        .list()
-        .iter()
-        .map(|l| {
-            let s = l.snapshot();
-            fn each<T: serde::Serialize + Copy>(v: [T; 2]) -> serde_json::Value {
-                serde_json::json!({
-                    Direction::BrowserToVm.as_str(): v[Direction::BrowserToVm as usize],
-                    Direction::VmToBrowser.as_str(): v[Direction::VmToBrowser as usize],
-                })
-            }
-            serde_json::json!({
-                "id": l.id,
-                "user": l.user,
-                "domain": l.domain,
-                "kind": l.kind.as_str(),
-                "client": l.client.to_string(),
-                "token_id": l.token_id,
-                "started_at": humantime::format_rfc3339_seconds(l.started).to_string(),
-                "parked_since": l.parked_since().map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-                "channels": s.channels,
-                "bytes": each(s.bytes),
-                "bytes_per_second": each(s.rate),
-                "frame_latency_ms": ms(s.latency[Latency::Frame as usize]),
-                "input_to_display_ms": ms(s.latency[Latency::InputToDisplay as usize]),
-                "client_rtt_ms": ms(s.latency[Latency::ClientRtt as usize]),
-                "participants": l.members().iter().map(|m| serde_json::json!({
-                    "session": m.session,
-                    "user": m.user,
-                    "role": m.role.as_str(),
-                    "client": m.client.to_string(),
-                    "since": humantime::format_rfc3339_seconds(m.since).to_string(),
-                    "announced": m.announced,
-                })).collect::<Vec<_>>(),
-            })
+    let s = l.snapshot();
+    fn each<T: serde::Serialize + Copy>(v: [T; 2]) -> serde_json::Value {
+        serde_json::json!({
+            Direction::BrowserToVm.as_str(): v[Direction::BrowserToVm as usize],
+            Direction::VmToBrowser.as_str(): v[Direction::VmToBrowser as usize],
         })
-        .collect();
-    json(StatusCode::OK, &serde_json::json!({"sessions": sessions}))
+    }
+    serde_json::json!({
+        "id": l.id,
+        "user": l.user,
+        "domain": l.domain,
+        "kind": l.kind.as_str(),
+        "client": l.client.to_string(),
+        "token_id": l.token_id,
+        "started_at": humantime::format_rfc3339_seconds(l.started).to_string(),
+        "parked_since": l.parked_since().map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        "channels": s.channels,
+        "bytes": each(s.bytes),
+        "bytes_per_second": each(s.rate),
+        "frame_latency_ms": ms(s.latency[Latency::Frame as usize]),
+        "input_to_display_ms": ms(s.latency[Latency::InputToDisplay as usize]),
+        "client_rtt_ms": ms(s.latency[Latency::ClientRtt as usize]),
+        "participants": l.members().iter().map(|m| serde_json::json!({
+            "session": m.session,
+            "user": m.user,
+            "role": m.role.as_str(),
+            "client": m.client.to_string(),
+            "since": humantime::format_rfc3339_seconds(m.since).to_string(),
+            "announced": m.announced,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// `GET /api/v1/domains/{name-or-uuid}/console`: a token for the domain's console,

@@ -160,6 +160,11 @@ pub(super) async fn events(
             "the session id must be a number",
         ));
     };
+    match whose(&app, req, id) {
+        Ok(Whose::Here) => {}
+        Ok(Whose::Elsewhere(m)) => return answer(held_elsewhere(&m)),
+        Err(e) => return answer(e),
+    }
     let Some(live) = app.live().get(id) else {
         return answer(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -191,6 +196,7 @@ pub(super) async fn events(
             user: None,
             reason: None,
             announced: None,
+            asked_at: None,
         })
         .await;
     if let Err(e) = recorded {

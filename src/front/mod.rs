@@ -41,10 +41,12 @@ mod resume;
 mod upgrade;
 
 use admission::*;
+pub(crate) use api::listed;
 use api::*;
 use events::*;
 pub use events::{Body, Streamed, MAX_STREAMS};
 pub(crate) use files::static_file;
+pub(crate) use oversight::end_asked;
 use oversight::*;
 pub use oversight::{check_reason, MAX_REASON_LEN};
 use paste::*;
@@ -61,7 +63,7 @@ pub struct App {
     /// Tokens already used on this replica.
     pub replay: Mutex<ReplayCache>,
     /// What replicas share (`[state]`), if they do.
-    pub shared: Option<crate::state::Shared>,
+    pub shared: Option<Arc<crate::state::Shared>>,
     /// The libvirt connection.
     pub libvirt: Arc<Libvirt>,
     /// What every session shares: audit, metrics, limits, keys.

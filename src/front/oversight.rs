@@ -6,6 +6,7 @@
 
 use super::*;
 use crate::live::Live;
+use crate::state::EndReply;
 use crate::token::{ClipboardWays, Joins, Policy, Role};
 use http_body_util::BodyExt;
 
@@ -142,13 +143,16 @@ pub(super) async fn session_api(
     if let Some(refused) = api_throttled(app, peer, name) {
         return refused;
     }
-    let answer = match admin_check(app, &req) {
+    let answer = match admin_check(app, &req).and_then(|admin| Ok((admin, whose(app, &req, id)?))) {
         Err(e) => Err(e),
-        Ok(admin) => match action {
-            SessionAction::Participant | SessionAction::Watch => {
+        Ok((admin, whose)) => match (action, whose) {
+            (SessionAction::Participant | SessionAction::Watch, Whose::Here) => {
                 join_token(app, peer, req, id, action, &admin).await
             }
-            SessionAction::End => end_session(app, peer, req, id, &admin).await,
+            (SessionAction::Participant | SessionAction::Watch, Whose::Elsewhere(m)) => {
+                Err(held_elsewhere(&m))
+            }
+            (SessionAction::End, whose) => end_session(app, peer, req, id, whose, &admin).await,
         },
     };
     api_answer(app, peer, name, None, answer)
@@ -314,6 +318,7 @@ async fn join_token(
             user: Some(&user),
             reason: None,
             announced: Some(role != Role::Observer || app.config.oversight.announce),
+            asked_at: None,
         })
         .await
         .map_err(audit_down)?;
@@ -379,10 +384,135 @@ async fn end_session(
     peer: SocketAddr,
     req: Request<Incoming>,
     id: u64,
+    whose: Whose,
     admin: &str,
 ) -> Result<Resp, ApiError> {
     let asked: EndRequest = body(req, None).await?;
     check_reason(&asked.reason).map_err(bad)?;
+    let requester = peer.to_string();
+    let member = match whose {
+        Whose::Here => {
+            return ended(end_here(app, &requester, id, admin, &asked.reason, None).await)
+        }
+        Whose::Elsewhere(member) => member,
+    };
+    let Some(shared) = &app.shared else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "no shared state",
+        ));
+    };
+    let replica = crate::state::ends::member_replica(&member).unwrap_or("?");
+    match shared
+        .ask_end(&member, admin, &asked.reason, &requester)
+        .await
+    {
+        Ok(EndReply::Answered(answer)) => {
+            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            if status.is_success() {
+                warn!(session = id, replica, admin, reason = %asked.reason, requester = %peer, "a session of another replica ended by an administrator");
+                return Ok(json(status, &answer.body));
+            }
+            // The holding replica's refusal, in its words (an end that cannot happen,
+            // an audit log it cannot write).
+            let reason = match answer.body["reason"].as_str() {
+                Some("session_not_live") => "session_not_live",
+                Some("session_ending") => "session_ending",
+                Some("audit_error") => "audit_error",
+                _ => "replica_refused",
+            };
+            let error = answer.body["error"].as_str().unwrap_or("refused");
+            Err(ApiError::new(
+                status,
+                reason,
+                format!("replica {replica}: {error}"),
+            ))
+        }
+        Ok(EndReply::NoSuchReplica) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "replica_not_listening",
+            format!("no process of replica {replica:?} listens on the shared state"),
+        )),
+        Ok(EndReply::NoAnswer) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "replica_no_answer",
+            format!(
+                "replica {replica} did not answer within {}: the session may or may not have ended, or its process is gone",
+                humantime::format_duration(crate::state::END_WAIT)
+            ),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "state_unavailable",
+            e.to_string(),
+        )),
+    }
+}
+
+/// Where the session an administrator names is held.
+pub(super) enum Whose {
+    /// By this process.
+    Here,
+    /// By another process (of another replica, or of this one's name): its member.
+    Elsewhere(String),
+}
+
+/// Which process holds session `id`: with `[state]`, sessions are named by the member
+/// `GET /api/v1/sessions` lists (`?member=`), since every process numbers its own;
+/// without, by the id alone.
+pub(super) fn whose(app: &App, req: &Request<Incoming>, id: u64) -> Result<Whose, ApiError> {
+    let member = super::query_param(req, "member");
+    let Some(shared) = &app.shared else {
+        return match member {
+            None => Ok(Whose::Here),
+            Some(_) => Err(bad(
+                "this vizor shares no state ([state]): name the session by its id alone",
+            )),
+        };
+    };
+    let Some(member) = member else {
+        return Err(bad(
+            "with [state], name the session by the member GET /api/v1/sessions lists for it: ?member=REPLICA/MARK/ID (ids are each replica's own)",
+        ));
+    };
+    if crate::state::ends::member_session(&member) != Some(id) {
+        return Err(bad(format!(
+            "the member {member:?} does not name session {id}"
+        )));
+    }
+    Ok(if shared.is_mine(&member) {
+        Whose::Here
+    } else {
+        Whose::Elsewhere(member)
+    })
+}
+
+/// A session another process holds, for what only that process can do.
+pub(super) fn held_elsewhere(member: &str) -> ApiError {
+    let replica = crate::state::ends::member_replica(member).unwrap_or("?");
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "session_on_other_replica",
+        format!("session {member} is held by replica {replica}: ask that replica (its own address) for this"),
+    )
+}
+
+fn ended(answer: Result<serde_json::Value, ApiError>) -> Result<Resp, ApiError> {
+    answer.map(|v| json(StatusCode::OK, &v))
+}
+
+/// Ends live session `id` of this replica, as administrator `admin` asked from
+/// `requester` (through replica `asked_at`, when another passed it on): on record
+/// first, then ended. The API's answer.
+async fn end_here(
+    app: &App,
+    requester: &str,
+    id: u64,
+    admin: &str,
+    reason: &str,
+    asked_at: Option<&str>,
+) -> Result<serde_json::Value, ApiError> {
     let live = app.live().get(id).ok_or_else(|| not_live(id))?;
     let ending = || {
         ApiError::new(
@@ -395,18 +525,18 @@ async fn end_session(
     if *live.state().borrow() != crate::live::State::Live {
         return Err(ending());
     }
-    let requester = peer.to_string();
     app.audit()
         .record(&Event::AdminAction {
             admin,
-            client: &requester,
+            client: requester,
             action: "end",
             session: id,
             token_id: None,
             role: None,
             user: None,
-            reason: Some(&asked.reason),
+            reason: Some(reason),
             announced: None,
+            asked_at,
         })
         .await
         .map_err(|e| {
@@ -416,7 +546,7 @@ async fn end_session(
                 format!("the audit log cannot be written, so the session is not ended: {e}"),
             )
         })?;
-    if !live.terminate(admin, &asked.reason) {
+    if !live.terminate(admin, reason) {
         // Its owner left between the check and now: on record as asked, and ended.
         return Err(ending());
     }
@@ -424,14 +554,44 @@ async fn end_session(
         .admin_actions_total
         .with_label_values(&["end"])
         .inc();
-    warn!(session = id, admin, reason = %asked.reason, requester = %peer, "session ended by an administrator");
+    warn!(
+        session = id,
+        admin, reason, requester, asked_at, "session ended by an administrator"
+    );
     let participants = live.members().len();
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({
-            "session": id,
-            "ended": true,
-            "participants": participants,
-        }),
-    ))
+    let mut answer = serde_json::json!({
+        "session": id,
+        "ended": true,
+        "participants": participants,
+    });
+    if let Some(shared) = &app.shared {
+        answer["replica"] = shared.replica().into();
+    }
+    Ok(answer)
+}
+
+/// Ends a session another replica asked this one to end, and says how it went (the
+/// answer the API would have given).
+pub(crate) async fn end_asked(app: &App, asked: crate::state::EndAsked) -> crate::state::EndAnswer {
+    let (status, body) = match end_here(
+        app,
+        &asked.requester,
+        asked.session,
+        &asked.admin,
+        &asked.reason,
+        Some(&asked.from),
+    )
+    .await
+    {
+        Ok(body) => (StatusCode::OK.as_u16(), body),
+        Err(e) => (
+            e.status.as_u16(),
+            serde_json::json!({"error": e.error, "reason": e.reason}),
+        ),
+    };
+    crate::state::EndAnswer {
+        id: asked.id,
+        status,
+        body,
+    }
 }

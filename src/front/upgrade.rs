@@ -439,7 +439,7 @@ pub(super) async fn console_session(
                     Err(end) => return (end, id, domain),
                 };
                 let domain = console.domain.clone();
-                let _slot = match env.take_slot(id, peer, &claims, &console.domain) {
+                let _slot = match env.take_slot(id, peer, &claims, &console.domain).await {
                     Ok(slot) => slot,
                     Err(end) => {
                         btx.close(end.close_code(), &end.told()).await;

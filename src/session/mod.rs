@@ -70,24 +70,29 @@ pub struct Env {
 impl Env {
     /// Takes a session slot for `claims`' user on `domain`, or refuses the session
     /// `id` from `client` (logged and recorded).
-    pub(crate) fn take_slot(
+    pub(crate) async fn take_slot(
         &self,
         id: u64,
         client: std::net::SocketAddr,
         claims: &crate::token::Claims,
         domain: &str,
     ) -> Result<crate::limits::Slot, End> {
-        self.slots.acquire(domain, &claims.user).map_err(|full| {
-            tracing::warn!(client = %client, user = %claims.user, domain, reason = full.label(), "session refused: limit reached");
+        self.slots.take(id, domain, &claims.user).await.map_err(|no| {
+            let end = End::no_slot(no);
+            let reason = end.label();
+            match no {
+                crate::limits::NoSlot::Full(_) => tracing::warn!(client = %client, user = %claims.user, domain, reason, "session refused: limit reached"),
+                crate::limits::NoSlot::StateUnavailable => tracing::warn!(client = %client, user = %claims.user, domain, reason, "session refused: the shared state (Redis) cannot count it across replicas now (the reason is logged above)"),
+            }
             self.audit.record_nowait(&crate::audit::Event::SessionRefused {
                 session: id,
                 client: &client.to_string(),
                 user: &claims.user,
                 domain,
                 token_id: &claims.token_id(),
-                reason: full.label(),
+                reason,
             });
-            End::limit(full)
+            end
         })
     }
 }

@@ -522,6 +522,7 @@ pub async fn run(
                                 None,
                             );
                             brx.pings().measure_live(hold.live().clone());
+                            ctx.env.slots.listed_soon();
                             (hold.live().clone(), Some(hold))
                         }
                     };

@@ -336,6 +336,7 @@ pub async fn run(
             let slot = match ctx
                 .env
                 .take_slot(ctx.id, ctx.client, &ctx.claims, &console.domain)
+                .await
             {
                 Ok(slot) => slot,
                 Err(end) => {
@@ -526,6 +527,7 @@ async fn relay_channel(
         Some(format!("{chan}:{}", mess.channel_id)),
     );
     brx.pings().measure_live(hold.live().clone());
+    ctx.env.slots.listed_soon();
     let meter = Meter::new(&ctx.env.metrics, "spice", hold.live().clone());
     ctx.env
         .metrics

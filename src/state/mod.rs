@@ -1,5 +1,10 @@
-//! What replicas of vizor share, through Redis (`[state]`): for now, that a token is
-//! admitted once across all of them (docs/fleet-design.md has the rest of the plan).
+//! What replicas of vizor share, through Redis (`[state]`): that a token is admitted
+//! once across all of them (here), the session limits counted across them with leases
+//! and the list of every replica's sessions ([`slots`]), and an administrator's end
+//! of a session another replica holds ([`ends`]). docs/fleet-design.md has the plan.
+//!
+//! Each process has a mark, `{replica}/{random}`, new at every start: what it writes
+//! is told apart from what an earlier process of the same replica wrote.
 //!
 //! The client is redis-rs's `ConnectionManager`: one multiplexed connection, opened
 //! lazily and reopened by itself when it drops. Every operation is bounded by
@@ -7,8 +12,31 @@
 //! vizor then refuses what needs it (fail closed) until it answers again.
 
 use crate::config::StateConfig;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
 use std::time::Duration;
 use zeroize::Zeroizing;
+
+pub mod ends;
+pub mod slots;
+
+pub use ends::{EndAnswer, EndAsked, EndHandler, EndReply, END_WAIT};
+pub use slots::{Begin, Bounds, Hit, Lease};
+
+/// Every operation on the shared state, as `vizor_state_seconds{op}` names them.
+pub const OPS: [&str; 10] = [
+    "spend",
+    "ping",
+    "begin",
+    "namesakes",
+    "take_slot",
+    "renew",
+    "give_back",
+    "list",
+    "ask_end",
+    "answer_end",
+];
 
 /// The shared state of a replica.
 pub struct Shared {
@@ -23,7 +51,37 @@ pub struct Shared {
     /// whose first try Redis took but did not answer in time.
     mark: String,
     timeout: Duration,
+    /// How long a slot and a registry entry last unrenewed (`[state] lease`).
+    lease: Duration,
+    /// The slots this replica holds across replicas, by member.
+    leases: Mutex<HashMap<String, slots::Held>>,
+    /// Wakes the renewal early: a new session's entry is listed soon after it starts.
+    poke: tokio::sync::Notify,
+    /// Ends this replica asked others for, by request id, waiting for the answer.
+    asked: Mutex<HashMap<String, tokio::sync::oneshot::Sender<EndAnswer>>>,
+    /// Whether this process is subscribed (and so hears answers to what it asks).
+    listening: tokio::sync::watch::Sender<bool>,
+    /// The end requests handled lately, by id, with when (Unix seconds): one replayed
+    /// is not handled twice.
+    seen: Mutex<HashMap<String, u64>>,
+    /// When a message nobody signed was last warned of (Unix seconds): at most one
+    /// warning per [`ends::WARN_EVERY`], however many come.
+    warned: std::sync::atomic::AtomicU64,
+    /// Ends asked of this replica being handled now, at most [`ends::HANDLING`].
+    handling: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The key messages between replicas are signed with (derived from the token key
+    /// they share): only a replica can ask another to end a session.
+    sign_key: Zeroizing<[u8; 32]>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("replica", &self.replica)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How long a spent token's key outlives the token: the clock difference between
@@ -39,6 +97,7 @@ impl Shared {
     /// A replica's shared state as `[state]` says; nothing is connected yet.
     pub fn open(
         cfg: &StateConfig,
+        token_key: &crate::token::TokenKey,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> Result<Shared, String> {
         let mut info: redis::ConnectionInfo = cfg
@@ -69,6 +128,18 @@ impl Shared {
             let redis_info = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(redis_info);
         }
+        // A connection that dies without a word (a NAT's timeout, a host gone) is
+        // noticed within about 25 s, so the subscription for ends is made anew.
+        let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(10))
+            .with_interval(Duration::from_secs(5))
+            .with_retries(3);
+        info = info.set_tcp_settings(
+            redis::io::tcp::TcpSettings::default()
+                .set_nodelay(true)
+                .set_keepalive(keepalive)
+                .set_user_timeout(Duration::from_secs(25)),
+        );
         let client = redis::Client::open(info).map_err(|e| format!("[state] redis: {e}"))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
@@ -84,7 +155,7 @@ impl Shared {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
                 .ok()
-                .filter(|h| !h.is_empty())
+                .filter(|h| crate::config::is_replica_name(h))
                 .unwrap_or_else(|| "vizor".into())
         });
         let mark = format!(
@@ -99,6 +170,15 @@ impl Shared {
             mark,
             replica,
             timeout: cfg.timeout,
+            lease: cfg.lease,
+            leases: Mutex::default(),
+            poke: tokio::sync::Notify::new(),
+            asked: Mutex::default(),
+            listening: tokio::sync::watch::Sender::new(false),
+            seen: Mutex::default(),
+            warned: std::sync::atomic::AtomicU64::new(0),
+            handling: std::sync::Arc::new(tokio::sync::Semaphore::new(ends::HANDLING)),
+            sign_key: token_key.derive(b"vizor replicas' messages"),
             metrics,
         })
     }
@@ -128,13 +208,22 @@ impl Shared {
             .arg("GET")
             .arg("EX")
             .arg(secs);
-        let before: Option<String> = self.run("spend", &cmd).await?;
+        let before: Option<String> = self
+            .run(
+                "spend",
+                |mut c| async move { cmd.query_async(&mut c).await },
+            )
+            .await?;
         Ok(before.is_none_or(|v| v == self.mark))
     }
 
-    /// Asks Redis whether it answers (at start, for the log and the metric).
+    /// Asks Redis whether it answers (at start, for the log and the metric, and
+    /// while no slot is renewed).
     pub async fn ping(&self) -> Result<(), Unavailable> {
-        let pong: String = self.run("ping", &redis::cmd("PING")).await?;
+        let cmd = redis::cmd("PING");
+        let pong: String = self
+            .run("ping", |mut c| async move { cmd.query_async(&mut c).await })
+            .await?;
         if pong == "PONG" {
             Ok(())
         } else {
@@ -142,20 +231,22 @@ impl Shared {
         }
     }
 
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        op: &'static str,
-        cmd: &redis::Cmd,
-    ) -> Result<T, Unavailable> {
+    async fn run<T, F, Fut>(&self, op: &'static str, query: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(redis::aio::ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let started = std::time::Instant::now();
-        let Ok(mut conn) = self.conn.lock().map(|c| c.clone()) else {
+        let Ok(conn) = self.conn.lock().map(|c| c.clone()) else {
             return Err(Unavailable("its connection's lock is poisoned".into()));
         };
-        let r = tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await;
+        let r = tokio::time::timeout(self.timeout, query(conn)).await;
         if let Ok(Err(e)) = &r {
-            // The manager reconnects on a dropped connection only: anything else
-            // (a refused password, READONLY after a failover) gets a new one.
-            if !e.is_io_error() && !e.is_timeout() {
+            // The manager reconnects on a dropped connection only: a refused password
+            // or a primary turned replica (READONLY after a failover) gets a new one.
+            let stale = e.kind() == redis::ErrorKind::AuthenticationFailed
+                || matches!(e.code(), Some("READONLY" | "NOAUTH" | "WRONGPASS"));
+            if stale {
                 self.renew();
             }
         }
@@ -193,5 +284,22 @@ impl Shared {
             }
             Err(e) => tracing::debug!(error = %e, "shared state: no new connection"),
         }
+    }
+}
+
+fn lease_ms(lease: Duration) -> u64 {
+    u64::try_from(lease.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `step`, within `timeout`.
+async fn bounded<T>(
+    timeout: Duration,
+    what: &str,
+    step: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, Unavailable> {
+    match tokio::time::timeout(timeout, step).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Unavailable(format!("{what}: {e}"))),
+        Err(_) => Err(Unavailable(format!("{what}: no answer in time"))),
     }
 }
