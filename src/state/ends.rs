@@ -9,11 +9,13 @@
 //! someone who can only write to Redis cannot end a session or forge an answer.
 
 use super::{Shared, Unavailable};
+use crate::audit::chain::{hex, unhex};
+use crate::front::unix_now;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// How long an end asked of another replica waits for its answer.
 pub const END_WAIT: Duration = Duration::from_secs(5);
@@ -107,12 +109,6 @@ pub fn member_session(member: &str) -> Option<u64> {
     member.rsplit('/').next()?.parse().ok()
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Removes a waiting ask from the map however its wait ends (an answer, a timeout, the
 /// HTTP request dropped).
 struct Waiting<'a> {
@@ -151,12 +147,7 @@ impl Shared {
     pub(super) fn seal(&self, m: String) -> String {
         let mut mac = self.mac();
         mac.update(m.as_bytes());
-        let s = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let s = hex(&mac.finalize().into_bytes());
         // Two strings: serializing cannot fail.
         serde_json::to_string(&Signed { m, s }).unwrap_or_default()
     }
@@ -164,7 +155,7 @@ impl Shared {
     /// What `text` carries, if a replica signed it.
     pub(super) fn unseal(&self, text: &str) -> Option<String> {
         let signed: Signed = serde_json::from_str(text).ok()?;
-        let tag = hex_bytes(&signed.s)?;
+        let tag = unhex(&signed.s)?;
         let mut mac = self.mac();
         mac.update(signed.m.as_bytes());
         mac.verify_slice(&tag).ok()?;
@@ -252,7 +243,7 @@ impl Shared {
         let mut id = [0u8; 12];
         getrandom::getrandom(&mut id).map_err(|e| Unavailable(format!("no randomness: {e}")))?;
         let asked = EndAsked {
-            id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            id: hex(&id),
             reply_to: self.reply_channel(),
             from: self.replica.clone(),
             member: member.to_owned(),
@@ -446,16 +437,6 @@ impl Shared {
     }
 }
 
-fn hex_bytes(s: &str) -> Option<Vec<u8>> {
-    if s.len() != 64 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,8 +522,8 @@ mod tests {
             assert_eq!(member_replica(bad), None, "{bad}");
             assert_eq!(member_session(bad), None, "{bad}");
         }
-        assert_eq!(hex_bytes(&"ab".repeat(32)).map(|v| v.len()), Some(32));
-        assert_eq!(hex_bytes("zz"), None);
-        assert_eq!(hex_bytes(&"zz".repeat(32)), None);
+        assert_eq!(unhex(&"ab".repeat(32)).map(|v| v.len()), Some(32));
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(unhex(&"zz".repeat(32)), None);
     }
 }

@@ -158,10 +158,7 @@ impl Shared {
                 .filter(|h| crate::config::is_replica_name(h))
                 .unwrap_or_else(|| "vizor".into())
         });
-        let mark = format!(
-            "{replica}/{}",
-            mark.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
+        let mark = format!("{replica}/{}", crate::audit::chain::hex(&mark));
         Ok(Shared {
             client,
             manager: config,
@@ -198,7 +195,7 @@ impl Shared {
         expires_at: u64,
         now: u64,
     ) -> Result<bool, Unavailable> {
-        let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = crate::audit::chain::hex(nonce);
         let key = format!("{}:used:{hex}", self.prefix);
         let secs = expires_at.saturating_sub(now).max(1) + CLOCK_MARGIN_SECS;
         let mut cmd = redis::cmd("SET");

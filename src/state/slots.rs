@@ -114,16 +114,25 @@ impl Drop for Taking<'_> {
     }
 }
 
+/// Lua that sets `now`: Redis's clock in milliseconds (replicas' clocks play no
+/// part), for the scripts that start with it.
+macro_rules! lua_now {
+    () => {
+        "
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
+    };
+}
+
 /// Takes a slot: refuses (-1) while the count is not known whole (no epoch, one
 /// younger than a lease, or one ahead of Redis's clock, which went back); drops the
 /// members whose lease ran out; then, unless the member is there already, refuses at
 /// the first set that is full (its 1-based index) or adds the member to all three
 /// (0). KEYS: the three sets, the epoch; ARGV: member, lease (ms), the three limits.
 static TAKE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    redis::Script::new(concat!(
+        lua_now!(),
         r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[2])
 local epoch = redis.call('GET', KEYS[4])
 if not epoch or now < tonumber(epoch) then
@@ -143,17 +152,16 @@ for i = 1, 3 do
 end
 return 0
 ",
-    )
+    ))
 });
 
 /// Starts the count's epoch if Redis has none (a new or emptied Redis), and the
 /// replicas' lease if none runs: {1 when this call started the epoch, the replicas'
 /// lease in ms}. KEYS: the epoch, the lease; ARGV: this replica's lease (ms).
 static BEGIN: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    redis::Script::new(concat!(
+        lua_now!(),
         r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local started = 0
 if redis.call('SET', KEYS[1], now, 'NX') then started = 1 end
 local lease = redis.call('GET', KEYS[2])
@@ -163,7 +171,7 @@ if not lease then
 end
 return {started, tonumber(lease)}
 ",
-    )
+    ))
 });
 
 /// Renews members (but those given back: a tombstone) and writes their registry
@@ -172,10 +180,9 @@ return {started, tonumber(lease)}
 /// (empty: none) per member. Returns the members that had run out (taken again, over a
 /// limit perhaps).
 static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    redis::Script::new(concat!(
+        lua_now!(),
         r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[1])
 redis.call('SET', KEYS[1], lease, 'PX', 2 * lease)
 local lapsed = {}
@@ -198,7 +205,7 @@ for m = 0, n - 1 do
 end
 return lapsed
 ",
-    )
+    ))
 });
 
 /// Gives slots back, leaving a tombstone for a lease. KEYS: three sets, the registry
@@ -221,10 +228,9 @@ return 0
 /// Every replica's registry entries whose lease runs, as {member, entry, ...}. KEYS:
 /// the set of all sessions; ARGV: registry prefix.
 static LIST: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    redis::Script::new(concat!(
+        lua_now!(),
         r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')) do
   local entry = redis.call('GET', ARGV[1] .. member)
@@ -235,7 +241,7 @@ for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
 end
 return out
 ",
-    )
+    ))
 });
 
 impl Shared {
