@@ -104,6 +104,7 @@ scripts/fuzz.sh "${VIZOR_FUZZ_SECONDS:-20}"
 step "Debian package: built, unit verified, installed into a clean Debian 12 root, run there"
 scripts/package-test.sh
 
+scripts/second-host.sh stop >/dev/null 2>&1 || true
 scripts/test-host.sh stop >/dev/null 2>&1 || true
 echo "scripts/test.sh: all checks passed"
 echo "tests: $passed passed, $failed failed"

@@ -177,10 +177,44 @@ fn writable_dir(dir: &Path) -> Result<(), String> {
     }
 }
 
-/// libvirt reachable, and which running consoles have no password.
+/// Every libvirt host reachable, and which running consoles have no password. With
+/// many hosts, one that does not answer is a warning while another does (vizor serves
+/// the hosts that answer).
 fn libvirt(config: &Config) -> Vec<Finding> {
-    let uri = config.libvirt.uri.clone();
-    let libvirt = Libvirt::new(&uri);
+    let hosts = config.libvirt.hosts();
+    if let [one] = hosts.as_slice() {
+        return libvirt_host(config, one);
+    }
+    let mut out = Vec::new();
+    let mut any_up = false;
+    for h in &hosts {
+        let found = libvirt_host(config, h);
+        // The first finding is an Ok exactly when the host answered.
+        any_up |= matches!(found.first(), Some(Finding::Ok(_)));
+        out.extend(found.into_iter().map(|f| match f {
+            Finding::Ok(m) => Finding::Ok(format!("host {}: {m}", h.name)),
+            Finding::Warn(m) => Finding::Warn(format!("host {}: {m}", h.name)),
+            Finding::Fail(m) => Finding::Fail(format!("host {}: {m}", h.name)),
+        }));
+    }
+    if any_up {
+        out = out
+            .into_iter()
+            .map(|f| match f {
+                Finding::Fail(m) => Finding::Warn(format!(
+                    "{m} (vizor serves the hosts that answer, and tries this one again every 10s)"
+                )),
+                f => f,
+            })
+            .collect();
+    }
+    out
+}
+
+/// One libvirt host reachable, and which of its running consoles have no password.
+fn libvirt_host(config: &Config, host: &crate::config::HostConfig) -> Vec<Finding> {
+    let uri = host.uri.clone();
+    let libvirt = Libvirt::for_host(&host.name, &uri, host.console_address.as_deref());
     let (tx, rx) = std::sync::mpsc::channel();
     let l = libvirt.clone();
     std::thread::spawn(move || {

@@ -74,6 +74,10 @@ pub enum Command {
         /// asks libvirt which domain it is, so the config's libvirt must be reachable).
         #[arg(long)]
         domain: String,
+        /// The libvirt host the domain is on (a `[[libvirt.hosts]]` name); without it,
+        /// vizor asks every host and refuses a name found on more than one.
+        #[arg(long)]
+        host: Option<String>,
         /// Console kind.
         #[arg(long, default_value = "vnc")]
         kind: ConsoleKind,
@@ -533,6 +537,7 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Token {
             config,
             domain,
+            host,
             kind,
             ttl,
             user,
@@ -554,14 +559,18 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let user = user
                 .or_else(|| std::env::var("USER").ok())
                 .unwrap_or_else(|| "cli".to_owned());
-            // The token names the domain by UUID: libvirt says which domain `domain` is.
-            let libvirt = crate::libvirt::Libvirt::new(&config.libvirt.uri);
-            let (name, uuid) = libvirt
-                .identify_blocking(&domain)
-                .map_err(|e| format!("cannot issue a token for domain {domain:?}: {e}"))?;
+            // The token names the domain by UUID, on its host: libvirt says which
+            // domain `domain` is.
+            let (host, name, uuid) = crate::libvirt::hosts::identify_blocking(
+                &config.libvirt.hosts(),
+                host.as_deref(),
+                &domain,
+            )
+            .map_err(|e| format!("cannot issue a token for domain {domain:?}: {e}"))?;
             let domain = name;
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
             let grant = crate::token::Grant {
+                host: &host,
                 domain: &domain,
                 uuid,
                 kind,
@@ -576,9 +585,14 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 .issue(&grant, now)
                 .map_err(|e| format!("cannot issue a token for domain {domain:?}: {e}"))?;
             eprintln!(
-                "vizor: token {} for {kind} console of {domain:?} ({}), user {user:?}{}, valid {}",
+                "vizor: token {} for {kind} console of {domain:?} ({}{}), user {user:?}{}, valid {}",
                 claims.token_id(),
                 claims.uuid_string(),
+                if host == crate::config::DEFAULT_HOST {
+                    String::new()
+                } else {
+                    format!(" on host {host}")
+                },
                 client
                     .map(|ip| format!(", client {ip} only"))
                     .unwrap_or_default(),

@@ -764,8 +764,13 @@ fn any_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::E
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LibvirtConfig {
-    /// `uri`: any libvirt URI.
+    /// `uri`: any libvirt URI: the one host, named `default`. Empty when `hosts` names
+    /// the hosts instead (one or the other, not both).
+    #[serde(default)]
     pub uri: String,
+    /// `[[libvirt.hosts]]`: many libvirt hosts, each with its name.
+    #[serde(default)]
+    pub hosts: Vec<HostConfig>,
     /// `require_password`: refuse a console whose graphics have no password in libvirt
     /// (default false: such a console opens, with a warning in the log and
     /// `vm_password: false` on record).
@@ -776,6 +781,94 @@ pub struct LibvirtConfig {
     /// libvirt is an error at start).
     #[serde(default)]
     pub wait: bool,
+}
+
+/// The name of the host `[libvirt] uri` is: tokens of that host name none.
+pub const DEFAULT_HOST: &str = "default";
+
+/// The longest host name.
+pub const MAX_HOST_NAME: usize = 63;
+
+/// One `[[libvirt.hosts]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// `name`: 1 to 63 of `a-z`, `0-9` and `-`, unique; tokens and the console API
+    /// name the host by it.
+    pub name: String,
+    /// `uri`: the host's libvirt URI (`qemu+tls://node1/system`, `qemu+ssh://...`).
+    pub uri: String,
+    /// `console_address`: where this host's consoles that listen on a wildcard
+    /// address (`0.0.0.0`, `::`) are reached. Default: the URI's host (loopback for a
+    /// local URI).
+    pub console_address: Option<String>,
+    /// `[libvirt.hosts.upstream_tls]`: TLS toward this host's QEMU, in place of
+    /// `[upstream_tls]`.
+    pub upstream_tls: Option<UpstreamTlsConfig>,
+}
+
+/// Whether `name` may name a libvirt host: 1 to 63 of `a-z`, `0-9` and `-`.
+pub fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_HOST_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl LibvirtConfig {
+    /// The hosts: `[[libvirt.hosts]]`, or `[libvirt] uri` as the one host `default`.
+    pub fn hosts(&self) -> Vec<HostConfig> {
+        if self.hosts.is_empty() {
+            vec![HostConfig {
+                name: DEFAULT_HOST.to_owned(),
+                uri: self.uri.clone(),
+                console_address: None,
+                upstream_tls: None,
+            }]
+        } else {
+            self.hosts.clone()
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        match (self.uri.is_empty(), self.hosts.is_empty()) {
+            (true, true) => {
+                return Err("[libvirt] names no host: set uri = \"qemu:///system\" for one host, or [[libvirt.hosts]] entries (name, uri) for many".into())
+            }
+            (false, false) => {
+                return Err("[libvirt] has both uri and [[libvirt.hosts]]: keep one. For many hosts, move uri into a [[libvirt.hosts]] entry (name = \"default\" keeps the tokens already issued working)".into())
+            }
+            _ => {}
+        }
+        let mut seen = std::collections::HashSet::new();
+        for h in &self.hosts {
+            if !is_host_name(&h.name) {
+                return Err(format!(
+                    "[[libvirt.hosts]] name = {:?}: use 1 to {MAX_HOST_NAME} of a-z, 0-9 and '-'",
+                    h.name
+                ));
+            }
+            if !seen.insert(h.name.as_str()) {
+                return Err(format!(
+                    "[[libvirt.hosts]] name = {:?} is given twice: each host has its own name",
+                    h.name
+                ));
+            }
+            if h.uri.trim().is_empty() {
+                return Err(format!("[[libvirt.hosts]] {:?} has no uri", h.name));
+            }
+            if let Some(a) = &h.console_address {
+                if a.is_empty() || a.contains(['/', ' ', '@']) {
+                    return Err(format!(
+                        "[[libvirt.hosts]] {:?}: console_address = {a:?} is not a host name or address",
+                        h.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[tokens]`
@@ -1023,6 +1116,7 @@ impl Config {
         let config: Config =
             toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
         config.limits.check()?;
+        config.libvirt.check()?;
         if let Some(s) = &config.state {
             s.check()?;
         }
@@ -1069,6 +1163,20 @@ impl Config {
             resolve(d);
         }
         if let Some(t) = &mut self.upstream_tls {
+            resolve(&mut t.ca);
+            for p in [&mut t.client_cert, &mut t.client_key]
+                .into_iter()
+                .flatten()
+            {
+                resolve(p);
+            }
+        }
+        for t in self
+            .libvirt
+            .hosts
+            .iter_mut()
+            .filter_map(|h| h.upstream_tls.as_mut())
+        {
             resolve(&mut t.ca);
             for p in [&mut t.client_cert, &mut t.client_key]
                 .into_iter()
@@ -1396,6 +1504,65 @@ keystrokes = "full"
         for (text, key) in cases {
             let err = Config::parse(&text).unwrap_err();
             assert!(err.contains(key), "expected {key:?} in: {err}");
+        }
+    }
+
+    #[test]
+    fn many_hosts_are_named_and_the_one_uri_is_the_host_default() {
+        let c = Config::parse(MINIMAL).unwrap();
+        let hosts = c.libvirt.hosts();
+        assert_eq!(hosts.len(), 1);
+        assert_eq!(
+            (hosts[0].name.as_str(), hosts[0].uri.as_str()),
+            (DEFAULT_HOST, "qemu:///system")
+        );
+        let many = |entries: &str| {
+            Config::parse(&MINIMAL.replace(
+                "[libvirt]\nuri = \"qemu:///system\"",
+                &format!("[libvirt]\n{entries}"),
+            ))
+        };
+        let c = many(
+            "[[libvirt.hosts]]\nname = \"node1\"\nuri = \"qemu+tls://node1/system\"\n\
+             [[libvirt.hosts]]\nname = \"node-2\"\nuri = \"qemu+ssh://root@n2/system\"\n\
+             console_address = \"10.0.0.2\"\n\
+             [libvirt.hosts.upstream_tls]\nca = \"n2-ca.pem\"\n",
+        )
+        .unwrap();
+        let hosts = c.libvirt.hosts();
+        assert_eq!(
+            hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
+            ["node1", "node-2"]
+        );
+        assert_eq!(hosts[1].console_address.as_deref(), Some("10.0.0.2"));
+        assert!(hosts[1].upstream_tls.is_some() && hosts[0].upstream_tls.is_none());
+        for (entries, says) in [
+            (
+                "uri = \"qemu:///system\"\n[[libvirt.hosts]]\nname = \"a\"\nuri = \"qemu:///system\"\n",
+                "keep one",
+            ),
+            ("require_password = true\n", "names no host"),
+            (
+                "[[libvirt.hosts]]\nname = \"Node1\"\nuri = \"qemu:///system\"\n",
+                "a-z, 0-9",
+            ),
+            (
+                "[[libvirt.hosts]]\nname = \"a\"\nuri = \"qemu:///system\"\n\
+                 [[libvirt.hosts]]\nname = \"a\"\nuri = \"qemu+tcp://b/system\"\n",
+                "given twice",
+            ),
+            ("[[libvirt.hosts]]\nname = \"a\"\nuri = \"\"\n", "no uri"),
+            (
+                "[[libvirt.hosts]]\nname = \"a\"\nuri = \"qemu:///system\"\nconsole_address = \"10.0.0.1/8\"\n",
+                "console_address",
+            ),
+            (
+                "[[libvirt.hosts]]\nname = \"a\"\nuri = \"qemu:///system\"\nport = 1\n",
+                "port",
+            ),
+        ] {
+            let e = many(entries).unwrap_err();
+            assert!(e.contains(says), "{entries}: {e}");
         }
     }
 

@@ -61,6 +61,9 @@ pub struct Console {
     pub keymap: Option<String>,
     /// libvirt's id of the running domain: a new one each time it starts.
     pub instance: Option<u32>,
+    /// The libvirt host it runs on (`[[libvirt.hosts]]` name; `default` for
+    /// `[libvirt] uri`).
+    pub host: String,
 }
 
 impl fmt::Debug for Console {
@@ -74,6 +77,7 @@ impl fmt::Debug for Console {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("keymap", &self.keymap)
             .field("instance", &self.instance)
+            .field("host", &self.host)
             .finish()
     }
 }
@@ -139,6 +143,25 @@ pub enum LookupError {
         /// What is wrong.
         why: String,
     },
+    /// A token or request names a host that is not in `[[libvirt.hosts]]`.
+    #[error("no libvirt host named {0:?} is configured")]
+    UnknownHost(String),
+    /// A name found on more than one host: the request must name the host.
+    #[error("domain {domain:?} is on several hosts ({}): name one with host=", hosts.join(", "))]
+    Ambiguous {
+        /// The domain.
+        domain: String,
+        /// The hosts that have it.
+        hosts: Vec<String>,
+    },
+    /// Not found on the hosts that answered, and some did not: it may be on those.
+    #[error("domain {domain:?} is on no host that answered; unreachable: {}", hosts.join(", "))]
+    HostsUnreachable {
+        /// The domain.
+        domain: String,
+        /// The hosts that did not answer.
+        hosts: Vec<String>,
+    },
 }
 
 fn kinds_it_has(has: &[ConsoleKind]) -> String {
@@ -162,9 +185,11 @@ impl LookupError {
             LookupError::NoPassword { .. } => {
                 "the VM console has no password, which vizor requires"
             }
-            LookupError::Unreachable { .. } | LookupError::BadXml { .. } => {
-                "the VM console cannot be reached"
-            }
+            LookupError::Unreachable { .. }
+            | LookupError::BadXml { .. }
+            | LookupError::UnknownHost(_)
+            | LookupError::HostsUnreachable { .. } => "the VM console cannot be reached",
+            LookupError::Ambiguous { .. } => "the VM's name is on several hosts",
         }
     }
 
@@ -178,6 +203,9 @@ impl LookupError {
         "no_password",
         "unreachable",
         "bad_xml",
+        "unknown_host",
+        "ambiguous_domain",
+        "hosts_unreachable",
     ];
 
     /// A short, stable label for metrics.
@@ -191,6 +219,9 @@ impl LookupError {
             LookupError::NoPassword { .. } => "no_password",
             LookupError::Unreachable { .. } => "unreachable",
             LookupError::BadXml { .. } => "bad_xml",
+            LookupError::UnknownHost(_) => "unknown_host",
+            LookupError::Ambiguous { .. } => "ambiguous_domain",
+            LookupError::HostsUnreachable { .. } => "hosts_unreachable",
         }
     }
 }
@@ -406,6 +437,7 @@ pub fn console_from_xml(
         password,
         keymap,
         instance,
+        host: crate::config::DEFAULT_HOST.to_owned(),
     })
 }
 
@@ -483,12 +515,20 @@ pub fn access_hint(message: &str) -> Option<&'static str> {
 /// A libvirt connection for one URI, opened on first use and reopened when it dies.
 pub struct Libvirt {
     uri: String,
+    /// The host's name (`default` for `[libvirt] uri`).
+    host: String,
+    /// Where consoles listening on a wildcard address are reached (default: the
+    /// URI's host).
+    console_address: Option<String>,
     conn: Mutex<Option<Connect>>,
 }
 
 impl fmt::Debug for Libvirt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Libvirt").field("uri", &self.uri).finish()
+        f.debug_struct("Libvirt")
+            .field("host", &self.host)
+            .field("uri", &self.uri)
+            .finish()
     }
 }
 
@@ -516,15 +556,34 @@ impl fmt::Display for DomainRef {
 }
 
 impl Libvirt {
-    /// A client for `uri`; nothing is opened yet.
+    /// A client for `uri`, the host `default`; nothing is opened yet.
     pub fn new(uri: &str) -> Arc<Libvirt> {
+        Libvirt::for_host(crate::config::DEFAULT_HOST, uri, None)
+    }
+
+    /// A client for the host `host` at `uri`, whose consoles listening on a wildcard
+    /// address are at `console_address` (default: the URI's host).
+    pub fn for_host(host: &str, uri: &str, console_address: Option<&str>) -> Arc<Libvirt> {
         // libvirt prints every error to stderr unless told otherwise; vizor reports
         // them itself.
         virt::error::clear_error_callback();
         Arc::new(Libvirt {
             uri: uri.to_owned(),
+            host: host.to_owned(),
+            console_address: console_address.map(str::to_owned),
             conn: Mutex::new(None),
         })
+    }
+
+    /// The host's name.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Where consoles listening on a wildcard address are reached: the configured
+    /// `console_address`, else the URI's host (`None`: loopback, a local URI).
+    pub fn console_address(&self) -> Option<String> {
+        self.console_address.clone().or_else(|| uri_host(&self.uri))
     }
 
     /// The URI.
@@ -756,8 +815,9 @@ impl Libvirt {
             dom.xml_desc(virt::sys::VIR_DOMAIN_XML_SECURE)
                 .map_err(classify)?,
         );
-        let console = console_from_xml(&xml, kind, uri_host(&self.uri).as_deref(), now)
+        let mut console = console_from_xml(&xml, kind, self.console_address().as_deref(), now)
             .map_err(Failure::Lookup)?;
+        console.host = self.host.clone();
         if let DomainRef::Uuid(uuid) = domain {
             if crate::token::parse_uuid(&console.uuid) != Some(*uuid) {
                 return Err(Failure::Lookup(LookupError::BadXml {
@@ -769,6 +829,8 @@ impl Libvirt {
         Ok(console)
     }
 }
+
+pub mod hosts;
 
 #[cfg(test)]
 mod tests;

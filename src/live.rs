@@ -226,6 +226,8 @@ pub struct Live {
     pub domain: String,
     /// The domain's UUID.
     pub uuid: String,
+    /// The libvirt host it runs on.
+    pub host: String,
     /// The token's id (never the token).
     pub token_id: String,
     /// The browser's address.
@@ -532,6 +534,8 @@ pub struct Identity<'a> {
     pub domain: &'a str,
     /// The domain's UUID.
     pub uuid: &'a str,
+    /// The libvirt host it runs on.
+    pub host: &'a str,
     /// The token's id.
     pub token_id: &'a str,
     /// The browser's address.
@@ -556,6 +560,7 @@ impl LiveSessions {
                 user: who.user.to_owned(),
                 domain: who.domain.to_owned(),
                 uuid: who.uuid.to_owned(),
+                host: who.host.to_owned(),
                 token_id: who.token_id.to_owned(),
                 client: who.client,
                 started: SystemTime::now(),
@@ -747,6 +752,7 @@ mod tests {
             user: "alice",
             domain: "web1",
             uuid: "5a5a5a5a-5a5a-5a5a-5a5a-5a5a5a5a5a5a",
+            host: "default",
             token_id: "0011223344556677",
             client: "127.0.0.1:5000".parse().unwrap(),
         }

@@ -2,7 +2,7 @@
 //! depend on them); each is registered once here and updated where its event happens.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
@@ -34,10 +34,12 @@ pub struct Metrics {
     pub handshake_seconds: HistogramVec,
     /// `vizor_upstream_connect_seconds{kind}`
     pub upstream_connect_seconds: HistogramVec,
-    /// `vizor_libvirt_lookup_seconds`
-    pub libvirt_lookup_seconds: Histogram,
-    /// `vizor_libvirt_errors_total{reason}`
+    /// `vizor_libvirt_lookup_seconds{host}`
+    pub libvirt_lookup_seconds: HistogramVec,
+    /// `vizor_libvirt_errors_total{host,reason}`
     pub libvirt_errors_total: IntCounterVec,
+    /// `vizor_libvirt_up{host}`: 1 while the host's libvirt answers.
+    pub libvirt_up: IntGaugeVec,
     /// `vizor_auth_refusals_total{stage,reason}`
     pub auth_refusals_total: IntCounterVec,
     /// `vizor_api_requests_total{endpoint,code}`
@@ -126,13 +128,18 @@ impl Metrics {
                 "Connecting to the VM's console (TCP or UNIX socket).",
                 &["kind"],
             )?,
-            libvirt_lookup_seconds: Histogram::with_opts(
-                HistogramOpts::new("vizor_libvirt_lookup_seconds", "Looking up a domain's console in libvirt.")
-                    .buckets(LATENCY_BUCKETS.to_vec()),
+            libvirt_lookup_seconds: histogram(
+                "vizor_libvirt_lookup_seconds",
+                "Looking up a domain's console in libvirt, by host.",
+                &["host"],
             )?,
             libvirt_errors_total: IntCounterVec::new(
-                Opts::new("vizor_libvirt_errors_total", "Failed console lookups, by reason."),
-                &["reason"],
+                Opts::new("vizor_libvirt_errors_total", "Failed console lookups, by host and reason (host \"_unknown\": a token or request naming a host not configured)."),
+                &["host", "reason"],
+            )?,
+            libvirt_up: IntGaugeVec::new(
+                Opts::new("vizor_libvirt_up", "1 while the host's libvirt answers vizor's probes, else 0."),
+                &["host"],
             )?,
             auth_refusals_total: IntCounterVec::new(
                 Opts::new(
@@ -235,6 +242,7 @@ impl Metrics {
         r.register(Box::new(m.upstream_connect_seconds.clone()))?;
         r.register(Box::new(m.libvirt_lookup_seconds.clone()))?;
         r.register(Box::new(m.libvirt_errors_total.clone()))?;
+        r.register(Box::new(m.libvirt_up.clone()))?;
         r.register(Box::new(m.auth_refusals_total.clone()))?;
         r.register(Box::new(m.api_requests_total.clone()))?;
         r.register(Box::new(m.admin_actions_total.clone()))?;
@@ -290,9 +298,6 @@ impl Metrics {
     /// alerts and `rate()` see zero rather than nothing before the first event.
     fn known_at_zero(&self) {
         use crate::end::{ChannelRefusal, End};
-        for reason in crate::libvirt::LookupError::REASONS {
-            self.libvirt_errors_total.with_label_values(&[reason]);
-        }
         for event in crate::audit::Event::NAMES {
             self.audit_events_total.with_label_values(&[event]);
         }
@@ -340,6 +345,7 @@ impl Metrics {
         for endpoint in [
             "sessions",
             "console",
+            "hosts",
             "participant",
             "watch",
             "end",
@@ -400,10 +406,13 @@ mod tests {
         m.upstream_connect_seconds
             .with_label_values(&["vnc"])
             .observe(0.0005);
-        m.libvirt_lookup_seconds.observe(0.003);
+        m.libvirt_lookup_seconds
+            .with_label_values(&["default"])
+            .observe(0.003);
         m.libvirt_errors_total
-            .with_label_values(&["not_running"])
+            .with_label_values(&["default", "not_running"])
             .inc();
+        m.libvirt_up.with_label_values(&["default"]).set(1);
         m.auth_refusals_total
             .with_label_values(&["token", "expired"])
             .inc();
@@ -427,6 +436,7 @@ mod tests {
             "vizor_upstream_connect_seconds",
             "vizor_libvirt_lookup_seconds",
             "vizor_libvirt_errors_total",
+            "vizor_libvirt_up",
             "vizor_auth_refusals_total",
             "vizor_audit_events_total",
             "vizor_audit_write_errors_total",

@@ -5,7 +5,7 @@
 use crate::audit::{Audit, ChainKey};
 use crate::config::Config;
 use crate::front::{self, App, CLOSE_WAIT};
-use crate::libvirt::Libvirt;
+use crate::libvirt::hosts::{Host, Hosts, PROBE_EVERY};
 use crate::tls::Tls;
 use crate::token::TokenKey;
 use hyper::server::conn::http1;
@@ -307,69 +307,6 @@ fn raise_open_files(config: &Config) {
     }
 }
 
-/// How long vizor waits for libvirt's first answer at start.
-const LIBVIRT_PROBE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A libvirt probe, on a thread of its own (named `vizor-libvirt`, apart from the
-/// blocking pool that console lookups use). A probe that outlives its wait is kept, not
-/// abandoned: the next wait awaits the same one, so a libvirt that never answers ties
-/// up one thread, not one per retry.
-pub struct Probing {
-    libvirt: Arc<Libvirt>,
-    running: Option<ProbeAnswer>,
-}
-
-type ProbeAnswer =
-    tokio::sync::oneshot::Receiver<Result<crate::libvirt::Probe, crate::libvirt::LookupError>>;
-
-impl Probing {
-    /// For `libvirt`; nothing runs yet.
-    pub fn new(libvirt: Arc<Libvirt>) -> Probing {
-        Probing {
-            libvirt,
-            running: None,
-        }
-    }
-
-    /// Asks libvirt who it is (or waits on for the answer to the last ask), for at
-    /// most 30 s.
-    pub async fn probe(&mut self) -> Result<crate::libvirt::Probe, String> {
-        let uri = self.libvirt.uri().to_owned();
-        if self.running.is_none() {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let l = self.libvirt.clone();
-            std::thread::Builder::new()
-                .name("vizor-libvirt".into())
-                .spawn(move || {
-                    let _ = tx.send(l.probe_blocking());
-                })
-                .map_err(|e| format!("libvirt at {uri}: no thread for the probe: {e}"))?;
-            self.running = Some(rx);
-        }
-        let Some(rx) = self.running.as_mut() else {
-            return Err(format!("libvirt at {uri}: no probe"));
-        };
-        let answered = tokio::time::timeout(LIBVIRT_PROBE_TIMEOUT, rx).await;
-        if answered.is_ok() {
-            self.running = None;
-        }
-        match answered {
-            Err(_) => Err(format!(
-                "libvirt at {uri} did not answer within {}",
-                humantime::format_duration(LIBVIRT_PROBE_TIMEOUT)
-            )),
-            Ok(Err(_)) => Err(format!(
-                "libvirt at {uri}: the probe ended without an answer"
-            )),
-            Ok(Ok(Err(e))) => Err(match crate::libvirt::access_hint(&e.to_string()) {
-                Some(hint) => format!("{e} ({hint})"),
-                None => e.to_string(),
-            }),
-            Ok(Ok(Ok(p))) => Ok(p),
-        }
-    }
-}
-
 /// Tells systemd (`Type=notify`) about a state change; nothing without `NOTIFY_SOCKET`.
 fn notify(state: &[sd_notify::NotifyState]) {
     if let Err(e) = sd_notify::notify(state) {
@@ -377,27 +314,46 @@ fn notify(state: &[sd_notify::NotifyState]) {
     }
 }
 
-/// Keeps trying libvirt (`[libvirt] wait`) until it answers; then vizor is ready.
-async fn wait_for_libvirt(mut probing: Probing, readiness: Arc<front::Readiness>) {
-    let mut pause = Duration::from_secs(1);
+/// Probes the host `h` for as long as vizor runs: every [`PROBE_EVERY`], or every
+/// 2 s while no host answers. Each change is logged, and readiness follows; the
+/// first time vizor becomes ready after a start without libvirt (`[libvirt] wait`),
+/// systemd hears it.
+async fn keep_probing(
+    hosts: Arc<Hosts>,
+    h: Arc<Host>,
+    readiness: Arc<front::Readiness>,
+    mut serving: bool,
+) {
+    let mut was_up = h.is_up();
     let mut last_warn = Instant::now();
     loop {
+        let pause = if hosts.any_up() {
+            PROBE_EVERY
+        } else {
+            Duration::from_secs(2)
+        };
         tokio::time::sleep(pause).await;
-        match probing.probe().await {
-            Ok(p) => {
-                info!(libvirt = probing.libvirt.uri(), version = %p.version, running = p.running, "libvirt reachable: ready");
-                readiness.set_ready();
-                notify(&[sd_notify::NotifyState::Status("serving")]);
-                return;
+        let r = hosts.probe(&h).await;
+        match (&r, was_up) {
+            (Ok(p), false) => {
+                info!(host = h.name(), libvirt = h.libvirt().uri(), version = %p.version, running = p.running, "libvirt host reachable")
             }
-            Err(e) => {
-                if last_warn.elapsed() >= Duration::from_secs(60) {
-                    warn!(error = %e, "still waiting for libvirt ([libvirt] wait); /readyz answers 503");
-                    last_warn = Instant::now();
-                }
-                readiness.set_waiting(e);
-                pause = (pause * 2).min(Duration::from_secs(30));
+            (Err(e), true) => {
+                warn!(host = h.name(), error = %e, "libvirt host unreachable: its consoles cannot open until it answers again");
+                last_warn = Instant::now();
             }
+            (Err(e), false) if last_warn.elapsed() >= Duration::from_secs(60) => {
+                warn!(host = h.name(), error = %e, "libvirt host still unreachable");
+                last_warn = Instant::now();
+            }
+            _ => {}
+        }
+        was_up = r.is_ok();
+        readiness.update(&hosts);
+        if !serving && readiness.is_ready() {
+            serving = true;
+            info!("a libvirt host answers: ready");
+            notify(&[sd_notify::NotifyState::Status("serving")]);
         }
     }
 }
@@ -426,25 +382,37 @@ pub async fn serve(
         ChainKey::load(&config.audit.key_file).map_err(|e| format!("[audit] key_file: {e}"))?;
     keys_apart(&config, &key, &chain_key)?;
     // libvirt answers before anything is served (or, with `wait`, vizor serves and
-    // says it is not ready until it does).
-    let libvirt = Libvirt::new(&config.libvirt.uri);
+    // says it is not ready until a host does). With many hosts, one answering is
+    // enough: the others are probed on, and their consoles open once they answer.
+    let hosts = Arc::new(Hosts::new(&config.libvirt.hosts(), metrics.clone())?);
     let readiness = Arc::new(front::Readiness::default());
-    let mut probing = Probing::new(libvirt.clone());
-    let waiting = match probing.probe().await {
-        Ok(p) => {
-            info!(libvirt = libvirt.uri(), version = %p.version, host = %p.hostname,
-                running = p.running, stopped = p.stopped, "libvirt reachable");
-            readiness.set_ready();
-            false
+    let probes = hosts.probe_all().await;
+    let mut down = Vec::new();
+    for (h, p) in hosts.all().iter().zip(&probes) {
+        match p {
+            Ok(p) => info!(host = h.name(), libvirt = h.libvirt().uri(), version = %p.version,
+                hostname = %p.hostname, running = p.running, stopped = p.stopped, "libvirt reachable"),
+            Err(e) => {
+                warn!(host = h.name(), error = %e, "libvirt host unreachable at start; vizor tries it again every 10s");
+                down.push(if hosts.all().len() > 1 {
+                    format!("host {}: {e}", h.name())
+                } else {
+                    e.clone()
+                });
+            }
         }
-        Err(e) if config.libvirt.wait => {
-            warn!(error = %e, "libvirt unreachable at start; serving, and trying again ([libvirt] wait = true): /readyz answers 503 until it connects");
-            readiness.set_waiting(e);
+    }
+    readiness.update(&hosts);
+    let waiting = match readiness.is_ready() {
+        true => false,
+        false if config.libvirt.wait => {
+            warn!(error = %down.join("; "), "libvirt unreachable at start; serving, and trying again ([libvirt] wait = true): /readyz answers 503 until it connects");
             true
         }
-        Err(e) => {
+        false => {
             return Err(format!(
-                "{e}\n(vizor needs libvirt at start; set [libvirt] wait = true to start without it)"
+                "{}\n(vizor needs libvirt at start; set [libvirt] wait = true to start without it)",
+                down.join("\n")
             )
             .into())
         }
@@ -511,7 +479,7 @@ pub async fn serve(
     let mut app = App::new(
         config,
         key,
-        libvirt,
+        hosts.clone(),
         Arc::new(audit),
         admins,
         close_rx,
@@ -609,7 +577,7 @@ pub async fn serve(
     info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %config_path.display(),
-        libvirt = %c.libvirt.uri,
+        libvirt = %c.libvirt.hosts().iter().map(|h| format!("{}={}", h.name, h.uri)).collect::<Vec<_>>().join(", "),
         %local,
         tls = tls.is_some(),
         metrics = %metrics_local.map(|a| a.to_string()).unwrap_or_else(|| "main listener, with [metrics] key_file".into()),
@@ -629,12 +597,19 @@ pub async fn serve(
             sd_notify::NotifyState::Ready,
             sd_notify::NotifyState::Status("waiting for libvirt"),
         ]);
-        tokio::spawn(wait_for_libvirt(probing, readiness.clone()));
     } else {
         notify(&[
             sd_notify::NotifyState::Ready,
             sd_notify::NotifyState::Status("serving"),
         ]);
+    }
+    for h in hosts.all() {
+        tokio::spawn(keep_probing(
+            hosts.clone(),
+            h.clone(),
+            readiness.clone(),
+            !waiting,
+        ));
     }
 
     loop {

@@ -17,7 +17,10 @@
 //! participant's token joins a live session); the client address only in a token
 //! bound to one client. Version 2 (sealed by builds before participants) is the same
 //! up to the user, then the client address: it still opens, as an owner's token with
-//! the default policy.
+//! the default policy. Version 4 is version 3 with the libvirt host's name after the
+//! user (`host length (U16) | host`): a token of any other version opens a console on
+//! the host `default` (`[libvirt] uri`), and a token for that host is still sealed as
+//! version 3.
 //!
 //! A token opens the console of the domain with its UUID, whatever that domain is now
 //! named: a domain deleted and defined again under the same name is another domain,
@@ -40,6 +43,8 @@ type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 type HmacSha256 = Hmac<Sha256>;
 
 const VERSION: u8 = 3;
+/// Version 3 with the libvirt host named.
+const VERSION_4: u8 = 4;
 /// The version before participants and policy, still opened.
 const VERSION_2: u8 = 2;
 /// The longest `max_duration` a token carries.
@@ -407,6 +412,9 @@ impl Joins {
 /// What a token is issued for.
 #[derive(Debug, Clone)]
 pub struct Grant<'a> {
+    /// The libvirt host the domain is on ([`crate::config::DEFAULT_HOST`] for
+    /// `[libvirt] uri`).
+    pub host: &'a str,
     /// The domain's name (as libvirt gave it, for pages and logs).
     pub domain: &'a str,
     /// The domain's UUID: the console the token opens.
@@ -447,6 +455,9 @@ pub enum IssueError {
     /// An empty or too long domain name.
     #[error("domain name must be 1 to {MAX_DOMAIN_LEN} bytes")]
     Domain,
+    /// A host name that no `[[libvirt.hosts]]` entry could have.
+    #[error("host must be 1 to 63 of a-z, 0-9 and '-'")]
+    Host,
     /// A `max_duration` out of range.
     #[error("{0}")]
     MaxDuration(String),
@@ -480,6 +491,9 @@ pub fn check_ttl(ttl: std::time::Duration) -> Result<(), String> {
 /// What a token asserts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claims {
+    /// The libvirt host the domain is on ([`crate::config::DEFAULT_HOST`] for
+    /// `[libvirt] uri`).
+    pub host: String,
     /// The libvirt domain's name when the token was issued (for pages and logs).
     pub domain: String,
     /// The libvirt domain's UUID: the console the token opens.
@@ -514,6 +528,7 @@ impl Claims {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::getrandom(&mut nonce).map_err(KeyError::Random)?;
         Ok(Claims {
+            host: crate::config::DEFAULT_HOST.to_owned(),
             domain: domain.to_owned(),
             uuid,
             kind,
@@ -532,6 +547,14 @@ impl Claims {
         Claims {
             role,
             joins: Some(joins),
+            ..self
+        }
+    }
+
+    /// The same claims, for a domain on the libvirt host `host`.
+    pub fn on_host(self, host: &str) -> Claims {
+        Claims {
+            host: host.to_owned(),
             ..self
         }
     }
@@ -572,6 +595,16 @@ impl Claims {
         self.nonce[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// The version these claims are sealed as: 3, or 4 when they name a host other
+    /// than the default.
+    fn version(&self) -> u8 {
+        if self.host == crate::config::DEFAULT_HOST {
+            VERSION
+        } else {
+            VERSION_4
+        }
+    }
+
     fn encode(&self) -> Result<Vec<u8>, TokenError> {
         let max_duration = match self.policy.max_duration {
             None => 0,
@@ -581,6 +614,7 @@ impl Claims {
         if self.domain.is_empty()
             || self.domain.len() > MAX_DOMAIN_LEN
             || self.user.len() > MAX_USER_LEN
+            || !crate::config::is_host_name(&self.host)
             || (self.role == Role::Owner) != self.joins.is_none()
         {
             return Err(TokenError::Malformed);
@@ -593,7 +627,11 @@ impl Claims {
         v.extend_from_slice(&self.expires_at.to_be_bytes());
         v.extend_from_slice(&self.nonce);
         v.extend_from_slice(&self.uuid);
-        for s in [&self.domain, &self.user] {
+        let mut strings = vec![&self.domain, &self.user];
+        if self.version() == VERSION_4 {
+            strings.push(&self.host);
+        }
+        for s in strings {
             v.extend_from_slice(&(s.len() as u16).to_be_bytes());
             v.extend_from_slice(s.as_bytes());
         }
@@ -655,6 +693,16 @@ impl Claims {
         if domain.is_empty() {
             return Err(TokenError::Malformed);
         }
+        let host = if version == VERSION_4 {
+            let host = string(crate::config::MAX_HOST_NAME)?;
+            // The default host is sealed as version 3 alone: one token, one encoding.
+            if !crate::config::is_host_name(&host) || host == crate::config::DEFAULT_HOST {
+                return Err(TokenError::Malformed);
+            }
+            host
+        } else {
+            crate::config::DEFAULT_HOST.to_owned()
+        };
         let (role, joins, policy) = if version == VERSION_2 {
             (Role::Owner, None, Policy::default())
         } else {
@@ -714,6 +762,7 @@ impl Claims {
             _ => return Err(TokenError::Malformed),
         };
         Ok(Claims {
+            host,
             domain,
             uuid,
             kind,
@@ -910,6 +959,9 @@ impl TokenKey {
         if grant.domain.is_empty() || grant.domain.len() > MAX_DOMAIN_LEN {
             return Err(IssueError::Domain);
         }
+        if !crate::config::is_host_name(grant.host) {
+            return Err(IssueError::Host);
+        }
         if let Some(d) = grant.policy.max_duration {
             check_max_duration(d).map_err(IssueError::MaxDuration)?;
         }
@@ -919,6 +971,7 @@ impl TokenKey {
         let expires_at = now.saturating_add(grant.ttl.as_secs());
         let mut claims = Claims::new(grant.domain, grant.uuid, grant.kind, grant.user, expires_at)
             .map_err(|e| IssueError::Seal(e.to_string()))?
+            .on_host(grant.host)
             .with_policy(grant.policy);
         if let Some(joins) = grant.joins {
             claims = claims.joining(grant.role, joins);
@@ -943,7 +996,7 @@ impl TokenKey {
         let mut body = Zeroizing::new(claims.encode()?);
         Aes256Ctr::new((&*self.enc).into(), (&iv).into()).apply_keystream(&mut body);
         let mut out = Vec::with_capacity(1 + IV_LEN + body.len() + TAG_LEN);
-        out.push(VERSION);
+        out.push(claims.version());
         out.extend_from_slice(&iv);
         out.extend_from_slice(&body);
         let tag = self.tag(&out).finalize().into_bytes();
@@ -988,7 +1041,7 @@ impl TokenKey {
         // The version first: a token of another version is named as such, whatever
         // its length.
         let version = match raw.first() {
-            Some(&v @ (VERSION | VERSION_2)) => v,
+            Some(&v @ (VERSION | VERSION_2 | VERSION_4)) => v,
             Some(&other) if raw.len() >= 1 + IV_LEN + TAG_LEN => {
                 return Err(TokenError::UnknownVersion(other))
             }

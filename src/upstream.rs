@@ -130,6 +130,25 @@ impl Allow {
         allow
     }
 
+    /// Adds what `other` allows.
+    fn add(&mut self, other: Allow) {
+        for n in other.nets {
+            if !self.nets.contains(&n) {
+                self.nets.push(n);
+            }
+        }
+        for d in other.dirs {
+            if !self.dirs.contains(&d) {
+                self.dirs.push(d);
+            }
+        }
+        for n in other.names {
+            if !self.names.contains(&n) {
+                self.names.push(n);
+            }
+        }
+    }
+
     /// Whether `ip` is inside the networks (an IPv4-mapped IPv6 address as its IPv4
     /// one).
     pub fn ip(&self, ip: IpAddr) -> bool {
@@ -193,16 +212,30 @@ fn libc_mode_mask() -> nix::libc::mode_t {
 }
 
 /// The list in force: `[upstream] allow` as configured, or else the default for the
-/// libvirt URI `uri` (see [`Allow::default_for`]): local when the URI names no host or
-/// a host that is this machine's loopback.
-pub fn in_force(configured: Option<&Allow>, uri: &str) -> Allow {
+/// libvirt `hosts` (see [`Allow::default_for`]), each by its console address (its
+/// `console_address`, else its URI's host): local when that names no host or a host
+/// that is this machine's loopback.
+pub fn in_force(configured: Option<&Allow>, hosts: &[crate::config::HostConfig]) -> Allow {
     if let Some(a) = configured {
         return a.clone();
     }
-    let Some(host) = crate::libvirt::uri_host(uri) else {
+    let mut allow = Allow::nothing();
+    for h in hosts {
+        let address = h
+            .console_address
+            .clone()
+            .or_else(|| crate::libvirt::uri_host(&h.uri));
+        allow.add(default_for_address(address));
+    }
+    allow
+}
+
+/// The default for one host whose consoles are at `address` (`None`: this machine).
+fn default_for_address(address: Option<String>) -> Allow {
+    let Some(host) = address else {
         return Allow::default_for(true, &[], &[]);
     };
-    let (hosts, names) = match host.parse::<IpAddr>() {
+    let (hosts, names) = match host.trim_matches(['[', ']']).parse::<IpAddr>() {
         Ok(ip) => (vec![ip], Vec::new()),
         Err(_) => {
             let resolved: Vec<IpAddr> = match std::net::ToSocketAddrs::to_socket_addrs(&(
@@ -342,21 +375,54 @@ mod tests {
 
     #[test]
     fn the_default_is_loopback_and_libvirts_sockets_for_a_local_libvirt_only() {
-        let a = in_force(None, "qemu:///system");
+        let a = in_force(None, &one("qemu:///system"));
         assert!(a.ip(ip("127.0.0.1")) && a.ip(ip("::1")));
         assert!(!a.ip(ip("192.0.2.10")) && !a.ip(ip("10.0.0.1")));
         for d in LIBVIRT_SOCKET_DIRS {
             assert!(a.path(&Path::new(d).join("vnc.sock")), "{d}");
         }
         // A remote libvirt: its consoles are there, never on vizor's own loopback.
-        let r = in_force(None, "qemu+tcp://192.0.2.10/system");
+        let r = in_force(None, &one("qemu+tcp://192.0.2.10/system"));
         assert!(r.ip(ip("192.0.2.10")));
         assert!(!r.ip(ip("127.0.0.1")) && !r.path(Path::new("/run/libvirt/qemu/x.sock")));
         assert_eq!(r.to_string(), "192.0.2.10/32");
         // Configured: as configured.
         let c = Allow::parse(&["10.0.0.0/8"]).unwrap();
-        assert_eq!(in_force(Some(&c), "qemu:///system"), c);
+        assert_eq!(in_force(Some(&c), &one("qemu:///system")), c);
         assert_eq!(Allow::parse::<&str>(&[]).unwrap().to_string(), "nothing");
+    }
+
+    fn host(name: &str, uri: &str, console_address: Option<&str>) -> crate::config::HostConfig {
+        crate::config::HostConfig {
+            name: name.into(),
+            uri: uri.into(),
+            console_address: console_address.map(Into::into),
+            upstream_tls: None,
+        }
+    }
+
+    fn one(uri: &str) -> Vec<crate::config::HostConfig> {
+        vec![host("default", uri, None)]
+    }
+
+    #[test]
+    fn the_default_for_many_hosts_is_each_hosts_console_address() {
+        let a = in_force(
+            None,
+            &[
+                host("local", "qemu:///system", None),
+                host("n2", "qemu+tcp://10.213.0.2/system", None),
+                host("n3", "qemu+ssh://root@mgmt-n3/system", Some("192.0.2.30")),
+            ],
+        );
+        assert!(a.ip(ip("127.0.0.1")) && a.ip(ip("10.213.0.2")) && a.ip(ip("192.0.2.30")));
+        assert!(a.path(Path::new("/run/libvirt/qemu/x.sock")));
+        // Not the management name the console address stands in for, nor a neighbour.
+        assert!(!a.ip(ip("10.213.0.3")));
+        assert!(!a.to_string().contains("mgmt-n3"), "{a}");
+        // Only remote hosts: no loopback.
+        let r = in_force(None, &[host("n2", "qemu+tcp://10.213.0.2/system", None)]);
+        assert!(!r.ip(ip("127.0.0.1")) && r.ip(ip("10.213.0.2")));
     }
 
     #[tokio::test]

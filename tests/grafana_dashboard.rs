@@ -129,6 +129,7 @@ fn every_metric_it_names_is_exported() {
             user: "u",
             domain: "d",
             uuid: "00000000-0000-0000-0000-000000000001",
+            host: "default",
             token_id: "t",
             client: "127.0.0.1:1".parse().unwrap(),
         },
@@ -149,7 +150,7 @@ fn every_metric_it_names_is_exported() {
         .inc();
     metrics
         .libvirt_errors_total
-        .with_label_values(&["no_such_domain"])
+        .with_label_values(&["default", "no_such_domain"])
         .inc();
     metrics
         .protocol_errors_total

@@ -41,6 +41,10 @@ pub enum Event<'a> {
         kind: ConsoleKind,
         /// The browser's address.
         client: &'a str,
+        /// The libvirt host the domain is on; absent for the host `default`
+        /// (`[libvirt] uri`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        host: Option<&'a str>,
         /// Where the console listens.
         upstream: &'a str,
         /// Whether vizor's connection to it is inside TLS with QEMU's certificate
@@ -405,6 +409,9 @@ pub enum Event<'a> {
         domain: &'a str,
         /// The domain's UUID.
         uuid: &'a str,
+        /// The libvirt host the domain is on; absent for the host `default`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        host: Option<&'a str>,
         /// Its console kind.
         kind: ConsoleKind,
         /// Its lifetime, in seconds.

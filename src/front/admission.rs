@@ -3,25 +3,37 @@
 
 use super::*;
 
-/// Looks up a console, timing the call and counting failures.
+/// Looks up a console on the host `host` (timed and counted per host there), then
+/// checks its password as `[libvirt] require_password` says.
 pub(super) async fn lookup(
     app: &App,
+    host: &str,
     domain: DomainRef,
     kind: ConsoleKind,
 ) -> Result<Console, LookupError> {
-    let started = std::time::Instant::now();
-    let r = app.libvirt.lookup(domain, kind).await;
-    app.metrics()
-        .libvirt_lookup_seconds
-        .observe(started.elapsed().as_secs_f64());
-    let r = r.and_then(|c| unprotected(app, c));
-    if let Err(e) = &r {
-        app.metrics()
-            .libvirt_errors_total
-            .with_label_values(&[e.reason()])
-            .inc();
-    }
-    r
+    let r = app.hosts.lookup(host, domain, kind).await;
+    refused_if_unprotected(app, r)
+}
+
+/// Finds a console on `host` when named, else on whichever host has it (for the
+/// console API), then checks its password as [`lookup`] does.
+pub(super) async fn find(
+    app: &App,
+    host: Option<&str>,
+    domain: DomainRef,
+    kind: ConsoleKind,
+) -> Result<Console, LookupError> {
+    let r = app.hosts.find(host, domain, kind).await;
+    refused_if_unprotected(app, r)
+}
+
+fn refused_if_unprotected(
+    app: &App,
+    r: Result<Console, LookupError>,
+) -> Result<Console, LookupError> {
+    let r = r?;
+    let host = r.host.clone();
+    unprotected(app, r).inspect_err(|e| app.hosts.count(&host, e))
 }
 
 /// A console without a password in libvirt opens for anyone who reaches its port:

@@ -26,6 +26,8 @@ pub(super) enum Endpoint<'a> {
     Sessions,
     /// `GET /api/v1/domains/{name-or-uuid}/console`.
     Console(&'a str),
+    /// `GET /api/v1/hosts`.
+    Hosts,
 }
 
 /// Why an API request was not answered with what it asked for.
@@ -34,6 +36,8 @@ pub(super) struct ApiError {
     /// A stable label: the answer's `reason`, the audit record's and the metrics'.
     pub(super) reason: &'static str,
     pub(super) error: String,
+    /// The hosts the answer is about (an ambiguous name's, the unreachable ones).
+    pub(super) hosts: Option<Vec<String>>,
 }
 
 impl ApiError {
@@ -42,6 +46,15 @@ impl ApiError {
             status,
             reason,
             error: error.into(),
+            hosts: None,
+        }
+    }
+
+    /// The same, naming `hosts` (`"hosts"` in the answer).
+    fn with_hosts(self, hosts: Vec<String>) -> Self {
+        ApiError {
+            hosts: Some(hosts),
+            ..self
         }
     }
 
@@ -134,10 +147,11 @@ pub(super) fn api_answer(
         }
         Err(e) => {
             api_refused(app, peer, endpoint, domain, &e);
-            json(
-                e.status,
-                &serde_json::json!({"error": e.error, "reason": e.reason}),
-            )
+            let mut body = serde_json::json!({"error": e.error, "reason": e.reason});
+            if let Some(hosts) = &e.hosts {
+                body["hosts"] = serde_json::json!(hosts);
+            }
+            json(e.status, &body)
         }
     }
 }
@@ -153,6 +167,7 @@ pub(super) async fn api(
     let (name, domain) = match endpoint {
         Endpoint::Sessions => ("sessions", None),
         Endpoint::Console(d) => ("console", Some(d)),
+        Endpoint::Hosts => ("hosts", None),
     };
     if let Some(refused) = api_throttled(app, peer, name) {
         return refused;
@@ -162,6 +177,7 @@ pub(super) async fn api(
         Ok(admin) => match endpoint {
             Endpoint::Sessions => Ok(api_sessions(app).await),
             Endpoint::Console(domain) => api_console(app, peer, domain, req, &admin).await,
+            Endpoint::Hosts => Ok(api_hosts(app)),
         },
     };
     api_answer(app, peer, name, domain, answer)
@@ -182,6 +198,35 @@ pub(super) fn admin_check(app: &App, req: &Request<Incoming>) -> Result<String, 
             "a valid Authorization: Bearer <admin key> header is required",
         )),
     }
+}
+
+/// `GET /api/v1/hosts`: each libvirt host, whether it answers, and what its last
+/// answer said.
+fn api_hosts(app: &App) -> Resp {
+    let hosts: Vec<_> = app
+        .hosts
+        .all()
+        .iter()
+        .map(|h| {
+            let mut v = serde_json::json!({
+                "name": h.name(),
+                "uri": h.libvirt().uri(),
+                "console_address": h.libvirt().console_address(),
+                "reachable": h.is_up(),
+            });
+            if let Some(p) = h.last_probe() {
+                v["libvirt_version"] = p.version.into();
+                v["hostname"] = p.hostname.into();
+                v["running_domains"] = p.running.into();
+                v["stopped_domains"] = p.stopped.into();
+            }
+            if !h.is_up() {
+                v["error"] = h.why_down().into();
+            }
+            v
+        })
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({ "hosts": hosts }))
 }
 
 /// `GET /api/v1/sessions`: the live sessions, oldest first; with `[state]`, every
@@ -316,10 +361,24 @@ pub(super) async fn api_console(
             humantime::parse_duration(&d).map_err(|e| bad(&format!("max_duration {d:?}: {e}")))
         })
         .transpose()?;
+    // `?host=`: the libvirt host the domain is on; without it, whichever host has it.
+    let host = query_param(req, "host");
+    if let Some(h) = &host {
+        if !crate::config::is_host_name(h) {
+            return Err(bad("host must be 1 to 63 of a-z, 0-9 and '-'"));
+        }
+    }
     let named = DomainRef::NameOrUuid(domain.to_owned());
-    let console = match lookup(app, named.clone(), asked.unwrap_or(ConsoleKind::Vnc)).await {
+    let console = match find(
+        app,
+        host.as_deref(),
+        named.clone(),
+        asked.unwrap_or(ConsoleKind::Vnc),
+    )
+    .await
+    {
         Err(LookupError::NoGraphics { has, .. }) if asked.is_none() && has.len() == 1 => {
-            lookup(app, named, has[0]).await
+            find(app, host.as_deref(), named, has[0]).await
         }
         r => r,
     }
@@ -342,6 +401,7 @@ pub(super) async fn api_console(
     // name is not it.
     let domain = console.domain.as_str();
     let grant = crate::token::Grant {
+        host: &console.host,
         domain,
         uuid,
         kind,
@@ -368,6 +428,7 @@ pub(super) async fn api_console(
             user: &user,
             domain,
             uuid: &console.uuid,
+            host: (console.host != crate::config::DEFAULT_HOST).then_some(console.host.as_str()),
             kind,
             ttl_s: ttl.as_secs(),
             expires_at: humantime::format_rfc3339_seconds(expires).to_string(),
@@ -393,6 +454,7 @@ pub(super) async fn api_console(
         StatusCode::OK,
         &serde_json::json!({
             "kind": kind.as_str(),
+            "host": console.host,
             "token": token,
             "ws_path": format!("/websockify?token={token}"),
             "console_url": format!("/console?token={token}"),
@@ -408,10 +470,20 @@ pub(super) async fn api_console(
 pub(super) fn api_lookup_failed(e: LookupError) -> ApiError {
     let status = match e {
         LookupError::NoSuchDomain(_) => StatusCode::NOT_FOUND,
+        LookupError::UnknownHost(_) => StatusCode::NOT_FOUND,
         LookupError::Unreachable { .. } | LookupError::BadXml { .. } => StatusCode::BAD_GATEWAY,
+        LookupError::HostsUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::CONFLICT,
     };
-    ApiError::new(status, e.reason(), e.to_string())
+    let reason = match e {
+        LookupError::UnknownHost(_) => "no_such_host",
+        _ => e.reason(),
+    };
+    let mut error = ApiError::new(status, reason, e.to_string());
+    if let LookupError::Ambiguous { hosts, .. } | LookupError::HostsUnreachable { hosts, .. } = e {
+        error = error.with_hosts(hosts);
+    }
+    error
 }
 
 /// `/metrics` on the main listener: only for the metrics or admin bearer key. The

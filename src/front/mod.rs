@@ -10,7 +10,8 @@
 use crate::audit::{Audit, Event};
 use crate::config::Config;
 use crate::console;
-use crate::libvirt::{Console, DomainRef, Libvirt, LookupError};
+use crate::libvirt::hosts::Hosts;
+use crate::libvirt::{Console, DomainRef, LookupError};
 use crate::limits::{Connections, FailedTokens, Slots};
 use crate::live::{Direction, Latency, LiveSessions};
 use crate::metrics::Metrics;
@@ -64,8 +65,8 @@ pub struct App {
     pub replay: Mutex<ReplayCache>,
     /// What replicas share (`[state]`), if they do.
     pub shared: Option<Arc<crate::state::Shared>>,
-    /// The libvirt connection.
-    pub libvirt: Arc<Libvirt>,
+    /// The libvirt hosts.
+    pub hosts: Arc<Hosts>,
     /// What every session shares: audit, metrics, limits, keys.
     pub env: Arc<session::Env>,
     /// The management API's administrators, by key, if the API is enabled (read again
@@ -114,24 +115,36 @@ impl Counted {
     }
 }
 
-/// Whether vizor is ready for consoles (`GET /readyz`): libvirt contacted since start.
+/// Whether vizor is ready for consoles (`GET /readyz`): while at least one libvirt
+/// host answers.
 #[derive(Debug, Default)]
 pub struct Readiness {
     ready: std::sync::atomic::AtomicBool,
     waiting: Mutex<String>,
+    /// Each host, up or down and why, when there are several.
+    hosts: Mutex<Vec<(String, bool, String)>>,
 }
 
 impl Readiness {
-    /// libvirt answered: ready from now on.
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::SeqCst);
-    }
-
-    /// Not ready: `why` says for what vizor waits.
-    pub fn set_waiting(&self, why: String) {
-        if let Ok(mut w) = self.waiting.lock() {
-            *w = why;
+    /// Ready or not as `hosts` answer now.
+    pub fn update(&self, hosts: &Hosts) {
+        let all = hosts.all();
+        if let Ok(mut h) = self.hosts.lock() {
+            *h = if all.len() > 1 {
+                all.iter()
+                    .map(|h| (h.name().to_owned(), h.is_up(), h.why_down()))
+                    .collect()
+            } else {
+                Vec::new()
+            };
         }
+        if let Ok(mut w) = self.waiting.lock() {
+            *w = match all {
+                [one] => one.why_down(),
+                _ => "no libvirt host answers".into(),
+            };
+        }
+        self.ready.store(hosts.any_up(), Ordering::SeqCst);
     }
 
     /// Whether ready.
@@ -140,12 +153,28 @@ impl Readiness {
     }
 
     /// The `/readyz` answer; with `detail` (the metrics listener, on a private
-    /// address) it says why, else only that it is not (libvirt's words name its URI,
-    /// which may hold a user and host, and are not for anyone who reaches the console
-    /// port).
+    /// address) it says why, and how each host is when there are several, else only
+    /// whether it is ready (libvirt's words name its URI, which may hold a user and
+    /// host, and are not for anyone who reaches the console port).
     pub fn response(&self, detail: bool) -> Resp {
+        let hosts = || {
+            self.hosts
+                .lock()
+                .map(|h| {
+                    h.iter()
+                        .map(|(name, up, why)| match up {
+                            true => format!("host {name}: up\n"),
+                            false => format!("host {name}: down: {why}\n"),
+                        })
+                        .collect::<String>()
+                })
+                .unwrap_or_default()
+        };
         if self.is_ready() {
-            return text(StatusCode::OK, "ready\n");
+            if !detail {
+                return text(StatusCode::OK, "ready\n");
+            }
+            return text(StatusCode::OK, &format!("ready\n{}", hosts()));
         }
         if !detail {
             return text(
@@ -156,7 +185,7 @@ impl Readiness {
         let why = self.waiting.lock().map(|w| w.clone()).unwrap_or_default();
         text(
             StatusCode::SERVICE_UNAVAILABLE,
-            &format!("not ready: {why}\n"),
+            &format!("not ready: {why}\n{}", hosts()),
         )
     }
 }
@@ -204,7 +233,7 @@ impl App {
     pub fn new(
         config: Config,
         key: TokenKey,
-        libvirt: Arc<Libvirt>,
+        hosts: Arc<Hosts>,
         audit: Arc<Audit>,
         admins: Option<crate::admins::Admins>,
         close_sessions: watch::Receiver<bool>,
@@ -243,11 +272,16 @@ impl App {
                 timeout: config.server.connect_timeout,
                 allow: Arc::new(crate::upstream::in_force(
                     config.upstream.allow.as_ref(),
-                    &config.libvirt.uri,
+                    &config.libvirt.hosts(),
                 )),
                 stall: l.vm_stall_timeout,
             },
             upstream_tls,
+            host_tls: hosts
+                .all()
+                .iter()
+                .filter_map(|h| Some((h.name().to_owned(), h.upstream_tls.clone()?)))
+                .collect(),
             record_dir: config.audit.record_dir.clone(),
             require_password: config.libvirt.require_password,
             spice: config.spice.clone(),
@@ -272,7 +306,7 @@ impl App {
             key,
             replay: Mutex::new(ReplayCache::new(1_000_000)),
             shared: None,
-            libvirt,
+            hosts,
             env: Arc::new(env),
             admins: std::sync::RwLock::new(admins.map(Arc::new)),
             metrics_key: None,
@@ -533,6 +567,9 @@ async fn route(
     }
     if path == "/api/v1/sessions" {
         return Ok(api(&app, peer, &req, Endpoint::Sessions).await);
+    }
+    if path == "/api/v1/hosts" {
+        return Ok(api(&app, peer, &req, Endpoint::Hosts).await);
     }
     if let Some(rest) = path.strip_prefix("/api/v1/domains/") {
         if let Some(domain) = rest.strip_suffix("/console") {

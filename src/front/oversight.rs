@@ -181,7 +181,7 @@ async fn participant_kind(app: &App, live: &Live, role: Role) -> Result<ConsoleK
     }
     let uuid = crate::token::parse_uuid(&live.uuid)
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "bad UUID"))?;
-    match lookup(app, DomainRef::Uuid(uuid), ConsoleKind::Vnc).await {
+    match lookup(app, &live.host, DomainRef::Uuid(uuid), ConsoleKind::Vnc).await {
         Ok(_) => Ok(ConsoleKind::Vnc),
         Err(LookupError::NoGraphics { .. }) => Err(refuse(format!(
             "domain {} has no VNC display to watch its SPICE session through: spice-server serves one client at a time, and a second SPICE client would disconnect the owner. Add a VNC <graphics> to the domain to make its SPICE sessions watchable",
@@ -279,6 +279,7 @@ async fn join_token(
     )
     .map_err(bad)?;
     let grant = crate::token::Grant {
+        host: &live.host,
         domain: &live.domain,
         uuid,
         kind,
@@ -330,6 +331,7 @@ async fn join_token(
             user: &user,
             domain: &live.domain,
             uuid: &live.uuid,
+            host: (live.host != crate::config::DEFAULT_HOST).then_some(live.host.as_str()),
             kind,
             ttl_s: ttl.as_secs(),
             expires_at: humantime::format_rfc3339_seconds(expires).to_string(),

@@ -75,7 +75,7 @@ pub(super) async fn resume(
         };
         // The console as libvirt tells it now: the session checks it is the same run
         // of the VM, and takes its password (it may have changed through libvirt).
-        let console = lookup(&app, DomainRef::Uuid(slot.uuid()), kind).await;
+        let console = lookup(&app, slot.host(), DomainRef::Uuid(slot.uuid()), kind).await;
         let (done, let_go) = tokio::sync::oneshot::channel();
         let attach = session::resume::Attach {
             rx: brx,

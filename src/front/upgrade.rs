@@ -615,13 +615,15 @@ async fn spend(
 ) -> Result<Console, End> {
     let end = match app.audit().token_used(claims, peer).await {
         Err(e) => session::audit_failed(e),
-        Ok(()) => match lookup(app, DomainRef::Uuid(claims.uuid), claims.kind).await {
-            Ok(console) => return Ok(console),
-            Err(e) => {
-                warn!(reason = e.reason(), error = %e, "console lookup failed");
-                End::lookup(&e)
+        Ok(()) => {
+            match lookup(app, &claims.host, DomainRef::Uuid(claims.uuid), claims.kind).await {
+                Ok(console) => return Ok(console),
+                Err(e) => {
+                    warn!(reason = e.reason(), error = %e, "console lookup failed");
+                    End::lookup(&e)
+                }
             }
-        },
+        }
     };
     btx.close(end.close_code(), &end.told()).await;
     Err(end)

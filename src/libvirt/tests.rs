@@ -351,6 +351,15 @@ fn every_lookup_reason_is_listed() {
             domain: s(),
             why: s(),
         },
+        LookupError::UnknownHost(s()),
+        LookupError::Ambiguous {
+            domain: s(),
+            hosts: vec![s()],
+        },
+        LookupError::HostsUnreachable {
+            domain: s(),
+            hosts: vec![s()],
+        },
     ];
     let reasons: Vec<_> = each.iter().map(LookupError::reason).collect();
     assert_eq!(reasons, LookupError::REASONS);

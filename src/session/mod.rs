@@ -49,6 +49,9 @@ pub struct Env {
     pub dial: Dial,
     /// TLS toward QEMU (`[upstream_tls]`).
     pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
+    /// TLS toward the QEMU of hosts that have their own (`[libvirt.hosts.upstream_tls]`),
+    /// by host name.
+    pub host_tls: std::collections::HashMap<String, Arc<crate::tls::UpstreamTls>>,
     /// Where sessions are recorded (`[audit] record_dir`), if they are.
     pub record_dir: Option<std::path::PathBuf>,
     /// `[libvirt] require_password`: refuse a console QEMU opens without a password,
@@ -68,6 +71,14 @@ pub struct Env {
 }
 
 impl Env {
+    /// TLS toward the QEMU of the libvirt host `host`: its own, else `[upstream_tls]`.
+    pub fn upstream_tls_for(&self, host: &str) -> Option<&crate::tls::UpstreamTls> {
+        self.host_tls
+            .get(host)
+            .or(self.upstream_tls.as_ref())
+            .map(|t| &**t)
+    }
+
     /// Takes a session slot for `claims`' user on `domain`, or refuses the session
     /// `id` from `client` (logged and recorded).
     pub(crate) async fn take_slot(

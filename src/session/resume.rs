@@ -165,6 +165,8 @@ pub struct Slot {
     client: IpAddr,
     /// The domain's UUID, to look its console up again on a resume.
     uuid: [u8; 16],
+    /// The libvirt host the domain is on.
+    host: String,
     state: Mutex<State>,
     attach: mpsc::Sender<Attach>,
 }
@@ -288,6 +290,7 @@ impl Resumes {
         kind: crate::token::ConsoleKind,
         client: IpAddr,
         uuid: [u8; 16],
+        host: &str,
     ) -> Option<(Held, mpsc::Receiver<Attach>)> {
         if self.window.is_zero() {
             return None;
@@ -306,6 +309,7 @@ impl Resumes {
             kind,
             client,
             uuid,
+            host: host.to_owned(),
             state: Mutex::new(State {
                 secret,
                 previous: None,
@@ -334,8 +338,12 @@ impl Resumes {
         kind: crate::token::ConsoleKind,
         client: IpAddr,
         uuid: [u8; 16],
+        host: &str,
     ) -> (Option<Held>, Option<mpsc::Receiver<Attach>>) {
-        match asked.then(|| self.open(id, kind, client, uuid)).flatten() {
+        match asked
+            .then(|| self.open(id, kind, client, uuid, host))
+            .flatten()
+        {
             Some((h, a)) => (Some(h), Some(a)),
             None => (None, None),
         }
@@ -414,6 +422,11 @@ impl Slot {
     /// The domain's UUID.
     pub fn uuid(&self) -> [u8; 16] {
         self.uuid
+    }
+
+    /// The libvirt host the domain is on.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// The page spoke on the connection that was sent the current credential: the one
@@ -672,7 +685,7 @@ mod tests {
     fn a_credential_is_good_until_the_page_has_the_next_and_the_latest_claim_wins() {
         let r = Resumes::new(Duration::from_secs(30));
         let (held, _arrivals) = r
-            .open(7, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16])
+            .open(7, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16], "default")
             .unwrap();
         let slot = held.slot().clone();
         let first = current(&slot);
@@ -709,7 +722,7 @@ mod tests {
     fn another_address_is_refused_and_does_not_use_it_up() {
         let r = Resumes::new(Duration::from_secs(30));
         let (held, _arrivals) = r
-            .open(1, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16])
+            .open(1, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16], "default")
             .unwrap();
         let c = current(held.slot());
         let now = Instant::now();
@@ -724,7 +737,7 @@ mod tests {
     fn a_wrong_secret_an_unknown_console_and_garbage_are_refused_alike() {
         let r = Resumes::new(Duration::from_secs(30));
         let (held, _arrivals) = r
-            .open(3, ConsoleKind::Spice, ip("10.0.0.1"), [0; 16])
+            .open(3, ConsoleKind::Spice, ip("10.0.0.1"), [0; 16], "default")
             .unwrap();
         let c = current(held.slot());
         let now = Instant::now();
@@ -756,7 +769,7 @@ mod tests {
     fn a_parked_console_waits_the_window_and_no_longer() {
         let r = Resumes::new(Duration::from_secs(30));
         let (held, _arrivals) = r
-            .open(5, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16])
+            .open(5, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16], "default")
             .unwrap();
         let c = current(held.slot());
         let t = Instant::now();
@@ -793,7 +806,7 @@ mod tests {
     fn a_connection_that_ended_takes_no_resume_and_off_means_off() {
         let r = Resumes::new(Duration::from_secs(30));
         let (held, _arrivals) = r
-            .open(9, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16])
+            .open(9, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16], "default")
             .unwrap();
         let c = current(held.slot());
         drop(held);
@@ -803,7 +816,7 @@ mod tests {
             Some(ResumeError::Invalid)
         );
         assert!(Resumes::new(Duration::ZERO)
-            .open(1, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16])
+            .open(1, ConsoleKind::Vnc, ip("127.0.0.1"), [0; 16], "default")
             .is_none());
     }
 }

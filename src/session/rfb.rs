@@ -120,7 +120,7 @@ async fn authenticate_upstream(
     let mut buf = Vec::new();
     let mut out = Vec::new();
     let password = console.password.as_ref();
-    let tls = ctx.env.upstream_tls.as_deref();
+    let tls = ctx.env.upstream_tls_for(&console.host);
     let (rd, mut wr) = tokio::io::split(up.as_stream());
     let mut src = Upstream(rd, "handshake");
     let (sec, _) = drive(
@@ -486,6 +486,8 @@ pub async fn run(
                     uuid: &ctx.console.uuid,
                     kind: ctx.claims.kind,
                     client: &client,
+                    host: (ctx.console.host != crate::config::DEFAULT_HOST)
+                        .then_some(ctx.console.host.as_str()),
                     upstream: &upstream,
                     upstream_tls: up.tls,
                     vm_password: up.password,
@@ -516,6 +518,7 @@ pub async fn run(
                                     user: &ctx.claims.user,
                                     domain: &ctx.console.domain,
                                     uuid: &ctx.console.uuid,
+                                    host: &ctx.console.host,
                                     token_id: &ctx.claims.token_id(),
                                     client: ctx.client,
                                 },
@@ -573,6 +576,7 @@ async fn legs(
         ctx.claims.kind,
         ctx.client.ip(),
         ctx.claims.uuid,
+        &ctx.claims.host,
     );
     let slot = held.as_ref().map(|h| h.slot().clone());
     let mut left = None;

@@ -501,6 +501,7 @@ async fn relay_channel(
             uuid: &console.uuid,
             kind: ctx.claims.kind,
             client: &client,
+            host: (console.host != crate::config::DEFAULT_HOST).then_some(console.host.as_str()),
             upstream: &upstream,
             upstream_tls: up.tls,
             vm_password: up.password,
@@ -521,6 +522,7 @@ async fn relay_channel(
             user: &ctx.claims.user,
             domain: &console.domain,
             uuid: &console.uuid,
+            host: &console.host,
             token_id: &ctx.claims.token_id(),
             client: ctx.client,
         },
@@ -552,6 +554,7 @@ async fn relay_channel(
         ctx.claims.kind,
         ctx.client.ip(),
         ctx.claims.uuid,
+        &ctx.claims.host,
     );
     let slot = held.as_ref().map(|h| h.slot().clone());
     let mut left = None;
@@ -870,7 +873,7 @@ async fn link_both(
 ) -> Result<(VmLink, Target, Vec<u8>, HeaderKind), End> {
     let limits = ctx.env.spice_vm_limits;
     let connecting = Instant::now();
-    let (mut up, target, tls) = match (ctx.env.upstream_tls.as_deref(), &console.tls_target) {
+    let (mut up, target, tls) = match (ctx.env.upstream_tls_for(&console.host), &console.tls_target) {
         // SPICE's TLS port speaks TLS from the first byte.
         (Some(tls), Some(target)) => {
             let plain = connect(target, &ctx.env.dial).await?;

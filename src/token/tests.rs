@@ -2,6 +2,7 @@ use super::*;
 
 fn claims(expires_at: u64) -> Claims {
     Claims {
+        host: "default".into(),
         domain: "demo1".into(),
         uuid: [0x5a; 16],
         kind: ConsoleKind::Vnc,
@@ -299,6 +300,7 @@ fn issue_makes_a_token_that_opens_to_its_grant() {
     let key = TokenKey::generate().unwrap();
     let client: IpAddr = "192.0.2.9".parse().unwrap();
     let grant = Grant {
+        host: "default",
         domain: "demo3",
         uuid: [0x11; 16],
         kind: ConsoleKind::Spice,
@@ -340,6 +342,7 @@ fn issue_makes_a_token_that_opens_to_its_grant() {
 fn issue_refuses_a_bad_grant() {
     let key = TokenKey::generate().unwrap();
     let good = Grant {
+        host: "default",
         domain: "demo3",
         uuid: [0x11; 16],
         kind: ConsoleKind::Vnc,
@@ -387,6 +390,20 @@ fn issue_refuses_a_bad_grant() {
                 ..good.clone()
             },
             IssueError::Domain,
+        ),
+        (
+            Grant {
+                host: "Node1",
+                ..good.clone()
+            },
+            IssueError::Host,
+        ),
+        (
+            Grant {
+                host: "",
+                ..good.clone()
+            },
+            IssueError::Host,
         ),
     ] {
         assert_eq!(key.issue(&grant, 0).err(), Some(want), "{grant:?}");
@@ -622,4 +639,86 @@ fn every_refusal_reason_is_listed() {
     ];
     let reasons: Vec<_> = each.iter().map(TokenError::reason).collect();
     assert_eq!(reasons, TokenError::REASONS);
+}
+
+#[test]
+fn a_token_names_its_host_and_the_default_host_keeps_version_3() {
+    let key = TokenKey::generate().unwrap();
+    let grant = Grant {
+        host: "node-2",
+        domain: "web",
+        uuid: [0x22; 16],
+        kind: ConsoleKind::Vnc,
+        user: "carol",
+        client: None,
+        ttl: std::time::Duration::from_secs(60),
+        role: Role::Owner,
+        joins: None,
+        policy: Policy::default(),
+    };
+    let Issued { token, claims } = key.issue(&grant, 1_000).unwrap();
+    let raw = URL_SAFE_NO_PAD.decode(&token).unwrap();
+    assert_eq!(raw[0], 4);
+    let opened = key.open(&token, 1_001).unwrap();
+    assert_eq!(opened, claims);
+    assert_eq!(opened.host, "node-2");
+    // The host `default` is sealed as version 3, which builds before hosts open.
+    let Issued { token, .. } = key
+        .issue(
+            &Grant {
+                host: "default",
+                ..grant.clone()
+            },
+            1_000,
+        )
+        .unwrap();
+    let raw = URL_SAFE_NO_PAD.decode(&token).unwrap();
+    assert_eq!(raw[0], 3);
+    assert_eq!(key.open(&token, 1_001).unwrap().host, "default");
+    // A participant's token and a bound one carry the host too.
+    let Issued { token, .. } = key
+        .issue(
+            &Grant {
+                role: Role::Observer,
+                joins: Some(Joins {
+                    session: 3,
+                    owner: [1; 8],
+                }),
+                client: Some("2001:db8::1".parse().unwrap()),
+                ..grant.clone()
+            },
+            1_000,
+        )
+        .unwrap();
+    let opened = key.open(&token, 1_001).unwrap();
+    assert_eq!(
+        (opened.host.as_str(), opened.role, opened.client),
+        (
+            "node-2",
+            Role::Observer,
+            Some("2001:db8::1".parse().unwrap())
+        )
+    );
+}
+
+#[test]
+fn a_version_4_token_naming_the_default_host_or_a_bad_name_is_malformed() {
+    let claims = Claims::new("web", [3; 16], ConsoleKind::Vnc, "u", 2_000)
+        .unwrap()
+        .on_host("default");
+    // Sealed by hand as version 4 with the host `default`: one token, one encoding.
+    let mut body = claims.encode().unwrap();
+    let at = 41 + 2 + 3 + 2 + 1;
+    for (host, want) in [
+        ("default", TokenError::Malformed),
+        ("Bad", TokenError::Malformed),
+    ] {
+        let mut b = body[..at].to_vec();
+        b.extend_from_slice(&(host.len() as u16).to_be_bytes());
+        b.extend_from_slice(host.as_bytes());
+        b.extend_from_slice(&body[at..]);
+        assert_eq!(Claims::decode(4, &b).err(), Some(want), "{host}");
+    }
+    body.truncate(at);
+    assert_eq!(Claims::decode(4, &body).err(), Some(TokenError::Malformed));
 }

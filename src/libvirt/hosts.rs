@@ -1,0 +1,532 @@
+//! Many libvirt hosts (`[[libvirt.hosts]]`): one connection each, lookups bounded per
+//! host so that a host that hangs costs only its own lookups, and a prober that says
+//! which hosts answer (`/readyz`, `vizor_libvirt_up{host}`).
+
+use super::{DomainRef, Libvirt, LookupError, Probe};
+use crate::config::HostConfig;
+use crate::metrics::Metrics;
+use crate::token::ConsoleKind;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::Semaphore;
+
+/// Lookups one host runs at once; more wait for a turn (within [`LOOKUP_WAIT`]).
+pub const LOOKUPS_PER_HOST: usize = 8;
+
+/// How long a lookup waits for its host (its turn and the answer together).
+pub const LOOKUP_WAIT: Duration = Duration::from_secs(15);
+
+/// How often each host is probed.
+pub const PROBE_EVERY: Duration = Duration::from_secs(10);
+
+/// The label of lookups naming a host that is not configured, in
+/// `vizor_libvirt_errors_total`: the name itself is anyone's choice.
+pub const UNKNOWN_HOST_LABEL: &str = "_unknown";
+
+type ProbeAnswer = tokio::sync::oneshot::Receiver<Result<Probe, LookupError>>;
+
+/// One libvirt host.
+pub struct Host {
+    libvirt: Arc<Libvirt>,
+    /// Up: answered its last probe (or lookup).
+    up: AtomicBool,
+    /// Why it is down, when it is.
+    why: Mutex<String>,
+    /// What its last answered probe said.
+    last: Mutex<Option<Probe>>,
+    turns: Arc<Semaphore>,
+    /// The probe on its way, if one outlived its wait: the next probe awaits it, so a
+    /// libvirt that never answers ties up one thread, not one per probe.
+    probing: tokio::sync::Mutex<Option<ProbeAnswer>>,
+    /// TLS toward this host's QEMU, when it has its own (`[libvirt.hosts.upstream_tls]`).
+    pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("name", &self.name())
+            .field("up", &self.is_up())
+            .finish()
+    }
+}
+
+impl Host {
+    /// Its name.
+    pub fn name(&self) -> &str {
+        self.libvirt.host()
+    }
+
+    /// Its libvirt client.
+    pub fn libvirt(&self) -> &Arc<Libvirt> {
+        &self.libvirt
+    }
+
+    /// Whether it answered last time it was asked.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// What its last answered probe said.
+    pub fn last_probe(&self) -> Option<Probe> {
+        self.last.lock().ok().and_then(|l| l.clone())
+    }
+
+    /// Why it is down ("" when up).
+    pub fn why_down(&self) -> String {
+        self.why.lock().map(|w| w.clone()).unwrap_or_default()
+    }
+
+    fn set(&self, up: bool, why: &str, metrics: &Metrics) {
+        self.up.store(up, Ordering::SeqCst);
+        if let Ok(mut w) = self.why.lock() {
+            why.clone_into(&mut w);
+        }
+        metrics
+            .libvirt_up
+            .with_label_values(&[self.name()])
+            .set(i64::from(up));
+    }
+
+    /// Runs `f` on this host's connection on the blocking pool, in one of its turns,
+    /// for at most [`LOOKUP_WAIT`]. A call that outlives the wait keeps its turn until
+    /// libvirt answers it: a hung host ties up at most [`LOOKUPS_PER_HOST`] threads.
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Libvirt) -> Result<T, LookupError> + Send + 'static,
+    ) -> Result<T, LookupError> {
+        let unreachable = |message: String| LookupError::Unreachable {
+            uri: self.libvirt.uri().to_owned(),
+            message,
+        };
+        let deadline = tokio::time::Instant::now() + LOOKUP_WAIT;
+        let turn = tokio::time::timeout_at(deadline, self.turns.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                unreachable(format!(
+                    "{LOOKUPS_PER_HOST} lookups on this host are waiting for libvirt already"
+                ))
+            })?
+            .map_err(|_| unreachable("closed".into()))?;
+        let libvirt = self.libvirt.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            f(&libvirt)
+        });
+        match tokio::time::timeout_at(deadline, task).await {
+            Err(_) => Err(unreachable(format!(
+                "no answer within {}",
+                humantime::format_duration(LOOKUP_WAIT)
+            ))),
+            Ok(Err(e)) => Err(unreachable(format!("lookup task failed: {e}"))),
+            Ok(Ok(r)) => r,
+        }
+    }
+}
+
+/// Every configured host.
+pub struct Hosts {
+    all: Vec<Arc<Host>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Hosts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.all).finish()
+    }
+}
+
+impl Hosts {
+    /// The hosts of `configs`, each with its TLS toward QEMU if it has its own; none
+    /// is contacted yet, and none is up until it answers.
+    pub fn new(
+        configs: &[HostConfig],
+        metrics: Arc<Metrics>,
+    ) -> Result<Hosts, Box<dyn std::error::Error>> {
+        let mut all = Vec::with_capacity(configs.len());
+        for c in configs {
+            let upstream_tls = c
+                .upstream_tls
+                .as_ref()
+                .map(|t| {
+                    crate::tls::UpstreamTls::load(t)
+                        .map_err(|e| format!("[[libvirt.hosts]] {:?} upstream_tls: {e}", c.name))
+                })
+                .transpose()?
+                .map(Arc::new);
+            metrics.libvirt_up.with_label_values(&[&c.name]).set(0);
+            metrics.libvirt_lookup_seconds.with_label_values(&[&c.name]);
+            for reason in LookupError::REASONS {
+                metrics
+                    .libvirt_errors_total
+                    .with_label_values(&[c.name.as_str(), reason]);
+            }
+            all.push(Arc::new(Host {
+                libvirt: Libvirt::for_host(&c.name, &c.uri, c.console_address.as_deref()),
+                up: AtomicBool::new(false),
+                why: Mutex::new("not contacted yet".into()),
+                last: Mutex::new(None),
+                turns: Arc::new(Semaphore::new(LOOKUPS_PER_HOST)),
+                probing: tokio::sync::Mutex::new(None),
+                upstream_tls,
+            }));
+        }
+        metrics
+            .libvirt_errors_total
+            .with_label_values(&[UNKNOWN_HOST_LABEL, "unknown_host"]);
+        Ok(Hosts { all, metrics })
+    }
+
+    /// Every host, in configuration order.
+    pub fn all(&self) -> &[Arc<Host>] {
+        &self.all
+    }
+
+    /// The host named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Host>> {
+        self.all.iter().find(|h| h.name() == name)
+    }
+
+    /// Whether any host answers: vizor is ready for consoles.
+    pub fn any_up(&self) -> bool {
+        self.all.iter().any(|h| h.is_up())
+    }
+
+    /// Looks up `domain`'s console of `kind` on the host named `host`: what a token
+    /// opens. Timed and counted per host.
+    pub async fn lookup(
+        &self,
+        host: &str,
+        domain: DomainRef,
+        kind: ConsoleKind,
+    ) -> Result<super::Console, LookupError> {
+        let Some(h) = self.get(host) else {
+            self.metrics
+                .libvirt_errors_total
+                .with_label_values(&[UNKNOWN_HOST_LABEL, "unknown_host"])
+                .inc();
+            return Err(LookupError::UnknownHost(host.to_owned()));
+        };
+        self.lookup_on(h, domain, kind).await
+    }
+
+    async fn lookup_on(
+        &self,
+        h: &Arc<Host>,
+        domain: DomainRef,
+        kind: ConsoleKind,
+    ) -> Result<super::Console, LookupError> {
+        let started = Instant::now();
+        let r = h
+            .call(move |l| l.lookup_blocking(&domain, kind, SystemTime::now()))
+            .await;
+        self.metrics
+            .libvirt_lookup_seconds
+            .with_label_values(&[h.name()])
+            .observe(started.elapsed().as_secs_f64());
+        match &r {
+            Err(e @ LookupError::Unreachable { .. }) => {
+                h.set(false, &e.to_string(), &self.metrics);
+            }
+            _ => h.set(true, "", &self.metrics),
+        }
+        if let Err(e) = &r {
+            self.count(h.name(), e);
+        }
+        r
+    }
+
+    /// Counts a failed lookup on `host`.
+    pub fn count(&self, host: &str, e: &LookupError) {
+        let host = if self.get(host).is_some() {
+            host
+        } else {
+            UNKNOWN_HOST_LABEL
+        };
+        self.metrics
+            .libvirt_errors_total
+            .with_label_values(&[host, e.reason()])
+            .inc();
+    }
+
+    /// Finds `domain` and its console of `kind`: on `host` when it is named, else on
+    /// every host that answers, at once. A domain found on more than one host is
+    /// refused as ambiguous; a domain found on none, while some hosts did not answer,
+    /// is refused as possibly on those.
+    pub async fn find(
+        &self,
+        host: Option<&str>,
+        domain: DomainRef,
+        kind: ConsoleKind,
+    ) -> Result<super::Console, LookupError> {
+        if let Some(host) = host {
+            return self.lookup(host, domain, kind).await;
+        }
+        if let [only] = self.all.as_slice() {
+            return self.lookup_on(only, domain, kind).await;
+        }
+        let (asked, skipped): (Vec<_>, Vec<_>) = self.all.iter().partition(|h| h.is_up());
+        let answers = futures_util::future::join_all(
+            asked
+                .iter()
+                .map(|h| self.lookup_on(h, domain.clone(), kind)),
+        )
+        .await;
+        let mut unreachable: Vec<String> = skipped.iter().map(|h| h.name().to_owned()).collect();
+        let mut found = Vec::new();
+        for (h, answer) in asked.iter().zip(answers) {
+            match answer {
+                Err(LookupError::NoSuchDomain(_)) => {}
+                Err(LookupError::Unreachable { .. }) => unreachable.push(h.name().to_owned()),
+                // Found there: running or not, with or without that console.
+                other => found.push((h.name().to_owned(), other)),
+            }
+        }
+        match found.len() {
+            0 if unreachable.is_empty() => Err(LookupError::NoSuchDomain(domain.to_string())),
+            0 => Err(LookupError::HostsUnreachable {
+                domain: domain.to_string(),
+                hosts: unreachable,
+            }),
+            1 => found
+                .pop()
+                .map(|(_, r)| r)
+                .unwrap_or_else(|| Err(LookupError::NoSuchDomain(domain.to_string()))),
+            _ => Err(LookupError::Ambiguous {
+                domain: domain.to_string(),
+                hosts: found.into_iter().map(|(h, _)| h).collect(),
+            }),
+        }
+    }
+
+    /// Probes `h` (or awaits the probe still on its way), on a thread of its own
+    /// apart from the lookups' turns, for at most [`LOOKUP_WAIT`], and marks it up or
+    /// down.
+    pub async fn probe(&self, h: &Arc<Host>) -> Result<Probe, String> {
+        let uri = h.libvirt.uri().to_owned();
+        let mut probing = h.probing.lock().await;
+        if probing.is_none() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let l = h.libvirt.clone();
+            let spawned = std::thread::Builder::new()
+                .name("vizor-libvirt".into())
+                .spawn(move || {
+                    let _ = tx.send(l.probe_blocking());
+                });
+            if let Err(e) = spawned {
+                let e = format!("libvirt at {uri}: no thread for the probe: {e}");
+                h.set(false, &e, &self.metrics);
+                return Err(e);
+            }
+            *probing = Some(rx);
+        }
+        let Some(rx) = probing.as_mut() else {
+            return Err(format!("libvirt at {uri}: no probe"));
+        };
+        let answered = tokio::time::timeout(LOOKUP_WAIT, rx).await;
+        if answered.is_ok() {
+            *probing = None;
+        }
+        drop(probing);
+        let r = match answered {
+            Err(_) => Err(format!(
+                "libvirt at {uri} did not answer within {}",
+                humantime::format_duration(LOOKUP_WAIT)
+            )),
+            Ok(Err(_)) => Err(format!(
+                "libvirt at {uri}: the probe ended without an answer"
+            )),
+            Ok(Ok(Err(e))) => Err(match super::access_hint(&e.to_string()) {
+                Some(hint) => format!("{e} ({hint})"),
+                None => e.to_string(),
+            }),
+            Ok(Ok(Ok(p))) => Ok(p),
+        };
+        match &r {
+            Ok(p) => {
+                if let Ok(mut l) = h.last.lock() {
+                    *l = Some(p.clone());
+                }
+                h.set(true, "", &self.metrics)
+            }
+            Err(e) => h.set(false, e, &self.metrics),
+        }
+        r
+    }
+
+    /// Probes every host at once.
+    pub async fn probe_all(&self) -> Vec<Result<Probe, String>> {
+        futures_util::future::join_all(self.all.iter().map(|h| self.probe(h))).await
+    }
+}
+
+/// Which host `domain` (a name or a UUID) is on, and its name and UUID there, running
+/// or not: what `vizor token` issues for. On `host` when it is named, else on every
+/// configured host in turn (a name on two hosts is ambiguous). Blocking.
+pub fn identify_blocking(
+    configs: &[HostConfig],
+    host: Option<&str>,
+    domain: &str,
+) -> Result<(String, String, [u8; 16]), LookupError> {
+    let asked: Vec<&HostConfig> = match host {
+        Some(name) => vec![configs
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| LookupError::UnknownHost(name.to_owned()))?],
+        None => configs.iter().collect(),
+    };
+    if let [only] = asked.as_slice() {
+        let (name, uuid) =
+            Libvirt::for_host(&only.name, &only.uri, None).identify_blocking(domain)?;
+        return Ok((only.name.clone(), name, uuid));
+    }
+    let mut found = Vec::new();
+    let mut unreachable = Vec::new();
+    for c in asked {
+        match Libvirt::for_host(&c.name, &c.uri, None).identify_blocking(domain) {
+            Ok((name, uuid)) => found.push((c.name.clone(), name, uuid)),
+            Err(LookupError::NoSuchDomain(_)) => {}
+            Err(LookupError::Unreachable { .. }) => unreachable.push(c.name.clone()),
+            Err(e) => return Err(e),
+        }
+    }
+    match found.len() {
+        0 if unreachable.is_empty() => Err(LookupError::NoSuchDomain(domain.to_owned())),
+        0 => Err(LookupError::HostsUnreachable {
+            domain: domain.to_owned(),
+            hosts: unreachable,
+        }),
+        1 => found
+            .pop()
+            .ok_or_else(|| LookupError::NoSuchDomain(domain.to_owned())),
+        _ => Err(LookupError::Ambiguous {
+            domain: domain.to_owned(),
+            hosts: found.into_iter().map(|(h, _, _)| h).collect(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(domains: &[(&str, &str)]) -> String {
+        // libvirt's test driver: a node of its own, from XML.
+        let mut xml = String::from("<node>");
+        for (name, uuid) in domains {
+            xml.push_str(&format!(
+                "<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory>65536</memory><os><type>hvm</type></os>\
+                 <devices><graphics type='vnc' port='5901' listen='127.0.0.1' passwd='pw'/></devices></domain>"
+            ));
+        }
+        xml.push_str("</node>");
+        let f = tempfile::Builder::new().suffix(".xml").tempfile().unwrap();
+        let (_, path) = f.keep().unwrap();
+        std::fs::write(&path, xml).unwrap();
+        format!("test://{}", path.display())
+    }
+
+    fn hosts(uris: &[(&str, String)]) -> Hosts {
+        let configs: Vec<HostConfig> = uris
+            .iter()
+            .map(|(name, uri)| HostConfig {
+                name: (*name).into(),
+                uri: uri.clone(),
+                console_address: None,
+                upstream_tls: None,
+            })
+            .collect();
+        Hosts::new(&configs, Arc::new(Metrics::new().unwrap())).unwrap()
+    }
+
+    const U1: &str = "6695eb01-f6a4-8304-79aa-97f2502e193f";
+    const U2: &str = "7695eb01-f6a4-8304-79aa-97f2502e193f";
+
+    #[tokio::test]
+    async fn a_name_on_one_host_is_found_there_and_on_two_is_ambiguous() {
+        let h = hosts(&[
+            (
+                "a",
+                node(&[
+                    ("web", U1),
+                    ("both", "8695eb01-f6a4-8304-79aa-97f2502e193f"),
+                ]),
+            ),
+            (
+                "b",
+                node(&[("db", U2), ("both", "9695eb01-f6a4-8304-79aa-97f2502e193f")]),
+            ),
+        ]);
+        for host in h.all() {
+            h.probe(host).await.unwrap();
+        }
+        let c = h
+            .find(None, DomainRef::NameOrUuid("db".into()), ConsoleKind::Vnc)
+            .await
+            .unwrap();
+        assert_eq!((c.host.as_str(), c.domain.as_str()), ("b", "db"));
+        let c = h
+            .find(None, DomainRef::NameOrUuid(U1.into()), ConsoleKind::Vnc)
+            .await
+            .unwrap();
+        assert_eq!((c.host.as_str(), c.domain.as_str()), ("a", "web"));
+        match h
+            .find(None, DomainRef::NameOrUuid("both".into()), ConsoleKind::Vnc)
+            .await
+        {
+            Err(LookupError::Ambiguous { hosts, .. }) => assert_eq!(hosts, ["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        // Named, the host decides.
+        let c = h
+            .find(
+                Some("b"),
+                DomainRef::NameOrUuid("both".into()),
+                ConsoleKind::Vnc,
+            )
+            .await
+            .unwrap();
+        assert_eq!(c.host, "b");
+        assert!(matches!(
+            h.find(None, DomainRef::NameOrUuid("none".into()), ConsoleKind::Vnc)
+                .await,
+            Err(LookupError::NoSuchDomain(_))
+        ));
+        assert!(matches!(
+            h.find(Some("c"), DomainRef::NameOrUuid("db".into()), ConsoleKind::Vnc)
+                .await,
+            Err(LookupError::UnknownHost(n)) if n == "c"
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_domain_missing_while_a_host_is_down_may_be_there() {
+        let h = hosts(&[
+            ("a", node(&[("web", U1)])),
+            ("b", "test:///nonexistent/node.xml".into()),
+        ]);
+        for host in h.all() {
+            let _ = h.probe(host).await;
+        }
+        assert!(h.get("a").unwrap().is_up());
+        assert!(!h.get("b").unwrap().is_up());
+        assert!(h.any_up());
+        match h
+            .find(None, DomainRef::NameOrUuid("db".into()), ConsoleKind::Vnc)
+            .await
+        {
+            Err(LookupError::HostsUnreachable { hosts, .. }) => assert_eq!(hosts, ["b"]),
+            other => panic!("{other:?}"),
+        }
+        // Found on the host that answers, it is that one.
+        let c = h
+            .find(None, DomainRef::NameOrUuid("web".into()), ConsoleKind::Vnc)
+            .await
+            .unwrap();
+        assert_eq!(c.host, "a");
+        let text = h.metrics.render();
+        assert!(text.contains(r#"vizor_libvirt_up{host="a"} 1"#), "{text}");
+        assert!(text.contains(r#"vizor_libvirt_up{host="b"} 0"#), "{text}");
+    }
+}
