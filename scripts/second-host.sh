@@ -8,8 +8,18 @@
 # /etc/libvirt and /var/cache/libvirt are directories under /var/lib/vizor-second-host.
 # vizor reaches it as qemu+tcp://10.213.0.2/system (TCP, no auth, no TLS); its consoles
 # listen on 10.213.0.2 too. Needs root and the packages of 'test-host.sh install'
-# (libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-clients, qemu-system-x86) plus
-# iproute2 and util-linux; it installs nothing.
+# (libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-clients, qemu-system-x86, nftables,
+# iproute2) plus util-linux; it installs nothing.
+#
+# Only root on this machine reaches it: that libvirtd has no authentication and runs QEMU
+# as root, so whoever talks to it is root. While it is up, the nftables table
+# 'inet vizor_h2' of the host refuses (TCP reset: connect fails at once), in its output
+# hook, every packet to 10.213.0.0/24 or out of vzh2-host from a socket whose owner is
+# not uid 0 (libvirtd and the VNC consoles alike), and drops, in its forward hook, every
+# packet to or from 10.213.0.0/24 or vzh2-host (other network namespaces, containers,
+# other machines). Inside the namespace a table of the same name accepts only packets
+# from 10.213.0.1 and loopback. start refuses when 10.213.0.0/24 is already in use on
+# this machine (an address, or a route other than the default ones and its own).
 #
 # Usage:
 #   second-host.sh start      create the namespaces and the veth pair (host side vzh2-host
@@ -26,12 +36,14 @@
 #                            line: vnc_port=N
 #   second-host.sh pid        print the pid of the second host's libvirtd
 #   second-host.sh stop       destroy and undefine its domains, kill every process of its
-#                            namespaces, unmount and remove the namespaces and the veth pair.
-#                            Idempotent; never touches the primary host's processes.
-#                            Left on purpose: the route 'unreachable 10.213.0.0/24 metric
-#                            4242', so that with the pair gone nothing for 10.213.0.x
-#                            leaves through the default route; the capability cache and
-#                            the logs under /var/lib/vizor-second-host.
+#                            namespaces, unmount and remove the namespaces and the veth pair,
+#                            then (last, so that nothing for 10.213.0.x leaves through the
+#                            default route meanwhile) the route 'unreachable 10.213.0.0/24
+#                            metric 4242' and the nftables table 'inet vizor_h2'.
+#                            Idempotent; never touches the primary host's processes (it
+#                            refuses to kill anything when a namespace file names the
+#                            host's own namespace). Left on purpose: the capability cache
+#                            and the logs under /var/lib/vizor-second-host.
 #   second-host.sh status     up or down; libvirt version and domain list when up
 #
 # The daemons run as 'vzh2-libvirtd' and 'vzh2-virtlogd' (symlinks to the real binaries),
@@ -50,6 +62,8 @@ NS_ADDR=10.213.0.2
 PREFIX=24
 PORT=16509
 UNREACHABLE_METRIC=4242
+NET=${HOST_ADDR%.*}.0/$PREFIX
+NFT_TABLE="inet vizor_h2"   # in the host's network namespace and in ours
 URI="qemu+tcp://$NS_ADDR/system"
 START_TIMEOUT=60
 # A fixed host UUID of its own: the second host must not look like the primary one.
@@ -115,7 +129,8 @@ need_root() { [ "$(id -u)" -eq 0 ] || die "must run as root (namespaces, libvirt
 check_tools() {
     local missing=() t pkg
     for t in ip:iproute2 unshare:util-linux nsenter:util-linux findmnt:util-linux \
-             taskset:util-linux flock:util-linux timeout:coreutils virsh:libvirt-clients; do
+             taskset:util-linux flock:util-linux timeout:coreutils virsh:libvirt-clients \
+             nft:nftables; do
         command -v "${t%%:*}" >/dev/null || missing+=("${t#*:} (for ${t%%:*})")
     done
     for t in "$LIBVIRTD:libvirt-daemon" "$VIRTLOGD:libvirt-daemon" \
@@ -165,14 +180,40 @@ daemon_pid() { # pidfile name
     echo "$pid"
 }
 
+# Our namespace files must name namespaces of their own: were one the host's (a broken
+# or wrong bind mount), 'every process of our namespaces' would be every process of the
+# machine, the primary host's included. Compares device and inode with those of this
+# shell's namespaces (the host's) and, where readable (not in every VM), of init's; a
+# namespace file that is there but cannot be examined counts as failure.
+ns_distinct() {
+    local kind file id pid
+    for kind in mnt net; do
+        if [ "$kind" = mnt ]; then file=$MNT_NS; else file=$NETNS_FILE; fi
+        [ -e "$file" ] || [ -L "$file" ] || continue
+        id=$(stat -L -c %d:%i "$file" 2>/dev/null) \
+            || { say "cannot examine $file"; return 1; }
+        for pid in $$ 1; do
+            if [ "$(stat -L -c %d:%i "/proc/$pid/ns/$kind" 2>/dev/null)" = "$id" ]; then
+                say "$file is the $kind namespace of pid $pid (the host's), not one of ours"
+                return 1
+            fi
+        done
+    done
+}
+
 # every process in our mount or network namespace (one find: a readlink per process
-# costs a fork each)
+# costs a fork each); nothing, and failure, when ns_distinct fails
 ns_pids() {
-    local expr=()
-    if mntns_up; then expr+=( \( -name mnt -lname "mnt:\[$(ns_inode "$MNT_NS")\]" \) ); fi
+    local expr=() ino
+    ns_distinct || return 1
+    if mntns_up; then
+        ino=$(ns_inode "$MNT_NS") || return 1
+        expr+=( \( -name mnt -lname "mnt:\[$ino\]" \) )
+    fi
     if netns_up; then
+        ino=$(ns_inode "$NETNS_FILE") || return 1
         [ ${#expr[@]} -eq 0 ] || expr+=( -o )
-        expr+=( \( -name net -lname "net:\[$(ns_inode "$NETNS_FILE")\]" \) )
+        expr+=( \( -name net -lname "net:\[$ino\]" \) )
     fi
     [ ${#expr[@]} -gt 0 ] || return 0
     { find /proc/[0-9]*/ns -maxdepth 1 \( "${expr[@]}" \) 2>/dev/null || true; } \
@@ -236,22 +277,78 @@ create_mntns() {
         || { umount "$MNT_NS" 2>/dev/null || true; die "could not set up the mount namespace"; }
 }
 
+# 10.213.0.0/24 must be free on this machine: no address in it but our veth's, no route
+# to it but the default route(s), our veth's and our unreachable one.
+check_range() {
+    local other routes
+    other=$(ip -o -4 addr show to "$NET" | awk -v me="$VETH_HOST" '$2 != me {print $2 " " $4}')
+    [ -z "$other" ] || die "$NET is already used on this machine (address ${other//$'\n'/, }); the second host needs that range for itself: not started"
+    local net_re=${NET//./\\.}
+    routes=$(ip -4 route show table all match "$NS_ADDR" | sed 's/ *$//' | grep -Ev \
+        -e '^([a-z]+ )?default( |$)' \
+        -e "^$net_re dev $VETH_HOST( |\$)" \
+        -e "^unreachable $net_re metric $UNREACHABLE_METRIC\$" || true)
+    [ -z "$routes" ] || die "$NET is already used on this machine (route ${routes//$'\n'/; }); the second host needs that range for itself: not started"
+}
+
+# The host's table: only root (uid 0 in the initial user namespace) reaches the second
+# host, and nothing is forwarded to or from it. Replaced as a whole (idempotent).
+host_firewall() {
+    nft -f - <<NFT || die "nft refused the rules of table $NFT_TABLE"
+add table $NFT_TABLE
+delete table $NFT_TABLE
+table $NFT_TABLE {
+    chain output {
+        type filter hook output priority 0; policy accept;
+        ip daddr $NET meta skuid != 0 jump refuse
+        oifname "$VETH_HOST" meta skuid != 0 jump refuse
+    }
+    chain refuse {
+        meta l4proto tcp reject with tcp reset
+        reject with icmpx admin-prohibited
+    }
+    chain forward {
+        type filter hook forward priority 0; policy accept;
+        ip daddr $NET drop
+        ip saddr $NET drop
+        oifname "$VETH_HOST" drop
+        iifname "$VETH_HOST" drop
+    }
+}
+NFT
+}
+
+# The namespace's table: packets come in only from the host side of the pair (and lo).
+ns_firewall() {
+    nsenter --net="$NETNS_FILE" -- nft -f - <<NFT || die "nft refused the rules of table $NFT_TABLE in $NETNS"
+add table $NFT_TABLE
+delete table $NFT_TABLE
+table $NFT_TABLE {
+    chain input {
+        type filter hook input priority 0; policy drop;
+        iif "lo" accept
+        ip saddr $HOST_ADDR accept
+    }
+}
+NFT
+}
+
 create_netns() {
-    local other
-    other=$(ip -o -4 addr show to "$HOST_ADDR/$PREFIX" | awk -v me="$VETH_HOST" '$2 != me {print $2}')
-    [ -z "$other" ] || die "10.213.0.0/$PREFIX is already used on this host by: $other"
+    host_firewall
     if ! netns_up; then
         say "creating network namespace $NETNS"
         ip netns add "$NETNS" || die "ip netns add $NETNS failed"
     fi
+    ns_firewall
     if ! ip link show "$VETH_HOST" >/dev/null 2>&1; then
         say "creating veth pair $VETH_HOST ($HOST_ADDR) <-> $VETH_NS ($NS_ADDR, in $NETNS)"
         ip link add "$VETH_HOST" type veth peer name "$VETH_NS" netns "$NETNS" \
             || die "could not create the veth pair"
     fi
-    # Kept after stop too: with the veth pair gone, packets for 10.213.0.0/24 must fail
-    # here instead of leaving through the default route (the pair's route has metric 0).
-    ip route replace unreachable "${HOST_ADDR%.*}.0/$PREFIX" metric "$UNREACHABLE_METRIC"
+    # Until stop has removed everything else: whenever the pair is not (yet, any more)
+    # there, packets for 10.213.0.0/24 fail here instead of leaving through the default
+    # route (the pair's route has metric 0).
+    ip route replace unreachable "$NET" metric "$UNREACHABLE_METRIC"
     ip addr replace "$HOST_ADDR/$PREFIX" dev "$VETH_HOST"
     ip link set "$VETH_HOST" up
     ip -n "$NETNS" link set lo up
@@ -297,6 +394,7 @@ cmd_start() {
         say "only part of the second host is there: tearing it down first"
         teardown
     fi
+    check_range
     make_dirs
     local conf_changed=0
     write_config && conf_changed=1
@@ -484,7 +582,8 @@ still_there() {
 
 kill_ns_processes() {
     local pids p i left
-    pids=$(ns_pids)
+    ns_distinct || die "refusing to kill the processes of the host's own namespaces"
+    pids=$(ns_pids) || die "refusing to kill the processes of the host's own namespaces"
     [ -n "$pids" ] || return 0
     say "terminating the processes of the second host: $(for p in $pids; do printf '%s(%s) ' "$p" "$(cat "/proc/$p/comm" 2>/dev/null)"; done)"
     for p in $pids; do kill -TERM "$p" 2>/dev/null || true; kill -CONT "$p" 2>/dev/null || true; done
@@ -521,6 +620,13 @@ teardown() {
     fi
     # Domain definitions and run state go; the capability cache and the logs stay.
     rm -rf "$RUN_DIR" "$LIB_DIR" "$ETC_DIR"
+    # Last: nothing of ours is left that could send to 10.213.0.x.
+    if ip -4 route show "$NET" metric "$UNREACHABLE_METRIC" type unreachable | grep -q .; then
+        ip route del unreachable "$NET" metric "$UNREACHABLE_METRIC" 2>/dev/null || true
+    fi
+    if nft list table "$NFT_TABLE" >/dev/null 2>&1; then
+        nft delete table "$NFT_TABLE" || say "WARNING: could not delete nftables table $NFT_TABLE"
+    fi
 }
 
 cmd_stop() {

@@ -143,6 +143,17 @@ pub enum LookupError {
         /// What is wrong.
         why: String,
     },
+    /// A domain on a host apart from vizor's machine whose console listens on that
+    /// host's loopback or on a UNIX socket: vizor would reach its own machine's instead.
+    #[error("domain {domain:?} on host {host}: its console listens on {target}, that host's own (loopback or a UNIX socket), which vizor on another machine cannot reach: set the graphics listen address to one vizor reaches")]
+    ListensLocally {
+        /// The domain.
+        domain: String,
+        /// Its host.
+        host: String,
+        /// Where it listens.
+        target: String,
+    },
     /// A token or request names a host that is not in `[[libvirt.hosts]]`.
     #[error("no libvirt host named {0:?} is configured")]
     UnknownHost(String),
@@ -188,6 +199,7 @@ impl LookupError {
             LookupError::Unreachable { .. }
             | LookupError::BadXml { .. }
             | LookupError::UnknownHost(_)
+            | LookupError::ListensLocally { .. }
             | LookupError::HostsUnreachable { .. } => "the VM console cannot be reached",
             LookupError::Ambiguous { .. } => "the VM's name is on several hosts",
         }
@@ -203,6 +215,7 @@ impl LookupError {
         "no_password",
         "unreachable",
         "bad_xml",
+        "listens_locally",
         "unknown_host",
         "ambiguous_domain",
         "hosts_unreachable",
@@ -219,6 +232,7 @@ impl LookupError {
             LookupError::NoPassword { .. } => "no_password",
             LookupError::Unreachable { .. } => "unreachable",
             LookupError::BadXml { .. } => "bad_xml",
+            LookupError::ListensLocally { .. } => "listens_locally",
             LookupError::UnknownHost(_) => "unknown_host",
             LookupError::Ambiguous { .. } => "ambiguous_domain",
             LookupError::HostsUnreachable { .. } => "hosts_unreachable",
@@ -580,6 +594,26 @@ impl Libvirt {
         &self.host
     }
 
+    /// Whether the host is vizor's own machine: its URI names no host, or loopback
+    /// (a name other than `localhost` counts as another machine, so that a domain
+    /// there can never point vizor at this machine's consoles).
+    pub fn is_local(&self) -> bool {
+        let loopback = |h: &str| {
+            h.trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.to_canonical().is_loopback())
+        };
+        // An operator who says this host's consoles are reached on loopback (a tunnel)
+        // means it.
+        if self.console_address.as_deref().is_some_and(loopback) {
+            return true;
+        }
+        match uri_host(&self.uri) {
+            None => true,
+            Some(h) => h == "localhost" || loopback(&h),
+        }
+    }
+
     /// Where consoles listening on a wildcard address are reached: the configured
     /// `console_address`, else the URI's host (`None`: loopback, a local URI).
     pub fn console_address(&self) -> Option<String> {
@@ -818,6 +852,28 @@ impl Libvirt {
         let mut console = console_from_xml(&xml, kind, self.console_address().as_deref(), now)
             .map_err(Failure::Lookup)?;
         console.host = self.host.clone();
+        if !self.is_local() {
+            let local = |t: &Target| match t {
+                Target::Unix(_) => true,
+                Target::Tcp { host, .. } => {
+                    host == "localhost"
+                        || host
+                            .trim_matches(['[', ']'])
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+                }
+            };
+            if let Some(t) = std::iter::once(&console.target)
+                .chain(&console.tls_target)
+                .find(|t| local(t))
+            {
+                return Err(Failure::Lookup(LookupError::ListensLocally {
+                    domain: console.domain.clone(),
+                    host: self.host.clone(),
+                    target: t.to_string(),
+                }));
+            }
+        }
         if let DomainRef::Uuid(uuid) = domain {
             if crate::token::parse_uuid(&console.uuid) != Some(*uuid) {
                 return Err(Failure::Lookup(LookupError::BadXml {

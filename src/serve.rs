@@ -322,7 +322,7 @@ async fn keep_probing(
     hosts: Arc<Hosts>,
     h: Arc<Host>,
     readiness: Arc<front::Readiness>,
-    mut serving: bool,
+    serving: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut was_up = h.is_up();
     let mut last_warn = Instant::now();
@@ -350,8 +350,7 @@ async fn keep_probing(
         }
         was_up = r.is_ok();
         readiness.update(&hosts);
-        if !serving && readiness.is_ready() {
-            serving = true;
+        if readiness.is_ready() && !serving.swap(true, std::sync::atomic::Ordering::SeqCst) {
             info!("a libvirt host answers: ready");
             notify(&[sd_notify::NotifyState::Status("serving")]);
         }
@@ -603,12 +602,13 @@ pub async fn serve(
             sd_notify::NotifyState::Status("serving"),
         ]);
     }
+    let serving = Arc::new(std::sync::atomic::AtomicBool::new(!waiting));
     for h in hosts.all() {
         tokio::spawn(keep_probing(
             hosts.clone(),
             h.clone(),
             readiness.clone(),
-            !waiting,
+            serving.clone(),
         ));
     }
 

@@ -265,4 +265,22 @@ async fn a_console_outside_the_allow_list_is_refused() {
         failed[0]["detail"].as_str().unwrap().contains("10.213.0.2"),
         "{failed:?}"
     );
+
+    // A domain of the second host whose console listens on that host's loopback: vizor
+    // would reach its own machine's loopback instead (where the allow-list, here,
+    // allows it): refused before anything is dialled, whatever the list says.
+    second_host(&[
+        "domain",
+        "vizor-test-h2lo",
+        SECOND_PASSWORD,
+        "--listen",
+        "127.0.0.1",
+    ]);
+    let (status, a) = console(&v, "vizor-test-h2lo", "?host=h2").await;
+    assert_eq!(
+        (status, a["reason"].as_str()),
+        (502, Some("listens_locally")),
+        "{a}"
+    );
+    v.assert_never_logged(SECOND_PASSWORD);
 }

@@ -295,6 +295,7 @@ fn session_json(l: &crate::live::Live) -> serde_json::Value {
         "id": l.id,
         "user": l.user,
         "domain": l.domain,
+        "host": l.host,
         "kind": l.kind.as_str(),
         "client": l.client.to_string(),
         "token_id": l.token_id,
@@ -471,7 +472,9 @@ pub(super) fn api_lookup_failed(e: LookupError) -> ApiError {
     let status = match e {
         LookupError::NoSuchDomain(_) => StatusCode::NOT_FOUND,
         LookupError::UnknownHost(_) => StatusCode::NOT_FOUND,
-        LookupError::Unreachable { .. } | LookupError::BadXml { .. } => StatusCode::BAD_GATEWAY,
+        LookupError::Unreachable { .. }
+        | LookupError::BadXml { .. }
+        | LookupError::ListensLocally { .. } => StatusCode::BAD_GATEWAY,
         LookupError::HostsUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::CONFLICT,
     };

@@ -277,6 +277,18 @@ impl App {
                 stall: l.vm_stall_timeout,
             },
             upstream_tls,
+            host_allow: match &config.upstream.allow {
+                Some(_) => Default::default(),
+                None => config
+                    .libvirt
+                    .hosts()
+                    .into_iter()
+                    .map(|h| {
+                        let allow = crate::upstream::in_force(None, std::slice::from_ref(&h));
+                        (h.name, Arc::new(allow))
+                    })
+                    .collect(),
+            },
             host_tls: hosts
                 .all()
                 .iter()

@@ -598,7 +598,10 @@ pub(super) fn joinable(
     let live = app
         .live()
         .joinable(joins.session, &joins.owner_token_id())?;
-    if live.uuid != claims.uuid_string() || claims.kind != ConsoleKind::Vnc {
+    if live.uuid != claims.uuid_string()
+        || live.host != claims.host
+        || claims.kind != ConsoleKind::Vnc
+    {
         return Err(crate::live::JoinError::NotLive);
     }
     live.has_room()?;

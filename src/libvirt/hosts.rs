@@ -17,12 +17,20 @@ pub const LOOKUPS_PER_HOST: usize = 8;
 /// How long a lookup waits for its host (its turn and the answer together).
 pub const LOOKUP_WAIT: Duration = Duration::from_secs(15);
 
+/// How long a probe waits for libvirt's answer (a libvirt just started may take a
+/// while: its first start probes QEMU's capabilities).
+pub const PROBE_WAIT: Duration = Duration::from_secs(30);
+
 /// How often each host is probed.
 pub const PROBE_EVERY: Duration = Duration::from_secs(10);
 
 /// The label of lookups naming a host that is not configured, in
 /// `vizor_libvirt_errors_total`: the name itself is anyone's choice.
 pub const UNKNOWN_HOST_LABEL: &str = "_unknown";
+
+/// The label of the outcome of a lookup that named no host (asked of every host), in
+/// `vizor_libvirt_errors_total`.
+pub const ANY_HOST_LABEL: &str = "_any";
 
 type ProbeAnswer = tokio::sync::oneshot::Receiver<Result<Probe, LookupError>>;
 
@@ -92,38 +100,44 @@ impl Host {
     /// Runs `f` on this host's connection on the blocking pool, in one of its turns,
     /// for at most [`LOOKUP_WAIT`]. A call that outlives the wait keeps its turn until
     /// libvirt answers it: a hung host ties up at most [`LOOKUPS_PER_HOST`] threads.
+    /// `Err(Busy)`: no turn came within the wait (the host is busy, not known down).
     async fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Libvirt) -> Result<T, LookupError> + Send + 'static,
-    ) -> Result<T, LookupError> {
+    ) -> Result<Result<T, LookupError>, Busy> {
         let unreachable = |message: String| LookupError::Unreachable {
             uri: self.libvirt.uri().to_owned(),
             message,
         };
         let deadline = tokio::time::Instant::now() + LOOKUP_WAIT;
-        let turn = tokio::time::timeout_at(deadline, self.turns.clone().acquire_owned())
-            .await
-            .map_err(|_| {
-                unreachable(format!(
-                    "{LOOKUPS_PER_HOST} lookups on this host are waiting for libvirt already"
-                ))
-            })?
-            .map_err(|_| unreachable("closed".into()))?;
+        let turn = match tokio::time::timeout_at(deadline, self.turns.clone().acquire_owned()).await
+        {
+            Ok(Ok(turn)) => turn,
+            _ => {
+                return Err(Busy(unreachable(format!(
+                "{LOOKUPS_PER_HOST} lookups on this host were waiting for libvirt already, for {}",
+                humantime::format_duration(LOOKUP_WAIT)
+            ))))
+            }
+        };
         let libvirt = self.libvirt.clone();
         let task = tokio::task::spawn_blocking(move || {
             let _turn = turn;
             f(&libvirt)
         });
-        match tokio::time::timeout_at(deadline, task).await {
+        Ok(match tokio::time::timeout_at(deadline, task).await {
             Err(_) => Err(unreachable(format!(
                 "no answer within {}",
                 humantime::format_duration(LOOKUP_WAIT)
             ))),
             Ok(Err(e)) => Err(unreachable(format!("lookup task failed: {e}"))),
             Ok(Ok(r)) => r,
-        }
+        })
     }
 }
+
+/// No turn on a host came in time.
+struct Busy(LookupError);
 
 /// Every configured host.
 pub struct Hosts {
@@ -175,6 +189,13 @@ impl Hosts {
         metrics
             .libvirt_errors_total
             .with_label_values(&[UNKNOWN_HOST_LABEL, "unknown_host"]);
+        if all.len() > 1 {
+            for reason in LookupError::REASONS {
+                metrics
+                    .libvirt_errors_total
+                    .with_label_values(&[ANY_HOST_LABEL, reason]);
+            }
+        }
         Ok(Hosts { all, metrics })
     }
 
@@ -208,9 +229,15 @@ impl Hosts {
                 .inc();
             return Err(LookupError::UnknownHost(host.to_owned()));
         };
-        self.lookup_on(h, domain, kind).await
+        let r = self.lookup_on(h, domain, kind).await;
+        if let Err(e) = &r {
+            self.count(h.name(), e);
+        }
+        r
     }
 
+    /// Looks up on `h`: timed, and marking the host down when libvirt did not answer
+    /// (up when it did); counting is the caller's.
     async fn lookup_on(
         &self,
         h: &Arc<Host>,
@@ -225,16 +252,18 @@ impl Hosts {
             .libvirt_lookup_seconds
             .with_label_values(&[h.name()])
             .observe(started.elapsed().as_secs_f64());
-        match &r {
-            Err(e @ LookupError::Unreachable { .. }) => {
-                h.set(false, &e.to_string(), &self.metrics);
+        match r {
+            Err(Busy(e)) => Err(e),
+            Ok(r) => {
+                match &r {
+                    Err(e @ LookupError::Unreachable { .. }) => {
+                        h.set(false, &e.to_string(), &self.metrics);
+                    }
+                    _ => h.set(true, "", &self.metrics),
+                }
+                r
             }
-            _ => h.set(true, "", &self.metrics),
         }
-        if let Err(e) = &r {
-            self.count(h.name(), e);
-        }
-        r
     }
 
     /// Counts a failed lookup on `host`.
@@ -251,9 +280,11 @@ impl Hosts {
     }
 
     /// Finds `domain` and its console of `kind`: on `host` when it is named, else on
-    /// every host that answers, at once. A domain found on more than one host is
-    /// refused as ambiguous; a domain found on none, while some hosts did not answer,
-    /// is refused as possibly on those.
+    /// every host that answers, at once. A UUID is one domain: found on one host, it
+    /// is that one (found on several, the one running: a migrated domain leaves a copy
+    /// defined on its old host). A name is another matter: on two hosts it is refused
+    /// as ambiguous, and while any host does not answer it is refused as possibly on
+    /// that one (it could be another VM of the same name), never guessed.
     pub async fn find(
         &self,
         host: Option<&str>,
@@ -264,8 +295,27 @@ impl Hosts {
             return self.lookup(host, domain, kind).await;
         }
         if let [only] = self.all.as_slice() {
-            return self.lookup_on(only, domain, kind).await;
+            return self.lookup(only.name(), domain, kind).await;
         }
+        let r = self.find_on_all(&domain, kind).await;
+        if let Err(e) = &r {
+            self.metrics
+                .libvirt_errors_total
+                .with_label_values(&[ANY_HOST_LABEL, e.reason()])
+                .inc();
+        }
+        r
+    }
+
+    async fn find_on_all(
+        &self,
+        domain: &DomainRef,
+        kind: ConsoleKind,
+    ) -> Result<super::Console, LookupError> {
+        let by_uuid = match domain {
+            DomainRef::Uuid(_) => true,
+            DomainRef::NameOrUuid(n) => super::looks_like_uuid(n),
+        };
         let (asked, skipped): (Vec<_>, Vec<_>) = self.all.iter().partition(|h| h.is_up());
         let answers = futures_util::future::join_all(
             asked
@@ -278,24 +328,38 @@ impl Hosts {
         for (h, answer) in asked.iter().zip(answers) {
             match answer {
                 Err(LookupError::NoSuchDomain(_)) => {}
-                Err(LookupError::Unreachable { .. }) => unreachable.push(h.name().to_owned()),
+                Err(e @ LookupError::Unreachable { .. }) => {
+                    self.count(h.name(), &e);
+                    unreachable.push(h.name().to_owned());
+                }
                 // Found there: running or not, with or without that console.
                 other => found.push((h.name().to_owned(), other)),
             }
         }
+        if by_uuid && found.len() > 1 {
+            // One domain, defined on several hosts: the copy that runs.
+            let running: Vec<usize> = (0..found.len())
+                .filter(|&i| !matches!(found[i].1, Err(LookupError::NotRunning(_))))
+                .collect();
+            if let [one] = running.as_slice() {
+                let kept = found.swap_remove(*one);
+                found = vec![kept];
+            }
+        }
+        let hosts = |found: Vec<(String, _)>| found.into_iter().map(|(h, _)| h).collect();
         match found.len() {
             0 if unreachable.is_empty() => Err(LookupError::NoSuchDomain(domain.to_string())),
-            0 => Err(LookupError::HostsUnreachable {
-                domain: domain.to_string(),
-                hosts: unreachable,
-            }),
-            1 => found
+            1 if by_uuid || unreachable.is_empty() => found
                 .pop()
                 .map(|(_, r)| r)
                 .unwrap_or_else(|| Err(LookupError::NoSuchDomain(domain.to_string()))),
+            0 | 1 => Err(LookupError::HostsUnreachable {
+                domain: domain.to_string(),
+                hosts: unreachable,
+            }),
             _ => Err(LookupError::Ambiguous {
                 domain: domain.to_string(),
-                hosts: found.into_iter().map(|(h, _)| h).collect(),
+                hosts: hosts(found),
             }),
         }
     }
@@ -324,7 +388,7 @@ impl Hosts {
         let Some(rx) = probing.as_mut() else {
             return Err(format!("libvirt at {uri}: no probe"));
         };
-        let answered = tokio::time::timeout(LOOKUP_WAIT, rx).await;
+        let answered = tokio::time::timeout(PROBE_WAIT, rx).await;
         if answered.is_ok() {
             *probing = None;
         }
@@ -332,7 +396,7 @@ impl Hosts {
         let r = match answered {
             Err(_) => Err(format!(
                 "libvirt at {uri} did not answer within {}",
-                humantime::format_duration(LOOKUP_WAIT)
+                humantime::format_duration(PROBE_WAIT)
             )),
             Ok(Err(_)) => Err(format!(
                 "libvirt at {uri}: the probe ended without an answer"
@@ -391,15 +455,16 @@ pub fn identify_blocking(
             Err(e) => return Err(e),
         }
     }
+    // As [`Hosts::find`]: a name found while a host did not answer is not guessed.
     match found.len() {
         0 if unreachable.is_empty() => Err(LookupError::NoSuchDomain(domain.to_owned())),
-        0 => Err(LookupError::HostsUnreachable {
+        1 if super::looks_like_uuid(domain) || unreachable.is_empty() => found
+            .pop()
+            .ok_or_else(|| LookupError::NoSuchDomain(domain.to_owned())),
+        0 | 1 => Err(LookupError::HostsUnreachable {
             domain: domain.to_owned(),
             hosts: unreachable,
         }),
-        1 => found
-            .pop()
-            .ok_or_else(|| LookupError::NoSuchDomain(domain.to_owned())),
         _ => Err(LookupError::Ambiguous {
             domain: domain.to_owned(),
             hosts: found.into_iter().map(|(h, _, _)| h).collect(),
@@ -519,9 +584,27 @@ mod tests {
             Err(LookupError::HostsUnreachable { hosts, .. }) => assert_eq!(hosts, ["b"]),
             other => panic!("{other:?}"),
         }
-        // Found on the host that answers, it is that one.
-        let c = h
+        // A name found on the host that answers may be another VM's on the one that
+        // does not: refused, never guessed. A UUID is one domain: found.
+        match h
             .find(None, DomainRef::NameOrUuid("web".into()), ConsoleKind::Vnc)
+            .await
+        {
+            Err(LookupError::HostsUnreachable { hosts, .. }) => assert_eq!(hosts, ["b"]),
+            other => panic!("{other:?}"),
+        }
+        let c = h
+            .find(None, DomainRef::NameOrUuid(U1.into()), ConsoleKind::Vnc)
+            .await
+            .unwrap();
+        assert_eq!(c.host, "a");
+        // Named, it is asked of that host alone.
+        let c = h
+            .find(
+                Some("a"),
+                DomainRef::NameOrUuid("web".into()),
+                ConsoleKind::Vnc,
+            )
             .await
             .unwrap();
         assert_eq!(c.host, "a");

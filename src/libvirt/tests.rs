@@ -351,6 +351,11 @@ fn every_lookup_reason_is_listed() {
             domain: s(),
             why: s(),
         },
+        LookupError::ListensLocally {
+            domain: s(),
+            host: s(),
+            target: s(),
+        },
         LookupError::UnknownHost(s()),
         LookupError::Ambiguous {
             domain: s(),

@@ -49,6 +49,10 @@ pub struct Env {
     pub dial: Dial,
     /// TLS toward QEMU (`[upstream_tls]`).
     pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
+    /// Where each host's consoles may be, by host name, when `[upstream] allow` is not
+    /// configured (each host's default: its console address, and loopback and
+    /// libvirt's sockets for a host on this machine); else `dial.allow` for all.
+    pub host_allow: std::collections::HashMap<String, Arc<crate::upstream::Allow>>,
     /// TLS toward the QEMU of hosts that have their own (`[libvirt.hosts.upstream_tls]`),
     /// by host name.
     pub host_tls: std::collections::HashMap<String, Arc<crate::tls::UpstreamTls>>,
@@ -71,6 +75,19 @@ pub struct Env {
 }
 
 impl Env {
+    /// How sessions connect to the consoles of the libvirt host `host`: within its own
+    /// allow-list, so that no host's domain XML points vizor at another host's
+    /// consoles (or at this machine's).
+    pub fn dial_for(&self, host: &str) -> Dial {
+        match self.host_allow.get(host) {
+            Some(allow) => Dial {
+                allow: allow.clone(),
+                ..self.dial.clone()
+            },
+            None => self.dial.clone(),
+        }
+    }
+
     /// TLS toward the QEMU of the libvirt host `host`: its own, else `[upstream_tls]`.
     pub fn upstream_tls_for(&self, host: &str) -> Option<&crate::tls::UpstreamTls> {
         self.host_tls
@@ -88,7 +105,12 @@ impl Env {
         claims: &crate::token::Claims,
         domain: &str,
     ) -> Result<crate::limits::Slot, End> {
-        self.slots.take(id, domain, &claims.user).await.map_err(|no| {
+        // A domain's limit is its own: the same name on two hosts is two domains.
+        let scope = match claims.host.as_str() {
+            crate::config::DEFAULT_HOST => domain.to_owned(),
+            host => format!("{host}/{domain}"),
+        };
+        self.slots.take(id, &scope, &claims.user).await.map_err(|no| {
             let end = End::no_slot(no);
             let reason = end.label();
             match no {

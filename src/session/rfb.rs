@@ -111,7 +111,7 @@ async fn authenticate_upstream(
     console: &Console,
 ) -> Result<(VmLink, Vec<u8>, SendClientInit), End> {
     let connecting = Instant::now();
-    let mut up = connect(&console.target, &ctx.env.dial).await?;
+    let mut up = connect(&console.target, &ctx.env.dial_for(&console.host)).await?;
     ctx.env
         .metrics
         .upstream_connect_seconds

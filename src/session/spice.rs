@@ -876,7 +876,7 @@ async fn link_both(
     let (mut up, target, tls) = match (ctx.env.upstream_tls_for(&console.host), &console.tls_target) {
         // SPICE's TLS port speaks TLS from the first byte.
         (Some(tls), Some(target)) => {
-            let plain = connect(target, &ctx.env.dial).await?;
+            let plain = connect(target, &ctx.env.dial_for(&console.host)).await?;
             let tls = tls
                 .connect(plain.boxed(), target)
                 .await
@@ -896,7 +896,7 @@ async fn link_both(
             ))
         }
         _ => (
-            connect(&console.target, &ctx.env.dial).await?,
+            connect(&console.target, &ctx.env.dial_for(&console.host)).await?,
             console.target.clone(),
             false,
         ),
