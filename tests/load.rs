@@ -19,6 +19,11 @@
 //! SHA-256 digests of both directions; the test then matches both ends' digests session
 //! by session, and vizor's own account (sessions API, audit records, metrics) against
 //! the scripts.
+//!
+//! The same load runs a second time over a fleet: two vizor replicas sharing a real
+//! Redis (`[state]`: single use, limits and the session list across replicas) in front
+//! of two libvirt hosts (`[[libvirt.hosts]]`, each its own test-driver node holding
+//! half the domains), each browser on one replica with a token naming its host.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic is a failure
 
 mod common;
@@ -420,13 +425,15 @@ fn source(i: usize) -> IpAddr {
 /// `go`, then plays its script, checking every byte from vizor.
 async fn browser(
     i: usize,
-    v: Arc<Vizor>,
+    fleet: Arc<Fleet>,
     ready: mpsc::UnboundedSender<Ready>,
     mut go: watch::Receiver<bool>,
 ) -> Result<BrowserReport, String> {
-    let domain = domain_name(i % DOMAINS);
+    let d = i % DOMAINS;
+    let domain = domain_name(d);
     let user = format!("user{:02}", i % USERS);
-    let token = v.token_as(&domain, ConsoleKind::Vnc, &user, 60);
+    let v = fleet.replica_of(i);
+    let token = fleet.token(d, &user);
     let tcp = common::tcp_from(source(i), v.addr).await;
     let local = tcp.local_addr().map_err(|e| e.to_string())?;
     let mut b = Browser::connect_over(tcp, v.addr, &format!("/websockify?token={token}")).await;
@@ -538,14 +545,131 @@ fn metric(text: &str, series: &str) -> f64 {
     common::metric(text, series).unwrap_or_else(|| panic!("no {series} in /metrics"))
 }
 
+/// How the load is served: one vizor and one libvirt, or two replicas sharing Redis
+/// in front of two libvirt hosts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Layout {
+    One,
+    Fleet,
+}
+
+/// The vizors under load, and where each domain is.
+struct Fleet {
+    replicas: Vec<Arc<Vizor>>,
+    layout: Layout,
+    _redis: Option<common::redis::Redis>,
+    _nodes: Vec<tempfile::TempDir>,
+}
+
+impl Fleet {
+    /// The libvirt host of domain `d`: the first half on `a`, the rest on `b` (one
+    /// host, `default`, in the one-vizor layout).
+    fn host_of(&self, d: usize) -> &'static str {
+        match (self.layout, d < DOMAINS / 2) {
+            (Layout::One, _) => "default",
+            (Layout::Fleet, true) => "a",
+            (Layout::Fleet, false) => "b",
+        }
+    }
+
+    /// The replica browser `i` goes to.
+    fn replica_of(&self, i: usize) -> Arc<Vizor> {
+        self.replicas[i % self.replicas.len()].clone()
+    }
+
+    /// A token of `user` for domain `d` on its host, valid for a minute (every replica
+    /// has the same key).
+    fn token(&self, d: usize, user: &str) -> String {
+        let domain = domain_name(d);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let uuid = vizor::token::parse_uuid(&common::uuid_of(&domain)).unwrap();
+        let claims = vizor::token::Claims::new(&domain, uuid, ConsoleKind::Vnc, user, now + 60)
+            .unwrap()
+            .on_host(self.host_of(d));
+        self.replicas[0].seal(&claims)
+    }
+
+    /// Starts the vizors for `domains` (name, port, password).
+    fn start(layout: Layout, domains: &[(String, u16, String)]) -> Fleet {
+        let limits = format!("[limits]\nmax_sessions = {SESSIONS}\n");
+        if layout == Layout::One {
+            let (node, uri) = common::test_node(domains);
+            let v = Vizor::start_uri(
+                &uri,
+                "",
+                "",
+                &format!("{}{limits}", common::ADMIN_API),
+                common::write_admin_key,
+            );
+            return Fleet {
+                replicas: vec![Arc::new(v)],
+                layout,
+                _redis: None,
+                _nodes: vec![node],
+            };
+        }
+        let (node_a, uri_a) = common::test_node(&domains[..DOMAINS / 2]);
+        let (node_b, uri_b) = common::test_node(&domains[DOMAINS / 2..]);
+        let hosts = format!(
+            "[[libvirt.hosts]]\nname = \"a\"\nuri = \"{uri_a}\"\n\
+             [[libvirt.hosts]]\nname = \"b\"\nuri = \"{uri_b}\"\n"
+        );
+        let redis = common::redis::Redis::start();
+        let tail = |name| {
+            format!(
+                "{}lease = \"{}s\"\n{}{limits}",
+                redis.state_table(name),
+                LEASE.as_secs(),
+                common::ADMIN_API
+            )
+        };
+        let first = Vizor::start_libvirt("", &hosts, &tail("r1"), |dir| {
+            redis.write_password(dir);
+            common::write_admin_key(dir);
+        });
+        let key = first.dir.path().join("token.key");
+        let second = Vizor::start_libvirt("", &hosts, &tail("r2"), |dir| {
+            redis.write_password(dir);
+            common::write_admin_key(dir);
+            std::fs::copy(&key, dir.join("token.key")).unwrap();
+        });
+        Fleet {
+            replicas: vec![Arc::new(first), Arc::new(second)],
+            layout,
+            _redis: Some(redis),
+            _nodes: vec![node_a, node_b],
+        }
+    }
+}
+
+/// The replicas' `[state] lease` in the fleet layout (short: a new Redis admits no
+/// session for a lease).
+const LEASE: Duration = Duration::from_secs(4);
+
+/// One load at a time: each is as much as the machine takes.
+static ONE_LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_sessions_lose_and_mix_nothing() {
-    tokio::time::timeout(BOUND, load())
+    let _one = ONE_LOAD.lock().await;
+    tokio::time::timeout(BOUND, load(Layout::One))
         .await
         .unwrap_or_else(|_| panic!("the load test took longer than {BOUND:?}"));
 }
 
-async fn load() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server (scripts/test.sh installs it and runs it with --include-ignored)"]
+async fn a_thousand_sessions_over_two_replicas_and_two_hosts_lose_and_mix_nothing() {
+    let _one = ONE_LOAD.lock().await;
+    tokio::time::timeout(BOUND, load(Layout::Fleet))
+        .await
+        .unwrap_or_else(|_| panic!("the load test took longer than {BOUND:?}"));
+}
+
+async fn load(layout: Layout) {
     raise_open_files();
     let began = Instant::now();
     let vms = Arc::new(Vms::default());
@@ -557,23 +681,13 @@ async fn load() {
         domains.push((domain_name(d), served.port(), password));
         listeners.push(served);
     }
-    let (_node_dir, uri) = common::test_node(&domains);
-    let v = Arc::new(Vizor::start_uri(
-        &uri,
-        "",
-        "",
-        &format!(
-            "[api]\nadmin_key_file = \"admin.key\"\n\
-             [limits]\nmax_sessions = {SESSIONS}\n"
-        ),
-        |dir| {
-            use std::os::unix::fs::PermissionsExt;
-            let path = dir.join("admin.key");
-            std::fs::write(&path, format!("{}\n", common::ADMIN_KEY)).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        },
-    ));
-    let fds_idle = v.open_fds();
+    let fleet = Arc::new(Fleet::start(layout, &domains));
+    if layout == Layout::Fleet {
+        // A new Redis counts the replicas' sessions for a lease before it admits any.
+        tokio::time::sleep(LEASE + Duration::from_millis(500)).await;
+    }
+    let replicas = fleet.replicas.clone();
+    let fds_idle: Vec<usize> = replicas.iter().map(|v| v.open_fds()).collect();
 
     // Ramp up: every browser opens its console and waits.
     let started = Instant::now();
@@ -581,7 +695,7 @@ async fn load() {
     let (go_tx, go_rx) = watch::channel(false);
     let mut browsers = tokio::task::JoinSet::new();
     for i in 0..SESSIONS {
-        browsers.spawn(browser(i, v.clone(), ready_tx.clone(), go_rx.clone()));
+        browsers.spawn(browser(i, fleet.clone(), ready_tx.clone(), go_rx.clone()));
     }
     drop(ready_tx);
     let mut ready: Vec<Ready> = Vec::new();
@@ -600,11 +714,20 @@ async fn load() {
     let ramped = started.elapsed();
 
     // All of them at once: vizor relays them all, and refuses one more. A browser gets
-    // ServerInit only once its session is on record and listed, so every one of them
-    // is listed already.
-    let sessions = v.sessions().await;
+    // ServerInit only once its session is on record and listed on its replica; the
+    // other replica's sessions are listed as their replica writes them to Redis (as
+    // soon as each is live).
+    let first = &replicas[0];
+    let mut sessions = first.sessions().await;
+    for _ in 0..100 {
+        if sessions.len() >= SESSIONS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sessions = first.sessions().await;
+    }
     assert_eq!(sessions.len(), SESSIONS, "sessions in /api/v1/sessions");
-    let listed: HashMap<String, (String, String)> = sessions
+    let listed: HashMap<String, (String, String, String)> = sessions
         .iter()
         .map(|s| {
             (
@@ -612,26 +735,37 @@ async fn load() {
                 (
                     s["domain"].as_str().unwrap().to_owned(),
                     s["user"].as_str().unwrap().to_owned(),
+                    s["replica"].as_str().unwrap_or("").to_owned(),
                 ),
             )
         })
         .collect();
     for (i, local, _) in &ready {
+        let replica = match layout {
+            Layout::One => "",
+            Layout::Fleet => ["r1", "r2"][i % 2],
+        };
         assert_eq!(
             listed.get(&local.to_string()),
-            Some(&(domain_name(i % DOMAINS), format!("user{:02}", i % USERS))),
+            Some(&(
+                domain_name(i % DOMAINS),
+                format!("user{:02}", i % USERS),
+                replica.to_owned()
+            )),
             "browser {i} at {local} in /api/v1/sessions"
         );
     }
-    let peak = v.metrics().await;
-    assert_eq!(
-        metric(&peak, "vizor_sessions_active{kind=\"vnc\"}"),
-        SESSIONS as f64
-    );
-    let fds_peak = v.open_fds();
-    let rss_peak = v.rss_kib();
+    let mut active = 0.0;
+    for v in &replicas {
+        active += metric(&v.metrics().await, "vizor_sessions_active{kind=\"vnc\"}");
+    }
+    assert_eq!(active, SESSIONS as f64);
+    let fds_peak: Vec<usize> = replicas.iter().map(|v| v.open_fds()).collect();
+    let rss_peak: Vec<u64> = replicas.iter().map(|v| v.rss_kib()).collect();
     {
-        let token = v.token_as(&domain_name(0), ConsoleKind::Vnc, "one-too-many", 60);
+        // On the last replica, which holds only its share: the limit counts all.
+        let v = replicas.last().unwrap();
+        let token = fleet.token(0, "one-too-many");
         let mut b = Browser::connect(v.addr, &format!("/websockify?token={token}")).await;
         assert_eq!(
             common::rfb::rfb_handshake(&mut b).await.unwrap_err(),
@@ -716,52 +850,71 @@ async fn load() {
     let by_client: HashMap<String, &BrowserReport> =
         reports.iter().map(|b| (b.local.to_string(), b)).collect();
 
-    // vizor's own account: the audit log, record by record.
-    let audit = tokio::task::block_in_place(|| v.wait_for_records("session_end", SESSIONS));
-    let mut script_of: HashMap<u64, (&BrowserReport, Script)> = HashMap::new();
-    let mut keys: HashMap<u64, Vec<(bool, u32)>> = HashMap::new();
-    let mut clips: HashMap<u64, Vec<(String, String)>> = HashMap::new();
-    let mut ends: HashMap<u64, &serde_json::Value> = HashMap::new();
+    // vizor's own account: each replica's audit log, record by record (each replica
+    // numbers its own sessions).
+    let mut script_of: HashMap<(usize, u64), (&BrowserReport, Script)> = HashMap::new();
+    let mut keys: HashMap<(usize, u64), Vec<(bool, u32)>> = HashMap::new();
+    let mut clips: HashMap<(usize, u64), Vec<(String, String)>> = HashMap::new();
+    let mut ends: HashMap<(usize, u64), serde_json::Value> = HashMap::new();
     let hex = |b: &[u8]| -> String { b.iter().map(|x| format!("{x:02x}")).collect() };
     let mut lifted = 0usize;
     let mut spent = std::collections::HashSet::new();
-    for r in &audit {
-        let session = r["session"].as_u64();
-        match r["event"].as_str().unwrap() {
-            // Each browser's token, spent once, before its session.
-            "token_used" => assert!(spent.insert(r["token_id"].as_str().unwrap()), "{r}"),
-            "session_start" => {
-                let b = by_client[r["client"].as_str().unwrap()];
-                assert_eq!(
-                    (r["domain"].as_str(), r["user"].as_str()),
-                    (Some(b.domain.as_str()), Some(b.user.as_str())),
+    let mut refused = 0;
+    for (n, v) in replicas.iter().enumerate() {
+        let share = (0..SESSIONS).filter(|i| i % replicas.len() == n).count();
+        let audit = tokio::task::block_in_place(|| v.wait_for_records("session_end", share));
+        for r in audit {
+            let session = r["session"].as_u64().map(|s| (n, s));
+            match r["event"].as_str().unwrap() {
+                // Each browser's token, spent once, before its session.
+                "token_used" => assert!(
+                    spent.insert(r["token_id"].as_str().unwrap().to_owned()),
                     "{r}"
-                );
-                let script = Script::new(&b.domain, b.nonce);
-                assert!(script_of.insert(session.unwrap(), (b, script)).is_none());
+                ),
+                "session_start" => {
+                    let b = by_client[r["client"].as_str().unwrap()];
+                    assert_eq!(
+                        (r["domain"].as_str(), r["user"].as_str()),
+                        (Some(b.domain.as_str()), Some(b.user.as_str())),
+                        "{r}"
+                    );
+                    let d: usize = b.domain.strip_prefix("load-").unwrap().parse().unwrap();
+                    match fleet.host_of(d) {
+                        "default" => assert!(r.get("host").is_none(), "{r}"),
+                        host => assert_eq!(r["host"], host, "{r}"),
+                    }
+                    let script = Script::new(&b.domain, b.nonce);
+                    assert!(script_of.insert(session.unwrap(), (b, script)).is_none());
+                }
+                // Sessions of one domain share its keyboard, as QEMU's is shared: when
+                // one ends, QEMU releases every key still down, other sessions' too;
+                // vizor records those releases (origin "disconnect") under the session
+                // that ended. Every other key record is the browser's own event.
+                "key" if r["origin"] == "disconnect" => {
+                    assert_eq!(r["down"], false, "{r}");
+                    assert!(r.get("keysym").is_none(), "{r}");
+                    lifted += 1;
+                }
+                "key" => keys.entry(session.unwrap()).or_default().push((
+                    r["down"].as_bool().unwrap(),
+                    r["keysym"].as_u64().unwrap() as u32,
+                )),
+                "clipboard" => clips.entry(session.unwrap()).or_default().push((
+                    r["direction"].as_str().unwrap().to_owned(),
+                    r["sha256"].as_str().unwrap().to_owned(),
+                )),
+                "session_end" => assert!(ends.insert(session.unwrap(), r).is_none()),
+                "session_refused" => {
+                    assert_eq!(r["reason"], "limit_sessions", "{r}");
+                    refused += 1;
+                }
+                other => panic!("unexpected {other} record: {r}"),
             }
-            // Sessions of one domain share its keyboard, as QEMU's is shared: when one
-            // ends, QEMU releases every key still down, other sessions' too; vizor
-            // records those releases (origin "disconnect") under the session that
-            // ended. Every other key record is the browser's own event.
-            "key" if r["origin"] == "disconnect" => {
-                assert_eq!(r["down"], false, "{r}");
-                assert!(r.get("keysym").is_none(), "{r}");
-                lifted += 1;
-            }
-            "key" => keys.entry(session.unwrap()).or_default().push((
-                r["down"].as_bool().unwrap(),
-                r["keysym"].as_u64().unwrap() as u32,
-            )),
-            "clipboard" => clips.entry(session.unwrap()).or_default().push((
-                r["direction"].as_str().unwrap().to_owned(),
-                r["sha256"].as_str().unwrap().to_owned(),
-            )),
-            "session_end" => assert!(ends.insert(session.unwrap(), r).is_none()),
-            "session_refused" => assert_eq!(r["reason"], "limit_sessions", "{r}"),
-            other => panic!("unexpected {other} record: {r}"),
         }
+        let (chained, why) = v.verify(&[v.audit_path()]);
+        assert!(chained, "vizor audit verify: {why}");
     }
+    assert_eq!(refused, 1, "session_refused records");
     assert_eq!(script_of.len(), SESSIONS, "session_start records");
     assert!(
         spent.len() >= SESSIONS,
@@ -769,7 +922,7 @@ async fn load() {
         spent.len()
     );
     for (session, (b, script)) in &script_of {
-        let end = ends[session];
+        let end = &ends[session];
         assert_eq!(end["reason"], VM_CLOSED, "{end}");
         assert_eq!(
             (
@@ -782,7 +935,7 @@ async fn load() {
         assert_eq!(
             keys.get(session),
             Some(&script.keys),
-            "keys of session {session}"
+            "keys of session {session:?}"
         );
         assert_eq!(
             clips.get(session),
@@ -796,19 +949,22 @@ async fn load() {
                     hex(Sha256::digest(&script.vm_clip).as_slice())
                 ),
             ]),
-            "clipboard of session {session}"
+            "clipboard of session {session:?}"
         );
     }
-    let (chained, why) = v.verify(&[v.audit_path()]);
-    assert!(chained, "vizor audit verify: {why}");
 
-    // ... and the metrics.
-    v.wait_for_metric(
-        "vizor_sessions_total{kind=\"vnc\",outcome=\"vm_closed\"}",
-        SESSIONS as f64,
-    )
-    .await;
-    let m = v.metrics().await;
+    // ... and the metrics, summed over the replicas.
+    let mut m = Vec::new();
+    for (n, v) in replicas.iter().enumerate() {
+        let share = (0..SESSIONS).filter(|i| i % replicas.len() == n).count();
+        v.wait_for_metric(
+            "vizor_sessions_total{kind=\"vnc\",outcome=\"vm_closed\"}",
+            share as f64,
+        )
+        .await;
+        m.push(v.metrics().await);
+    }
+    let summed = |series: &str| m.iter().map(|text| metric(text, series)).sum::<f64>();
     let total = |f: fn(&BrowserReport) -> usize| reports.iter().map(f).sum::<usize>() as f64;
     for (series, want) in [
         ("vizor_sessions_active{kind=\"vnc\"}", 0.0),
@@ -842,21 +998,25 @@ async fn load() {
             (script_of.values().map(|(_, s)| s.keys.len()).sum::<usize>() + lifted) as f64,
         ),
     ] {
-        assert_eq!(metric(&m, series), want, "{series}");
+        assert_eq!(summed(series), want, "{series}");
     }
     // Every session's sockets are closed again.
-    let fds_after = v.open_fds();
-    assert!(
-        fds_after <= fds_idle + 8,
-        "vizor holds {fds_after} files after the load, {fds_idle} before"
-    );
+    for (n, v) in replicas.iter().enumerate() {
+        let fds_after = v.open_fds();
+        assert!(
+            fds_after <= fds_idle[n] + 8,
+            "replica {n} holds {fds_after} files after the load, {} before",
+            fds_idle[n]
+        );
+    }
     eprintln!(
-        "load: {SESSIONS} sessions on {DOMAINS} domains, {} bytes browser to VM and {} VM to \
-         browser, all checked; ramp-up {ramped:?}, relaying {relayed:?}, whole test {:?}; \
-         vizor at the peak: {fds_peak} files, {} MiB resident",
+        "load ({layout:?}): {SESSIONS} sessions on {DOMAINS} domains over {} vizor(s), {} bytes \
+         browser to VM and {} VM to browser, all checked; ramp-up {ramped:?}, relaying \
+         {relayed:?}, whole test {:?}; vizor at the peak: {fds_peak:?} files, {:?} MiB resident",
+        replicas.len(),
         total(|b| b.sent),
         total(|b| b.received),
         began.elapsed(),
-        rss_peak / 1024,
+        rss_peak.iter().map(|r| r / 1024).collect::<Vec<_>>(),
     );
 }
