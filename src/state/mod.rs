@@ -40,6 +40,10 @@ pub const OPS: [&str; 10] = [
 
 /// The shared state of a replica.
 pub struct Shared {
+    /// The runtime every request to Redis runs on (one thread of its own): its answers
+    /// are read, and its timeouts measured, there, so a replica busy with a burst of
+    /// sessions starting does not take its own slowness for Redis's.
+    rt: tokio::runtime::Handle,
     client: redis::Client,
     manager: redis::aio::ConnectionManagerConfig,
     /// The connection, replaced by a new one when Redis answers with an error that
@@ -160,6 +164,7 @@ impl Shared {
         });
         let mark = format!("{replica}/{}", crate::audit::chain::hex(&mark));
         Ok(Shared {
+            rt: state_runtime()?,
             client,
             manager: config,
             conn: std::sync::Mutex::new(conn),
@@ -230,14 +235,24 @@ impl Shared {
 
     async fn run<T, F, Fut>(&self, op: &'static str, query: F) -> Result<T, Unavailable>
     where
-        F: FnOnce(redis::aio::ConnectionManager) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
+        F: FnOnce(redis::aio::ConnectionManager) -> Fut + Send + 'static,
+        Fut: Future<Output = redis::RedisResult<T>> + Send + 'static,
+        T: Send + 'static,
     {
-        let started = std::time::Instant::now();
         let Ok(conn) = self.conn.lock().map(|c| c.clone()) else {
             return Err(Unavailable("its connection's lock is poisoned".into()));
         };
-        let r = tokio::time::timeout(self.timeout, query(conn)).await;
+        // On the state runtime: the request is written, its answer read and the
+        // timeout counted there, whatever this runtime is busy with.
+        let timeout = self.timeout;
+        let asked = self.rt.spawn(async move {
+            let started = std::time::Instant::now();
+            let r = tokio::time::timeout(timeout, query(conn)).await;
+            (r, started.elapsed())
+        });
+        let (r, took) = asked
+            .await
+            .map_err(|e| Unavailable(format!("its request task failed: {e}")))?;
         if let Ok(Err(e)) = &r {
             // The manager reconnects on a dropped connection only: a refused password
             // or a primary turned replica (READONLY after a failover) gets a new one.
@@ -250,7 +265,7 @@ impl Shared {
         self.metrics
             .state_seconds
             .with_label_values(&[op])
-            .observe(started.elapsed().as_secs_f64());
+            .observe(took.as_secs_f64());
         let r = match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(Unavailable(e.to_string())),
@@ -282,6 +297,21 @@ impl Shared {
             Err(e) => tracing::debug!(error = %e, "shared state: no new connection"),
         }
     }
+}
+
+/// A runtime of its own for the requests to Redis, on a thread named `vizor-state`
+/// that runs as long as the process.
+fn state_runtime() -> Result<tokio::runtime::Handle, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("[state]: no runtime for Redis: {e}"))?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("vizor-state".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .map_err(|e| format!("[state]: no thread for Redis: {e}"))?;
+    Ok(handle)
 }
 
 fn lease_ms(lease: Duration) -> u64 {

@@ -44,6 +44,9 @@ pub enum Begin {
 pub(super) struct Held {
     session: u64,
     keys: [String; 3],
+    /// Its registry entry was written (by a renewal since it was taken): a session
+    /// just listed needs only its own written, not every slot renewed again.
+    listed: bool,
 }
 
 /// The limits a slot is taken under: all sessions, one domain's, one user's.
@@ -349,7 +352,14 @@ impl Shared {
             i => return Ok(Err(usize::try_from(i - 1).unwrap_or(0))),
         }
         if let Ok(mut l) = self.leases.lock() {
-            l.insert(member.clone(), Held { session, keys });
+            l.insert(
+                member.clone(),
+                Held {
+                    session,
+                    keys,
+                    listed: false,
+                },
+            );
         }
         Ok(Ok(Lease {
             shared: self.clone(),
@@ -421,11 +431,15 @@ impl Shared {
         // process stalled, comes at once, and the next a third of a lease after it).
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = every.tick() => {}
-                () = self.poke.notified() => {}
-            }
-            if let Err(e) = self.renew_leases(&describe).await {
+            // A tick renews every slot; a poke writes the entries of the sessions
+            // listed since (a thousand sessions starting would otherwise renew all the
+            // others a thousand times, and Redis's answers to every replica would
+            // queue behind that).
+            let all = tokio::select! {
+                _ = every.tick() => true,
+                () = self.poke.notified() => false,
+            };
+            if let Err(e) = self.renew_leases(&describe, all).await {
                 tracing::debug!(error = %e, "slots across replicas not renewed");
             }
         }
@@ -434,15 +448,24 @@ impl Shared {
     async fn renew_leases(
         &self,
         describe: &impl Fn(u64) -> Option<String>,
+        all: bool,
     ) -> Result<(), Unavailable> {
         let held: Vec<(String, Held)> = match self.leases.lock() {
-            Ok(l) => l.iter().map(|(m, h)| (m.clone(), h.clone())).collect(),
+            Ok(l) => l
+                .iter()
+                .filter(|(_, h)| all || !h.listed)
+                .map(|(m, h)| (m.clone(), h.clone()))
+                .collect(),
             Err(_) => return Err(Unavailable("the leases' lock is poisoned".into())),
         };
         if held.is_empty() {
+            if !all {
+                return Ok(());
+            }
             // Nothing to renew: asked anyway, so `vizor_state_up` says how it is.
             return self.ping().await;
         }
+        let mut written = Vec::new();
         let mut inv = RENEW.prepare_invoke();
         inv.key(self.lease_key())
             .arg(lease_ms(self.lease))
@@ -455,6 +478,9 @@ impl Shared {
             let entry = describe(h.session)
                 .map(|e| self.seal(e))
                 .unwrap_or_default();
+            if !entry.is_empty() {
+                written.push(member.clone());
+            }
             inv.arg(member).arg(entry);
         }
         let lapsed: Vec<String> = self
@@ -465,6 +491,13 @@ impl Shared {
             .await?;
         for member in lapsed {
             tracing::warn!(member, "a session's slot across replicas had run out (Redis did not answer for longer than a lease, or lost it): taken again, over its limits if they filled meanwhile");
+        }
+        if let Ok(mut l) = self.leases.lock() {
+            for member in written {
+                if let Some(h) = l.get_mut(&member) {
+                    h.listed = true;
+                }
+            }
         }
         Ok(())
     }
