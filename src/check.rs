@@ -265,3 +265,55 @@ fn libvirt_host(config: &Config, host: &crate::config::HostConfig) -> Vec<Findin
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_hosts(a: &str, b: &str) -> Config {
+        Config::parse(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\
+             [[libvirt.hosts]]\nname = \"a\"\nuri = \"{a}\"\n\
+             [[libvirt.hosts]]\nname = \"b\"\nuri = \"{b}\"\n\
+             [tokens]\nkey_file = \"t.key\"\n\
+             [audit]\npath = \"a.jsonl\"\nkey_file = \"a.key\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_host_is_checked_and_one_down_is_a_warning_while_another_answers() {
+        let found = libvirt(&two_hosts(
+            "test:///default",
+            "test:///nonexistent/node.xml",
+        ));
+        assert!(
+            found.iter().any(
+                |f| matches!(f, Finding::Ok(m) if m.starts_with("host a: libvirt test:///default"))
+            ),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().any(|f| matches!(f, Finding::Warn(m)
+                if m.starts_with("host b: ") && m.contains("tries this one again"))),
+            "{found:?}"
+        );
+        assert!(
+            !found.iter().any(|f| matches!(f, Finding::Fail(_))),
+            "{found:?}"
+        );
+        // None answers: vizor serve would not start.
+        let found = libvirt(&two_hosts(
+            "test:///nonexistent/a.xml",
+            "test:///nonexistent/b.xml",
+        ));
+        assert_eq!(
+            found
+                .iter()
+                .filter(|f| matches!(f, Finding::Fail(_)))
+                .count(),
+            2,
+            "{found:?}"
+        );
+    }
+}

@@ -97,6 +97,14 @@ pub struct StateConfig {
     pub lease: Duration,
     /// `on_unavailable`: what happens to a new session while Redis does not answer.
     /// `"refuse"` (the default and the only choice: fail closed).
+    /// `ca`: PEM certificates of the CA that signed Redis's certificate, for a
+    /// `rediss://` URL (default: the system's trusted roots).
+    pub ca: Option<PathBuf>,
+    /// `client_cert`: vizor's PEM certificate chain, for a Redis that verifies its
+    /// clients (`tls-auth-clients yes`); with `client_key`, and a `rediss://` URL.
+    pub client_cert: Option<PathBuf>,
+    /// `client_key`: the PEM private key of `client_cert` (not readable by others).
+    pub client_key: Option<PathBuf>,
     #[serde(default)]
     pub on_unavailable: OnUnavailable,
 }
@@ -124,6 +132,18 @@ impl StateConfig {
                 humantime::format_duration(self.timeout),
                 humantime::format_duration(self.lease)
             ));
+        }
+        let tls = self.redis.starts_with("rediss://");
+        if !tls && (self.ca.is_some() || self.client_cert.is_some() || self.client_key.is_some()) {
+            return Err(
+                "[state] ca, client_cert and client_key are for TLS to Redis: use a rediss:// URL"
+                    .into(),
+            );
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err(
+                "[state] client_cert and client_key go together: set both or neither".into(),
+            );
         }
         if let Some(r) = &self.replica {
             if !is_replica_name(r) {
@@ -160,15 +180,18 @@ fn default_state_timeout() -> Duration {
 fn redis_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let url = String::deserialize(d)?;
     let bad = |why: &str| serde::de::Error::custom(format!("redis: {why}"));
-    let rest = match url.split_once("://") {
-        Some(("redis", rest)) => rest,
-        Some(("rediss", _)) => {
-            return Err(bad(
-                "TLS to Redis (rediss://) is not supported yet; reach it over a private network or a TLS tunnel",
-            ))
-        }
-        _ => return Err(bad("must start with redis://, like \"redis://127.0.0.1:6379/0\"")),
-    };
+    let rest =
+        match url.split_once("://") {
+            Some(("redis" | "rediss", rest)) => rest,
+            _ => return Err(bad(
+                "must start with redis:// or rediss:// (TLS), like \"redis://127.0.0.1:6379/0\"",
+            )),
+        };
+    if url.contains('#') {
+        return Err(bad(
+            "a URL fragment (such as #insecure) is refused: vizor always verifies Redis's certificate (set ca for a private CA)",
+        ));
+    }
     let authority = rest.split('/').next().unwrap_or("");
     if authority
         .rsplit_once('@')
@@ -1185,8 +1208,18 @@ impl Config {
                 resolve(p);
             }
         }
-        if let Some(p) = self.state.as_mut().and_then(|s| s.password_file.as_mut()) {
-            resolve(p);
+        if let Some(s) = self.state.as_mut() {
+            for p in [
+                &mut s.password_file,
+                &mut s.ca,
+                &mut s.client_cert,
+                &mut s.client_key,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                resolve(p);
+            }
         }
     }
 }
@@ -1280,7 +1313,18 @@ keystrokes = "full"
         for (bad, says) in [
             ("redis = \"redis://:pw@10.0.0.5/0\"", "password_file"),
             ("redis = \"redis://u:pw@10.0.0.5/0\"", "password_file"),
-            ("redis = \"rediss://10.0.0.5/0\"", "not supported yet"),
+            (
+                "redis = \"rediss://10.0.0.5/0#insecure\"",
+                "always verifies",
+            ),
+            (
+                "redis = \"redis://10.0.0.5/0\"\nca = \"ca.pem\"",
+                "use a rediss:// URL",
+            ),
+            (
+                "redis = \"rediss://10.0.0.5/0\"\nclient_cert = \"c.pem\"",
+                "go together",
+            ),
             ("redis = \"10.0.0.5:6379\"", "must start with redis://"),
             ("redis = \"redis:///0\"", "names no host"),
             ("", "missing field `redis`"),
@@ -1302,6 +1346,13 @@ keystrokes = "full"
             assert!(e.contains(says), "{bad}: {e}");
         }
         assert!(with("redis = \"redis://vizor@10.0.0.5:6379/0\"").is_ok());
+        let tls = with(
+            "redis = \"rediss://10.0.0.5:6380/0\"\nca = \"ca.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"k.pem\"",
+        )
+        .unwrap();
+        let state = tls.state.unwrap();
+        assert_eq!(state.ca.as_deref(), Some(Path::new("ca.pem")));
+        assert!(state.client_cert.is_some() && state.client_key.is_some());
         assert!(Config::parse(MINIMAL).unwrap().state.is_none());
     }
 

@@ -91,7 +91,7 @@ fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
 }
 
 /// A private key others can read is refused, like vizor's own key files.
-fn check_private(name: &str, key: &Path) -> Result<(), String> {
+pub(crate) fn check_private(name: &str, key: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let mode = std::fs::metadata(key)
         .map_err(|e| format!("{name} {}: {e}", key.display()))?

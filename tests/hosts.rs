@@ -284,3 +284,57 @@ async fn a_console_outside_the_allow_list_is_refused() {
     );
     v.assert_never_logged(SECOND_PASSWORD);
 }
+
+#[tokio::test]
+#[ignore = "live: needs the test host and scripts/second-host.sh (root); run by scripts/test.sh"]
+async fn each_host_has_its_own_tls_toward_qemu() {
+    let _one = SECOND_HOST.lock().await;
+    live_domain();
+    // On the first host a console that speaks VeNCrypt X.509 alone; on the second a
+    // plain one.
+    common::test_host(&[
+        "domain",
+        "vizor-test-htls",
+        "--vnc-passwd",
+        "htls1pw",
+        "--vnc-tls",
+        "--no-spice",
+    ]);
+    second_host(&["start"]);
+    second_host(&["domain", "vizor-test-h2", SECOND_PASSWORD]);
+    // TLS toward the first host's QEMU only, with its CA; no [upstream_tls]: were the
+    // first host's settings everyone's, the second host's plain console would be
+    // refused (`require` is on by default).
+    let pki = "/var/lib/vizor-test/pki";
+    let hosts = format!(
+        "[[libvirt.hosts]]\nname = \"local\"\nuri = \"qemu:///system\"\n\
+         [libvirt.hosts.upstream_tls]\nca = \"{pki}/ca-cert.pem\"\n\
+         [[libvirt.hosts]]\nname = \"h2\"\nuri = \"{SECOND_URI}\"\n"
+    );
+    let v = Vizor::start_libvirt("", &hosts, ADMIN_API, common::write_admin_key);
+    for (n, (domain, host, tls)) in [
+        ("vizor-test-htls", "local", true),
+        ("vizor-test-h2", "h2", false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (status, a) = console(&v, domain, &format!("?host={host}")).await;
+        assert_eq!(status, 200, "{a}");
+        let mut b = open(&v, &a).await;
+        let start = v.records("session_start", n + 1);
+        assert_eq!(
+            (
+                start[n]["host"].as_str(),
+                start[n]["upstream_tls"].as_bool()
+            ),
+            (Some(host), Some(tls)),
+            "{}",
+            start[n]
+        );
+        b.close(1000, "done").await;
+        let _ = b.closed().await;
+    }
+    v.assert_never_logged("htls1pw");
+    v.assert_never_logged(SECOND_PASSWORD);
+}

@@ -505,3 +505,44 @@ async fn a_replica_with_another_lease_refuses_to_start() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "live: needs the test host (its CA) and redis-server (scripts/test.sh runs it with --include-ignored)"]
+async fn replicas_reach_redis_over_tls_and_trust_only_its_ca() {
+    let live = common::live_domain();
+    // Redis over TLS alone, demanding vizor's client certificate.
+    let redis = Redis::start_tls();
+    let (a, b) = replicas(&redis, "");
+    let (mut s, _) = open_fresh_when_back(&a, &live.name).await;
+    // The token is spent through Redis: the other replica refuses it.
+    let token = a.token(&live.name, ConsoleKind::Vnc, 60);
+    let (mut first, _) = open(&a, &token).await.unwrap();
+    let e = open(&b, &token).await.err().expect("a token spent on a");
+    assert!(e.contains("1008"), "{e}");
+    first.close(1000, "done").await;
+    s.close(1000, "done").await;
+
+    // A replica that trusts another CA (here: Redis's own certificate, no CA) refuses
+    // new sessions rather than talk to a Redis it cannot verify.
+    let table = format!(
+        "{}lease = \"4s\"\n{}",
+        redis
+            .state_table("c")
+            .replace("ca-cert.pem\"", "server-cert.pem\""),
+        common::ADMIN_API
+    );
+    let c = Vizor::start_full("", "", &table, |dir| {
+        redis.write_password(dir);
+        common::write_admin_key(dir);
+    });
+    let e = open(&c, &c.token(&live.name, ConsoleKind::Vnc, 60))
+        .await
+        .err()
+        .expect("no session without a Redis it can verify");
+    assert!(e.contains("vizor cannot start sessions now"), "{e}");
+    assert!(
+        c.wait_for_log("certificate"),
+        "the log names the certificate"
+    );
+    c.assert_never_logged(&redis.password);
+}

@@ -607,3 +607,62 @@ pub fn metrics_response(metrics: &Metrics) -> Resp {
 /// How long a shutdown waits for sessions to write their end records after they are
 /// told to close.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(3);
+
+#[cfg(test)]
+mod readiness_tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body(r: Resp) -> (u16, String) {
+        let status = r.status().as_u16();
+        let bytes = r.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn ready_while_one_host_answers_with_a_line_per_host_in_private() {
+        let host = |name: &str, uri: &str| crate::config::HostConfig {
+            name: name.into(),
+            uri: uri.into(),
+            console_address: None,
+            upstream_tls: None,
+        };
+        let hosts = Hosts::new(
+            &[
+                host("a", "test:///default"),
+                host("b", "test:///nonexistent/node.xml"),
+            ],
+            Arc::new(Metrics::new().unwrap()),
+        )
+        .unwrap();
+        let r = Readiness::default();
+        r.update(&hosts);
+        assert!(!r.is_ready(), "no host probed yet");
+        hosts.probe_all().await;
+        r.update(&hosts);
+        assert!(r.is_ready());
+        assert_eq!(body(r.response(false)).await, (200, "ready\n".into()));
+        let (status, text) = body(r.response(true)).await;
+        assert_eq!(status, 200);
+        assert!(
+            text.starts_with("ready\nhost a: up\nhost b: down: libvirt at test:///nonexistent"),
+            "{text}"
+        );
+        // Neither answers: not ready, and the public answer names no URI.
+        let down = Hosts::new(
+            &[host("b", "test:///nonexistent/node.xml")],
+            Arc::new(Metrics::new().unwrap()),
+        )
+        .unwrap();
+        down.probe_all().await;
+        r.update(&down);
+        let (status, text) = body(r.response(false)).await;
+        assert_eq!(status, 503);
+        assert!(!text.contains("test:"), "{text}");
+        let (status, text) = body(r.response(true)).await;
+        assert!(
+            status == 503 && text.contains("test:///nonexistent"),
+            "{text}"
+        );
+    }
+}

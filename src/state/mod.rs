@@ -44,6 +44,8 @@ pub struct Shared {
     /// are read, and its timeouts measured, there, so a replica busy with a burst of
     /// sessions starting does not take its own slowness for Redis's.
     rt: tokio::runtime::Handle,
+    /// Dropped with this, it ends the state runtime's thread.
+    _stop: tokio::sync::oneshot::Sender<()>,
     client: redis::Client,
     manager: redis::aio::ConnectionManagerConfig,
     /// The connection, replaced by a new one when Redis answers with an error that
@@ -144,15 +146,45 @@ impl Shared {
                 .set_keepalive(keepalive)
                 .set_user_timeout(Duration::from_secs(25)),
         );
-        let client = redis::Client::open(info).map_err(|e| format!("[state] redis: {e}"))?;
+        let client = if cfg.redis.starts_with("rediss://") {
+            let read = |key: &str, path: &std::path::Path| {
+                std::fs::read(path).map_err(|e| format!("[state] {key} {}: {e}", path.display()))
+            };
+            let root_cert = cfg.ca.as_deref().map(|p| read("ca", p)).transpose()?;
+            let client_tls = match (&cfg.client_cert, &cfg.client_key) {
+                (Some(cert), Some(key)) => {
+                    crate::tls::check_private("[state] client_key", key)?;
+                    Some(redis::ClientTlsConfig {
+                        client_cert: read("client_cert", cert)?,
+                        client_key: read("client_key", key)?,
+                    })
+                }
+                _ => None,
+            };
+            redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls,
+                    root_cert,
+                },
+            )
+            .map_err(|e| format!("[state] redis (TLS): {e}"))?
+        } else {
+            redis::Client::open(info).map_err(|e| format!("[state] redis: {e}"))?
+        };
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let conn =
+        let (rt, stop) = state_runtime()?;
+        // Made on the state runtime: what the manager spawns (its watch for a server's
+        // disconnect notice, and the reconnects it starts) runs there too.
+        let conn = {
+            let _on = rt.enter();
             redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-                .map_err(|e| format!("[state] redis: {e}"))?;
+                .map_err(|e| format!("[state] redis: {e}"))?
+        };
         let mut mark = [0u8; 8];
         getrandom::getrandom(&mut mark).map_err(|e| format!("[state]: no randomness: {e}"))?;
         let replica = cfg.replica.clone().unwrap_or_else(|| {
@@ -164,7 +196,8 @@ impl Shared {
         });
         let mark = format!("{replica}/{}", crate::audit::chain::hex(&mark));
         Ok(Shared {
-            rt: state_runtime()?,
+            rt,
+            _stop: stop,
             client,
             manager: config,
             conn: std::sync::Mutex::new(conn),
@@ -244,15 +277,27 @@ impl Shared {
         };
         // On the state runtime: the request is written, its answer read and the
         // timeout counted there, whatever this runtime is busy with.
+        // A caller that gives up (its session gone) takes its request with it, as
+        // before: a slot is never taken for nobody after its guard gave it back.
         let timeout = self.timeout;
-        let asked = self.rt.spawn(async move {
+        let asked = AbortOnDrop(self.rt.spawn(async move {
             let started = std::time::Instant::now();
             let r = tokio::time::timeout(timeout, query(conn)).await;
             (r, started.elapsed())
-        });
-        let (r, took) = asked
-            .await
-            .map_err(|e| Unavailable(format!("its request task failed: {e}")))?;
+        }));
+        // A backstop: the state runtime answers within its own timeout.
+        let (r, took) = match tokio::time::timeout(timeout * 2, asked).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => (
+                Ok(Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "the request's task failed",
+                    e.to_string(),
+                )))),
+                timeout,
+            ),
+            Err(elapsed) => (Err(elapsed), timeout * 2),
+        };
         if let Ok(Err(e)) = &r {
             // The manager reconnects on a dropped connection only: a refused password
             // or a primary turned replica (READONLY after a failover) gets a new one.
@@ -285,6 +330,7 @@ impl Shared {
     }
 
     fn renew(&self) {
+        let _on = self.rt.enter();
         match redis::aio::ConnectionManager::new_lazy_with_config(
             self.client.clone(),
             self.manager.clone(),
@@ -300,18 +346,41 @@ impl Shared {
 }
 
 /// A runtime of its own for the requests to Redis, on a thread named `vizor-state`
-/// that runs as long as the process.
-fn state_runtime() -> Result<tokio::runtime::Handle, String> {
+/// that runs until the sender returned is dropped.
+fn state_runtime() -> Result<(tokio::runtime::Handle, tokio::sync::oneshot::Sender<()>), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("[state]: no runtime for Redis: {e}"))?;
     let handle = rt.handle().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     std::thread::Builder::new()
         .name("vizor-state".into())
-        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .spawn(move || {
+            let _ = rt.block_on(stopped);
+        })
         .map_err(|e| format!("[state]: no thread for Redis: {e}"))?;
-    Ok(handle)
+    Ok((handle, stop))
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
 }
 
 fn lease_ms(lease: Duration) -> u64 {

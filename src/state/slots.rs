@@ -436,6 +436,7 @@ impl Shared {
             // others a thousand times, and Redis's answers to every replica would
             // queue behind that).
             let all = tokio::select! {
+                biased;
                 _ = every.tick() => true,
                 () = self.poke.notified() => false,
             };
@@ -471,17 +472,26 @@ impl Shared {
             .arg(lease_ms(self.lease))
             .arg(self.entry_key(""));
         for (member, h) in &held {
+            let entry = describe(h.session)
+                .map(|e| self.seal(e))
+                .unwrap_or_default();
+            if entry.is_empty() {
+                // A poke writes entries alone: a slot without one (a participant's,
+                // a session not live yet) was just taken, and ticks renew it.
+                if !all {
+                    continue;
+                }
+            } else {
+                written.push(member.clone());
+            }
             for k in &h.keys {
                 inv.key(k);
             }
             inv.key(self.tombstone_key(member));
-            let entry = describe(h.session)
-                .map(|e| self.seal(e))
-                .unwrap_or_default();
-            if !entry.is_empty() {
-                written.push(member.clone());
-            }
             inv.arg(member).arg(entry);
+        }
+        if !all && written.is_empty() {
+            return Ok(());
         }
         let lapsed: Vec<String> = self
             .run(

@@ -12,11 +12,26 @@ pub struct Redis {
     pub password: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Over TLS only (the test host's CA: `scripts/test-host.sh start` makes it), with
+    /// client certificates demanded.
+    tls: bool,
 }
+
+/// The test host's CA and certificates (127.0.0.1's server, vizor's client).
+pub const PKI: &str = "/var/lib/vizor-test/pki";
 
 impl Redis {
     /// Starts one and waits until it answers.
     pub fn start() -> Redis {
+        Self::start_with(false)
+    }
+
+    /// Starts one that speaks TLS alone, demanding a client certificate of the test CA.
+    pub fn start_tls() -> Redis {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Redis {
         let dir = tempfile::tempdir().unwrap();
         let password = format!("rp-{}", super::free_port());
         super::run::secret("redis password", &password);
@@ -25,6 +40,7 @@ impl Redis {
             password,
             dir,
             child: None,
+            tls,
         };
         r.start_again();
         r
@@ -33,8 +49,17 @@ impl Redis {
     /// The `[state]` table of a vizor using it (its password in `redis.password`
     /// of that vizor's directory: see [`Redis::write_password`]).
     pub fn state_table(&self, replica: &str) -> String {
+        let (scheme, tls) = match self.tls {
+            false => ("redis", String::new()),
+            true => (
+                "rediss",
+                format!(
+                    "ca = \"{PKI}/ca-cert.pem\"\nclient_cert = \"{PKI}/client-cert.pem\"\nclient_key = \"{PKI}/client-key.pem\"\n"
+                ),
+            ),
+        };
         format!(
-            "[state]\nredis = \"redis://127.0.0.1:{}/0\"\npassword_file = \"redis.password\"\nreplica = \"{replica}\"\ntimeout = \"1s\"\n",
+            "[state]\nredis = \"{scheme}://127.0.0.1:{}/0\"\npassword_file = \"redis.password\"\nreplica = \"{replica}\"\ntimeout = \"1s\"\n{tls}",
             self.port
         )
     }
@@ -80,12 +105,22 @@ impl Redis {
         let conf = self.dir.path().join("redis.conf");
         std::fs::write(
             &conf,
-            format!(
-                "port {}\nbind 127.0.0.1\nsave \"\"\nappendonly no\nrequirepass {}\ndir {}\n",
-                self.port,
-                self.password,
-                self.dir.path().display()
-            ),
+            match self.tls {
+                false => format!(
+                    "port {}\nbind 127.0.0.1\nsave \"\"\nappendonly no\nrequirepass {}\ndir {}\n",
+                    self.port,
+                    self.password,
+                    self.dir.path().display()
+                ),
+                true => format!(
+                    "port 0\ntls-port {}\ntls-cert-file {PKI}/server-cert.pem\ntls-key-file {PKI}/server-key.pem\n\
+                     tls-ca-cert-file {PKI}/ca-cert.pem\ntls-auth-clients yes\n\
+                     bind 127.0.0.1\nsave \"\"\nappendonly no\nrequirepass {}\ndir {}\n",
+                    self.port,
+                    self.password,
+                    self.dir.path().display()
+                ),
+            },
         )
         .unwrap();
         let child = Command::new("redis-server")
@@ -104,8 +139,19 @@ impl Redis {
 
     /// Whether it answers PING (redis-cli, its password in the environment).
     fn answers(&self) -> bool {
-        Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "ping"])
+        let mut cli = Command::new("redis-cli");
+        if self.tls {
+            cli.args([
+                "--tls",
+                "--cacert",
+                &format!("{PKI}/ca-cert.pem"),
+                "--cert",
+                &format!("{PKI}/client-cert.pem"),
+                "--key",
+                &format!("{PKI}/client-key.pem"),
+            ]);
+        }
+        cli.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "ping"])
             .env("REDISCLI_AUTH", &self.password)
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
