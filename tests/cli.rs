@@ -392,3 +392,84 @@ fn the_audit_chain_has_its_own_key() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("[audit] key_file is required"));
 }
+
+#[test]
+fn token_names_the_host_and_refuses_a_name_on_two() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two hosts (test-driver nodes): `demo1` on both (other UUIDs), `only2` on the second.
+    let node = |name: &str, domains: &[(&str, &str)]| {
+        let path = dir.path().join(name);
+        let mut xml = String::from("<node>");
+        for (d, uuid) in domains {
+            xml.push_str(&format!(
+                "<domain type='test'><name>{d}</name><uuid>{uuid}</uuid><memory>65536</memory>\
+                 <os><type>hvm</type></os><devices/></domain>"
+            ));
+        }
+        xml.push_str("</node>");
+        std::fs::write(&path, xml).unwrap();
+        format!("test://{}", path.display())
+    };
+    let a = node("a.xml", &[("demo1", DEMO1_UUID)]);
+    let b = node(
+        "b.xml",
+        &[
+            ("demo1", "7d5c4b3a-2918-4776-8655-443322110099"),
+            ("only2", "8d5c4b3a-2918-4776-8655-443322110099"),
+        ],
+    );
+    let config = dir.path().join("vizor.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:6080\"\n\
+             [[libvirt.hosts]]\nname = \"node-a\"\nuri = \"{a}\"\n\
+             [[libvirt.hosts]]\nname = \"node-b\"\nuri = \"{b}\"\n\
+             [tokens]\nkey_file = \"token.key\"\n[audit]\npath = \"audit.jsonl\"\nkey_file = \"audit.key\"\n"
+        ),
+    )
+    .unwrap();
+    let out = vizor(&["keygen", dir.path().join("token.key").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let config = config.to_str().unwrap();
+    let key = TokenKey::load(&dir.path().join("token.key")).unwrap();
+    let token = |args: &[&str]| {
+        let mut all = vec!["token", "--config", config];
+        all.extend_from_slice(args);
+        vizor(&all)
+    };
+
+    let out = token(&["--domain", "demo1", "--host", "node-b"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let claims = key
+        .open(text(&out.stdout).lines().last().unwrap(), now())
+        .unwrap();
+    assert_eq!(
+        (claims.host.as_str(), claims.uuid_string().as_str()),
+        ("node-b", "7d5c4b3a-2918-4776-8655-443322110099")
+    );
+    assert!(
+        text(&out.stderr).contains("on host node-b"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A name on one host alone needs no --host.
+    let out = token(&["--domain", "only2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let claims = key
+        .open(text(&out.stdout).lines().last().unwrap(), now())
+        .unwrap();
+    assert_eq!(claims.host, "node-b");
+    // A name on two is refused, naming them; an unknown host too.
+    let out = token(&["--domain", "demo1"]);
+    assert!(!out.status.success());
+    let e = text(&out.stderr);
+    assert!(e.contains("several hosts (node-a, node-b)"), "{e}");
+    let out = token(&["--domain", "demo1", "--host", "node-c"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no libvirt host named \"node-c\""),
+        "{}",
+        text(&out.stderr)
+    );
+}
