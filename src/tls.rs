@@ -107,6 +107,58 @@ pub(crate) fn check_private(name: &str, key: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks `[state]`'s TLS toward Redis at start, as the redis crate will use it on
+/// every connection (where a mistake would only refuse sessions, one by one): the
+/// system's trusted certificates readable (the crate reads them even with a `ca`),
+/// some trusted CA, and a client certificate that goes with its key. Also makes ring
+/// the process's TLS provider, which the crate's connections take.
+pub(crate) fn check_redis_tls(
+    ca: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+) -> Result<(), String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let native = rustls_native_certs::load_native_certs();
+    if let Some(e) = native.errors.first() {
+        return Err(format!(
+            "[state]: the system's trusted certificates cannot be read ({e}; see SSL_CERT_FILE and SSL_CERT_DIR), and every TLS connection to Redis reads them"
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(ca) => {
+            for cert in certificates("[state] ca", ca)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("[state] ca {}: {e}", ca.display()))?;
+            }
+        }
+        None if native.certs.is_empty() => {
+            return Err(
+                "[state]: rediss:// without ca, and the system trusts no certificate: set [state] ca to the CA of Redis's certificate"
+                    .into(),
+            )
+        }
+        None => {}
+    }
+    if let Some((cert, key)) = client {
+        let chain = certificates("[state] client_cert", cert)?;
+        check_private("[state] client_key", key)?;
+        let key_der = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| format!("[state] client_key {}: {e}", key.display()))?;
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?;
+        let builder = match ca {
+            Some(_) => builder.with_root_certificates(roots),
+            None => builder.with_root_certificates(rustls::RootCertStore::empty()),
+        };
+        builder
+            .with_client_auth_cert(chain, key_der)
+            .map_err(|e| format!("[state] client_cert and client_key: {e}"))?;
+    }
+    Ok(())
+}
+
 /// TLS toward QEMU, from `[upstream_tls]`.
 pub struct UpstreamTls {
     connector: TlsConnector,
@@ -186,5 +238,25 @@ impl UpstreamTls {
             .connect(name, stream)
             .await
             .map_err(|e| format!("TLS to the VM console at {target} failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_tls_is_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let e = check_redis_tls(Some(&empty), None).unwrap_err();
+        assert!(e.contains("[state] ca") && e.contains("no PEM certificate"), "{e}");
+        let missing = dir.path().join("missing.pem");
+        let e = check_redis_tls(Some(&missing), None).unwrap_err();
+        assert!(e.contains("missing.pem"), "{e}");
+        // A client certificate without a readable key file.
+        let e = check_redis_tls(None, Some((&empty, &missing))).unwrap_err();
+        assert!(e.contains("[state]"), "{e}");
     }
 }

@@ -541,8 +541,31 @@ async fn replicas_reach_redis_over_tls_and_trust_only_its_ca() {
         .expect("no session without a Redis it can verify");
     assert!(e.contains("vizor cannot start sessions now"), "{e}");
     assert!(
-        c.wait_for_log("certificate"),
-        "the log names the certificate"
+        c.wait_for_log("invalid peer certificate"),
+        "the log says why"
     );
     c.assert_never_logged(&redis.password);
+
+    // The right CA, but an address the certificate does not name (it names 127.0.0.1
+    // and localhost; Redis listens on 127.0.0.2 too): refused alike.
+    let table = format!(
+        "{}lease = \"4s\"\n{}",
+        redis
+            .state_table("d")
+            .replace("rediss://127.0.0.1:", "rediss://127.0.0.2:"),
+        common::ADMIN_API
+    );
+    let d = Vizor::start_full("", "", &table, |dir| {
+        redis.write_password(dir);
+        common::write_admin_key(dir);
+    });
+    let e = open(&d, &d.token(&live.name, ConsoleKind::Vnc, 60))
+        .await
+        .err()
+        .expect("no session with a Redis whose certificate names another address");
+    assert!(e.contains("vizor cannot start sessions now"), "{e}");
+    assert!(
+        d.wait_for_log("invalid peer certificate"),
+        "the log says why"
+    );
 }

@@ -147,6 +147,10 @@ impl Shared {
                 .set_user_timeout(Duration::from_secs(25)),
         );
         let client = if cfg.redis.starts_with("rediss://") {
+            crate::tls::check_redis_tls(
+                cfg.ca.as_deref(),
+                cfg.client_cert.as_deref().zip(cfg.client_key.as_deref()),
+            )?;
             let read = |key: &str, path: &std::path::Path| {
                 std::fs::read(path).map_err(|e| format!("[state] {key} {}: {e}", path.display()))
             };
@@ -277,8 +281,10 @@ impl Shared {
         };
         // On the state runtime: the request is written, its answer read and the
         // timeout counted there, whatever this runtime is busy with.
-        // A caller that gives up (its session gone) takes its request with it, as
-        // before: a slot is never taken for nobody after its guard gave it back.
+        // A caller that gives up (its session gone) takes its request with it if it
+        // was not sent yet; one already sent goes before the guard's give-back on the
+        // same connection (a reconnect between the two could leave a slot held for a
+        // lease at most).
         let timeout = self.timeout;
         let asked = AbortOnDrop(self.rt.spawn(async move {
             let started = std::time::Instant::now();
@@ -301,8 +307,14 @@ impl Shared {
         if let Ok(Err(e)) = &r {
             // The manager reconnects on a dropped connection only: a refused password
             // or a primary turned replica (READONLY after a failover) gets a new one.
-            let stale = e.kind() == redis::ErrorKind::AuthenticationFailed
-                || matches!(e.code(), Some("READONLY" | "NOAUTH" | "WRONGPASS"));
+            // (Nor on a TLS connection that could not be set up: made anew, the next
+            // try reads the certificates again.)
+            let stale = matches!(
+                e.kind(),
+                redis::ErrorKind::AuthenticationFailed
+                    | redis::ErrorKind::Client
+                    | redis::ErrorKind::InvalidClientConfig
+            ) || matches!(e.code(), Some("READONLY" | "NOAUTH" | "WRONGPASS"));
             if stale {
                 self.renew();
             }

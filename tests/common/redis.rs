@@ -115,7 +115,7 @@ impl Redis {
                 true => format!(
                     "port 0\ntls-port {}\ntls-cert-file {PKI}/server-cert.pem\ntls-key-file {PKI}/server-key.pem\n\
                      tls-ca-cert-file {PKI}/ca-cert.pem\ntls-auth-clients yes\n\
-                     bind 127.0.0.1\nsave \"\"\nappendonly no\nrequirepass {}\ndir {}\n",
+                     bind 127.0.0.1 127.0.0.2\nsave \"\"\nappendonly no\nrequirepass {}\ndir {}\n",
                     self.port,
                     self.password,
                     self.dir.path().display()
