@@ -251,7 +251,10 @@ mod tests {
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "").unwrap();
         let e = check_redis_tls(Some(&empty), None).unwrap_err();
-        assert!(e.contains("[state] ca") && e.contains("no PEM certificate"), "{e}");
+        assert!(
+            e.contains("[state] ca") && e.contains("no PEM certificate"),
+            "{e}"
+        );
         let missing = dir.path().join("missing.pem");
         let e = check_redis_tls(Some(&missing), None).unwrap_err();
         assert!(e.contains("missing.pem"), "{e}");
