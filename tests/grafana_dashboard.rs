@@ -153,6 +153,11 @@ fn every_metric_it_names_is_exported() {
         .with_label_values(&["default", "no_such_domain"])
         .inc();
     metrics
+        .libvirt_lookup_seconds
+        .with_label_values(&["default"])
+        .observe(0.001);
+    metrics.libvirt_up.with_label_values(&["default"]).set(1);
+    metrics
         .protocol_errors_total
         .with_label_values(&["vnc", "browser", "unknown_message_type"])
         .inc();
