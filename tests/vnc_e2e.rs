@@ -593,7 +593,7 @@ async fn metrics_count_sessions_bytes_latency_and_refusals() {
     at_least("vizor_handshake_seconds_count{kind=\"vnc\"}", 1.0);
     at_least("vizor_client_rtt_seconds_count{kind=\"vnc\"}", 2.0);
     at_least("vizor_upstream_connect_seconds_count{kind=\"vnc\"}", 1.0);
-    at_least("vizor_libvirt_lookup_seconds_count", 1.0);
+    at_least("vizor_libvirt_lookup_seconds_count{host=\"default\"}", 1.0);
     at_least("vizor_audit_events_total{event=\"key\"}", 2.0);
     at_least("vizor_audit_events_total{event=\"session_start\"}", 1.0);
     at_least(
