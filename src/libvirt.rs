@@ -3,13 +3,14 @@
 //!
 //! The password is read from the live XML with `VIR_DOMAIN_XML_SECURE` (which needs a
 //! read-write connection) and goes nowhere but to QEMU. libvirt calls block, so they run
-//! on tokio's blocking pool, never on the executor threads; one connection per URI is
-//! kept and reopened when it dies (libvirtd restarted, network lost).
+//! on tokio's blocking pool, never on the executor threads. Connections are long-lived,
+//! one per call running at once, kept alive by libvirt's keepalive and reopened when
+//! they die (libvirtd restarted, network lost): see [`pool`].
 
 use crate::token::ConsoleKind;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -534,7 +535,7 @@ pub struct Libvirt {
     /// Where consoles listening on a wildcard address are reached (default: the
     /// URI's host).
     console_address: Option<String>,
-    conn: Mutex<Option<Connect>>,
+    conns: pool::Pool,
 }
 
 impl fmt::Debug for Libvirt {
@@ -578,14 +579,11 @@ impl Libvirt {
     /// A client for the host `host` at `uri`, whose consoles listening on a wildcard
     /// address are at `console_address` (default: the URI's host).
     pub fn for_host(host: &str, uri: &str, console_address: Option<&str>) -> Arc<Libvirt> {
-        // libvirt prints every error to stderr unless told otherwise; vizor reports
-        // them itself.
-        virt::error::clear_error_callback();
         Arc::new(Libvirt {
             uri: uri.to_owned(),
             host: host.to_owned(),
             console_address: console_address.map(str::to_owned),
-            conn: Mutex::new(None),
+            conns: pool::Pool::new(uri),
         })
     }
 
@@ -628,7 +626,7 @@ impl Libvirt {
     /// Opens the connection (or finds it alive) and says what is behind it: what vizor
     /// checks at start and `vizor check` reports. Blocking.
     pub fn probe_blocking(&self) -> Result<Probe, LookupError> {
-        self.with_connection(|conn| {
+        self.with_connection(true, |conn| {
             let failed = |e: virt::error::Error| {
                 if conn.is_alive().unwrap_or(false) {
                     Failure::Lookup(LookupError::Unreachable {
@@ -680,7 +678,7 @@ impl Libvirt {
     /// The running domains' graphics that have no password in libvirt, as
     /// (domain, graphics type): consoles anyone reaching their port opens. Blocking.
     pub fn unprotected_blocking(&self) -> Result<Vec<(String, String)>, LookupError> {
-        self.with_connection(|conn| {
+        self.with_connection(false, |conn| {
             let unreachable = |e: virt::error::Error| {
                 Failure::Lookup(LookupError::Unreachable {
                     uri: self.uri.clone(),
@@ -738,13 +736,13 @@ impl Libvirt {
         kind: ConsoleKind,
         now: SystemTime,
     ) -> Result<Console, LookupError> {
-        self.with_connection(|conn| self.query(conn, domain, kind, now))
+        self.with_connection(false, |conn| self.query(conn, domain, kind, now))
     }
 
     /// The name and UUID of `domain` (a name or a UUID), running or not; blocking.
     pub fn identify_blocking(&self, domain: &str) -> Result<(String, [u8; 16]), LookupError> {
         let domain = DomainRef::NameOrUuid(domain.to_owned());
-        self.with_connection(|conn| {
+        self.with_connection(false, |conn| {
             let dom = self.find(conn, &domain)?;
             let classify = |e: virt::error::Error| self.classify(conn, &domain, e);
             let name = dom.name().map_err(classify)?;
@@ -759,10 +757,12 @@ impl Libvirt {
         })
     }
 
-    /// Runs `f` on the connection, opening it when there is none; one retry on a fresh
-    /// connection, since the first failure may be a connection that died since last use.
+    /// Runs `f` on a connection of its own (see [`pool`]); one retry on a fresh
+    /// connection, since the first failure may be a connection that died since last
+    /// use. `probe`: the prober's call, which reconnects even within the backoff.
     fn with_connection<T>(
         &self,
+        probe: bool,
         f: impl Fn(&Connect) -> Result<T, Failure>,
     ) -> Result<T, LookupError> {
         let unreachable = |message: String| LookupError::Unreachable {
@@ -770,27 +770,21 @@ impl Libvirt {
             message,
         };
         for attempt in 0..2 {
-            let conn = {
-                let mut slot = self
-                    .conn
-                    .lock()
-                    .map_err(|_| unreachable("connection lock poisoned".into()))?;
-                if slot.is_none() {
-                    let c = Connect::open(Some(&self.uri))
-                        .map_err(|e| unreachable(e.message().to_owned()))?;
-                    *slot = Some(c);
-                }
-                slot.clone()
-                    .ok_or_else(|| unreachable("no connection".into()))?
-            };
+            let conn = self.conns.take(probe).map_err(unreachable)?;
             match f(&conn) {
-                Ok(v) => return Ok(v),
-                Err(Failure::Lookup(e)) => return Err(e),
+                Ok(v) => {
+                    self.conns.give_back(conn);
+                    return Ok(v);
+                }
+                Err(Failure::Lookup(e)) => {
+                    self.conns.give_back(conn);
+                    return Err(e);
+                }
                 Err(Failure::Connection(message)) => {
-                    if let Ok(mut slot) = self.conn.lock() {
-                        *slot = None;
-                    }
+                    tracing::warn!(host = %self.host, uri = %self.uri, error = %message,
+                        "libvirt connection lost; opening another");
                     drop(conn);
+                    self.conns.forget_idle();
                     if attempt == 1 {
                         return Err(unreachable(message));
                     }
@@ -887,6 +881,7 @@ impl Libvirt {
 }
 
 pub mod hosts;
+pub mod pool;
 
 #[cfg(test)]
 mod tests;

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub libvirt_errors_total: IntCounterVec,
     /// `vizor_libvirt_up{host}`: 1 while the host's libvirt answers.
     pub libvirt_up: IntGaugeVec,
+    /// `vizor_libvirt_lookups_running{host}`: lookups holding one of the host's turns.
+    pub libvirt_lookups_running: IntGaugeVec,
     /// `vizor_auth_refusals_total{stage,reason}`
     pub auth_refusals_total: IntCounterVec,
     /// `vizor_api_requests_total{endpoint,code}`
@@ -139,6 +141,10 @@ impl Metrics {
             )?,
             libvirt_up: IntGaugeVec::new(
                 Opts::new("vizor_libvirt_up", "1 while the host's libvirt answers vizor's probes, else 0."),
+                &["host"],
+            )?,
+            libvirt_lookups_running: IntGaugeVec::new(
+                Opts::new("vizor_libvirt_lookups_running", "Lookups running on the host's libvirt, counting those that outlived their wait (at most 8 per host; a dead connection's are ended by libvirt's keepalive)."),
                 &["host"],
             )?,
             auth_refusals_total: IntCounterVec::new(
@@ -243,6 +249,7 @@ impl Metrics {
         r.register(Box::new(m.libvirt_lookup_seconds.clone()))?;
         r.register(Box::new(m.libvirt_errors_total.clone()))?;
         r.register(Box::new(m.libvirt_up.clone()))?;
+        r.register(Box::new(m.libvirt_lookups_running.clone()))?;
         r.register(Box::new(m.auth_refusals_total.clone()))?;
         r.register(Box::new(m.api_requests_total.clone()))?;
         r.register(Box::new(m.admin_actions_total.clone()))?;

@@ -188,6 +188,55 @@ async fn a_second_host_that_hangs_or_dies_costs_the_first_nothing_and_comes_back
     let (status, _, body) = http_get(v.addr, "/readyz", &[]).await;
     assert_eq!((status, body.as_str()), (200, "ready\n"));
 
+    // Lookups on the hung host give up at their bound, and libvirt's keepalive ends
+    // the calls still waiting on its connections: no turn of the host stays taken
+    // (without keepalive, a call waited until the host answered again), and a lookup
+    // then fails at once. libvirt's words are in vizor's log.
+    let asks = (0..8).map(|_| console(&v, "vizor-test-h2", "?host=h2"));
+    for (status, a) in futures_util::future::join_all(asks).await {
+        assert_eq!(
+            (status, a["reason"].as_str()),
+            (502, Some("unreachable")),
+            "{a}"
+        );
+    }
+    let running = r#"vizor_libvirt_lookups_running{host="h2"}"#;
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let now = common::metric(&v.metrics().await, running);
+        if now == Some(0.0) && v.logged("keepalive timeout") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{running} = {now:?}, keepalive in the log: {}",
+            v.logged("keepalive timeout")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let since = Instant::now();
+    let (status, a) = console(&v, "vizor-test-h2", "?host=h2").await;
+    assert_eq!(
+        (status, a["reason"].as_str()),
+        (502, Some("unreachable")),
+        "{a}"
+    );
+    let took = since.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "a lookup on the hung host took {took:?}"
+    );
+    // It thaws (where libvirt's client once crashed vizor): back within a probe.
+    signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while host_state(&v, "h2").await["reachable"] != true {
+        assert!(Instant::now() < deadline, "h2 not reachable after SIGCONT");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (status, a) = console(&v, "vizor-test-h2", "?host=h2").await;
+    assert_eq!(status, 200, "{a}");
+    open(&v, &a).await.close(1000, "done").await;
+
     // It dies (SIGKILL): vizor notices within a probe, says so, and stays ready.
     signal("-KILL");
     let deadline = Instant::now() + Duration::from_secs(40);

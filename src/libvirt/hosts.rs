@@ -1,6 +1,7 @@
-//! Many libvirt hosts (`[[libvirt.hosts]]`): one connection each, lookups bounded per
-//! host so that a host that hangs costs only its own lookups, and a prober that says
-//! which hosts answer (`/readyz`, `vizor_libvirt_up{host}`).
+//! Many libvirt hosts (`[[libvirt.hosts]]`): long-lived connections to each, kept
+//! alive by libvirt's keepalive ([`super::pool`]), lookups bounded per host so that a
+//! host that hangs costs only its own lookups, and a prober that says which hosts
+//! answer (`/readyz`, `vizor_libvirt_up{host}`).
 
 use super::{DomainRef, Libvirt, LookupError, Probe};
 use crate::config::HostConfig;
@@ -97,12 +98,15 @@ impl Host {
             .set(i64::from(up));
     }
 
-    /// Runs `f` on this host's connection on the blocking pool, in one of its turns,
-    /// for at most [`LOOKUP_WAIT`]. A call that outlives the wait keeps its turn until
-    /// libvirt answers it: a hung host ties up at most [`LOOKUPS_PER_HOST`] threads.
-    /// `Err(Busy)`: no turn came within the wait (the host is busy, not known down).
+    /// Runs `f` on one of this host's connections on the blocking pool, in one of its
+    /// turns, for at most [`LOOKUP_WAIT`], counted in `running` while it runs. A call
+    /// that outlives the wait keeps its turn until libvirt answers it or its keepalive
+    /// closes the connection (see [`super::pool`]): a hung host ties up at most
+    /// [`LOOKUPS_PER_HOST`] threads, and not for long. `Err(Busy)`: no turn came
+    /// within the wait (the host is busy, not known down).
     async fn call<T: Send + 'static>(
         &self,
+        running: prometheus::IntGauge,
         f: impl FnOnce(&Libvirt) -> Result<T, LookupError> + Send + 'static,
     ) -> Result<Result<T, LookupError>, Busy> {
         let unreachable = |message: String| LookupError::Unreachable {
@@ -121,9 +125,12 @@ impl Host {
             }
         };
         let libvirt = self.libvirt.clone();
+        running.inc();
         let task = tokio::task::spawn_blocking(move || {
             let _turn = turn;
-            f(&libvirt)
+            let r = f(&libvirt);
+            running.dec();
+            r
         });
         Ok(match tokio::time::timeout_at(deadline, task).await {
             Err(_) => Err(unreachable(format!(
@@ -170,6 +177,10 @@ impl Hosts {
                 .transpose()?
                 .map(Arc::new);
             metrics.libvirt_up.with_label_values(&[&c.name]).set(0);
+            metrics
+                .libvirt_lookups_running
+                .with_label_values(&[&c.name])
+                .set(0);
             metrics.libvirt_lookup_seconds.with_label_values(&[&c.name]);
             for reason in LookupError::REASONS {
                 metrics
@@ -245,8 +256,14 @@ impl Hosts {
         kind: ConsoleKind,
     ) -> Result<super::Console, LookupError> {
         let started = Instant::now();
+        let running = self
+            .metrics
+            .libvirt_lookups_running
+            .with_label_values(&[h.name()]);
         let r = h
-            .call(move |l| l.lookup_blocking(&domain, kind, SystemTime::now()))
+            .call(running, move |l| {
+                l.lookup_blocking(&domain, kind, SystemTime::now())
+            })
             .await;
         self.metrics
             .libvirt_lookup_seconds

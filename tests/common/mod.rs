@@ -756,6 +756,11 @@ impl Vizor {
         self.child.wait().unwrap()
     }
 
+    /// Whether vizor's log contains `needle` now.
+    pub fn logged(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().contains(needle)
+    }
+
     /// Waits (up to 10 s) until vizor's log contains `needle`; vizor logs a session's
     /// end after the browser has seen it.
     pub fn wait_for_log(&self, needle: &str) -> bool {
