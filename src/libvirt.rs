@@ -781,10 +781,15 @@ impl Libvirt {
                     return Err(e);
                 }
                 Err(Failure::Connection(message)) => {
-                    tracing::warn!(host = %self.host, uri = %self.uri, error = %message,
-                        "libvirt connection lost; opening another");
+                    // Dead: dropped, not given back (closing it asks libvirt nothing).
                     drop(conn);
-                    self.conns.forget_idle();
+                    let then = if attempt == 0 {
+                        "trying another"
+                    } else {
+                        "giving up"
+                    };
+                    tracing::warn!(host = %self.host, uri = %self.uri, error = %message,
+                        "libvirt connection lost; {then}");
                     if attempt == 1 {
                         return Err(unreachable(message));
                     }

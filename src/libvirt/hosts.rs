@@ -125,12 +125,10 @@ impl Host {
             }
         };
         let libvirt = self.libvirt.clone();
-        running.inc();
         let task = tokio::task::spawn_blocking(move || {
             let _turn = turn;
-            let r = f(&libvirt);
-            running.dec();
-            r
+            let _running = Running::new(running);
+            f(&libvirt)
         });
         Ok(match tokio::time::timeout_at(deadline, task).await {
             Err(_) => Err(unreachable(format!(
@@ -140,6 +138,22 @@ impl Host {
             Ok(Err(e)) => Err(unreachable(format!("lookup task failed: {e}"))),
             Ok(Ok(r)) => r,
         })
+    }
+}
+
+/// A call counted as running while it lives (a panic in libvirt included).
+struct Running(prometheus::IntGauge);
+
+impl Running {
+    fn new(gauge: prometheus::IntGauge) -> Running {
+        gauge.inc();
+        Running(gauge)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -17,12 +17,15 @@
 //! before the first connection is opened and run on a thread of its own
 //! ([`event_loop`]).
 //!
-//! Opening is bounded too: libvirt has no time limit on opening a connection, and a
-//! libvirtd that accepts and never answers would hold the opener for as long as it is
-//! stuck. So a connection is opened on a thread of its own, one at a time per host;
-//! a call waits for it at most [`OPEN_WAIT`], and a stuck opener ties up that one
-//! thread, not the host's calls. An open that fails sets a backoff: calls within it
-//! fail at once with the last error, and only the prober tries sooner.
+//! Opening is bounded too: libvirt has no time limit on opening a connection (and
+//! keepalive starts only once it is open), so a libvirtd that accepts and never
+//! answers, or a link cut during an open, would hold the opener until the kernel gives
+//! up. So a connection is opened on a thread of its own, at most [`OPENERS_MAX`] at
+//! once per host, and a call waits at most [`OPEN_WAIT`] in all for a connection. An
+//! open older than that makes the host's calls fail at once (it hangs), except the
+//! prober's, which opens anew while there is room, so that a host that comes back is
+//! used again within a probe. An open that fails sets a backoff: calls within it fail
+//! at once with the last error, and only the prober tries sooner.
 
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -34,8 +37,11 @@ pub const KEEPALIVE_INTERVAL: i32 = 5;
 /// Keepalive messages left unanswered before libvirt closes the connection.
 pub const KEEPALIVE_COUNT: u32 = 3;
 
-/// How long a call waits for a connection being opened.
+/// How long a call waits for a connection, in all.
 pub const OPEN_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens under way at once per host at most (threads a hung host can hold).
+pub const OPENERS_MAX: usize = 4;
 
 /// The first backoff after a failed open; it doubles up to [`BACKOFF_MAX`].
 pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
@@ -52,43 +58,70 @@ const IDLE_MAX: usize = 16;
 pub fn event_loop() -> Result<(), &'static str> {
     static STARTED: OnceLock<Result<(), &'static str>> = OnceLock::new();
     *STARTED.get_or_init(|| {
-        if virt::event::event_register_default_impl().is_err() {
-            return Err("libvirt's event loop could not be registered");
+        let started = start_event_loop();
+        if let Err(why) = started {
+            tracing::error!(
+                "{why}: libvirt connections have no keepalive, and a host that hangs \
+                 holds its lookups until the kernel gives up on the connection"
+            );
         }
-        std::thread::Builder::new()
-            .name("vizor-libvirt-events".into())
-            .spawn(|| loop {
-                if let Err(e) = virt::event::event_run_default_impl() {
-                    tracing::warn!(error = %e.message(), "libvirt event loop");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            })
-            .map(|_| ())
-            .map_err(|_| "no thread for libvirt's event loop")
+        started
     })
+}
+
+fn start_event_loop() -> Result<(), &'static str> {
+    if virt::event::event_register_default_impl().is_err() {
+        return Err("libvirt's event loop could not be registered");
+    }
+    std::thread::Builder::new()
+        .name("vizor-libvirt-events".into())
+        .spawn(|| loop {
+            if let Err(e) = virt::event::event_run_default_impl() {
+                tracing::warn!(error = %e.message(), "libvirt event loop");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .map(|_| ())
+        .map_err(|_| "no thread for libvirt's event loop")
 }
 
 #[derive(Default)]
 struct State {
     idle: Vec<Connect>,
-    /// Since when a connection has been opening (one at a time).
-    opening: Option<Instant>,
+    /// The opens under way: each one's number and start.
+    opening: Vec<(u64, Instant)>,
+    /// The next open's number.
+    next_open: u64,
     /// After failed opens: how many in a row, the last one's words, and until when
     /// calls do not open another.
     failures: u32,
     last_error: String,
     backoff_until: Option<Instant>,
+    /// Whether a refused keepalive was said already.
+    said_no_keepalive: bool,
+}
+
+impl State {
+    /// Since when the oldest open under way has waited, if it has waited longer than
+    /// [`OPEN_WAIT`]: the host hangs on opens.
+    fn hung_open(&self) -> Option<Duration> {
+        self.opening
+            .iter()
+            .map(|(_, since)| since.elapsed())
+            .max()
+            .filter(|d| *d >= OPEN_WAIT)
+    }
 }
 
 /// One host's connections.
 pub struct Pool(Arc<Inner>);
 
-/// What a pool shares with its opener thread, which may outlive a call (and the pool).
+/// What a pool shares with its opener threads, which may outlive a call (and the pool).
 struct Inner {
     uri: String,
     state: Mutex<State>,
-    /// Told when an open ends.
-    opened: Condvar,
+    /// Told when an open ends or a connection is given back.
+    changed: Condvar,
 }
 
 impl std::fmt::Debug for Pool {
@@ -106,12 +139,13 @@ impl Pool {
         Pool(Arc::new(Inner {
             uri: uri.to_owned(),
             state: Mutex::new(State::default()),
-            opened: Condvar::new(),
+            changed: Condvar::new(),
         }))
     }
 
-    /// A connection for one call: an idle one that is alive, else one opened now.
-    /// `probe`: the prober's call, which opens even within the backoff. Blocking.
+    /// A connection for one call, within [`OPEN_WAIT`]: an idle one that is alive,
+    /// else one opened now. `probe`: the prober's call, which opens even within the
+    /// backoff and while an open hangs. Blocking.
     pub fn take(&self, probe: bool) -> Result<Connect, String> {
         self.0.take(probe)
     }
@@ -120,11 +154,21 @@ impl Pool {
     pub fn give_back(&self, c: Connect) {
         self.0.give_back(c)
     }
+}
 
-    /// Drops every idle connection: one failed as dead, so the others opened to the
-    /// same libvirt before are suspect too.
-    pub fn forget_idle(&self) {
-        self.0.forget_idle()
+/// Ends an open's entry however its thread ends (a panic in libvirt included), so
+/// that the pool never waits for an open that is over.
+struct OpenEntry {
+    pool: Arc<Inner>,
+    id: u64,
+}
+
+impl Drop for OpenEntry {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.pool.state.lock() {
+            s.opening.retain(|(id, _)| *id != self.id);
+        }
+        self.pool.changed.notify_all();
     }
 }
 
@@ -136,6 +180,7 @@ impl Inner {
     }
 
     fn take(self: &Arc<Self>, probe: bool) -> Result<Connect, String> {
+        let deadline = Instant::now() + OPEN_WAIT;
         let mut s = self.lock()?;
         loop {
             while let Some(c) = s.idle.pop() {
@@ -143,66 +188,99 @@ impl Inner {
                     return Ok(c);
                 }
             }
-            if let Some(since) = s.opening {
-                let left = OPEN_WAIT.saturating_sub(since.elapsed());
-                if left.is_zero() {
-                    return Err(format!(
-                        "no answer to opening a connection for {}",
-                        humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
-                    ));
-                }
-                s = self
-                    .opened
-                    .wait_timeout(s, left)
-                    .map_err(|_| "connection pool lock poisoned".to_owned())?
-                    .0;
-                continue;
-            }
-            if let Some(until) = s.backoff_until.filter(|u| !probe && *u > Instant::now()) {
+            let hung = s.hung_open();
+            if let (Some(d), false) = (hung, probe) {
                 return Err(format!(
-                    "{} (not tried again for {} ms)",
-                    s.last_error,
-                    until.saturating_duration_since(Instant::now()).as_millis()
+                    "no answer to opening a connection for {}",
+                    humantime::format_duration(Duration::from_secs(d.as_secs()))
                 ));
             }
-            s.opening = Some(Instant::now());
-            drop(s);
-            return self.open();
+            if s.opening.len() < OPENERS_MAX {
+                if let Some(until) = s.backoff_until.filter(|u| !probe && *u > Instant::now()) {
+                    return Err(format!(
+                        "{} (not tried again for {} ms)",
+                        s.last_error,
+                        until.saturating_duration_since(Instant::now()).as_millis()
+                    ));
+                }
+                let id = s.next_open;
+                s.next_open += 1;
+                s.opening.push((id, Instant::now()));
+                drop(s);
+                return self.open(id, deadline);
+            }
+            // As many opens as may be are under way: wait for one of them, or for a
+            // connection given back.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "no connection within {}: {OPENERS_MAX} opens under way",
+                    humantime::format_duration(OPEN_WAIT)
+                ));
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .map_err(|_| "connection pool lock poisoned".to_owned())?
+                .0;
         }
     }
 
-    /// Opens a connection on a thread of its own and waits for it at most
-    /// [`OPEN_WAIT`]; one that comes later is kept for the next call.
-    fn open(self: &Arc<Self>) -> Result<Connect, String> {
-        let _ = event_loop();
+    /// Opens a connection on a thread of its own and waits for it until `deadline`;
+    /// one that comes later is kept for the next call.
+    fn open(self: &Arc<Self>, id: u64, deadline: Instant) -> Result<Connect, String> {
+        let keepalive = event_loop().is_ok();
         let (tx, rx) = mpsc::sync_channel::<Connect>(1);
-        let me = self.clone();
+        let entry = OpenEntry {
+            pool: self.clone(),
+            id,
+        };
         let spawned = std::thread::Builder::new()
             .name("vizor-libvirt-open".into())
             .spawn(move || {
-                let opened = Connect::open(Some(&me.uri)).inspect(|c| {
-                    // Refused by drivers that need none (test:///, in-process).
-                    let _ = c.set_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT);
-                });
-                me.opened(opened, tx);
+                let opened = Connect::open(Some(&entry.pool.uri));
+                if let (Ok(c), true) = (&opened, keepalive) {
+                    if let Err(e) = c.set_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT) {
+                        entry.pool.no_keepalive(&e);
+                    }
+                }
+                entry.pool.opened(opened, tx);
+                drop(entry);
             });
+        // Not spawned: the entry went with the closure and is dropped already.
         if let Err(e) = spawned {
-            if let Ok(mut s) = self.lock() {
-                s.opening = None;
-            }
-            self.opened.notify_all();
             return Err(format!("no thread to open a connection: {e}"));
         }
-        match rx.recv_timeout(OPEN_WAIT) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
             Ok(c) => Ok(c),
             Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
                 "no answer to opening a connection within {}",
-                humantime::format_duration(OPEN_WAIT)
+                humantime::format_duration(Duration::from_secs(left.as_secs()))
             )),
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(self
                 .lock()
                 .map(|s| s.last_error.clone())
                 .unwrap_or_else(|e| e)),
+        }
+    }
+
+    /// Says once per host that keepalive was refused, unless the driver needs none
+    /// (`test:///` and other drivers in the process).
+    fn no_keepalive(&self, e: &virt::error::Error) {
+        if e.code().unwrap_or(virt::error::ErrorNumber::InternalError)
+            == virt::error::ErrorNumber::NoSupport
+        {
+            return;
+        }
+        let first = self
+            .state
+            .lock()
+            .map(|mut s| !std::mem::replace(&mut s.said_no_keepalive, true))
+            .unwrap_or(false);
+        if first {
+            tracing::warn!(uri = %self.uri, error = %e.message(),
+                "libvirt refused keepalive: a host that hangs holds its lookups longer");
         }
     }
 
@@ -213,7 +291,6 @@ impl Inner {
         // one asks libvirt.
         let mut surplus = None;
         if let Ok(mut s) = self.state.lock() {
-            s.opening = None;
             match opened {
                 Ok(c) => {
                     s.failures = 0;
@@ -239,7 +316,6 @@ impl Inner {
                 }
             }
         }
-        self.opened.notify_all();
         drop(surplus);
     }
 
@@ -254,16 +330,8 @@ impl Inner {
             }
             _ => Some(c),
         };
+        self.changed.notify_one();
         drop(surplus);
-    }
-
-    fn forget_idle(&self) {
-        let idle = self
-            .state
-            .lock()
-            .map(|mut s| std::mem::take(&mut s.idle))
-            .unwrap_or_default();
-        drop(idle);
     }
 }
 
@@ -317,5 +385,54 @@ mod tests {
             assert!(last <= BACKOFF_MAX, "{last:?}");
         }
         assert!(last > BACKOFF_MAX / 2, "{last:?}");
+    }
+
+    /// Puts opens under way into `pool` that no thread runs: how a hung libvirtd looks.
+    fn opens_under_way(pool: &Pool, since: &[Duration]) {
+        let mut s = pool.0.state.lock().unwrap();
+        for d in since {
+            let id = s.next_open;
+            s.next_open += 1;
+            s.opening
+                .push((id, Instant::now().checked_sub(*d).unwrap()));
+        }
+    }
+
+    #[test]
+    fn an_open_that_hangs_fails_calls_at_once_but_not_the_prober() {
+        let pool = Pool::new("test:///default");
+        opens_under_way(&pool, &[OPEN_WAIT + Duration::from_secs(1)]);
+        let since = Instant::now();
+        let e = pool.take(false).unwrap_err();
+        assert!(
+            e.starts_with("no answer to opening a connection for 11s"),
+            "{e}"
+        );
+        assert!(since.elapsed() < OPEN_WAIT / 2, "{:?}", since.elapsed());
+        // The prober opens anew beside it: a host that is back is found.
+        let c = pool.take(true).unwrap();
+        // An idle connection is taken first, whatever opens are under way.
+        opens_under_way(&pool, &[Duration::ZERO; OPENERS_MAX - 1]);
+        pool.give_back(c);
+        assert!(pool.take(false).is_ok());
+    }
+
+    #[test]
+    fn a_call_waiting_for_room_takes_a_connection_given_back() {
+        let pool = std::sync::Arc::new(Pool::new("test:///default"));
+        let c = pool.take(false).unwrap();
+        opens_under_way(&pool, &[Duration::ZERO; OPENERS_MAX]);
+        let giver = {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                pool.give_back(c);
+            })
+        };
+        let since = Instant::now();
+        let got = pool.take(false);
+        assert!(got.is_ok(), "{got:?}");
+        assert!(since.elapsed() < OPEN_WAIT / 2, "{:?}", since.elapsed());
+        giver.join().unwrap();
     }
 }
