@@ -377,22 +377,7 @@ impl Hosts {
                 found = vec![kept];
             }
         }
-        let hosts = |found: Vec<(String, _)>| found.into_iter().map(|(h, _)| h).collect();
-        match found.len() {
-            0 if unreachable.is_empty() => Err(LookupError::NoSuchDomain(domain.to_string())),
-            1 if by_uuid || unreachable.is_empty() => found
-                .pop()
-                .map(|(_, r)| r)
-                .unwrap_or_else(|| Err(LookupError::NoSuchDomain(domain.to_string()))),
-            0 | 1 => Err(LookupError::HostsUnreachable {
-                domain: domain.to_string(),
-                hosts: unreachable,
-            }),
-            _ => Err(LookupError::Ambiguous {
-                domain: domain.to_string(),
-                hosts: hosts(found),
-            }),
-        }
+        decide(&domain.to_string(), by_uuid, found, unreachable).and_then(|(_, r)| r)
     }
 
     /// Probes `h` (or awaits the probe still on its way), on a thread of its own
@@ -480,16 +465,29 @@ pub fn identify_blocking(
     let mut unreachable = Vec::new();
     for c in asked {
         match Libvirt::for_host(&c.name, &c.uri, None).identify_blocking(domain) {
-            Ok((name, uuid)) => found.push((c.name.clone(), name, uuid)),
+            Ok(it) => found.push((c.name.clone(), it)),
             Err(LookupError::NoSuchDomain(_)) => {}
             Err(LookupError::Unreachable { .. }) => unreachable.push(c.name.clone()),
             Err(e) => return Err(e),
         }
     }
-    // As [`Hosts::find`]: a name found while a host did not answer is not guessed.
+    decide(domain, super::looks_like_uuid(domain), found, unreachable)
+        .map(|(host, (name, uuid))| (host, name, uuid))
+}
+
+/// What a search of every host says, from the hosts `found` it on (each with what it
+/// said) and those `unreachable`: nowhere, the one host, or refused. A UUID is one
+/// domain: found on one host, it is that one. A name is not guessed: on two hosts it
+/// is ambiguous, and while any host did not answer it may be on that one.
+fn decide<T>(
+    domain: &str,
+    by_uuid: bool,
+    mut found: Vec<(String, T)>,
+    unreachable: Vec<String>,
+) -> Result<(String, T), LookupError> {
     match found.len() {
         0 if unreachable.is_empty() => Err(LookupError::NoSuchDomain(domain.to_owned())),
-        1 if super::looks_like_uuid(domain) || unreachable.is_empty() => found
+        1 if by_uuid || unreachable.is_empty() => found
             .pop()
             .ok_or_else(|| LookupError::NoSuchDomain(domain.to_owned())),
         0 | 1 => Err(LookupError::HostsUnreachable {
@@ -498,7 +496,7 @@ pub fn identify_blocking(
         }),
         _ => Err(LookupError::Ambiguous {
             domain: domain.to_owned(),
-            hosts: found.into_iter().map(|(h, _, _)| h).collect(),
+            hosts: found.into_iter().map(|(h, _)| h).collect(),
         }),
     }
 }
