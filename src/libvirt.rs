@@ -757,8 +757,8 @@ impl Libvirt {
         })
     }
 
-    /// Runs `f` on a connection of its own (see [`pool`]); one retry on a fresh
-    /// connection, since the first failure may be a connection that died since last
+    /// Runs `f` on a connection of its own (see [`pool`]); one retry on a connection
+    /// opened anew, since the first failure may be a connection that died since last
     /// use. `probe`: the prober's call, which reconnects even within the backoff.
     fn with_connection<T>(
         &self,
@@ -770,7 +770,12 @@ impl Libvirt {
             message,
         };
         for attempt in 0..2 {
-            let conn = self.conns.take(probe).map_err(unreachable)?;
+            let conn = if attempt == 0 {
+                self.conns.take(probe)
+            } else {
+                self.conns.take_new(probe)
+            }
+            .map_err(unreachable)?;
             match f(&conn) {
                 Ok(v) => {
                     self.conns.give_back(conn);

@@ -147,7 +147,14 @@ impl Pool {
     /// else one opened now. `probe`: the prober's call, which opens even within the
     /// backoff and while an open hangs. Blocking.
     pub fn take(&self, probe: bool) -> Result<Connect, String> {
-        self.0.take(probe)
+        self.0.take(probe, false)
+    }
+
+    /// A connection opened now, not an idle one: for the retry after a connection
+    /// failed as dead, since the idle ones were opened to the same libvirt before and
+    /// libvirt may not have seen them die yet (a restarted libvirtd). Blocking.
+    pub fn take_new(&self, probe: bool) -> Result<Connect, String> {
+        self.0.take(probe, true)
     }
 
     /// Gives back a connection after its call, if it is alive.
@@ -179,11 +186,11 @@ impl Inner {
             .map_err(|_| "connection pool lock poisoned".to_owned())
     }
 
-    fn take(self: &Arc<Self>, probe: bool) -> Result<Connect, String> {
+    fn take(self: &Arc<Self>, probe: bool, new: bool) -> Result<Connect, String> {
         let deadline = Instant::now() + OPEN_WAIT;
         let mut s = self.lock()?;
         loop {
-            while let Some(c) = s.idle.pop() {
+            while let Some(c) = if new { None } else { s.idle.pop() } {
                 if c.is_alive().unwrap_or(false) {
                     return Ok(c);
                 }
@@ -434,5 +441,17 @@ mod tests {
         assert!(got.is_ok(), "{got:?}");
         assert!(since.elapsed() < OPEN_WAIT / 2, "{:?}", since.elapsed());
         giver.join().unwrap();
+    }
+
+    #[test]
+    fn the_retry_after_a_dead_connection_opens_a_new_one() {
+        let pool = Pool::new("test:///default");
+        let c = pool.take(false).unwrap();
+        let idle = format!("{c:?}"); // its pointer
+        pool.give_back(c);
+        let n = pool.take_new(false).unwrap();
+        assert_ne!(format!("{n:?}"), idle);
+        // The idle one is still there for the next call.
+        assert_eq!(format!("{:?}", pool.take(false).unwrap()), idle);
     }
 }
