@@ -24,8 +24,8 @@
 //! once per host, and a call waits at most [`OPEN_WAIT`] in all for a connection. An
 //! open older than that makes the host's calls fail at once (it hangs), except the
 //! prober's, which opens anew while there is room, so that a host that comes back is
-//! used again within a probe. An open that fails sets a backoff: calls within it fail
-//! at once with the last error, and only the prober tries sooner.
+//! used again within a probe. Two opens that fail in a row set a backoff: calls within
+//! it fail at once with the last error, and only the prober tries sooner.
 
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -43,7 +43,8 @@ pub const OPEN_WAIT: Duration = Duration::from_secs(10);
 /// Opens under way at once per host at most (threads a hung host can hold).
 pub const OPENERS_MAX: usize = 4;
 
-/// The first backoff after a failed open; it doubles up to [`BACKOFF_MAX`].
+/// The backoff after two failed opens in a row; it doubles with each further one, up
+/// to [`BACKOFF_MAX`].
 pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 
 /// The longest backoff (below the prober's period, which ignores it).
@@ -314,11 +315,15 @@ impl Inner {
                     }
                 }
                 Err(e) => {
+                    // One failure is tried again at once (a libvirtd restarting is
+                    // back in a moment); from the second in a row, the backoff.
                     s.failures = s.failures.saturating_add(1);
-                    let backoff = BACKOFF_FIRST
-                        .saturating_mul(1 << (s.failures - 1).min(8))
-                        .min(BACKOFF_MAX);
-                    s.backoff_until = Some(Instant::now() + backoff);
+                    s.backoff_until = (s.failures >= 2).then(|| {
+                        Instant::now()
+                            + BACKOFF_FIRST
+                                .saturating_mul(1 << (s.failures - 2).min(8))
+                                .min(BACKOFF_MAX)
+                    });
                     s.last_error = e.message().to_owned();
                 }
             }
@@ -361,10 +366,13 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_open_backs_off_calls_but_not_the_prober() {
+    fn failed_opens_back_off_calls_but_not_the_prober() {
         let pool = Pool::new("vizor-no-such-driver:///");
         let first = pool.take(false).unwrap_err();
         assert!(!first.contains("not tried again"), "{first}");
+        // One failure is tried again at once; two in a row set the backoff.
+        let second = pool.take(false).unwrap_err();
+        assert_eq!(second, first);
         // Within the backoff: at once, with the last error.
         let again = pool.take(false).unwrap_err();
         assert!(again.starts_with(&first), "{again}");
@@ -373,7 +381,7 @@ mod tests {
         let probe = pool.take(true).unwrap_err();
         assert!(!probe.contains("not tried again"), "{probe}");
         let s = pool.0.state.lock().unwrap();
-        assert_eq!(s.failures, 2);
+        assert_eq!(s.failures, 3);
         let left = s.backoff_until.unwrap() - Instant::now();
         assert!(
             left > BACKOFF_FIRST && left <= 2 * BACKOFF_FIRST,
@@ -385,6 +393,7 @@ mod tests {
     fn the_backoff_doubles_up_to_its_bound() {
         let pool = Pool::new("vizor-no-such-driver:///");
         let mut last = Duration::ZERO;
+        pool.take(true).unwrap_err();
         for _ in 0..10 {
             pool.take(true).unwrap_err();
             let s = pool.0.state.lock().unwrap();
