@@ -21,10 +21,12 @@
 //! keepalive starts only once it is open), so a libvirtd that accepts and never
 //! answers, or a link cut during an open, would hold the opener until the kernel gives
 //! up. So a connection is opened on a thread of its own, at most [`OPENERS_MAX`] at
-//! once per host, and a call waits at most [`OPEN_WAIT`] in all for a connection. An
-//! open older than that makes the host's calls fail at once (it hangs), except the
-//! prober's, which opens anew while there is room, so that a host that comes back is
-//! used again within a probe. Two opens that fail in a row set a backoff: calls within
+//! once per host, and a call waits at most [`OPEN_WAIT`] for a connection (a call whose
+//! connection died tries once more, so twice that). An open older than that makes the
+//! host's calls fail at once (it hangs), except the prober's, which opens anew past
+//! the hung ones (up to [`OPENERS_HUNG_MAX`] in all), so that a host that comes back is
+//! used again within a probe; opens that started before one that succeeded no longer
+//! count as the host hanging. Two opens that fail in a row set a backoff: calls within
 //! it fail at once with the last error, and only the prober tries sooner.
 
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -40,8 +42,13 @@ pub const KEEPALIVE_COUNT: u32 = 3;
 /// How long a call waits for a connection, in all.
 pub const OPEN_WAIT: Duration = Duration::from_secs(10);
 
-/// Opens under way at once per host at most (threads a hung host can hold).
+/// Opens under way at once per host, beside those that hang.
 pub const OPENERS_MAX: usize = 4;
+
+/// Opens under way per host at most, hung ones included: the threads a host can hold
+/// when its opens never end (a libvirtd frozen after accepting, then its machine reset:
+/// the connection has nothing left to send, so the kernel never gives up on it).
+pub const OPENERS_HUNG_MAX: usize = 16;
 
 /// The backoff after two failed opens in a row; it doubles with each further one, up
 /// to [`BACKOFF_MAX`].
@@ -100,17 +107,39 @@ struct State {
     backoff_until: Option<Instant>,
     /// Whether a refused keepalive was said already.
     said_no_keepalive: bool,
+    /// When the last open that succeeded started: opens started before it hang on a
+    /// connection the host forgot, not on the host as it is now.
+    last_good_open: Option<Instant>,
+    /// Whether running out of room for hung opens was said already.
+    said_hung_max: bool,
 }
 
 impl State {
-    /// Since when the oldest open under way has waited, if it has waited longer than
-    /// [`OPEN_WAIT`]: the host hangs on opens.
-    fn hung_open(&self) -> Option<Duration> {
+    /// How long each open under way that counts has waited: those started since the
+    /// last open that succeeded.
+    fn current_opens(&self) -> impl Iterator<Item = Duration> + '_ {
         self.opening
             .iter()
+            .filter(|(_, since)| self.last_good_open.is_none_or(|good| *since >= good))
             .map(|(_, since)| since.elapsed())
-            .max()
-            .filter(|d| *d >= OPEN_WAIT)
+    }
+
+    /// Since when the oldest open under way that counts has waited, if it has waited
+    /// longer than [`OPEN_WAIT`]: the host hangs on opens.
+    fn hung_open(&self) -> Option<Duration> {
+        self.current_opens().max().filter(|d| *d >= OPEN_WAIT)
+    }
+
+    /// Whether another open may start: fewer than [`OPENERS_MAX`] under way that count,
+    /// or, for the prober, all of them hung; never more than [`OPENERS_HUNG_MAX`].
+    fn may_open(&self, probe: bool) -> bool {
+        if self.opening.len() >= OPENERS_HUNG_MAX {
+            return false;
+        }
+        let (count, all_hung) = self
+            .current_opens()
+            .fold((0, true), |(n, hung), d| (n + 1, hung && d >= OPEN_WAIT));
+        count < OPENERS_MAX || (probe && all_hung)
     }
 }
 
@@ -203,7 +232,19 @@ impl Inner {
                     humantime::format_duration(Duration::from_secs(d.as_secs()))
                 ));
             }
-            if s.opening.len() < OPENERS_MAX {
+            if s.opening.len() >= OPENERS_HUNG_MAX {
+                let first = !std::mem::replace(&mut s.said_hung_max, true);
+                drop(s);
+                if first {
+                    tracing::error!(uri = %self.uri,
+                        "{OPENERS_HUNG_MAX} opens of a connection to libvirt hang: no more \
+                         are tried until one ends (restart vizor once the host is back)");
+                }
+                return Err(format!(
+                    "{OPENERS_HUNG_MAX} opens of a connection hang; none more is tried"
+                ));
+            }
+            if s.may_open(probe) {
                 if let Some(until) = s.backoff_until.filter(|u| !probe && *u > Instant::now()) {
                     return Err(format!(
                         "{} (not tried again for {} ms)",
@@ -222,8 +263,9 @@ impl Inner {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(format!(
-                    "no connection within {}: {OPENERS_MAX} opens under way",
-                    humantime::format_duration(OPEN_WAIT)
+                    "no connection within {}: {} opens under way",
+                    humantime::format_duration(OPEN_WAIT),
+                    s.opening.len()
                 ));
             }
             s = self
@@ -238,7 +280,7 @@ impl Inner {
     /// one that comes later is kept for the next call.
     fn open(self: &Arc<Self>, id: u64, deadline: Instant) -> Result<Connect, String> {
         let keepalive = event_loop().is_ok();
-        let (tx, rx) = mpsc::sync_channel::<Connect>(1);
+        let (tx, rx) = mpsc::sync_channel::<Result<Connect, String>>(1);
         let entry = OpenEntry {
             pool: self.clone(),
             id,
@@ -252,24 +294,22 @@ impl Inner {
                         entry.pool.no_keepalive(&e);
                     }
                 }
-                entry.pool.opened(opened, tx);
+                entry.pool.opened(entry.id, opened, tx);
                 drop(entry);
             });
         // Not spawned: the entry went with the closure and is dropped already.
         if let Err(e) = spawned {
             return Err(format!("no thread to open a connection: {e}"));
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(c) => Ok(c),
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(opened) => opened,
             Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
                 "no answer to opening a connection within {}",
-                humantime::format_duration(Duration::from_secs(left.as_secs()))
+                humantime::format_duration(OPEN_WAIT)
             )),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(self
-                .lock()
-                .map(|s| s.last_error.clone())
-                .unwrap_or_else(|e| e)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err("the open of a connection ended without an answer".into())
+            }
         }
     }
 
@@ -294,7 +334,12 @@ impl Inner {
 
     /// An open ended: its connection goes to the call that asked (or, gone, to the
     /// idle ones); its failure sets the backoff.
-    fn opened(&self, opened: Result<Connect, virt::error::Error>, tx: mpsc::SyncSender<Connect>) {
+    fn opened(
+        &self,
+        id: u64,
+        opened: Result<Connect, virt::error::Error>,
+        tx: mpsc::SyncSender<Result<Connect, String>>,
+    ) {
         // A connection no one keeps is closed after the lock is let go: closing a live
         // one asks libvirt.
         let mut surplus = None;
@@ -304,8 +349,12 @@ impl Inner {
                     s.failures = 0;
                     s.backoff_until = None;
                     s.last_error.clear();
-                    if let Err(mpsc::TrySendError::Disconnected(c) | mpsc::TrySendError::Full(c)) =
-                        tx.try_send(c)
+                    let started = s.opening.iter().find(|(i, _)| *i == id).map(|e| e.1);
+                    s.last_good_open = s.last_good_open.max(started);
+                    s.said_hung_max = false;
+                    if let Err(
+                        mpsc::TrySendError::Disconnected(Ok(c)) | mpsc::TrySendError::Full(Ok(c)),
+                    ) = tx.try_send(Ok(c))
                     {
                         if s.idle.len() < IDLE_MAX {
                             s.idle.push(c);
@@ -325,6 +374,7 @@ impl Inner {
                                 .min(BACKOFF_MAX)
                     });
                     s.last_error = e.message().to_owned();
+                    let _ = tx.try_send(Err(s.last_error.clone()));
                 }
             }
         }
@@ -342,7 +392,8 @@ impl Inner {
             }
             _ => Some(c),
         };
-        self.changed.notify_one();
+        // All: a waiter for a new connection cannot use it and would swallow the call.
+        self.changed.notify_all();
         drop(surplus);
     }
 }
@@ -434,25 +485,6 @@ mod tests {
     }
 
     #[test]
-    fn a_call_waiting_for_room_takes_a_connection_given_back() {
-        let pool = std::sync::Arc::new(Pool::new("test:///default"));
-        let c = pool.take(false).unwrap();
-        opens_under_way(&pool, &[Duration::ZERO; OPENERS_MAX]);
-        let giver = {
-            let pool = pool.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(300));
-                pool.give_back(c);
-            })
-        };
-        let since = Instant::now();
-        let got = pool.take(false);
-        assert!(got.is_ok(), "{got:?}");
-        assert!(since.elapsed() < OPEN_WAIT / 2, "{:?}", since.elapsed());
-        giver.join().unwrap();
-    }
-
-    #[test]
     fn the_retry_after_a_dead_connection_opens_a_new_one() {
         let pool = Pool::new("test:///default");
         let c = pool.take(false).unwrap();
@@ -462,5 +494,66 @@ mod tests {
         assert_ne!(format!("{n:?}"), idle);
         // The idle one is still there for the next call.
         assert_eq!(format!("{:?}", pool.take(false).unwrap()), idle);
+    }
+
+    const HUNG: Duration = Duration::from_secs(11);
+
+    #[test]
+    fn the_prober_opens_past_hung_opens_up_to_a_bound() {
+        let pool = Pool::new("test:///default");
+        opens_under_way(&pool, &[HUNG; OPENERS_MAX]);
+        let since = Instant::now();
+        assert!(
+            pool.take_new(true).is_ok(),
+            "the prober opens past hung opens"
+        );
+        assert!(since.elapsed() < OPEN_WAIT / 2, "{:?}", since.elapsed());
+        // Until the bound: then nothing more is tried, at once.
+        opens_under_way(&pool, &[HUNG; OPENERS_HUNG_MAX - OPENERS_MAX]);
+        let since = Instant::now();
+        let e = pool.take_new(true).unwrap_err();
+        assert!(e.contains("hang"), "{e}");
+        assert!(since.elapsed() < OPEN_WAIT / 2, "{:?}", since.elapsed());
+    }
+
+    #[test]
+    fn opens_older_than_one_that_succeeded_do_not_count_as_the_host_hanging() {
+        let pool = Pool::new("test:///default");
+        opens_under_way(&pool, &[HUNG]);
+        assert!(
+            pool.take_new(false).is_err(),
+            "an open hangs: calls fail at once"
+        );
+        drop(pool.take_new(true).unwrap());
+        // The host answered since: the old open is one it forgot.
+        let c = pool.take_new(false);
+        assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
+    fn a_connection_given_back_wakes_a_call_that_can_use_it() {
+        let pool = std::sync::Arc::new(Pool::new("test:///default"));
+        let c = pool.take(false).unwrap();
+        opens_under_way(&pool, &[Duration::ZERO; OPENERS_MAX]);
+        // A waiter for a new connection, which cannot use the one given back.
+        let new_waiter = {
+            let pool = pool.clone();
+            std::thread::spawn(move || drop(pool.take_new(false)))
+        };
+        let giver = {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                pool.give_back(c);
+            })
+        };
+        let since = Instant::now();
+        assert!(pool.take(false).is_ok());
+        assert!(since.elapsed() < OPEN_WAIT / 2, "{:?}", since.elapsed());
+        giver.join().unwrap();
+        // The waiter for a new connection ends at its own bound.
+        pool.0.state.lock().unwrap().opening.clear();
+        pool.0.changed.notify_all();
+        new_waiter.join().unwrap();
     }
 }
