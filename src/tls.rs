@@ -148,11 +148,8 @@ pub(crate) fn check_redis_tls(
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?;
-        let builder = match ca {
-            Some(_) => builder.with_root_certificates(roots),
-            None => builder.with_root_certificates(rustls::RootCertStore::empty()),
-        };
         builder
+            .with_root_certificates(roots)
             .with_client_auth_cert(chain, key_der)
             .map_err(|e| format!("[state] client_cert and client_key: {e}"))?;
     }

@@ -522,50 +522,44 @@ async fn replicas_reach_redis_over_tls_and_trust_only_its_ca() {
     first.close(1000, "done").await;
     s.close(1000, "done").await;
 
-    // A replica that trusts another CA (here: Redis's own certificate, no CA) refuses
-    // new sessions rather than talk to a Redis it cannot verify.
-    let table = format!(
-        "{}lease = \"4s\"\n{}",
-        redis
-            .state_table("c")
-            .replace("ca-cert.pem\"", "server-cert.pem\""),
-        common::ADMIN_API
-    );
-    let c = Vizor::start_full("", "", &table, |dir| {
-        redis.write_password(dir);
-        common::write_admin_key(dir);
-    });
-    let e = open(&c, &c.token(&live.name, ConsoleKind::Vnc, 60))
-        .await
-        .err()
-        .expect("no session without a Redis it can verify");
-    assert!(e.contains("vizor cannot start sessions now"), "{e}");
-    assert!(
-        c.wait_for_log("invalid peer certificate"),
-        "the log says why"
-    );
+    // A replica whose [state] table `edit` spoils refuses new sessions rather than talk
+    // to a Redis it cannot verify, and its log says why.
+    let refuses = |name: &str, edit: &dyn Fn(String) -> String, why: &str| {
+        let table = format!(
+            "{}lease = \"4s\"\n{}",
+            edit(redis.state_table(name)),
+            common::ADMIN_API
+        );
+        let r = Vizor::start_full("", "", &table, |dir| {
+            redis.write_password(dir);
+            common::write_admin_key(dir);
+        });
+        let token = r.token(&live.name, ConsoleKind::Vnc, 60);
+        let why = why.to_owned();
+        async move {
+            let e = open(&r, &token).await.err().expect(&why);
+            assert!(e.contains("vizor cannot start sessions now"), "{e}");
+            assert!(
+                r.wait_for_log("invalid peer certificate"),
+                "the log says why"
+            );
+            r
+        }
+    };
+    // One that trusts another CA (here: Redis's own certificate, no CA).
+    let c = refuses(
+        "c",
+        &|t| t.replace("ca-cert.pem\"", "server-cert.pem\""),
+        "no session without a Redis it can verify",
+    )
+    .await;
     c.assert_never_logged(&redis.password);
-
     // The right CA, but an address the certificate does not name (it names 127.0.0.1
     // and localhost; Redis listens on 127.0.0.2 too): refused alike.
-    let table = format!(
-        "{}lease = \"4s\"\n{}",
-        redis
-            .state_table("d")
-            .replace("rediss://127.0.0.1:", "rediss://127.0.0.2:"),
-        common::ADMIN_API
-    );
-    let d = Vizor::start_full("", "", &table, |dir| {
-        redis.write_password(dir);
-        common::write_admin_key(dir);
-    });
-    let e = open(&d, &d.token(&live.name, ConsoleKind::Vnc, 60))
-        .await
-        .err()
-        .expect("no session with a Redis whose certificate names another address");
-    assert!(e.contains("vizor cannot start sessions now"), "{e}");
-    assert!(
-        d.wait_for_log("invalid peer certificate"),
-        "the log says why"
-    );
+    refuses(
+        "d",
+        &|t| t.replace("rediss://127.0.0.1:", "rediss://127.0.0.2:"),
+        "no session with a Redis whose certificate names another address",
+    )
+    .await;
 }
